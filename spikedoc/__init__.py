@@ -1,0 +1,56 @@
+"""spikedoc: a training-run stability monitor and loss-spike doctor for PyTorch.
+
+    monitor = spikedoc.watch(model, optimizer, run_dir="runs/exp1")   # record a run
+    run = spikedoc.load("runs/exp1")                                  # read it back (pandas)
+    diagnosis = spikedoc.analyze("runs/exp1")                         # find and explain spikes
+
+Names are imported lazily so that analysing a run never imports torch and recording one never
+imports pandas.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from spikedoc.errors import RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "watch",
+    "Monitor",
+    "load",
+    "Run",
+    "analyze",
+    "Diagnosis",
+    "Incident",
+    "SpikedocError",
+    "RunNotFoundError",
+    "RunFormatError",
+    "UnsupportedVersionError",
+    "__version__",
+]
+
+_LAZY = {
+    "watch": "spikedoc.monitor",
+    "Monitor": "spikedoc.monitor",
+    "load": "spikedoc.store.reader",
+    "Run": "spikedoc.store.reader",
+    "analyze": "spikedoc.analysis",
+    "Diagnosis": "spikedoc.analysis",
+    "Incident": "spikedoc.analysis.incident",
+}
+
+if TYPE_CHECKING:
+    from spikedoc.analysis import Diagnosis, analyze
+    from spikedoc.analysis.incident import Incident
+    from spikedoc.monitor import Monitor, watch
+    from spikedoc.store.reader import Run, load
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spikedoc' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,92 @@
+"""Incident: one spike, non-finite event or divergence, as found by detection and explained by diagnosis."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Incident", "KINDS", "CAUSES"]
+
+#: What the detector saw.
+KINDS = ("loss_spike", "grad_spike", "nonfinite", "divergence")
+
+#: What diagnosis concluded (following the playbook in docs/analysis.md).
+CAUSES = (
+    "bad_batch",
+    "grad_explosion",
+    "optimizer_state",
+    "numerics_rank",
+    "lr_schedule",
+    "lr_too_high",
+    "state_reset",
+    "unknown",
+)
+
+
+@dataclass(kw_only=True)
+class Incident:
+    """A run of consecutive flagged steps, merged into one event.
+
+    Detection fills the fields up to `low_confidence`; diagnosis fills the rest.
+    """
+
+    kind: str
+    """One of KINDS."""
+    metric: str
+    """The series that was flagged first: `loss` or `grad_norm`."""
+    onset_step: int
+    """First flagged step."""
+    peak_step: int
+    """Step of the largest deviation."""
+    end_step: int
+    """Last flagged step (the incident's last step out of the band)."""
+    magnitude_sigma: float
+    """Peak deviation in robust standard deviations of the baseline (inf for non-finite)."""
+    peak_ratio: float
+    """Peak value divided by the baseline at onset."""
+    baseline: float
+    """Baseline (rolling centre) at onset."""
+    peak_value: float
+    """Value of `metric` at `peak_step`."""
+    recovered: bool
+    """The series came back within the band after the incident."""
+    recovery_step: int | None = None
+    """First step back within the band, when `recovered`."""
+    low_confidence: bool = False
+    """Too little history before onset for a confident baseline."""
+    also_flagged: list[str] = field(default_factory=list)
+    """Other series flagged within the incident (e.g. `grad_norm` for a loss spike)."""
+
+    # --- filled by diagnosis -------------------------------------------------
+    cause: str = "unknown"
+    """One of CAUSES."""
+    evidence: list[str] = field(default_factory=list)
+    """Human-readable sentences, each with its numbers, that decided `cause`."""
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    """Per onset step: `step`, `sample_ids`, `anomalies[]` (sentences), and the raw fingerprint."""
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    """Implicated tensors: `name`, `module`, `z`, `lead_steps`, ..."""
+    precursor_lead_steps: int | None = None
+    """Steps by which the earliest precursor (grad-norm or per-tensor flag) preceded the loss flag."""
+    recommendation: dict[str, Any] = field(default_factory=dict)
+    """`rollback_to_step`, `lr_factor`, `clip_max_norm`, `skip_steps`, `skip_sample_ids`, ..."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (non-finite floats become strings "inf"/"nan")."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value

@@ -1,0 +1,24 @@
+"""Errors spikedoc raises for bad input; the CLI turns each into one line and an exit code."""
+
+__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError"]
+
+#: Exit code of the CLI for unusable input (see README, "Exit codes").
+EXIT_BAD_INPUT = 2
+
+
+class SpikedocError(Exception):
+    """Base class: a user-facing problem with a message that says what was wrong and how to fix it."""
+
+    exit_code: int = EXIT_BAD_INPUT
+
+
+class RunNotFoundError(SpikedocError):
+    """The path given does not exist or holds nothing spikedoc can read."""
+
+
+class RunFormatError(SpikedocError):
+    """The run exists but is malformed: corrupt Parquet, bad meta.json, missing columns."""
+
+
+class UnsupportedVersionError(SpikedocError):
+    """The run was written by a newer spikedoc whose format this version cannot read."""
