@@ -1,0 +1,416 @@
+"""Background writer of a run directory: Parquet part files written off the training thread."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spikedoc.store.schema import EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS, partition_dir
+
+__all__ = ["RunWriter"]
+
+logger = logging.getLogger(__name__)
+
+_F32, _F64, _I32, _I64 = pa.float32(), pa.float64(), pa.int32(), pa.int64()
+
+#: Arrow types of the documented columns (docs/run-format.md); unknown columns are inferred.
+_STEP_TYPES: dict[str, pa.DataType] = {
+    "step": _I64, "segment": _I32, "time": _F64, "step_time": _F32, "loss": _F32,
+    "micro_batches": _I32, "lr": _F32, "grad_norm": _F32, "clip_coef": _F32, "param_norm": _F32,
+    "update_norm": _F32, "nonfinite_grads": _I64, "loss_scale": _F32, "skipped": pa.bool_(),
+    "samples": _I64, "tokens": _I64, "sample_offset": _I64, "sample_ids": pa.list_(pa.string()),
+    "sample_losses": pa.list_(_F32), "batch_hash": pa.string(), "input_shapes": pa.string(),
+    "seq_len_min": _F32, "seq_len_median": _F32, "seq_len_max": _F32, "distinct_token_ratio": _F32,
+}  # fmt: skip
+_LAYER_TYPES: dict[str, pa.DataType] = {"step": _I64, "segment": _I32, "name": pa.string(), "nonfinite": _I64}
+_EVENT_TYPES: dict[str, pa.DataType] = {
+    "step": _I64, "segment": _I32, "time": _F64, "kind": pa.string(), "detail": pa.string(),
+}  # fmt: skip
+_LR_GROUP = re.compile(r"lr_\d+")
+
+#: A flush is also forced once this many rows are pending, so one part stays a few MB even for
+#: models with thousands of tensors (2**18 layer rows is ~10 MB of Arrow buffers).
+_PART_ROWS = 1 << 18
+#: Seconds close() waits for the last write, so a hung filesystem cannot hang interpreter exit.
+_CLOSE_TIMEOUT = 60.0
+
+_OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
+
+
+class RunWriter:
+    """Buffers rows of the step, layer and event tables and writes them as Parquet parts.
+
+    A daemon thread writes `steps/rank=R/part-<segment>-<seq>.parquet` (and the same under
+    `layers/` and `events/`) whenever `flush_every` step rows are buffered, `flush_seconds`
+    have passed, or on `flush()`/`close()`. Each part goes to a hidden temporary name first and is
+    renamed when complete, so a kill at any moment leaves only whole parts. Nothing here raises
+    into the training loop: failures are logged once and counted in `dropped_rows`.
+
+    Args:
+        run_dir: The run directory (created if missing).
+        rank: Distributed rank; selects the `rank=R` partition. Only rank 0 writes `meta.json`.
+        flush_every: Step rows per part (the most a kill loses when steps are fast).
+        flush_seconds: Longest time rows stay buffered (the most a kill loses when steps are slow).
+        max_pending_rows: Rows (of all tables) buffered at most; beyond it rows are dropped and
+            counted, so a stuck filesystem cannot grow memory without bound.
+        row_group_steps: Logged steps per Parquet row group of the layer table; row-group
+            statistics on `step` let a reader skip all groups outside a requested window.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> writer = RunWriter(tempfile.mkdtemp())
+        >>> writer.open({"model": "tiny"})
+        0
+        >>> writer.add_step({"step": 0, "loss": 2.3, "grad_norm": 1.1})
+        >>> writer.add_layers({"step": np.array([0, 0]), "name": ["w", "b"],
+        ...                    "grad_norm": np.array([1.0, 0.5], dtype=np.float32)})
+        >>> writer.add_event("checkpoint", 0, path="ckpt-0.pt")
+        >>> writer.close()
+        >>> writer.dropped_rows
+        0
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        rank: int = 0,
+        flush_every: int = 100,
+        flush_seconds: float = 30.0,
+        max_pending_rows: int = 1_000_000,
+        row_group_steps: int = 256,
+    ) -> None:
+        for option, value in [("rank", rank), ("flush_every", flush_every), ("max_pending_rows", max_pending_rows),
+                              ("row_group_steps", row_group_steps)]:  # fmt: skip
+            if not isinstance(value, (int, np.integer)) or value < (0 if option == "rank" else 1):
+                raise ValueError(f"RunWriter: {option} must be an integer >= {0 if option == 'rank' else 1}, got {value!r}")
+        if not flush_seconds > 0:
+            raise ValueError(f"RunWriter: flush_seconds must be > 0, got {flush_seconds!r}")
+        self.run_dir = Path(run_dir)
+        self.rank = int(rank)
+        self.flush_every = int(flush_every)
+        self.flush_seconds = float(flush_seconds)
+        self.max_pending_rows = int(max_pending_rows)
+        self.row_group_steps = int(row_group_steps)
+        self.segment = 0
+        self._cond = threading.Condition()
+        self._pending: dict[str, list[Any]] = {STEPS: [], LAYERS: [], EVENTS: []}
+        self._pending_rows = self._pending_steps = self._dropped = 0
+        self._flush_asked = self._closing = self._closed = False
+        self._thread: threading.Thread | None = None
+        self._meta: dict[str, Any] | None = None  # set while meta.json still has to be written
+        self._next_seq: dict[str, int] = {}
+        self._extra_types: dict[str, pa.DataType] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows lost to write errors, bad blocks, a full queue or use after close()."""
+        return self._dropped
+
+    # ----------------------------------------------------------------------------- training side
+
+    def open(self, meta: dict[str, Any]) -> int:
+        """Create the run directory, write `meta.json` and start the writer thread.
+
+        When `run_dir` already holds a run, its metadata is merged with `meta` and a new segment is
+        appended. `meta["segment"]` may force the number (distributed runs agree on it first).
+
+        Args:
+            meta: JSON-able run metadata; `start_time` and `start_step` go into the segment entry.
+
+        Returns:
+            The segment number: 0 for a new run, last segment + 1 when appending.
+        """
+        meta = dict(meta)
+        forced = meta.pop("segment", None)
+        old = self._read_old_meta()
+        if isinstance(old.get("format_version"), int) and old["format_version"] > FORMAT_VERSION:
+            # Appending version-1 parts to a newer run would mislabel it; record nothing instead.
+            self._closed = True
+            self._warn("newer", f"run format {old['format_version']} is newer than {FORMAT_VERSION}; not appending")
+            return -1
+        segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
+        known = [int(s.get("segment", -1)) for s in segments] + self._segments_on_disk()
+        self.segment = int(forced) if forced is not None else max(known, default=-1) + 1
+        entry = {"segment": self.segment, "start_time": meta.get("start_time", time.time())}
+        if "start_step" in meta:
+            entry["start_step"] = meta["start_step"]
+        if self.rank == 0:  # one meta.json per run; other ranks only write their partitions
+            self._meta = {**old, **meta, "format_version": FORMAT_VERSION, "segments": [*segments, entry]}
+            self._write_meta()
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._loop, name=f"spikedoc-writer-{self.rank}", daemon=True)
+            self._thread.start()
+            _OPEN_WRITERS.add(self)
+        return self.segment
+
+    def add_step(self, row: dict[str, Any]) -> None:
+        """Buffer one step-table row (scalars; lists for `sample_ids`/`sample_losses`)."""
+        try:
+            row = {k: list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for k, v in row.items()}
+            row.setdefault("segment", self.segment)
+            row.setdefault("time", time.time())
+            self._enqueue(STEPS, row, 1)
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            self._drop(1, "bad_step", f"could not buffer a step row ({exc!r})")
+
+    def add_layers(self, columns: dict[str, Any]) -> None:
+        """Buffer a columnar block of layer rows: equal-length arrays/lists keyed by column name."""
+        n = 0
+        try:
+            block = {k: list(v) if k == "name" else np.array(v, copy=True) for k, v in columns.items()}
+            n = len(block.get("step", ()))
+            if "name" not in block or "step" not in block:
+                raise ValueError("a layer block needs 'step' and 'name' columns")
+            if any(len(v) != n for v in block.values()):
+                raise ValueError("columns have different lengths: " + str({k: len(v) for k, v in block.items()}))
+            if "segment" not in block:
+                block["segment"] = np.full(n, self.segment, dtype=np.int32)
+            self._enqueue(LAYERS, block, n)
+        except Exception as exc:  # noqa: BLE001
+            self._drop(n, "bad_layers", f"could not buffer a layer block ({exc!r})")
+
+    def add_event(self, kind: str, step: int, **detail: Any) -> None:
+        """Buffer one event; `detail` is stored as a JSON object string."""
+        try:
+            row = {"step": step, "segment": self.segment, "time": time.time(), "kind": str(kind),
+                   "detail": json.dumps(detail, default=str)}  # fmt: skip
+            self._enqueue(EVENTS, row, 1)
+        except Exception as exc:  # noqa: BLE001
+            self._drop(1, "bad_event", f"could not buffer event {kind!r} ({exc!r})")
+
+    def flush(self) -> None:
+        """Ask the writer thread to write everything buffered now; returns without waiting."""
+        with self._cond:
+            self._flush_asked = True
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Write everything buffered and stop the thread. Idempotent; called at interpreter exit."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(_CLOSE_TIMEOUT)
+            if self._thread.is_alive():
+                self._warn("close_timeout", f"writer thread still busy after {_CLOSE_TIMEOUT:.0f}s; rows may be lost")
+        else:
+            self._drop(self._pending_rows, "never_opened", "close() before open(): buffered rows were not written")
+        _OPEN_WRITERS.discard(self)
+        if self._dropped:
+            logger.warning("spikedoc: %d rows of %s could not be written", self._dropped, self.run_dir)
+
+    def _enqueue(self, table: str, item: Any, rows: int) -> None:
+        with self._cond:
+            if self._closed:
+                self._drop(rows, "closed", "rows added after close() are dropped")
+                return
+            if self._pending_rows + rows > self.max_pending_rows:
+                self._drop(rows, "queue_full", f"more than {self.max_pending_rows} rows waiting to be written; dropping")
+                return
+            self._pending[table].append(item)
+            self._pending_rows += rows
+            self._pending_steps += table == STEPS
+            if self._pending_steps >= self.flush_every or self._pending_rows >= _PART_ROWS:
+                self._cond.notify()
+
+    def _drop(self, rows: int, key: str, reason: str) -> None:
+        with self._cond:  # re-entrant: also called from _enqueue, which holds it
+            self._dropped += rows
+        self._warn(key, reason)
+
+    def _warn(self, key: str, reason: str) -> None:
+        # Once per kind of problem: a broken disk must not flood the training log every flush.
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("spikedoc: logging to %s: %s (training continues)", self.run_dir, reason)
+
+    # ------------------------------------------------------------------------------ writer side
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            with self._cond:
+                while not (self._closing or self._flush_asked or self._pending_steps >= self.flush_every
+                           or self._pending_rows >= _PART_ROWS):  # fmt: skip
+                    left = last + self.flush_seconds - time.monotonic()
+                    if left <= 0:
+                        if self._pending_rows:
+                            break
+                        last, left = time.monotonic(), self.flush_seconds
+                    self._cond.wait(left)
+                batch, closing = self._pending, self._closing
+                self._pending = {STEPS: [], LAYERS: [], EVENTS: []}
+                self._pending_rows = self._pending_steps = 0
+                self._flush_asked = False
+            self._write_batch(batch)
+            last = time.monotonic()
+            if closing:
+                return
+
+    def _write_batch(self, batch: dict[str, list[Any]]) -> None:
+        if self._meta is not None:
+            self._write_meta()  # retried: the directory may have become writable
+        builders = {STEPS: self._steps_table, LAYERS: self._layers_table, EVENTS: self._events_table}
+        for table, items in batch.items():
+            if not items:
+                continue
+            rows = sum(len(it["name"]) for it in items) if table == LAYERS else len(items)
+            try:
+                data = builders[table](items)
+            except Exception as exc:  # noqa: BLE001
+                self._drop(rows, f"build_{table}", f"could not convert {table} rows to Arrow ({exc!r})")
+                continue
+            self._write_part(table, data, rows)
+
+    def _write_part(self, table: str, data: pa.Table, rows: int) -> None:
+        folder = self.run_dir / partition_dir(table, self.rank)
+        tmp = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            seq = self._next_seq.get(table)
+            if seq is None:  # continue after parts an earlier process wrote for this segment
+                seq = max(_part_seqs(folder, self.segment), default=-1) + 1
+            name = f"part-{self.segment}-{seq:06d}.parquet"
+            tmp = folder / f".{name}.tmp"
+            group = None
+            if table == LAYERS:  # ~row_group_steps logged steps per row group
+                group = self.row_group_steps * max(1, data.num_rows // max(1, len(data["step"].unique())))
+            strings = [f.name for f in data.schema if pa.types.is_string(f.type)]
+            pq.write_table(data, tmp, compression="zstd", use_dictionary=strings, row_group_size=group)
+            os.replace(tmp, folder / name)
+            self._next_seq[table] = seq + 1
+        except Exception as exc:  # noqa: BLE001 - disk full, unwritable dir, ...
+            self._drop(rows, "write", f"could not write {folder}: {exc}")
+            if tmp is not None and tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+
+    def _write_meta(self) -> None:
+        path = self.run_dir / META_FILE
+        tmp = path.with_name(f".{META_FILE}.tmp")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._meta, indent=2, default=str))
+            os.replace(tmp, path)
+            self._meta = None
+        except Exception as exc:  # noqa: BLE001
+            self._warn("write", f"could not write {path}: {exc}; retrying at every flush")
+
+    def _read_old_meta(self) -> dict[str, Any]:
+        path = self.run_dir / META_FILE
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            self._warn("old_meta", f"existing {path} is unreadable ({exc}); it will be replaced")
+            return {}
+        return old if isinstance(old, dict) else {}
+
+    def _segments_on_disk(self) -> list[int]:
+        folder = self.run_dir / partition_dir(STEPS, self.rank)
+        found = []
+        for p in folder.glob("part-*.parquet") if folder.is_dir() else []:
+            parts = p.stem.split("-")
+            if len(parts) == 3 and parts[1].isdigit():
+                found.append(int(parts[1]))
+        return found
+
+    def _steps_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        seen = dict.fromkeys(k for row in rows for k in row)
+        keys = [k for k in _STEP_TYPES if k in seen] + [k for k in seen if k not in _STEP_TYPES]
+        arrays = {}
+        for key in keys:
+            values = [row.get(key) for row in rows]
+            if key == "sample_ids":
+                values = [None if v is None else [str(x) for x in v] for v in values]
+            typ = _STEP_TYPES.get(key) or (_F32 if _LR_GROUP.fullmatch(key) else self._extra_type(key, values))
+            arrays[key] = self._array(key, values, typ)
+        return pa.table(arrays)
+
+    def _extra_type(self, key: str, values: list[Any]) -> pa.DataType:
+        # Sticky per writer so that every part of the run agrees; ints widen to float32 for good.
+        seen = {type(v) for v in values if v is not None}
+        old = self._extra_types.get(key)
+        if seen and all(issubclass(t, (bool, np.bool_)) for t in seen):
+            new = pa.bool_()
+        elif seen and all(issubclass(t, (int, np.integer)) and not issubclass(t, bool) for t in seen):
+            new = _I64
+        elif seen and all(issubclass(t, (int, float, np.integer, np.floating)) for t in seen):
+            new = _F32
+        elif seen:
+            new = pa.string()
+        else:
+            new = old or _F32  # all-null: typed, never Arrow's `null` type
+        if old is not None and old != new and not (old == _I64 and new == _F32):
+            new = old  # keep the column's type; _array turns values that do not fit into nulls
+        self._extra_types[key] = new
+        return new
+
+    def _array(self, key: str, values: list[Any], typ: pa.DataType) -> pa.Array:
+        try:
+            return pa.array(values, type=typ)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
+        out = []
+        for v in values:  # one bad value costs that cell, not the whole part
+            try:
+                out.append(pa.array([v if v is None or isinstance(v, (list, str)) else _scalar(v, typ)], type=typ)[0])
+            except Exception:  # noqa: BLE001
+                out.append(None)
+                self._warn(f"value_{key}", f"column {key!r}: value {v!r} is not {typ}; stored as null")
+        return pa.array([None if s is None else s.as_py() for s in out], type=typ)
+
+    def _layers_table(self, blocks: list[dict[str, Any]]) -> pa.Table:
+        tables = []
+        for block in blocks:
+            arrays = {}
+            for key, v in block.items():
+                typ = _LAYER_TYPES.get(key) or _numpy_type(v)
+                arrays[key] = pa.array(v, type=typ) if key == "name" else pa.array(np.asarray(v).astype(typ.to_pandas_dtype()))
+            tables.append(pa.table(arrays))
+        table = pa.concat_tables(tables, promote_options="default")
+        return table.sort_by([("step", "ascending"), ("name", "ascending")])
+
+    def _events_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        return pa.table({k: self._array(k, [r[k] for r in rows], t) for k, t in _EVENT_TYPES.items()})
+
+
+def _numpy_type(values: np.ndarray) -> pa.DataType:
+    kind = np.asarray(values).dtype.kind
+    return {"b": pa.bool_(), "i": _I64, "u": _I64, "U": pa.string(), "O": pa.string()}.get(kind, _F32)
+
+
+def _scalar(value: Any, typ: pa.DataType) -> Any:
+    if hasattr(value, "item"):  # numpy or torch 0-d values
+        value = value.item()
+    if pa.types.is_floating(typ):
+        return float(value)
+    if pa.types.is_integer(typ):
+        return int(value)
+    if pa.types.is_boolean(typ):
+        return bool(value)
+    return str(value)
+
+
+def _part_seqs(folder: Path, segment: int) -> list[int]:
+    return [int(p.stem.rsplit("-", 1)[1]) for p in folder.glob(f"part-{segment}-*.parquet") if p.stem.rsplit("-", 1)[1].isdigit()]
+
+
+@atexit.register
+def _close_open_writers() -> None:
+    for writer in list(_OPEN_WRITERS):
+        writer.close()
