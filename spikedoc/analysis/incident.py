@@ -56,6 +56,10 @@ class Incident:
     """Too little history before onset for a confident baseline."""
     also_flagged: list[str] = field(default_factory=list)
     """Other series flagged within the incident (e.g. `grad_norm` for a loss spike)."""
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per flagged series (`loss`, `grad_norm`): its own `onset_step`, `peak_step`, `end_step`,
+    `magnitude_sigma`, `peak_ratio`, `baseline`, `peak_value`, `recovered`, `recovery_step`,
+    `low_confidence` and `persistent`, since the fields above describe `metric` only."""
 
     # --- filled by diagnosis -------------------------------------------------
     cause: str = "unknown"

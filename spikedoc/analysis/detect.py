@@ -1,0 +1,526 @@
+"""Spike detection: one robust rolling baseline per series, streaming or offline, and incidents from its flags."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spikedoc.analysis.baseline import RollingBaseline
+from spikedoc.analysis.incident import Incident
+
+__all__ = ["DetectorConfig", "Flag", "StreamingDetector", "flag_series", "find_incidents", "spike_score", "FLAG_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+#: Columns of `flag_series`'s frame, in order (the fields of `Flag`).
+FLAG_COLUMNS = ("step", "value", "baseline", "scale", "z", "flagged", "nonfinite", "warm", "readapted")
+
+_STATE_FORMAT = 1
+
+
+@dataclass(kw_only=True)
+class DetectorConfig:
+    """Settings of the spike detector (defaults and their justification: docs/detection.md).
+
+    Example:
+        >>> DetectorConfig(threshold=6.0).window
+        200
+    """
+
+    window: int = 200
+    """Past values (finite, not flagged) that form the rolling baseline: its median and IQR."""
+    threshold: float = 7.0
+    """Robust sigmas above the baseline median at which a value is flagged (OLMo 2's 7 sigma)."""
+    min_history: int = 50
+    """Values in the baseline before it is trusted (`warm`); before that the cold floor applies and
+    incidents are marked `low_confidence`. At 50 values the IQR sigma is within about 16%."""
+    scale_floor: float = 1e-3
+    """Smallest sigma believed once warm, as a fraction of |baseline| (an absolute floor in log units
+    for log-scale series, i.e. again a fraction of the value): no departure under
+    threshold x 0.1% = 0.7% of the level is ever a spike."""
+    cold_scale_floor: float = 0.05
+    """Smallest sigma believed while the baseline is cold (fewer than `min_history` values), as a
+    fraction of the level: with few points, only a jump of threshold x 5% = 35% is flagged. This is
+    the relative-jump rule that lets short, warm-up-less logs be judged at all; `math.inf` turns it off."""
+    min_ratio: float = 0.0
+    """A flagged value must also exceed the baseline by this fraction (0.0: the sigma rule alone).
+    Raise it to ignore statistically clear but small bumps in very smooth large-batch losses."""
+    merge_gap: int = 3
+    """In-band observations tolerated between flagged ones of the same incident."""
+    persist_steps: int = 500
+    """Steps out of the band after which a departure is persistent: the incident is a divergence
+    (or an unrecovered grad spike) and the baseline re-adapts to the new level."""
+    merge_lead: int = 10
+    """Steps by which a grad-norm incident may precede a loss incident and still be merged with it."""
+    grad_norm_log_scale: bool = True
+    """Judge the grad norm on a log scale (its noise is multiplicative and its spikes span decades)."""
+
+    def __post_init__(self) -> None:
+        _check_int("window", self.window, 2)
+        _check_int("min_history", self.min_history, 1)
+        _check_int("merge_gap", self.merge_gap, 0)
+        _check_int("persist_steps", self.persist_steps, 1)
+        _check_int("merge_lead", self.merge_lead, 0)
+        if self.min_history > self.window:
+            raise ValueError(
+                f"DetectorConfig.min_history ({self.min_history}) must not exceed window ({self.window}): "
+                "the baseline could never become warm; lower min_history or raise window"
+            )
+        _check_float("threshold", self.threshold, lower=0.0, strict=True)
+        _check_float("scale_floor", self.scale_floor, lower=0.0)
+        _check_float("cold_scale_floor", self.cold_scale_floor, lower=self.scale_floor, allow_inf=True)
+        _check_float("min_ratio", self.min_ratio, lower=0.0)
+        if not isinstance(self.grad_norm_log_scale, bool):
+            raise ValueError(f"DetectorConfig.grad_norm_log_scale must be True or False, got {self.grad_norm_log_scale!r}")
+
+
+def _check_int(name: str, value: Any, lower: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lower:
+        raise ValueError(f"DetectorConfig.{name} must be an integer >= {lower}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, *, lower: float, strict: bool = False, allow_inf: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (allow_inf or math.isfinite(value)) and (value > lower if strict else value >= lower)
+    if not ok:
+        bound = f"> {lower}" if strict else f">= {lower}"
+        raise ValueError(f"DetectorConfig.{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The detector's verdict on one observation."""
+
+    step: int
+    value: float
+    baseline: float
+    """Baseline median before this step, in the value's units (geometric for log-scale); nan if no history."""
+    scale: float
+    """Robust sigma of the baseline in the working space (natural-log units for log-scale)."""
+    z: float
+    """(value - baseline) / scale in the working space; inf when non-finite, nan when not judged."""
+    flagged: bool
+    """Out of the band above the baseline, or non-finite."""
+    nonfinite: bool
+    warm: bool
+    """The baseline had `min_history` values: a confident judgement."""
+    readapted: bool = False
+    """This step ended a persistent departure and the baseline was re-seeded at the new level."""
+
+
+class StreamingDetector:
+    """Flags upward departures of one series, one step at a time, in O(window) memory.
+
+    Flagged and non-finite values never enter the baseline, so a spike cannot inflate its own sigma
+    and a second spike right after a first is still judged against the healthy level. After
+    `persist_steps` out of the band the baseline is re-seeded with the held-out values, so a
+    permanent level shift is reported once (as persistent) rather than flagged forever.
+    `flag_series` runs exactly this code, so offline analysis and an online guard agree.
+
+    Example:
+        >>> det = StreamingDetector()
+        >>> flags = [det.update(s, 3.0 + 0.01 * (s % 5)) for s in range(100)]
+        >>> det.update(100, 6.0).flagged
+        True
+        >>> resumed = StreamingDetector()
+        >>> resumed.load_state_dict(det.state_dict())
+        >>> resumed.update(101, 3.02).flagged
+        False
+    """
+
+    def __init__(self, config: DetectorConfig | None = None, *, log_scale: bool = False) -> None:
+        self.config = config if config is not None else DetectorConfig()
+        self.log_scale = bool(log_scale)
+        self._baseline = RollingBaseline(self.config.window)
+        self._held: deque[float] = deque(maxlen=self.config.window)
+        self._streak_start: int | None = None
+        self._gap = 0
+
+    @property
+    def streak_start(self) -> int | None:
+        """Step at which the current out-of-band streak began, or None when in band."""
+        return self._streak_start
+
+    def update(self, step: int, value: float) -> Flag:
+        """Judge `value` at `step` against the past, then add it to the baseline if it is in band."""
+        value = float(value)
+        cols = self._run([int(step)], [value])
+        return Flag(int(step), value, *(col[0] for col in cols))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this detector is; plain JSON types only."""
+        return {
+            "format": _STATE_FORMAT,
+            "config": asdict(self.config),
+            "log_scale": self.log_scale,
+            "window": self._baseline.values(),
+            "held": list(self._held),
+            "streak_start": self._streak_start,
+            "gap": self._gap,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`; raises ValueError if it is malformed or from other settings."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a detector state of format {_STATE_FORMAT}: {str(state)[:80]!r}")
+        mine = asdict(self.config)
+        theirs = state.get("config", {})
+        differ = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if differ or state.get("log_scale") != self.log_scale:
+            what = ", ".join(f"{k}={theirs.get(k)!r} (here {mine[k]!r})" for k in differ) or "log_scale"
+            raise ValueError(f"detector state was saved with other settings: {what}; build the detector with them")
+        window, held = state.get("window"), state.get("held")
+        numbers = [*window, *held] if isinstance(window, list) and isinstance(held, list) else None
+        if numbers is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+            raise ValueError("detector state holds a window that is not a list of finite numbers")
+        self._baseline.reset(float(v) for v in window)
+        self._held = deque((float(v) for v in held), maxlen=self.config.window)
+        start = state.get("streak_start")
+        self._streak_start = None if start is None else int(start)
+        self._gap = int(state.get("gap", 0))
+
+    def _run(self, steps: Sequence[int], values: Sequence[float]) -> tuple[list, ...]:
+        # The one implementation of the rule, shared by update() and flag_series(). Attributes are
+        # bound to locals because this loop runs once per step of runs a million steps long.
+        cfg = self.config
+        threshold, min_history, max_gap, persist = cfg.threshold, cfg.min_history, cfg.merge_gap, cfg.persist_steps
+        warm_floor, cold_floor = cfg.scale_floor, cfg.cold_scale_floor
+        log_scale = self.log_scale
+        relative = not log_scale
+        ratio = math.log1p(cfg.min_ratio) if log_scale else cfg.min_ratio
+        base = self._baseline
+        center_scale, add, held = base.center_scale, base.add, self._held
+        streak, gap = self._streak_start, self._gap
+        isfinite, ln, exp, nan, inf = math.isfinite, math.log, math.exp, math.nan, math.inf
+        out_b, out_s, out_z, out_f, out_n, out_w, out_r = [], [], [], [], [], [], []
+        for step, value in zip(steps, values):
+            n = len(base)
+            warm = n >= min_history
+            if n:
+                center, scale = center_scale(warm_floor if warm else cold_floor, relative)
+                shown = exp(center) if log_scale else center
+            else:
+                center = scale = shown = nan
+            readapted = nonfinite = flagged = False
+            if not isfinite(value):
+                z, flagged, nonfinite = inf, True, True
+            elif log_scale and value <= 0.0:
+                z = nan  # no logarithm: not judged and kept out of the baseline (e.g. a grad norm logged as 0)
+            else:
+                x = ln(value) if log_scale else value
+                if n:
+                    dev = x - center
+                    z = dev / scale
+                    flagged = z > threshold and dev > ratio * (1.0 if log_scale else abs(center))
+                else:
+                    z = nan
+                if flagged:
+                    if streak is None:
+                        streak = step
+                    held.append(x)
+                    gap = 0
+                    if step - streak >= persist:
+                        base.reset(held)
+                        held.clear()
+                        streak, readapted = None, True
+                else:
+                    add(x)
+                    if streak is not None:
+                        gap += 1
+                        if gap > max_gap:
+                            streak, gap = None, 0
+                            held.clear()
+            out_b.append(shown)
+            out_s.append(scale)
+            out_z.append(z)
+            out_f.append(flagged)
+            out_n.append(nonfinite)
+            out_w.append(warm)
+            out_r.append(readapted)
+        self._streak_start, self._gap = streak, gap
+        return out_b, out_s, out_z, out_f, out_n, out_w, out_r
+
+
+def flag_series(
+    steps: Sequence[int] | np.ndarray,
+    values: Sequence[float] | np.ndarray,
+    config: DetectorConfig | None = None,
+    *,
+    log_scale: bool = False,
+) -> pd.DataFrame:
+    """Flag a whole series offline; identical, row for row, to feeding a `StreamingDetector`.
+
+    Args:
+        steps: Optimizer steps in time order (integers).
+        values: The series (loss, grad norm, ...); NaN/inf are flagged as non-finite.
+        config: Detector settings; None for the defaults.
+        log_scale: Judge log(value) (natural for grad norms); non-positive values are not judged.
+
+    Returns:
+        A frame with `FLAG_COLUMNS`: step, value, baseline, scale, z, flagged, nonfinite, warm, readapted.
+
+    Example:
+        >>> loss = [3.0 + 0.01 * (i % 7) for i in range(300)]
+        >>> loss[200] = 4.5
+        >>> frame = flag_series(range(300), loss)
+        >>> frame.loc[frame.flagged, "step"].tolist()
+        [200]
+    """
+    step_arr = np.asarray(steps)
+    value_arr = np.asarray(values, dtype=np.float64)
+    if step_arr.shape != value_arr.shape or step_arr.ndim != 1:
+        raise ValueError(f"steps and values must be 1-D and of one length, got {step_arr.shape} and {value_arr.shape}")
+    if step_arr.size and not np.issubdtype(step_arr.dtype, np.integer):
+        as_float = step_arr.astype(np.float64)
+        if not (np.isfinite(as_float).all() and (as_float == np.round(as_float)).all()):
+            raise ValueError("steps must be whole numbers (optimizer step indices)")
+    step_arr = step_arr.astype(np.int64)
+    detector = StreamingDetector(config, log_scale=log_scale)
+    cols = detector._run(step_arr.tolist(), value_arr.tolist())
+    frame = pd.DataFrame(dict(zip(FLAG_COLUMNS[2:], cols)))
+    frame.insert(0, "value", value_arr)
+    frame.insert(0, "step", step_arr)
+    return frame.astype({"baseline": np.float64, "scale": np.float64, "z": np.float64})
+
+
+def spike_score(values: Sequence[float] | np.ndarray, *, window: int = 1000, sigma: float = 7.0) -> float:
+    """OLMo 2's spike score: the share of steps more than `sigma` std above the rolling mean of the
+    previous `window` values.
+
+    Computed on the finite values, each judged against the mean and (population) standard deviation
+    of up to `window` finite values before it, from the third value on (two are needed for a spread).
+    Unlike the detector, every value enters the rolling statistics, spikes included, as in the paper.
+
+    Args:
+        values: The series, in step order.
+        window: Previous values in the rolling mean and std (1000 in OLMo 2).
+        sigma: Standard deviations above the mean that count as a spike (7 in OLMo 2).
+
+    Returns:
+        A fraction in [0, 1] (multiply by 100 for the paper's percentage); nan with fewer than 3 values.
+
+    Example:
+        >>> spike_score([1.0, 1.1] * 50 + [9.0])
+        0.010101010101010102
+    """
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
+        raise ValueError(f"spike_score window must be an integer >= 2, got {window!r}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"spike_score sigma must be a finite number > 0, got {sigma!r}")
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 3:
+        return math.nan
+    previous = pd.Series(x).shift(1).rolling(window, min_periods=2)
+    mean, std = previous.mean().to_numpy(), previous.std(ddof=0).to_numpy()
+    judged = ~np.isnan(mean)
+    return float(np.count_nonzero(x[judged] > mean[judged] + sigma * std[judged]) / np.count_nonzero(judged))
+
+
+def find_incidents(steps: pd.DataFrame, config: DetectorConfig | None = None) -> list[Incident]:
+    """Incidents of a run's step table: loss and grad-norm spikes, divergences and non-finite values.
+
+    Each series is flagged on its own (the grad norm on a log scale); flagged steps no more than
+    `merge_gap` in-band observations apart form one episode; a grad-norm episode that overlaps a
+    loss episode or ends at most `merge_lead` steps before it joins that loss incident. The
+    detection fields of each `Incident` (`onset_step` ... `also_flagged`) describe `metric`, the
+    series flagged first; `series` holds the same fields for every series involved.
+
+    A grad norm that is non-finite on a step a GradScaler skipped is the scaler's normal overflow
+    probe, not an incident, and is left out. A series with no finite value at all (all NaN) is
+    skipped with a warning: NaN there cannot be told from "not recorded".
+
+    Args:
+        steps: Step table with `step` and `loss` columns, optionally `grad_norm` and `skipped`, in
+            time order.
+        config: Detector settings; None for the defaults.
+
+    Returns:
+        Incidents sorted by onset step, detection fields filled, diagnosis fields at their defaults.
+
+    Example:
+        >>> loss = [3.0 + 0.01 * (i % 7) for i in range(400)]
+        >>> loss[300:303] = [5.0, 4.0, 3.5]
+        >>> [(i.kind, i.onset_step, i.peak_step, i.end_step, i.recovered, i.recovery_step)
+        ...  for i in find_incidents(pd.DataFrame({"step": range(400), "loss": loss}))]
+        [('loss_spike', 300, 300, 302, True, 303)]
+    """
+    cfg = config if config is not None else DetectorConfig()
+    if not isinstance(steps, pd.DataFrame):
+        raise ValueError(f"find_incidents needs a pandas DataFrame, got {type(steps).__name__}")
+    missing = [c for c in ("step", "loss") if c not in steps.columns]
+    if missing:
+        raise ValueError(f"step table lacks column(s) {missing}; it needs `step` and `loss`")
+    step = steps["step"].to_numpy()
+    series = [("loss", step, steps["loss"].to_numpy(np.float64), False)]
+    if "grad_norm" in steps.columns:
+        grad = steps["grad_norm"].to_numpy(np.float64)
+        keep = np.ones(len(grad), dtype=bool)
+        if "skipped" in steps.columns:
+            skipped = steps["skipped"].astype("boolean").fillna(False).to_numpy(bool)
+            keep = ~(skipped & ~np.isfinite(grad))
+        series.append(("grad_norm", step[keep], grad[keep], cfg.grad_norm_log_scale))
+    episodes: dict[tuple[str, bool], list[_Episode]] = {}
+    for name, st, values, log_scale in series:
+        if values.size and np.isnan(values).all():
+            log.warning("column %r holds no value (all NaN): not recorded, or NaN from the first step; skipped", name)
+            continue
+        for ep in _episodes(name, flag_series(st, values, cfg, log_scale=log_scale), cfg, log_scale):
+            episodes.setdefault((ep.series, ep.nonfinite), []).append(ep)
+    incidents = []
+    for nonfinite in (False, True):
+        groups = _attach(episodes.get(("loss", nonfinite), []), episodes.get(("grad_norm", nonfinite), []), cfg.merge_lead)
+        incidents.extend(_incident(group, nonfinite) for group in groups)
+    return sorted(incidents, key=lambda inc: (inc.onset_step, inc.kind))
+
+
+@dataclass
+class _Episode:
+    """Flagged observations of one series that belong together (detection fields of one series)."""
+
+    series: str
+    nonfinite: bool
+    onset_step: int
+    peak_step: int
+    end_step: int
+    magnitude_sigma: float
+    peak_ratio: float
+    baseline: float
+    peak_value: float
+    recovered: bool
+    recovery_step: int | None
+    low_confidence: bool
+    persistent: bool
+    onset_scale: float
+    log_scale: bool
+
+    def summary(self) -> dict[str, Any]:
+        hidden = ("series", "nonfinite", "onset_scale", "log_scale")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+
+
+def _episodes(name: str, frame: pd.DataFrame, cfg: DetectorConfig, log_scale: bool) -> list[_Episode]:
+    # Group the flags exactly as the streaming streak does: split where more than merge_gap in-band
+    # observations separate two flagged ones, and after a re-adaptation.
+    step = frame["step"].to_numpy()
+    value, z, base, scale = (frame[c].to_numpy() for c in ("value", "z", "baseline", "scale"))
+    work = math.log if log_scale else float
+    flagged, nonfinite, warm, readapted = (frame[c].to_numpy(bool) for c in ("flagged", "nonfinite", "warm", "readapted"))
+    in_band = ~flagged & ~np.isnan(z)
+    in_band_idx = np.flatnonzero(in_band)
+    in_band_before = np.concatenate([[0], np.cumsum(in_band)])  # in-band rows in [0, k)
+    out = []
+    for is_nonfinite, mask in ((False, flagged & ~nonfinite), (True, nonfinite)):
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            continue
+        gaps = in_band_before[idx[1:]] - in_band_before[idx[:-1] + 1]
+        cut = (gaps > cfg.merge_gap) | (readapted[idx[:-1]] & ~is_nonfinite)
+        for group in np.split(idx, np.flatnonzero(cut) + 1):
+            first, last = group[0], group[-1]
+            # The peak is the highest value, and its size is measured against the baseline at onset
+            # (like peak_ratio): later in-band values may have moved the baseline since.
+            peak = first if is_nonfinite else group[np.argmax(value[group])]
+            magnitude = math.inf if is_nonfinite else (work(value[peak]) - work(base[first])) / scale[first]
+            persistent = bool(readapted[last]) and not is_nonfinite
+            after = np.searchsorted(in_band_idx, last, side="right")
+            recovered = not persistent and after < in_band_idx.size
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = float(np.float64(value[peak]) / base[first])
+            out.append(
+                _Episode(
+                    series=name,
+                    nonfinite=is_nonfinite,
+                    onset_step=int(step[first]),
+                    peak_step=int(step[peak]),
+                    end_step=int(step[last]),
+                    magnitude_sigma=float(magnitude),
+                    peak_ratio=ratio,
+                    baseline=float(base[first]),
+                    peak_value=float(value[peak]),
+                    recovered=bool(recovered),
+                    recovery_step=int(step[in_band_idx[after]]) if recovered else None,
+                    low_confidence=not bool(warm[first]),
+                    persistent=persistent,
+                    onset_scale=float(scale[first]),
+                    log_scale=log_scale,
+                )
+            )
+    return out
+
+
+def _attach(primary: list[_Episode], secondary: list[_Episode], lead: int) -> list[list[_Episode]]:
+    # A secondary (grad-norm) episode joins the first primary (loss) episode it overlaps or precedes
+    # by at most `lead` steps. Episodes of one series are disjoint and ordered, so ends are sorted.
+    groups = [[p] for p in primary]
+    ends = [p.end_step for p in primary]
+    alone = []
+    for s in secondary:
+        i = int(np.searchsorted(ends, s.onset_step, side="left"))
+        if i < len(primary) and s.end_step >= primary[i].onset_step - lead:
+            groups[i].append(s)
+        else:
+            alone.append([s])
+    return groups + alone
+
+
+def _incident(group: list[_Episode], nonfinite: bool) -> Incident:
+    per_series: dict[str, _Episode] = {}
+    for ep in group:
+        per_series[ep.series] = _combine(per_series[ep.series], ep) if ep.series in per_series else ep
+    first = min(per_series.values(), key=lambda e: (e.onset_step, e.series != "loss"))
+    loss = per_series.get("loss")
+    if nonfinite:
+        kind = "nonfinite"
+    elif loss is not None:
+        kind = "divergence" if loss.persistent else "loss_spike"
+    else:
+        kind = "grad_spike"
+    recovered = all(e.recovered for e in per_series.values())
+    return Incident(
+        kind=kind,
+        metric=first.series,
+        onset_step=first.onset_step,
+        peak_step=first.peak_step,
+        end_step=max(e.end_step for e in per_series.values()),
+        magnitude_sigma=first.magnitude_sigma,
+        peak_ratio=first.peak_ratio,
+        baseline=first.baseline,
+        peak_value=first.peak_value,
+        recovered=recovered,
+        recovery_step=max(e.recovery_step for e in per_series.values()) if recovered else None,
+        low_confidence=any(e.low_confidence for e in per_series.values()),
+        also_flagged=sorted(name for name in per_series if name != first.series),
+        series={name: e.summary() for name, e in sorted(per_series.items())},
+    )
+
+
+def _combine(a: _Episode, b: _Episode) -> _Episode:
+    # Two episodes of one series inside one incident (e.g. two grad-norm bursts before a loss spike):
+    # one episode from a's onset to b's end, its peak measured against a's onset baseline.
+    peak = b if b.peak_value > a.peak_value else a
+    work = math.log if a.log_scale else float
+    return _Episode(
+        series=a.series,
+        nonfinite=a.nonfinite,
+        onset_step=a.onset_step,
+        peak_step=peak.peak_step,
+        end_step=b.end_step,
+        magnitude_sigma=peak.magnitude_sigma if a.nonfinite else (work(peak.peak_value) - work(a.baseline)) / a.onset_scale,
+        peak_ratio=peak.peak_value / a.baseline if a.baseline else math.nan,
+        baseline=a.baseline,
+        peak_value=peak.peak_value,
+        recovered=b.recovered,
+        recovery_step=b.recovery_step,
+        low_confidence=a.low_confidence,
+        persistent=a.persistent or b.persistent,
+        onset_scale=a.onset_scale,
+        log_scale=a.log_scale,
+    )
