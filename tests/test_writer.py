@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import spikedoc
 from spikedoc.store.schema import FORMAT_VERSION
 from spikedoc.store.writer import RunWriter
 
@@ -59,23 +60,37 @@ def test_open_writes_meta_with_format_version_and_first_segment(tmp_path):
     assert [(s["segment"], s["start_step"]) for s in meta["segments"]] == [(0, 0)]
 
 
-def test_steps_layers_and_events_round_trip_through_parquet(tmp_path):
+def test_steps_layers_and_events_round_trip_through_load(tmp_path):
     writer = RunWriter(tmp_path, flush_every=4)
-    writer.open({})
+    writer.open({"model": "tiny"})
     _record(writer, range(10))
     writer.add_event("checkpoint", 9, path="ckpt-9.pt", loss=2.09)
     writer.close()
-    steps = _read(tmp_path, "steps").to_pandas().sort_values("step")
-    assert steps["step"].tolist() == list(range(10))
-    assert steps["loss"].to_numpy() == pytest.approx([2.0 + 0.01 * s for s in range(10)], rel=1e-6)
-    assert list(steps["sample_ids"].iloc[3]) == ["s3a", "3"]  # ids are stored as strings
-    assert (steps["segment"] == 0).all()
-    layers = _read(tmp_path, "layers")
-    assert layers.num_rows == 10 * len(NAMES)
-    events = _read(tmp_path, "events").to_pylist()
-    assert [(e["kind"], e["step"], json.loads(e["detail"])) for e in events] == [
+    run = spikedoc.load(tmp_path)
+    assert run.source == "spikedoc" and run.meta["model"] == "tiny"
+    assert run.steps["step"].tolist() == list(range(10))
+    assert run.steps["loss"].to_numpy() == pytest.approx([2.0 + 0.01 * s for s in range(10)], rel=1e-6)
+    assert list(run.steps["sample_ids"].iloc[3]) == ["s3a", "3"]  # ids are stored as strings
+    assert list(run.steps["sample_losses"].iloc[3]) == [0.5, 0.25]
+    assert (run.steps["segment"] == 0).all() and (run.steps["rank"] == 0).all()
+    layers = run.layers()
+    assert len(layers) == 10 * len(NAMES)
+    assert layers.loc[(layers["step"] == 7) & (layers["name"] == NAMES[0]), "grad_norm"].item() == 7 + len(NAMES) - 1
+    events = run.events
+    assert [(e.kind, e.step, json.loads(e.detail)) for e in events.itertuples()] == [
         ("checkpoint", 9, {"path": "ckpt-9.pt", "loss": 2.09})
     ]
+
+
+def test_a_leftover_temporary_part_is_ignored_by_the_reader(tmp_path):
+    writer = RunWriter(tmp_path)
+    writer.open({})
+    _record(writer, range(3))
+    writer.close()
+    (tmp_path / "steps" / "rank=0" / ".part-0-000001.parquet.tmp").write_bytes(b"PAR1 half-written")
+    run = spikedoc.load(tmp_path)
+    assert run.steps["step"].tolist() == [0, 1, 2]
+    assert run.warnings == []
 
 
 def test_parts_are_zstd_with_float32_measurements_and_dictionary_encoded_names(tmp_path):
@@ -115,15 +130,18 @@ def test_layer_rows_are_sorted_by_step_then_name_in_row_groups_of_row_group_step
     assert ranges == [(0, 4), (5, 9), (10, 14), (15, 19)]
 
 
-def test_a_part_is_written_every_flush_every_steps(tmp_path):
+def test_each_part_holds_flush_every_steps_with_their_layer_rows(tmp_path):
     writer = RunWriter(tmp_path, flush_every=5, flush_seconds=3600)
     writer.open({})
-    _record(writer, range(5))
-    _wait_for(lambda: len(_parts(tmp_path, "steps")) == 1)
-    _record(writer, range(5, 10))
-    _wait_for(lambda: len(_parts(tmp_path, "steps")) == 2)
+    _record(writer, range(6))  # the 6th step row closes the first batch of 5
+    _wait_for(lambda: len(_parts(tmp_path, "layers")) == 1)
+    _record(writer, range(6, 12))
     writer.close()
-    assert pq.read_table(_parts(tmp_path, "steps")[0])["step"].to_pylist() == [0, 1, 2, 3, 4]
+    assert [pq.read_table(p)["step"].to_pylist() for p in _parts(tmp_path, "steps")] == [
+        [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]
+    ]
+    layer_steps = [sorted(set(pq.read_table(p)["step"].to_pylist())) for p in _parts(tmp_path, "layers")]
+    assert layer_steps == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
 
 
 def test_buffered_rows_are_written_after_flush_seconds(tmp_path):
@@ -227,8 +245,10 @@ def test_unwritable_run_dir_warns_once_counts_dropped_rows_and_never_raises(tmp_
     writer = RunWriter(run_dir, flush_every=2, flush_seconds=3600)
     writer.open({"model": "tiny"})
     _record(writer, range(2))
+    writer.flush()
     _wait_for(lambda: writer.dropped_rows >= 2)
     _record(writer, range(2, 4))
+    writer.flush()  # a second failing flush: retried, but not warned about again
     _wait_for(lambda: writer.dropped_rows >= 4)
     writer.close()
     assert writer.dropped_rows == 4 + 4 * len(NAMES)  # steps and layer rows of both flushes
@@ -279,7 +299,10 @@ def test_sigkill_while_writing_leaves_only_complete_readable_parts(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    steps = _read(run_dir, "steps")["step"].to_pylist()
-    assert len(steps) >= 20
-    assert steps == list(range(len(steps)))  # complete parts, no gaps
-    assert json.loads((run_dir / "meta.json").read_text())["model"] == "killed"
+    completed = sum(pq.ParquetFile(p).metadata.num_rows for p in _parts(run_dir, "steps"))
+    run = spikedoc.load(run_dir)
+    assert run.warnings == []
+    assert len(run.steps) == completed >= 20  # every completed part, nothing half-written
+    assert run.steps["step"].tolist() == list(range(completed))
+    assert run.meta["model"] == "killed"
+    assert run.layers()["step"].max() < completed  # layer parts are written after their step part

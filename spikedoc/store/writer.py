@@ -106,9 +106,13 @@ class RunWriter:
         self.row_group_steps = int(row_group_steps)
         self.segment = 0
         self._cond = threading.Condition()
-        self._pending: dict[str, list[Any]] = {STEPS: [], LAYERS: [], EVENTS: []}
-        self._pending_rows = self._pending_steps = self._dropped = 0
-        self._flush_asked = self._closing = self._closed = False
+        # Rows accumulate in _batch; at flush_every steps (or flush()/time/close) the batch is cut
+        # into _ready for the thread, so each part holds exactly one batch whatever the thread's pace.
+        self._batch: dict[str, list[Any]] = {STEPS: [], LAYERS: [], EVENTS: []}
+        self._batch_rows = self._batch_steps = 0
+        self._ready: list[tuple[dict[str, list[Any]], int]] = []
+        self._pending_rows = self._dropped = 0  # pending: buffered, ready or being written
+        self._closing = self._closed = False
         self._thread: threading.Thread | None = None
         self._meta: dict[str, Any] | None = None  # set while meta.json still has to be written
         self._next_seq: dict[str, int] = {}
@@ -195,7 +199,7 @@ class RunWriter:
     def flush(self) -> None:
         """Ask the writer thread to write everything buffered now; returns without waiting."""
         with self._cond:
-            self._flush_asked = True
+            self._cut()
             self._cond.notify()
 
     def close(self) -> None:
@@ -223,11 +227,22 @@ class RunWriter:
             if self._pending_rows + rows > self.max_pending_rows:
                 self._drop(rows, "queue_full", f"more than {self.max_pending_rows} rows waiting to be written; dropping")
                 return
-            self._pending[table].append(item)
-            self._pending_rows += rows
-            self._pending_steps += table == STEPS
-            if self._pending_steps >= self.flush_every or self._pending_rows >= _PART_ROWS:
+            # Cut before the step row that starts the next batch, not after the last one, so the
+            # layer rows and events that follow a step row land in the same part number.
+            if table == STEPS and self._batch_steps >= self.flush_every or self._batch_rows >= _PART_ROWS:
+                self._cut()
                 self._cond.notify()
+            self._batch[table].append(item)
+            self._pending_rows += rows
+            self._batch_rows += rows
+            self._batch_steps += table == STEPS
+
+    def _cut(self) -> None:
+        """Hand the current batch to the thread (caller holds the lock)."""
+        if self._batch_rows:
+            self._ready.append((self._batch, self._batch_rows))
+            self._batch = {STEPS: [], LAYERS: [], EVENTS: []}
+            self._batch_rows = self._batch_steps = 0
 
     def _drop(self, rows: int, key: str, reason: str) -> None:
         with self._cond:  # re-entrant: also called from _enqueue, which holds it
@@ -246,19 +261,20 @@ class RunWriter:
         last = time.monotonic()
         while True:
             with self._cond:
-                while not (self._closing or self._flush_asked or self._pending_steps >= self.flush_every
-                           or self._pending_rows >= _PART_ROWS):  # fmt: skip
+                while not (self._ready or self._closing):
                     left = last + self.flush_seconds - time.monotonic()
                     if left <= 0:
-                        if self._pending_rows:
-                            break
+                        self._cut()
                         last, left = time.monotonic(), self.flush_seconds
+                        continue
                     self._cond.wait(left)
-                batch, closing = self._pending, self._closing
-                self._pending = {STEPS: [], LAYERS: [], EVENTS: []}
-                self._pending_rows = self._pending_steps = 0
-                self._flush_asked = False
-            self._write_batch(batch)
+                if self._closing:
+                    self._cut()
+                ready, self._ready, closing = self._ready, [], self._closing
+            for batch, rows in ready:
+                self._write_batch(batch)
+                with self._cond:
+                    self._pending_rows -= rows
             last = time.monotonic()
             if closing:
                 return
