@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -112,7 +113,7 @@ def read_tensorboard(path: str | Path) -> Run:
         except Exception as exc:  # noqa: BLE001 - a corrupt event file is skipped, like a corrupt part
             warnings.append(f"skipped unreadable event file {file}: {' '.join(str(exc).split())}")
             continue
-        prefix = _prefix(path, file)
+        prefix = _prefix(files, file)
         tags = acc.Tags()
         for tag in tags.get("scalars", []):
             series[prefix + tag] += [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)]
@@ -129,11 +130,13 @@ def read_tensorboard(path: str | Path) -> Run:
     return _build(path, "tensorboard", frame, warnings, {"event_files": [str(f) for f in files], "renamed": renamed})
 
 
-def _prefix(root: Path, file: Path) -> str:
-    # Files in sub-directories (train/, eval/) are separate TensorBoard runs: keep them apart.
-    if root.is_file() or file.parent == root:
+def _prefix(files: list[Path], file: Path) -> str:
+    # Event files in sibling directories (train/, eval/) are separate TensorBoard runs: their tags
+    # are prefixed with the directory below the common ancestor, so `train/loss` maps to `loss`.
+    parents = {f.parent for f in files}
+    if len(parents) == 1:
         return ""
-    return file.parent.relative_to(root).as_posix() + "/"
+    return file.parent.relative_to(os.path.commonpath(parents)).as_posix() + "/"
 
 
 def _pivot(series: dict[str, list[tuple[float, int, float]]]) -> dict[str, pd.Series]:
