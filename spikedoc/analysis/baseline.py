@@ -15,26 +15,20 @@ IQR_TO_SIGMA = 1.0 / 1.3489795003921634
 # Sheppard: a value rounded to resolution q carries a uniform error of standard deviation q/sqrt(12).
 _ROUNDING_SIGMA = 1.0 / math.sqrt(12.0)
 
-# Last-resort floor so that a constant series at exactly 0 never divides by zero.
-_TINY = 1e-12
-
 
 class RollingBaseline:
-    """Robust centre and scale of the last `window` values added, updated in O(log window) per value.
+    """Median and IQR-based sigma of the last `window` values added, updated in O(log window) per value.
 
     The window is kept twice: in arrival order (to know which value leaves) and sorted (so the
-    median and quartiles are two index look-ups instead of a sort per step). Insertion and removal
-    in the sorted list are a binary search plus a memmove of at most `window` pointers, which is
-    what makes a million steps take seconds rather than minutes.
-
-    The centre is the median. The scale is the interquartile range converted to a normal-consistent
-    sigma (IQR / 1.349), floored three ways (see `center_scale`).
+    median and quartiles are index look-ups instead of a sort per step). Insertion and removal in
+    the sorted list are a binary search plus a memmove of at most `window` pointers, which is what
+    makes a million steps take seconds rather than minutes.
 
     Example:
         >>> b = RollingBaseline(window=5)
         >>> for v in [3.0, 3.1, 2.9, 3.0, 3.2, 3.0]:
         ...     b.add(v)
-        >>> len(b), b.center_scale(rel_floor=0.0)[0]
+        >>> b.summary()[:2]
         (5, 3.0)
     """
 
@@ -42,6 +36,7 @@ class RollingBaseline:
         self.window = window
         self._fifo: deque[float] = deque()
         self._sorted: list[float] = []
+        self._positions: tuple[int, tuple[tuple[int, float], ...]] = (0, ())
 
     def __len__(self) -> int:
         return len(self._fifo)
@@ -64,41 +59,30 @@ class RollingBaseline:
         """The window in arrival order (oldest first), e.g. to save it."""
         return list(self._fifo)
 
-    def center_scale(self, rel_floor: float, relative: bool = True) -> tuple[float, float]:
-        """Median and robust sigma of the window, or (nan, nan) when it is empty.
+    def summary(self) -> tuple[int, float, float]:
+        """(count, median, sigma) of the window; (0, nan, nan) when it is empty.
 
-        The sigma is the largest of:
-
-        - IQR / 1.349, the normal-consistent sigma of the window;
-        - `rel_floor` times |median| (or `rel_floor` itself when `relative` is False, i.e. when
-          the values are logarithms and an absolute floor is already a relative one): the noise
-          level below which a departure is not believed, whatever the window says;
-        - when the IQR is exactly 0 (more than half the window holds one value, as with 4-decimal
-          losses or 2-decimal grad norms on a flat stretch), the gap to the nearest other value
-          divided by sqrt(12): the rounding noise of a series logged at that resolution.
+        The sigma is IQR / 1.349, the normal-consistent sigma. When the IQR is exactly 0 (more than
+        half the window holds one value, as 4-decimal losses or 2-decimal grad norms on a flat
+        stretch do) it is instead the gap to the nearest other value divided by sqrt(12): the
+        rounding noise of a series logged at that resolution (Sheppard), 0 for a constant window.
+        Floors relative to the level are the caller's policy.
         """
         s = self._sorted
         n = len(s)
-        if n == 0:
-            return math.nan, math.nan
-        last = n - 1
-        center = _quantile(s, last, 0.5)
-        iqr = _quantile(s, last, 0.75) - _quantile(s, last, 0.25)
-        sigma = iqr * IQR_TO_SIGMA
-        if iqr == 0.0:
-            sigma = _resolution(s, center) * _ROUNDING_SIGMA
-        floor = rel_floor * abs(center) if relative else rel_floor
-        return center, max(sigma, floor, _TINY)
-
-
-def _quantile(s: list[float], last: int, p: float) -> float:
-    # Linear interpolation between order statistics, as numpy.quantile's default method.
-    pos = p * last
-    i = int(pos)
-    if i >= last:
-        return s[last]
-    lo = s[i]
-    return lo + (s[i + 1] - lo) * (pos - i)
+        if n < 2:
+            return (n, s[0], 0.0) if n else (0, math.nan, math.nan)
+        if self._positions[0] != n:
+            # Quartile positions depend on n only, which is constant once the window is full.
+            self._positions = (n, tuple((int(p * (n - 1)), p * (n - 1) - int(p * (n - 1))) for p in (0.25, 0.5, 0.75)))
+        (i1, f1), (i2, f2), (i3, f3) = self._positions[1]
+        # Linear interpolation between order statistics, as numpy.quantile's default method.
+        q1 = s[i1] + (s[i1 + 1] - s[i1]) * f1
+        center = s[i2] + (s[i2 + 1] - s[i2]) * f2
+        iqr = s[i3] + (s[i3 + 1] - s[i3]) * f3 - q1
+        if iqr > 0.0:
+            return n, center, iqr * IQR_TO_SIGMA
+        return n, center, _resolution(s, center) * _ROUNDING_SIGMA
 
 
 def _resolution(s: list[float], center: float) -> float:

@@ -24,6 +24,9 @@ FLAG_COLUMNS = ("step", "value", "baseline", "scale", "z", "flagged", "nonfinite
 
 _STATE_FORMAT = 1
 
+# Last-resort scale so that a constant series at exactly 0 never divides by zero.
+_TINY = 1e-12
+
 
 @dataclass(kw_only=True)
 class DetectorConfig:
@@ -31,11 +34,12 @@ class DetectorConfig:
 
     Example:
         >>> DetectorConfig(threshold=6.0).window
-        200
+        100
     """
 
-    window: int = 200
-    """Past values (finite, not flagged) that form the rolling baseline: its median and IQR."""
+    window: int = 100
+    """Past values (finite, not flagged) that form the rolling baseline: its median and IQR. Short
+    enough that a still-falling loss does not set the scale (llm-foundry's 100-step window)."""
     threshold: float = 7.0
     """Robust sigmas above the baseline median at which a value is flagged (OLMo 2's 7 sigma)."""
     min_history: int = 50
@@ -196,18 +200,21 @@ class StreamingDetector:
         relative = not log_scale
         ratio = math.log1p(cfg.min_ratio) if log_scale else cfg.min_ratio
         base = self._baseline
-        center_scale, add, held = base.center_scale, base.add, self._held
+        summary, add, held = base.summary, base.add, self._held
         streak, gap = self._streak_start, self._gap
         isfinite, ln, exp, nan, inf = math.isfinite, math.log, math.exp, math.nan, math.inf
         out_b, out_s, out_z, out_f, out_n, out_w, out_r = [], [], [], [], [], [], []
         for step, value in zip(steps, values):
-            n = len(base)
+            n, center, sigma = summary()
             warm = n >= min_history
             if n:
-                center, scale = center_scale(warm_floor if warm else cold_floor, relative)
+                # The floor is the smallest noise believed: a fraction of the level (of the value
+                # itself on a log scale), larger while the baseline is cold; _TINY guards a zero level.
+                floor = warm_floor if warm else cold_floor
+                scale = max(sigma, floor * abs(center) if relative else floor, _TINY)
                 shown = exp(center) if log_scale else center
             else:
-                center = scale = shown = nan
+                scale = shown = nan
             readapted = nonfinite = flagged = False
             if not isfinite(value):
                 z, flagged, nonfinite = inf, True, True
