@@ -1,0 +1,312 @@
+"""Cause rules (the playbook's checklist, in order) and the recommendation that follows from a cause."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from spikedoc.analysis._robust import fmt, fmt_steps
+from spikedoc.analysis.attribution import LayerAttribution
+from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.analysis.incident import Incident
+from spikedoc.analysis.lineage import Resume
+
+__all__ = ["Evidence", "decide_cause", "recommend", "tighter_clip"]
+
+# A freshly built Adam state after one step is (1 - beta2) g^2: <= 0.05 of a trained one for beta2 >= 0.95.
+_MOMENTS_RESET = 0.1
+# Update/weight ratio above which the LR is too high for the weights (rule of thumb: ~1e-3 is healthy).
+_HIGH_UPDATE_RATIO = 1e-2
+# Causes whose fix is to repair the run's state or setup rather than to train more conservatively.
+_REPAIR = ("lr_schedule", "state_reset", "numerics_rank")
+
+
+@dataclass(kw_only=True)
+class Evidence:
+    """Everything attribution and context found for one incident; the input of `decide_cause`."""
+
+    loss_flag_step: int | None = None
+    """First step the loss itself was flagged (None for a grad-norm-only incident)."""
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    """Candidate onset batches (`attribute_batches`)."""
+    one_step: bool = False
+    """The loss was out of the band for its onset step only and back in the band right after."""
+    layers: LayerAttribution | None = None
+    grad_precursor: dict[str, Any] | None = None
+    """`step`, `lead_steps`, `sentence`: the grad norm flagged before the loss."""
+    lr_jump: dict[str, Any] | None = None
+    """Upward LR discontinuity in the lookback window (`lr_discontinuities` entry, plus `at_resume`)."""
+    lr_onset: float = math.nan
+    warmup: dict[str, Any] | None = None
+    clipping: dict[str, Any] | None = None
+    loss_scale: dict[str, Any] | None = None
+    ranks: dict[str, Any] | None = None
+    resume: Resume | None = None
+    """The resume the incident follows closely, if any."""
+    moments_ratio: float | None = None
+    """exp_avg_sq after / before that resume (median over tensors)."""
+    update_step: dict[str, Any] | None = None
+    """`update_without_grad` on the step table."""
+    notes: list[str] = field(default_factory=list)
+    """What could not be checked (missing columns, short history)."""
+
+
+def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None = None) -> tuple[str, list[str]]:
+    """Walk the checklist in order; the first rule whose evidence is present decides the cause.
+
+    Order (docs/analysis.md explains each): state_reset, lr_schedule, numerics_rank (one rank
+    alone), bad_batch, optimizer_state, lr_too_high (early in training), grad_explosion, unknown.
+
+    Returns:
+        (cause, evidence sentences).
+
+    Example:
+        >>> from spikedoc.analysis.incident import Incident
+        >>> inc = Incident(kind="loss_spike", metric="loss", onset_step=500, peak_step=500, end_step=500,
+        ...                magnitude_sigma=30.0, peak_ratio=3.0, baseline=2.0, peak_value=6.0, recovered=True)
+        >>> decide_cause(inc, Evidence(loss_flag_step=500, one_step=True))[0]
+        'bad_batch'
+    """
+    config = config or AnalysisConfig()
+    for rule in (_state_reset, _lr_schedule, _numerics_rank, _bad_batch, _optimizer_state, _lr_too_high, _grad_explosion):
+        found = rule(incident, ev, config)
+        if found:
+            return rule.__name__[1:], found
+    return "unknown", _unknown(incident, ev)
+
+
+def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    if ev.resume is None:
+        return []
+    out = list(ev.resume.evidence) if ev.resume.state_reset else []
+    if ev.moments_ratio is not None and ev.moments_ratio < _MOMENTS_RESET:
+        out.append(
+            f"Adam's exp_avg_sq fell to {fmt(ev.moments_ratio, 2)}x its value across the resume at step "
+            f"{ev.resume.step} (median over tensors): the optimizer moments were not restored"
+        )
+    if out:
+        out.append(f"the incident starts {incident.onset_step - ev.resume.step} steps after that resume")
+    return out
+
+
+def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    jump = ev.lr_jump
+    if jump is None or jump["direction"] != "up":
+        return []
+    group = "" if jump["group"] == 0 else f" (param group {jump['group']})"
+    out = [
+        f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
+        f"{jump['step']}, {incident.onset_step - jump['step']} steps before onset"
+    ]
+    if jump.get("at_resume") is not None:
+        out.append(
+            f"step {jump['step']} is where segment {jump['at_resume']} resumed the run: the scheduler's state (its "
+            "step count) was likely not restored with the checkpoint"
+        )
+    return out
+
+
+def _numerics_rank(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    ranks = ev.ranks
+    if not ranks or not ranks["alone"]:
+        return []
+    for batch in ev.batches:
+        if batch["rank"] in ranks["off_ranks"] and batch["anomalies"]:
+            return []  # that rank was fed a bad batch: data, not hardware
+    out = list(ranks["sentences"])
+    out.append(
+        f"{len(ranks['off_ranks'])} of {len(ranks['ranks'])} ranks went off with the same parameters and a normal "
+        "batch: numerics or hardware on that rank, not the model"
+    )
+    return out
+
+
+def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    out = []
+    for batch in ev.batches:
+        if batch["anomalies"]:
+            where = f"step {batch['step']}" + (f", rank {batch['rank']}" if ev.ranks else "")
+            out.extend(f"batch at {where}: {a}" for a in batch["anomalies"])
+    if out:
+        return out
+    earlier = ev.grad_precursor is not None or (ev.layers is not None and ev.layers.earliest_step is not None
+                                                 and ev.layers.earliest_step < incident.onset_step)
+    if ev.one_step and not earlier and incident.metric == "loss":
+        return [
+            f"the loss was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x its "
+            f"baseline) and back in the band at the next step: the loss is measured before the update, so the "
+            "model was not damaged; the batch itself had an unusually high loss"
+        ]
+    return []
+
+
+def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    out = []
+    if ev.layers is not None:
+        for p in ev.layers.precursors[:3]:
+            out.append(p["sentence"] + (f" ({p['lead_steps']} steps before the loss flag)" if p.get("lead_steps") else ""))
+    if not out and ev.update_step and ev.update_step["fired"]:
+        out.append(
+            f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
+            f"gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}): the optimizer's state made the step large"
+        )
+    return out
+
+
+def _lr_too_high(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    out = []
+    w = ev.warmup
+    if w is not None and w["visible"]:
+        end = w["end_step"]
+        if end is None or incident.onset_step <= 2 * end:
+            where = "during the warmup" if end is None or incident.onset_step <= end else f"{incident.onset_step - end} steps after the warmup ended (step {end})"
+            out.append(
+                f"the incident starts at step {incident.onset_step}, {where}, with the LR at {fmt(ev.lr_onset)} "
+                f"(peak {fmt(w['peak_lr'])}): early instability means the LR is too high for this model"
+            )
+    elif w is not None and not w["visible"] and incident.onset_step - w["first_step"] < config.early_steps:
+        out.append(
+            f"no warmup: the LR started at {fmt(w['first_lr'])} ({fmt(w['first_lr'] / w['peak_lr'], 2)}x its peak) and the "
+            f"incident starts at step {incident.onset_step}; Adam's moments are unreliable for the first few hundred "
+            "steps, and skipping warmup commonly produces a spike there"
+        )
+    layers = ev.layers
+    if layers is not None and layers.median_update_ratio >= _HIGH_UPDATE_RATIO and (out or incident.kind == "nonfinite"):
+        out.append(
+            f"median update/weight ratio at onset {fmt(layers.median_update_ratio)}, above {_HIGH_UPDATE_RATIO:g} "
+            "(healthy training moves weights by about 1e-3 of their norm per step)"
+        )
+    return out
+
+
+def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    out = []
+    if ev.grad_precursor is not None:
+        out.append(ev.grad_precursor["sentence"])
+    if ev.clipping and ev.clipping["saturated"]:
+        c = ev.clipping
+        out.append(
+            f"clipping was active on {c['share']:.0%} of the {c['steps']} steps before onset (median coefficient "
+            f"{fmt(c['median_coef'], 2)}; {c['run_share']:.0%} earlier in the run): the gradient was growing"
+        )
+    if ev.layers is not None:
+        leaders = [row for row in ev.layers.layers if row["lead_steps"] and row["grad_z"] >= config.z_threshold]
+        if leaders:
+            first = leaders[0]
+            out.append(
+                f"{first['name']} ({first['module']}) departed first: gradient norm {fmt(first['grad_z'], 2)} sigma off "
+                f"its history, {first['lead_steps']} steps before the loss flag"
+            )
+    if not out and incident.kind == "nonfinite" and incident.metric == "grad_norm":
+        out.append(f"the gradient went non-finite at step {incident.onset_step} before the loss did")
+    if not out and incident.metric == "grad_norm" and ev.loss_flag_step is None:
+        out.append(
+            f"the gradient norm reached {fmt(incident.peak_value)} at step {incident.peak_step}, "
+            f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}; the loss did not react"
+        )
+    if out and incident.kind == "nonfinite":
+        out.append("a non-finite loss late in training follows exploding gradients (troubleshooting table)")
+    return out
+
+
+def _unknown(incident: Incident, ev: Evidence) -> list[str]:
+    checked = ["no anomalous batch statistic at onset", "no LR discontinuity before it",
+               "no gradient-norm or per-tensor departure ahead of the loss"]
+    return ["nothing in the checklist matched: " + "; ".join(checked)] + ev.notes
+
+
+def tighter_clip(current: float | None) -> float:
+    """The clipping norm to use next: 1.0 when unclipped or above 1.0, else half the current one.
+
+    Example:
+        >>> tighter_clip(2.0), tighter_clip(1.0), tighter_clip(None)
+        (1.0, 0.5, 1.0)
+    """
+    if current is None or not math.isfinite(current) or current <= 0:
+        return 1.0
+    return 1.0 if current > 1.0 else current / 2
+
+
+def recommend(
+    incident: Incident,
+    ev: Evidence,
+    *,
+    checkpoints: list[tuple[int, str | None]],
+    clip: float | None,
+    peak_lr: float | None,
+    first_step: int,
+    config: AnalysisConfig | None = None,
+) -> dict[str, Any]:
+    """What to do about one incident, given its cause.
+
+    Args:
+        incident: with `cause` decided.
+        ev: its evidence.
+        checkpoints: (step, path) of checkpoints recorded on the incident's lineage.
+        clip: the max norm in use (meta config `clip`, or inferred from clip_coef), None if unclipped.
+        peak_lr: largest LR before onset, None if unknown.
+        first_step: first step of the lineage (a rollback never goes before it).
+        config: `lr_factor`, `rollback_margin`.
+
+    Returns:
+        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known`, `lr_factor`,
+        `new_peak_lr`, `clip_max_norm`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions`,
+        `reset_optimizer_state_for`, `actions` (sentences).
+    """
+    config = config or AnalysisConfig()
+    cause = incident.cause
+    bad = [b for b in ev.batches if b["anomalies"]] if cause == "bad_batch" else []
+    earliest = min([incident.onset_step] + [b["step"] for b in bad]
+                   + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
+                   + ([ev.grad_precursor["step"]] if ev.grad_precursor else []))
+    before = [(s, p) for s, p in checkpoints if s < earliest]
+    actions = []
+    if before:
+        step, path = max(before, key=lambda c: c[0])
+        rec = {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True}
+    else:
+        step = max(first_step, earliest - config.rollback_margin)
+        rec = {"rollback_to_step": int(step), "checkpoint_path": None, "checkpoint_known": False}
+    repair = cause in _REPAIR
+    rec["rollback"] = not incident.recovered or cause == "state_reset"
+    rec["lr_factor"] = 1.0 if repair else config.lr_factor
+    rec["new_peak_lr"] = peak_lr * rec["lr_factor"] if peak_lr and math.isfinite(peak_lr) else None
+    rec["clip_max_norm"] = (clip if clip else 1.0) if repair else tighter_clip(clip)
+    rec["skip_steps"] = sorted({int(b["step"]) for b in bad})
+    ids, positions = [], []
+    for b in bad:
+        ids += b["outlier_sample_ids"] or b["sample_ids"]
+        if not b["sample_ids"] and b["positions"]:
+            positions.append(list(b["positions"]))
+    rec["skip_sample_ids"] = list(dict.fromkeys(ids))
+    rec["skip_sample_positions"] = positions
+    reset = []
+    if cause == "optimizer_state" and ev.layers is not None:
+        reset = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
+    rec["reset_optimizer_state_for"] = reset
+
+    if not rec["rollback"]:
+        actions.append(f"recovered by itself (back in the band at step {incident.recovery_step}): no rollback needed; "
+                       "the settings below are for a rerun or if it recurs")
+    elif rec["checkpoint_known"]:
+        actions.append(f"roll back to the checkpoint of step {rec['rollback_to_step']}" + (f" ({rec['checkpoint_path']})" if rec["checkpoint_path"] else ""))
+    else:
+        actions.append(f"no checkpoint events recorded: roll back to your last checkpoint at or before step {rec['rollback_to_step']}")
+    if cause == "lr_schedule":
+        actions.append("restore the LR scheduler's state (or its step count) with the checkpoint; keep the peak LR")
+    elif cause == "state_reset":
+        actions.append("resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)")
+    elif cause == "numerics_rank":
+        off = ev.ranks["off_ranks"] if ev.ranks else []
+        actions.append(f"rerun from the checkpoint; if rank(s) {off} fail again, take that device out; prefer bf16 over fp16")
+    else:
+        actions.append(f"multiply the peak LR by {rec['lr_factor']:g}" + (f" (to {fmt(rec['new_peak_lr'])})" if rec["new_peak_lr"] else ""))
+        actions.append(f"clip the gradient norm at {fmt(rec['clip_max_norm'])}" + (f" (was {fmt(clip)})" if clip else " (no clipping was in use)"))
+    if rec["skip_steps"]:
+        what = f"sample ids {fmt_steps(rec['skip_sample_ids'])}" if rec["skip_sample_ids"] else "their samples"
+        actions.append(f"skip the batch(es) of step(s) {fmt_steps(rec['skip_steps'])} ({what})")
+    if reset:
+        actions.append(f"reset the optimizer moments of {fmt_steps(reset, 4)}")
+    rec["actions"] = actions
+    return rec

@@ -1,0 +1,65 @@
+"""AnalysisConfig: the thresholds and windows diagnosis uses (defaults justified in docs/analysis.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AnalysisConfig"]
+
+
+@dataclass(kw_only=True)
+class AnalysisConfig:
+    """Settings of `spikedoc.analyze` beyond detection.
+
+    Example:
+        >>> from spikedoc.analysis.config import AnalysisConfig
+        >>> AnalysisConfig(lookback=200).lr_factor
+        0.7
+    """
+
+    detector: Any = None
+    """`DetectorConfig` passed to detection; None uses the detector's defaults."""
+    lookback: int = 100
+    """Steps before onset searched for precursors (grad-norm and per-tensor departures, LR jumps,
+    clipping saturation, loss-scale drops). PaLM restarted about 100 steps before a spike."""
+    layer_history: int = 300
+    """Steps of per-tensor history, before the lookback window, that form each tensor's baseline."""
+    z_threshold: float = 6.0
+    """Robust z-score (MAD-based sigmas) above which a batch statistic or a tensor counts as off."""
+    batch_ratio: float = 1.5
+    """A batch statistic must also differ from the run's median by this factor (either way)."""
+    near_constant_ratio: float = 0.1
+    """Distinct-token ratio at or below which a batch is called near-constant input."""
+    clip_saturation: float = 0.5
+    """Share of lookback steps with clip_coef < 1 that counts as clipping saturation."""
+    lr_jump: float = 10.0
+    """An LR change counts as a discontinuity when it is this many times both neighbouring changes
+    (so a warmup ramp or a smooth decay never does) and at least 20% of the LR."""
+    state_reset_fraction: float = 0.5
+    """After a resume, a loss back more than this share of the way to its initial level means the
+    model state was not restored."""
+    early_steps: int = 1000
+    """Without a visible warmup, incidents before this step count as early (LR too high / no warmup)."""
+    lr_factor: float = 0.7
+    """Recommended multiplier of the peak LR (the case study's x0.7)."""
+    rollback_margin: int = 100
+    """When no checkpoint is recorded, roll back this many steps before the earliest precursor."""
+    max_layers: int = 10
+    """Tensors listed per incident."""
+
+    def __post_init__(self) -> None:
+        for name in ("lookback", "layer_history", "early_steps", "rollback_margin", "max_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("z_threshold", "lr_jump"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"AnalysisConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.batch_ratio > 1:
+            raise ValueError(f"AnalysisConfig.batch_ratio must be > 1, got {self.batch_ratio!r}")
+        for name in ("near_constant_ratio", "clip_saturation", "state_reset_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"AnalysisConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"AnalysisConfig.lr_factor must be in (0, 1], got {self.lr_factor!r}")

@@ -1,0 +1,474 @@
+"""`analyze()`: detect incidents along each lineage of a run, attribute and explain each, lint the setup."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spikedoc.analysis._robust import finite, fmt
+from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
+from spikedoc.analysis.causes import Evidence, decide_cause, recommend
+from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.analysis.context import (
+    clipping_before,
+    loss_scale_drops,
+    lr_at,
+    lr_discontinuities,
+    rank_divergence,
+    update_without_grad,
+    warmup,
+)
+from spikedoc.analysis.detect import DetectorConfig, find_incidents, spike_score
+from spikedoc.analysis.incident import Incident, _jsonable
+from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
+from spikedoc.analysis.lints import Finding, lint
+from spikedoc.errors import RunFormatError
+
+__all__ = ["Diagnosis", "analyze", "DIAGNOSIS_FORMAT"]
+
+_log = logging.getLogger(__name__)
+
+#: Version of the `Diagnosis.to_dict()` shape (docs/analysis.md); bumped on incompatible changes.
+DIAGNOSIS_FORMAT = 1
+# Candidate batches: the onset step and the two before it (the update of step t shows in the loss of t+1).
+_CANDIDATES = 2
+
+
+@dataclass(kw_only=True)
+class Diagnosis:
+    """What `analyze` found in a run.
+
+    Example:
+        >>> d = spikedoc.analyze("runs/exp1")  # doctest: +SKIP
+        >>> d.healthy, [(i.onset_step, i.cause) for i in d.incidents]  # doctest: +SKIP
+        (False, [(4512, 'bad_batch')])
+    """
+
+    path: str
+    source: str
+    incidents: list[Incident] = field(default_factory=list)
+    context: list[dict[str, Any]] = field(default_factory=list)
+    """Per incident (same order): `segment`, `lr_at_onset`, `lr_jump`, `clipping`, `loss_scale`,
+    `ranks`, `groups` (per module kind), `optimizer_precursors`, `low_confidence_note`."""
+    findings: list[Finding] = field(default_factory=list)
+    spike_score: dict[str, float | None] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    """`first_step`, `last_step`, `steps`, `ranks`, `segments`, `resumes`, `abandoned`."""
+
+    @property
+    def healthy(self) -> bool:
+        """No incident was found."""
+        return not self.incidents
+
+    def to_dict(self) -> dict[str, Any]:
+        """The documented, stable JSON shape (docs/analysis.md, "JSON output")."""
+        incidents = []
+        for incident, ctx in zip(self.incidents, self.context):
+            entry = incident.to_dict()
+            entry["segment"] = ctx.get("segment", 0)
+            entry["context"] = _jsonable(ctx)
+            incidents.append(entry)
+        return _jsonable({
+            "format": DIAGNOSIS_FORMAT,
+            "path": self.path,
+            "source": self.source,
+            "healthy": self.healthy,
+            "summary": self.summary,
+            "spike_score": self.spike_score,
+            "incidents": incidents,
+            "findings": [f.to_dict() for f in self.findings],
+            "missing": self.missing,
+            "warnings": self.warnings,
+        })
+
+
+def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) -> Diagnosis:
+    """Find, attribute and explain the incidents of a run, and lint its configuration.
+
+    Args:
+        run: a run directory, a CSV file, a TensorBoard log directory (anything `spikedoc.load`
+            reads), or an already loaded `Run`.
+        config: `AnalysisConfig` (or just a `DetectorConfig`); None for the defaults.
+
+    Returns:
+        The `Diagnosis`.
+
+    Raises:
+        SpikedocError: the input is unusable (missing path, corrupt run, no finite loss).
+
+    Example:
+        >>> import spikedoc
+        >>> diagnosis = spikedoc.analyze("runs/exp1")  # doctest: +SKIP
+        >>> print(diagnosis.to_dict()["incidents"][0]["recommendation"])  # doctest: +SKIP
+    """
+    from spikedoc.store.reader import Run, load  # the reader pulls in pyarrow; only needed here
+
+    if isinstance(config, DetectorConfig):
+        config = AnalysisConfig(detector=config)
+    config = config or AnalysisConfig()
+    if not isinstance(run, Run):
+        run = load(run)
+    steps = _checked_steps(run)
+    diagnosis = Diagnosis(path=str(run.path), source=run.source, missing=list(run.missing), warnings=list(run.warnings))
+    reduced = _reduce_ranks(steps)
+    lineage = Lineage(reduced)
+    _Analysis(run, steps, lineage, config, diagnosis).execute()
+    return diagnosis
+
+
+def _checked_steps(run: Any) -> pd.DataFrame:
+    steps = run.steps
+    if steps is None or steps.empty:
+        raise RunFormatError(f"{run.path} has no step rows: nothing to analyse")
+    if "loss" not in steps.columns:
+        raise RunFormatError(f"{run.path} has no loss column: record it with monitor.record(loss=...) or log a `loss` column")
+    loss = pd.to_numeric(steps["loss"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(loss).any():
+        raise RunFormatError(
+            f"{run.path}: the loss column holds no finite value ({len(loss)} rows, all NaN/inf): nothing to analyse; "
+            "if the loss was never captured, pass it with monitor.record(loss=...)"
+        )
+    return steps
+
+
+def _reduce_ranks(steps: pd.DataFrame) -> pd.DataFrame:
+    """One row per (segment, step): rank 0's row, with the loss averaged and the grad norm maxed over ranks."""
+    if "rank" not in steps.columns or steps["rank"].nunique() < 2:
+        return steps.drop(columns=[c for c in ("rank",) if c in steps.columns])
+    keys = ["segment", "step"]
+    first = steps.sort_values("rank", kind="stable").drop_duplicates(keys, keep="first").drop(columns="rank")
+    agg = {"loss": lambda s: s.mean(skipna=False)}
+    if "grad_norm" in steps.columns:
+        agg["grad_norm"] = lambda s: s.max(skipna=False)
+    if "nonfinite_grads" in steps.columns:
+        agg["nonfinite_grads"] = "sum"
+    merged = steps.groupby(keys, sort=False).agg(agg).reset_index()
+    out = first.drop(columns=list(agg)).merge(merged, on=keys, how="left")
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+class _Analysis:
+    """One analysis pass; holds what the per-incident steps share."""
+
+    def __init__(self, run, steps, lineage: Lineage, config: AnalysisConfig, out: Diagnosis) -> None:
+        self.run, self.steps, self.lineage, self.config, self.out = run, steps, lineage, config, out
+        self.detector = config.detector if config.detector is not None else DetectorConfig()
+        self.meta = run.meta or {}
+        self.multi_rank = "rank" in steps.columns and steps["rank"].nunique() > 1
+        self.profile = batch_profile(steps)
+        params = (self.meta.get("model") or {}).get("parameters") or []
+        self.module_types = {p.get("name"): p.get("module_type") for p in params if isinstance(p, dict)}
+        self.checkpoints = _checkpoints(run.events)
+        self.clip = _clip(self.meta, steps)
+        layer_every = (self.meta.get("config") or {}).get("layer_every")
+        self.layer_every = int(layer_every) if isinstance(layer_every, int) and layer_every > 0 else 1
+
+    def execute(self) -> None:
+        out, lineage = self.out, self.lineage
+        if not self.run.has_layers and "layers" not in out.missing:
+            out.missing.append("layers")
+        for column in ("grad_norm", "lr"):
+            if (column not in self.steps.columns or not np.isfinite(pd.to_numeric(self.steps[column], errors="coerce")).any()) \
+                    and column not in out.missing:
+                out.missing.append(column)
+        resumes, jumps_found = [], []
+        for piece in lineage.pieces:
+            frame = lineage.frame(piece.index)
+            own = frame.loc[frame["_own"]]
+            resume = check_resume(lineage, piece.index, config=self.config)
+            ratio = self._moments_ratio(piece) if piece.resumed else None
+            if resume is not None:
+                resumes.append((piece, resume, ratio))
+            jumps = lr_discontinuities(frame, config=self.config)
+            starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
+            own_steps = set(own["step"].tolist())
+            for jump in jumps:
+                jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
+            jumps_found += [j for j in jumps if j["step"] in own_steps]
+            found = [i for i in find_incidents(self._detection_frame(frame, own), self.detector) if i.onset_step in own_steps]
+            hashes = hash_history(self._rows_of(frame))
+            for incident in found:
+                ctx = self._diagnose(incident, frame, piece, found, jumps, hashes, resume, ratio)
+                out.incidents.append(incident)
+                out.context.append(ctx)
+        final = lineage.final()
+        out.spike_score = {
+            "loss": _score(final, "loss"),
+            "grad_norm": _score(final, "grad_norm"),
+        }
+        out.findings = lint(self.meta, final)
+        out.findings += self._resume_findings(resumes)
+        out.findings += _jump_findings(jumps_found)
+        out.summary = {
+            "first_step": int(self.steps["step"].min()),
+            "last_step": int(self.steps["step"].max()),
+            "steps": int(len(final)),
+            "ranks": int(self.steps["rank"].nunique()) if "rank" in self.steps.columns else 1,
+            "segments": len(lineage.pieces),
+            "resumes": [{"segment": p.segment, "step": p.first_step, "state_reset": r.state_reset, "moments_ratio": m}
+                        for p, r, m in resumes],
+            "abandoned": lineage.abandoned_steps(),
+        }
+        if len(final) < self.detector.min_history:
+            out.warnings.append(
+                f"only {len(final)} steps: fewer than the {self.detector.min_history} the detector needs for a confident "
+                "baseline, so only large relative jumps can be judged"
+            )
+
+    # ------------------------------------------------------------------------- per incident
+
+    def _diagnose(self, inc: Incident, frame, piece, found, jumps, hashes, resume, ratio) -> dict[str, Any]:
+        cfg = self.config
+        onset, peak, end = inc.onset_step, max(inc.peak_step, inc.onset_step), inc.end_step
+        loss_series = inc.series.get("loss")
+        loss_flag = loss_series["onset_step"] if loss_series else None
+        reference = loss_flag if loss_flag is not None else onset
+        ev = Evidence(loss_flag_step=loss_flag)
+        ev.one_step = _one_step(inc, frame)
+        candidates = frame.loc[(frame["step"] >= onset - _CANDIDATES) & (frame["step"] <= onset)]
+        ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
+        if self.run.has_layers:
+            layers = self._layers(frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), peak)
+            ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
+                                         module_types=self.module_types, config=cfg)
+        ev.grad_precursor = _grad_precursor(inc, loss_flag, found, cfg)
+        ups = [j for j in jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
+        ev.lr_jump = ups[-1] if ups else None
+        ev.lr_onset = lr_at(frame, onset)
+        ev.warmup = warmup(frame)
+        ev.clipping = clipping_before(frame, onset, config=cfg)
+        ev.loss_scale = loss_scale_drops(frame, onset - cfg.lookback, end)
+        if self.multi_rank:
+            ev.ranks = rank_divergence(self._rows_of(frame, window=(onset - 3 * cfg.lookback, end)),
+                                       onset, end, config=cfg)
+        if resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
+            ev.resume, ev.moments_ratio = resume, ratio
+        ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
+        if inc.low_confidence:
+            ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
+
+        inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
+        if ev.loss_scale and ev.loss_scale["notable"]:
+            s = ev.loss_scale
+            inc.evidence.append(f"loss scale fell {fmt(s['from'])} -> {fmt(s['to'])} ({s['halvings']:.0f} halvings, "
+                                f"{s['skipped']} skipped steps) around onset: fp16 overflow")
+        inc.batches = ev.batches
+        inc.layers = ev.layers.layers if ev.layers is not None else []
+        inc.precursor_lead_steps = _lead(inc, loss_flag, ev)
+        before = frame.loc[frame["step"] < onset, "lr"] if "lr" in frame.columns else pd.Series(dtype=float)
+        peak_lr = float(finite(before).max()) if finite(before).size else None
+        inc.recommendation = recommend(inc, ev, checkpoints=self._lineage_checkpoints(frame), clip=self.clip,
+                                       peak_lr=peak_lr, first_step=int(frame["step"].iloc[0]), config=cfg)
+        return {
+            "segment": piece.segment,
+            "loss_flag_step": loss_flag,
+            "lr_at_onset": ev.lr_onset,
+            "lr_jump": ev.lr_jump,
+            "warmup": ev.warmup,
+            "clipping": ev.clipping,
+            "loss_scale": ev.loss_scale,
+            "ranks": ev.ranks,
+            "grad_precursor": ev.grad_precursor,
+            "groups": ev.layers.groups if ev.layers is not None else [],
+            "optimizer_precursors": ev.layers.precursors if ev.layers is not None else [],
+            "layer_history_steps": ev.layers.history_steps if ev.layers is not None else 0,
+            "update_without_grad": ev.update_step,
+            "notes": ev.notes,
+        }
+
+    # ------------------------------------------------------------------------- data access
+
+    def _detection_frame(self, frame: pd.DataFrame, own: pd.DataFrame) -> pd.DataFrame:
+        # The detector's state spans `window` accepted values plus a held streak of at most
+        # `persist_steps`; a longer ancestry changes nothing, so it is cut for speed.
+        keep = 2 * (self.detector.window + self.detector.persist_steps)
+        first_own = int(np.flatnonzero(frame["_own"].to_numpy())[0]) if len(own) else 0
+        columns = [c for c in ("step", "loss", "grad_norm", "skipped") if c in frame.columns]
+        return frame.iloc[max(0, first_own - keep):][columns]
+
+    def _rows_of(self, frame: pd.DataFrame, *, window: tuple[int, int] | None = None) -> pd.DataFrame:
+        """All ranks' step rows for the (segment, step) pairs of `frame` (optionally within a window)."""
+        if window is not None:
+            frame = frame.loc[(frame["step"] >= window[0]) & (frame["step"] <= window[1])]
+        if not self.multi_rank:
+            return frame
+        keys = frame[["segment", "step"]].drop_duplicates()
+        return self.steps.merge(keys, on=["segment", "step"], how="inner")
+
+    def _layers(self, frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
+        layers = self.run.layers(start=max(0, start), stop=stop)
+        if layers.empty:
+            return layers
+        if "rank" in layers.columns and layers["rank"].nunique() > 1:
+            layers = layers.loc[layers["rank"] == layers["rank"].min()]
+        keys = _segment_ranges(frame.loc[(frame["step"] >= start) & (frame["step"] <= stop)])
+        return _in_ranges(layers, keys)
+
+    def _moments_ratio(self, piece) -> float | None:
+        if not self.run.has_layers:
+            return None
+        frame = self.lineage.frame(piece.index)
+        span = 4 * self.layer_every
+        layers = self._layers(frame, piece.first_step - span, piece.first_step + span)
+        before = frame.loc[~frame["_own"], "step"]
+        if before.empty or layers.empty:
+            return None
+        return moments_ratio(layers, before_step=int(before.iloc[-1]), after_step=piece.first_step)
+
+    def _lineage_checkpoints(self, frame: pd.DataFrame) -> list[tuple[int, str | None]]:
+        if not self.checkpoints:
+            return []
+        ranges = _segment_ranges(frame)
+        out = []
+        for step, segment, path in self.checkpoints:
+            lo_hi = ranges.get(segment)
+            if lo_hi is not None and lo_hi[0] <= step <= lo_hi[1] + 1:
+                out.append((step, path))
+        return out
+
+    def _resume_findings(self, resumes) -> list[Finding]:
+        explained = {(c["segment"]) for i, c in zip(self.out.incidents, self.out.context) if i.cause == "state_reset"}
+        found = []
+        for piece, resume, ratio in resumes:
+            reset = resume.state_reset or (ratio is not None and ratio < 0.1)
+            if not reset or piece.segment in explained:
+                continue
+            sentences = list(resume.evidence)
+            if ratio is not None and ratio < 0.1:
+                sentences.append(f"exp_avg_sq fell to {fmt(ratio, 2)}x across the resume: optimizer moments not restored")
+            found.append(Finding(
+                id="state_not_restored", severity="warning",
+                message=f"resume at step {piece.first_step} (segment {piece.segment}): " + "; ".join(sentences),
+                why="A resume must load the model, optimizer and scheduler state saved with the checkpoint; a loss back "
+                "at its initial level (as seen in public Pythia runs) or fresh Adam moments mean it did not.",
+                details={"segment": piece.segment, "step": piece.first_step, "moments_ratio": ratio},
+            ))
+        return found
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:
+    loss = inc.series.get("loss")
+    if not loss or loss["onset_step"] != loss["end_step"] or not loss["recovered"]:
+        return False
+    later = frame.loc[frame["step"] > loss["end_step"], "step"]
+    return not later.empty and loss["recovery_step"] == int(later.iloc[0])
+
+
+def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident], cfg: AnalysisConfig) -> dict[str, Any] | None:
+    if loss_flag is None:
+        return None
+    grad = inc.series.get("grad_norm")
+    if grad and grad["onset_step"] < loss_flag:
+        lead = loss_flag - grad["onset_step"]
+        return {"step": grad["onset_step"], "lead_steps": lead,
+                "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
+                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {lead} steps before the loss"}
+    earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step]
+    if earlier:
+        first = earlier[0]
+        lead = loss_flag - first.onset_step
+        return {"step": first.onset_step, "lead_steps": lead,
+                "sentence": f"a gradient-norm spike at step {first.onset_step} ({fmt(first.peak_value)}, "
+                f"{fmt(first.magnitude_sigma, 2)} sigma) came {lead} steps before the loss was flagged"}
+    return None
+
+
+def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
+    """Steps from the earliest precursor (grad-norm flag, tensor departure) to the loss flag; 0 when
+    the grad norm flagged with the loss, None when nothing preceded or accompanied it."""
+    if loss_flag is None:
+        return None
+    steps = [ev.grad_precursor["step"]] if ev.grad_precursor else []
+    if "grad_norm" in inc.series:
+        steps.append(inc.series["grad_norm"]["onset_step"])
+    if ev.layers is not None and ev.layers.earliest_step is not None:
+        steps.append(ev.layers.earliest_step)
+    grad = [s for s in steps if s <= loss_flag]
+    return loss_flag - min(grad) if grad else None
+
+
+def _checkpoints(events: pd.DataFrame | None) -> list[tuple[int, int, str | None]]:
+    if events is None or events.empty or "kind" not in events.columns:
+        return []
+    rows = events.loc[events["kind"] == "checkpoint"]
+    out = []
+    for _, row in rows.iterrows():
+        path = None
+        try:
+            detail = json.loads(row.get("detail") or "{}")
+            path = detail.get("path") if isinstance(detail, dict) else None
+        except (TypeError, ValueError):
+            pass
+        segment = row.get("segment")
+        out.append((int(row["step"]), int(segment) if segment is not None and segment == segment else 0, path))
+    return out
+
+
+def _clip(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
+    """The clipping max norm in use: meta config `clip`, else inferred from clipped steps' grad_norm * clip_coef."""
+    clip = (meta.get("config") or {}).get("clip")
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
+        return float(clip)
+    if {"clip_coef", "grad_norm"} <= set(steps.columns):
+        coef = steps["clip_coef"].to_numpy(dtype=float)
+        grad = steps["grad_norm"].to_numpy(dtype=float)
+        clipped = np.isfinite(coef) & np.isfinite(grad) & (coef < 0.999)
+        if clipped.any():
+            return float(np.median(coef[clipped] * grad[clipped]))
+    return None
+
+
+def _segment_ranges(frame: pd.DataFrame) -> dict[int, tuple[int, int]]:
+    if frame.empty:
+        return {}
+    grouped = frame.groupby("segment")["step"].agg(["min", "max"])
+    return {int(seg): (int(row["min"]), int(row["max"])) for seg, row in grouped.iterrows()}
+
+
+def _in_ranges(rows: pd.DataFrame, ranges: dict[int, tuple[int, int]]) -> pd.DataFrame:
+    seg = rows["segment"].to_numpy()
+    step = rows["step"].to_numpy()
+    mask = np.zeros(len(rows), dtype=bool)
+    for segment, (lo, hi) in ranges.items():
+        mask |= (seg == segment) & (step >= lo) & (step <= hi)
+    return rows.loc[mask]
+
+
+def _score(frame: pd.DataFrame, column: str) -> float | None:
+    if column not in frame.columns:
+        return None
+    values = finite(frame[column])
+    if values.size < 3:
+        return None
+    score = spike_score(values)
+    return None if math.isnan(score) else score
+
+
+def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
+    shown = [j for j in jumps if j["direction"] == "up" or j.get("at_resume") is not None]
+    if not shown:
+        return []
+    parts = [
+        f"step {j['step']}: {fmt(j['before'])} -> {fmt(j['after'])} ({fmt(j['factor'], 2)}x)"
+        + (f", at the resume of segment {j['at_resume']}" if j.get("at_resume") is not None else "")
+        for j in shown[:5]
+    ]
+    return [Finding(
+        id="lr_discontinuity", severity="warning",
+        message=f"the LR series jumps at {len(shown)} step(s): " + "; ".join(parts),
+        why="A schedule changes the LR smoothly; a jump (most often a resume that did not restore the scheduler's "
+        "step) changes the step size the optimizer's state was tuned to, and an upward jump is a known spike cause.",
+        details={"jumps": shown},
+    )]
+
