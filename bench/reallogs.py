@@ -153,8 +153,8 @@ def _nanogpt(root: Path) -> tuple[str, dict]:
         "",
         *(["Missed pairs (largest value within step +-1, against the detector's baseline):", ""]
           + [f"- {m}" for m in misses] + [""] if misses else []),
-        f"**WSD kink** (2024-10-29_Optimizers: the warm-down starts about 72% into each 5,100-step run and the loss "
-        f"then falls faster). Incidents with onset in {int(_KINK_REGION[0] * 100)}-{int(_KINK_REGION[1] * 100)}% of "
+        f"**WSD kink** (2024-10-29_Optimizers: its README puts the kink of the warmup-stable-decay schedule ~75% of "
+        f"the way to the end, where the loss starts falling faster). Incidents with onset in {int(_KINK_REGION[0] * 100)}-{int(_KINK_REGION[1] * 100)}% of "
         f"each run: multi-step **{kink_multi}**, persistent **{sum(not i.recovered for v in kink_steps.values() for i in v)}**.",
         (f"All {sum(len(v) for v in kink_steps.values())} are one-step spikes at steps that runs of other record "
          "groups reading the same data order also spike at, e.g. the 19k-step 2024-11-10_ScaleShortcuts runs, where "
@@ -217,13 +217,16 @@ def _bigscience(root: Path) -> str:
             f"| `{name}` | {event_id} | {ev['event_type']} | {doc_range} | {len(frame)} | {verdict} | "
             f"{'<br>'.join(cells) or 'none'}{' (' + '; '.join(notes) + ')' if notes else ''} |"
         )
+    cfg = DetectorConfig()
+    cold = cfg.threshold * cfg.cold_scale_floor
     md = [
         "### BigScience logbook snippets (documented spikes, 2-11 rows each)",
         "",
         f"Documented events handled correctly: **{found_events}/{scored}** (a positive counts when an incident starts "
         "within 10 steps before the documented start through its end; the negative control counts when nothing is "
-        "flagged). Every snippet is shorter than `min_history`, so every incident is marked low confidence: the "
-        "detector judges them with the cold relative-jump floor (35% for the loss, x1.42 for the grad norm).",
+        f"flagged). Every snippet is shorter than `min_history`, so every incident is marked low confidence: the "
+        f"detector judges them with the cold relative-jump floor (a jump of {100 * cold:.0f}% for the loss, "
+        f"x{math.exp(cold):.2f} for the grad norm, unless the few points already spread more).",
         "",
         *table,
     ]
