@@ -31,7 +31,7 @@ class Evidence:
     batches: list[dict[str, Any]] = field(default_factory=list)
     """Candidate onset batches (`attribute_batches`)."""
     one_step: bool = False
-    """The loss was out of the band for its onset step only and back in the band right after."""
+    """The incident's first series was out of the band at its onset step only, back in it right after."""
     layers: LayerAttribution | None = None
     grad_precursor: dict[str, Any] | None = None
     """`step`, `lead_steps`, `sentence`: the grad norm flagged before the loss."""
@@ -132,11 +132,19 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
         return out
     earlier = ev.grad_precursor is not None or (ev.layers is not None and ev.layers.earliest_step is not None
                                                  and ev.layers.earliest_step < incident.onset_step)
-    if ev.one_step and not earlier and incident.metric == "loss":
+    if not ev.one_step or earlier:
+        return []
+    if incident.metric == "loss":
         return [
             f"the loss was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x its "
             f"baseline) and back in the band at the next step: the loss is measured before the update, so the "
             "model was not damaged; the batch itself had an unusually high loss"
+        ]
+    if ev.loss_flag_step is None:
+        return [
+            f"the gradient norm was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x "
+            f"its baseline, {fmt(incident.magnitude_sigma, 2)} sigma), back at the next step, and the loss did not "
+            "react: one batch with an outlier gradient, not a growing instability"
         ]
     return []
 

@@ -358,11 +358,12 @@ class _Analysis:
 
 
 def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:
-    loss = inc.series.get("loss")
-    if not loss or loss["onset_step"] != loss["end_step"] or not loss["recovered"]:
+    """The first flagged series was out for one step and in the band at the very next logged step."""
+    first = inc.series.get(inc.metric)
+    if not first or first["onset_step"] != first["end_step"] or not first["recovered"]:
         return False
-    later = frame.loc[frame["step"] > loss["end_step"], "step"]
-    return not later.empty and loss["recovery_step"] == int(later.iloc[0])
+    later = frame.loc[frame["step"] > first["end_step"], "step"]
+    return not later.empty and first["recovery_step"] == int(later.iloc[0])
 
 
 def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident], cfg: AnalysisConfig) -> dict[str, Any] | None:
@@ -374,7 +375,10 @@ def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident],
         return {"step": grad["onset_step"], "lead_steps": lead,
                 "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
                 f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {lead} steps before the loss"}
-    earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step]
+    # A separate grad-norm spike earlier counts only while it lasts: one that came back into the band
+    # before the loss moved was a passing outlier, not the start of this incident.
+    earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step
+               and (i.recovery_step is None or i.recovery_step >= loss_flag)]
     if earlier:
         first = earlier[0]
         lead = loss_flag - first.onset_step

@@ -1,0 +1,69 @@
+"""The `spikedoc` command line: `spikedoc analyze RUN [--json]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError
+
+__all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS"]
+
+#: Exit codes: healthy run, incidents found (EXIT_BAD_INPUT = 2 for unusable input).
+EXIT_HEALTHY, EXIT_INCIDENTS = 0, 1
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="spikedoc: training-run stability monitor and loss-spike doctor for PyTorch.",
+)
+
+
+@app.callback()
+def _main() -> None:
+    """spikedoc: training-run stability monitor and loss-spike doctor for PyTorch."""
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A spikedoc run directory, a CSV log (step,loss[,grad_norm][,lr]) or a TensorBoard log dir.", show_default=False)],
+    *,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON (documented in docs/analysis.md).")] = False,
+) -> None:
+    """Find loss spikes, attribute them to batches and layers, name the cause and say what to do.
+
+    Exit code 0 when the run is healthy, 1 when incidents were found, 2 for unusable input.
+    """
+    diagnosis = _run_or_exit(run)
+    if as_json:
+        typer.echo(json.dumps(diagnosis.to_dict(), indent=2))
+    else:
+        from spikedoc.report.terminal import render
+
+        render(diagnosis, Console(highlight=False))
+    raise typer.Exit(code=EXIT_HEALTHY if diagnosis.healthy else EXIT_INCIDENTS)
+
+
+def _run_or_exit(run: Path):
+    # Library warnings are collected in Diagnosis.warnings and printed once by the report; without a
+    # handler here Python's last-resort handler would print them a second time, unformatted.
+    logging.getLogger("spikedoc").addHandler(logging.NullHandler())
+    try:
+        from spikedoc.analysis import analyze as _analyze
+
+        return _analyze(run)
+    except SpikedocError as exc:
+        _fail(str(exc), exc.exit_code)
+    except OSError as exc:  # unreadable path, permission denied: a user problem, not a bug
+        _fail(f"{run}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+
+
+def _fail(message: str, code: int) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(' '.join(message.split()))}")
+    raise typer.Exit(code=code)

@@ -1,0 +1,163 @@
+"""Render a Diagnosis for the terminal with rich: incident table, explanations, lints, what was missing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from spikedoc.analysis._robust import fmt, fmt_steps
+from spikedoc.analysis.diagnosis import Diagnosis
+from spikedoc.analysis.incident import Incident
+
+__all__ = ["render", "MAX_TABLE", "MAX_EXPLAINED"]
+
+#: Incidents listed in the table and explained in full; the rest are counted (all are in --json).
+MAX_TABLE = 40
+MAX_EXPLAINED = 8
+
+# What each missing input costs the analysis, said next to it.
+_MISSING = {
+    "layers": "no per-tensor attribution or optimizer-state precursors",
+    "batch fingerprints": "no batch attribution (sample ids, sequence lengths, repeated data)",
+    "events": "checkpoints unknown: rollback steps are estimates",
+    "grad_norm": "no gradient-norm detection or precursors",
+    "lr": "no LR context (warmup, discontinuities, early-instability rule)",
+}
+_SEVERITY = {"warning": "yellow", "info": "cyan"}
+
+
+def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
+    """Print `diagnosis` to `console` (stdout by default).
+
+    Example:
+        >>> from spikedoc.report.terminal import render
+        >>> render(spikedoc.analyze("runs/exp1"))  # doctest: +SKIP
+    """
+    console = console or Console()
+    s = diagnosis.summary
+    console.print(
+        f"[bold]{escape(diagnosis.path)}[/bold]  ({diagnosis.source}, {s.get('steps', 0)} steps "
+        f"{s.get('first_step', '?')}..{s.get('last_step', '?')}"
+        + (f", {s['ranks']} ranks" if s.get("ranks", 1) > 1 else "")
+        + (f", {s['segments']} segments" if s.get("segments", 1) > 1 else "")
+        + ")"
+    )
+    score = diagnosis.spike_score
+    console.print(
+        "spike score (share of steps > 7 sigma above the rolling 1000-step mean): "
+        + ", ".join(f"{k} {_pct(v)}" for k, v in score.items())
+    )
+    if diagnosis.healthy:
+        console.print("[green]No incidents: no spike, non-finite value or divergence found.[/green]")
+    else:
+        _table(console, diagnosis.incidents)
+        order = sorted(range(len(diagnosis.incidents)), key=lambda i: _severity(diagnosis.incidents[i]))
+        for i in sorted(order[:MAX_EXPLAINED]):
+            _explain(console, i + 1, diagnosis.incidents[i], diagnosis.context[i])
+        if len(diagnosis.incidents) > MAX_EXPLAINED:
+            console.print(f"[dim]{len(diagnosis.incidents) - MAX_EXPLAINED} more incidents not explained here "
+                          "(the most severe are shown); --json has them all.[/dim]")
+    if diagnosis.findings:
+        console.print()
+        console.print("[bold]Configuration[/bold]")
+        for f in diagnosis.findings:
+            color = _SEVERITY.get(f.severity, "white")
+            console.print(f"  [{color}]{f.severity}[/{color}] {f.id}: {escape(f.message)}")
+            console.print(f"    [dim]why: {escape(f.why)}[/dim]")
+    if diagnosis.missing:
+        console.print()
+        console.print("[bold]Not in this run[/bold]")
+        for item in diagnosis.missing:
+            console.print(f"  {escape(item)}: {_MISSING.get(item, 'not analysed')}")
+    for warning in diagnosis.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
+def _table(console: Console, incidents: list[Incident]) -> None:
+    table = Table(title="Incidents", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # z: peak size in robust sigmas; ratio: peak / baseline; back: first step back in the band.
+    for column in ("#", "kind", "onset", "end", "z", "ratio", "back", "cause", "lead"):
+        table.add_column(column, justify="left" if column in ("kind", "cause") else "right", no_wrap=True)
+    for i, inc in enumerate(incidents[:MAX_TABLE], 1):
+        table.add_row(
+            str(i), inc.kind, str(inc.onset_step), str(inc.end_step),
+            _num(inc.magnitude_sigma),
+            _num(inc.peak_ratio),
+            str(inc.recovery_step) if inc.recovered else "[red]never[/red]",
+            inc.cause,
+            "" if inc.precursor_lead_steps is None else str(inc.precursor_lead_steps),
+        )
+    console.print(table)
+    if len(incidents) > MAX_TABLE:
+        console.print(f"[dim]... and {len(incidents) - MAX_TABLE} more incidents (see --json)[/dim]")
+
+
+def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) -> None:
+    console.print()
+    segment = f" (segment {ctx['segment']})" if ctx.get("segment") else ""
+    state = f"recovered at step {inc.recovery_step}" if inc.recovered else "[red]did not recover[/red]"
+    console.print(
+        f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_num(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
+        + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
+    )
+    console.print(f"  cause: [bold magenta]{inc.cause}[/bold magenta]")
+    for sentence in inc.evidence:
+        console.print(f"    - {escape(sentence)}")
+    for batch in inc.batches:
+        known = batch["sample_ids"] or batch["positions"] or batch["batch_hash"] or batch["stats"]
+        if known and (batch["anomalies"] or batch["step"] == inc.onset_step):
+            ids = batch["sample_ids"]
+            who = f"ids {escape(fmt_steps(ids, 4))}" if ids else (
+                f"stream positions {batch['positions'][0]}..{batch['positions'][1] - 1}" if batch["positions"] else "no ids")
+            rank = f" rank {batch['rank']}" if batch.get("rank") else ""
+            worst = batch.get("worst_samples") or []
+            worst_text = f"; worst sample {escape(str(worst[0]['id']))} loss {fmt(worst[0]['loss'])}" if worst else ""
+            console.print(f"  batch at step {batch['step']}{rank}: {who}{worst_text}")
+    groups = [g for g in ctx.get("groups", []) if g["departed"]]
+    if groups:
+        parts = [f"{g['module']} {g['departed']}/{g['tensors']}" + (f" (led by {g['lead_steps']})" if g["lead_steps"] else "")
+                 for g in groups]
+        console.print(f"  tensors off their own history: {', '.join(parts)}")
+        for layer in inc.layers[:3]:
+            lead = f", {layer['lead_steps']} steps ahead of the loss" if layer.get("lead_steps") else ""
+            console.print(f"    {escape(layer['name'])} ({layer['module']}): z {_sigma(layer['z'])}{lead}")
+    context = []
+    if ctx.get("lr_at_onset") is not None and math.isfinite(ctx["lr_at_onset"]):
+        context.append(f"LR at onset {fmt(ctx['lr_at_onset'])}")
+    clip = ctx.get("clipping")
+    if clip and clip["share"] > 0:
+        context.append(f"clipped on {clip['share']:.0%} of the {clip['steps']} steps before")
+    if inc.precursor_lead_steps:
+        context.append(f"earliest precursor {inc.precursor_lead_steps} steps before the loss flag")
+    if context:
+        console.print(f"  context: {'; '.join(context)}")
+    rec = inc.recommendation
+    for action in rec.get("actions", []):
+        console.print(f"  [green]->[/green] {escape(action)}")
+
+
+def _severity(inc: Incident) -> tuple:
+    # Unrecovered first, then non-finite, then by size.
+    size = inc.magnitude_sigma if math.isfinite(inc.magnitude_sigma) else 1e300
+    return (inc.recovered, inc.kind != "nonfinite", -size)
+
+
+def _sigma(value: float) -> str:
+    return "non-finite" if not math.isfinite(value) else f"{_num(value)} sigma"
+
+
+def _num(value: float) -> str:
+    """Table number: integers from 100 up, 2 significant digits below."""
+    if not math.isfinite(value):
+        return "inf" if value > 0 else str(value)
+    return f"{value:.0f}" if abs(value) >= 100 else fmt(value, 2)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.3f}%"
