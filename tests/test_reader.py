@@ -74,6 +74,20 @@ def test_steps_are_sorted_by_rank_segment_and_step_across_ranks_and_segments(tmp
     assert set(steps.loc[steps["rank"] == 1, "loss"]) > {4.0}  # rank 1's own rows (loss + 1)
 
 
+def test_parts_with_different_optional_columns_are_unioned(tmp_path):
+    first = RunWriter(tmp_path)
+    first.open({})
+    first.add_step({"step": 0, "loss": 2.0, "epoch": 1})
+    first.close()
+    second = RunWriter(tmp_path)
+    second.open({})
+    second.add_step({"step": 1, "loss": 1.5, "loss_scale": 1024.0, "epoch": 1.5})
+    second.close()
+    steps = load(tmp_path).steps
+    assert steps["loss_scale"].isna().tolist() == [True, False]
+    assert steps["epoch"].tolist() == [1.0, 1.5]  # int64 in one part, float32 in the other
+
+
 def test_events_are_loaded_with_their_json_detail(run_dir):
     events = load(run_dir).events
     assert list(events.columns[:5]) == ["step", "segment", "time", "kind", "detail"]
