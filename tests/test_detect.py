@@ -171,6 +171,23 @@ def test_short_real_snippet_spike_is_found_with_low_confidence_and_grad_norm_fir
     assert spike.low_confidence
 
 
+def test_grad_norm_bursts_shortly_before_a_loss_spike_merge_into_one_incident(llmc):
+    run = llmc[["step", "loss", "grad_norm"]].copy()
+    at = int(run.index[run["step"] == 12000][0])
+    run.loc[at - 8, "grad_norm"] *= 5.0  # two separate grad-norm bursts within merge_lead steps...
+    run.loc[at - 3, "grad_norm"] *= 20.0
+    run.loc[at, "loss"] *= 1.5  # ...before a loss spike
+    incidents = [i for i in find_incidents(run) if 11980 <= i.onset_step <= 12010]
+    assert len(incidents) == 1
+    inc = incidents[0]
+    assert (inc.kind, inc.metric, inc.also_flagged, inc.onset_step, inc.end_step) == ("loss_spike", "grad_norm", ["loss"], 11992, 12000)
+    grad = inc.series["grad_norm"]
+    assert (grad["onset_step"], grad["peak_step"], grad["end_step"]) == (11992, 11997, 11997)
+    assert grad["peak_ratio"] == pytest.approx(run.loc[at - 3, "grad_norm"] / grad["baseline"])
+    assert inc.peak_step == 11997 and inc.peak_value == run.loc[at - 3, "grad_norm"]
+    assert inc.series["loss"]["onset_step"] == 12000 and inc.recovered
+
+
 def test_short_real_snippet_without_a_spike_raises_nothing():
     bloom = pd.read_csv(REAL / "bigscience_bloom176b_nospike_42780-42784.csv")
     assert find_incidents(bloom[["step", "loss", "grad_norm"]]) == []

@@ -6,7 +6,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -514,20 +514,15 @@ def _combine(a: _Episode, b: _Episode) -> _Episode:
     # one episode from a's onset to b's end, its peak measured against a's onset baseline.
     peak = b if b.peak_value > a.peak_value else a
     work = math.log if a.log_scale else float
-    return _Episode(
-        series=a.series,
-        nonfinite=a.nonfinite,
-        onset_step=a.onset_step,
+    size = a.magnitude_sigma if a.nonfinite else (work(peak.peak_value) - work(a.baseline)) / a.onset_scale
+    return replace(
+        a,
         peak_step=peak.peak_step,
         end_step=b.end_step,
-        magnitude_sigma=peak.magnitude_sigma if a.nonfinite else (work(peak.peak_value) - work(a.baseline)) / a.onset_scale,
+        magnitude_sigma=size,
         peak_ratio=peak.peak_value / a.baseline if a.baseline else math.nan,
-        baseline=a.baseline,
         peak_value=peak.peak_value,
         recovered=b.recovered,
         recovery_step=b.recovery_step,
-        low_confidence=a.low_confidence,
         persistent=a.persistent or b.persistent,
-        onset_scale=a.onset_scale,
-        log_scale=a.log_scale,
     )
