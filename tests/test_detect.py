@@ -84,6 +84,14 @@ def test_planted_spike_in_real_series_is_found_with_onset_peak_end_and_recovery(
     assert 1.8 < spike.peak_ratio < 2.2 and spike.magnitude_sigma > 7
 
 
+def test_baseline_follows_the_run_so_a_late_spike_below_early_levels_is_found(speedrun):
+    run = speedrun.copy()
+    at = run.index[run["step"] == 4500][0]
+    run.loc[at, "loss"] *= 1.3
+    assert run.loc[at, "loss"] < run["loss"].iloc[:100].median()  # a baseline frozen at the start would miss it
+    assert [i.onset_step for i in find_incidents(run) if 4490 <= i.onset_step <= 4510] == [4500]
+
+
 def test_planted_level_shift_is_a_divergence_and_the_baseline_readapts(speedrun):
     run = speedrun.copy()
     cfg = DetectorConfig()

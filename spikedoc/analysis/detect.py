@@ -140,6 +140,8 @@ class StreamingDetector:
     """
 
     def __init__(self, config: DetectorConfig | None = None, *, log_scale: bool = False) -> None:
+        if config is not None and not isinstance(config, DetectorConfig):
+            raise TypeError(f"config must be a DetectorConfig or None, got {type(config).__name__}")
         self.config = config if config is not None else DetectorConfig()
         self.log_scale = bool(log_scale)
         self._baseline = RollingBaseline(self.config.window)
