@@ -94,7 +94,7 @@ def warmup(frame: pd.DataFrame) -> dict[str, Any] | None:
     """Whether the LR series starts with a ramp, and where it ends.
 
     Returns None when the lineage does not start at the beginning of training or has no LR. Else
-    `visible` (first LR below half the peak), `end_step` (first step at 95% of the peak),
+    `visible` (first LR below half the peak), `end_step` (first step at 99% of the peak),
     `first_lr`, `peak_lr`, `first_step`.
     """
     if "lr" not in frame.columns or frame.empty or int(frame["step"].iloc[0]) > _START_SEEN:
@@ -107,7 +107,7 @@ def warmup(frame: pd.DataFrame) -> dict[str, Any] | None:
     if not peak > 0:
         return None
     first = float(lr[ok][0])
-    reached = np.flatnonzero(ok & (lr >= 0.95 * peak))
+    reached = np.flatnonzero(ok & (lr >= 0.99 * peak))
     return {
         "visible": first < 0.5 * peak,
         "end_step": int(frame["step"].iloc[reached[0]]) if reached.size else None,

@@ -56,7 +56,7 @@ def healthy_steps(n: int = 600, *, seed: int = 0, warmup: int = 50, lr: float = 
     total = max(start + n, 1000)
     decay = 0.1 + 0.9 * 0.5 * (1 + np.cos(math.pi * np.clip((step - warmup) / (total - warmup), 0, 1)))
     lrs = lr * ramp * np.where(step < warmup, 1.0, decay)
-    grad = np.exp(rng.normal(0, 0.1, n))
+    grad = 0.5 * np.exp(rng.normal(0, 0.1, n))  # below the 1.0 clip: healthy steps are never clipped
     ratio = rng.normal(0.6, 0.02, n)
     seq_median = rng.normal(100, 4, n)
     frame = pd.DataFrame({

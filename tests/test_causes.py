@@ -1,0 +1,254 @@
+"""Specification of the cause rules and the recommendation, each on a real run dir with one planted pattern."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spikedoc.analysis import analyze
+from spikedoc.analysis.causes import Evidence, decide_cause, tighter_clip
+from spikedoc.analysis.incident import CAUSES, Incident
+from tests.common.planted import adamw_meta, healthy_layers, healthy_steps, write_run
+
+T = 400  # step at which each fault is planted
+
+
+def _only(diagnosis, kind=None):
+    incidents = [i for i in diagnosis.incidents if kind is None or i.kind == kind]
+    assert len(incidents) == 1, [(i.kind, i.onset_step, i.cause) for i in diagnosis.incidents]
+    return incidents[0]
+
+
+def _elevate(steps: pd.DataFrame, start: int, stop: int, factor: float) -> None:
+    rows = (steps["step"] >= start) & (steps["step"] < stop)
+    steps.loc[rows, "loss"] *= factor
+
+
+# ----------------------------------------------------------------------------------- bad_batch
+
+
+def test_bad_batch_when_the_onset_batch_is_near_constant_tokens(tmp_path):
+    steps = healthy_steps()
+    layers = healthy_layers(steps)
+    steps.loc[T, "distinct_token_ratio"] = 0.02
+    steps.loc[T, "grad_norm"] *= 6
+    _elevate(steps, T, T + 20, 1.6)
+    inc = _only(analyze(write_run(tmp_path / "run", steps, layers)))
+    assert (inc.onset_step, inc.cause) == (T, "bad_batch")
+    assert any("distinct-token ratio 0.02: near-constant input" in e for e in inc.evidence)
+    assert inc.recommendation["skip_steps"] == [T]
+    assert inc.recommendation["skip_sample_ids"] == [f"doc-{T * 8 + i}" for i in range(8)]
+
+
+def test_bad_batch_names_overlong_sequences_as_a_ratio_to_the_run_median(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T, ["seq_len_median", "seq_len_max"]] = [310.0, 512.0]
+    steps.loc[T, "grad_norm"] *= 10
+    _elevate(steps, T + 1, T + 30, 1.5)
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.cause == "bad_batch"
+    assert any("median sequence length 310 is 3.1x the run's median" in e for e in inc.evidence)
+    assert inc.batches[-1]["step"] == T and "high_seq_len_median" in inc.batches[-1]["flags"]
+
+
+def test_a_one_step_loss_spike_without_precursor_is_the_batch_itself(tmp_path):
+    # No fingerprint says anything, but the loss (measured before the update) is back at the next step.
+    steps = healthy_steps()
+    steps.loc[T, "loss"] *= 1.5
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.cause, inc.recovered, inc.recovery_step) == ("bad_batch", True, T + 1)
+    assert "back in the band at the next step" in inc.evidence[0]
+    assert inc.recommendation["rollback"] is False
+
+
+def test_bad_batch_skips_only_the_outlier_samples_when_sample_losses_single_them_out(tmp_path):
+    steps = healthy_steps()
+    losses = list(steps.loc[T, "sample_losses"])
+    losses[3] = 14.0
+    steps.at[T, "sample_losses"] = losses
+    steps.loc[T, "loss"] = float(np.mean(losses))
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.cause == "bad_batch"
+    assert inc.recommendation["skip_sample_ids"] == [f"doc-{T * 8 + 3}"]
+    assert inc.batches[-1]["worst_samples"][0] == {"id": f"doc-{T * 8 + 3}", "loss": pytest.approx(14.0)}
+
+
+# ------------------------------------------------------------------------------ grad_explosion
+
+
+def test_grad_explosion_when_the_gradient_grows_before_the_loss(tmp_path):
+    steps = healthy_steps()
+    layers = healthy_layers(steps)
+    growth = 1.6 ** np.arange(1, 11)  # steps T-9 .. T: the gradient norm climbs ~100x
+    steps.loc[T - 9 : T, "grad_norm"] *= growth
+    steps["clip_coef"] = np.minimum(1.0, 1.0 / steps["grad_norm"])
+    fc = (layers["name"] == "h.0.mlp.fc.weight") & layers["step"].between(T - 12, T)
+    layers.loc[fc, "grad_norm"] *= 1.6 ** np.arange(1, 14)  # this tensor starts three steps earlier
+    _elevate(steps, T, T + 40, 1.8)
+    inc = _only(analyze(write_run(tmp_path / "run", steps, layers)))
+    assert inc.cause == "grad_explosion"
+    assert inc.metric == "grad_norm" and inc.series["loss"]["onset_step"] == T
+    assert inc.layers[0]["name"] == "h.0.mlp.fc.weight" and inc.layers[0]["module"] == "mlp"
+    assert inc.precursor_lead_steps == inc.layers[0]["lead_steps"] > inc.series["loss"]["onset_step"] - inc.onset_step
+    assert any("gradient norm was flagged at step" in e for e in inc.evidence)
+
+
+# ----------------------------------------------------------------------------- optimizer_state
+
+
+def test_optimizer_state_when_the_eps_fraction_rises_and_the_second_moment_collapses(tmp_path):
+    steps = healthy_steps()
+    layers = healthy_layers(steps)
+    qkv = layers["name"] == "h.0.attn.qkv.weight"
+    ramp = qkv & layers["step"].between(T - 40, T + 5)
+    layers.loc[ramp, "eps_frac"] = np.linspace(0.01, 0.4, int(ramp.sum()))
+    layers.loc[ramp, "exp_avg_sq_mean"] *= np.geomspace(0.5, 0.003, int(ramp.sum()))
+    layers.loc[qkv & layers["step"].between(T, T + 5), "update_ratio"] *= 30
+    _elevate(steps, T, T + 20, 1.4)
+    inc = _only(analyze(write_run(tmp_path / "run", steps, layers)))
+    assert inc.cause == "optimizer_state"
+    assert any("eps-dominated fraction of h.0.attn.qkv.weight rose" in e for e in inc.evidence)
+    assert inc.recommendation["reset_optimizer_state_for"] == ["h.0.attn.qkv.weight"]
+    assert inc.precursor_lead_steps is not None and inc.precursor_lead_steps >= 20
+
+
+# ------------------------------------------------------------------------------- numerics_rank
+
+
+def test_numerics_rank_when_one_rank_alone_goes_nonfinite(tmp_path):
+    meta = adamw_meta(world_size=2)
+    rank0, rank1 = healthy_steps(seed=0), healthy_steps(seed=1)
+    rank1.loc[T, "loss"] = np.nan
+    for frame in (rank0, rank1):  # the NaN reaches every rank through the all-reduce; the scaler skips
+        frame.loc[T, ["grad_norm", "skipped"]] = [np.inf, True]
+    write_run(tmp_path / "run", rank0, meta=meta, rank=0, segment=0)
+    write_run(tmp_path / "run", rank1, meta=meta, rank=1, segment=0)
+    inc = _only(analyze(tmp_path / "run"))
+    assert (inc.kind, inc.onset_step, inc.cause) == ("nonfinite", T, "numerics_rank")
+    assert any("rank 1's loss went non-finite at step 400 while every other rank's stayed finite" in e for e in inc.evidence)
+    assert inc.recommendation["lr_factor"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- lr_schedule
+
+
+def test_lr_schedule_when_the_lr_jumps_where_a_resumed_segment_starts(tmp_path):
+    steps = healthy_steps()
+    steps.loc[steps["step"] >= 300, "lr"] *= 4  # the scheduler restarted at a higher phase
+    _elevate(steps, 305, 360, 1.6)
+    first, second = steps.iloc[:300], steps.iloc[300:]
+    write_run(tmp_path / "run", first)
+    write_run(tmp_path / "run", second)
+    diagnosis = analyze(tmp_path / "run")
+    inc = _only(diagnosis)
+    assert inc.cause == "lr_schedule" and diagnosis.context[0]["segment"] == 1
+    assert any("jumped from" in e and "(4x) at step 300" in e for e in inc.evidence)
+    assert any("segment 1 resumed the run" in e for e in inc.evidence)
+    assert inc.recommendation["lr_factor"] == 1.0
+    assert "lr_discontinuity" in [f.id for f in diagnosis.findings]
+
+
+# ---------------------------------------------------------------------------------- lr_too_high
+
+
+def test_lr_too_high_for_an_instability_right_after_warmup(tmp_path):
+    steps = healthy_steps(warmup=50)
+    _elevate(steps, 80, 95, 2.5)  # early, the loss falls fast and the band is wide
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.onset_step, inc.cause) == (80, "lr_too_high")
+    assert "31 steps after the warmup ended (step 49)" in inc.evidence[0]
+    assert inc.recommendation["lr_factor"] == pytest.approx(0.7)
+
+
+def test_lr_too_high_for_an_early_instability_without_warmup(tmp_path):
+    steps = healthy_steps(warmup=0)
+    _elevate(steps, 120, 135, 2.5)
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.cause == "lr_too_high"
+    assert inc.evidence[0].startswith("no warmup: the LR started at")
+
+
+# ---------------------------------------------------------------------------------- state_reset
+
+
+def test_state_reset_when_the_loss_returns_to_its_initial_level_after_a_resume(tmp_path):
+    steps = healthy_steps()
+    fresh = healthy_steps(seed=5).iloc[: len(steps) - 300].copy()
+    fresh["step"] += 300  # the resumed segment continues the step count but relearns from scratch
+    fresh["time"] += 1e4
+    write_run(tmp_path / "run", steps.iloc[:300])
+    write_run(tmp_path / "run", fresh)
+    diagnosis = analyze(tmp_path / "run")
+    inc = diagnosis.incidents[0]
+    assert (inc.onset_step, inc.cause) == (300, "state_reset")
+    assert "of the way back to its initial" in inc.evidence[0]
+    assert inc.recommendation["rollback"] is True
+
+
+# -------------------------------------------------------------------------------------- unknown
+
+
+def test_unknown_when_nothing_in_the_checklist_matches(tmp_path):
+    steps = healthy_steps()
+    _elevate(steps, T, T + 15, 1.3)
+    inc = _only(analyze(write_run(tmp_path / "run", steps, healthy_layers(steps))))
+    assert inc.cause == "unknown"
+    assert inc.evidence[0].startswith("nothing in the checklist matched")
+
+
+def test_every_decided_cause_is_one_of_the_documented_causes():
+    inc = Incident(kind="loss_spike", metric="loss", onset_step=10, peak_step=10, end_step=12, magnitude_sigma=9.0,
+                   peak_ratio=1.5, baseline=2.0, peak_value=3.0, recovered=False)
+    assert decide_cause(inc, Evidence())[0] in CAUSES
+
+
+# ------------------------------------------------------------------------------- recommendation
+
+
+def test_rollback_goes_to_the_last_checkpoint_before_the_earliest_precursor(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T - 8 : T, "grad_norm"] *= 1.8 ** np.arange(1, 10)  # flagged from about T-7
+    _elevate(steps, T, 600, 2.0)
+    events = [("checkpoint", s, {"path": f"ckpt/{s}.pt"}) for s in (300, 390, 398, 500)]
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
+    assert inc.series["loss"]["onset_step"] == T and inc.onset_step <= T - 5
+    # 398 is before the loss moved but after the gradient started to grow: its state is already suspect.
+    rec = inc.recommendation
+    assert (rec["rollback_to_step"], rec["checkpoint_path"], rec["checkpoint_known"]) == (390, "ckpt/390.pt", True)
+    assert rec["actions"][0] == "roll back to the checkpoint of step 390 (ckpt/390.pt)"
+
+
+def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):
+    steps = healthy_steps()
+    _elevate(steps, T, 600, 2.0)  # never comes back: a rollback is needed
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.recovered is False
+    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 100, False)
+    assert "no checkpoint events recorded" in inc.recommendation["actions"][0]
+
+
+@pytest.mark.parametrize(("current", "expected"), [(None, 1.0), (5.0, 1.0), (2.0, 1.0), (1.0, 0.5), (0.5, 0.25)])
+def test_clipping_tightens_to_one_then_halves(current, expected):
+    assert tighter_clip(current) == expected
+
+
+def test_clip_norm_in_use_is_inferred_from_clip_coef_without_meta_config(tmp_path):
+    steps = healthy_steps()
+    steps["grad_norm"] *= 4  # now mostly above a 1.5 max norm
+    steps["clip_coef"] = np.minimum(1.0, 1.5 / steps["grad_norm"])
+    _elevate(steps, T, T + 15, 1.3)
+    meta = adamw_meta(config={"every": 1, "layer_every": 1})
+    inc = _only(analyze(write_run(tmp_path / "run", steps, meta=meta)))
+    assert inc.recommendation["clip_max_norm"] == 1.0  # 1.5 observed -> 1.0
+
+
+def test_recommended_lr_factor_and_new_peak_lr_follow_the_case_study(tmp_path):
+    steps = healthy_steps(lr=3e-4)
+    _elevate(steps, T, T + 15, 1.3)
+    rec = _only(analyze(write_run(tmp_path / "run", steps))).recommendation
+    assert rec["lr_factor"] == pytest.approx(0.7)
+    assert rec["new_peak_lr"] == pytest.approx(0.7 * 3e-4, rel=1e-5)
+    assert math.isclose(rec["clip_max_norm"], 0.5)  # meta clip 1.0 -> halved
