@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spikedoc.analysis.baseline import IQR_TO_SIGMA, RollingBaseline
 from spikedoc.analysis.detect import (
     FLAG_COLUMNS,
     DetectorConfig,
@@ -215,6 +216,20 @@ def test_nonfinite_grad_norm_on_a_scaler_skipped_step_is_not_an_incident(speedru
     assert not [i for i in find_incidents(run) if i.metric == "grad_norm" or "grad_norm" in i.also_flagged]
     run.loc[run["step"] == 1500, "skipped"] = False
     assert [i.kind for i in find_incidents(run) if i.metric == "grad_norm"] == ["nonfinite"]
+
+
+def test_rolling_baseline_matches_numpy_on_the_last_window(llmc):
+    values = llmc["loss"].to_numpy()[:3000]
+    baseline = RollingBaseline(window=100)
+    for i, v in enumerate(values):
+        if i >= 1:
+            n, center, sigma = baseline.summary()
+            past = values[max(0, i - 100) : i]
+            q1, med, q3 = np.quantile(past, [0.25, 0.5, 0.75])
+            assert n == len(past) and center == pytest.approx(med, abs=1e-12)
+            if q3 > q1:
+                assert sigma == pytest.approx((q3 - q1) * IQR_TO_SIGMA, abs=1e-12)
+        baseline.add(float(v))
 
 
 def _brute_spike_score(values, window, sigma):

@@ -17,7 +17,7 @@ _ROUNDING_SIGMA = 1.0 / math.sqrt(12.0)
 
 
 class RollingBaseline:
-    """Median and IQR-based sigma of the last `window` values added, updated in O(log window) per value.
+    """Median and IQR-based sigma of the last `window` values added, with no sort per step.
 
     The window is kept twice: in arrival order (to know which value leaves) and sorted (so the
     median and quartiles are index look-ups instead of a sort per step). Insertion and removal in
