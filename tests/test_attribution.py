@@ -1,0 +1,182 @@
+"""Specification of batch and layer attribution and of optimizer-state precursors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history, module_kind
+from spikedoc.analysis.config import AnalysisConfig
+from tests.common.planted import MODULE_TYPES, healthy_layers, healthy_steps
+
+T = 400
+
+
+@pytest.fixture
+def steps():
+    return healthy_steps()
+
+
+def _batch(steps, step=T):
+    rows = steps.loc[steps["step"] == step]
+    return attribute_batches(rows, profile=batch_profile(steps), hashes=hash_history(steps))[0]
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def test_a_normal_batch_has_no_anomaly_anywhere_in_a_clean_run(steps):
+    batches = attribute_batches(steps, profile=batch_profile(steps), hashes=hash_history(steps))
+    assert [b["step"] for b in batches if b["anomalies"]] == []
+
+
+def test_long_sequences_are_reported_as_a_ratio_to_the_run_median(steps):
+    steps.loc[T, "seq_len_median"] = 310.0
+    batch = _batch(steps)
+    assert len(batch["anomalies"]) == 1
+    assert batch["anomalies"][0].startswith("median sequence length 310 is 3.1x the run's median (")
+    assert batch["flags"] == ["high_seq_len_median"]
+
+
+def test_near_constant_input_is_named_by_its_distinct_token_ratio(steps):
+    steps.loc[T, "distinct_token_ratio"] = 0.02
+    assert _batch(steps)["anomalies"] == ["distinct-token ratio 0.02: near-constant input (run's median 0.6)"]
+
+
+def test_a_repeated_content_hash_names_the_step_it_was_first_seen(steps):
+    steps.loc[T, "batch_hash"] = steps.loc[123, "batch_hash"]
+    batch = _batch(steps)
+    assert batch["repeat_of_step"] == 123
+    assert batch["anomalies"] == ["content hash seen before at step 123: repeated data"]
+
+
+def test_repeats_are_not_anomalous_in_a_run_that_repeats_its_data(steps):
+    steps["batch_hash"] = [f"h{s % 100}" for s in steps["step"]]  # six epochs over 100 batches
+    batch = _batch(steps)
+    assert batch["repeat_of_step"] == T % 100 and batch["anomalies"] == []
+
+
+def test_the_worst_samples_are_named_and_an_outlier_sample_is_singled_out(steps):
+    losses = [2.0, 2.1, 1.9, 12.0, 2.05, 1.95, 2.2, 2.0]
+    steps.at[T, "sample_losses"] = losses
+    batch = _batch(steps)
+    assert [w["id"] for w in batch["worst_samples"]] == [f"doc-{T * 8 + 3}", f"doc-{T * 8 + 6}", f"doc-{T * 8 + 1}"]
+    assert batch["outlier_sample_ids"] == [f"doc-{T * 8 + 3}"]
+    assert batch["anomalies"][0].startswith(f"sample doc-{T * 8 + 3} has loss 12, 5.9x the batch's median sample loss (2.02)")
+
+
+def test_stream_positions_stand_in_for_sample_ids_when_none_were_given(steps):
+    steps["sample_ids"] = None
+    batch = _batch(steps)
+    assert batch["sample_ids"] == [] and batch["positions"] == [T * 8, T * 8 + 8]
+
+
+def test_a_run_without_fingerprints_attributes_nothing_and_fails_nothing():
+    import pandas as pd
+
+    frame = pd.DataFrame({"step": range(100), "loss": 2.0})
+    batch = attribute_batches(frame.tail(1), profile=batch_profile(frame), hashes=hash_history(frame))[0]
+    assert batch["anomalies"] == [] and batch["positions"] is None and batch["stats"] == {}
+
+
+# ------------------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize(
+    ("name", "module_type", "kind"),
+    [
+        ("transformer.wte.weight", "Embedding", "embeddings"),
+        ("model.embed_tokens.weight", None, "embeddings"),
+        ("transformer.h.0.attn.c_attn.weight", "Linear", "attention"),
+        ("model.layers.3.self_attn.q_proj.weight", None, "attention"),
+        ("transformer.h.0.mlp.c_fc.weight", "Linear", "mlp"),
+        ("model.layers.3.mlp.down_proj.weight", None, "mlp"),
+        ("transformer.h.0.ln_1.weight", "LayerNorm", "norms"),
+        ("model.layers.3.input_layernorm.weight", None, "norms"),
+        ("model.norm.weight", "LlamaRMSNorm", "norms"),
+        ("lm_head.weight", "Linear", "head"),
+        ("something.else", None, "other"),
+    ],
+)
+def test_module_kind_groups_parameters_by_type_and_name(name, module_type, kind):
+    assert module_kind(name, module_type) == kind
+
+
+def test_the_tensor_that_departed_first_leads_and_is_grouped_by_module(steps):
+    layers = healthy_layers(steps)
+    fc = (layers["name"] == "h.0.mlp.fc.weight") & layers["step"].between(T - 12, T)
+    layers.loc[fc, "grad_norm"] *= 1.6 ** np.arange(1, 14)
+    qkv = (layers["name"] == "h.0.attn.qkv.weight") & layers["step"].between(T - 2, T)
+    layers.loc[qkv, "grad_norm"] *= 5
+    found = attribute_layers(layers, onset=T - 3, peak=T, reference=T, module_types=MODULE_TYPES)
+    assert [row["name"] for row in found.layers] == ["h.0.mlp.fc.weight", "h.0.attn.qkv.weight"]
+    first = found.layers[0]
+    assert first["module"] == "mlp" and T - 12 <= first["departed_step"] <= T - 10 and first["lead_steps"] == T - first["departed_step"]
+    assert found.layers[1]["lead_steps"] == 2
+    assert {g["module"]: g["departed"] for g in found.groups} == {
+        "embeddings": 0, "attention": 1, "mlp": 1, "norms": 0, "head": 0,
+    }
+    assert found.earliest_step == first["departed_step"]
+
+
+def test_a_clean_window_implicates_no_tensor(steps):
+    found = attribute_layers(healthy_layers(steps), onset=T, peak=T, reference=T)
+    assert found.layers == [] and found.precursors == [] and found.earliest_step is None
+    config = AnalysisConfig()
+    assert found.history_steps == T - config.lookback  # every logged step before the lookback window
+
+
+def test_a_blip_that_returned_to_normal_before_onset_is_not_the_departure(steps):
+    layers = healthy_layers(steps)
+    head = layers["name"] == "head.weight"
+    layers.loc[head & (layers["step"] == T - 50), "grad_norm"] *= 20  # an isolated outlier long before
+    layers.loc[head & layers["step"].between(T - 1, T), "grad_norm"] *= 20
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert [(r["name"], r["departed_step"]) for r in found.layers] == [("head.weight", T - 1)]
+
+
+def test_a_nonfinite_gradient_is_the_most_extreme_departure(steps):
+    layers = healthy_layers(steps)
+    layers.loc[(layers["name"] == "embed.weight") & (layers["step"] == T), ["grad_norm", "nonfinite"]] = [math.inf, 12]
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert found.layers[0]["name"] == "embed.weight" and found.layers[0]["z"] == math.inf
+
+
+def test_too_little_history_gives_no_scores_rather_than_guesses(steps):
+    layers = healthy_layers(steps.iloc[:6])
+    found = attribute_layers(layers, onset=5, peak=5, reference=5)
+    assert found.layers == [] and found.history_steps < 8
+
+
+# -------------------------------------------------------------------------- optimizer precursors
+
+
+def test_a_rising_eps_fraction_before_onset_is_a_precursor(steps):
+    layers = healthy_layers(steps)
+    ramp = (layers["name"] == "h.0.attn.proj.weight") & layers["step"].between(T - 40, T)
+    layers.loc[ramp, "eps_frac"] = np.linspace(0.01, 0.4, int(ramp.sum()))
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    eps = [p for p in found.precursors if p["kind"] == "eps_frac_rise"]
+    assert [p["name"] for p in eps] == ["h.0.attn.proj.weight"]
+    assert T - 40 < eps[0]["step"] < T - 20 and eps[0]["value"] == pytest.approx(0.4)
+    assert found.earliest_step == eps[0]["step"]
+
+
+def test_a_collapsing_second_moment_before_onset_is_a_precursor(steps):
+    layers = healthy_layers(steps)
+    fall = (layers["name"] == "head.weight") & layers["step"].between(T - 30, T)
+    layers.loc[fall, "exp_avg_sq_mean"] *= np.geomspace(1.0, 1e-3, int(fall.sum()))
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    collapse = [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]
+    assert [p["name"] for p in collapse] == ["head.weight"]
+    assert "collapsed to" in collapse[0]["sentence"]
+
+
+def test_an_update_far_off_history_without_a_gradient_change_points_at_the_optimizer(steps):
+    layers = healthy_layers(steps)
+    layers.loc[(layers["name"] == "h.0.mlp.proj.weight") & (layers["step"] == T), "update_ratio"] *= 40
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert [p["kind"] for p in found.precursors] == ["update_without_grad"]
+    assert found.layers[0]["update_z"] > 6 and found.layers[0]["grad_z"] < 3
