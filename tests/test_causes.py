@@ -132,6 +132,31 @@ def test_numerics_rank_when_one_rank_alone_goes_nonfinite(tmp_path):
     assert inc.recommendation["lr_factor"] == 1.0
 
 
+def test_numerics_when_the_run_goes_nonfinite_with_no_build_up(tmp_path):
+    steps = healthy_steps()
+    layers = healthy_layers(steps)
+    steps.loc[T:, ["loss", "grad_norm"]] = np.nan  # one weight became inf before step T's forward
+    after = layers["step"] >= T
+    layers.loc[after, ["grad_norm", "update_ratio"]] = np.nan
+    layers.loc[after, "nonfinite"] = 16
+    layers.loc[after & (layers["name"] == "h.0.mlp.fc.weight"), "param_norm"] = np.inf
+    inc = _only(analyze(write_run(tmp_path / "run", steps, layers)))
+    assert (inc.kind, inc.onset_step, inc.cause) == ("nonfinite", T, "numerics_rank")
+    assert "with no build-up" in inc.evidence[0]
+    assert inc.evidence[1] == f"the parameters of h.0.mlp.fc.weight became non-finite at step {T}"
+
+
+def test_a_nonfinite_loss_after_the_gradient_grew_is_an_explosion(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T - 6 : T - 1, "grad_norm"] *= 2.0 ** np.arange(1, 7)
+    steps.loc[T:, ["loss", "grad_norm"]] = np.nan
+    diagnosis = analyze(write_run(tmp_path / "run", steps))
+    assert [i.kind for i in diagnosis.incidents] == ["grad_spike", "nonfinite"]  # growth, then NaN
+    inc = _only(diagnosis, "nonfinite")
+    assert inc.cause == "grad_explosion" and inc.precursor_lead_steps >= 4
+    assert inc.evidence[-1] == "a non-finite loss late in training follows exploding gradients (troubleshooting table)"
+
+
 # ---------------------------------------------------------------------------------- lr_schedule
 
 

@@ -242,6 +242,8 @@ class LayerAttribution:
     """Logged steps in each tensor's baseline."""
     median_update_ratio: float = math.nan
     """Median over tensors of update_ratio at the onset step."""
+    nonfinite_params: tuple[int, list[str]] | None = None
+    """(step, names): the first logged step where a parameter norm is non-finite, and those tensors."""
 
 
 def module_kind(name: str, module_type: str | None = None) -> str:
@@ -298,6 +300,7 @@ def attribute_layers(
     if layers is None or layers.empty:
         return result
     layers = layers.loc[layers["step"] <= max(peak, onset)]
+    result.nonfinite_params = _nonfinite_params(layers)
     steps = np.sort(layers["step"].unique())
     pre = steps[steps < onset]
     scan_start = onset - config.lookback
@@ -346,6 +349,16 @@ def attribute_layers(
         at_onset = at_onset[np.isfinite(at_onset)]
         result.median_update_ratio = float(np.median(at_onset)) if at_onset.size else math.nan
     return result
+
+
+def _nonfinite_params(layers: pd.DataFrame) -> tuple[int, list[str]] | None:
+    if "param_norm" not in layers.columns:
+        return None
+    bad = layers.loc[~np.isfinite(layers["param_norm"].to_numpy(dtype=float)) & layers["param_norm"].notna()]
+    if bad.empty:
+        return None
+    first = int(bad["step"].min())
+    return first, sorted(bad.loc[bad["step"] == first, "name"].astype(str).unique().tolist())
 
 
 def _wide(layers: pd.DataFrame, metric: str) -> pd.DataFrame:

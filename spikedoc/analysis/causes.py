@@ -48,6 +48,8 @@ class Evidence:
     """exp_avg_sq after / before that resume (median over tensors)."""
     update_step: dict[str, Any] | None = None
     """`update_without_grad` on the step table."""
+    grad_before: float = math.nan
+    """Gradient norm at the last logged step before onset."""
     notes: list[str] = field(default_factory=list)
     """What could not be checked (missing columns, short history)."""
 
@@ -56,7 +58,8 @@ def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None
     """Walk the checklist in order; the first rule whose evidence is present decides the cause.
 
     Order (docs/analysis.md explains each): state_reset, lr_schedule, numerics_rank (one rank
-    alone), bad_batch, optimizer_state, lr_too_high (early in training), grad_explosion, unknown.
+    alone), bad_batch, numerics_rank (a non-finite value out of nowhere), optimizer_state,
+    lr_too_high (early in training), grad_explosion, unknown.
 
     Returns:
         (cause, evidence sentences).
@@ -69,10 +72,10 @@ def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None
         'bad_batch'
     """
     config = config or AnalysisConfig()
-    for rule in (_state_reset, _lr_schedule, _numerics_rank, _bad_batch, _optimizer_state, _lr_too_high, _grad_explosion):
+    for cause, rule in _RULES:
         found = rule(incident, ev, config)
         if found:
-            return rule.__name__[1:], found
+            return cause, found
     return "unknown", _unknown(incident, ev)
 
 
@@ -149,6 +152,23 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
     return []
 
 
+def _sudden_nonfinite(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    if incident.kind != "nonfinite" or ev.grad_precursor is not None:
+        return []
+    if ev.layers is not None and ev.layers.earliest_step is not None and ev.layers.earliest_step < incident.onset_step:
+        return []
+    before = f"the gradient norm was {fmt(ev.grad_before)} the step before, in its band, and " if math.isfinite(ev.grad_before) else ""
+    out = [
+        f"the run went non-finite at step {incident.onset_step} with no build-up: {before}no tensor departed from its "
+        "history earlier; a non-finite value out of nowhere is numerics (an overflow, a corrupted value or device), "
+        "not a growing explosion"
+    ]
+    if ev.layers is not None and ev.layers.nonfinite_params:
+        step, names = ev.layers.nonfinite_params
+        out.append(f"the parameters of {fmt_steps(names, 3)} became non-finite at step {step}")
+    return out
+
+
 def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     out = []
     if ev.layers is not None:
@@ -218,6 +238,18 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
     return out
 
 
+_RULES = (
+    ("state_reset", _state_reset),
+    ("lr_schedule", _lr_schedule),
+    ("numerics_rank", _numerics_rank),
+    ("bad_batch", _bad_batch),
+    ("numerics_rank", _sudden_nonfinite),
+    ("optimizer_state", _optimizer_state),
+    ("lr_too_high", _lr_too_high),
+    ("grad_explosion", _grad_explosion),
+)
+
+
 def _unknown(incident: Incident, ev: Evidence) -> list[str]:
     checked = ["no anomalous batch statistic at onset", "no LR discontinuity before it",
                "no gradient-norm or per-tensor departure ahead of the loss"]
@@ -251,7 +283,8 @@ def recommend(
     Args:
         incident: with `cause` decided.
         ev: its evidence.
-        checkpoints: (step, path) of checkpoints recorded on the incident's lineage.
+        checkpoints: (step, path) of checkpoints recorded on the incident's lineage; a checkpoint at
+            step s holds the state before step s (the monitor's convention).
         clip: the max norm in use (meta config `clip`, or inferred from clip_coef), None if unclipped.
         peak_lr: largest LR before onset, None if unknown.
         first_step: first step of the lineage (a rollback never goes before it).
@@ -268,7 +301,9 @@ def recommend(
     earliest = min([incident.onset_step] + [b["step"] for b in bad]
                    + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else []))
-    before = [(s, p) for s, p in checkpoints if s < earliest]
+    # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
+    # it is clean when s <= the first affected step.
+    before = [(s, p) for s, p in checkpoints if s <= earliest]
     actions = []
     if before:
         step, path = max(before, key=lambda c: c[0])

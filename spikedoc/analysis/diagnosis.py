@@ -252,6 +252,9 @@ class _Analysis:
         if resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
             ev.resume, ev.moments_ratio = resume, ratio
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
+        if "grad_norm" in frame.columns:
+            prior = frame.loc[frame["step"] < onset, "grad_norm"]
+            ev.grad_before = float(prior.iloc[-1]) if len(prior) else math.nan
         if inc.low_confidence:
             ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
 
