@@ -160,3 +160,17 @@ def test_a_single_event_file_can_be_loaded(tmp_path):
     _tensorboard(tmp_path, {"train_loss": [(0, 2.0), (1, 1.5)]})
     (event_file,) = tmp_path.glob("events.out.tfevents.*")
     assert load(event_file).steps["loss"].tolist() == [2.0, 1.5]
+
+
+def test_tensorboard_tensor_scalars_of_the_tensorboard_summary_writer_are_read(tmp_path):
+    from tensorboard.summary import Writer
+
+    writer = Writer(str(tmp_path))
+    for step in range(4):
+        writer.add_scalar("lm-loss-training/lm loss", 3.0 - 0.25 * step, step=step)
+        writer.add_scalar("grad-norm/grad-norm", 1.0 + step, step=step)
+    writer.close()
+    steps = load(tmp_path).steps
+    assert list(steps.columns[:2]) == ["step", "segment"]
+    assert steps["loss"].tolist() == [3.0, 2.75, 2.5, 2.25]
+    assert steps["grad_norm"].tolist() == [1.0, 2.0, 3.0, 4.0]

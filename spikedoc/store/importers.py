@@ -185,6 +185,7 @@ def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], me
         frame.insert(1, "segment", np.concatenate([[0], np.cumsum(np.diff(frame["step"].to_numpy()) < 0)])[: len(frame)])
     frame["segment"] = frame["segment"].astype("int32")
     frame["rank"] = np.int64(0)
+    frame = frame[["step", "segment", *[c for c in frame.columns if c not in ("step", "segment")]]]
     for message in warnings:
         logger.warning("spikedoc: %s", message)
     missing = list(_NEVER_IMPORTED)

@@ -52,6 +52,8 @@ _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
 class RunWriter:
     """Buffers rows of the step, layer and event tables and writes them as Parquet parts.
 
+    The layout, column types and the reasons for the defaults are in docs/run-format.md.
+
     A daemon thread writes `steps/rank=R/part-<segment>-<seq>.parquet` (and the same under
     `layers/` and `events/`) whenever `flush_every` step rows are buffered, `flush_seconds`
     have passed, or on `flush()`/`close()`. Each part goes to a hidden temporary name first and is
@@ -63,8 +65,9 @@ class RunWriter:
         rank: Distributed rank; selects the `rank=R` partition. Only rank 0 writes `meta.json`.
         flush_every: Step rows per part (the most a kill loses when steps are fast).
         flush_seconds: Longest time rows stay buffered (the most a kill loses when steps are slow).
-        max_pending_rows: Rows (of all tables) buffered at most; beyond it rows are dropped and
-            counted, so a stuck filesystem cannot grow memory without bound.
+        max_pending_rows: Rows (of all tables) buffered at most (~100 MB at the default for
+            AdamW layer rows); beyond it rows are dropped and counted, so a stuck filesystem
+            cannot grow memory without bound.
         row_group_steps: Logged steps per Parquet row group of the layer table; row-group
             statistics on `step` let a reader skip all groups outside a requested window.
 
