@@ -237,6 +237,16 @@ def test_a_malformed_layer_block_is_dropped_and_counted_without_raising(tmp_path
     assert _read(tmp_path, "layers").num_rows == len(NAMES)
 
 
+def test_a_layer_block_that_cannot_be_converted_costs_only_its_own_rows(tmp_path):
+    writer = RunWriter(tmp_path)
+    writer.open({})
+    _record(writer, range(2))
+    writer.add_layers({"step": np.array([2, 2]), "name": ["a", "b"], "grad_norm": np.array(["high", "low"])})
+    writer.close()
+    assert writer.dropped_rows == 2
+    assert sorted(set(_read(tmp_path, "layers")["step"].to_pylist())) == [0, 1]
+
+
 def test_unwritable_run_dir_warns_once_counts_dropped_rows_and_never_raises(tmp_path, caplog):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

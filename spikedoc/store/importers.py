@@ -60,7 +60,7 @@ def read_csv(path: str | Path) -> Run:
     if not path.is_file():
         raise RunNotFoundError(f"{path}: no such file")
     try:
-        raw = pd.read_csv(path, skipinitialspace=True)
+        raw = pd.read_csv(path, skipinitialspace=True, encoding="utf-8-sig")  # -sig: Excel writes a BOM
     except pd.errors.EmptyDataError:
         raise RunFormatError(f"{path} is empty: expected a header like step,loss,grad_norm,lr") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:

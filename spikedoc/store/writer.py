@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spikedoc.store.schema import EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS, partition_dir
+from spikedoc.store.schema import EVENTS, FORMAT_VERSION, LAYER_COLUMNS, LAYERS, META_FILE, STEPS, partition_dir
 
 __all__ = ["RunWriter"]
 
@@ -34,7 +34,9 @@ _STEP_TYPES: dict[str, pa.DataType] = {
     "sample_losses": pa.list_(_F32), "batch_hash": pa.string(), "input_shapes": pa.string(),
     "seq_len_min": _F32, "seq_len_median": _F32, "seq_len_max": _F32, "distinct_token_ratio": _F32,
 }  # fmt: skip
-_LAYER_TYPES: dict[str, pa.DataType] = {"step": _I64, "segment": _I32, "name": pa.string(), "nonfinite": _I64}
+_LAYER_TYPES: dict[str, pa.DataType] = {
+    **{c: _F32 for c in LAYER_COLUMNS}, "step": _I64, "segment": _I32, "name": pa.string(), "nonfinite": _I64,
+}  # fmt: skip
 _EVENT_TYPES: dict[str, pa.DataType] = {
     "step": _I64, "segment": _I32, "time": _F64, "kind": pa.string(), "detail": pa.string(),
 }  # fmt: skip
@@ -150,7 +152,8 @@ class RunWriter:
             self._warn("newer", f"run format {old['format_version']} is newer than {FORMAT_VERSION}; not appending")
             return -1
         segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
-        known = [int(s.get("segment", -1)) for s in segments] + self._segments_on_disk()
+        on_disk = [seg for seg, _ in _parts_on_disk(self.run_dir / partition_dir(STEPS, self.rank))]
+        known = [int(s.get("segment", -1)) for s in segments] + on_disk
         self.segment = int(forced) if forced is not None else max(known, default=-1) + 1
         entry = {"segment": self.segment, "start_time": meta.get("start_time", time.time())}
         if "start_step" in meta:
@@ -289,13 +292,14 @@ class RunWriter:
         for table, items in batch.items():
             if not items:
                 continue
-            rows = sum(len(it["name"]) for it in items) if table == LAYERS else len(items)
             try:
                 data = builders[table](items)
             except Exception as exc:  # noqa: BLE001
+                rows = sum(len(it["name"]) for it in items) if table == LAYERS else len(items)
                 self._drop(rows, f"build_{table}", f"could not convert {table} rows to Arrow ({exc!r})")
                 continue
-            self._write_part(table, data, rows)
+            if data is not None:
+                self._write_part(table, data, data.num_rows)
 
     def _write_part(self, table: str, data: pa.Table, rows: int) -> None:
         folder = self.run_dir / partition_dir(table, self.rank)
@@ -304,7 +308,7 @@ class RunWriter:
             folder.mkdir(parents=True, exist_ok=True)
             seq = self._next_seq.get(table)
             if seq is None:  # continue after parts an earlier process wrote for this segment
-                seq = max(_part_seqs(folder, self.segment), default=-1) + 1
+                seq = max((q for seg, q in _parts_on_disk(folder) if seg == self.segment), default=-1) + 1
             name = f"part-{self.segment}-{seq:06d}.parquet"
             tmp = folder / f".{name}.tmp"
             group = None
@@ -339,21 +343,12 @@ class RunWriter:
             return {}
         return old if isinstance(old, dict) else {}
 
-    def _segments_on_disk(self) -> list[int]:
-        folder = self.run_dir / partition_dir(STEPS, self.rank)
-        found = []
-        for p in folder.glob("part-*.parquet") if folder.is_dir() else []:
-            parts = p.stem.split("-")
-            if len(parts) == 3 and parts[1].isdigit():
-                found.append(int(parts[1]))
-        return found
-
     def _steps_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         seen = dict.fromkeys(k for row in rows for k in row)
         keys = [k for k in _STEP_TYPES if k in seen] + [k for k in seen if k not in _STEP_TYPES]
         arrays = {}
         for key in keys:
-            values = [row.get(key) for row in rows]
+            values = [_plain(row.get(key)) for row in rows]
             if key == "sample_ids":
                 values = [None if v is None else [str(x) for x in v] for v in values]
             typ = _STEP_TYPES.get(key) or (_F32 if _LR_GROUP.fullmatch(key) else self._extra_type(key, values))
@@ -393,14 +388,15 @@ class RunWriter:
                 self._warn(f"value_{key}", f"column {key!r}: value {v!r} is not {typ}; stored as null")
         return pa.array([None if s is None else s.as_py() for s in out], type=typ)
 
-    def _layers_table(self, blocks: list[dict[str, Any]]) -> pa.Table:
+    def _layers_table(self, blocks: list[dict[str, Any]]) -> pa.Table | None:
         tables = []
         for block in blocks:
-            arrays = {}
-            for key, v in block.items():
-                typ = _LAYER_TYPES.get(key) or _numpy_type(v)
-                arrays[key] = pa.array(v, type=typ) if key == "name" else pa.array(np.asarray(v).astype(typ.to_pandas_dtype()))
-            tables.append(pa.table(arrays))
+            try:  # a bad block costs its own rows, not the whole flush
+                tables.append(pa.table({k: pa.array(v, type=_LAYER_TYPES.get(k) or _numpy_type(v)) for k, v in block.items()}))
+            except (pa.ArrowException, TypeError, ValueError) as exc:
+                self._drop(len(block["name"]), "bad_layers", f"could not convert a layer block ({exc!r})")
+        if not tables:
+            return None
         table = pa.concat_tables(tables, promote_options="default")
         return table.sort_by([("step", "ascending"), ("name", "ascending")])
 
@@ -413,9 +409,14 @@ def _numpy_type(values: np.ndarray) -> pa.DataType:
     return {"b": pa.bool_(), "i": _I64, "u": _I64, "U": pa.string(), "O": pa.string()}.get(kind, _F32)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars and 0-d arrays/tensors as Python scalars, so their type is inferred right."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def _scalar(value: Any, typ: pa.DataType) -> Any:
-    if hasattr(value, "item"):  # numpy or torch 0-d values
-        value = value.item()
     if pa.types.is_floating(typ):
         return float(value)
     if pa.types.is_integer(typ):
@@ -425,8 +426,14 @@ def _scalar(value: Any, typ: pa.DataType) -> Any:
     return str(value)
 
 
-def _part_seqs(folder: Path, segment: int) -> list[int]:
-    return [int(p.stem.rsplit("-", 1)[1]) for p in folder.glob(f"part-{segment}-*.parquet") if p.stem.rsplit("-", 1)[1].isdigit()]
+def _parts_on_disk(folder: Path) -> list[tuple[int, int]]:
+    """(segment, seq) of the complete part files in one table/rank folder."""
+    found = []
+    for path in folder.glob("part-*.parquet") if folder.is_dir() else []:
+        fields = path.stem.split("-")
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            found.append((int(fields[1]), int(fields[2])))
+    return found
 
 
 @atexit.register
