@@ -1,0 +1,239 @@
+"""Per-optimizer statistics: update norms and state summaries for Adam(W), SGD and anything else."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spikedoc.monitor.statistics import Chunks, SampledSnapshot, adam_stats, norms, sgd_update_norms
+
+__all__ = ["Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats", "for_optimizer"]
+
+_INF = float("inf")
+
+
+@dataclass(eq=False)
+class Bucket:
+    """The optimizer's parameters of one (device, dtype): the unit every batched op works on."""
+
+    device: torch.device
+    dtype: torch.dtype
+    index: list[int]
+    """Positions of these parameters in optimizer order (the layer table's row order)."""
+    params: list[Tensor]
+    groups: list[int]
+    """Param group of each parameter."""
+    chunks: Chunks
+    numels: np.ndarray
+    _subsets: dict[tuple[int, ...], Chunks] = field(default_factory=dict)
+    _fill: dict[float, Tensor] = field(default_factory=dict)
+
+    def chunks_for(self, active: list[int] | None) -> Chunks:
+        """Batching plan of the parameters at positions `active` (all when None)."""
+        if active is None:
+            return self.chunks
+        key = tuple(active)
+        if key not in self._subsets:
+            self._subsets[key] = Chunks([int(self.numels[i]) for i in active], self.chunks.budget)
+        return self._subsets[key]
+
+    def expand(self, values: Tensor, active: list[int] | None, fill: float) -> Tensor:
+        """Place per-active-tensor `values` into a bucket-sized vector, `fill` elsewhere."""
+        if active is None:
+            return values
+        const = self._fill.get(fill)
+        if const is None:
+            const = self._fill[fill] = torch.tensor(fill, dtype=torch.float32, device=self.device)
+        out = [const] * len(self.params)
+        for j, v in zip(active, values.unbind()):
+            out[j] = v
+        return torch.stack(out)
+
+
+def _scalar(value: Any) -> float:
+    return float(value)  # a tensor hyperparameter (capturable optimizers) is read here
+
+
+def _steps(steps: Sequence[Any]) -> list[float]:
+    if all(isinstance(s, Tensor) and s.device.type == "cpu" for s in steps):
+        return torch.stack(list(steps)).tolist() if steps else []  # the usual case: one cheap call
+    return [float(s) for s in steps]  # on-device step counters (capturable/fused): one read each
+
+
+class OptimizerStats:
+    """What the monitor asks of an optimizer: update norms and per-tensor state statistics.
+
+    `before` runs in the step pre-hook, `after` in the post-hook; both return device tensors only.
+    `to_columns` turns the host copies into layer-table columns.
+    """
+
+    exact = True
+    """Whether update norms are exact (False: estimated from a sample of elements)."""
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
+        return None
+
+    def after(
+        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def to_columns(self, values: dict[str, np.ndarray], numels: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: values[k] for k in self.columns if k in values}
+
+
+class AdamStats(OptimizerStats):
+    """torch.optim.Adam and AdamW: exact update norms from `exp_avg`/`exp_avg_sq` and the step count."""
+
+    columns = ("exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac")
+
+    def after(
+        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+    ) -> dict[str, Tensor]:
+        pos = active if active is not None else range(len(bucket.params))
+        state, groups = self.optimizer.state, self.optimizer.param_groups
+        live = [j for j in pos if "exp_avg" in state.get(bucket.params[j], ())]
+        if not live:
+            return {}
+        sub = None if active is None and len(live) == len(bucket.params) else live
+        params = [bucket.params[j] for j in live]
+        states = [state[p] for p in params]
+        hp = [groups[bucket.groups[j]] for j in live]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        lrs = [_scalar(g["lr"]) for g in hp]
+        is_adamw = isinstance(self.optimizer, torch.optim.AdamW)  # torch < 2.6 has no group flag
+        decoupled = [bool(g.get("decoupled_weight_decay", is_adamw)) for g in hp]
+        got = adam_stats(
+            params,
+            m,
+            [s["max_exp_avg_sq"] if g.get("amsgrad") else s["exp_avg_sq"] for s, g in zip(states, hp)],
+            steps=_steps([s["step"] for s in states]),
+            lrs=lrs,
+            beta1s=[_scalar(g["betas"][0]) for g in hp],
+            beta2s=[_scalar(g["betas"][1]) for g in hp],
+            epss=[_scalar(g["eps"]) for g in hp],
+            decays=[lr * _scalar(g["weight_decay"]) if d else 0.0 for lr, g, d in zip(lrs, hp, decoupled)],
+            chunks=bucket.chunks_for(sub),
+            count_eps=layers,
+        )
+        out = {"update_norm": bucket.expand(got["update_norm"], sub, 0.0)}
+        if layers:
+            out["above_eps"] = bucket.expand(got["above_eps"], sub, math.nan)
+            out["exp_avg_norm"] = bucket.expand(norms(m), sub, math.nan)
+            out["exp_avg_sq_sum"] = bucket.expand(norms(v, 1.0), sub, math.nan)  # v >= 0: L1 is the sum
+            out["exp_avg_sq_max"] = bucket.expand(norms(v, _INF), sub, math.nan)
+        return out
+
+    def to_columns(self, values: dict[str, np.ndarray], numels: np.ndarray) -> dict[str, np.ndarray]:
+        if "above_eps" not in values:
+            return {}
+        return {
+            "exp_avg_norm": values["exp_avg_norm"],
+            "exp_avg_sq_mean": values["exp_avg_sq_sum"] / np.maximum(numels, 1),
+            "exp_avg_sq_max": values["exp_avg_sq_max"],
+            "eps_frac": 1.0 - values["above_eps"] / np.maximum(numels, 1),
+        }
+
+
+class SgdStats(OptimizerStats):
+    """torch.optim.SGD: exact update norms from the gradients and `momentum_buffer`."""
+
+    columns = ("momentum_norm",)
+
+    def after(
+        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+    ) -> dict[str, Tensor]:
+        pos = list(active if active is not None else range(len(bucket.params)))
+        if not pos:
+            return {}
+        state, groups = self.optimizer.state, self.optimizer.param_groups
+        params = [bucket.params[j] for j in pos]
+        hp = [groups[bucket.groups[j]] for j in pos]
+        bufs = [state.get(p, {}).get("momentum_buffer") if g["momentum"] != 0 else None for p, g in zip(params, hp)]
+        update = sgd_update_norms(
+            params,
+            [grads[j] for j in pos],
+            bufs,
+            lrs=[_scalar(g["lr"]) for g in hp],
+            weight_decays=[_scalar(g["weight_decay"]) for g in hp],
+            momentums=[_scalar(g["momentum"]) for g in hp],
+            nesterovs=[bool(g["nesterov"]) for g in hp],
+            maximizes=[bool(g.get("maximize", False)) for g in hp],
+            chunks=bucket.chunks_for(active),
+        )
+        out = {"update_norm": bucket.expand(update, active, 0.0)}
+        have = [k for k, b in enumerate(bufs) if b is not None]
+        if layers and have:
+            out["momentum_norm"] = bucket.expand(norms([bufs[k] for k in have]), [pos[k] for k in have], math.nan)
+        return out
+
+
+class SampledStats(OptimizerStats):
+    """Any other optimizer: update norms from a bounded snapshot; norms of every state tensor."""
+
+    exact = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, budget: int) -> None:
+        super().__init__(optimizer)
+        self.budget = budget
+        self._snapshots: dict[int, SampledSnapshot] = {}
+        self._keys: dict[str, None] = {}
+
+    @property
+    def columns(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(f"state_norm_{k}" for k in self._keys)
+
+    def _snapshot(self, bucket: Bucket) -> SampledSnapshot:
+        snap = self._snapshots.get(id(bucket))
+        if snap is None:
+            total = sum(int(n) for n in bucket.numels)
+            share = max(1, round(self.budget * total / max(self._total(), 1)))  # budget split by size
+            snap = self._snapshots[id(bucket)] = SampledSnapshot(bucket.params, budget=share, seed=len(self._snapshots))
+        return snap
+
+    def _total(self) -> int:
+        return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+
+    def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
+        return self._snapshot(bucket).take(bucket.params)
+
+    def after(
+        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+    ) -> dict[str, Tensor]:
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, token)}
+        if not layers:
+            return out
+        states = [self.optimizer.state.get(p, {}) for p in bucket.params]
+        keys = dict.fromkeys(
+            k for s in states for k, t in s.items() if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0
+        )
+        for key in keys:
+            self._keys[key] = None
+            have = [j for j, s in enumerate(states) if isinstance(s.get(key), Tensor) and s[key].dim() > 0]
+            vec = norms([states[j][key] for j in have])
+            out[f"state_norm_{key}"] = bucket.expand(vec, None if len(have) == len(states) else have, math.nan)
+        return out
+
+
+def for_optimizer(optimizer: torch.optim.Optimizer, *, sample_budget: int) -> OptimizerStats:
+    """The statistics implementation for `optimizer`: exact for torch's Adam, AdamW and SGD.
+
+    A subclass that overrides `step` may change the update rule, so it gets the sampled estimate.
+    """
+    step = type(optimizer).step
+    if step in (torch.optim.Adam.step, torch.optim.AdamW.step):
+        return AdamStats(optimizer)
+    if step is torch.optim.SGD.step:
+        return SgdStats(optimizer)
+    return SampledStats(optimizer, budget=sample_budget)

@@ -1,0 +1,116 @@
+"""Host side of a step: turn the landed statistics into a step-table row and a layer block."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spikedoc.monitor.fingerprint import Fingerprint
+from spikedoc.store.schema import lr_column
+
+if TYPE_CHECKING:
+    from spikedoc.monitor.monitor import Monitor, _Step
+
+__all__ = ["step_row", "layer_block"]
+
+
+def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
+    """A record() value: host values as given, tensors from their landed copy."""
+    if type(value).__name__ == "_Late":
+        arr = values[value]
+        return arr.item() if arr.ndim == 0 else arr.tolist()
+    return value
+
+
+def _per_tensor(monitor: Monitor, values: dict[str, np.ndarray], key: str) -> np.ndarray | None:
+    """Per-bucket vectors of `key` put back into optimizer order; None if no bucket has them."""
+    out = np.full(len(monitor._params), np.nan)
+    found = False
+    for b, bucket in enumerate(monitor._buckets):
+        v = values.get(f"{b}:{key}")
+        if v is not None:
+            out[bucket.index] = v
+            found = True
+    return out if found else None
+
+
+def _total(vec: np.ndarray | None) -> float:
+    return math.nan if vec is None else float(np.sqrt(np.sum(np.square(vec, dtype=np.float64))))
+
+
+def _flat(chunks: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for c in chunks:
+        out += list(c) if isinstance(c, (list, tuple)) else [c]
+    return out
+
+
+def step_row(monitor: Monitor, st: _Step, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The step-table row of `st` (documented columns in spikedoc/store/schema.py)."""
+    rec = st.recorded
+    skipped = st.skipped or float(values.get("found_inf", 0.0)) > 0
+    losses = [float(_resolve(v, values)) for v in rec.get("losses", [])]
+    if losses:
+        loss = sum(losses) / len(losses)
+    elif "loss_sum" in values and st.loss_count:
+        loss = float(values["loss_sum"]) / st.loss_count
+    else:
+        loss = math.nan
+    grad = _per_tensor(monitor, values, "grad_norm")
+    update = _per_tensor(monitor, values, "update_norm")
+    nonfinite = _per_tensor(monitor, values, "nonfinite")
+    row: dict[str, Any] = {
+        "step": st.index,
+        "time": st.time,
+        "step_time": st.step_time,
+        "loss": loss,
+        "micro_batches": st.forwards or len(losses),
+    }
+    for g, lr in enumerate(st.lrs):
+        row[lr_column(g)] = float(_resolve(lr, values))
+    row.update(
+        grad_norm=_total(grad),
+        clip_coef=float(values["clip_coef"]) if "clip_coef" in values else 1.0,
+        param_norm=_total(_per_tensor(monitor, values, "param_norm")),
+        update_norm=0.0 if skipped else _total(update),
+        nonfinite_grads=int(np.nansum(nonfinite)) if nonfinite is not None else 0,
+        loss_scale=float(values["loss_scale"]) if "loss_scale" in values else None,
+        skipped=skipped,
+        samples=st.fingerprint.samples,
+        tokens=st.fingerprint.tokens,
+        sample_offset=st.sample_offset,
+        sample_ids=_flat([_resolve(v, values) for v in rec["sample_ids"]]) if "sample_ids" in rec else None,
+        sample_losses=[float(x) for x in _flat([_resolve(v, values) for v in rec["sample_losses"]])]
+        if "sample_losses" in rec
+        else None,
+        input_shapes=st.fingerprint.shapes,
+    )
+    row.update(Fingerprint.host_values({k[3:]: v for k, v in values.items() if k.startswith("fp:")}))
+    for key, value in rec.get("extra", {}).items():
+        row[key] = _resolve(value, values)
+    return row
+
+
+def layer_block(monitor: Monitor, st: _Step, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
+    n = len(monitor._params)
+    update = _per_tensor(monitor, values, "update_norm")
+    if update is None or st.skipped:
+        update = np.zeros(n)
+    before = _per_tensor(monitor, values, "param_norm_before")
+    block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(monitor._names)}
+    for key in ("grad_norm", "grad_max", "param_norm"):
+        vec = _per_tensor(monitor, values, key)
+        block[key] = (vec if vec is not None else np.full(n, np.nan)).astype(np.float32)
+    block["update_norm"] = update.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        block["update_ratio"] = (update / before).astype(np.float32) if before is not None else np.full(n, np.nan, np.float32)
+    nonfinite = _per_tensor(monitor, values, "nonfinite")
+    block["nonfinite"] = np.nan_to_num(nonfinite if nonfinite is not None else np.zeros(n)).astype(np.int64)
+    extra_keys = {k.split(":", 1)[1] for k in values if ":" in k and k.split(":", 1)[0].isdigit()}
+    optim = {k: v for k in extra_keys if (v := _per_tensor(monitor, values, k)) is not None}
+    for key, vec in monitor._stats.to_columns(optim, monitor._numels).items():
+        block[key] = np.asarray(vec, dtype=np.float32)
+    return block

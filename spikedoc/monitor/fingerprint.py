@@ -1,0 +1,195 @@
+"""Batch fingerprint: which samples a step saw and what they looked like, computed on the device.
+
+For every training forward the monitor hands the call's inputs to `Fingerprint.observe`. Host-side
+it notes sizes and shapes (free: no data is read); device-side it folds the input tensors into a
+64-bit content hash and, for integer (token id) inputs, measures each sample's non-padding length
+and distinct-token count. Nothing here copies the batch to the host or synchronises: the results are
+small device tensors that ride along in the monitor's one device-to-host copy per step.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Fingerprint", "content_hash", "sequence_stats", "flatten_inputs"]
+
+_ROW = 4096  # hash weights per row; inputs are hashed as (rows, _ROW) blocks
+_BLOCK = 1 << 22  # elements hashed per kernel batch, bounding the temporaries for large inputs
+_SENTINEL = torch.iinfo(torch.int64).min  # marks padding before sorting; never a token id
+_MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (golden ratio), as a signed int64
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_weights: dict[torch.device, Tensor] = {}
+
+
+def _row_weights(device: torch.device) -> Tensor:
+    w = _weights.get(device)
+    if w is None:
+        # Fixed seed: the same batch hashes the same in every run and on every device.
+        gen = torch.Generator().manual_seed(0x5EED)
+        w = torch.randint(-(1 << 62), 1 << 62, (_ROW,), generator=gen, dtype=torch.int64) * 2 + 1
+        w = _weights[device] = w.to(device)
+    return w
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The tensor's elements as int64 (floats by their bit pattern), flattened."""
+    t = t.detach().reshape(-1)
+    if t.dtype == torch.bool:
+        return t.to(torch.int64)
+    if t.is_floating_point() or t.is_complex():
+        t = t.view(_BITS[t.element_size()]) if t.element_size() in _BITS else t.view(torch.uint8)
+    return t.to(torch.int64)
+
+
+def content_hash(t: Tensor) -> Tensor:
+    """64-bit polynomial hash of a tensor's contents and shape, as a 0-dim int64 device tensor.
+
+    `sum_r (r * MIX + 1) * sum_j x[r, j] * w[j]` over rows of 4096 elements with fixed random odd
+    weights `w`, computed modulo 2**64 (int64 arithmetic wraps), plus a hash of the shape and dtype.
+
+    Example:
+        >>> a = torch.arange(10)
+        >>> bool(content_hash(a) == content_hash(a.clone())), bool(content_hash(a) == content_hash(a + 1))
+        (True, False)
+    """
+    x = _bits(t)
+    w = _row_weights(x.device)
+    salt = zlib.crc32(f"{tuple(t.shape)}:{t.dtype}".encode())
+    total = torch.full((), salt, dtype=torch.int64, device=x.device)
+    for start in range(0, x.numel(), _BLOCK):
+        block = x[start : start + _BLOCK]
+        pad = (-block.numel()) % _ROW
+        if pad:
+            block = torch.cat([block, block.new_zeros(pad)])
+        rows = block.view(-1, _ROW)  # (R, _ROW)
+        row_hash = (rows * w).sum(1)  # (R,)
+        r = torch.arange(start // _ROW, start // _ROW + rows.shape[0], device=x.device, dtype=torch.int64)
+        total = total + (row_hash * (r * _MIX + 1)).sum()
+    return total
+
+
+def sequence_stats(ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-sample non-padding length and number of distinct tokens, on the device.
+
+    Args:
+        ids: Token ids, `(B, T)` (further dims are flattened into T).
+        mask: True/nonzero for real tokens, same shape, or None when nothing is padding.
+
+    Returns:
+        `(lengths, distinct)`, both `(B,)` int64. Distinct tokens are counted by sorting each row and
+        counting value changes: fixed shapes, no host sync.
+
+    Example:
+        >>> sequence_stats(torch.tensor([[5, 5, 7, 0]]), torch.tensor([[1, 1, 1, 0]]))
+        (tensor([3]), tensor([2]))
+    """
+    ids = ids.detach().reshape(ids.shape[0], -1).to(torch.int64)  # (B, T)
+    if mask is None:
+        lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=ids.device)
+        vals = ids
+    else:
+        mask = mask.detach().reshape(ids.shape) != 0
+        lengths = mask.sum(1)
+        vals = torch.where(mask, ids, _SENTINEL)
+    s = vals.sort(dim=1).values  # (B, T)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    if mask is not None:
+        new &= s != _SENTINEL
+    return lengths, new.sum(1)
+
+
+def flatten_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
+    """(name, tensor) for every tensor in a forward call's inputs, one level into dicts and lists."""
+    out: list[tuple[str, Tensor]] = []
+    items = [(f"arg{i}", a, "") for i, a in enumerate(args)] + [(k, v, f"{k}.") for k, v in kwargs.items()]
+    for name, value, prefix in items:
+        if isinstance(value, Tensor):
+            out.append((name, value))
+        elif isinstance(value, Mapping):  # model(batch) with a dict batch: its keys name the inputs
+            out += [(f"{prefix}{k}", v) for k, v in value.items() if isinstance(v, Tensor)]
+        elif isinstance(value, (list, tuple)):
+            out += [(f"{name}.{i}", v) for i, v in enumerate(value) if isinstance(v, Tensor)]
+    return out
+
+
+@dataclass
+class Fingerprint:
+    """Accumulates the fingerprint of the micro-batches of one optimizer step.
+
+    Args:
+        pad_token_id: Token id that marks padding when no `attention_mask` input is given.
+        measure: False to only count samples (steps that are not logged skip the device work).
+    """
+
+    pad_token_id: int | None = None
+    measure: bool = True
+    samples: int = 0
+    tokens: int = 0
+    shapes: str | None = None
+    hash: Tensor | None = None
+    lengths: list[Tensor] = field(default_factory=list)
+    distinct: list[Tensor] = field(default_factory=list)
+
+    def observe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Fold one forward call's inputs into the step's fingerprint."""
+        inputs = flatten_inputs(args, kwargs)
+        if not inputs:
+            return
+        by_name = dict(inputs)
+        ids = by_name.get("input_ids")
+        if ids is None or ids.is_floating_point():
+            ids = next((t for _, t in inputs if t.dim() >= 1 and not (t.is_floating_point() or t.is_complex())), None)
+        first = ids if ids is not None else next((t for _, t in inputs if t.dim() >= 1), None)
+        self.samples += int(first.shape[0]) if first is not None else 0
+        self.tokens += ids.numel() if ids is not None else 0
+        if self.shapes is None:
+            self.shapes = ",".join(f"{n}:{'x'.join(map(str, t.shape)) or 'scalar'}" for n, t in inputs)
+        if not self.measure:
+            return
+        h = None
+        for name, t in inputs:
+            one = content_hash(t) * (zlib.crc32(name.encode()) * 2 + 1)  # order of inputs matters
+            h = one if h is None else h + one
+        self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters
+        if ids is not None and ids.dim() >= 2:
+            mask = by_name.get("attention_mask")
+            if mask is None or mask.shape[:2] != ids.shape[:2]:
+                mask = (ids != self.pad_token_id) if self.pad_token_id is not None else None
+            lengths, distinct = sequence_stats(ids, mask)
+            self.lengths.append(lengths)
+            self.distinct.append(distinct)
+
+    def device_values(self) -> dict[str, Tensor]:
+        """The step's device-side results: hash halves and sequence statistics (empty if none)."""
+        out: dict[str, Tensor] = {}
+        if self.hash is not None:
+            # Two 32-bit halves travel exactly through the float64 host transfer.
+            out["hash_lo"] = self.hash & 0xFFFFFFFF
+            out["hash_hi"] = (self.hash >> 32) & 0xFFFFFFFF
+        if self.lengths:
+            lengths = torch.cat(self.lengths).to(torch.float64)  # (samples,)
+            distinct = torch.cat(self.distinct).to(torch.float64)
+            s = lengths.sort().values
+            n = s.numel()
+            valid = lengths > 0
+            ratio = (distinct / lengths.clamp(min=1) * valid).sum() / valid.sum()  # NaN if all empty
+            out["seq_len"] = torch.stack([s[0], (s[(n - 1) // 2] + s[n // 2]) / 2, s[-1], ratio])
+        return out
+
+    @staticmethod
+    def host_values(values: Mapping[str, Any]) -> dict[str, Any]:
+        """Step-table columns from the host copies of `device_values()`."""
+        row: dict[str, Any] = {}
+        if "hash_lo" in values:
+            row["batch_hash"] = f"{(int(values['hash_hi']) << 32) | int(values['hash_lo']):016x}"
+        if "seq_len" in values:
+            lo, med, hi, ratio = (float(v) for v in values["seq_len"])
+            row.update(seq_len_min=lo, seq_len_median=med, seq_len_max=hi, distinct_token_ratio=ratio)
+        return row

@@ -1,0 +1,575 @@
+"""The Monitor: optimizer-step and forward hooks that record every optimizer step of a training run."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import time
+import warnings
+import weakref
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spikedoc.monitor import meta as _meta
+from spikedoc.monitor._optim import Bucket, for_optimizer
+from spikedoc.monitor._rows import layer_block, step_row
+from spikedoc.monitor._transfer import Landing, Packer
+from spikedoc.monitor.fingerprint import Fingerprint
+from spikedoc.monitor.statistics import Chunks, clip_coefficient, nonfinite_counts, norms
+from spikedoc.store.writer import RunWriter
+
+__all__ = ["WatchConfig", "Monitor", "watch"]
+
+logger = logging.getLogger(__name__)
+
+#: Elementwise temporaries per batch: 1% of the parameters, but at least 2**22 elements (16 MB in
+#: fp32), so models up to ~400M parameters take one batch and larger ones stay within 1%.
+_TEMP_SHARE, _TEMP_MIN = 0.01, 1 << 22
+#: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
+_SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
+_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+@dataclass(kw_only=True)
+class WatchConfig:
+    """How `watch` records; every field is a keyword argument of `watch`."""
+
+    every: int = 1
+    """Write a step row every `every` optimizer steps (steps whose index is a multiple)."""
+    layer_every: int = 1
+    """Write per-tensor layer rows every `layer_every` optimizer steps."""
+    clip: float | None = None
+    """Clip gradients to this global L2 norm in the step pre-hook (like `clip_grad_norm_`)."""
+    flush_every: int = 100
+    """Step rows buffered per Parquet part: the most a `kill -9` loses when steps are fast."""
+    flush_seconds: float = 30.0
+    """Longest time rows stay buffered: the most a `kill -9` loses when steps are slow."""
+    start_step: int | None = None
+    """Index of the first recorded step; default: the optimizer's own step count, else 0."""
+    pad_token_id: int | None = None
+    """Token id counted as padding in sequence lengths when the model gets no `attention_mask`."""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "layer_every", "flush_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"watch: {name} must be a positive integer, got {value!r}")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise ValueError(f"watch: clip must be a positive max norm or None, got {self.clip!r}")
+        if not (isinstance(self.flush_seconds, (int, float)) and self.flush_seconds > 0):
+            raise ValueError(f"watch: flush_seconds must be > 0, got {self.flush_seconds!r}")
+        if self.start_step is not None and (not isinstance(self.start_step, int) or self.start_step < 0):
+            raise ValueError(f"watch: start_step must be a non-negative integer or None, got {self.start_step!r}")
+
+
+@dataclass(eq=False)
+class _Step:
+    """Everything gathered about one optimizer step, from its first forward to its host row."""
+
+    index: int
+    logged: bool
+    layers: bool
+    fingerprint: Fingerprint
+    forwards: int = 0
+    loss_sum: Tensor | None = None
+    loss_count: int = 0
+    recorded: dict[str, Any] = field(default_factory=dict)
+    late: list[Landing] = field(default_factory=list)
+    packer: Packer = field(default_factory=Packer)
+    active: dict[int, list[int] | None] = field(default_factory=dict)
+    grads: dict[int, list[Tensor]] = field(default_factory=dict)
+    tokens: dict[int, Any] = field(default_factory=dict)
+    broken: bool = False
+    skipped: bool = False
+    time: float = math.nan
+    step_time: float = math.nan
+    lrs: list[Any] = field(default_factory=list)
+    sample_offset: int = 0
+    landing: Landing | None = None
+
+    @property
+    def work(self) -> bool:
+        return self.logged or self.layers
+
+
+class _Late(str):
+    """Key of a record() tensor value travelling to the host separately."""
+
+
+def _extract_loss(output: Any) -> Tensor | None:
+    if isinstance(output, Mapping):
+        output = output.get("loss")
+    elif not isinstance(output, Tensor):
+        output = getattr(output, "loss", None)
+    if isinstance(output, Tensor) and output.numel() == 1 and output.is_floating_point():
+        return output
+    return None
+
+
+class Monitor:
+    """Records one training run, per optimizer step, to a spikedoc run directory (Parquet).
+
+    Created by `spikedoc.watch`; see it for the arguments. Step table columns: `step`, `time`,
+    `step_time`, `loss`, `micro_batches`, `lr` (`lr_<i>` for group i > 0), `grad_norm`,
+    `clip_coef`, `param_norm`, `update_norm`, `nonfinite_grads`, `loss_scale`, `skipped`,
+    `samples`, `tokens`, `sample_offset`, `sample_ids`, `sample_losses`, `batch_hash`,
+    `input_shapes`, `seq_len_min`, `seq_len_median`, `seq_len_max`, `distinct_token_ratio`, plus
+    any extra scalar given to `record`. Layer table columns: `step`, `name`, `grad_norm`,
+    `grad_max`, `param_norm`, `update_norm`, `update_ratio`, `nonfinite`, and per optimizer
+    `exp_avg_norm`, `exp_avg_sq_mean`, `exp_avg_sq_max`, `eps_frac` (Adam/AdamW), `momentum_norm`
+    (SGD) or `state_norm_<key>` (others).
+
+    Example:
+        >>> import tempfile, torch, spikedoc
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> with spikedoc.watch(model, opt, run_dir=tempfile.mkdtemp()) as monitor:
+        ...     for _ in range(3):
+        ...         model(torch.randn(8, 4)).pow(2).mean().backward()
+        ...         opt.step(); opt.zero_grad()
+        >>> monitor.step
+        3
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        run_dir: str | Path,
+        config: WatchConfig,
+        scaler: Any = None,
+    ) -> None:
+        self.model, self.optimizer, self.config, self.scaler = model, optimizer, config, scaler
+        self.run_dir = Path(run_dir)
+        self._dropped = 0
+        self._warned: set[str] = set()
+        self._closed = False
+        self._handles: list[Any] = []
+        self._pending: _Step | None = None
+        self._after_norms: dict[int, tuple[Tensor, list[int]]] = {}
+        self._steps_since_update = 0
+        self._sample_offset = 0
+        self._last_end = math.nan
+        self._build_plan()
+        start = config.start_step if config.start_step is not None else self._optimizer_step_count()
+        self._cur = self._new_step(start)
+        rank, _ = _meta.distributed_rank()
+        self.writer = RunWriter(self.run_dir, rank=rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds)
+        try:
+            watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
+                         "update_norm": "exact" if self._stats.exact else "sampled"}  # fmt: skip
+            self.segment = self.writer.open(_meta.describe(model, optimizer, self._names, watch=watch_cfg, start_step=start))
+            self.writer.add_event("start", start, segment=self.segment)
+        except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training
+            self.segment = -1
+            self._fail("open", exc)
+        pre = torch.compiler.disable(self._on_forward_pre)  # runs eagerly around compiled graphs
+        post = torch.compiler.disable(self._on_forward)
+        self._handles += [
+            model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True),
+            optimizer.register_step_pre_hook(self._on_step_pre),
+            optimizer.register_step_post_hook(self._on_step_post),
+        ]
+        if scaler is not None:
+            self._wrap_scaler(scaler)
+        _OPEN.add(self)
+
+    # ------------------------------------------------------------------------------- public API
+
+    @property
+    def step(self) -> int:
+        """Index of the next optimizer step."""
+        return self._cur.index
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows lost: steps whose statistics failed plus rows the writer could not write."""
+        return self._dropped + self.writer.dropped_rows
+
+    def record(
+        self,
+        loss: float | Tensor | None = None,
+        *,
+        sample_ids: Any = None,
+        sample_losses: Any = None,
+        **extra: float | int | bool | Tensor,
+    ) -> None:
+        """Attach values to the current step (or, right after `optimizer.step()`, to that step).
+
+        A call made after the optimizer step and before the next forward belongs to the step just
+        taken; any other call belongs to the step being accumulated. Losses given here replace the
+        auto-captured loss of the step (several calls: their mean); `sample_ids` and
+        `sample_losses` of several calls are concatenated; an extra scalar keeps its last value.
+
+        Args:
+            loss: The step's (or micro-batch's) loss.
+            sample_ids: Ints or strings naming the samples of the batch.
+            sample_losses: Per-sample losses aligned with `sample_ids`.
+            **extra: Further scalars, each stored in a column of its name.
+
+        Example:
+            >>> monitor.record(loss=loss, sample_ids=batch["ids"], tokens_per_sec=tps)  # doctest: +SKIP
+        """
+        try:
+            st = self._cur
+            if st.forwards == 0 and self._pending is not None:
+                st = self._pending
+            if not st.logged:
+                return
+            if loss is not None:
+                st.recorded.setdefault("losses", []).append(self._value(st, loss))
+            for key, value in (("sample_ids", sample_ids), ("sample_losses", sample_losses)):
+                if value is not None:
+                    st.recorded.setdefault(key, []).append(self._value(st, value))
+            for key, value in extra.items():
+                st.recorded.setdefault("extra", {})[key] = self._value(st, value)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("record", exc)
+
+    def event(self, kind: str, **detail: Any) -> None:
+        """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index.
+
+        A checkpoint event with step s holds the state after steps 0..s-1: resuming from it
+        re-runs step s.
+        """
+        try:
+            self.writer.add_event(kind, self._cur.index, **detail)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("event", exc)
+
+    def close(self) -> None:
+        """Write the last step, remove the hooks and flush the writer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._consume()
+        for handle in self._handles:
+            handle.remove()
+        if self.scaler is not None and "update" in vars(self.scaler):
+            del self.scaler.update
+        try:
+            self.writer.add_event("close", self._cur.index, dropped_rows=self.dropped_rows)
+        finally:
+            self.writer.close()
+            _OPEN.discard(self)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --------------------------------------------------------------------------------- planning
+
+    def _build_plan(self) -> None:
+        params, groups = [], []
+        for g, group in enumerate(self.optimizer.param_groups):
+            params += group["params"]
+            groups += [g] * len(group["params"])
+        self._params = params
+        self._names = _meta.parameter_names(self.model, params)
+        self._numels = np.array([p.numel() for p in params], dtype=np.float64)
+        total = int(self._numels.sum())
+        budget = max(int(total * _TEMP_SHARE), _TEMP_MIN)
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_key.setdefault((p.device, p.dtype), []).append(i)
+        self._buckets = [
+            Bucket(device=dev, dtype=dt, index=ix, params=[params[i] for i in ix], groups=[groups[i] for i in ix],
+                   chunks=Chunks([params[i].numel() for i in ix], budget), numels=self._numels[ix])
+            for (dev, dt), ix in by_key.items()
+        ]  # fmt: skip
+        self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
+        self._stats = for_optimizer(self.optimizer, sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN))
+        self._after_norms = {}
+
+    def _optimizer_step_count(self) -> int:
+        counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
+        return int(max((float(c) for c in counts), default=0))
+
+    def _new_step(self, index: int) -> _Step:
+        logged, layers = index % self.config.every == 0, index % self.config.layer_every == 0
+        return _Step(index=index, logged=logged, layers=layers,
+                     fingerprint=Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged))  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ hooks
+
+    def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled():  # evaluation forwards are not part of a step
+            return
+        st = self._cur
+        st.forwards += 1
+        try:
+            st.fingerprint.observe(args, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("fingerprint", exc, st)
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        st = self._cur
+        if not (st.logged and torch.is_grad_enabled()):
+            return
+        try:
+            loss = _extract_loss(output)
+            if loss is not None:
+                loss = loss.detach().float().reshape(())
+                st.loss_sum = loss if st.loss_sum is None else st.loss_sum + loss
+                st.loss_count += 1
+        except Exception as exc:  # noqa: BLE001
+            self._fail("loss", exc, st)
+
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        self._consume()
+        st = self._cur
+        if not (st.work or self.config.clip is not None) or st.broken:
+            return
+        try:
+            if sum(len(g["params"]) for g in optimizer.param_groups) != len(self._params):
+                self._build_plan()  # add_param_group() since watch()
+            grad_scale = kwargs.get("grad_scale") if isinstance(kwargs, Mapping) else None
+            self._grad_stats(st, clip=self.config.clip, grad_scale=grad_scale)
+            found_inf = kwargs.get("found_inf") if isinstance(kwargs, Mapping) else None
+            if isinstance(found_inf, Tensor) and st.work:  # fused optimizers skip inf steps themselves
+                st.packer.add("found_inf", found_inf.float().sum())
+        except Exception as exc:  # noqa: BLE001
+            self._fail("step_pre", exc, st)
+
+    def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._steps_since_update += 1
+        self._finish_step(skipped=False)
+
+    # ----------------------------------------------------------------------------- statistics
+
+    def _grad_stats(self, st: _Step, *, clip: float | None, grad_scale: Any = None) -> None:
+        layer_norms = []
+        for b, bucket in enumerate(self._buckets):
+            grads = [p.grad for p in bucket.params]
+            active = None
+            if any(g is None for g in grads):
+                active = [j for j, g in enumerate(grads) if g is not None]
+                grads = [g if g is not None else self._placeholders[b] for g in grads]
+            st.active[b], st.grads[b] = active, grads
+            gn = norms(grads)  # (n,)
+            if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
+                gn = gn / grad_scale.to(gn.device, torch.float32)
+            layer_norms.append(gn)
+            if not st.work:
+                continue
+            st.packer.add(f"{b}:grad_norm", gn)
+            cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
+            st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
+            if st.layers:
+                gmax = norms(grads, math.inf)
+                if isinstance(grad_scale, Tensor):
+                    gmax = gmax / grad_scale.to(gmax.device, torch.float32)
+                st.packer.add(f"{b}:grad_max", gmax)
+                st.packer.add(f"{b}:param_norm_before", self._param_norms_before(b, bucket))
+            st.tokens[b] = self._stats.before(bucket, grads, active)
+        if clip is not None and layer_norms:
+            first = layer_norms[0].device
+            total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
+            coef = clip_coefficient(total, clip)
+            for b, bucket in enumerate(self._buckets):
+                real = [g for g in st.grads[b] if g is not self._placeholders[b]]
+                if real:
+                    torch._foreach_mul_(real, coef.to(bucket.device))
+            if st.work:
+                st.packer.add("clip_coef", coef)
+
+    def _param_norms_before(self, b: int, bucket: Bucket) -> Tensor:
+        cached = self._after_norms.get(b)
+        # The previous step's after-norms are this step's before-norms unless a parameter was
+        # modified in place since (a checkpoint load, a rollback): its version counter tells.
+        if cached is not None and cached[1] == [p._version for p in bucket.params]:
+            return cached[0]
+        return norms(bucket.params)
+
+    def _finish_step(self, *, skipped: bool) -> None:
+        st = self._cur
+        now = time.time()
+        st.time, st.step_time, st.skipped = now, now - self._last_end, skipped
+        self._last_end = now
+        try:
+            if st.work and not st.broken:
+                self._post_stats(st, skipped)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("step_post", exc, st)
+        finally:
+            st.sample_offset = self._sample_offset
+            self._sample_offset += st.fingerprint.samples
+            st.grads, st.tokens = {}, {}
+            self._pending = st if st.work else None
+            self._cur = self._new_step(st.index + 1)
+
+    def _post_stats(self, st: _Step, skipped: bool) -> None:
+        pk = st.packer
+        with torch.no_grad():
+            for b, bucket in enumerate(self._buckets):
+                pn = norms(bucket.params)
+                self._after_norms[b] = (pn, [p._version for p in bucket.params])
+                pk.add(f"{b}:param_norm", pn)
+                if skipped:
+                    continue
+                got = self._stats.after(bucket, st.grads[b], st.active[b], st.tokens.get(b), layers=st.layers)
+                for key, value in got.items():
+                    pk.add(f"{b}:{key}", value)
+        for g, group in enumerate(self.optimizer.param_groups):
+            lr = group.get("lr", math.nan)
+            if isinstance(lr, Tensor):
+                pk.add(f"lr:{g}", lr.float())
+                lr = _Late(f"lr:{g}")
+            st.lrs.append(lr)
+        if st.loss_sum is not None:
+            pk.add("loss_sum", st.loss_sum)
+        scale = getattr(self.scaler, "_scale", None)
+        if isinstance(scale, Tensor):
+            pk.add("loss_scale", scale.float())
+        for key, value in st.fingerprint.device_values().items():
+            pk.add(f"fp:{key}", value)
+        st.landing = pk.launch()
+
+    # ------------------------------------------------------------------------------ host side
+
+    def _value(self, st: _Step, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            key = _Late(f"rec:{len(st.late)}")
+            p = Packer()
+            p.add(key, value.detach().float() if value.is_floating_point() else value.detach())
+            st.late.append(p.launch())
+            return key
+        return value
+
+    def _consume(self) -> None:
+        st, self._pending = self._pending, None
+        if st is None:
+            return
+        rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
+        if st.broken or st.landing is None:
+            self._dropped += rows
+            return
+        try:
+            values = dict(st.landing.values())
+            for landing in st.late:
+                values.update(landing.values())
+            step, layers = step_row(self, st, values), layer_block(self, st, values) if st.layers else None
+        except Exception as exc:  # noqa: BLE001
+            self._dropped += rows
+            self._fail("assemble", exc)
+            return
+        if st.logged:
+            self.writer.add_step(step)
+        if layers is not None:
+            self.writer.add_layers(layers)
+
+    # ----------------------------------------------------------------------------------- misc
+
+    def _wrap_scaler(self, scaler: Any) -> None:
+        original = scaler.update
+
+        def update(new_scale: Any = None) -> Any:
+            # GradScaler skips optimizer.step() (and so our hooks) when grads hold inf/NaN; the
+            # next update() is where that becomes visible. The scale is read before it changes.
+            if self._steps_since_update == 0 and not self._closed:
+                self._skipped_step()
+            self._steps_since_update = 0
+            return original(new_scale)
+
+        scaler.update = update
+
+    def _skipped_step(self) -> None:
+        self._consume()
+        st = self._cur
+        try:
+            if st.work and not st.broken:
+                self._grad_stats(st, clip=None)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("skipped_step", exc, st)
+        self._finish_step(skipped=True)
+
+    def _fail(self, where: str, exc: BaseException, st: _Step | None = None) -> None:
+        if st is not None:
+            st.broken = True
+        if where not in self._warned:
+            self._warned.add(where)
+            warnings.warn(
+                f"spikedoc: {where} failed ({exc!r}); the affected rows are dropped and training continues",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            logger.warning("spikedoc: %s failed", where, exc_info=exc)
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_dir: str | Path | None = None,
+    *,
+    every: int = 1,
+    layer_every: int = 1,
+    clip: float | None = None,
+    scaler: Any = None,
+    flush_every: int = 100,
+    flush_seconds: float = 30.0,
+    start_step: int | None = None,
+    pad_token_id: int | None = None,
+) -> Monitor:
+    """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
+
+    Attaches forward hooks (loss, micro-batch count, batch fingerprint) and optimizer step hooks
+    (gradient, parameter, update and optimizer-state statistics). The training loop stays as it is.
+    Monitoring failures never stop training: they warn once and count in `Monitor.dropped_rows`.
+
+    Args:
+        model: The module whose forward is called in training (compiled, DDP-wrapped or plain).
+        optimizer: The optimizer whose `step()` ends each training step.
+        run_dir: Run directory; None picks `runs/<YYYYmmdd-HHMMSS>`. An existing run gets a new
+            segment appended.
+        every: Write a step row every `every` steps.
+        layer_every: Write per-tensor layer rows every `layer_every` steps.
+        clip: Clip gradients to this global L2 norm (drop your own `clip_grad_norm_` call).
+        scaler: The `torch.amp.GradScaler` in use, to record the loss scale and skipped steps.
+        flush_every: Step rows per Parquet part (the most a crash loses when steps are fast).
+        flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
+        start_step: Index of the first step; default: the optimizer's step count, else 0.
+        pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
+
+    Returns:
+        The Monitor; close it (or use it as a context manager) when training ends. Open monitors
+        are also closed at interpreter exit.
+
+    Example:
+        >>> import tempfile, torch, spikedoc
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> monitor = spikedoc.watch(model, opt, run_dir=tempfile.mkdtemp(), clip=1.0)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+        >>> monitor.close()
+    """
+    config = WatchConfig(every=every, layer_every=layer_every, clip=clip, flush_every=flush_every,
+                         flush_seconds=flush_seconds, start_step=start_step, pad_token_id=pad_token_id)  # fmt: skip
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if run_dir is None:
+        run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Monitor(model, optimizer, run_dir, config, scaler=scaler)
+
+
+@atexit.register
+def _close_open_monitors() -> None:
+    # Registered after the writer's own atexit hook, so it runs first: pending rows reach the
+    # writer before the writer closes.
+    for monitor in list(_OPEN):
+        try:
+            monitor.close()
+        except Exception:  # noqa: BLE001 - interpreter exit must not fail
+            logger.debug("spikedoc: closing a monitor at exit failed", exc_info=True)

@@ -1,0 +1,351 @@
+"""Batched statistics of parameters, gradients and optimizer state: pure torch, no host syncs.
+
+Every function takes lists of tensors that share one device and dtype (a "bucket") and returns
+stacked float32 vectors on that device, one value per tensor, computed with `torch._foreach_*`
+ops so the cost is a handful of kernel launches whatever the number of tensors. Functions that need
+elementwise temporaries work through `Chunks`, which bounds the temporaries to a fixed number of
+elements by splitting large tensors into flat views.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CLIP_EPS",
+    "Chunks",
+    "norms",
+    "nonfinite_counts",
+    "clip_coefficient",
+    "adam_stats",
+    "sgd_update_norms",
+    "SampledSnapshot",
+]
+
+#: Added to the total norm before dividing, exactly as `torch.nn.utils.clip_grad_norm_` does.
+CLIP_EPS = 1e-6
+
+
+class Chunks:
+    """Splits a fixed list of tensor sizes into batches of flat pieces of at most `budget` elements.
+
+    Temporaries made for one batch then never exceed `budget` elements, however large a single
+    tensor is. Per-piece results are folded back to per-tensor values with `fold_sum`.
+
+    Args:
+        numels: Element counts of the tensors, in order.
+        budget: Most elements of one batch.
+
+    Example:
+        >>> chunks = Chunks([10, 3], budget=4)
+        >>> [[(i, a, b) for i, a, b in batch] for batch in chunks.batches]
+        [[(0, 0, 4)], [(0, 4, 8)], [(0, 8, 10), (1, 0, 2)], [(1, 2, 3)]]
+    """
+
+    def __init__(self, numels: Sequence[int], budget: int) -> None:
+        if budget < 1:
+            raise ValueError(f"Chunks: budget must be >= 1, got {budget}")
+        self.numels = [int(n) for n in numels]
+        self.budget = budget
+        self.batches: list[list[tuple[int, int, int]]] = [[]]
+        room = budget
+        for i, n in enumerate(self.numels):
+            start = 0
+            while start < n or (n == 0 and start == 0):
+                if room == 0:
+                    self.batches.append([])
+                    room = budget
+                stop = min(n, start + room)
+                self.batches[-1].append((i, start, stop))
+                room -= stop - start
+                start = stop
+                if n == 0:
+                    break
+        self.batches = [b for b in self.batches if b]
+        owners = [i for batch in self.batches for i, _, _ in batch]
+        self.split = len(owners) != len(self.numels)
+        self._whole = [[a == 0 and b == self.numels[i] for i, a, b in batch] for batch in self.batches]
+        self._owner: dict[torch.device, Tensor] = {}
+        self._owners = owners
+
+    def views(self, batch: int, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The pieces of batch `batch` cut from `tensors` (views; whole tensors stay unreshaped)."""
+        return [
+            tensors[i] if whole else tensors[i].reshape(-1)[a:b]
+            for (i, a, b), whole in zip(self.batches[batch], self._whole[batch])
+        ]
+
+    def fold_sum(self, pieces: Tensor) -> Tensor:
+        """Per-tensor sums of per-piece values: `(pieces,)` -> `(tensors,)`."""
+        if not self.split:
+            return pieces
+        owner = self._owner.get(pieces.device)
+        if owner is None:
+            owner = self._owner[pieces.device] = torch.tensor(self._owners, device=pieces.device)
+        return torch.zeros(len(self.numels), dtype=pieces.dtype, device=pieces.device).index_add_(0, owner, pieces)
+
+
+def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """Per-tensor vector norm (`ord` 2, 1 or inf) as a float32 vector, accumulated in float32."""
+    return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+
+
+def nonfinite_counts(tensors: Sequence[Tensor], chunks: Chunks, l2: Tensor | None = None) -> Tensor:
+    """Number of NaN/inf elements of each tensor, as a float32 vector.
+
+    With `l2` (the tensors' L2 norms, already computed) the count is only computed for tensors whose
+    norm is not finite: a finite norm proves every element finite. That shortcut reads `l2` on the
+    host, so use it only where reading is free (CPU); on an accelerator leave `l2` out and every
+    tensor is counted on the device.
+    """
+    if l2 is not None:
+        counts = torch.zeros(len(tensors), dtype=torch.float32, device=l2.device)
+        bad = torch.isfinite(l2).logical_not_().nonzero().flatten().tolist()
+        for i in bad:
+            counts[i] = torch.isfinite(tensors[i]).logical_not_().sum()
+        return counts
+    pieces = []
+    for b in range(len(chunks.batches)):
+        zeros = torch._foreach_mul(chunks.views(b, tensors), 0.0)  # 0 where finite, NaN elsewhere
+        pieces.extend(torch._foreach_norm(zeros, 0, dtype=torch.float32))  # ord 0 counts nonzeros
+    return chunks.fold_sum(torch.stack(pieces))
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """`clip_grad_norm_`'s factor: `min(1, max_norm / (total_norm + 1e-6))`, as a device tensor."""
+    return torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0)
+
+
+def _scaled_norms(pieces: list[Tensor], factors: Sequence[float]) -> list[Tensor]:
+    # Norms are 0-dim tensors; a ScalarList multiply scales them all in one launch.
+    return list(torch._foreach_mul(pieces, list(factors))) if pieces else []
+
+
+def _update_norms(
+    directions: list[Tensor],
+    params: list[Tensor],
+    scales: Sequence[float],
+    decays: Sequence[float],
+) -> list[Tensor]:
+    """Norms of `-(a * p_new + c * X) / (1 - a)` for each piece, overwriting `directions` (X).
+
+    This is the parameter change of one step for SGD and Adam(W) given the new parameters and the
+    step direction X with its scale c, and the decoupled decay factor a = lr * weight_decay (0 when
+    decay is folded into the gradient): p_old = (p_new + c * X) / (1 - a).
+    """
+    out: list[Tensor | None] = [None] * len(directions)
+    plain = [i for i, a in enumerate(decays) if a == 0.0]
+    decayed = [i for i, a in enumerate(decays) if a != 0.0]
+    if plain:
+        got = torch._foreach_norm([directions[i] for i in plain], 2, dtype=torch.float32)
+        for i, n in zip(plain, _scaled_norms(list(got), [abs(scales[i]) for i in plain])):
+            out[i] = n
+    if decayed:
+        # ||a p + c X|| = |a| * ||p + (c / a) X||: one in-place multiply and add, no new buffer.
+        xs = [directions[i] for i in decayed]
+        torch._foreach_mul_(xs, [scales[i] / decays[i] for i in decayed])
+        torch._foreach_add_(xs, [params[i] for i in decayed])
+        got = torch._foreach_norm(xs, 2, dtype=torch.float32)
+        factors = [abs(decays[i] / (1.0 - decays[i])) if decays[i] != 1.0 else math.inf for i in decayed]
+        for i, n in zip(decayed, _scaled_norms(list(got), factors)):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+def adam_stats(
+    params: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    denom_sqs: Sequence[Tensor],
+    *,
+    steps: Sequence[float],
+    lrs: Sequence[float],
+    beta1s: Sequence[float],
+    beta2s: Sequence[float],
+    epss: Sequence[float],
+    decays: Sequence[float],
+    chunks: Chunks,
+    count_eps: bool = True,
+) -> dict[str, Tensor]:
+    """Update norms and eps counts of an Adam/AdamW step, from the state after the step.
+
+    Torch's Adam moves each parameter by `-(lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)` with
+    `bc_k = 1 - beta_k ** step`, after shrinking it by `1 - lr * weight_decay` when the decay is
+    decoupled (AdamW). The same float arithmetic is repeated here per tensor with the tensor's own
+    group hyperparameters.
+
+    Args:
+        params: Parameters after the step.
+        exp_avgs: `exp_avg` state (m) after the step.
+        denom_sqs: The second moment in the denominator: `exp_avg_sq`, or `max_exp_avg_sq` with
+            amsgrad.
+        steps: Each tensor's `state["step"]` after the step.
+        lrs, beta1s, beta2s, epss: Each tensor's group hyperparameters.
+        decays: `lr * weight_decay` for decoupled decay (AdamW), 0.0 for Adam's L2 decay.
+        chunks: Batching plan of the tensors' sizes (bounds the two temporaries).
+        count_eps: Also count the elements whose `sqrt(v_hat)` is above eps (three more passes).
+
+    Returns:
+        `update_norm`: L2 norm of each parameter's change; with `count_eps`, `above_eps`: number of
+        elements whose bias-corrected `sqrt(v_hat)` is above eps (the rest is at or below it).
+    """
+    bc2_sqrt = [(1 - b2**t) ** 0.5 for b2, t in zip(beta2s, steps)]
+    step_sizes = [lr / (1 - b1**t) for lr, b1, t in zip(lrs, beta1s, steps)]
+    updates: list[Tensor] = []
+    above: list[Tensor] = []
+    for b, batch in enumerate(chunks.batches):
+        idx = [i for i, _, _ in batch]
+        p, m, v = (chunks.views(b, t) for t in (params, exp_avgs, denom_sqs))
+        eps = [epss[i] for i in idx]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
+        # Count sqrt(v_hat) > eps: (x - eps) clamped at 0 is nonzero exactly there (NaN counts too).
+        if count_eps:
+            excess = torch._foreach_sub(denom, eps)
+            torch._foreach_clamp_min_(excess, 0.0)
+            above.extend(torch._foreach_norm(excess, 0, dtype=torch.float32))
+            del excess
+        torch._foreach_add_(denom, eps)
+        direction = torch._foreach_div(m, denom)  # X = m / denom, the step is -step_size * X
+        del denom
+        updates.extend(_update_norms(list(direction), p, [step_sizes[i] for i in idx], [decays[i] for i in idx]))
+    update = chunks.fold_sum(torch.stack(updates).square()).sqrt()
+    out = {"update_norm": update}
+    if count_eps:
+        out["above_eps"] = chunks.fold_sum(torch.stack(above))
+    return out
+
+
+def sgd_update_norms(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor | None],
+    *,
+    lrs: Sequence[float],
+    weight_decays: Sequence[float],
+    momentums: Sequence[float],
+    nesterovs: Sequence[bool],
+    maximizes: Sequence[bool],
+    chunks: Chunks,
+) -> Tensor:
+    """Update norms of a torch SGD step, from the parameters, gradients and momentum after it.
+
+    With momentum and no Nesterov the change is `-lr * buf`; otherwise it is
+    `-(lr * wd * p_new + lr * (s * g + mu * buf)) / (1 - lr * wd)` with s = -1 under `maximize`,
+    which undoes the L2 decay folded into the gradient.
+    """
+    full_bufs = [buf if buf is not None else p for buf, p in zip(buffers, params)]  # None only where mu = 0
+    out: list[Tensor] = []
+    for b, batch in enumerate(chunks.batches):
+        idx = [i for i, _, _ in batch]
+        p, g, buf = chunks.views(b, params), chunks.views(b, grads), chunks.views(b, full_bufs)
+        sign = [-1.0 if maximizes[i] else 1.0 for i in idx]
+        heavy = [momentums[i] != 0 and not nesterovs[i] for i in idx]
+        result: list[Tensor | None] = [None] * len(idx)
+        hv = [j for j, h in enumerate(heavy) if h]
+        if hv:  # -lr * buf: a norm of the state, no temporary
+            got = torch._foreach_norm([buf[j] for j in hv], 2, dtype=torch.float32)
+            for j, n in zip(hv, _scaled_norms(list(got), [abs(lrs[idx[j]]) for j in hv])):
+                result[j] = n
+        rest = [j for j, h in enumerate(heavy) if not h]
+        # X = g + s * mu * buf, with step scale c = lr * s; written into a fresh buffer whenever it
+        # will be modified (the gradients belong to the user).
+        fresh = [j for j in rest if momentums[idx[j]] != 0 or weight_decays[idx[j]] != 0]
+        xs = dict(zip(fresh, torch._foreach_mul([g[j] for j in fresh], 1.0))) if fresh else {}
+        nest = [j for j in fresh if momentums[idx[j]] != 0]
+        if nest:
+            torch._foreach_add_(
+                [xs[j] for j in nest],
+                torch._foreach_mul([buf[j] for j in nest], [sign[j] * momentums[idx[j]] for j in nest]),
+            )
+        got = _update_norms(
+            [xs.get(j, g[j]) for j in rest],
+            [p[j] for j in rest],
+            [lrs[idx[j]] * sign[j] for j in rest],
+            [lrs[idx[j]] * weight_decays[idx[j]] for j in rest],
+        )
+        for j, n in zip(rest, got):
+            result[j] = n
+        out.extend(result)  # type: ignore[arg-type]
+    return chunks.fold_sum(torch.stack(out).square()).sqrt()
+
+
+class SampledSnapshot:
+    """Update norms of any optimizer from a bounded copy of the parameters taken before the step.
+
+    Tensors of at most `exact_below` elements are copied whole (exact). Larger ones keep a fixed
+    stratified random sample of elements (one per equal stretch of the flattened tensor), sized so
+    that all samples together hold about `budget` elements and each tensor at least `min_sample`;
+    their update norm is estimated as `sqrt(numel / k * sum(sample_diff ** 2))`.
+
+    Args:
+        params: The parameters (fixes sizes, device and dtype).
+        budget: Elements to keep in total (copies of small tensors count against it).
+        exact_below: Largest tensor copied whole.
+        min_sample: Fewest elements sampled from a large tensor.
+        seed: Seed of the sample positions (fixed, so every step samples the same elements).
+
+    Example:
+        >>> p = [torch.zeros(10), torch.zeros(10_000)]
+        >>> snap = SampledSnapshot(p, budget=200, exact_below=64, min_sample=100)
+        >>> before = snap.take(p)
+        >>> p[1] += 1.0
+        >>> snap.update_norms(p, before).round()
+        tensor([  0., 100.])
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        *,
+        budget: int,
+        exact_below: int = 4096,
+        min_sample: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        numels = [p.numel() for p in params]
+        exact = [i for i, n in enumerate(numels) if n <= exact_below]
+        large = [i for i, n in enumerate(numels) if n > exact_below]
+        room = max(budget - sum(numels[i] for i in exact), 0)
+        total_large = sum(numels[i] for i in large)
+        frac = min(1.0, room / total_large) if total_large else 0.0
+        self.exact = exact
+        self.sampled: list[int] = []
+        self.index: list[Tensor] = []
+        self.scale: list[float] = []
+        gen = torch.Generator().manual_seed(seed)
+        for i in large:
+            n = numels[i]
+            k = max(min(n, min_sample), math.ceil(frac * n))
+            if k >= n:
+                self.exact.append(i)
+                continue
+            bounds = torch.arange(k + 1, dtype=torch.float64) * (n / k)  # k equal strata of [0, n)
+            lo, width = bounds[:-1].floor(), bounds[1:].floor() - bounds[:-1].floor()
+            pos = (lo + (torch.rand(k, generator=gen, dtype=torch.float64) * width).floor()).long()
+            self.sampled.append(i)
+            self.index.append(pos.to(params[i].device))
+            self.scale.append(math.sqrt(n / k))
+        self.exact.sort()
+        self.kept = sum(numels[i] for i in self.exact) + sum(len(ix) for ix in self.index)
+
+    def take(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """Copy the kept elements of `params` (call before the step)."""
+        kept = list(torch._foreach_mul([params[i].detach() for i in self.exact], 1.0)) if self.exact else []
+        kept += [params[i].detach().reshape(-1).index_select(0, ix) for i, ix in zip(self.sampled, self.index)]
+        return kept
+
+    def update_norms(self, params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
+        """Per-tensor update norms (exact or estimated) of `params` now against `before`."""
+        now = [params[i].detach() for i in self.exact]
+        now += [params[i].detach().reshape(-1).index_select(0, ix) for i, ix in zip(self.sampled, self.index)]
+        diff = torch._foreach_sub(now, before)
+        got = torch._foreach_norm(diff, 2, dtype=torch.float32)
+        got = torch._foreach_mul(list(got), [1.0] * len(self.exact) + self.scale)
+        out: list[Tensor | None] = [None] * (len(self.exact) + len(self.sampled))
+        for i, n in zip(self.exact + self.sampled, got):
+            out[i] = n
+        return torch.stack(out)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Shared test helpers: a tiny real transformer and real text."""
