@@ -1,0 +1,140 @@
+"""Specification of `spikedoc analyze RUN [--json]`: report, JSON, exit codes, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from spikedoc.cli import app
+from tests.common.planted import healthy_layers, healthy_steps, write_run
+
+T = 400
+runner = CliRunner()
+
+
+def _analyze(*args: str):
+    return runner.invoke(app, ["analyze", *map(str, args)])
+
+
+@pytest.fixture
+def clean(tmp_path) -> Path:
+    steps = healthy_steps()
+    return write_run(tmp_path / "clean", steps, healthy_layers(steps))
+
+
+@pytest.fixture
+def spiky(tmp_path) -> Path:
+    steps = healthy_steps()
+    steps.loc[T, "distinct_token_ratio"] = 0.02
+    steps.loc[T:, "loss"] *= 1.6  # does not come back: a rollback is recommended
+    return write_run(tmp_path / "spiky", steps, healthy_layers(steps), events=[("checkpoint", 350, {"path": "c/350.pt"})])
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_help_lists_the_analyze_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "analyze" in result.output
+
+
+def test_a_healthy_run_exits_0(clean):
+    result = _analyze(clean)
+    assert result.exit_code == 0, result.output
+    assert "No incidents" in result.output
+
+
+def test_a_run_with_incidents_exits_1_with_a_table_and_explanations(spiky):
+    result = _analyze(spiky)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "Incidents" in text and "bad_batch" in text
+    assert "distinct-token ratio 0.02: near-constant input" in text
+    assert "roll back to the checkpoint of step 350 (c/350.pt)" in text
+
+
+def test_json_prints_the_diagnosis_dict(spiky):
+    result = _analyze(spiky, "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["format"] == 1 and data["incidents"][0]["cause"] == "bad_batch"
+    assert data["incidents"][0]["recommendation"]["rollback_to_step"] == 350
+
+
+def test_json_of_a_healthy_run_exits_0(clean):
+    result = _analyze(clean, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["healthy"] is True
+
+
+def test_lints_and_missing_inputs_are_reported(tmp_path):
+    path = tmp_path / "log.csv"
+    steps = healthy_steps(warmup=0)
+    steps[["step", "loss", "lr"]].to_csv(path, index=False)
+    result = _analyze(path)
+    text = " ".join(result.output.split())
+    assert "no_warmup" in text and "why:" in text
+    assert "Not in this run" in text and "layers: no per-tensor attribution" in text
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_a_missing_path_is_one_line_and_exit_2(tmp_path):
+    assert "no such file or directory" in _one_error_line(_analyze(tmp_path / "nope"))
+
+
+def test_an_empty_directory_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "is an empty directory" in _one_error_line(_analyze(tmp_path / "empty"))
+
+
+def test_a_foreign_directory_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8\xff")
+    assert "is not a run" in _one_error_line(_analyze(tmp_path / "photos"))
+
+
+def test_a_corrupt_parquet_file_is_one_line_and_exit_2(clean):
+    for part in (clean / "steps").rglob("*.parquet"):
+        part.write_bytes(b"PAR1 this is not parquet")
+    assert "none of its" in _one_error_line(_analyze(clean))
+
+
+def test_a_truncated_part_among_good_ones_is_skipped_and_named(tmp_path):
+    steps = healthy_steps()
+    run = write_run(tmp_path / "run", steps.iloc[:300])
+    write_run(run, steps.iloc[300:])
+    part = sorted((run / "steps").rglob("*.parquet"))[-1]
+    part.write_bytes(part.read_bytes()[:100])
+    result = _analyze(run)
+    assert result.exit_code == 0, result.output
+    assert "warning: skipped unreadable part" in " ".join(result.output.split())
+
+
+def test_a_run_from_a_newer_format_version_is_one_line_and_exit_2(clean):
+    meta = json.loads((clean / "meta.json").read_text())
+    meta["format_version"] = 99
+    (clean / "meta.json").write_text(json.dumps(meta))
+    assert "upgrade spikedoc" in _one_error_line(_analyze(clean))
+
+
+def test_a_nan_only_loss_column_is_one_line_and_exit_2(tmp_path):
+    steps = healthy_steps(n=60)
+    steps["loss"] = np.nan
+    assert "loss column holds no finite value" in _one_error_line(_analyze(write_run(tmp_path / "run", steps)))
+
+
+def test_a_csv_without_a_step_column_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("loss\n1.0\n2.0\n")
+    assert "no step column" in _one_error_line(_analyze(path))
