@@ -130,18 +130,21 @@ def test_layer_rows_are_sorted_by_step_then_name_in_row_groups_of_row_group_step
     assert ranges == [(0, 4), (5, 9), (10, 14), (15, 19)]
 
 
-def test_each_part_holds_flush_every_steps_with_their_layer_rows(tmp_path):
+def test_each_batch_of_flush_every_steps_shares_one_part_number_across_tables(tmp_path):
     writer = RunWriter(tmp_path, flush_every=5, flush_seconds=3600)
     writer.open({})
     _record(writer, range(6))  # the 6th step row closes the first batch of 5
     _wait_for(lambda: len(_parts(tmp_path, "layers")) == 1)
-    _record(writer, range(6, 12))
+    _record(writer, range(6, 8))
+    writer.add_event("checkpoint", 7)
+    _record(writer, range(8, 12))
     writer.close()
     assert [pq.read_table(p)["step"].to_pylist() for p in _parts(tmp_path, "steps")] == [
         [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]
     ]
     layer_steps = [sorted(set(pq.read_table(p)["step"].to_pylist())) for p in _parts(tmp_path, "layers")]
     assert layer_steps == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    assert [p.name for p in _parts(tmp_path, "events")] == ["part-0-000001.parquet"]  # the batch of step 7
 
 
 def test_buffered_rows_are_written_after_flush_seconds(tmp_path):

@@ -120,7 +120,7 @@ class RunWriter:
         self._closing = self._closed = False
         self._thread: threading.Thread | None = None
         self._meta: dict[str, Any] | None = None  # set while meta.json still has to be written
-        self._next_seq: dict[str, int] = {}
+        self._seq: int | None = None  # seq of the next batch's parts
         self._extra_types: dict[str, pa.DataType] = {}
         self._warned: set[str] = set()
 
@@ -152,7 +152,7 @@ class RunWriter:
             self._warn("newer", f"run format {old['format_version']} is newer than {FORMAT_VERSION}; not appending")
             return -1
         segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
-        on_disk = [seg for seg, _ in _parts_on_disk(self.run_dir / partition_dir(STEPS, self.rank))]
+        on_disk = [seg for seg, _ in _parts_on_disk(self._folder(STEPS))]
         known = [int(s.get("segment", -1)) for s in segments] + on_disk
         self.segment = int(forced) if forced is not None else max(known, default=-1) + 1
         entry = {"segment": self.segment, "start_time": meta.get("start_time", time.time())}
@@ -288,6 +288,10 @@ class RunWriter:
     def _write_batch(self, batch: dict[str, list[Any]]) -> None:
         if self._meta is not None:
             self._write_meta()  # retried: the directory may have become writable
+        if self._seq is None:  # continue after parts an earlier process wrote for this segment
+            found = [q for t in batch for seg, q in _parts_on_disk(self._folder(t)) if seg == self.segment]
+            self._seq = max(found, default=-1) + 1
+        seq, self._seq = self._seq, self._seq + 1  # one seq per batch: a step's rows share it in every table
         builders = {STEPS: self._steps_table, LAYERS: self._layers_table, EVENTS: self._events_table}
         for table, items in batch.items():
             if not items:
@@ -299,16 +303,16 @@ class RunWriter:
                 self._drop(rows, f"build_{table}", f"could not convert {table} rows to Arrow ({exc!r})")
                 continue
             if data is not None:
-                self._write_part(table, data, data.num_rows)
+                self._write_part(table, data, seq)
 
-    def _write_part(self, table: str, data: pa.Table, rows: int) -> None:
-        folder = self.run_dir / partition_dir(table, self.rank)
+    def _folder(self, table: str) -> Path:
+        return self.run_dir / partition_dir(table, self.rank)
+
+    def _write_part(self, table: str, data: pa.Table, seq: int) -> None:
+        folder = self._folder(table)
         tmp = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            seq = self._next_seq.get(table)
-            if seq is None:  # continue after parts an earlier process wrote for this segment
-                seq = max((q for seg, q in _parts_on_disk(folder) if seg == self.segment), default=-1) + 1
             name = f"part-{self.segment}-{seq:06d}.parquet"
             tmp = folder / f".{name}.tmp"
             group = None
@@ -317,9 +321,8 @@ class RunWriter:
             strings = [f.name for f in data.schema if pa.types.is_string(f.type)]
             pq.write_table(data, tmp, compression="zstd", use_dictionary=strings, row_group_size=group)
             os.replace(tmp, folder / name)
-            self._next_seq[table] = seq + 1
         except Exception as exc:  # noqa: BLE001 - disk full, unwritable dir, ...
-            self._drop(rows, "write", f"could not write {folder}: {exc}")
+            self._drop(data.num_rows, "write", f"could not write {folder}: {exc}")
             if tmp is not None and tmp.parent.is_dir():
                 tmp.unlink(missing_ok=True)
 
