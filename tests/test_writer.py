@@ -205,6 +205,37 @@ def test_appending_to_a_run_starts_the_next_segment_and_keeps_earlier_parts(tmp_
     assert {p.name.split("-")[1] for p in _parts(tmp_path, "layers")} == {"0", "1"}
 
 
+def test_a_writer_forced_onto_an_existing_segment_continues_its_part_numbers(tmp_path):
+    for steps in (range(3), range(3, 6)):
+        writer = RunWriter(tmp_path)
+        assert writer.open({"segment": 0}) == 0
+        _record(writer, steps)
+        writer.close()
+    assert [p.name for p in _parts(tmp_path, "steps")] == ["part-0-000000.parquet", "part-0-000001.parquet"]
+    assert _read(tmp_path, "steps")["step"].to_pylist() == list(range(6))
+
+
+def test_only_rank_zero_writes_meta_and_each_rank_its_own_partition(tmp_path):
+    writer = RunWriter(tmp_path, rank=3)
+    writer.open({"model": "tiny"})
+    _record(writer, range(2))
+    writer.close()
+    assert not (tmp_path / "meta.json").exists()
+    assert [p.parent.name for p in (tmp_path / "steps").glob("*/part-*.parquet")] == ["rank=3"]
+
+
+def test_a_run_of_a_newer_format_is_not_appended_to(tmp_path, caplog):
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
+    writer = RunWriter(tmp_path)
+    writer.open({})
+    _record(writer, range(2))
+    writer.close()
+    assert json.loads((tmp_path / "meta.json").read_text()) == {"format_version": FORMAT_VERSION + 1}
+    assert not (tmp_path / "steps").exists()
+    assert writer.dropped_rows == 2 + 2 * len(NAMES)
+    assert any("newer" in r.getMessage() for r in caplog.records)
+
+
 def test_extra_scalars_become_columns_and_all_null_columns_are_typed(tmp_path):
     writer = RunWriter(tmp_path)
     writer.open({})
@@ -285,6 +316,29 @@ def test_invalid_options_name_the_option():
         RunWriter("unused", flush_every=0)
     with pytest.raises(ValueError, match="flush_seconds"):
         RunWriter("unused", flush_seconds=0)
+
+
+def test_rows_still_buffered_at_interpreter_exit_are_written(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        from spikedoc.store.writer import RunWriter
+        writer = RunWriter(sys.argv[1], flush_every=1000, flush_seconds=3600)
+        writer.open({})
+        for step in range(7):
+            writer.add_step({"step": step, "loss": 1.0, "sample_ids": ["a"], "sample_losses": [0.5]})
+            writer.add_layers({"step": np.full(2, step), "name": ["b", "a"], "grad_norm": np.ones(2)})
+        writer.add_event("checkpoint", 6, path="x.pt")
+        # no close(): the interpreter exits with the rows still buffered
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, timeout=120,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "could not" not in done.stderr, done.stderr
+    run = spikedoc.load(tmp_path)
+    assert run.steps["step"].tolist() == list(range(7))
+    assert len(run.layers()) == 14 and run.events["kind"].tolist() == ["checkpoint"]
 
 
 _KILLED_SCRIPT = textwrap.dedent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -161,6 +162,7 @@ class RunWriter:
         if self.rank == 0:  # one meta.json per run; other ranks only write their partitions
             self._meta = {**old, **meta, "format_version": FORMAT_VERSION, "segments": [*segments, entry]}
             self._write_meta()
+        _warm_up()
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._loop, name=f"spikedoc-writer-{self.rank}", daemon=True)
             self._thread.start()
@@ -427,6 +429,18 @@ def _scalar(value: Any, typ: pa.DataType) -> Any:
     if pa.types.is_boolean(typ):
         return bool(value)
     return str(value)
+
+
+@functools.cache
+def _warm_up() -> None:
+    """Run pyarrow's lazy imports (its pandas shim, the zstd codec) on the caller's thread.
+
+    Otherwise the first conversion happens on the writer thread, and when that is at interpreter
+    exit (rows buffered, close() from atexit) the imports fail with "can't register atexit after
+    shutdown" and the rows are lost.
+    """
+    table = pa.table({"step": pa.array([0], _I64), "name": pa.array(["x"], pa.string())})
+    pq.write_table(table.sort_by("step"), pa.BufferOutputStream(), compression="zstd", use_dictionary=["name"])
 
 
 def _parts_on_disk(folder: Path) -> list[tuple[int, int]]:
