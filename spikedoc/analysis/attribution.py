@@ -56,6 +56,8 @@ _LOG_SIGMA_FLOOR = 0.02
 _EPS_FRAC_RISE = 0.05
 # exp_avg_sq_mean at or below this share of its history counts as a collapse (one decade).
 _V_COLLAPSE = 0.1
+# Rows sampled for the distribution of per-batch worst-sample ratios.
+_PROFILE_ROWS = 20_000
 # Fewer logged steps than this before the scan window: no per-tensor baseline.
 _MIN_HISTORY = 8
 
@@ -71,7 +73,12 @@ class BatchProfile:
 
 
 def batch_profile(steps: pd.DataFrame) -> BatchProfile:
-    """Median and robust sigma of each batch statistic present in `steps` (all ranks' rows)."""
+    """Median and robust sigma of each batch statistic present in `steps` (all ranks' rows).
+
+    Besides the recorded columns, `worst_sample_ratio`: median and robust sigma of the log of each
+    batch's largest sample loss over its median sample loss, from `sample_losses` (on a fixed
+    sample of at most 20,000 rows: a distribution needs no more, and a million lists cost seconds).
+    """
     profile = BatchProfile()
     for column in _BATCH_STATS:
         if column in steps.columns:
@@ -79,7 +86,24 @@ def batch_profile(steps: pd.DataFrame) -> BatchProfile:
             center, sigma = robust_center_scale(values, rel_floor=0.01)
             if math.isfinite(center):
                 profile.stats[column] = (center, sigma)
+    if "sample_losses" in steps.columns:
+        lists = steps["sample_losses"].dropna()
+        if len(lists) > _PROFILE_ROWS:
+            lists = lists.sample(_PROFILE_ROWS, random_state=0)
+        ratios = np.array([_worst_ratio(np.asarray(v, dtype=float)) for v in lists], dtype=float)
+        # A maximum is right-skewed; its logarithm is close to symmetric, so the z-score is taken there.
+        center, sigma = robust_center_scale(np.log(ratios[ratios > 0]))
+        if math.isfinite(center):
+            profile.stats["worst_sample_ratio"] = (center, sigma)
     return profile
+
+
+def _worst_ratio(losses: np.ndarray) -> float:
+    losses = losses[np.isfinite(losses)]
+    if losses.size < 2:
+        return math.nan
+    median = float(np.median(losses))
+    return float(losses.max()) / median if median > 0 else math.nan
 
 
 def attribute_batches(
@@ -122,7 +146,7 @@ def attribute_batches(
                 batch["anomalies"].append(sentence)
                 batch["flags"].append(flag)
         _repeat(batch, hashes)
-        _samples(batch, row, config)
+        _samples(batch, row, profile, config)
         out.append(batch)
     return out
 
@@ -196,7 +220,7 @@ def _repeat(batch: dict[str, Any], hashes: dict[str, Any]) -> None:
         batch["flags"].append("repeated")
 
 
-def _samples(batch: dict[str, Any], row: pd.Series, config: AnalysisConfig) -> None:
+def _samples(batch: dict[str, Any], row: pd.Series, profile: BatchProfile, config: AnalysisConfig) -> None:
     losses = row.get("sample_losses")
     if losses is None or _is_missing(losses):
         return
@@ -206,18 +230,25 @@ def _samples(batch: dict[str, Any], row: pd.Series, config: AnalysisConfig) -> N
         return
     order = np.argsort(np.where(np.isfinite(losses), losses, np.inf))[::-1]
     batch["worst_samples"] = [{"id": ids[i], "loss": float(losses[i])} for i in order[:3]]
-    center, sigma = robust_center_scale(losses, rel_floor=0.05)
-    outliers = [
-        i for i in order
-        if not math.isfinite(losses[i])
-        or (losses[i] >= config.batch_ratio * center and robust_z(losses[i], center, sigma) >= config.z_threshold)
-    ]
+    # A batch always has a worst sample; it is news only when it stands out more than the worst
+    # sample of the run's batches usually does (their max/median ratio, in `profile`).
+    if "worst_sample_ratio" not in profile.stats:
+        return
+    log_typical, log_spread = profile.stats["worst_sample_ratio"]
+    typical = math.exp(log_typical)
+    median = float(np.median(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else math.nan
+    if not median > 0:
+        return
+    ratio = losses / median
+    cut = max(config.batch_ratio * typical, math.exp(log_typical + config.z_threshold * log_spread))
+    outliers = [i for i in order if not math.isfinite(losses[i]) or ratio[i] >= cut]
     if outliers and len(outliers) <= len(losses) // 2:
         batch["outlier_sample_ids"] = [ids[i] for i in outliers]
         worst = outliers[0]
         batch["anomalies"].append(
-            f"sample {ids[worst]} has loss {fmt(losses[worst])}, {fmt(losses[worst] / center, 2)}x the batch's "
-            f"median sample loss ({fmt(center)})" + (f"; {len(outliers)} such samples" if len(outliers) > 1 else "")
+            f"sample {ids[worst]} has loss {fmt(losses[worst])}, {fmt(ratio[worst], 2)}x the batch's median sample "
+            f"loss ({fmt(median)}); the run's batches top out at {fmt(typical, 2)}x"
+            + (f"; {len(outliers)} such samples" if len(outliers) > 1 else "")
         )
         batch["flags"].append("outlier_samples")
 
