@@ -48,7 +48,9 @@ def test_csv_columns_are_mapped_through_the_alias_table(tmp_path):
 def test_every_documented_csv_alias_maps_to_its_canonical_column(tmp_path, canonical):
     for alias in ALIASES[canonical]:
         columns = [alias] if canonical == "step" else ["step", alias]
-        path = _csv(tmp_path, ",".join(f'"{c.upper()}"' for c in columns) + "\n" + ",".join("7" for _ in columns) + "\n")
+        path = _csv(
+            tmp_path, ",".join(f'"{c.upper()}"' for c in columns) + "\n" + ",".join("7" for _ in columns) + "\n"
+        )
         assert read_csv(path).steps[canonical].tolist() == [7], alias
 
 

@@ -216,3 +216,15 @@ def test_a_steps_table_without_a_step_column_raises_run_format_error(tmp_path):
     writer.add_step({"loss": 1.0})
     writer.close()
     assert "'step'" in _raised(tmp_path, RunFormatError)
+
+
+def test_layer_parts_written_by_other_tools_with_dictionary_names_are_read(run_dir):
+    import pyarrow as pa
+
+    extra = pa.table({"step": pa.array([50, 50], pa.int64()), "segment": pa.array([0, 0], pa.int32()),
+                      "name": pa.array(["embed.weight", "head.weight"]).dictionary_encode(),
+                      "grad_norm": pa.array([1.0, 2.0], pa.float32())})  # fmt: skip
+    pq.write_table(extra, run_dir / "layers" / "rank=0" / "part-0-000099.parquet")
+    window = load(run_dir).layers(49, 50)
+    assert list(zip(window["step"], window["name"]))[-2:] == [(50, "embed.weight"), (50, "head.weight")]
+    assert len(window) == len(NAMES) + 2

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from spikedoc.store.writer import RunWriter
 
-__all__ = ["RunWriter", "load", "Run", "read_csv", "read_tensorboard"]
+__all__ = ["Run", "RunWriter", "load", "read_csv", "read_tensorboard"]
 
 _LAZY = {
     "load": "spikedoc.store.reader",

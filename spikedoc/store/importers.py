@@ -15,7 +15,7 @@ import pandas as pd
 from spikedoc.errors import RunFormatError, RunNotFoundError
 from spikedoc.store.reader import Run
 
-__all__ = ["read_csv", "read_tensorboard", "ALIASES"]
+__all__ = ["ALIASES", "read_csv", "read_tensorboard"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ def read_tensorboard(path: str | Path) -> Run:
         for tag in tags.get("tensors", []):  # TF2-style scalar summaries are stored as tensors
             if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
                 continue
-            values = [(e.wall_time, e.step, float(tensor_util.make_ndarray(e.tensor_proto).item())) for e in acc.Tensors(tag)]
+            values = [
+                (e.wall_time, e.step, float(tensor_util.make_ndarray(e.tensor_proto).item())) for e in acc.Tensors(tag)
+            ]
             series[prefix + tag] += values
     for message in warnings:
         logger.warning("spikedoc: %s", message)
@@ -182,7 +184,9 @@ def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], me
     frame = frame.reset_index(drop=True)
     frame["step"] = frame["step"].astype("int64")
     if "segment" not in frame.columns:  # a step that goes backwards is a resume: new segment
-        frame.insert(1, "segment", np.concatenate([[0], np.cumsum(np.diff(frame["step"].to_numpy()) < 0)])[: len(frame)])
+        frame.insert(
+            1, "segment", np.concatenate([[0], np.cumsum(np.diff(frame["step"].to_numpy()) < 0)])[: len(frame)]
+        )
     frame["segment"] = frame["segment"].astype("int32")
     frame["rank"] = np.int64(0)
     frame = frame[["step", "segment", *[c for c in frame.columns if c not in ("step", "segment")]]]
@@ -190,7 +194,9 @@ def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], me
         logger.warning("spikedoc: %s", message)
     missing = list(_NEVER_IMPORTED)
     missing += [c for c in _ANALYSED if c not in frame.columns or frame[c].isna().all()]
-    return Run(path=path, source=source, meta={"source": source, **meta}, steps=frame, missing=missing, warnings=warnings)
+    return Run(
+        path=path, source=source, meta={"source": source, **meta}, steps=frame, missing=missing, warnings=warnings
+    )
 
 
 def _sanitize(name: str) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -115,7 +116,9 @@ class Run:
                 continue
             groups_read += len(groups) if expr is not None else fragment.num_row_groups
             files += bool(groups)
-            tables += [t.append_column("rank", pa.array([rank] * t.num_rows, pa.int64())) for t in got if t.num_rows]
+            tables += [
+                _decoded(t).append_column("rank", pa.array([rank] * t.num_rows, pa.int64())) for t in got if t.num_rows
+            ]
         self.layer_scan = {"files": files, "row_groups": groups_read, "row_groups_total": groups_total}
         if not tables:
             return _empty(("step", "segment", "name", "rank"))
@@ -253,11 +256,20 @@ def _read_table(run: Run, table: str) -> pd.DataFrame | None:
 
 def _scan(table_dir: Path, parts: list[tuple[Path, int]]) -> pa.Table:
     options = ds.FileSystemFactoryOptions(
-        partition_base_dir=str(table_dir), partitioning=ds.partitioning(pa.schema([("rank", pa.int64())]), flavor="hive")
+        partition_base_dir=str(table_dir),
+        partitioning=ds.partitioning(pa.schema([("rank", pa.int64())]), flavor="hive"),
     )
     factory = ds.FileSystemDatasetFactory(_LOCAL, [str(p) for p, _ in parts], _FORMAT, options)
     schema = factory.inspect(promote_options="permissive")  # parts may differ in optional columns
     return factory.finish(schema).to_table()
+
+
+def _decoded(table: pa.Table) -> pa.Table:
+    """Dictionary columns as plain values, so parts written with and without them concatenate."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
+    return table
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:

@@ -101,7 +101,9 @@ class RunWriter:
         for option, value in [("rank", rank), ("flush_every", flush_every), ("max_pending_rows", max_pending_rows),
                               ("row_group_steps", row_group_steps)]:  # fmt: skip
             if not isinstance(value, (int, np.integer)) or value < (0 if option == "rank" else 1):
-                raise ValueError(f"RunWriter: {option} must be an integer >= {0 if option == 'rank' else 1}, got {value!r}")
+                raise ValueError(
+                    f"RunWriter: {option} must be an integer >= {0 if option == 'rank' else 1}, got {value!r}"
+                )
         if not flush_seconds > 0:
             raise ValueError(f"RunWriter: flush_seconds must be > 0, got {flush_seconds!r}")
         self.run_dir = Path(run_dir)
@@ -233,7 +235,9 @@ class RunWriter:
                 self._drop(rows, "closed", "rows added after close() are dropped")
                 return
             if self._pending_rows + rows > self.max_pending_rows:
-                self._drop(rows, "queue_full", f"more than {self.max_pending_rows} rows waiting to be written; dropping")
+                self._drop(
+                    rows, "queue_full", f"more than {self.max_pending_rows} rows waiting to be written; dropping"
+                )
                 return
             # Cut before the step row that starts the next batch, not after the last one, so the
             # layer rows and events that follow a step row land in the same part number.
@@ -397,7 +401,9 @@ class RunWriter:
         tables = []
         for block in blocks:
             try:  # a bad block costs its own rows, not the whole flush
-                tables.append(pa.table({k: pa.array(v, type=_LAYER_TYPES.get(k) or _numpy_type(v)) for k, v in block.items()}))
+                tables.append(
+                    pa.table({k: pa.array(v, type=_LAYER_TYPES.get(k) or _numpy_type(v)) for k, v in block.items()})
+                )
             except (pa.ArrowException, TypeError, ValueError) as exc:
                 self._drop(len(block["name"]), "bad_layers", f"could not convert a layer block ({exc!r})")
         if not tables:
