@@ -106,6 +106,12 @@ def test_layers_returns_exactly_the_inclusive_step_window_and_requested_names(ru
     assert (window["rank"] == 0).all()
 
 
+def test_layers_accepts_a_single_name_and_a_column_subset(run_dir):
+    window = load(run_dir).layers(5, 6, names="head.weight", columns=["grad_norm"])
+    assert window["name"].tolist() == ["head.weight", "head.weight"]
+    assert set(window.columns) == {"step", "segment", "name", "grad_norm", "rank"}
+
+
 def test_layers_without_bounds_returns_the_whole_table(run_dir):
     assert len(load(run_dir).layers()) == 50 * len(NAMES)
 

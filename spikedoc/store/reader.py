@@ -58,7 +58,7 @@ class Run:
     source: str
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
     steps: pd.DataFrame = field(repr=False)
-    events: pd.DataFrame = field(repr=False, default_factory=lambda: _empty(EVENT_COLUMNS))
+    events: pd.DataFrame = field(repr=False, default_factory=lambda: _empty((*EVENT_COLUMNS, "rank")))
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     layer_scan: dict[str, int] = field(default_factory=dict, repr=False)
@@ -96,6 +96,8 @@ class Run:
             >>> window = run.layers(4_900, 5_000, names=["head.weight"])  # doctest: +SKIP
             >>> window.pivot_table(index="step", columns="name", values="grad_norm")  # doctest: +SKIP
         """
+        if isinstance(names, str):
+            names = [names]
         expr = None
         for part in (
             pc.field("step") >= start if start is not None else None,
