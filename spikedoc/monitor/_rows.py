@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = ["step_row", "layer_block"]
 
+_FINGERPRINT_COLUMNS = ("batch_hash", "seq_len_min", "seq_len_median", "seq_len_max", "distinct_token_ratio")
+
 
 def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
     """A record() value: host values as given, tensors from their landed copy."""
@@ -87,6 +89,7 @@ def step_row(monitor: Monitor, st: _Step, values: dict[str, np.ndarray]) -> dict
         else None,
         input_shapes=st.fingerprint.shapes,
     )
+    row.update(dict.fromkeys(_FINGERPRINT_COLUMNS))  # same columns in every part, null when unknown
     row.update(Fingerprint.host_values({k[3:]: v for k, v in values.items() if k.startswith("fp:")}))
     for key, value in rec.get("extra", {}).items():
         row[key] = _resolve(value, values)
