@@ -138,7 +138,7 @@ def char_text() -> CharText:
 def make_model(seed: int = 0, **overrides: int) -> TinyTransformer:
     """A freshly initialised tiny transformer sized to the text's vocabulary."""
     torch.manual_seed(seed)
-    cfg = TinyConfig(vocab_size=char_text().vocab_size, **overrides)
+    cfg = TinyConfig(**{"vocab_size": char_text().vocab_size, **overrides})
     return TinyTransformer(cfg)
 
 
