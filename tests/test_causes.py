@@ -265,7 +265,7 @@ def test_clip_norm_in_use_is_inferred_from_clip_coef_without_meta_config(tmp_pat
     steps["grad_norm"] *= 4  # now mostly above a 1.5 max norm
     steps["clip_coef"] = np.minimum(1.0, 1.5 / steps["grad_norm"])
     _elevate(steps, T, T + 15, 1.3)
-    meta = adamw_meta(config={"every": 1, "layer_every": 1})
+    meta = adamw_meta(watch={"every": 1, "layer_every": 1, "clip": None})
     inc = _only(analyze(write_run(tmp_path / "run", steps, meta=meta)))
     assert inc.recommendation["clip_max_norm"] == 1.0  # 1.5 observed -> 1.0
 

@@ -140,3 +140,38 @@ def test_a_bad_batch_on_one_rank_is_attributed_to_that_rank(tmp_path):
     assert inc.cause == "bad_batch" and diagnosis.summary["ranks"] == 2
     assert [(b["rank"], b["step"]) for b in inc.batches if b["anomalies"]] == [(1, T)]
     assert any(e.startswith(f"batch at step {T}, rank 1:") for e in inc.evidence)
+
+
+def test_a_real_training_run_recorded_by_watch_is_diagnosed(tmp_path):
+    import torch
+
+    from tests.common.models import char_text, make_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model is fastest on one thread, and the machine is shared
+    try:
+        model = make_model(seed=0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=0.01)
+        monitor = spikedoc.watch(model, optimizer, run_dir=tmp_path / "run", clip=1.0)
+        data = char_text()
+        for step in range(130):
+            for group in optimizer.param_groups:
+                group["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
+            ids, labels = data.batch(step)
+            if step == 100:  # a zero-filled shard: every token the same
+                ids, labels = torch.full_like(ids, 5), torch.full_like(labels, 5)
+            model(ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if (step + 1) % 25 == 0:
+                monitor.event("checkpoint", path=f"ckpt-{step + 1}.pt")  # holds the state before step + 1
+        monitor.close()
+    finally:
+        torch.set_num_threads(threads)
+    diagnosis = analyze(tmp_path / "run")
+    inc = diagnosis.incidents[0]
+    assert (inc.onset_step, inc.cause) == (100, "bad_batch")
+    assert inc.recommendation["skip_steps"] == [100]
+    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_path"]) == (100, "ckpt-100.pt")
+    assert [f.id for f in diagnosis.findings] == ["adam_coupled_weight_decay", "decay_on_bias_and_norm"]
+    assert diagnosis.missing == []

@@ -36,7 +36,7 @@ def test_lints_say_nothing_without_meta_or_steps():
 
 
 def test_adam_with_weight_decay_is_coupled_l2(meta, steps):
-    meta["optimizer"]["class"] = "Adam"
+    meta["optimizer"]["class"] = "torch.optim.adam.Adam"
     finding = lint(meta, steps)[0]
     assert finding.id == "adam_coupled_weight_decay" and finding.severity == "warning"
     assert "weight_decay=0.1 in 1 param group(s)" in finding.message and "AdamW" in finding.message
@@ -45,12 +45,12 @@ def test_adam_with_weight_decay_is_coupled_l2(meta, steps):
 
 def test_adam_without_weight_decay_is_fine(meta, steps):
     meta["optimizer"]["class"] = "Adam"
-    meta["optimizer"]["param_groups"][0]["weight_decay"] = 0.0
+    meta["optimizer"]["groups"][0]["weight_decay"] = 0.0
     assert "adam_coupled_weight_decay" not in _ids(meta, steps)
 
 
 def test_weight_decay_on_biases_and_norm_weights(meta, steps):
-    groups = meta["optimizer"]["param_groups"]
+    groups = meta["optimizer"]["groups"]
     groups[0]["params"] += groups[1]["params"]
     groups[1]["params"] = []
     finding = next(f for f in lint(meta, steps) if f.id == "decay_on_bias_and_norm")
@@ -59,14 +59,14 @@ def test_weight_decay_on_biases_and_norm_weights(meta, steps):
 
 
 def test_beta2_0999_in_a_from_scratch_run(meta, steps):
-    for group in meta["optimizer"]["param_groups"]:
+    for group in meta["optimizer"]["groups"]:
         group["betas"] = [0.9, 0.999]
     finding = next(f for f in lint(meta, steps) if f.id == "beta2_high_for_pretraining")
     assert "beta2 = 0.999 in a run trained from scratch" in finding.message and "0.95" in finding.message
 
 
 def test_beta2_0999_is_fine_for_a_fine_tuning_run_whose_loss_barely_moves(meta):
-    for group in meta["optimizer"]["param_groups"]:
+    for group in meta["optimizer"]["groups"]:
         group["betas"] = [0.9, 0.999]
     steps = healthy_steps(loss0=2.2, floor=2.0)
     assert "beta2_high_for_pretraining" not in _ids(meta, steps)
@@ -82,7 +82,7 @@ def test_no_warmup_is_not_judged_on_a_log_that_starts_mid_run(meta):
 
 
 def test_no_clipping_when_clip_is_unset_and_no_step_was_clipped(meta, steps):
-    meta["config"]["clip"] = None
+    meta["watch"]["clip"] = None
     finding = next(f for f in lint(meta, steps) if f.id == "no_clipping")
     assert finding.message.startswith("no gradient clipping: watch(clip=None) and clip_coef stayed 1.0; grad norm median 0.")
     assert finding.details["grad_norm_median"] == pytest.approx(float(np.median(steps["grad_norm"])))
@@ -110,6 +110,16 @@ def test_accumulation_with_an_averaged_loss_is_fine(meta, steps):
     assert "accumulation_not_averaged" not in _ids(meta, steps)
 
 
+def test_the_nested_meta_layout_is_read_too(steps):
+    meta = {
+        "model": {"parameters": [{"name": "ln.weight", "module_type": "LayerNorm"}, {"name": "fc.weight", "module_type": "Linear"}]},
+        "optimizer": {"class": "Adam", "param_groups": [{"index": 0, "weight_decay": 0.01, "betas": [0.9, 0.95],
+                                                         "params": ["ln.weight", "fc.weight"]}]},
+        "config": {"clip": None},
+    }
+    assert _ids(meta, steps) == ["adam_coupled_weight_decay", "decay_on_bias_and_norm", "no_clipping"]
+
+
 def test_every_lint_id_is_documented():
     text = (Path(__file__).resolve().parent.parent / "docs" / "analysis.md").read_text()
     assert [i for i in LINTS if f"`{i}`" not in text] == []
@@ -118,7 +128,7 @@ def test_every_lint_id_is_documented():
 def test_lints_reach_the_diagnosis_of_a_recorded_run(tmp_path, steps):
     meta = copy.deepcopy(adamw_meta())
     meta["optimizer"]["class"] = "Adam"
-    meta["config"]["clip"] = None
+    meta["watch"]["clip"] = None
     diagnosis = analyze(write_run(tmp_path / "run", steps, meta=meta))
     assert [f.id for f in diagnosis.findings] == ["adam_coupled_weight_decay", "no_clipping"]
     assert diagnosis.to_dict()["findings"][0]["why"].startswith("Adam adds weight_decay")

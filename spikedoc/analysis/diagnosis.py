@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis._meta import parameter_modules, watch_config
 from spikedoc.analysis._robust import finite, fmt
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
 from spikedoc.analysis.causes import Evidence, decide_cause, recommend
@@ -164,11 +165,10 @@ class _Analysis:
         self.meta = run.meta or {}
         self.multi_rank = "rank" in steps.columns and steps["rank"].nunique() > 1
         self.profile = batch_profile(steps)
-        params = (self.meta.get("model") or {}).get("parameters") or []
-        self.module_types = {p.get("name"): p.get("module_type") for p in params if isinstance(p, dict)}
+        self.module_types = parameter_modules(self.meta)
         self.checkpoints = _checkpoints(run.events)
         self.clip = _clip(self.meta, steps)
-        layer_every = (self.meta.get("config") or {}).get("layer_every")
+        layer_every = (watch_config(self.meta) or {}).get("layer_every")
         self.layer_every = int(layer_every) if isinstance(layer_every, int) and layer_every > 0 else 1
 
     def execute(self) -> None:
@@ -424,7 +424,7 @@ def _checkpoints(events: pd.DataFrame | None) -> list[tuple[int, int, str | None
 
 def _clip(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
     """The clipping max norm in use: meta config `clip`, else inferred from clipped steps' grad_norm * clip_coef."""
-    clip = (meta.get("config") or {}).get("clip")
+    clip = (watch_config(meta) or {}).get("clip")
     if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
         return float(clip)
     if {"clip_coef", "grad_norm"} <= set(steps.columns):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis._meta import optimizer_name, param_groups, parameter_modules, watch_config
 from spikedoc.analysis._robust import finite, fmt, fmt_steps
 from spikedoc.analysis.attribution import module_kind
 from spikedoc.analysis.context import warmup
@@ -86,22 +87,14 @@ def lint(meta: dict[str, Any] | None, steps: pd.DataFrame | None = None) -> list
     return found
 
 
-def _groups(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    groups = (meta.get("optimizer") or {}).get("param_groups") or []
-    return [g for g in groups if isinstance(g, dict)]
-
-
-def _optimizer(meta: dict[str, Any]) -> str:
-    return str((meta.get("optimizer") or {}).get("class") or "").rsplit(".", 1)[-1]
-
-
 def _adam_weight_decay(meta, steps) -> Finding | None:
-    if _optimizer(meta) != "Adam":
+    if optimizer_name(meta) != "Adam":
         return None
-    decayed = [g for g in _groups(meta) if _num(g.get("weight_decay")) > 0]
+    groups = param_groups(meta)
+    decayed = [i for i, g in enumerate(groups) if _num(g.get("weight_decay")) > 0]
     if not decayed:
         return None
-    wd = max(_num(g["weight_decay"]) for g in decayed)
+    wd = max(_num(groups[i]["weight_decay"]) for i in decayed)
     return Finding(
         id="adam_coupled_weight_decay",
         severity="warning",
@@ -110,14 +103,14 @@ def _adam_weight_decay(meta, steps) -> Finding | None:
         why="Adam adds weight_decay * w to the gradient, which is then divided by sqrt(v): parameters with large "
         "gradients get almost no decay and quiet ones a lot. AdamW shrinks every weight by lr * wd outside the "
         "adaptive step (Loshchilov & Hutter 2019), which is what published recipes mean by weight decay.",
-        details={"weight_decay": wd, "groups": [g.get("index") for g in decayed]},
+        details={"weight_decay": wd, "groups": decayed},
     )
 
 
 def _decay_on_bias_norm(meta, steps) -> Finding | None:
-    types = {p.get("name"): p.get("module_type") for p in ((meta.get("model") or {}).get("parameters") or []) if isinstance(p, dict)}
+    types = parameter_modules(meta)
     hit = []
-    for group in _groups(meta):
+    for group in param_groups(meta):
         if not _num(group.get("weight_decay")) > 0:
             continue
         for name in group.get("params") or []:
@@ -139,9 +132,9 @@ def _decay_on_bias_norm(meta, steps) -> Finding | None:
 
 
 def _beta2(meta, steps) -> Finding | None:
-    if _optimizer(meta).lower() not in _ADAM_FAMILY:
+    if optimizer_name(meta).lower() not in _ADAM_FAMILY:
         return None
-    betas = [g.get("betas") for g in _groups(meta) if isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2]
+    betas = [g.get("betas") for g in param_groups(meta) if isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2]
     high = [b for b in betas if _num(b[1]) >= 0.999]
     if not high:
         return None
@@ -180,8 +173,8 @@ def _no_warmup(meta, steps) -> Finding | None:
 
 
 def _no_clipping(meta, steps) -> Finding | None:
-    config = meta.get("config")
-    if not isinstance(config, dict) or config.get("clip") is not None or "grad_norm" not in steps.columns:
+    config = watch_config(meta)
+    if config is None or config.get("clip") is not None or "grad_norm" not in steps.columns:
         return None
     if len(steps) < _MIN_STEPS:
         return None
@@ -210,7 +203,7 @@ def _clip_always(meta, steps) -> Finding | None:
     share = float((coef < 0.999).mean())
     if share < _ALWAYS_CLIPPED:
         return None
-    clip = (meta.get("config") or {}).get("clip")
+    clip = (watch_config(meta) or {}).get("clip")
     return Finding(
         id="clipping_always_active",
         severity="info",

@@ -111,21 +111,26 @@ def healthy_layers(steps: pd.DataFrame, *, seed: int = 1, names: Iterable[str] =
 
 
 def adamw_meta(**overrides: Any) -> dict[str, Any]:
-    """meta.json of an AdamW run with decay on matrices only, clipping at 1.0, beta2 0.95."""
+    """meta.json as the monitor writes it: AdamW, decay on matrices only, clip 1.0, beta2 0.95."""
     matrices = [n for n in NAMES if n.endswith("weight") and MODULE_TYPES[n] != "LayerNorm"]
     rest = [n for n in NAMES if n not in matrices]
+    group = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "amsgrad": False, "maximize": False}
     meta: dict[str, Any] = {
         "spikedoc_version": "0.1.0",
         "world_size": 1,
         "rank": 0,
-        "model": {"class": "Tiny", "parameters": [
-            {"name": n, "shape": [4, 4], "numel": 16, "dtype": "float32", "module_type": MODULE_TYPES[n]} for n in NAMES
-        ]},
-        "optimizer": {"class": "AdamW", "param_groups": [
-            {"index": 0, "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "params": matrices},
-            {"index": 1, "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "params": rest},
-        ]},
-        "config": {"every": 1, "layer_every": 1, "clip": 1.0, "scaler": None, "flush_every": 100},
+        "model": {"class": "Tiny", "num_parameters": 16 * len(NAMES)},
+        "parameters": [
+            {"name": n, "shape": [4, 4], "numel": 16, "dtype": "float32", "module": MODULE_TYPES[n],
+             "group": int(n in rest), "requires_grad": True}
+            for n in NAMES
+        ],
+        "optimizer": {
+            "class": "torch.optim.adamw.AdamW",
+            "groups": [{**group, "weight_decay": 0.1, "params": matrices}, {**group, "weight_decay": 0.0, "params": rest}],
+            "weight_decay_params": matrices,
+        },
+        "watch": {"every": 1, "layer_every": 1, "clip": 1.0, "scaler": None, "flush_every": 100},
     }
     meta.update(overrides)
     return meta
