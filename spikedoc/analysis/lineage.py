@@ -148,14 +148,13 @@ class Lineage:
 
     def abandoned_steps(self) -> list[dict[str, int]]:
         """Step ranges recorded in a piece but redone by a later one (branches rolled back from)."""
-        final = self.final()
-        kept = set(zip(final["segment"].tolist(), final["step"].tolist()))
+        last = self.pieces[-1].index
+        kept = (self._frame["_piece"].to_numpy() == last) | self._ancestor_mask(last)
+        dropped = self._frame.loc[~kept]
         out = []
-        for piece in self.pieces:
-            rows = self._frame.loc[self._frame["_piece"] == piece.index]
-            dropped = [s for seg, s in zip(rows["segment"], rows["step"]) if (int(seg), int(s)) not in kept]
-            if dropped:
-                out.append({"segment": piece.segment, "first_step": int(min(dropped)), "last_step": int(max(dropped))})
+        for _, rows in dropped.groupby("_piece", sort=True):
+            out.append({"segment": int(rows["segment"].iloc[0]), "first_step": int(rows["step"].min()),
+                        "last_step": int(rows["step"].max())})
         return out
 
     def keys(self, index: int) -> pd.DataFrame:
