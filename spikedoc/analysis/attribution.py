@@ -274,7 +274,8 @@ class LayerAttribution:
     median_update_ratio: float = math.nan
     """Median over tensors of update_ratio at the onset step."""
     nonfinite_params: tuple[int, list[str]] | None = None
-    """(step, names): the first logged step where a parameter norm is non-finite, and those tensors."""
+    """(step, names): the first logged step where some (at most half) of the parameter norms are
+    non-finite, and those tensors."""
 
 
 def module_kind(name: str, module_type: str | None = None) -> str:
@@ -383,13 +384,20 @@ def attribute_layers(
 
 
 def _nonfinite_params(layers: pd.DataFrame) -> tuple[int, list[str]] | None:
+    """First step with non-finite parameter norms, and which tensors, when they are a minority.
+
+    A NaN row is data here (the row was written, its value is NaN). When every tensor goes
+    non-finite in the same step (a NaN gradient reaches all of them), naming them says nothing.
+    """
     if "param_norm" not in layers.columns:
         return None
-    bad = layers.loc[~np.isfinite(layers["param_norm"].to_numpy(dtype=float)) & layers["param_norm"].notna()]
+    bad = layers.loc[~np.isfinite(layers["param_norm"].to_numpy(dtype=float))]
     if bad.empty:
         return None
     first = int(bad["step"].min())
-    return first, sorted(bad.loc[bad["step"] == first, "name"].astype(str).unique().tolist())
+    names = sorted(bad.loc[bad["step"] == first, "name"].astype(str).unique().tolist())
+    total = layers.loc[layers["step"] == first, "name"].nunique()
+    return (first, names) if len(names) <= total // 2 else None
 
 
 def _wide(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
