@@ -221,7 +221,24 @@ def test_unknown_when_nothing_in_the_checklist_matches(tmp_path):
     _elevate(steps, T, T + 15, 1.3)
     inc = _only(analyze(write_run(tmp_path / "run", steps, healthy_layers(steps))))
     assert inc.cause == "unknown"
-    assert inc.evidence[0].startswith("nothing in the checklist matched")
+    assert inc.evidence[0] == (
+        "nothing in the checklist matched: no anomalous batch statistic at onset; no LR discontinuity before it; "
+        "no gradient-norm flag ahead of the loss; no tensor departing from its history ahead of the loss"
+    )
+
+
+def test_unknown_says_what_the_data_did_not_allow_to_check(tmp_path):
+    steps = healthy_steps()
+    _elevate(steps, T, T + 15, 1.3)
+    path = tmp_path / "log.csv"
+    steps[["step", "loss"]].to_csv(path, index=False)
+    inc = _only(analyze(path))
+    assert inc.cause == "unknown"
+    assert inc.evidence[:2] == [
+        "nothing in the checklist matched: no evidence was available",
+        "could not check batch statistics (no fingerprints), the LR (not logged), the gradient norm (not logged), "
+        "per-tensor history (no layer table)",
+    ]
 
 
 def test_every_decided_cause_is_one_of_the_documented_causes():

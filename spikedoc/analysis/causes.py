@@ -18,6 +18,8 @@ __all__ = ["Evidence", "decide_cause", "recommend", "tighter_clip"]
 _MOMENTS_RESET = 0.1
 # Update/weight ratio above which the LR is too high for the weights (rule of thumb: ~1e-3 is healthy).
 _HIGH_UPDATE_RATIO = 1e-2
+# Logged steps before onset needed to say that nothing built up there.
+_MIN_LOOKBACK = 10
 # Causes whose fix is to repair the run's state or setup rather than to train more conservatively.
 _REPAIR = ("lr_schedule", "state_reset", "numerics_rank")
 
@@ -50,6 +52,10 @@ class Evidence:
     """`update_without_grad` on the step table."""
     grad_before: float = math.nan
     """Gradient norm at the last logged step before onset."""
+    has_grad: bool = False
+    """The step table has a finite gradient norm somewhere."""
+    lookback_steps: int = 0
+    """Logged steps in the lookback window before onset (the data a "no build-up" claim rests on)."""
     notes: list[str] = field(default_factory=list)
     """What could not be checked (missing columns, short history)."""
 
@@ -153,15 +159,15 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
 
 
 def _sudden_nonfinite(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
-    if incident.kind != "nonfinite" or ev.grad_precursor is not None:
+    if incident.kind != "nonfinite" or ev.grad_precursor is not None or ev.lookback_steps < _MIN_LOOKBACK:
         return []
     if ev.layers is not None and ev.layers.earliest_step is not None and ev.layers.earliest_step < incident.onset_step:
         return []
-    before = f"the gradient norm was {fmt(ev.grad_before)} the step before, in its band, and " if math.isfinite(ev.grad_before) else ""
+    before = f"the gradient norm was {fmt(ev.grad_before)} the step before and " if math.isfinite(ev.grad_before) else ""
     out = [
-        f"the run went non-finite at step {incident.onset_step} with no build-up: {before}no tensor departed from its "
-        "history earlier; a non-finite value out of nowhere is numerics (an overflow, a corrupted value or device), "
-        "not a growing explosion"
+        f"the run went non-finite at step {incident.onset_step} with no build-up: {before}neither it nor any tensor was "
+        f"flagged in the {ev.lookback_steps} logged steps before; a non-finite value out of nowhere is numerics (an "
+        "overflow, a corrupted value or device), not a growing explosion"
     ]
     if ev.layers is not None and ev.layers.nonfinite_params:
         step, names = ev.layers.nonfinite_params
@@ -251,9 +257,21 @@ _RULES = (
 
 
 def _unknown(incident: Incident, ev: Evidence) -> list[str]:
-    checked = ["no anomalous batch statistic at onset", "no LR discontinuity before it",
-               "no gradient-norm or per-tensor departure ahead of the loss"]
-    return ["nothing in the checklist matched: " + "; ".join(checked)] + ev.notes
+    """Say what was checked and found clean, and what could not be checked for lack of data."""
+    fingerprints = any(b["stats"] or b["batch_hash"] or b["sample_ids"] for b in ev.batches)
+    layers = ev.layers is not None and ev.layers.history_steps > 0
+    checks = [
+        (fingerprints, "no anomalous batch statistic at onset", "batch statistics (no fingerprints)"),
+        (math.isfinite(ev.lr_onset), "no LR discontinuity before it", "the LR (not logged)"),
+        (ev.has_grad, "no gradient-norm flag ahead of the loss", "the gradient norm (not logged)"),
+        (layers, "no tensor departing from its history ahead of the loss", "per-tensor history (no layer table)"),
+    ]
+    clean = [ok for has, ok, _ in checks if has]
+    unchecked = [what for has, _, what in checks if not has]
+    out = ["nothing in the checklist matched: " + ("; ".join(clean) if clean else "no evidence was available")]
+    if unchecked:
+        out.append("could not check " + ", ".join(unchecked))
+    return out + ev.notes
 
 
 def tighter_clip(current: float | None) -> float:

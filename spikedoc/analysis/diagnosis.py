@@ -168,6 +168,7 @@ class _Analysis:
         self.module_types = parameter_modules(self.meta)
         self.checkpoints = _checkpoints(run.events)
         self.clip = _clip(self.meta, steps)
+        self.has_grad = "grad_norm" in steps.columns and bool(np.isfinite(pd.to_numeric(steps["grad_norm"], errors="coerce")).any())
         layer_every = (watch_config(self.meta) or {}).get("layer_every")
         self.layer_every = int(layer_every) if isinstance(layer_every, int) and layer_every > 0 else 1
 
@@ -252,6 +253,8 @@ class _Analysis:
         if resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
             ev.resume, ev.moments_ratio = resume, ratio
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
+        ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
+        ev.has_grad = self.has_grad
         if "grad_norm" in frame.columns:
             prior = frame.loc[frame["step"] < onset, "grad_norm"]
             ev.grad_before = float(prior.iloc[-1]) if len(prior) else math.nan
