@@ -82,6 +82,8 @@ class RunSpec:
     """None, `constant_batch`, `long_batch`, `lr_jump`, `inf_weight`, `zero_exp_avg_sq`, `reset_resume`."""
     step: int = 0
     """Step at which the fault is planted."""
+    lr_factor: float = 10.0
+    """`lr_jump` only: the factor the learning rate is multiplied by from `step` on."""
     cause: str = "unknown"
     """The true cause, in spikedoc's vocabulary (`spikedoc.analysis.incident.CAUSES`)."""
     description: str = ""
@@ -263,7 +265,7 @@ def _train_step(spec: RunSpec, recipe: Recipe, step: int, model: _TinyGPT, optim
         ids, mask, sample_ids = _planted_batch(spec, recipe, mask)
         planted["steps"].append(step)
         planted["sample_ids"].extend(sample_ids)
-    lr = recipe.lr_at(step) * (10.0 if spec.fault == "lr_jump" and step >= spec.step else 1.0)
+    lr = recipe.lr_at(step) * (spec.lr_factor if spec.fault == "lr_jump" and step >= spec.step else 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
     if at_fault and spec.fault == "inf_weight":

@@ -136,7 +136,7 @@ def labels_for(spec: RunSpec, record: dict[str, Any], clean: list[float], recipe
         "onset_range": [spec.step, off[0]],
         "peak_step": peak,
         "affected_range": [spec.step, end],
-        "recovered": bool(np.isfinite(tail).all() and np.abs(tail).mean() < sigma),
+        "recovered": off[-1] == end < len(loss) - 1 - _AFFECTED_GAP,  # never 3 sigmas off again
         "batch_steps": record["planted"]["steps"] if batch else [],
         "sample_ids": record["planted"]["sample_ids"] if batch else [],
         "effect": {
@@ -144,6 +144,7 @@ def labels_for(spec: RunSpec, record: dict[str, Any], clean: list[float], recipe
             "clean_loss_at_peak": _num(base[peak]),
             "noise_sigma": sigma,
             "excess_sigmas_at_peak": _num(excess[peak] / sigma),
+            "final_excess": _num(tail.mean()),  # the lasting cost: mean loss above the twin, last 20 steps
         },
     })  # fmt: skip
     return out
@@ -249,9 +250,11 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
     lines = [
         "## Spike suite: analyze on real tiny training runs with planted faults",
         "",
-        "Command: `python bench/spike_suite.py generate && python bench/spike_suite.py score` "
-        "(runs and labels in `sample_runs/`, see sample_runs/README.md). `analyze` runs with its defaults; "
-        f"an incident matches a label when its onset is within {TOLERANCE} steps of the labelled onset range.",
+        (
+            "Command: `python bench/spike_suite.py generate && python bench/spike_suite.py score` "
+            "(runs and labels in `sample_runs/`, see sample_runs/README.md). `analyze` runs with its defaults; "
+            f"an incident matches a label when its onset is within {TOLERANCE} steps of the labelled onset range."
+        ),
         machine_line(),
         "",
         "| run | planted: step, cause | analyze: onset / peak, kind | cause | found | batch | cause ok | lead (steps) | other incidents |",
@@ -279,7 +282,21 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
         f"- Cause accuracy: {sum(r['cause_ok'] for r in rows)}/{len(rows)}",
         f"- Incidents on the clean run: {clean_false}",
     ]
+    for res in results:  # what a miss looked like, from the labels' own measurements
+        for r in res["rows"]:
+            if r["incident"] is None or not r["cause_ok"]:
+                lb, eff = r["label"], r["label"]["effect"]
+                said = ", ".join(f"{i.onset_step} {i.kind} ({i.cause})" for i in res["incidents"]) or "no incident"
+                lines.append(
+                    f"- {res['name']}: analyze reported {said}. Planted at step {lb['planted_step']}; the loss peaked at "
+                    f"{_fmt(eff['loss_at_peak'])} at step {lb['peak_step']} against {_fmt(eff['clean_loss_at_peak'])} on "
+                    f"the clean twin ({_fmt(eff['excess_sigmas_at_peak'])} noise sigmas of {_fmt(eff['noise_sigma'])})."
+                )
     return "\n".join(lines) + "\n", results
+
+
+def _fmt(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
 
 
 def _mark(ok: bool) -> str:
