@@ -214,7 +214,7 @@ def generate_run(
     """Train one run of the suite into `run_dir` (replaced if present) and return its raw record.
 
     Args:
-        spec: which run (see `SPECS`).
+        spec: which run (the suite's are `bench.spike_suite.SPECS`).
         run_dir: the spikedoc run directory to write.
         recipe: the shared training recipe; None for the suite's.
         max_steps: stop early (the schedule still spans `recipe.steps`), for quick determinism checks.
@@ -224,7 +224,9 @@ def generate_run(
         `{"loss": [...], "planted": {"steps": [...], "sample_ids": [...]}}`, losses as recorded.
 
     Example:
-        >>> record = generate_run(SPECS[0], "/tmp/clean", max_steps=5)  # doctest: +SKIP
+        >>> record = generate_run(RunSpec(name="clean", fault=None), "/tmp/clean", max_steps=5)  # doctest: +SKIP
+        >>> len(record["loss"])  # doctest: +SKIP
+        5
     """
     recipe = recipe or Recipe()
     run_dir = Path(run_dir)
