@@ -64,6 +64,14 @@ def test_a_one_step_loss_spike_without_precursor_is_the_batch_itself(tmp_path):
     assert inc.recommendation["rollback"] is False
 
 
+def test_a_single_nonfinite_loss_that_does_not_persist_is_the_batch_itself(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T, ["loss", "grad_norm", "skipped"]] = [np.inf, np.inf, True]  # GradScaler skipped the step
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.kind, inc.cause) == ("nonfinite", "bad_batch")
+    assert inc.evidence[0].startswith(f"the loss was non-finite at step {T} only and finite again at the next step")
+
+
 def test_bad_batch_skips_only_the_outlier_samples_when_sample_losses_single_them_out(tmp_path):
     steps = healthy_steps()
     losses = list(steps.loc[T, "sample_losses"])

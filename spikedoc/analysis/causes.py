@@ -143,6 +143,11 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
                                                  and ev.layers.earliest_step < incident.onset_step)
     if not ev.one_step or earlier:
         return []
+    if incident.metric == "loss" and incident.kind == "nonfinite":
+        return [
+            f"the loss was non-finite at step {incident.onset_step} only and finite again at the next step: that step's "
+            "update was skipped or harmless, so the batch itself produced the non-finite loss (an overflow on that input)"
+        ]
     if incident.metric == "loss":
         return [
             f"the loss was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x its "

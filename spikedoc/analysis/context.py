@@ -118,10 +118,11 @@ def warmup(frame: pd.DataFrame) -> dict[str, Any] | None:
 
 
 def clipping_before(frame: pd.DataFrame, onset: int, *, config: AnalysisConfig | None = None) -> dict[str, Any] | None:
-    """Share of the lookback steps before `onset` whose gradient was clipped, vs the rest of the run.
+    """Share of the lookback steps before `onset` whose gradient was clipped, vs the steps before.
 
     Returns None without a `clip_coef` column. `saturated` when the share reaches
-    `config.clip_saturation` and is at least twice the run's share before the window.
+    `config.clip_saturation` and is at least twice the share over the rows of `frame` before the
+    lookback window (analyze passes the 1,000 steps before onset).
     """
     config = config or AnalysisConfig()
     if "clip_coef" not in frame.columns:

@@ -39,6 +39,9 @@ _log = logging.getLogger(__name__)
 DIAGNOSIS_FORMAT = 1
 # Candidate batches: the onset step and the two before it (the update of step t shows in the loss of t+1).
 _CANDIDATES = 2
+# Per-incident context reaches this many lookbacks before onset (clipping's "earlier in the run",
+# the update-norm history).
+_CONTEXT = 10
 
 
 @dataclass(kw_only=True)
@@ -195,9 +198,10 @@ class _Analysis:
                 jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
             jumps_found += [j for j in jumps if j["step"] in own_steps]
             found = [i for i in find_incidents(self._detection_frame(frame, own), self.detector) if i.onset_step in own_steps]
-            hashes = hash_history(self._rows_of(frame))
+            shared = _PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
+                                self._lineage_checkpoints(frame) if found else [])
             for incident in found:
-                ctx = self._diagnose(incident, frame, piece, found, jumps, hashes, resume, ratio)
+                ctx = self._diagnose(incident, shared, piece, found, jumps, resume, ratio)
                 out.incidents.append(incident)
                 out.context.append(ctx)
         final = lineage.final()
@@ -226,9 +230,13 @@ class _Analysis:
 
     # ------------------------------------------------------------------------- per incident
 
-    def _diagnose(self, inc: Incident, frame, piece, found, jumps, hashes, resume, ratio) -> dict[str, Any]:
+    def _diagnose(self, inc: Incident, shared: _PieceData, piece, found, jumps, resume, ratio) -> dict[str, Any]:
         cfg = self.config
         onset, peak, end = inc.onset_step, max(inc.peak_step, inc.onset_step), inc.end_step
+        # Everything below looks at most `_CONTEXT * lookback` steps back, so it works on a slice:
+        # a run with a thousand incidents then costs a thousand small windows, not full passes.
+        frame = shared.window(onset - _CONTEXT * cfg.lookback, end)
+        hashes = shared.hashes
         loss_series = inc.series.get("loss")
         loss_flag = loss_series["onset_step"] if loss_series else None
         reference = loss_flag if loss_flag is not None else onset
@@ -244,7 +252,7 @@ class _Analysis:
         ups = [j for j in jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
         ev.lr_jump = ups[-1] if ups else None
         ev.lr_onset = lr_at(frame, onset)
-        ev.warmup = warmup(frame)
+        ev.warmup = shared.warmup
         ev.clipping = clipping_before(frame, onset, config=cfg)
         ev.loss_scale = loss_scale_drops(frame, onset - cfg.lookback, end)
         if self.multi_rank:
@@ -269,10 +277,8 @@ class _Analysis:
         inc.batches = ev.batches
         inc.layers = ev.layers.layers if ev.layers is not None else []
         inc.precursor_lead_steps = _lead(inc, loss_flag, ev)
-        before = frame.loc[frame["step"] < onset, "lr"] if "lr" in frame.columns else pd.Series(dtype=float)
-        peak_lr = float(finite(before).max()) if finite(before).size else None
-        inc.recommendation = recommend(inc, ev, checkpoints=self._lineage_checkpoints(frame), clip=self.clip,
-                                       peak_lr=peak_lr, first_step=int(frame["step"].iloc[0]), config=cfg)
+        inc.recommendation = recommend(inc, ev, checkpoints=shared.checkpoints, clip=self.clip,
+                                       peak_lr=shared.peak_lr_before(onset), first_step=shared.first_step, config=cfg)
         return {
             "segment": piece.segment,
             "loss_flag_step": loss_flag,
@@ -361,6 +367,30 @@ class _Analysis:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class _PieceData:
+    """What every incident of one piece shares: its lineage frame and what is computed once on it."""
+
+    def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]]) -> None:
+        self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
+        self.steps = frame["step"].to_numpy()
+        self.first_step = int(self.steps[0])
+        self.warmup = warmup(frame)
+        lr = frame["lr"].to_numpy(dtype=float) if "lr" in frame.columns else np.full(len(frame), np.nan)
+        self._lr_max = np.fmax.accumulate(np.where(np.isfinite(lr), lr, -np.inf)) if len(lr) else lr
+
+    def window(self, start: int, stop: int) -> pd.DataFrame:
+        """Rows with start <= step <= stop, plus the next row (the step after the incident)."""
+        lo = int(np.searchsorted(self.steps, start, side="left"))
+        hi = int(np.searchsorted(self.steps, stop, side="right")) + 1
+        return self.frame.iloc[lo:hi]
+
+    def peak_lr_before(self, step: int) -> float | None:
+        i = int(np.searchsorted(self.steps, step, side="left")) - 1
+        if i < 0 or not np.isfinite(self._lr_max[i]) or self._lr_max[i] <= 0:
+            return None
+        return float(self._lr_max[i])
 
 
 def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:
