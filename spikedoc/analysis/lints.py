@@ -125,8 +125,8 @@ def _decay_on_bias_norm(meta, steps) -> Finding | None:
         severity="info",
         message=f"weight decay {fmt(max(w for _, w in hit))} applies to {len(hit)} bias/norm tensor(s): {fmt_steps(names, 4)}",
         why="Biases and normalization gains set offsets and scales rather than features; decaying them toward 0 "
-        "fights the normalization and is left out by standard recipes (GPT-2/nanoGPT, Llama): put them in a "
-        "param group with weight_decay=0.",
+        "fights the normalization, and standard recipes leave them out (nanoGPT decays only 2-D weights): put them "
+        "in a param group with weight_decay=0.",
         details={"tensors": names},
     )
 
@@ -149,7 +149,7 @@ def _beta2(meta, steps) -> Finding | None:
         "pretraining recipes use 0.95",
         why="beta2 = 0.999 averages the squared gradient over ~1000 steps, so the denominator lags when the gradient "
         "scale shifts; a sudden large gradient then makes an outsized step. LLaMA-style pretraining uses "
-        "beta1 = 0.9, beta2 = 0.95 (a ~20-step average), and BigScience's 104B run stabilized with 0.95.",
+        "beta1 = 0.9, beta2 = 0.95 (a ~20-step average).",
         details={"beta2": _num(high[0][1]), "initial_loss": initial, "final_loss": final},
     )
 
