@@ -53,6 +53,13 @@ def test_steps_going_backwards_inside_one_segment_start_a_new_piece():
     assert lineage.frame(1)["step"].tolist() == [0, 1, 2, 3, 4]
 
 
+def test_a_step_logged_twice_without_wall_time_is_one_row_not_a_restart():
+    steps = pd.DataFrame({"step": [0, 1, 2, 2, 3, 4], "segment": 0, "loss": [3.0, 2.9, 2.8, 2.7, 2.6, 2.5]})
+    lineage = Lineage(steps)
+    assert len(lineage.pieces) == 1
+    assert lineage.final()["loss"].tolist() == [3.0, 2.9, 2.7, 2.6, 2.5]
+
+
 def test_resume_check_flags_a_loss_that_returns_most_of_the_way_to_its_initial_level():
     # Segment 1 resumes at step 200 but relearns from scratch: its loss starts near the initial 6.0.
     lineage = Lineage(_segments((0, 200), (200, 260), loss=lambda seg, step: 5.0 * np.exp(-(step - 200 * seg) / 50) + 1.0))

@@ -87,8 +87,12 @@ class Lineage:
         frame["segment"] = frame["segment"].fillna(0).astype("int64")
         frame["step"] = frame["step"].astype("int64")
         frame["_order"] = np.arange(len(frame))
-        keys = ["segment", "time", "_order"] if _has_time(frame) else ["segment", "_order"]
-        frame = frame.sort_values(keys, kind="stable").reset_index(drop=True)
+        if _has_time(frame):
+            frame = frame.sort_values(["segment", "time", "_order"], kind="stable").reset_index(drop=True)
+        else:
+            # Without wall time a repeated step cannot be told from a re-logged one: keep the last.
+            frame = frame.sort_values(["segment", "_order"], kind="stable")
+            frame = frame.drop_duplicates(["segment", "step"], keep="last").reset_index(drop=True)
         step = frame["step"].to_numpy()
         seg = frame["segment"].to_numpy()
         new_piece = np.ones(len(frame), dtype=bool)
