@@ -1,7 +1,7 @@
-"""Attribution: which batch and which tensors an incident points at, and optimizer-state precursors.
+"""Layer attribution: which tensors an incident points at, and optimizer-state precursors.
 
-Everything here is a pure function of DataFrames: the step table (for batch fingerprints) and a
-window of the layer table around one incident.
+A pure function of a window of the layer table around one incident. Batch attribution lives in
+`spikedoc.analysis.batches` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import fmt, robust_center_scale, robust_z
+from spikedoc.analysis._robust import fmt, robust_center_scale
+from spikedoc.analysis.batches import BatchProfile, attribute_batches, batch_profile, hash_history
 from spikedoc.analysis.config import AnalysisConfig
 
 __all__ = [
@@ -41,13 +42,6 @@ _NAME_RULES = (
     ("mlp", re.compile(r"(mlp|ffn|feed_forward|feedforward|c_fc|fc\d*|up_proj|down_proj|gate_proj|w[123]|intermediate)", re.I)),
 )
 
-# Batch statistics compared with the run's distribution: column -> (what it is, direction checked).
-_BATCH_STATS = {
-    "seq_len_median": ("median sequence length", "both"),
-    "seq_len_max": ("longest sequence", "high"),
-    "distinct_token_ratio": ("distinct-token ratio", "low"),
-    "tokens": ("tokens in the step", "both"),
-}
 
 # Per-tensor z-scores are computed on log10 values with sigma floored here (~5% relative), so a
 # tensor that is unusually steady does not call a 10% wobble a departure.
@@ -56,204 +50,10 @@ _LOG_SIGMA_FLOOR = 0.02
 _EPS_FRAC_RISE = 0.05
 # exp_avg_sq_mean at or below this share of its history counts as a collapse (one decade).
 _V_COLLAPSE = 0.1
-# Rows sampled for the distribution of per-batch worst-sample ratios.
-_PROFILE_ROWS = 20_000
 # Fewer logged steps than this before the scan window: no per-tensor baseline.
 _MIN_HISTORY = 8
 
 
-# --------------------------------------------------------------------------------------- batches
-
-
-@dataclass(kw_only=True)
-class BatchProfile:
-    """The run's distribution of batch statistics: column -> (median, robust sigma)."""
-
-    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-
-def batch_profile(steps: pd.DataFrame) -> BatchProfile:
-    """Median and robust sigma of each batch statistic present in `steps` (all ranks' rows).
-
-    Besides the recorded columns, `worst_sample_ratio`: median and robust sigma of the log of each
-    batch's largest sample loss over its median sample loss, from `sample_losses` (on a fixed
-    sample of at most 20,000 rows: a distribution needs no more, and a million lists cost seconds).
-    """
-    profile = BatchProfile()
-    for column in _BATCH_STATS:
-        if column in steps.columns:
-            values = pd.to_numeric(steps[column], errors="coerce").to_numpy(dtype=float)
-            center, sigma = robust_center_scale(values, rel_floor=0.01)
-            if math.isfinite(center):
-                profile.stats[column] = (center, sigma)
-    if "sample_losses" in steps.columns:
-        lists = steps["sample_losses"].dropna()
-        if len(lists) > _PROFILE_ROWS:
-            lists = lists.sample(_PROFILE_ROWS, random_state=0)
-        ratios = np.array([_worst_ratio(np.asarray(v, dtype=float)) for v in lists], dtype=float)
-        # A maximum is right-skewed; its logarithm is close to symmetric, so the z-score is taken there.
-        center, sigma = robust_center_scale(np.log(ratios[ratios > 0]))
-        if math.isfinite(center):
-            profile.stats["worst_sample_ratio"] = (center, sigma)
-    return profile
-
-
-def _worst_ratio(losses: np.ndarray) -> float:
-    losses = losses[np.isfinite(losses)]
-    if losses.size < 2:
-        return math.nan
-    median = float(np.median(losses))
-    return float(losses.max()) / median if median > 0 else math.nan
-
-
-def attribute_batches(
-    rows: pd.DataFrame,
-    *,
-    profile: BatchProfile,
-    hashes: dict[str, Any] | None = None,
-    config: AnalysisConfig | None = None,
-) -> list[dict[str, Any]]:
-    """Describe the batches of `rows` (the candidate onset steps, one row per rank and step).
-
-    Args:
-        rows: step-table rows of the candidate steps.
-        profile: the run's batch statistics (`batch_profile`).
-        hashes: `hash_history` of the lineage the steps belong to (None: repeats are not checked).
-        config: thresholds.
-
-    Returns:
-        One dict per row: `step`, `segment`, `rank`, `sample_ids`, `positions`, `batch_hash`,
-        `input_shapes`, `stats`, `anomalies` (sentences), `flags` (short ids), `worst_samples`,
-        `outlier_sample_ids`, `repeat_of_step`.
-
-    Example:
-        >>> import pandas as pd
-        >>> run = pd.DataFrame({"step": range(100), "seq_len_median": [100.0] * 99 + [400.0]})
-        >>> batches = attribute_batches(run.tail(1), profile=batch_profile(run))
-        >>> batches[0]["anomalies"][0]
-        "median sequence length 400 is 4x the run's median (100)"
-    """
-    config = config or AnalysisConfig()
-    hashes = hashes or {"first": {}, "repeat_share": math.nan}
-    out = []
-    for _, row in rows.iterrows():
-        batch = _fingerprint(row)
-        for column, (what, direction) in _BATCH_STATS.items():
-            if column not in profile.stats or column not in row.index:
-                continue
-            sentence, flag = _stat_anomaly(column, what, direction, _num(row[column]), profile.stats[column], config)
-            if sentence:
-                batch["anomalies"].append(sentence)
-                batch["flags"].append(flag)
-        _repeat(batch, hashes)
-        _samples(batch, row, profile, config)
-        out.append(batch)
-    return out
-
-
-def _fingerprint(row: pd.Series) -> dict[str, Any]:
-    ids = row.get("sample_ids")
-    ids = [str(i) for i in ids] if ids is not None and not _is_missing(ids) else []
-    positions = None
-    offset, samples = _num(row.get("sample_offset")), _num(row.get("samples"))
-    if math.isfinite(offset) and math.isfinite(samples):
-        positions = [int(offset), int(offset + samples)]
-    stats = {c: _num(row.get(c)) for c in _BATCH_STATS if c in row.index and math.isfinite(_num(row.get(c)))}
-    return {
-        "step": int(row["step"]),
-        "segment": int(row["segment"]) if "segment" in row.index and math.isfinite(_num(row["segment"])) else 0,
-        "rank": int(row["rank"]) if "rank" in row.index and math.isfinite(_num(row["rank"])) else 0,
-        "sample_ids": ids,
-        "positions": positions,
-        "batch_hash": None if _is_missing(row.get("batch_hash")) else str(row.get("batch_hash")),
-        "input_shapes": None if _is_missing(row.get("input_shapes")) else str(row.get("input_shapes")),
-        "stats": stats,
-        "anomalies": [],
-        "flags": [],
-        "worst_samples": [],
-        "outlier_sample_ids": [],
-        "repeat_of_step": None,
-    }
-
-
-def _stat_anomaly(column, what, direction, value, center_sigma, config) -> tuple[str | None, str | None]:
-    center, sigma = center_sigma
-    if not math.isfinite(value) or not math.isfinite(center) or center <= 0:
-        return None, None
-    z = robust_z(value, center, sigma)
-    ratio = value / center
-    high = direction in ("high", "both") and z >= config.z_threshold and ratio >= config.batch_ratio
-    low = direction in ("low", "both") and z <= -config.z_threshold and ratio <= 1 / config.batch_ratio
-    if column == "distinct_token_ratio" and value <= config.near_constant_ratio and ratio < 1:
-        return f"distinct-token ratio {fmt(value, 2)}: near-constant input (run's median {fmt(center, 2)})", "near_constant"
-    if high:
-        return f"{what} {fmt(value)} is {fmt(ratio, 2)}x the run's median ({fmt(center)})", f"high_{column}"
-    if low:
-        return f"{what} {fmt(value)} is {fmt(ratio, 2)}x the run's median ({fmt(center)})", f"low_{column}"
-    return None, None
-
-
-def hash_history(lineage_rows: pd.DataFrame) -> dict[str, Any]:
-    """First step of each content hash in a lineage's step rows, and the share of repeated batches."""
-    if "batch_hash" not in lineage_rows.columns:
-        return {"first": {}, "repeat_share": math.nan}
-    rows = lineage_rows.loc[lineage_rows["batch_hash"].notna(), ["step", "batch_hash"]].sort_values("step", kind="stable")
-    if rows.empty:
-        return {"first": {}, "repeat_share": math.nan}
-    first = rows.drop_duplicates("batch_hash").set_index("batch_hash")["step"]
-    return {"first": first, "repeat_share": float(rows["batch_hash"].duplicated().mean())}
-
-
-def _repeat(batch: dict[str, Any], hashes: dict[str, Any]) -> None:
-    first = hashes["first"]
-    key = batch["batch_hash"]
-    if key is None or len(first) == 0 or key not in first.index:
-        return
-    seen = int(first[key])
-    if seen >= batch["step"]:
-        return
-    batch["repeat_of_step"] = seen
-    share = hashes["repeat_share"]
-    # Multi-epoch runs repeat every batch; a repeat is only anomalous when the run rarely repeats.
-    if share < 0.01:
-        batch["anomalies"].append(f"content hash seen before at step {seen}: repeated data")
-        batch["flags"].append("repeated")
-
-
-def _samples(batch: dict[str, Any], row: pd.Series, profile: BatchProfile, config: AnalysisConfig) -> None:
-    losses = row.get("sample_losses")
-    if losses is None or _is_missing(losses):
-        return
-    losses = np.asarray(list(losses), dtype=float)
-    ids = batch["sample_ids"] or [f"pos:{batch['positions'][0] + i}" if batch["positions"] else str(i) for i in range(len(losses))]
-    if len(ids) != len(losses) or losses.size == 0:
-        return
-    order = np.argsort(np.where(np.isfinite(losses), losses, np.inf))[::-1]
-    batch["worst_samples"] = [{"id": ids[i], "loss": float(losses[i])} for i in order[:3]]
-    # A batch always has a worst sample; it is news only when it stands out more than the worst
-    # sample of the run's batches usually does (their max/median ratio, in `profile`).
-    if "worst_sample_ratio" not in profile.stats:
-        return
-    log_typical, log_spread = profile.stats["worst_sample_ratio"]
-    typical = math.exp(log_typical)
-    median = float(np.median(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else math.nan
-    if not median > 0:
-        return
-    ratio = losses / median
-    cut = max(config.batch_ratio * typical, math.exp(log_typical + config.z_threshold * log_spread))
-    outliers = [i for i in order if not math.isfinite(losses[i]) or ratio[i] >= cut]
-    if outliers and len(outliers) <= len(losses) // 2:
-        batch["outlier_sample_ids"] = [ids[i] for i in outliers]
-        worst = outliers[0]
-        batch["anomalies"].append(
-            f"sample {ids[worst]} has loss {fmt(losses[worst])}, {fmt(ratio[worst], 2)}x the batch's median sample "
-            f"loss ({fmt(median)}); the run's batches top out at {fmt(typical, 2)}x"
-            + (f"; {len(outliers)} such samples" if len(outliers) > 1 else "")
-        )
-        batch["flags"].append("outlier_samples")
-
-
-# ---------------------------------------------------------------------------------------- layers
 
 
 @dataclass(kw_only=True)
@@ -533,21 +333,3 @@ def _nanmax(values: np.ndarray) -> float:
 
 def _finite_or(value: float, default: float) -> float:
     return value if math.isfinite(value) else default
-
-
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    try:
-        return bool(pd.isna(value)) if np.ndim(value) == 0 else False
-    except (TypeError, ValueError):
-        return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -12,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import parameter_modules, watch_config
-from spikedoc.analysis._robust import finite, fmt
+from spikedoc.analysis._robust import fmt
+from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
 from spikedoc.analysis.causes import Evidence, decide_cause, recommend
 from spikedoc.analysis.config import AnalysisConfig
@@ -23,9 +23,8 @@ from spikedoc.analysis.context import (
     lr_discontinuities,
     rank_divergence,
     update_without_grad,
-    warmup,
 )
-from spikedoc.analysis.detect import DetectorConfig, find_incidents, spike_score
+from spikedoc.analysis.detect import DetectorConfig, find_incidents
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -122,7 +121,7 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
         run = load(run)
     steps = _checked_steps(run)
     diagnosis = Diagnosis(path=str(run.path), source=run.source, missing=list(run.missing), warnings=list(run.warnings))
-    reduced = _reduce_ranks(steps)
+    reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
     return diagnosis
@@ -143,22 +142,6 @@ def _checked_steps(run: Any) -> pd.DataFrame:
     return steps
 
 
-def _reduce_ranks(steps: pd.DataFrame) -> pd.DataFrame:
-    """One row per (segment, step): rank 0's row, with the loss averaged and the grad norm maxed over ranks."""
-    if "rank" not in steps.columns or steps["rank"].nunique() < 2:
-        return steps.drop(columns=[c for c in ("rank",) if c in steps.columns])
-    keys = ["segment", "step"]
-    first = steps.sort_values("rank", kind="stable").drop_duplicates(keys, keep="first").drop(columns="rank")
-    agg = {"loss": lambda s: s.mean(skipna=False)}
-    if "grad_norm" in steps.columns:
-        agg["grad_norm"] = lambda s: s.max(skipna=False)
-    if "nonfinite_grads" in steps.columns:
-        agg["nonfinite_grads"] = "sum"
-    merged = steps.groupby(keys, sort=False).agg(agg).reset_index()
-    out = first.drop(columns=list(agg)).merge(merged, on=keys, how="left")
-    return out.sort_values(keys, kind="stable").reset_index(drop=True)
-
-
 class _Analysis:
     """One analysis pass; holds what the per-incident steps share."""
 
@@ -169,8 +152,8 @@ class _Analysis:
         self.multi_rank = "rank" in steps.columns and steps["rank"].nunique() > 1
         self.profile = batch_profile(steps)
         self.module_types = parameter_modules(self.meta)
-        self.checkpoints = _checkpoints(run.events)
-        self.clip = _clip(self.meta, steps)
+        self.checkpoints = checkpoints_of(run.events)
+        self.clip = clip_in_use(self.meta, steps)
         self.has_grad = "grad_norm" in steps.columns and bool(np.isfinite(pd.to_numeric(steps["grad_norm"], errors="coerce")).any())
         layer_every = (watch_config(self.meta) or {}).get("layer_every")
         self.layer_every = int(layer_every) if isinstance(layer_every, int) and layer_every > 0 else 1
@@ -198,7 +181,7 @@ class _Analysis:
                 jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
             jumps_found += [j for j in jumps if j["step"] in own_steps]
             found = [i for i in find_incidents(self._detection_frame(frame, own), self.detector) if i.onset_step in own_steps]
-            shared = _PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
+            shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                 self._lineage_checkpoints(frame) if found else [])
             for incident in found:
                 ctx = self._diagnose(incident, shared, piece, found, jumps, resume, ratio)
@@ -206,8 +189,8 @@ class _Analysis:
                 out.context.append(ctx)
         final = lineage.final()
         out.spike_score = {
-            "loss": _score(final, "loss"),
-            "grad_norm": _score(final, "grad_norm"),
+            "loss": score(final, "loss"),
+            "grad_norm": score(final, "grad_norm"),
         }
         out.findings = lint(self.meta, final)
         out.findings += self._resume_findings(resumes)
@@ -230,7 +213,7 @@ class _Analysis:
 
     # ------------------------------------------------------------------------- per incident
 
-    def _diagnose(self, inc: Incident, shared: _PieceData, piece, found, jumps, resume, ratio) -> dict[str, Any]:
+    def _diagnose(self, inc: Incident, shared: PieceData, piece, found, jumps, resume, ratio) -> dict[str, Any]:
         cfg = self.config
         onset, peak, end = inc.onset_step, max(inc.peak_step, inc.onset_step), inc.end_step
         # Everything below looks at most `_CONTEXT * lookback` steps back, so it works on a slice:
@@ -321,8 +304,8 @@ class _Analysis:
             return layers
         if "rank" in layers.columns and layers["rank"].nunique() > 1:
             layers = layers.loc[layers["rank"] == layers["rank"].min()]
-        keys = _segment_ranges(frame.loc[(frame["step"] >= start) & (frame["step"] <= stop)])
-        return _in_ranges(layers, keys)
+        keys = segment_ranges(frame.loc[(frame["step"] >= start) & (frame["step"] <= stop)])
+        return in_ranges(layers, keys)
 
     def _moments_ratio(self, piece) -> float | None:
         if not self.run.has_layers:
@@ -338,7 +321,7 @@ class _Analysis:
     def _lineage_checkpoints(self, frame: pd.DataFrame) -> list[tuple[int, str | None]]:
         if not self.checkpoints:
             return []
-        ranges = _segment_ranges(frame)
+        ranges = segment_ranges(frame)
         out = []
         for step, segment, path in self.checkpoints:
             lo_hi = ranges.get(segment)
@@ -367,30 +350,6 @@ class _Analysis:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class _PieceData:
-    """What every incident of one piece shares: its lineage frame and what is computed once on it."""
-
-    def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]]) -> None:
-        self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
-        self.steps = frame["step"].to_numpy()
-        self.first_step = int(self.steps[0])
-        self.warmup = warmup(frame)
-        lr = frame["lr"].to_numpy(dtype=float) if "lr" in frame.columns else np.full(len(frame), np.nan)
-        self._lr_max = np.fmax.accumulate(np.where(np.isfinite(lr), lr, -np.inf)) if len(lr) else lr
-
-    def window(self, start: int, stop: int) -> pd.DataFrame:
-        """Rows with start <= step <= stop, plus the next row (the step after the incident)."""
-        lo = int(np.searchsorted(self.steps, start, side="left"))
-        hi = int(np.searchsorted(self.steps, stop, side="right")) + 1
-        return self.frame.iloc[lo:hi]
-
-    def peak_lr_before(self, step: int) -> float | None:
-        i = int(np.searchsorted(self.steps, step, side="left")) - 1
-        if i < 0 or not np.isfinite(self._lr_max[i]) or self._lr_max[i] <= 0:
-            return None
-        return float(self._lr_max[i])
 
 
 def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:
@@ -436,63 +395,6 @@ def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
         steps.append(ev.layers.earliest_step)
     grad = [s for s in steps if s <= loss_flag]
     return loss_flag - min(grad) if grad else None
-
-
-def _checkpoints(events: pd.DataFrame | None) -> list[tuple[int, int, str | None]]:
-    if events is None or events.empty or "kind" not in events.columns:
-        return []
-    rows = events.loc[events["kind"] == "checkpoint"]
-    out = []
-    for _, row in rows.iterrows():
-        path = None
-        try:
-            detail = json.loads(row.get("detail") or "{}")
-            path = detail.get("path") if isinstance(detail, dict) else None
-        except (TypeError, ValueError):
-            pass
-        segment = row.get("segment")
-        out.append((int(row["step"]), int(segment) if segment is not None and segment == segment else 0, path))
-    return out
-
-
-def _clip(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
-    """The clipping max norm in use: meta config `clip`, else inferred from clipped steps' grad_norm * clip_coef."""
-    clip = (watch_config(meta) or {}).get("clip")
-    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
-        return float(clip)
-    if {"clip_coef", "grad_norm"} <= set(steps.columns):
-        coef = steps["clip_coef"].to_numpy(dtype=float)
-        grad = steps["grad_norm"].to_numpy(dtype=float)
-        clipped = np.isfinite(coef) & np.isfinite(grad) & (coef < 0.999)
-        if clipped.any():
-            return float(np.median(coef[clipped] * grad[clipped]))
-    return None
-
-
-def _segment_ranges(frame: pd.DataFrame) -> dict[int, tuple[int, int]]:
-    if frame.empty:
-        return {}
-    grouped = frame.groupby("segment")["step"].agg(["min", "max"])
-    return {int(seg): (int(row["min"]), int(row["max"])) for seg, row in grouped.iterrows()}
-
-
-def _in_ranges(rows: pd.DataFrame, ranges: dict[int, tuple[int, int]]) -> pd.DataFrame:
-    seg = rows["segment"].to_numpy()
-    step = rows["step"].to_numpy()
-    mask = np.zeros(len(rows), dtype=bool)
-    for segment, (lo, hi) in ranges.items():
-        mask |= (seg == segment) & (step >= lo) & (step <= hi)
-    return rows.loc[mask]
-
-
-def _score(frame: pd.DataFrame, column: str) -> float | None:
-    if column not in frame.columns:
-        return None
-    values = finite(frame[column])
-    if values.size < 3:
-        return None
-    score = spike_score(values)
-    return None if math.isnan(score) else score
 
 
 def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:

@@ -1,0 +1,118 @@
+"""Run-data helpers of analyze(): rank reduction, per-piece shared data, checkpoints, clip in use."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spikedoc.analysis._meta import watch_config
+from spikedoc.analysis._robust import finite
+from spikedoc.analysis.context import warmup
+from spikedoc.analysis.detect import spike_score
+
+__all__ = ["reduce_ranks", "PieceData", "checkpoints_of", "clip_in_use", "segment_ranges", "in_ranges", "score"]
+
+
+def reduce_ranks(steps: pd.DataFrame) -> pd.DataFrame:
+    """One row per (segment, step): rank 0's row, with the loss averaged and the grad norm maxed over ranks."""
+    if "rank" not in steps.columns or steps["rank"].nunique() < 2:
+        return steps.drop(columns=[c for c in ("rank",) if c in steps.columns])
+    keys = ["segment", "step"]
+    first = steps.sort_values("rank", kind="stable").drop_duplicates(keys, keep="first").drop(columns="rank")
+    by = [steps[k] for k in keys]
+    grouped = steps.groupby(by, sort=False)
+    merged = pd.DataFrame({"loss": grouped["loss"].mean()})
+    # A NaN on any rank is a NaN of the step (pandas' reductions would skip it).
+    merged.loc[steps["loss"].isna().groupby(by, sort=False).any(), "loss"] = np.nan
+    if "grad_norm" in steps.columns:
+        merged["grad_norm"] = grouped["grad_norm"].max()
+        merged.loc[steps["grad_norm"].isna().groupby(by, sort=False).any(), "grad_norm"] = np.nan
+    if "nonfinite_grads" in steps.columns:
+        merged["nonfinite_grads"] = grouped["nonfinite_grads"].sum()
+    out = first.drop(columns=list(merged.columns)).merge(merged.reset_index(), on=keys, how="left")
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+class PieceData:
+    """What every incident of one piece shares: its lineage frame and what is computed once on it."""
+
+    def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]]) -> None:
+        self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
+        self.steps = frame["step"].to_numpy()
+        self.first_step = int(self.steps[0])
+        self.warmup = warmup(frame)
+        lr = frame["lr"].to_numpy(dtype=float) if "lr" in frame.columns else np.full(len(frame), np.nan)
+        self._lr_max = np.fmax.accumulate(np.where(np.isfinite(lr), lr, -np.inf)) if len(lr) else lr
+
+    def window(self, start: int, stop: int) -> pd.DataFrame:
+        """Rows with start <= step <= stop, plus the next row (the step after the incident)."""
+        lo = int(np.searchsorted(self.steps, start, side="left"))
+        hi = int(np.searchsorted(self.steps, stop, side="right")) + 1
+        return self.frame.iloc[lo:hi]
+
+    def peak_lr_before(self, step: int) -> float | None:
+        i = int(np.searchsorted(self.steps, step, side="left")) - 1
+        if i < 0 or not np.isfinite(self._lr_max[i]) or self._lr_max[i] <= 0:
+            return None
+        return float(self._lr_max[i])
+
+
+def checkpoints_of(events: pd.DataFrame | None) -> list[tuple[int, int, str | None]]:
+    if events is None or events.empty or "kind" not in events.columns:
+        return []
+    rows = events.loc[events["kind"] == "checkpoint"]
+    out = []
+    for _, row in rows.iterrows():
+        path = None
+        try:
+            detail = json.loads(row.get("detail") or "{}")
+            path = detail.get("path") if isinstance(detail, dict) else None
+        except (TypeError, ValueError):
+            pass
+        segment = row.get("segment")
+        out.append((int(row["step"]), int(segment) if segment is not None and segment == segment else 0, path))
+    return out
+
+
+def clip_in_use(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
+    """The clipping max norm in use: meta config `clip`, else inferred from clipped steps' grad_norm * clip_coef."""
+    clip = (watch_config(meta) or {}).get("clip")
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
+        return float(clip)
+    if {"clip_coef", "grad_norm"} <= set(steps.columns):
+        coef = steps["clip_coef"].to_numpy(dtype=float)
+        grad = steps["grad_norm"].to_numpy(dtype=float)
+        clipped = np.isfinite(coef) & np.isfinite(grad) & (coef < 0.999)
+        if clipped.any():
+            return float(np.median(coef[clipped] * grad[clipped]))
+    return None
+
+
+def segment_ranges(frame: pd.DataFrame) -> dict[int, tuple[int, int]]:
+    if frame.empty:
+        return {}
+    grouped = frame.groupby("segment")["step"].agg(["min", "max"])
+    return {int(seg): (int(row["min"]), int(row["max"])) for seg, row in grouped.iterrows()}
+
+
+def in_ranges(rows: pd.DataFrame, ranges: dict[int, tuple[int, int]]) -> pd.DataFrame:
+    seg = rows["segment"].to_numpy()
+    step = rows["step"].to_numpy()
+    mask = np.zeros(len(rows), dtype=bool)
+    for segment, (lo, hi) in ranges.items():
+        mask |= (seg == segment) & (step >= lo) & (step <= hi)
+    return rows.loc[mask]
+
+
+def score(frame: pd.DataFrame, column: str) -> float | None:
+    if column not in frame.columns:
+        return None
+    values = finite(frame[column])
+    if values.size < 3:
+        return None
+    score = spike_score(values)
+    return None if math.isnan(score) else score
