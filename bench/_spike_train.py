@@ -53,7 +53,6 @@ class Recipe:
     """Linear warmup steps, then cosine decay to `min_lr_ratio * lr` at the last step."""
     min_lr_ratio: float = 0.1
     checkpoint_every: int = 50
-    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "min_len", "max_len", "context", "d_model", "n_head", "n_layer",
@@ -82,6 +81,8 @@ class RunSpec:
     """None, `constant_batch`, `long_batch`, `lr_jump`, `inf_weight`, `zero_exp_avg_sq`, `reset_resume`."""
     step: int = 0
     """Step at which the fault is planted."""
+    seed: int = 0
+    """Seed of the initialisation and the data stream; every faulty run uses the clean run's 0."""
     lr_factor: float = 10.0
     """`lr_jump` only: the factor the learning rate is multiplied by from `step` on."""
     cause: str = "unknown"
@@ -145,9 +146,9 @@ class _TinyGPT(nn.Module):
 class _Stream:
     """Deterministic batches of random corpus slices with random lengths, right-padded."""
 
-    def __init__(self, recipe: Recipe, data: torch.Tensor) -> None:
+    def __init__(self, recipe: Recipe, data: torch.Tensor, seed: int) -> None:
         self.recipe, self.data = recipe, data
-        self.gen = torch.Generator().manual_seed(recipe.seed + 1)
+        self.gen = torch.Generator().manual_seed(seed + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         r = self.recipe
@@ -236,9 +237,9 @@ def generate_run(
     stop = recipe.steps if max_steps is None else min(max_steps, recipe.steps)
     losses: list[float] = []
     planted: dict[str, list[Any]] = {"steps": [], "sample_ids": []}
-    with _deterministic(recipe.seed):
-        stream = _Stream(recipe, torch.tensor(list(corpus()), dtype=torch.long))
-        model, optimizer = _fresh(recipe, recipe.seed)
+    with _deterministic(spec.seed):
+        stream = _Stream(recipe, torch.tensor(list(corpus()), dtype=torch.long), spec.seed)
+        model, optimizer = _fresh(recipe, spec.seed)
         monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, layer_every=1)
         try:
             for step in range(stop):
@@ -246,7 +247,7 @@ def generate_run(
                     # The restart: a new process would rebuild model and optimizer and load their
                     # state_dicts from the checkpoint; this one forgets to.
                     monitor.close()
-                    model, optimizer = _fresh(recipe, recipe.seed + 1000)
+                    model, optimizer = _fresh(recipe, spec.seed + 1000)
                     monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, layer_every=1, start_step=step)
                     planted["steps"].append(step)
                 losses.append(_train_step(spec, recipe, step, model, optimizer, monitor, stream, planted))

@@ -4,9 +4,9 @@
     python bench/spike_suite.py score [--runs sample_runs] [--no-write]
 
 `generate` trains a ~50k-parameter byte-level GPT on CPU on Python's own documentation
-(`pydoc_data.topics`), once cleanly and once per planted fault, recording each run with
-`spikedoc.watch(..., layer_every=1)`. Every run shares the clean run's seed, initialisation and data
-stream, so a faulty run is the clean run plus one fault; `labels.json` gives the fault as planted
+(`pydoc_data.topics`), cleanly (four seeds) and once per planted fault, recording each run with
+`spikedoc.watch(..., layer_every=1)`. Every faulty run shares the clean run's seed, initialisation and
+data stream, so a faulty run is the clean run plus one fault; `labels.json` gives the fault as planted
 and its effect measured against this clean twin (never what analyze reports). `score` runs
 `spikedoc.analyze` on each run and writes the `spike_suite` section of BENCHMARKS.md.
 Recipe, faults and scoring rules are explained in sample_runs/README.md.
@@ -39,6 +39,9 @@ LABELS = "labels.json"
 
 SPECS: tuple[RunSpec, ...] = (
     RunSpec(name="clean", fault=None, description="Healthy run: AdamW, warmup then cosine decay, no fault."),
+    *(RunSpec(name=f"clean_seed{seed}", fault=None, seed=seed,
+              description=f"Healthy run as `clean`, with seed {seed} for the initialisation and the data.")
+      for seed in (1, 2, 3)),
     RunSpec(name="bad_batch_constant", fault="constant_batch", step=140, cause="bad_batch",
             description="The batch of step 140 is near-constant input: every sequence is NUL bytes "
                         "(a zero-filled region of a corrupt shard), at the step's ordinary lengths."),
@@ -107,6 +110,7 @@ def labels_for(spec: RunSpec, record: dict[str, Any], clean: list[float], recipe
         "name": spec.name,
         "description": spec.description,
         "fault": spec.fault,
+        "seed": spec.seed,
         "steps": len(record["loss"]),
         "recipe": {k: getattr(recipe, k) for k in Recipe.__dataclass_fields__},
         "generator": _environment(),
@@ -280,7 +284,7 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
         f"- Precision (incidents that match a label or fall in a fault's affected window): {good}/{total}",
         f"- Batch attribution (planted steps and sample ids named): {sum(r['batch_ok'] for r in batch)}/{len(batch)}",
         f"- Cause accuracy: {sum(r['cause_ok'] for r in rows)}/{len(rows)}",
-        f"- Incidents on the clean run: {clean_false}",
+        f"- Incidents on the {sum(not r['labels']['incidents'] for r in results)} clean runs: {clean_false}",
     ]
     for res in results:  # what a miss looked like, from the labels' own measurements
         for r in res["rows"]:
@@ -292,6 +296,12 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
                     f"{_fmt(eff['loss_at_peak'])} at step {lb['peak_step']} against {_fmt(eff['clean_loss_at_peak'])} on "
                     f"the clean twin ({_fmt(eff['excess_sigmas_at_peak'])} noise sigmas of {_fmt(eff['noise_sigma'])})."
                 )
+        for inc in res["false"]:
+            lines.append(
+                f"- {res['name']}: false incident {inc.kind} at steps {inc.onset_step}-{inc.end_step} (cause {inc.cause}"
+                f"{', low confidence' if inc.low_confidence else ''}): {inc.metric} peaked at {_fmt(inc.peak_value)} at "
+                f"step {inc.peak_step} against a baseline of {_fmt(inc.baseline)}; no fault was planted in this run."
+            )
     return "\n".join(lines) + "\n", results
 
 

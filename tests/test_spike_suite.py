@@ -18,6 +18,7 @@ from spikedoc.analysis.incident import CAUSES, Incident
 
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 FAULTY = [s.name for s in SPECS if s.fault is not None]
+CLEAN = [s.name for s in SPECS if s.fault is None]
 BAD_BATCH = [s.name for s in SPECS if s.fault in ("constant_batch", "long_batch")]
 
 
@@ -70,8 +71,8 @@ def test_labels_are_well_formed(name):
         assert len(label["sample_ids"]) == (32 * len(label["batch_steps"]))
 
 
-def test_clean_run_is_labelled_without_incident_and_every_other_run_with_one():
-    assert load_labels(RUNS / "clean")["incidents"] == []
+def test_clean_runs_are_labelled_without_incident_and_every_other_run_with_one():
+    assert all(load_labels(RUNS / name)["incidents"] == [] for name in CLEAN)
     assert all(len(load_labels(RUNS / name)["incidents"]) == 1 for name in FAULTY)
 
 
@@ -104,7 +105,8 @@ def test_regeneration_reproduces_the_shipped_losses_exactly(tmp_path):
     differs = [k for k in ("corpus_sha256", "torch", "cpu_capability") if made[k] != here[k]]
     if differs:
         pytest.skip(f"exact reproduction needs the generator's {', '.join(differs)} (shipped: {made})")
-    record = generate_run(SPECS[1], tmp_path / "run", max_steps=25, checkpoint_dir=tmp_path / "ckpt")
+    spec = next(s for s in SPECS if s.name == "bad_batch_constant")
+    record = generate_run(spec, tmp_path / "run", max_steps=25, checkpoint_dir=tmp_path / "ckpt")
     np.testing.assert_array_equal(np.float32(record["loss"]), np.float32(_losses("bad_batch_constant")[:25]))
     np.testing.assert_array_equal(spikedoc.load(tmp_path / "run").steps["loss"].to_numpy(), _losses("bad_batch_constant")[:25])
 
@@ -123,8 +125,9 @@ def test_match_accepts_an_onset_within_tolerance_of_the_range_only():
 # ---------------------------------------------------------------- the suite's targets for analyze
 
 
-def test_analyze_reports_no_incident_on_the_clean_run():
-    assert [(i.onset_step, i.kind) for i in _diagnosis("clean").incidents] == []
+@pytest.mark.parametrize("name", CLEAN)
+def test_analyze_reports_no_incident_on_a_clean_run(name):
+    assert [(i.onset_step, i.kind, i.cause) for i in _diagnosis(name).incidents] == []
 
 
 @pytest.mark.parametrize("name", FAULTY)
