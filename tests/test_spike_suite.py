@@ -1,6 +1,6 @@
 """The spike suite in sample_runs/: loadable runs, labels that agree with the recorded data, exact
 regeneration, and the suite's targets for analyze (every planted incident found, attributed and
-named; nothing on the clean run)."""
+named; nothing on a clean run)."""
 
 from __future__ import annotations
 
