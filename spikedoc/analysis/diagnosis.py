@@ -207,7 +207,8 @@ class _Analysis:
         }
         if len(final) < self.detector.min_history:
             out.warnings.append(
-                f"only {len(final)} steps: fewer than the {self.detector.min_history} the detector needs for a confident "
+                f"only {len(final)} step{'s' if len(final) != 1 else ''}: fewer than the {self.detector.min_history} "
+                "the detector needs for a confident "
                 "baseline, so only large relative jumps can be judged"
             )
 
