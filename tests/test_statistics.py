@@ -13,8 +13,11 @@ from spikedoc.monitor.statistics import (
     SampledSnapshot,
     adam_stats,
     clip_coefficient,
+    max_abs,
+    maxes,
     nonfinite_counts,
     norms,
+    sums,
     sgd_update_norms,
 )
 from tests.common.models import make_model, train
@@ -51,6 +54,25 @@ def test_norms_match_direct_computation_for_float32_and_bfloat16():
         expected = torch.stack([t.double().norm() for t in ts])
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
         torch.testing.assert_close(norms(ts, math.inf).double(), torch.stack([t.double().abs().max() for t in ts]))
+
+
+@pytest.mark.parametrize("budget", [1 << 22, 500], ids=["whole", "split"])
+def test_max_abs_matches_direct_computation_and_keeps_nan(budget):
+    model = make_model(seed=0)
+    ts = [p.detach().clone() for p in model.parameters()]
+    ts[2].view(-1)[-1] = float("nan")
+    got = max_abs(ts, Chunks([t.numel() for t in ts], budget))
+    for j, t in enumerate(ts):
+        if j == 2:
+            assert math.isnan(got[j].item())
+        else:
+            assert got[j].item() == t.abs().max().item()
+
+
+def test_sums_and_maxes_of_nonnegative_tensors_match_direct_computation():
+    ts = [p.detach().square() for p in make_model(seed=0).parameters()]
+    torch.testing.assert_close(sums(ts).double(), torch.stack([t.double().sum() for t in ts]), rtol=1e-5, atol=0)
+    assert maxes(ts).tolist() == [t.max().item() for t in ts]
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["host_shortcut", "on_device"])
@@ -117,6 +139,7 @@ def test_adam_stats_match_parameter_difference_and_direct_eps_count(budget):
         assert got["update_norm"][j].item() == pytest.approx(diff, rel=1e-3, abs=2e-7 * p.norm().item())
         v_hat_sqrt = states[j]["exp_avg_sq"].sqrt() / math.sqrt(1 - hp["beta2s"][j] ** hp["steps"][j])
         assert got["above_eps"][j].item() == float((v_hat_sqrt > hp["epss"][j]).sum())
+        assert got["denom_sq_sum"][j].item() == pytest.approx(states[j]["exp_avg_sq"].double().sum().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("budget", [1 << 22, 900], ids=["whole", "split"])

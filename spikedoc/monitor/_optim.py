@@ -11,11 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spikedoc.monitor.statistics import Chunks, SampledSnapshot, adam_stats, norms, sgd_update_norms
+from spikedoc.monitor.statistics import Chunks, SampledSnapshot, adam_stats, maxes, norms, sgd_update_norms, sums
 
 __all__ = ["Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats", "for_optimizer"]
-
-_INF = float("inf")
 
 
 @dataclass(eq=False)
@@ -61,9 +59,11 @@ def _scalar(value: Any) -> float:
 
 
 def _steps(steps: Sequence[Any]) -> list[float]:
-    if all(isinstance(s, Tensor) and s.device.type == "cpu" for s in steps):
-        return torch.stack(list(steps)).tolist() if steps else []  # the usual case: one cheap call
-    return [float(s) for s in steps]  # on-device step counters (capturable/fused): one read each
+    if steps and all(isinstance(s, Tensor) and s.device == steps[0].device for s in steps):
+        # One read: free for the usual CPU counters; one sync for capturable/fused optimizers,
+        # which keep the counter on the GPU.
+        return torch.stack(list(steps)).float().tolist()
+    return [float(s) for s in steps]
 
 
 class OptimizerStats:
@@ -129,10 +129,11 @@ class AdamStats(OptimizerStats):
         )
         out = {"update_norm": bucket.expand(got["update_norm"], sub, 0.0)}
         if layers:
+            amsgrad = any(g.get("amsgrad") for g in hp)  # then the denominator is not exp_avg_sq
             out["above_eps"] = bucket.expand(got["above_eps"], sub, math.nan)
             out["exp_avg_norm"] = bucket.expand(norms(m), sub, math.nan)
-            out["exp_avg_sq_sum"] = bucket.expand(norms(v, 1.0), sub, math.nan)  # v >= 0: L1 is the sum
-            out["exp_avg_sq_max"] = bucket.expand(norms(v, _INF), sub, math.nan)
+            out["exp_avg_sq_sum"] = bucket.expand(sums(v) if amsgrad else got["denom_sq_sum"], sub, math.nan)
+            out["exp_avg_sq_max"] = bucket.expand(maxes(v), sub, math.nan)
         return out
 
     def to_columns(self, values: dict[str, np.ndarray], numels: np.ndarray) -> dict[str, np.ndarray]:

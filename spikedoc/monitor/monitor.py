@@ -23,7 +23,7 @@ from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._transfer import Landing, Packer
 from spikedoc.monitor.fingerprint import Fingerprint
-from spikedoc.monitor.statistics import Chunks, clip_coefficient, nonfinite_counts, norms
+from spikedoc.monitor.statistics import Chunks, clip_coefficient, max_abs, nonfinite_counts, norms
 from spikedoc.store.writer import RunWriter
 
 __all__ = ["WatchConfig", "Monitor", "watch"]
@@ -367,7 +367,7 @@ class Monitor:
             cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
             st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
             if st.layers:
-                gmax = norms(grads, math.inf)
+                gmax = max_abs(grads, bucket.chunks)
                 if isinstance(grad_scale, Tensor):
                     gmax = gmax / grad_scale.to(gmax.device, torch.float32)
                 st.packer.add(f"{b}:grad_max", gmax)

@@ -19,6 +19,9 @@ __all__ = [
     "CLIP_EPS",
     "Chunks",
     "norms",
+    "max_abs",
+    "maxes",
+    "sums",
     "nonfinite_counts",
     "clip_coefficient",
     "adam_stats",
@@ -88,10 +91,70 @@ class Chunks:
             owner = self._owner[pieces.device] = torch.tensor(self._owners, device=pieces.device)
         return torch.zeros(len(self.numels), dtype=pieces.dtype, device=pieces.device).index_add_(0, owner, pieces)
 
+    def fold_max(self, pieces: Tensor) -> Tensor:
+        """Per-tensor maxima of per-piece values (NaN wins, as in torch.max)."""
+        if not self.split:
+            return pieces
+        owner = self._owner.get(pieces.device)
+        if owner is None:
+            owner = self._owner[pieces.device] = torch.tensor(self._owners, device=pieces.device)
+        out = torch.full((len(self.numels),), -math.inf, dtype=pieces.dtype, device=pieces.device)
+        out = out.scatter_reduce(0, owner, pieces, reduce="amax")
+        # scatter_reduce's amax may drop NaN; a tensor with a NaN piece has a NaN maximum.
+        nan = torch.zeros(len(self.numels), dtype=pieces.dtype, device=pieces.device).index_add_(0, owner, pieces.isnan().to(pieces.dtype))
+        return torch.where(nan > 0, math.nan, out)
+
 
 def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     """Per-tensor vector norm (`ord` 2, 1 or inf) as a float32 vector, accumulated in float32."""
     return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+
+
+# torch's CPU `_foreach_norm` is fast only for ord=2 (ord inf is ~14x slower, ord 0/1 ~5x slower on
+# the benchmark model): on CPU the functions below use other kernels; elsewhere the fused norms.
+_HAS_MAX = hasattr(torch, "_foreach_max")  # torch >= 2.6
+_HAS_POWSUM = hasattr(torch, "_foreach_powsum")
+
+
+def _fast_cpu(tensors: Sequence[Tensor]) -> bool:
+    return bool(tensors) and tensors[0].device.type == "cpu" and _HAS_MAX
+
+
+def max_abs(tensors: Sequence[Tensor], chunks: Chunks) -> Tensor:
+    """Per-tensor max |x| as a float32 vector (NaN if the tensor holds a NaN)."""
+    if not _fast_cpu(tensors):
+        return norms(tensors, math.inf)
+    pieces: list[Tensor] = []
+    for b in range(len(chunks.batches)):
+        pieces.extend(torch._foreach_max(torch._foreach_abs(chunks.views(b, tensors))))
+    return chunks.fold_max(torch.stack(pieces).float())
+
+
+def maxes(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor maximum of non-negative tensors (e.g. Adam's `exp_avg_sq`), float32."""
+    if not _HAS_MAX:
+        return norms(tensors, math.inf)
+    return torch.stack(torch._foreach_max(list(tensors))).float()
+
+
+def sums(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor sum of non-negative tensors (their L1 norm), accumulated in float32."""
+    if _fast_cpu(tensors):
+        return torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    return norms(tensors, 1.0)
+
+
+def _powsum2(tensors: list[Tensor]) -> list[Tensor]:
+    if _HAS_POWSUM:
+        return list(torch._foreach_powsum(tensors, 2))
+    return [n.square() for n in torch._foreach_norm(tensors, 2, dtype=torch.float32)]
+
+
+def _count_positive(tensors: list[Tensor]) -> list[Tensor]:
+    """Number of elements > 0 of each tensor (NaN counts), overwriting `tensors`."""
+    torch._foreach_clamp_min_(tensors, 0.0)  # (0, inf] and NaN stay nonzero
+    torch._foreach_sign_(tensors)  # 0, 1 or NaN
+    return _powsum2(tensors)  # sum of squares of 0/1: the count
 
 
 def nonfinite_counts(tensors: Sequence[Tensor], chunks: Chunks, l2: Tensor | None = None) -> Tensor:
@@ -120,9 +183,12 @@ def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0)
 
 
-def _scaled_norms(pieces: list[Tensor], factors: Sequence[float]) -> list[Tensor]:
-    # Norms are 0-dim tensors; a ScalarList multiply scales them all in one launch.
-    return list(torch._foreach_mul(pieces, list(factors))) if pieces else []
+def _vector(values: Sequence[float], device: torch.device) -> Tensor:
+    """A small float32 vector of host values on `device`, without a synchronising copy."""
+    host = torch.tensor(list(values), dtype=torch.float32)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def _update_norms(
@@ -130,30 +196,34 @@ def _update_norms(
     params: list[Tensor],
     scales: Sequence[float],
     decays: Sequence[float],
-) -> list[Tensor]:
+) -> tuple[list[Tensor], list[float]]:
     """Norms of `-(a * p_new + c * X) / (1 - a)` for each piece, overwriting `directions` (X).
 
     This is the parameter change of one step for SGD and Adam(W) given the new parameters and the
     step direction X with its scale c, and the decoupled decay factor a = lr * weight_decay (0 when
-    decay is folded into the gradient): p_old = (p_new + c * X) / (1 - a).
+    decay is folded into the gradient): p_old = (p_new + c * X) / (1 - a). Requires c != 0 where
+    a != 0 (c is a learning rate over a bias correction).
+
+    Returns:
+        Unscaled norms (0-dim tensors) and the factor each must be multiplied by.
     """
-    out: list[Tensor | None] = [None] * len(directions)
-    plain = [i for i, a in enumerate(decays) if a == 0.0]
-    decayed = [i for i, a in enumerate(decays) if a != 0.0]
-    if plain:
-        got = torch._foreach_norm([directions[i] for i in plain], 2, dtype=torch.float32)
-        for i, n in zip(plain, _scaled_norms(list(got), [abs(scales[i]) for i in plain])):
-            out[i] = n
-    if decayed:
-        # ||a p + c X|| = |a| * ||p + (c / a) X||: one in-place multiply and add, no new buffer.
-        xs = [directions[i] for i in decayed]
-        torch._foreach_mul_(xs, [scales[i] / decays[i] for i in decayed])
-        torch._foreach_add_(xs, [params[i] for i in decayed])
-        got = torch._foreach_norm(xs, 2, dtype=torch.float32)
-        factors = [abs(decays[i] / (1.0 - decays[i])) if decays[i] != 1.0 else math.inf for i in decayed]
-        for i, n in zip(decayed, _scaled_norms(list(got), factors)):
-            out[i] = n
-    return out  # type: ignore[return-value]
+    # ||a p + c X|| = |c| * ||X + (a / c) p||: one in-place add per distinct a / c (usually one
+    # per param group), no new buffer.
+    ratios: dict[float, list[int]] = {}
+    for i, a in enumerate(decays):
+        if a != 0.0:
+            ratios.setdefault(a / scales[i] if scales[i] else math.inf, []).append(i)
+    for ratio, members in ratios.items():
+        torch._foreach_add_([directions[i] for i in members], [params[i] for i in members], alpha=ratio)
+    raw = list(torch._foreach_norm(directions, 2, dtype=torch.float32)) if directions else []
+    factors = [abs(c / (1.0 - a)) if a != 1.0 else math.inf for c, a in zip(scales, decays)]
+    return raw, factors
+
+
+def _fold_update(chunks: Chunks, raw: list[Tensor], factors: list[float]) -> Tensor:
+    """Per-tensor update norms from per-piece unscaled norms and their factors."""
+    scaled = torch.stack(raw) * _vector(factors, raw[0].device)
+    return chunks.fold_sum(scaled.square()).sqrt() if chunks.split else scaled
 
 
 def adam_stats(
@@ -186,36 +256,41 @@ def adam_stats(
         lrs, beta1s, beta2s, epss: Each tensor's group hyperparameters.
         decays: `lr * weight_decay` for decoupled decay (AdamW), 0.0 for Adam's L2 decay.
         chunks: Batching plan of the tensors' sizes (bounds the two temporaries).
-        count_eps: Also count the elements whose `sqrt(v_hat)` is above eps (three more passes).
+        count_eps: Also count the elements whose `sqrt(v_hat)` is above eps (four more passes).
 
     Returns:
-        `update_norm`: L2 norm of each parameter's change; with `count_eps`, `above_eps`: number of
-        elements whose bias-corrected `sqrt(v_hat)` is above eps (the rest is at or below it).
+        `update_norm`: L2 norm of each parameter's change. With `count_eps` also `above_eps`, the
+        number of elements whose bias-corrected `sqrt(v_hat)` is above eps (the rest is at or below
+        it), and `denom_sq_sum`, the sum of `denom_sqs` (to float32 rounding).
     """
     bc2_sqrt = [(1 - b2**t) ** 0.5 for b2, t in zip(beta2s, steps)]
     step_sizes = [lr / (1 - b1**t) for lr, b1, t in zip(lrs, beta1s, steps)]
-    updates: list[Tensor] = []
+    raw: list[Tensor] = []
+    factors: list[float] = []
     above: list[Tensor] = []
+    sq_sums: list[Tensor] = []
     for b, batch in enumerate(chunks.batches):
         idx = [i for i, _, _ in batch]
         p, m, v = (chunks.views(b, t) for t in (params, exp_avgs, denom_sqs))
         eps = [epss[i] for i in idx]
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
-        # Count sqrt(v_hat) > eps: (x - eps) clamped at 0 is nonzero exactly there (NaN counts too).
         if count_eps:
-            excess = torch._foreach_sub(denom, eps)
-            torch._foreach_clamp_min_(excess, 0.0)
-            above.extend(torch._foreach_norm(excess, 0, dtype=torch.float32))
-            del excess
+            # Count sqrt(v_hat) > eps: (x - eps) is positive exactly there (NaN counts too).
+            above.extend(_count_positive(torch._foreach_sub(denom, eps)))
+            # sum(v) = sum(sqrt(v_hat) ** 2) * bc2, from the temporary at hand instead of a pass over v.
+            sq_sums.extend(_powsum2(denom))
         torch._foreach_add_(denom, eps)
         direction = torch._foreach_div(m, denom)  # X = m / denom, the step is -step_size * X
         del denom
-        updates.extend(_update_norms(list(direction), p, [step_sizes[i] for i in idx], [decays[i] for i in idx]))
-    update = chunks.fold_sum(torch.stack(updates).square()).sqrt()
-    out = {"update_norm": update}
+        got, f = _update_norms(list(direction), p, [step_sizes[i] for i in idx], [decays[i] for i in idx])
+        raw += got
+        factors += f
+    out = {"update_norm": _fold_update(chunks, raw, factors)}
     if count_eps:
         out["above_eps"] = chunks.fold_sum(torch.stack(above))
+        bc2 = [bc2_sqrt[i] ** 2 for batch in chunks.batches for i, _, _ in batch]
+        out["denom_sq_sum"] = chunks.fold_sum(torch.stack(sq_sums) * _vector(bc2, sq_sums[0].device))
     return out
 
 
@@ -238,22 +313,16 @@ def sgd_update_norms(
     which undoes the L2 decay folded into the gradient.
     """
     full_bufs = [buf if buf is not None else p for buf, p in zip(buffers, params)]  # None only where mu = 0
-    out: list[Tensor] = []
+    raw: list[Tensor] = []
+    factors: list[float] = []
     for b, batch in enumerate(chunks.batches):
         idx = [i for i, _, _ in batch]
         p, g, buf = chunks.views(b, params), chunks.views(b, grads), chunks.views(b, full_bufs)
         sign = [-1.0 if maximizes[i] else 1.0 for i in idx]
         heavy = [momentums[i] != 0 and not nesterovs[i] for i in idx]
-        result: list[Tensor | None] = [None] * len(idx)
-        hv = [j for j, h in enumerate(heavy) if h]
-        if hv:  # -lr * buf: a norm of the state, no temporary
-            got = torch._foreach_norm([buf[j] for j in hv], 2, dtype=torch.float32)
-            for j, n in zip(hv, _scaled_norms(list(got), [abs(lrs[idx[j]]) for j in hv])):
-                result[j] = n
-        rest = [j for j, h in enumerate(heavy) if not h]
-        # X = g + s * mu * buf, with step scale c = lr * s; written into a fresh buffer whenever it
-        # will be modified (the gradients belong to the user).
-        fresh = [j for j in rest if momentums[idx[j]] != 0 or weight_decays[idx[j]] != 0]
+        # Heavy ball: the change is -lr * buf, a norm of the state. Otherwise X = g + s * mu * buf
+        # with scale c = lr * s, in a fresh buffer whenever it will be modified (grads are the user's).
+        fresh = [j for j, i in enumerate(idx) if not heavy[j] and (momentums[i] != 0 or weight_decays[i] != 0)]
         xs = dict(zip(fresh, torch._foreach_mul([g[j] for j in fresh], 1.0))) if fresh else {}
         nest = [j for j in fresh if momentums[idx[j]] != 0]
         if nest:
@@ -261,16 +330,15 @@ def sgd_update_norms(
                 [xs[j] for j in nest],
                 torch._foreach_mul([buf[j] for j in nest], [sign[j] * momentums[idx[j]] for j in nest]),
             )
-        got = _update_norms(
-            [xs.get(j, g[j]) for j in rest],
-            [p[j] for j in rest],
-            [lrs[idx[j]] * sign[j] for j in rest],
-            [lrs[idx[j]] * weight_decays[idx[j]] for j in rest],
+        got, f = _update_norms(
+            [buf[j] if heavy[j] else xs.get(j, g[j]) for j in range(len(idx))],
+            p,
+            [lrs[i] * (1.0 if heavy[j] else sign[j]) for j, i in enumerate(idx)],
+            [0.0 if heavy[j] else lrs[i] * weight_decays[i] for j, i in enumerate(idx)],
         )
-        for j, n in zip(rest, got):
-            result[j] = n
-        out.extend(result)  # type: ignore[arg-type]
-    return chunks.fold_sum(torch.stack(out).square()).sqrt()
+        raw += got
+        factors += f
+    return _fold_update(chunks, raw, factors)
 
 
 class SampledSnapshot:
