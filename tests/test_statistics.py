@@ -134,9 +134,14 @@ def test_adam_stats_match_parameter_difference_and_direct_eps_count(budget):
         [p.detach() for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
         chunks=Chunks([p.numel() for p in params], budget), **hp,
     )  # fmt: skip
+    without_eps = adam_stats(
+        [p.detach() for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        chunks=Chunks([p.numel() for p in params], budget), count_eps=False, **hp,
+    )  # fmt: skip
     for j, p in enumerate(params):
         diff = (p.detach().double() - before[order[id(p)]].double()).norm().item()
         assert got["update_norm"][j].item() == pytest.approx(diff, rel=1e-3, abs=2e-7 * p.norm().item())
+        assert without_eps["update_norm"][j].item() == pytest.approx(got["update_norm"][j].item(), rel=1e-5)
         v_hat_sqrt = states[j]["exp_avg_sq"].sqrt() / math.sqrt(1 - hp["beta2s"][j] ** hp["steps"][j])
         assert got["above_eps"][j].item() == float((v_hat_sqrt > hp["epss"][j]).sum())
         assert got["denom_sq_sum"][j].item() == pytest.approx(states[j]["exp_avg_sq"].double().sum().item(), rel=1e-5)

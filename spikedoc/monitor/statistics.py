@@ -274,16 +274,22 @@ def adam_stats(
         p, m, v = (chunks.views(b, t) for t in (params, exp_avgs, denom_sqs))
         eps = [epss[i] for i in idx]
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
+        scales = [step_sizes[i] for i in idx]
         if count_eps:
+            torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
             # Count sqrt(v_hat) > eps: (x - eps) is positive exactly there (NaN counts too).
             above.extend(_count_positive(torch._foreach_sub(denom, eps)))
             # sum(v) = sum(sqrt(v_hat) ** 2) * bc2, from the temporary at hand instead of a pass over v.
             sq_sums.extend(_powsum2(denom))
-        torch._foreach_add_(denom, eps)
+            torch._foreach_add_(denom, eps)
+        else:
+            # m / (sqrt(v) / b + eps) = b * m / (sqrt(v) + eps * b): one pass fewer; the factor b
+            # moves into the step scale (equal to torch's arithmetic up to float rounding).
+            torch._foreach_add_(denom, [epss[i] * bc2_sqrt[i] for i in idx])
+            scales = [c * bc2_sqrt[i] for c, i in zip(scales, idx)]
         direction = torch._foreach_div(m, denom)  # X = m / denom, the step is -step_size * X
         del denom
-        got, f = _update_norms(list(direction), p, [step_sizes[i] for i in idx], [decays[i] for i in idx])
+        got, f = _update_norms(list(direction), p, scales, [decays[i] for i in idx])
         raw += got
         factors += f
     out = {"update_norm": _fold_update(chunks, raw, factors)}
