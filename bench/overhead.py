@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="round-robin rounds (default 15; 2 with --quick)")
     parser.add_argument("--steps", type=int, help="timed steps per run (default 30; 5 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--batch-size", type=int, help="samples per step (default 8): the step's cost scales with it")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -367,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         options["warmup"] = 1
     if args.threads:
         options["threads"] = args.threads
+    if args.batch_size:
+        options["batch_size"] = args.batch_size
     cfg = BenchConfig(**options)
     result = run_benchmark(cfg, progress=lambda line: print(line, flush=True))
     command = shlex.join(["python", "bench/overhead.py", *(argv if argv is not None else sys.argv[1:])])
