@@ -8,17 +8,17 @@ import math
 import pytest
 import torch
 
+from spikedoc.monitor.sampling import SampledSnapshot
 from spikedoc.monitor.statistics import (
     Chunks,
-    SampledSnapshot,
     adam_stats,
     clip_coefficient,
     max_abs,
     maxes,
     nonfinite_counts,
     norms,
-    sums,
     sgd_update_norms,
+    sums,
 )
 from tests.common.models import make_model, train
 

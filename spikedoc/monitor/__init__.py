@@ -1,5 +1,6 @@
 """The in-training side: `watch(model, optimizer)` records every optimizer step to a run directory."""
 
-from spikedoc.monitor.monitor import Monitor, WatchConfig, watch
+from spikedoc.monitor.config import WatchConfig
+from spikedoc.monitor.monitor import Monitor, watch
 
 __all__ = ["watch", "Monitor", "WatchConfig"]

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spikedoc.monitor.statistics import Chunks, SampledSnapshot, adam_stats, maxes, norms, sgd_update_norms, sums
+from spikedoc.monitor.sampling import SampledSnapshot
+from spikedoc.monitor.statistics import (
+    Chunks,
+    adam_stats,
+    maxes,
+    norms,
+    sgd_update_norms,
+    sums,
+)
 
 __all__ = ["Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats", "for_optimizer"]
 

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spikedoc.monitor._step import Late, StepRecord
 from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.store.schema import lr_column
 
 if TYPE_CHECKING:
-    from spikedoc.monitor.monitor import Monitor, _Step
+    from spikedoc.monitor.monitor import Monitor
 
 __all__ = ["step_row", "layer_block"]
 
@@ -20,7 +21,7 @@ _FINGERPRINT_COLUMNS = ("batch_hash", "seq_len_min", "seq_len_median", "seq_len_
 
 def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
     """A record() value: host values as given, tensors from their landed copy."""
-    if type(value).__name__ == "_Late":
+    if isinstance(value, Late):
         arr = values[value]
         return arr.item() if arr.ndim == 0 else arr.tolist()
     return value
@@ -49,7 +50,7 @@ def _flat(chunks: list[Any]) -> list[Any]:
     return out
 
 
-def step_row(monitor: Monitor, st: _Step, values: dict[str, np.ndarray]) -> dict[str, Any]:
+def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The step-table row of `st` (documented columns in spikedoc/store/schema.py)."""
     rec = st.recorded
     skipped = st.skipped or float(values.get("found_inf", 0.0)) > 0
@@ -96,7 +97,7 @@ def step_row(monitor: Monitor, st: _Step, values: dict[str, np.ndarray]) -> dict
     return row
 
 
-def layer_block(monitor: Monitor, st: _Step, values: dict[str, np.ndarray]) -> dict[str, Any]:
+def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
     n = len(monitor._params)
     update = _per_tensor(monitor, values, "update_norm")

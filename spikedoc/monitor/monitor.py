@@ -9,7 +9,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from spikedoc.monitor import meta as _meta
+from spikedoc.monitor._collect import grad_stats, post_stats
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._rows import layer_block, step_row
-from spikedoc.monitor._transfer import Landing, Packer
+from spikedoc.monitor._step import Late, StepRecord, extract_loss
+from spikedoc.monitor._transfer import Packer
+from spikedoc.monitor.config import WatchConfig
 from spikedoc.monitor.fingerprint import Fingerprint
-from spikedoc.monitor.statistics import Chunks, clip_coefficient, max_abs, nonfinite_counts, norms
+from spikedoc.monitor.statistics import (
+    Chunks,
+)
 from spikedoc.store.writer import RunWriter
 
-__all__ = ["WatchConfig", "Monitor", "watch"]
+__all__ = ["Monitor", "watch"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,82 +41,6 @@ _TEMP_SHARE, _TEMP_MIN = 0.01, 1 << 22
 #: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
 _SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
-
-
-@dataclass(kw_only=True)
-class WatchConfig:
-    """How `watch` records; every field is a keyword argument of `watch`."""
-
-    every: int = 1
-    """Write a step row every `every` optimizer steps (steps whose index is a multiple)."""
-    layer_every: int = 1
-    """Write per-tensor layer rows every `layer_every` optimizer steps."""
-    clip: float | None = None
-    """Clip gradients to this global L2 norm in the step pre-hook (like `clip_grad_norm_`)."""
-    flush_every: int = 100
-    """Step rows buffered per Parquet part: the most a `kill -9` loses when steps are fast."""
-    flush_seconds: float = 30.0
-    """Longest time rows stay buffered: the most a `kill -9` loses when steps are slow."""
-    start_step: int | None = None
-    """Index of the first recorded step; default: the optimizer's own step count, else 0."""
-    pad_token_id: int | None = None
-    """Token id counted as padding in sequence lengths when the model gets no `attention_mask`."""
-
-    def __post_init__(self) -> None:
-        for name in ("every", "layer_every", "flush_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"watch: {name} must be a positive integer, got {value!r}")
-        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
-            raise ValueError(f"watch: clip must be a positive max norm or None, got {self.clip!r}")
-        if not (isinstance(self.flush_seconds, (int, float)) and self.flush_seconds > 0):
-            raise ValueError(f"watch: flush_seconds must be > 0, got {self.flush_seconds!r}")
-        if self.start_step is not None and (not isinstance(self.start_step, int) or self.start_step < 0):
-            raise ValueError(f"watch: start_step must be a non-negative integer or None, got {self.start_step!r}")
-
-
-@dataclass(eq=False)
-class _Step:
-    """Everything gathered about one optimizer step, from its first forward to its host row."""
-
-    index: int
-    logged: bool
-    layers: bool
-    fingerprint: Fingerprint
-    forwards: int = 0
-    loss_sum: Tensor | None = None
-    loss_count: int = 0
-    recorded: dict[str, Any] = field(default_factory=dict)
-    late: list[Landing] = field(default_factory=list)
-    packer: Packer = field(default_factory=Packer)
-    active: dict[int, list[int] | None] = field(default_factory=dict)
-    grads: dict[int, list[Tensor]] = field(default_factory=dict)
-    tokens: dict[int, Any] = field(default_factory=dict)
-    broken: bool = False
-    skipped: bool = False
-    time: float = math.nan
-    step_time: float = math.nan
-    lrs: list[Any] = field(default_factory=list)
-    sample_offset: int = 0
-    landing: Landing | None = None
-
-    @property
-    def work(self) -> bool:
-        return self.logged or self.layers
-
-
-class _Late(str):
-    """Key of a record() tensor value travelling to the host separately."""
-
-
-def _extract_loss(output: Any) -> Tensor | None:
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    elif not isinstance(output, Tensor):
-        output = getattr(output, "loss", None)
-    if isinstance(output, Tensor) and output.numel() == 1 and output.is_floating_point():
-        return output
-    return None
 
 
 class Monitor:
@@ -153,7 +82,7 @@ class Monitor:
         self._warned: set[str] = set()
         self._closed = False
         self._handles: list[Any] = []
-        self._pending: _Step | None = None
+        self._pending: StepRecord | None = None
         self._after_norms: dict[int, tuple[Tensor, list[int]]] = {}
         self._steps_since_update = 0
         self._sample_offset = 0
@@ -296,9 +225,9 @@ class Monitor:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
         return int(max((float(c) for c in counts), default=0))
 
-    def _new_step(self, index: int) -> _Step:
+    def _new_step(self, index: int) -> StepRecord:
         logged, layers = index % self.config.every == 0, index % self.config.layer_every == 0
-        return _Step(index=index, logged=logged, layers=layers,
+        return StepRecord(index=index, logged=logged, layers=layers,
                      fingerprint=Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged))  # fmt: skip
 
     # ------------------------------------------------------------------------------------ hooks
@@ -318,7 +247,7 @@ class Monitor:
         if not (st.logged and torch.is_grad_enabled()):
             return
         try:
-            loss = _extract_loss(output)
+            loss = extract_loss(output)
             if loss is not None:
                 loss = loss.detach().float().reshape(())
                 st.loss_sum = loss if st.loss_sum is None else st.loss_sum + loss
@@ -335,7 +264,7 @@ class Monitor:
             if sum(len(g["params"]) for g in optimizer.param_groups) != len(self._params):
                 self._build_plan()  # add_param_group() since watch()
             grad_scale = kwargs.get("grad_scale") if isinstance(kwargs, Mapping) else None
-            self._grad_stats(st, clip=self.config.clip, grad_scale=grad_scale)
+            grad_stats(self, st, clip=self.config.clip, grad_scale=grad_scale)
             found_inf = kwargs.get("found_inf") if isinstance(kwargs, Mapping) else None
             if isinstance(found_inf, Tensor) and st.work:  # fused optimizers skip inf steps themselves
                 st.packer.add("found_inf", found_inf.float().sum())
@@ -348,50 +277,6 @@ class Monitor:
 
     # ----------------------------------------------------------------------------- statistics
 
-    def _grad_stats(self, st: _Step, *, clip: float | None, grad_scale: Any = None) -> None:
-        layer_norms = []
-        for b, bucket in enumerate(self._buckets):
-            grads = [p.grad for p in bucket.params]
-            active = None
-            if any(g is None for g in grads):
-                active = [j for j, g in enumerate(grads) if g is not None]
-                grads = [g if g is not None else self._placeholders[b] for g in grads]
-            st.active[b], st.grads[b] = active, grads
-            gn = norms(grads)  # (n,)
-            if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
-                gn = gn / grad_scale.to(gn.device, torch.float32)
-            layer_norms.append(gn)
-            if not st.work:
-                continue
-            st.packer.add(f"{b}:grad_norm", gn)
-            cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
-            st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
-            if st.layers:
-                gmax = max_abs(grads, bucket.chunks)
-                if isinstance(grad_scale, Tensor):
-                    gmax = gmax / grad_scale.to(gmax.device, torch.float32)
-                st.packer.add(f"{b}:grad_max", gmax)
-                st.packer.add(f"{b}:param_norm_before", self._param_norms_before(b, bucket))
-            st.tokens[b] = self._stats.before(bucket, grads, active)
-        if clip is not None and layer_norms:
-            first = layer_norms[0].device
-            total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
-            coef = clip_coefficient(total, clip)
-            for b, bucket in enumerate(self._buckets):
-                real = [g for g in st.grads[b] if g is not self._placeholders[b]]
-                if real:
-                    torch._foreach_mul_(real, coef.to(bucket.device))
-            if st.work:
-                st.packer.add("clip_coef", coef)
-
-    def _param_norms_before(self, b: int, bucket: Bucket) -> Tensor:
-        cached = self._after_norms.get(b)
-        # The previous step's after-norms are this step's before-norms unless a parameter was
-        # modified in place since (a checkpoint load, a rollback): its version counter tells.
-        if cached is not None and cached[1] == [p._version for p in bucket.params]:
-            return cached[0]
-        return norms(bucket.params)
-
     def _finish_step(self, *, skipped: bool) -> None:
         st = self._cur
         now = time.time()
@@ -399,7 +284,7 @@ class Monitor:
         self._last_end = now
         try:
             if st.work and not st.broken:
-                self._post_stats(st, skipped)
+                post_stats(self, st, skipped)
         except Exception as exc:  # noqa: BLE001
             self._fail("step_post", exc, st)
         finally:
@@ -409,38 +294,11 @@ class Monitor:
             self._pending = st if st.work else None
             self._cur = self._new_step(st.index + 1)
 
-    def _post_stats(self, st: _Step, skipped: bool) -> None:
-        pk = st.packer
-        with torch.no_grad():
-            for b, bucket in enumerate(self._buckets):
-                pn = norms(bucket.params)
-                self._after_norms[b] = (pn, [p._version for p in bucket.params])
-                pk.add(f"{b}:param_norm", pn)
-                if skipped:
-                    continue
-                got = self._stats.after(bucket, st.grads[b], st.active[b], st.tokens.get(b), layers=st.layers)
-                for key, value in got.items():
-                    pk.add(f"{b}:{key}", value)
-        for g, group in enumerate(self.optimizer.param_groups):
-            lr = group.get("lr", math.nan)
-            if isinstance(lr, Tensor):
-                pk.add(f"lr:{g}", lr.float())
-                lr = _Late(f"lr:{g}")
-            st.lrs.append(lr)
-        if st.loss_sum is not None:
-            pk.add("loss_sum", st.loss_sum)
-        scale = getattr(self.scaler, "_scale", None)
-        if isinstance(scale, Tensor):
-            pk.add("loss_scale", scale.float())
-        for key, value in st.fingerprint.device_values().items():
-            pk.add(f"fp:{key}", value)
-        st.landing = pk.launch()
-
     # ------------------------------------------------------------------------------ host side
 
-    def _value(self, st: _Step, value: Any) -> Any:
+    def _value(self, st: StepRecord, value: Any) -> Any:
         if isinstance(value, Tensor):
-            key = _Late(f"rec:{len(st.late)}")
+            key = Late(f"rec:{len(st.late)}")
             p = Packer()
             p.add(key, value.detach().float() if value.is_floating_point() else value.detach())
             st.late.append(p.launch())
@@ -489,12 +347,12 @@ class Monitor:
         st = self._cur
         try:
             if st.work and not st.broken:
-                self._grad_stats(st, clip=None)
+                grad_stats(self, st, clip=None)
         except Exception as exc:  # noqa: BLE001
             self._fail("skipped_step", exc, st)
         self._finish_step(skipped=True)
 
-    def _fail(self, where: str, exc: BaseException, st: _Step | None = None) -> None:
+    def _fail(self, where: str, exc: BaseException, st: StepRecord | None = None) -> None:
         if st is not None:
             st.broken = True
         if where not in self._warned:
@@ -505,6 +363,10 @@ class Monitor:
                 stacklevel=3,
             )
             logger.warning("spikedoc: %s failed", where, exc_info=exc)
+            try:
+                self.writer.add_event("logging_error", self._cur.index, where=where, error=repr(exc))
+            except Exception:  # noqa: BLE001 - the writer may be what failed
+                pass
 
 
 def watch(

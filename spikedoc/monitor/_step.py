@@ -1,0 +1,59 @@
+"""What the monitor gathers about one optimizer step between its first forward and its host row."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from spikedoc.monitor._transfer import Landing, Packer
+from spikedoc.monitor.fingerprint import Fingerprint
+
+__all__ = ["StepRecord", "Late", "extract_loss"]
+
+
+@dataclass(eq=False)
+class StepRecord:
+    """Everything gathered about one optimizer step, from its first forward to its host row."""
+
+    index: int
+    logged: bool
+    layers: bool
+    fingerprint: Fingerprint
+    forwards: int = 0
+    loss_sum: Tensor | None = None
+    loss_count: int = 0
+    recorded: dict[str, Any] = field(default_factory=dict)
+    late: list[Landing] = field(default_factory=list)
+    packer: Packer = field(default_factory=Packer)
+    active: dict[int, list[int] | None] = field(default_factory=dict)
+    grads: dict[int, list[Tensor]] = field(default_factory=dict)
+    tokens: dict[int, Any] = field(default_factory=dict)
+    broken: bool = False
+    skipped: bool = False
+    time: float = math.nan
+    step_time: float = math.nan
+    lrs: list[Any] = field(default_factory=list)
+    sample_offset: int = 0
+    landing: Landing | None = None
+
+    @property
+    def work(self) -> bool:
+        return self.logged or self.layers
+
+
+class Late(str):
+    """Key of a record() tensor value travelling to the host separately."""
+
+
+def extract_loss(output: Any) -> Tensor | None:
+    if isinstance(output, Mapping):
+        output = output.get("loss")
+    elif not isinstance(output, Tensor):
+        output = getattr(output, "loss", None)
+    if isinstance(output, Tensor) and output.numel() == 1 and output.is_floating_point():
+        return output
+    return None
