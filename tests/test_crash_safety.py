@@ -56,6 +56,21 @@ def test_sigkill_mid_run_leaves_every_completed_part_readable(tmp_path):
     assert run.steps["loss"].notna().all() and (run.steps["grad_norm"] > 0).all()
 
 
+def test_rows_are_written_at_interpreter_exit_without_close(tmp_path):
+    code = (
+        "import torch, spikedoc\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        f"monitor = spikedoc.watch(model, opt, run_dir={str(tmp_path)!r})\n"
+        "for _ in range(7):\n"
+        "    model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n"
+    )  # no monitor.close(): the last step is still pending when the interpreter exits
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+    run = spikedoc.load(tmp_path)
+    assert run.steps["step"].tolist() == list(range(7))
+    assert "close" in set(run.events["kind"])
+
+
 def _unwritable(tmp_path: Path) -> Path:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

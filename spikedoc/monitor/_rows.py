@@ -39,6 +39,11 @@ def _per_tensor(monitor: Monitor, values: dict[str, np.ndarray], key: str) -> np
     return out if found else None
 
 
+def _skipped(st: StepRecord, values: dict[str, np.ndarray]) -> bool:
+    # A fused optimizer given the GradScaler's found_inf skips the update inside step() itself.
+    return st.skipped or float(values.get("found_inf", 0.0)) > 0
+
+
 def _total(vec: np.ndarray | None) -> float:
     return math.nan if vec is None else float(np.sqrt(np.sum(np.square(vec, dtype=np.float64))))
 
@@ -53,7 +58,7 @@ def _flat(chunks: list[Any]) -> list[Any]:
 def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The step-table row of `st` (documented columns in spikedoc/store/schema.py)."""
     rec = st.recorded
-    skipped = st.skipped or float(values.get("found_inf", 0.0)) > 0
+    skipped = _skipped(st, values)
     losses = [float(_resolve(v, values)) for v in rec.get("losses", [])]
     if losses:
         loss = sum(losses) / len(losses)
@@ -101,7 +106,7 @@ def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray])
     """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
     n = len(monitor._params)
     update = _per_tensor(monitor, values, "update_norm")
-    if update is None or st.skipped:
+    if update is None or _skipped(st, values):
         update = np.zeros(n)
     before = _per_tensor(monitor, values, "param_norm_before")
     block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(monitor._names)}
