@@ -137,6 +137,29 @@ def test_grad_scaler_records_loss_scale_and_a_skipped_step(tmp_path):
     assert steps["grad_norm"][3] < 100
 
 
+def test_fused_adamw_under_grad_scaler_records_unscaled_gradients_and_its_own_skip(tmp_path):
+    # Fused optimizers unscale and skip inf steps inside step(); the scaler does neither for them.
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    norms = []
+    with spikedoc.watch(model, opt, run_dir=tmp_path, scaler=scaler):
+        for i in range(4):
+            _step(model, opt, i, scaler=scaler)
+            scaled = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf).item()
+            norms.append(scaled / scaler.get_scale())  # the gradients are still scaled here
+            if i == 2:
+                model.head.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    steps = spikedoc.load(tmp_path).steps
+    assert steps["skipped"].tolist() == [False, False, True, False]
+    np.testing.assert_allclose(steps["grad_norm"][[0, 1, 3]], [norms[i] for i in (0, 1, 3)], rtol=1e-5)
+    assert steps["update_norm"][2] == 0 and steps["nonfinite_grads"][2] == 1
+    assert steps["loss_scale"].tolist() == [1024.0, 1024.0, 1024.0, 512.0]
+
+
 @pytest.mark.parametrize("watch_compiled", [True, False], ids=["watch_compiled", "watch_original"])
 def test_torch_compile_records_clean_names_and_every_step(tmp_path, watch_compiled):
     model = make_model()

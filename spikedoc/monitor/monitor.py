@@ -263,10 +263,12 @@ class Monitor:
         try:
             if sum(len(g["params"]) for g in optimizer.param_groups) != len(self._params):
                 self._build_plan()  # add_param_group() since watch()
-            grad_scale = kwargs.get("grad_scale") if isinstance(kwargs, Mapping) else None
+            # A GradScaler leaves unscaling and inf-skipping to optimizers that support it (fused
+            # Adam): it sets `grad_scale` and `found_inf` on the optimizer for the step() call.
+            grad_scale = getattr(optimizer, "grad_scale", None)
             grad_stats(self, st, clip=self.config.clip, grad_scale=grad_scale)
-            found_inf = kwargs.get("found_inf") if isinstance(kwargs, Mapping) else None
-            if isinstance(found_inf, Tensor) and st.work:  # fused optimizers skip inf steps themselves
+            found_inf = getattr(optimizer, "found_inf", None)
+            if isinstance(found_inf, Tensor) and st.work:
                 st.packer.add("found_inf", found_inf.float().sum())
         except Exception as exc:  # noqa: BLE001
             self._fail("step_pre", exc, st)
