@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spikedoc
-from spikedoc.monitor.fingerprint import content_hash, flatten_inputs, sequence_stats
+from spikedoc.monitor.fingerprint import Fingerprint, content_hash, flatten_inputs, sequence_stats
 from tests.common.models import char_text, make_model
 
 PAD = char_text().vocab_size  # an id no character has; the model gets one extra embedding row
@@ -68,6 +68,16 @@ def test_flatten_inputs_names_positional_keyword_and_dict_inputs():
     a, b = torch.zeros(2), torch.ones(3)
     got = flatten_inputs((a, {"input_ids": b}), {"labels": a, "extra": [b], "flag": True})
     assert [n for n, _ in got] == ["arg0", "input_ids", "labels", "extra.0"]
+
+
+def test_inputs_without_a_flat_view_are_left_out_of_the_hash():
+    input_ids, labels = char_text().batch(0)
+    jagged = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], layout=torch.jagged)
+    with_ragged, plain = Fingerprint(), Fingerprint()
+    with_ragged.observe((input_ids,), {"labels": labels, "ragged": jagged})
+    plain.observe((input_ids,), {"labels": labels})
+    assert torch.equal(with_ragged.hash, plain.hash)
+    assert with_ragged.shapes.startswith("arg0:8x32,labels:8x32,ragged:")
 
 
 def _train_padded(tmp_path, batches, *, use_mask: bool, pad_token_id=None, accumulate: int = 1):

@@ -231,6 +231,44 @@ def test_a_statistic_that_raises_warns_once_and_training_continues(tmp_path):
     assert emb.weight.grad is None or emb.weight.grad._nnz() == 0  # training itself went on
 
 
+def test_clipping_still_applies_when_the_step_statistics_failed(tmp_path):
+    # A forward input whose every torch operation raises breaks the step's fingerprint, and so its
+    # statistics; clip= is part of training and must still happen.
+    class Opaque(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.dim, torch.Tensor.shape.__get__, torch.Tensor.is_floating_point,
+                        torch.Tensor.is_complex, torch.Tensor.layout.__get__):  # fmt: skip
+                return super().__torch_function__(func, types, args, kwargs or {})
+            raise NotImplementedError(f"{func} on an opaque input")
+
+    class WithExtra(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_model(seed=5)
+
+        def forward(self, input_ids, labels, extra):
+            return self.inner(input_ids, labels=labels)
+
+    model, reference = WithExtra(), make_model(seed=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    odd = torch.zeros(2).as_subclass(Opaque)
+    with pytest.warns(RuntimeWarning, match="fingerprint failed"):
+        with spikedoc.watch(model, opt, run_dir=tmp_path, clip=0.1) as monitor:
+            for i in range(2):
+                model(*char_text().batch(i), odd).loss.backward()
+                opt.step()
+                opt.zero_grad()
+                reference(*char_text().batch(i)).loss.backward()
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+                ref_opt.step()
+                ref_opt.zero_grad()
+    for a, b in zip(model.inner.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+    assert monitor.dropped_rows == 2 * (1 + len(list(model.parameters())))
+
+
 def test_record_overrides_loss_and_adds_samples_and_columns(tmp_path):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

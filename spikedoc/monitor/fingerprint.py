@@ -155,6 +155,8 @@ class Fingerprint:
             return
         h = None
         for name, t in inputs:
+            if t.layout != torch.strided or t.is_nested or t.is_quantized:
+                continue  # jagged/sparse/quantized inputs have no flat bit view; hash the rest
             one = content_hash(t) * (zlib.crc32(name.encode()) * 2 + 1)  # order of inputs matters
             h = one if h is None else h + one
         self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters

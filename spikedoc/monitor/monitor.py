@@ -26,9 +26,7 @@ from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.config import WatchConfig
 from spikedoc.monitor.fingerprint import Fingerprint
-from spikedoc.monitor.statistics import (
-    Chunks,
-)
+from spikedoc.monitor.statistics import Chunks
 from spikedoc.store.writer import RunWriter
 
 __all__ = ["Monitor", "watch"]
@@ -227,8 +225,8 @@ class Monitor:
 
     def _new_step(self, index: int) -> StepRecord:
         logged, layers = index % self.config.every == 0, index % self.config.layer_every == 0
-        return StepRecord(index=index, logged=logged, layers=layers,
-                     fingerprint=Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged))  # fmt: skip
+        fingerprint = Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged)
+        return StepRecord(index=index, logged=logged, layers=layers, fingerprint=fingerprint)
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -258,8 +256,10 @@ class Monitor:
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
         self._consume()
         st = self._cur
-        if not (st.work or self.config.clip is not None) or st.broken:
+        if not (st.work or self.config.clip is not None):
             return
+        if st.broken:  # its statistics are lost, but clip= is part of training: still apply it
+            st = StepRecord(index=st.index, logged=False, layers=False, fingerprint=st.fingerprint)
         try:
             if sum(len(g["params"]) for g in optimizer.param_groups) != len(self._params):
                 self._build_plan()  # add_param_group() since watch()
