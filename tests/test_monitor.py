@@ -34,7 +34,9 @@ OPTIMIZERS = {
     "adam_l2_amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=2e-3, weight_decay=0.05, amsgrad=True),
     "adam_maximize": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, maximize=True, betas=(0.5, 0.9)),
     "sgd_momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, dampening=0.1),
-    "sgd_nesterov_wd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd_nesterov_wd": lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01
+    ),
     "sgd_plain_wd_maximize": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, weight_decay=0.1, maximize=True),
     "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=0.05),
     "rmsprop_centered": lambda m: torch.optim.RMSprop(m.parameters(), lr=1e-3, momentum=0.5, centered=True),
@@ -109,8 +111,9 @@ def test_update_norm_matches_parameter_difference(recorded):
             # The reference itself is a difference of fp32 values: exact to ~1e-7 of |p| per element.
             tol = 2e-7 * c.before[name].norm().item() + 1e-3 * diff
             assert abs(layers[name]["update_norm"] - diff) <= tol, (step, name)
-            ratio = diff / c.before[name].norm().item() if c.before[name].norm() > 0 else math.inf
-            assert layers[name]["update_ratio"] == pytest.approx(ratio, rel=1e-3, abs=tol / max(c.before[name].norm().item(), 1e-30))
+            before = c.before[name].norm().item()
+            ratio = diff / before if before > 0 else math.inf
+            assert layers[name]["update_ratio"] == pytest.approx(ratio, rel=1e-3, abs=tol / max(before, 1e-30))
         total = math.sqrt(sum((c.after[n].double() - c.before[n].double()).norm().item() ** 2 for n in c.before))
         assert run.steps["update_norm"][step] == pytest.approx(total, rel=1e-3)
 

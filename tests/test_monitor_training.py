@@ -190,7 +190,10 @@ def test_every_and_layer_every_choose_the_logged_steps(tmp_path):
     assert sorted(set(run.layers()["step"])) == [0, 3, 6]
     np.testing.assert_allclose(run.steps["grad_norm"], [copies[i].total_grad_norm for i in (0, 2, 4, 6)], rtol=1e-5)
     # Steps without layer rows (2 and 4) take the cheaper update-norm path: still exact.
-    diffs = [math.sqrt(sum((c.after[n].double() - c.before[n].double()).norm().item() ** 2 for n in c.before)) for c in copies]
+    diffs = [
+        math.sqrt(sum((c.after[n].double() - c.before[n].double()).norm().item() ** 2 for n in c.before))
+        for c in copies
+    ]
     np.testing.assert_allclose(run.steps["update_norm"], [diffs[i] for i in (0, 2, 4, 6)], rtol=1e-3)
     # Positions in the stream count every step, logged or not.
     assert run.steps["sample_offset"].tolist() == [0, 16, 32, 48]
@@ -297,7 +300,7 @@ def test_models_without_a_loss_output_record_the_loss_given(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
     with spikedoc.watch(model, opt, run_dir=tmp_path) as monitor:
-        for i in range(3):
+        for _ in range(3):
             x = torch.randn(16, 4)
             loss = model(x).pow(2).mean()
             monitor.record(loss=loss.item())  # before the step: belongs to the current step

@@ -30,7 +30,8 @@ def _trained(optimizer_factory, steps: int = 3):
     train(model, opt, steps - 1)
     before = [p.detach().clone() for p in model.parameters()]
     grads: list[torch.Tensor] = []
-    train(model, opt, 1, start=steps, before_step=lambda i: None, after_step=lambda i: grads.extend(p.grad.clone() for p in model.parameters()))
+    keep = lambda i: grads.extend(p.grad.clone() for p in model.parameters())  # noqa: E731
+    train(model, opt, 1, start=steps, after_step=keep)
     return model, opt, before, grads
 
 
@@ -123,7 +124,8 @@ def test_adam_stats_match_parameter_difference_and_direct_eps_count(budget):
         named = list(m.named_parameters())
         return torch.optim.AdamW([
             {"params": [p for n, p in named if p.dim() >= 2], "lr": 1e-2, "weight_decay": 0.1},
-            {"params": [p for n, p in named if p.dim() < 2], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.7, 0.9), "eps": 1e-5},
+            {"params": [p for n, p in named if p.dim() < 2], "lr": 3e-3, "weight_decay": 0.0,
+             "betas": (0.7, 0.9), "eps": 1e-5},
         ])  # fmt: skip
 
     model, opt, before, _ = _trained(factory)
@@ -171,13 +173,16 @@ def test_sgd_update_norms_match_parameter_difference(kwargs, budget):
 
 
 def test_sgd_update_norms_leave_gradients_untouched():
-    model, opt, _, grads = _trained(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1))
+    model, opt, _, grads = _trained(
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    )
     params = list(model.parameters())
     kept = copy.deepcopy(grads)
     n = len(params)
     sgd_update_norms(
         params, grads, [opt.state[p]["momentum_buffer"] for p in params], lrs=[0.1] * n, weight_decays=[0.1] * n,
-        momentums=[0.9] * n, nesterovs=[True] * n, maximizes=[False] * n, chunks=Chunks([p.numel() for p in params], 1 << 22),
+        momentums=[0.9] * n, nesterovs=[True] * n, maximizes=[False] * n,
+        chunks=Chunks([p.numel() for p in params], 1 << 22),
     )  # fmt: skip
     for a, b in zip(grads, kept):
         assert torch.equal(a, b)

@@ -115,7 +115,8 @@ def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray])
         block[key] = (vec if vec is not None else np.full(n, np.nan)).astype(np.float32)
     block["update_norm"] = update.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        block["update_ratio"] = (update / before).astype(np.float32) if before is not None else np.full(n, np.nan, np.float32)
+        ratio = update / before if before is not None else np.full(n, np.nan)
+    block["update_ratio"] = ratio.astype(np.float32)
     nonfinite = _per_tensor(monitor, values, "nonfinite")
     block["nonfinite"] = np.nan_to_num(nonfinite if nonfinite is not None else np.zeros(n)).astype(np.int64)
     extra_keys = {k.split(":", 1)[1] for k in values if ":" in k and k.split(":", 1)[0].isdigit()}

@@ -89,11 +89,14 @@ class Monitor:
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
         rank, _ = _meta.distributed_rank()
-        self.writer = RunWriter(self.run_dir, rank=rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds)
+        self.writer = RunWriter(
+            self.run_dir, rank=rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
+        )
         try:
             watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
                          "update_norm": "exact" if self._stats.exact else "sampled"}  # fmt: skip
-            self.segment = self.writer.open(_meta.describe(model, optimizer, self._names, watch=watch_cfg, start_step=start))
+            meta = _meta.describe(model, optimizer, self._names, watch=watch_cfg, start_step=start)
+            self.segment = self.writer.open(meta)
             self.writer.add_event("start", start, segment=self.segment)
         except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training
             self.segment = -1

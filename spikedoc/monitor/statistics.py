@@ -100,7 +100,8 @@ class Chunks:
         out = torch.full((len(self.numels),), -math.inf, dtype=pieces.dtype, device=pieces.device)
         out = out.scatter_reduce(0, owner, pieces, reduce="amax")
         # scatter_reduce's amax may drop NaN; a tensor with a NaN piece has a NaN maximum.
-        nan = torch.zeros(len(self.numels), dtype=pieces.dtype, device=pieces.device).index_add_(0, owner, pieces.isnan().to(pieces.dtype))
+        nan = torch.zeros(len(self.numels), dtype=pieces.dtype, device=pieces.device)
+        nan.index_add_(0, owner, pieces.isnan().to(pieces.dtype))
         return torch.where(nan > 0, math.nan, out)
 
 

@@ -57,7 +57,8 @@ class _Block(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
+        d = cfg.d_model
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
@@ -119,7 +120,9 @@ class CharText:
         rows = torch.stack([self.ids[s : s + seq_len + 1] for s in starts.tolist()])  # (B, T+1)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def batches(self, batch_size: int = 8, seq_len: int = 32, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int = 8, seq_len: int = 32, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless stream of batches `start`, `start + 1`, ..."""
         index = start
         while True:
