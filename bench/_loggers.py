@@ -33,6 +33,10 @@ class Logger:
         pass
 
 
+class _Repeat(Logger):
+    records = "nothing: a second, identical unmonitored run, whose overhead is the measurement's noise floor"
+
+
 class _Spikedoc(Logger):
     records = (
         "step table (loss, lr, grad/param/update norm, batch fingerprint) + per-tensor layer table "
@@ -134,6 +138,7 @@ class _Wandb(Logger):
 
 LOGGERS: dict[str, type[Logger]] = {
     BASELINE: Logger,
+    "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
