@@ -36,6 +36,12 @@ class AnalysisConfig:
     lr_jump: float = 10.0
     """An LR change counts as a discontinuity when it is this many times both neighbouring changes
     (so a warmup ramp or a smooth decay never does) and at least 20% of the LR."""
+    lr_response_steps: int = 20
+    """After an upward LR jump, the window whose mean loss (and grad-norm) z-score is tested for a
+    rise: Adam's step scales with the LR at once and its momentum (beta1 = 0.9) averages ~10 steps."""
+    lr_response_sigma: float = 5.0
+    """Robust sigmas, against the run's own earlier windows, above which that mean counts as a
+    rise: one test per jump, not a scan of every step, so below the detector's 7 (docs/analysis.md)."""
     state_reset_fraction: float = 0.5
     """After a resume, a loss back more than this share of the way to its initial level means the
     model state was not restored."""
@@ -49,11 +55,11 @@ class AnalysisConfig:
     """Tensors listed per incident."""
 
     def __post_init__(self) -> None:
-        for name in ("lookback", "layer_history", "early_steps", "rollback_margin", "max_layers"):
+        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "rollback_margin", "max_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("z_threshold", "lr_jump"):
+        for name in ("z_threshold", "lr_jump", "lr_response_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AnalysisConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not self.batch_ratio > 1:

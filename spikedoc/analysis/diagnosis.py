@@ -23,11 +23,13 @@ from spikedoc.analysis.context import (
     lr_discontinuities,
     rank_divergence,
     update_without_grad,
+    warmup,
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
+from spikedoc.analysis.lr_response import lr_jump_incidents
 from spikedoc.errors import RunFormatError
 
 __all__ = ["Diagnosis", "analyze", "DIAGNOSIS_FORMAT"]
@@ -180,7 +182,10 @@ class _Analysis:
             for jump in jumps:
                 jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
             jumps_found += [j for j in jumps if j["step"] in own_steps]
-            found = [i for i in find_incidents(self._detection_frame(frame, own), self.detector) if i.onset_step in own_steps]
+            detection = self._detection_frame(frame, own)
+            found = self._in_warmup(find_incidents(detection, self.detector), frame)
+            found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
+            found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                 self._lineage_checkpoints(frame) if found else [])
             for incident in found:
@@ -250,6 +255,13 @@ class _Analysis:
         if "grad_norm" in frame.columns:
             prior = frame.loc[frame["step"] < onset, "grad_norm"]
             ev.grad_before = float(prior.iloc[-1]) if len(prior) else math.nan
+        for name, series in inc.series.items():
+            if "level_sigma" in series:
+                ev.notes.append(
+                    f"found by the LR-jump test: the mean {name} z-score over the {cfg.lr_response_steps} steps from the "
+                    f"jump was {fmt(series['level_sigma'], 2)} sigma above the run's earlier {cfg.lr_response_steps}-step windows "
+                    f"(threshold {fmt(cfg.lr_response_sigma, 2)}); no single step crossed the detector's threshold"
+                )
         if inc.low_confidence:
             ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
 
@@ -279,6 +291,27 @@ class _Analysis:
             "update_without_grad": ev.update_step,
             "notes": ev.notes,
         }
+
+    def _in_warmup(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
+        """Drop grad-norm-only rises that start and end inside a visible LR warmup, with a warning.
+
+        While the LR ramps up the gradient norm rises by design (a clean run of the spike suite
+        doubles it over its 30 warmup steps), against a baseline of a handful of steps. The loss
+        and non-finite values are still judged there.
+        """
+        w = warmup(frame)
+        if not w or not w["visible"] or w["end_step"] is None:
+            return found
+        kept = []
+        for inc in found:
+            if inc.kind == "grad_spike" and inc.recovered and inc.end_step <= w["end_step"]:
+                self.out.warnings.append(
+                    f"grad norm rose {fmt(inc.peak_ratio, 2)}x during the LR warmup (steps {inc.onset_step}-{inc.end_step}, "
+                    f"warmup to step {w['end_step']}) and came back: expected while the LR ramps, not an incident"
+                )
+            else:
+                kept.append(inc)
+        return kept
 
     # ------------------------------------------------------------------------- data access
 

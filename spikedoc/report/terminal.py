@@ -137,6 +137,8 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         context.append(f"earliest precursor {inc.precursor_lead_steps} steps before the loss flag")
     if context:
         console.print(f"  context: {'; '.join(context)}")
+    for note in ctx.get("notes", []):
+        console.print(f"  [dim]note: {escape(note)}[/dim]")
     rec = inc.recommendation
     for action in rec.get("actions", []):
         console.print(f"  [green]->[/green] {escape(action)}")
