@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history, module_kind
+from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history, module_kind, module_kinds
+from spikedoc.analysis._meta import parameter_modules
 from spikedoc.analysis.config import AnalysisConfig
 from tests.common.planted import MODULE_TYPES, healthy_layers, healthy_steps
 
@@ -180,3 +183,16 @@ def test_an_update_far_off_history_without_a_gradient_change_points_at_the_optim
     found = attribute_layers(layers, onset=T, peak=T, reference=T)
     assert [p["kind"] for p in found.precursors] == ["update_without_grad"]
     assert found.layers[0]["update_z"] > 6 and found.layers[0]["grad_z"] < 3
+
+
+def test_module_kinds_place_unnamed_projections_by_registration_order_in_their_block():
+    # The spike suite's GPT names its attention output `proj` and its MLP output `out`.
+    meta = json.loads((Path(__file__).parent.parent / "sample_runs" / "clean" / "meta.json").read_text())
+    types = parameter_modules(meta)
+    kinds = module_kinds(list(types), types)
+    assert [kinds[f"blocks.1.{n}.weight"] for n in ("qkv", "proj", "fc", "out")] == ["attention", "attention", "mlp", "mlp"]
+    assert kinds["wte.weight"] == "embeddings" and kinds["ln_f.weight"] == "norms"
+
+
+def test_module_kinds_infer_nothing_without_the_registration_order():
+    assert module_kinds(["blocks.0.qkv.weight", "blocks.0.proj.weight"], {})["blocks.0.proj.weight"] == "other"

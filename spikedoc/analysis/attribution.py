@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import fmt, robust_center_scale
+from spikedoc.analysis._robust import MAD_TO_SIGMA, fmt
 from spikedoc.analysis.batches import BatchProfile, attribute_batches, batch_profile, hash_history
 from spikedoc.analysis.config import AnalysisConfig
 
@@ -27,6 +27,7 @@ __all__ = [
     "LayerAttribution",
     "attribute_layers",
     "module_kind",
+    "module_kinds",
     "MODULE_KINDS",
 ]
 
@@ -41,6 +42,33 @@ _NAME_RULES = (
     ("attention", re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|qkv|query|key|value)", re.I)),
     ("mlp", re.compile(r"(mlp|ffn|feed_forward|feedforward|c_fc|fc\d*|up_proj|down_proj|gate_proj|w[123]|intermediate)", re.I)),
 )
+
+
+def module_kinds(names: list[str], module_types: dict[str, str | None]) -> dict[str, str]:
+    """`module_kind` of each name, completed from registration order when the name says nothing.
+
+    `module_types` (from meta.json) lists the parameters in `named_parameters` order, which follows
+    the order a block builds its layers in. A tensor that neither its type nor its name places
+    takes the attention or MLP kind of the tensor registered just before it in the same block:
+    `blocks.0.proj` after `blocks.0.qkv` is attention's output projection, `blocks.0.out` after
+    `blocks.0.fc` the MLP's. Without meta.json the order is unknown and nothing is inferred.
+
+    Example:
+        >>> order = {"b.0.qkv.weight": "Linear", "b.0.proj.weight": "Linear", "b.0.fc.weight": "Linear",
+        ...          "b.0.out.weight": "Linear"}
+        >>> module_kinds(["b.0.out.weight", "b.0.proj.weight"], order)
+        {'b.0.out.weight': 'mlp', 'b.0.proj.weight': 'attention'}
+    """
+    kinds: dict[str, str] = {}
+    previous: tuple[str, str] | None = None  # (block, kind) of the last tensor in registration order
+    for name in [*module_types, *(n for n in names if n not in module_types)]:
+        kind = module_kind(name, module_types.get(name))
+        block = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+        if kind == "other" and name in module_types and previous and previous[0] == block and previous[1] in ("attention", "mlp"):
+            kind = previous[1]
+        kinds[name] = kind
+        previous = (block, kind)
+    return {name: kinds[name] for name in names}
 
 
 # Per-tensor z-scores are computed on log10 values with sigma floored here (~5% relative), so a
@@ -152,6 +180,7 @@ def attribute_layers(
         return result
     names = sorted(set().union(*(frame.columns for frame in z.values())))
     incident = (scan_steps >= onset) & (scan_steps <= max(peak, onset))
+    kinds = module_kinds(names, module_types)
     rows = []
     for name in names:
         per = {m: frame[name].to_numpy() if name in frame.columns else np.full(len(scan_steps), np.nan) for m, frame in z.items()}
@@ -162,7 +191,7 @@ def attribute_layers(
         departed = _departure(combined, scan_steps, onset, config.z_threshold)
         rows.append({
             "name": name,
-            "module": module_kind(name, module_types.get(name)),
+            "module": kinds[name],
             "z": at,
             "grad_z": _nanmax(per["grad_norm"][incident]) if "grad_norm" in per else math.nan,
             "update_z": _nanmax(per["update_ratio"][incident]) if "update_ratio" in per else math.nan,
@@ -250,8 +279,7 @@ def _departure(z: np.ndarray, steps: np.ndarray, onset: int, threshold: float) -
 
 def _groups(rows: list[dict[str, Any]], names: list[str], module_types: dict[str, str]) -> list[dict[str, Any]]:
     totals: dict[str, int] = {}
-    for name in names:
-        kind = module_kind(name, module_types.get(name))
+    for kind in module_kinds(names, module_types).values():
         totals[kind] = totals.get(kind, 0) + 1
     groups = []
     for kind in MODULE_KINDS:
@@ -272,46 +300,39 @@ def _groups(rows: list[dict[str, Any]], names: list[str], module_types: dict[str
 
 def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference, rows, config) -> list[dict[str, Any]]:
     found = []
-    before = scan_steps[scan_steps <= max(onset, peak)]
     if "eps_frac" in layers.columns:
         wide = _wide(layers, "eps_frac")
-        base = wide.loc[wide.index.isin(base_steps)]
-        scan = wide.loc[wide.index.isin(before)]
-        for name in wide.columns:
-            center, sigma = robust_center_scale(base[name].to_numpy(dtype=float))
-            if not math.isfinite(center):
-                continue
-            sigma = max(sigma, 0.005)
-            rise = scan[name] - center
-            hit = rise[(rise >= _EPS_FRAC_RISE) & ((scan[name] - center) / sigma >= config.z_threshold)]
-            if not hit.empty:
-                step = int(hit.index[0])
-                value = float(scan[name].max())
-                found.append({
-                    "name": name, "kind": "eps_frac_rise", "before": center, "value": value, "step": step,
-                    "lead_steps": max(0, reference - step),
-                    "sentence": f"eps-dominated fraction of {name} rose from {fmt(center, 2)} to {fmt(value, 2)} "
-                    f"from step {step}",
-                })
+        base, scan, steps = _split(wide, base_steps, scan_steps[scan_steps <= max(onset, peak)])
+        finite_base = np.where(np.isfinite(base), base, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history: center NaN, skipped
+            center = np.nanmedian(finite_base, axis=0)
+            sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(finite_base - center), axis=0), 0.005)
+            hits = (scan - center >= _EPS_FRAC_RISE) & ((scan - center) / sigma >= config.z_threshold)
+        for j in np.flatnonzero(hits.any(axis=0) & np.isfinite(center)):
+            name, step, value, before = wide.columns[j], int(steps[hits[:, j].argmax()]), _nanmax(scan[:, j]), float(center[j])
+            found.append({
+                "name": name, "kind": "eps_frac_rise", "before": before, "value": value, "step": step,
+                "lead_steps": max(0, reference - step),
+                "sentence": f"eps-dominated fraction of {name} rose from {fmt(before, 2)} to {fmt(value, 2)} "
+                f"from step {step}",
+            })
     if "exp_avg_sq_mean" in layers.columns:
         wide = _wide(layers, "exp_avg_sq_mean")
-        base = wide.loc[wide.index.isin(base_steps)]
-        scan = wide.loc[wide.index.isin(scan_steps[scan_steps <= onset])]
-        for name in wide.columns:
-            center = float(np.nanmedian(base[name].to_numpy(dtype=float))) if base[name].notna().any() else math.nan
-            if not center > 0:
-                continue
-            ratio = scan[name] / center
-            hit = ratio[ratio <= _V_COLLAPSE]
-            if not hit.empty:
-                step = int(hit.index[0])
-                low = float(scan[name].min())
-                found.append({
-                    "name": name, "kind": "exp_avg_sq_collapse", "before": center, "value": low, "step": step,
-                    "lead_steps": max(0, reference - step),
-                    "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / center, 2)}x its history "
-                    f"({fmt(center)} -> {fmt(low)}) from step {step}",
-                })
+        base, scan, steps = _split(wide, base_steps, scan_steps[scan_steps <= onset])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            center = np.nanmedian(base, axis=0)
+            hits = (scan / center <= _V_COLLAPSE) & (center > 0)
+        for j in np.flatnonzero(hits.any(axis=0)):
+            name, step, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
+            low = float(np.nanmin(scan[:, j]))
+            found.append({
+                "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
+                "lead_steps": max(0, reference - step),
+                "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
+                f"({fmt(before)} -> {fmt(low)}) from step {step}",
+            })
     for row in rows:
         if row["update_z"] >= config.z_threshold and not row["grad_z"] >= config.z_threshold / 2:
             found.append({
@@ -323,6 +344,13 @@ def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference
             })
     found.sort(key=lambda p: p["step"] if p["step"] is not None else onset)
     return found
+
+
+def _split(wide: pd.DataFrame, base_steps: np.ndarray, scan_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Baseline rows, scan rows (steps x tensors, float) and the scan rows' steps of a wide table."""
+    values, index = wide.to_numpy(dtype=float), wide.index.to_numpy()
+    scan = np.isin(index, scan_steps)
+    return values[np.isin(index, base_steps)], values[scan], index[scan]
 
 
 def _nanmax(values: np.ndarray) -> float:
