@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._report import machine_line, write_section
-from bench._spike_train import Recipe, RunSpec, corpus, generate_run
+from spikedoc.demo.training import SPECS, Recipe, RunSpec, corpus, generate_run
 
 __all__ = ["LABELS", "SPECS", "generate", "labels_for", "load_labels", "main", "score"]
 
@@ -37,32 +37,6 @@ _RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 LABELS = "labels.json"
 """Name of the label file in each run directory of the suite."""
 
-SPECS: tuple[RunSpec, ...] = (
-    RunSpec(name="clean", fault=None, description="Healthy run: AdamW, warmup then cosine decay, no fault."),
-    *(RunSpec(name=f"clean_seed{seed}", fault=None, seed=seed,
-              description=f"Healthy run as `clean`, with seed {seed} for the initialisation and the data.")
-      for seed in (1, 2, 3)),
-    RunSpec(name="bad_batch_constant", fault="constant_batch", step=140, cause="bad_batch",
-            description="The batch of step 140 is near-constant input: every sequence is NUL bytes "
-                        "(a zero-filled region of a corrupt shard), at the step's ordinary lengths."),
-    RunSpec(name="bad_batch_long", fault="long_batch", step=170, cause="bad_batch",
-            description="The batch of step 170 holds 32 machine-generated sequences of 512 bytes "
-                        "(base64 blobs, 14x the run's median length); under sentence-averaged loss "
-                        "their gradient is two orders of magnitude above the run's."),
-    RunSpec(name="lr_jump", fault="lr_jump", step=160, cause="lr_schedule",
-            description="From step 160 the learning rate is 10x the schedule's: an LR-schedule "
-                        "discontinuity such as a resume that rebuilt the scheduler with the wrong base LR."),
-    RunSpec(name="nan", fault="inf_weight", step=200, cause="numerics_rank",
-            description="Before step 200 one weight element (blocks.1.fc.weight[3, 5]) becomes inf, "
-                        "as a memory or numerics fault would: the loss is NaN from step 200 on."),
-    RunSpec(name="optimizer_state", fault="zero_exp_avg_sq", step=150, cause="optimizer_state",
-            description="Before step 150 Adam's exp_avg_sq is zeroed for every tensor while exp_avg and "
-                        "the step count are kept (a checkpoint converter that lost the second moments)."),
-    RunSpec(name="state_reset", fault="reset_resume", step=150, cause="state_reset",
-            description="The run stops after the checkpoint at step 150 and resumes (a new segment) "
-                        "with the step count, LR schedule and data position restored but a freshly "
-                        "initialised model and optimizer: the state_dicts were never loaded."),
-)  # fmt: skip
 
 
 def _corpus_sha() -> str:

@@ -1,9 +1,10 @@
-"""The `spikedoc` command line: `spikedoc analyze RUN [--json]`."""
+"""The `spikedoc` command line: `spikedoc analyze RUN [--json]` and `spikedoc demo`."""
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -48,6 +49,43 @@ def analyze(
 
         render(diagnosis, Console(highlight=False))
     raise typer.Exit(code=EXIT_HEALTHY if diagnosis.healthy else EXIT_INCIDENTS)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the recorded run (default: a new temporary directory).", show_default=False)] = None,
+    fault: Annotated[str, typer.Option("--fault", help="Which fault to plant: " + ", ".join(_demo_faults()) + ".")] = "bad_batch_long",
+) -> None:
+    """Train a tiny GPT on CPU with spikedoc.watch, plant a fault, then analyze the recorded run.
+
+    Exit code 0 when the demo ran (whatever it found), 2 for a bad option or an unwritable --out.
+    """
+    from spikedoc.demo import FAULTS, record_demo_run
+
+    if fault not in FAULTS:
+        _fail(f"unknown --fault {fault!r}; choose one of: {', '.join(FAULTS)}", EXIT_BAD_INPUT)
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="spikedoc-demo-")) / fault
+    elif out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
+        _fail(f"{out} exists and is not a spikedoc run: choose an empty or new directory", EXIT_BAD_INPUT)
+    console = Console(highlight=False)
+    console.print(f"Training a tiny GPT (2 layers, 300 steps, CPU) with spikedoc.watch recording every step; "
+                  f"planted: {FAULTS[fault]}. Recording to {out} ...")
+    try:
+        record_demo_run(out, fault)
+    except OSError as exc:
+        _fail(f"{out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+    console.print(f"Recorded. What `spikedoc analyze {out}` says:\n")
+    from spikedoc.report.terminal import render
+
+    render(_run_or_exit(out), console)
+    console.print(f"\n[dim]The run stays in {out}: try `spikedoc analyze {out} --json`, or spikedoc.load() it in Python.[/dim]")
+
+
+def _demo_faults() -> list[str]:
+    from spikedoc.demo import FAULTS  # no torch import: FAULTS is plain data
+
+    return list(FAULTS)
 
 
 def _run_or_exit(run: Path):

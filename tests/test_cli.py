@@ -138,3 +138,31 @@ def test_a_csv_without_a_step_column_is_one_line_and_exit_2(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("loss\n1.0\n2.0\n")
     assert "no step column" in _one_error_line(_analyze(path))
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+def test_demo_trains_a_run_and_diagnoses_its_planted_bad_batch(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "meta.json").exists()
+    diagnosis = json.loads(_analyze(tmp_path / "demo", "--json").output)
+    [incident] = diagnosis["incidents"]
+    assert (incident["onset_step"], incident["cause"]) == (170, "bad_batch")
+    assert "bad_batch" in result.output and "step 170" in result.output
+
+
+def test_demo_rejects_an_unknown_fault_with_one_line(tmp_path):
+    line = _one_error_line(runner.invoke(app, ["demo", "--fault", "gremlins", "--out", str(tmp_path / "d")]))
+    assert "unknown --fault 'gremlins'" in line and "bad_batch_long" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_leaves_a_directory_that_is_not_a_run_untouched(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    line = _one_error_line(runner.invoke(app, ["demo", "--out", str(mine)]))
+    assert "is not a spikedoc run" in line
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import spikedoc
-from bench._spike_train import generate_run
+from spikedoc.demo.training import generate_run
 from bench.spike_suite import LABELS, SPECS, TOLERANCE, _environment, batch_attributed, load_labels, match
 from spikedoc.analysis.incident import CAUSES, Incident
 

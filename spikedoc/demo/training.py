@@ -1,6 +1,7 @@
-"""Training side of the spike suite: the recipe, a tiny byte-level GPT, its data, one recorded run.
+"""A tiny byte-level GPT trained on CPU with `spikedoc.watch`, healthy or with one planted fault.
 
-Used by bench/spike_suite.py (which holds the runs, labels and scoring) and by its tests.
+The runs of the spike suite (`SPECS`; bench/spike_suite.py holds their labels and scoring, and
+sample_runs/ the recorded runs) and of `spikedoc demo`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 import spikedoc
 
-__all__ = ["PAD", "Recipe", "RunSpec", "corpus", "generate_run"]
+__all__ = ["PAD", "Recipe", "RunSpec", "SPECS", "corpus", "generate_run"]
 
 PAD = 256
 """Padding id: one past the 256 byte values, so that any byte (NUL included) can be data."""
@@ -88,6 +89,34 @@ class RunSpec:
     cause: str = "unknown"
     """The true cause, in spikedoc's vocabulary (`spikedoc.analysis.incident.CAUSES`)."""
     description: str = ""
+
+
+SPECS: tuple[RunSpec, ...] = (
+    RunSpec(name="clean", fault=None, description="Healthy run: AdamW, warmup then cosine decay, no fault."),
+    *(RunSpec(name=f"clean_seed{seed}", fault=None, seed=seed,
+              description=f"Healthy run as `clean`, with seed {seed} for the initialisation and the data.")
+      for seed in (1, 2, 3)),
+    RunSpec(name="bad_batch_constant", fault="constant_batch", step=140, cause="bad_batch",
+            description="The batch of step 140 is near-constant input: every sequence is NUL bytes "
+                        "(a zero-filled region of a corrupt shard), at the step's ordinary lengths."),
+    RunSpec(name="bad_batch_long", fault="long_batch", step=170, cause="bad_batch",
+            description="The batch of step 170 holds 32 machine-generated sequences of 512 bytes "
+                        "(base64 blobs, 14x the run's median length); under sentence-averaged loss "
+                        "their gradient is two orders of magnitude above the run's."),
+    RunSpec(name="lr_jump", fault="lr_jump", step=160, cause="lr_schedule",
+            description="From step 160 the learning rate is 10x the schedule's: an LR-schedule "
+                        "discontinuity such as a resume that rebuilt the scheduler with the wrong base LR."),
+    RunSpec(name="nan", fault="inf_weight", step=200, cause="numerics_rank",
+            description="Before step 200 one weight element (blocks.1.fc.weight[3, 5]) becomes inf, "
+                        "as a memory or numerics fault would: the loss is NaN from step 200 on."),
+    RunSpec(name="optimizer_state", fault="zero_exp_avg_sq", step=150, cause="optimizer_state",
+            description="Before step 150 Adam's exp_avg_sq is zeroed for every tensor while exp_avg and "
+                        "the step count are kept (a checkpoint converter that lost the second moments)."),
+    RunSpec(name="state_reset", fault="reset_resume", step=150, cause="state_reset",
+            description="The run stops after the checkpoint at step 150 and resumes (a new segment) "
+                        "with the step count, LR schedule and data position restored but a freshly "
+                        "initialised model and optimizer: the state_dicts were never loaded."),
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ data, model
@@ -215,7 +244,7 @@ def generate_run(
     """Train one run of the suite into `run_dir` (replaced if present) and return its raw record.
 
     Args:
-        spec: which run (the suite's are `bench.spike_suite.SPECS`).
+        spec: which run (the suite's are `SPECS`).
         run_dir: the spikedoc run directory to write.
         recipe: the shared training recipe; None for the suite's.
         max_steps: stop early (the schedule still spans `recipe.steps`), for quick determinism checks.
