@@ -25,6 +25,7 @@ __all__ = [
     "nonfinite_counts",
     "clip_coefficient",
     "adam_stats",
+    "eps_limit",
     "sgd_update_norms",
 ]
 
@@ -124,10 +125,16 @@ def max_abs(tensors: Sequence[Tensor], chunks: Chunks) -> Tensor:
     """Per-tensor max |x| as a float32 vector (NaN if the tensor holds a NaN)."""
     if not _fast_cpu(tensors):
         return norms(tensors, math.inf)
-    pieces: list[Tensor] = []
+    # max |x| = max(max x, -min x): one read per tensor and no |x| temporary (aminmax keeps NaN).
+    lows: list[Tensor] = []
+    highs: list[Tensor] = []
     for b in range(len(chunks.batches)):
-        pieces.extend(torch._foreach_max(torch._foreach_abs(chunks.views(b, tensors))))
-    return chunks.fold_max(torch.stack(pieces).float())
+        for t in chunks.views(b, tensors):
+            lo, hi = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+            lows.append(lo)
+            highs.append(hi)
+    pieces = torch.maximum(torch.stack(highs), torch.stack(lows).neg_())
+    return chunks.fold_max(pieces.float())
 
 
 def maxes(tensors: Sequence[Tensor]) -> Tensor:
@@ -167,9 +174,10 @@ def nonfinite_counts(tensors: Sequence[Tensor], chunks: Chunks, l2: Tensor | Non
     """
     if l2 is not None:
         counts = torch.zeros(len(tensors), dtype=torch.float32, device=l2.device)
-        bad = torch.isfinite(l2).logical_not_().nonzero().flatten().tolist()
-        for i in bad:
-            counts[i] = torch.isfinite(tensors[i]).logical_not_().sum()
+        finite = torch.isfinite(l2)
+        if not bool(finite.all()):
+            for i in finite.logical_not_().nonzero().flatten().tolist():
+                counts[i] = torch.isfinite(tensors[i]).logical_not_().sum()
         return counts
     pieces = []
     for b in range(len(chunks.batches)):
@@ -226,6 +234,50 @@ def _fold_update(chunks: Chunks, raw: list[Tensor], factors: list[float]) -> Ten
     return chunks.fold_sum(scaled.square()).sqrt() if chunks.split else scaled
 
 
+_F32_INF_BITS = 0x7F800000  # bit pattern of float32 +inf; non-negative floats order like their bits
+_limits: dict[tuple[float, float], float | None] = {}
+
+
+def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
+    """Largest float32 `v >= 0` whose `sqrt(v) / bc2_sqrt` is at or below `eps` in torch's CPU arithmetic.
+
+    `v -> fl(fl(sqrt(v)) / b)` is monotone for b > 0 (both operations are correctly rounded), so
+    "sqrt(v_hat) <= eps" is exactly "v <= limit": the eps count needs one comparison on `v` instead
+    of a sqrt, a division and a subtraction. The limit is found by evaluating torch's own float32
+    sqrt and division on the floats around `(eps * b)**2`; None when the hyperparameters are
+    degenerate (b or eps not positive and finite), so the caller falls back to the direct count.
+
+    Example:
+        >>> limit = torch.tensor([eps_limit(0.5, 1e-8)])
+        >>> v = torch.cat([limit, limit.nextafter(torch.tensor([1.0]))])  # the limit and the next float32
+        >>> (v.sqrt() / 0.5 <= 1e-8).tolist()
+        [True, False]
+    """
+    key = (bc2_sqrt, eps)
+    if key in _limits:
+        return _limits[key]
+    limit = None
+    if 0.0 < bc2_sqrt < math.inf and 0.0 < eps < math.inf:
+        guess = torch.tensor((eps * bc2_sqrt) ** 2, dtype=torch.float32).view(torch.int32).item()
+        bits = torch.arange(guess - 64, guess + 65, dtype=torch.int32).clamp_(0, _F32_INF_BITS)
+        cand = bits.view(torch.float32)  # 129 consecutive floats around the guess, ascending
+        below = (cand.sqrt() / bc2_sqrt <= eps).tolist()  # the same float32 kernels as torch's Adam
+        if below[0] and not below[-1]:  # the boundary lies inside the window
+            limit = float(cand[below.index(False) - 1])
+    if len(_limits) > 1024:  # bc2 changes every step early in training: keep the cache bounded
+        _limits.clear()
+    _limits[key] = limit
+    return limit
+
+
+def _count_at_most(tensors: list[Tensor], limits: list[float], out: list[Tensor]) -> list[Tensor]:
+    """Number of elements `<= limit` of each tensor (NaN never counts), via 0/1 marks written to `out`."""
+    marks = [torch.le(t, lim, out=o) for t, lim, o in zip(tensors, limits, out)]
+    # The sum of squares of 0/1 float32 marks is an exact count below 2**24 elements per piece.
+    small = all(t.numel() < (1 << 24) for t in marks)
+    return list(_powsum2(marks)) if small else [t.sum(dtype=torch.float64) for t in marks]
+
+
 def adam_stats(
     params: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -256,7 +308,7 @@ def adam_stats(
         lrs, beta1s, beta2s, epss: Each tensor's group hyperparameters.
         decays: `lr * weight_decay` for decoupled decay (AdamW), 0.0 for Adam's L2 decay.
         chunks: Batching plan of the tensors' sizes (bounds the two temporaries).
-        count_eps: Also count the elements whose `sqrt(v_hat)` is above eps (four more passes).
+        count_eps: Also count the elements whose `sqrt(v_hat)` is above eps and sum `denom_sqs`.
 
     Returns:
         `update_norm`: L2 norm of each parameter's change. With `count_eps` also `above_eps`, the
@@ -265,6 +317,12 @@ def adam_stats(
     """
     bc2_sqrt = [(1 - b2**t) ** 0.5 for b2, t in zip(beta2s, steps)]
     step_sizes = [lr / (1 - b1**t) for lr, b1, t in zip(lrs, beta1s, steps)]
+    limits: list[float | None] = []
+    if count_eps and params and params[0].device.type == "cpu":
+        # On CPU the count compares v with a host-computed limit (see eps_limit); elsewhere the
+        # device computes sqrt(v_hat) itself, whatever its sqrt and division round like.
+        limits = [eps_limit(b, e) for b, e in zip(bc2_sqrt, epss)]
+    by_limit = bool(limits) and all(lim is not None for lim in limits)
     raw: list[Tensor] = []
     factors: list[float] = []
     above: list[Tensor] = []
@@ -275,7 +333,7 @@ def adam_stats(
         eps = [epss[i] for i in idx]
         denom = torch._foreach_sqrt(v)
         scales = [step_sizes[i] for i in idx]
-        if count_eps:
+        if count_eps and not by_limit:
             torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
             # Count sqrt(v_hat) > eps: (x - eps) is positive exactly there (NaN counts too).
             above.extend(_count_positive(torch._foreach_sub(denom, eps)))
@@ -288,12 +346,21 @@ def adam_stats(
             torch._foreach_add_(denom, [epss[i] * bc2_sqrt[i] for i in idx])
             scales = [c * bc2_sqrt[i] for c, i in zip(scales, idx)]
         direction = torch._foreach_div(m, denom)  # X = m / denom, the step is -step_size * X
-        del denom
         got, f = _update_norms(list(direction), p, scales, [decays[i] for i in idx])
         raw += got
         factors += f
+        if count_eps and by_limit:
+            # `direction` is spent: it holds the 0/1 marks of the count. v is summed directly.
+            below = _count_at_most(v, [limits[i] for i in idx], list(direction))  # type: ignore[misc]
+            sizes = _vector([float(t.numel()) for t in v], v[0].device).double()
+            above.append(sizes - torch.stack(below).double())
+            sq_sums.extend(t.sum(dtype=torch.float32) for t in v)
+        del denom, direction
     out = {"update_norm": _fold_update(chunks, raw, factors)}
-    if count_eps:
+    if count_eps and by_limit:
+        out["above_eps"] = chunks.fold_sum(torch.cat(above))
+        out["denom_sq_sum"] = chunks.fold_sum(torch.stack(sq_sums))
+    elif count_eps:
         out["above_eps"] = chunks.fold_sum(torch.stack(above))
         bc2 = [bc2_sqrt[i] ** 2 for batch in chunks.batches for i, _, _ in batch]
         out["denom_sq_sum"] = chunks.fold_sum(torch.stack(sq_sums) * _vector(bc2, sq_sums[0].device))
