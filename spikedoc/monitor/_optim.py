@@ -37,6 +37,8 @@ class Bucket:
     """Param group of each parameter."""
     chunks: Chunks
     numels: np.ndarray
+    in_order: bool = False
+    """Whether `index` is 0, 1, 2, ...: this bucket holds every parameter, in optimizer order."""
     _subsets: dict[tuple[int, ...], Chunks] = field(default_factory=dict)
     _fill: dict[float, Tensor] = field(default_factory=dict)
 

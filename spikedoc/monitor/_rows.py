@@ -28,7 +28,13 @@ def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
 
 
 def _per_tensor(monitor: Monitor, values: dict[str, np.ndarray], key: str) -> np.ndarray | None:
-    """Per-bucket vectors of `key` put back into optimizer order; None if no bucket has them."""
+    """Per-bucket vectors of `key` put back into optimizer order; None if no bucket has them.
+
+    The result may be a view of `values` (one bucket in optimizer order): callers must not write to it.
+    """
+    buckets = monitor._buckets
+    if len(buckets) == 1 and buckets[0].in_order:
+        return values.get(f"0:{key}")
     out = np.full(len(monitor._params), np.nan)
     found = False
     for b, bucket in enumerate(monitor._buckets):
@@ -83,7 +89,7 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
         clip_coef=float(values["clip_coef"]) if "clip_coef" in values else 1.0,
         param_norm=_total(_per_tensor(monitor, values, "param_norm")),
         update_norm=0.0 if skipped else _total(update),
-        nonfinite_grads=int(np.nansum(nonfinite)) if nonfinite is not None else 0,
+        nonfinite_grads=int(np.nan_to_num(nonfinite).sum()) if nonfinite is not None else 0,
         loss_scale=float(values["loss_scale"]) if "loss_scale" in values else None,
         skipped=skipped,
         samples=st.fingerprint.samples,

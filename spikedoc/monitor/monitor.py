@@ -215,7 +215,8 @@ class Monitor:
             by_key.setdefault((p.device, p.dtype), []).append(i)
         self._buckets = [
             Bucket(device=dev, dtype=dt, index=ix, params=[params[i] for i in ix], groups=[groups[i] for i in ix],
-                   chunks=Chunks([params[i].numel() for i in ix], budget), numels=self._numels[ix])
+                   chunks=Chunks([params[i].numel() for i in ix], budget), numels=self._numels[ix],
+                   in_order=ix == list(range(len(params))))
             for (dev, dt), ix in by_key.items()
         ]  # fmt: skip
         self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
