@@ -66,8 +66,9 @@ def demo(
         _fail(f"unknown --fault {fault!r}; choose one of: {', '.join(FAULTS)}", EXIT_BAD_INPUT)
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="spikedoc-demo-")) / fault
-    elif out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
-        _fail(f"{out} exists and is not a spikedoc run: choose an empty or new directory", EXIT_BAD_INPUT)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _fail(f"{out} already exists and is not an empty directory: choose a new one (the demo writes a fresh run)",
+              EXIT_BAD_INPUT)
     console = Console(highlight=False)
     console.print(f"Training a tiny GPT (2 layers, 300 steps, CPU) with spikedoc.watch recording every step; "
                   f"planted: {FAULTS[fault]}. Recording to {out} ...")

@@ -159,10 +159,10 @@ def test_demo_rejects_an_unknown_fault_with_one_line(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_demo_leaves_a_directory_that_is_not_a_run_untouched(tmp_path):
+def test_demo_leaves_an_existing_directory_untouched(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     line = _one_error_line(runner.invoke(app, ["demo", "--out", str(mine)]))
-    assert "is not a spikedoc run" in line
+    assert "already exists and is not an empty directory" in line
     assert (mine / "notes.txt").read_text() == "keep me"
