@@ -132,6 +132,11 @@ class RunWriter:
         """Rows lost to write errors, bad blocks, a full queue or use after close()."""
         return self._dropped
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows buffered or waiting to be written (a producer can wait for the backlog to drain)."""
+        return self._pending_rows
+
     # ----------------------------------------------------------------------------- training side
 
     def open(self, meta: dict[str, Any]) -> int:
