@@ -234,3 +234,27 @@ def test_layer_parts_written_by_other_tools_with_dictionary_names_are_read(run_d
     window = load(run_dir).layers(49, 50)
     assert list(zip(window["step"], window["name"]))[-2:] == [(50, "embed.weight"), (50, "head.weight")]
     assert len(window) == len(NAMES) + 2
+
+
+def test_a_column_that_appears_in_later_parts_is_unioned_across_many_parts(tmp_path):
+    writer = RunWriter(tmp_path, flush_every=1)  # one part per step: more parts than one merged block
+    writer.open({})
+    for step in range(600):
+        writer.add_step({"step": step, "loss": 2.0, **({"loss_scale": 1024.0} if step >= 590 else {})})
+    writer.close()
+    steps = load(tmp_path).steps
+    assert steps["step"].tolist() == list(range(600))
+    assert steps["loss_scale"].isna().sum() == 590 and (steps["loss_scale"].iloc[590:] == 1024.0).all()
+
+
+def test_layer_parts_without_statistics_are_read_for_every_window(run_dir):
+    import pyarrow as pa
+
+    extra = pa.table({"step": pa.array([7, 60], pa.int64()), "segment": pa.array([0, 0], pa.int32()),
+                      "name": pa.array(["late.weight", "late.weight"]),
+                      "grad_norm": pa.array([1.0, 2.0], pa.float32())})  # fmt: skip
+    pq.write_table(extra, run_dir / "layers" / "rank=0" / "part-0-000099.parquet", write_statistics=False)
+    run = load(run_dir)
+    assert run.layers(5, 8, names=["late.weight"])["step"].tolist() == [7]
+    assert run.layers(55, 65)["step"].tolist() == [60]
+    assert run.layer_scan["files"] == 1  # only the part without statistics could hold steps 55-65
