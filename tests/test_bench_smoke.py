@@ -1,4 +1,4 @@
-"""Smoke test of bench/overhead.py: every variant trains and is measured (no timing assertions)."""
+"""Smoke tests of the benchmarks at tiny sizes: they run and measure what they claim (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def test_overhead_benchmark_measures_every_variant_on_identical_training(tmp_pat
     run = spikedoc.load(result.results["spikedoc"].run_dirs[0])
     assert run.steps["step"].tolist() == list(range(cfg.warmup + cfg.steps))
     assert run.layers()["name"].nunique() == result.n_tensors
+
+
+def test_analyze_scale_benchmark_finds_every_planted_spike_in_a_small_generated_run(tmp_path):
+    from bench.analyze_scale import ScaleConfig, cached_run, match_spikes, time_analyze
+
+    cfg = ScaleConfig(steps=2_000, tensors=10)
+    run_dir, info = cached_run(cfg, tmp_path)
+
+    run = spikedoc.load(run_dir)
+    assert run.steps["step"].tolist() == list(range(cfg.steps))
+    assert info["tables"]["layers"] == {"parts": 20, "rows": 20_000, "bytes": info["tables"]["layers"]["bytes"]}
+    assert (run.events["kind"] == "checkpoint").sum() == 99
+    assert cached_run(cfg, tmp_path)[1] == info  # cached: not generated again
+    (result,) = time_analyze(run_dir, repeats=1)
+    matches = match_spikes(info["spikes"], result["diagnosis"])
+    assert [m["incident"] is not None for m in matches] == [True] * len(info["spikes"]), matches
+    assert result["exit_code"] == 1 and result["peak_rss_mb"] > 0
