@@ -228,6 +228,45 @@ def _update_norms(
     return raw, factors
 
 
+def _adam_update_norms(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    denoms: list[Tensor],
+    scales: Sequence[float],
+    decays: Sequence[float],
+) -> tuple[list[Tensor], list[float]]:
+    """`_update_norms` for Adam's direction `X = m / denom`, in one elementwise pass where it can.
+
+    With decoupled decay (a != 0) `||a p + c X|| = |a| * ||p + (c / a) * m / denom||`: one
+    `addcdiv` forms the whole sum, with no `m / denom` temporary to write and read back. Tensors
+    without decay (or with an extreme c / a, which would overflow or vanish in float32) take the
+    `m / denom` route.
+
+    Returns:
+        Unscaled norms (0-dim tensors) and the factor each must be multiplied by.
+    """
+    joint = [a != 0.0 and 1e-30 < abs(c / a) < 1e30 for c, a in zip(scales, decays)]
+    pick = lambda ts, want: [t for t, j in zip(ts, joint) if j == want]  # noqa: E731
+    raw: dict[bool, list[Tensor]] = {True: [], False: []}
+    factors: dict[bool, list[float]] = {True: [], False: []}
+    if any(joint):
+        sums_ = torch._foreach_addcdiv(
+            pick(params, True), pick(exp_avgs, True), pick(denoms, True),
+            [c / a for c, a, j in zip(scales, decays, joint) if j],
+        )  # fmt: skip
+        raw[True] = list(torch._foreach_norm(sums_, 2, dtype=torch.float32))
+        factors[True] = [abs(a / (1.0 - a)) if a != 1.0 else math.inf for a, j in zip(decays, joint) if j]
+    if not all(joint):
+        directions = list(torch._foreach_div(pick(exp_avgs, False), pick(denoms, False)))
+        raw[False], factors[False] = _update_norms(
+            directions, pick(params, False), pick(scales, False), pick(decays, False)
+        )
+    # Back to the input order.
+    its = {k: iter(zip(raw[k], factors[k])) for k in (True, False)}
+    merged = [next(its[j]) for j in joint]
+    return [n for n, _ in merged], [f for _, f in merged]
+
+
 def _fold_update(chunks: Chunks, raw: list[Tensor], factors: list[float]) -> Tensor:
     """Per-tensor update norms from per-piece unscaled norms and their factors."""
     scaled = torch.stack(raw) * _vector(factors, raw[0].device)
@@ -331,7 +370,7 @@ def adam_stats(
         idx = [i for i, _, _ in batch]
         p, m, v = (chunks.views(b, t) for t in (params, exp_avgs, denom_sqs))
         eps = [epss[i] for i in idx]
-        denom = torch._foreach_sqrt(v)
+        denom = list(torch._foreach_sqrt(v))
         scales = [step_sizes[i] for i in idx]
         if count_eps and not by_limit:
             torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
@@ -345,17 +384,17 @@ def adam_stats(
             # moves into the step scale (equal to torch's arithmetic up to float rounding).
             torch._foreach_add_(denom, [epss[i] * bc2_sqrt[i] for i in idx])
             scales = [c * bc2_sqrt[i] for c, i in zip(scales, idx)]
-        direction = torch._foreach_div(m, denom)  # X = m / denom, the step is -step_size * X
-        got, f = _update_norms(list(direction), p, scales, [decays[i] for i in idx])
+        # X = m / denom, the step is -step_size * X
+        got, f = _adam_update_norms(p, m, denom, scales, [decays[i] for i in idx])
         raw += got
         factors += f
         if count_eps and by_limit:
-            # `direction` is spent: it holds the 0/1 marks of the count. v is summed directly.
-            below = _count_at_most(v, [limits[i] for i in idx], list(direction))  # type: ignore[misc]
+            # `denom` is spent: it holds the 0/1 marks of the count. v is summed directly.
+            below = _count_at_most(v, [limits[i] for i in idx], denom)  # type: ignore[misc]
             sizes = _vector([float(t.numel()) for t in v], v[0].device).double()
             above.append(sizes - torch.stack(below).double())
             sq_sums.extend(t.sum(dtype=torch.float32) for t in v)
-        del denom, direction
+        del denom
     out = {"update_norm": _fold_update(chunks, raw, factors)}
     if count_eps and by_limit:
         out["above_eps"] = chunks.fold_sum(torch.cat(above))
