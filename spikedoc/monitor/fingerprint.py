@@ -9,6 +9,7 @@ small device tensors that ride along in the monitor's one device-to-host copy pe
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ def _row_weights(device: torch.device) -> Tensor:
         w = torch.randint(-(1 << 62), 1 << 62, (_ROW,), generator=gen, dtype=torch.int64) * 2 + 1
         w = _weights[device] = w.to(device)
     return w
+
+
+@functools.lru_cache(maxsize=256)
+def _name_factor(name: str) -> int:
+    return zlib.crc32(name.encode()) * 2 + 1  # odd: the product keeps every bit of the hash
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -95,7 +101,10 @@ def sequence_stats(ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     ids = ids.detach().reshape(ids.shape[0], -1).to(torch.int64)  # (B, T)
     if mask is None:
         lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=ids.device)
-        vals = ids
+        if ids.shape[1] == 0:
+            return lengths, lengths.clone()
+        s = ids.sort(dim=1).values  # (B, T)
+        return lengths, (s[:, 1:] != s[:, :-1]).sum(1) + 1  # the first token and every change
     else:
         mask = mask.detach().reshape(ids.shape) != 0
         lengths = mask.sum(1)
@@ -160,7 +169,7 @@ class Fingerprint:
         for name, t in inputs:
             if t.layout != torch.strided or t.is_nested or t.is_quantized:
                 continue  # jagged/sparse/quantized inputs have no flat bit view; hash the rest
-            one = content_hash(t) * (zlib.crc32(name.encode()) * 2 + 1)  # order of inputs matters
+            one = content_hash(t) * _name_factor(name)  # order of inputs matters
             h = one if h is None else h + one
         self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters
         if ids is not None and ids.dim() >= 2:
@@ -179,8 +188,9 @@ class Fingerprint:
             out["hash_lo"] = self.hash & 0xFFFFFFFF
             out["hash_hi"] = (self.hash >> 32) & 0xFFFFFFFF
         if self.lengths:
-            lengths = torch.cat(self.lengths).to(torch.float64)  # (samples,)
-            distinct = torch.cat(self.distinct).to(torch.float64)
+            one = len(self.lengths) == 1  # one micro-batch: nothing to concatenate
+            lengths = (self.lengths[0] if one else torch.cat(self.lengths)).to(torch.float64)  # (samples,)
+            distinct = (self.distinct[0] if one else torch.cat(self.distinct)).to(torch.float64)
             s = lengths.sort().values
             n = s.numel()
             valid = lengths > 0
