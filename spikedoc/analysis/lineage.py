@@ -81,17 +81,24 @@ class Lineage:
     """
 
     def __init__(self, steps: pd.DataFrame) -> None:
-        frame = steps.copy()
+        # A shallow copy: columns are replaced, never written into (pandas copies on write), so a
+        # million-row table already in order is not copied at all.
+        frame = steps.copy(deep=False)
         if "segment" not in frame.columns:
             frame["segment"] = 0
         frame["segment"] = frame["segment"].fillna(0).astype("int64")
         frame["step"] = frame["step"].astype("int64")
-        frame["_order"] = np.arange(len(frame))
+        seg = frame["segment"].to_numpy()
         if _has_time(frame):
-            frame = frame.sort_values(["segment", "time", "_order"], kind="stable").reset_index(drop=True)
+            order = np.lexsort((frame["time"].to_numpy(dtype=float), seg))  # stable: ties keep row order
+            if (order[1:] < order[:-1]).any():
+                frame = frame.take(order)
+            frame = frame.reset_index(drop=True)
         else:
             # Without wall time a repeated step cannot be told from a re-logged one: keep the last.
-            frame = frame.sort_values(["segment", "_order"], kind="stable")
+            order = np.argsort(seg, kind="stable")
+            if (order[1:] < order[:-1]).any():
+                frame = frame.take(order)
             frame = frame.drop_duplicates(["segment", "step"], keep="last").reset_index(drop=True)
         step = frame["step"].to_numpy()
         seg = frame["segment"].to_numpy()
@@ -99,7 +106,7 @@ class Lineage:
         if len(frame) > 1:
             new_piece[1:] = (seg[1:] != seg[:-1]) | (step[1:] <= step[:-1])
         frame["_piece"] = np.cumsum(new_piece) - 1
-        self._frame = frame.drop(columns="_order")
+        self._frame = frame
         self.pieces: list[Piece] = []
         for index, rows in self._frame.groupby("_piece", sort=True):
             self.pieces.append(
@@ -141,9 +148,13 @@ class Lineage:
         if index not in self._frames:
             own = self._frame["_piece"].to_numpy() == index
             mask = own | self._ancestor_mask(index)
-            frame = self._frame.loc[mask].copy()
+            # A run of one piece is its own lineage: no copy of its rows.
+            frame = self._frame.copy(deep=False) if mask.all() else self._frame.loc[mask]
             frame["_own"] = own[mask]
-            self._frames[index] = frame.sort_values("step", kind="stable").reset_index(drop=True)
+            step = frame["step"].to_numpy()
+            if (step[1:] < step[:-1]).any():
+                frame = frame.sort_values("step", kind="stable")
+            self._frames[index] = frame.reset_index(drop=True)
         return self._frames[index]
 
     def final(self) -> pd.DataFrame:
