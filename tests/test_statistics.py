@@ -13,6 +13,7 @@ from spikedoc.monitor.statistics import (
     Chunks,
     adam_stats,
     clip_coefficient,
+    eps_limit,
     max_abs,
     maxes,
     nonfinite_counts,
@@ -216,3 +217,31 @@ def test_sampled_snapshot_estimates_large_tensors_within_a_few_percent():
         expected = [(p.detach() - c).norm().item() for p, c in zip(params, copies)]
         assert got[1].item() == pytest.approx(expected[1], rel=1e-5)  # the bias is copied whole
         assert got[0].item() == pytest.approx(expected[0], rel=0.05)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6, 3e-12])
+@pytest.mark.parametrize("bc2_sqrt", [(1 - 0.999**1) ** 0.5, (1 - 0.95**7) ** 0.5, 0.9999995])
+def test_eps_limit_is_the_last_float_whose_sqrt_v_hat_is_at_or_below_eps(bc2_sqrt, eps):
+    limit = torch.tensor([eps_limit(bc2_sqrt, eps)])
+    around = torch.cat([limit, limit.nextafter(torch.tensor([math.inf]))])  # the limit and the next float32
+    assert (around.sqrt() / bc2_sqrt <= eps).tolist() == [True, False]
+
+
+def test_adam_eps_count_matches_direct_count_when_v_is_zero_huge_mixed_nan_or_empty():
+    b2, t, eps = 0.999, 3.0, 1e-8
+    bc2_sqrt = (1 - b2**t) ** 0.5
+    limit = eps_limit(bc2_sqrt, eps)
+    mixed = torch.tensor([0.0, limit, limit * 1.0000002, limit * 0.5, 1.0, math.nan] * 50)
+    vs = [torch.zeros(7, 3), torch.full((40,), 1e-3), mixed, torch.empty(0), torch.rand(1000) * 4 * limit]
+    ps = [torch.randn(v.shape) for v in vs]
+    ms = [torch.randn(v.shape) * 1e-3 for v in vs]
+    n = len(vs)
+    got = adam_stats(
+        ps, ms, vs, steps=[t] * n, lrs=[1e-3] * n, beta1s=[0.9] * n, beta2s=[b2] * n, epss=[eps] * n,
+        decays=[1e-4] * n, chunks=Chunks([v.numel() for v in vs], 1 << 22),
+    )  # fmt: skip
+    for j, v in enumerate(vs):
+        at_or_below = int((v.sqrt() / bc2_sqrt <= eps).sum())  # NaN is never at or below
+        assert got["above_eps"][j].item() == v.numel() - at_or_below, j
+    assert got["denom_sq_max"][0].item() == 0.0 and got["denom_sq_max"][1].item() == pytest.approx(1e-3)
+    assert math.isnan(got["denom_sq_max"][2].item())

@@ -143,7 +143,8 @@ class AdamStats(OptimizerStats):
             out["above_eps"] = bucket.expand(got["above_eps"], sub, math.nan)
             out["exp_avg_norm"] = bucket.expand(norms(m), sub, math.nan)
             out["exp_avg_sq_sum"] = bucket.expand(sums(v) if amsgrad else got["denom_sq_sum"], sub, math.nan)
-            out["exp_avg_sq_max"] = bucket.expand(maxes(v), sub, math.nan)
+            sq_max = got.get("denom_sq_max") if not amsgrad else None
+            out["exp_avg_sq_max"] = bucket.expand(maxes(v) if sq_max is None else sq_max, sub, math.nan)
         return out
 
     def to_columns(self, values: dict[str, np.ndarray], numels: np.ndarray) -> dict[str, np.ndarray]:

@@ -309,12 +309,29 @@ def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
     return limit
 
 
-def _count_at_most(tensors: list[Tensor], limits: list[float], out: list[Tensor]) -> list[Tensor]:
-    """Number of elements `<= limit` of each tensor (NaN never counts), via 0/1 marks written to `out`."""
-    marks = [torch.le(t, lim, out=o) for t, lim, o in zip(tensors, limits, out)]
-    # The sum of squares of 0/1 float32 marks is an exact count below 2**24 elements per piece.
-    small = all(t.numel() < (1 << 24) for t in marks)
-    return list(_powsum2(marks)) if small else [t.sum(dtype=torch.float64) for t in marks]
+def _count_at_most_cpu(tensors: list[Tensor], limits: list[float], out: list[Tensor]) -> tuple[list[float], Tensor]:
+    """Number of elements `<= limit` of each CPU tensor (NaN never counts), and each tensor's maximum.
+
+    A tensor's minimum and maximum (one `aminmax` read, and the maximum is wanted anyway) settle the
+    count of most tensors: 0 when the minimum is above the limit, all when the maximum is at or
+    below it. Only the others are compared element by element, as 0/1 marks written to `out`.
+    Reading the extremes on the host is free on CPU; on an accelerator it would synchronise.
+    """
+    zero = torch.zeros((), dtype=tensors[0].dtype)
+    lows, highs = zip(*(torch.aminmax(t) if t.numel() else (zero, zero) for t in tensors))
+    highs_t = torch.stack(highs)
+    lo, hi = torch.stack(lows).tolist(), highs_t.tolist()
+    below = [0.0 if lo[j] > lim else float(t.numel()) if hi[j] <= lim else math.nan
+             for j, (t, lim) in enumerate(zip(tensors, limits))]  # fmt: skip
+    mixed = [j for j, c in enumerate(below) if math.isnan(c)]  # limits inside the range, or NaN
+    if mixed:
+        marks = [torch.le(tensors[j], limits[j], out=out[j]) for j in mixed]
+        # The sum of 0/1 float32 marks is exact below 2**24 elements per piece.
+        small = all(t.numel() < (1 << 24) for t in marks)
+        counts = _powsum2(marks) if small else [t.sum(dtype=torch.float64) for t in marks]
+        for j, c in zip(mixed, torch.stack(counts).tolist()):
+            below[j] = c
+    return below, highs_t
 
 
 def adam_stats(
@@ -352,7 +369,8 @@ def adam_stats(
     Returns:
         `update_norm`: L2 norm of each parameter's change. With `count_eps` also `above_eps`, the
         number of elements whose bias-corrected `sqrt(v_hat)` is above eps (the rest is at or below
-        it), and `denom_sq_sum`, the sum of `denom_sqs` (to float32 rounding).
+        it), and `denom_sq_sum`, the sum of `denom_sqs` (to float32 rounding); on CPU also
+        `denom_sq_max`, the maximum of `denom_sqs`.
     """
     bc2_sqrt = [(1 - b2**t) ** 0.5 for b2, t in zip(beta2s, steps)]
     step_sizes = [lr / (1 - b1**t) for lr, b1, t in zip(lrs, beta1s, steps)]
@@ -365,7 +383,9 @@ def adam_stats(
     raw: list[Tensor] = []
     factors: list[float] = []
     above: list[Tensor] = []
+    above_host: list[float] = []  # CPU: counts read on the host
     sq_sums: list[Tensor] = []
+    sq_maxes: list[Tensor] = []
     for b, batch in enumerate(chunks.batches):
         idx = [i for i, _, _ in batch]
         p, m, v = (chunks.views(b, t) for t in (params, exp_avgs, denom_sqs))
@@ -389,16 +409,17 @@ def adam_stats(
         raw += got
         factors += f
         if count_eps and by_limit:
-            # `denom` is spent: it holds the 0/1 marks of the count. v is summed directly.
-            below = _count_at_most(v, [limits[i] for i in idx], denom)  # type: ignore[misc]
-            sizes = _vector([float(t.numel()) for t in v], v[0].device).double()
-            above.append(sizes - torch.stack(below).double())
+            # `denom` is spent: it can hold the 0/1 marks of the count. v is summed directly.
+            below, highs = _count_at_most_cpu(v, [limits[i] for i in idx], denom)  # type: ignore[misc]
+            above_host += [t.numel() - c for t, c in zip(v, below)]
+            sq_maxes.append(highs)
             sq_sums.extend(t.sum(dtype=torch.float32) for t in v)
         del denom
     out = {"update_norm": _fold_update(chunks, raw, factors)}
     if count_eps and by_limit:
-        out["above_eps"] = chunks.fold_sum(torch.cat(above))
+        out["above_eps"] = chunks.fold_sum(torch.tensor(above_host, dtype=torch.float64))
         out["denom_sq_sum"] = chunks.fold_sum(torch.stack(sq_sums))
+        out["denom_sq_max"] = chunks.fold_max(torch.cat(sq_maxes).float())
     elif count_eps:
         out["above_eps"] = chunks.fold_sum(torch.stack(above))
         bc2 = [bc2_sqrt[i] ** 2 for batch in chunks.batches for i, _, _ in batch]
