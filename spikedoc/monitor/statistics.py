@@ -126,14 +126,12 @@ def max_abs(tensors: Sequence[Tensor], chunks: Chunks) -> Tensor:
     if not _fast_cpu(tensors):
         return norms(tensors, math.inf)
     # max |x| = max(max x, -min x): one read per tensor and no |x| temporary (aminmax keeps NaN).
-    lows: list[Tensor] = []
-    highs: list[Tensor] = []
+    extremes: list[Tensor] = []
     for b in range(len(chunks.batches)):
         for t in chunks.views(b, tensors):
-            lo, hi = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
-            lows.append(lo)
-            highs.append(hi)
-    pieces = torch.maximum(torch.stack(highs), torch.stack(lows).neg_())
+            extremes += torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+    both = torch.stack(extremes).view(-1, 2)  # (pieces, [min, max])
+    pieces = torch.maximum(both[:, 1], both[:, 0].neg())
     return chunks.fold_max(pieces.float())
 
 
@@ -318,9 +316,10 @@ def _count_at_most_cpu(tensors: list[Tensor], limits: list[float], out: list[Ten
     Reading the extremes on the host is free on CPU; on an accelerator it would synchronise.
     """
     zero = torch.zeros((), dtype=tensors[0].dtype)
-    lows, highs = zip(*(torch.aminmax(t) if t.numel() else (zero, zero) for t in tensors))
-    highs_t = torch.stack(highs)
-    lo, hi = torch.stack(lows).tolist(), highs_t.tolist()
+    extremes = [x for t in tensors for x in (torch.aminmax(t) if t.numel() else (zero, zero))]
+    both = torch.stack(extremes).view(-1, 2)  # (tensors, [min, max])
+    highs_t = both[:, 1]
+    lo, hi = both.T.tolist()
     below = [0.0 if lo[j] > lim else float(t.numel()) if hi[j] <= lim else math.nan
              for j, (t, lim) in enumerate(zip(tensors, limits))]  # fmt: skip
     mixed = [j for j, c in enumerate(below) if math.isnan(c)]  # limits inside the range, or NaN
@@ -402,6 +401,10 @@ def adam_stats(
         else:
             # m / (sqrt(v) / b + eps) = b * m / (sqrt(v) + eps * b): one pass fewer; the factor b
             # moves into the step scale (equal to torch's arithmetic up to float rounding).
+            if count_eps:
+                # sum(v) = sum(sqrt(v) ** 2) (to float32 rounding), from the temporary at hand while
+                # it is in cache, instead of another pass over v.
+                sq_sums.extend(_powsum2(denom))
             torch._foreach_add_(denom, [epss[i] * bc2_sqrt[i] for i in idx])
             scales = [c * bc2_sqrt[i] for c, i in zip(scales, idx)]
         # X = m / denom, the step is -step_size * X
@@ -409,11 +412,10 @@ def adam_stats(
         raw += got
         factors += f
         if count_eps and by_limit:
-            # `denom` is spent: it can hold the 0/1 marks of the count. v is summed directly.
+            # `denom` is spent: it can hold the 0/1 marks of the count.
             below, highs = _count_at_most_cpu(v, [limits[i] for i in idx], denom)  # type: ignore[misc]
             above_host += [t.numel() - c for t, c in zip(v, below)]
             sq_maxes.append(highs)
-            sq_sums.extend(t.sum(dtype=torch.float32) for t in v)
         del denom
     out = {"update_norm": _fold_update(chunks, raw, factors)}
     if count_eps and by_limit:
