@@ -251,32 +251,43 @@ def _read_table(run: Run, table: str) -> pd.DataFrame | None:
     parts = _parts(run.path / table)
     if not parts:
         return None
+    # Parts are merged into contiguous blocks as they arrive (kept one by one, a buffer per column
+    # per part costs ~60% more than the data), then converted column by column, each column's
+    # Arrow memory freed as soon as pandas holds it.
+    blocks: list[pa.Table | pd.DataFrame] = []
+    pending: list[pa.Table] = []
     with ThreadPoolExecutor(_READERS) as pool:
-        results = list(pool.map(_read_part, [path for path, _ in parts]))
-    tables = []
-    for (path, rank), data in zip(parts, results):
-        if isinstance(data, BaseException):
-            run._skip(path, data)
-            continue
-        tables.append(data.append_column("rank", pa.array(np.full(data.num_rows, rank, dtype=np.int64))))
-    del results
-    if not tables:
+        for (path, rank), data in zip(parts, pool.map(_read_part, [path for path, _ in parts])):
+            if isinstance(data, BaseException):
+                run._skip(path, data)
+                continue
+            pending.append(data.append_column("rank", pa.array(np.full(data.num_rows, rank, dtype=np.int64))))
+            if len(pending) == _COMBINE:
+                blocks.append(_merged(pending))
+                pending = []
+    if pending:
+        blocks.append(_merged(pending))
+    del pending
+    if not blocks:
         raise RunFormatError(f"{run.path}/{table}: none of its {len(parts)} part files is readable: {run.warnings[-1]}")
+    if all(isinstance(b, pa.Table) for b in blocks):
+        try:
+            data = pa.concat_tables(blocks, promote_options="permissive")
+        except pa.ArrowException:
+            pass
+        else:
+            del blocks
+            return _to_pandas(data, self_destruct=True)
+    # A column that changed type between parts (e.g. int in one segment, string in the next).
+    return pd.concat([b if isinstance(b, pd.DataFrame) else _to_pandas(b) for b in blocks], ignore_index=True)
+
+
+def _merged(tables: list[pa.Table]) -> pa.Table | pd.DataFrame:
+    """Parts as one contiguous table, taking the union of their columns; pandas unifies conflicting types."""
     try:
-        schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
-    except pa.ArrowException:  # e.g. a column that changed type between segments: let pandas unify
+        return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    except pa.ArrowException:
         return pd.concat([_to_pandas(t) for t in tables], ignore_index=True)
-    # Parts are merged into contiguous blocks as they are released (a buffer per column per part
-    # would cost ~60% more than the data), then converted column by column, each column's Arrow
-    # memory freed as soon as pandas holds it. The empty table gives every block all columns.
-    blocks = []
-    while tables:
-        chunk, tables = tables[:_COMBINE], tables[_COMBINE:]
-        blocks.append(pa.concat_tables([schema.empty_table(), *chunk], promote_options="permissive").combine_chunks())
-        del chunk
-    data = pa.concat_tables(blocks)
-    del blocks
-    return _to_pandas(data, self_destruct=True)
 
 
 def _read_part(path: Path) -> pa.Table | BaseException:
