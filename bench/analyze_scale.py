@@ -379,7 +379,8 @@ def time_analyze(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
     """Run `spikedoc analyze RUN --json` `repeats` times, each in a fresh process.
 
     Returns:
-        Per repeat: `wall_s`, `peak_rss_mb` (the child's ru_maxrss), `exit_code` and the parsed JSON.
+        Per repeat: `wall_s`, `cpu_s` (user + system), `peak_rss_mb` (the child's ru_maxrss), `exit_code`
+        and the parsed JSON as `diagnosis`.
     """
     out = []
     for _ in range(repeats):
@@ -395,8 +396,8 @@ def time_analyze(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
             text, err = stdout.read().decode(), stderr.read().decode()
         if proc.returncode not in (0, 1):
             raise RuntimeError(f"spikedoc analyze exited with {proc.returncode}: {err.strip()[-2000:]}")
-        out.append({"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": proc.returncode,
-                    "diagnosis": json.loads(text)})  # fmt: skip
+        out.append({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+                    "exit_code": proc.returncode, "diagnosis": json.loads(text)})  # fmt: skip
     return out
 
 
@@ -421,6 +422,7 @@ def match_spikes(spikes: list[dict[str, Any]], diagnosis: dict[str, Any]) -> lis
 def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], command: str) -> str:
     wall = statistics.median(r["wall_s"] for r in runs)
     rss = statistics.median(r["peak_rss_mb"] for r in runs)
+    cpu = statistics.median(r["cpu_s"] for r in runs)
     matches = match_spikes(info["spikes"], runs[0]["diagnosis"])
     found = sum(m["incident"] is not None for m in matches)
     incidents = len(runs[0]["diagnosis"]["incidents"])
@@ -432,15 +434,15 @@ def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], 
         f"A synthetic run of {cfg.steps:,} steps x {cfg.tensors} tensors written with `RunWriter` as "
         f"`spikedoc.watch(every=1, layer_every=1)` writes it (one part per table per {cfg.flush_every} steps), "
         f"{len(matches)} planted spikes with per-tensor precursors; `spikedoc analyze RUN --json` in a fresh "
-        f"process, {len(runs)} repeats. Targets: under 60 s and under 2 GB peak RSS.",
+        f"process, {len(runs)} repeats (medians below). Targets: under 60 s and under 2 GB peak RSS.",
         "",
         "| table | rows | parts | on disk |",
         "| --- | ---: | ---: | ---: |",
         *(f"| {name} | {t['rows']:,} | {t['parts']:,} | {t['bytes'] / 1e9:.2f} GB |" for name, t in tables.items()),
         "",
-        "| generation | analyze wall (median) | analyze peak RSS (median) | planted found | incidents |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-        f"| {info['generation_s']:.0f} s | {wall:.1f} s (runs: {each}) | "
+        "| generation | analyze wall (median) | analyze CPU user+sys | analyze peak RSS | planted found | incidents |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {info['generation_s']:.0f} s | {wall:.1f} s (runs: {each}) | {cpu:.1f} s | "
         f"{rss:,.0f} MB | {found} / {len(matches)} | {incidents} |",
         "",
         "| planted onset | precursor | found onset (loss) | incident onset | cause | tensors named |",
