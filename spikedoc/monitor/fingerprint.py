@@ -10,11 +10,13 @@ small device tensors that ride along in the monitor's one device-to-host copy pe
 from __future__ import annotations
 
 import functools
+import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +28,8 @@ _SENTINEL = torch.iinfo(torch.int64).min  # marks padding before sorting; never 
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (golden ratio), as a signed int64
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _weights: dict[torch.device, Tensor] = {}
+_COMBINED_MAX = 1 << 16  # elements of one forward's inputs hashed with cached per-element weights
+_combined: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
 
 
 def _row_weights(device: torch.device) -> Tensor:
@@ -81,6 +85,38 @@ def content_hash(t: Tensor) -> Tensor:
         r = torch.arange(start // _ROW, start // _ROW + rows.shape[0], device=x.device, dtype=torch.int64)
         total = total + (row_hash * (r * _MIX + 1)).sum()
     return total
+
+
+def _inputs_hash(inputs: list[tuple[str, Tensor]]) -> Tensor | None:
+    """`sum(content_hash(t) * name factor)` over one forward's inputs (the input order matters).
+
+    Small inputs on one device (the usual batch of token ids) take a single weighted sum: every
+    element's weight (row weight, row factor and name factor multiplied out, modulo 2**64) is cached
+    per input signature, so the hash is one concatenation, one product and one sum.
+    """
+    if not inputs:
+        return None
+    device = inputs[0][1].device
+    if sum(t.numel() for _, t in inputs) > _COMBINED_MAX or any(t.device != device for _, t in inputs):
+        h = None
+        for name, t in inputs:
+            one = content_hash(t) * _name_factor(name)
+            h = one if h is None else h + one
+        return h
+    key = (device, *((name, tuple(t.shape), t.dtype) for name, t in inputs))
+    cached = _combined.get(key)
+    if cached is None:
+        weights, const = [], torch.zeros((), dtype=torch.int64)
+        for name, t in inputs:
+            pos = torch.arange(t.numel(), dtype=torch.int64)
+            w = _row_weights(torch.device("cpu"))[pos % _ROW] * ((pos // _ROW) * _MIX + 1)
+            weights.append(w * _name_factor(name))
+            const = const + torch.tensor(zlib.crc32(f"{tuple(t.shape)}:{t.dtype}".encode())) * _name_factor(name)
+        if len(_combined) >= 16:
+            _combined.clear()
+        cached = _combined[key] = (torch.cat(weights).to(device), const.to(device))
+    weights, const = cached
+    return (torch.cat([_bits(t) for _, t in inputs]) * weights).sum() + const
 
 
 def sequence_stats(ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -165,12 +201,9 @@ class Fingerprint:
             self.shapes = ",".join(f"{n}:{'x'.join(map(str, t.shape)) or 'scalar'}" for n, t in inputs)
         if not self.measure:
             return
-        h = None
-        for name, t in inputs:
-            if t.layout != torch.strided or t.is_nested or t.is_quantized:
-                continue  # jagged/sparse/quantized inputs have no flat bit view; hash the rest
-            one = content_hash(t) * _name_factor(name)  # order of inputs matters
-            h = one if h is None else h + one
+        # Jagged/sparse/quantized inputs have no flat bit view; hash the rest.
+        flat = [(n, t) for n, t in inputs if t.layout == torch.strided and not (t.is_nested or t.is_quantized)]
+        h = _inputs_hash(flat)
         self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters
         if ids is not None and ids.dim() >= 2:
             mask = by_name.get("attention_mask")
@@ -181,30 +214,34 @@ class Fingerprint:
             self.distinct.append(distinct)
 
     def device_values(self) -> dict[str, Tensor]:
-        """The step's device-side results: hash halves and sequence statistics (empty if none)."""
+        """The step's device-side results: the hash as two 32-bit halves, per-sample lengths and
+        distinct-token counts (empty if none). The statistics over samples are taken on the host."""
         out: dict[str, Tensor] = {}
         if self.hash is not None:
-            # Two 32-bit halves travel exactly through the float64 host transfer.
-            out["hash_lo"] = self.hash & 0xFFFFFFFF
-            out["hash_hi"] = (self.hash >> 32) & 0xFFFFFFFF
+            # Two 32-bit halves travel exactly through the float64 host transfer: a view, no kernel.
+            halves = self.hash.reshape(1).view(torch.int32)
+            out["hash_halves"] = halves if sys.byteorder == "little" else halves.flip(0)  # (lo, hi)
         if self.lengths:
             one = len(self.lengths) == 1  # one micro-batch: nothing to concatenate
-            lengths = (self.lengths[0] if one else torch.cat(self.lengths)).to(torch.float64)  # (samples,)
-            distinct = (self.distinct[0] if one else torch.cat(self.distinct)).to(torch.float64)
-            s = lengths.sort().values
-            n = s.numel()
-            valid = lengths > 0
-            ratio = (distinct / lengths.clamp(min=1) * valid).sum() / valid.sum()  # NaN if all empty
-            out["seq_len"] = torch.stack([s[0], (s[(n - 1) // 2] + s[n // 2]) / 2, s[-1], ratio])
+            out["lengths"] = self.lengths[0] if one else torch.cat(self.lengths)  # (samples,)
+            out["distinct"] = self.distinct[0] if one else torch.cat(self.distinct)
         return out
 
     @staticmethod
     def host_values(values: Mapping[str, Any]) -> dict[str, Any]:
         """Step-table columns from the host copies of `device_values()`."""
         row: dict[str, Any] = {}
-        if "hash_lo" in values:
-            row["batch_hash"] = f"{(int(values['hash_hi']) << 32) | int(values['hash_lo']):016x}"
-        if "seq_len" in values:
-            lo, med, hi, ratio = (float(v) for v in values["seq_len"])
-            row.update(seq_len_min=lo, seq_len_median=med, seq_len_max=hi, distinct_token_ratio=ratio)
+        if "hash_halves" in values:
+            lo, hi = (int(v) & 0xFFFFFFFF for v in values["hash_halves"])
+            row["batch_hash"] = f"{(hi << 32) | lo:016x}"
+        if "lengths" in values and len(values["lengths"]):
+            lengths = np.asarray(values["lengths"], dtype=np.float64)
+            distinct = np.asarray(values["distinct"], dtype=np.float64)
+            s = np.sort(lengths)
+            n = s.size
+            valid = lengths > 0
+            with np.errstate(invalid="ignore", divide="ignore"):  # NaN if every sample is empty
+                ratio = float(np.sum(distinct / np.maximum(lengths, 1) * valid) / np.sum(valid))
+            row.update(seq_len_min=float(s[0]), seq_len_median=float((s[(n - 1) // 2] + s[n // 2]) / 2),
+                       seq_len_max=float(s[-1]), distinct_token_ratio=ratio)  # fmt: skip
         return row
