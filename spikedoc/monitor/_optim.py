@@ -76,6 +76,15 @@ def _steps(steps: Sequence[Any]) -> list[float]:
     return [float(s) for s in steps]
 
 
+def _adam_hyper(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> tuple[float, float, float, float, float]:
+    """lr, beta1, beta2, eps and the decoupled decay factor `lr * weight_decay` (0 for L2 decay)."""
+    lr = _scalar(group["lr"])
+    is_adamw = isinstance(optimizer, torch.optim.AdamW)  # torch < 2.6 has no group flag
+    decoupled = bool(group.get("decoupled_weight_decay", is_adamw))
+    beta1, beta2 = (_scalar(b) for b in group["betas"])
+    return lr, beta1, beta2, _scalar(group["eps"]), lr * _scalar(group["weight_decay"]) if decoupled else 0.0
+
+
 class OptimizerStats:
     """What the monitor asks of an optimizer: update norms and per-tensor state statistics.
 
@@ -118,22 +127,23 @@ class AdamStats(OptimizerStats):
         sub = None if active is None and len(live) == len(bucket.params) else live
         params = [bucket.params[j] for j in live]
         states = [state[p] for p in params]
-        hp = [groups[bucket.groups[j]] for j in live]
+        gi = [bucket.groups[j] for j in live]
+        hp = [groups[g] for g in gi]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
-        lrs = [_scalar(g["lr"]) for g in hp]
-        is_adamw = isinstance(self.optimizer, torch.optim.AdamW)  # torch < 2.6 has no group flag
-        decoupled = [bool(g.get("decoupled_weight_decay", is_adamw)) for g in hp]
+        # Hyperparameters are read once per group, then repeated per tensor.
+        per_group = {g: _adam_hyper(groups[g], self.optimizer) for g in set(gi)}
+        lrs, beta1s, beta2s, epss, decays = (list(x) for x in zip(*(per_group[g] for g in gi)))
         got = adam_stats(
             params,
             m,
             [s["max_exp_avg_sq"] if g.get("amsgrad") else s["exp_avg_sq"] for s, g in zip(states, hp)],
             steps=_steps([s["step"] for s in states]),
             lrs=lrs,
-            beta1s=[_scalar(g["betas"][0]) for g in hp],
-            beta2s=[_scalar(g["betas"][1]) for g in hp],
-            epss=[_scalar(g["eps"]) for g in hp],
-            decays=[lr * _scalar(g["weight_decay"]) if d else 0.0 for lr, g, d in zip(lrs, hp, decoupled)],
+            beta1s=beta1s,
+            beta2s=beta2s,
+            epss=epss,
+            decays=decays,
             chunks=bucket.chunks_for(sub),
             count_eps=layers,
         )

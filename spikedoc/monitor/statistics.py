@@ -377,7 +377,8 @@ def adam_stats(
     if count_eps and params and params[0].device.type == "cpu":
         # On CPU the count compares v with a host-computed limit (see eps_limit); elsewhere the
         # device computes sqrt(v_hat) itself, whatever its sqrt and division round like.
-        limits = [eps_limit(b, e) for b, e in zip(bc2_sqrt, epss)]
+        distinct = {key: eps_limit(*key) for key in set(zip(bc2_sqrt, epss))}  # usually one per group
+        limits = [distinct[key] for key in zip(bc2_sqrt, epss)]
     by_limit = bool(limits) and all(lim is not None for lim in limits)
     raw: list[Tensor] = []
     factors: list[float] = []
