@@ -34,9 +34,9 @@ _LAYOUT = (
 # Threads reading part files of the step and event tables. A part of 100 steps costs ~1-1.5 ms,
 # nearly all of it per-file overhead that a second thread overlaps.
 _READERS = min(4, os.cpu_count() or 1)
-# Parts concatenated into one contiguous table at a time: 10,000 parts of 100 rows kept as
-# 10,000 chunks cost ~60% more memory than their data (a buffer per column per part).
-_COMBINE = 256
+# Consecutive parts one thread reads and merges into one contiguous table: 10,000 parts of 100
+# rows kept as 10,000 chunks cost ~60% more memory than their data (a buffer per column per part).
+_COMBINE = 128
 # Step range of a row group whose statistics are missing: it may hold any step.
 _ANY_STEP = (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
 
@@ -251,23 +251,17 @@ def _read_table(run: Run, table: str) -> pd.DataFrame | None:
     parts = _parts(run.path / table)
     if not parts:
         return None
-    # Parts are merged into contiguous blocks as they arrive (kept one by one, a buffer per column
-    # per part costs ~60% more than the data), then converted column by column, each column's
-    # Arrow memory freed as soon as pandas holds it.
+    # Each thread reads a run of consecutive parts and merges them into one contiguous block (kept
+    # one by one, a buffer per column per part costs ~60% more than the data); the blocks are then
+    # converted column by column, each column's Arrow memory freed as soon as pandas holds it.
+    groups = [parts[i : i + _COMBINE] for i in range(0, len(parts), _COMBINE)]
     blocks: list[pa.Table | pd.DataFrame] = []
-    pending: list[pa.Table] = []
     with ThreadPoolExecutor(_READERS) as pool:
-        for (path, rank), data in zip(parts, pool.map(_read_part, [path for path, _ in parts])):
-            if isinstance(data, BaseException):
-                run._skip(path, data)
-                continue
-            pending.append(data.append_column("rank", pa.array(np.full(data.num_rows, rank, dtype=np.int64))))
-            if len(pending) == _COMBINE:
-                blocks.append(_merged(pending))
-                pending = []
-    if pending:
-        blocks.append(_merged(pending))
-    del pending
+        for block, failed in pool.map(_read_group, groups):
+            for path, exc in failed:
+                run._skip(path, exc)
+            if block is not None:
+                blocks.append(block)
     if not blocks:
         raise RunFormatError(f"{run.path}/{table}: none of its {len(parts)} part files is readable: {run.warnings[-1]}")
     if all(isinstance(b, pa.Table) for b in blocks):
@@ -282,20 +276,24 @@ def _read_table(run: Run, table: str) -> pd.DataFrame | None:
     return pd.concat([b if isinstance(b, pd.DataFrame) else _to_pandas(b) for b in blocks], ignore_index=True)
 
 
-def _merged(tables: list[pa.Table]) -> pa.Table | pd.DataFrame:
-    """Parts as one contiguous table, taking the union of their columns; pandas unifies conflicting types."""
+def _read_group(parts: list[tuple[Path, int]]) -> tuple[pa.Table | pd.DataFrame | None, list[tuple[Path, Exception]]]:
+    """Consecutive parts read and merged into one contiguous block (union of their columns; pandas
+    unifies conflicting types), with the parts that could not be read."""
+    tables, failed = [], []
+    for path, rank in parts:
+        try:
+            with pq.ParquetFile(path) as part:
+                data = _decoded(part.read(use_threads=False))
+        except (pa.ArrowException, OSError) as exc:
+            failed.append((path, exc))
+            continue
+        tables.append(data.append_column("rank", pa.array(np.full(data.num_rows, rank, dtype=np.int64))))
+    if not tables:
+        return None, failed
     try:
-        return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+        return pa.concat_tables(tables, promote_options="permissive").combine_chunks(), failed
     except pa.ArrowException:
-        return pd.concat([_to_pandas(t) for t in tables], ignore_index=True)
-
-
-def _read_part(path: Path) -> pa.Table | BaseException:
-    try:
-        with pq.ParquetFile(path) as part:
-            return _decoded(part.read(use_threads=False))
-    except (pa.ArrowException, OSError) as exc:
-        return exc
+        return pd.concat([_to_pandas(t) for t in tables], ignore_index=True), failed
 
 
 def _step_ranges(meta: pq.FileMetaData) -> np.ndarray:
