@@ -418,6 +418,23 @@ def match_spikes(spikes: list[dict[str, Any]], diagnosis: dict[str, Any]) -> lis
 
 # ------------------------------------------------------------------------------ report
 
+# What `spikedoc analyze` runs (the monitor is not imported by it).
+_ANALYZE_CODE = ("spikedoc/analysis", "spikedoc/store", "spikedoc/report", "spikedoc/cli.py", "spikedoc/errors.py",
+                 "spikedoc/__init__.py")  # fmt: skip
+
+
+def _revision() -> str:
+    """The commit measured, and whether the code analyze runs had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", *_ANALYZE_CODE], capture_output=True, text=True,
+                               check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision (not a git checkout)"
+    return f"commit {head.stdout.strip()}" + (" with uncommitted changes to analyze's code" if dirty.stdout else "")
+
 
 def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], command: str) -> str:
     wall = statistics.median(r["wall_s"] for r in runs)
@@ -463,7 +480,7 @@ def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], 
     if others:
         listed = ", ".join(f"{i['kind']} at {i['onset_step']:,} ({i.get('cause')})" for i in others)
         lines += ["", f"Incidents not matching a planted spike: {listed}."]
-    lines += ["", f"Command: `{command}`", "", machine_line()]
+    lines += ["", f"Command: `{command}`", "", f"{machine_line()} spikedoc at {_revision()}."]
     return "\n".join(lines)
 
 
