@@ -204,3 +204,26 @@ def test_update_norm_is_exact_for_adam_and_sgd(recorded):
 def test_loss_is_captured_from_the_model_output(recorded):
     _, run, copies = recorded
     np.testing.assert_allclose(run.steps["loss"], [c.loss for c in copies], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ADAM)
+def test_adam_statistics_without_a_parameter_copy_match_direct_computation(kind, tmp_path, monkeypatch):
+    # A temporary budget below the model's size: no snapshot of the parameters (the closed form
+    # from the optimizer state instead), and tensors cut into pieces that are folded back.
+    monkeypatch.setattr("spikedoc.monitor.monitor._TEMP_MIN", 1500)
+    model = make_model(seed=1)
+    run, copies = watched_run(model, OPTIMIZERS[kind](model), tmp_path, STEPS)
+    for step, c in enumerate(copies):
+        layers = _layers_at(run, step)
+        for name in c.before:
+            diff = (c.after[name].double() - c.before[name].double()).norm().item()
+            tol = 2e-7 * c.before[name].norm().item() + 1e-3 * diff
+            assert abs(layers[name]["update_norm"] - diff) <= tol, (step, name)
+        for name, state in c.state.items():
+            hp = _group_of(run, name)
+            v = state["exp_avg_sq"]
+            v_denom = state["max_exp_avg_sq"] if hp["amsgrad"] else v
+            v_hat_sqrt = v_denom.sqrt() / math.sqrt(1 - hp["betas"][1] ** state["step"].item())
+            assert layers[name]["eps_frac"] == pytest.approx((v_hat_sqrt <= hp["eps"]).double().mean().item(), abs=1e-7)
+            assert layers[name]["exp_avg_sq_mean"] == pytest.approx(v.double().mean().item(), rel=1e-5, abs=1e-30)
+            assert layers[name]["exp_avg_sq_max"] == pytest.approx(v.max().item(), rel=1e-6, abs=1e-30)

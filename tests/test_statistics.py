@@ -245,3 +245,17 @@ def test_adam_eps_count_matches_direct_count_when_v_is_zero_huge_mixed_nan_or_em
         assert got["above_eps"][j].item() == v.numel() - at_or_below, j
     assert got["denom_sq_max"][0].item() == 0.0 and got["denom_sq_max"][1].item() == pytest.approx(1e-3)
     assert math.isnan(got["denom_sq_max"][2].item())
+
+
+def test_adam_state_statistics_are_the_same_without_update_norms():
+    model, opt, _, _ = _trained(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1))
+    params = list(model.parameters())
+    states, hp = _adam_inputs(opt, params)
+    args = ([p.detach() for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+    chunks = Chunks([p.numel() for p in params], 700)
+    full = adam_stats(*args, chunks=chunks, **hp)
+    state_only = adam_stats(*args, chunks=chunks, update_norms=False, **hp)
+    assert "update_norm" not in state_only
+    assert torch.equal(state_only["above_eps"], full["above_eps"])
+    assert torch.equal(state_only["denom_sq_max"], full["denom_sq_max"])
+    torch.testing.assert_close(state_only["denom_sq_sum"], full["denom_sq_sum"], rtol=1e-5, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,18 +113,44 @@ class OptimizerStats:
 
 
 class AdamStats(OptimizerStats):
-    """torch.optim.Adam and AdamW: exact update norms from `exp_avg`/`exp_avg_sq` and the step count."""
+    """torch.optim.Adam and AdamW: exact update norms and state statistics.
+
+    With `snapshot` (the parameters fit the monitor's temporary budget) the parameters are copied
+    before the step and the update norm is that of the difference: three elementwise passes, against
+    four passes and two temporaries for the closed form from `exp_avg`/`exp_avg_sq` and the step
+    count, which larger models use so that they need no copy of the parameters.
+    """
 
     columns = ("exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, snapshot: bool = False) -> None:
+        super().__init__(optimizer)
+        self.snapshot = snapshot
+        self._copies: weakref.WeakKeyDictionary[Bucket, list[Tensor]] = weakref.WeakKeyDictionary()
+
+    def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
+        if not self.snapshot:
+            return None
+        copies = self._copies.get(bucket)
+        if copies is None:
+            copies = self._copies[bucket] = [torch.empty_like(p) for p in bucket.params]
+        torch._foreach_copy_(copies, bucket.params)  # under no_grad: no detach needed
+        return copies
 
     def after(
         self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
     ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if token is not None:  # the copies from before the step: the change is their difference
+            torch._foreach_sub_(token, bucket.params)
+            out["update_norm"] = norms(token)
+            if not layers:
+                return out
         pos = active if active is not None else range(len(bucket.params))
         state, groups = self.optimizer.state, self.optimizer.param_groups
         live = [j for j in pos if "exp_avg" in state.get(bucket.params[j], ())]
         if not live:
-            return {}
+            return out
         sub = None if active is None and len(live) == len(bucket.params) else live
         params = [bucket.params[j] for j in live]
         states = [state[p] for p in params]
@@ -146,8 +173,10 @@ class AdamStats(OptimizerStats):
             decays=decays,
             chunks=bucket.chunks_for(sub),
             count_eps=layers,
+            update_norms=token is None,
         )
-        out = {"update_norm": bucket.expand(got["update_norm"], sub, 0.0)}
+        if token is None:
+            out["update_norm"] = bucket.expand(got["update_norm"], sub, 0.0)
         if layers:
             amsgrad = any(g.get("amsgrad") for g in hp)  # then the denominator is not exp_avg_sq
             out["above_eps"] = bucket.expand(got["above_eps"], sub, math.nan)
@@ -248,14 +277,15 @@ class SampledStats(OptimizerStats):
         return out
 
 
-def for_optimizer(optimizer: torch.optim.Optimizer, *, sample_budget: int) -> OptimizerStats:
+def for_optimizer(optimizer: torch.optim.Optimizer, *, sample_budget: int, snapshot: bool = False) -> OptimizerStats:
     """The statistics implementation for `optimizer`: exact for torch's Adam, AdamW and SGD.
 
     A subclass that overrides `step` may change the update rule, so it gets the sampled estimate.
+    `snapshot`: the parameters fit the temporary budget, so Adam may copy them before each step.
     """
     step = type(optimizer).step
     if step in (torch.optim.Adam.step, torch.optim.AdamW.step):
-        return AdamStats(optimizer)
+        return AdamStats(optimizer, snapshot=snapshot)
     if step is torch.optim.SGD.step:
         return SgdStats(optimizer)
     return SampledStats(optimizer, budget=sample_budget)

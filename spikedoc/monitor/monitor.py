@@ -220,7 +220,11 @@ class Monitor:
             for (dev, dt), ix in by_key.items()
         ]  # fmt: skip
         self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
-        self._stats = for_optimizer(self.optimizer, sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN))
+        self._stats = for_optimizer(
+            self.optimizer,
+            sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
+            snapshot=total <= budget,  # a copy of every parameter stays within the temporary budget
+        )
         self._after_norms = {}
 
     def _optimizer_step_count(self) -> int:

@@ -307,12 +307,15 @@ def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
     return limit
 
 
-def _count_at_most_cpu(tensors: list[Tensor], limits: list[float], out: list[Tensor]) -> tuple[list[float], Tensor]:
+def _count_at_most_cpu(
+    tensors: list[Tensor], limits: list[float], out: list[Tensor] | None
+) -> tuple[list[float], Tensor]:
     """Number of elements `<= limit` of each CPU tensor (NaN never counts), and each tensor's maximum.
 
     A tensor's minimum and maximum (one `aminmax` read, and the maximum is wanted anyway) settle the
     count of most tensors: 0 when the minimum is above the limit, all when the maximum is at or
-    below it. Only the others are compared element by element, as 0/1 marks written to `out`.
+    below it. Only the others are compared element by element, as 0/1 marks written to `out` (new
+    buffers when None).
     Reading the extremes on the host is free on CPU; on an accelerator it would synchronise.
     """
     zero = torch.zeros((), dtype=tensors[0].dtype)
@@ -324,7 +327,8 @@ def _count_at_most_cpu(tensors: list[Tensor], limits: list[float], out: list[Ten
              for j, (t, lim) in enumerate(zip(tensors, limits))]  # fmt: skip
     mixed = [j for j, c in enumerate(below) if math.isnan(c)]  # limits inside the range, or NaN
     if mixed:
-        marks = [torch.le(tensors[j], limits[j], out=out[j]) for j in mixed]
+        bufs = [out[j] if out is not None else torch.empty_like(tensors[j]) for j in mixed]
+        marks = [torch.le(tensors[j], limits[j], out=o) for j, o in zip(mixed, bufs)]
         # The sum of 0/1 float32 marks is exact below 2**24 elements per piece.
         small = all(t.numel() < (1 << 24) for t in marks)
         counts = _powsum2(marks) if small else [t.sum(dtype=torch.float64) for t in marks]
@@ -346,6 +350,7 @@ def adam_stats(
     decays: Sequence[float],
     chunks: Chunks,
     count_eps: bool = True,
+    update_norms: bool = True,
 ) -> dict[str, Tensor]:
     """Update norms and eps counts of an Adam/AdamW step, from the state after the step.
 
@@ -364,9 +369,10 @@ def adam_stats(
         decays: `lr * weight_decay` for decoupled decay (AdamW), 0.0 for Adam's L2 decay.
         chunks: Batching plan of the tensors' sizes (bounds the two temporaries).
         count_eps: Also count the elements whose `sqrt(v_hat)` is above eps and sum `denom_sqs`.
+        update_norms: Compute the update norms (False: the caller has them from a snapshot).
 
     Returns:
-        `update_norm`: L2 norm of each parameter's change. With `count_eps` also `above_eps`, the
+        `update_norm` (with `update_norms`): L2 norm of each parameter's change. With `count_eps` also `above_eps`, the
         number of elements whose bias-corrected `sqrt(v_hat)` is above eps (the rest is at or below
         it), and `denom_sq_sum`, the sum of `denom_sqs` (to float32 rounding); on CPU also
         `denom_sq_max`, the maximum of `denom_sqs`.
@@ -390,35 +396,37 @@ def adam_stats(
         idx = [i for i, _, _ in batch]
         p, m, v = (chunks.views(b, t) for t in (params, exp_avgs, denom_sqs))
         eps = [epss[i] for i in idx]
-        denom = list(torch._foreach_sqrt(v))
         scales = [step_sizes[i] for i in idx]
-        if count_eps and not by_limit:
+        denom = list(torch._foreach_sqrt(v)) if update_norms or (count_eps and not by_limit) else None
+        if denom is not None and count_eps and not by_limit:
             torch._foreach_div_(denom, [bc2_sqrt[i] for i in idx])  # sqrt(v_hat), as torch computes it
             # Count sqrt(v_hat) > eps: (x - eps) is positive exactly there (NaN counts too).
             above.extend(_count_positive(torch._foreach_sub(denom, eps)))
             # sum(v) = sum(sqrt(v_hat) ** 2) * bc2, from the temporary at hand instead of a pass over v.
             sq_sums.extend(_powsum2(denom))
             torch._foreach_add_(denom, eps)
-        else:
-            # m / (sqrt(v) / b + eps) = b * m / (sqrt(v) + eps * b): one pass fewer; the factor b
-            # moves into the step scale (equal to torch's arithmetic up to float rounding).
+        elif denom is not None:
             if count_eps:
                 # sum(v) = sum(sqrt(v) ** 2) (to float32 rounding), from the temporary at hand while
                 # it is in cache, instead of another pass over v.
                 sq_sums.extend(_powsum2(denom))
+            # m / (sqrt(v) / b + eps) = b * m / (sqrt(v) + eps * b): one pass fewer; the factor b
+            # moves into the step scale (equal to torch's arithmetic up to float rounding).
             torch._foreach_add_(denom, [epss[i] * bc2_sqrt[i] for i in idx])
             scales = [c * bc2_sqrt[i] for c, i in zip(scales, idx)]
-        # X = m / denom, the step is -step_size * X
-        got, f = _adam_update_norms(p, m, denom, scales, [decays[i] for i in idx])
-        raw += got
-        factors += f
+        if update_norms:  # X = m / denom, the step is -step_size * X
+            got, f = _adam_update_norms(p, m, denom, scales, [decays[i] for i in idx])  # type: ignore[arg-type]
+            raw += got
+            factors += f
         if count_eps and by_limit:
-            # `denom` is spent: it can hold the 0/1 marks of the count.
+            # A spent `denom` can hold the 0/1 marks of the count.
             below, highs = _count_at_most_cpu(v, [limits[i] for i in idx], denom)  # type: ignore[misc]
             above_host += [t.numel() - c for t, c in zip(v, below)]
             sq_maxes.append(highs)
+            if denom is None:  # no sqrt temporary to sum v from
+                sq_sums.extend(t.sum(dtype=torch.float32) for t in v)
         del denom
-    out = {"update_norm": _fold_update(chunks, raw, factors)}
+    out = {"update_norm": _fold_update(chunks, raw, factors)} if update_norms else {}
     if count_eps and by_limit:
         out["above_eps"] = chunks.fold_sum(torch.tensor(above_host, dtype=torch.float64))
         out["denom_sq_sum"] = chunks.fold_sum(torch.stack(sq_sums))
