@@ -401,6 +401,29 @@ def time_analyze(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
     return out
 
 
+def stage_times(run_dir: Path) -> dict[str, float]:
+    """Seconds of each stage of one in-process analysis: where the time goes."""
+    import spikedoc
+    from spikedoc.analysis.detect import find_incidents
+
+    began = time.perf_counter()
+    run = spikedoc.load(run_dir)
+    loaded = time.perf_counter()
+    run.layers(0, 0)  # the first call reads every layer part's footer; the Run keeps the step ranges
+    indexed = time.perf_counter()
+    find_incidents(run.steps)
+    detected = time.perf_counter()
+    spikedoc.analyze(run)  # detects again, then everything else, on the loaded run and its index
+    done = time.perf_counter()
+    detection = detected - indexed
+    return {
+        "load (step and event tables)": loaded - began,
+        "layer footers (first layers() call)": indexed - loaded,
+        "detection (loss and grad norm)": detection,
+        "everything else (lineage, layer windows, attribution, lints)": done - detected - detection,
+    }
+
+
 def match_spikes(spikes: list[dict[str, Any]], diagnosis: dict[str, Any]) -> list[dict[str, Any]]:
     """For each planted spike, the incident whose loss onset is within `_TOLERANCE` steps of it (or None)."""
     incidents = diagnosis.get("incidents", [])
@@ -436,7 +459,8 @@ def _revision() -> str:
     return f"commit {head.stdout.strip()}" + (" with uncommitted changes to analyze's code" if dirty.stdout else "")
 
 
-def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], command: str) -> str:
+def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], stages: dict[str, float],
+            command: str) -> str:  # fmt: skip
     wall = statistics.median(r["wall_s"] for r in runs)
     rss = statistics.median(r["peak_rss_mb"] for r in runs)
     cpu = statistics.median(r["cpu_s"] for r in runs)
@@ -475,6 +499,8 @@ def _report(cfg: ScaleConfig, info: dict[str, Any], runs: list[dict[str, Any]], 
         hit = f"{len(planted & set(named))}/{len(planted)} planted" if planted else "none planted"
         lines.append(f"| {sp['onset']:,} | {sp['precursor']} | {inc['_loss_onset']:,} | {inc['onset_step']:,} | "
                      f"{inc.get('cause')} | {len(named)} ({hit}) |")  # fmt: skip
+    lines += ["", "Where the time goes (one more analysis, in-process, stage by stage):", "",
+              "| stage | wall |", "| --- | ---: |", *(f"| {k} | {v:.1f} s |" for k, v in stages.items())]  # fmt: skip
     matched = {m["incident"]["onset_step"] for m in matches if m["incident"] is not None}
     others = [i for i in runs[0]["diagnosis"]["incidents"] if i["onset_step"] not in matched]
     if others:
@@ -498,10 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir, info = cached_run(cfg, args.cache, regenerate=args.regenerate)
     print(f"run: {run_dir} (generated in {info['generation_s']:.0f} s)", flush=True)
     runs = time_analyze(run_dir, args.repeats)
+    stages = stage_times(run_dir)
     command = "python bench/analyze_scale.py"
     if (cfg.steps, cfg.tensors, args.repeats) != (1_000_000, 300, 3):
         command += f" --steps {cfg.steps} --tensors {cfg.tensors} --repeats {args.repeats}"
-    markdown = _report(cfg, info, runs, command)
+    markdown = _report(cfg, info, runs, stages, command)
     print(markdown)
     if not args.no_write:
         write_section("analyze_scale", markdown)
