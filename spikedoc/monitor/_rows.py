@@ -51,7 +51,10 @@ def _skipped(st: StepRecord, values: dict[str, np.ndarray]) -> bool:
 
 
 def _total(vec: np.ndarray | None) -> float:
-    return math.nan if vec is None else float(np.sqrt(np.sum(np.square(vec, dtype=np.float64))))
+    if vec is None:
+        return math.nan
+    vec = np.asarray(vec, dtype=np.float64)
+    return math.sqrt(float(vec @ vec))  # NaN and inf propagate
 
 
 def _flat(chunks: list[Any]) -> list[Any]:
@@ -89,7 +92,7 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
         clip_coef=float(values["clip_coef"]) if "clip_coef" in values else 1.0,
         param_norm=_total(_per_tensor(monitor, values, "param_norm")),
         update_norm=0.0 if skipped else _total(update),
-        nonfinite_grads=int(np.nan_to_num(nonfinite).sum()) if nonfinite is not None else 0,
+        nonfinite_grads=int(np.sum(nonfinite[~np.isnan(nonfinite)])) if nonfinite is not None else 0,
         loss_scale=float(values["loss_scale"]) if "loss_scale" in values else None,
         skipped=skipped,
         samples=st.fingerprint.samples,
