@@ -172,9 +172,8 @@ def nonfinite_counts(tensors: Sequence[Tensor], chunks: Chunks, l2: Tensor | Non
     """
     if l2 is not None:
         counts = torch.zeros(len(tensors), dtype=torch.float32, device=l2.device)
-        finite = torch.isfinite(l2)
-        if not bool(finite.all()):
-            for i in finite.logical_not_().nonzero().flatten().tolist():
+        if not math.isfinite(float(l2.sum())):  # finite norms, finite sum: nothing to count
+            for i in torch.isfinite(l2).logical_not_().nonzero().flatten().tolist():
                 counts[i] = torch.isfinite(tensors[i]).logical_not_().sum()
         return counts
     pieces = []
