@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -271,17 +272,20 @@ def _fold_update(chunks: Chunks, raw: list[Tensor], factors: list[float]) -> Ten
 
 
 _F32_INF_BITS = 0x7F800000  # bit pattern of float32 +inf; non-negative floats order like their bits
+_WINDOW = np.arange(-64, 65, dtype=np.int64)
 _limits: dict[tuple[float, float], float | None] = {}
 
 
 def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
     """Largest float32 `v >= 0` whose `sqrt(v) / bc2_sqrt` is at or below `eps` in torch's CPU arithmetic.
 
-    `v -> fl(fl(sqrt(v)) / b)` is monotone for b > 0 (both operations are correctly rounded), so
+    `v -> fl(fl(sqrt(v)) / b)` is monotone for b > 0 (the division is correctly rounded; torch's CPU
+    sqrt is within 0.5001 ulp, close enough that neighbouring inputs never swap order), so
     "sqrt(v_hat) <= eps" is exactly "v <= limit": the eps count needs one comparison on `v` instead
     of a sqrt, a division and a subtraction. The limit is found by evaluating torch's own float32
-    sqrt and division on the floats around `(eps * b)**2`; None when the hyperparameters are
-    degenerate (b or eps not positive and finite), so the caller falls back to the direct count.
+    sqrt and division on the floats around `(eps * b)**2` (numpy's correctly rounded sqrt differs
+    from torch's in rare last bits, so it is not used); None when the hyperparameters are degenerate
+    (b or eps not positive and finite), so the caller falls back to the direct count.
 
     Example:
         >>> limit = torch.tensor([eps_limit(0.5, 1e-8)])
@@ -294,10 +298,11 @@ def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
         return _limits[key]
     limit = None
     if 0.0 < bc2_sqrt < math.inf and 0.0 < eps < math.inf:
-        guess = torch.tensor((eps * bc2_sqrt) ** 2, dtype=torch.float32).view(torch.int32).item()
-        bits = torch.arange(guess - 64, guess + 65, dtype=torch.int32).clamp_(0, _F32_INF_BITS)
-        cand = bits.view(torch.float32)  # 129 consecutive floats around the guess, ascending
-        below = (cand.sqrt() / bc2_sqrt <= eps).tolist()  # the same float32 kernels as torch's Adam
+        with np.errstate(over="ignore"):  # a guess beyond float32 is clipped to +inf below
+            guess = int(np.array((eps * bc2_sqrt) ** 2, dtype=np.float32).view(np.int32))
+        bits = np.clip(guess + _WINDOW, 0, _F32_INF_BITS).astype(np.int32)
+        cand = torch.from_numpy(bits.view(np.float32))  # 129 consecutive floats around the guess, ascending
+        below = (cand.sqrt() / bc2_sqrt <= eps).tolist()  # the same float32 kernels as torch's CPU Adam
         if below[0] and not below[-1]:  # the boundary lies inside the window
             limit = float(cand[below.index(False) - 1])
     if len(_limits) > 1024:  # bc2 changes every step early in training: keep the cache bounded
