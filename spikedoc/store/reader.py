@@ -32,7 +32,7 @@ _LAYOUT = (
     "spikedoc also reads a .csv file (step,loss,...) or a TensorBoard log dir (events.out.tfevents.*)"
 )
 # Threads reading part files of the step and event tables. A part of 100 steps costs ~1-1.5 ms,
-# nearly all of it per-file overhead that a second thread overlaps.
+# nearly all of it per-file overhead; a second thread overlaps the part of it that releases the GIL.
 _READERS = min(4, os.cpu_count() or 1)
 # Consecutive parts one thread reads and merges into one contiguous table: 10,000 parts of 100
 # rows kept as 10,000 chunks cost ~60% more memory than their data (a buffer per column per part).
