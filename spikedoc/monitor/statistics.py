@@ -279,13 +279,14 @@ _limits: dict[tuple[float, float], float | None] = {}
 def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
     """Largest float32 `v >= 0` whose `sqrt(v) / bc2_sqrt` is at or below `eps` in torch's CPU arithmetic.
 
-    `v -> fl(fl(sqrt(v)) / b)` is monotone for b > 0 (the division is correctly rounded; torch's CPU
-    sqrt is within 0.5001 ulp, close enough that neighbouring inputs never swap order), so
-    "sqrt(v_hat) <= eps" is exactly "v <= limit": the eps count needs one comparison on `v` instead
-    of a sqrt, a division and a subtraction. The limit is found by evaluating torch's own float32
-    sqrt and division on the floats around `(eps * b)**2` (numpy's correctly rounded sqrt differs
-    from torch's in rare last bits, so it is not used); None when the hyperparameters are degenerate
-    (b or eps not positive and finite), so the caller falls back to the direct count.
+    Then "sqrt(v_hat) <= eps" is exactly "v <= limit": the eps count needs one comparison on `v`
+    instead of a sqrt, a division and a subtraction. The limit is found by evaluating torch's own
+    float32 sqrt and division on the 129 floats around `(eps * b)**2`. torch's CPU sqrt is not
+    always correctly rounded (up to 0.75 ulp measured on AVX512, so an IEEE model of it would be off
+    by a float), but an error below an ulp cannot carry a `v` dozens of floats away from the limit
+    across eps; inside the window every float is checked, and the result must switch from "at or
+    below" to "above" exactly once. None when that fails or the hyperparameters are degenerate (b
+    or eps not positive and finite): the caller then falls back to the direct count.
 
     Example:
         >>> limit = torch.tensor([eps_limit(0.5, 1e-8)])
@@ -303,8 +304,9 @@ def eps_limit(bc2_sqrt: float, eps: float) -> float | None:
         bits = np.clip(guess + _WINDOW, 0, _F32_INF_BITS).astype(np.int32)
         cand = torch.from_numpy(bits.view(np.float32))  # 129 consecutive floats around the guess, ascending
         below = (cand.sqrt() / bc2_sqrt <= eps).tolist()  # the same float32 kernels as torch's CPU Adam
-        if below[0] and not below[-1]:  # the boundary lies inside the window
-            limit = float(cand[below.index(False) - 1])
+        k = below.index(False) if False in below else 0
+        if k > 0 and not any(below[k:]):  # one switch, inside the window
+            limit = float(cand[k - 1])
     if len(_limits) > 1024:  # bc2 changes every step early in training: keep the cache bounded
         _limits.clear()
     _limits[key] = limit
