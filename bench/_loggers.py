@@ -53,6 +53,22 @@ class _Spikedoc(Logger):
         self._monitor.close()
 
 
+class _SpikedocClosedForm(_Spikedoc):
+    records = (
+        "as `spikedoc`, with Adam's update norm in the closed form from the optimizer state (no copy of "
+        "the parameters), the path models above 4M parameters take"
+    )
+
+    def open(self, model, optimizer, run_dir):
+        import spikedoc.monitor.monitor as monitor_module
+
+        small_models, monitor_module._SNAPSHOT_MAX = monitor_module._SNAPSHOT_MAX, 0  # read once, in watch()
+        try:
+            super().open(model, optimizer, run_dir)
+        finally:
+            monitor_module._SNAPSHOT_MAX = small_models
+
+
 class _HandLogger(Logger):
     records = "loss + per-parameter grad norm, param norm, update norm via `.item()`, to CSV at close"
 
@@ -140,6 +156,7 @@ LOGGERS: dict[str, type[Logger]] = {
     BASELINE: Logger,
     "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
+    "spikedoc_closed_form": _SpikedocClosedForm,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
     "wandb": _Wandb,

@@ -42,7 +42,7 @@ from bench._report import write_section
 __all__ = ["VARIANTS", "BenchConfig", "BenchResult", "VariantResult", "format_report", "main", "run_benchmark"]
 
 #: Variant names in table order; the first is the reference every ratio is taken against.
-VARIANTS = (BASELINE, "baseline_repeat", "spikedoc", "hand_item_logger", "tensorboard", "wandb")
+VARIANTS = (BASELINE, "baseline_repeat", "spikedoc", "spikedoc_closed_form", "hand_item_logger", "tensorboard", "wandb")
 
 
 @dataclass(kw_only=True)

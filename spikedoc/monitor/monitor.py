@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 #: Elementwise temporaries per batch: 1% of the parameters, but at least 2**22 elements (16 MB in
 #: fp32), so models up to ~400M parameters take one batch and larger ones stay within 1%.
 _TEMP_SHARE, _TEMP_MIN = 0.01, 1 << 22
+#: Models of at most this many parameter elements (the temporary floor: 16 MB in fp32) are copied
+#: before each step, and Adam's update norm is the norm of the difference (three passes); larger
+#: models use the closed form from the optimizer state and need no copy.
+_SNAPSHOT_MAX = _TEMP_MIN
 #: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
 _SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
@@ -223,7 +227,7 @@ class Monitor:
         self._stats = for_optimizer(
             self.optimizer,
             sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
-            snapshot=total <= budget,  # a copy of every parameter stays within the temporary budget
+            snapshot=total <= _SNAPSHOT_MAX,
         )
         self._after_norms = {}
 
