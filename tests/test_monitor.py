@@ -102,15 +102,21 @@ def test_param_norms_match_direct_computation(recorded):
         assert run.steps["param_norm"][step] == pytest.approx(total, rel=1e-5)
 
 
+def _assert_update_norm(layers: dict, c, step: int, name: str) -> tuple[float, float]:
+    """The recorded update norm of `name` against the parameter difference; returns (diff, tol)."""
+    diff = (c.after[name].double() - c.before[name].double()).norm().item()
+    # The reference itself is a difference of fp32 values: exact to ~1e-7 of |p| per element.
+    tol = 2e-7 * c.before[name].norm().item() + 1e-3 * diff
+    assert abs(layers[name]["update_norm"] - diff) <= tol, (step, name)
+    return diff, tol
+
+
 def test_update_norm_matches_parameter_difference(recorded):
     _, run, copies = recorded
     for step, c in enumerate(copies):
         layers = _layers_at(run, step)
         for name in c.before:
-            diff = (c.after[name].double() - c.before[name].double()).norm().item()
-            # The reference itself is a difference of fp32 values: exact to ~1e-7 of |p| per element.
-            tol = 2e-7 * c.before[name].norm().item() + 1e-3 * diff
-            assert abs(layers[name]["update_norm"] - diff) <= tol, (step, name)
+            diff, tol = _assert_update_norm(layers, c, step, name)
             before = c.before[name].norm().item()
             ratio = diff / before if before > 0 else math.inf
             assert layers[name]["update_ratio"] == pytest.approx(ratio, rel=1e-3, abs=tol / max(before, 1e-30))
@@ -217,9 +223,7 @@ def test_adam_statistics_without_a_parameter_copy_match_direct_computation(kind,
     for step, c in enumerate(copies):
         layers = _layers_at(run, step)
         for name in c.before:
-            diff = (c.after[name].double() - c.before[name].double()).norm().item()
-            tol = 2e-7 * c.before[name].norm().item() + 1e-3 * diff
-            assert abs(layers[name]["update_norm"] - diff) <= tol, (step, name)
+            _assert_update_norm(layers, c, step, name)
         for name, state in c.state.items():
             hp = _group_of(run, name)
             v = state["exp_avg_sq"]
