@@ -60,7 +60,8 @@ def lr_jump_incidents(
     if not candidates:
         return []
     steps = frame["step"].to_numpy()
-    levels = {name: window_level(steps, frame[name].to_numpy(np.float64), span, detector, log_scale=name == "grad_norm")
+    levels = {name: window_level(steps, frame[name].to_numpy(np.float64), span, detector,
+                                 log_scale=name == "grad_norm" and detector.grad_norm_log_scale)
               for name in ("loss", "grad_norm") if name in frame.columns}
     out = []
     for jump in sorted({j["step"]: j for j in candidates}.values(), key=lambda j: j["step"]):
