@@ -1,12 +1,16 @@
 """Device side of a step: queue every statistic of one optimizer step, then start its host copy.
 
-Runs in the optimizer step hooks. Everything here is batched tensor work on the parameters' devices;
-the results go into the step's `Packer`, which copies them to the host in one transfer per device.
+Runs from the optimizer step hooks. What must happen at a precise moment runs on the training
+thread: clipping, the snapshot before the step, reading the hyperparameters right after it. The
+rest is a job on the monitor's lane (see `_lane.py`): the gradient statistics overlap the
+optimizer step, the statistics after it overlap the next forward and backward. The results go into
+the step's `Packer`, which copies them to the host in one transfer per device.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,10 +31,38 @@ if TYPE_CHECKING:
 __all__ = ["grad_stats", "post_stats"]
 
 
+class ChangedDuringStats(RuntimeError):
+    """A tensor the statistics read was modified in place while they were being computed."""
+
+
+def _versions(tensors: list[Tensor]) -> list[int]:
+    return [t._version for t in tensors]
+
+
+def _job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], None], watched: list[Tensor]) -> None:
+    """Run `body` on the lane; a failure, or a change of a `watched` tensor meanwhile, loses the step's rows."""
+    before = _versions(watched)
+
+    def job() -> None:
+        try:
+            with torch.no_grad():
+                body()
+            if _versions(watched) != before:
+                raise ChangedDuringStats("a parameter or optimizer state tensor changed in place between steps")
+        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+            monitor._fail(where, exc, st)
+
+    monitor._lane.submit(job)
+
+
 @torch.no_grad()
 def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_scale: Any = None) -> None:
-    """Before the step: gradient norms, maxima, non-finite counts; clipping; the optimizer's snapshot."""
-    layer_norms = []
+    """Before the step: gradient norms, maxima, non-finite counts; clipping; the optimizer's snapshot.
+
+    Without `clip` and with an optimizer whose step leaves gradients alone, the gradient statistics
+    are a lane job that overlaps the step; `clip` needs the norms first, so then all is done here.
+    """
+    grads_of: dict[int, list[Tensor]] = {}
     for b, bucket in enumerate(monitor._buckets):
         grads = [p.grad for p in bucket.params]
         active = None
@@ -38,22 +70,23 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
             active = [j for j, g in enumerate(grads) if g is not None]
             grads = [g if g is not None else monitor._placeholders[b] for g in grads]
         st.active[b], st.grads[b] = active, grads
-        gn = norms(grads)  # (n,)
-        if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
-            gn = gn / grad_scale.to(gn.device, torch.float32)
-        layer_norms.append(gn)
-        if not st.work:
-            continue
-        st.packer.add(f"{b}:grad_norm", gn)
-        cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
-        st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
-        if st.layers:
-            gmax = max_abs(grads, bucket.chunks)
-            if isinstance(grad_scale, Tensor):
-                gmax = gmax / grad_scale.to(gmax.device, torch.float32)
-            st.packer.add(f"{b}:grad_max", gmax)
-            st.packer.add(f"{b}:param_norm_before", _param_norms_before(monitor, b, bucket))
-        st.tokens[b] = monitor._stats.before(bucket, grads, active)
+        grads_of[b] = grads
+        if st.work:
+            st.tokens[b] = monitor._stats.before(bucket, grads, active)
+    before = {b: _param_norms_before(monitor, b, bucket) for b, bucket in enumerate(monitor._buckets)} \
+        if st.layers else {}  # fmt: skip
+
+    def body() -> list[Tensor]:
+        layer_norms = []
+        for b, bucket in enumerate(monitor._buckets):
+            layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale))
+        return layer_norms
+
+    overlap = clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
+    if overlap and st.work:
+        _job(monitor, st, "step_pre", body, [g for b in sorted(grads_of) for g in grads_of[b]])
+        return
+    layer_norms = body()
     if clip is not None and layer_norms:
         first = layer_norms[0].device
         total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
@@ -66,6 +99,28 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
             st.packer.add("clip_coef", coef)
 
 
+def _bucket_grad_stats(
+    st: StepRecord, b: int, bucket: Bucket, grads: list[Tensor], before: Tensor | None, grad_scale: Any
+) -> Tensor:
+    """One bucket's gradient statistics into the packer; returns its per-tensor gradient norms."""
+    gn = norms(grads)  # (n,)
+    if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
+        gn = gn / grad_scale.to(gn.device, torch.float32)
+    if not st.work:
+        return gn
+    st.packer.add(f"{b}:grad_norm", gn)
+    cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
+    st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
+    if st.layers:
+        gmax = max_abs(grads, bucket.chunks)
+        if isinstance(grad_scale, Tensor):
+            gmax = gmax / grad_scale.to(gmax.device, torch.float32)
+        st.packer.add(f"{b}:grad_max", gmax)
+        if before is not None:
+            st.packer.add(f"{b}:param_norm_before", before)
+    return gn
+
+
 def _param_norms_before(monitor: Monitor, b: int, bucket: Bucket) -> Tensor:
     cached = monitor._after_norms.get(b)
     # The previous step's after-norms are this step's before-norms unless a parameter was
@@ -76,18 +131,12 @@ def _param_norms_before(monitor: Monitor, b: int, bucket: Bucket) -> Tensor:
 
 
 def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
-    """After the step: parameter and update norms, optimizer state, then the one host copy."""
+    """After the step: parameter and update norms, optimizer state, then the one host copy.
+
+    The values a scheduler or the loop may change next (learning rates, hyperparameters, the loss
+    scale) are read here; the tensor work is a lane job that must end before the next step.
+    """
     pk = st.packer
-    with torch.no_grad():
-        for b, bucket in enumerate(monitor._buckets):
-            pn = norms(bucket.params)
-            monitor._after_norms[b] = (pn, [p._version for p in bucket.params])
-            pk.add(f"{b}:param_norm", pn)
-            if skipped:
-                continue
-            got = monitor._stats.after(bucket, st.grads[b], st.active[b], st.tokens.get(b), layers=st.layers)
-            for key, value in got.items():
-                pk.add(f"{b}:{key}", value)
     for g, group in enumerate(monitor.optimizer.param_groups):
         lr = group.get("lr", math.nan)
         if isinstance(lr, Tensor):
@@ -98,7 +147,30 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         pk.add("loss_sum", st.loss_sum)
     scale = getattr(monitor.scaler, "_scale", None)
     if isinstance(scale, Tensor):
-        pk.add("loss_scale", scale.float())
+        pk.add("loss_scale", scale.float().clone())
     for key, value in st.fingerprint.device_values().items():
         pk.add(f"fp:{key}", value)
-    st.landing = pk.launch()
+    stats = monitor._stats
+    hyper = None if skipped else stats.hyperparameters()
+    again = monitor._new_step_works(st.index + 1)
+    grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
+    active, tokens = dict(st.active), dict(st.tokens)
+
+    def body() -> None:
+        for b, bucket in enumerate(monitor._buckets):
+            versions = [p._version for p in bucket.params]
+            pn = norms(bucket.params)
+            monitor._after_norms[b] = (pn, versions)
+            pk.add(f"{b}:param_norm", pn)
+            if skipped:
+                continue
+            got = stats.after(bucket, grads[b], active.get(b), tokens.get(b), layers=st.layers, hyper=hyper, again=again)
+            for key, value in got.items():
+                pk.add(f"{b}:{key}", value)
+        st.landing = pk.launch()
+
+    watched = [p for bucket in monitor._buckets for p in bucket.params]
+    watched += [t for p in watched for t in monitor.optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
+    _job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
+    if stats.reads_grads_after:  # the loop may zero the gradients in place right after the step
+        monitor._lane.join()

@@ -77,24 +77,38 @@ def _steps(steps: Sequence[Any]) -> list[float]:
     return [float(s) for s in steps]
 
 
-def _adam_hyper(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> tuple[float, float, float, float, float]:
-    """lr, beta1, beta2, eps and the decoupled decay factor `lr * weight_decay` (0 for L2 decay)."""
+def _adam_hyper(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> tuple[float, float, float, float, float, bool]:
+    """lr, beta1, beta2, eps, the decoupled decay factor `lr * weight_decay` (0 for L2 decay), amsgrad."""
     lr = _scalar(group["lr"])
     is_adamw = isinstance(optimizer, torch.optim.AdamW)  # torch < 2.6 has no group flag
     decoupled = bool(group.get("decoupled_weight_decay", is_adamw))
     beta1, beta2 = (_scalar(b) for b in group["betas"])
-    return lr, beta1, beta2, _scalar(group["eps"]), lr * _scalar(group["weight_decay"]) if decoupled else 0.0
+    decay = lr * _scalar(group["weight_decay"]) if decoupled else 0.0
+    return lr, beta1, beta2, _scalar(group["eps"]), decay, bool(group.get("amsgrad", False))
+
+
+def _sgd_hyper(group: dict[str, Any]) -> tuple[float, float, float, bool, bool]:
+    """lr, weight_decay, momentum, nesterov, maximize."""
+    return (_scalar(group["lr"]), _scalar(group["weight_decay"]), _scalar(group["momentum"]),
+            bool(group["nesterov"]), bool(group.get("maximize", False)))  # fmt: skip
 
 
 class OptimizerStats:
     """What the monitor asks of an optimizer: update norms and per-tensor state statistics.
 
-    `before` runs in the step pre-hook, `after` in the post-hook; both return device tensors only.
-    `to_columns` turns the host copies into layer-table columns.
+    `before` runs in the step pre-hook, on the training thread, before the step changes anything.
+    `hyperparameters` is read on the training thread right after the step (a scheduler may change
+    the groups next); `after` may run later on the monitor's lane, with those values, and reads
+    only tensors that the next step changes. Both return device tensors only. `to_columns` turns
+    the host copies into layer-table columns.
     """
 
     exact = True
     """Whether update norms are exact (False: estimated from a sample of elements)."""
+    step_keeps_grads = True
+    """Whether `optimizer.step()` leaves `p.grad` unchanged, so gradients can be read during it."""
+    reads_grads_after = False
+    """Whether `after` reads the gradients."""
     columns: tuple[str, ...] = ()
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -103,9 +117,21 @@ class OptimizerStats:
     def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
         return None
 
+    def hyperparameters(self) -> Any:
+        return None
+
     def after(
-        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+        self,
+        bucket: Bucket,
+        grads: list[Tensor],
+        active: list[int] | None,
+        token: Any,
+        *,
+        layers: bool,
+        hyper: Any,
+        again: bool,
     ) -> dict[str, Tensor]:
+        """Statistics after the step. `again`: the next step is recorded too (a snapshot may be kept)."""
         raise NotImplementedError
 
     def to_columns(self, values: dict[str, np.ndarray], numels: np.ndarray) -> dict[str, np.ndarray]:
@@ -118,7 +144,10 @@ class AdamStats(OptimizerStats):
     With `snapshot` (the parameters fit the monitor's temporary budget) the parameters are copied
     before the step and the update norm is that of the difference: three elementwise passes, against
     four passes and two temporaries for the closed form from `exp_avg`/`exp_avg_sq` and the step
-    count, which larger models use so that they need no copy of the parameters.
+    count, which larger models use so that they need no copy of the parameters. The copy for the
+    next step is taken in `after`, off the training thread, and `before` only checks the
+    parameters' version counters: a parameter changed in place since (a checkpoint load) is
+    copied again there.
     """
 
     columns = ("exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac")
@@ -127,6 +156,8 @@ class AdamStats(OptimizerStats):
         super().__init__(optimizer)
         self.snapshot = snapshot
         self._copies: weakref.WeakKeyDictionary[Bucket, list[Tensor]] = weakref.WeakKeyDictionary()
+        # Version counters of the parameters when `after` copied them for the next step.
+        self._copied: weakref.WeakKeyDictionary[Bucket, list[int]] = weakref.WeakKeyDictionary()
 
     def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
         if not self.snapshot:
@@ -134,20 +165,36 @@ class AdamStats(OptimizerStats):
         copies = self._copies.get(bucket)
         if copies is None:
             copies = self._copies[bucket] = [torch.empty_like(p) for p in bucket.params]
-        torch._foreach_copy_(copies, bucket.params)  # under no_grad: no detach needed
+        if self._copied.pop(bucket, None) != [p._version for p in bucket.params]:
+            torch._foreach_copy_(copies, bucket.params)  # under no_grad: no detach needed
         return copies
 
+    def hyperparameters(self) -> dict[int, tuple[float, float, float, float, float, bool]]:
+        return {g: _adam_hyper(group, self.optimizer) for g, group in enumerate(self.optimizer.param_groups)}
+
     def after(
-        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+        self,
+        bucket: Bucket,
+        grads: list[Tensor],
+        active: list[int] | None,
+        token: Any,
+        *,
+        layers: bool,
+        hyper: dict[int, tuple[float, float, float, float, float, bool]],
+        again: bool,
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if token is not None:  # the copies from before the step: the change is their difference
             torch._foreach_sub_(token, bucket.params)
             out["update_norm"] = norms(token)
+            if again:  # the next step's copy; versions read first, so a change during the copy shows
+                versions = [p._version for p in bucket.params]
+                torch._foreach_copy_(token, bucket.params)
+                self._copied[bucket] = versions
             if not layers:
                 return out
         pos = active if active is not None else range(len(bucket.params))
-        state, groups = self.optimizer.state, self.optimizer.param_groups
+        state = self.optimizer.state
         live = [j for j in pos if "exp_avg" in state.get(bucket.params[j], ())]
         if not live:
             return out
@@ -155,16 +202,13 @@ class AdamStats(OptimizerStats):
         params = [bucket.params[j] for j in live]
         states = [state[p] for p in params]
         gi = [bucket.groups[j] for j in live]
-        hp = [groups[g] for g in gi]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
-        # Hyperparameters are read once per group, then repeated per tensor.
-        per_group = {g: _adam_hyper(groups[g], self.optimizer) for g in set(gi)}
-        lrs, beta1s, beta2s, epss, decays = (list(x) for x in zip(*(per_group[g] for g in gi)))
+        lrs, beta1s, beta2s, epss, decays, amsgrads = (list(x) for x in zip(*(hyper[g] for g in gi)))
         got = adam_stats(
             params,
             m,
-            [s["max_exp_avg_sq"] if g.get("amsgrad") else s["exp_avg_sq"] for s, g in zip(states, hp)],
+            [s["max_exp_avg_sq"] if ams else s["exp_avg_sq"] for s, ams in zip(states, amsgrads)],
             steps=_steps([s["step"] for s in states]),
             lrs=lrs,
             beta1s=beta1s,
@@ -178,7 +222,7 @@ class AdamStats(OptimizerStats):
         if token is None:
             out["update_norm"] = bucket.expand(got["update_norm"], sub, 0.0)
         if layers:
-            amsgrad = any(g.get("amsgrad") for g in hp)  # then the denominator is not exp_avg_sq
+            amsgrad = any(amsgrads)  # then the denominator is not exp_avg_sq
             out["above_eps"] = bucket.expand(got["above_eps"], sub, math.nan)
             out["exp_avg_norm"] = bucket.expand(norms(m), sub, math.nan)
             out["exp_avg_sq_sum"] = bucket.expand(sums(v) if amsgrad else got["denom_sq_sum"], sub, math.nan)
@@ -201,26 +245,38 @@ class SgdStats(OptimizerStats):
     """torch.optim.SGD: exact update norms from the gradients and `momentum_buffer`."""
 
     columns = ("momentum_norm",)
+    reads_grads_after = True
+
+    def hyperparameters(self) -> dict[int, tuple[float, float, float, bool, bool]]:
+        return {g: _sgd_hyper(group) for g, group in enumerate(self.optimizer.param_groups)}
 
     def after(
-        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+        self,
+        bucket: Bucket,
+        grads: list[Tensor],
+        active: list[int] | None,
+        token: Any,
+        *,
+        layers: bool,
+        hyper: dict[int, tuple[float, float, float, bool, bool]],
+        again: bool,
     ) -> dict[str, Tensor]:
         pos = list(active if active is not None else range(len(bucket.params)))
         if not pos:
             return {}
-        state, groups = self.optimizer.state, self.optimizer.param_groups
+        state = self.optimizer.state
         params = [bucket.params[j] for j in pos]
-        hp = [groups[bucket.groups[j]] for j in pos]
-        bufs = [state.get(p, {}).get("momentum_buffer") if g["momentum"] != 0 else None for p, g in zip(params, hp)]
+        lrs, decays, momentums, nesterovs, maximizes = (list(x) for x in zip(*(hyper[bucket.groups[j]] for j in pos)))
+        bufs = [state.get(p, {}).get("momentum_buffer") if mu != 0 else None for p, mu in zip(params, momentums)]
         update = sgd_update_norms(
             params,
             [grads[j] for j in pos],
             bufs,
-            lrs=[_scalar(g["lr"]) for g in hp],
-            weight_decays=[_scalar(g["weight_decay"]) for g in hp],
-            momentums=[_scalar(g["momentum"]) for g in hp],
-            nesterovs=[bool(g["nesterov"]) for g in hp],
-            maximizes=[bool(g.get("maximize", False)) for g in hp],
+            lrs=lrs,
+            weight_decays=decays,
+            momentums=momentums,
+            nesterovs=nesterovs,
+            maximizes=maximizes,
             chunks=bucket.chunks_for(active),
         )
         out = {"update_norm": bucket.expand(update, active, 0.0)}
@@ -234,6 +290,7 @@ class SampledStats(OptimizerStats):
     """Any other optimizer: update norms from a bounded snapshot; norms of every state tensor."""
 
     exact = False
+    step_keeps_grads = False  # an unknown step() may modify gradients in place
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, budget: int) -> None:
         super().__init__(optimizer)
@@ -260,7 +317,15 @@ class SampledStats(OptimizerStats):
         return self._snapshot(bucket).take(bucket.params)
 
     def after(
-        self, bucket: Bucket, grads: list[Tensor], active: list[int] | None, token: Any, *, layers: bool
+        self,
+        bucket: Bucket,
+        grads: list[Tensor],
+        active: list[int] | None,
+        token: Any,
+        *,
+        layers: bool,
+        hyper: Any,
+        again: bool,
     ) -> dict[str, Tensor]:
         out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, token)}
         if not layers:

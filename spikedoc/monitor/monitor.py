@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from spikedoc.monitor import meta as _meta
 from spikedoc.monitor._collect import grad_stats, post_stats
+from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import Late, StepRecord, extract_loss
@@ -43,6 +44,8 @@ _SNAPSHOT_MAX = _TEMP_MIN
 #: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
 _SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
+#: Whether CPU statistics run on a worker thread (see `_lane.py`); False runs them in the hooks.
+_CPU_WORKER = True
 
 
 class Monitor:
@@ -89,6 +92,7 @@ class Monitor:
         self._steps_since_update = 0
         self._sample_offset = 0
         self._last_end = math.nan
+        self._lane: Lane = InlineLane()
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
@@ -185,7 +189,9 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        self._lane.join()
         self._consume()
+        self._lane.close()
         for handle in self._handles:
             handle.remove()
         if self.scaler is not None and "update" in vars(self.scaler):
@@ -230,10 +236,19 @@ class Monitor:
             snapshot=total <= _SNAPSHOT_MAX,
         )
         self._after_norms = {}
+        self._lane.join()
+        self._lane.close()
+        # CPU kernels run on the calling thread: give them a worker so they overlap training (an
+        # accelerator's kernels already run asynchronously on its stream).
+        on_cpu = bool(self._buckets) and all(b.device.type == "cpu" for b in self._buckets)
+        self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
 
     def _optimizer_step_count(self) -> int:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
         return int(max((float(c) for c in counts), default=0))
+
+    def _new_step_works(self, index: int) -> bool:
+        return index % self.config.every == 0 or index % self.config.layer_every == 0
 
     def _new_step(self, index: int) -> StepRecord:
         logged, layers = index % self.config.every == 0, index % self.config.layer_every == 0
@@ -266,6 +281,7 @@ class Monitor:
             self._fail("loss", exc, st)
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        self._lane.join()  # the last step's statistics read what this step changes
         self._consume()
         st = self._cur
         if not (st.work or self.config.clip is not None):
@@ -296,6 +312,7 @@ class Monitor:
         now = time.time()
         st.time, st.step_time, st.skipped = now, now - self._last_end, skipped
         self._last_end = now
+        self._lane.join()  # the gradient statistics overlapped the step; the loop may zero grads next
         try:
             if st.work and not st.broken:
                 post_stats(self, st, skipped)
@@ -357,6 +374,7 @@ class Monitor:
         scaler.update = update
 
     def _skipped_step(self) -> None:
+        self._lane.join()
         self._consume()
         st = self._cur
         try:
