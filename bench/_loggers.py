@@ -29,6 +29,9 @@ class Logger:
     def after_step(self, loss: torch.Tensor) -> None:
         pass
 
+    def drain(self) -> None:
+        """Finish background work of the last step (end of a turn; untimed)."""
+
     def close(self) -> None:
         pass
 
@@ -49,8 +52,27 @@ class _Spikedoc(Logger):
 
         self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, every=1, layer_every=1)
 
+    def drain(self):
+        self._monitor._lane.join()
+
     def close(self):
         self._monitor.close()
+
+
+class _SpikedocInline(_Spikedoc):
+    records = (
+        "as `spikedoc`, with the statistics computed inside the hooks on the training thread (no CPU "
+        "worker): what a step costs when no core is idle"
+    )
+
+    def open(self, model, optimizer, run_dir):
+        import spikedoc.monitor.monitor as monitor_module
+
+        worker, monitor_module._CPU_WORKER = monitor_module._CPU_WORKER, False  # read once, in watch()
+        try:
+            super().open(model, optimizer, run_dir)
+        finally:
+            monitor_module._CPU_WORKER = worker
 
 
 class _SpikedocClosedForm(_Spikedoc):
@@ -156,6 +178,7 @@ LOGGERS: dict[str, type[Logger]] = {
     BASELINE: Logger,
     "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
+    "spikedoc_inline": _SpikedocInline,
     "spikedoc_closed_form": _SpikedocClosedForm,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,

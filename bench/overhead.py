@@ -3,11 +3,14 @@
 Trains the same small GPT-style character model on CPU, from the same initial weights and the same
 batch order, once per variant and round: no monitoring (twice), `spikedoc.watch`, a hand-written
 per-parameter `.item()` logger, TensorBoard per-layer scalars and `wandb.watch(log="all")` offline.
-Within a round the variants step in lockstep, alternating step by step, so that the load of other
-processes on a shared machine hits all of them alike; the overhead of a variant is the median over
-rounds of its median step time divided by the baseline's in the same round.
+Within a round the variants take turns of `block` consecutive steps (10 by default, a second of
+training), in a random order drawn every turn, so that the load of other processes on a shared
+machine hits all of them alike, while each variant still trains several steps in a row as a real
+run does (its model's memory warm, a logger's background work overlapping its own next step). The
+overhead of a variant is the median over rounds of its median step time divided by the baseline's
+in the same round.
 
-    python bench/overhead.py [--rounds N] [--steps N] [--quick]
+    python bench/overhead.py [--rounds N] [--steps N] [--block N] [--quick]
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ from bench._report import write_section
 __all__ = ["VARIANTS", "BenchConfig", "BenchResult", "VariantResult", "format_report", "main", "run_benchmark"]
 
 #: Variant names in table order; the first is the reference every ratio is taken against.
-VARIANTS = (BASELINE, "baseline_repeat", "spikedoc", "spikedoc_closed_form", "hand_item_logger", "tensorboard", "wandb")
+VARIANTS = (
+    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_inline", "spikedoc_closed_form", "hand_item_logger",
+    "tensorboard", "wandb",
+)  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -62,7 +68,11 @@ class BenchConfig:
     lr: float = 3e-4
     """AdamW learning rate (nanoGPT's character-level default is 1e-3; lower keeps 50+ steps calm)."""
     rounds: int = 5
-    """Rounds; each trains every variant once, in lockstep. More rounds narrow the IQR."""
+    """Rounds; each trains every variant once, in alternating turns. More rounds narrow the IQR."""
+    block: int = 10
+    """Consecutive steps per turn. 1 is lockstep (step i of every variant, then step i + 1): every
+    step then starts with the caches full of another model's tensors, and a logger's background
+    work from its last step runs during other variants' steps, where it is nobody's cost."""
     steps: int = 100
     """Timed optimizer steps per variant and round; with the warmup more than spikedoc's default
     `flush_every` (100), so one Parquet flush of its writer falls inside the timed steps."""
@@ -79,7 +89,7 @@ class BenchConfig:
     """Which variants to run; must start with "baseline"."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "rounds", "steps", "threads"):
+        for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "rounds", "steps", "threads", "block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -98,7 +108,7 @@ class BenchConfig:
             f"{self.n_layer} layers, d_model {self.d_model}, {self.n_head} heads, seq {self.seq_len}, "
             f"batch {self.batch_size}, {n_params / 1e6:.2f}M parameters, fp32, AdamW lr {self.lr:g} "
             f"wd 0.1, {self.threads} torch threads; {self.rounds} rounds x {self.steps} timed steps "
-            f"(+{self.warmup} warmup) per variant."
+            f"(+{self.warmup} warmup) per variant, in turns of {self.block} steps."
         )
 
 
@@ -184,6 +194,10 @@ class _Run:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._owning(self._step, x, y)
 
+    def drain(self) -> None:
+        """End of a turn: let the logger finish background work of its last step (untimed)."""
+        self._owning(self.logger.drain)
+
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0 = time.perf_counter()
         loss = self.model(x, y)
@@ -202,7 +216,7 @@ class _Run:
 
 
 def _round(cfg, vocab, init_state, stream, names, r: int, work_dir: Path, results: dict[str, VariantResult]) -> None:
-    """Train every variant in `names` through `stream` in lockstep: step i of each, then step i + 1."""
+    """Train every variant in `names` through `stream` in turns of `cfg.block` steps, in random order."""
     runs = []
     for name in names:
         run = _Run(name, cfg, vocab, init_state, work_dir / name)
@@ -214,17 +228,20 @@ def _round(cfg, vocab, init_state, stream, names, r: int, work_dir: Path, result
         runs.append(run)
     gc.collect()  # setup garbage is nobody's step cost
     order = random.Random(cfg.seed * 1000 + r)
+    turns = [stream[: cfg.warmup]] + [stream[i : i + cfg.block] for i in range(cfg.warmup, len(stream), cfg.block)]
     try:
-        for i, (x, y) in enumerate(stream):
-            if i == cfg.warmup:
+        for t, turn in enumerate(turns):
+            if t == 1:
                 cpu_start = _background()
-            # A fresh order every step: a logger's leftovers (wandb's service still busy with the last
+            # A fresh order every turn: a logger's leftovers (wandb's service still busy with the last
             # step's histograms) then slow a random successor, not always the same one. Measured: with
             # a rotated fixed cycle the baseline, always after wandb, ran 1% slower than its repeat.
             for run in order.sample(runs, len(runs)):
                 if results[run.name].unavailable is None:
                     try:
-                        run.step(x, y)
+                        for x, y in turn:
+                            run.step(x, y)
+                        run.drain()
                     except Exception as exc:  # noqa: BLE001
                         _unavailable(results[run.name], exc)
         cpu_end = _background()
@@ -252,7 +269,7 @@ def _unavailable(res: VariantResult, exc: Exception) -> None:
 
 
 def run_benchmark(cfg: BenchConfig, *, work_dir: Path | None = None, progress=None) -> BenchResult:
-    """Train every variant `cfg.rounds` times, in lockstep within a round, and collect step times.
+    """Train every variant `cfg.rounds` times, in alternating turns within a round, and collect step times.
 
     Args:
         cfg: model, data and measurement settings.
@@ -298,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="rounds (default 5; 2 with --quick)")
     parser.add_argument("--steps", type=int, help="timed steps per variant and round (default 100; 5 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--block", type=int, help="consecutive steps per turn (default 10; 1: lockstep)")
     parser.add_argument("--batch-size", type=int, help="samples per step (default 8): the step's cost scales with it")
     parser.add_argument(
         "--quick",
@@ -313,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         options["warmup"] = 1
     if args.threads:
         options["threads"] = args.threads
+    if args.block:
+        options["block"] = args.block
     if args.batch_size:
         options["batch_size"] = args.batch_size
     cfg = BenchConfig(**options)
