@@ -62,15 +62,17 @@ class _HookClock:
             setattr(Monitor, name, original)
 
 
-def measure(*, rounds: int, steps: int, warmup: int = 5, seed: int = 0) -> dict[tuple[int, int], tuple[float, float]]:
-    """Median over rounds of (hook ms per step, share of the baseline step) for every setting."""
+def measure(
+    *, rounds: int, steps: int, warmup: int = 5, seed: int = 0
+) -> dict[tuple[int, int], tuple[float, float, float]]:
+    """Median over rounds of (hook ms per step, its share of the baseline step, worker ms per step)."""
     torch.set_num_threads(1)
     data, vocab = corpus()
     stream = batches(data, n=warmup + steps, batch_size=8, seq_len=128, seed=seed)
     torch.manual_seed(seed)
     init = CharGPT(vocab=vocab, n_layer=4, n_head=4, d_model=128, seq_len=128).state_dict()
     clock = _HookClock()
-    per_round: dict[tuple[int, int], list[tuple[float, float]]] = {s: [] for s in SETTINGS}
+    per_round: dict[tuple[int, int], list[tuple[float, float, float]]] = {s: [] for s in SETTINGS}
     try:
         for r in range(rounds):
             runs = []
@@ -85,9 +87,11 @@ def measure(*, rounds: int, steps: int, warmup: int = 5, seed: int = 0) -> dict[
                     monitor = spikedoc.watch(model, opt, run_dir=run_dir, every=every, layer_every=layer_every)
                 runs.append((setting, model, opt, monitor, []))
             order = random.Random(seed * 1000 + r)
+            busy: dict[int, float] = {}
             for i, (x, y) in enumerate(stream):
                 if i == warmup:
                     clock.spent.clear()
+                    busy = {id(m): m._lane.busy_seconds for _, _, _, m, _ in runs if m is not None}
                 for _, model, opt, _, times in order.sample(runs, len(runs)):
                     start = time.perf_counter()
                     model(x, y).backward()
@@ -97,12 +101,14 @@ def measure(*, rounds: int, steps: int, warmup: int = 5, seed: int = 0) -> dict[
                         times.append(time.perf_counter() - start)
             base = statistics.median(runs[0][4])
             for setting, _, _, monitor, _ in runs[1:]:
+                monitor._lane.join()
                 hooks = clock.spent.get(id(monitor), 0.0) / steps
-                per_round[setting].append((1e3 * hooks, hooks / base))
+                worker = (monitor._lane.busy_seconds - busy[id(monitor)]) / steps
+                per_round[setting].append((1e3 * hooks, hooks / base, 1e3 * worker))
                 monitor.close()
     finally:
         clock.restore()
-    return {s: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+    return {s: tuple(statistics.median(v[k] for v in vals) for k in range(3))  # type: ignore[misc]
             for s, vals in per_round.items()}  # fmt: skip
 
 
@@ -112,10 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting and round (default 30)")
     args = parser.parse_args(argv)
     got = measure(rounds=args.rounds, steps=args.steps)
-    print("| setting | time in the monitor's hooks per step | of the step time |")
-    print("| --- | --- | --- |")
-    for (every, layer_every), (ms, share) in got.items():
-        print(f"| `every={every}, layer_every={layer_every}` | {ms:.2f} ms | {100 * share:.1f}% |")
+    print("| setting | time in the monitor's hooks per step | of the step time | on the CPU worker per step |")
+    print("| --- | --- | --- | --- |")
+    for (every, layer_every), (ms, share, worker) in got.items():
+        print(f"| `every={every}, layer_every={layer_every}` | {ms:.2f} ms | {100 * share:.1f}% | {worker:.2f} ms |")
 
 
 if __name__ == "__main__":
