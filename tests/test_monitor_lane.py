@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spikedoc
-from spikedoc.monitor._collect import _job
+from spikedoc.monitor._collect import run_job
 from spikedoc.monitor._lane import InlineLane, WorkerLane
 from tests.common.models import make_model, train
 
@@ -83,11 +83,11 @@ def test_a_tensor_changed_while_its_statistics_run_drops_that_step(tmp_path):
     with spikedoc.watch(model, opt, run_dir=tmp_path / "run") as monitor:
         st = monitor._cur
         with pytest.warns(RuntimeWarning, match="changed in place"):
-            _job(monitor, st, "step_post", lambda: p.mul_(1.0), [p])
+            run_job(monitor, st, "step_post", lambda: p.mul_(1.0), [p])
             monitor._lane.join()
         assert st.broken
         untouched = monitor._new_step(99)
-        _job(monitor, untouched, "step_post", lambda: p.mul(1.0), [p])
+        run_job(monitor, untouched, "step_post", lambda: p.mul(1.0), [p])
         monitor._lane.join()
         assert not untouched.broken
 

@@ -28,7 +28,7 @@ from spikedoc.monitor.statistics import (
 if TYPE_CHECKING:
     from spikedoc.monitor.monitor import Monitor
 
-__all__ = ["grad_stats", "post_stats"]
+__all__ = ["grad_stats", "post_stats", "run_job"]
 
 
 class ChangedDuringStats(RuntimeError):
@@ -39,7 +39,7 @@ def _versions(tensors: list[Tensor]) -> list[int]:
     return [t._version for t in tensors]
 
 
-def _job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], None], watched: list[Tensor]) -> None:
+def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], None], watched: list[Tensor]) -> None:
     """Run `body` on the lane; a failure, or a change of a `watched` tensor meanwhile, loses the step's rows."""
     before = _versions(watched)
 
@@ -84,7 +84,7 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
 
     overlap = clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
     if overlap and st.work:
-        _job(monitor, st, "step_pre", body, [g for b in sorted(grads_of) for g in grads_of[b]])
+        run_job(monitor, st, "step_pre", body, [g for b in sorted(grads_of) for g in grads_of[b]])
         return
     layer_norms = body()
     if clip is not None and layer_norms:
@@ -171,6 +171,6 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
 
     watched = [p for bucket in monitor._buckets for p in bucket.params]
     watched += [t for p in watched for t in monitor.optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
-    _job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
+    run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
     if stats.reads_grads_after:  # the loop may zero the gradients in place right after the step
         monitor._lane.join()

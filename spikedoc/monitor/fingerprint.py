@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,9 +187,20 @@ class Fingerprint:
 
     def observe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Fold one forward call's inputs into the step's fingerprint."""
+        work = self.note(args, kwargs)
+        if work is not None:
+            work[0]()
+
+    def note(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Callable[[], None], list[Tensor]] | None:
+        """Count samples and tokens and note shapes now; return the device work and the tensors it reads.
+
+        The work (content hash, sequence statistics) may run later, e.g. on the monitor's CPU worker,
+        as long as the calls of one step run in order and the tensors are not modified meanwhile.
+        None when there is nothing to measure.
+        """
         inputs = flatten_inputs(args, kwargs)
         if not inputs:
-            return
+            return None
         by_name = dict(inputs)
         ids = by_name.get("input_ids")
         if ids is None or ids.is_floating_point():
@@ -200,18 +211,25 @@ class Fingerprint:
         if self.shapes is None:
             self.shapes = ",".join(f"{n}:{'x'.join(map(str, t.shape)) or 'scalar'}" for n, t in inputs)
         if not self.measure:
-            return
+            return None
         # Jagged/sparse/quantized inputs have no flat bit view; hash the rest.
         flat = [(n, t) for n, t in inputs if t.layout == torch.strided and not (t.is_nested or t.is_quantized)]
-        h = _inputs_hash(flat)
-        self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters
-        if ids is not None and ids.dim() >= 2:
-            mask = by_name.get("attention_mask")
-            if mask is None or mask.shape[:2] != ids.shape[:2]:
-                mask = (ids != self.pad_token_id) if self.pad_token_id is not None else None
-            lengths, distinct = sequence_stats(ids, mask)
-            self.lengths.append(lengths)
-            self.distinct.append(distinct)
+        mask = by_name.get("attention_mask")
+        if ids is not None and ids.dim() >= 2 and (mask is None or mask.shape[:2] != ids.shape[:2]):
+            mask = None
+        if ids is None or ids.dim() < 2:
+            ids = None
+
+        def measure() -> None:
+            h = _inputs_hash(flat)
+            self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters
+            if ids is not None:
+                pad = mask if mask is not None else (ids != self.pad_token_id) if self.pad_token_id is not None else None
+                lengths, distinct = sequence_stats(ids, pad)
+                self.lengths.append(lengths)
+                self.distinct.append(distinct)
+
+        return measure, [t for _, t in flat]
 
     def device_values(self) -> dict[str, Tensor]:
         """The step's device-side results: the hash as two 32-bit halves, per-sample lengths and

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from spikedoc.monitor import meta as _meta
-from spikedoc.monitor._collect import grad_stats, post_stats
+from spikedoc.monitor._collect import grad_stats, post_stats, run_job
 from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._rows import layer_block, step_row
@@ -263,7 +263,9 @@ class Monitor:
         st = self._cur
         st.forwards += 1
         try:
-            st.fingerprint.observe(args, kwargs)
+            work = st.fingerprint.note(args, kwargs)
+            if work is not None:  # the hash and sequence statistics overlap the forward on CPU
+                run_job(self, st, "fingerprint", *work)
         except Exception as exc:  # noqa: BLE001
             self._fail("fingerprint", exc, st)
 
