@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import threading
 import time
 import warnings
 import weakref
@@ -84,6 +85,7 @@ class Monitor:
         self.model, self.optimizer, self.config, self.scaler = model, optimizer, config, scaler
         self.run_dir = Path(run_dir)
         self._dropped = 0
+        self._drop_lock = threading.Lock()
         self._warned: set[str] = set()
         self._closed = False
         self._handles: list[Any] = []
@@ -211,6 +213,7 @@ class Monitor:
     # --------------------------------------------------------------------------------- planning
 
     def _build_plan(self) -> None:
+        self._lane.join()  # queued work still reads the old plan
         params, groups = [], []
         for g, group in enumerate(self.optimizer.param_groups):
             params += group["params"]
@@ -236,7 +239,6 @@ class Monitor:
             snapshot=total <= _SNAPSHOT_MAX,
         )
         self._after_norms = {}
-        self._lane.join()
         self._lane.close()
         # CPU kernels run on the calling thread: give them a worker so they overlap training (an
         # accelerator's kernels already run asynchronously on its stream).
@@ -339,12 +341,15 @@ class Monitor:
         return value
 
     def _consume(self) -> None:
+        """Hand the finished step to the lane, which turns it into rows (its record() window is over)."""
         st, self._pending = self._pending, None
-        if st is None:
-            return
+        if st is not None:
+            self._lane.submit(lambda: self._write_rows(st))
+
+    def _write_rows(self, st: StepRecord) -> None:
         rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
         if st.broken or st.landing is None:
-            self._dropped += rows
+            self._drop(rows)
             return
         try:
             values = dict(st.landing.values())
@@ -352,13 +357,17 @@ class Monitor:
                 values.update(landing.values())
             step, layers = step_row(self, st, values), layer_block(self, st, values) if st.layers else None
         except Exception as exc:  # noqa: BLE001
-            self._dropped += rows
+            self._drop(rows)
             self._fail("assemble", exc)
             return
         if st.logged:
             self.writer.add_step(step)
         if layers is not None:
             self.writer.add_layers(layers)
+
+    def _drop(self, rows: int) -> None:
+        with self._drop_lock:  # the training thread and the lane both count
+            self._dropped += rows
 
     # ----------------------------------------------------------------------------------- misc
 
