@@ -213,7 +213,8 @@ class Monitor:
     # --------------------------------------------------------------------------------- planning
 
     def _build_plan(self) -> None:
-        self._lane.join()  # queued work still reads the old plan
+        self._consume()  # (re)planning a watched run: finish what used the old plan first
+        self._lane.join()
         params, groups = [], []
         for g, group in enumerate(self.optimizer.param_groups):
             params += group["params"]
@@ -341,10 +342,14 @@ class Monitor:
         return value
 
     def _consume(self) -> None:
-        """Hand the finished step to the lane, which turns it into rows (its record() window is over)."""
+        """Turn the finished step into rows (its record() window is over), after its statistics landed.
+
+        Runs on the training thread: this is pure Python, which on the worker would hold the GIL
+        against the training loop's own Python (measured: slower steps than doing it here).
+        """
         st, self._pending = self._pending, None
         if st is not None:
-            self._lane.submit(lambda: self._write_rows(st))
+            self._write_rows(st)
 
     def _write_rows(self, st: StepRecord) -> None:
         rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
