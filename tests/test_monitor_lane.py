@@ -103,3 +103,31 @@ def test_worker_lane_runs_jobs_in_order_and_survives_a_failing_job():
     lane.submit(lambda: seen.append(3))  # after close: runs on the caller, not lost
     assert seen == [1, 2, 3]
     assert np.isfinite(lane.busy_seconds)
+
+
+def test_a_loop_zeroing_gradients_in_place_loses_at_most_one_step(tmp_path):
+    # Gradient statistics are read after the step; zero_grad(set_to_none=False) right after it may
+    # zero them first. That step is dropped (never recorded as zeros) and from then on the monitor
+    # reads gradients before the step.
+    model = make_model(seed=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    norms = []
+    with spikedoc.watch(model, opt, run_dir=tmp_path / "run") as monitor:
+        for input_ids, labels in _batches(8):
+            model(input_ids, labels=labels).loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    run = spikedoc.load(tmp_path / "run")
+    n_tensors = len(list(model.parameters()))
+    assert monitor.dropped_rows in (0, 1 + n_tensors)
+    assert len(run.steps) == 8 - monitor.dropped_rows // (1 + n_tensors)
+    for step, grad_norm in zip(run.steps["step"], run.steps["grad_norm"]):
+        assert grad_norm == pytest.approx(norms[step], rel=1e-5)
+
+
+def _batches(n: int):
+    from tests.common.models import char_text
+
+    data = char_text().batches(8, 32)
+    return [next(data) for _ in range(n)]

@@ -60,7 +60,10 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
     """Before the step: gradient norms, maxima, non-finite counts; clipping; the optimizer's snapshot.
 
     Without `clip` and with an optimizer whose step leaves gradients alone, the gradient statistics
-    are a lane job that overlaps the step; `clip` needs the norms first, so then all is done here.
+    wait for the post-step job, which reads the gradients after the step (on CPU, rather than
+    competing with the optimizer's own Python loop for the GIL); `clip` needs the norms first, so
+    then all is done here. A loop seen zeroing gradients in place right after the step gets them
+    here from then on.
     """
     grads_of: dict[int, list[Tensor]] = {}
     for b, bucket in enumerate(monitor._buckets):
@@ -82,9 +85,9 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
             layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale))
         return layer_norms
 
-    overlap = clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
-    if overlap and st.work:
-        run_job(monitor, st, "step_pre", body, [g for b in sorted(grads_of) for g in grads_of[b]])
+    later = clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
+    if later and st.work and not monitor._grads_before_step:
+        st.grad_work = body
         return
     layer_norms = body()
     if clip is not None and layer_norms:
@@ -155,8 +158,23 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     again = monitor._new_step_works(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
+    grad_work, st.grad_work = st.grad_work, None
+    all_grads = [g for b in sorted(st.grads) for g in st.grads[b]] if grad_work is not None else []
+    grad_versions = _versions(all_grads)
 
     def body() -> None:
+        if grad_work is not None:
+            try:
+                grad_work()
+            except Exception as exc:  # noqa: BLE001 - reported as the pre-step statistics it is
+                monitor._fail("step_pre", exc, st)
+                return
+            if _versions(all_grads) != grad_versions:
+                monitor._grads_before_step = True
+                raise ChangedDuringStats(
+                    "gradients were changed in place right after the step (zero_grad(set_to_none=False)?); "
+                    "from now on their statistics are taken before the step"
+                )
         for b, bucket in enumerate(monitor._buckets):
             versions = [p._version for p in bucket.params]
             pn = norms(bucket.params)

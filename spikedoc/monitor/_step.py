@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ class StepRecord:
     packer: Packer = field(default_factory=Packer)
     active: dict[int, list[int] | None] = field(default_factory=dict)
     grads: dict[int, list[Tensor]] = field(default_factory=dict)
+    grad_work: Callable[[], Any] | None = None
+    """Gradient statistics left for the post-step job (see `grad_stats`)."""
     tokens: dict[int, Any] = field(default_factory=dict)
     broken: bool = False
     skipped: bool = False

@@ -86,6 +86,7 @@ class Monitor:
         self.run_dir = Path(run_dir)
         self._dropped = 0
         self._drop_lock = threading.Lock()
+        self._grads_before_step = False  # set once the loop is seen zeroing gradients in place
         self._warned: set[str] = set()
         self._closed = False
         self._handles: list[Any] = []
