@@ -10,13 +10,13 @@ small device tensors that ride along in the monitor's one device-to-host copy pe
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -253,13 +253,12 @@ class Fingerprint:
             lo, hi = (int(v) & 0xFFFFFFFF for v in values["hash_halves"])
             row["batch_hash"] = f"{(hi << 32) | lo:016x}"
         if "lengths" in values and len(values["lengths"]):
-            lengths = np.asarray(values["lengths"], dtype=np.float64)
-            distinct = np.asarray(values["distinct"], dtype=np.float64)
-            s = np.sort(lengths)
-            n = s.size
-            valid = lengths > 0
-            with np.errstate(invalid="ignore", divide="ignore"):  # NaN if every sample is empty
-                ratio = float(np.sum(distinct / np.maximum(lengths, 1) * valid) / np.sum(valid))
-            row.update(seq_len_min=float(s[0]), seq_len_median=float((s[(n - 1) // 2] + s[n // 2]) / 2),
-                       seq_len_max=float(s[-1]), distinct_token_ratio=ratio)  # fmt: skip
+            # Plain Python on the few samples of a step: right after a forward and backward the
+            # first numpy calls run several times slower than these (cold caches, measured).
+            lengths = [float(x) for x in values["lengths"]]
+            ratios = [float(d) / n for d, n in zip(values["distinct"], lengths) if n > 0]
+            s = sorted(lengths)
+            n = len(s)
+            row.update(seq_len_min=s[0], seq_len_median=(s[(n - 1) // 2] + s[n // 2]) / 2, seq_len_max=s[-1],
+                       distinct_token_ratio=sum(ratios) / len(ratios) if ratios else math.nan)  # fmt: skip
         return row
