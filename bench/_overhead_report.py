@@ -122,6 +122,9 @@ def format_report(result: BenchResult, command: str) -> str:
                    f"{100 * overheads['spikedoc_closed_form']:+.1f}%." if "spikedoc_closed_form" in overheads else "")
                 + (f" With the statistics in the hooks (no idle core for the worker): "
                    f"{100 * overheads['spikedoc_inline']:+.1f}%." if "spikedoc_inline" in overheads else "")
+                + (f" The noise floor (`baseline_repeat`, the same unmonitored run) is "
+                   f"{100 * overheads['baseline_repeat']:+.1f}%: differences of that size are the machine, not the "
+                   "loggers." if "baseline_repeat" in overheads else "")
             ),
         ]
     return "\n".join(lines)
