@@ -62,7 +62,7 @@ class _Spikedoc(Logger):
 class _SpikedocInline(_Spikedoc):
     records = (
         "as `spikedoc`, with the statistics computed inside the hooks on the training thread (no CPU "
-        "worker): what a step costs when no core is idle"
+        "worker; Adam's update norm then from a copy of the parameters): what a step costs when no core is idle"
     )
 
     def open(self, model, optimizer, run_dir):
@@ -73,22 +73,6 @@ class _SpikedocInline(_Spikedoc):
             super().open(model, optimizer, run_dir)
         finally:
             monitor_module._CPU_WORKER = worker
-
-
-class _SpikedocClosedForm(_Spikedoc):
-    records = (
-        "as `spikedoc`, with Adam's update norm in the closed form from the optimizer state (no copy of "
-        "the parameters), the path models above 4M parameters take"
-    )
-
-    def open(self, model, optimizer, run_dir):
-        import spikedoc.monitor.monitor as monitor_module
-
-        small_models, monitor_module._SNAPSHOT_MAX = monitor_module._SNAPSHOT_MAX, 0  # read once, in watch()
-        try:
-            super().open(model, optimizer, run_dir)
-        finally:
-            monitor_module._SNAPSHOT_MAX = small_models
 
 
 class _HandLogger(Logger):
@@ -179,7 +163,6 @@ LOGGERS: dict[str, type[Logger]] = {
     "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
     "spikedoc_inline": _SpikedocInline,
-    "spikedoc_closed_form": _SpikedocClosedForm,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
     "wandb": _Wandb,

@@ -118,8 +118,6 @@ def format_report(result: BenchResult, command: str) -> str:
                 f"{100 * ours:+.1f}%"
                 + (f"; cheapest peer {cheapest} {100 * peers[cheapest]:+.1f}%" if cheapest else "")
                 + f": **{'met' if met else 'not met'}**."
-                + (f" With the closed-form update norm that models above 4M parameters use: "
-                   f"{100 * overheads['spikedoc_closed_form']:+.1f}%." if "spikedoc_closed_form" in overheads else "")
                 + (f" With the statistics in the hooks (no idle core for the worker): "
                    f"{100 * overheads['spikedoc_inline']:+.1f}%." if "spikedoc_inline" in overheads else "")
                 + (f" The noise floor (`baseline_repeat`, the same unmonitored run) is "

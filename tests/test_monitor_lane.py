@@ -33,9 +33,33 @@ def _run(tmp_path, name: str, worker: bool, monkeypatch, **watch) -> spikedoc.Ru
 def test_worker_lane_records_the_same_values_as_inline_statistics(tmp_path, monkeypatch, watch):
     inline = _run(tmp_path, "inline", False, monkeypatch, **watch)
     worker = _run(tmp_path, "worker", True, monkeypatch, **watch)
+    # Inline, this small model's Adam update norm is the norm of a parameter copy's difference; on
+    # the worker it is the closed form from the optimizer state: equal to float32 rounding.
+    update = ["update_norm", "update_ratio"]
     timing = ["time", "step_time"]
-    pd.testing.assert_frame_equal(inline.steps.drop(columns=timing), worker.steps.drop(columns=timing))
-    pd.testing.assert_frame_equal(inline.layers(), worker.layers())
+    drop_steps = timing + ["update_norm"]
+    pd.testing.assert_frame_equal(inline.steps.drop(columns=drop_steps), worker.steps.drop(columns=drop_steps))
+    pd.testing.assert_frame_equal(inline.layers().drop(columns=update), worker.layers().drop(columns=update))
+    np.testing.assert_allclose(worker.steps["update_norm"], inline.steps["update_norm"], rtol=2e-4)
+    for column in update:
+        np.testing.assert_allclose(worker.layers()[column], inline.layers()[column], rtol=2e-4, atol=1e-12)
+
+
+def test_adam_update_norm_from_a_parameter_copy_matches_the_difference(tmp_path, monkeypatch):
+    # The copy path (inline lanes: accelerators, or CPU without the worker) against brute force.
+    from tests.common.brute import watched_run
+    from tests.test_monitor import STEPS as N, _assert_update_norm, _layers_at
+
+    monkeypatch.setattr("spikedoc.monitor.monitor._CPU_WORKER", False)
+    model = make_model(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    run, copies = watched_run(model, opt, tmp_path / "run", N, watch={"layer_every": 2})
+    assert run.meta["watch"]["update_norm"] == "exact"
+    for step, c in enumerate(copies):
+        if step % 2 == 0:
+            layers = _layers_at(run, step)
+            for name in c.before:
+                _assert_update_norm(layers, c, step, name)
 
 
 def test_statistics_stay_exact_when_parameters_are_restored_between_steps(tmp_path):

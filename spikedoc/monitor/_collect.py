@@ -87,7 +87,10 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
 
     later = clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
     if later and st.work and not monitor._grads_before_step:
-        st.grad_work = body
+        # Version counters from now: a step or a loop that changes the gradients in place before
+        # the job has read them is caught (see post_stats).
+        all_grads = [g for b in sorted(grads_of) for g in grads_of[b]]
+        st.grad_work = (body, all_grads, _versions(all_grads))
         return
     layer_norms = body()
     if clip is not None and layer_norms:
@@ -143,7 +146,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     for g, group in enumerate(monitor.optimizer.param_groups):
         lr = group.get("lr", math.nan)
         if isinstance(lr, Tensor):
-            pk.add(f"lr:{g}", lr.float())
+            pk.add(f"lr:{g}", lr.detach().float().clone())  # a scheduler may change it in place next
             lr = Late(f"lr:{g}")
         st.lrs.append(lr)
     if st.loss_sum is not None:
@@ -158,12 +161,11 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     again = monitor._new_step_works(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
-    grad_work, st.grad_work = st.grad_work, None
-    all_grads = [g for b in sorted(st.grads) for g in st.grads[b]] if grad_work is not None else []
-    grad_versions = _versions(all_grads)
+    deferred, st.grad_work = st.grad_work, None
 
     def body() -> None:
-        if grad_work is not None:
+        if deferred is not None:
+            grad_work, all_grads, grad_versions = deferred
             try:
                 grad_work()
             except Exception as exc:  # noqa: BLE001 - reported as the pre-step statistics it is
@@ -172,7 +174,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
             if _versions(all_grads) != grad_versions:
                 monitor._grads_before_step = True
                 raise ChangedDuringStats(
-                    "gradients were changed in place right after the step (zero_grad(set_to_none=False)?); "
+                    "gradients were changed in place by the step or right after it (zero_grad(set_to_none=False)?); "
                     "from now on their statistics are taken before the step"
                 )
         for b, bucket in enumerate(monitor._buckets):

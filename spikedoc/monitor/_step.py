@@ -31,8 +31,8 @@ class StepRecord:
     packer: Packer = field(default_factory=Packer)
     active: dict[int, list[int] | None] = field(default_factory=dict)
     grads: dict[int, list[Tensor]] = field(default_factory=dict)
-    grad_work: Callable[[], Any] | None = None
-    """Gradient statistics left for the post-step job (see `grad_stats`)."""
+    grad_work: tuple[Callable[[], Any], list[Tensor], list[int]] | None = None
+    """Gradient statistics left for the post-step job, the gradients and their version counters."""
     tokens: dict[int, Any] = field(default_factory=dict)
     broken: bool = False
     skipped: bool = False

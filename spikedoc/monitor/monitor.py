@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 _TEMP_SHARE, _TEMP_MIN = 0.01, 1 << 22
 #: Models of at most this many parameter elements (the temporary floor: 16 MB in fp32) are copied
 #: before each step, and Adam's update norm is the norm of the difference (three passes); larger
-#: models use the closed form from the optimizer state and need no copy.
+#: models use the closed form from the optimizer state and need no copy. On the CPU worker the
+#: closed form is used at every size: there the copy's extra pass measured costlier for the
+#: training loop than the closed form's (bench/overhead.py, docs/monitor.md).
 _SNAPSHOT_MAX = _TEMP_MIN
 #: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
 _SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
@@ -235,17 +237,17 @@ class Monitor:
             for (dev, dt), ix in by_key.items()
         ]  # fmt: skip
         self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
-        self._stats = for_optimizer(
-            self.optimizer,
-            sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
-            snapshot=total <= _SNAPSHOT_MAX,
-        )
-        self._after_norms = {}
         self._lane.close()
         # CPU kernels run on the calling thread: give them a worker so they overlap training (an
         # accelerator's kernels already run asynchronously on its stream).
         on_cpu = bool(self._buckets) and all(b.device.type == "cpu" for b in self._buckets)
         self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
+        self._stats = for_optimizer(
+            self.optimizer,
+            sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
+            snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane),
+        )
+        self._after_norms = {}
 
     def _optimizer_step_count(self) -> int:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
