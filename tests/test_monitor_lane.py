@@ -100,6 +100,21 @@ def test_statistics_stay_exact_when_parameters_are_restored_between_steps(tmp_pa
                 assert rows.loc[name, "update_ratio"] == pytest.approx(diff / norm_before, rel=1e-3, abs=1e-9)
 
 
+def test_waiting_for_the_monitor_before_a_restore_keeps_every_step(tmp_path):
+    model = make_model(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    saved = copy.deepcopy(model.state_dict())
+    with spikedoc.watch(model, opt, run_dir=tmp_path / "run") as monitor:
+
+        def restore(i: int) -> None:
+            monitor.wait()
+            model.load_state_dict(saved)
+
+        train(model, opt, 6, after_step=restore)
+    assert monitor.dropped_rows == 0
+    assert spikedoc.load(tmp_path / "run").steps["step"].tolist() == list(range(6))
+
+
 def test_a_tensor_changed_while_its_statistics_run_drops_that_step(tmp_path):
     model = make_model(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

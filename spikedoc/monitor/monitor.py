@@ -189,6 +189,16 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001
             self._fail("event", exc)
 
+    def wait(self) -> None:
+        """Return once the statistics of every step so far are computed.
+
+        On CPU they are computed on a worker thread while training goes on (see docs/monitor.md).
+        Call this before changing parameters or optimizer state in place between steps (loading a
+        checkpoint, editing weights): a change while the last step's statistics are still read
+        costs that step's rows.
+        """
+        self._lane.join()
+
     def close(self) -> None:
         """Write the last step, remove the hooks and flush the writer. Idempotent."""
         if self._closed:
