@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from spikedoc.monitor._optim import Bucket
+from spikedoc.monitor._optim import AfterStep, Bucket
 from spikedoc.monitor._step import Late, StepRecord
 from spikedoc.monitor.statistics import (
     clip_coefficient,
@@ -184,7 +184,9 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
             pk.add(f"{b}:param_norm", pn)
             if skipped:
                 continue
-            got = stats.after(bucket, grads[b], active.get(b), tokens.get(b), layers=st.layers, hyper=hyper, again=again)
+            step = AfterStep(grads=grads[b], active=active.get(b), token=tokens.get(b), layers=st.layers,
+                             hyper=hyper, again=again)  # fmt: skip
+            got = stats.after(bucket, step)
             for key, value in got.items():
                 pk.add(f"{b}:{key}", value)
         st.landing = pk.launch()

@@ -22,7 +22,7 @@ from spikedoc.monitor.statistics import (
     sums,
 )
 
-__all__ = ["Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats", "for_optimizer"]
+__all__ = ["AfterStep", "Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats", "for_optimizer"]
 
 
 @dataclass(eq=False)
@@ -63,6 +63,24 @@ class Bucket:
         for j, v in zip(active, values.unbind()):
             out[j] = v
         return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class AfterStep:
+    """What `OptimizerStats.after` is given about one bucket's step."""
+
+    grads: list[Tensor]
+    """The gradients (placeholders where None), when the implementation reads them after the step."""
+    active: list[int] | None
+    """Positions of the parameters that had a gradient (None: all)."""
+    token: Any
+    """What `before` returned for this step."""
+    layers: bool
+    """Whether layer rows are recorded for this step."""
+    hyper: Any
+    """`hyperparameters()`, read right after the step."""
+    again: bool
+    """Whether the next step is recorded too (a snapshot for it may be taken now)."""
 
 
 def _scalar(value: Any) -> float:
@@ -120,18 +138,8 @@ class OptimizerStats:
     def hyperparameters(self) -> Any:
         return None
 
-    def after(
-        self,
-        bucket: Bucket,
-        grads: list[Tensor],
-        active: list[int] | None,
-        token: Any,
-        *,
-        layers: bool,
-        hyper: Any,
-        again: bool,
-    ) -> dict[str, Tensor]:
-        """Statistics after the step. `again`: the next step is recorded too (a snapshot may be kept)."""
+    def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
+        """Statistics of `bucket` after the step."""
         raise NotImplementedError
 
     def to_columns(self, values: dict[str, np.ndarray], numels: np.ndarray) -> dict[str, np.ndarray]:
@@ -172,22 +180,13 @@ class AdamStats(OptimizerStats):
     def hyperparameters(self) -> dict[int, tuple[float, float, float, float, float, bool]]:
         return {g: _adam_hyper(group, self.optimizer) for g, group in enumerate(self.optimizer.param_groups)}
 
-    def after(
-        self,
-        bucket: Bucket,
-        grads: list[Tensor],
-        active: list[int] | None,
-        token: Any,
-        *,
-        layers: bool,
-        hyper: dict[int, tuple[float, float, float, float, float, bool]],
-        again: bool,
-    ) -> dict[str, Tensor]:
+    def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
+        token, layers, active, hyper = step.token, step.layers, step.active, step.hyper
         out: dict[str, Tensor] = {}
         if token is not None:  # the copies from before the step: the change is their difference
             torch._foreach_sub_(token, bucket.params)
             out["update_norm"] = norms(token)
-            if again:  # the next step's copy; versions read first, so a change during the copy shows
+            if step.again:  # the next step's copy; versions read first, so a change during the copy shows
                 versions = [p._version for p in bucket.params]
                 torch._foreach_copy_(token, bucket.params)
                 self._copied[bucket] = versions
@@ -250,17 +249,8 @@ class SgdStats(OptimizerStats):
     def hyperparameters(self) -> dict[int, tuple[float, float, float, bool, bool]]:
         return {g: _sgd_hyper(group) for g, group in enumerate(self.optimizer.param_groups)}
 
-    def after(
-        self,
-        bucket: Bucket,
-        grads: list[Tensor],
-        active: list[int] | None,
-        token: Any,
-        *,
-        layers: bool,
-        hyper: dict[int, tuple[float, float, float, bool, bool]],
-        again: bool,
-    ) -> dict[str, Tensor]:
+    def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
+        grads, active, hyper, layers = step.grads, step.active, step.hyper, step.layers
         pos = list(active if active is not None else range(len(bucket.params)))
         if not pos:
             return {}
@@ -316,19 +306,9 @@ class SampledStats(OptimizerStats):
     def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
         return self._snapshot(bucket).take(bucket.params)
 
-    def after(
-        self,
-        bucket: Bucket,
-        grads: list[Tensor],
-        active: list[int] | None,
-        token: Any,
-        *,
-        layers: bool,
-        hyper: Any,
-        again: bool,
-    ) -> dict[str, Tensor]:
-        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, token)}
-        if not layers:
+    def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
+        if not step.layers:
             return out
         states = [self.optimizer.state.get(p, {}) for p in bucket.params]
         keys = dict.fromkeys(
