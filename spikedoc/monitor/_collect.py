@@ -2,9 +2,10 @@
 
 Runs from the optimizer step hooks. What must happen at a precise moment runs on the training
 thread: clipping, the snapshot before the step, reading the hyperparameters right after it. The
-rest is a job on the monitor's lane (see `_lane.py`): the gradient statistics overlap the
-optimizer step, the statistics after it overlap the next forward and backward. The results go into
-the step's `Packer`, which copies them to the host in one transfer per device.
+rest is one job on the monitor's lane (see `_lane.py`) after the step: gradient statistics (the
+step leaves gradients unchanged), then parameter, update and optimizer-state statistics, which on
+CPU overlap the next forward and backward. The results go into the step's `Packer`, which copies
+them to the host in one transfer per device.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _param_norms_before(monitor: Monitor, b: int, bucket: Bucket) -> Tensor:
     cached = monitor._after_norms.get(b)
     # The previous step's after-norms are this step's before-norms unless a parameter was
     # modified in place since (a checkpoint load, a rollback): its version counter tells.
-    if cached is not None and cached[1] == [p._version for p in bucket.params]:
+    if cached is not None and cached[1] == _versions(bucket.params):
         return cached[0]
     return norms(bucket.params)
 
@@ -162,6 +163,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
     deferred, st.grad_work = st.grad_work, None
+    # Versions now; the job fails if any changes before it ends, so these are the versions it read.
+    param_versions = [_versions(bucket.params) for bucket in monitor._buckets]
 
     def body() -> None:
         if deferred is not None:
@@ -178,9 +181,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
                     "from now on their statistics are taken before the step"
                 )
         for b, bucket in enumerate(monitor._buckets):
-            versions = [p._version for p in bucket.params]
             pn = norms(bucket.params)
-            monitor._after_norms[b] = (pn, versions)
+            monitor._after_norms[b] = (pn, param_versions[b])
             pk.add(f"{b}:param_norm", pn)
             if skipped:
                 continue

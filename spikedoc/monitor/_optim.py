@@ -124,7 +124,7 @@ class OptimizerStats:
     exact = True
     """Whether update norms are exact (False: estimated from a sample of elements)."""
     step_keeps_grads = True
-    """Whether `optimizer.step()` leaves `p.grad` unchanged, so gradients can be read during it."""
+    """Whether `optimizer.step()` leaves `p.grad` unchanged, so gradient statistics can wait until after it."""
     reads_grads_after = False
     """Whether `after` reads the gradients."""
     columns: tuple[str, ...] = ()

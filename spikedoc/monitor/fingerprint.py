@@ -214,11 +214,10 @@ class Fingerprint:
             return None
         # Jagged/sparse/quantized inputs have no flat bit view; hash the rest.
         flat = [(n, t) for n, t in inputs if t.layout == torch.strided and not (t.is_nested or t.is_quantized)]
+        ids = ids if ids is not None and ids.dim() >= 2 else None  # length statistics need (batch, seq)
         mask = by_name.get("attention_mask")
-        if ids is not None and ids.dim() >= 2 and (mask is None or mask.shape[:2] != ids.shape[:2]):
+        if ids is None or mask is None or mask.shape[:2] != ids.shape[:2]:
             mask = None
-        if ids is None or ids.dim() < 2:
-            ids = None
 
         def measure() -> None:
             h = _inputs_hash(flat)

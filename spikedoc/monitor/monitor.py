@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import threading
 import time
 import warnings
 import weakref
@@ -87,7 +86,6 @@ class Monitor:
         self.model, self.optimizer, self.config, self.scaler = model, optimizer, config, scaler
         self.run_dir = Path(run_dir)
         self._dropped = 0
-        self._drop_lock = threading.Lock()
         self._grads_before_step = False  # set once the loop is seen zeroing gradients in place
         self._warned: set[str] = set()
         self._closed = False
@@ -263,11 +261,15 @@ class Monitor:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
         return int(max((float(c) for c in counts), default=0))
 
+    def _records(self, index: int) -> tuple[bool, bool]:
+        """Whether step `index` gets a step row and layer rows."""
+        return index % self.config.every == 0, index % self.config.layer_every == 0
+
     def _new_step_works(self, index: int) -> bool:
-        return index % self.config.every == 0 or index % self.config.layer_every == 0
+        return any(self._records(index))
 
     def _new_step(self, index: int) -> StepRecord:
-        logged, layers = index % self.config.every == 0, index % self.config.layer_every == 0
+        logged, layers = self._records(index)
         fingerprint = Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged)
         return StepRecord(index=index, logged=logged, layers=layers, fingerprint=fingerprint)
 
@@ -330,7 +332,7 @@ class Monitor:
         now = time.time()
         st.time, st.step_time, st.skipped = now, now - self._last_end, skipped
         self._last_end = now
-        self._lane.join()  # the gradient statistics overlapped the step; the loop may zero grads next
+        self._lane.join()  # the fingerprint jobs of this step's forwards: post_stats reads their results
         try:
             if st.work and not st.broken:
                 post_stats(self, st, skipped)
@@ -361,13 +363,11 @@ class Monitor:
         against the training loop's own Python (measured: slower steps than doing it here).
         """
         st, self._pending = self._pending, None
-        if st is not None:
-            self._write_rows(st)
-
-    def _write_rows(self, st: StepRecord) -> None:
+        if st is None:
+            return
         rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
         if st.broken or st.landing is None:
-            self._drop(rows)
+            self._dropped += rows
             return
         try:
             values = dict(st.landing.values())
@@ -375,17 +375,13 @@ class Monitor:
                 values.update(landing.values())
             step, layers = step_row(self, st, values), layer_block(self, st, values) if st.layers else None
         except Exception as exc:  # noqa: BLE001
-            self._drop(rows)
+            self._dropped += rows
             self._fail("assemble", exc)
             return
         if st.logged:
             self.writer.add_step(step)
         if layers is not None:
             self.writer.add_layers(layers)
-
-    def _drop(self, rows: int) -> None:
-        with self._drop_lock:  # the training thread and the lane both count
-            self._dropped += rows
 
     # ----------------------------------------------------------------------------------- misc
 
