@@ -86,7 +86,8 @@ def labels_for(spec: RunSpec, record: dict[str, Any], clean: list[float], recipe
         "fault": spec.fault,
         "seed": spec.seed,
         "steps": len(record["loss"]),
-        "recipe": {k: getattr(recipe, k) for k in Recipe.__dataclass_fields__},
+        "recipe": {k: getattr(recipe, k) for k in Recipe.__dataclass_fields__} | ({"bias": True} if spec.bias else {}),
+        "twin": spec.twin if spec.fault else None,
         "generator": _environment(),
         "incidents": [],
     }
@@ -107,7 +108,7 @@ def labels_for(spec: RunSpec, record: dict[str, Any], clean: list[float], recipe
     window = excess[spec.step : spec.step + _PEAK_WINDOW]
     peak = spec.step + int(np.argmax(np.abs(window)))
     tail = excess[-20:]
-    batch = spec.fault in ("constant_batch", "long_batch")
+    batch = spec.fault in ("constant_batch", "long_batch", "random_batch", "mixed_batch")
     out["incidents"].append({
         "cause": spec.cause,
         "planted_step": spec.step,
@@ -146,20 +147,24 @@ def _environment() -> dict[str, str]:
 def generate(out: Path = _RUNS, *, only: list[str] | None = None, checkpoint_dir: Path | None = None) -> list[dict[str, Any]]:
     """Regenerate the suite's runs (all, or those named in `only`) with their labels under `out`.
 
-    The clean run is always trained first: the faulty runs' labels are measured against it.
+    Each faulty run's healthy twin (`RunSpec.twin`) is trained first: its labels are measured against it.
     """
     recipe = Recipe()
     wanted = [s for s in SPECS if only is None or s.name in only]
+    by_name = {s.name: s for s in SPECS}
     written = []
     with tempfile.TemporaryDirectory() as scratch:
-        clean_spec = SPECS[0]
-        clean_dir = out / clean_spec.name if clean_spec in wanted else Path(scratch) / clean_spec.name
-        clean = generate_run(clean_spec, clean_dir, recipe=recipe, checkpoint_dir=checkpoint_dir)["loss"]
+        twins: dict[str, list[float]] = {}
+        for name in dict.fromkeys(s.twin if s.fault else s.name for s in wanted):
+            spec = by_name[name]
+            run_dir = out / name if spec in wanted else Path(scratch) / name
+            twins[name] = generate_run(spec, run_dir, recipe=recipe, checkpoint_dir=checkpoint_dir)["loss"]
         for spec in wanted:
             run_dir = out / spec.name
-            record = {"loss": clean, "planted": {}} if spec is clean_spec else generate_run(
+            twin = twins[spec.twin if spec.fault else spec.name]
+            record = {"loss": twin, "planted": {}} if spec.fault is None else generate_run(
                 spec, run_dir, recipe=recipe, checkpoint_dir=checkpoint_dir)  # fmt: skip
-            labels = labels_for(spec, record, clean, recipe)
+            labels = labels_for(spec, record, twin, recipe)
             (run_dir / LABELS).write_text(json.dumps(labels, indent=1) + "\n")
             written.append(labels)
     return written

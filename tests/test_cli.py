@@ -67,7 +67,7 @@ def test_json_prints_the_diagnosis_dict(spiky):
     result = _analyze(spiky, "--json")
     assert result.exit_code == 1
     data = json.loads(result.stdout)
-    assert data["format"] == 1 and data["incidents"][0]["cause"] == "bad_batch"
+    assert data["format"] == 2 and data["incidents"][0]["cause"] == "bad_batch"
     assert data["incidents"][0]["recommendation"]["rollback_to_step"] == 350
 
 
