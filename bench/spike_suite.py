@@ -240,14 +240,15 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
         ),
         machine_line(),
         "",
-        "| run | planted: step, cause | analyze: onset / peak, kind | cause | found | batch | cause ok | lead (steps) | other incidents |",
-        "| --- | --- | --- | --- | :---: | :---: | :---: | ---: | --- |",
+        "| run | planted: step, cause | analyze: onset / peak, kind | cause | found | batch | cause ok | lead (steps) "
+        "| verdict (final excess over twin) | severity | rollback | other incidents |",
+        "| --- | --- | --- | --- | :---: | :---: | :---: | ---: | --- | --- | :---: | --- |",
     ]
     for res in results:
         extra = ", ".join(f"{i.onset_step} {i.kind} ({'in the fault window' if i in res['split'] else 'false'})"
                           for i in res["split"] + res["false"]) or "none"  # fmt: skip
         if not res["rows"]:
-            lines.append(f"| {res['name']} | none | none | | | | | | {extra} |")
+            lines.append(f"| {res['name']} | none | none | | | | | | | | | {extra} |")
         for r in res["rows"]:
             lb, inc = r["label"], r["incident"]
             got = f"{inc.onset_step} / {inc.peak_step}, {inc.kind}" if inc else "not found"
@@ -255,7 +256,9 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
             lines.append(
                 f"| {res['name']} | {lb['planted_step']} (onset {lb['onset_range'][0]}-{lb['onset_range'][1]}, "
                 f"peak {lb['peak_step']}), {lb['cause']} | {got} | {inc.cause if inc else ''} | {_mark(inc is not None)} "
-                f"| {'n/a' if r['batch_ok'] is None else _mark(r['batch_ok'])} | {_mark(r['cause_ok'])} | {lead} | {extra} |"
+                f"| {'n/a' if r['batch_ok'] is None else _mark(r['batch_ok'])} | {_mark(r['cause_ok'])} | {lead} "
+                f"| {inc.verdict if inc else ''} ({_fmt(lb['effect']['final_excess'])}) | {inc.severity if inc else ''} "
+                f"| {('yes' if inc.recommendation['rollback'] else 'no') if inc else ''} | {extra} |"
             )
     lines += [
         "",
@@ -264,6 +267,8 @@ def score(runs: Path = _RUNS) -> tuple[str, list[dict[str, Any]]]:
         f"- Batch attribution (planted steps and sample ids named): {sum(r['batch_ok'] for r in batch)}/{len(batch)}",
         f"- Cause accuracy: {sum(r['cause_ok'] for r in rows)}/{len(rows)}",
         f"- Incidents on the {sum(not r['labels']['incidents'] for r in results)} clean runs: {clean_false}",
+        "- `final excess over twin` is the label's `final_excess`: the mean loss above the clean twin over the run's "
+        "last 20 steps, in loss units (inf when the run stayed non-finite); the clean runs' step-to-step noise is 0.085.",
     ]
     for res in results:  # what a miss looked like, from the labels' own measurements
         for r in res["rows"]:
