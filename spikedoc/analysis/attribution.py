@@ -203,7 +203,8 @@ def attribute_layers(
     rows.sort(key=lambda r: (r["departed_step"] if r["departed_step"] is not None else onset, -_finite_or(r["z"], 1e300)))
     result.layers = rows[: config.max_layers]
     result.groups = _groups(rows, names, module_types)
-    result.precursors = _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference, rows, config)
+    window = _Window(base_steps=base_steps, scan_steps=scan_steps, onset=onset, peak=peak, reference=reference)
+    result.precursors = _optimizer_precursors(layers, window, rows, config)
     departures = [r["departed_step"] for r in rows if r["departed_step"] is not None]
     departures += [p["step"] for p in result.precursors if p["step"] is not None and p["step"] <= reference]
     result.earliest_step = int(min(departures)) if departures else None
@@ -300,7 +301,22 @@ def _groups(rows: list[dict[str, Any]], names: list[str], module_types: dict[str
     return groups
 
 
-def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference, rows, config) -> list[dict[str, Any]]:
+@dataclass(frozen=True, kw_only=True)
+class _Window:
+    """The steps one incident's per-tensor scores are computed over."""
+
+    base_steps: np.ndarray
+    """Logged steps of each tensor's baseline (before the scan)."""
+    scan_steps: np.ndarray
+    """Logged steps scanned for departures (lookback window to the peak)."""
+    onset: int
+    peak: int
+    reference: int
+    """The step leads are measured to."""
+
+
+def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict[str, Any]],
+                          config: AnalysisConfig) -> list[dict[str, Any]]:  # fmt: skip
     """Optimizer-state changes before onset that are anomalous against the tensor's own variation.
 
     A level far from the tensor's history is not enough: healthy runs drift (a bias tensor's
@@ -308,6 +324,8 @@ def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference
     changes at a rate its history never showed: its change over `config.sudden_steps` logged steps
     is `z_threshold` robust sigmas off the same change measured over its baseline.
     """
+    base_steps, scan_steps, onset, peak, reference = (window.base_steps, window.scan_steps, window.onset,
+                                                      window.peak, window.reference)  # fmt: skip
     found = []
     if "eps_frac" in layers.columns:
         wide = _wide(layers, "eps_frac")
