@@ -36,14 +36,23 @@ ALIASES: dict[str, tuple[str, ...]] = {
 #: What no importable source has: the per-tensor table, batch fingerprints, checkpoint events.
 _NEVER_IMPORTED = ["layers", "batch fingerprints", "events"]
 _ANALYSED = ("loss", "grad_norm", "lr")
+#: Largest step accepted: float64, which a CSV column of numbers may be read as, holds every whole
+#: number up to 2^53 exactly; a real run is many orders of magnitude below it.
+_MAX_STEP = 2**53
+#: A log in file order steps back only at resumes; more often than once per this many rows, the
+#: rows are shuffled (a random order steps back on every second row).
+_MIN_ROWS_PER_SEGMENT = 3
 
 
 def read_csv(path: str | Path) -> Run:
     """Read a CSV log with a step column and scalar columns such as loss, grad_norm and lr.
 
     Column names are mapped through `ALIASES`; other numeric columns are kept (sanitized names),
-    non-numeric ones are dropped with a warning. Rows keep file order: a step that goes backwards
-    (a resumed run repeating steps) starts a new `segment`.
+    non-numeric ones are dropped with a warning. A step must be a whole number from 0 to 2^53
+    (else `RunFormatError` naming the row). Rows keep file order when it is a log with resumes: a
+    step that goes back and logs earlier steps again (a resumed run) starts a new `segment`. Rows
+    out of order otherwise are sorted by step, with a warning. Rows of the same step within a
+    segment become one row: per column, the last value that is not missing.
 
     Args:
         path: The CSV file.
@@ -74,8 +83,10 @@ def read_csv(path: str | Path) -> Run:
             continue
         columns[str(name)] = values
     frame, renamed = _canonical(columns, source=f"{path}")
-    run = _build(path, "csv", frame, warnings, {"source_file": str(path), "renamed": renamed})
-    return run
+    step_column = next((name for name, canonical in renamed.items() if canonical == "step"), "step")
+    frame = _with_valid_steps(frame, raw[step_column], path, warnings)
+    frame = _in_log_order(frame, path, warnings)
+    return _build(path, "csv", frame, warnings, {"source_file": str(path), "renamed": renamed})
 
 
 def read_tensorboard(path: str | Path) -> Run:
@@ -124,8 +135,6 @@ def read_tensorboard(path: str | Path) -> Run:
                 (e.wall_time, e.step, float(tensor_util.make_ndarray(e.tensor_proto).item())) for e in acc.Tensors(tag)
             ]
             series[prefix + tag] += values
-    for message in warnings:
-        logger.warning("spikedoc: %s", message)
     if not series:
         raise RunFormatError(f"{path}: its TensorBoard event files hold no scalars")
     frame, renamed = _canonical(_pivot(series), source=str(path))
@@ -176,17 +185,109 @@ def _canonical(columns: dict[str, pd.Series], *, source: str) -> tuple[pd.DataFr
     return pd.DataFrame(out), {k: v for k, v in renamed.items() if k != v}
 
 
-def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], meta: dict[str, Any]) -> Run:
-    dropped = int(frame["step"].isna().sum())
+def _with_valid_steps(frame: pd.DataFrame, written: pd.Series, path: Path, warnings: list[str]) -> pd.DataFrame:
+    """Rows with a step, the step as int64; a step that is not a whole number in range is an error.
+
+    Truncating `1.5` or wrapping `1e30` to a negative int64 would analyse a run that was never
+    logged, so the first bad value is named (with its data row, the header not counted) instead.
+    """
+    step = frame["step"].to_numpy(dtype="float64")
+    present = written.notna().to_numpy()
+    for problem, bad in (
+        ("is not a number", present & np.isnan(step)),
+        ("is not a whole number", np.isfinite(step) & (step != np.floor(step))),
+        (f"is out of range (steps count optimizer steps from 0 to {_MAX_STEP:,})",
+         ~np.isnan(step) & ~((step >= 0) & (step <= _MAX_STEP))),
+    ):  # fmt: skip
+        rows = np.flatnonzero(bad)
+        if rows.size:
+            more = f" (and {rows.size - 1} more rows like it)" if rows.size > 1 else ""
+            raise RunFormatError(
+                f"{path}, data row {rows[0] + 1}: step {written.iloc[rows[0]]!s} {problem}{more}; "
+                "fix or delete those rows"
+            )
+    dropped = int(np.isnan(step).sum())
     if dropped:
         warnings.append(f"{path}: dropped {dropped} rows without a step value")
-        frame = frame[frame["step"].notna()]
+        frame = frame.loc[~np.isnan(step)]
+    return frame.assign(step=frame["step"].astype("int64")).reset_index(drop=True)
+
+
+def _in_log_order(frame: pd.DataFrame, path: Path, warnings: list[str]) -> pd.DataFrame:
+    """One row per (segment, step): file order kept when it is a log with resumes, else sorted by step.
+
+    A log written by a run that was resumed from a checkpoint goes back to an earlier step and logs
+    again steps it had already logged; each such rewind starts a new `segment`, so the analysis
+    follows the resume as a lineage and still reports the abandoned branch (as for the segments of
+    a run directory). Rows that step back without re-logging anything, or that step back on more
+    than one row in `_MIN_ROWS_PER_SEGMENT` (a shuffled file does on every second row), are out of
+    order: they are sorted by step, with a warning. Rows of the same step that remain (consecutive
+    in a log, e.g. a logger writing training and validation metrics as two rows of one step) are
+    merged into one: per column, the last value in file order that is not missing. Linear after a
+    sort: O(n log n).
+    """
+    step = frame["step"].to_numpy()
+    if "segment" in frame.columns:  # the file says which segment a row belongs to (an exported run)
+        segment = _whole(frame["segment"], "segment", path)
+        back = (np.diff(segment) < 0) | ((np.diff(segment) == 0) & (np.diff(step) < 0))
+        if back.any():
+            warnings.append(f"{path}: {int(back.sum())} rows go back to an earlier segment or step: sorted by both")
+    else:
+        segment, resumes = _rewinds(step)
+        if not resumes:
+            warnings.append(
+                f"{path}: rows are out of step order ({int((np.diff(step) < 0).sum())} rows go back to an earlier "
+                "step, and not as a resume that logs earlier steps again): sorted by step"
+            )
+    groups = frame.drop(columns="segment", errors="ignore").assign(segment=segment).groupby(["segment", "step"])
+    merged = groups.last()  # per column the last value that is not missing; sorted by (segment, step)
+    if len(merged) < len(frame) and len(merged.columns):
+        conflicts = int((groups.nunique() > 1).any(axis=1).sum())
+        if conflicts:
+            warnings.append(
+                f"{path}: {conflicts} steps were logged more than once with different values: kept, per column, "
+                "the last value in file order"
+            )
+    return merged.reset_index()
+
+
+def _rewinds(step: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Segment per row, and whether every step back is a resume (see `_in_log_order`).
+
+    When not, every row is in segment 0 (the rows are to be sorted).
+    """
+    back = np.flatnonzero(step[1:] < step[:-1]) + 1
+    segment = np.zeros(len(step), dtype=np.int64)
+    if back.size == 0:
+        return segment, True
+    if back.size * _MIN_ROWS_PER_SEGMENT > len(step):
+        return segment, False
+    starts = np.zeros(len(step), dtype=np.int64)
+    starts[back] = 1
+    candidate = np.cumsum(starts)
+    # Segments only grow along the rows, so a step's first row holds the first segment that logged it.
+    _, first_row, inverse = np.unique(step, return_index=True, return_inverse=True)
+    relogged = candidate[first_row][inverse] < candidate  # this row's step was logged by an earlier segment
+    resumed = np.zeros(back.size + 1, dtype=bool)
+    resumed[candidate[relogged]] = True
+    if not resumed[1:].all():
+        return segment, False
+    return candidate, True
+
+
+def _whole(values: pd.Series, name: str, path: Path) -> np.ndarray:
+    """A column that must hold whole numbers, as int64 (missing values are 0)."""
+    numbers = values.fillna(0).to_numpy(dtype="float64")
+    bad = np.flatnonzero(~np.isfinite(numbers) | (numbers != np.floor(numbers)) | (np.abs(numbers) > _MAX_STEP))
+    if bad.size:
+        raise RunFormatError(f"{path}, data row {bad[0] + 1}: {name} {values.iloc[bad[0]]!s} is not a whole number")
+    return numbers.astype(np.int64)
+
+
+def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], meta: dict[str, Any]) -> Run:
+    """The Run of an imported step table whose `step` and `segment` are already whole numbers."""
     frame = frame.reset_index(drop=True)
     frame["step"] = frame["step"].astype("int64")
-    if "segment" not in frame.columns:  # a step that goes backwards is a resume: new segment
-        frame.insert(
-            1, "segment", np.concatenate([[0], np.cumsum(np.diff(frame["step"].to_numpy()) < 0)])[: len(frame)]
-        )
     frame["segment"] = frame["segment"].astype("int32")
     frame["rank"] = np.int64(0)
     frame = frame[["step", "segment", *[c for c in frame.columns if c not in ("step", "segment")]]]
