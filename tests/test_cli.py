@@ -143,6 +143,18 @@ def test_a_step_that_is_not_a_whole_number_is_one_line_and_exit_2(tmp_path):
     assert "data row 2: step 1.5 is not a whole number" in _one_error_line(_analyze(path))
 
 
+def test_a_tensorboard_dir_of_two_runs_is_one_line_naming_them_and_exit_2(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name in ("lr_3e-4", "lr_1e-3"):
+        with SummaryWriter(log_dir=str(tmp_path / "tb" / name)) as writer:
+            for step in range(60):
+                writer.add_scalar("train/loss", 3.0 - 0.01 * step, global_step=step)
+    line = _one_error_line(_analyze(tmp_path / "tb"))
+    assert "holds 2 TensorBoard runs that log a loss (lr_1e-3, lr_3e-4)" in line
+    assert f"spikedoc analyze {tmp_path / 'tb' / 'lr_3e-4'}" in line
+
+
 def test_a_run_from_a_newer_format_version_is_one_line_and_exit_2(clean):
     meta = json.loads((clean / "meta.json").read_text())
     meta["format_version"] = 99

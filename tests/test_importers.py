@@ -259,3 +259,33 @@ def test_tensorboard_tensor_scalars_of_the_tensorboard_summary_writer_are_read(t
     assert list(steps.columns[:2]) == ["step", "segment"]
     assert steps["loss"].tolist() == [3.0, 2.75, 2.5, 2.25]
     assert steps["grad_norm"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_tensorboard_dir_of_two_runs_that_both_log_a_loss_raises_naming_them(tmp_path):
+    _tensorboard(tmp_path / "logs" / "version_0", {"train_loss": [(0, 2.0), (1, 1.5)]})
+    _tensorboard(tmp_path / "logs" / "version_1", {"train_loss": [(0, 2.1), (1, 1.6)]})
+    with pytest.raises(RunFormatError) as info:
+        load(tmp_path / "logs")
+    message = str(info.value)
+    assert "holds 2 TensorBoard runs that log a loss (version_0, version_1)" in message
+    assert f"spikedoc analyze {tmp_path / 'logs' / 'version_1'}" in message and "\n" not in message
+
+
+def test_tensorboard_dir_of_two_runs_of_which_one_logs_a_loss_reads_that_one(tmp_path):
+    _tensorboard(tmp_path / "logs" / "pretrain", {"loss": [(0, 2.0), (1, 1.5)], "lr": [(0, 1e-3), (1, 1e-3)]})
+    _tensorboard(tmp_path / "logs" / "probe", {"accuracy": [(0, 0.5), (5, 0.6)]})
+    run = load(tmp_path / "logs")
+    assert run.steps["step"].tolist() == [0, 1]
+    assert run.steps["loss"].tolist() == [2.0, 1.5]
+    assert "accuracy" not in run.steps.columns and "probe_accuracy" not in run.steps.columns
+    assert run.warnings == ["logs holds 2 TensorBoard runs (pretrain, probe); analysed pretrain, the only one that "
+                            "logs a loss".replace("logs", str(tmp_path / "logs"), 1)]
+    assert all("pretrain" in f for f in run.meta["event_files"])
+
+
+def test_tensorboard_run_in_the_top_folder_keeps_its_tags_beside_a_subfolder_run(tmp_path):
+    _tensorboard(tmp_path, {"loss": [(0, 2.0), (1, 1.5)]})
+    _tensorboard(tmp_path / "eval", {"loss": [(1, 1.75)]})
+    steps = load(tmp_path).steps
+    assert steps["loss"].tolist() == [2.0, 1.5]
+    assert steps["eval_loss"].isna().tolist() == [True, False]

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +107,38 @@ def read_tensorboard(path: str | Path) -> Run:
         >>> run = read_tensorboard("lightning_logs/version_0")  # doctest: +SKIP
         >>> run.steps[["step", "loss", "lr"]].head()  # doctest: +SKIP
     """
-    from tensorboard.backend.event_processing import event_accumulator  # heavy: import on use
-    from tensorboard.util import tensor_util
-
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents.*"))
     if not files:
         raise RunNotFoundError(f"{path} holds no TensorBoard event files (events.out.tfevents.*)")
-    series: dict[str, list[tuple[float, int, float]]] = defaultdict(list)  # tag -> (wall, step, value)
     warnings: list[str] = []
+    runs = _scalars_by_run(files, warnings)
+    if not runs:
+        raise RunFormatError(f"{path}: its TensorBoard event files hold no scalars")
+    frame, renamed = _canonical(_pivot(_prefixed(runs)), source=str(path))
+    if "loss" not in frame.columns and len(runs) > 1:
+        # Sibling runs whose folder names make no loss alias (version_0/, version_1/) are not the
+        # train/ and eval/ of one training but separate trainings: analyse the one with a loss.
+        chosen = _the_run_with_a_loss(path, runs)
+        if chosen is not None:
+            warnings.append(
+                f"{path} holds {len(runs)} TensorBoard runs ({_names(path, runs)}); analysed "
+                f"{_names(path, [chosen])}, the only one that logs a loss"
+            )
+            frame, renamed = _canonical(_pivot(runs[chosen]), source=str(chosen))
+            files = [f for f in files if f.parent == chosen]
+    return _build(path, "tensorboard", frame, warnings, {"event_files": [str(f) for f in files], "renamed": renamed})
+
+
+def _scalars_by_run(files: list[Path], warnings: list[str]) -> dict[Path, dict[str, list[tuple[float, int, float]]]]:
+    """Scalar points, (wall time, step, value) in file order, per tag per TensorBoard run.
+
+    A run, as TensorBoard counts them, is a directory holding event files.
+    """
+    from tensorboard.backend.event_processing import event_accumulator  # heavy: import on use
+    from tensorboard.util import tensor_util
+
+    runs: dict[Path, dict[str, list[tuple[float, int, float]]]] = {}
     for file in files:
         acc = event_accumulator.EventAccumulator(
             str(file), size_guidance={"scalars": 0, "tensors": 0}, purge_orphaned_data=False
@@ -124,30 +148,52 @@ def read_tensorboard(path: str | Path) -> Run:
         except Exception as exc:  # noqa: BLE001 - a corrupt event file is skipped, like a corrupt part
             warnings.append(f"skipped unreadable event file {file}: {' '.join(str(exc).split())}")
             continue
-        prefix = _prefix(files, file)
+        series: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
         tags = acc.Tags()
         for tag in tags.get("scalars", []):
-            series[prefix + tag] += [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)]
+            series[tag] += [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)]
         for tag in tags.get("tensors", []):  # TF2-style scalar summaries are stored as tensors
             if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
                 continue
-            values = [
+            series[tag] += [
                 (e.wall_time, e.step, float(tensor_util.make_ndarray(e.tensor_proto).item())) for e in acc.Tensors(tag)
             ]
-            series[prefix + tag] += values
-    if not series:
-        raise RunFormatError(f"{path}: its TensorBoard event files hold no scalars")
-    frame, renamed = _canonical(_pivot(series), source=str(path))
-    return _build(path, "tensorboard", frame, warnings, {"event_files": [str(f) for f in files], "renamed": renamed})
+        for tag, points in series.items():
+            runs.setdefault(file.parent, defaultdict(list))[tag] += points
+    return runs
 
 
-def _prefix(files: list[Path], file: Path) -> str:
-    # Event files in sibling directories (train/, eval/) are separate TensorBoard runs: their tags
-    # are prefixed with the directory below the common ancestor, so `train/loss` maps to `loss`.
-    parents = {f.parent for f in files}
-    if len(parents) == 1:
-        return ""
-    return file.parent.relative_to(os.path.commonpath(parents)).as_posix() + "/"
+def _prefixed(runs: dict[Path, dict[str, list[tuple[float, int, float]]]]) -> dict[str, list[tuple[float, int, float]]]:
+    """All runs' tags in one table: each run's tags prefixed with its folder below their common
+    ancestor (`train/loss`, `eval/loss`), so the train/ and eval/ runs of one training map to
+    `loss` and `eval_loss`; a run in the common ancestor itself keeps its tags as they are."""
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    common = Path(os.path.commonpath(list(runs)))
+    merged: dict[str, list[tuple[float, int, float]]] = {}
+    for folder, series in runs.items():
+        prefix = "" if folder == common else folder.relative_to(common).as_posix() + "/"
+        merged.update({prefix + tag: points for tag, points in series.items()})
+    return merged
+
+
+def _the_run_with_a_loss(path: Path, runs: dict[Path, dict[str, Any]]) -> Path | None:
+    """The one run that logs a loss tag; None when none does; an error naming them when several do."""
+    losses = set(ALIASES["loss"])
+    with_loss = [folder for folder, series in runs.items() if any(t.strip().lower() in losses for t in series)]
+    if len(with_loss) > 1:
+        raise RunFormatError(
+            f"{path} holds {len(with_loss)} TensorBoard runs that log a loss ({_names(path, with_loss)}): "
+            f"analyse one at a time, e.g. spikedoc analyze {with_loss[-1]}"
+        )
+    return with_loss[0] if with_loss else None
+
+
+def _names(path: Path, folders: Iterable[Path], *, shown: int = 5) -> str:
+    """Run folders relative to the directory given (`.` for the directory itself), the first few."""
+    names = [f.relative_to(path).as_posix() if path.is_dir() else f.as_posix() for f in folders]
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _pivot(series: dict[str, list[tuple[float, int, float]]]) -> dict[str, pd.Series]:
