@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.errors import RunFormatError, RunNotFoundError
+from spikedoc.errors import RunFormatError, RunNotFoundError, one_line
 from spikedoc.store.reader import Run
 
 __all__ = ["ALIASES", "read_csv", "read_tensorboard"]
@@ -74,7 +74,7 @@ def read_csv(path: str | Path) -> Run:
     except pd.errors.EmptyDataError:
         raise RunFormatError(f"{path} is empty: expected a header like step,loss,grad_norm,lr") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
-        raise RunFormatError(f"{path} is not a readable CSV: {' '.join(str(exc).split())}") from None
+        raise RunFormatError(f"{path} is not a readable CSV: {one_line(exc)}") from None
     warnings: list[str] = []
     columns: dict[str, pd.Series] = {}
     for name in raw.columns:
@@ -146,7 +146,7 @@ def _scalars_by_run(files: list[Path], warnings: list[str]) -> dict[Path, dict[s
         try:
             acc.Reload()
         except Exception as exc:  # noqa: BLE001 - a corrupt event file is skipped, like a corrupt part
-            warnings.append(f"skipped unreadable event file {file}: {' '.join(str(exc).split())}")
+            warnings.append(f"skipped unreadable event file {file}: {one_line(exc)}")
             continue
         series: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
         tags = acc.Tags()

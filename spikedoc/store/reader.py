@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError
+from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError, one_line
 from spikedoc.store.schema import EVENT_COLUMNS, EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS
 
 __all__ = ["Run", "load"]
@@ -162,7 +162,7 @@ class Run:
         return self._row_groups
 
     def _skip(self, path: Path, reason: BaseException | str) -> None:
-        message = f"skipped unreadable part {path}: {_one_line(reason)}"
+        message = f"skipped unreadable part {path}: {one_line(reason)}"
         if message not in self.warnings:
             self.warnings.append(message)
             logger.warning("spikedoc: %s", message)
@@ -228,7 +228,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RunFormatError(f"{path} is not readable JSON: {_one_line(exc)}") from None
+        raise RunFormatError(f"{path} is not readable JSON: {one_line(exc)}") from None
     if not isinstance(meta, dict):
         raise RunFormatError(f"{path} must hold a JSON object, found {type(meta).__name__}")
     version = meta.get("format_version")
@@ -284,7 +284,7 @@ def _not_whole_parquet(path: Path) -> str | None:
             file.seek(-8, os.SEEK_END)
             tail = file.read(8)
     except OSError as exc:
-        return _one_line(exc)
+        return one_line(exc)
     footer = int.from_bytes(tail[:4], "little")
     if tail[4:] != _MAGIC or not 0 < footer <= size - 12:
         return "no Parquet footer at its end (cut short or not a Parquet file)"
@@ -412,6 +412,3 @@ def _wanted(present: list[str], columns: Iterable[str] | None) -> list[str] | No
 def _empty(columns: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
 
-
-def _one_line(reason: BaseException | str) -> str:
-    return " ".join(str(reason).split()) or type(reason).__name__
