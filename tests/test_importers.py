@@ -289,3 +289,8 @@ def test_tensorboard_run_in_the_top_folder_keeps_its_tags_beside_a_subfolder_run
     steps = load(tmp_path).steps
     assert steps["loss"].tolist() == [2.0, 1.5]
     assert steps["eval_loss"].isna().tolist() == [True, False]
+
+
+def test_csv_segment_that_is_not_a_whole_number_raises_naming_its_data_row(tmp_path):
+    with pytest.raises(RunFormatError, match=r"data row 3: segment 0.5 is not a whole number"):
+        read_csv(_csv(tmp_path, "step,segment,loss\n0,0,3\n,0,2.9\n2,0.5,2.8\n"))

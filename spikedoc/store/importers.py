@@ -256,7 +256,7 @@ def _with_valid_steps(frame: pd.DataFrame, written: pd.Series, path: Path, warni
     if dropped:
         warnings.append(f"{path}: dropped {dropped} rows without a step value")
         frame = frame.loc[~np.isnan(step)]
-    return frame.assign(step=frame["step"].astype("int64")).reset_index(drop=True)
+    return frame.assign(step=frame["step"].astype("int64"))  # the index stays the data row, for errors
 
 
 def _in_log_order(frame: pd.DataFrame, path: Path, warnings: list[str]) -> pd.DataFrame:
@@ -322,11 +322,13 @@ def _rewinds(step: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def _whole(values: pd.Series, name: str, path: Path) -> np.ndarray:
-    """A column that must hold whole numbers, as int64 (missing values are 0)."""
+    """A column that must hold whole numbers, as int64 (missing values are 0); its index is the data row."""
     numbers = values.fillna(0).to_numpy(dtype="float64")
     bad = np.flatnonzero(~np.isfinite(numbers) | (numbers != np.floor(numbers)) | (np.abs(numbers) > _MAX_STEP))
     if bad.size:
-        raise RunFormatError(f"{path}, data row {bad[0] + 1}: {name} {values.iloc[bad[0]]!s} is not a whole number")
+        raise RunFormatError(
+            f"{path}, data row {values.index[bad[0]] + 1}: {name} {values.iloc[bad[0]]!s} is not a whole number"
+        )
     return numbers.astype(np.int64)
 
 
