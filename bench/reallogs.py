@@ -1,15 +1,18 @@
-"""Score the spike detector on public training logs nobody here wrote (../shared/reallogs).
+"""Score the spike detector on public training logs nobody here wrote (modded-nanogpt, BigScience).
 
-    python bench/reallogs.py [--reallogs /work/shared/reallogs] [--no-write]
+    python bench/reallogs.py --reallogs DIR [--no-write]      # or: SPIKEDOC_REALLOGS=DIR python bench/reallogs.py
 
-Writes the `reallogs` section of BENCHMARKS.md (and prints it). Nothing here is tuned: the detector
-runs with its defaults (docs/detection.md) and the numbers are what they are.
+DIR holds the logs extracted from their public sources; bench/README.md says what it holds and
+where each file comes from. Writes the `reallogs` section of BENCHMARKS.md (and prints it).
+Nothing here is tuned: the detector runs with its defaults (docs/detection.md) and the numbers are
+what they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -25,7 +28,10 @@ from spikedoc.analysis.config import AnalysisConfig  # noqa: E402
 from spikedoc.analysis.lr_response import level_sigma, window_level  # noqa: E402
 from spikedoc.analysis.detect import DetectorConfig, StreamingDetector, find_incidents, flag_series, spike_score  # noqa: E402
 
-_DEFAULT_ROOT = Path("/work/shared/reallogs")
+#: Where the logs are when --reallogs is not given.
+_ENV = "SPIKEDOC_REALLOGS"
+#: What the folder must hold (bench/README.md, "Real logs").
+_NEEDED = ("modded-nanogpt/runs", "modded-nanogpt/recurring_spike_steps.csv", "bigscience-chronicles/documented_events.csv")
 
 # Per-incident BigScience files and the documented event each one holds (documented_events.csv).
 _SNIPPETS = {
@@ -324,17 +330,35 @@ def _lr_jump_false_alarms(frames: dict[str, pd.DataFrame], per_run: int = 100) -
             f"**{100 * fired:.2f}%** would fire.")
 
 
+def _data_root(given: Path | None) -> Path:
+    """The folder of real logs: --reallogs, else $SPIKEDOC_REALLOGS; ValueError saying why it is unusable."""
+    root = given or (Path(os.environ[_ENV]) if os.environ.get(_ENV) else None)
+    if root is None:
+        raise ValueError(f"say where the real logs are: --reallogs DIR or {_ENV}=DIR "
+                         "(bench/README.md, 'Real logs', says what DIR holds and where to get it)")  # fmt: skip
+    missing = [need for need in _NEEDED if not (root / need).exists()]
+    if missing:
+        raise ValueError(f"{root} has no {missing[0]}: not the folder of real logs described in bench/README.md")
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reallogs", type=Path, default=_DEFAULT_ROOT, help="folder with the real logs")
+    parser.add_argument("--reallogs", type=Path, default=None,
+                        help=f"folder with the real logs (bench/README.md); default: ${_ENV}")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
-    nanogpt_md, frames = _nanogpt(args.reallogs / "modded-nanogpt")
-    bigscience_md = _bigscience(args.reallogs / "bigscience-chronicles")
+    try:
+        root = _data_root(args.reallogs)
+    except ValueError as exc:
+        parser.error(str(exc))  # one line and exit code 2, like any other bad argument
+    nanogpt_md, frames = _nanogpt(root / "modded-nanogpt")
+    bigscience_md = _bigscience(root / "bigscience-chronicles")
     md = "\n".join([
         "## Spike detector on real training logs",
         "",
-        "Command: `python bench/reallogs.py` (data: `../shared/reallogs`, see its README and PROVENANCE.md files). "
+        "Command: `python bench/reallogs.py --reallogs DIR` (the logs extracted from modded-nanogpt and the "
+        "BigScience logbooks, see bench/README.md). "
         f"Detector defaults: `{DetectorConfig()}`.",
         machine_line(),
         "",
@@ -354,7 +378,7 @@ def main() -> None:
         "",
         "What the window does to the scores above (same data, every other setting at its default):",
         "",
-        _ablation(frames, pd.read_csv(args.reallogs / "modded-nanogpt" / "recurring_spike_steps.csv")),
+        _ablation(frames, pd.read_csv(root / "modded-nanogpt" / "recurring_spike_steps.csv")),
         "",
         _lr_jump_false_alarms(frames),
     ])
