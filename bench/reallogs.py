@@ -47,6 +47,32 @@ _SNIPPETS = {
 _KINK_REGION = (0.65, 0.85)  # "the kink in the loss curve ~75% of the way to the end"
 
 
+def _analyze_runs(runs: list[Path]) -> dict:
+    """Verdict, severity and rollback counts of `spikedoc.analyze` over the speedrun logs."""
+    import spikedoc
+
+    recurring = pd.read_csv(runs[0].parent.parent / "recurring_spike_steps.csv")
+    spots = {(name, int(step)) for step, names in zip(recurring["step"], recurring["runs"]) for name in names.split(";")}
+    verdicts, severities = Counter(), Counter()
+    rollbacks = attention = hits = minor = 0
+    for csv in runs:
+        diagnosis = spikedoc.analyze(csv)
+        attention += diagnosis.needs_attention
+        for inc in diagnosis.incidents:
+            verdicts[inc.verdict] += 1
+            severities[inc.severity] += 1
+            rollbacks += bool(inc.recommendation.get("rollback"))
+            if any((csv.stem, s) in spots for s in range(inc.onset_step - 1, inc.end_step + 2)):
+                hits += 1
+                minor += inc.severity == "minor"
+    return {"verdict": verdicts, "severity": severities, "rollback": rollbacks, "attention": attention,
+            "recurring": hits, "recurring_minor": minor}
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{k} **{v}**" for k, v in sorted(counter.items()))
+
+
 def _group(csv: Path) -> str:
     return csv.stem.split("__")[1]
 
@@ -141,6 +167,9 @@ def _nanogpt(root: Path) -> tuple[str, dict]:
     kink_multi = sum(i.end_step > i.onset_step for v in kink_steps.values() for i in v)
     kink_data = kink_multi == 0 and all("ScaleShortcuts" in row for row in kink)
 
+    # What analyze concludes on the same runs: verdicts against the trajectory, severities, advice.
+    judged = _analyze_runs(runs)
+
     # Streaming and offline must agree on real series, not only on synthetic ones.
     agree = all(_streaming_matches(frames[n]["step"], frames[n]["loss"]) for n in frames)
     md = [
@@ -153,6 +182,11 @@ def _nanogpt(root: Path) -> tuple[str, dict]:
         *table,
         "",
         f"Persistent (not recovered) incidents: **{t['unrec']}**; divergences: **{t['div']}** (target: 0 on healthy runs).",
+        "",
+        f"`spikedoc.analyze` on the same 75 runs: verdicts {_counts(judged['verdict'])}; severities "
+        f"{_counts(judged['severity'])}; rollbacks recommended: **{judged['rollback']}**; runs whose exit code would be 1 "
+        f"(a moderate or severe incident): {judged['attention']}/{len(runs)}. Recurring data-spike steps that are "
+        f"`minor`: {judged['recurring_minor']}/{judged['recurring']}.",
         "`median loss spike score` is OLMo 2's metric (share of steps > 7 std above the previous 1000 steps' mean).",
         "",
         f"**Recurring one-step data-driven spikes** (`recurring_spike_steps.csv`, every listed run/step pair, step +-1): "
