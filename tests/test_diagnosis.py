@@ -106,11 +106,25 @@ def test_a_detector_config_is_accepted_in_place_of_an_analysis_config(spiky):
     assert not analyze(spiky, config=AnalysisConfig(detector=DetectorConfig())).healthy
 
 
-def test_a_loss_column_without_a_finite_value_is_unusable_input(tmp_path):
+def test_a_run_with_neither_a_finite_loss_nor_a_finite_grad_norm_is_unusable_input(tmp_path):
     steps = healthy_steps(n=50)
     steps["loss"] = np.nan
-    with pytest.raises(RunFormatError, match="loss column holds no finite value"):
+    steps["grad_norm"] = np.nan
+    with pytest.raises(RunFormatError, match="neither a loss nor a grad norm with a finite value"):
         analyze(write_run(tmp_path / "run", steps))
+
+
+@pytest.mark.parametrize("how", ["nan", "no_column"])
+def test_a_run_without_a_loss_is_analysed_on_its_grad_norm_and_says_what_it_could_not_do(tmp_path, how):
+    steps = healthy_steps()
+    steps.loc[T, "grad_norm"] *= 40
+    steps = steps.assign(loss=np.nan) if how == "nan" else steps.drop(columns="loss")
+    diagnosis = analyze(write_run(tmp_path / "run", steps, healthy_layers(steps)))
+    assert [(i.kind, i.onset_step, i.metric) for i in diagnosis.incidents] == [("grad_spike", T, "grad_norm")]
+    assert diagnosis.incidents[0].layers, "the layers are still attributed"
+    assert not any("the loss did not react" in sentence for sentence in diagnosis.incidents[0].evidence)
+    assert "loss" in diagnosis.missing and diagnosis.spike_score["loss"] is None
+    assert any(w.startswith("no finite loss recorded: incidents are found on the grad norm alone") for w in diagnosis.warnings)
 
 
 def test_a_grad_norm_column_without_a_finite_value_is_named_missing(tmp_path):
