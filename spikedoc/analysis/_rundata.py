@@ -88,7 +88,9 @@ def clip_in_use(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
         loop = finite(pd.to_numeric(steps["clip_max_norm"], errors="coerce"))
         loop = loop[loop > 0]
         if loop.size:
-            return float(loop[-1])  # a max norm changed during the run: the one in force at its end
+            # A max norm changed during the run: the one in force at its end. Stored as float32:
+            # 7 significant digits give back the value the loop passed (0.3, not 0.30000001).
+            return float(f"{loop[-1]:.7g}")
     if {"clip_coef", "grad_norm"} <= set(steps.columns):
         coef = steps["clip_coef"].to_numpy(dtype=float)
         grad = steps["grad_norm"].to_numpy(dtype=float)
