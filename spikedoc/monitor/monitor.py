@@ -57,7 +57,7 @@ class Monitor:
 
     Created by `spikedoc.watch`; see it for the arguments. Step table columns: `step`, `time`,
     `step_time`, `loss`, `micro_batches`, `lr` (`lr_<i>` for group i > 0), `grad_norm`,
-    `clip_coef`, `param_norm`, `update_norm`, `nonfinite_grads`, `loss_scale`, `skipped`,
+    `clip_coef`, `clip_max_norm`, `param_norm`, `update_norm`, `nonfinite_grads`, `loss_scale`, `skipped`,
     `samples`, `tokens`, `sample_offset`, `sample_ids`, `sample_losses`, `batch_hash`,
     `input_shapes`, `seq_len_min`, `seq_len_median`, `seq_len_max`, `distinct_token_ratio`, plus
     any extra scalar given to `record`. Layer table columns: `step`, `name`, `grad_norm`,
@@ -515,7 +515,9 @@ def watch(
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
 
     Attaches forward hooks (loss, micro-batch count, batch fingerprint) and optimizer step hooks
-    (gradient, parameter, update and optimizer-state statistics). The training loop stays as it is.
+    (gradient, parameter, update and optimizer-state statistics), and observes the loop's own
+    `clip_grad_norm_` (gradient statistics before it, its coefficient and max norm). The training
+    loop stays as it is; a step that ends with no loss captured or recorded warns once.
     Monitoring failures never stop training: they warn once and count in `Monitor.dropped_rows`.
 
     Args:
@@ -525,7 +527,8 @@ def watch(
             segment appended.
         every: Write a step row every `every` steps.
         layer_every: Write per-tensor layer rows every `layer_every` steps.
-        clip: Clip gradients to this global L2 norm (drop your own `clip_grad_norm_` call).
+        clip: Clip gradients to this global L2 norm (instead of a `clip_grad_norm_` in the loop,
+            which is observed and recorded when there is one).
         scaler: The `torch.amp.GradScaler` in use, to record the loss scale and skipped steps.
         flush_every: Step rows per Parquet part (the most a crash loses when steps are fast).
         flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
