@@ -117,6 +117,7 @@ class Monitor:
             self._fail("open", exc)
         pre = torch.compiler.disable(self._on_forward_pre)  # runs eagerly around compiled graphs
         post = torch.compiler.disable(self._on_forward)
+        self._clip_hook = torch.compiler.disable(self._on_clip)  # a compiled train step: a graph break
         self._handles += [
             model.register_forward_pre_hook(pre, with_kwargs=True),
             model.register_forward_hook(post, with_kwargs=True),
@@ -334,13 +335,12 @@ class Monitor:
 
     def before_clip(self, params: list[Tensor], max_norm: float) -> None:
         """The loop's own norm clip is about to scale the gradients: take their statistics first."""
-        self._on_clip(params, max_norm, None)
+        self._clip_hook(params, max_norm, None)
 
     def after_clip(self, params: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
         """The loop's own norm clip is done: note the coefficient it applied and its max norm."""
-        self._on_clip(params, max_norm, total_norm)
+        self._clip_hook(params, max_norm, total_norm)
 
-    @torch.compiler.disable  # a compiled train step runs this eagerly (a graph break)
     def _on_clip(self, params: list[Tensor], max_norm: float, total_norm: Tensor | None) -> None:
         st = self._cur
         # max_norm=inf scales by 1: a loop (or a test) measuring the norm, not clipping.
