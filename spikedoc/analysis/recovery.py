@@ -1,0 +1,384 @@
+"""Recovery and lasting damage: is the loss back on the trajectory it was on before an incident?
+
+The spike detector's band (7 robust sigmas) is built to flag a spike, not to certify a recovery: a
+loss can fall back inside it and still stay well above where the healthy run was heading. This
+module judges recovery against the pre-incident trajectory instead: the trend of the healthy
+steps before onset, extrapolated, with a tolerance in the series' own robust sigma, held for a
+stretch of steps. One implementation (`RecoveryTracker.update`) serves the offline judgement of
+`analyze` (`judge_recovery`) and the online one of the guard, so both agree by construction.
+
+The trajectory is a robust straight line in log(step + 1): loss curves fall roughly as a power of
+the step, so over a few hundred steps a line in log-step follows them and, unlike a line in the
+step itself, flattens as it is extrapolated (docs/detection.md, "Recovery and damage", has the
+measurements behind every default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from spikedoc.analysis._robust import MAD_TO_SIGMA
+
+__all__ = ["VERDICTS", "RecoveryConfig", "Trajectory", "RecoveryState", "RecoveryTracker", "fit_trajectory", "judge_recovery"]
+
+#: Final verdicts on an incident's aftermath, from harmless to worst.
+VERDICTS = ("recovered", "recovered_with_damage", "persistent", "divergence")
+
+_STATE_FORMAT = 1
+
+
+@dataclass(kw_only=True)
+class RecoveryConfig:
+    """Settings of the recovery judgement (defaults measured in docs/detection.md).
+
+    Example:
+        >>> RecoveryConfig().hold_steps
+        20
+    """
+
+    fit_steps: int = 100
+    """Healthy steps before onset that fit the trajectory (the detector's window)."""
+    min_fit_steps: int = 20
+    """Fewer healthy steps than this: no trajectory, recovery judged against the last level only."""
+    hold_steps: int = 20
+    """Consecutive steps whose median excess must be within the tolerance: recovered means back and
+    staying back, not one point inside a band."""
+    tolerance_sigma: float = 2.0
+    """Largest median excess over the trajectory, in the series' robust sigma, that counts as on it.
+    The median of `hold_steps` noisy values has about a quarter of the noise of one value."""
+    min_damage_ratio: float = 0.01
+    """Practical size: a median excess below this fraction of the trajectory is never damage, however
+    many sigmas it is on a very smooth loss."""
+    band_sigma: float = 7.0
+    """Median excess (sigmas) above which the loss is still out of the spike band: `persistent`
+    rather than `recovered_with_damage` (the detector's threshold)."""
+    patience_steps: int = 50
+    """Online: steps after onset by which the judgement is decided even if the loss never settles."""
+    horizon_steps: int = 100
+    """Offline: lasting damage is measured this many steps after the incident's end."""
+    nonfinite_steps: int = 3
+    """Consecutive non-finite losses that make the incident a divergence."""
+    slope_share: float = 0.5
+    """Share of the pre-onset slope (in log-step) the extrapolation keeps: loss curves flatten."""
+
+    def __post_init__(self) -> None:
+        for name in ("fit_steps", "min_fit_steps", "hold_steps", "patience_steps", "horizon_steps", "nonfinite_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RecoveryConfig.{name} must be a positive integer, got {value!r}")
+        if self.min_fit_steps > self.fit_steps:
+            raise ValueError(f"RecoveryConfig.min_fit_steps ({self.min_fit_steps}) must not exceed fit_steps ({self.fit_steps})")
+        for name in ("tolerance_sigma", "band_sigma"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"RecoveryConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.band_sigma <= self.tolerance_sigma:
+            raise ValueError("RecoveryConfig.band_sigma must exceed tolerance_sigma: the band flags spikes, the tolerance certifies recovery")
+        if not (isinstance(self.min_damage_ratio, (int, float)) and 0 <= self.min_damage_ratio < 1):
+            raise ValueError(f"RecoveryConfig.min_damage_ratio must be in [0, 1), got {self.min_damage_ratio!r}")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """loss(step) ~ intercept + slope * log(step + 1), and the spread of the healthy steps around it."""
+
+    intercept: float
+    slope: float
+    """Never positive: a loss is not expected to rise, so a rising history cannot excuse a rise."""
+    sigma: float
+    """Robust sigma (MAD) of the healthy steps' residuals, floored at 0.1% of the level."""
+    fit_steps: int
+    """Healthy steps the fit used (0: too few, a flat line at their median)."""
+
+    anchor: float = 0.0
+    """log(step + 1) of the last healthy step: the extrapolation starts there."""
+    slope_share: float = 1.0
+
+    def at(self, step: float) -> float:
+        """The loss the healthy run was heading for at `step`."""
+        x = math.log(step + 1.0)
+        if x <= self.anchor:
+            return self.intercept + self.slope * x
+        return self.intercept + self.slope * (self.anchor + self.slope_share * (x - self.anchor))
+
+
+# Smallest sigma believed, as a fraction of the level (the detector's scale_floor).
+_SIGMA_FLOOR = 1e-3
+
+
+def fit_trajectory(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray, config: RecoveryConfig | None = None) -> Trajectory:
+    """Robust (Theil-Sen) line of the loss in log(step + 1) through the last `fit_steps` finite points.
+
+    Args:
+        steps: healthy steps before onset, oldest first.
+        losses: their losses.
+        config: `fit_steps`, `min_fit_steps`.
+
+    Example:
+        >>> steps = list(range(100, 200))
+        >>> t = fit_trajectory(steps, [5.0 - 0.5 * math.log(s + 1) for s in steps])
+        >>> round(t.at(150), 3) == round(5.0 - 0.5 * math.log(151), 3)   # on the fitted stretch
+        True
+        >>> t.at(300) > 5.0 - 0.5 * math.log(301)   # beyond it, at half the slope: curves flatten
+        True
+    """
+    config = config or RecoveryConfig()
+    x = np.log(np.asarray(steps, dtype=np.float64) + 1.0)
+    y = np.asarray(losses, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep][-config.fit_steps :], y[keep][-config.fit_steps :]
+    if y.size == 0:
+        return Trajectory(math.nan, 0.0, math.nan, 0)
+    if y.size < config.min_fit_steps:
+        level = float(np.median(y))
+        return Trajectory(level, 0.0, _robust_sigma(y - level, level), 0)
+    i, j = np.triu_indices(x.size, k=1)
+    dx = x[j] - x[i]
+    ok = dx > 0
+    slope = min(0.0, float(np.median((y[j] - y[i])[ok] / dx[ok]))) if ok.any() else 0.0
+    intercept = float(np.median(y - slope * x))
+    level = intercept + slope * float(x[-1])
+    return Trajectory(intercept, slope, _robust_sigma(y - (intercept + slope * x), level), int(y.size),
+                      float(x[-1]), config.slope_share)
+
+
+def _robust_sigma(residuals: np.ndarray, level: float) -> float:
+    mad = float(np.median(np.abs(residuals - np.median(residuals))))
+    return max(MAD_TO_SIGMA * mad, _SIGMA_FLOOR * abs(level), 1e-12)
+
+
+@dataclass(frozen=True)
+class RecoveryState:
+    """The judgement after one more step of an incident's aftermath."""
+
+    step: int
+    verdict: str
+    """`pending` while undecided, else one of VERDICTS."""
+    decided: bool
+    """Final enough to act on: back on the trajectory for `hold_steps`, non-finite for
+    `nonfinite_steps`, or `patience_steps` after onset."""
+    excess_ratio: float
+    """Median loss over the last `hold_steps` / the trajectory there, minus 1 (nan before any)."""
+    excess_sigma: float
+    """That median excess in the trajectory's sigma (inf when non-finite)."""
+    back_step: int | None
+    """First step of the first stretch back on the trajectory, if any."""
+
+
+class RecoveryTracker:
+    """Follows one incident's aftermath step by step against the pre-incident trajectory.
+
+    Example:
+        >>> history = list(range(0, 150))
+        >>> tracker = RecoveryTracker(150, history, [3.0] * 150)
+        >>> states = [tracker.update(s, 6.0 if s == 150 else 3.0) for s in range(150, 200)]
+        >>> states[-1].verdict, states[-1].back_step
+        ('recovered', 151)
+    """
+
+    def __init__(
+        self,
+        onset_step: int,
+        history_steps: Sequence[int] | np.ndarray,
+        history_losses: Sequence[float] | np.ndarray,
+        *,
+        config: RecoveryConfig | None = None,
+    ) -> None:
+        self.config = config or RecoveryConfig()
+        self.onset_step = int(onset_step)
+        self.trajectory = fit_trajectory(history_steps, history_losses, self.config)
+        self._recent: deque[float] = deque(maxlen=self.config.hold_steps)
+        self._recent_steps: deque[int] = deque(maxlen=self.config.hold_steps)
+        self._nonfinite_run = 0
+        self._back_step: int | None = None
+        self._peak_excess = -math.inf
+        self._last: RecoveryState | None = None
+
+    @property
+    def usable(self) -> bool:
+        """A trajectory could be fitted (some finite history before onset)."""
+        return math.isfinite(self.trajectory.intercept)
+
+    def update(self, step: int, loss: float) -> RecoveryState:
+        """Judge the aftermath after `step`'s loss (call for every step from onset on)."""
+        cfg, t = self.config, self.trajectory
+        step, loss = int(step), float(loss)
+        if not math.isfinite(loss):
+            self._nonfinite_run += 1
+            self._recent.clear()
+            self._recent_steps.clear()
+            diverged = self._nonfinite_run >= cfg.nonfinite_steps
+            state = RecoveryState(step, "divergence" if diverged else "pending", diverged, math.inf, math.inf, self._back_step)
+            self._last = state
+            return state
+        self._nonfinite_run = 0
+        expected = t.at(step)
+        self._recent.append(loss - expected)
+        self._recent_steps.append(step)
+        excess = float(np.median(self._recent))
+        ratio = excess / expected if expected > 0 else math.nan
+        sigmas = excess / t.sigma
+        full = len(self._recent) == cfg.hold_steps
+        if full:
+            self._peak_excess = max(self._peak_excess, sigmas)
+        on_track = full and (sigmas <= cfg.tolerance_sigma or ratio < cfg.min_damage_ratio)
+        if on_track and self._back_step is None:
+            # The stretch's first step that is itself within the tolerance (the stretch may hold the spike).
+            limit = max(cfg.tolerance_sigma * t.sigma, cfg.min_damage_ratio * expected)
+            self._back_step = next((s for s, r in zip(self._recent_steps, self._recent) if r <= limit), self._recent_steps[0])
+        verdict = self._verdict(sigmas, ratio, on_track, full)
+        decided = verdict == "recovered" or step - self.onset_step >= cfg.patience_steps
+        state = RecoveryState(step, verdict if decided else "pending", decided, ratio, sigmas, self._back_step)
+        self._last = state
+        return state
+
+    def _verdict(self, sigmas: float, ratio: float, on_track: bool, full: bool) -> str:
+        if on_track:
+            return "recovered"
+        if not full:
+            return "persistent"
+        if sigmas > self.config.band_sigma:
+            # Still out of the band: rising to its worst yet is a divergence, staying up persistent.
+            return "divergence" if sigmas >= self._peak_excess and ratio > 0.5 else "persistent"
+        return "recovered_with_damage"
+
+    @property
+    def last(self) -> RecoveryState | None:
+        """The latest state (None before the first update)."""
+        return self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here; plain JSON types only."""
+        return {
+            "format": _STATE_FORMAT,
+            "config": asdict(self.config),
+            "onset_step": self.onset_step,
+            "trajectory": asdict(self.trajectory),
+            "recent": list(self._recent),
+            "recent_steps": list(self._recent_steps),
+            "nonfinite_run": self._nonfinite_run,
+            "back_step": self._back_step,
+            "peak_excess": None if self._peak_excess == -math.inf else self._peak_excess,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`; raises ValueError when it is malformed or from other settings."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a recovery tracker state of format {_STATE_FORMAT}")
+        if state.get("config") != asdict(self.config):
+            raise ValueError("recovery tracker state was saved with other RecoveryConfig settings; build the tracker with them")
+        try:
+            t = state["trajectory"]
+            self.onset_step = int(state["onset_step"])
+            self.trajectory = Trajectory(float(t["intercept"]), float(t["slope"]), float(t["sigma"]), int(t["fit_steps"]),
+                                         float(t["anchor"]), float(t["slope_share"]))
+            self._recent = deque((float(v) for v in state["recent"]), maxlen=self.config.hold_steps)
+            self._recent_steps = deque((int(v) for v in state["recent_steps"]), maxlen=self.config.hold_steps)
+            self._nonfinite_run = int(state["nonfinite_run"])
+            self._back_step = None if state["back_step"] is None else int(state["back_step"])
+            peak = state["peak_excess"]
+            self._peak_excess = -math.inf if peak is None else float(peak)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed recovery tracker state: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """`judge_recovery`'s answer for one incident."""
+
+    verdict: str
+    """One of VERDICTS."""
+    back_step: int | None
+    """First step of the first stretch back on the trajectory (None: never)."""
+    damage_step: int
+    """Step the lasting damage was measured at (`horizon_steps` after the end, or the last step)."""
+    excess_ratio: float
+    excess_sigma: float
+    trajectory: Trajectory
+    observed_steps: int
+    """Steps after the incident's end that the judgement saw (fewer than the horizon: the run ended)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "back_step": self.back_step,
+            "damage_step": self.damage_step,
+            "excess_ratio": self.excess_ratio,
+            "excess_sigma": self.excess_sigma,
+            "observed_steps": self.observed_steps,
+            "trajectory": {"intercept": self.trajectory.intercept, "slope": self.trajectory.slope,
+                           "sigma": self.trajectory.sigma, "fit_steps": self.trajectory.fit_steps},
+        }
+
+
+def judge_recovery(
+    steps: np.ndarray,
+    losses: np.ndarray,
+    *,
+    onset_step: int,
+    end_step: int,
+    healthy: np.ndarray | None = None,
+    config: RecoveryConfig | None = None,
+) -> Recovery | None:
+    """Offline verdict on one incident: the tracker run from onset to `horizon_steps` after the end.
+
+    Args:
+        steps: the lineage's steps, in order.
+        losses: its losses.
+        onset_step: the incident's first flagged step.
+        end_step: its last flagged step.
+        healthy: mask of the steps that may fit the trajectory (not flagged); None: every finite one.
+        config: settings.
+
+    Returns:
+        The `Recovery`, or None when no finite loss precedes the onset (nothing to compare with).
+
+    Example:
+        >>> import numpy as np
+        >>> steps = np.arange(300)
+        >>> loss = 4.0 - 0.2 * np.log(steps + 1.0)
+        >>> loss[200:] += 0.3                      # a jump that never goes away
+        >>> judge_recovery(steps, loss, onset_step=200, end_step=205).verdict
+        'persistent'
+    """
+    config = config or RecoveryConfig()
+    steps = np.asarray(steps)
+    losses = np.asarray(losses, dtype=np.float64)
+    before = steps < onset_step
+    if healthy is not None:
+        before &= np.asarray(healthy, dtype=bool)
+    tracker = RecoveryTracker(onset_step, steps[before], losses[before], config=config)
+    if not tracker.usable:
+        return None
+    stop = end_step + config.horizon_steps
+    after = np.flatnonzero((steps >= onset_step) & (steps <= stop))
+    state = None
+    for i in after:
+        state = tracker.update(int(steps[i]), float(losses[i]))
+        if state.verdict == "divergence" and state.decided and not math.isfinite(state.excess_sigma):
+            break
+    if state is None:
+        return None
+    verdict = _final_verdict(tracker, state)
+    observed = int(np.count_nonzero((steps > end_step) & (steps <= stop)))
+    return Recovery(verdict, tracker.last.back_step if tracker.last else None, state.step,
+                    state.excess_ratio, state.excess_sigma, tracker.trajectory, observed)
+
+
+def _final_verdict(tracker: RecoveryTracker, state: RecoveryState) -> str:
+    # At the horizon (or the run's end) the verdict is what the last stretch says, decided or not;
+    # a run that ends less than `hold_steps` after the incident is judged on the steps it has.
+    if state.verdict != "pending":
+        return state.verdict
+    if not math.isfinite(state.excess_sigma):
+        return "divergence"
+    cfg = tracker.config
+    if state.excess_sigma <= cfg.tolerance_sigma or state.excess_ratio < cfg.min_damage_ratio:
+        return "recovered"
+    return tracker._verdict(state.excess_sigma, state.excess_ratio, False, True)
