@@ -352,8 +352,8 @@ class Monitor:
             if total_norm is None:
                 if st.grads_taken and st.clipped_versions == self._grad_versions():
                     return  # clipped again with nothing in between: the statistics stand
-                if st.grads_taken:  # a backward since the last clip: what the next clip sees is new
-                    st.grads_taken = False
+                if st.grads_taken:  # a backward since the last clip (one clip per micro-batch): start over
+                    self._drop_grad_stats(st)
                 self._lane.join()  # the last step's job: its parameter norms are read here
                 self._replan_if_groups_changed()
                 grad_stats(self, st, clip=None, now=True)
@@ -367,18 +367,25 @@ class Monitor:
         return [-1 if p.grad is None else p.grad._version for p in self._params]
 
     def _grads_changed_after_clip(self, st: StepRecord) -> None:
-        # Gradients changed between the loop's clip and the step (a backward after clipping, e.g.
-        # clipping every micro-batch): the statistics from before the clip are not this step's.
-        # Take them again now, from the gradients the step uses, and say so once.
+        # Gradients changed between the loop's last clip and the step (a backward after the clip):
+        # the statistics from before the clip are not this step's. Take them again now, from the
+        # gradients the step uses, and say so once.
         if "grads_after_clip" not in self._warned:
             self._warned.add("grads_after_clip")
             warnings.warn(
-                "spikedoc: the gradients changed after clip_grad_norm_ and before optimizer.step() (clipping "
-                "every micro-batch?); grad_norm of such steps is measured at the step, after clipping",
+                "spikedoc: the gradients changed after clip_grad_norm_ and before optimizer.step() (a backward() "
+                "after the clip?); grad_norm of such steps is measured at the step, after clipping",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_level(),
             )
+        self._drop_grad_stats(st)
+
+    @staticmethod
+    def _drop_grad_stats(st: StepRecord) -> None:
+        # Until the step hooks run, the packer holds only gradient statistics (the rest is queued
+        # after the step): a fresh one forgets the stale ones.
         st.grads_taken = False
+        st.packer = Packer()
 
     def _replan_if_groups_changed(self) -> None:
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self._params):
