@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import watch_config
-from spikedoc.analysis._robust import finite
+from spikedoc.analysis._robust import finite, was_clipped
 from spikedoc.analysis.context import _START_SEEN, warmup
 from spikedoc.analysis.detect import spike_score
 
@@ -43,11 +43,17 @@ class PieceData:
     `healthy` marks the steps the loss detector did not flag (they may fit a trajectory);
     `first_up_jump` is the first upward LR discontinuity of the lineage, if any: the schedule's
     intended peak and its warmup are read from the LR before it, never from the jumped LR.
+    `piece` (the lineage piece), `incidents` (all found on it), `jumps` (its LR discontinuities),
+    `resume` and `moments_ratio` (its resume check) are the piece's own context.
     """
 
     def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]], *,
-                 healthy: np.ndarray | None = None, first_up_jump: int | None = None) -> None:  # fmt: skip
+                 healthy: np.ndarray | None = None, first_up_jump: int | None = None, piece: Any = None,
+                 incidents: list[Any] = (), jumps: list[dict[str, Any]] = (), resume: Any = None,
+                 moments_ratio: float | None = None) -> None:  # fmt: skip
         self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
+        self.piece, self.incidents, self.jumps = piece, list(incidents), list(jumps)
+        self.resume, self.moments_ratio = resume, moments_ratio
         self.steps = frame["step"].to_numpy()
         self.first_step = int(self.steps[0])
         self.healthy = np.ones(len(frame), dtype=bool) if healthy is None else healthy
@@ -121,7 +127,7 @@ def clip_in_use(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
     if {"clip_coef", "grad_norm"} <= set(steps.columns):
         coef = steps["clip_coef"].to_numpy(dtype=float)
         grad = steps["grad_norm"].to_numpy(dtype=float)
-        clipped = np.isfinite(coef) & np.isfinite(grad) & (coef < 0.999)
+        clipped = np.isfinite(coef) & np.isfinite(grad) & was_clipped(coef)
         if clipped.any():
             return float(np.median(coef[clipped] * grad[clipped]))
     return None

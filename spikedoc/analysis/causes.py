@@ -372,7 +372,6 @@ def recommend(
     clip: float | None,
     peak_lr: float | None,
     first_step: int,
-    resumed: bool = False,
     config: AnalysisConfig | None = None,
 ) -> dict[str, Any]:
     """What to do about one incident: decisions as data, each action with the evidence it rests on.
@@ -387,7 +386,6 @@ def recommend(
         clip: the max norm in use (meta config `clip`, or inferred from clip_coef), None if unclipped.
         peak_lr: the schedule's intended peak before onset (never an LR after an upward jump), None if unknown.
         first_step: first step of the lineage (a rollback never goes before it).
-        resumed: the run holds a resume (a scheduler can only fail to be restored at one).
         config: `lr_factor`, `rollback_margin`.
 
     Returns:
@@ -415,7 +413,7 @@ def recommend(
                         "known": rec["checkpoint_known"], "because": _damage_because(incident)})
     else:
         actions.append({"action": "none", "because": _recovered_because(incident)})
-    actions += _repairs(incident, ev, rec, resumed, peak_lr)
+    actions += _repairs(incident, ev, rec, peak_lr)
     if skip["steps"]:
         actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
                         "positions": skip["positions"], "because": _first_evidence(incident)})
@@ -465,13 +463,13 @@ def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
     return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions}
 
 
-def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], resumed: bool, peak_lr: float | None) -> list[dict[str, Any]]:
+def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: float | None) -> list[dict[str, Any]]:
     cause = incident.cause
     if cause == "lr_schedule" and ev.lr_jump is not None:
         jump = ev.lr_jump
         rec["lr_factor"], rec["new_peak_lr"], rec["hold_lr"] = 1.0, peak_lr, jump["before"]
         said = (f"the LR jumped {fmt(jump['before'])} -> {fmt(jump['after'])} at step {jump['step']}")
-        if resumed and jump.get("at_resume") is not None:
+        if jump.get("at_resume") is not None:
             return [{"action": "restore_scheduler", "step": jump["step"], "peak_lr": peak_lr,
                      "because": said + f", where segment {jump['at_resume']} resumed the run"}]
         return [{"action": "fix_schedule", "step": jump["step"], "hold_lr": jump["before"], "peak_lr": peak_lr,

@@ -135,6 +135,8 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
+    # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
+    diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
     return diagnosis
 
 
@@ -207,9 +209,10 @@ class _Analysis:
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                self._lineage_checkpoints(frame) if found else [],
                                healthy=self._healthy(frame, detection) if found else None,
-                               first_up_jump=min(ups) if ups else None)
+                               first_up_jump=min(ups) if ups else None,
+                               piece=piece, incidents=found, jumps=jumps, resume=resume, moments_ratio=ratio)
             for incident in found:
-                ctx = self._diagnose(incident, shared, piece, found, jumps, resume, ratio)
+                ctx = self._diagnose(incident, shared)
                 out.incidents.append(incident)
                 out.context.append(ctx)
         final = lineage.final()
@@ -239,8 +242,8 @@ class _Analysis:
 
     # ------------------------------------------------------------------------- per incident
 
-    def _diagnose(self, inc: Incident, shared: PieceData, piece, found, jumps, resume, ratio) -> dict[str, Any]:
-        cfg = self.config
+    def _diagnose(self, inc: Incident, shared: PieceData) -> dict[str, Any]:
+        cfg, piece = self.config, shared.piece
         onset, peak, end = inc.onset_step, max(inc.peak_step, inc.onset_step), inc.end_step
         # Everything below looks at most `_CONTEXT * lookback` steps back, so it works on a slice:
         # a run with a thousand incidents then costs a thousand small windows, not full passes.
@@ -257,8 +260,8 @@ class _Analysis:
             layers = self._layers(frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), peak)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
                                          module_types=self.module_types, config=cfg)
-        ev.grad_precursor = _grad_precursor(inc, loss_flag, found, cfg)
-        ups = [j for j in jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
+        ev.grad_precursor = _grad_precursor(inc, loss_flag, shared.incidents, cfg)
+        ups = [j for j in shared.jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
         ev.lr_jump = ups[-1] if ups else None
         ev.lr_onset = lr_at(frame, onset)
         ev.warmup = shared.warmup
@@ -267,8 +270,8 @@ class _Analysis:
         if self.multi_rank:
             ev.ranks = rank_divergence(self._rows_of(frame, window=(onset - 3 * cfg.lookback, end)),
                                        onset, end, config=cfg)
-        if resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
-            ev.resume, ev.moments_ratio = resume, ratio
+        if shared.resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
+            ev.resume, ev.moments_ratio = shared.resume, shared.moments_ratio
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
         ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
         ev.has_grad = self.has_grad
@@ -298,8 +301,7 @@ class _Analysis:
         inc.layers = ev.layers.layers if ev.layers is not None else []
         inc.precursor_lead_steps = _lead(inc, loss_flag, ev)
         inc.recommendation = recommend(inc, ev, checkpoints=shared.checkpoints, clip=self.clip,
-                                       peak_lr=shared.peak_lr_before(onset), first_step=shared.first_step,
-                                       resumed=bool(self.out.summary.get("resumes")) or piece.resumed, config=cfg)
+                                       peak_lr=shared.peak_lr_before(onset), first_step=shared.first_step, config=cfg)
         return {
             "segment": piece.segment,
             "loss_flag_step": loss_flag,
