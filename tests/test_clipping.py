@@ -228,3 +228,22 @@ def test_torchs_clip_function_is_restored_when_the_last_monitor_closes(tmp_path)
     assert fn.__closure__[0].cell_contents is not original, "the second monitor still observes"
     second.close()
     assert fn.__closure__[0].cell_contents is original
+
+
+def test_before_torch_2_6_clip_grad_norm_itself_is_observed(tmp_path, monkeypatch):
+    # torch < 2.6 has no clip_grads_with_norm_: clip_grad_norm_ is observed, its return value is the
+    # total. This torch has both, so the older target is chosen by hand.
+    from torch.nn.utils import clip_grad
+
+    from spikedoc.monitor import clipping
+
+    monkeypatch.setattr(clipping, "_target", lambda: (clip_grad.clip_grad_norm_, "clip_grad_norm_", False))
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with spikedoc.watch(model, opt, run_dir=tmp_path / "run"):
+        returned, brute = _clipping_loop(model, opt, 4, _imported_before_watch, max_norm=0.3)
+    assert clip_grad.clip_grad_norm_.__closure__[0].cell_contents is clip_grad.clip_grad_norm_.__wrapped__
+    steps = spikedoc.load(tmp_path / "run").steps
+    np.testing.assert_allclose(steps["grad_norm"], returned, rtol=1e-6)
+    np.testing.assert_allclose(steps["grad_norm"], [total for total, _ in brute], rtol=1e-5)
+    np.testing.assert_allclose(steps["clip_coef"], [min(1.0, 0.3 / (r + 1e-6)) for r in returned], rtol=1e-6)
