@@ -86,7 +86,7 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
     if losses:
         loss = sum(losses) / len(losses)
     elif "loss_sum" in values and st.loss_count:
-        loss = float(values["loss_sum"]) / st.loss_count
+        loss = float(values["loss_sum"]) / (1 if st.loss_shares else st.loss_count)
     else:
         loss = math.nan
     grad = _per_tensor(monitor, values, "grad_norm")

@@ -26,6 +26,9 @@ class StepRecord:
     forwards: int = 0
     loss_sum: Tensor | None = None
     loss_count: int = 0
+    loss_shares: bool = False
+    """The forwards were given `num_items_in_batch` (HF's convention): each micro-batch loss is its
+    share of the step's loss, normalised by the items of the whole step, so the step loss is their sum."""
     recorded: dict[str, Any] = field(default_factory=dict)
     late: list[Landing] = field(default_factory=list)
     packer: Packer = field(default_factory=Packer)

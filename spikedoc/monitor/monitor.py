@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -99,6 +99,7 @@ class Monitor:
         self._sample_offset = 0
         self._last_end = math.nan
         self._lane: Lane = InlineLane()
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
@@ -180,6 +181,17 @@ class Monitor:
                 st.recorded.setdefault("extra", {})[key] = self._value(st, value)
         except Exception as exc:  # noqa: BLE001
             self._fail("record", exc)
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(row)` with each step row as it is written (one step late, on the training thread).
+
+        The row is the dict the steps table receives (`step`, `loss`, `grad_norm`, ...). Integrations
+        use it to judge the run online; an exception in `callback` is one warning, never a crash.
+
+        Example:
+            >>> monitor.subscribe(lambda row: print(row["step"], row["loss"]))  # doctest: +SKIP
+        """
+        self._subscribers.append(callback)
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index.
@@ -304,6 +316,8 @@ class Monitor:
                 loss = loss.detach().float().reshape(())
                 st.loss_sum = loss if st.loss_sum is None else st.loss_sum + loss
                 st.loss_count += 1
+                if kwargs.get("num_items_in_batch") is not None:  # HF: a share of the step's loss
+                    st.loss_shares = True
         except Exception as exc:  # noqa: BLE001
             self._fail("loss", exc, st)
 
@@ -450,6 +464,15 @@ class Monitor:
             self.writer.add_step(step)
         if layers is not None:
             self.writer.add_layers(layers)
+        if st.logged:
+            self._tell_subscribers(step)
+
+    def _tell_subscribers(self, row: dict[str, Any]) -> None:
+        for callback in self._subscribers:
+            try:
+                callback(row)
+            except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+                self._fail("subscriber", exc)
 
     def _warn_no_loss(self, st: StepRecord) -> None:
         # A warning, not a log line: the loop has to change, and warnings show in a plain script.
