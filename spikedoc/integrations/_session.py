@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ class WatchedRun:
     analyses the run and logs the diagnosis and a `ResumeRecipe` (also `self.recipe`).
     """
 
-    def __init__(self, *, run_dir: str | Path | None, stop: StopConfig | bool, watch: dict[str, Any]) -> None:
+    def __init__(self, *, run_dir: str | Path | None, stop: StopConfig | bool, watch: dict[str, Any],
+                 how_to_resume: Callable[[ResumeRecipe], str] | None = None) -> None:  # fmt: skip
+        self.how_to_resume = how_to_resume
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.stop_config = StopConfig() if stop is True else (stop or None)
         self.watch_kwargs = watch
@@ -97,7 +100,7 @@ class WatchedRun:
                            excess_sigma=d.excess_sigma)  # fmt: skip
         self.monitor.close()
         self.recipe = resume_recipe(self.run_dir, d, checkpoints=self.checkpoints, peak_lr=self.peak_lr, clip=self.clip)
-        lines = "\n  ".join(self.recipe.lines())
+        lines = "\n  ".join(self.recipe.lines() + ([self.how_to_resume(self.recipe)] if self.how_to_resume else []))
         logger.warning("spikedoc: stopping training at step %d: %s\n  %s", d.step, d.verdict, lines)
 
     def finish(self) -> None:

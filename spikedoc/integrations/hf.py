@@ -52,7 +52,7 @@ class SpikedocCallback(TrainerCallback):
         for name in ("clip", "start_step"):
             if name in watch:
                 raise ValueError(f"SpikedocCallback: {name}= is set by the Trainer (max_grad_norm, global_step)")
-        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch)
+        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch, how_to_resume=_how_to_resume)
 
     @property
     def monitor(self) -> Any:
@@ -77,3 +77,14 @@ class SpikedocCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.run.finish()
+
+
+def _how_to_resume(recipe: ResumeRecipe) -> str:
+    """The recipe in Trainer terms."""
+    settings = []
+    if recipe.peak_lr is not None:
+        settings.append(f"learning_rate={recipe.peak_lr:.3g}")
+    if recipe.clip_max_norm is not None:
+        settings.append(f"max_grad_norm={recipe.clip_max_norm:g}")
+    start = f'trainer.train(resume_from_checkpoint="{recipe.checkpoint}")' if recipe.checkpoint else "train from the start"
+    return f"resume: TrainingArguments({', '.join(settings)}), {start}"
