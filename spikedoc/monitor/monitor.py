@@ -100,6 +100,7 @@ class Monitor:
         self._last_end = math.nan
         self._lane: Lane = InlineLane()
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+        self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
@@ -192,6 +193,35 @@ class Monitor:
             >>> monitor.subscribe(lambda row: print(row["step"], row["loss"]))  # doctest: +SKIP
         """
         self._subscribers.append(callback)
+
+    def begin_micro_batch(self, *inputs: Any, **named: Any) -> None:
+        """A training micro-batch with these inputs begins (for loops whose training call is not a forward).
+
+        Frameworks like Lightning call `training_step`, not the module's forward: this counts the
+        micro-batch and fingerprints its inputs as the forward hook would. Once called, forwards of
+        the watched module no longer count micro-batches (their loss is still captured).
+
+        Example:
+            >>> monitor.begin_micro_batch(batch)  # doctest: +SKIP
+        """
+        self._explicit_batches = True
+        self._count_micro_batch(inputs, named)
+
+    def gradients_ready(self) -> None:
+        """This step's gradients are final: take their statistics now.
+
+        For steps whose gradients are computed inside `optimizer.step(closure)` (Lightning's
+        automatic optimization, LBFGS), after the step pre-hook has run. Call it between the
+        closure's backward and the update (Lightning: `on_before_optimizer_step`).
+        """
+        st = self._cur
+        if self._closed or not st.work or st.broken:
+            return
+        try:
+            self._grad_stats_now(st)
+            st.clipped_versions = self._grad_versions()  # a clip right after finds them taken
+        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+            self._fail("gradients_ready", exc, st)
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index.
@@ -295,8 +325,11 @@ class Monitor:
     # ------------------------------------------------------------------------------------ hooks
 
     def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled():  # evaluation forwards are not part of a step
+        if not torch.is_grad_enabled() or self._explicit_batches:  # evaluation forwards are not part of a step
             return
+        self._count_micro_batch(args, kwargs)
+
+    def _count_micro_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         st = self._cur
         st.forwards += 1
         try:
@@ -364,18 +397,21 @@ class Monitor:
             if not any(id(p) in self._param_ids for p in params):
                 return  # another model's parameters
             if total_norm is None:
-                if st.grads_taken and st.clipped_versions == self._grad_versions():
-                    return  # clipped again with nothing in between: the statistics stand
-                if st.grads_taken:  # a backward since the last clip (one clip per micro-batch): start over
-                    self._drop_grad_stats(st)
-                self._lane.join()  # the last step's job: its parameter norms are read here
-                self._replan_if_groups_changed()
-                grad_stats(self, st, clip=None, now=True)
+                self._grad_stats_now(st)
             else:
                 st.loop_clips.append((clip_coefficient(total_norm.detach(), max_norm), max_norm))
                 st.clipped_versions = self._grad_versions()
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("loop_clip", exc, st)
+
+    def _grad_stats_now(self, st: StepRecord) -> None:
+        if st.grads_taken and st.clipped_versions == self._grad_versions():
+            return  # taken again with nothing in between: the statistics stand
+        if st.grads_taken:  # a backward since they were taken (one clip per micro-batch): start over
+            self._drop_grad_stats(st)
+        self._lane.join()  # the last step's job: its parameter norms are read here
+        self._replan_if_groups_changed()
+        grad_stats(self, st, clip=None, now=True)
 
     def _grad_versions(self) -> list[int]:
         return [-1 if p.grad is None else p.grad._version for p in self._params]
@@ -399,6 +435,7 @@ class Monitor:
         # Until the step hooks run, the packer holds only gradient statistics (the rest is queued
         # after the step): a fresh one forgets the stale ones.
         st.grads_taken = False
+        st.grad_work = None
         st.packer = Packer()
 
     def _replan_if_groups_changed(self) -> None:

@@ -1,0 +1,107 @@
+"""`SpikedocCallback` for Lightning's `Trainer`: records every optimizer step, stops on a persistent incident."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from spikedoc.integrations._session import WatchedRun
+from spikedoc.integrations.recipe import ResumeRecipe
+from spikedoc.integrations.stopping import StopConfig
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("spikedoc.integrations.lightning needs lightning: pip install 'spikedoc[lightning]'") from exc
+
+__all__ = ["SpikedocCallback"]
+
+
+class SpikedocCallback(Callback):
+    """Records a Lightning run as `spikedoc.watch` does and stops it on a persistent incident.
+
+    Per optimizer step: the loss `training_step` returned (the mean over accumulated batches, not
+    Lightning's divided one), the learning rates, the gradient norm before `gradient_clip_val`
+    clipping (norm clipping goes through torch's `clip_grad_norm_`, which the monitor observes),
+    the clip coefficient and max norm, per-tensor statistics and the batch fingerprint. Lightning
+    computes gradients inside `optimizer.step(closure)`, so the gradient statistics are taken in
+    `on_before_optimizer_step`. Checkpoints saved by `ModelCheckpoint` are recorded. The run goes to
+    `<default_root_dir>/spikedoc` unless `run_dir` is given; each rank writes its own partition.
+
+    With `stop` on (default) a `persistent` or `divergence` verdict (the judgement `spikedoc
+    analyze` uses, computed online) sets `trainer.should_stop`, and the diagnosis and resume
+    recipe are logged (logger `spikedoc.integrations`) and kept in `callback.recipe`.
+
+    Args:
+        run_dir: Run directory; default `<default_root_dir>/spikedoc`.
+        stop: True (default), a `StopConfig`, or False to only record.
+        **watch: Further `spikedoc.watch` options (`every`, `layer_every`, `flush_every`, ...).
+
+    Example:
+        >>> from spikedoc.integrations.lightning import SpikedocCallback
+        >>> trainer = lightning.Trainer(max_steps=1000, callbacks=[SpikedocCallback()])  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, *, stop: StopConfig | bool = True, **watch: Any) -> None:
+        for name in ("clip", "start_step"):
+            if name in watch:
+                raise ValueError(f"SpikedocCallback: {name}= is set by the Trainer (gradient_clip_val, global_step)")
+        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch, how_to_resume=_how_to_resume)
+        self._saved = ""
+
+    @property
+    def monitor(self) -> Any:
+        """The `spikedoc.Monitor` (None before training starts)."""
+        return self.run.monitor
+
+    @property
+    def recipe(self) -> ResumeRecipe | None:
+        """The resume recipe once training was stopped, else None."""
+        return self.run.recipe
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm in (None, "norm") else None
+        self.run.start(pl_module, trainer.optimizers[0], Path(trainer.default_root_dir) / "spikedoc",
+                       start_step=trainer.global_step, clip=float(clip) if clip else None)  # fmt: skip
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._note_checkpoint(trainer)
+        if self.monitor is not None:
+            self.monitor.begin_micro_batch(batch)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.gradients_ready()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.monitor is not None and isinstance(loss, Tensor):
+            # Lightning hands back the loss divided by accumulate_grad_batches: undo it.
+            self.monitor.record(loss=loss.detach() * trainer.accumulate_grad_batches)
+        if self.run.should_stop():
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._note_checkpoint(trainer)
+        self.run.finish()
+
+    def _note_checkpoint(self, trainer: Any) -> None:
+        # ModelCheckpoint runs after user callbacks in on_train_batch_end, so a save shows at the next batch.
+        for cb in getattr(trainer, "checkpoint_callbacks", []):
+            path = getattr(cb, "_last_checkpoint_saved", "") or getattr(cb, "last_model_path", "")
+            if path and path != self._saved:
+                self._saved = path
+                self.run.checkpoint(path)
+
+
+def _how_to_resume(recipe: ResumeRecipe) -> str:
+    """The recipe in Lightning terms."""
+    parts = []
+    if recipe.peak_lr is not None:
+        parts.append(f"peak LR {recipe.peak_lr:.3g} in configure_optimizers")
+    if recipe.clip_max_norm is not None:
+        parts.append(f"Trainer(gradient_clip_val={recipe.clip_max_norm:g})")
+    start = f'trainer.fit(model, ckpt_path="{recipe.checkpoint}")' if recipe.checkpoint else "train from the start"
+    return f"resume: {', '.join(parts)}, {start}"
