@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps to train")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip, applied by spikedoc")
+    parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (the loop's clip_grad_norm_)")
     parser.add_argument("--flush-every", type=int, default=100, help="step rows per Parquet part")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to pause after each step (tests)")
     args = parser.parse_args(argv)
@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=max(args.steps, 2))
 
-    # The one call. It also clips gradients (clip=) so the loop needs no clip_grad_norm_ of its own.
-    monitor = spikedoc.watch(model, optimizer, run_dir=args.run_dir, clip=args.clip, flush_every=args.flush_every)
+    # The one call. The loop's own clip_grad_norm_ below is observed: grad_norm is the norm before it.
+    monitor = spikedoc.watch(model, optimizer, run_dir=args.run_dir, flush_every=args.flush_every)
 
     data = batches(ids, args.batch_size, seq_len=64)
     for step in range(args.steps):
         loss = model(**next(data))["loss"]  # the loss is picked up from the output
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
