@@ -28,6 +28,7 @@ from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.config import WatchConfig
+from spikedoc.monitor.distributed import Ranks
 from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.monitor.statistics import Chunks, clip_coefficient
 from spikedoc.store.writer import RunWriter
@@ -104,14 +105,18 @@ class Monitor:
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
-        rank, _ = _meta.distributed_rank()
+        self._ranks = Ranks()
         self.writer = RunWriter(
-            self.run_dir, rank=rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
+            self.run_dir, rank=self._ranks.rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
         )
+        # Rank 0 writes meta.json while the others read it: agree on the segment number first.
+        segment = self._ranks.max_int(self.writer.next_segment()) if self._ranks.world > 1 else None
         try:
             watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
                          "update_norm": "exact" if self._stats.exact else "sampled"}  # fmt: skip
             meta = _meta.describe(model, optimizer, self._names, watch=watch_cfg, start_step=start)
+            if segment is not None:
+                meta["segment"] = segment
             self.segment = self.writer.open(meta)
             self.writer.add_event("start", start, segment=self.segment)
         except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training

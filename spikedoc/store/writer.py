@@ -160,9 +160,7 @@ class RunWriter:
             self._warn("newer", f"run format {old['format_version']} is newer than {FORMAT_VERSION}; not appending")
             return -1
         segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
-        on_disk = [seg for seg, _ in _parts_on_disk(self._folder(STEPS))]
-        known = [int(s.get("segment", -1)) for s in segments] + on_disk
-        self.segment = int(forced) if forced is not None else max(known, default=-1) + 1
+        self.segment = int(forced) if forced is not None else self._next_segment(old)
         entry = {"segment": self.segment, "start_time": meta.get("start_time", time.time())}
         if "start_step" in meta:
             entry["start_step"] = meta["start_step"]
@@ -175,6 +173,21 @@ class RunWriter:
             self._thread.start()
             _OPEN_WRITERS.add(self)
         return self.segment
+
+    def next_segment(self) -> int:
+        """The segment `open()` would pick now: 0 for a new run, else 1 + the largest known.
+
+        Distributed runs take the maximum over ranks and pass it as `meta["segment"]`, since rank 0
+        writes `meta.json` while the others look.
+        """
+        old = self._read_old_meta()
+        return self._next_segment(old)
+
+    def _next_segment(self, old: dict[str, Any]) -> int:
+        segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
+        on_disk = [seg for seg, _ in _parts_on_disk(self._folder(STEPS))]
+        known = [int(s.get("segment", -1)) for s in segments] + on_disk
+        return max(known, default=-1) + 1
 
     def add_step(self, row: dict[str, Any]) -> None:
         """Buffer one step-table row (scalars; lists for `sample_ids`/`sample_losses`)."""

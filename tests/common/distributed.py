@@ -1,0 +1,56 @@
+"""Workers for the distributed tests: two gloo processes on CPU, each training and recording its rank."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import spikedoc
+from tests.common.models import char_text, make_model
+
+__all__ = ["spawn", "ddp_worker"]
+
+
+def spawn(worker, tmp_path: Path, world: int = 2, **options) -> list[dict]:
+    """Run `worker(rank, world, tmp_path, options)` on `world` gloo ranks; returns what each rank reported."""
+    mp.spawn(_entry, args=(worker, world, str(tmp_path), options), nprocs=world, join=True)
+    return [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(world)]
+
+
+def _entry(rank: int, worker, world: int, tmp: str, options: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        report = worker(rank, world, Path(tmp), options)
+        (Path(tmp) / f"report-{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
+    """DDP training with the loop's own clip; `nan_step` makes rank `nan_rank`'s loss NaN at that step."""
+    net = make_model(0)
+    if rank == options.get("nan_rank"):  # numerics gone bad on this rank alone: a NaN inside its forward
+        net.blocks[0].register_forward_hook(lambda m, a, out: out * math.nan if net.training_step == options["nan_step"] else out)
+    net.training_step = 0
+    model = DDP(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = spikedoc.watch(model, opt, run_dir=tmp / "run")
+    text, losses, norms = char_text(), [], []
+    for step in range(options["steps"]):
+        ids, labels = text.batch(world * step + rank)  # each rank its own batch
+        net.training_step = step
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    monitor.close()
+    return {"losses": losses, "norms": norms, "dropped": monitor.dropped_rows}

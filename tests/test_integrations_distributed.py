@@ -1,0 +1,43 @@
+"""Distributed runs recorded by `watch` on two gloo ranks: one partition per rank, the rank named by analyze."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+import spikedoc
+from tests.common.distributed import ddp_worker, spawn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+
+
+def test_ddp_ranks_write_their_own_partition_with_their_own_loss(tmp_path):
+    reports = spawn(ddp_worker, tmp_path, steps=6)
+    run = spikedoc.load(tmp_path / "run")
+    steps = run.steps
+    assert sorted(steps["rank"].unique()) == [0, 1] and (steps["segment"] == 0).all()
+    assert run.meta["world_size"] == 2 and [s["segment"] for s in run.meta["segments"]] == [0]
+    for rank, report in enumerate(reports):
+        mine = steps[steps["rank"] == rank].sort_values("step")
+        assert report["dropped"] == 0
+        assert mine["loss"].to_numpy() == pytest.approx(report["losses"], rel=1e-6)
+        assert mine["grad_norm"].to_numpy() == pytest.approx(report["norms"], rel=1e-5)
+    # DDP averages gradients: both ranks measure the same norm, from different losses.
+    assert reports[0]["norms"] == pytest.approx(reports[1]["norms"], rel=1e-6)
+    assert reports[0]["losses"] != pytest.approx(reports[1]["losses"], rel=1e-3)
+
+
+def test_a_resumed_ddp_run_agrees_on_one_new_segment(tmp_path):
+    spawn(ddp_worker, tmp_path, steps=2)
+    spawn(ddp_worker, tmp_path, steps=2)
+    run = spikedoc.load(tmp_path / "run")
+    assert sorted(run.steps.groupby(["rank", "segment"]).size().index.tolist()) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [s["segment"] for s in run.meta["segments"]] == [0, 1]
+
+
+def test_a_nan_on_one_rank_is_attributed_to_that_rank(tmp_path):
+    spawn(ddp_worker, tmp_path, steps=70, nan_step=66, nan_rank=1)
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    incident = next(i for i in diagnosis.incidents if i.onset_step == 66)
+    assert incident.cause == "numerics_rank"
+    assert any("rank 1's loss went non-finite at step 66" in e for e in incident.evidence)
