@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 import spikedoc
-from tests.common.distributed import ddp_worker, spawn
+from tests.common.distributed import ddp_worker, fsdp_worker, one_process_twin, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -41,3 +41,30 @@ def test_a_nan_on_one_rank_is_attributed_to_that_rank(tmp_path):
     incident = next(i for i in diagnosis.incidents if i.onset_step == 66)
     assert incident.cause == "numerics_rank"
     assert any("rank 1's loss went non-finite at step 66" in e for e in incident.evidence)
+
+
+LAYER_STATS = ["grad_norm", "grad_max", "param_norm", "update_norm", "update_ratio", "nonfinite", "exp_avg_norm",
+               "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac"]  # fmt: skip
+
+
+def test_fsdp2_statistics_are_those_of_the_full_tensors_on_one_process(tmp_path):
+    steps = 4
+    reports = spawn(fsdp_worker, tmp_path, steps=steps)
+    one_process_twin(tmp_path / "twin", steps)
+    run, twin = spikedoc.load(tmp_path / "run"), spikedoc.load(tmp_path / "twin")
+    for rank, report in enumerate(reports):
+        assert report["dropped"] == 0
+        assert report["gathers"] == steps  # one batched collective per recorded step, not one per tensor
+        mine = run.steps[run.steps["rank"] == rank].sort_values("step")
+        # The total grad norm is what clip_grad_norm_ returned on the sharded model.
+        assert mine["grad_norm"].to_numpy() == pytest.approx(report["norms"], rel=1e-5)
+        assert mine["loss"].to_numpy() == pytest.approx(report["losses"], rel=1e-6)
+        for column in ("grad_norm", "param_norm", "update_norm", "clip_coef", "nonfinite_grads"):
+            assert mine[column].to_numpy() == pytest.approx(twin.steps[column].to_numpy(), rel=1e-4, abs=1e-9), column
+        layers = run.layers().query("rank == @rank").sort_values(["step", "name"]).reset_index(drop=True)
+        expected = twin.layers().sort_values(["step", "name"]).reset_index(drop=True)
+        assert list(layers["name"]) == list(expected["name"])
+        for column in LAYER_STATS:
+            assert layers[column].to_numpy() == pytest.approx(expected[column].to_numpy(), rel=2e-4, abs=1e-7), column
+    mean_loss = (reports[0]["losses"][0] + reports[1]["losses"][0]) / 2
+    assert twin.steps["loss"][0] == pytest.approx(mean_loss, rel=1e-5)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from spikedoc.monitor._optim import AfterStep, Bucket
 from spikedoc.monitor._step import Late, StepRecord
+from spikedoc.monitor.distributed import local
 from spikedoc.monitor.statistics import (
     clip_coefficient,
     max_abs,
@@ -74,7 +75,7 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
     st.grads_taken = True
     grads_of: dict[int, list[Tensor]] = {}
     for b, bucket in enumerate(monitor._buckets):
-        grads = [p.grad for p in bucket.params]
+        grads = [local(p.grad) for p in bucket.sources]
         active = None
         if any(g is None for g in grads):
             active = [j for j, g in enumerate(grads) if g is not None]
@@ -215,7 +216,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         st.landing = pk.launch()
 
     watched = [p for bucket in monitor._buckets for p in bucket.params]
-    watched += [t for p in watched for t in monitor.optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
+    watched += [t for p in watched for t in monitor._stats.state.get(p, {}).values() if isinstance(t, Tensor)]
     run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
     if stats.reads_grads_after:  # the loop may zero the gradients in place right after the step
         monitor._lane.join()

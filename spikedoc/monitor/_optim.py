@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,9 @@ class Bucket:
     index: list[int]
     """Positions of these parameters in optimizer order (the layer table's row order)."""
     params: list[Tensor]
+    """The tensors the statistics read: the optimizer's parameters, or their local shards (FSDP2)."""
+    sources: list[Tensor]
+    """The optimizer's parameters themselves (gradients are read from them)."""
     groups: list[int]
     """Param group of each parameter."""
     chunks: Chunks
@@ -131,6 +134,8 @@ class OptimizerStats:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        self.state: Mapping[Tensor, Any] = optimizer.state
+        """The optimizer's state as the statistics read it (keyed by, and holding, local shards when sharded)."""
 
     def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
         return None
@@ -193,7 +198,7 @@ class AdamStats(OptimizerStats):
             if not layers:
                 return out
         pos = active if active is not None else range(len(bucket.params))
-        state = self.optimizer.state
+        state = self.state
         live = [j for j in pos if "exp_avg" in state.get(bucket.params[j], ())]
         if not live:
             return out
@@ -254,7 +259,7 @@ class SgdStats(OptimizerStats):
         pos = list(active if active is not None else range(len(bucket.params)))
         if not pos:
             return {}
-        state = self.optimizer.state
+        state = self.state
         params = [bucket.params[j] for j in pos]
         lrs, decays, momentums, nesterovs, maximizes = (list(x) for x in zip(*(hyper[bucket.groups[j]] for j in pos)))
         bufs = [state.get(p, {}).get("momentum_buffer") if mu != 0 else None for p, mu in zip(params, momentums)]
@@ -310,7 +315,7 @@ class SampledStats(OptimizerStats):
         out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
         if not step.layers:
             return out
-        states = [self.optimizer.state.get(p, {}) for p in bucket.params]
+        states = [self.state.get(p, {}) for p in bucket.params]
         keys = dict.fromkeys(
             k for s in states for k, t in s.items() if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0
         )

@@ -28,7 +28,7 @@ from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.config import WatchConfig
-from spikedoc.monitor.distributed import Ranks
+from spikedoc.monitor.distributed import LocalState, Ranks, is_sharded, local
 from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.monitor.statistics import Chunks, clip_coefficient
 from spikedoc.store.writer import RunWriter
@@ -102,10 +102,10 @@ class Monitor:
         self._lane: Lane = InlineLane()
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
+        self._ranks = Ranks()
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
-        self._ranks = Ranks()
         self.writer = RunWriter(
             self.run_dir, rank=self._ranks.rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
         )
@@ -286,18 +286,27 @@ class Monitor:
         self._params = params
         self._param_ids = {id(p) for p in params}
         self._names = _meta.parameter_names(self.model, params)
-        self._numels = np.array([p.numel() for p in params], dtype=np.float64)
-        total = int(self._numels.sum())
+        self._numels = np.array([p.numel() for p in params], dtype=np.float64)  # of the full tensors
+        # Statistics read local shards (FSDP2's DTensors); the rows combine them over ranks (_consume).
+        shards = [local(p) for p in params]
+        sharded = [is_sharded(p) for p in params]
+        self._sharded = any(sharded) and self._ranks.world > 1
+        if self._sharded and self.config.clip is not None:
+            raise ValueError("watch: clip= does not support sharded (FSDP2) parameters; clip in the loop with "
+                             "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which is observed")
+        total = int(sum(t.numel() for t in shards))
         budget = max(int(total * _TEMP_SHARE), _TEMP_MIN)
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            by_key.setdefault((p.device, p.dtype), []).append(i)
+        for i, t in enumerate(shards):
+            by_key.setdefault((t.device, t.dtype), []).append(i)
         self._buckets = [
-            Bucket(device=dev, dtype=dt, index=ix, params=[params[i] for i in ix], groups=[groups[i] for i in ix],
-                   chunks=Chunks([params[i].numel() for i in ix], budget), numels=self._numels[ix],
+            Bucket(device=dev, dtype=dt, index=ix, params=[shards[i] for i in ix], sources=[params[i] for i in ix],
+                   groups=[groups[i] for i in ix], chunks=Chunks([shards[i].numel() for i in ix], budget),
+                   numels=np.array([shards[i].numel() for i in ix], dtype=np.float64),
                    in_order=ix == list(range(len(params))))
             for (dev, dt), ix in by_key.items()
         ]  # fmt: skip
+        self._shard_masks = [np.array([sharded[i] for i in b.index], dtype=bool) for b in self._buckets]
         self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
         self._lane.close()
         # CPU kernels run on the calling thread: give them a worker so they overlap training (an
@@ -309,6 +318,8 @@ class Monitor:
             sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
             snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane),
         )
+        if self._sharded:
+            self._stats.state = LocalState(self.optimizer.state, {id(t): p for t, p in zip(shards, params)})
         self._after_norms = {}
 
     def _optimizer_step_count(self) -> int:
@@ -404,7 +415,10 @@ class Monitor:
             if total_norm is None:
                 self._grad_stats_now(st)
             else:
-                st.loop_clips.append((clip_coefficient(total_norm.detach(), max_norm), max_norm))
+                total_norm = total_norm.detach()
+                if is_sharded(total_norm) or local(total_norm) is not total_norm:
+                    total_norm = total_norm.full_tensor()  # the clip's own norm, of the full gradients
+                st.loop_clips.append((clip_coefficient(total_norm, max_norm), max_norm))
                 st.clipped_versions = self._grad_versions()
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("loop_clip", exc, st)
@@ -419,7 +433,7 @@ class Monitor:
         grad_stats(self, st, clip=None, now=True)
 
     def _grad_versions(self) -> list[int]:
-        return [-1 if p.grad is None else p.grad._version for p in self._params]
+        return [-1 if p.grad is None else local(p.grad)._version for p in self._params]
 
     def _grads_changed_after_clip(self, st: StepRecord) -> None:
         # Gradients changed between the loop's last clip and the step (a backward after the clip):
@@ -490,11 +504,13 @@ class Monitor:
         if st.logged and not self._loss_warned and st.loss_count == 0 and not st.recorded.get("losses"):
             self._warn_no_loss(st)
         rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
-        if st.broken or st.landing is None:
+        values = None if st.broken or st.landing is None else dict(st.landing.values())
+        if self._sharded:  # every rank, every recorded step, also a lost one: a collective
+            values = self._combine_shards(values)
+        if values is None:
             self._dropped += rows
             return
         try:
-            values = dict(st.landing.values())
             for landing in st.late:
                 values.update(landing.values())
             step, layers = step_row(self, st, values), layer_block(self, st, values) if st.layers else None
@@ -515,6 +531,13 @@ class Monitor:
                 callback(row)
             except Exception as exc:  # noqa: BLE001 - monitoring never stops training
                 self._fail("subscriber", exc)
+
+    def _combine_shards(self, values: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        try:
+            return self._ranks.combine(values, self._shard_masks)
+        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+            self._fail("combine_shards", exc)
+            return None
 
     def _warn_no_loss(self, st: StepRecord) -> None:
         # A warning, not a log line: the loop has to change, and warnings show in a plain script.

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import spikedoc
 from tests.common.models import char_text, make_model
 
-__all__ = ["spawn", "ddp_worker"]
+__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin"]
 
 
 def spawn(worker, tmp_path: Path, world: int = 2, **options) -> list[dict]:
@@ -54,3 +54,54 @@ def ddp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
         losses.append(loss.item())
     monitor.close()
     return {"losses": losses, "norms": norms, "dropped": monitor.dropped_rows}
+
+
+def _count_calls(module, name: str) -> list[int]:
+    """Count the calls of `module.name` from now on (the function still runs): a one-element list."""
+    original, count = getattr(module, name), [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return count
+
+
+def fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
+    """FSDP2 (`fully_shard`) training with the loop's own clip; reports the clip's total norms and losses."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = make_model(0)
+    for block in net.blocks:
+        fully_shard(block)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    gathers = _count_calls(dist, "all_gather")  # FSDP2 itself uses all_gather_into_tensor, not this
+    monitor = spikedoc.watch(net, opt, run_dir=tmp / "run")
+    text, losses, norms = char_text(), [], []
+    for step in range(options["steps"]):
+        ids, labels = text.batch(world * step + rank)
+        loss = net(ids, labels=labels).loss
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), options.get("clip", 1.0)).full_tensor()))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    monitor.close()
+    return {"losses": losses, "norms": norms, "dropped": monitor.dropped_rows, "gathers": gathers[0]}
+
+
+def one_process_twin(run_dir: Path, steps: int, world: int = 2) -> None:
+    """The FSDP run on one process: the same model, each step on the ranks' batches together."""
+    net = make_model(0)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    text = char_text()
+    with spikedoc.watch(net, opt, run_dir=run_dir):
+        for step in range(steps):
+            parts = [text.batch(world * step + r) for r in range(world)]
+            ids, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            net(ids, labels=labels).loss.backward()  # the mean over equal batches: FSDP's averaged gradient
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
