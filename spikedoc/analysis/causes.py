@@ -408,8 +408,9 @@ def recommend(
                reset_optimizer_state_for=[])
     actions: list[dict[str, Any]] = []
     if incident.severity == "minor":
+        # Nothing to undo; a broken schedule or device is still worth repairing before it strikes again.
         actions.append({"action": "none", "because": _recovered_because(incident) + "; the incident is minor"})
-        rec["actions"] = actions
+        rec["actions"] = actions + _repairs(incident, ev, rec, peak_lr)
         return rec
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
