@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 import spikedoc
-from tests.common.distributed import ddp_worker, fsdp_worker, one_process_twin, spawn
+from tests.common.distributed import ddp_worker, fsdp_worker, one_process_twin, spawn, stop_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -68,3 +68,12 @@ def test_fsdp2_statistics_are_those_of_the_full_tensors_on_one_process(tmp_path)
             assert layers[column].to_numpy() == pytest.approx(expected[column].to_numpy(), rel=2e-4, abs=1e-7), column
     mean_loss = (reports[0]["losses"][0] + reports[1]["losses"][0]) / 2
     assert twin.steps["loss"][0] == pytest.approx(mean_loss, rel=1e-5)
+
+
+def test_an_incident_judged_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    reports = spawn(stop_worker, tmp_path, steps=60, nan_step=20)
+    assert [r["own"] for r in reports] == [False, True]  # rank 0's own loss stayed healthy
+    assert reports[0]["stopped_at"] == reports[1]["stopped_at"] is not None and reports[0]["stopped_at"] < 30
+    assert reports[0]["verdict"] == reports[1]["verdict"] == "divergence"
+    assert reports[0]["onset"] == reports[1]["onset"] == 20
+    assert reports[0]["analysis_error"] is None  # rank 0 analysed the whole run, rank 1's partition included

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from spikedoc.integrations.recipe import ResumeRecipe, resume_recipe
+from spikedoc.analysis.recovery import VERDICTS
 from spikedoc.integrations.stopping import IncidentWatch, StopConfig, StopDecision
 
 __all__ = ["WatchedRun", "base_optimizer"]
@@ -50,17 +51,25 @@ class WatchedRun:
         self.recipe: ResumeRecipe | None = None
         self.clip: float | None = None
         self.peak_lr: float | None = None
+        self.ranks: Any = None
 
     def start(self, model: nn.Module, optimizer: Any, run_dir: str | Path, *, start_step: int | None, clip: float | None) -> None:
-        """Attach the monitor (once; a second call is ignored)."""
+        """Attach the monitor (once; a second call is ignored). A failure is logged; training goes on unwatched."""
         if self.monitor is not None:
             return
         import spikedoc
+        from spikedoc.monitor.distributed import Ranks
 
         self.run_dir = Path(self.run_dir or run_dir)
         self.clip = clip
-        optimizer = base_optimizer(optimizer)
-        self.monitor = spikedoc.watch(model, optimizer, run_dir=self.run_dir, start_step=start_step, **self.watch_kwargs)
+        try:
+            self.ranks = Ranks()  # a collective: every rank starts
+            self.monitor = spikedoc.watch(model, base_optimizer(optimizer), run_dir=self.run_dir,
+                                          start_step=start_step, **self.watch_kwargs)  # fmt: skip
+        except Exception:  # noqa: BLE001 - monitoring never stops training
+            logger.exception("spikedoc: could not start recording %s; training goes on unwatched", self.run_dir)
+            self.monitor = None
+            return
         if self.stop_config is not None:
             self.incidents = IncidentWatch(self.stop_config)
             self.monitor.subscribe(self._on_row)
@@ -81,24 +90,52 @@ class WatchedRun:
         self.monitor.event("checkpoint", path=str(path))
 
     def should_stop(self) -> bool:
-        """True once an incident was judged one to stop on; the first call also prescribes."""
-        if self.decision is None:
+        """True once an incident was judged one to stop on, on this rank or any other; the first call prescribes.
+
+        In a distributed run the ranks agree every step (one tiny collective on the monitor's gloo
+        group), so all of them stop at the same step rather than some waiting forever for the others.
+        """
+        if self.monitor is None or self.stop_config is None:
             return False
-        if self.recipe is None:
-            try:
-                self._prescribe()
-            except Exception:  # noqa: BLE001 - the stop stands without its recipe
-                logger.exception("spikedoc: stopping at step %d (%s); the resume recipe failed",
-                                 self.decision.step, self.decision.verdict)
-                self.recipe = ResumeRecipe(onset_step=self.decision.onset_step, verdict=self.decision.verdict,
-                                           rollback_to_step=self.decision.onset_step, analysis_error="recipe failed")
+        if self.recipe is not None:
+            return True
+        decision = self._agreed_decision()
+        if decision is None:
+            return False
+        try:
+            self._prescribe(decision)
+        except Exception:  # noqa: BLE001 - the stop stands without its recipe
+            logger.exception("spikedoc: stopping at step %d (%s); the resume recipe failed", decision.step, decision.verdict)
+            self.recipe = ResumeRecipe(onset_step=decision.onset_step, verdict=decision.verdict,
+                                       rollback_to_step=decision.onset_step, analysis_error="recipe failed")
         return True
 
-    def _prescribe(self) -> None:
-        d = self.decision
+    def _agreed_decision(self) -> StopDecision | None:
+        """This rank's decision, or in a distributed run the earliest incident any rank decided to stop on."""
+        mine = self.decision
+        if self.ranks.world == 1:
+            return mine
+        if not self.ranks.max_int(int(mine is not None)):
+            return None
+        big = 1 << 62
+        onset = -self.ranks.max_int(-mine.onset_step if mine is not None else -big)
+        step = self.ranks.max_int(mine.step if mine is not None else -1)
+        worst = self.ranks.max_int(VERDICTS.index(mine.verdict) if mine is not None else -1)
+        if mine is not None and mine.onset_step == onset:
+            return mine
+        return StopDecision(onset, step, VERDICTS[worst], math.nan, math.nan, math.nan)
+
+    def _prescribe(self, d: StopDecision) -> None:
         self.monitor.event("stop", onset_step=d.onset_step, verdict=d.verdict, excess_ratio=d.excess_ratio,
-                           excess_sigma=d.excess_sigma)  # fmt: skip
+                           excess_sigma=d.excess_sigma, own=self.decision is not None)  # fmt: skip
         self.monitor.close()
+        if self.ranks.world > 1:
+            self.ranks.max_int(0)  # every rank's rows are written before the run is analysed
+            if self.ranks.rank != 0:
+                self.recipe = ResumeRecipe(onset_step=d.onset_step, verdict=d.verdict, rollback_to_step=d.onset_step,
+                                           analysis_error="the recipe is logged by rank 0")  # fmt: skip
+                logger.warning("spikedoc: stopping training at step %d: %s (rank 0 logs how to resume)", d.step, d.verdict)
+                return
         self.recipe = resume_recipe(self.run_dir, d, checkpoints=self.checkpoints, peak_lr=self.peak_lr, clip=self.clip)
         lines = "\n  ".join(self.recipe.lines() + ([self.how_to_resume(self.recipe)] if self.how_to_resume else []))
         logger.warning("spikedoc: stopping training at step %d: %s\n  %s", d.step, d.verdict, lines)

@@ -105,3 +105,28 @@ def one_process_twin(run_dir: Path, steps: int, world: int = 2) -> None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             opt.zero_grad()
+
+
+def stop_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
+    """Ranks training on their own (no gradient sync) under the integrations' stop judgement; rank 1's loss turns NaN."""
+    from spikedoc.integrations._session import WatchedRun
+
+    net = make_model(0)
+    net.blocks[0].register_forward_hook(lambda m, a, out: out * math.nan if rank == 1 and net.step >= options["nan_step"] else out)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    run = WatchedRun(run_dir=tmp / "run", stop=True, watch={})
+    run.start(net, opt, tmp / "unused", start_step=None, clip=None)
+    text, stopped_at = char_text(), None
+    for step in range(options["steps"]):
+        net.step = step
+        ids, labels = text.batch(world * step + rank)
+        net(ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if run.should_stop():
+            stopped_at = step
+            break
+    run.finish()
+    r = run.recipe
+    return {"stopped_at": stopped_at, "own": run.decision is not None, "onset": r and r.onset_step,
+            "verdict": r and r.verdict, "analysis_error": r and r.analysis_error}
