@@ -11,6 +11,7 @@ them to the host in one transfer per device.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], Non
     before = _versions(watched)
 
     def job() -> None:
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 body()
@@ -53,6 +55,8 @@ def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], Non
                 raise ChangedDuringStats("a parameter or optimizer state tensor changed in place between steps")
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             monitor._fail(where, exc, st)
+        finally:
+            st.cost += time.perf_counter() - start
 
     monitor._lane.submit(job)
 
@@ -82,10 +86,10 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
             grads = [g if g is not None else monitor._placeholders[b] for g in grads]
         st.active[b], st.grads[b] = active, grads
         grads_of[b] = grads
-        if st.work:
+        if st.work and st.full:
             st.tokens[b] = monitor._stats.before(bucket, grads, active)
     before = {b: _param_norms_before(monitor, b, bucket) for b, bucket in enumerate(monitor._buckets)} \
-        if st.layers else {}  # fmt: skip
+        if st.layers and st.full else {}  # fmt: skip
 
     def body() -> list[Tensor]:
         layer_norms = []
@@ -137,7 +141,7 @@ def _bucket_grad_stats(
     st.packer.add(f"{b}:grad_norm", gn)
     cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
     st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
-    if st.layers:
+    if st.layers and st.full:
         gmax = max_abs(grads, bucket.chunks)
         if isinstance(grad_scale, Tensor):
             gmax = gmax / grad_scale.to(gmax.device, torch.float32)
@@ -181,7 +185,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         pk.add(f"fp:{key}", value)
     stats = monitor._stats
     hyper = None if skipped else stats.hyperparameters()
-    again = monitor._new_step_works(st.index + 1)
+    again = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
     deferred, st.grad_work = st.grad_work, None
@@ -206,7 +210,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
             pn = norms(bucket.params)
             monitor._after_norms[b] = (pn, param_versions[b])
             pk.add(f"{b}:param_norm", pn)
-            if skipped:
+            if skipped or not st.full:
                 continue
             step = AfterStep(grads=grads[b], active=active.get(b), token=tokens.get(b), layers=st.layers,
                              hyper=hyper, again=again)  # fmt: skip

@@ -106,7 +106,8 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
         clip_coef=_clip_coef(values),
         clip_max_norm=_clip_max_norm(monitor, st),
         param_norm=_total(_per_tensor(monitor, values, "param_norm")),
-        update_norm=0.0 if skipped else _total(update),
+        update_norm=0.0 if skipped else _total(update) if st.full else math.nan,
+        full_stats=st.full,
         nonfinite_grads=int(np.sum(nonfinite[~np.isnan(nonfinite)])) if nonfinite is not None else 0,
         loss_scale=float(values["loss_scale"]) if "loss_scale" in values else None,
         skipped=skipped,
@@ -130,8 +131,10 @@ def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray])
     """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
     n = len(monitor._params)
     update = _per_tensor(monitor, values, "update_norm")
-    if update is None or _skipped(st, values):
+    if _skipped(st, values):
         update = np.zeros(n)
+    elif update is None:
+        update = np.zeros(n) if st.full else np.full(n, np.nan)  # a full step without an update is a no-op
     before = _per_tensor(monitor, values, "param_norm_before")
     block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(monitor._names)}
     for key in ("grad_norm", "grad_max", "param_norm"):
@@ -147,4 +150,7 @@ def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray])
     optim = {k: v for k in extra_keys if (v := _per_tensor(monitor, values, k)) is not None}
     for key, vec in monitor._stats.to_columns(optim, monitor._numels).items():
         block[key] = np.asarray(vec, dtype=np.float32)
+    if not st.full:  # the optimizer-state columns exist, null: this step has only the cheap statistics
+        for key in monitor._stats.columns:
+            block.setdefault(key, np.full(n, np.nan, dtype=np.float32))
     return block

@@ -23,6 +23,10 @@ class StepRecord:
     logged: bool
     layers: bool
     fingerprint: Fingerprint
+    full: bool = True
+    """Gets the full statistics (gradient maxima, update norms, optimizer state); see `budget.py`."""
+    cost: float = 0.0
+    """Seconds the monitor spent on this step, in the hooks and on the worker."""
     forwards: int = 0
     loss_sum: Tensor | None = None
     loss_count: int = 0

@@ -25,6 +25,10 @@ class WatchConfig:
     """Index of the first recorded step; default: the optimizer's own step count, else 0."""
     pad_token_id: int | None = None
     """Token id counted as padding in sequence lengths when the model gets no `attention_mask`."""
+    budget: float | None = None
+    """Largest share of the step time the monitor may take: the full statistics (gradient maxima,
+    update norms, optimizer state) then come on a cadence that keeps it within, every step again
+    after the spike detector flags the loss or gradient norm. None: full statistics every step."""
 
     def __post_init__(self) -> None:
         for name in ("every", "layer_every", "flush_every"):
@@ -35,5 +39,7 @@ class WatchConfig:
             raise ValueError(f"watch: clip must be a positive max norm or None, got {self.clip!r}")
         if not (isinstance(self.flush_seconds, (int, float)) and self.flush_seconds > 0):
             raise ValueError(f"watch: flush_seconds must be > 0, got {self.flush_seconds!r}")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 < self.budget < 1):
+            raise ValueError(f"watch: budget must be a share of the step time in (0, 1), e.g. 0.02, or None; got {self.budget!r}")
         if self.start_step is not None and (not isinstance(self.start_step, int) or self.start_step < 0):
             raise ValueError(f"watch: start_step must be a non-negative integer or None, got {self.start_step!r}")

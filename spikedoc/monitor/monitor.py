@@ -27,6 +27,7 @@ from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
+from spikedoc.monitor.budget import Cadence
 from spikedoc.monitor.config import WatchConfig
 from spikedoc.monitor.distributed import LocalState, Ranks, is_sharded, local
 from spikedoc.monitor.fingerprint import Fingerprint
@@ -103,6 +104,7 @@ class Monitor:
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
         self._ranks = Ranks()
+        self._cadence = Cadence(budget=config.budget) if config.budget is not None else None
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
         self._cur = self._new_step(start)
@@ -336,7 +338,11 @@ class Monitor:
     def _new_step(self, index: int) -> StepRecord:
         logged, layers = self._records(index)
         fingerprint = Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged)
-        return StepRecord(index=index, logged=logged, layers=layers, fingerprint=fingerprint)
+        full = self._cadence.full(index) if self._cadence is not None and (logged or layers) else True
+        return StepRecord(index=index, logged=logged, layers=layers, fingerprint=fingerprint, full=full)
+
+    def _will_be_full(self, index: int) -> bool:
+        return self._cadence is None or self._cadence.peek(index)
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -371,9 +377,16 @@ class Monitor:
             self._fail("loss", exc, st)
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        start = time.perf_counter()
         self._lane.join()  # the last step's statistics read what this step changes
         self._consume()
         st = self._cur
+        try:
+            self._step_pre(optimizer, st)
+        finally:
+            st.cost += time.perf_counter() - start
+
+    def _step_pre(self, optimizer: torch.optim.Optimizer, st: StepRecord) -> None:
         if not (st.work or self.config.clip is not None):
             return
         if st.broken:  # its statistics are lost, but clip= is part of training: still apply it
@@ -394,7 +407,9 @@ class Monitor:
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_since_update += 1
+        st, start = self._cur, time.perf_counter()
         self._finish_step(skipped=False)
+        st.cost += time.perf_counter() - start
 
     def before_clip(self, params: list[Tensor], max_norm: float) -> None:
         """The loop's own norm clip is about to scale the gradients: take their statistics first."""
@@ -524,6 +539,8 @@ class Monitor:
             self.writer.add_layers(layers)
         if st.logged:
             self._tell_subscribers(step)
+        if self._cadence is not None:
+            self._cadence.observe(step if st.logged else None, full=st.full, cost=st.cost, step_time=st.step_time)
 
     def _tell_subscribers(self, row: dict[str, Any]) -> None:
         for callback in self._subscribers:
@@ -606,6 +623,7 @@ def watch(
     flush_seconds: float = 30.0,
     start_step: int | None = None,
     pad_token_id: int | None = None,
+    budget: float | None = None,
 ) -> Monitor:
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
 
@@ -629,6 +647,9 @@ def watch(
         flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
         start_step: Index of the first step; default: the optimizer's step count, else 0.
         pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
+        budget: Largest share of the step time the monitor may take (e.g. 0.02): gradient norms
+            every step, the full statistics (update norms, gradient maxima, optimizer state) on a
+            cadence that keeps within it, every step again after a flagged spike. None: all, every step.
 
     Returns:
         The Monitor; close it (or use it as a context manager) when training ends. Open monitors
@@ -643,7 +664,8 @@ def watch(
         >>> monitor.close()
     """
     config = WatchConfig(every=every, layer_every=layer_every, clip=clip, flush_every=flush_every,
-                         flush_seconds=flush_seconds, start_step=start_step, pad_token_id=pad_token_id)  # fmt: skip
+                         flush_seconds=flush_seconds, start_step=start_step, pad_token_id=pad_token_id,
+                         budget=budget)  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):

@@ -37,7 +37,8 @@ STEP_COLUMNS = (
     "clip_coef",  # float32, factor applied by clip= or the loop's own clip_grad_norm_ (1.0 when no clipping happened)
     "clip_max_norm",  # float32, max norm of the loop's own clip_grad_norm_ (absent when the loop does not clip)
     "param_norm",  # float32, total L2 norm of the parameters after the step
-    "update_norm",  # float32, total L2 norm of the parameter change of this step
+    "update_norm",  # float32, total L2 norm of the parameter change of this step (null when full_stats is false)
+    "full_stats",  # bool, the step holds the full statistics (update norms; layer rows with grad_max and optimizer state); false only under watch(budget=)
     "nonfinite_grads",  # int64, count of NaN/inf gradient elements
     "loss_scale",  # float32, GradScaler scale used for this step (null without scaler)
     "skipped",  # bool, the optimizer step was skipped (inf grads under a GradScaler)
