@@ -75,6 +75,18 @@ class _SpikedocInline(_Spikedoc):
             monitor_module._CPU_WORKER = worker
 
 
+class _SpikedocBudget(_Spikedoc):
+    records = (
+        "as `spikedoc`, with `watch(budget=0.02)`: gradient norms every step, the full statistics (update "
+        "norms, gradient maxima, Adam moments, eps fraction) on the cadence a 2% budget allows"
+    )
+
+    def open(self, model, optimizer, run_dir):
+        import spikedoc
+
+        self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, budget=0.02)
+
+
 class _HandLogger(Logger):
     records = "loss + per-parameter grad norm, param norm, update norm via `.item()`, to CSV at close"
 
@@ -163,6 +175,7 @@ LOGGERS: dict[str, type[Logger]] = {
     "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
     "spikedoc_inline": _SpikedocInline,
+    "spikedoc_budget": _SpikedocBudget,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
     "wandb": _Wandb,

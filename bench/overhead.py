@@ -46,7 +46,8 @@ __all__ = ["VARIANTS", "BenchConfig", "BenchResult", "VariantResult", "format_re
 
 #: Variant names in table order; the first is the reference every ratio is taken against.
 VARIANTS = (
-    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_inline", "hand_item_logger", "tensorboard", "wandb",
+    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_inline", "spikedoc_budget", "hand_item_logger", "tensorboard",
+    "wandb",
 )  # fmt: skip
 
 
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
     parser.add_argument("--block", type=int, help="consecutive steps per turn (default 10; 1: lockstep)")
     parser.add_argument("--batch-size", type=int, help="samples per step (default 8): the step's cost scales with it")
+    parser.add_argument("--variants", help=f"comma-separated subset, starting with baseline (default: all of {','.join(VARIANTS)})")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -334,13 +336,16 @@ def main(argv: list[str] | None = None) -> None:
         options["block"] = args.block
     if args.batch_size:
         options["batch_size"] = args.batch_size
+    if args.variants:
+        options["variants"] = tuple(v.strip() for v in args.variants.split(","))
     cfg = BenchConfig(**options)
     result = run_benchmark(cfg, progress=lambda line: print(line, flush=True))
     command = shlex.join(["python", "bench/overhead.py", *(argv if argv is not None else sys.argv[1:])])
     report = format_report(result, command)
     print(report)
     if not args.quick:
-        write_section("overhead", report)
+        # One section per setting: the idle-core run (one torch thread) and the all-cores run.
+        write_section("overhead" if cfg.threads == 1 else "overhead_all_cores", report)
 
 
 if __name__ == "__main__":
