@@ -36,8 +36,8 @@ from spikedoc.monitor.monitor import Monitor  # noqa: E402
 
 __all__ = ["SETTINGS", "main", "measure"]
 
-#: (every, layer_every) in table order.
-SETTINGS = ((1, 1), (1, 10), (10, 10))
+#: (every, layer_every, budget) in table order.
+SETTINGS = ((1, 1, None), (1, 10, None), (10, 10, None), (1, 1, 0.02))
 _HOOKS = ("_on_forward_pre", "_on_forward", "_on_step_pre", "_on_step_post", "_on_clip")
 
 
@@ -67,7 +67,7 @@ class _HookClock:
 
 def measure(
     *, rounds: int, steps: int, warmup: int = 5, seed: int = 0, loop_clip: float | None = None
-) -> dict[tuple[int, int], tuple[float, float, float]]:
+) -> dict[tuple[int, int, float | None], tuple[float, float, float]]:
     """Median over rounds of (hook ms per step, its share of the baseline step, worker ms per step)."""
     torch.set_num_threads(1)
     data, vocab = corpus()
@@ -75,7 +75,7 @@ def measure(
     torch.manual_seed(seed)
     init = CharGPT(vocab=vocab, n_layer=4, n_head=4, d_model=128, seq_len=128).state_dict()
     clock = _HookClock()
-    per_round: dict[tuple[int, int], list[tuple[float, float, float]]] = {s: [] for s in SETTINGS}
+    per_round: dict[tuple[int, int, float | None], list[tuple[float, float, float]]] = {s: [] for s in SETTINGS}
     try:
         for r in range(rounds):
             runs = []
@@ -85,9 +85,10 @@ def measure(
                 opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
                 monitor = None
                 if setting is not None:
-                    every, layer_every = setting
+                    every, layer_every, budget = setting
                     run_dir = tempfile.mkdtemp(prefix="spikedoc-cost-")
-                    monitor = spikedoc.watch(model, opt, run_dir=run_dir, every=every, layer_every=layer_every)
+                    monitor = spikedoc.watch(model, opt, run_dir=run_dir, every=every, layer_every=layer_every,
+                                             budget=budget)  # fmt: skip
                 runs.append((setting, model, opt, monitor, []))
             order = random.Random(seed * 1000 + r)
             busy: dict[int, float] = {}
@@ -123,12 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting and round (default 30)")
     parser.add_argument("--loop-clip", type=float, default=None, metavar="MAX_NORM",
                         help="the loop clips with clip_grad_norm_ at this max norm (default: no clipping)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="statistics in the hooks, no CPU worker: the cost where no core is idle")
     args = parser.parse_args(argv)
+    if args.no_worker:
+        import spikedoc.monitor.monitor as monitor_module
+
+        monitor_module._CPU_WORKER = False  # read when each watch() plans
     got = measure(rounds=args.rounds, steps=args.steps, loop_clip=args.loop_clip)
     print("| setting | time in the monitor's hooks per step | of the step time | on the CPU worker per step |")
     print("| --- | --- | --- | --- |")
-    for (every, layer_every), (ms, share, worker) in got.items():
-        print(f"| `every={every}, layer_every={layer_every}` | {ms:.2f} ms | {100 * share:.1f}% | {worker:.2f} ms |")
+    for (every, layer_every, budget), (ms, share, worker) in got.items():
+        name = f"every={every}, layer_every={layer_every}" + (f", budget={budget}" if budget else "")
+        print(f"| `{name}` | {ms:.2f} ms | {100 * share:.1f}% | {worker:.2f} ms |")
 
 
 if __name__ == "__main__":

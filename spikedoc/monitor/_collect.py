@@ -56,8 +56,10 @@ def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], Non
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             monitor._fail(where, exc, st)
         finally:
-            st.cost += time.perf_counter() - start
+            if not on_caller:  # inline, the hook that runs it counts its time
+                st.cost += time.perf_counter() - start
 
+    on_caller = monitor._lane.on_caller
     monitor._lane.submit(job)
 
 
@@ -184,7 +186,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     for key, value in st.fingerprint.device_values().items():
         pk.add(f"fp:{key}", value)
     stats = monitor._stats
-    hyper = None if skipped else stats.hyperparameters()
+    hyper = None if skipped or not st.full else stats.hyperparameters()
     again = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
@@ -220,7 +222,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         st.landing = pk.launch()
 
     watched = [p for bucket in monitor._buckets for p in bucket.params]
-    watched += [t for p in watched for t in monitor._stats.state.get(p, {}).values() if isinstance(t, Tensor)]
+    if st.full:  # only full steps read the optimizer state
+        watched += [t for p in watched for t in monitor._stats.state.get(p, {}).values() if isinstance(t, Tensor)]
     run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
     if stats.reads_grads_after:  # the loop may zero the gradients in place right after the step
         monitor._lane.join()

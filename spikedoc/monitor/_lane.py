@@ -27,6 +27,8 @@ class Lane:
 
     busy_seconds: float = 0.0
     """Wall time spent inside jobs so far."""
+    on_caller: bool = True
+    """Jobs run on the submitting thread, inside the hook that submits them."""
 
     def submit(self, job: Job) -> None:
         raise NotImplementedError
@@ -66,6 +68,8 @@ class WorkerLane(Lane):
         [0, 1, 2]
         >>> lane.close()
     """
+
+    on_caller = False
 
     def __init__(self, name: str = "spikedoc-stats") -> None:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
