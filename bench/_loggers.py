@@ -87,6 +87,19 @@ class _SpikedocBudget(_Spikedoc):
         self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, budget=0.02)
 
 
+class _SpikedocBudgetInline(_SpikedocBudget):
+    records = "as `spikedoc_budget`, with the statistics in the hooks (no CPU worker): a 2% budget where no core is idle"
+
+    def open(self, model, optimizer, run_dir):
+        import spikedoc.monitor.monitor as monitor_module
+
+        worker, monitor_module._CPU_WORKER = monitor_module._CPU_WORKER, False  # read once, in watch()
+        try:
+            super().open(model, optimizer, run_dir)
+        finally:
+            monitor_module._CPU_WORKER = worker
+
+
 class _HandLogger(Logger):
     records = "loss + per-parameter grad norm, param norm, update norm via `.item()`, to CSV at close"
 
@@ -176,6 +189,7 @@ LOGGERS: dict[str, type[Logger]] = {
     "spikedoc": _Spikedoc,
     "spikedoc_inline": _SpikedocInline,
     "spikedoc_budget": _SpikedocBudget,
+    "spikedoc_budget_inline": _SpikedocBudgetInline,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
     "wandb": _Wandb,

@@ -13,12 +13,17 @@ makes every step full again for `dense_steps`, so the steps around an incident h
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from typing import Any
 
 __all__ = ["Cadence"]
 
 #: Weight of the newest step in the running cost estimates.
 _EMA = 0.2
+#: Recent step times whose median is the step time: an evaluation, a checkpoint or a pause
+#: between steps must not widen the budget.
+_STEP_WINDOW = 21
 
 
 class Cadence:
@@ -38,7 +43,8 @@ class Cadence:
         """Current spacing of full steps."""
         self._next_full = 0
         self._dense_until = warm_steps
-        self._cost_full = self._cost_light = self._step_time = math.nan
+        self._cost_full = self._cost_light = math.nan
+        self._step_times: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._loss = StreamingDetector()
         self._grad = StreamingDetector(log_scale=True)
 
@@ -61,7 +67,7 @@ class Cadence:
             else:
                 self._cost_light = cost if math.isnan(self._cost_light) else (1 - _EMA) * self._cost_light + _EMA * cost
         if math.isfinite(step_time) and step_time > 0:
-            self._step_time = step_time if math.isnan(self._step_time) else (1 - _EMA) * self._step_time + _EMA * step_time
+            self._step_times.append(step_time)
         self.every = self._spacing()
         if row is not None:
             step = int(row["step"])
@@ -75,7 +81,8 @@ class Cadence:
         self._dense_until = max(self._dense_until, index + self.dense_steps)
 
     def _spacing(self) -> int:
-        full, light, step = self._cost_full, self._cost_light, self._step_time
+        full, light = self._cost_full, self._cost_light
+        step = statistics.median(self._step_times) if self._step_times else math.nan
         if math.isnan(full) or math.isnan(step):
             return 1
         light = full if math.isnan(light) else light
