@@ -14,14 +14,14 @@ from spikedoc.analysis._robust import fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 
-__all__ = ["render", "action_text", "MAX_TABLE", "MAX_EXPLAINED"]
+__all__ = ["render", "action_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST"]
 
 #: Incidents listed in the table and explained in full; the rest are counted (all are in --json).
 MAX_TABLE = 40
 MAX_EXPLAINED = 8
 
 # What each missing input costs the analysis, said next to it.
-_MISSING = {
+MISSING_COST = {
     "layers": "no per-tensor attribution or optimizer-state precursors",
     "batch fingerprints": "no batch attribution (sample ids, sequence lengths, repeated data)",
     "events": "checkpoints unknown: rollback steps are estimates",
@@ -73,7 +73,7 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
         console.print()
         console.print("[bold]Not in this run[/bold]")
         for item in diagnosis.missing:
-            console.print(f"  {escape(item)}: {_MISSING.get(item, 'not analysed')}")
+            console.print(f"  {escape(item)}: {MISSING_COST.get(item, 'not analysed')}")
     for warning in diagnosis.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
