@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError
+from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError, one_line
 
 __all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS"]
 
@@ -105,5 +105,5 @@ def _run_or_exit(run: Path):
 
 
 def _fail(message: str, code: int) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(' '.join(message.split()))}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(one_line(message))}")
     raise typer.Exit(code=code)

@@ -1,6 +1,6 @@
 """Errors spikedoc raises for bad input; the CLI turns each into one line and an exit code."""
 
-__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError"]
+__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError", "one_line"]
 
 #: Exit code of the CLI for unusable input (see README, "Exit codes").
 EXIT_BAD_INPUT = 2
@@ -22,3 +22,13 @@ class RunFormatError(SpikedocError):
 
 class UnsupportedVersionError(SpikedocError):
     """The run was written by a newer spikedoc whose format this version cannot read."""
+
+
+def one_line(reason: BaseException | str) -> str:
+    """An exception or a message as one line: each run of white space (newlines too) becomes a space.
+
+    Example:
+        >>> one_line(ValueError("bad value:   expected a number"))
+        'bad value: expected a number'
+    """
+    return " ".join(str(reason).split()) or type(reason).__name__

@@ -129,3 +129,17 @@ def test_healthy_public_run_has_no_severe_incident_and_its_data_spikes_recover()
     incidents = spikedoc.analyze(REAL / "modded-nanogpt_2024-10-29_Optimizers_8bfe4e35.csv").incidents
     assert incidents and all(i.verdict == "recovered" and i.severity != "severe" for i in incidents)
     assert all(not i.recommendation["rollback"] for i in incidents)
+
+
+def test_a_layer_part_damaged_inside_reaches_the_diagnosis_warnings(tmp_path):
+    # The footer is intact (the part passes the check at load) but the data pages are not: the
+    # failure shows only when analyze reads the incident's layer window, and must still be reported.
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "bad_batch_long", run)
+    parts = sorted((run / "layers").rglob("*.parquet"))
+    part = next(p for p in parts if 170 in set(pq.read_table(p, columns=["step"]).column("step").to_pylist()))
+    data = bytearray(part.read_bytes())
+    data[4:len(data) // 2] = bytes(len(data) // 2 - 4)  # zero the first half: pages unreadable, footer kept
+    part.write_bytes(bytes(data))
+    diagnosis = spikedoc.analyze(run)
+    assert any(str(part.name) in w for w in diagnosis.warnings), diagnosis.warnings

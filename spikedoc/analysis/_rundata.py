@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import watch_config
-from spikedoc.analysis._robust import finite
+from spikedoc.analysis._robust import finite, was_clipped
 from spikedoc.analysis.context import _START_SEEN, warmup
 from spikedoc.analysis.detect import spike_score
 
@@ -119,7 +119,7 @@ def clip_in_use(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
     if {"clip_coef", "grad_norm"} <= set(steps.columns):
         coef = steps["clip_coef"].to_numpy(dtype=float)
         grad = steps["grad_norm"].to_numpy(dtype=float)
-        clipped = np.isfinite(coef) & np.isfinite(grad) & (coef < 0.999)
+        clipped = np.isfinite(coef) & np.isfinite(grad) & was_clipped(coef)
         if clipped.any():
             return float(np.median(coef[clipped] * grad[clipped]))
     return None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import MAD_TO_SIGMA, fmt
+from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, MAD_TO_SIGMA, fmt
 from spikedoc.analysis.batches import BatchProfile, attribute_batches, batch_profile, hash_history
 from spikedoc.analysis.config import AnalysisConfig
 
@@ -71,9 +71,6 @@ def module_kinds(names: list[str], module_types: dict[str, str | None]) -> dict[
     return {name: kinds[name] for name in names}
 
 
-# Per-tensor z-scores are computed on log10 values with sigma floored here (~5% relative), so a
-# tensor that is unusually steady does not call a 10% wobble a departure.
-_LOG_SIGMA_FLOOR = 0.02
 # eps_frac must rise by at least this absolute share of elements to count as a precursor.
 _EPS_FRAC_RISE = 0.05
 # Smallest sigma of eps_frac (a share of elements) believed: half a percent of the tensor.
@@ -257,7 +254,7 @@ def _log_z(layers: pd.DataFrame, metric: str, base_steps: np.ndarray, scan_steps
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history keep z = NaN
         center = np.nanmedian(base, axis=0)
-        sigma = np.fmax(1.4826 * np.nanmedian(np.abs(base - center), axis=0), _LOG_SIGMA_FLOOR)
+        sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(base - center), axis=0), LOG10_SIGMA_FLOOR)
     scan = np.isin(index, scan_steps)
     with np.errstate(all="ignore"):
         z = (logs[scan] - center) / sigma
@@ -354,7 +351,7 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
             level = (scan / center <= _V_COLLAPSE) & (center > 0)
             logs = np.log10(np.where(wide > 0, wide, np.nan))
         falling = -_rate_z(pd.DataFrame(logs, index=wide.index, columns=wide.columns), base_steps, steps,
-                           config.sudden_steps, _LOG_SIGMA_FLOOR)
+                           config.sudden_steps, LOG10_SIGMA_FLOOR)
         hits = level & (falling >= config.z_threshold)
         for j in np.flatnonzero(hits.any(axis=0)):
             name, step, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])

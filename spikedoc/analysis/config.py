@@ -60,7 +60,7 @@ class AnalysisConfig:
     early_steps: int = 1000
     """Without a visible warmup, incidents before this step count as early (LR too high / no warmup)."""
     lr_factor: float = 0.7
-    """Recommended multiplier of the peak LR (the case study's x0.7)."""
+    """Recommended multiplier of the peak LR after damage (a 30% cut, docs/analysis.md, "Recommendation")."""
     rollback_margin: int = 100
     """When no checkpoint is recorded, roll back this many steps before the earliest precursor."""
     max_layers: int = 10

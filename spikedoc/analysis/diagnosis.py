@@ -135,6 +135,8 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
+    # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
+    diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
     return diagnosis
 
 

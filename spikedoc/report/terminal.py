@@ -86,8 +86,8 @@ def _table(console: Console, incidents: list[Incident]) -> None:
     for i, inc in enumerate(incidents[:MAX_TABLE], 1):
         table.add_row(
             str(i), _SEVERITY_STYLE[inc.severity], inc.kind, str(inc.onset_step), str(inc.end_step),
-            _num(inc.magnitude_sigma),
-            _num(inc.peak_ratio),
+            _fmt_table(inc.magnitude_sigma),
+            _fmt_table(inc.peak_ratio),
             inc.verdict if inc.recovered else f"[red]{inc.verdict}[/red]",
             inc.cause + ("?" if inc.cause_guessed else ""),
             "" if inc.precursor_lead_steps is None else str(inc.precursor_lead_steps),
@@ -103,14 +103,14 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
     state = f"recovered (on its trajectory from step {inc.recovery_step})" if inc.recovered else f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
-        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_num(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_fmt_table(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
         + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
     )
     console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
     damage = inc.damage
     if damage and math.isfinite(damage.get("excess_ratio", math.nan)):
         console.print(f"  damage: at step {damage['damage_step']} the loss is {_pct_signed(damage['excess_ratio'])} "
-                      f"({_num(damage['excess_sigma'])} sigma) against its pre-incident trajectory")
+                      f"({_fmt_table(damage['excess_sigma'])} sigma) against its pre-incident trajectory")
     guessed = " [yellow](a guess: the run has no data to confirm it)[/yellow]" if inc.cause_guessed else ""
     console.print(f"  cause: [bold magenta]{inc.cause}[/bold magenta]{guessed}")
     for sentence in inc.evidence:
@@ -204,11 +204,11 @@ def _severity(inc: Incident) -> tuple:
 
 
 def _sigma(value: float) -> str:
-    return "non-finite" if not math.isfinite(value) else f"{_num(value)} sigma"
+    return "non-finite" if not math.isfinite(value) else f"{_fmt_table(value)} sigma"
 
 
-def _num(value: float) -> str:
-    """Table number: integers from 100 up, 2 significant digits below."""
+def _fmt_table(value: float) -> str:
+    """A number for the incident table: integers from 100 up, 2 significant digits below."""
     if not math.isfinite(value):
         return "inf" if value > 0 else str(value)
     return f"{value:.0f}" if abs(value) >= 100 else fmt(value, 2)
