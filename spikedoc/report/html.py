@@ -265,6 +265,8 @@ def _layer_plots(run: Any, inc: Incident) -> str:
 def _batches(inc: Incident) -> str:
     rows = []
     for batch in inc.batches:
+        if not (batch.get("sample_ids") or batch.get("positions") or batch.get("batch_hash") or batch.get("stats")):
+            continue  # an imported log knows nothing about its batches
         ids = batch.get("sample_ids") or []
         positions = batch.get("positions")
         who = fmt_steps(ids, 6) if ids else (f"positions {positions[0]}..{positions[1] - 1}" if positions else "")
