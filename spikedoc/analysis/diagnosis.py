@@ -388,7 +388,7 @@ class _Analysis:
         return self.steps.merge(keys, on=["segment", "step"], how="inner")
 
     def _layers(self, frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
-        layers = self.run.layers(start=max(0, start), stop=stop)
+        layers = self.run.layers(first_step=max(0, start), last_step=stop)
         if layers.empty:
             return layers
         if "rank" in layers.columns and layers["rank"].nunique() > 1:
