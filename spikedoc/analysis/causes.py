@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spikedoc.analysis._robust import fmt, fmt_steps
+from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.attribution import LayerAttribution
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
@@ -118,7 +118,7 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     group = "" if jump["group"] == 0 else f" (param group {jump['group']})"
     out = [
         f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
-        f"{jump['step']}, {incident.onset_step - jump['step']} steps before onset"
+        f"{jump['step']}, {count(incident.onset_step - jump['step'], 'step')} before onset"
     ]
     if jump.get("at_resume") is not None:
         out.append(
@@ -206,7 +206,7 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
     out = []
     if ev.layers is not None:
         for p in ev.layers.precursors[:3]:
-            out.append(p["sentence"] + (f" ({p['lead_steps']} steps before the loss flag)" if p.get("lead_steps") else ""))
+            out.append(p["sentence"] + (f" ({count(p['lead_steps'], 'step')} before the loss flag)" if p.get("lead_steps") else ""))
     if not out and ev.update_step and ev.update_step["fired"]:
         out.append(
             f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
@@ -257,7 +257,7 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
             first = leaders[0]
             out.append(
                 f"{first['name']} ({first['module']}) departed first: gradient norm {fmt(first['grad_z'], 2)} sigma off "
-                f"its history, {first['lead_steps']} steps before the loss flag"
+                f"its history, {count(first['lead_steps'], 'step')} before the loss flag"
             )
     if not out and incident.kind == "nonfinite" and incident.metric == "grad_norm":
         out.append(f"the gradient went non-finite at step {incident.onset_step} before the loss did")

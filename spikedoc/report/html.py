@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import fmt, fmt_steps
+from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 from spikedoc.report import plots
@@ -215,7 +215,7 @@ def _verdict(inc: Incident) -> str:
 def _cause(inc: Incident) -> str:
     guessed = " <span class='warning'>(a guess: the run has no data to confirm it)</span>" if inc.cause_guessed else ""
     evidence = "".join(f"<li>{_e(sentence)}</li>" for sentence in inc.evidence)
-    lead = (f"<p class='muted'>earliest precursor {inc.precursor_lead_steps} steps before the loss flag</p>"
+    lead = (f"<p class='muted'>earliest precursor {count(inc.precursor_lead_steps, 'step')} before the loss flag</p>"
             if inc.precursor_lead_steps else "")
     return f"<p>cause: <b>{_e(inc.cause)}</b>{guessed}</p><ul>{evidence}</ul>{lead}"
 
@@ -289,7 +289,7 @@ def _context(inc: Incident, ctx: dict[str, Any]) -> str:
         items.append(f"LR at onset {fmt(lr)}")
     clip = ctx.get("clipping")
     if clip and clip.get("share", 0) > 0:
-        items.append(f"clipped on {clip['share']:.0%} of the {clip['steps']} steps before")
+        items.append(f"clipped on {clip['share']:.0%} of the {count(clip['steps'], 'step')} before")
     items.extend(ctx.get("notes", []))
     if not items:
         return ""

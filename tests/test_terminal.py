@@ -1,0 +1,41 @@
+"""Specification of the terminal report's wording: what each number is, where it stands, in plain grammar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+import spikedoc
+from spikedoc.report.terminal import TABLE_LEGEND, action_text, render
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
+
+
+def _text(run: str) -> str:
+    console = Console(record=True, width=200, highlight=False)
+    render(spikedoc.analyze(SAMPLES / run), console)
+    return console.export_text()
+
+
+def test_the_spike_score_comes_last_and_says_it_is_a_whole_run_rate_not_the_verdict():
+    *before, last = _text("lr_surge").strip().split("\n\n")
+    assert "spike score" not in "\n".join(before)
+    last = " ".join(last.split())
+    assert last.startswith("OLMo 2 spike score, a whole-run rate") and last.endswith("loss 0.000%, grad_norm 1.007%")
+
+
+def test_the_incident_table_is_followed_by_the_meaning_of_its_columns():
+    text = " ".join(_text("lr_surge").split())
+    assert text.index("Incidents") < text.index(TABLE_LEGEND) < text.index("#1 loss_spike")
+
+
+def test_counts_agree_with_their_nouns():
+    text = " ".join(_text("optimizer_state").split())
+    assert "(1 step before the loss flag)" in text and "1 steps" not in text
+    one = {"action": "skip_data", "steps": [140], "sample_ids": ["a"], "positions": None}
+    two = {**one, "steps": [140, 141]}
+    assert action_text(one) == "skip the batch of step 140: sample ids a"
+    assert action_text(two) == "skip the batches of steps 140, 141: sample ids a"
+    assert "if rank 3 fails again" in action_text({"action": "check_rank", "ranks": [3]})
+    assert "if it fails again" in action_text({"action": "check_rank", "ranks": []})
