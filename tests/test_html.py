@@ -58,8 +58,8 @@ def hostile_run(tmp_path) -> Path:
 def test_the_page_has_the_summary_the_overview_and_one_section_per_incident(lr_surge_page):
     page = lr_surge_page.read_text()
     assert "id='summary'" in page and "id='overview'" in page and "id='findings'" in page
-    sections = re.findall(r"<section class='incident' id='incident-(\d+)' data-severity='(\w+)'>", page)
-    assert sections == [("1", "severe")]
+    sections = re.findall(r"<section class='incident' id='incident-(\d+)' data-severity='(\w+)' data-onset='(\d+)'", page)
+    assert sections == [("1", "severe", "152")]
     assert "lr_schedule" in page and "persistent" in page
     assert "roll back to the checkpoint of step 150" in page and "because verdict persistent" in page
     assert "Per-tensor gradient norms around onset" in page and "Implicated tensors" in page

@@ -44,7 +44,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:26px 0 8px;border-bott
 h3{font-size:16px;margin:0 0 6px}.muted{color:#666}.mono{font-family:ui-monospace,Menlo,monospace;font-size:12px}
 table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
 th{font-weight:600;background:#fafafa}.num{text-align:right}img{max-width:100%;display:block;margin:6px 0}
-.badge{display:inline-block;padding:1px 8px;border-radius:9px;font-size:12px;font-weight:600}
+.badge{display:inline-block;padding:1px 8px;border-radius:9px;font-size:12px;font-weight:600;color:#1d1d1f}
 .incident{border:1px solid #ddd;border-radius:8px;padding:12px 14px;margin:16px 0}
 .verdict{font-size:16px;margin:8px 0}li{margin:2px 0}.because{color:#555;font-size:13px}
 .warning{color:#9a6700}.info{color:#0b6e99}.good{color:#1a7f37}
@@ -84,6 +84,7 @@ def render_html(run: Any, diagnosis: Diagnosis, *, buckets: int = 1500) -> str:
         if n - 1 in detailed:
             parts.append(_incident_section(run, steps, n, inc, ctx, marks))
     parts.append(_missing(diagnosis))
+    parts.append(_spike_score(diagnosis))
     title = f"spikedoc report: {diagnosis.path}"
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
@@ -111,7 +112,7 @@ def _header(d: Diagnosis) -> str:
 def _summary(d: Diagnosis) -> str:
     if d.healthy:
         headline = "<p class='verdict good'>No incidents: no spike, non-finite value or divergence found.</p>"
-        return f"<section id='summary'><h2>Summary</h2>{headline}{_spike_score(d)}</section>\n"
+        return f"<section id='summary'><h2>Summary</h2>{headline}</section>\n"
     counts = {sev: sum(i.severity == sev for i in d.incidents) for sev in ("severe", "moderate", "minor")}
     said = ", ".join(f"{n} {sev}" for sev, n in counts.items() if n)
     attention = "needs attention" if d.needs_attention else "only minor incidents"
@@ -134,15 +135,18 @@ def _summary(d: Diagnosis) -> str:
         more = (f"<p class='muted'>The {MAX_DETAILED} most severe incidents are explained below; "
                 f"<code>spikedoc analyze --json</code> has all {len(d.incidents)}.</p>")
     head = f"<p class='verdict'><b>{len(d.incidents)} incident{'s' if len(d.incidents) != 1 else ''}</b> ({_e(said)}): {attention}.</p>"
-    return f"<section id='summary'><h2>Summary</h2>{head}{table}{legend}{more}{_spike_score(d)}</section>\n"
+    return f"<section id='summary'><h2>Summary</h2>{head}{table}{legend}{more}</section>\n"
 
 
 def _spike_score(d: Diagnosis) -> str:
     shown = [f"{k} {100 * v:.3f}%" for k, v in d.spike_score.items() if v is not None and math.isfinite(v)]
     if not shown:
         return ""
-    return ("<p class='muted'>OLMo 2 spike score, a whole-run statistic (share of steps more than 7 standard "
-            f"deviations above the mean of the previous 1,000): {_e(', '.join(shown))}.</p>")
+    # At the end, labelled as what it is: a whole-run rate computed the OLMo 2 way, not the detector's
+    # judgement; next to a large incident a bare "loss 0.000%" would read as a contradiction.
+    return ("<section id='spike-score'><p class='muted'>OLMo 2 spike score, a whole-run rate (share of steps more "
+            "than 7 standard deviations above the mean of the previous 1,000, spikes included, so early or "
+            f"repeated spikes raise the bar): {_e(', '.join(shown))}.</p></section>\n")
 
 
 def _overview(steps: pd.DataFrame, spans: list[Span], marks: list[tuple[int, str]], buckets: int) -> str:
@@ -197,7 +201,8 @@ def _incident_section(run: Any, steps: pd.DataFrame, n: int, inc: Incident, ctx:
         _batches(inc),
         _context(inc, ctx),
     ]
-    return f"<section class='incident' id='incident-{n}' data-severity='{_e(inc.severity)}'>{''.join(b for b in body if b)}</section>\n"
+    return (f"<section class='incident' id='incident-{n}' data-severity='{_e(inc.severity)}' "
+            f"data-onset='{inc.onset_step}' data-end='{inc.end_step}'>{''.join(b for b in body if b)}</section>\n")
 
 
 def _verdict(inc: Incident) -> str:
