@@ -12,7 +12,6 @@ import html
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.terminal import action_text
 
-__all__ = ["render_html", "write_report", "GUARD_EVENT_KINDS", "MAX_DETAILED"]
+__all__ = ["render_html", "GUARD_EVENT_KINDS", "MAX_DETAILED"]
 
 logger = logging.getLogger(__name__)
 
@@ -384,20 +383,3 @@ def _num(value: Any) -> str:
 
 def _sigma(value: float) -> str:
     return "non-finite" if not math.isfinite(value) else f"{_num(value)} sigma"
-
-
-def write_report(run: Any, diagnosis: Diagnosis, out: Path) -> int:
-    """Write the page to `out` through a temporary file (an interrupted write leaves no half page).
-
-    Returns:
-        The page's size in bytes.
-
-    Example:
-        >>> write_report(run, diagnosis, Path("report.html"))  # doctest: +SKIP
-        412345
-    """
-    page = render_html(run, diagnosis).encode("utf-8")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(page)
-    tmp.replace(out)
-    return len(page)
