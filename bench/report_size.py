@@ -41,6 +41,20 @@ def time_report(run_dir: Path, page: Path) -> dict[str, float]:
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def stage_times(run_dir: Path) -> dict[str, float]:
+    """Seconds of each stage in one process: loading, analysing, drawing and assembling the page."""
+    import spikedoc
+    from spikedoc.report.html import render_html
+
+    began = time.perf_counter()
+    run = spikedoc.load(run_dir)
+    loaded = time.perf_counter()
+    diagnosis = spikedoc.analyze(run)
+    analysed = time.perf_counter()
+    render_html(run, diagnosis)
+    return {"load": loaded - began, "analyze": analysed - loaded, "render": time.perf_counter() - analysed}
+
+
 def page_parts(text: str) -> dict[str, int]:
     """Bytes of the page by kind: inlined PNGs (base64) and everything else, and the counts."""
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = time_report(run_dir, page)
         text = page.read_text()
     parts = page_parts(text)
+    stages = stage_times(run_dir)
     onsets = [s["onset"] for s in info["spikes"]]
     spans = [(int(a), int(b)) for a, b in re.findall(r"data-onset='(\d+)' data-end='(\d+)'", text)]
     found = [o for o in onsets if any(a - _TOLERANCE <= o <= b + _TOLERANCE for a, b in spans)]
@@ -87,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| {parts['total'] / 1e6:.2f} MB | {parts['images']} | {parts['image_bytes'] / 1e6:.2f} MB | "
         f"{parts['other_bytes'] / 1e3:.0f} kB | {parts['incidents']} | {len(found)}/{len(onsets)} | "
         f"{timing['wall_s']:.1f} s | {timing['cpu_s']:.1f} s | {timing['peak_rss_mb']:.0f} MB |",
+        "",
+        "Where the time goes, in one process: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+        + " (the page itself: the overview's envelopes, each incident's layer window and its plots).",
     ])
     print(markdown)
     if not args.no_write:
