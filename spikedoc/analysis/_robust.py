@@ -10,7 +10,7 @@ import numpy as np
 
 __all__ = [
     "MAD_TO_SIGMA", "LOG10_SIGMA_FLOOR", "CLIPPED_BELOW", "robust_center_scale", "robust_z", "finite", "as_float",
-    "was_clipped", "fmt", "fmt_steps", "count",
+    "was_clipped", "fmt", "fmt_steps", "steps_text", "count",
 ]  # fmt: skip
 
 #: Factor that turns a median absolute deviation into a standard deviation for normal data.
@@ -94,3 +94,13 @@ def count(n: int, noun: str, plural: str | None = None) -> str:
         ('1 step', '3 batches')
     """
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def steps_text(count: int) -> str:
+    """`1 step`, `3 steps`.
+
+    Example:
+        >>> steps_text(1), steps_text(12)
+        ('1 step', '12 steps')
+    """
+    return f"{count} step" if count == 1 else f"{count} steps"

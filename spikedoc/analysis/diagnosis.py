@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import parameter_modules, watch_config
-from spikedoc.analysis._robust import count, fmt
+from spikedoc.analysis._robust import fmt, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
 from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity
@@ -481,7 +481,7 @@ def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident],
         lead = loss_flag - grad["onset_step"]
         return {"step": grad["onset_step"], "lead_steps": lead,
                 "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
-                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {count(lead, 'step')} before the loss"}
+                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {steps_text(lead)} before the loss"}
     # A separate grad-norm spike earlier counts only while it lasts: one that came back into the band
     # before the loss moved was a passing outlier, not the start of this incident.
     earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step
@@ -491,7 +491,7 @@ def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident],
         lead = loss_flag - first.onset_step
         return {"step": first.onset_step, "lead_steps": lead,
                 "sentence": f"a gradient-norm spike at step {first.onset_step} ({fmt(first.peak_value)}, "
-                f"{fmt(first.magnitude_sigma, 2)} sigma) came {count(lead, 'step')} before the loss was flagged"}
+                f"{fmt(first.magnitude_sigma, 2)} sigma) came {steps_text(lead)} before the loss was flagged"}
     return None
 
 
@@ -520,7 +520,7 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     ]
     return [Finding(
         id="lr_discontinuity", severity="warning",
-        message=f"the LR series jumps at {count(len(shown), 'step')}: " + "; ".join(parts),
+        message=f"the LR series jumps at {steps_text(len(shown))}: " + "; ".join(parts),
         why="A schedule changes the LR smoothly; a jump (most often a resume that did not restore the scheduler's "
         "step) changes the step size the optimizer's state was tuned to, and an upward jump is a known spike cause.",
         details={"jumps": shown},
