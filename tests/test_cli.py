@@ -266,3 +266,30 @@ def test_demo_leaves_an_existing_directory_untouched(tmp_path):
     line = _one_error_line(runner.invoke(app, ["demo", "--out", str(mine)]))
     assert "already exists and is not an empty directory" in line
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-c", "from spikedoc.cli import app; app()", "report", str(SAMPLE_RUNS / "lr_surge"), "-o"]
+    env = {**os.environ, "PYTHONPATH": str(root), "TERM": "xterm"}
+    piped = subprocess.run([*args, str(tmp_path / "a.html")], env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "loading" not in piped.stdout + piped.stderr
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*args, str(tmp_path / "b.html")], env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    assert b"loading" in seen and b"analysing" in seen and b"Wrote" in seen
