@@ -77,6 +77,7 @@ def test_every_string_from_the_run_is_escaped(hostile_run, tmp_path):
     assert "<script" not in page.lower() and "<img src=x" not in page
     assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;400" in page  # a sample id of the onset batch, as text
     assert "h.0.&lt;script&gt;" in page  # the tensor name in the leaders' table
+    assert "model &lt;script&gt;" in page  # meta.json's model class in the header
     assert "What the guard did" in page and "reason: &lt;script&gt;" in page
 
 

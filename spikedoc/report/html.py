@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis._meta import optimizer_name
 from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
@@ -73,7 +74,7 @@ def render_html(run: Any, diagnosis: Diagnosis, *, buckets: int = 1500) -> str:
     spans = [Span(i.onset_step, i.end_step, i.severity, f"#{n}") for n, i in enumerate(diagnosis.incidents, 1)]
     detailed = _most_severe(diagnosis.incidents, MAX_DETAILED)
     parts = [
-        _header(diagnosis),
+        _header(diagnosis, run.meta if isinstance(getattr(run, "meta", None), dict) else {}),
         _summary(diagnosis),
         _overview(steps, spans, marks, buckets),
         _findings(diagnosis),
@@ -95,7 +96,7 @@ def render_html(run: Any, diagnosis: Diagnosis, *, buckets: int = 1500) -> str:
 # ------------------------------------------------------------------------------ page sections
 
 
-def _header(d: Diagnosis) -> str:
+def _header(d: Diagnosis, meta: dict[str, Any]) -> str:
     s = d.summary
     facts = [f"{d.source} run", f"{s.get('steps', 0):,} steps {s.get('first_step', '?')}..{s.get('last_step', '?')}"]
     if s.get("ranks", 1) > 1:
@@ -105,7 +106,20 @@ def _header(d: Diagnosis) -> str:
     from spikedoc import __version__
 
     return (f"<header><h1>spikedoc report</h1><div class='mono'>{_e(d.path)}</div>"
-            f"<div class='muted'>{_e(', '.join(facts))} &middot; spikedoc {_e(__version__)}</div></header>\n")
+            f"<div class='muted'>{_e(', '.join(facts + _setup(meta)))} &middot; spikedoc {_e(__version__)}</div></header>\n")
+
+
+def _setup(meta: dict[str, Any]) -> list[str]:
+    """The model and optimizer as meta.json names them (spikedoc runs only)."""
+    out = []
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    if model.get("class"):
+        size = model.get("num_parameters")
+        out.append(f"model {model['class']}" + (f" ({size:,} parameters)" if isinstance(size, int) else ""))
+    name = optimizer_name(meta)
+    if name:
+        out.append(f"optimizer {name}")
+    return out
 
 
 def _summary(d: Diagnosis) -> str:
