@@ -227,9 +227,10 @@ def _load(run: Path, start: int | None, stop: int | None, console: Console) -> A
         first, last = (int(steps["step"].min()), int(steps["step"].max())) if len(steps) else ("?", "?")
         _fail(f"{run} has no steps in [{start if start is not None else ''}, {stop if stop is not None else ''}): "
               f"its steps run {first}..{last}", EXIT_BAD_INPUT)
+    # Events before the range stay (they happened); analysis decides which lie on the analysed lineage.
     events = loaded.events
-    inside = (events["step"] >= (start if start is not None else -math.inf)) & (events["step"] < (stop if stop is not None else math.inf))
-    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[inside].reset_index(drop=True))
+    before_stop = events["step"] < (stop if stop is not None else math.inf)
+    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[before_stop].reset_index(drop=True))
 
 
 def _diagnose(run: Any, threshold: float | None, window: int | None, console: Console) -> Any:
