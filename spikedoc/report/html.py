@@ -71,11 +71,13 @@ def render_html(run: Any, diagnosis: Diagnosis, *, buckets: int = 1500) -> str:
     steps = _plotted_steps(run.steps)
     guard = _guard_actions(run, diagnosis)
     marks = [(a["step"], a["kind"]) for a in guard if isinstance(a.get("step"), (int, np.integer))]
-    spans = [Span(i.onset_step, i.end_step, i.severity, f"#{n}") for n, i in enumerate(diagnosis.incidents, 1)]
     detailed = _most_severe(diagnosis.incidents, MAX_DETAILED)
+    # Every incident is shaded; only those explained below are labelled (95 labels would be a smear).
+    spans = [Span(i.onset_step, i.end_step, i.severity, f"#{n}" if n - 1 in detailed else "")
+             for n, i in enumerate(diagnosis.incidents, 1)]
     parts = [
         _header(diagnosis, run.meta if isinstance(getattr(run, "meta", None), dict) else {}),
-        _summary(diagnosis),
+        _summary(diagnosis, detailed),
         _overview(steps, spans, marks, buckets),
         _findings(diagnosis),
         _guard_section(guard),
@@ -122,7 +124,7 @@ def _setup(meta: dict[str, Any]) -> list[str]:
     return out
 
 
-def _summary(d: Diagnosis) -> str:
+def _summary(d: Diagnosis, detailed: set[int]) -> str:
     if d.healthy:
         headline = "<p class='verdict good'>No incidents: no spike, non-finite value or divergence found.</p>"
         return f"<section id='summary'><h2>Summary</h2>{headline}</section>\n"
@@ -131,8 +133,9 @@ def _summary(d: Diagnosis) -> str:
     attention = "needs attention" if d.needs_attention else "only minor incidents"
     rows = []
     for n, inc in enumerate(d.incidents, 1):
+        number = f"<a href='#incident-{n}'>#{n}</a>" if n - 1 in detailed else f"#{n}"
         rows.append(
-            f"<tr><td><a href='#incident-{n}'>#{n}</a></td><td>{_badge(inc.severity)}</td><td>{_e(inc.kind)}</td>"
+            f"<tr><td>{number}</td><td>{_badge(inc.severity)}</td><td>{_e(inc.kind)}</td>"
             f"<td class='num'>{inc.onset_step}</td><td class='num'>{inc.end_step}</td>"
             f"<td class='num'>{_e(_num(inc.magnitude_sigma))}</td><td class='num'>{_e(_num(inc.peak_ratio))}x</td>"
             f"<td>{_e(inc.verdict)}</td><td>{_e(inc.cause)}{'?' if inc.cause_guessed else ''}</td></tr>"
@@ -143,12 +146,14 @@ def _summary(d: Diagnosis) -> str:
              + "".join(rows) + "</table>")
     legend = ("<p class='muted'>sigma: the peak's distance from the rolling baseline in robust standard deviations; "
               "peak/base: the peak value over the baseline; a cause with ? rests on the loss's shape alone.</p>")
-    more = ""
-    if len(d.incidents) > MAX_DETAILED:
-        more = (f"<p class='muted'>The {MAX_DETAILED} most severe incidents are explained below; "
-                f"<code>spikedoc analyze --json</code> has all {len(d.incidents)}.</p>")
     head = f"<p class='verdict'><b>{len(d.incidents)} incident{'s' if len(d.incidents) != 1 else ''}</b> ({_e(said)}): {attention}.</p>"
-    return f"<section id='summary'><h2>Summary</h2>{head}{table}{legend}{more}</section>\n"
+    if len(d.incidents) <= MAX_DETAILED:
+        return f"<section id='summary'><h2>Summary</h2>{head}{table}{legend}</section>\n"
+    # A long table would push the plots off the first screen: it folds (an HTML element, no script).
+    more = (f"<p class='muted'>The {MAX_DETAILED} most severe incidents are explained below; "
+            f"<code>spikedoc analyze --json</code> has all {len(d.incidents)}.</p>")
+    return (f"<section id='summary'><h2>Summary</h2>{head}{more}<details><summary>all {len(d.incidents)} incidents"
+            f"</summary>{table}{legend}</details></section>\n")
 
 
 def _spike_score(d: Diagnosis) -> str:

@@ -88,7 +88,7 @@ def overview_png(steps: pd.DataFrame, spans: list[Span], marks: list[tuple[int, 
                            alpha=0.45, lw=0)
             for step, _ in marks:
                 ax.axvline(step, color="#2d6cdf", ls="--", lw=0.9)
-        for span in spans:
+        for span in (s for s in spans if s.label):
             axes[0].annotate(span.label, (span.first, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
                              va="bottom", ha="left", color="#555555")
         axes[-1].set_xlabel("step")
