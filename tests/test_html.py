@@ -136,3 +136,16 @@ def test_chromium_runs_none_of_the_markup_in_a_hostile_run(hostile_run, tmp_path
     assert title.startswith("spikedoc report: ")  # a script that ran would have made it "pwned"
     assert "<script" not in dom.lower() and "<img src=\"x\"" not in dom
     assert "id=\"incident-1\"" in dom  # and the page still has its sections
+
+
+def test_a_run_with_many_incidents_explains_the_most_severe_and_folds_the_table(tmp_path):
+    steps = healthy_steps(2_000)[["step", "loss"]]
+    for k in range(20):
+        steps.loc[300 + 80 * k, "loss"] *= 2.0 + 0.1 * k  # twenty one-step spikes, the later ones larger
+    steps.to_csv(tmp_path / "log.csv", index=False)
+    page = _report(tmp_path / "log.csv", tmp_path / "many.html")
+    onsets = [int(s) for s in re.findall(r"<section class='incident' id='incident-\d+' data-severity='\w+' data-onset='(\d+)'", page)]
+    assert len(onsets) == 12 and "<details><summary>all 20 incidents</summary>" in page
+    incidents = spikedoc.analyze(tmp_path / "log.csv").incidents
+    largest = sorted(incidents, key=lambda i: -i.magnitude_sigma)[:12]  # all alike in severity and verdict
+    assert {i.severity for i in incidents} == {"moderate"} and onsets == sorted(i.onset_step for i in largest)
