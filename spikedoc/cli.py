@@ -58,8 +58,8 @@ def analyze(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report: one summary line, and the exit code.")] = False,
     start: Annotated[int | None, typer.Option(help="Analyse steps from this one on (inclusive).", show_default=False)] = None,
     stop: Annotated[int | None, typer.Option(help="Analyse steps before this one (exclusive, like Python's range).", show_default=False)] = None,
-    threshold: Annotated[float | None, typer.Option(help="Robust sigmas above the rolling baseline that flag a step [default: 7, OLMo 2's].", show_default=False)] = None,
-    window: Annotated[int | None, typer.Option(help="Steps in the detector's rolling baseline [default: 100].", show_default=False)] = None,
+    threshold: Annotated[float | None, typer.Option(help="Robust sigmas above the rolling baseline that flag a step (default 7, as OLMo 2's spike score).", show_default=False)] = None,
+    window: Annotated[int | None, typer.Option(help="Steps in the detector's rolling baseline (default 100).", show_default=False)] = None,
 ) -> None:
     """Find loss spikes, attribute them to batches and layers, name the cause and say what to do.
 
