@@ -21,6 +21,7 @@ from spikedoc.analysis._meta import optimizer_name
 from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
+from spikedoc.errors import one_line
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.terminal import action_text
@@ -258,9 +259,9 @@ def _layer_plots(run: Any, inc: Incident) -> str:
     wanted = ["grad_norm", "update_ratio", "eps_frac"]
     try:
         layers = run.layers(shown_from - _HEAT_HISTORY, max(inc.peak_step, inc.onset_step) + _HEAT_AFTER, columns=wanted)
-    except Exception as exc:  # a report must not die on one unreadable window: say so and go on
+    except Exception as exc:  # a report must not die on one unreadable window: say so, on the page too, and go on
         logger.warning("spikedoc: no layer plots for the incident at step %s: %s", inc.onset_step, exc)
-        return ""
+        return f"<p class='warning'>No per-tensor plots: the layer table could not be read here ({_e(one_line(exc))}).</p>"
     if layers.empty or "grad_norm" not in layers.columns:
         return ""
     leaders = [layer["name"] for layer in inc.layers]
