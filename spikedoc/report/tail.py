@@ -16,7 +16,7 @@ from spikedoc.analysis.detect import DetectorConfig, StreamingDetector
 from spikedoc.errors import RunNotFoundError, one_line
 from spikedoc.store.schema import META_FILE, STEPS
 
-__all__ = ["Alert", "Progress", "RunFollower"]
+__all__ = ["Alert", "PollResult", "RunFollower"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Alert:
 
 
 @dataclass(frozen=True)
-class Progress:
+class PollResult:
     """What one poll found: the latest step's values and the alerts among the new rows."""
 
     new_steps: int
@@ -83,11 +83,11 @@ class RunFollower:
         """Whether the run has written its metadata yet."""
         return (self.run_dir / META_FILE).exists()
 
-    def poll(self) -> Progress:
+    def poll(self) -> PollResult:
         """Read the parts that appeared since the last poll and judge their rows, in step order."""
         rows = [table for path in self._new_parts() if (table := self._read(path)) is not None]
         if not rows:
-            return Progress(new_steps=0)
+            return PollResult(new_steps=0)
         table = pa.concat_tables(rows, promote_options="permissive")
         data = {c: table[c].to_numpy(zero_copy_only=False).astype(np.float64) if c in table.column_names else None
                 for c in _COLUMNS}
@@ -105,7 +105,7 @@ class RunFollower:
                 self._flagged[name] = flag.flagged
         self.steps_read += table.num_rows
         last = {c: (float(v[-1]) if v is not None else math.nan) for c, v in data.items()}
-        return Progress(new_steps=table.num_rows, step=int(last["step"]), loss=last["loss"], grad_norm=last["grad_norm"],
+        return PollResult(new_steps=table.num_rows, step=int(last["step"]), loss=last["loss"], grad_norm=last["grad_norm"],
                         lr=last["lr"], alerts=sorted(alerts, key=lambda a: a.step))
 
     def _new_parts(self) -> list[Path]:
