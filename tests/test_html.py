@@ -149,3 +149,15 @@ def test_a_run_with_many_incidents_explains_the_most_severe_and_folds_the_table(
     incidents = spikedoc.analyze(tmp_path / "log.csv").incidents
     largest = sorted(incidents, key=lambda i: -i.magnitude_sigma)[:12]  # all alike in severity and verdict
     assert {i.severity for i in incidents} == {"moderate"} and onsets == sorted(i.onset_step for i in largest)
+
+
+def test_a_tensorboard_log_gets_the_plots_it_has_data_for(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tb")) as writer:
+        for step in range(400):
+            writer.add_scalar("train/loss", (9.0 if step == 300 else 3.0) + 0.01 * (step % 7), global_step=step)
+            writer.add_scalar("train/lr", 1e-3, global_step=step)
+    page = _report(tmp_path / "tb", tmp_path / "tb.html")
+    assert "id='incident-1'" in page and "data-onset='300'" in page
+    assert "Per-tensor gradient norms" not in page and "grad_norm: no gradient-norm detection" in page
