@@ -161,3 +161,21 @@ def test_a_tensorboard_log_gets_the_plots_it_has_data_for(tmp_path):
     page = _report(tmp_path / "tb", tmp_path / "tb.html")
     assert "id='incident-1'" in page and "data-onset='300'" in page
     assert "Per-tensor gradient norms" not in page and "grad_norm: no gradient-norm detection" in page
+
+
+def test_reporting_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys, spikedoc\n"
+        "from spikedoc.report.html import render_html\n"
+        "from spikedoc.report.tensorboard import export_tensorboard\n"
+        f"run = spikedoc.load({str(SAMPLES / 'lr_surge')!r}); d = spikedoc.analyze(run)\n"
+        f"render_html(run, d); export_tensorboard(run, d, {str(tmp_path / 'tb')!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
