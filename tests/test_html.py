@@ -41,8 +41,9 @@ def lr_surge_page(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def hostile_run(tmp_path) -> Path:
-    """A run whose tensor names, sample ids, metadata, events and very path carry markup."""
-    names = [NAMES[0], f"h.0.{SCRIPT}.weight", *NAMES[2:]]
+    """A run whose tensor names, sample ids, metadata, events and very path carry markup (and TeX)."""
+    # and a name that is broken TeX: drawn as text, it must not stop the plots
+    names = [NAMES[0], f"h.0.{SCRIPT}.weight", "h.0.$\\frac$.weight", *NAMES[3:]]
     steps = healthy_steps()
     steps["sample_ids"] = [[f"{SCRIPT}{i}", IMG] for i in range(len(steps))]
     steps.loc[400, "distinct_token_ratio"] = 0.02  # a bad batch: its sample ids are shown
@@ -78,6 +79,7 @@ def test_every_string_from_the_run_is_escaped(hostile_run, tmp_path):
     assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;400" in page  # a sample id of the onset batch, as text
     assert "h.0.&lt;script&gt;" in page  # the tensor name in the leaders' table
     assert "model &lt;script&gt;" in page  # meta.json's model class in the header
+    assert "Per-tensor gradient norms around onset" in page  # the TeX-like name did not stop the heatmap
     assert "What the guard did" in page and "reason: &lt;script&gt;" in page
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from spikedoc.report.envelope import envelope
 
@@ -177,6 +177,7 @@ def heatmap_png(z: pd.DataFrame, leaders: list[str], onset: int, *, max_rows: in
             if name in lead:
                 tick.set_fontweight("bold")
         ax.axvline(onset - 0.5, color="black", lw=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step (line: onset)")
         fig.colorbar(image, ax=ax, label="grad-norm z (robust sigmas, log10)", shrink=0.9)
         return _png(fig)
