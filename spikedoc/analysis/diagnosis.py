@@ -26,6 +26,7 @@ from spikedoc.analysis.context import (
     warmup,
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents
+from spikedoc.analysis.guard_actions import guard_actions
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -67,6 +68,8 @@ class Diagnosis:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     """`first_step`, `last_step`, `steps`, `ranks`, `segments`, `resumes`, `abandoned`."""
+    guard_actions: list[dict[str, Any]] = field(default_factory=list)
+    """What a `spikedoc.Guard` did, in order (`guard_actions.guard_actions`): `kind`, `step`, `segment`, `detail`."""
 
     @property
     def healthy(self) -> bool:
@@ -92,6 +95,7 @@ class Diagnosis:
             "findings": [f.to_dict() for f in self.findings],
             "missing": self.missing,
             "warnings": self.warnings,
+            "guard_actions": self.guard_actions,
         })
 
 
@@ -126,6 +130,7 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
+    diagnosis.guard_actions = guard_actions(run.events)
     return diagnosis
 
 

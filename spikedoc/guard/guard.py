@@ -434,7 +434,7 @@ class Guard:
         diagnosis = {"reason": reason, "step": self.step, "rollbacks": self.rollbacks, "decision": asdict(decision),
                      "actions": [a for a in self.actions if a["kind"] == "rollback"]}  # fmt: skip
         self.actions.append({"kind": "guard_stop", "reason": reason, "step": self.step})
-        self.monitor.event("guard_stop", **_plain(diagnosis))
+        self.monitor.event("guard_stop", **_plain({k: v for k, v in diagnosis.items() if k != "step"}))
         self.close()
         raise GuardStopped(f"spikedoc guard stopped the run at step {self.step}: {message} (incident: {decision.reason}, "
                            f"onset step {decision.onset_step}); see the guard_stop event in {self.run_dir}", diagnosis)
