@@ -175,3 +175,19 @@ def test_analyze_lists_the_guards_actions(tmp_path):
     rollback = next(a for a in diagnosis.guard_actions if a["kind"] == "rollback")
     assert (rollback["step"], rollback["detail"]["from_step"]) == (40, 50)
     assert diagnosis.to_dict()["guard_actions"] == diagnosis.guard_actions
+    # The rollback's 0.7x LR where the replay starts is the remedy, not a schedule discontinuity.
+    assert "lr_discontinuity" not in [f.id for f in diagnosis.findings]
+
+
+def test_the_report_shows_the_guards_actions(tmp_path):
+    from rich.console import Console
+
+    from spikedoc.report.terminal import render
+
+    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    console = Console(record=True, width=200)
+    render(spikedoc.analyze(tmp_path), console)
+    text = console.export_text()
+    assert "Guard actions (4 guard checkpoints)" in text
+    assert "veto of step 45: nonfinite" in text
+    assert "rollback from step 50 to 40 (vetoes, cause damage): LR x0.7 of the original, clip 1 -> 0.5, 5 batches skipped" in text

@@ -26,7 +26,7 @@ from spikedoc.analysis.context import (
     warmup,
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents
-from spikedoc.analysis.guard_actions import guard_actions
+from spikedoc.analysis.guard_actions import guard_actions, without_guard_lr_changes
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -131,7 +131,18 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
     diagnosis.guard_actions = guard_actions(run.events)
+    if diagnosis.guard_actions:
+        _drop_guard_lr_changes(diagnosis)
     return diagnosis
+
+
+def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
+    # A guard's rollback lowers the LR where it resumes, on purpose: not a discontinuity to warn about.
+    for finding in list(diagnosis.findings):
+        if finding.id == "lr_discontinuity":
+            finding.details["jumps"] = without_guard_lr_changes(finding.details["jumps"], diagnosis.guard_actions)
+            if not finding.details["jumps"]:
+                diagnosis.findings.remove(finding)
 
 
 def _checked_steps(run: Any) -> pd.DataFrame:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["GUARD_EVENT_KINDS", "guard_actions"]
+__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "without_guard_lr_changes"]
 
 #: Event kinds the guard records; its checkpoints are `checkpoint` events with `guard: true`.
 GUARD_EVENT_KINDS = ("veto", "rollback", "guard_stop", "guard_resume", "checkpoint_failed", "checkpoint_refused")
@@ -45,3 +45,15 @@ def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
             out.append({"kind": row.kind, "step": int(row.step),
                         "segment": int(segment) if segment == segment else 0, "detail": detail})  # fmt: skip
     return out
+
+
+def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The LR discontinuities not made by the guard: a downward step where a guard rollback resumed
+    (the schedule scaled by its `lr_factor` on purpose) is the remedy, not a finding.
+
+    Example:
+        >>> without_guard_lr_changes([{"step": 40, "direction": "down"}], [{"kind": "rollback", "step": 40}])
+        []
+    """
+    rolled_back_to = {a["step"] for a in actions if a["kind"] == "rollback"}
+    return [j for j in jumps if not (j.get("direction") == "down" and j.get("step") in rolled_back_to)]
