@@ -19,15 +19,8 @@ import torch
 import spikedoc
 from spikedoc.demo.training import Recipe, RunSpec, _deterministic, _fresh, _pad, _planted_batch, corpus
 
-__all__ = ["GUARD_FAULTS", "guarded_run"]
+__all__ = ["guarded_run"]
 
-#: Faults the guarded demo plants (name -> what happens and what the guard is expected to do).
-GUARD_FAULTS = {
-    "bad_batch_long": "a batch of 32 base64 blobs at step 170: vetoed before its update",
-    "optimizer_state": "Adam's exp_avg_sq zeroed before step 150: the huge update gets through, the vetoes "
-                       "that follow pile up, the guard rolls back to step 150",
-    "nan": "one weight element set to inf before step 200: every loss is NaN, the guard rolls back to step 200",
-}  # fmt: skip
 _STEP = {"bad_batch_long": 170, "optimizer_state": 150, "nan": 200}
 
 
@@ -59,8 +52,8 @@ def guarded_run(run_dir: str | Path, fault: str = "optimizer_state") -> dict[str
         >>> guarded_run("/tmp/guarded", "nan")["rollbacks"]  # doctest: +SKIP
         1
     """
-    if fault not in GUARD_FAULTS:
-        raise ValueError(f"unknown guarded demo fault {fault!r}; choose one of: {', '.join(GUARD_FAULTS)}")
+    if fault not in _STEP:
+        raise ValueError(f"unknown guarded demo fault {fault!r}; choose one of: {', '.join(_STEP)}")
     recipe, run_dir, at = Recipe(), Path(run_dir), _STEP[fault]
     shutil.rmtree(run_dir, ignore_errors=True)
     losses: dict[int, float] = {}
