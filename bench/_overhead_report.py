@@ -114,7 +114,7 @@ def format_report(result: BenchResult, command: str) -> str:
         lines += [
             "",
             (
-                f"Target (issue #2): spikedoc's step-time overhead <= 3% and below every peer's. Measured "
+                f"Target: spikedoc's step-time overhead <= 3% and below every peer's. Measured "
                 f"{100 * ours:+.1f}%"
                 + (f"; cheapest peer {cheapest} {100 * peers[cheapest]:+.1f}%" if cheapest else "")
                 + f": **{'met' if met else 'not met'}**."

@@ -1,15 +1,18 @@
-"""Score the spike detector on public training logs nobody here wrote (../shared/reallogs).
+"""Score the spike detector on public training logs nobody here wrote (modded-nanogpt, BigScience).
 
-    python bench/reallogs.py [--reallogs /work/shared/reallogs] [--no-write]
+    python bench/reallogs.py --reallogs DIR [--no-write]      # or: SPIKEDOC_REALLOGS=DIR python bench/reallogs.py
 
-Writes the `reallogs` section of BENCHMARKS.md (and prints it). Nothing here is tuned: the detector
-runs with its defaults (docs/detection.md) and the numbers are what they are.
+DIR holds the logs extracted from their public sources; bench/README.md says what it holds and
+where each file comes from. Writes the `reallogs` section of BENCHMARKS.md (and prints it).
+Nothing here is tuned: the detector runs with its defaults (docs/detection.md) and the numbers are
+what they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -25,7 +28,10 @@ from spikedoc.analysis.config import AnalysisConfig  # noqa: E402
 from spikedoc.analysis.lr_response import level_sigma, window_level  # noqa: E402
 from spikedoc.analysis.detect import DetectorConfig, StreamingDetector, find_incidents, flag_series, spike_score  # noqa: E402
 
-_DEFAULT_ROOT = Path("/work/shared/reallogs")
+#: Where the logs are when --reallogs is not given.
+_ENV = "SPIKEDOC_REALLOGS"
+#: What the folder must hold (bench/README.md, "Real logs").
+_NEEDED = ("modded-nanogpt/runs", "modded-nanogpt/recurring_spike_steps.csv", "bigscience-chronicles/documented_events.csv")
 
 # Per-incident BigScience files and the documented event each one holds (documented_events.csv).
 _SNIPPETS = {
@@ -39,6 +45,32 @@ _SNIPPETS = {
     "bloom176b_nospike_42780-42784.csv": "bs16",
 }
 _KINK_REGION = (0.65, 0.85)  # "the kink in the loss curve ~75% of the way to the end"
+
+
+def _analyze_runs(runs: list[Path]) -> dict:
+    """Verdict, severity and rollback counts of `spikedoc.analyze` over the speedrun logs."""
+    import spikedoc
+
+    recurring = pd.read_csv(runs[0].parent.parent / "recurring_spike_steps.csv")
+    spots = {(name, int(step)) for step, names in zip(recurring["step"], recurring["runs"]) for name in names.split(";")}
+    verdicts, severities = Counter(), Counter()
+    rollbacks = attention = hits = minor = 0
+    for csv in runs:
+        diagnosis = spikedoc.analyze(csv)
+        attention += diagnosis.needs_attention
+        for inc in diagnosis.incidents:
+            verdicts[inc.verdict] += 1
+            severities[inc.severity] += 1
+            rollbacks += bool(inc.recommendation.get("rollback"))
+            if any((csv.stem, s) in spots for s in range(inc.onset_step - 1, inc.end_step + 2)):
+                hits += 1
+                minor += inc.severity == "minor"
+    return {"verdict": verdicts, "severity": severities, "rollback": rollbacks, "attention": attention,
+            "recurring": hits, "recurring_minor": minor}
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{k} **{v}**" for k, v in sorted(counter.items()))
 
 
 def _group(csv: Path) -> str:
@@ -135,6 +167,9 @@ def _nanogpt(root: Path) -> tuple[str, dict]:
     kink_multi = sum(i.end_step > i.onset_step for v in kink_steps.values() for i in v)
     kink_data = kink_multi == 0 and all("ScaleShortcuts" in row for row in kink)
 
+    # What analyze concludes on the same runs: verdicts against the trajectory, severities, advice.
+    judged = _analyze_runs(runs)
+
     # Streaming and offline must agree on real series, not only on synthetic ones.
     agree = all(_streaming_matches(frames[n]["step"], frames[n]["loss"]) for n in frames)
     md = [
@@ -147,6 +182,11 @@ def _nanogpt(root: Path) -> tuple[str, dict]:
         *table,
         "",
         f"Persistent (not recovered) incidents: **{t['unrec']}**; divergences: **{t['div']}** (target: 0 on healthy runs).",
+        "",
+        f"`spikedoc.analyze` on the same 75 runs: verdicts {_counts(judged['verdict'])}; severities "
+        f"{_counts(judged['severity'])}; rollbacks recommended: **{judged['rollback']}**; runs whose exit code would be 1 "
+        f"(a moderate or severe incident): {judged['attention']}/{len(runs)}. Recurring data-spike steps that are "
+        f"`minor`: {judged['recurring_minor']}/{judged['recurring']}.",
         "`median loss spike score` is OLMo 2's metric (share of steps > 7 std above the previous 1000 steps' mean).",
         "",
         f"**Recurring one-step data-driven spikes** (`recurring_spike_steps.csv`, every listed run/step pair, step +-1): "
@@ -324,17 +364,35 @@ def _lr_jump_false_alarms(frames: dict[str, pd.DataFrame], per_run: int = 100) -
             f"**{100 * fired:.2f}%** would fire.")
 
 
+def _data_root(given: Path | None) -> Path:
+    """The folder of real logs: --reallogs, else $SPIKEDOC_REALLOGS; ValueError saying why it is unusable."""
+    root = given or (Path(os.environ[_ENV]) if os.environ.get(_ENV) else None)
+    if root is None:
+        raise ValueError(f"say where the real logs are: --reallogs DIR or {_ENV}=DIR "
+                         "(bench/README.md, 'Real logs', says what DIR holds and where to get it)")  # fmt: skip
+    missing = [need for need in _NEEDED if not (root / need).exists()]
+    if missing:
+        raise ValueError(f"{root} has no {missing[0]}: not the folder of real logs described in bench/README.md")
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reallogs", type=Path, default=_DEFAULT_ROOT, help="folder with the real logs")
+    parser.add_argument("--reallogs", type=Path, default=None,
+                        help=f"folder with the real logs (bench/README.md); default: ${_ENV}")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
-    nanogpt_md, frames = _nanogpt(args.reallogs / "modded-nanogpt")
-    bigscience_md = _bigscience(args.reallogs / "bigscience-chronicles")
+    try:
+        root = _data_root(args.reallogs)
+    except ValueError as exc:
+        parser.error(str(exc))  # one line and exit code 2, like any other bad argument
+    nanogpt_md, frames = _nanogpt(root / "modded-nanogpt")
+    bigscience_md = _bigscience(root / "bigscience-chronicles")
     md = "\n".join([
         "## Spike detector on real training logs",
         "",
-        "Command: `python bench/reallogs.py` (data: `../shared/reallogs`, see its README and PROVENANCE.md files). "
+        "Command: `python bench/reallogs.py --reallogs DIR` (the logs extracted from modded-nanogpt and the "
+        "BigScience logbooks, see bench/README.md). "
         f"Detector defaults: `{DetectorConfig()}`.",
         machine_line(),
         "",
@@ -354,7 +412,7 @@ def main() -> None:
         "",
         "What the window does to the scores above (same data, every other setting at its default):",
         "",
-        _ablation(frames, pd.read_csv(args.reallogs / "modded-nanogpt" / "recurring_spike_steps.csv")),
+        _ablation(frames, pd.read_csv(root / "modded-nanogpt" / "recurring_spike_steps.csv")),
         "",
         _lr_jump_false_alarms(frames),
     ])

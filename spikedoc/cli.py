@@ -12,11 +12,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError
+from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError, one_line
 
 __all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS"]
 
-#: Exit codes: healthy run, incidents found (EXIT_BAD_INPUT = 2 for unusable input).
+#: Exit codes: healthy (or only minor incidents), an incident needs attention (EXIT_BAD_INPUT = 2 for unusable input).
 EXIT_HEALTHY, EXIT_INCIDENTS = 0, 1
 
 app = typer.Typer(
@@ -39,7 +39,8 @@ def analyze(
 ) -> None:
     """Find loss spikes, attribute them to batches and layers, name the cause and say what to do.
 
-    Exit code 0 when the run is healthy, 1 when incidents were found, 2 for unusable input.
+    Exit code 0 when the run is healthy or its incidents are all minor, 1 when an incident needs
+    attention (moderate or severe), 2 for unusable input.
     """
     diagnosis = _run_or_exit(run)
     if as_json:
@@ -48,7 +49,7 @@ def analyze(
         from spikedoc.report.terminal import render
 
         render(diagnosis, Console(highlight=False))
-    raise typer.Exit(code=EXIT_HEALTHY if diagnosis.healthy else EXIT_INCIDENTS)
+    raise typer.Exit(code=EXIT_INCIDENTS if diagnosis.needs_attention else EXIT_HEALTHY)
 
 
 @app.command()
@@ -120,5 +121,5 @@ def _run_or_exit(run: Path):
 
 
 def _fail(message: str, code: int) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(' '.join(message.split()))}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(one_line(message))}")
     raise typer.Exit(code=code)

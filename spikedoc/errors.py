@@ -1,6 +1,6 @@
 """Errors spikedoc raises for bad input; the CLI turns each into one line and an exit code."""
 
-__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError", "GuardStopped"]
+__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError", "GuardStopped", "one_line"]
 
 #: Exit code of the CLI for unusable input (see README, "Exit codes").
 EXIT_BAD_INPUT = 2
@@ -36,3 +36,13 @@ class GuardStopped(SpikedocError):
     def __init__(self, message: str, diagnosis: dict | None = None) -> None:
         super().__init__(message)
         self.diagnosis = dict(diagnosis or {})
+
+
+def one_line(reason: BaseException | str) -> str:
+    """An exception or a message as one line: each run of white space (newlines too) becomes a space.
+
+    Example:
+        >>> one_line(ValueError("bad value:   expected a number"))
+        'bad value: expected a number'
+    """
+    return " ".join(str(reason).split()) or type(reason).__name__

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spikedoc.report.terminal import action_text
+
 from spikedoc.analysis import analyze
 from spikedoc.analysis.causes import Evidence, decide_cause, tighter_clip
 from spikedoc.analysis.incident import CAUSES, Incident
@@ -137,7 +139,7 @@ def test_numerics_rank_when_one_rank_alone_goes_nonfinite(tmp_path):
     inc = _only(analyze(tmp_path / "run"))
     assert (inc.kind, inc.onset_step, inc.cause) == ("nonfinite", T, "numerics_rank")
     assert any("rank 1's loss went non-finite at step 400 while every other rank's stayed finite" in e for e in inc.evidence)
-    assert inc.recommendation["lr_factor"] == 1.0
+    assert inc.recommendation["lr_factor"] is None  # numerics: nothing says the LR is wrong
 
 
 def test_numerics_when_the_run_goes_nonfinite_with_no_build_up(tmp_path):
@@ -189,11 +191,19 @@ def test_lr_schedule_when_the_lr_jumps_where_a_resumed_segment_starts(tmp_path):
 
 def test_lr_too_high_for_an_instability_right_after_warmup(tmp_path):
     steps = healthy_steps(warmup=50)
-    _elevate(steps, 80, 95, 2.5)  # early, the loss falls fast and the band is wide
+    _elevate(steps, 80, 600, 2.5)  # early, the loss falls fast and the band is wide; it never comes back
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
-    assert (inc.onset_step, inc.cause) == (80, "lr_too_high")
+    assert (inc.onset_step, inc.cause, inc.verdict) == (80, "lr_too_high", "persistent")
     assert "31 steps after the warmup ended (step 49)" in inc.evidence[0]
     assert inc.recommendation["lr_factor"] == pytest.approx(0.7)
+
+
+def test_a_recovered_early_instability_gets_no_lr_advice(tmp_path):
+    steps = healthy_steps(warmup=50)
+    _elevate(steps, 80, 95, 2.5)
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.cause, inc.verdict, inc.recommendation["rollback"]) == ("lr_too_high", "recovered", False)
+    assert inc.recommendation["lr_factor"] is None and inc.recommendation["clip_max_norm"] is None
 
 
 def test_lr_too_high_for_an_early_instability_without_warmup(tmp_path):
@@ -268,7 +278,7 @@ def test_rollback_goes_to_the_last_checkpoint_before_the_earliest_precursor(tmp_
     # 398 is before the loss moved but after the gradient started to grow: its state is already suspect.
     rec = inc.recommendation
     assert (rec["rollback_to_step"], rec["checkpoint_path"], rec["checkpoint_known"]) == (390, "ckpt/390.pt", True)
-    assert rec["actions"][0] == "roll back to the checkpoint of step 390 (ckpt/390.pt)"
+    assert action_text(rec["actions"][0]) == "roll back to the checkpoint of step 390 (ckpt/390.pt)"
 
 
 def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):
@@ -277,7 +287,7 @@ def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
     assert inc.recovered is False
     assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 100, False)
-    assert "no checkpoint events recorded" in inc.recommendation["actions"][0]
+    assert "no checkpoint events recorded" in action_text(inc.recommendation["actions"][0])
 
 
 @pytest.mark.parametrize(("current", "expected"), [(None, 1.0), (5.0, 1.0), (2.0, 1.0), (1.0, 0.5), (0.5, 0.25)])
@@ -289,16 +299,18 @@ def test_clip_norm_in_use_is_inferred_from_clip_coef_without_meta_config(tmp_pat
     steps = healthy_steps()
     steps["grad_norm"] *= 4  # now mostly above a 1.5 max norm
     steps["clip_coef"] = np.minimum(1.0, 1.5 / steps["grad_norm"])
-    _elevate(steps, T, T + 15, 1.3)
+    steps.loc[T - 3 : T + 2, "grad_norm"] *= 50  # the gradient spiked with it: clipping is implicated
+    _elevate(steps, T, 600, 1.3)
     meta = adamw_meta(watch={"every": 1, "layer_every": 1, "clip": None})
-    inc = _only(analyze(write_run(tmp_path / "run", steps, meta=meta)))
+    inc = analyze(write_run(tmp_path / "run", steps, meta=meta)).incidents[0]
     assert inc.recommendation["clip_max_norm"] == 1.0  # 1.5 observed -> 1.0
 
 
 def test_recommended_lr_factor_and_new_peak_lr_follow_the_case_study(tmp_path):
     steps = healthy_steps(lr=3e-4)
-    _elevate(steps, T, T + 15, 1.3)
-    rec = _only(analyze(write_run(tmp_path / "run", steps))).recommendation
+    steps.loc[T - 3 : T + 2, "grad_norm"] *= 50
+    _elevate(steps, T, 600, 1.3)
+    rec = analyze(write_run(tmp_path / "run", steps)).incidents[0].recommendation
     assert rec["lr_factor"] == pytest.approx(0.7)
     assert rec["new_peak_lr"] == pytest.approx(0.7 * 3e-4, rel=1e-5)
     assert math.isclose(rec["clip_max_norm"], 0.5)  # meta clip 1.0 -> halved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from spikedoc.cli import app
 from tests.common.planted import healthy_layers, healthy_steps, write_run
 
 T = 400
+SAMPLE_RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 runner = CliRunner()
 
 
@@ -67,7 +69,7 @@ def test_json_prints_the_diagnosis_dict(spiky):
     result = _analyze(spiky, "--json")
     assert result.exit_code == 1
     data = json.loads(result.stdout)
-    assert data["format"] == 1 and data["incidents"][0]["cause"] == "bad_batch"
+    assert data["format"] == 2 and data["incidents"][0]["cause"] == "bad_batch"
     assert data["incidents"][0]["recommendation"]["rollback_to_step"] == 350
 
 
@@ -119,6 +121,38 @@ def test_a_truncated_part_among_good_ones_is_skipped_and_named(tmp_path):
     result = _analyze(run)
     assert result.exit_code == 0, result.output
     assert "warning: skipped unreadable part" in " ".join(result.output.split())
+
+
+def test_a_layer_part_cut_short_is_named_among_the_warnings_of_the_report_and_the_json(tmp_path):
+    run = tmp_path / "bad_batch_long"
+    shutil.copytree(SAMPLE_RUNS / "bad_batch_long", run)
+    part = run / "layers" / "rank=0" / "part-0-000001.parquet"  # steps 100-199: the planted batch is at 170
+    part.write_bytes(part.read_bytes()[:-1000])
+    report = _analyze(run)
+    assert report.exit_code == 1, report.output
+    assert f"warning:skippedunreadablepart{part}:" in "".join(report.output.split())  # rich wraps long paths
+    data = json.loads(_analyze(run, "--json").stdout)
+    (warning,) = [w for w in data["warnings"] if str(part) in w]
+    assert "per-tensor attribution lacks the rows it held" in warning
+    assert data["incidents"] and data["incidents"][0]["layers"] == []  # the attribution it lost
+
+
+def test_a_step_that_is_not_a_whole_number_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss\n0,3.0\n1.5,2.9\n2,2.8\n")
+    assert "data row 2: step 1.5 is not a whole number" in _one_error_line(_analyze(path))
+
+
+def test_a_tensorboard_dir_of_two_runs_is_one_line_naming_them_and_exit_2(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name in ("lr_3e-4", "lr_1e-3"):
+        with SummaryWriter(log_dir=str(tmp_path / "tb" / name)) as writer:
+            for step in range(60):
+                writer.add_scalar("train/loss", 3.0 - 0.01 * step, global_step=step)
+    line = _one_error_line(_analyze(tmp_path / "tb"))
+    assert "holds 2 TensorBoard runs that log a loss (lr_1e-3, lr_3e-4)" in line
+    assert f"spikedoc analyze {tmp_path / 'tb' / 'lr_3e-4'}" in line
 
 
 def test_a_run_from_a_newer_format_version_is_one_line_and_exit_2(clean):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+import spikedoc
 from spikedoc.errors import RunFormatError
 from spikedoc.store.importers import ALIASES, read_csv, read_tensorboard
 from spikedoc.store.reader import load
 
 NEVER_IMPORTED = {"layers", "batch fingerprints", "events"}
+REAL = Path(__file__).resolve().parent.parent / "sample_runs" / "real"
 
 
 def _csv(tmp_path: Path, text: str) -> Path:
@@ -67,10 +71,89 @@ def test_csv_rows_keep_file_order_and_a_step_going_back_starts_a_segment(tmp_pat
     assert run.steps["loss"].iloc[3] == 2.85
 
 
-def test_csv_duplicate_steps_without_going_back_stay_in_one_segment(tmp_path):
+def test_csv_rows_of_one_step_become_one_row_with_the_last_value_of_each_column(tmp_path):
+    # Lightning's CSVLogger writes the training and the validation metrics of a step as two rows.
+    run = read_csv(_csv(tmp_path, "step,train_loss,val_loss\n0,3,\n1,2.9,\n1,,3.1\n2,2.8,\n2,2.7,\n"))
+    assert run.steps["step"].tolist() == [0, 1, 2]
+    assert run.steps["segment"].tolist() == [0, 0, 0]
+    assert run.steps["loss"].tolist() == [3, 2.9, 2.7]
+    assert run.steps["val_loss"].isna().tolist() == [True, False, True]
+    assert len(run.warnings) == 1 and "1 steps were logged more than once with different values" in run.warnings[0]
+
+
+def test_csv_repeated_rows_that_agree_merge_without_a_warning(tmp_path):
     run = read_csv(_csv(tmp_path, "step,loss\n0,3\n1,2.9\n1,2.9\n2,2.8\n"))
-    assert run.steps["segment"].tolist() == [0, 0, 0, 0]
-    assert len(run.steps) == 4
+    assert run.steps["step"].tolist() == [0, 1, 2]
+    assert run.warnings == []
+
+
+def test_csv_shuffled_rows_are_sorted_by_step_with_a_warning(tmp_path):
+    run = read_csv(_csv(tmp_path, "step,loss\n3,2.7\n0,3\n4,2.6\n2,2.8\n1,2.9\n"))
+    assert run.steps["step"].tolist() == [0, 1, 2, 3, 4]
+    assert run.steps["loss"].tolist() == [3, 2.9, 2.8, 2.7, 2.6]
+    assert run.steps["segment"].tolist() == [0] * 5
+    assert len(run.warnings) == 1 and "out of step order" in run.warnings[0] and "sorted by step" in run.warnings[0]
+
+
+def test_csv_a_step_going_back_without_logging_earlier_steps_again_is_disorder_not_a_resume(tmp_path):
+    run = read_csv(_csv(tmp_path, "step,loss\n0,3\n1,2.9\n3,2.7\n2,2.8\n4,2.6\n5,2.5\n"))
+    assert run.steps["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert run.steps["segment"].tolist() == [0] * 6
+    assert "out of step order" in run.warnings[0]
+
+
+def test_csv_shuffled_rows_with_every_step_twice_give_one_row_per_step(tmp_path):
+    rng = np.random.default_rng(0)
+    steps = rng.permutation(np.repeat(np.arange(200), 2))
+    path = _csv(tmp_path, "step,loss\n" + "".join(f"{s},{3 - s / 100}\n" for s in steps))
+    run = read_csv(path)
+    assert run.steps["step"].tolist() == list(range(200))
+    assert run.steps["segment"].unique().tolist() == [0]
+    assert run.steps["loss"].to_numpy() == pytest.approx(3 - np.arange(200) / 100)
+
+
+def test_a_shuffled_csv_log_is_diagnosed_like_the_ordered_one(tmp_path):
+    ordered = pd.read_csv(REAL / "modded-nanogpt_2024-10-29_Optimizers_8bfe4e35.csv")
+    shuffled = ordered.sample(frac=1.0, random_state=0)
+    shuffled = pd.concat([shuffled, shuffled.iloc[:500]])  # and some rows logged twice
+    shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
+    expected = spikedoc.analyze(REAL / "modded-nanogpt_2024-10-29_Optimizers_8bfe4e35.csv")
+    got = spikedoc.analyze(tmp_path / "shuffled.csv")
+    assert expected.incidents, "the real log has incidents to compare"
+    assert [(i.onset_step, i.kind) for i in got.incidents] == [(i.onset_step, i.kind) for i in expected.incidents]
+    assert got.summary["segments"] == 1
+    assert any("sorted by step" in w for w in got.warnings)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("1.5", "is not a whole number"), ("1e30", "is out of range"), ("-1", "is out of range"),
+     ("inf", "is out of range"), ("ten", "is not a number")],
+)  # fmt: skip
+def test_csv_step_that_is_not_a_whole_number_in_range_raises_naming_the_row_and_value(tmp_path, value, problem):
+    path = _csv(tmp_path, f"step,loss\n0,3\n1,2.9\n{value},2.8\n3,2.7\n")
+    with pytest.raises(RunFormatError) as info:
+        read_csv(path)
+    message = str(info.value)
+    assert f"data row 3: step {value} {problem}" in message or (value == "1e30" and "step 1e+30 is out" in message)
+    assert "\n" not in message
+
+
+def test_csv_bad_step_error_counts_the_other_bad_rows(tmp_path):
+    with pytest.raises(RunFormatError, match=r"data row 2: step 1.5 is not a whole number \(and 1 more rows like it\)"):
+        read_csv(_csv(tmp_path, "step,loss\n0,3\n1.5,2.9\n2.7,2.8\n"))
+
+
+def test_csv_rows_without_a_step_are_dropped_with_a_warning(tmp_path):
+    run = read_csv(_csv(tmp_path, "step,loss\n0,3\n,2.9\n2,2.8\n"))
+    assert run.steps["step"].tolist() == [0, 2]
+    assert any("dropped 1 rows without a step value" in w for w in run.warnings)
+
+
+def test_csv_with_a_segment_column_keeps_its_segments(tmp_path):
+    run = read_csv(_csv(tmp_path, "step,segment,loss\n0,0,3\n1,0,2.9\n2,0,2.8\n1,1,2.85\n2,1,2.75\n"))
+    assert list(zip(run.steps["segment"], run.steps["step"])) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]
+    assert run.warnings == []
 
 
 def test_csv_missing_reports_what_analysis_cannot_have(tmp_path):
@@ -176,3 +259,38 @@ def test_tensorboard_tensor_scalars_of_the_tensorboard_summary_writer_are_read(t
     assert list(steps.columns[:2]) == ["step", "segment"]
     assert steps["loss"].tolist() == [3.0, 2.75, 2.5, 2.25]
     assert steps["grad_norm"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_tensorboard_dir_of_two_runs_that_both_log_a_loss_raises_naming_them(tmp_path):
+    _tensorboard(tmp_path / "logs" / "version_0", {"train_loss": [(0, 2.0), (1, 1.5)]})
+    _tensorboard(tmp_path / "logs" / "version_1", {"train_loss": [(0, 2.1), (1, 1.6)]})
+    with pytest.raises(RunFormatError) as info:
+        load(tmp_path / "logs")
+    message = str(info.value)
+    assert "holds 2 TensorBoard runs that log a loss (version_0, version_1)" in message
+    assert f"spikedoc analyze {tmp_path / 'logs' / 'version_1'}" in message and "\n" not in message
+
+
+def test_tensorboard_dir_of_two_runs_of_which_one_logs_a_loss_reads_that_one(tmp_path):
+    _tensorboard(tmp_path / "logs" / "pretrain", {"loss": [(0, 2.0), (1, 1.5)], "lr": [(0, 1e-3), (1, 1e-3)]})
+    _tensorboard(tmp_path / "logs" / "probe", {"accuracy": [(0, 0.5), (5, 0.6)]})
+    run = load(tmp_path / "logs")
+    assert run.steps["step"].tolist() == [0, 1]
+    assert run.steps["loss"].tolist() == [2.0, 1.5]
+    assert "accuracy" not in run.steps.columns and "probe_accuracy" not in run.steps.columns
+    assert run.warnings == ["logs holds 2 TensorBoard runs (pretrain, probe); analysed pretrain, the only one that "
+                            "logs a loss".replace("logs", str(tmp_path / "logs"), 1)]
+    assert all("pretrain" in f for f in run.meta["event_files"])
+
+
+def test_tensorboard_run_in_the_top_folder_keeps_its_tags_beside_a_subfolder_run(tmp_path):
+    _tensorboard(tmp_path, {"loss": [(0, 2.0), (1, 1.5)]})
+    _tensorboard(tmp_path / "eval", {"loss": [(1, 1.75)]})
+    steps = load(tmp_path).steps
+    assert steps["loss"].tolist() == [2.0, 1.5]
+    assert steps["eval_loss"].isna().tolist() == [True, False]
+
+
+def test_csv_segment_that_is_not_a_whole_number_raises_naming_its_data_row(tmp_path):
+    with pytest.raises(RunFormatError, match=r"data row 3: segment 0.5 is not a whole number"):
+        read_csv(_csv(tmp_path, "step,segment,loss\n0,0,3\n,0,2.9\n2,0.5,2.8\n"))

@@ -196,13 +196,30 @@ def test_a_truncated_step_part_is_skipped_with_a_warning_naming_it(run_dir, capl
     assert any(str(victim) in r.getMessage() for r in caplog.records)
 
 
-def test_a_corrupt_layer_part_is_skipped_with_a_warning_when_layers_are_read(run_dir):
+def test_a_layer_part_cut_short_is_skipped_with_a_warning_at_load(run_dir):
     victim = _parts(run_dir, "layers")[0]
-    victim.write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     run = load(run_dir)
-    layers = run.layers()
-    assert layers["step"].min() == 20  # the first part (steps 0-19) is gone, the rest is there
+    assert len(run.warnings) == 1 and str(victim) in run.warnings[0] and "attribution" in run.warnings[0]
+    assert run.layers()["step"].min() == 20  # the first part (steps 0-19) is gone, the rest is there
+    assert run.has_layers
+
+
+def test_a_layer_part_with_a_corrupt_footer_is_skipped_with_a_warning_when_layers_are_read(run_dir):
+    victim = _parts(run_dir, "layers")[0]
+    victim.write_bytes(b"PAR1" + b"\xff" * 64 + (64).to_bytes(4, "little") + b"PAR1")  # a footer of garbage
+    run = load(run_dir)
+    assert run.warnings == []  # its last bytes look whole: found only when read
+    assert run.layers()["step"].min() == 20
     assert len(run.warnings) == 1 and str(victim) in run.warnings[0]
+
+
+def test_a_run_whose_layer_parts_are_all_cut_short_has_no_layers(run_dir):
+    for part in _parts(run_dir, "layers"):
+        part.write_bytes(b"PAR1")
+    run = load(run_dir)
+    assert not run.has_layers and "layers" in run.missing
+    assert len(run.warnings) == len(_parts(run_dir, "layers"))
 
 
 def test_a_run_whose_step_parts_are_all_corrupt_raises_run_format_error(run_dir):

@@ -19,7 +19,8 @@ from spikedoc.analysis.incident import CAUSES, Incident
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 FAULTY = [s.name for s in SPECS if s.fault is not None]
 CLEAN = [s.name for s in SPECS if s.fault is None]
-BAD_BATCH = [s.name for s in SPECS if s.fault in ("constant_batch", "long_batch")]
+BAD_BATCH = [s.name for s in SPECS if s.fault in ("constant_batch", "long_batch", "random_batch", "mixed_batch")]
+TWIN = {s.name: s.twin for s in SPECS if s.fault is not None}
 
 
 @functools.cache
@@ -87,13 +88,13 @@ def test_labelled_sample_ids_are_those_recorded_at_the_planted_step(name):
 @pytest.mark.parametrize("name", FAULTY)
 def test_faulty_run_matches_the_clean_run_until_the_fault(name):
     planted = _label(name)["planted_step"]
-    np.testing.assert_array_equal(_losses(name)[:planted], _losses("clean")[:planted])
+    np.testing.assert_array_equal(_losses(name)[:planted], _losses(TWIN[name])[:planted])
 
 
 @pytest.mark.parametrize("name", FAULTY)
 def test_labelled_peak_is_far_off_the_clean_run(name):
     label = _label(name)
-    peak, clean = _losses(name)[label["peak_step"]], _losses("clean")
+    peak, clean = _losses(name)[label["peak_step"]], _losses(TWIN[name])
     diffs = np.diff(clean[30:])
     sigma = 1.4826 * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2)
     assert not np.isfinite(peak) or abs(peak - clean[label["peak_step"]]) > 5 * sigma

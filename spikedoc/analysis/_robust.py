@@ -1,22 +1,45 @@
-"""Robust location/scale helpers (median and MAD) shared by attribution, context and lints."""
+"""Numeric helpers the analysis shares: robust location and scale (median, MAD), floors, number formatting."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "robust_center_scale", "robust_z", "finite", "fmt", "fmt_steps"]
+__all__ = [
+    "MAD_TO_SIGMA", "LOG10_SIGMA_FLOOR", "CLIPPED_BELOW", "robust_center_scale", "robust_z", "finite", "as_float",
+    "was_clipped", "fmt", "fmt_steps",
+]  # fmt: skip
 
 #: Factor that turns a median absolute deviation into a standard deviation for normal data.
 MAD_TO_SIGMA = 1.4826
+#: Smallest sigma believed for a series of log10 values: 0.02 is ~5% relative (10**0.02 = 1.047),
+#: so a series that is unusually steady does not call a 10% wobble a departure.
+LOG10_SIGMA_FLOOR = 0.02
+#: A step was clipped when its `clip_coef` is below this. The coefficient is 1.0 when clipping did
+#: not act; a cut of less than 0.1% (a norm a hair above the max norm) changes nothing worth counting.
+CLIPPED_BELOW = 0.999
 
 
 def finite(values: Iterable[float] | np.ndarray) -> np.ndarray:
     """The finite entries of `values` as a float64 array."""
     arr = np.asarray(values, dtype=np.float64).ravel()
     return arr[np.isfinite(arr)]
+
+
+def as_float(value: Any) -> float:
+    """`value` as a float; NaN when it is not a number (None, a string, a list), as in meta.json."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def was_clipped(coef: Iterable[float] | np.ndarray) -> np.ndarray:
+    """Per step, whether clipping cut the gradient, from the `clip_coef` values (NaN: False)."""
+    return np.asarray(coef, dtype=np.float64) < CLIPPED_BELOW
 
 
 def robust_center_scale(values: Iterable[float] | np.ndarray, *, rel_floor: float = 0.0) -> tuple[float, float]:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import watch_config
-from spikedoc.analysis._robust import finite
-from spikedoc.analysis.context import warmup
+from spikedoc.analysis._robust import finite, was_clipped
+from spikedoc.analysis.context import _START_SEEN, warmup
 from spikedoc.analysis.detect import spike_score
 
 __all__ = ["reduce_ranks", "PieceData", "checkpoints_of", "clip_in_use", "segment_ranges", "in_ranges", "score"]
@@ -38,27 +38,60 @@ def reduce_ranks(steps: pd.DataFrame) -> pd.DataFrame:
 
 
 class PieceData:
-    """What every incident of one piece shares: its lineage frame and what is computed once on it."""
+    """What every incident of one piece shares: its lineage frame and what is computed once on it.
 
-    def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]]) -> None:
+    `healthy` marks the steps the loss detector did not flag (they may fit a trajectory);
+    `first_up_jump` is the first upward LR discontinuity of the lineage, if any: the schedule's
+    intended peak and its warmup are read from the LR before it, never from the jumped LR.
+    `piece` (the lineage piece), `incidents` (all found on it), `jumps` (its LR discontinuities),
+    `resume` and `moments_ratio` (its resume check) are the piece's own context.
+    """
+
+    def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]], *,
+                 healthy: np.ndarray | None = None, first_up_jump: int | None = None, piece: Any = None,
+                 incidents: list[Any] = (), jumps: list[dict[str, Any]] = (), resume: Any = None,
+                 moments_ratio: float | None = None) -> None:  # fmt: skip
         self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
+        self.piece, self.incidents, self.jumps = piece, list(incidents), list(jumps)
+        self.resume, self.moments_ratio = resume, moments_ratio
         self.steps = frame["step"].to_numpy()
         self.first_step = int(self.steps[0])
-        self.warmup = warmup(frame)
+        self.healthy = np.ones(len(frame), dtype=bool) if healthy is None else healthy
+        self.initial_loss = _initial_loss(frame)
+        scheduled = frame if first_up_jump is None else frame.loc[frame["step"] < first_up_jump]
+        self.warmup = warmup(scheduled) if len(scheduled) else None
         lr = frame["lr"].to_numpy(dtype=float) if "lr" in frame.columns else np.full(len(frame), np.nan)
+        if first_up_jump is not None:
+            lr = np.where(self.steps < first_up_jump, lr, np.nan)
         self._lr_max = np.fmax.accumulate(np.where(np.isfinite(lr), lr, -np.inf)) if len(lr) else lr
 
     def window(self, start: int, stop: int) -> pd.DataFrame:
         """Rows with start <= step <= stop, plus the next row (the step after the incident)."""
+        return self.frame.iloc[self._bounds(start, stop)]
+
+    def healthy_window(self, start: int, stop: int) -> np.ndarray:
+        """`healthy` for the rows of `window(start, stop)`."""
+        return self.healthy[self._bounds(start, stop)]
+
+    def _bounds(self, start: int, stop: int) -> slice:
         lo = int(np.searchsorted(self.steps, start, side="left"))
         hi = int(np.searchsorted(self.steps, stop, side="right")) + 1
-        return self.frame.iloc[lo:hi]
+        return slice(lo, hi)
 
     def peak_lr_before(self, step: int) -> float | None:
+        """Largest scheduled LR before `step` (an LR after an upward jump is not the schedule's)."""
         i = int(np.searchsorted(self.steps, step, side="left")) - 1
         if i < 0 or not np.isfinite(self._lr_max[i]) or self._lr_max[i] <= 0:
             return None
         return float(self._lr_max[i])
+
+
+def _initial_loss(frame: pd.DataFrame) -> float | None:
+    """Median of the first 3 finite losses when the lineage starts at the beginning of training."""
+    if "loss" not in frame.columns or frame.empty or int(frame["step"].iloc[0]) > _START_SEEN:
+        return None
+    first = finite(frame["loss"].to_numpy(dtype=float)[:10])[:3]
+    return float(np.median(first)) if first.size else None
 
 
 def checkpoints_of(events: pd.DataFrame | None) -> list[tuple[int, int, str | None]]:
@@ -86,7 +119,7 @@ def clip_in_use(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
     if {"clip_coef", "grad_norm"} <= set(steps.columns):
         coef = steps["clip_coef"].to_numpy(dtype=float)
         grad = steps["grad_norm"].to_numpy(dtype=float)
-        clipped = np.isfinite(coef) & np.isfinite(grad) & (coef < 0.999)
+        clipped = np.isfinite(coef) & np.isfinite(grad) & was_clipped(coef)
         if clipped.any():
             return float(np.median(coef[clipped] * grad[clipped]))
     return None

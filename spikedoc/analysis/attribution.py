@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import MAD_TO_SIGMA, fmt
+from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, MAD_TO_SIGMA, fmt
 from spikedoc.analysis.batches import BatchProfile, attribute_batches, batch_profile, hash_history
 from spikedoc.analysis.config import AnalysisConfig
 
@@ -71,11 +71,10 @@ def module_kinds(names: list[str], module_types: dict[str, str | None]) -> dict[
     return {name: kinds[name] for name in names}
 
 
-# Per-tensor z-scores are computed on log10 values with sigma floored here (~5% relative), so a
-# tensor that is unusually steady does not call a 10% wobble a departure.
-_LOG_SIGMA_FLOOR = 0.02
 # eps_frac must rise by at least this absolute share of elements to count as a precursor.
 _EPS_FRAC_RISE = 0.05
+# Smallest sigma of eps_frac (a share of elements) believed: half a percent of the tensor.
+_EPS_FRAC_SIGMA_FLOOR = 0.005
 # exp_avg_sq_mean at or below this share of its history counts as a collapse (one decade).
 _V_COLLAPSE = 0.1
 # Fewer logged steps than this before the scan window: no per-tensor baseline.
@@ -201,7 +200,8 @@ def attribute_layers(
     rows.sort(key=lambda r: (r["departed_step"] if r["departed_step"] is not None else onset, -_finite_or(r["z"], 1e300)))
     result.layers = rows[: config.max_layers]
     result.groups = _groups(rows, names, module_types)
-    result.precursors = _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference, rows, config)
+    window = _Window(base_steps=base_steps, scan_steps=scan_steps, onset=onset, peak=peak, reference=reference)
+    result.precursors = _optimizer_precursors(layers, window, rows, config)
     departures = [r["departed_step"] for r in rows if r["departed_step"] is not None]
     departures += [p["step"] for p in result.precursors if p["step"] is not None and p["step"] <= reference]
     result.earliest_step = int(min(departures)) if departures else None
@@ -254,7 +254,7 @@ def _log_z(layers: pd.DataFrame, metric: str, base_steps: np.ndarray, scan_steps
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history keep z = NaN
         center = np.nanmedian(base, axis=0)
-        sigma = np.fmax(1.4826 * np.nanmedian(np.abs(base - center), axis=0), _LOG_SIGMA_FLOOR)
+        sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(base - center), axis=0), LOG10_SIGMA_FLOOR)
     scan = np.isin(index, scan_steps)
     with np.errstate(all="ignore"):
         z = (logs[scan] - center) / sigma
@@ -298,7 +298,31 @@ def _groups(rows: list[dict[str, Any]], names: list[str], module_types: dict[str
     return groups
 
 
-def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference, rows, config) -> list[dict[str, Any]]:
+@dataclass(frozen=True, kw_only=True)
+class _Window:
+    """The steps one incident's per-tensor scores are computed over."""
+
+    base_steps: np.ndarray
+    """Logged steps of each tensor's baseline (before the scan)."""
+    scan_steps: np.ndarray
+    """Logged steps scanned for departures (lookback window to the peak)."""
+    onset: int
+    peak: int
+    reference: int
+    """The step leads are measured to."""
+
+
+def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict[str, Any]],
+                          config: AnalysisConfig) -> list[dict[str, Any]]:  # fmt: skip
+    """Optimizer-state changes before onset that are anomalous against the tensor's own variation.
+
+    A level far from the tensor's history is not enough: healthy runs drift (a bias tensor's
+    second moment can fall 20x over a few hundred steps as its gradient shrinks). A precursor also
+    changes at a rate its history never showed: its change over `config.sudden_steps` logged steps
+    is `z_threshold` robust sigmas off the same change measured over its baseline.
+    """
+    base_steps, scan_steps, onset, peak, reference = (window.base_steps, window.scan_steps, window.onset,
+                                                      window.peak, window.reference)  # fmt: skip
     found = []
     if "eps_frac" in layers.columns:
         wide = _wide(layers, "eps_frac")
@@ -307,15 +331,16 @@ def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history: center NaN, skipped
             center = np.nanmedian(finite_base, axis=0)
-            sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(finite_base - center), axis=0), 0.005)
-            hits = (scan - center >= _EPS_FRAC_RISE) & ((scan - center) / sigma >= config.z_threshold)
+            sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(finite_base - center), axis=0), _EPS_FRAC_SIGMA_FLOOR)
+            level = (scan - center >= _EPS_FRAC_RISE) & ((scan - center) / sigma >= config.z_threshold)
+        hits = level & (_rate_z(wide, base_steps, steps, config.sudden_steps, _EPS_FRAC_SIGMA_FLOOR) >= config.z_threshold)
         for j in np.flatnonzero(hits.any(axis=0) & np.isfinite(center)):
             name, step, value, before = wide.columns[j], int(steps[hits[:, j].argmax()]), _nanmax(scan[:, j]), float(center[j])
             found.append({
                 "name": name, "kind": "eps_frac_rise", "before": before, "value": value, "step": step,
                 "lead_steps": max(0, reference - step),
                 "sentence": f"eps-dominated fraction of {name} rose from {fmt(before, 2)} to {fmt(value, 2)} "
-                f"from step {step}",
+                f"from step {step}, faster than it ever moved before",
             })
     if "exp_avg_sq_mean" in layers.columns:
         wide = _wide(layers, "exp_avg_sq_mean")
@@ -323,7 +348,11 @@ def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             center = np.nanmedian(base, axis=0)
-            hits = (scan / center <= _V_COLLAPSE) & (center > 0)
+            level = (scan / center <= _V_COLLAPSE) & (center > 0)
+            logs = np.log10(np.where(wide > 0, wide, np.nan))
+        falling = -_rate_z(pd.DataFrame(logs, index=wide.index, columns=wide.columns), base_steps, steps,
+                           config.sudden_steps, LOG10_SIGMA_FLOOR)
+        hits = level & (falling >= config.z_threshold)
         for j in np.flatnonzero(hits.any(axis=0)):
             name, step, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
             low = float(np.nanmin(scan[:, j]))
@@ -331,7 +360,7 @@ def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference
                 "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
                 "lead_steps": max(0, reference - step),
                 "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
-                f"({fmt(before)} -> {fmt(low)}) from step {step}",
+                f"({fmt(before)} -> {fmt(low)}) from step {step}, faster than it ever moved before",
             })
     for row in rows:
         if row["update_z"] >= config.z_threshold and not row["grad_z"] >= config.z_threshold / 2:
@@ -344,6 +373,18 @@ def _optimizer_precursors(layers, base_steps, scan_steps, onset, peak, reference
             })
     found.sort(key=lambda p: p["step"] if p["step"] is not None else onset)
     return found
+
+
+def _rate_z(wide: pd.DataFrame, base_steps: np.ndarray, steps: np.ndarray, lag: int, floor: float) -> np.ndarray:
+    """Robust z of each tensor's change over `lag` logged steps at `steps`, against the same change
+    over its baseline steps (steps x tensors; NaN where unknown)."""
+    change = wide - wide.shift(lag)
+    base = change.loc[change.index.isin(base_steps)].to_numpy(dtype=float)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        center = np.nanmedian(base, axis=0)
+        sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(base - center), axis=0), floor)
+        return (change.reindex(steps).to_numpy(dtype=float) - center) / sigma
 
 
 def _split(wide: pd.DataFrame, base_steps: np.ndarray, scan_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

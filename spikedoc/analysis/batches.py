@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import fmt, robust_center_scale, robust_z
+from spikedoc.analysis._robust import as_float, fmt, robust_center_scale, robust_z
 from spikedoc.analysis.config import AnalysisConfig
 
 __all__ = ["BatchProfile", "batch_profile", "hash_history", "attribute_batches"]
@@ -101,7 +101,7 @@ def attribute_batches(
         for column, (what, direction) in _BATCH_STATS.items():
             if column not in profile.stats or column not in row.index:
                 continue
-            sentence, flag = _stat_anomaly(column, what, direction, _num(row[column]), profile.stats[column], config)
+            sentence, flag = _stat_anomaly(column, what, direction, as_float(row[column]), profile.stats[column], config)
             if sentence:
                 batch["anomalies"].append(sentence)
                 batch["flags"].append(flag)
@@ -115,14 +115,14 @@ def _fingerprint(row: pd.Series) -> dict[str, Any]:
     ids = row.get("sample_ids")
     ids = [str(i) for i in ids] if ids is not None and not _is_missing(ids) else []
     positions = None
-    offset, samples = _num(row.get("sample_offset")), _num(row.get("samples"))
+    offset, samples = as_float(row.get("sample_offset")), as_float(row.get("samples"))
     if math.isfinite(offset) and math.isfinite(samples):
         positions = [int(offset), int(offset + samples)]
-    stats = {c: _num(row.get(c)) for c in _BATCH_STATS if c in row.index and math.isfinite(_num(row.get(c)))}
+    stats = {c: as_float(row.get(c)) for c in _BATCH_STATS if c in row.index and math.isfinite(as_float(row.get(c)))}
     return {
         "step": int(row["step"]),
-        "segment": int(row["segment"]) if "segment" in row.index and math.isfinite(_num(row["segment"])) else 0,
-        "rank": int(row["rank"]) if "rank" in row.index and math.isfinite(_num(row["rank"])) else 0,
+        "segment": int(row["segment"]) if "segment" in row.index and math.isfinite(as_float(row["segment"])) else 0,
+        "rank": int(row["rank"]) if "rank" in row.index and math.isfinite(as_float(row["rank"])) else 0,
         "sample_ids": ids,
         "positions": positions,
         "batch_hash": None if _is_missing(row.get("batch_hash")) else str(row.get("batch_hash")),
@@ -211,13 +211,6 @@ def _samples(batch: dict[str, Any], row: pd.Series, profile: BatchProfile, confi
             + (f"; {len(outliers)} such samples" if len(outliers) > 1 else "")
         )
         batch["flags"].append("outlier_samples")
-
-
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _is_missing(value: Any) -> bool:

@@ -12,7 +12,7 @@ from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Resume
 
-__all__ = ["Evidence", "decide_cause", "recommend", "tighter_clip"]
+__all__ = ["Evidence", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "ACTIONS"]
 
 # A freshly built Adam state after one step is (1 - beta2) g^2: <= 0.05 of a trained one for beta2 >= 0.95.
 _MOMENTS_RESET = 0.1
@@ -58,6 +58,9 @@ class Evidence:
     """Logged steps in the lookback window before onset (the data a "no build-up" claim rests on)."""
     notes: list[str] = field(default_factory=list)
     """What could not be checked (missing columns, short history)."""
+    reset_level: dict[str, Any] | None = None
+    """The loss back most of the way to its untrained level for several steps: `initial`, `level`,
+    `baseline`, `share`, `steps`."""
 
 
 def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None = None) -> tuple[str, list[str]]:
@@ -87,7 +90,14 @@ def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None
 
 def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     if ev.resume is None:
-        return []
+        r = ev.reset_level
+        if r is None:
+            return []
+        return [
+            f"the loss went back to {fmt(r['level'])} (median of the {r['steps']} steps from onset), {r['share']:.0%} of the "
+            f"way from its baseline {fmt(r['baseline'])} to its untrained level {fmt(r['initial'])} at the start of the run, "
+            "and stayed there: the weights were reset (a checkpoint or state_dict that was never loaded), not a spike"
+        ]
     out = list(ev.resume.evidence) if ev.resume.state_reset else []
     if ev.moments_ratio is not None and ev.moments_ratio < _MOMENTS_RESET:
         out.append(
@@ -139,10 +149,9 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
             out.extend(f"batch at {where}: {a}" for a in batch["anomalies"])
     if out:
         return out
-    earlier = ev.grad_precursor is not None or (ev.layers is not None and ev.layers.earliest_step is not None
-                                                 and ev.layers.earliest_step < incident.onset_step)
-    if not ev.one_step or earlier:
-        return []
+    if not ev.one_step or ev.grad_precursor is not None:
+        return []  # a gradient norm rising ahead of the loss is a growing instability, not one batch
+    outranked = _outranked(incident, ev)
     if incident.metric == "loss" and incident.kind == "nonfinite":
         return [
             f"the loss was non-finite at step {incident.onset_step} only and finite again at the next step: that step's "
@@ -152,8 +161,8 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
         return [
             f"the loss was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x its "
             f"baseline) and back in the band at the next step: the loss is measured before the update, so the "
-            "model was not damaged; the batch itself had an unusually high loss"
-        ]
+            "batch itself had an unusually high loss"
+        ] + outranked
     if ev.loss_flag_step is None:
         return [
             f"the gradient norm was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x "
@@ -161,6 +170,16 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
             "react: one batch with an outlier gradient, not a growing instability"
         ]
     return []
+
+
+def _outranked(incident: Incident, ev: Evidence) -> list[str]:
+    """Weaker evidence that a one-step spike outranks, said so that the choice can be checked."""
+    if ev.layers is None:
+        return []
+    out = [f"outranked by the one-step shape: {p['sentence']}" for p in ev.layers.precursors[:2]]
+    if ev.layers.earliest_step is not None and ev.layers.earliest_step < incident.onset_step and not out:
+        out.append(f"outranked by the one-step shape: tensors departing from their history from step {ev.layers.earliest_step}")
+    return out
 
 
 def _sudden_nonfinite(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
@@ -291,6 +310,56 @@ def tighter_clip(current: float | None) -> float:
     return 1.0 if current > 1.0 else current / 2
 
 
+#: Kinds of action a recommendation can hold (`recommendation["actions"][i]["action"]`).
+ACTIONS = (
+    "none",               # nothing to do: the run recovered by itself
+    "rollback",           # restore the checkpoint of `step`
+    "skip_data",          # skip the batch(es): `sample_ids`, else `positions`, else `steps`
+    "lower_lr",           # multiply the peak LR by `factor` (to `new_peak_lr`)
+    "tighten_clip",       # clip the global gradient norm at `max_norm`
+    "reset_moments",      # reset the optimizer moments of `tensors`
+    "restore_scheduler",  # load the LR scheduler's state with the checkpoint (the jump is at a resume)
+    "fix_schedule",       # the schedule itself jumped: hold the LR at `hold_lr` where it jumped, find the bug
+    "load_state",         # resume with the model and optimizer state actually loaded
+    "check_rank",         # rerun; take rank(s) `ranks` out if they fail again
+)
+
+# Causes the loss's shape alone can suggest: labelled guessed when no other data in the run confirms them.
+_GUESSABLE = ("bad_batch", "grad_explosion", "lr_too_high", "optimizer_state")
+
+
+def severity(incident: Incident, config: AnalysisConfig | None = None) -> str:
+    """`minor`, `moderate` or `severe` from the verdict, the kind and the size of the loss's peak.
+
+    Example:
+        >>> inc = Incident(kind="loss_spike", metric="loss", onset_step=9, peak_step=9, end_step=9, magnitude_sigma=8.5,
+        ...                peak_ratio=1.1, baseline=2.0, peak_value=2.2, recovered=True, series={"loss": {"peak_ratio": 1.1}})
+        >>> severity(inc)
+        'minor'
+    """
+    config = config or AnalysisConfig()
+    if incident.verdict != "recovered" or incident.cause == "state_reset":
+        return "severe"
+    if incident.kind == "nonfinite":
+        return "moderate"
+    loss = incident.series.get("loss")
+    if loss is None:
+        return "minor"  # the loss never left its band and is on its trajectory: nothing was harmed
+    blip = loss["end_step"] - loss["onset_step"] < config.minor_steps
+    return "minor" if blip and loss["peak_ratio"] - 1 < config.minor_ratio else "moderate"
+
+
+def cause_guessed(incident: Incident, ev: Evidence) -> bool:
+    """The cause rests on the loss's shape alone: no batch data, no tensors, no gradient norm, no LR."""
+    if incident.cause not in _GUESSABLE:
+        return False
+    fingerprints = any(b["stats"] or b["batch_hash"] or b["sample_ids"] for b in ev.batches)
+    tensors = ev.layers is not None and ev.layers.history_steps > 0
+    if incident.cause == "bad_batch":
+        return not fingerprints
+    return not (tensors or ev.has_grad or math.isfinite(ev.lr_onset))
+
+
 def recommend(
     incident: Incident,
     ev: Evidence,
@@ -301,78 +370,151 @@ def recommend(
     first_step: int,
     config: AnalysisConfig | None = None,
 ) -> dict[str, Any]:
-    """What to do about one incident, given its cause.
+    """What to do about one incident: decisions as data, each action with the evidence it rests on.
+
+    Nothing here is worded for a reader beyond the `because` of each action; the report words them.
 
     Args:
-        incident: with `cause` decided.
+        incident: with `cause`, `verdict` and `severity` decided.
         ev: its evidence.
         checkpoints: (step, path) of checkpoints recorded on the incident's lineage; a checkpoint at
             step s holds the state before step s (the monitor's convention).
         clip: the max norm in use (meta config `clip`, or inferred from clip_coef), None if unclipped.
-        peak_lr: largest LR before onset, None if unknown.
+        peak_lr: the schedule's intended peak before onset (never an LR after an upward jump), None if unknown.
         first_step: first step of the lineage (a rollback never goes before it).
         config: `lr_factor`, `rollback_margin`.
 
     Returns:
-        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known`, `lr_factor`,
-        `new_peak_lr`, `clip_max_norm`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions`,
-        `reset_optimizer_state_for`, `actions` (sentences).
+        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known`, `lr_factor`
+        (None: no LR change advised), `new_peak_lr`, `clip_max_norm` (None: no clipping change),
+        `hold_lr`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions`,
+        `reset_optimizer_state_for`, `actions` (dicts: `action` from ACTIONS, its parameters,
+        `because`).
     """
     config = config or AnalysisConfig()
     cause = incident.cause
-    bad = [b for b in ev.batches if b["anomalies"]] if cause == "bad_batch" else []
-    earliest = min([incident.onset_step] + [b["step"] for b in bad]
+    skip = _skip_list(incident, ev) if cause == "bad_batch" else {"steps": [], "sample_ids": [], "positions": []}
+    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step, config)
+    rec["rollback"] = incident.verdict != "recovered" or cause == "state_reset"
+    rec.update(lr_factor=None, new_peak_lr=None, clip_max_norm=None, hold_lr=None,
+               skip_steps=skip["steps"], skip_sample_ids=skip["sample_ids"], skip_sample_positions=skip["positions"],
+               reset_optimizer_state_for=[])
+    actions: list[dict[str, Any]] = []
+    if incident.severity == "minor":
+        actions.append({"action": "none", "because": _recovered_because(incident) + "; the incident is minor"})
+        rec["actions"] = actions
+        return rec
+    if rec["rollback"]:
+        actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
+                        "known": rec["checkpoint_known"], "because": _damage_because(incident)})
+    else:
+        actions.append({"action": "none", "because": _recovered_because(incident)})
+    actions += _repairs(incident, ev, rec, peak_lr)
+    if skip["steps"]:
+        actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
+                        "positions": skip["positions"], "because": _first_evidence(incident)})
+    if rec["rollback"] and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr:
+        rec["lr_factor"] = config.lr_factor
+        rec["new_peak_lr"] = peak_lr * config.lr_factor
+        actions.append({"action": "lower_lr", "factor": config.lr_factor, "peak_lr": peak_lr, "new_peak_lr": rec["new_peak_lr"],
+                        "because": f"cause {cause} with lasting damage at the LR in use (peak {fmt(peak_lr)})"})
+    grad = _grad_evidence(incident, ev)
+    if rec["rollback"] and grad and cause not in _REPAIR:
+        rec["clip_max_norm"] = tighter_clip(clip)
+        actions.append({"action": "tighten_clip", "max_norm": rec["clip_max_norm"], "was": clip, "because": grad})
+    if cause == "optimizer_state" and ev.layers is not None and ev.layers.precursors:
+        rec["reset_optimizer_state_for"] = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
+        actions.append({"action": "reset_moments", "tensors": rec["reset_optimizer_state_for"],
+                        "because": ev.layers.precursors[0]["sentence"]})
+    rec["actions"] = actions
+    return rec
+
+
+def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None]], first_step: int,
+                     config: AnalysisConfig) -> dict[str, Any]:  # fmt: skip
+    bad = [b["step"] for b in ev.batches if b["anomalies"]] if incident.cause == "bad_batch" else []
+    earliest = min([incident.onset_step] + bad
                    + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
-                   + ([ev.grad_precursor["step"]] if ev.grad_precursor else []))
+                   + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
+                   + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
     # it is clean when s <= the first affected step.
     before = [(s, p) for s, p in checkpoints if s <= earliest]
-    actions = []
     if before:
         step, path = max(before, key=lambda c: c[0])
-        rec = {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True}
-    else:
-        step = max(first_step, earliest - config.rollback_margin)
-        rec = {"rollback_to_step": int(step), "checkpoint_path": None, "checkpoint_known": False}
-    repair = cause in _REPAIR
-    rec["rollback"] = not incident.recovered or cause == "state_reset"
-    rec["lr_factor"] = 1.0 if repair else config.lr_factor
-    rec["new_peak_lr"] = peak_lr * rec["lr_factor"] if peak_lr and math.isfinite(peak_lr) else None
-    rec["clip_max_norm"] = (clip if clip else 1.0) if repair else tighter_clip(clip)
-    rec["skip_steps"] = sorted({int(b["step"]) for b in bad})
+        return {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True}
+    return {"rollback_to_step": int(max(first_step, earliest - config.rollback_margin)), "checkpoint_path": None,
+            "checkpoint_known": False}
+
+
+def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
+    """What a bad-batch incident skips: the anomalous batches, else the onset step's batch."""
+    bad = [b for b in ev.batches if b["anomalies"]] or [b for b in ev.batches if b["step"] == incident.onset_step]
     ids, positions = [], []
     for b in bad:
         ids += b["outlier_sample_ids"] or b["sample_ids"]
         if not b["sample_ids"] and b["positions"]:
             positions.append(list(b["positions"]))
-    rec["skip_sample_ids"] = list(dict.fromkeys(ids))
-    rec["skip_sample_positions"] = positions
-    reset = []
-    if cause == "optimizer_state" and ev.layers is not None:
-        reset = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
-    rec["reset_optimizer_state_for"] = reset
+    steps = sorted({int(b["step"]) for b in bad}) or [incident.onset_step]
+    return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions}
 
-    if not rec["rollback"]:
-        actions.append(f"recovered by itself (back in the band at step {incident.recovery_step}): no rollback needed; "
-                       "the settings below are for a rerun or if it recurs")
-    elif rec["checkpoint_known"]:
-        actions.append(f"roll back to the checkpoint of step {rec['rollback_to_step']}" + (f" ({rec['checkpoint_path']})" if rec["checkpoint_path"] else ""))
-    else:
-        actions.append(f"no checkpoint events recorded: roll back to your last checkpoint at or before step {rec['rollback_to_step']}")
-    if cause == "lr_schedule":
-        actions.append("restore the LR scheduler's state (or its step count) with the checkpoint; keep the peak LR")
-    elif cause == "state_reset":
-        actions.append("resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)")
-    elif cause == "numerics_rank":
+
+def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: float | None) -> list[dict[str, Any]]:
+    cause = incident.cause
+    if cause == "lr_schedule" and ev.lr_jump is not None:
+        jump = ev.lr_jump
+        rec["lr_factor"], rec["new_peak_lr"], rec["hold_lr"] = 1.0, peak_lr, jump["before"]
+        said = (f"the LR jumped {fmt(jump['before'])} -> {fmt(jump['after'])} at step {jump['step']}")
+        if jump.get("at_resume") is not None:
+            return [{"action": "restore_scheduler", "step": jump["step"], "peak_lr": peak_lr,
+                     "because": said + f", where segment {jump['at_resume']} resumed the run"}]
+        return [{"action": "fix_schedule", "step": jump["step"], "hold_lr": jump["before"], "peak_lr": peak_lr,
+                 "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
+    if cause == "state_reset":
+        return [{"action": "load_state", "because": incident.evidence[0] if incident.evidence else "state reset"}]
+    if cause == "numerics_rank":
         off = ev.ranks["off_ranks"] if ev.ranks else []
-        actions.append(f"rerun from the checkpoint; if rank(s) {off} fail again, take that device out; prefer bf16 over fp16")
-    else:
-        actions.append(f"multiply the peak LR by {rec['lr_factor']:g}" + (f" (to {fmt(rec['new_peak_lr'])})" if rec["new_peak_lr"] else ""))
-        actions.append(f"clip the gradient norm at {fmt(rec['clip_max_norm'])}" + (f" (was {fmt(clip)})" if clip else " (no clipping was in use)"))
-    if rec["skip_steps"]:
-        what = f"sample ids {fmt_steps(rec['skip_sample_ids'])}" if rec["skip_sample_ids"] else "their samples"
-        actions.append(f"skip the batch(es) of step(s) {fmt_steps(rec['skip_steps'])} ({what})")
-    if reset:
-        actions.append(f"reset the optimizer moments of {fmt_steps(reset, 4)}")
-    rec["actions"] = actions
-    return rec
+        return [{"action": "check_rank", "ranks": off, "because": incident.evidence[0] if incident.evidence else "numerics"}]
+    return []
+
+
+def _grad_evidence(incident: Incident, ev: Evidence) -> str | None:
+    """Why tighter clipping would have helped: the gradient norm itself was flagged or was growing."""
+    grad = incident.series.get("grad_norm")
+    if grad is not None and not grad.get("level_sigma"):
+        return (f"the gradient norm reached {fmt(grad['peak_value'])} ({fmt(grad['peak_ratio'], 2)}x its baseline) "
+                f"at step {grad['peak_step']}")
+    if ev.grad_precursor is not None:
+        return ev.grad_precursor["sentence"]
+    if ev.clipping and ev.clipping["saturated"]:
+        return f"clipping was active on {ev.clipping['share']:.0%} of the steps before onset"
+    return None
+
+
+def _recovered_because(incident: Incident) -> str:
+    d = incident.damage
+    if not d:
+        return f"back in the detector's band at step {incident.recovery_step}"
+    return (f"back on its pre-incident trajectory from step {d['back_step']} and still there {d['observed_steps']} steps after "
+            f"the incident (excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
+
+
+def _damage_because(incident: Incident) -> str:
+    d = incident.damage
+    if incident.cause == "state_reset" and incident.verdict == "recovered":
+        return "the model's state was reset: the steps since are training from scratch"
+    if not d:
+        return f"verdict {incident.verdict}: the loss did not come back into the detector's band"
+    if not math.isfinite(d["excess_ratio"]):
+        return f"verdict {incident.verdict}: the loss is non-finite at step {d['damage_step']}"
+    return (f"verdict {incident.verdict}: at step {d['damage_step']} the loss is {_pct(d['excess_ratio'])} above its "
+            f"pre-incident trajectory ({fmt(d['excess_sigma'], 2)} sigma)")
+
+
+def _first_evidence(incident: Incident) -> str:
+    """The first evidence sentence of the incident's cause."""
+    return incident.evidence[0] if incident.evidence else incident.cause
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:+.1f}%" if math.isfinite(value) else str(value)

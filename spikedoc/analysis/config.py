@@ -20,6 +20,18 @@ class AnalysisConfig:
 
     detector: Any = None
     """`DetectorConfig` passed to detection; None uses the detector's defaults."""
+    recovery: Any = None
+    """`RecoveryConfig` of the recovery and damage judgement; None uses its defaults."""
+    minor_ratio: float = 0.5
+    """A recovered incident whose loss peaked less than this fraction above its baseline (or whose
+    loss never left its band) is `minor`: on the public modded-nanogpt logs the healthy one-step
+    data spikes have a median peak of 1.34x (docs/analysis.md, "Severity")."""
+    minor_steps: int = 5
+    """A minor incident's loss is out of its band for fewer steps than this: a blip, not an episode
+    (893 of the 905 incidents on the public modded-nanogpt logs last one step)."""
+    sudden_steps: int = 5
+    """Logged steps within which an optimizer-state change must happen to be a precursor: a collapse
+    is sudden, while the slow drift healthy runs also show is spread over many more."""
     lookback: int = 100
     """Steps before onset searched for precursors (grad-norm and per-tensor departures, LR jumps,
     clipping saturation, loss-scale drops). PaLM restarted about 100 steps before a spike."""
@@ -48,17 +60,20 @@ class AnalysisConfig:
     early_steps: int = 1000
     """Without a visible warmup, incidents before this step count as early (LR too high / no warmup)."""
     lr_factor: float = 0.7
-    """Recommended multiplier of the peak LR (the case study's x0.7)."""
+    """Recommended multiplier of the peak LR after damage (a 30% cut, docs/analysis.md, "Recommendation")."""
     rollback_margin: int = 100
     """When no checkpoint is recorded, roll back this many steps before the earliest precursor."""
     max_layers: int = 10
     """Tensors listed per incident."""
 
     def __post_init__(self) -> None:
-        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "rollback_margin", "max_layers"):
+        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "rollback_margin", "max_layers",
+                     "sudden_steps", "minor_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
+        if not 0 < self.minor_ratio:
+            raise ValueError(f"AnalysisConfig.minor_ratio must be > 0, got {self.minor_ratio!r}")
         for name in ("z_threshold", "lr_jump", "lr_response_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AnalysisConfig.{name} must be > 0, got {getattr(self, name)!r}")

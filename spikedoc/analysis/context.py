@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import finite, fmt, robust_center_scale, robust_z
+from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, finite, fmt, robust_center_scale, robust_z, was_clipped
 from spikedoc.analysis.config import AnalysisConfig
 
 __all__ = [
@@ -133,7 +133,7 @@ def clipping_before(frame: pd.DataFrame, onset: int, *, config: AnalysisConfig |
     earlier = (steps < onset - config.lookback) & np.isfinite(coef)
     if window.sum() == 0:
         return None
-    clipped = coef < 0.999
+    clipped = was_clipped(coef)
     share = float(clipped[window].mean())
     run_share = float(clipped[earlier].mean()) if earlier.any() else math.nan
     in_window = coef[window & clipped]
@@ -237,7 +237,7 @@ def update_without_grad(frame: pd.DataFrame, onset: int, peak: int, *, config: A
     zs = {}
     for key, series in (("update", per_lr), ("grad", grad)):
         center, sigma = robust_center_scale(series[hist])
-        sigma = max(sigma, 0.02)  # same ~5% relative floor as the per-tensor scores
+        sigma = max(sigma, LOG10_SIGMA_FLOOR)  # the per-tensor scores' floor
         vals = finite(series[at])
         zs[key] = max((robust_z(v, center, sigma) for v in vals), default=math.nan)
     fired = zs["update"] >= config.z_threshold and not zs["grad"] >= config.z_threshold / 2

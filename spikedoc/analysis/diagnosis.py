@@ -14,7 +14,7 @@ from spikedoc.analysis._meta import parameter_modules, watch_config
 from spikedoc.analysis._robust import fmt
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
-from spikedoc.analysis.causes import Evidence, decide_cause, recommend
+from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import (
     clipping_before,
@@ -25,12 +25,13 @@ from spikedoc.analysis.context import (
     update_without_grad,
     warmup,
 )
-from spikedoc.analysis.detect import DetectorConfig, find_incidents
+from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
 from spikedoc.analysis.guard_actions import guard_actions, without_guard_lr_changes
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents
+from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
 from spikedoc.errors import RunFormatError
 
 __all__ = ["Diagnosis", "analyze", "DIAGNOSIS_FORMAT"]
@@ -38,9 +39,11 @@ __all__ = ["Diagnosis", "analyze", "DIAGNOSIS_FORMAT"]
 _log = logging.getLogger(__name__)
 
 #: Version of the `Diagnosis.to_dict()` shape (docs/analysis.md); bumped on incompatible changes.
-DIAGNOSIS_FORMAT = 1
+DIAGNOSIS_FORMAT = 2
 # Candidate batches: the onset step and the two before it (the update of step t shows in the loss of t+1).
 _CANDIDATES = 2
+# Steps from onset whose median loss is compared with the initial loss (a reset lasts; a batch does not).
+_RESET_STEPS = 5
 # Per-incident context reaches this many lookbacks before onset (clipping's "earlier in the run",
 # the update-norm history).
 _CONTEXT = 10
@@ -76,6 +79,11 @@ class Diagnosis:
         """No incident was found."""
         return not self.incidents
 
+    @property
+    def needs_attention(self) -> bool:
+        """Some incident is more than minor (the CLI's exit code 1)."""
+        return any(i.severity != "minor" for i in self.incidents)
+
     def to_dict(self) -> dict[str, Any]:
         """The documented, stable JSON shape (docs/analysis.md, "JSON output")."""
         incidents = []
@@ -89,6 +97,7 @@ class Diagnosis:
             "path": self.path,
             "source": self.source,
             "healthy": self.healthy,
+            "needs_attention": self.needs_attention,
             "summary": self.summary,
             "spike_score": self.spike_score,
             "incidents": incidents,
@@ -130,6 +139,8 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
+    # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
+    diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
     diagnosis.guard_actions = guard_actions(run.events)
     if diagnosis.guard_actions:
         _drop_guard_lr_changes(diagnosis)
@@ -200,12 +211,16 @@ class _Analysis:
             jumps_found += [j for j in jumps if j["step"] in own_steps]
             detection = self._detection_frame(frame, own)
             found = self._in_warmup(find_incidents(detection, self.detector), frame)
+            ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
-                                self._lineage_checkpoints(frame) if found else [])
+                               self._lineage_checkpoints(frame) if found else [],
+                               healthy=self._healthy(frame, detection) if found else None,
+                               first_up_jump=min(ups) if ups else None,
+                               piece=piece, incidents=found, jumps=jumps, resume=resume, moments_ratio=ratio)
             for incident in found:
-                ctx = self._diagnose(incident, shared, piece, found, jumps, resume, ratio)
+                ctx = self._diagnose(incident, shared)
                 out.incidents.append(incident)
                 out.context.append(ctx)
         final = lineage.final()
@@ -235,8 +250,8 @@ class _Analysis:
 
     # ------------------------------------------------------------------------- per incident
 
-    def _diagnose(self, inc: Incident, shared: PieceData, piece, found, jumps, resume, ratio) -> dict[str, Any]:
-        cfg = self.config
+    def _diagnose(self, inc: Incident, shared: PieceData) -> dict[str, Any]:
+        cfg, piece = self.config, shared.piece
         onset, peak, end = inc.onset_step, max(inc.peak_step, inc.onset_step), inc.end_step
         # Everything below looks at most `_CONTEXT * lookback` steps back, so it works on a slice:
         # a run with a thousand incidents then costs a thousand small windows, not full passes.
@@ -253,8 +268,8 @@ class _Analysis:
             layers = self._layers(frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), peak)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
                                          module_types=self.module_types, config=cfg)
-        ev.grad_precursor = _grad_precursor(inc, loss_flag, found, cfg)
-        ups = [j for j in jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
+        ev.grad_precursor = _grad_precursor(inc, loss_flag, shared.incidents, cfg)
+        ups = [j for j in shared.jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
         ev.lr_jump = ups[-1] if ups else None
         ev.lr_onset = lr_at(frame, onset)
         ev.warmup = shared.warmup
@@ -263,8 +278,8 @@ class _Analysis:
         if self.multi_rank:
             ev.ranks = rank_divergence(self._rows_of(frame, window=(onset - 3 * cfg.lookback, end)),
                                        onset, end, config=cfg)
-        if resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
-            ev.resume, ev.moments_ratio = resume, ratio
+        if shared.resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
+            ev.resume, ev.moments_ratio = shared.resume, shared.moments_ratio
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
         ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
         ev.has_grad = self.has_grad
@@ -281,7 +296,10 @@ class _Analysis:
         if inc.low_confidence:
             ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
 
+        self._judge_aftermath(inc, shared, ev)
         inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
+        inc.cause_guessed = cause_guessed(inc, ev)
+        inc.severity = severity(inc, cfg)
         if ev.loss_scale and ev.loss_scale["notable"]:
             s = ev.loss_scale
             inc.evidence.append(f"loss scale fell {fmt(s['from'])} -> {fmt(s['to'])} ({s['halvings']:.0f} halvings, "
@@ -308,6 +326,26 @@ class _Analysis:
             "notes": ev.notes,
         }
 
+    def _judge_aftermath(self, inc: Incident, shared: PieceData, ev: Evidence) -> None:
+        """Verdict and lasting damage against the pre-incident trajectory; a loss back at its untrained level."""
+        recovery = self.config.recovery or RecoveryConfig()
+        span = (inc.onset_step - 3 * recovery.fit_steps, inc.end_step + recovery.horizon_steps)
+        frame, judged = shared.window(*span), None
+        if "loss" in frame.columns:
+            healthy = shared.healthy_window(*span)
+            judged = judge_recovery(frame["step"].to_numpy(), frame["loss"].to_numpy(np.float64), onset_step=inc.onset_step,
+                                    end_step=inc.end_step, healthy=healthy, config=recovery)
+        if judged is None:  # no loss before onset: the detector's band is all there is
+            inc.verdict = "recovered" if inc.recovered else ("divergence" if inc.kind in ("nonfinite", "divergence") else "persistent")
+            ev.notes.append("no finite loss before onset: recovery judged by the detector's band, not by a trajectory")
+        else:
+            inc.verdict, inc.damage = judged.verdict, judged.to_dict()
+            if inc.kind == "divergence" and inc.verdict in ("recovered", "recovered_with_damage"):
+                inc.verdict = "persistent"
+            inc.recovered = inc.verdict == "recovered"
+            inc.recovery_step = judged.back_step if inc.recovered else None
+        ev.reset_level = _reset_level(inc, frame, shared, ev, self.config)
+
     def _in_warmup(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
         """Drop grad-norm-only rises that start and end inside a visible LR warmup, with a warning.
 
@@ -330,6 +368,14 @@ class _Analysis:
         return kept
 
     # ------------------------------------------------------------------------- data access
+
+    def _healthy(self, frame: pd.DataFrame, detection: pd.DataFrame) -> np.ndarray:
+        """Steps of `frame` whose loss the detector did not flag (those before the detection window too)."""
+        if "loss" not in detection.columns:
+            return np.ones(len(frame), dtype=bool)
+        flags = flag_series(detection["step"].to_numpy(), detection["loss"].to_numpy(np.float64), self.detector)
+        flagged = set(flags.loc[flags["flagged"], "step"].tolist())
+        return ~frame["step"].isin(flagged).to_numpy()
 
     def _detection_frame(self, frame: pd.DataFrame, own: pd.DataFrame) -> pd.DataFrame:
         # The detector's state spans `window` accepted values plus a held streak of at most
@@ -400,6 +446,29 @@ class _Analysis:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _reset_level(inc: Incident, frame: pd.DataFrame, shared: PieceData, ev: Evidence, cfg: AnalysisConfig) -> dict[str, Any] | None:
+    """The loss back most of the way to its untrained level for several steps: the weights were reset.
+
+    A single bad batch can reach the untrained level (random tokens are as hard for a trained model
+    as for a fresh one) but only for its own step, so a one-step incident never counts.
+    """
+    loss = inc.series.get("loss")
+    initial = shared.initial_loss
+    if loss is None or initial is None or ev.one_step or "loss" not in frame.columns:
+        return None
+    after = frame.loc[frame["step"] >= inc.onset_step, "loss"].to_numpy(np.float64)[:_RESET_STEPS]
+    after = after[np.isfinite(after)]
+    base = loss["baseline"]
+    if after.size < _RESET_STEPS or not initial > base:
+        return None
+    level = float(np.median(after))
+    share = (level - base) / (initial - base)
+    # Near the untrained level, not past it: a loss far above where training started is an explosion.
+    if not cfg.state_reset_fraction <= share <= 2 - cfg.state_reset_fraction:
+        return None
+    return {"initial": initial, "level": level, "baseline": base, "share": share, "steps": _RESET_STEPS}
 
 
 def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:

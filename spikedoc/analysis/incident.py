@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Incident", "KINDS", "CAUSES"]
+__all__ = ["Incident", "KINDS", "CAUSES", "SEVERITIES"]
 
 #: What the detector saw.
 KINDS = ("loss_spike", "grad_spike", "nonfinite", "divergence")
+
+#: How bad an incident is, from least to most (docs/analysis.md, "Severity").
+SEVERITIES = ("minor", "moderate", "severe")
 
 #: What diagnosis concluded (following the playbook in docs/analysis.md).
 CAUSES = (
@@ -49,9 +52,11 @@ class Incident:
     peak_value: float
     """Value of `metric` at `peak_step`."""
     recovered: bool
-    """The series came back within the band after the incident."""
+    """Detection alone (`find_incidents`): the series came back within the detector's band. After
+    `analyze`: the loss came back onto its pre-incident trajectory and stayed (`verdict`
+    `recovered`); the band is built to flag a spike, not to certify a recovery."""
     recovery_step: int | None = None
-    """First step back within the band, when `recovered`."""
+    """First step back (in the band, or on the trajectory after `analyze`), when `recovered`."""
     low_confidence: bool = False
     """Too little history before onset for a confident baseline."""
     also_flagged: list[str] = field(default_factory=list)
@@ -62,8 +67,20 @@ class Incident:
     `low_confidence` and `persistent`, since the fields above describe `metric` only."""
 
     # --- filled by diagnosis -------------------------------------------------
+    verdict: str = "recovered"
+    """The aftermath (`spikedoc.analysis.recovery.VERDICTS`): `recovered`, `recovered_with_damage`,
+    `persistent` or `divergence`, judged against the pre-incident trajectory."""
+    damage: dict[str, Any] = field(default_factory=dict)
+    """The lasting damage behind `verdict`: `excess_ratio` and `excess_sigma` of the loss over the
+    pre-incident trajectory at `damage_step`, `back_step`, `observed_steps`, `trajectory`."""
+    severity: str = "moderate"
+    """One of SEVERITIES: `minor` (recovered, small or loss never moved), `moderate` (recovered but
+    large), `severe` (lasting damage, divergence, non-finite, reset state)."""
     cause: str = "unknown"
     """One of CAUSES."""
+    cause_guessed: bool = False
+    """The cause rests on the shape of the loss alone: the evidence that would confirm it (batch
+    fingerprints, per-tensor history, the LR) is not in the run."""
     evidence: list[str] = field(default_factory=list)
     """Human-readable sentences, each with its numbers, that decided `cause`."""
     batches: list[dict[str, Any]] = field(default_factory=list)

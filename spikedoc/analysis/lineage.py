@@ -19,7 +19,7 @@ import pandas as pd
 from spikedoc.analysis._robust import finite, fmt
 from spikedoc.analysis.config import AnalysisConfig
 
-__all__ = ["Piece", "Resume", "Lineage", "build_lineage", "check_resume", "moments_ratio"]
+__all__ = ["Piece", "Resume", "Lineage", "check_resume", "moments_ratio"]
 
 _log = logging.getLogger(__name__)
 
@@ -135,11 +135,6 @@ class Lineage:
             cutoff = min(cutoff, earlier.first_step)
         return mask
 
-    @property
-    def multi(self) -> bool:
-        """More than one piece (a resume, restart or rollback happened)."""
-        return len(self.pieces) > 1
-
     def frame(self, index: int) -> pd.DataFrame:
         """The lineage of piece `index`: its ancestors' rows then its own, ordered by step.
 
@@ -171,15 +166,6 @@ class Lineage:
             out.append({"segment": int(rows["segment"].iloc[0]), "first_step": int(rows["step"].min()),
                         "last_step": int(rows["step"].max())})
         return out
-
-    def keys(self, index: int) -> pd.DataFrame:
-        """(segment, step) pairs of piece `index`'s lineage, for filtering layer and event rows."""
-        return self.frame(index)[["segment", "step"]].drop_duplicates()
-
-
-def build_lineage(steps: pd.DataFrame) -> Lineage:
-    """Split `steps` into pieces and lineages (see `Lineage`)."""
-    return Lineage(steps)
 
 
 def check_resume(lineage: Lineage, index: int, *, config: AnalysisConfig | None = None) -> Resume | None:

@@ -5,7 +5,6 @@ Each lint says nothing when its input is absent (runs from other tools have no m
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import optimizer_name, param_groups, parameter_modules, watch_config
-from spikedoc.analysis._robust import finite, fmt, fmt_steps
+from spikedoc.analysis._robust import as_float, finite, fmt, fmt_steps, was_clipped
 from spikedoc.analysis.attribution import module_kind
 from spikedoc.analysis.context import warmup
 
@@ -91,10 +90,10 @@ def _adam_weight_decay(meta, steps) -> Finding | None:
     if optimizer_name(meta) != "Adam":
         return None
     groups = param_groups(meta)
-    decayed = [i for i, g in enumerate(groups) if _num(g.get("weight_decay")) > 0]
+    decayed = [i for i, g in enumerate(groups) if as_float(g.get("weight_decay")) > 0]
     if not decayed:
         return None
-    wd = max(_num(groups[i]["weight_decay"]) for i in decayed)
+    wd = max(as_float(groups[i]["weight_decay"]) for i in decayed)
     return Finding(
         id="adam_coupled_weight_decay",
         severity="warning",
@@ -111,12 +110,12 @@ def _decay_on_bias_norm(meta, steps) -> Finding | None:
     types = parameter_modules(meta)
     hit = []
     for group in param_groups(meta):
-        if not _num(group.get("weight_decay")) > 0:
+        if not as_float(group.get("weight_decay")) > 0:
             continue
         for name in group.get("params") or []:
             name = str(name)
             if name.endswith("bias") or module_kind(name, types.get(name)) == "norms":
-                hit.append((name, _num(group["weight_decay"])))
+                hit.append((name, as_float(group["weight_decay"])))
     if not hit:
         return None
     names = [n for n, _ in hit]
@@ -135,7 +134,7 @@ def _beta2(meta, steps) -> Finding | None:
     if optimizer_name(meta).lower() not in _ADAM_FAMILY:
         return None
     betas = [g.get("betas") for g in param_groups(meta) if isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2]
-    high = [b for b in betas if _num(b[1]) >= 0.999]
+    high = [b for b in betas if as_float(b[1]) >= 0.999]
     if not high:
         return None
     scratch = _from_scratch(steps)
@@ -145,12 +144,12 @@ def _beta2(meta, steps) -> Finding | None:
     return Finding(
         id="beta2_high_for_pretraining",
         severity="info",
-        message=f"beta2 = {fmt(_num(high[0][1]), 4)} in a run trained from scratch (loss {fmt(initial)} -> {fmt(final)}): "
+        message=f"beta2 = {fmt(as_float(high[0][1]), 4)} in a run trained from scratch (loss {fmt(initial)} -> {fmt(final)}): "
         "pretraining recipes use 0.95",
         why="beta2 = 0.999 averages the squared gradient over ~1000 steps, so the denominator lags when the gradient "
         "scale shifts; a sudden large gradient then makes an outsized step. LLaMA-style pretraining uses "
         "beta1 = 0.9, beta2 = 0.95 (a ~20-step average).",
-        details={"beta2": _num(high[0][1]), "initial_loss": initial, "final_loss": final},
+        details={"beta2": as_float(high[0][1]), "initial_loss": initial, "final_loss": final},
     )
 
 
@@ -178,7 +177,7 @@ def _no_clipping(meta, steps) -> Finding | None:
         return None
     if len(steps) < _MIN_STEPS:
         return None
-    if "clip_coef" in steps.columns and (finite(steps["clip_coef"]) < 0.999).any():
+    if "clip_coef" in steps.columns and was_clipped(finite(steps["clip_coef"])).any():
         return None  # clipped by other means that the monitor saw
     grad = finite(steps["grad_norm"])
     if grad.size == 0:
@@ -189,7 +188,7 @@ def _no_clipping(meta, steps) -> Finding | None:
         message=f"no gradient clipping: watch(clip=None) and clip_coef stayed 1.0; grad norm median {fmt(float(np.median(grad)))}, "
         f"max {fmt(float(grad.max()))} (if you clip in your loop, pass clip= to watch instead so it is recorded)",
         why="Global-norm clipping (usually at 1.0) is the standard guard against one pathological batch producing "
-        "a step that undoes thousands of good ones; the case study's recovery tightened it from 2.0 to 1.0.",
+        "a step that undoes thousands of good ones (GPT-3 and LLaMA clip at 1.0).",
         details={"grad_norm_median": float(np.median(grad)), "grad_norm_max": float(grad.max())},
     )
 
@@ -200,7 +199,7 @@ def _clip_always(meta, steps) -> Finding | None:
     coef = finite(steps["clip_coef"].iloc[len(steps) // 10 :])  # after the first 10%: early steps clip often
     if coef.size < _MIN_STEPS:
         return None
-    share = float((coef < 0.999).mean())
+    share = float(was_clipped(coef).mean())
     if share < _ALWAYS_CLIPPED:
         return None
     clip = (watch_config(meta) or {}).get("clip")
@@ -208,7 +207,7 @@ def _clip_always(meta, steps) -> Finding | None:
         id="clipping_always_active",
         severity="info",
         message=f"clipping was active on {share:.0%} of steps (median coefficient {fmt(float(np.median(coef)), 2)})"
-        + (f": max norm {fmt(_num(clip))} is below the typical gradient norm" if clip is not None else ""),
+        + (f": max norm {fmt(as_float(clip))} is below the typical gradient norm" if clip is not None else ""),
         why="Clipping is meant to catch outlier batches; when it acts on nearly every step it is a hidden LR cut "
         "and no longer singles out the bad steps (a clipped spike looks like any other step).",
         details={"share": share, "median_coef": float(np.median(coef))},
@@ -252,11 +251,3 @@ def _from_scratch(steps: pd.DataFrame) -> tuple[float, float] | None:
         return None
     initial, final = float(np.median(head)), float(np.median(tail))
     return (initial, final) if initial > 0 and final < _FROM_SCRATCH * initial else None
-
-
-def _num(value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out

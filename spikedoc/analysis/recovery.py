@@ -255,12 +255,11 @@ class RecoveryTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here; plain JSON types only."""
-        t = self.trajectory
         return {
             "format": _STATE_FORMAT,
             "config": asdict(self.config),
             "onset_step": self.onset_step,
-            "trajectory": [t.intercept, t.slope, t.sigma, t.fit_steps],
+            "trajectory": asdict(self.trajectory),
             "recent": list(self._recent),
             "recent_steps": list(self._recent_steps),
             "nonfinite_run": self._nonfinite_run,
@@ -275,9 +274,10 @@ class RecoveryTracker:
         if state.get("config") != asdict(self.config):
             raise ValueError("recovery tracker state was saved with other RecoveryConfig settings; build the tracker with them")
         try:
-            intercept, slope, sigma, fitted = state["trajectory"]
+            t = state["trajectory"]
             self.onset_step = int(state["onset_step"])
-            self.trajectory = Trajectory(float(intercept), float(slope), float(sigma), int(fitted))
+            self.trajectory = Trajectory(float(t["intercept"]), float(t["slope"]), float(t["sigma"]), int(t["fit_steps"]),
+                                         float(t["anchor"]), float(t["slope_share"]))
             self._recent = deque((float(v) for v in state["recent"]), maxlen=self.config.hold_steps)
             self._recent_steps = deque((int(v) for v in state["recent_steps"]), maxlen=self.config.hold_steps)
             self._nonfinite_run = int(state["nonfinite_run"])

@@ -12,7 +12,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ class Recipe:
     """Linear warmup steps, then cosine decay to `min_lr_ratio * lr` at the last step."""
     min_lr_ratio: float = 0.1
     checkpoint_every: int = 50
+    bias: bool = False
+    """Biases in the linear and LayerNorm layers (their Adam second moments drift down as the
+    model converges: the healthy optimizer-state drift a precursor test must not mistake for a cause)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "min_len", "max_len", "context", "d_model", "n_head", "n_layer",
@@ -79,13 +82,20 @@ class RunSpec:
 
     name: str
     fault: str | None
-    """None, `constant_batch`, `long_batch`, `lr_jump`, `inf_weight`, `zero_exp_avg_sq`, `reset_resume`."""
+    """None, `constant_batch`, `long_batch`, `random_batch`, `mixed_batch`, `lr_jump`, `lr_surge`,
+    `inf_weight`, `zero_exp_avg_sq`, `reset_resume`."""
     step: int = 0
     """Step at which the fault is planted."""
     seed: int = 0
     """Seed of the initialisation and the data stream; every faulty run uses the clean run's 0."""
     lr_factor: float = 10.0
-    """`lr_jump` only: the factor the learning rate is multiplied by from `step` on."""
+    """`lr_jump` and `lr_surge`: the factor the learning rate is multiplied by from `step` on."""
+    surge_steps: int = 0
+    """`lr_surge` only: steps the multiplied learning rate lasts before the schedule resumes."""
+    twin: str = "clean"
+    """The healthy run this one is compared with (same seed, data and recipe, no fault)."""
+    bias: bool = False
+    """Train with `Recipe.bias` (and compare with a twin that does too)."""
     cause: str = "unknown"
     """The true cause, in spikedoc's vocabulary (`spikedoc.analysis.incident.CAUSES`)."""
     description: str = ""
@@ -96,6 +106,8 @@ SPECS: tuple[RunSpec, ...] = (
     *(RunSpec(name=f"clean_seed{seed}", fault=None, seed=seed,
               description=f"Healthy run as `clean`, with seed {seed} for the initialisation and the data.")
       for seed in (1, 2, 3)),
+    RunSpec(name="clean_bias", fault=None, bias=True,
+            description="Healthy run as `clean`, with biases in the linear and LayerNorm layers."),
     RunSpec(name="bad_batch_constant", fault="constant_batch", step=140, cause="bad_batch",
             description="The batch of step 140 is near-constant input: every sequence is NUL bytes "
                         "(a zero-filled region of a corrupt shard), at the step's ordinary lengths."),
@@ -106,6 +118,16 @@ SPECS: tuple[RunSpec, ...] = (
     RunSpec(name="lr_jump", fault="lr_jump", step=160, cause="lr_schedule",
             description="From step 160 the learning rate is 10x the schedule's: an LR-schedule "
                         "discontinuity such as a resume that rebuilt the scheduler with the wrong base LR."),
+    RunSpec(name="lr_surge", fault="lr_surge", step=150, lr_factor=20.0, surge_steps=5, cause="lr_schedule",
+            description="For the 5 steps from 150 the learning rate is 20x the schedule's, then the schedule "
+                        "resumes (a scheduler bug that lasts a few steps): the loss spikes, comes down, and stays "
+                        "above the clean run's."),
+    RunSpec(name="bad_batch_random", fault="random_batch", step=220, cause="bad_batch", twin="clean_bias", bias=True,
+            description="In a run with biases, whose bias tensors' Adam second moments drift down as it trains, "
+                        "the batch of step 220 is uniformly random bytes: a one-step spike that leaves no damage."),
+    RunSpec(name="minor_blip", fault="mixed_batch", step=260, cause="bad_batch",
+            description="Late in the run, 6 of the 32 sequences of the batch of step 260 are random bytes: a "
+                        "small one-step rise of the batch's loss, a minor incident."),
     RunSpec(name="nan", fault="inf_weight", step=200, cause="numerics_rank",
             description="Before step 200 one weight element (blocks.1.fc.weight[3, 5]) becomes inf, "
                         "as a memory or numerics fault would: the loss is NaN from step 200 on."),
@@ -130,12 +152,12 @@ def corpus() -> bytes:
 
 
 class _Block(nn.Module):
-    def __init__(self, d: int, n_head: int) -> None:
+    def __init__(self, d: int, n_head: int, bias: bool = False) -> None:
         super().__init__()
         self.n_head = n_head
-        self.ln1, self.ln2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
-        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
-        self.fc, self.out = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+        self.ln1, self.ln2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
+        self.fc, self.out = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -155,8 +177,8 @@ class _TinyGPT(nn.Module):
         d = recipe.d_model
         self.wte = nn.Embedding(PAD + 1, d)
         self.wpe = nn.Embedding(recipe.context, d)
-        self.blocks = nn.ModuleList(_Block(d, recipe.n_head) for _ in range(recipe.n_layer))
-        self.ln_f = nn.LayerNorm(d, bias=False)
+        self.blocks = nn.ModuleList(_Block(d, recipe.n_head, recipe.bias) for _ in range(recipe.n_layer))
+        self.ln_f = nn.LayerNorm(d, bias=recipe.bias)
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, 0.0, 0.02)
@@ -196,10 +218,22 @@ def _pad(rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def _planted_batch(spec: RunSpec, recipe: Recipe, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+#: Faults that replace the batch of the planted step.
+_BATCH_FAULTS = ("constant_batch", "long_batch", "random_batch", "mixed_batch")
+
+
+def _planted_batch(spec: RunSpec, recipe: Recipe, ids: torch.Tensor, mask: torch.Tensor,
+                   sample_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:  # fmt: skip
     """The batch that replaces the ordinary one at `spec.step` for the bad-batch faults."""
     if spec.fault == "constant_batch":  # same lengths as the batch it replaces, every byte NUL
         return torch.where(mask.bool(), 0, PAD), mask, [f"shard7/zero-fill/{i}" for i in range(len(mask))]
+    if spec.fault in ("random_batch", "mixed_batch"):  # uniformly random bytes at the batch's own lengths
+        noise = torch.randint(0, 256, mask.shape, generator=torch.Generator().manual_seed(98))
+        noisy = len(mask) if spec.fault == "random_batch" else 6  # the first `noisy` sequences
+        mixed = torch.where(mask.bool(), noise, PAD)
+        mixed[noisy:] = ids[noisy:]
+        names = [f"crawl/noise-{i}" if i < noisy else sample_ids[i] for i in range(len(mask))]
+        return mixed, mask, names
     # base64 of seeded random bytes: what a data: URI or an inlined binary looks like in crawled text
     raw = torch.randint(0, 256, (recipe.batch * recipe.context,), generator=torch.Generator().manual_seed(99))
     blob = base64.b64encode(raw.to(torch.uint8).numpy().tobytes())[: recipe.batch * recipe.context]
@@ -259,6 +293,8 @@ def generate_run(
         5
     """
     recipe = recipe or Recipe()
+    if spec.bias and not recipe.bias:
+        recipe = replace(recipe, bias=True)
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     ckpt = Path(checkpoint_dir or Path(tempfile.gettempdir()) / "spikedoc-spike-suite") / spec.name
@@ -293,11 +329,12 @@ def _train_step(spec: RunSpec, recipe: Recipe, step: int, model: _TinyGPT, optim
                 monitor: Any, stream: _Stream, planted: dict[str, list[Any]]) -> float:  # fmt: skip
     ids, mask, sample_ids = stream.next()  # always drawn, so later steps see the clean run's data
     at_fault = step == spec.step
-    if at_fault and spec.fault in ("constant_batch", "long_batch"):
-        ids, mask, sample_ids = _planted_batch(spec, recipe, mask)
+    if at_fault and spec.fault in _BATCH_FAULTS:
+        ids, mask, sample_ids = _planted_batch(spec, recipe, ids, mask, sample_ids)
         planted["steps"].append(step)
         planted["sample_ids"].extend(sample_ids)
-    lr = recipe.lr_at(step) * (spec.lr_factor if spec.fault == "lr_jump" and step >= spec.step else 1.0)
+    surging = spec.fault == "lr_surge" and spec.step <= step < spec.step + spec.surge_steps
+    lr = recipe.lr_at(step) * (spec.lr_factor if (spec.fault == "lr_jump" and step >= spec.step) or surging else 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
     if at_fault and spec.fault in ("inf_weight", "zero_exp_avg_sq"):
@@ -310,7 +347,7 @@ def _train_step(spec: RunSpec, recipe: Recipe, step: int, model: _TinyGPT, optim
         for state in optimizer.state.values():
             state["exp_avg_sq"].zero_()
         planted["steps"].append(step)
-    if at_fault and spec.fault == "lr_jump":
+    if at_fault and spec.fault in ("lr_jump", "lr_surge"):
         planted["steps"].append(step)
     nll = model(input_ids=ids, attention_mask=mask)  # (B, T-1)
     tokens = mask[:, 1:].sum(1).clamp(min=1)  # (B,)

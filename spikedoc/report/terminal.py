@@ -14,7 +14,7 @@ from spikedoc.analysis._robust import fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 
-__all__ = ["render", "MAX_TABLE", "MAX_EXPLAINED"]
+__all__ = ["render", "action_text", "MAX_TABLE", "MAX_EXPLAINED"]
 
 #: Incidents listed in the table and explained in full; the rest are counted (all are in --json).
 MAX_TABLE = 40
@@ -89,7 +89,7 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
     for a in shown[:MAX_TABLE]:
         d = a["detail"]
         if a["kind"] == "veto":
-            z = ", ".join(f"{k} {_num(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
+            z = ", ".join(f"{k} {_fmt_table(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
             line = (f"veto of step {a['step']}: {', '.join(d.get('reasons', []))}" + (f" ({z} sigma)" if z else "")
                     + (f", batch {d['position']}" if d.get("position") is not None else ""))
         elif a["kind"] == "rollback":
@@ -109,15 +109,15 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
 def _table(console: Console, incidents: list[Incident]) -> None:
     table = Table(title="Incidents", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     # z: peak size in robust sigmas; ratio: peak / baseline; back: first step back in the band.
-    for column in ("#", "kind", "onset", "end", "z", "ratio", "back", "cause", "lead"):
+    for column in ("#", "severity", "kind", "onset", "end", "z", "ratio", "verdict", "cause", "lead"):
         table.add_column(column, justify="left" if column in ("kind", "cause") else "right", no_wrap=True)
     for i, inc in enumerate(incidents[:MAX_TABLE], 1):
         table.add_row(
-            str(i), inc.kind, str(inc.onset_step), str(inc.end_step),
-            _num(inc.magnitude_sigma),
-            _num(inc.peak_ratio),
-            str(inc.recovery_step) if inc.recovered else "[red]never[/red]",
-            inc.cause,
+            str(i), _SEVERITY_STYLE[inc.severity], inc.kind, str(inc.onset_step), str(inc.end_step),
+            _fmt_table(inc.magnitude_sigma),
+            _fmt_table(inc.peak_ratio),
+            inc.verdict if inc.recovered else f"[red]{inc.verdict}[/red]",
+            inc.cause + ("?" if inc.cause_guessed else ""),
             "" if inc.precursor_lead_steps is None else str(inc.precursor_lead_steps),
         )
     console.print(table)
@@ -128,13 +128,19 @@ def _table(console: Console, incidents: list[Incident]) -> None:
 def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) -> None:
     console.print()
     segment = f" (segment {ctx['segment']})" if ctx.get("segment") else ""
-    state = f"recovered at step {inc.recovery_step}" if inc.recovered else "[red]did not recover[/red]"
+    state = f"recovered (on its trajectory from step {inc.recovery_step})" if inc.recovered else f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
-        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_num(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_fmt_table(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
         + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
     )
-    console.print(f"  cause: [bold magenta]{inc.cause}[/bold magenta]")
+    console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
+    damage = inc.damage
+    if damage and math.isfinite(damage.get("excess_ratio", math.nan)):
+        console.print(f"  damage: at step {damage['damage_step']} the loss is {_pct_signed(damage['excess_ratio'])} "
+                      f"({_fmt_table(damage['excess_sigma'])} sigma) against its pre-incident trajectory")
+    guessed = " [yellow](a guess: the run has no data to confirm it)[/yellow]" if inc.cause_guessed else ""
+    console.print(f"  cause: [bold magenta]{inc.cause}[/bold magenta]{guessed}")
     for sentence in inc.evidence:
         console.print(f"    - {escape(sentence)}")
     for batch in inc.batches:
@@ -167,27 +173,74 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         console.print(f"  context: {'; '.join(context)}")
     for note in ctx.get("notes", []):
         console.print(f"  [dim]note: {escape(note)}[/dim]")
-    rec = inc.recommendation
-    for action in rec.get("actions", []):
-        console.print(f"  [green]->[/green] {escape(action)}")
+    for action in inc.recommendation.get("actions", []):
+        console.print(f"  [green]->[/green] {escape(action_text(action))}")
+        console.print(f"     [dim]because {escape(action['because'])}[/dim]")
+
+
+def action_text(action: dict[str, Any]) -> str:
+    """One recommended action (`recommendation["actions"][i]`) as a sentence.
+
+    Example:
+        >>> action_text({"action": "tighten_clip", "max_norm": 1.0, "was": None, "because": "..."})
+        'clip the gradient norm at 1 (no clipping was in use)'
+    """
+    kind = action["action"]
+    if kind == "none":
+        return "no action needed: the run recovered by itself"
+    if kind == "rollback":
+        if action["known"]:
+            return f"roll back to the checkpoint of step {action['step']}" + (f" ({action['checkpoint']})" if action["checkpoint"] else "")
+        return f"roll back to your last checkpoint at or before step {action['step']} (no checkpoint events recorded)"
+    if kind == "skip_data":
+        what = (f"sample ids {fmt_steps(action['sample_ids'])}" if action["sample_ids"] else
+                f"stream positions {', '.join(f'{a}..{b - 1}' for a, b in action['positions'])}" if action["positions"] else
+                "their samples")
+        return f"skip the batch(es) of step(s) {fmt_steps(action['steps'])}: {what}"
+    if kind == "lower_lr":
+        return f"multiply the peak LR by {action['factor']:g} (from {fmt(action['peak_lr'])} to {fmt(action['new_peak_lr'])})"
+    if kind == "tighten_clip":
+        was = f"was {fmt(action['was'])}" if action["was"] else "no clipping was in use"
+        return f"clip the gradient norm at {fmt(action['max_norm'])} ({was})"
+    if kind == "reset_moments":
+        return f"reset the optimizer moments of {fmt_steps(action['tensors'], 4)}"
+    if kind == "restore_scheduler":
+        peak = f"; keep the peak LR at {fmt(action['peak_lr'])}" if action.get("peak_lr") else ""
+        return f"restore the LR scheduler's state (its step count) with the checkpoint{peak}"
+    if kind == "fix_schedule":
+        peak = f" (the schedule's peak was {fmt(action['peak_lr'])})" if action.get("peak_lr") else ""
+        return (f"fix the LR schedule where it jumped at step {action['step']}: replay with the LR held at "
+                f"{fmt(action['hold_lr'])}{peak}")
+    if kind == "load_state":
+        return "resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)"
+    if kind == "check_rank":
+        return f"rerun from the checkpoint; if rank(s) {action['ranks']} fail again, take that device out; prefer bf16 over fp16"
+    return kind
+
+
+_SEVERITY_STYLE = {"minor": "[dim]minor[/dim]", "moderate": "[yellow]moderate[/yellow]", "severe": "[red]severe[/red]"}
+
+
+def _pct_signed(value: float) -> str:
+    return f"{100 * value:+.1f}%"
 
 
 def _severity(inc: Incident) -> tuple:
-    # Unrecovered first, then non-finite, then by size.
+    # Severe first, then unrecovered, then non-finite, then by size.
     size = inc.magnitude_sigma if math.isfinite(inc.magnitude_sigma) else 1e300
-    return (inc.recovered, inc.kind != "nonfinite", -size)
+    return (-("minor", "moderate", "severe").index(inc.severity), inc.recovered, inc.kind != "nonfinite", -size)
 
 
 def _sigma(value: float) -> str:
-    return "non-finite" if not math.isfinite(value) else f"{_num(value)} sigma"
+    return "non-finite" if not math.isfinite(value) else f"{_fmt_table(value)} sigma"
 
 
 def _val(value: Any) -> str:
-    return _num(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    return _fmt_table(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
-def _num(value: float) -> str:
-    """Table number: integers from 100 up, 2 significant digits below."""
+def _fmt_table(value: float) -> str:
+    """A number for the incident table: integers from 100 up, 2 significant digits below."""
     if not math.isfinite(value):
         return "inf" if value > 0 else str(value)
     return f"{value:.0f}" if abs(value) >= 100 else fmt(value, 2)

@@ -6,13 +6,14 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from spikedoc.errors import RunFormatError, RunNotFoundError
+from spikedoc.errors import RunFormatError, RunNotFoundError, one_line
 from spikedoc.store.reader import Run
 
 __all__ = ["ALIASES", "read_csv", "read_tensorboard"]
@@ -36,14 +37,23 @@ ALIASES: dict[str, tuple[str, ...]] = {
 #: What no importable source has: the per-tensor table, batch fingerprints, checkpoint events.
 _NEVER_IMPORTED = ["layers", "batch fingerprints", "events"]
 _ANALYSED = ("loss", "grad_norm", "lr")
+#: Largest step accepted: float64, which a CSV column of numbers may be read as, holds every whole
+#: number up to 2^53 exactly; a real run is many orders of magnitude below it.
+_MAX_STEP = 2**53
+#: A log in file order steps back only at resumes; more often than once per this many rows, the
+#: rows are shuffled (a random order steps back on every second row).
+_MIN_ROWS_PER_SEGMENT = 3
 
 
 def read_csv(path: str | Path) -> Run:
     """Read a CSV log with a step column and scalar columns such as loss, grad_norm and lr.
 
     Column names are mapped through `ALIASES`; other numeric columns are kept (sanitized names),
-    non-numeric ones are dropped with a warning. Rows keep file order: a step that goes backwards
-    (a resumed run repeating steps) starts a new `segment`.
+    non-numeric ones are dropped with a warning. A step must be a whole number from 0 to 2^53
+    (else `RunFormatError` naming the row). Rows keep file order when it is a log with resumes: a
+    step that goes back and logs earlier steps again (a resumed run) starts a new `segment`. Rows
+    out of order otherwise are sorted by step, with a warning. Rows of the same step within a
+    segment become one row: per column, the last value that is not missing.
 
     Args:
         path: The CSV file.
@@ -64,7 +74,7 @@ def read_csv(path: str | Path) -> Run:
     except pd.errors.EmptyDataError:
         raise RunFormatError(f"{path} is empty: expected a header like step,loss,grad_norm,lr") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
-        raise RunFormatError(f"{path} is not a readable CSV: {' '.join(str(exc).split())}") from None
+        raise RunFormatError(f"{path} is not a readable CSV: {one_line(exc)}") from None
     warnings: list[str] = []
     columns: dict[str, pd.Series] = {}
     for name in raw.columns:
@@ -74,8 +84,10 @@ def read_csv(path: str | Path) -> Run:
             continue
         columns[str(name)] = values
     frame, renamed = _canonical(columns, source=f"{path}")
-    run = _build(path, "csv", frame, warnings, {"source_file": str(path), "renamed": renamed})
-    return run
+    step_column = next((name for name, canonical in renamed.items() if canonical == "step"), "step")
+    frame = _with_valid_steps(frame, raw[step_column], path, warnings)
+    frame = _in_log_order(frame, path, warnings)
+    return _build(path, "csv", frame, warnings, {"source_file": str(path), "renamed": renamed})
 
 
 def read_tensorboard(path: str | Path) -> Run:
@@ -95,15 +107,38 @@ def read_tensorboard(path: str | Path) -> Run:
         >>> run = read_tensorboard("lightning_logs/version_0")  # doctest: +SKIP
         >>> run.steps[["step", "loss", "lr"]].head()  # doctest: +SKIP
     """
-    from tensorboard.backend.event_processing import event_accumulator  # heavy: import on use
-    from tensorboard.util import tensor_util
-
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents.*"))
     if not files:
         raise RunNotFoundError(f"{path} holds no TensorBoard event files (events.out.tfevents.*)")
-    series: dict[str, list[tuple[float, int, float]]] = defaultdict(list)  # tag -> (wall, step, value)
     warnings: list[str] = []
+    runs = _scalars_by_run(files, warnings)
+    if not runs:
+        raise RunFormatError(f"{path}: its TensorBoard event files hold no scalars")
+    frame, renamed = _canonical(_pivot(_prefixed(runs)), source=str(path))
+    if "loss" not in frame.columns and len(runs) > 1:
+        # Sibling runs whose folder names make no loss alias (version_0/, version_1/) are not the
+        # train/ and eval/ of one training but separate trainings: analyse the one with a loss.
+        chosen = _the_run_with_a_loss(path, runs)
+        if chosen is not None:
+            warnings.append(
+                f"{path} holds {len(runs)} TensorBoard runs ({_names(path, runs)}); analysed "
+                f"{_names(path, [chosen])}, the only one that logs a loss"
+            )
+            frame, renamed = _canonical(_pivot(runs[chosen]), source=str(chosen))
+            files = [f for f in files if f.parent == chosen]
+    return _build(path, "tensorboard", frame, warnings, {"event_files": [str(f) for f in files], "renamed": renamed})
+
+
+def _scalars_by_run(files: list[Path], warnings: list[str]) -> dict[Path, dict[str, list[tuple[float, int, float]]]]:
+    """Scalar points, (wall time, step, value) in file order, per tag per TensorBoard run.
+
+    A run, as TensorBoard counts them, is a directory holding event files.
+    """
+    from tensorboard.backend.event_processing import event_accumulator  # heavy: import on use
+    from tensorboard.util import tensor_util
+
+    runs: dict[Path, dict[str, list[tuple[float, int, float]]]] = {}
     for file in files:
         acc = event_accumulator.EventAccumulator(
             str(file), size_guidance={"scalars": 0, "tensors": 0}, purge_orphaned_data=False
@@ -111,34 +146,54 @@ def read_tensorboard(path: str | Path) -> Run:
         try:
             acc.Reload()
         except Exception as exc:  # noqa: BLE001 - a corrupt event file is skipped, like a corrupt part
-            warnings.append(f"skipped unreadable event file {file}: {' '.join(str(exc).split())}")
+            warnings.append(f"skipped unreadable event file {file}: {one_line(exc)}")
             continue
-        prefix = _prefix(files, file)
+        series: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
         tags = acc.Tags()
         for tag in tags.get("scalars", []):
-            series[prefix + tag] += [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)]
+            series[tag] += [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)]
         for tag in tags.get("tensors", []):  # TF2-style scalar summaries are stored as tensors
             if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
                 continue
-            values = [
+            series[tag] += [
                 (e.wall_time, e.step, float(tensor_util.make_ndarray(e.tensor_proto).item())) for e in acc.Tensors(tag)
             ]
-            series[prefix + tag] += values
-    for message in warnings:
-        logger.warning("spikedoc: %s", message)
-    if not series:
-        raise RunFormatError(f"{path}: its TensorBoard event files hold no scalars")
-    frame, renamed = _canonical(_pivot(series), source=str(path))
-    return _build(path, "tensorboard", frame, warnings, {"event_files": [str(f) for f in files], "renamed": renamed})
+        for tag, points in series.items():
+            runs.setdefault(file.parent, defaultdict(list))[tag] += points
+    return runs
 
 
-def _prefix(files: list[Path], file: Path) -> str:
-    # Event files in sibling directories (train/, eval/) are separate TensorBoard runs: their tags
-    # are prefixed with the directory below the common ancestor, so `train/loss` maps to `loss`.
-    parents = {f.parent for f in files}
-    if len(parents) == 1:
-        return ""
-    return file.parent.relative_to(os.path.commonpath(parents)).as_posix() + "/"
+def _prefixed(runs: dict[Path, dict[str, list[tuple[float, int, float]]]]) -> dict[str, list[tuple[float, int, float]]]:
+    """All runs' tags in one table: each run's tags prefixed with its folder below their common
+    ancestor (`train/loss`, `eval/loss`), so the train/ and eval/ runs of one training map to
+    `loss` and `eval_loss`; a run in the common ancestor itself keeps its tags as they are."""
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    common = Path(os.path.commonpath(list(runs)))
+    merged: dict[str, list[tuple[float, int, float]]] = {}
+    for folder, series in runs.items():
+        prefix = "" if folder == common else folder.relative_to(common).as_posix() + "/"
+        merged.update({prefix + tag: points for tag, points in series.items()})
+    return merged
+
+
+def _the_run_with_a_loss(path: Path, runs: dict[Path, dict[str, Any]]) -> Path | None:
+    """The one run that logs a loss tag; None when none does; an error naming them when several do."""
+    losses = set(ALIASES["loss"])
+    with_loss = [folder for folder, series in runs.items() if any(t.strip().lower() in losses for t in series)]
+    if len(with_loss) > 1:
+        raise RunFormatError(
+            f"{path} holds {len(with_loss)} TensorBoard runs that log a loss ({_names(path, with_loss)}): "
+            f"analyse one at a time, e.g. spikedoc analyze {with_loss[-1]}"
+        )
+    return with_loss[0] if with_loss else None
+
+
+def _names(path: Path, folders: Iterable[Path], *, shown: int = 5) -> str:
+    """Run folders relative to the directory given (`.` for the directory itself), the first few."""
+    names = [f.relative_to(path).as_posix() if path.is_dir() else f.as_posix() for f in folders]
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _pivot(series: dict[str, list[tuple[float, int, float]]]) -> dict[str, pd.Series]:
@@ -176,17 +231,111 @@ def _canonical(columns: dict[str, pd.Series], *, source: str) -> tuple[pd.DataFr
     return pd.DataFrame(out), {k: v for k, v in renamed.items() if k != v}
 
 
-def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], meta: dict[str, Any]) -> Run:
-    dropped = int(frame["step"].isna().sum())
+def _with_valid_steps(frame: pd.DataFrame, written: pd.Series, path: Path, warnings: list[str]) -> pd.DataFrame:
+    """Rows with a step, the step as int64; a step that is not a whole number in range is an error.
+
+    Truncating `1.5` or wrapping `1e30` to a negative int64 would analyse a run that was never
+    logged, so the first bad value is named (with its data row, the header not counted) instead.
+    """
+    step = frame["step"].to_numpy(dtype="float64")
+    present = written.notna().to_numpy()
+    for problem, bad in (
+        ("is not a number", present & np.isnan(step)),
+        ("is not a whole number", np.isfinite(step) & (step != np.floor(step))),
+        (f"is out of range (steps count optimizer steps from 0 to {_MAX_STEP:,})",
+         ~np.isnan(step) & ~((step >= 0) & (step <= _MAX_STEP))),
+    ):  # fmt: skip
+        rows = np.flatnonzero(bad)
+        if rows.size:
+            more = f" (and {rows.size - 1} more rows like it)" if rows.size > 1 else ""
+            raise RunFormatError(
+                f"{path}, data row {rows[0] + 1}: step {written.iloc[rows[0]]!s} {problem}{more}; "
+                "fix or delete those rows"
+            )
+    dropped = int(np.isnan(step).sum())
     if dropped:
         warnings.append(f"{path}: dropped {dropped} rows without a step value")
-        frame = frame[frame["step"].notna()]
+        frame = frame.loc[~np.isnan(step)]
+    return frame.assign(step=frame["step"].astype("int64"))  # the index stays the data row, for errors
+
+
+def _in_log_order(frame: pd.DataFrame, path: Path, warnings: list[str]) -> pd.DataFrame:
+    """One row per (segment, step): file order kept when it is a log with resumes, else sorted by step.
+
+    A log written by a run that was resumed from a checkpoint goes back to an earlier step and logs
+    again steps it had already logged; each such rewind starts a new `segment`, so the analysis
+    follows the resume as a lineage and still reports the abandoned branch (as for the segments of
+    a run directory). Rows that step back without re-logging anything, or that step back on more
+    than one row in `_MIN_ROWS_PER_SEGMENT` (a shuffled file does on every second row), are out of
+    order: they are sorted by step, with a warning. Rows of the same step that remain (consecutive
+    in a log, e.g. a logger writing training and validation metrics as two rows of one step) are
+    merged into one: per column, the last value in file order that is not missing. Linear after a
+    sort: O(n log n).
+    """
+    step = frame["step"].to_numpy()
+    if "segment" in frame.columns:  # the file says which segment a row belongs to (an exported run)
+        segment = _whole(frame["segment"], "segment", path)
+        back = (np.diff(segment) < 0) | ((np.diff(segment) == 0) & (np.diff(step) < 0))
+        if back.any():
+            warnings.append(f"{path}: {int(back.sum())} rows go back to an earlier segment or step: sorted by both")
+    else:
+        segment, resumes = _rewinds(step)
+        if not resumes:
+            warnings.append(
+                f"{path}: rows are out of step order ({int((np.diff(step) < 0).sum())} rows go back to an earlier "
+                "step, and not as a resume that logs earlier steps again): sorted by step"
+            )
+    groups = frame.drop(columns="segment", errors="ignore").assign(segment=segment).groupby(["segment", "step"])
+    merged = groups.last()  # per column the last value that is not missing; sorted by (segment, step)
+    if len(merged) < len(frame) and len(merged.columns):
+        conflicts = int((groups.nunique() > 1).any(axis=1).sum())
+        if conflicts:
+            warnings.append(
+                f"{path}: {conflicts} steps were logged more than once with different values: kept, per column, "
+                "the last value in file order"
+            )
+    return merged.reset_index()
+
+
+def _rewinds(step: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Segment per row, and whether every step back is a resume (see `_in_log_order`).
+
+    When not, every row is in segment 0 (the rows are to be sorted).
+    """
+    back = np.flatnonzero(step[1:] < step[:-1]) + 1
+    segment = np.zeros(len(step), dtype=np.int64)
+    if back.size == 0:
+        return segment, True
+    if back.size * _MIN_ROWS_PER_SEGMENT > len(step):
+        return segment, False
+    starts = np.zeros(len(step), dtype=np.int64)
+    starts[back] = 1
+    candidate = np.cumsum(starts)
+    # Segments only grow along the rows, so a step's first row holds the first segment that logged it.
+    _, first_row, inverse = np.unique(step, return_index=True, return_inverse=True)
+    relogged = candidate[first_row][inverse] < candidate  # this row's step was logged by an earlier segment
+    resumed = np.zeros(back.size + 1, dtype=bool)
+    resumed[candidate[relogged]] = True
+    if not resumed[1:].all():
+        return segment, False
+    return candidate, True
+
+
+def _whole(values: pd.Series, name: str, path: Path) -> np.ndarray:
+    """A column that must hold whole numbers, as int64 (missing values are 0); its index is the data row."""
+    numbers = values.fillna(0).to_numpy(dtype="float64")
+    bad = np.flatnonzero(~np.isfinite(numbers) | (numbers != np.floor(numbers)) | (np.abs(numbers) > _MAX_STEP))
+    if bad.size:
+        raise RunFormatError(
+            f"{path}, data row {values.index[bad[0]] + 1}: {name} {values.iloc[bad[0]]!s} is not a whole number"
+        )
+    return numbers.astype(np.int64)
+
+
+def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], meta: dict[str, Any]) -> Run:
+    """The Run of an imported step table whose `step` and `segment` are already whole numbers."""
     frame = frame.reset_index(drop=True)
     frame["step"] = frame["step"].astype("int64")
-    if "segment" not in frame.columns:  # a step that goes backwards is a resume: new segment
-        frame.insert(
-            1, "segment", np.concatenate([[0], np.cumsum(np.diff(frame["step"].to_numpy()) < 0)])[: len(frame)]
-        )
     frame["segment"] = frame["segment"].astype("int32")
     frame["rank"] = np.int64(0)
     frame = frame[["step", "segment", *[c for c in frame.columns if c not in ("step", "segment")]]]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError
+from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError, one_line
 from spikedoc.store.schema import EVENT_COLUMNS, EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS
 
 __all__ = ["Run", "load"]
@@ -39,6 +39,10 @@ _READERS = min(4, os.cpu_count() or 1)
 _COMBINE = 128
 # Step range of a row group whose statistics are missing: it may hold any step.
 _ANY_STEP = (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
+# A Parquet file ends with its footer's length (4 bytes, little-endian) and the magic bytes; the
+# smallest whole file is the leading magic, a footer of at least one byte, its length and the magic.
+_MAGIC = b"PAR1"
+_MIN_PARQUET_BYTES = 13
 
 
 @dataclass(kw_only=True, eq=False)
@@ -52,7 +56,9 @@ class Run:
         steps: One row per (rank, segment, step), sorted so; always has `step`, `segment`, `rank`.
         events: `step`, `segment`, `time`, `kind`, `detail` (a JSON string) and `rank`.
         missing: What this source lacks for analysis, e.g. `["layers", "grad_norm"]`.
-        warnings: What was skipped while loading, each naming the file.
+        warnings: What was skipped, each naming the file: unreadable parts of the step and event
+            tables and layer parts cut short (at load), layer parts that fail when `layers()`
+            reads them (then).
         layer_scan: Files and Parquet row groups the last `layers()` call read, against the total.
 
     Example:
@@ -155,8 +161,8 @@ class Run:
             self._row_groups = np.concatenate(rows)
         return self._row_groups
 
-    def _skip(self, path: Path, exc: BaseException) -> None:
-        message = f"skipped unreadable part {path}: {_one_line(exc)}"
+    def _skip(self, path: Path, reason: BaseException | str) -> None:
+        message = f"skipped unreadable part {path}: {one_line(reason)}"
         if message not in self.warnings:
             self.warnings.append(message)
             logger.warning("spikedoc: %s", message)
@@ -212,7 +218,7 @@ def _load_spikedoc(path: Path) -> Run:
     run.steps = _sorted(steps, ["rank", "segment", "step"])
     events = _read_table(run, EVENTS)
     run.events = _empty((*EVENT_COLUMNS, "rank")) if events is None else _sorted(events, ["rank", "segment", "step"])
-    run._layer_parts = _parts(path / LAYERS)
+    run._layer_parts = _whole_layer_parts(run)
     if not run.has_layers:
         run.missing.append("layers")
     return run
@@ -222,7 +228,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RunFormatError(f"{path} is not readable JSON: {_one_line(exc)}") from None
+        raise RunFormatError(f"{path} is not readable JSON: {one_line(exc)}") from None
     if not isinstance(meta, dict):
         raise RunFormatError(f"{path} must hold a JSON object, found {type(meta).__name__}")
     version = meta.get("format_version")
@@ -248,6 +254,41 @@ def _parts(table_dir: Path) -> list[tuple[Path, int]]:
             if name:
                 found.append(((int(match[1]), int(name[1]), int(name[2])), part))
     return [(part, key[0]) for key, part in sorted(found)]
+
+
+def _whole_layer_parts(run: Run) -> list[tuple[Path, int]]:
+    """Layer parts that end in a Parquet footer; the others are skipped with a warning now.
+
+    The layer table is read only in windows, when an analysis asks for them; a part cut short (an
+    interrupted copy, a full disk) is found here instead, at load, with the other skipped parts,
+    so that whoever takes `run.warnings` (`analyze`'s diagnosis, the report) names it. The check
+    reads 8 bytes per part; the footer itself is parsed on the first `layers()` call.
+    """
+    whole = []
+    for path, rank in _parts(run.path / LAYERS):
+        problem = _not_whole_parquet(path)
+        if problem is None:
+            whole.append((path, rank))
+        else:
+            run._skip(path, f"{problem}; per-tensor attribution lacks the rows it held")
+    return whole
+
+
+def _not_whole_parquet(path: Path) -> str | None:
+    """Why `path` cannot be a complete Parquet file, judged from its last 8 bytes; None if it can be."""
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            if size < _MIN_PARQUET_BYTES:
+                return f"{size} bytes, too short for a Parquet file"
+            file.seek(-8, os.SEEK_END)
+            tail = file.read(8)
+    except OSError as exc:
+        return one_line(exc)
+    footer = int.from_bytes(tail[:4], "little")
+    if tail[4:] != _MAGIC or not 0 < footer <= size - 12:
+        return "no Parquet footer at its end (cut short or not a Parquet file)"
+    return None
 
 
 def _read_table(run: Run, table: str) -> pd.DataFrame | None:
@@ -371,6 +412,3 @@ def _wanted(present: list[str], columns: Iterable[str] | None) -> list[str] | No
 def _empty(columns: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
