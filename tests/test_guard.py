@@ -191,3 +191,27 @@ def test_the_report_shows_the_guards_actions(tmp_path):
     assert "Guard actions (4 guard checkpoints)" in text
     assert "veto of step 45: nonfinite" in text
     assert "rollback from step 50 to 40 (vetoes, cause damage): LR x0.7 of the original, clip 1 -> 0.5, 5 batches skipped" in text
+
+
+def test_a_veto_under_a_grad_scaler_is_one_skipped_step_and_the_scaler_is_checkpointed(tmp_path):
+    model, opt, sched = build()
+    scaler = torch.amp.GradScaler("cpu")
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, scaler=scaler,
+                           max_steps=72, checkpoint_every=36)  # fmt: skip
+    for step, batch in guard:
+        if step == 70:
+            batch = _garbage(batch, model.cfg.vocab_size)
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
+        guard.record(loss=loss)
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # unscales, then calls the guarded optimizer.step()
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert guard.vetoes == 1
+    steps = spikedoc.load(tmp_path).steps
+    assert steps["step"].tolist() == list(range(72))
+    assert steps.loc[steps["skipped"].astype(bool), "step"].tolist() == [70]
+    saved = torch.load(tmp_path / "checkpoints" / "step-00000072.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == scaler.get_scale()

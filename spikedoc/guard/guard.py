@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spikedoc.analysis.causes import tighter_clip
 from spikedoc.analysis.detect import DetectorConfig
 from spikedoc.analysis.recovery import RecoveryConfig
 from spikedoc.errors import GuardStopped
@@ -24,6 +23,7 @@ from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointSto
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream
 from spikedoc.guard.judge import Decision, Judge, Verdict
+from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
 from spikedoc.monitor import Monitor, watch
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 #: Recent steps whose batch position, sample ids and per-tensor gradient norms are remembered, to
 #: name and skip an incident's batches: the lookback plus the recovery judgement's patience fit.
 _REMEMBERED_STEPS = 1024
-#: A tensor is implicated in an incident when its gradient norm at onset is this many times its
-#: median over the steps before (reset_moments=True resets its optimizer state on rollback).
-_IMPLICATED_RATIO = 4.0
 
 
 @dataclass(kw_only=True)
@@ -237,7 +234,12 @@ class Guard:
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
-        values = agree(loss, self._grad_norm(p.step), rollback_request=self._requested)
+        try:
+            grad_norm = self._grad_norm()
+        except Exception as exc:  # noqa: BLE001 - e.g. sparse gradients: judge the loss alone, never crash
+            self._warn_once("grad_norm", f"Guard: the gradient norm could not be computed ({exc!r}); only the loss is judged")
+            grad_norm = torch.zeros(())  # not judged: a log-scale band ignores non-positive values
+        values = agree(loss, grad_norm, rollback_request=self._requested)
         self._requested = False
         verdict = self._judge.judge(p.step, values)
         p.verdict = verdict
@@ -255,7 +257,7 @@ class Guard:
                 for group, lr in zip(self.optimizer.param_groups, restore):
                     group["lr"] = lr
 
-    def _grad_norm(self, step: int) -> Tensor:
+    def _grad_norm(self) -> Tensor:
         """Global L2 norm of the gradients (unscaled for a fused optimizer under a GradScaler), no sync."""
         by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for group in self.optimizer.param_groups:
@@ -310,7 +312,7 @@ class Guard:
             state.update(rng=rng_state(), data=self._stream.state_dict(), guard=self._policy_state())
             where = self._store.save(self.step, state, healthy=healthy)
             ok = True
-        except (CheckpointError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001
             # The guard's own failure never stops training: warn, record, go on with older checkpoints.
             warnings.warn(f"spikedoc guard: checkpoint of step {self.step} failed ({exc}); training continues",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
@@ -341,15 +343,21 @@ class Guard:
         self.monitor.close()
         saved_scale = float(state["guard"]["lr_scale"])
         self._restore(state)
-        remedy = self._remedy(decision)
+        remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
+                             batches={s: (pos, ids) for s, pos, ids, _ in self._recent})  # fmt: skip
+        evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
+        self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
+        self._stream.skip.update(remedy.skip_positions)
         scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
-        remedy["reset_optimizer_state_for"] = self._reset_moments(decision) if self.config.reset_moments else []
+        evidence["reset_optimizer_state_for"] = reset_implicated(
+            self.model, self.optimizer, decision, {s: n for s, _, _, n in self._recent if n is not None}
+        ) if self.config.reset_moments else []  # fmt: skip
         self.rollbacks += 1
         self._store.forget_after(target.step)
         self.monitor = self._watch()
         detail = {"from_step": from_step, "to_step": target.step, "checkpoint": str(target.path), "reason": decision.reason,
                   "cause": decision.cause, "onset_step": decision.onset_step, "precursor_step": decision.precursor_step,
-                  "rollbacks": self.rollbacks, **remedy, "evidence": decision.evidence}  # fmt: skip
+                  "rollbacks": self.rollbacks, **evidence, "evidence": decision.evidence}  # fmt: skip
         self.actions.append({"kind": "rollback", **detail})
         self.monitor.event("rollback", **_plain(detail))
         log.warning("spikedoc guard: rolled back from step %d to %d (%s)", from_step, target.step, decision.reason)
@@ -379,56 +387,6 @@ class Guard:
         self._judge.load_state_dict(state["guard"]["judge"])
         self.step = int(state["step"])
         self._pending = None
-
-    def _remedy(self, decision: Decision) -> dict[str, Any]:
-        """Change the policy for the replay; returns what changed (for the event)."""
-        out: dict[str, Any] = {"clip_before": self.clip}
-        if decision.cause == "lr_schedule" and decision.lr_jump is not None and decision.lr_jump.get("lrs_before"):
-            # Replaying the same schedule would hit the same jump: hold the applied LR at its level
-            # before it; the peak LR and clipping stay (the schedule, not the run, was at fault).
-            caps = [float(v) for v in decision.lr_jump["lrs_before"]]
-            self._hold = {"from_step": int(decision.lr_jump["step"]), "caps": caps}
-            out["lr_held"] = {"from_step": self._hold["from_step"], "at": caps, "jump": decision.lr_jump}
-        else:
-            self.lr_scale *= self.config.lr_factor
-            if self._hold is not None:
-                self._hold["caps"] = [c * self.config.lr_factor for c in self._hold["caps"]]
-            self.clip = tighter_clip(self.clip)
-            out["skipped_positions"], out["skipped_sample_ids"] = self._skip(decision.attributed_steps)
-        out.update(clip=self.clip, lr_scale=self.lr_scale)
-        return out
-
-    def _skip(self, steps: list[int]) -> tuple[list[int], list[Any]]:
-        known = {s: (pos, ids) for s, pos, ids, _ in self._recent}
-        positions, ids = [], []
-        w = self.config.skip_window
-        for s in steps:
-            if s in known:
-                pos, sample_ids = known[s]
-                positions += range(max(0, pos - w), pos + w + 1)
-                ids += sample_ids
-        self._stream.skip.update(positions)
-        return sorted(set(positions)), ids[:256]
-
-    def _reset_moments(self, decision: Decision) -> list[str]:
-        """Drop the optimizer state of the tensors whose gradient norm led the incident."""
-        onset = next((n for s, _, _, n in self._recent if s == decision.onset_step and n is not None), None)
-        if onset is None:
-            return []
-        norms, params = onset
-        before = [n[0] for s, _, _, n in self._recent
-                  if s < decision.precursor_step and n is not None and len(n[1]) == len(params)][-20:]  # fmt: skip
-        if not before:
-            return []
-        typical = torch.stack(before).median(dim=0).values  # (n,)
-        implicated = (norms > _IMPLICATED_RATIO * typical).tolist()  # one sync, at rollback only
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        reset = []
-        for p, hit in zip(params, implicated):
-            if hit and p in self.optimizer.state:
-                del self.optimizer.state[p]  # a fresh state: Adam re-initialises with its bias correction
-                reset.append(names.get(id(p), "?"))
-        return reset
 
     def _stop(self, reason: str, message: str, decision: Decision) -> None:
         diagnosis = {"reason": reason, "step": self.step, "rollbacks": self.rollbacks, "decision": asdict(decision),
