@@ -100,3 +100,16 @@ def test_reset_moments_drops_only_the_state_of_the_tensor_whose_gradient_led():
     decision = Decision(reason="persistent", onset_step=50, precursor_step=50, cause="damage")
     assert reset_implicated(model, opt, decision, norms) == ["1.weight"]
     assert params[2] not in opt.state and all(p in opt.state for i, p in enumerate(params) if i != 2)
+
+
+def test_vetoes_piling_up_not_in_a_row_open_an_incident_at_the_first():
+    judge = Judge(GuardConfig())
+    _warm(judge)
+    for s in range(120, 130):
+        spike = s % 2 == 0
+        verdict = judge.judge(s, StepValues(30.0 if spike else _loss(s), 0.5, 0, 0))
+        assert verdict.veto == spike
+        assert judge.record(verdict, lrs=[1e-3]) is None
+    assert judge.incident is not None and judge.incident.onset_step == 120
+    assert judge.incident.attributed_steps == [120, 122, 124, 126, 128]
+    assert judge.incident.precursor_step == 119  # the loss of step 120 shows the update of step 119

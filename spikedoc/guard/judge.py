@@ -56,7 +56,8 @@ class Decision:
     `recovered_with_damage`."""
     onset_step: int
     precursor_step: int
-    """Earliest step whose update may have caused the damage: the rollback goes to a checkpoint at or before it."""
+    """Earliest step whose update may have caused the damage (the step before onset, or an earlier
+    gradient-norm flag or LR jump): the rollback goes to a checkpoint at or before it."""
     cause: str
     """`lr_schedule` (an upward LR jump in the lookback) or `damage` (anything else)."""
     attributed_steps: list[int] = field(default_factory=list)
@@ -97,6 +98,8 @@ class Judge:
         """Recent applied steps whose gradient norm was out of band (precursors)."""
         self.lrs: deque[tuple[int, list[float]]] = deque(maxlen=config.lookback + 2)
         self.vetoes_in_row = 0
+        self.recent_vetoes: deque[int] = deque(maxlen=config.max_vetoes_in_row)
+        """The last vetoed steps: vetoes piling up (not in a row) open an incident."""
         self.incident: _Incident | None = None
 
     # ----------------------------------------------------------------------------- per step
@@ -127,17 +130,20 @@ class Judge:
             self.lrs.append((step, lrs))
         if verdict.veto:
             self.vetoes_in_row += 1
+            self.recent_vetoes.append(step)
         else:
             self.vetoes_in_row = 0
             self._learn(verdict)
-        if self.incident is None and (verdict.loss_flagged and not verdict.veto):
+        if self.incident is None and verdict.loss_flagged and not verdict.veto:
             self._open(step)
+        elif self.incident is None and verdict.veto and self._vetoes_pile_up():
+            self._open(self.recent_vetoes[0], attributed=list(self.recent_vetoes))
         decision = None
         if verdict.rollback_requested:
             decision = self._decision("requested", step)
         elif self.vetoes_in_row >= self.config.max_vetoes_in_row:
             decision = self._decision("vetoes", step - self.vetoes_in_row + 1)
-        if verdict.veto and self.incident is not None:
+        if verdict.veto and self.incident is not None and step not in self.incident.attributed_steps:
             self.incident.attributed_steps.append(step)
         if self.incident is not None and self.incident.tracker is not None:
             state = self.incident.tracker.update(step, verdict.loss)
@@ -163,13 +169,24 @@ class Judge:
             if flag.flagged and flag.warm:
                 self.grad_flags.append(step)
 
-    def _open(self, onset: int) -> None:
-        precursors = [s for s in self.grad_flags if onset - self.config.lookback <= s <= onset]
+    def _vetoes_pile_up(self) -> bool:
+        # As many vetoes as `max_vetoes_in_row`, not in a row but within 4x as many steps.
+        n = self.config.max_vetoes_in_row
+        return len(self.recent_vetoes) == n and self.recent_vetoes[-1] - self.recent_vetoes[0] < 4 * n
+
+    def _precursor(self, onset: int) -> int:
+        """Earliest step whose update may have caused an incident first seen at `onset`: the step
+        before it (the loss of step t shows the update of step t - 1), or an earlier gradient-norm
+        flag within the lookback (a large update at that step)."""
+        flags = [s for s in self.grad_flags if onset - self.config.lookback <= s <= onset]
+        return max(0, min([onset - 1, *flags]))
+
+    def _open(self, onset: int, *, attributed: list[int] | None = None) -> None:
         steps, losses = [s for s, _ in self.healthy], [v for _, v in self.healthy]
         tracker = RecoveryTracker(onset, steps, losses, config=self.recovery_config)
         if tracker.usable:  # no finite history: nothing to judge recovery against (cannot happen once warm)
-            self.incident = _Incident(onset_step=onset, precursor_step=min([onset, *precursors]),
-                                      attributed_steps=[onset], tracker=tracker)
+            self.incident = _Incident(onset_step=onset, precursor_step=self._precursor(onset),
+                                      attributed_steps=attributed or [onset], tracker=tracker)
 
     def _decision(self, reason: str, onset: int, *, evidence: dict[str, Any] | None = None) -> Decision:
         incident = self.incident
@@ -177,8 +194,7 @@ class Judge:
             onset = min(onset, incident.onset_step)
             precursor, attributed = incident.precursor_step, list(incident.attributed_steps)
         else:
-            precursors = [s for s in self.grad_flags if onset - self.config.lookback <= s <= onset]
-            precursor, attributed = min([onset, *precursors]), []
+            precursor, attributed = self._precursor(onset), []
         if reason == "vetoes":
             attributed += list(range(onset, onset + self.vetoes_in_row))
         jump = self._lr_jump(precursor)
@@ -224,6 +240,7 @@ class Judge:
             "grad_flags": list(self.grad_flags),
             "lrs": [[s, list(lrs)] for s, lrs in self.lrs],
             "vetoes_in_row": self.vetoes_in_row,
+            "recent_vetoes": list(self.recent_vetoes),
             "incident": incident,
         }
 
@@ -238,6 +255,7 @@ class Judge:
             self.grad_flags = deque((int(s) for s in state["grad_flags"]), maxlen=self.grad_flags.maxlen)
             self.lrs = deque(((int(s), [float(x) for x in lrs]) for s, lrs in state["lrs"]), maxlen=self.lrs.maxlen)
             self.vetoes_in_row = int(state["vetoes_in_row"])
+            self.recent_vetoes = deque((int(s) for s in state.get("recent_vetoes", [])), maxlen=self.recent_vetoes.maxlen)
             self.incident = None
             if state["incident"] is not None:
                 i = state["incident"]
