@@ -1,4 +1,5 @@
-"""Two gloo ranks under DDP: one rank's NaN vetoes the step on both, one rank's rollback is everyone's."""
+"""Two gloo ranks under DDP: one rank's NaN vetoes the step on both, one rank's rollback is everyone's,
+and a resume starts from a checkpoint every rank has."""
 
 from __future__ import annotations
 
@@ -50,9 +51,16 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         params = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.zeros_like(params) for _ in range(world)]
         dist.all_gather(gathered, params)
+        # A rank that lost its newest checkpoint: every rank resumes from the newest they all have.
+        if rank == 1:
+            (Path(out) / "run" / "checkpoints" / f"step-{STEPS:08d}.rank1.pt").unlink()
+        resumed = spikedoc.Guard(model, opt, data=data, run_dir=Path(out) / "run", checkpoint_every=20, resume=True)
+        resumed_at = resumed.step
+        resumed.close()
         result = {"vetoes": [a["step"] for a in guard.actions if a["kind"] == "veto"],
                   "rollbacks": [(a["from_step"], a["to_step"], a["reason"]) for a in guard.actions if a["kind"] == "rollback"],
-                  "step": guard.step, "same_params": all(torch.equal(gathered[0], g) for g in gathered)}  # fmt: skip
+                  "step": guard.step, "resumed_at": resumed_at,
+                  "same_params": all(torch.equal(gathered[0], g) for g in gathered)}  # fmt: skip
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -72,5 +80,6 @@ def test_two_ranks_veto_and_roll_back_together(tmp_path):
         assert result["vetoes"] == [30]
         assert result["rollbacks"] == [[46, 40, "requested"]]
         assert result["step"] == STEPS and result["same_params"]
+        assert result["resumed_at"] == 40
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "step-00000040.rank0.pt" in checkpoints and "step-00000040.rank1.pt" in checkpoints

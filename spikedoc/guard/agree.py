@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["StepValues", "agree", "world", "agree_all"]
+__all__ = ["StepValues", "agree", "world", "agree_all", "common_steps"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,18 @@ def agree_all(flag: bool) -> bool:
         return flag
     t = torch.tensor([0.0 if flag else 1.0], device=_collective_device())
     return _all_reduce_sum(t).item() == 0.0
+
+
+def common_steps(steps: list[int]) -> list[int]:
+    """The checkpoint steps every rank has (all of `steps` outside torch.distributed), newest first."""
+    if world() is None:
+        return sorted(set(steps), reverse=True)
+    gathered: list[list[int] | None] = [None] * world()[1]
+    torch.distributed.all_gather_object(gathered, sorted(set(steps)))
+    shared = set(gathered[0] or [])
+    for other in gathered[1:]:
+        shared &= set(other or [])
+    return sorted(shared, reverse=True)
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from spikedoc.analysis.detect import DetectorConfig
 from spikedoc.analysis.recovery import RecoveryConfig
 from spikedoc.errors import GuardStopped
-from spikedoc.guard.agree import agree, agree_all, world
+from spikedoc.guard.agree import agree, agree_all, common_steps, world
 from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore, host_copy
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream
@@ -402,12 +402,16 @@ class Guard:
     def _resume_if_asked(self) -> Checkpoint | None:
         if self.config.resume is False:
             return None
-        for checkpoint in reversed(self._store.checkpoints()):
+        newest = {c.step: c for c in self._store.checkpoints()}  # per step, the healthy one if both
+        # Under torch.distributed every rank resumes from the same step: one every rank has and reads.
+        for step in common_steps(list(newest)):
             try:
-                state = self._store.load(checkpoint)
+                state, ok = self._store.load(newest[step]), True
             except CheckpointError as exc:
                 warnings.warn(f"spikedoc guard: cannot resume from {exc}; trying an older checkpoint", RuntimeWarning,
                               stacklevel=3)  # fmt: skip
+                state, ok = None, False
+            if not agree_all(ok):
                 continue
             self._restore(state)
             g = state["guard"]
@@ -415,7 +419,7 @@ class Guard:
             self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
             self._stream.skip = {int(s) for s in g["skip"]}
             self._hold = g["hold"]
-            return checkpoint
+            return newest[step]
         if self.config.resume:
             raise ValueError(f"Guard(resume=True): no readable guard checkpoint in {self._store.directory}")
         return None
