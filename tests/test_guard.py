@@ -215,3 +215,23 @@ def test_a_veto_under_a_grad_scaler_is_one_skipped_step_and_the_scaler_is_checkp
     assert steps.loc[steps["skipped"].astype(bool), "step"].tolist() == [70]
     saved = torch.load(tmp_path / "checkpoints" / "step-00000072.pt", weights_only=True)
     assert saved["scaler"]["scale"] == scaler.get_scale()
+
+
+def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4)
+    returned = {}
+    for step, batch in guard:
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss  # HF-style output: the monitor captures it
+        returned[step] = loss.item()
+        loss.backward()
+        if step == 3:
+            for p in model.parameters():
+                p.grad.fill_(math.nan)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    guard.close()
+    [veto] = guard.actions
+    assert veto["step"] == 3 and veto["loss"] == pytest.approx(returned[3], rel=1e-6)
+    assert veto["reasons"] == ["nonfinite"] and math.isnan(veto["grad_norm"])

@@ -66,7 +66,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_veto_and_roll_back_together(tmp_path):
+def test_two_ranks_veto_roll_back_and_resume_together(tmp_path):
     ctx = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")  # fmt: skip
     deadline = time.monotonic() + 240
