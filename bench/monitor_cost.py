@@ -7,7 +7,10 @@ A setting's cost is the median over rounds of its mean hook time per step (a mea
 that works every tenth step is charged for that step's work spread over all steps), and its share
 of the baseline's median step time in the same round. Prints a Markdown table; writes nothing.
 
-    python bench/monitor_cost.py [--rounds N] [--steps N]
+    python bench/monitor_cost.py [--rounds N] [--steps N] [--loop-clip MAX_NORM]
+
+`--loop-clip` makes every loop (the baseline too) call `torch.nn.utils.clip_grad_norm_` before the
+step, as most loops do; the monitor's observation of that call counts as hook time.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ __all__ = ["SETTINGS", "main", "measure"]
 
 #: (every, layer_every) in table order.
 SETTINGS = ((1, 1), (1, 10), (10, 10))
-_HOOKS = ("_on_forward_pre", "_on_forward", "_on_step_pre", "_on_step_post")
+_HOOKS = ("_on_forward_pre", "_on_forward", "_on_step_pre", "_on_step_post", "_on_clip")
 
 
 class _HookClock:
@@ -63,7 +66,7 @@ class _HookClock:
 
 
 def measure(
-    *, rounds: int, steps: int, warmup: int = 5, seed: int = 0
+    *, rounds: int, steps: int, warmup: int = 5, seed: int = 0, loop_clip: float | None = None
 ) -> dict[tuple[int, int], tuple[float, float, float]]:
     """Median over rounds of (hook ms per step, its share of the baseline step, worker ms per step)."""
     torch.set_num_threads(1)
@@ -95,6 +98,8 @@ def measure(
                 for _, model, opt, _, times in order.sample(runs, len(runs)):
                     start = time.perf_counter()
                     model(x, y).backward()
+                    if loop_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), loop_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     if i >= warmup:
@@ -116,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting and round (default 30)")
+    parser.add_argument("--loop-clip", type=float, default=None, metavar="MAX_NORM",
+                        help="the loop clips with clip_grad_norm_ at this max norm (default: no clipping)")
     args = parser.parse_args(argv)
-    got = measure(rounds=args.rounds, steps=args.steps)
+    got = measure(rounds=args.rounds, steps=args.steps, loop_clip=args.loop_clip)
     print("| setting | time in the monitor's hooks per step | of the step time | on the CPU worker per step |")
     print("| --- | --- | --- | --- |")
     for (every, layer_every), (ms, share, worker) in got.items():

@@ -162,10 +162,21 @@ def test_a_run_from_a_newer_format_version_is_one_line_and_exit_2(clean):
     assert "upgrade spikedoc" in _one_error_line(_analyze(clean))
 
 
-def test_a_nan_only_loss_column_is_one_line_and_exit_2(tmp_path):
+def test_a_run_with_neither_a_finite_loss_nor_grad_norm_is_one_line_and_exit_2(tmp_path):
     steps = healthy_steps(n=60)
     steps["loss"] = np.nan
-    assert "loss column holds no finite value" in _one_error_line(_analyze(write_run(tmp_path / "run", steps)))
+    steps["grad_norm"] = np.nan
+    assert "neither a loss nor a grad norm with a finite value" in _one_error_line(_analyze(write_run(tmp_path / "run", steps)))
+
+
+def test_a_run_without_a_loss_is_analysed_on_its_grad_norm_not_refused(tmp_path):
+    steps = healthy_steps()
+    steps["loss"] = np.nan
+    steps.loc[T, "grad_norm"] *= 40  # one batch's outlier gradient, back the next step: a minor incident
+    result = _analyze(write_run(tmp_path / "run", steps, healthy_layers(steps)))
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert f"grad_spike at step {T}" in output and "no finite loss recorded" in output
 
 
 def test_a_csv_without_a_step_column_is_one_line_and_exit_2(tmp_path):

@@ -106,11 +106,25 @@ def test_a_detector_config_is_accepted_in_place_of_an_analysis_config(spiky):
     assert not analyze(spiky, config=AnalysisConfig(detector=DetectorConfig())).healthy
 
 
-def test_a_loss_column_without_a_finite_value_is_unusable_input(tmp_path):
+def test_a_run_with_neither_a_finite_loss_nor_a_finite_grad_norm_is_unusable_input(tmp_path):
     steps = healthy_steps(n=50)
     steps["loss"] = np.nan
-    with pytest.raises(RunFormatError, match="loss column holds no finite value"):
+    steps["grad_norm"] = np.nan
+    with pytest.raises(RunFormatError, match="neither a loss nor a grad norm with a finite value"):
         analyze(write_run(tmp_path / "run", steps))
+
+
+@pytest.mark.parametrize("how", ["nan", "no_column"])
+def test_a_run_without_a_loss_is_analysed_on_its_grad_norm_and_says_what_it_could_not_do(tmp_path, how):
+    steps = healthy_steps()
+    steps.loc[T, "grad_norm"] *= 40
+    steps = steps.assign(loss=np.nan) if how == "nan" else steps.drop(columns="loss")
+    diagnosis = analyze(write_run(tmp_path / "run", steps, healthy_layers(steps)))
+    assert [(i.kind, i.onset_step, i.metric) for i in diagnosis.incidents] == [("grad_spike", T, "grad_norm")]
+    assert diagnosis.incidents[0].layers, "the layers are still attributed"
+    assert not any("the loss did not react" in sentence for sentence in diagnosis.incidents[0].evidence)
+    assert "loss" in diagnosis.missing and diagnosis.spike_score["loss"] is None
+    assert any(w.startswith("no finite loss recorded: incidents are found on the grad norm alone") for w in diagnosis.warnings)
 
 
 def test_a_grad_norm_column_without_a_finite_value_is_named_missing(tmp_path):
@@ -175,3 +189,34 @@ def test_a_real_training_run_recorded_by_watch_is_diagnosed(tmp_path):
     assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_path"]) == (100, "ckpt-100.pt")
     assert [f.id for f in diagnosis.findings] == ["adam_coupled_weight_decay", "decay_on_bias_and_norm"]
     assert diagnosis.missing == []
+
+
+def test_a_real_run_whose_model_returns_logits_is_analysed_on_its_grad_norm(tmp_path):
+    # The loop computes the loss outside forward and never records it; one batch's gradient is
+    # planted 30x too large. The run has no loss curve, and still gets its incident.
+    import torch
+
+    from tests.common.models import char_text, lm_loss, make_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = make_model(seed=0, logits_only=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with pytest.warns(UserWarning, match="ended with no loss"):
+            with spikedoc.watch(model, optimizer, run_dir=tmp_path / "run"):
+                for step in range(120):
+                    ids, labels = char_text().batch(step)
+                    lm_loss(model(ids), labels).backward()
+                    if step == 90:
+                        for p in model.parameters():
+                            p.grad.mul_(30.0)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)  # never bites, but is in use
+                    optimizer.step()
+                    optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    diagnosis = analyze(tmp_path / "run")
+    assert [(i.onset_step, i.kind) for i in diagnosis.incidents] == [(90, "grad_spike")]
+    assert "loss" in diagnosis.missing and "no_clipping" not in [f.id for f in diagnosis.findings]
+    assert diagnosis.incidents[0].layers, "the tensors are attributed without a loss"

@@ -84,8 +84,24 @@ def test_no_warmup_is_not_judged_on_a_log_that_starts_mid_run(meta):
 def test_no_clipping_when_clip_is_unset_and_no_step_was_clipped(meta, steps):
     meta["watch"]["clip"] = None
     finding = next(f for f in lint(meta, steps) if f.id == "no_clipping")
-    assert finding.message.startswith("no gradient clipping: watch(clip=None) and clip_coef stayed 1.0; grad norm median 0.")
+    assert finding.message.startswith("no gradient clipping: neither watch(clip=) nor a clip_grad_norm_ in the loop clipped, "
+                                      "and clip_coef stayed 1.0; grad norm median 0.")
     assert finding.details["grad_norm_median"] == pytest.approx(float(np.median(steps["grad_norm"])))
+
+
+def test_no_clipping_is_silent_when_the_loop_clips_itself(meta, steps):
+    # The loop's clip_grad_norm_ at 5.0 never bit (grad norms ~0.5), but clipping is in use.
+    meta["watch"]["clip"] = None
+    steps["clip_max_norm"] = 5.0
+    assert "no_clipping" not in _ids(meta, steps)
+
+
+def test_clipping_always_active_names_the_loops_own_max_norm(meta, steps):
+    meta["watch"]["clip"] = None
+    steps["clip_max_norm"] = 0.25
+    steps["clip_coef"] = 0.25 / steps["grad_norm"]
+    finding = next(f for f in lint(meta, steps) if f.id == "clipping_always_active")
+    assert "max norm 0.25 is below the typical gradient norm" in finding.message
 
 
 def test_clipping_on_nearly_every_step_is_reported(meta, steps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import spikedoc
 from tests.common.brute import watched_run
-from tests.common.models import char_text, make_model, train
+from tests.common.models import char_text, lm_loss, make_model, train
 
 
 def _step(model, opt, index: int, *, scaler=None, autocast: bool = False) -> float:
@@ -218,6 +219,7 @@ def test_nonfinite_gradients_are_counted_not_raised(tmp_path):
     assert layers["nonfinite"].sum() == 97
 
 
+@pytest.mark.filterwarnings("ignore:spikedoc. step 0 ended with no loss:UserWarning")  # its forward returns no loss
 def test_a_statistic_that_raises_warns_once_and_training_continues(tmp_path):
     # Sparse gradients have no foreach norm: a real failure inside the step hooks.
     emb = torch.nn.Embedding(20, 4, sparse=True)
@@ -228,7 +230,7 @@ def test_a_statistic_that_raises_warns_once_and_training_continues(tmp_path):
                 emb(torch.tensor([i, i + 1])).pow(2).sum().backward()
                 opt.step()
                 opt.zero_grad()
-    assert sum("spikedoc" in str(w.message) for w in caught) == 1
+    assert sum("spikedoc: step_pre failed" in str(w.message) for w in caught) == 1
     assert monitor.step == 3
     assert monitor.dropped_rows == 3 * 2  # per step: its row and one layer row
     assert emb.weight.grad is None or emb.weight.grad._nnz() == 0  # training itself went on
@@ -367,3 +369,65 @@ def test_watch_rejects_bad_options_naming_them():
         spikedoc.watch(model, opt, run_dir="unused", clip=-1.0)
     with pytest.raises(TypeError, match="optimizer"):
         spikedoc.watch(model, "adam")
+
+
+def _logits_loop(model, opt, monitor, steps: int, *, record: bool) -> list[float]:
+    losses = []
+    for i in range(steps):
+        input_ids, labels = char_text().batch(i)
+        loss = lm_loss(model(input_ids), labels)  # the loss is computed in the loop, not in forward
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if record:
+            monitor.record(loss=loss)
+        losses.append(loss.item())
+    return losses
+
+
+def test_a_model_returning_logits_warns_once_with_the_fix_and_records_no_loss(tmp_path):
+    model = make_model(logits_only=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"step 0 ended with no loss .*monitor\.record\(loss=loss\)") as caught:
+        with spikedoc.watch(model, opt, run_dir=tmp_path) as monitor:
+            _logits_loop(model, opt, monitor, 4, record=False)
+    assert sum("ended with no loss" in str(w.message) for w in caught) == 1
+    assert caught[0].filename == __file__, "the warning points at the training loop"
+    steps = spikedoc.load(tmp_path).steps
+    assert steps["loss"].isna().all() and steps["grad_norm"].notna().all()
+
+
+def test_recording_the_loss_in_the_loop_fills_the_loss_and_silences_the_warning(tmp_path):
+    model = make_model(logits_only=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with spikedoc.watch(model, opt, run_dir=tmp_path) as monitor:
+            losses = _logits_loop(model, opt, monitor, 4, record=True)
+    np.testing.assert_allclose(spikedoc.load(tmp_path).steps["loss"], losses, rtol=1e-6)
+
+
+def test_a_tuple_output_with_one_scalar_loss_is_captured_as_the_loss(tmp_path):
+    # nanoGPT's forward returns (logits, loss); HF's return_dict=False returns (loss, logits, ...).
+    class Gpt(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_model(logits_only=True)
+
+        def forward(self, input_ids, labels):
+            logits = self.inner(input_ids)
+            return logits, lm_loss(logits, labels)
+
+    model = Gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with spikedoc.watch(model, opt, run_dir=tmp_path):
+            for i in range(3):
+                _, loss = model(*char_text().batch(i))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+    np.testing.assert_allclose(spikedoc.load(tmp_path).steps["loss"], losses, rtol=1e-6)

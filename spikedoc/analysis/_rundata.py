@@ -112,10 +112,18 @@ def checkpoints_of(events: pd.DataFrame | None) -> list[tuple[int, int, str | No
 
 
 def clip_in_use(meta: dict[str, Any], steps: pd.DataFrame) -> float | None:
-    """The clipping max norm in use: meta config `clip`, else inferred from clipped steps' grad_norm * clip_coef."""
+    """The clipping max norm in use: meta config `clip`, else the loop's own (`clip_max_norm`, its
+    latest value), else inferred from clipped steps' grad_norm * clip_coef."""
     clip = (watch_config(meta) or {}).get("clip")
     if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
         return float(clip)
+    if "clip_max_norm" in steps.columns:
+        loop = finite(pd.to_numeric(steps["clip_max_norm"], errors="coerce"))
+        loop = loop[loop > 0]
+        if loop.size:
+            # A max norm changed during the run: the one in force at its end. Stored as float32:
+            # 7 significant digits give back the value the loop passed (0.3, not 0.30000001).
+            return float(f"{loop[-1]:.7g}")
     if {"clip_coef", "grad_norm"} <= set(steps.columns):
         coef = steps["clip_coef"].to_numpy(dtype=float)
         grad = steps["grad_norm"].to_numpy(dtype=float)

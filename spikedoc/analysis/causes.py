@@ -54,6 +54,8 @@ class Evidence:
     """Gradient norm at the last logged step before onset."""
     has_grad: bool = False
     """The step table has a finite gradient norm somewhere."""
+    has_loss: bool = True
+    """The step table has a finite loss somewhere (else nothing can be said about its reaction)."""
     lookback_steps: int = 0
     """Logged steps in the lookback window before onset (the data a "no build-up" claim rests on)."""
     notes: list[str] = field(default_factory=list)
@@ -166,8 +168,9 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
     if ev.loss_flag_step is None:
         return [
             f"the gradient norm was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x "
-            f"its baseline, {fmt(incident.magnitude_sigma, 2)} sigma), back at the next step, and the loss did not "
-            "react: one batch with an outlier gradient, not a growing instability"
+            f"its baseline, {fmt(incident.magnitude_sigma, 2)} sigma), back at the next step"
+            + (", and the loss did not react" if ev.has_loss else " (no loss recorded to compare)")
+            + ": one batch with an outlier gradient, not a growing instability"
         ]
     return []
 
@@ -261,7 +264,8 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
     if not out and incident.metric == "grad_norm" and ev.loss_flag_step is None:
         out.append(
             f"the gradient norm reached {fmt(incident.peak_value)} at step {incident.peak_step}, "
-            f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}; the loss did not react"
+            f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}"
+            + ("; the loss did not react" if ev.has_loss else " (no loss recorded)")
         )
     if out and incident.kind == "nonfinite":
         out.append("a non-finite loss late in training follows exploding gradients (troubleshooting table)")

@@ -361,8 +361,8 @@ def find_incidents(steps: pd.DataFrame, config: DetectorConfig | None = None) ->
     skipped with a warning: NaN there cannot be told from "not recorded".
 
     Args:
-        steps: Step table with `step` and `loss` columns, optionally `grad_norm` and `skipped`, in
-            time order.
+        steps: Step table with `step` and `loss` and/or `grad_norm` columns, optionally `skipped`,
+            in time order.
         config: Detector settings; None for the defaults.
 
     Returns:
@@ -378,11 +378,10 @@ def find_incidents(steps: pd.DataFrame, config: DetectorConfig | None = None) ->
     cfg = config if config is not None else DetectorConfig()
     if not isinstance(steps, pd.DataFrame):
         raise ValueError(f"find_incidents needs a pandas DataFrame, got {type(steps).__name__}")
-    missing = [c for c in ("step", "loss") if c not in steps.columns]
-    if missing:
-        raise ValueError(f"step table lacks column(s) {missing}; it needs `step` and `loss`")
+    if "step" not in steps.columns or not {"loss", "grad_norm"} & set(steps.columns):
+        raise ValueError(f"step table has columns {list(steps.columns)[:8]}; it needs `step` and `loss` or `grad_norm`")
     step = steps["step"].to_numpy()
-    series = [("loss", step, steps["loss"].to_numpy(np.float64), False)]
+    series = [("loss", step, steps["loss"].to_numpy(np.float64), False)] if "loss" in steps.columns else []
     if "grad_norm" in steps.columns:
         grad = steps["grad_norm"].to_numpy(np.float64)
         keep = np.ones(len(grad), dtype=bool)

@@ -157,18 +157,22 @@ def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
 
 
 def _checked_steps(run: Any) -> pd.DataFrame:
+    """The step table, with an all-NaN `loss` column when none was recorded (the grad norm carries the analysis)."""
     steps = run.steps
     if steps is None or steps.empty:
         raise RunFormatError(f"{run.path} has no step rows: nothing to analyse")
-    if "loss" not in steps.columns:
-        raise RunFormatError(f"{run.path} has no loss column: record it with monitor.record(loss=...) or log a `loss` column")
-    loss = pd.to_numeric(steps["loss"], errors="coerce").to_numpy(dtype=float)
-    if not np.isfinite(loss).any():
+    if not (_has_finite(steps, "loss") or _has_finite(steps, "grad_norm")):
         raise RunFormatError(
-            f"{run.path}: the loss column holds no finite value ({len(loss)} rows, all NaN/inf): nothing to analyse; "
-            "if the loss was never captured, pass it with monitor.record(loss=...)"
+            f"{run.path}: neither a loss nor a grad norm with a finite value ({len(steps)} rows): nothing to analyse; "
+            "record the loss with monitor.record(loss=...) or log a `loss` column"
         )
+    if "loss" not in steps.columns:  # one shape for "no column" and "never captured" (NaN)
+        steps = steps.assign(loss=np.nan)
     return steps
+
+
+def _has_finite(steps: pd.DataFrame, column: str) -> bool:
+    return column in steps.columns and bool(np.isfinite(pd.to_numeric(steps[column], errors="coerce").to_numpy(dtype=float)).any())
 
 
 class _Analysis:
@@ -191,10 +195,14 @@ class _Analysis:
         out, lineage = self.out, self.lineage
         if not self.run.has_layers and "layers" not in out.missing:
             out.missing.append("layers")
-        for column in ("grad_norm", "lr"):
-            if (column not in self.steps.columns or not np.isfinite(pd.to_numeric(self.steps[column], errors="coerce")).any()) \
-                    and column not in out.missing:
+        for column in ("loss", "grad_norm", "lr"):
+            if not _has_finite(self.steps, column) and column not in out.missing:
                 out.missing.append(column)
+        if "loss" in out.missing:
+            out.warnings.append(
+                "no finite loss recorded: incidents are found on the grad norm alone, and nothing is said about the "
+                "loss (its spikes, divergence, recovery, resumes); record it with monitor.record(loss=loss)"
+            )
         resumes, jumps_found = [], []
         for piece in lineage.pieces:
             frame = lineage.frame(piece.index)
@@ -283,6 +291,7 @@ class _Analysis:
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
         ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
         ev.has_grad = self.has_grad
+        ev.has_loss = "loss" not in self.out.missing
         if "grad_norm" in frame.columns:
             prior = frame.loc[frame["step"] < onset, "grad_norm"]
             ev.grad_before = float(prior.iloc[-1]) if len(prior) else math.nan

@@ -13,6 +13,7 @@ import pandas as pd
 
 from spikedoc.analysis._meta import optimizer_name, param_groups, parameter_modules, watch_config
 from spikedoc.analysis._robust import as_float, finite, fmt, fmt_steps, was_clipped
+from spikedoc.analysis._rundata import clip_in_use
 from spikedoc.analysis.attribution import module_kind
 from spikedoc.analysis.context import warmup
 
@@ -173,20 +174,18 @@ def _no_warmup(meta, steps) -> Finding | None:
 
 def _no_clipping(meta, steps) -> Finding | None:
     config = watch_config(meta)
-    if config is None or config.get("clip") is not None or "grad_norm" not in steps.columns:
+    if config is None or "grad_norm" not in steps.columns or len(steps) < _MIN_STEPS:
         return None
-    if len(steps) < _MIN_STEPS:
+    if clip_in_use(meta, steps) is not None:  # watch(clip=), the loop's clip_grad_norm_, or clipped steps
         return None
-    if "clip_coef" in steps.columns and was_clipped(finite(steps["clip_coef"])).any():
-        return None  # clipped by other means that the monitor saw
     grad = finite(steps["grad_norm"])
     if grad.size == 0:
         return None
     return Finding(
         id="no_clipping",
         severity="warning",
-        message=f"no gradient clipping: watch(clip=None) and clip_coef stayed 1.0; grad norm median {fmt(float(np.median(grad)))}, "
-        f"max {fmt(float(grad.max()))} (if you clip in your loop, pass clip= to watch instead so it is recorded)",
+        message=f"no gradient clipping: neither watch(clip=) nor a clip_grad_norm_ in the loop clipped, and clip_coef "
+        f"stayed 1.0; grad norm median {fmt(float(np.median(grad)))}, max {fmt(float(grad.max()))}",
         why="Global-norm clipping (usually at 1.0) is the standard guard against one pathological batch producing "
         "a step that undoes thousands of good ones (GPT-3 and LLaMA clip at 1.0).",
         details={"grad_norm_median": float(np.median(grad)), "grad_norm_max": float(grad.max())},
@@ -202,7 +201,7 @@ def _clip_always(meta, steps) -> Finding | None:
     share = float(was_clipped(coef).mean())
     if share < _ALWAYS_CLIPPED:
         return None
-    clip = (watch_config(meta) or {}).get("clip")
+    clip = clip_in_use(meta, steps)
     return Finding(
         id="clipping_always_active",
         severity="info",

@@ -57,15 +57,21 @@ def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], Non
 
 
 @torch.no_grad()
-def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_scale: Any = None) -> None:
+def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_scale: Any = None, now: bool = False) -> None:
     """Before the step: gradient norms, maxima, non-finite counts; clipping; the optimizer's snapshot.
 
     Without `clip` and with an optimizer whose step leaves gradients alone, the gradient statistics
     wait for the post-step job, which reads the gradients after the step (on CPU, rather than
     competing with the optimizer's own Python loop for the GIL); `clip` needs the norms first, so
     then all is done here. A loop seen zeroing gradients in place right after the step gets them
-    here from then on.
+    here from then on. `now` takes them at once: the loop's own clip is about to change them.
+    Statistics already taken for the step (at the loop's clip) are kept; `clip` then only clips.
     """
+    if st.grads_taken:
+        if clip is not None:
+            _clip_only(monitor, st, clip)
+        return
+    st.grads_taken = True
     grads_of: dict[int, list[Tensor]] = {}
     for b, bucket in enumerate(monitor._buckets):
         grads = [p.grad for p in bucket.params]
@@ -86,7 +92,7 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
             layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale))
         return layer_norms
 
-    later = clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
+    later = not now and clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
     if later and st.work and not monitor._grads_before_step:
         # Version counters from now: a step or a loop that changes the gradients in place before
         # the job has read them is caught (see post_stats).
@@ -94,16 +100,28 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
         st.grad_work = (body, all_grads, _versions(all_grads))
         return
     layer_norms = body()
-    if clip is not None and layer_norms:
-        first = layer_norms[0].device
-        total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
-        coef = clip_coefficient(total, clip)
-        for b, bucket in enumerate(monitor._buckets):
-            real = [g for g in st.grads[b] if g is not monitor._placeholders[b]]
-            if real:
-                torch._foreach_mul_(real, coef.to(bucket.device))
-        if st.work:
-            st.packer.add("clip_coef", coef)
+    if clip is not None:
+        _apply_clip(monitor, st, layer_norms, clip)
+
+
+def _clip_only(monitor: Monitor, st: StepRecord, clip: float) -> None:
+    """`clip=` on gradients whose statistics were taken earlier (before the loop's own clip)."""
+    _apply_clip(monitor, st, [norms(st.grads[b]) for b in range(len(monitor._buckets)) if b in st.grads], clip)
+
+
+def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], clip: float) -> None:
+    """Scale the gradients exactly as `clip_grad_norm_(params, clip)` would, given their per-tensor norms."""
+    if not layer_norms:
+        return
+    first = layer_norms[0].device
+    total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
+    coef = clip_coefficient(total, clip)
+    for b, bucket in enumerate(monitor._buckets):
+        real = [g for g in st.grads.get(b, []) if g is not monitor._placeholders[b]]
+        if real:
+            torch._foreach_mul_(real, coef.to(bucket.device))
+    if st.work:
+        st.packer.add("clip_coef", coef)
 
 
 def _bucket_grad_stats(
@@ -152,6 +170,9 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         st.lrs.append(lr)
     if st.loss_sum is not None:
         pk.add("loss_sum", st.loss_sum)
+    if st.loop_clips:  # several clips in one step (parameter subsets): the strongest
+        coefs = [c.float().to(st.loop_clips[0][0].device) for c, _ in st.loop_clips]
+        pk.add("loop_clip_coef", torch.stack(coefs).amin())
     scale = getattr(monitor.scaler, "_scale", None)
     if isinstance(scale, Tensor):
         pk.add("loss_scale", scale.float().clone())

@@ -64,6 +64,20 @@ def _flat(chunks: list[Any]) -> list[Any]:
     return out
 
 
+def _clip_coef(values: dict[str, np.ndarray]) -> float:
+    """The factor the gradients were scaled by: the loop's own clip, then `clip=`."""
+    coef = float(values["clip_coef"]) if "clip_coef" in values else 1.0
+    return coef * float(values["loop_clip_coef"]) if "loop_clip_coef" in values else coef
+
+
+def _clip_max_norm(monitor: Monitor, st: StepRecord) -> float | None:
+    """The max norm the step was clipped to (the smallest of several); None without clipping."""
+    limits = [max_norm for _, max_norm in st.loop_clips]
+    if monitor.config.clip is not None:
+        limits.append(float(monitor.config.clip))
+    return min(limits) if limits else None
+
+
 def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The step-table row of `st` (documented columns in spikedoc/store/schema.py)."""
     rec = st.recorded
@@ -89,7 +103,8 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
         row[lr_column(g)] = float(_resolve(lr, values))
     row.update(
         grad_norm=_total(grad),
-        clip_coef=float(values["clip_coef"]) if "clip_coef" in values else 1.0,
+        clip_coef=_clip_coef(values),
+        clip_max_norm=_clip_max_norm(monitor, st),
         param_norm=_total(_per_tensor(monitor, values, "param_norm")),
         update_norm=0.0 if skipped else _total(update),
         nonfinite_grads=int(np.sum(nonfinite[~np.isnan(nonfinite)])) if nonfinite is not None else 0,

@@ -34,6 +34,12 @@ class StepRecord:
     grad_work: tuple[Callable[[], Any], list[Tensor], list[int]] | None = None
     """Gradient statistics left for the post-step job, the gradients and their version counters."""
     tokens: dict[int, Any] = field(default_factory=dict)
+    grads_taken: bool = False
+    """Gradient statistics are taken (or left for the post-step job) for this step."""
+    loop_clips: list[tuple[Tensor, float]] = field(default_factory=list)
+    """The loop's own norm clips of this step: the coefficient each applied (device) and its max norm."""
+    clipped_versions: list[int] | None = None
+    """Gradient version counters right after the loop's last clip (a later change means stale statistics)."""
     broken: bool = False
     skipped: bool = False
     time: float = math.nan
@@ -52,8 +58,17 @@ class Late(str):
 
 
 def extract_loss(output: Any) -> Tensor | None:
+    """The loss in a forward's output, or None when there is none to be sure of.
+
+    A scalar tensor; a mapping's `"loss"`; an object's `.loss` (HF style); or, in a tuple or list
+    (nanoGPT's `(logits, loss)`, HF's `return_dict=False`), its only 0-dim floating tensor that
+    requires grad. Never a loss guessed from logits.
+    """
     if isinstance(output, Mapping):
         output = output.get("loss")
+    elif isinstance(output, (tuple, list)):
+        scalars = [t for t in output if isinstance(t, Tensor) and t.dim() == 0 and t.requires_grad]
+        output = scalars[0] if len(scalars) == 1 else None
     elif not isinstance(output, Tensor):
         output = getattr(output, "loss", None)
     if isinstance(output, Tensor) and output.numel() == 1 and output.is_floating_point():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import sys
 import time
 import warnings
 import weakref
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spikedoc.monitor import clipping as _clipping
 from spikedoc.monitor import meta as _meta
 from spikedoc.monitor._collect import grad_stats, post_stats, run_job
 from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
@@ -27,7 +29,7 @@ from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.config import WatchConfig
 from spikedoc.monitor.fingerprint import Fingerprint
-from spikedoc.monitor.statistics import Chunks
+from spikedoc.monitor.statistics import Chunks, clip_coefficient
 from spikedoc.store.writer import RunWriter
 
 __all__ = ["Monitor", "watch"]
@@ -55,7 +57,7 @@ class Monitor:
 
     Created by `spikedoc.watch`; see it for the arguments. Step table columns: `step`, `time`,
     `step_time`, `loss`, `micro_batches`, `lr` (`lr_<i>` for group i > 0), `grad_norm`,
-    `clip_coef`, `param_norm`, `update_norm`, `nonfinite_grads`, `loss_scale`, `skipped`,
+    `clip_coef`, `clip_max_norm`, `param_norm`, `update_norm`, `nonfinite_grads`, `loss_scale`, `skipped`,
     `samples`, `tokens`, `sample_offset`, `sample_ids`, `sample_losses`, `batch_hash`,
     `input_shapes`, `seq_len_min`, `seq_len_median`, `seq_len_max`, `distinct_token_ratio`, plus
     any extra scalar given to `record`. Layer table columns: `step`, `name`, `grad_norm`,
@@ -88,6 +90,7 @@ class Monitor:
         self._dropped = 0
         self._grads_before_step = False  # set once the loop is seen zeroing gradients in place
         self._warned: set[str] = set()
+        self._loss_warned = False
         self._closed = False
         self._handles: list[Any] = []
         self._pending: StepRecord | None = None
@@ -114,6 +117,7 @@ class Monitor:
             self._fail("open", exc)
         pre = torch.compiler.disable(self._on_forward_pre)  # runs eagerly around compiled graphs
         post = torch.compiler.disable(self._on_forward)
+        self._clip_hook = torch.compiler.disable(self._on_clip)  # a compiled train step: a graph break
         self._handles += [
             model.register_forward_pre_hook(pre, with_kwargs=True),
             model.register_forward_hook(post, with_kwargs=True),
@@ -122,6 +126,7 @@ class Monitor:
         ]
         if scaler is not None:
             self._wrap_scaler(scaler)
+        _clipping.observe(self)  # the loop's own clip_grad_norm_: norms before it, its max norm
         _OPEN.add(self)
 
     # ------------------------------------------------------------------------------- public API
@@ -221,6 +226,7 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        _clipping.unobserve(self)
         self._lane.join()
         self._consume()
         self._lane.close()
@@ -250,6 +256,7 @@ class Monitor:
             params += group["params"]
             groups += [g] * len(group["params"])
         self._params = params
+        self._param_ids = {id(p) for p in params}
         self._names = _meta.parameter_names(self.model, params)
         self._numels = np.array([p.numel() for p in params], dtype=np.float64)
         total = int(self._numels.sum())
@@ -328,8 +335,9 @@ class Monitor:
         if st.broken:  # its statistics are lost, but clip= is part of training: still apply it
             st = StepRecord(index=st.index, logged=False, layers=False, fingerprint=st.fingerprint)
         try:
-            if sum(len(g["params"]) for g in optimizer.param_groups) != len(self._params):
-                self._build_plan()  # add_param_group() since watch()
+            self._replan_if_groups_changed()
+            if st.clipped_versions is not None and st.clipped_versions != self._grad_versions():
+                self._grads_changed_after_clip(st)
             # A GradScaler leaves unscaling and inf-skipping to optimizers that support it (fused
             # Adam): it sets `grad_scale` and `found_inf` on the optimizer for the step() call.
             grad_scale = getattr(optimizer, "grad_scale", None)
@@ -343,6 +351,64 @@ class Monitor:
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_since_update += 1
         self._finish_step(skipped=False)
+
+    def before_clip(self, params: list[Tensor], max_norm: float) -> None:
+        """The loop's own norm clip is about to scale the gradients: take their statistics first."""
+        self._clip_hook(params, max_norm, None)
+
+    def after_clip(self, params: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+        """The loop's own norm clip is done: note the coefficient it applied and its max norm."""
+        self._clip_hook(params, max_norm, total_norm)
+
+    def _on_clip(self, params: list[Tensor], max_norm: float, total_norm: Tensor | None) -> None:
+        st = self._cur
+        # max_norm=inf scales by 1: a loop (or a test) measuring the norm, not clipping.
+        if self._closed or not st.work or st.broken or max_norm == math.inf:
+            return
+        try:
+            if not any(id(p) in self._param_ids for p in params):
+                return  # another model's parameters
+            if total_norm is None:
+                if st.grads_taken and st.clipped_versions == self._grad_versions():
+                    return  # clipped again with nothing in between: the statistics stand
+                if st.grads_taken:  # a backward since the last clip (one clip per micro-batch): start over
+                    self._drop_grad_stats(st)
+                self._lane.join()  # the last step's job: its parameter norms are read here
+                self._replan_if_groups_changed()
+                grad_stats(self, st, clip=None, now=True)
+            else:
+                st.loop_clips.append((clip_coefficient(total_norm.detach(), max_norm), max_norm))
+                st.clipped_versions = self._grad_versions()
+        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+            self._fail("loop_clip", exc, st)
+
+    def _grad_versions(self) -> list[int]:
+        return [-1 if p.grad is None else p.grad._version for p in self._params]
+
+    def _grads_changed_after_clip(self, st: StepRecord) -> None:
+        # Gradients changed between the loop's last clip and the step (a backward after the clip):
+        # the statistics from before the clip are not this step's. Take them again now, from the
+        # gradients the step uses, and say so once.
+        if "grads_after_clip" not in self._warned:
+            self._warned.add("grads_after_clip")
+            warnings.warn(
+                "spikedoc: the gradients changed after clip_grad_norm_ and before optimizer.step() (a backward() "
+                "after the clip?); grad_norm of such steps is measured at the step, after clipping",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
+        self._drop_grad_stats(st)
+
+    @staticmethod
+    def _drop_grad_stats(st: StepRecord) -> None:
+        # Until the step hooks run, the packer holds only gradient statistics (the rest is queued
+        # after the step): a fresh one forgets the stale ones.
+        st.grads_taken = False
+        st.packer = Packer()
+
+    def _replan_if_groups_changed(self) -> None:
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self._params):
+            self._build_plan()  # add_param_group() since watch()
 
     # ----------------------------------------------------------------------------- statistics
 
@@ -384,6 +450,8 @@ class Monitor:
         st, self._pending = self._pending, None
         if st is None:
             return
+        if st.logged and not self._loss_warned and st.loss_count == 0 and not st.recorded.get("losses"):
+            self._warn_no_loss(st)
         rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
         if st.broken or st.landing is None:
             self._dropped += rows
@@ -401,6 +469,17 @@ class Monitor:
             self.writer.add_step(step)
         if layers is not None:
             self.writer.add_layers(layers)
+
+    def _warn_no_loss(self, st: StepRecord) -> None:
+        # A warning, not a log line: the loop has to change, and warnings show in a plain script.
+        self._loss_warned = True
+        seen = "the forward returned no loss" if st.forwards else "no forward of the watched model was seen"
+        warnings.warn(
+            f"spikedoc: step {st.index} ended with no loss ({seen}); add `monitor.record(loss=loss)` to the "
+            "training loop (after computing the loss) so the run has a loss curve",
+            UserWarning,
+            stacklevel=_caller_level(),
+        )
 
     # ----------------------------------------------------------------------------------- misc
 
@@ -462,7 +541,9 @@ def watch(
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
 
     Attaches forward hooks (loss, micro-batch count, batch fingerprint) and optimizer step hooks
-    (gradient, parameter, update and optimizer-state statistics). The training loop stays as it is.
+    (gradient, parameter, update and optimizer-state statistics), and observes the loop's own
+    `clip_grad_norm_` (gradient statistics before it, its coefficient and max norm). The training
+    loop stays as it is; a step that ends with no loss captured or recorded warns once.
     Monitoring failures never stop training: they warn once and count in `Monitor.dropped_rows`.
 
     Args:
@@ -472,7 +553,8 @@ def watch(
             segment appended.
         every: Write a step row every `every` steps.
         layer_every: Write per-tensor layer rows every `layer_every` steps.
-        clip: Clip gradients to this global L2 norm (drop your own `clip_grad_norm_` call).
+        clip: Clip gradients to this global L2 norm (instead of a `clip_grad_norm_` in the loop,
+            which is observed and recorded when there is one).
         scaler: The `torch.amp.GradScaler` in use, to record the loss scale and skipped steps.
         flush_every: Step rows per Parquet part (the most a crash loses when steps are fast).
         flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
@@ -500,6 +582,15 @@ def watch(
     if run_dir is None:
         run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return Monitor(model, optimizer, run_dir, config, scaler=scaler)
+
+
+def _caller_level() -> int:
+    """`stacklevel` of the first frame outside spikedoc and torch: the loop line a warning is about."""
+    inside = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @atexit.register

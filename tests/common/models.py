@@ -14,6 +14,8 @@ __all__ = [
     "TinyConfig",
     "TinyOutput",
     "TinyTransformer",
+    "LogitsTransformer",
+    "lm_loss",
     "CharText",
     "char_text",
     "make_model",
@@ -101,6 +103,18 @@ class TinyTransformer(nn.Module):
         return TinyOutput(logits=logits, loss=loss)
 
 
+class LogitsTransformer(TinyTransformer):
+    """The tiny transformer as most models are written: `forward` returns logits, the loop computes the loss."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(input_ids).logits  # (B, T, vocab)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-character cross entropy of `(B, T, vocab)` logits against `(B, T)` labels."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
 class CharText:
     """The English text of Python's own documentation, as character ids, cut into batches."""
 
@@ -138,11 +152,11 @@ def char_text() -> CharText:
     return CharText("".join(topics[k] for k in sorted(topics)))
 
 
-def make_model(seed: int = 0, **overrides: int) -> TinyTransformer:
-    """A freshly initialised tiny transformer sized to the text's vocabulary."""
+def make_model(seed: int = 0, *, logits_only: bool = False, **overrides: int) -> TinyTransformer:
+    """A freshly initialised tiny transformer sized to the text's vocabulary (`LogitsTransformer` with `logits_only`)."""
     torch.manual_seed(seed)
     cfg = TinyConfig(**{"vocab_size": char_text().vocab_size, **overrides})
-    return TinyTransformer(cfg)
+    return (LogitsTransformer if logits_only else TinyTransformer)(cfg)
 
 
 def train(
