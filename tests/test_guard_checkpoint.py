@@ -41,6 +41,7 @@ def test_a_checkpoint_with_nan_or_inf_is_refused_when_saved_and_when_loaded(tmp_
     assert store.checkpoints() == []
     # A file written by someone else holding a NaN is refused on load too.
     torch.save({"format": 1, "step": 10, "healthy": True, **state}, tmp_path / "step-00000010.pt")
+    store.adopt()
     with pytest.raises(CheckpointError, match="NaN or inf"):
         store.load(store.checkpoints()[0])
 
@@ -119,3 +120,16 @@ def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_nev
         assert torch.equal(tensor, got["params"][name]), name
     events = spikedoc.load(tmp_path / "killed").events
     assert "guard_resume" in set(events["kind"])
+
+
+def test_a_fresh_run_never_rolls_back_to_another_runs_checkpoints_in_its_directory(tmp_path):
+    run_guarded(tmp_path, steps=60, checkpoint_every=20)  # leaves checkpoints of steps 20, 40, 60
+
+    def nan_grads(step, guard):
+        if step in range(45, 50) and not guard.rollbacks:
+            for p in guard.model.parameters():
+                p.grad.fill_(math.nan)
+
+    guard, _ = run_guarded(tmp_path, steps=55, checkpoint_every=25, resume=False, after_backward=nan_grads)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["to_step"] == 25  # its own, not the other run's checkpoint of step 40

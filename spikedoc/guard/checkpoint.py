@@ -104,6 +104,9 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.keep, self.rank, self.in_memory = keep, rank, in_memory
         self._memory: tuple[Checkpoint, dict[str, Any]] | None = None
+        self._mine: set[Path] = set()
+        """Files this store wrote, or adopted from the directory (`adopt`): the only ones it uses, so
+        a fresh run in a directory holding another run's checkpoints never returns to them."""
 
     # ---------------------------------------------------------------------------------- public
 
@@ -121,6 +124,7 @@ class CheckpointStore:
         if healthy and self.in_memory:
             self._memory = (checkpoint, payload)
         self._save(checkpoint.path, payload)
+        self._mine.add(checkpoint.path)
         self._prune()
         return checkpoint
 
@@ -139,16 +143,13 @@ class CheckpointStore:
             raise CheckpointError(f"{checkpoint.path} holds step {payload.get('step')!r}, its name says {checkpoint.step}")
         return payload
 
+    def adopt(self) -> None:
+        """Use this rank's checkpoint files already in the directory (a resume continues their run)."""
+        self._mine |= {c.path for c in self._on_disk()}
+
     def checkpoints(self) -> list[Checkpoint]:
-        """This rank's checkpoints on disk, oldest first (temporary files of an interrupted write are not)."""
-        found = []
-        if not self.directory.is_dir():
-            return found
-        for path in self.directory.iterdir():
-            m = _NAME.match(path.name)
-            if m is None or (int(m.group(2)) if m.group(2) is not None else None) != self.rank:
-                continue
-            found.append(Checkpoint(step=int(m.group(1)), path=path, healthy=m.group(3) is None))
+        """This run's checkpoints (written or adopted) still on disk, plus the in-memory one, oldest first."""
+        found = [c for c in self._on_disk() if c.path in self._mine]
         if self._memory is not None and not any(c == self._memory[0] for c in found):
             found.append(self._memory[0])
         return sorted(found, key=lambda c: (c.step, c.healthy))
@@ -167,6 +168,18 @@ class CheckpointStore:
                 c.path.unlink(missing_ok=True)
 
     # --------------------------------------------------------------------------------- private
+
+    def _on_disk(self) -> list[Checkpoint]:
+        # Temporary files of an interrupted write do not match the name pattern.
+        found = []
+        if not self.directory.is_dir():
+            return found
+        for path in self.directory.iterdir():
+            m = _NAME.match(path.name)
+            if m is None or (int(m.group(2)) if m.group(2) is not None else None) != self.rank:
+                continue
+            found.append(Checkpoint(step=int(m.group(1)), path=path, healthy=m.group(3) is None))
+        return found
 
     def _path(self, step: int, healthy: bool) -> Path:
         rank = f".rank{self.rank}" if self.rank is not None else ""

@@ -401,7 +401,8 @@ class Guard:
 
     def _resume_if_asked(self) -> Checkpoint | None:
         if self.config.resume is False:
-            return None
+            return None  # another run's checkpoints in the directory are left alone and never used
+        self._store.adopt()
         newest = {c.step: c for c in self._store.checkpoints()}  # per step, the healthy one if both
         # Under torch.distributed every rank resumes from the same step: one every rank has and reads.
         for step in common_steps(list(newest)):
