@@ -235,3 +235,13 @@ def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path)
     [veto] = guard.actions
     assert veto["step"] == 3 and veto["loss"] == pytest.approx(returned[3], rel=1e-6)
     assert veto["reasons"] == ["nonfinite"] and math.isnan(veto["grad_norm"])
+
+
+def test_no_good_checkpoint_before_the_damage_stops_the_run_instead_of_returning_to_a_later_one(tmp_path):
+    def ask_at_40(guard, step, batch):
+        if step == 40:
+            guard.request_rollback()  # the state to return to is the one before step 39
+
+    with pytest.raises(spikedoc.GuardStopped, match="no good checkpoint at or before step 39") as stop:
+        run_guarded(tmp_path, steps=60, checkpoint_every=20, keep=1, on_step=ask_at_40)  # only step 40's is kept
+    assert stop.value.diagnosis["reason"] == "no_checkpoint" and stop.value.diagnosis["rollbacks"] == 0
