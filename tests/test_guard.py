@@ -245,3 +245,16 @@ def test_no_good_checkpoint_before_the_damage_stops_the_run_instead_of_returning
     with pytest.raises(spikedoc.GuardStopped, match="no good checkpoint at or before step 39") as stop:
         run_guarded(tmp_path, steps=60, checkpoint_every=20, keep=1, on_step=ask_at_40)  # only step 40's is kept
     assert stop.value.diagnosis["reason"] == "no_checkpoint" and stop.value.diagnosis["rollbacks"] == 0
+
+
+def test_a_large_but_finite_float16_gradient_is_not_taken_for_an_overflow(tmp_path):
+    model = torch.nn.Linear(1000, 1).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = spikedoc.Guard(model, opt, data=[0], run_dir=tmp_path)
+    for _, _ in guard:
+        model.weight.grad = torch.full_like(model.weight, 60000.0)  # norm 1.9e6: beyond float16, each value is not
+        model.bias.grad = torch.zeros_like(model.bias)
+        guard.record(loss=1.0)
+        opt.step()
+    guard.close()
+    assert guard.vetoes == 0

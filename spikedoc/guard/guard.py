@@ -27,6 +27,7 @@ from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
 from spikedoc.monitor import Monitor, watch
+from spikedoc.monitor.statistics import norms
 
 __all__ = ["Guard"]
 
@@ -267,7 +268,8 @@ class Guard:
         if not by_key:
             return torch.zeros(())
         first = next(iter(by_key))[0]
-        per_tensor = torch.cat([torch.stack(torch._foreach_norm(grads)).float().to(first) for grads in by_key.values()])
+        # Accumulated in float32: a float16 gradient's norm overflows to inf long before its values do.
+        per_tensor = torch.cat([norms(grads).to(first) for grads in by_key.values()])  # (n,)
         grad_scale = getattr(self.optimizer, "grad_scale", None)
         if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
             per_tensor = per_tensor / grad_scale.to(first, torch.float32)
