@@ -51,6 +51,18 @@ class _Pending:
     lrs: list[float] | None = None
 
 
+@dataclass(kw_only=True)
+class _Seen:
+    """A step the guard remembers, to name and skip an incident's batches and find its tensors."""
+
+    step: int
+    position: int
+    """Data position of its batch."""
+    sample_ids: list[Any]
+    grad_norms: tuple[Tensor, list[Tensor]] | None
+    """Per-tensor gradient norms and the parameters in that order (kept when reset_moments=True)."""
+
+
 class Guard:
     """Iterate training batches under a guard: bad steps vetoed, damage rolled back, every action recorded.
 
@@ -127,7 +139,7 @@ class Guard:
         """What the guard did, in order: one dict per veto, rollback and stop (as in the events)."""
         self._hold: dict[str, Any] | None = None
         self._pending: _Pending | None = None
-        self._recent: deque[tuple[int, int, list[Any], tuple[Tensor, list[Tensor]] | None]] = deque(maxlen=_REMEMBERED_STEPS)
+        self._recent: deque[_Seen] = deque(maxlen=_REMEMBERED_STEPS)
         self._requested = False
         self._norms_of_step: tuple[Tensor, list[Tensor]] | None = None
         self._warned: set[str] = set()
@@ -293,7 +305,7 @@ class Guard:
         if p is None:
             return
         norms, self._norms_of_step = self._norms_of_step, None
-        self._recent.append((p.step, p.position, p.sample_ids, norms))
+        self._recent.append(_Seen(step=p.step, position=p.position, sample_ids=p.sample_ids, grad_norms=norms))
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
         self.step = p.step + 1
         if decision is not None:
@@ -346,13 +358,13 @@ class Guard:
         saved_scale = float(state["guard"]["lr_scale"])
         self._restore(state)
         remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
-                             batches={s: (pos, ids) for s, pos, ids, _ in self._recent})  # fmt: skip
+                             batches={s.step: (s.position, s.sample_ids) for s in self._recent})  # fmt: skip
         evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
         scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
         evidence["reset_optimizer_state_for"] = reset_implicated(
-            self.model, self.optimizer, decision, {s: n for s, _, _, n in self._recent if n is not None}
+            self.model, self.optimizer, decision, {s.step: s.grad_norms for s in self._recent if s.grad_norms is not None}
         ) if self.config.reset_moments else []  # fmt: skip
         self.rollbacks += 1
         self._store.forget_after(target.step)
