@@ -113,3 +113,28 @@ def test_vetoes_piling_up_not_in_a_row_open_an_incident_at_the_first():
     assert judge.incident is not None and judge.incident.onset_step == 120
     assert judge.incident.attributed_steps == [120, 122, 124, 126, 128]
     assert judge.incident.precursor_step == 119  # the loss of step 120 shows the update of step 119
+
+
+def test_a_judgement_restored_mid_incident_decides_exactly_as_the_original():
+    import io
+
+    config = GuardConfig(veto_sigma=1e6)
+    original = Judge(config)
+    _warm(original)
+    for s in range(120, 130):
+        original.record(original.judge(s, StepValues(_loss(s) + 1.0, 0.5, 0, 0)), lrs=[1e-3])
+    assert original.incident is not None
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)  # plain types: a checkpoint loads them with weights_only=True
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored = Judge(config)
+    restored.load_state_dict(saved)
+    for s in range(130, 200):
+        values = StepValues(_loss(s) + 1.0, 0.5, 0, 0)
+        a = original.record(original.judge(s, values), lrs=[1e-3])
+        b = restored.record(restored.judge(s, values), lrs=[1e-3])
+        assert a == b
+        if a is not None:
+            break
+    assert a is not None and a.reason == "persistent"
