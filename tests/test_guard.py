@@ -258,3 +258,35 @@ def test_a_large_but_finite_float16_gradient_is_not_taken_for_an_overflow(tmp_pa
         opt.step()
     guard.close()
     assert guard.vetoes == 0
+
+
+def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_skips_all_of_them(tmp_path):
+    def train(run_dir, nan_steps, steps):
+        model, opt, sched = build()
+        guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=run_dir, accumulate=2,
+                               checkpoint_every=10, max_steps=steps)  # fmt: skip
+        seen = []
+        for step, batch in guard:
+            seen.append((step, batch["idx"].tolist()))
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            guard.record(loss=loss, sample_ids=batch["idx"])
+            (loss / 2).backward()
+            if len(seen) >= 2 and seen[-2][0] == step:  # the step's second micro-batch: step now
+                if step in nan_steps and not guard.rollbacks:
+                    for p in model.parameters():
+                        p.grad.fill_(math.nan)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        guard.close()
+        return guard, seen
+
+    _, clean = train(tmp_path / "clean", set(), 40)
+    guard, healed = train(tmp_path / "healed", {15, 16, 17, 18, 19}, 30)
+    assert [s for s, _ in clean] == [s for s in range(40) for _ in range(2)]
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert (rollback["from_step"], rollback["to_step"]) == (20, 10)
+    assert rollback["skipped_positions"] == list(range(30, 40))  # both batches of steps 15-19
+    by_position = [ids for _, ids in clean]
+    replay = [ids for _, ids in healed[40:]]
+    assert len(replay) == 40 and replay == [by_position[p] for p in range(20, 80) if p not in range(30, 40)][:40]

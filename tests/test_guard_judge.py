@@ -80,7 +80,7 @@ def test_an_lr_jump_before_onset_makes_the_cause_lr_schedule_and_the_target_prec
 
 def test_a_damage_rollback_scales_the_lr_tightens_clipping_and_skips_the_attributed_batches_with_a_window():
     decision = Decision(reason="vetoes", onset_step=50, precursor_step=50, cause="damage", attributed_steps=[50, 51])
-    batches = {50: (60, ["a", "b"]), 51: (61, ["c"])}
+    batches = {50: ([60], ["a", "b"]), 51: ([61], ["c"])}
     remedy = plan_remedy(decision, config=GuardConfig(skip_window=2), clip=2.0, lr_scale=0.7, hold=None, batches=batches)
     assert (remedy.clip, remedy.lr_scale) == (1.0, 0.7 * 0.7)
     assert remedy.skip_positions == [58, 59, 60, 61, 62, 63] and remedy.skip_sample_ids == ["a", "b", "c"]

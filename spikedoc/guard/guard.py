@@ -43,7 +43,8 @@ class _Pending:
     """The step the loop is working on: from the batch handed out to the next one."""
 
     step: int
-    position: int
+    positions: list[int]
+    """Data positions of the step's batches (more than one under gradient accumulation)."""
     loss_sum: Tensor | None = None
     loss_count: int = 0
     sample_ids: list[Any] = field(default_factory=list)
@@ -56,8 +57,8 @@ class _Seen:
     """A step the guard remembers, to name and skip an incident's batches and find its tensors."""
 
     step: int
-    position: int
-    """Data position of its batch."""
+    positions: list[int]
+    """Data positions of its batches."""
     sample_ids: list[Any]
     grad_norms: tuple[Tensor, list[Tensor]] | None
     """Per-tensor gradient norms and the parameters in that order (kept when reset_moments=True)."""
@@ -162,11 +163,16 @@ class Guard:
     def __next__(self) -> tuple[int, Any]:
         if self._closed:
             raise StopIteration
+        p = self._pending
+        if p is not None and p.verdict is None and len(p.positions) < self.config.accumulate:
+            position, batch = self._stream.next()  # the next micro-batch of the same step
+            p.positions.append(position)
+            return p.step, batch
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
         position, batch = self._stream.next()
-        self._pending = _Pending(step=self.step, position=position)
+        self._pending = _Pending(step=self.step, positions=[position])
         return self.step, batch
 
     def record(
@@ -293,7 +299,7 @@ class Guard:
 
     def _veto(self, p: _Pending, verdict: Verdict) -> None:
         self.vetoes += 1
-        detail = {"position": p.position, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
+        detail = {"positions": p.positions, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
         self.actions.append({"kind": "veto", "step": p.step, **detail})
         self.monitor.event("veto", **_plain(detail))  # before skip_step: recorded at the vetoed step's index
         self.monitor.skip_step()
@@ -305,7 +311,7 @@ class Guard:
         if p is None:
             return
         norms, self._norms_of_step = self._norms_of_step, None
-        self._recent.append(_Seen(step=p.step, position=p.position, sample_ids=p.sample_ids, grad_norms=norms))
+        self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms))
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
         self.step = p.step + 1
         if decision is not None:
@@ -358,7 +364,7 @@ class Guard:
         saved_scale = float(state["guard"]["lr_scale"])
         self._restore(state)
         remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
-                             batches={s.step: (s.position, s.sample_ids) for s in self._recent})  # fmt: skip
+                             batches={s.step: (s.positions, s.sample_ids) for s in self._recent})  # fmt: skip
         evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
