@@ -446,8 +446,17 @@ class Guard:
         return None
 
     def _watch(self) -> Monitor:
-        return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
-                     start_step=self.step, **self._watch_options)  # fmt: skip
+        def open_monitor() -> Monitor:
+            return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
+                         start_step=self.step, **self._watch_options)  # fmt: skip
+
+        if world() is None:
+            return open_monitor()
+        # Every rank numbers the new segment from meta.json (written by rank 0 only) and its own
+        # parts: the other ranks open first, then rank 0 writes it, so all agree on the number.
+        monitor = open_monitor() if world()[0] != 0 else None
+        torch.distributed.barrier()
+        return monitor if monitor is not None else open_monitor()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
