@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import math
 
 import pytest
@@ -290,3 +291,22 @@ def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_sk
     by_position = [ids for _, ids in clean]
     replay = [ids for _, ids in healed[40:]]
     assert len(replay) == 40 and replay == [by_position[p] for p in range(20, 80) if p not in range(30, 40)][:40]
+
+
+def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_path):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4,
+                           watch_options={"every": 10, "layer_every": 10})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no loss for this step" warning
+        for step, batch in guard:
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            if step == 3:
+                for p in model.parameters():
+                    p.grad.fill_(math.nan)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    guard.close()
+    assert guard.actions[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)

@@ -27,6 +27,7 @@ from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
 from spikedoc.monitor import Monitor, watch
+from spikedoc.monitor._step import extract_loss
 from spikedoc.monitor.statistics import norms
 
 __all__ = ["Guard"]
@@ -47,6 +48,9 @@ class _Pending:
     """Data positions of the step's batches (more than one under gradient accumulation)."""
     loss_sum: Tensor | None = None
     loss_count: int = 0
+    forward_loss_sum: Tensor | None = None
+    """Losses the model's forwards returned this step (used when `record` gave none)."""
+    forward_loss_count: int = 0
     sample_ids: list[Any] = field(default_factory=list)
     verdict: Verdict | None = None
     lrs: list[float] | None = None
@@ -152,6 +156,8 @@ class Guard:
                                lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
         else:
             self._checkpoint()  # step 0: a rollback target before the first periodic checkpoint
+        # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
+        self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
         self._original_step = optimizer.__dict__.get("step")
         optimizer.step = self._step_wrapper()  # the veto must run before the update, inside step()
 
@@ -221,6 +227,7 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        self._forward_hook.remove()
         if self._original_step is not None:
             self.optimizer.step = self._original_step
         else:
@@ -234,6 +241,16 @@ class Guard:
         self.close()
 
     # -------------------------------------------------------------------------- the step itself
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        p = self._pending
+        if p is None or p.verdict is not None or not torch.is_grad_enabled():  # evaluation is no step's
+            return
+        loss = extract_loss(output)
+        if loss is not None:
+            loss = loss.detach().float().reshape(())
+            p.forward_loss_sum = loss if p.forward_loss_sum is None else p.forward_loss_sum + loss
+            p.forward_loss_count += 1
 
     def _step_wrapper(self) -> Any:
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -249,7 +266,10 @@ class Guard:
         step_fn = self._original_step or type(self.optimizer).step.__get__(self.optimizer)
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
             return step_fn(*args, **kwargs)
-        loss = p.loss_sum / p.loss_count if p.loss_sum is not None else self.monitor.captured_loss()
+        if p.loss_sum is not None:
+            loss = p.loss_sum / p.loss_count
+        else:
+            loss = p.forward_loss_sum / p.forward_loss_count if p.forward_loss_sum is not None else None
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
