@@ -310,3 +310,16 @@ def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_pat
             opt.zero_grad()
     guard.close()
     assert guard.actions[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_path):
+    lrs = {}
+
+    def on_step(guard, step, batch):
+        if step == 25:
+            lrs[guard.rollbacks] = guard.optimizer.param_groups[0]["lr"]
+
+    always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
+    with pytest.raises(spikedoc.GuardStopped):
+        run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always, on_step=on_step)
+    assert lrs[1] == pytest.approx(0.7 * lrs[0], rel=1e-12) and lrs[2] == pytest.approx(0.49 * lrs[0], rel=1e-12)
