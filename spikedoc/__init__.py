@@ -4,6 +4,7 @@
     run = spikedoc.load("runs/exp1")                                  # read it back (pandas)
     diagnosis = spikedoc.analyze("runs/exp1")                         # find and explain spikes
     spikedoc.columns()                                                # what each step column means
+    guard = spikedoc.Guard(model, optimizer, data=loader, run_dir="runs/exp1")  # a run that heals itself
 
 Names are imported lazily so that analysing a run never imports torch and recording one never
 imports pandas.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from spikedoc.errors import RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
+from spikedoc.errors import GuardStopped, RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "analyze",
     "Diagnosis",
     "Incident",
+    "Guard",
+    "GuardStopped",
     "SpikedocError",
     "RunNotFoundError",
     "RunFormatError",
@@ -43,11 +46,13 @@ _LAZY = {
     "analyze": "spikedoc.analysis",
     "Diagnosis": "spikedoc.analysis",
     "Incident": "spikedoc.analysis.incident",
+    "Guard": "spikedoc.guard",
 }
 
 if TYPE_CHECKING:
     from spikedoc.analysis import Diagnosis, analyze
     from spikedoc.analysis.incident import Incident
+    from spikedoc.guard import Guard
     from spikedoc.monitor import Monitor, watch
     from spikedoc.store.reader import Run, load
     from spikedoc.store.schema import columns
