@@ -26,12 +26,12 @@ from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.terminal import action_text
 
-__all__ = ["render_html", "GUARD_EVENT_KINDS", "MAX_DETAILED"]
+__all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
 
 logger = logging.getLogger(__name__)
 
-#: Event kinds the guard records when it acts; shown as the run's guard actions.
-GUARD_EVENT_KINDS = ("veto", "rollback", "guard_stop")
+#: Guard actions drawn as dashed lines on the plots (its periodic checkpoints are only counted).
+GUARD_MARKS = ("veto", "rollback", "guard_stop")
 #: Incidents explained with their own plots (the most severe first); the others are in the table.
 MAX_DETAILED = 12
 # Steps shown before onset in the heatmap, and the per-tensor history read before those.
@@ -70,8 +70,9 @@ def render_html(run: Any, diagnosis: Diagnosis, *, buckets: int = 1500) -> str:
         >>> Path("report.html").write_text(page)  # doctest: +SKIP
     """
     steps = _plotted_steps(run.steps)
-    guard = _guard_actions(run, diagnosis)
-    marks = [(a["step"], a["kind"]) for a in guard if isinstance(a.get("step"), (int, np.integer))]
+    guard = _guard_actions(diagnosis)
+    marks = [(a["step"], a["kind"]) for a in guard
+             if a.get("kind") in GUARD_MARKS and isinstance(a.get("step"), (int, np.integer))]
     detailed = _most_severe(diagnosis.incidents, MAX_DETAILED)
     # Every incident is shaded; only those explained below are labelled (95 labels would be a smear).
     spans = [Span(i.onset_step, i.end_step, i.severity, f"#{n}" if n - 1 in detailed else "")
@@ -194,12 +195,14 @@ def _findings(d: Diagnosis) -> str:
 def _guard_section(actions: list[dict[str, Any]]) -> str:
     if not actions:
         return ""
+    checkpoints = sum(a.get("kind") == "checkpoint" for a in actions)
     rows = "".join(
         f"<tr><td class='num'>{_e(a.get('step', ''))}</td><td>{_e(a.get('kind', ''))}</td>"
-        f"<td class='mono'>{_e(_detail_text(a.get('detail')))}</td></tr>" for a in actions
+        f"<td class='mono'>{_e(_detail_text(a.get('detail')))}</td></tr>" for a in actions if a.get("kind") != "checkpoint"
     )
-    return (f"<section id='guard'><h2>What the guard did</h2><table><tr><th>step</th><th>action</th><th>detail</th></tr>"
-            f"{rows}</table></section>\n")
+    table = (f"<table><tr><th>step</th><th>action</th><th>detail</th></tr>{rows}</table>" if rows else "")
+    return (f"<section id='guard'><h2>What the guard did</h2><p class='muted'>{_e(count(checkpoints, 'guard checkpoint'))}; "
+            f"a rollback's step is the step it returned to.</p>{table}</section>\n")
 
 
 def _incident_section(run: Any, steps: pd.DataFrame, n: int, inc: Incident, ctx: dict[str, Any],
@@ -346,27 +349,25 @@ def _plotted_steps(steps: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def _guard_actions(run: Any, diagnosis: Diagnosis) -> list[dict[str, Any]]:
-    """What the guard did: `Diagnosis.guard_actions` when the analysis provides it, else the guard's events."""
-    given = getattr(diagnosis, "guard_actions", None)
-    if given:
-        return [a if isinstance(a, dict) else {"kind": str(a)} for a in given]
-    events = getattr(run, "events", None)
-    if events is None or events.empty or "kind" not in events.columns:
-        return []
-    rows = events[events["kind"].isin(GUARD_EVENT_KINDS)]
-    return [{"step": int(r.step), "kind": str(r.kind), "detail": getattr(r, "detail", None)} for r in rows.itertuples()]
+def _guard_actions(diagnosis: Diagnosis) -> list[dict[str, Any]]:
+    """What the guard did (`Diagnosis.guard_actions`: `kind`, `step`, `segment`, `detail`), oldest first."""
+    return [a for a in getattr(diagnosis, "guard_actions", None) or [] if isinstance(a, dict)]
 
 
-def _detail_text(detail: Any) -> str:
+def _detail_text(detail: Any, limit: int = 120) -> str:
+    """An action's detail as `key: value` pairs, each value cut at `limit` characters (skip lists run long)."""
     if isinstance(detail, str):
         try:
             detail = json.loads(detail)
         except ValueError:
-            return detail
+            return detail[:limit]
     if isinstance(detail, dict):
-        return ", ".join(f"{k}: {v}" for k, v in detail.items())
-    return "" if detail is None else str(detail)
+        return ", ".join(f"{k}: {_cut(str(v), limit)}" for k, v in detail.items())
+    return "" if detail is None else _cut(str(detail), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _most_severe(incidents: list[Incident], limit: int) -> set[int]:

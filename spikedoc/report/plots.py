@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from spikedoc.report.envelope import envelope
 
@@ -229,7 +229,8 @@ def _log_axis(ax) -> None:
     # With math text off, matplotlib's default log labels would show their TeX source: plain numbers.
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    # A range under a decade or two shows one power of ten at most: label the 2x and 5x ticks too.
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:e}"[0] in "25" else ""))
 
 
 def _png(fig: Figure) -> bytes:
