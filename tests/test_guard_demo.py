@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_demo_guard_rolls_back_a_nan_and_finishes_the_run(tmp_path):
     result = runner.invoke(app, ["demo", "--guard", "--fault", "nan", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "vetoed 5 step(s) and rolled back 1 time(s)" in result.output
+    assert "vetoed 5 steps and rolled back 1 time" in result.output
     assert "rollback from step 205 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
     analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "demo"), "--json"]).output)
     [rollback] = [a for a in analysis["guard_actions"] if a["kind"] == "rollback"]
