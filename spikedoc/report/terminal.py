@@ -205,6 +205,10 @@ def action_text(action: dict[str, Any]) -> str:
     kind = action["action"]
     if kind == "none":
         return "no action needed: the run recovered by itself"
+    if kind == "guard_handled":
+        return "no action needed: the guard handled it"
+    if kind == "guard_acted":
+        return "the guard acted on part of it"
     if kind == "rollback":
         if action["known"]:
             return f"roll back to the checkpoint of step {action['step']}" + (f" ({action['checkpoint']})" if action["checkpoint"] else "")
