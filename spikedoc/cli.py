@@ -284,8 +284,14 @@ def _summary_line(diagnosis: Any) -> str:
     counts = [f"{n} {sev}" for sev in ("severe", "moderate", "minor")
               if (n := sum(i.severity == sev for i in diagnosis.incidents))]
     n = len(diagnosis.incidents)
-    verdict = "needs attention" if diagnosis.needs_attention else "only minor incidents"
+    verdict = "needs attention" if diagnosis.needs_attention else _settled(diagnosis)
     return f"{where}: {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}"
+
+
+def _settled(diagnosis: Any) -> str:
+    from spikedoc.report.terminal import settled_text
+
+    return settled_text(diagnosis)
 
 
 def _print_progress(console: Console, update: Any) -> None:

@@ -39,3 +39,21 @@ def test_counts_agree_with_their_nouns():
     assert action_text(two) == "skip the batches of steps 140, 141: sample ids a"
     assert "if rank 3 fails again" in action_text({"action": "check_rank", "ranks": [3]})
     assert "if it fails again" in action_text({"action": "check_rank", "ranks": []})
+
+
+def test_a_run_needing_no_attention_says_why():
+    from spikedoc.analysis.diagnosis import Diagnosis
+    from spikedoc.analysis.incident import Incident
+    from spikedoc.report.terminal import settled_text
+
+    def incident(severity: str, handled: bool) -> Incident:
+        return Incident(kind="loss_spike", metric="loss", onset_step=10, peak_step=10, end_step=10, magnitude_sigma=9.0,
+                        peak_ratio=2.0, baseline=3.0, peak_value=6.0, recovered=True, severity=severity,
+                        handled_by_guard=handled)
+
+    def said(*incidents: Incident) -> str:
+        return settled_text(Diagnosis(path="runs/x", source="spikedoc", incidents=list(incidents)))
+
+    assert said(incident("minor", False)) == "only minor incidents"
+    assert said(incident("severe", True)) == "handled by the guard"
+    assert said(incident("severe", True), incident("minor", False)).startswith("the guard handled the larger incidents")

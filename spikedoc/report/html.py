@@ -24,7 +24,7 @@ from spikedoc.analysis.incident import Incident
 from spikedoc.errors import one_line
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
-from spikedoc.report.terminal import action_text
+from spikedoc.report.terminal import action_text, settled_text
 
 __all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
 
@@ -132,7 +132,7 @@ def _summary(d: Diagnosis, detailed: set[int]) -> str:
         return f"<section id='summary'><h2>Summary</h2>{headline}</section>\n"
     counts = {sev: sum(i.severity == sev for i in d.incidents) for sev in ("severe", "moderate", "minor")}
     said = ", ".join(f"{n} {sev}" for sev, n in counts.items() if n)
-    attention = "needs attention" if d.needs_attention else "only minor incidents"
+    attention = "needs attention" if d.needs_attention else settled_text(d)
     rows = []
     for n, inc in enumerate(d.incidents, 1):
         number = f"<a href='#incident-{n}'>#{n}</a>" if n - 1 in detailed else f"#{n}"
@@ -211,7 +211,8 @@ def _incident_section(run: Any, steps: pd.DataFrame, n: int, inc: Incident, ctx:
     zoom = plots.window_png(steps, inc.onset_step - pad, inc.end_step + pad, Span(inc.onset_step, inc.end_step, inc.severity, f"#{n}"), marks)
     segment = f" (segment {ctx['segment']})" if ctx.get("segment") else ""
     body = [
-        f"<h3>#{n} {_e(inc.kind)} at step {inc.onset_step}{segment} {_badge(inc.severity)}</h3>",
+        f"<h3>#{n} {_e(inc.kind)} at step {inc.onset_step}{segment} {_badge(inc.severity)}"
+        + (" <span class='good'>handled by the guard</span>" if getattr(inc, "handled_by_guard", False) else "") + "</h3>",
         f"<p>{_e(inc.metric)} {_e(fmt(inc.peak_value))} at step {inc.peak_step} against a baseline of "
         f"{_e(fmt(inc.baseline))} ({_e(_num(inc.peak_ratio))}x, {_e(_sigma(inc.magnitude_sigma))})"
         + (" <span class='warning'>(short history: low confidence)</span>" if inc.low_confidence else "") + "</p>",

@@ -14,7 +14,7 @@ from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 
-__all__ = ["render", "action_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
+__all__ = ["render", "action_text", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
 
 #: Incidents listed in the table and explained in full; the rest are counted (all are in --json).
 MAX_TABLE = 40
@@ -193,6 +193,20 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
     for action in inc.recommendation.get("actions", []):
         console.print(f"  [green]->[/green] {escape(action_text(action))}")
         console.print(f"     [dim]because {escape(action['because'])}[/dim]")
+
+
+def settled_text(diagnosis: Diagnosis) -> str:
+    """Why a diagnosis with incidents needs no attention: they are minor, or a guard handled them.
+
+    Example:
+        >>> settled_text(Diagnosis(path="runs/x", source="csv"))
+        'only minor incidents'
+    """
+    handled = any(i.handled_by_guard and i.severity != "minor" for i in diagnosis.incidents)
+    minor = any(i.severity == "minor" for i in diagnosis.incidents)
+    if handled and minor:
+        return "the guard handled the larger incidents, the others are minor"
+    return "handled by the guard" if handled else "only minor incidents"
 
 
 def action_text(action: dict[str, Any]) -> str:
