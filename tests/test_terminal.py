@@ -57,3 +57,12 @@ def test_a_run_needing_no_attention_says_why():
     assert said(incident("minor", False)) == "only minor incidents"
     assert said(incident("severe", True)) == "handled by the guard"
     assert said(incident("severe", True), incident("minor", False)).startswith("the guard handled the larger incidents")
+
+
+def test_guard_details_from_the_run_are_printed_as_text_not_markup():
+    from spikedoc.analysis.diagnosis import Diagnosis
+
+    stop = {"kind": "guard_stop", "step": 7, "segment": 0, "detail": {"reason": "[/red][bold]budget[/bold] spent"}}
+    console = Console(record=True, width=200, highlight=False)
+    render(Diagnosis(path="runs/x", source="spikedoc", guard_actions=[stop]), console)
+    assert "stopped at step 7: [/red][bold]budget[/bold] spent" in console.export_text()

@@ -112,10 +112,11 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                        else f"LR x{_val(d.get('lr_scale'))} of the original, clip {_val(d.get('clip_before'))} -> "
                             f"{_val(d.get('clip'))}, {len(d.get('skipped_positions') or [])} batches skipped"))
         elif a["kind"] == "guard_stop":
-            line = f"[red]stopped at step {a['step']}: {d.get('reason')}[/red]"
+            line = f"stopped at step {a['step']}: {d.get('reason')}"
         else:
             line = f"{a['kind']} at step {a['step']}" + (f": {d['error']}" if d.get("error") else "")
-        console.print(f"  {escape(line) if '[red]' not in line else line}")
+        # The whole line is escaped: its details come from the run (a reason could hold rich markup).
+        console.print(f"  [red]{escape(line)}[/red]" if a["kind"] == "guard_stop" else f"  {escape(line)}")
     if len(shown) > MAX_TABLE:
         console.print(f"[dim]... and {len(shown) - MAX_TABLE} more (see --json)[/dim]")
 
