@@ -34,7 +34,8 @@ STEP_COLUMNS = (
     "micro_batches",  # int32, forward/backward passes accumulated into this step
     "lr",  # float32, learning rate of param group 0
     "grad_norm",  # float32, total L2 norm of all gradients before clipping
-    "clip_coef",  # float32, factor applied by clip= (1.0 when no clipping happened)
+    "clip_coef",  # float32, factor applied by clip= or the loop's own clip_grad_norm_ (1.0 when no clipping happened)
+    "clip_max_norm",  # float32, max norm of the loop's own clip_grad_norm_ (absent when the loop does not clip)
     "param_norm",  # float32, total L2 norm of the parameters after the step
     "update_norm",  # float32, total L2 norm of the parameter change of this step
     "nonfinite_grads",  # int64, count of NaN/inf gradient elements

@@ -29,7 +29,7 @@ _F32, _F64, _I32, _I64 = pa.float32(), pa.float64(), pa.int32(), pa.int64()
 #: Arrow types of the documented columns (docs/run-format.md); unknown columns are inferred.
 _STEP_TYPES: dict[str, pa.DataType] = {
     "step": _I64, "segment": _I32, "time": _F64, "step_time": _F32, "loss": _F32,
-    "micro_batches": _I32, "lr": _F32, "grad_norm": _F32, "clip_coef": _F32, "param_norm": _F32,
+    "micro_batches": _I32, "lr": _F32, "grad_norm": _F32, "clip_coef": _F32, "clip_max_norm": _F32, "param_norm": _F32,
     "update_norm": _F32, "nonfinite_grads": _I64, "loss_scale": _F32, "skipped": pa.bool_(),
     "samples": _I64, "tokens": _I64, "sample_offset": _I64, "sample_ids": pa.list_(pa.string()),
     "sample_losses": pa.list_(_F32), "batch_hash": pa.string(), "input_shapes": pa.string(),
