@@ -180,6 +180,8 @@ class SkipStepRule:
     One difference, in the peer's favour: OLMo-core's `SkipStepAdamW` multiplies the update by the
     0/1 step factor, so a NaN gradient still reaches the moments (`lerp` by 0 of NaN is NaN); here a
     skipped step simply does not call `optimizer.step()`. For finite gradients the two are the same.
+    The rule is measured alone: OLMo-core's `Trainer` also raises on a non-finite training loss when
+    it next reduces its metrics, which would end the `nonfinite` run instead.
 
     Example:
         >>> rule = SkipStepRule()
@@ -504,7 +506,8 @@ def _guard_story(res: RunResult) -> str:
                          f"{len(a.get('skipped_positions', []))} batches skipped{held})")  # fmt: skip
         elif a["kind"] == "guard_stop":
             parts.append(f"stopped ({a['reason']}) at step {a['step']}")
-    return "; ".join(parts) or "nothing"
+    parts.append(f"{res.checkpoints} checkpoints written")
+    return "; ".join(parts)
 
 
 def timing_summary(cfg: BenchConfig, timing: Timing) -> dict[str, Any]:
