@@ -58,7 +58,7 @@ def demo(
     fault: Annotated[str | None, typer.Option("--fault", help="Which fault to plant: " + ", ".join(_demo_faults()) + " (default bad_batch_long; with --guard: " + ", ".join(_guard_faults()) + ", default optimizer_state).", show_default=False)] = None,
     guard: Annotated[bool, typer.Option("--guard", help="Train under spikedoc.Guard and show the fault healed: vetoed, or rolled back and replayed.")] = False,
 ) -> None:
-    """Train a tiny GPT on CPU with spikedoc.watch, plant a fault, then analyze the recorded run.
+    """Train a tiny GPT on CPU with spikedoc.watch (under spikedoc.Guard with --guard), plant a fault, then analyze the run.
 
     Exit code 0 when the demo ran (whatever it found), 2 for a bad option or an unwritable --out.
     """

@@ -143,3 +143,16 @@ def test_a_layer_part_damaged_inside_reaches_the_diagnosis_warnings(tmp_path):
     part.write_bytes(bytes(data))
     diagnosis = spikedoc.analyze(run)
     assert any(str(part.name) in w for w in diagnosis.warnings), diagnosis.warnings
+
+
+def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tmp_path):
+    # The clean run's log with a 5-step LR surge that only nudged the loss (as clipping can make
+    # it): nothing to undo, but the schedule that jumped must still be fixed.
+    steps = spikedoc.load(RUNS / "clean").steps.sort_values("step")[["step", "loss", "lr"]].copy()
+    steps.loc[steps["step"].between(250, 254), "lr"] *= 20
+    steps.loc[steps["step"] == 251, "loss"] *= 1.3
+    run = tmp_path / "run.csv"
+    steps.to_csv(run, index=False)
+    inc = next(i for i in spikedoc.analyze(run).incidents if i.onset_step == 251)
+    assert (inc.cause, inc.severity) == ("lr_schedule", "minor")
+    assert _actions(inc) == ["none", "fix_schedule"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import math
 
 import pytest
@@ -245,3 +246,80 @@ def test_no_good_checkpoint_before_the_damage_stops_the_run_instead_of_returning
     with pytest.raises(spikedoc.GuardStopped, match="no good checkpoint at or before step 39") as stop:
         run_guarded(tmp_path, steps=60, checkpoint_every=20, keep=1, on_step=ask_at_40)  # only step 40's is kept
     assert stop.value.diagnosis["reason"] == "no_checkpoint" and stop.value.diagnosis["rollbacks"] == 0
+
+
+def test_a_large_but_finite_float16_gradient_is_not_taken_for_an_overflow(tmp_path):
+    model = torch.nn.Linear(1000, 1).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = spikedoc.Guard(model, opt, data=[0], run_dir=tmp_path)
+    for _, _ in guard:
+        model.weight.grad = torch.full_like(model.weight, 60000.0)  # norm 1.9e6: beyond float16, each value is not
+        model.bias.grad = torch.zeros_like(model.bias)
+        guard.record(loss=1.0)
+        opt.step()
+    guard.close()
+    assert guard.vetoes == 0
+
+
+def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_skips_all_of_them(tmp_path):
+    def train(run_dir, nan_steps, steps):
+        model, opt, sched = build()
+        guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=run_dir, accumulate=2,
+                               checkpoint_every=10, max_steps=steps)  # fmt: skip
+        seen = []
+        for step, batch in guard:
+            seen.append((step, batch["idx"].tolist()))
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            guard.record(loss=loss, sample_ids=batch["idx"])
+            (loss / 2).backward()
+            if len(seen) >= 2 and seen[-2][0] == step:  # the step's second micro-batch: step now
+                if step in nan_steps and not guard.rollbacks:
+                    for p in model.parameters():
+                        p.grad.fill_(math.nan)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        guard.close()
+        return guard, seen
+
+    _, clean = train(tmp_path / "clean", set(), 40)
+    guard, healed = train(tmp_path / "healed", {15, 16, 17, 18, 19}, 30)
+    assert [s for s, _ in clean] == [s for s in range(40) for _ in range(2)]
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert (rollback["from_step"], rollback["to_step"]) == (20, 10)
+    assert rollback["skipped_positions"] == list(range(30, 40))  # both batches of steps 15-19
+    by_position = [ids for _, ids in clean]
+    replay = [ids for _, ids in healed[40:]]
+    assert len(replay) == 40 and replay == [by_position[p] for p in range(20, 80) if p not in range(30, 40)][:40]
+
+
+def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_path):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4,
+                           watch_options={"every": 10, "layer_every": 10})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no loss for this step" warning
+        for step, batch in guard:
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            if step == 3:
+                for p in model.parameters():
+                    p.grad.fill_(math.nan)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    guard.close()
+    assert guard.actions[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_path):
+    lrs = {}
+
+    def on_step(guard, step, batch):
+        if step == 25:
+            lrs[guard.rollbacks] = guard.optimizer.param_groups[0]["lr"]
+
+    always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
+    with pytest.raises(spikedoc.GuardStopped):
+        run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always, on_step=on_step)
+    assert lrs[1] == pytest.approx(0.7 * lrs[0], rel=1e-12) and lrs[2] == pytest.approx(0.49 * lrs[0], rel=1e-12)

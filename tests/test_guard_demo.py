@@ -28,3 +28,18 @@ def test_demo_guard_rejects_a_fault_it_does_not_plant(tmp_path):
     assert result.exit_code == 2
     assert "unknown --fault 'lr_jump' with --guard" in " ".join(result.output.split())
     assert not (tmp_path / "d").exists()
+
+
+def test_the_guarded_hook_script_heals_its_planted_nan_steps(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "hooks" / "guarded_torch.py"), "--run-dir", str(tmp_path / "run"),
+                           "--steps", "60", "--checkpoint-every", "20", "--nan-at", "30"],
+                          cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained 60 steps: 5 vetoed, 1 rollbacks" in done.stdout
+    analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "run"), "--json"]).output)
+    assert [a["step"] for a in analysis["guard_actions"] if a["kind"] == "rollback"] == [20]

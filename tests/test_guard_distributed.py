@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import spikedoc
+
 STEPS = 60
 
 
@@ -81,5 +83,8 @@ def test_two_ranks_veto_roll_back_and_resume_together(tmp_path):
         assert result["rollbacks"] == [[46, 40, "requested"]]
         assert result["step"] == STEPS and result["same_params"]
         assert result["resumed_at"] == 40
+    events = spikedoc.load(tmp_path / "run").events
+    rollbacks = events.loc[events["kind"] == "rollback"]
+    assert sorted(rollbacks["rank"]) == [0, 1] and rollbacks["segment"].nunique() == 1  # one replay segment
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "step-00000040.rank0.pt" in checkpoints and "step-00000040.rank1.pt" in checkpoints

@@ -80,7 +80,7 @@ def test_an_lr_jump_before_onset_makes_the_cause_lr_schedule_and_the_target_prec
 
 def test_a_damage_rollback_scales_the_lr_tightens_clipping_and_skips_the_attributed_batches_with_a_window():
     decision = Decision(reason="vetoes", onset_step=50, precursor_step=50, cause="damage", attributed_steps=[50, 51])
-    batches = {50: (60, ["a", "b"]), 51: (61, ["c"])}
+    batches = {50: ([60], ["a", "b"]), 51: ([61], ["c"])}
     remedy = plan_remedy(decision, config=GuardConfig(skip_window=2), clip=2.0, lr_scale=0.7, hold=None, batches=batches)
     assert (remedy.clip, remedy.lr_scale) == (1.0, 0.7 * 0.7)
     assert remedy.skip_positions == [58, 59, 60, 61, 62, 63] and remedy.skip_sample_ids == ["a", "b", "c"]
@@ -113,3 +113,28 @@ def test_vetoes_piling_up_not_in_a_row_open_an_incident_at_the_first():
     assert judge.incident is not None and judge.incident.onset_step == 120
     assert judge.incident.attributed_steps == [120, 122, 124, 126, 128]
     assert judge.incident.precursor_step == 119  # the loss of step 120 shows the update of step 119
+
+
+def test_a_judgement_restored_mid_incident_decides_exactly_as_the_original():
+    import io
+
+    config = GuardConfig(veto_sigma=1e6)
+    original = Judge(config)
+    _warm(original)
+    for s in range(120, 130):
+        original.record(original.judge(s, StepValues(_loss(s) + 1.0, 0.5, 0, 0)), lrs=[1e-3])
+    assert original.incident is not None
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)  # plain types: a checkpoint loads them with weights_only=True
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored = Judge(config)
+    restored.load_state_dict(saved)
+    for s in range(130, 200):
+        values = StepValues(_loss(s) + 1.0, 0.5, 0, 0)
+        a = original.record(original.judge(s, values), lrs=[1e-3])
+        b = restored.record(restored.judge(s, values), lrs=[1e-3])
+        assert a == b
+        if a is not None:
+            break
+    assert a is not None and a.reason == "persistent"

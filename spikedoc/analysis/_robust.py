@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
+__all__ = ["steps_text", 
     "MAD_TO_SIGMA", "LOG10_SIGMA_FLOOR", "CLIPPED_BELOW", "robust_center_scale", "robust_z", "finite", "as_float",
     "was_clipped", "fmt", "fmt_steps",
 ]  # fmt: skip
@@ -84,3 +84,13 @@ def fmt_steps(items: Iterable[object], limit: int = 6) -> str:
     if len(items) <= limit:
         return ", ".join(str(s) for s in items)
     return ", ".join(str(s) for s in items[: limit - 1]) + f", ... ({len(items)} in all)"
+
+
+def steps_text(count: int) -> str:
+    """`1 step`, `3 steps`.
+
+    Example:
+        >>> steps_text(1), steps_text(12)
+        ('1 step', '12 steps')
+    """
+    return f"{count} step" if count == 1 else f"{count} steps"

@@ -40,7 +40,7 @@ _NAME_RULES = (
     ("embeddings", re.compile(r"(embed|wte|wpe|tok_emb|pos_emb|position_emb|word_emb)", re.I)),
     ("head", re.compile(r"(^|[._])(lm_head|head|classifier|output|score)([._]|$)", re.I)),
     ("attention", re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|qkv|query|key|value)", re.I)),
-    ("mlp", re.compile(r"(mlp|ffn|feed_forward|feedforward|c_fc|fc\d*|up_proj|down_proj|gate_proj|w[123]|intermediate)", re.I)),
+    ("mlp", re.compile(r"(mlp|ffn|feed_forward|feedforward|c_fc|fc\d*|up_proj|down_proj|gate_proj|w[123]|intermediate|linear[12])", re.I)),
 )
 
 

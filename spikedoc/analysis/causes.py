@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spikedoc.analysis._robust import fmt, fmt_steps
+from spikedoc.analysis._robust import fmt, fmt_steps, steps_text
 from spikedoc.analysis.attribution import LayerAttribution
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
@@ -107,7 +107,7 @@ def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
             f"{ev.resume.step} (median over tensors): the optimizer moments were not restored"
         )
     if out:
-        out.append(f"the incident starts {incident.onset_step - ev.resume.step} steps after that resume")
+        out.append(f"the incident starts {steps_text(incident.onset_step - ev.resume.step)} after that resume")
     return out
 
 
@@ -118,7 +118,7 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     group = "" if jump["group"] == 0 else f" (param group {jump['group']})"
     out = [
         f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
-        f"{jump['step']}, {incident.onset_step - jump['step']} steps before onset"
+        f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
     ]
     if jump.get("at_resume") is not None:
         out.append(
@@ -206,7 +206,7 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
     out = []
     if ev.layers is not None:
         for p in ev.layers.precursors[:3]:
-            out.append(p["sentence"] + (f" ({p['lead_steps']} steps before the loss flag)" if p.get("lead_steps") else ""))
+            out.append(p["sentence"] + (f" ({steps_text(p['lead_steps'])} before the loss flag)" if p.get("lead_steps") else ""))
     if not out and ev.update_step and ev.update_step["fired"]:
         out.append(
             f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
@@ -221,7 +221,7 @@ def _lr_too_high(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     if w is not None and w["visible"]:
         end = w["end_step"]
         if end is None or incident.onset_step <= 2 * end:
-            where = "during the warmup" if end is None or incident.onset_step <= end else f"{incident.onset_step - end} steps after the warmup ended (step {end})"
+            where = "during the warmup" if end is None or incident.onset_step <= end else f"{steps_text(incident.onset_step - end)} after the warmup ended (step {end})"
             out.append(
                 f"the incident starts at step {incident.onset_step}, {where}, with the LR at {fmt(ev.lr_onset)} "
                 f"(peak {fmt(w['peak_lr'])}): early instability means the LR is too high for this model"
@@ -257,7 +257,7 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
             first = leaders[0]
             out.append(
                 f"{first['name']} ({first['module']}) departed first: gradient norm {fmt(first['grad_z'], 2)} sigma off "
-                f"its history, {first['lead_steps']} steps before the loss flag"
+                f"its history, {steps_text(first['lead_steps'])} before the loss flag"
             )
     if not out and incident.kind == "nonfinite" and incident.metric == "grad_norm":
         out.append(f"the gradient went non-finite at step {incident.onset_step} before the loss did")
@@ -337,7 +337,8 @@ def severity(incident: Incident, config: AnalysisConfig | None = None) -> str:
 
     Example:
         >>> inc = Incident(kind="loss_spike", metric="loss", onset_step=9, peak_step=9, end_step=9, magnitude_sigma=8.5,
-        ...                peak_ratio=1.1, baseline=2.0, peak_value=2.2, recovered=True, series={"loss": {"peak_ratio": 1.1}})
+        ...                peak_ratio=1.1, baseline=2.0, peak_value=2.2, recovered=True, damage={"excess_ratio": 0.0},
+        ...                series={"loss": {"peak_ratio": 1.1, "onset_step": 9, "end_step": 9}})
         >>> severity(inc)
         'minor'
     """
@@ -346,6 +347,8 @@ def severity(incident: Incident, config: AnalysisConfig | None = None) -> str:
         return "severe"
     if incident.kind == "nonfinite":
         return "moderate"
+    if not incident.damage:
+        return "moderate"  # no loss to judge the aftermath on: it cannot be called harmless
     loss = incident.series.get("loss")
     if loss is None:
         return "minor"  # the loss never left its band and is on its trajectory: nothing was harmed
@@ -405,8 +408,9 @@ def recommend(
                reset_optimizer_state_for=[])
     actions: list[dict[str, Any]] = []
     if incident.severity == "minor":
+        # Nothing to undo; a broken schedule or device is still worth repairing before it strikes again.
         actions.append({"action": "none", "because": _recovered_because(incident) + "; the incident is minor"})
-        rec["actions"] = actions
+        rec["actions"] = actions + _repairs(incident, ev, rec, peak_lr)
         return rec
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
@@ -498,8 +502,9 @@ def _grad_evidence(incident: Incident, ev: Evidence) -> str | None:
 def _recovered_because(incident: Incident) -> str:
     d = incident.damage
     if not d:
-        return f"back in the detector's band at step {incident.recovery_step}"
-    return (f"back on its pre-incident trajectory from step {d['back_step']} and still there {d['observed_steps']} steps after "
+        return (f"back in the detector's band at step {incident.recovery_step}; with no loss before onset to "
+                "compare with, lasting damage could not be judged")
+    return (f"back on its pre-incident trajectory from step {d['back_step']} and still there {steps_text(d['observed_steps'])} after "
             f"the incident (excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import parameter_modules, watch_config
-from spikedoc.analysis._robust import fmt
+from spikedoc.analysis._robust import fmt, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
 from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity
@@ -497,7 +497,7 @@ def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident],
         lead = loss_flag - grad["onset_step"]
         return {"step": grad["onset_step"], "lead_steps": lead,
                 "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
-                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {lead} steps before the loss"}
+                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {steps_text(lead)} before the loss"}
     # A separate grad-norm spike earlier counts only while it lasts: one that came back into the band
     # before the loss moved was a passing outlier, not the start of this incident.
     earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step
@@ -507,7 +507,7 @@ def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident],
         lead = loss_flag - first.onset_step
         return {"step": first.onset_step, "lead_steps": lead,
                 "sentence": f"a gradient-norm spike at step {first.onset_step} ({fmt(first.peak_value)}, "
-                f"{fmt(first.magnitude_sigma, 2)} sigma) came {lead} steps before the loss was flagged"}
+                f"{fmt(first.magnitude_sigma, 2)} sigma) came {steps_text(lead)} before the loss was flagged"}
     return None
 
 

@@ -73,13 +73,13 @@ def host_copy(obj: Any) -> Any:
 
 
 def all_finite(obj: Any) -> bool:
-    """Whether every floating-point tensor in a (nested) state is free of NaN and inf: one host sync."""
-    checks: list[Tensor] = []
+    """Whether every floating-point tensor in a (nested) state is free of NaN and inf: one host sync per device."""
+    checks: dict[torch.device, list[Tensor]] = {}
 
     def visit(x: Any) -> None:
         if isinstance(x, Tensor):
             if x.is_floating_point() or x.is_complex():
-                checks.append(torch.isfinite(x).all().to("cpu", non_blocking=x.device.type == "cuda"))
+                checks.setdefault(x.device, []).append(torch.isfinite(x).all())
         elif isinstance(x, dict):
             for v in x.values():
                 visit(v)
@@ -88,7 +88,7 @@ def all_finite(obj: Any) -> bool:
                 visit(v)
 
     visit(obj)
-    return bool(torch.stack(checks).all()) if checks else True
+    return all(bool(torch.stack(flags).all()) for flags in checks.values())
 
 
 class CheckpointStore:

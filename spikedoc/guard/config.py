@@ -52,6 +52,9 @@ class GuardConfig:
     """Steps before an incident's onset searched for its earliest precursor and an LR jump."""
     seed: int = 0
     """Seed of the data order the guard owns (a shuffling DataLoader without its own generator)."""
+    accumulate: int = 1
+    """Batches per optimizer step (gradient accumulation): each step's batches are handed out with
+    the same step index; call `optimizer.step()` after the last of them."""
     max_steps: int | None = None
     """Stop iterating after this many optimizer steps; None: when the data's `epochs` passes end."""
     epochs: int = 1
@@ -67,6 +70,7 @@ class GuardConfig:
         _positive_int("max_rollbacks", self.max_rollbacks, lower=0)
         _positive_int("skip_window", self.skip_window, lower=0)
         _positive_int("lookback", self.lookback)
+        _positive_int("accumulate", self.accumulate)
         _positive_int("max_steps", self.max_steps, allow_none=True)
         _positive_int("epochs", self.epochs)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -27,6 +27,8 @@ from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
 from spikedoc.monitor import Monitor, watch
+from spikedoc.monitor._step import extract_loss
+from spikedoc.monitor.statistics import norms
 
 __all__ = ["Guard"]
 
@@ -42,12 +44,28 @@ class _Pending:
     """The step the loop is working on: from the batch handed out to the next one."""
 
     step: int
-    position: int
+    positions: list[int]
+    """Data positions of the step's batches (more than one under gradient accumulation)."""
     loss_sum: Tensor | None = None
     loss_count: int = 0
+    forward_loss_sum: Tensor | None = None
+    """Losses the model's forwards returned this step (used when `record` gave none)."""
+    forward_loss_count: int = 0
     sample_ids: list[Any] = field(default_factory=list)
     verdict: Verdict | None = None
     lrs: list[float] | None = None
+
+
+@dataclass(kw_only=True)
+class _Seen:
+    """A step the guard remembers, to name and skip an incident's batches and find its tensors."""
+
+    step: int
+    positions: list[int]
+    """Data positions of its batches."""
+    sample_ids: list[Any]
+    grad_norms: tuple[Tensor, list[Tensor]] | None
+    """Per-tensor gradient norms and the parameters in that order (kept when reset_moments=True)."""
 
 
 class Guard:
@@ -126,7 +144,7 @@ class Guard:
         """What the guard did, in order: one dict per veto, rollback and stop (as in the events)."""
         self._hold: dict[str, Any] | None = None
         self._pending: _Pending | None = None
-        self._recent: deque[tuple[int, int, list[Any], tuple[Tensor, list[Tensor]] | None]] = deque(maxlen=_REMEMBERED_STEPS)
+        self._recent: deque[_Seen] = deque(maxlen=_REMEMBERED_STEPS)
         self._requested = False
         self._norms_of_step: tuple[Tensor, list[Tensor]] | None = None
         self._warned: set[str] = set()
@@ -138,6 +156,8 @@ class Guard:
                                lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
         else:
             self._checkpoint()  # step 0: a rollback target before the first periodic checkpoint
+        # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
+        self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
         self._original_step = optimizer.__dict__.get("step")
         optimizer.step = self._step_wrapper()  # the veto must run before the update, inside step()
 
@@ -149,11 +169,16 @@ class Guard:
     def __next__(self) -> tuple[int, Any]:
         if self._closed:
             raise StopIteration
+        p = self._pending
+        if p is not None and p.verdict is None and len(p.positions) < self.config.accumulate:
+            position, batch = self._stream.next()  # the next micro-batch of the same step
+            p.positions.append(position)
+            return p.step, batch
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
         position, batch = self._stream.next()
-        self._pending = _Pending(step=self.step, position=position)
+        self._pending = _Pending(step=self.step, positions=[position])
         return self.step, batch
 
     def record(
@@ -202,6 +227,7 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        self._forward_hook.remove()
         if self._original_step is not None:
             self.optimizer.step = self._original_step
         else:
@@ -215,6 +241,16 @@ class Guard:
         self.close()
 
     # -------------------------------------------------------------------------- the step itself
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        p = self._pending
+        if p is None or p.verdict is not None or not torch.is_grad_enabled():  # evaluation is no step's
+            return
+        loss = extract_loss(output)
+        if loss is not None:
+            loss = loss.detach().float().reshape(())
+            p.forward_loss_sum = loss if p.forward_loss_sum is None else p.forward_loss_sum + loss
+            p.forward_loss_count += 1
 
     def _step_wrapper(self) -> Any:
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -230,7 +266,10 @@ class Guard:
         step_fn = self._original_step or type(self.optimizer).step.__get__(self.optimizer)
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
             return step_fn(*args, **kwargs)
-        loss = p.loss_sum / p.loss_count if p.loss_sum is not None else self.monitor.captured_loss()
+        if p.loss_sum is not None:
+            loss = p.loss_sum / p.loss_count
+        else:
+            loss = p.forward_loss_sum / p.forward_loss_count if p.forward_loss_sum is not None else None
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
@@ -267,7 +306,8 @@ class Guard:
         if not by_key:
             return torch.zeros(())
         first = next(iter(by_key))[0]
-        per_tensor = torch.cat([torch.stack(torch._foreach_norm(grads)).float().to(first) for grads in by_key.values()])
+        # Accumulated in float32: a float16 gradient's norm overflows to inf long before its values do.
+        per_tensor = torch.cat([norms(grads).to(first) for grads in by_key.values()])  # (n,)
         grad_scale = getattr(self.optimizer, "grad_scale", None)
         if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
             per_tensor = per_tensor / grad_scale.to(first, torch.float32)
@@ -279,7 +319,7 @@ class Guard:
 
     def _veto(self, p: _Pending, verdict: Verdict) -> None:
         self.vetoes += 1
-        detail = {"position": p.position, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
+        detail = {"positions": p.positions, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
         self.actions.append({"kind": "veto", "step": p.step, **detail})
         self.monitor.event("veto", **_plain(detail))  # before skip_step: recorded at the vetoed step's index
         self.monitor.skip_step()
@@ -291,7 +331,7 @@ class Guard:
         if p is None:
             return
         norms, self._norms_of_step = self._norms_of_step, None
-        self._recent.append((p.step, p.position, p.sample_ids, norms))
+        self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms))
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
         self.step = p.step + 1
         if decision is not None:
@@ -344,13 +384,13 @@ class Guard:
         saved_scale = float(state["guard"]["lr_scale"])
         self._restore(state)
         remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
-                             batches={s: (pos, ids) for s, pos, ids, _ in self._recent})  # fmt: skip
+                             batches={s.step: (s.positions, s.sample_ids) for s in self._recent})  # fmt: skip
         evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
         scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
         evidence["reset_optimizer_state_for"] = reset_implicated(
-            self.model, self.optimizer, decision, {s: n for s, _, _, n in self._recent if n is not None}
+            self.model, self.optimizer, decision, {s.step: s.grad_norms for s in self._recent if s.grad_norms is not None}
         ) if self.config.reset_moments else []  # fmt: skip
         self.rollbacks += 1
         self._store.forget_after(target.step)
@@ -426,8 +466,17 @@ class Guard:
         return None
 
     def _watch(self) -> Monitor:
-        return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
-                     start_step=self.step, **self._watch_options)  # fmt: skip
+        def open_monitor() -> Monitor:
+            return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
+                         start_step=self.step, **self._watch_options)  # fmt: skip
+
+        if world() is None:
+            return open_monitor()
+        # Every rank numbers the new segment from meta.json (written by rank 0 only) and its own
+        # parts: the other ranks open first, then rank 0 writes it, so all agree on the number.
+        monitor = open_monitor() if world()[0] != 0 else None
+        torch.distributed.barrier()
+        return monitor if monitor is not None else open_monitor()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

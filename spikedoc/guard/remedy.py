@@ -51,7 +51,7 @@ def plan_remedy(
     clip: float | None,
     lr_scale: float,
     hold: dict[str, Any] | None,
-    batches: dict[int, tuple[int, list[Any]]],
+    batches: dict[int, tuple[list[int], list[Any]]],
 ) -> Remedy:
     """The replay's settings after rolling back for `decision`.
 
@@ -66,11 +66,11 @@ def plan_remedy(
         clip: Clipping norm in use.
         lr_scale: LR scale in use.
         hold: LR hold in use, if any.
-        batches: step -> (data position, sample ids) of the steps the guard remembers.
+        batches: step -> (data positions of its batches, sample ids) of the steps the guard remembers.
 
     Example:
         >>> d = Decision(reason="vetoes", onset_step=5, precursor_step=5, cause="damage", attributed_steps=[5])
-        >>> plan_remedy(d, config=GuardConfig(), clip=1.0, lr_scale=1.0, hold=None, batches={5: (7, ["a"])}).skip_positions
+        >>> plan_remedy(d, config=GuardConfig(), clip=1.0, lr_scale=1.0, hold=None, batches={5: ([7], ["a"])}).skip_positions
         [7]
     """
     jump = decision.lr_jump
@@ -86,8 +86,9 @@ def plan_remedy(
     w = config.skip_window
     for step in decision.attributed_steps:
         if step in batches:
-            position, sample_ids = batches[step]
-            positions += range(max(0, position - w), position + w + 1)
+            step_positions, sample_ids = batches[step]
+            for position in step_positions:
+                positions += range(max(0, position - w), position + w + 1)
             ids += sample_ids
     return Remedy(clip=tighter_clip(clip), lr_scale=lr_scale * factor, hold=hold,
                   skip_positions=sorted(set(positions)), skip_sample_ids=ids)  # fmt: skip

@@ -202,15 +202,6 @@ class Monitor:
         """
         self._lane.join()
 
-    def captured_loss(self) -> Tensor | None:
-        """The mean loss the model's forwards returned for the step being accumulated (a device
-        tensor, no sync), or None when no forward returned one. For a guard judging the step
-        before `optimizer.step()`."""
-        st = self._cur
-        if st.loss_sum is None or st.loss_count == 0:
-            return None
-        return st.loss_sum / st.loss_count
-
     def skip_step(self) -> None:
         """Record the current step as taken but not applied (`skipped`): call it instead of
         `optimizer.step()` when a step is deliberately not applied, e.g. vetoed by a guard.
