@@ -43,3 +43,12 @@ def test_the_guarded_hook_script_heals_its_planted_nan_steps(tmp_path):
     assert "trained 60 steps: 5 vetoed, 1 rollbacks" in done.stdout
     analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "run"), "--json"]).output)
     assert [a["step"] for a in analysis["guard_actions"] if a["kind"] == "rollback"] == [20]
+
+
+def test_the_demos_long_bad_batch_is_vetoed_and_nothing_else_happens(tmp_path):
+    from spikedoc.demo.guarded import guarded_run
+
+    result = guarded_run(tmp_path / "run", "bad_batch_long")
+    assert [(a["kind"], a["step"]) for a in result["actions"]] == [("veto", 170)]
+    assert result["actions"][0]["sample_ids"][:2] == ["crawl/blob-0", "crawl/blob-1"]
+    assert result["steps"] == 300 and result["rollbacks"] == 0

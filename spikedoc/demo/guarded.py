@@ -42,8 +42,9 @@ class _Batches:
             yield {"ids": ids, "mask": mask, "sample_ids": [f"topics@{o}+{n}" for o, n in zip(offsets.tolist(), lengths.tolist())]}
 
 
-def guarded_run(run_dir: str | Path, fault: str = "optimizer_state") -> dict[str, Any]:
-    """Train the demo GPT under a Guard into `run_dir` (replaced if present) with `fault` planted once.
+def guarded_run(run_dir: str | Path, fault: str | None = "optimizer_state") -> dict[str, Any]:
+    """Train the demo GPT under a Guard into `run_dir` (replaced if present) with `fault` planted once
+    (None: no fault, the clean run to compare with).
 
     Returns:
         `{"steps", "vetoes", "rollbacks", "final_loss", "actions"}` (the guard's actions as recorded).
@@ -52,9 +53,9 @@ def guarded_run(run_dir: str | Path, fault: str = "optimizer_state") -> dict[str
         >>> guarded_run("/tmp/guarded", "nan")["rollbacks"]  # doctest: +SKIP
         1
     """
-    if fault not in _STEP:
+    if fault is not None and fault not in _STEP:
         raise ValueError(f"unknown guarded demo fault {fault!r}; choose one of: {', '.join(_STEP)}")
-    recipe, run_dir, at = Recipe(), Path(run_dir), _STEP[fault]
+    recipe, run_dir, at = Recipe(), Path(run_dir), _STEP.get(fault, -1)
     shutil.rmtree(run_dir, ignore_errors=True)
     losses: dict[int, float] = {}
     with _deterministic(0):
@@ -69,7 +70,7 @@ def guarded_run(run_dir: str | Path, fault: str = "optimizer_state") -> dict[str
                 ids, mask, sample_ids = batch["ids"], batch["mask"], batch["sample_ids"]
                 if step == at and not planted:
                     planted = True
-                    ids, mask, sample_ids = _plant(fault, recipe, guard, model, opt, mask) or (ids, mask, sample_ids)
+                    ids, mask, sample_ids = _plant(fault, recipe, guard, model, opt, (ids, mask, sample_ids))
                 nll = model(input_ids=ids, attention_mask=mask)  # (B, T-1)
                 tokens = mask[:, 1:].sum(1).clamp(min=1)  # (B,)
                 token_mean = nll.detach().sum() / tokens.sum()
@@ -85,9 +86,11 @@ def guarded_run(run_dir: str | Path, fault: str = "optimizer_state") -> dict[str
             "final_loss": sum(losses[s] for s in range(recipe.steps - 10, recipe.steps)) / 10, "actions": guard.actions}  # fmt: skip
 
 
-def _plant(fault: str, recipe: Recipe, guard: Any, model: Any, opt: torch.optim.Optimizer, mask: torch.Tensor):
+def _plant(fault: str, recipe: Recipe, guard: Any, model: Any, opt: torch.optim.Optimizer,
+           batch: tuple[torch.Tensor, torch.Tensor, list[str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:  # fmt: skip
+    """Plant `fault`; returns the batch to train on (the planted one for a bad-batch fault)."""
     if fault == "bad_batch_long":
-        return _planted_batch(RunSpec(name=fault, fault="long_batch"), recipe, mask)
+        return _planted_batch(RunSpec(name=fault, fault="long_batch"), recipe, *batch)
     guard.monitor.wait()  # in-place surgery between steps: let the last step's statistics finish first
     if fault == "optimizer_state":
         for state in opt.state.values():
@@ -95,6 +98,6 @@ def _plant(fault: str, recipe: Recipe, guard: Any, model: Any, opt: torch.optim.
     else:
         with torch.no_grad():
             model.blocks[1].fc.weight[3, 5] = math.inf
-    return None
+    return batch
 
 
