@@ -33,7 +33,7 @@ def _guard_story(res: RunResult) -> str:
     parts = [f"{vetoes} veto{'es' if vetoes != 1 else ''}"] if vetoes else []
     for a in res.actions:
         if a["kind"] == "rollback":
-            held = " LR held" if a.get("lr_held") else ""
+            held = ", LR held before the jump" if a.get("lr_held") else ""
             parts.append(f"rollback at {a['from_step']} to {a['to_step']} ({a['reason']}, cause {a['cause']}, onset "
                          f"{a['onset_step']}; LR x{a['lr_scale']:.2f}, clip {a['clip']}, "
                          f"{len(a.get('skipped_positions', []))} batches skipped{held})")  # fmt: skip
