@@ -79,3 +79,11 @@ def test_guard_recovery_quick_has_every_fault_and_method_with_finite_numbers(cap
         line = next(line for line in report.splitlines() if line.startswith(f"| {variant} |"))
         assert all(math.isfinite(float(c)) for c in line.split("|")[2:4]), line
     assert "Command: `python bench/guard_recovery.py --quick`" in report
+
+
+def test_report_size_benchmark_reports_a_section_per_planted_spike(tmp_path, capsys):
+    from bench.report_size import main
+
+    assert main(["--steps", "2000", "--tensors", "4", "--cache", str(tmp_path), "--no-write"]) == 0
+    table_row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " MB |" in line]
+    assert len(table_row) == 1 and "| 4/4 |" in table_row[0], table_row
