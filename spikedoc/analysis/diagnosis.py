@@ -26,6 +26,7 @@ from spikedoc.analysis.context import (
     warmup,
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
+from spikedoc.analysis.guard_actions import guard_actions, guard_handling, without_guard_lr_changes
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -70,6 +71,8 @@ class Diagnosis:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     """`first_step`, `last_step`, `steps`, `ranks`, `segments`, `resumes`, `abandoned`."""
+    guard_actions: list[dict[str, Any]] = field(default_factory=list)
+    """What a `spikedoc.Guard` did, in order (`guard_actions.guard_actions`): `kind`, `step`, `segment`, `detail`."""
 
     @property
     def healthy(self) -> bool:
@@ -78,8 +81,8 @@ class Diagnosis:
 
     @property
     def needs_attention(self) -> bool:
-        """Some incident is more than minor (the CLI's exit code 1)."""
-        return any(i.severity != "minor" for i in self.incidents)
+        """Some incident is more than minor and was not already handled by a guard (the CLI's exit code 1)."""
+        return any(i.severity != "minor" and not i.handled_by_guard for i in self.incidents)
 
     def to_dict(self) -> dict[str, Any]:
         """The documented, stable JSON shape (docs/analysis.md, "JSON output")."""
@@ -101,6 +104,7 @@ class Diagnosis:
             "findings": [f.to_dict() for f in self.findings],
             "missing": self.missing,
             "warnings": self.warnings,
+            "guard_actions": self.guard_actions,
         })
 
 
@@ -137,7 +141,34 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     _Analysis(run, steps, lineage, config, diagnosis).execute()
     # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
     diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
+    diagnosis.guard_actions = guard_actions(run.events)
+    if diagnosis.guard_actions:
+        _drop_guard_lr_changes(diagnosis)
+        _credit_guard(diagnosis)
     return diagnosis
+
+
+def _credit_guard(diagnosis: Diagnosis) -> None:
+    # What the guard already did is not advice to give again: a handled incident's advice is the record of it.
+    for inc, ctx in zip(diagnosis.incidents, diagnosis.context):
+        handling = guard_handling(inc.onset_step, inc.end_step, ctx.get("segment", 0), diagnosis.guard_actions)
+        if handling is None:
+            continue
+        ctx["guard"] = {k: v for k, v in handling.items() if k != "rollback"} | {"rolled_back": handling["rollback"] is not None}
+        if handling["handled"]:
+            inc.handled_by_guard = True
+            inc.recommendation.update(rollback=False, actions=[{"action": "guard_handled", "because": handling["because"]}])
+        else:
+            inc.recommendation["actions"].insert(0, {"action": "guard_acted", "because": handling["because"]})
+
+
+def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
+    # A guard's rollback lowers the LR where it resumes, on purpose: not a discontinuity to warn about.
+    for finding in list(diagnosis.findings):
+        if finding.id == "lr_discontinuity":
+            finding.details["jumps"] = without_guard_lr_changes(finding.details["jumps"], diagnosis.guard_actions)
+            if not finding.details["jumps"]:
+                diagnosis.findings.remove(finding)
 
 
 def _checked_steps(run: Any) -> pd.DataFrame:
@@ -388,7 +419,7 @@ class _Analysis:
         return self.steps.merge(keys, on=["segment", "step"], how="inner")
 
     def _layers(self, frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
-        layers = self.run.layers(start=max(0, start), stop=stop)
+        layers = self.run.layers(first_step=max(0, start), last_step=stop)
         if layers.empty:
             return layers
         if "rank" in layers.columns and layers["rank"].nunique() > 1:
@@ -520,7 +551,7 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     ]
     return [Finding(
         id="lr_discontinuity", severity="warning",
-        message=f"the LR series jumps at {len(shown)} step(s): " + "; ".join(parts),
+        message=f"the LR series jumps at {steps_text(len(shown))}: " + "; ".join(parts),
         why="A schedule changes the LR smoothly; a jump (most often a resume that did not restore the scheduler's "
         "step) changes the step size the optimizer's state was tuned to, and an upward jump is a known spike cause.",
         details={"jumps": shown},
