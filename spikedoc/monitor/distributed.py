@@ -1,4 +1,4 @@
-"""What the ranks of a watched distributed run agree on: the segment number and full-tensor statistics of sharded tensors.
+"""What the ranks of a watched distributed run combine: full-tensor statistics of sharded tensors, and integrations' stop decisions.
 
 Under FSDP2 (`fully_shard`) parameters, gradients and optimizer state are DTensors holding one
 shard per rank. The monitor computes every statistic on the local shards, as for any tensor, and
@@ -9,7 +9,7 @@ step's values travel in one `all_gather` of one float64 vector on the monitor's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from spikedoc.monitor.meta import distributed_rank
 
-__all__ = ["Ranks", "local", "is_sharded", "LocalState", "NORM_KEYS", "SUM_KEYS", "MAX_KEYS"]
+__all__ = ["Ranks", "agreed_segment", "local", "is_sharded", "LocalState", "NORM_KEYS", "SUM_KEYS", "MAX_KEYS"]
 
 #: Per-tensor values combined over shards as sqrt(sum of squares), as sums, as maxima.
 NORM_KEYS = ("grad_norm", "param_norm_before", "param_norm", "update_norm", "exp_avg_norm", "momentum_norm")
@@ -52,6 +52,31 @@ def is_sharded(t: Any) -> bool:
     from torch.distributed.tensor import Shard
 
     return any(isinstance(p, Shard) for p in t.placements)
+
+
+_opens: dict[str, int] = {}
+
+
+def agreed_segment(run_dir: str, candidate: Callable[[], int]) -> int | None:
+    """The segment number every rank uses for this `watch()` of `run_dir`: the first rank to ask decides.
+
+    Rank 0 writes `meta.json` while the others read it, so each rank's own count could differ. The
+    first rank to open counts (`candidate()`, before any rank of this round has written) and puts
+    the number in torch.distributed's store with a compare-and-set; the others read it. Nobody
+    waits for another rank, so monitors may be opened in any order (the guard opens rank 0's
+    last). None when not distributed or when the store is unavailable (each rank then counts).
+    """
+    if distributed_rank()[1] == 1:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except Exception:  # noqa: BLE001 - a private API: without it each rank counts
+        return None
+    # The n-th watch() of this run dir in this process: the same n on every rank.
+    _opens[run_dir] = n = _opens.get(run_dir, 0) + 1
+    return int(store.compare_set(f"spikedoc/segment/{run_dir}/{n}", "", str(candidate())))
 
 
 class LocalState(Mapping):
@@ -94,11 +119,22 @@ class Ranks:
 
     def __init__(self) -> None:
         self.rank, self.world = distributed_rank()
-        self.group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self._group: Any = None
+
+    @property
+    def group(self) -> Any:
+        """The gloo group, created at its first use (a collective: every rank uses it at the same point).
+
+        Not at construction: `watch()` itself must not wait for the other ranks, since callers may
+        open their monitors one rank after another (the guard opens rank 0's last).
+        """
+        if self._group is None and self.world > 1:
+            self._group = torch.distributed.new_group(backend="gloo")
+        return self._group
 
     def max_int(self, value: int) -> int:
-        """The largest `value` over ranks (the value itself when not distributed)."""
-        if self.group is None:
+        """The largest `value` over ranks (the value itself when not distributed). A collective."""
+        if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)

@@ -29,7 +29,7 @@ from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.budget import Cadence
 from spikedoc.monitor.config import WatchConfig
-from spikedoc.monitor.distributed import LocalState, Ranks, is_sharded, local
+from spikedoc.monitor.distributed import LocalState, Ranks, agreed_segment, is_sharded, local
 from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.monitor.statistics import Chunks, clip_coefficient
 from spikedoc.store.writer import RunWriter
@@ -111,8 +111,11 @@ class Monitor:
         self.writer = RunWriter(
             self.run_dir, rank=self._ranks.rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
         )
-        # Rank 0 writes meta.json while the others read it: agree on the segment number first.
-        segment = self._ranks.max_int(self.writer.next_segment()) if self._ranks.world > 1 else None
+        try:  # rank 0 writes meta.json while the others read it: the first to open numbers the segment
+            segment = agreed_segment(str(self.run_dir.resolve()), self.writer.next_segment)
+        except Exception as exc:  # noqa: BLE001
+            segment = None
+            self._fail("agree_segment", exc)
         try:
             watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
                          "update_norm": "exact" if self._stats.exact else "sampled"}  # fmt: skip

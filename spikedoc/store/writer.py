@@ -175,13 +175,8 @@ class RunWriter:
         return self.segment
 
     def next_segment(self) -> int:
-        """The segment `open()` would pick now: 0 for a new run, else 1 + the largest known.
-
-        Distributed runs take the maximum over ranks and pass it as `meta["segment"]`, since rank 0
-        writes `meta.json` while the others look.
-        """
-        old = self._read_old_meta()
-        return self._next_segment(old)
+        """The segment `open()` would pick now: 0 for a new run, else 1 + the largest known."""
+        return self._next_segment(self._read_old_meta())
 
     def _next_segment(self, old: dict[str, Any]) -> int:
         segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
