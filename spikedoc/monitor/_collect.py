@@ -180,6 +180,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         pk.add(f"fp:{key}", value)
     stats = monitor._stats
     hyper = None if skipped else stats.hyperparameters()
+    st.optimizer_values = stats.step_values(hyper) if hyper is not None else {}
     again = monitor._new_step_works(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
@@ -217,5 +218,5 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     watched = [p for bucket in monitor._buckets for p in bucket.params]
     watched += [t for p in watched for t in monitor.optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
     run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
-    if stats.reads_grads_after:  # the loop may zero the gradients in place right after the step
+    if stats.reads_grads_after or stats.join_after_step:  # the loop may change them right after the step
         monitor._lane.join()

@@ -24,6 +24,7 @@ from spikedoc.monitor import meta as _meta
 from spikedoc.monitor._collect import grad_stats, post_stats, run_job
 from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
+from spikedoc.monitor._optim_list import JointStats, OptimizerList
 from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
@@ -80,12 +81,17 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
         run_dir: str | Path,
         config: WatchConfig,
         scaler: Any = None,
+        scheduler: Any = None,
     ) -> None:
-        self.model, self.optimizer, self.config, self.scaler = model, optimizer, config, scaler
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        # Several optimizers are read as one: their groups in turn, their states merged.
+        self.optimizer = self.optimizers[0] if len(self.optimizers) == 1 else OptimizerList(self.optimizers)
+        self.model, self.config, self.scaler = model, config, scaler
+        self._stepped: set[int] = set()  # ids of the optimizers that stepped in the current step
         self.run_dir = Path(run_dir)
         self._dropped = 0
         self._grads_before_step = False  # set once the loop is seen zeroing gradients in place
@@ -107,9 +113,12 @@ class Monitor:
             self.run_dir, rank=rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
         )
         try:
+            exact = self._update_exact()
+            label = "exact" if all(exact) else "estimated" if not any(exact) else "mixed"
             watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
-                         "update_norm": "exact" if self._stats.exact else "sampled"}  # fmt: skip
-            meta = _meta.describe(model, optimizer, self._names, watch=watch_cfg, start_step=start)
+                         "update_norm": label}  # fmt: skip
+            meta = _meta.describe(model, self.optimizers, self._names, watch=watch_cfg, start_step=start,
+                                  update_exact=exact, scheduler=_meta.describe_scheduler(scheduler))
             self.segment = self.writer.open(meta)
             self.writer.add_event("start", start, segment=self.segment)
         except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training
@@ -121,9 +130,10 @@ class Monitor:
         self._handles += [
             model.register_forward_pre_hook(pre, with_kwargs=True),
             model.register_forward_hook(post, with_kwargs=True),
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step_post),
         ]
+        for opt in self.optimizers:
+            self._handles += [opt.register_step_pre_hook(self._on_step_pre),
+                              opt.register_step_post_hook(self._on_step_post)]  # fmt: skip
         if scaler is not None:
             self._wrap_scaler(scaler)
         _clipping.observe(self)  # the loop's own clip_grad_norm_: norms before it, its max norm
@@ -208,6 +218,8 @@ class Monitor:
             return
         self._closed = True
         _clipping.unobserve(self)
+        if self._stepped:
+            self._end_partial_step()
         self._lane.join()
         self._consume()
         self._lane.close()
@@ -232,24 +244,26 @@ class Monitor:
     def _build_plan(self) -> None:
         self._consume()  # (re)planning a watched run: finish what used the old plan first
         self._lane.join()
-        params, groups = [], []
-        for g, group in enumerate(self.optimizer.param_groups):
-            params += group["params"]
-            groups += [g] * len(group["params"])
+        params, groups, owners = [], [], []
+        for k, opt in enumerate(self.optimizers):
+            for g, group in enumerate(opt.param_groups):  # g: the group's index within its optimizer
+                params += group["params"]
+                groups += [g] * len(group["params"])
+                owners += [k] * len(group["params"])
         self._params = params
         self._param_ids = {id(p) for p in params}
         self._names = _meta.parameter_names(self.model, params)
         self._numels = np.array([p.numel() for p in params], dtype=np.float64)
         total = int(self._numels.sum())
         budget = max(int(total * _TEMP_SHARE), _TEMP_MIN)
-        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        by_key: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
-            by_key.setdefault((p.device, p.dtype), []).append(i)
+            by_key.setdefault((owners[i], p.device, p.dtype), []).append(i)
         self._buckets = [
             Bucket(device=dev, dtype=dt, index=ix, params=[params[i] for i in ix], groups=[groups[i] for i in ix],
-                   chunks=Chunks([params[i].numel() for i in ix], budget), numels=self._numels[ix],
+                   chunks=Chunks([params[i].numel() for i in ix], budget), numels=self._numels[ix], owner=k,
                    in_order=ix == list(range(len(params))))
-            for (dev, dt), ix in by_key.items()
+            for (k, dev, dt), ix in by_key.items()
         ]  # fmt: skip
         self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
         self._lane.close()
@@ -257,12 +271,21 @@ class Monitor:
         # accelerator's kernels already run asynchronously on its stream).
         on_cpu = bool(self._buckets) and all(b.device.type == "cpu" for b in self._buckets)
         self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
-        self._stats = for_optimizer(
-            self.optimizer,
-            sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
-            snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane),
-        )
+        parts = [
+            for_optimizer(opt, sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
+                          snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane))
+            for opt in self.optimizers
+        ]  # fmt: skip
+        self._stats = parts[0] if len(parts) == 1 else JointStats(parts)
         self._after_norms = {}
+
+    def _update_exact(self) -> list[bool]:
+        """Per parameter (optimizer order): whether its update norm is exact, else estimated from a sample."""
+        exact = [True] * len(self._params)
+        for bucket in self._buckets:
+            for i, flag in zip(bucket.index, self._stats.update_exact(bucket)):
+                exact[i] = bool(flag)
+        return exact
 
     def _optimizer_step_count(self) -> int:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
@@ -285,6 +308,8 @@ class Monitor:
     def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():  # evaluation forwards are not part of a step
             return
+        if self._stepped:  # some of several optimizers stepped and training moved on: that step is over
+            self._end_partial_step()
         st = self._cur
         st.forwards += 1
         try:
@@ -308,6 +333,10 @@ class Monitor:
             self._fail("loss", exc, st)
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        if self._stepped:
+            if id(optimizer) not in self._stepped:
+                return  # the next of several optimizers: the step's gradients and snapshot are taken
+            self._end_partial_step()  # the same optimizer again: the others did not step last time
         self._lane.join()  # the last step's statistics read what this step changes
         self._consume()
         st = self._cur
@@ -330,6 +359,14 @@ class Monitor:
             self._fail("step_pre", exc, st)
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped.add(id(optimizer))
+        if len(self._stepped) < len(self.optimizers):
+            return  # one training step is every optimizer's step()
+        self._end_partial_step()
+
+    def _end_partial_step(self) -> None:
+        """End the current step after the optimizers that stepped in it (all of them, or fewer)."""
+        self._stepped = set()
         self._steps_since_update += 1
         self._finish_step(skipped=False)
 
@@ -470,6 +507,8 @@ class Monitor:
         def update(new_scale: Any = None) -> Any:
             # GradScaler skips optimizer.step() (and so our hooks) when grads hold inf/NaN; the
             # next update() is where that becomes visible. The scale is read before it changes.
+            if self._stepped and not self._closed:  # it skipped some of several optimizers only
+                self._end_partial_step()
             if self._steps_since_update == 0 and not self._closed:
                 self._skipped_step()
             self._steps_since_update = 0
@@ -507,7 +546,7 @@ class Monitor:
 
 def watch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     run_dir: str | Path | None = None,
     *,
     every: int = 1,
@@ -518,6 +557,7 @@ def watch(
     flush_seconds: float = 30.0,
     start_step: int | None = None,
     pad_token_id: int | None = None,
+    scheduler: Any = None,
 ) -> Monitor:
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
 
@@ -529,7 +569,10 @@ def watch(
 
     Args:
         model: The module whose forward is called in training (compiled, DDP-wrapped or plain).
-        optimizer: The optimizer whose `step()` ends each training step.
+        optimizer: The optimizer whose `step()` ends each training step, or a list of optimizers
+            that step one model together (Muon for the matrices, AdamW for the rest): a training
+            step is then every one's `step()`, in any order; each tensor's statistics come from
+            the optimizer that owns it, and `meta.json` records which one that is.
         run_dir: Run directory; None picks `runs/<YYYYmmdd-HHMMSS>`. An existing run gets a new
             segment appended.
         every: Write a step row every `every` steps.
@@ -541,6 +584,8 @@ def watch(
         flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
         start_step: Index of the first step; default: the optimizer's step count, else 0.
         pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
+        scheduler: The LR scheduler(s) in use (optional): their class and settings go to
+            `meta.json`, so that analysis knows a scheduled restart from a discontinuity.
 
     Returns:
         The Monitor; close it (or use it as a context manager) when training ends. Open monitors
@@ -558,11 +603,19 @@ def watch(
                          flush_seconds=flush_seconds, start_step=start_step, pad_token_id=pad_token_id)  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if not optimizers:
+        raise ValueError("watch: optimizer is an empty list; pass the optimizer(s) that step the model")
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer or a list of them, got {type(opt).__name__}")
+    owned = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    if len(optimizers) > 1 and len(set(owned)) < len(owned):
+        raise ValueError("watch: the optimizers share parameters (or one is listed twice); each tensor must have one owner")
     if run_dir is None:
         run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Monitor(model, optimizer, run_dir, config, scaler=scaler)
+    return Monitor(model, optimizers if len(optimizers) > 1 else optimizers[0], run_dir, config, scaler=scaler,
+                   scheduler=scheduler)
 
 
 def _caller_level() -> int:
