@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from typing import Any
 
 import torch
@@ -105,7 +104,8 @@ class LionStats(SampledStats):
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, budget: int) -> None:
         super().__init__(optimizer, budget=budget)
-        self._signs: weakref.WeakKeyDictionary[Tensor, Tensor] = weakref.WeakKeyDictionary()
+        # The last measured update sign of each tensor, by (bucket, position): int8, one byte per element.
+        self._signs: dict[tuple[int, int], Tensor] = {}
 
     def hyperparameters(self) -> dict[int, float]:
         return {g: float(group["betas"][0]) for g, group in enumerate(self.optimizer.param_groups)}
@@ -120,15 +120,17 @@ class LionStats(SampledStats):
         out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, snapshot)}
         state, active = self.optimizer.state, set(step.active if step.active is not None else range(len(bucket.params)))
         flips: dict[int, Tensor] = {}
-        for j, m_old in moments.items():
-            if j not in active:
+        for j in sorted(active):
+            if j not in moments and "exp_avg" not in state.get(bucket.params[j], {}):
                 continue
+            # Lion's first step starts from a zero momentum (it creates `exp_avg` inside step()).
+            m_old = moments[j] if j in moments else torch.zeros_like(step.grads[j])
             beta1 = step.hyper[bucket.groups[j]]
             sign = m_old.mul_(beta1).add_(step.grads[j], alpha=1.0 - beta1).sign_()  # as Lion computes it
-            prev = self._signs.get(bucket.params[j])
+            prev = self._signs.get((id(bucket), j))
             if prev is not None:
                 flips[j] = (sign * prev < 0).sum(dtype=torch.float32) / max(sign.numel(), 1)
-            self._signs[bucket.params[j]] = sign.to(torch.int8)
+            self._signs[(id(bucket), j)] = sign.to(torch.int8)
         if step.layers:
             have = [j for j, p in enumerate(bucket.params) if "exp_avg" in state.get(p, {})]
             vals = dict(zip(have, norms([state[bucket.params[j]]["exp_avg"] for j in have]).unbind())) if have else {}
