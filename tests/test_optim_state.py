@@ -137,6 +137,8 @@ def test_schedule_free_records_the_measured_sequence_and_the_averaging_weight(tm
     expected = [(s - (weight_sums[t - 1] if t else 0.0)) / s for t, s in enumerate(weight_sums)]
     assert run.steps["sf_averaging_weight"].tolist() == pytest.approx(expected, rel=1e-6)  # stored as float32
     assert run.steps["sf_train_mode"].tolist() == [1.0] * STEPS
+    # The LR column is the one each step used: Schedule-Free's own warmup over 3 steps, then 3e-3.
+    assert run.steps["lr"].tolist() == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3], rel=1e-6)
     layers = _layers_at(run, STEPS - 1)
     for name, p in model.named_parameters():
         state = opt.state[p]
@@ -183,3 +185,56 @@ def test_update_norms_of_large_tensors_are_labelled_estimated_in_meta(tmp_path):
     meta = spikedoc.load(tmp_path).meta
     assert {p["name"]: p["update_norm"] for p in meta["parameters"]} == {"weight": "estimated", "bias": "exact"}
     assert meta["watch"]["update_norm"] == "mixed"
+
+
+def _optimizers() -> dict[str, object]:
+    """Each optimizer family on the tiny model, at a learning rate its authors' recipes use for small models."""
+
+    def muon_adamw(model):
+        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")]
+        rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and n.startswith("blocks."))]
+        return [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.1)]
+
+    def optional(module: str, make):
+        def build(model):
+            return make(pytest.importorskip(module, reason="needs the optim extra: pip install -e '.[optim]'"), model)
+        return build
+
+    return {
+        "muon_adamw": muon_adamw,
+        "adafactor": lambda model: torch.optim.Adafactor(model.parameters(), lr=1e-2),
+        "lion": optional("lion_pytorch", lambda m, model: m.Lion(model.parameters(), lr=3e-4, weight_decay=0.1)),
+        "adam8bit": optional("bitsandbytes", lambda m, model: m.optim.Adam8bit(model.parameters(), lr=3e-3, min_8bit_size=16)),
+        "schedule_free": optional("schedulefree", lambda m, model: m.AdamWScheduleFree(model.parameters(), lr=3e-3,
+                                                                                       warmup_steps=10)),
+        "soap": optional("pytorch_optimizer", lambda m, model: m.SOAP(model.parameters(), lr=3e-3, precondition_frequency=5)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_healthy_run_with_the_optimizer_has_no_incident(tmp_path, name):
+    if name in ("muon_adamw", "adafactor") and not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon and Adafactor need torch >= 2.9")
+    model = make_model(seed=12)
+    made = _optimizers()[name](model)
+    opts = made if isinstance(made, list) else [made]
+    warmup = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 10)) for o in opts]
+    if name == "schedule_free":  # it warms up itself and needs no schedule
+        warmup = []
+        opts[0].train()
+    text = char_text()
+    with spikedoc.watch(model, made, run_dir=tmp_path) as monitor:
+        for step in range(60):
+            ids, labels = text.batch(step)
+            model(ids, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for o in opts:
+                o.step()
+            for s in warmup:
+                s.step()
+            for o in opts:
+                o.zero_grad()
+    assert monitor.dropped_rows == 0
+    diagnosis = spikedoc.analyze(tmp_path)
+    assert diagnosis.incidents == [], [(i.onset_step, i.kind, i.cause) for i in diagnosis.incidents]
+    assert not [f.id for f in diagnosis.findings if f.severity == "warning"]

@@ -163,7 +163,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     """
     pk = st.packer
     for g, group in enumerate(monitor.optimizer.param_groups):
-        lr = group.get("lr", math.nan)
+        # Schedule-Free warms up inside step() and logs the LR it used as `scheduled_lr`.
+        lr = group.get("scheduled_lr", group.get("lr", math.nan))
         if isinstance(lr, Tensor):
             pk.add(f"lr:{g}", lr.detach().float().clone())  # a scheduler may change it in place next
             lr = Late(f"lr:{g}")
