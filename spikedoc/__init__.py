@@ -3,6 +3,7 @@
     monitor = spikedoc.watch(model, optimizer, run_dir="runs/exp1")   # record a run
     run = spikedoc.load("runs/exp1")                                  # read it back (pandas)
     diagnosis = spikedoc.analyze("runs/exp1")                         # find and explain spikes
+    guard = spikedoc.Guard(model, optimizer, data=loader, run_dir="runs/exp1")  # a run that heals itself
 
 Names are imported lazily so that analysing a run never imports torch and recording one never
 imports pandas.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from spikedoc.errors import RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
+from spikedoc.errors import GuardStopped, RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "analyze",
     "Diagnosis",
     "Incident",
+    "Guard",
+    "GuardStopped",
     "SpikedocError",
     "RunNotFoundError",
     "RunFormatError",
@@ -40,11 +43,13 @@ _LAZY = {
     "analyze": "spikedoc.analysis",
     "Diagnosis": "spikedoc.analysis",
     "Incident": "spikedoc.analysis.incident",
+    "Guard": "spikedoc.guard",
 }
 
 if TYPE_CHECKING:
     from spikedoc.analysis import Diagnosis, analyze
     from spikedoc.analysis.incident import Incident
+    from spikedoc.guard import Guard
     from spikedoc.monitor import Monitor, watch
     from spikedoc.store.reader import Run, load
 

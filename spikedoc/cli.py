@@ -55,26 +55,36 @@ def analyze(
 @app.command()
 def demo(
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the recorded run (default: a new temporary directory).", show_default=False)] = None,
-    fault: Annotated[str, typer.Option("--fault", help="Which fault to plant: " + ", ".join(_demo_faults()) + ".")] = "bad_batch_long",
+    fault: Annotated[str | None, typer.Option("--fault", help="Which fault to plant: " + ", ".join(_demo_faults()) + " (default bad_batch_long; with --guard: " + ", ".join(_guard_faults()) + ", default optimizer_state).", show_default=False)] = None,
+    guard: Annotated[bool, typer.Option("--guard", help="Train under spikedoc.Guard and show the fault healed: vetoed, or rolled back and replayed.")] = False,
 ) -> None:
-    """Train a tiny GPT on CPU with spikedoc.watch, plant a fault, then analyze the recorded run.
+    """Train a tiny GPT on CPU with spikedoc.watch (under spikedoc.Guard with --guard), plant a fault, then analyze the run.
 
     Exit code 0 when the demo ran (whatever it found), 2 for a bad option or an unwritable --out.
     """
-    from spikedoc.demo import FAULTS, record_demo_run
+    from spikedoc.demo import FAULTS, GUARD_FAULTS, record_demo_run
 
-    if fault not in FAULTS:
-        _fail(f"unknown --fault {fault!r}; choose one of: {', '.join(FAULTS)}", EXIT_BAD_INPUT)
+    faults = GUARD_FAULTS if guard else FAULTS
+    fault = fault or ("optimizer_state" if guard else "bad_batch_long")
+    if fault not in faults:
+        _fail(f"unknown --fault {fault!r}{' with --guard' if guard else ''}; choose one of: {', '.join(faults)}", EXIT_BAD_INPUT)
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="spikedoc-demo-")) / fault
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         _fail(f"{out} already exists and is not an empty directory: choose a new one (the demo writes a fresh run)",
               EXIT_BAD_INPUT)
     console = Console(highlight=False)
-    console.print(f"Training a tiny GPT (2 layers, 300 steps, CPU) with spikedoc.watch recording every step; "
-                  f"planted: {FAULTS[fault]}. Recording to {out} ...")
+    how = "under spikedoc.Guard" if guard else "with spikedoc.watch recording every step"
+    console.print(f"Training a tiny GPT (2 layers, 300 steps, CPU) {how}; planted: {faults[fault]}. Recording to {out} ...")
     try:
-        record_demo_run(out, fault)
+        if guard:
+            from spikedoc.demo import guarded_demo_run
+
+            result = guarded_demo_run(out, fault)
+            console.print(f"The guard vetoed {result['vetoes']} step(s) and rolled back {result['rollbacks']} time(s); the run "
+                          f"finished its {result['steps']} steps at a loss of {result['final_loss']:.3f} (mean of the last 10).")
+        else:
+            record_demo_run(out, fault)
     except OSError as exc:
         _fail(f"{out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
     console.print(f"Recorded. What `spikedoc analyze {out}` says:\n")
@@ -88,6 +98,12 @@ def _demo_faults() -> list[str]:
     from spikedoc.demo import FAULTS  # no torch import: FAULTS is plain data
 
     return list(FAULTS)
+
+
+def _guard_faults() -> list[str]:
+    from spikedoc.demo import GUARD_FAULTS  # no torch import: plain data
+
+    return list(GUARD_FAULTS)
 
 
 def _run_or_exit(run: Path):

@@ -1,6 +1,6 @@
 """Errors spikedoc raises for bad input; the CLI turns each into one line and an exit code."""
 
-__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError", "one_line"]
+__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError", "GuardStopped", "one_line"]
 
 #: Exit code of the CLI for unusable input (see README, "Exit codes").
 EXIT_BAD_INPUT = 2
@@ -22,6 +22,20 @@ class RunFormatError(SpikedocError):
 
 class UnsupportedVersionError(SpikedocError):
     """The run was written by a newer spikedoc whose format this version cannot read."""
+
+
+class GuardStopped(SpikedocError):
+    """`spikedoc.Guard` stopped the run: its rollback budget is spent or the fault is not one it can heal.
+
+    Attributes:
+        diagnosis: What the guard saw, as plain data: `reason`, `step`, `rollbacks`, the
+            incident's evidence and the actions taken so far (the same dict as the `guard_stop`
+            event in the run directory).
+    """
+
+    def __init__(self, message: str, diagnosis: dict | None = None) -> None:
+        super().__init__(message)
+        self.diagnosis = dict(diagnosis or {})
 
 
 def one_line(reason: BaseException | str) -> str:

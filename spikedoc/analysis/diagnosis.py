@@ -26,6 +26,7 @@ from spikedoc.analysis.context import (
     warmup,
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
+from spikedoc.analysis.guard_actions import guard_actions, without_guard_lr_changes
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -71,6 +72,8 @@ class Diagnosis:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     """`first_step`, `last_step`, `steps`, `ranks`, `segments`, `resumes`, `abandoned`."""
+    guard_actions: list[dict[str, Any]] = field(default_factory=list)
+    """What a `spikedoc.Guard` did, in order (`guard_actions.guard_actions`): `kind`, `step`, `segment`, `detail`."""
 
     @property
     def healthy(self) -> bool:
@@ -102,6 +105,7 @@ class Diagnosis:
             "findings": [f.to_dict() for f in self.findings],
             "missing": self.missing,
             "warnings": self.warnings,
+            "guard_actions": self.guard_actions,
         })
 
 
@@ -138,7 +142,19 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     _Analysis(run, steps, lineage, config, diagnosis).execute()
     # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
     diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
+    diagnosis.guard_actions = guard_actions(run.events)
+    if diagnosis.guard_actions:
+        _drop_guard_lr_changes(diagnosis)
     return diagnosis
+
+
+def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
+    # A guard's rollback lowers the LR where it resumes, on purpose: not a discontinuity to warn about.
+    for finding in list(diagnosis.findings):
+        if finding.id == "lr_discontinuity":
+            finding.details["jumps"] = without_guard_lr_changes(finding.details["jumps"], diagnosis.guard_actions)
+            if not finding.details["jumps"]:
+                diagnosis.findings.remove(finding)
 
 
 def _checked_steps(run: Any) -> pd.DataFrame:

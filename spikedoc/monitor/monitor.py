@@ -212,6 +212,16 @@ class Monitor:
         """
         self._lane.join()
 
+    def skip_step(self) -> None:
+        """Record the current step as taken but not applied (`skipped`): call it instead of
+        `optimizer.step()` when a step is deliberately not applied, e.g. vetoed by a guard.
+
+        The step keeps its index and its gradient statistics, has no update statistics, and a
+        GradScaler's next `update()` does not count it a second time.
+        """
+        self._steps_since_update += 1
+        self._skipped_step()
+
     def close(self) -> None:
         """Write the last step, remove the hooks and flush the writer. Idempotent."""
         if self._closed:

@@ -62,6 +62,8 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
         if len(diagnosis.incidents) > MAX_EXPLAINED:
             console.print(f"[dim]{len(diagnosis.incidents) - MAX_EXPLAINED} more incidents not explained here "
                           "(the most severe are shown); --json has them all.[/dim]")
+    if diagnosis.guard_actions:
+        _guard(console, diagnosis.guard_actions)
     if diagnosis.findings:
         console.print()
         console.print("[bold]Configuration[/bold]")
@@ -76,6 +78,32 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
             console.print(f"  {escape(item)}: {_MISSING.get(item, 'not analysed')}")
     for warning in diagnosis.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
+def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
+    """What spikedoc.Guard did: vetoes, rollbacks and a stop, one line each (checkpoints counted)."""
+    console.print()
+    checkpoints = sum(a["kind"] == "checkpoint" for a in actions)
+    console.print(f"[bold]Guard actions[/bold] ({checkpoints} guard checkpoints)")
+    shown = [a for a in actions if a["kind"] != "checkpoint"]
+    for a in shown[:MAX_TABLE]:
+        d = a["detail"]
+        if a["kind"] == "veto":
+            z = ", ".join(f"{k} {_fmt_table(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
+            line = (f"veto of step {a['step']}: {', '.join(d.get('reasons', []))}" + (f" ({z} sigma)" if z else "")
+                    + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
+        elif a["kind"] == "rollback":
+            line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
+                    + (f"LR held at {d['lr_held'].get('at')} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
+                       else f"LR x{_val(d.get('lr_scale'))} of the original, clip {_val(d.get('clip_before'))} -> "
+                            f"{_val(d.get('clip'))}, {len(d.get('skipped_positions') or [])} batches skipped"))
+        elif a["kind"] == "guard_stop":
+            line = f"[red]stopped at step {a['step']}: {d.get('reason')}[/red]"
+        else:
+            line = f"{a['kind']} at step {a['step']}" + (f": {d['error']}" if d.get("error") else "")
+        console.print(f"  {escape(line) if '[red]' not in line else line}")
+    if len(shown) > MAX_TABLE:
+        console.print(f"[dim]... and {len(shown) - MAX_TABLE} more (see --json)[/dim]")
 
 
 def _table(console: Console, incidents: list[Incident]) -> None:
@@ -205,6 +233,10 @@ def _severity(inc: Incident) -> tuple:
 
 def _sigma(value: float) -> str:
     return "non-finite" if not math.isfinite(value) else f"{_fmt_table(value)} sigma"
+
+
+def _val(value: Any) -> str:
+    return _fmt_table(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def _fmt_table(value: float) -> str:

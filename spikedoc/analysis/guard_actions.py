@@ -1,0 +1,59 @@
+"""What a `spikedoc.Guard` did in a run: its events (vetoes, checkpoints, rollbacks, a stop), in order."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "without_guard_lr_changes"]
+
+#: Event kinds the guard records; its checkpoints are `checkpoint` events with `guard: true`.
+GUARD_EVENT_KINDS = ("veto", "rollback", "guard_stop", "guard_resume", "checkpoint_failed", "checkpoint_refused")
+
+
+def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """The guard's events of a run (one rank's: every rank records the same decisions), oldest first.
+
+    Args:
+        events: `Run.events` (`step`, `segment`, `time`, `kind`, `detail` as a JSON string, `rank`).
+
+    Returns:
+        One dict per action: `kind`, `step` (for a rollback, the step it returned to), `segment`,
+        `detail` (the event's detail as a dict).
+
+    Example:
+        >>> events = pd.DataFrame({"step": [70], "segment": [0], "time": [0.0], "kind": ["veto"],
+        ...                        "detail": ['{"reasons": ["nonfinite"]}'], "rank": [0]})
+        >>> guard_actions(events)[0]["detail"]["reasons"]
+        ['nonfinite']
+    """
+    if events is None or events.empty or not {"kind", "detail", "step"} <= set(events.columns):
+        return []
+    if "rank" in events.columns and events["rank"].nunique() > 1:
+        events = events.loc[events["rank"] == events["rank"].min()]
+    out = []
+    for row in events.sort_values("time", kind="stable").itertuples(index=False):
+        try:
+            detail = json.loads(row.detail or "{}")
+        except (TypeError, ValueError):
+            detail = {}
+        detail = detail if isinstance(detail, dict) else {}
+        if row.kind in GUARD_EVENT_KINDS or (row.kind == "checkpoint" and detail.get("guard") is True):
+            segment = getattr(row, "segment", 0)
+            out.append({"kind": row.kind, "step": int(row.step),
+                        "segment": int(segment) if segment == segment else 0, "detail": detail})  # fmt: skip
+    return out
+
+
+def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The LR discontinuities not made by the guard: a downward step where a guard rollback resumed
+    (the schedule scaled by its `lr_factor` on purpose) is the remedy, not a finding.
+
+    Example:
+        >>> without_guard_lr_changes([{"step": 40, "direction": "down"}], [{"kind": "rollback", "step": 40}])
+        []
+    """
+    rolled_back_to = {a["step"] for a in actions if a["kind"] == "rollback"}
+    return [j for j in jumps if not (j.get("direction") == "down" and j.get("step") in rolled_back_to)]

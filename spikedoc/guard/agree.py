@@ -1,0 +1,109 @@
+"""Agreement across ranks: every rank judges the same numbers, so every rank decides the same.
+
+Under torch.distributed each step's judged values are summed over ranks by one all_reduce of a
+small tensor: the loss (mean over ranks), the gradient norm (mean; identical under DDP), the count
+of ranks whose loss or gradient norm was non-finite, and the count of ranks that ask for a rollback.
+Non-finite values are sent as 0 with their count, so one rank's NaN vetoes the step on every rank
+without turning the others' sums into NaN. The guard's decisions are deterministic functions of
+these agreed values, so all ranks veto, open incidents and roll back together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepValues", "agree", "world", "agree_all", "common_steps"]
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The numbers one step is judged on, the same on every rank."""
+
+    loss: float
+    """Mean loss over ranks; nan when any rank's was non-finite or no loss was given."""
+    grad_norm: float
+    """Global gradient norm (mean over ranks); nan when any rank's was non-finite."""
+    nonfinite_ranks: int
+    """Ranks whose loss or gradient norm was NaN or inf (the larger of the two counts)."""
+    rollback_requests: int
+    """Ranks that asked for a rollback (`Guard.request_rollback`)."""
+
+
+def world() -> tuple[int, int] | None:
+    """(rank, world size) when torch.distributed is initialised with more than one rank, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> StepValues:
+    """Judge-ready values of this step: one host sync, plus one all_reduce under torch.distributed.
+
+    Args:
+        loss: This rank's loss of the step (a device scalar), or None when none was given.
+        grad_norm: This rank's global gradient norm (a device scalar).
+        rollback_request: This rank asks for a rollback.
+
+    Example:
+        >>> agree(torch.tensor(2.5), torch.tensor(0.3), rollback_request=False).loss
+        2.5
+    """
+    device = grad_norm.device
+    has_loss = loss is not None
+    loss_t = loss.detach().float().reshape(()).to(device) if has_loss else torch.zeros((), device=device)
+    values = torch.stack([loss_t, grad_norm.detach().float().reshape(())])  # (2,)
+    finite = torch.isfinite(values)
+    flags = torch.tensor([float(rollback_request), float(has_loss)], device=device)
+    packed = torch.cat([torch.where(finite, values, torch.zeros_like(values)), (~finite).float(), flags])  # (6,)
+    ranks = 1
+    if world() is not None:
+        packed = _all_reduce_sum(packed)
+        ranks = world()[1]
+    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = packed.tolist()  # the one host sync
+    return StepValues(
+        loss=loss_sum / with_loss if with_loss and not bad_loss else math.nan,
+        grad_norm=grad_sum / ranks if not bad_grad else math.nan,
+        nonfinite_ranks=round(max(bad_loss, bad_grad)),
+        rollback_requests=round(requests),
+    )
+
+
+def agree_all(flag: bool) -> bool:
+    """True on every rank when `flag` is True on all of them (e.g. "my checkpoint write succeeded")."""
+    if world() is None:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=_collective_device())
+    return _all_reduce_sum(t).item() == 0.0
+
+
+def common_steps(steps: list[int]) -> list[int]:
+    """The checkpoint steps every rank has (all of `steps` outside torch.distributed), newest first."""
+    if world() is None:
+        return sorted(set(steps), reverse=True)
+    gathered: list[list[int] | None] = [None] * world()[1]
+    torch.distributed.all_gather_object(gathered, sorted(set(steps)))
+    shared = set(gathered[0] or [])
+    for other in gathered[1:]:
+        shared &= set(other or [])
+    return sorted(shared, reverse=True)
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    dist = torch.distributed
+    target = _collective_device()
+    moved = t.to(target)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return moved
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU ones.
+    backend = torch.distributed.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

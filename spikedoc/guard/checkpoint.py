@@ -1,0 +1,232 @@
+"""Guard checkpoints: host copies of the training state, checked finite, written atomically, pruned.
+
+A checkpoint of step s holds the state after steps 0..s-1 (the monitor's convention: resuming from
+it runs step s next). Files are `step-<s>.pt` (`step-<s>.rank<r>.pt` under torch.distributed) in
+`<run_dir>/checkpoints/`, written to a temporary name and renamed, so a crash mid-write leaves the
+previous files intact. A checkpoint taken while an incident is open is named `.unhealthy.pt`: a
+resume may continue from it, a rollback never returns to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spikedoc.errors import SpikedocError
+
+__all__ = ["CheckpointError", "Checkpoint", "CheckpointStore", "host_copy", "all_finite", "CHECKPOINT_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+_SECTIONS = ("model", "optimizer", "guard", "data", "rng")
+_NAME = re.compile(r"^step-(\d+)(?:\.rank(\d+))?(\.unhealthy)?\.pt$")
+
+
+class CheckpointError(SpikedocError):
+    """A checkpoint is unreadable, from another format, incomplete or holds non-finite values."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint file (or the in-memory copy of one)."""
+
+    step: int
+    """Steps 0..step-1 are in it: training continues at `step`."""
+    path: Path | None
+    healthy: bool
+    """No incident was open when it was taken: a rollback target."""
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the host, detached from the live one.
+
+    Device tensors are copied without a sync each; one synchronisation at the end makes the copies
+    valid (a CPU tensor is cloned, since `.to("cpu")` would return the live tensor itself).
+    """
+    devices: set[torch.device] = set()
+
+    def copy(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            if x.device.type == "cpu":
+                return x.detach().clone()
+            devices.add(x.device)
+            return x.detach().to("cpu", non_blocking=x.device.type == "cuda")
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(obj)
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return out
+
+
+def all_finite(obj: Any) -> bool:
+    """Whether every floating-point tensor in a (nested) state is free of NaN and inf: one host sync per device."""
+    checks: dict[torch.device, list[Tensor]] = {}
+
+    def visit(x: Any) -> None:
+        if isinstance(x, Tensor):
+            if x.is_floating_point() or x.is_complex():
+                checks.setdefault(x.device, []).append(torch.isfinite(x).all())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit(obj)
+    return all(bool(torch.stack(flags).all()) for flags in checks.values())
+
+
+class CheckpointStore:
+    """The guard's checkpoint files in one directory, plus the newest good one kept in memory.
+
+    Example:
+        >>> store = CheckpointStore(tempfile.mkdtemp(), keep=2)  # doctest: +SKIP
+        >>> store.save(500, state, healthy=True).step  # doctest: +SKIP
+        500
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None, in_memory: bool = True) -> None:
+        self.directory = Path(directory)
+        self.keep, self.rank, self.in_memory = keep, rank, in_memory
+        self._memory: tuple[Checkpoint, dict[str, Any]] | None = None
+        self._mine: set[Path] = set()
+        """Files this store wrote, or adopted from the directory (`adopt`): the only ones it uses, so
+        a fresh run in a directory holding another run's checkpoints never returns to them."""
+
+    # ---------------------------------------------------------------------------------- public
+
+    def save(self, step: int, state: dict[str, Any], *, healthy: bool) -> Checkpoint:
+        """Check `state` (a `host_copy`), write it atomically and prune old files.
+
+        A state with a non-finite model or optimizer tensor is refused (CheckpointError) and nothing
+        is written. Returns the checkpoint; raises OSError when the disk write fails (the in-memory
+        copy, if kept, is still updated for a healthy state).
+        """
+        self._check(state, where=f"state of step {step}")
+        healthy = bool(healthy)
+        payload = {"format": CHECKPOINT_FORMAT, "step": int(step), "healthy": healthy, **state}
+        checkpoint = Checkpoint(step=int(step), path=self._path(step, healthy), healthy=healthy)
+        if healthy and self.in_memory:
+            self._memory = (checkpoint, payload)
+        self._save(checkpoint.path, payload)
+        self._mine.add(checkpoint.path)
+        self._prune()
+        return checkpoint
+
+    def load(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        """The checked state of `checkpoint`: from memory when it is the copy kept there, else from disk.
+
+        Raises CheckpointError when the file is unreadable, not a guard checkpoint of this format,
+        incomplete, or holds a non-finite model or optimizer tensor.
+        """
+        if self._memory is not None and self._memory[0] == checkpoint:
+            return self._memory[1]
+        if checkpoint.path is None:
+            raise CheckpointError(f"checkpoint of step {checkpoint.step} was kept in memory only and is gone")
+        payload = self._load(checkpoint.path)
+        if payload.get("step") != checkpoint.step:
+            raise CheckpointError(f"{checkpoint.path} holds step {payload.get('step')!r}, its name says {checkpoint.step}")
+        return payload
+
+    def adopt(self) -> None:
+        """Use this rank's checkpoint files already in the directory (a resume continues their run)."""
+        self._mine |= {c.path for c in self._on_disk()}
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """This run's checkpoints (written or adopted) still on disk, plus the in-memory one, oldest first."""
+        found = [c for c in self._on_disk() if c.path in self._mine]
+        if self._memory is not None and not any(c == self._memory[0] for c in found):
+            found.append(self._memory[0])
+        return sorted(found, key=lambda c: (c.step, c.healthy))
+
+    def rollback_target(self, before: int) -> Checkpoint | None:
+        """The newest healthy checkpoint of a step at or before `before`, or None."""
+        good = [c for c in self.checkpoints() if c.healthy and c.step <= before]
+        return good[-1] if good else None
+
+    def forget_after(self, step: int) -> None:
+        """Drop the checkpoints of steps after `step` (a rollback abandoned that branch)."""
+        if self._memory is not None and self._memory[0].step > step:
+            self._memory = None
+        for c in self.checkpoints():
+            if c.step > step and c.path is not None:
+                c.path.unlink(missing_ok=True)
+
+    # --------------------------------------------------------------------------------- private
+
+    def _on_disk(self) -> list[Checkpoint]:
+        # Temporary files of an interrupted write do not match the name pattern.
+        found = []
+        if not self.directory.is_dir():
+            return found
+        for path in self.directory.iterdir():
+            m = _NAME.match(path.name)
+            if m is None or (int(m.group(2)) if m.group(2) is not None else None) != self.rank:
+                continue
+            found.append(Checkpoint(step=int(m.group(1)), path=path, healthy=m.group(3) is None))
+        return found
+
+    def _path(self, step: int, healthy: bool) -> Path:
+        rank = f".rank{self.rank}" if self.rank is not None else ""
+        return self.directory / f"step-{step:08d}{rank}{'' if healthy else '.unhealthy'}.pt"
+
+    def _save(self, path: Path, payload: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{path}: no such checkpoint") from exc
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
+            raise CheckpointError(f"{path} is not a readable guard checkpoint ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"{path} is not a guard checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
+        self._check(payload, where=str(path))
+        return payload
+
+    def _check(self, state: dict[str, Any], *, where: str) -> None:
+        missing = [k for k in _SECTIONS if k not in state]
+        if missing:
+            raise CheckpointError(f"{where} lacks {', '.join(missing)}: not a complete guard checkpoint")
+        if not all_finite({"model": state["model"], "optimizer": state["optimizer"]}):
+            raise CheckpointError(f"{where} holds NaN or inf in the model or optimizer state: never a rollback target")
+
+    def _prune(self) -> None:
+        # Keep the newest `keep` healthy files, and unhealthy ones only while newer than all of them
+        # (a resume may need one; a rollback never does).
+        found = [c for c in self.checkpoints() if c.path is not None]
+        healthy = [c for c in found if c.healthy]
+        kept = set(healthy[-self.keep :])
+        newest = healthy[-1].step if healthy else -1
+        for c in found:
+            if c not in kept and (c.healthy or c.step <= newest):
+                try:
+                    c.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("spikedoc guard: could not delete old checkpoint %s (%s)", c.path, exc)

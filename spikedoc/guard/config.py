@@ -1,0 +1,92 @@
+"""GuardConfig: when the guard vetoes a step, checkpoints, rolls back, and what a rollback changes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["GuardConfig"]
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False, lower: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lower:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"Guard: {name} must be an integer >= {lower}{none}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    """Settings of `spikedoc.Guard`; every field is a keyword argument of `Guard` (defaults: docs/guard.md).
+
+    Example:
+        >>> GuardConfig(checkpoint_every=200).lr_factor
+        0.7
+    """
+
+    checkpoint_every: int = 500
+    """Optimizer steps between checkpoints (the case study's 500)."""
+    keep: int = 3
+    """Checkpoint files kept on disk; older ones are deleted once a newer one is written and checked."""
+    keep_in_memory: bool = True
+    """Also keep the newest good checkpoint in host memory, so a rollback does not wait on the disk."""
+    clip: float | None = 1.0
+    """Global gradient-norm clipping (the monitor's `clip=`); a rollback tightens it. None: no clipping."""
+    veto: bool = True
+    """Veto (do not apply) a step whose loss or gradient norm is non-finite or far out of band."""
+    veto_sigma: float = 10.0
+    """Robust sigmas above the warm baseline at which a step is vetoed (the detector flags at 7)."""
+    max_vetoes_in_row: int = 5
+    """Consecutive vetoed steps after which the damage is taken to be in the state: roll back."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in the whole run; one more incident after that stops it (`GuardStopped`)."""
+    lr_factor: float = 0.7
+    """Each rollback multiplies the whole LR schedule by this (the case study's peak LR x0.7)."""
+    skip_window: int = 0
+    """Also skip this many batches before and after each attributed batch (PaLM skipped 200-500)."""
+    reset_moments: bool = False
+    """On rollback, also reset the optimizer state of the tensors whose gradient norm led the incident."""
+    lookback: int = 100
+    """Steps before an incident's onset searched for its earliest precursor and an LR jump."""
+    seed: int = 0
+    """Seed of the data order the guard owns (a shuffling DataLoader without its own generator)."""
+    accumulate: int = 1
+    """Batches per optimizer step (gradient accumulation): each step's batches are handed out with
+    the same step index; call `optimizer.step()` after the last of them."""
+    max_steps: int | None = None
+    """Stop iterating after this many optimizer steps; None: when the data's `epochs` passes end."""
+    epochs: int = 1
+    """Passes over `data` (ignored when `max_steps` is reached first)."""
+    resume: bool | None = None
+    """True: continue from the newest good checkpoint in `run_dir` (error if none); False: start
+    fresh (existing guard checkpoints are left alone but never loaded); None: resume when there is one."""
+
+    def __post_init__(self) -> None:
+        _positive_int("checkpoint_every", self.checkpoint_every)
+        _positive_int("keep", self.keep)
+        _positive_int("max_vetoes_in_row", self.max_vetoes_in_row)
+        _positive_int("max_rollbacks", self.max_rollbacks, lower=0)
+        _positive_int("skip_window", self.skip_window, lower=0)
+        _positive_int("lookback", self.lookback)
+        _positive_int("accumulate", self.accumulate)
+        _positive_int("max_steps", self.max_steps, allow_none=True)
+        _positive_int("epochs", self.epochs)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Guard: seed must be an integer, got {self.seed!r}")
+        if self.clip is not None and not (_number(self.clip) and self.clip > 0):
+            raise ValueError(f"Guard: clip must be a positive max norm or None, got {self.clip!r}")
+        if not (_number(self.veto_sigma) and self.veto_sigma > 0):
+            raise ValueError(f"Guard: veto_sigma must be a finite number > 0, got {self.veto_sigma!r}")
+        if not (_number(self.lr_factor) and 0 < self.lr_factor <= 1):
+            raise ValueError(f"Guard: lr_factor must be in (0, 1], got {self.lr_factor!r}")
+        for name in ("veto", "keep_in_memory", "reset_moments"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Guard: {name} must be True or False, got {getattr(self, name)!r}")
+        if self.resume not in (True, False, None):
+            raise ValueError(f"Guard: resume must be True, False or None (automatic), got {self.resume!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

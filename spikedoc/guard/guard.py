@@ -1,0 +1,495 @@
+"""Guard: a training loop that vetoes bad steps, checkpoints, and rolls back damage by itself."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spikedoc.analysis.detect import DetectorConfig
+from spikedoc.analysis.recovery import RecoveryConfig
+from spikedoc.errors import GuardStopped
+from spikedoc.guard.agree import agree, agree_all, common_steps, world
+from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore, host_copy
+from spikedoc.guard.config import GuardConfig
+from spikedoc.guard.data import DataStream
+from spikedoc.guard.judge import Decision, Judge, Verdict
+from spikedoc.guard.remedy import plan_remedy, reset_implicated
+from spikedoc.guard.rng import rng_state, set_rng_state
+from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
+from spikedoc.monitor import Monitor, watch
+from spikedoc.monitor._step import extract_loss
+from spikedoc.monitor.statistics import norms
+
+__all__ = ["Guard"]
+
+log = logging.getLogger(__name__)
+
+#: Recent steps whose batch position, sample ids and per-tensor gradient norms are remembered, to
+#: name and skip an incident's batches: the lookback plus the recovery judgement's patience fit.
+_REMEMBERED_STEPS = 1024
+
+
+@dataclass(kw_only=True)
+class _Pending:
+    """The step the loop is working on: from the batch handed out to the next one."""
+
+    step: int
+    positions: list[int]
+    """Data positions of the step's batches (more than one under gradient accumulation)."""
+    loss_sum: Tensor | None = None
+    loss_count: int = 0
+    forward_loss_sum: Tensor | None = None
+    """Losses the model's forwards returned this step (used when `record` gave none)."""
+    forward_loss_count: int = 0
+    sample_ids: list[Any] = field(default_factory=list)
+    verdict: Verdict | None = None
+    lrs: list[float] | None = None
+
+
+@dataclass(kw_only=True)
+class _Seen:
+    """A step the guard remembers, to name and skip an incident's batches and find its tensors."""
+
+    step: int
+    positions: list[int]
+    """Data positions of its batches."""
+    sample_ids: list[Any]
+    grad_norms: tuple[Tensor, list[Tensor]] | None
+    """Per-tensor gradient norms and the parameters in that order (kept when reset_moments=True)."""
+
+
+class Guard:
+    """Iterate training batches under a guard: bad steps vetoed, damage rolled back, every action recorded.
+
+    Yields `(step, batch)`. Includes `spikedoc.watch` (same run directory and recording) and owns
+    global-norm clipping (`clip=`, the monitor's). Before each optimizer step it judges the step's
+    loss and gradient norm (one host sync per step, plus one all_reduce under torch.distributed); a
+    step with a non-finite value or one far out of the band is not applied. Between steps it
+    checkpoints every `checkpoint_every` steps and, when the damage judgement says the run did not
+    recover, rolls back to the newest good checkpoint before the incident with the LR schedule
+    scaled by `lr_factor`, clipping tightened and the blamed batches skipped. Records the events
+    `veto`, `checkpoint`, `rollback`, `checkpoint_failed` and `guard_stop`.
+
+    Args:
+        model: The module trained.
+        optimizer: Its optimizer.
+        scheduler: The LR scheduler, saved in checkpoints and scaled on rollback.
+        data: The batches: a DataLoader, a torchdata StatefulDataLoader or any re-iterable.
+        run_dir: The run directory (monitor recording, `checkpoints/`); None picks `runs/<time>`.
+        scaler: A `torch.amp.GradScaler`, saved in checkpoints and recorded by the monitor.
+        detector: Band settings (`DetectorConfig`); None for the analysis's defaults.
+        recovery: Damage judgement settings (`RecoveryConfig`); None for the defaults.
+        watch_options: Further `spikedoc.watch` keywords (`every`, `layer_every`, `flush_every`, ...).
+        **options: `GuardConfig` fields: `checkpoint_every`, `keep`, `clip`, `veto_sigma`,
+            `max_rollbacks`, `lr_factor`, `skip_window`, `max_steps`, `epochs`, `resume`, ...
+
+    Raises:
+        GuardStopped: from the iteration, when the rollback budget is spent or no good checkpoint
+            precedes the damage.
+
+    Example:
+        >>> guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader, run_dir="runs/x")  # doctest: +SKIP
+        >>> for step, batch in guard:  # doctest: +SKIP
+        ...     model(**batch).loss.backward(); opt.step(); sched.step(); opt.zero_grad()
+        >>> guard.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        data: Iterable[Any],
+        scheduler: Any = None,
+        run_dir: str | Path | None = None,
+        scaler: Any = None,
+        detector: DetectorConfig | None = None,
+        recovery: RecoveryConfig | None = None,
+        watch_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        try:
+            self.config = GuardConfig(**options)
+        except TypeError as exc:
+            raise ValueError(f"Guard: {exc}; the options are the fields of GuardConfig") from None
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Guard: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step")}
+        rank = world()
+        self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
+                                      rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory)  # fmt: skip
+        self._stream = DataStream(data, seed=self.config.seed, epochs=self.config.epochs)
+        self._judge = Judge(self.config, detector=detector, recovery=recovery)
+        self.step = 0
+        """Index of the next optimizer step (vetoed steps count: they keep their index)."""
+        self.clip = self.config.clip
+        """The clipping norm in use (tightened by rollbacks)."""
+        self.lr_scale = 1.0
+        """Product of the LR factors of all rollbacks: the schedule in use is the original times this."""
+        self.rollbacks = 0
+        self.vetoes = 0
+        self.actions: list[dict[str, Any]] = []
+        """What the guard did, in order: one dict per veto, rollback and stop (as in the events)."""
+        self._hold: dict[str, Any] | None = None
+        self._pending: _Pending | None = None
+        self._recent: deque[_Seen] = deque(maxlen=_REMEMBERED_STEPS)
+        self._requested = False
+        self._norms_of_step: tuple[Tensor, list[Tensor]] | None = None
+        self._warned: set[str] = set()
+        self._closed = False
+        resumed = self._resume_if_asked()
+        self.monitor: Monitor = self._watch()
+        if resumed is not None:
+            self.monitor.event("guard_resume", checkpoint=str(resumed.path), rollbacks=self.rollbacks,
+                               lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
+        else:
+            self._checkpoint()  # step 0: a rollback target before the first periodic checkpoint
+        # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
+        self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
+        self._original_step = optimizer.__dict__.get("step")
+        optimizer.step = self._step_wrapper()  # the veto must run before the update, inside step()
+
+    # ------------------------------------------------------------------------------ public API
+
+    def __iter__(self) -> Guard:
+        return self
+
+    def __next__(self) -> tuple[int, Any]:
+        if self._closed:
+            raise StopIteration
+        p = self._pending
+        if p is not None and p.verdict is None and len(p.positions) < self.config.accumulate:
+            position, batch = self._stream.next()  # the next micro-batch of the same step
+            p.positions.append(position)
+            return p.step, batch
+        self._finish_step()
+        if self.config.max_steps is not None and self.step >= self.config.max_steps:
+            raise StopIteration
+        position, batch = self._stream.next()
+        self._pending = _Pending(step=self.step, positions=[position])
+        return self.step, batch
+
+    def record(
+        self,
+        loss: float | Tensor | None = None,
+        *,
+        sample_ids: Any = None,
+        sample_losses: Any = None,
+        **extra: Any,
+    ) -> None:
+        """Give the step's loss (and sample ids) to the guard and the monitor, before `optimizer.step()`.
+
+        Needed when the model's forward does not return the loss (a scalar, a dict or an HF-style
+        output with `.loss`). Several calls in one step (micro-batches) are averaged.
+
+        Args:
+            loss: The loss of the step or micro-batch.
+            sample_ids: Ids of the batch's samples; the guard's events name them.
+            sample_losses: Per-sample losses, for the monitor.
+            **extra: Further scalars for the monitor.
+
+        Example:
+            >>> guard.record(loss=loss, sample_ids=batch["ids"])  # doctest: +SKIP
+        """
+        p = self._pending
+        if p is not None and p.verdict is None:
+            if loss is not None:
+                value = loss.detach().float().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
+                p.loss_sum = value if p.loss_sum is None else p.loss_sum + value.to(p.loss_sum.device)
+                p.loss_count += 1
+            if sample_ids is not None:
+                p.sample_ids.extend(sample_ids.tolist() if isinstance(sample_ids, Tensor) else list(sample_ids))
+        self.monitor.record(loss, sample_ids=sample_ids, sample_losses=sample_losses, **extra)
+
+    def request_rollback(self) -> None:
+        """Ask for a rollback at the end of the current step (on every rank), as if damage were found."""
+        self._requested = True
+
+    @property
+    def skipped_positions(self) -> list[int]:
+        """Data positions (batches drawn since the start) that are never handed out again."""
+        return sorted(self._stream.skip)
+
+    def close(self) -> None:
+        """Restore `optimizer.step` and close the monitor. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._forward_hook.remove()
+        if self._original_step is not None:
+            self.optimizer.step = self._original_step
+        else:
+            self.optimizer.__dict__.pop("step", None)
+        self.monitor.close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------- the step itself
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        p = self._pending
+        if p is None or p.verdict is not None or not torch.is_grad_enabled():  # evaluation is no step's
+            return
+        loss = extract_loss(output)
+        if loss is not None:
+            loss = loss.detach().float().reshape(())
+            p.forward_loss_sum = loss if p.forward_loss_sum is None else p.forward_loss_sum + loss
+            p.forward_loss_count += 1
+
+    def _step_wrapper(self) -> Any:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self.optimizer._opt_called = True  # what an LR scheduler's own wrapper would note
+            return self._guarded_step(*args, **kwargs)
+
+        # An LR scheduler built after the guard must not wrap this function as if it were a method.
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        return step
+
+    def _guarded_step(self, *args: Any, **kwargs: Any) -> Any:
+        p = self._pending
+        step_fn = self._original_step or type(self.optimizer).step.__get__(self.optimizer)
+        if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
+            return step_fn(*args, **kwargs)
+        if p.loss_sum is not None:
+            loss = p.loss_sum / p.loss_count
+        else:
+            loss = p.forward_loss_sum / p.forward_loss_count if p.forward_loss_sum is not None else None
+        if loss is None:
+            self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
+                            "the forward); only the gradient norm is judged")  # fmt: skip
+        try:
+            grad_norm = self._grad_norm()
+        except Exception as exc:  # noqa: BLE001 - e.g. sparse gradients: judge the loss alone, never crash
+            self._warn_once("grad_norm", f"Guard: the gradient norm could not be computed ({exc!r}); only the loss is judged")
+            grad_norm = torch.zeros(())  # not judged: a log-scale band ignores non-positive values
+        values = agree(loss, grad_norm, rollback_request=self._requested)
+        self._requested = False
+        verdict = self._judge.judge(p.step, values)
+        p.verdict = verdict
+        restore = None
+        if self._hold is not None and p.step >= self._hold["from_step"]:
+            restore = cap_lrs(self.optimizer, self._hold["caps"])
+        p.lrs = group_lrs(self.optimizer)
+        try:
+            if verdict.veto:
+                self._veto(p, verdict)
+                return None
+            return step_fn(*args, **kwargs)
+        finally:
+            if restore is not None:  # the schedule's own value again: only the applied LR is held
+                for group, lr in zip(self.optimizer.param_groups, restore):
+                    group["lr"] = lr
+
+    def _grad_norm(self) -> Tensor:
+        """Global L2 norm of the gradients (unscaled for a fused optimizer under a GradScaler), no sync."""
+        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_key.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad.detach())
+        if not by_key:
+            return torch.zeros(())
+        first = next(iter(by_key))[0]
+        # Accumulated in float32: a float16 gradient's norm overflows to inf long before its values do.
+        per_tensor = torch.cat([norms(grads).to(first) for grads in by_key.values()])  # (n,)
+        grad_scale = getattr(self.optimizer, "grad_scale", None)
+        if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
+            per_tensor = per_tensor / grad_scale.to(first, torch.float32)
+        if self.config.reset_moments:  # (n,) in the order of `params`, kept to find implicated tensors
+            params = [p for (dev, dt), _ in by_key.items() for g in self.optimizer.param_groups for p in g["params"]
+                      if p.grad is not None and (p.grad.device, p.grad.dtype) == (dev, dt)]  # fmt: skip
+            self._norms_of_step = (per_tensor, params)
+        return torch.linalg.vector_norm(per_tensor)
+
+    def _veto(self, p: _Pending, verdict: Verdict) -> None:
+        self.vetoes += 1
+        detail = {"positions": p.positions, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
+        self.actions.append({"kind": "veto", "step": p.step, **detail})
+        self.monitor.event("veto", **_plain(detail))  # before skip_step: recorded at the vetoed step's index
+        self.monitor.skip_step()
+
+    # ------------------------------------------------------------------------------ between steps
+
+    def _finish_step(self) -> None:
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        norms, self._norms_of_step = self._norms_of_step, None
+        self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms))
+        decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
+        self.step = p.step + 1
+        if decision is not None:
+            self._rollback(decision)
+        elif self.step % self.config.checkpoint_every == 0:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        healthy = self._judge.incident is None and self._judge.vetoes_in_row == 0
+        ok, where = False, None
+        try:
+            state = host_copy({
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            })
+            state.update(rng=rng_state(), data=self._stream.state_dict(), guard=self._policy_state())
+            where = self._store.save(self.step, state, healthy=healthy)
+            ok = True
+        except Exception as exc:  # noqa: BLE001
+            # The guard's own failure never stops training: warn, record, go on with older checkpoints.
+            warnings.warn(f"spikedoc guard: checkpoint of step {self.step} failed ({exc}); training continues",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            self.monitor.event("checkpoint_failed", error=str(exc), guard=True)
+        if not agree_all(ok) and ok:  # another rank failed: this step is no common rollback target
+            self._store.forget_after(self.step - 1)
+            return
+        if ok:
+            self.monitor.event("checkpoint", path=str(where.path), healthy=healthy, guard=True)
+
+    def _policy_state(self) -> dict[str, Any]:
+        return {"step": self.step, "clip": self.clip, "lr_scale": self.lr_scale, "skip": sorted(self._stream.skip),
+                "rollbacks": self.rollbacks, "vetoes": self.vetoes, "hold": self._hold,
+                "judge": self._judge.state_dict()}  # fmt: skip
+
+    # -------------------------------------------------------------------------------- rollback
+
+    def _rollback(self, decision: Decision) -> None:
+        if self.rollbacks >= self.config.max_rollbacks:
+            self._stop("budget", f"rollback budget spent ({self.rollbacks} of max_rollbacks={self.config.max_rollbacks})",
+                       decision)  # fmt: skip
+        target, state = self._target(decision.precursor_step)
+        if target is None:
+            self._stop("no_checkpoint", f"no good checkpoint at or before step {decision.precursor_step}, the incident's "
+                       "earliest precursor", decision)  # fmt: skip
+        from_step = self.step
+        self.monitor.wait()
+        self.monitor.close()
+        saved_scale = float(state["guard"]["lr_scale"])
+        self._restore(state)
+        remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
+                             batches={s.step: (s.positions, s.sample_ids) for s in self._recent})  # fmt: skip
+        evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
+        self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
+        self._stream.skip.update(remedy.skip_positions)
+        scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
+        evidence["reset_optimizer_state_for"] = reset_implicated(
+            self.model, self.optimizer, decision, {s.step: s.grad_norms for s in self._recent if s.grad_norms is not None}
+        ) if self.config.reset_moments else []  # fmt: skip
+        self.rollbacks += 1
+        self._store.forget_after(target.step)
+        self.monitor = self._watch()
+        detail = {"from_step": from_step, "to_step": target.step, "checkpoint": str(target.path), "reason": decision.reason,
+                  "cause": decision.cause, "onset_step": decision.onset_step, "precursor_step": decision.precursor_step,
+                  "rollbacks": self.rollbacks, **evidence, "evidence": decision.evidence}  # fmt: skip
+        self.actions.append({"kind": "rollback", **detail})
+        self.monitor.event("rollback", **_plain(detail))
+        log.warning("spikedoc guard: rolled back from step %d to %d (%s)", from_step, target.step, decision.reason)
+
+    def _target(self, before: int) -> tuple[Checkpoint | None, dict[str, Any] | None]:
+        """The newest readable good checkpoint at or before `before`, with its state."""
+        while True:
+            target = self._store.rollback_target(before)
+            if target is None:
+                return None, None
+            try:
+                return target, self._store.load(target)
+            except CheckpointError as exc:
+                warnings.warn(f"spikedoc guard: {exc}; trying an older checkpoint", RuntimeWarning, stacklevel=4)
+                self.monitor.event("checkpoint_refused", path=str(target.path), error=str(exc))
+                before = target.step - 1
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self._stream.load_state_dict(state["data"])
+        self._judge.load_state_dict(state["guard"]["judge"])
+        self.step = int(state["step"])
+        self._pending = None
+
+    def _stop(self, reason: str, message: str, decision: Decision) -> None:
+        diagnosis = {"reason": reason, "step": self.step, "rollbacks": self.rollbacks, "decision": asdict(decision),
+                     "actions": [a for a in self.actions if a["kind"] == "rollback"]}  # fmt: skip
+        self.actions.append({"kind": "guard_stop", "reason": reason, "step": self.step})
+        self.monitor.event("guard_stop", **_plain({k: v for k, v in diagnosis.items() if k != "step"}))
+        self.close()
+        raise GuardStopped(f"spikedoc guard stopped the run at step {self.step}: {message} (incident: {decision.reason}, "
+                           f"onset step {decision.onset_step}); see the guard_stop event in {self.run_dir}", diagnosis)
+
+    # ---------------------------------------------------------------------------------- set-up
+
+    def _resume_if_asked(self) -> Checkpoint | None:
+        if self.config.resume is False:
+            return None  # another run's checkpoints in the directory are left alone and never used
+        self._store.adopt()
+        newest = {c.step: c for c in self._store.checkpoints()}  # per step, the healthy one if both
+        # Under torch.distributed every rank resumes from the same step: one every rank has and reads.
+        for step in common_steps(list(newest)):
+            try:
+                state, ok = self._store.load(newest[step]), True
+            except CheckpointError as exc:
+                warnings.warn(f"spikedoc guard: cannot resume from {exc}; trying an older checkpoint", RuntimeWarning,
+                              stacklevel=3)  # fmt: skip
+                state, ok = None, False
+            if not agree_all(ok):
+                continue
+            self._restore(state)
+            g = state["guard"]
+            self.clip = g["clip"]
+            self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
+            self._stream.skip = {int(s) for s in g["skip"]}
+            self._hold = g["hold"]
+            return newest[step]
+        if self.config.resume:
+            raise ValueError(f"Guard(resume=True): no readable guard checkpoint in {self._store.directory}")
+        return None
+
+    def _watch(self) -> Monitor:
+        def open_monitor() -> Monitor:
+            return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
+                         start_step=self.step, **self._watch_options)  # fmt: skip
+
+        if world() is None:
+            return open_monitor()
+        # Every rank numbers the new segment from meta.json (written by rank 0 only) and its own
+        # parts: the other ranks open first, then rank 0 writes it, so all agree on the number.
+        monitor = open_monitor() if world()[0] != 0 else None
+        torch.distributed.barrier()
+        return monitor if monitor is not None else open_monitor()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _plain(value: Any) -> Any:
+    """Event detail as strict JSON: non-finite floats become None (NaN) or "inf"/"-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

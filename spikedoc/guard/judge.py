@@ -1,0 +1,277 @@
+"""The guard's judgement of each step: veto it or not, open and follow an incident, decide a rollback.
+
+Decisions are data with their evidence (`Verdict`, `Decision`); the guard acts on them and records
+them. The band is the analysis's own `StreamingDetector` (the loss, and the gradient norm in log
+scale) and the damage judgement is the analysis's `RecoveryTracker`, so the guard acts on what
+`spikedoc analyze` would report, computed online.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from spikedoc.analysis.detect import DetectorConfig, Flag, StreamingDetector
+from spikedoc.analysis.recovery import RecoveryConfig, RecoveryTracker
+from spikedoc.guard.agree import StepValues
+from spikedoc.guard.config import GuardConfig
+
+__all__ = ["Verdict", "Decision", "Judge"]
+
+_STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one step before its update."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    veto: bool
+    reasons: tuple[str, ...]
+    """Why it was vetoed: `nonfinite` (the loss or gradient norm on some rank), `loss_out_of_band`,
+    `grad_norm_out_of_band`, `rollback_requested`."""
+    loss_z: float
+    grad_z: float
+    loss_flagged: bool
+    """Out of the detector's band (its threshold, below the veto's) on a warm baseline."""
+    grad_flagged: bool
+    rollback_requested: bool = False
+
+    def evidence(self) -> dict[str, Any]:
+        """Plain-typed fields for an event."""
+        return {"loss": self.loss, "grad_norm": self.grad_norm, "loss_z": self.loss_z, "grad_norm_z": self.grad_z,
+                "reasons": list(self.reasons)}  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class Decision:
+    """A rollback the judgement calls for, with what it rests on."""
+
+    reason: str
+    """`vetoes` (many in a row), `requested`, or the recovery verdict: `persistent`, `divergence`,
+    `recovered_with_damage`."""
+    onset_step: int
+    precursor_step: int
+    """Earliest step whose update may have caused the damage (the step before onset, or an earlier
+    gradient-norm flag or LR jump): the rollback goes to a checkpoint at or before it."""
+    cause: str
+    """`lr_schedule` (an upward LR jump in the lookback) or `damage` (anything else)."""
+    attributed_steps: list[int] = field(default_factory=list)
+    """Steps whose batches are blamed (the onset and vetoed steps of the incident)."""
+    lr_jump: dict[str, Any] | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class _Incident:
+    onset_step: int
+    precursor_step: int
+    attributed_steps: list[int]
+    tracker: RecoveryTracker | None
+
+
+class Judge:
+    """Streaming band on the loss and gradient norm, the veto rule, and incident tracking.
+
+    Example:
+        >>> judge = Judge(GuardConfig())
+        >>> for s in range(100):
+        ...     v = judge.judge(s, StepValues(3.0 + 0.01 * (s % 5), 0.5, 0, 0)); judge.record(v)
+        >>> judge.judge(100, StepValues(30.0, 0.5, 0, 0)).veto
+        True
+    """
+
+    def __init__(self, config: GuardConfig, *, detector: DetectorConfig | None = None,
+                 recovery: RecoveryConfig | None = None) -> None:  # fmt: skip
+        self.config = config
+        self.detector_config = detector or DetectorConfig()
+        self.recovery_config = recovery or RecoveryConfig()
+        self.loss_detector = StreamingDetector(self.detector_config)
+        self.grad_detector = StreamingDetector(self.detector_config, log_scale=self.detector_config.grad_norm_log_scale)
+        self.healthy: deque[tuple[int, float]] = deque(maxlen=self.recovery_config.fit_steps)
+        """The last healthy (finite, in band, applied) steps and losses: the trajectory's history."""
+        self.grad_flags: deque[int] = deque(maxlen=64)
+        """Recent applied steps whose gradient norm was out of band (precursors)."""
+        self.lrs: deque[tuple[int, list[float]]] = deque(maxlen=config.lookback + 2)
+        self.vetoes_in_row = 0
+        self.recent_vetoes: deque[int] = deque(maxlen=config.max_vetoes_in_row)
+        """The last vetoed steps: vetoes piling up (not in a row) open an incident."""
+        self.incident: _Incident | None = None
+
+    # ----------------------------------------------------------------------------- per step
+
+    def judge(self, step: int, values: StepValues) -> Verdict:
+        """Judge one step against the band before its update; nothing is learnt yet."""
+        cfg = self.config
+        lf = self.loss_detector.peek(step, values.loss) if math.isfinite(values.loss) else None
+        gf = self.grad_detector.peek(step, values.grad_norm) if math.isfinite(values.grad_norm) else None
+        reasons = []
+        if values.nonfinite_ranks:
+            reasons.append("nonfinite")
+        if _beyond(lf, cfg.veto_sigma):
+            reasons.append("loss_out_of_band")
+        if _beyond(gf, cfg.veto_sigma):
+            reasons.append("grad_norm_out_of_band")
+        requested = values.rollback_requests > 0
+        return Verdict(step=step, loss=values.loss, grad_norm=values.grad_norm, veto=cfg.veto and bool(reasons),
+                       reasons=tuple(reasons), loss_z=_z(lf), grad_z=_z(gf),
+                       loss_flagged=bool(lf is not None and lf.flagged and lf.warm),
+                       grad_flagged=bool(gf is not None and gf.flagged and gf.warm),
+                       rollback_requested=requested)  # fmt: skip
+
+    def record(self, verdict: Verdict, *, lrs: list[float] | None = None) -> Decision | None:
+        """Learn from a judged step (applied or vetoed) and say whether to roll back now."""
+        step = verdict.step
+        if lrs is not None:
+            self.lrs.append((step, lrs))
+        if verdict.veto:
+            self.vetoes_in_row += 1
+            self.recent_vetoes.append(step)
+        else:
+            self.vetoes_in_row = 0
+            self._learn(verdict)
+        if self.incident is None and verdict.loss_flagged and not verdict.veto:
+            self._open(step)
+        elif self.incident is None and verdict.veto and self._vetoes_pile_up():
+            self._open(self.recent_vetoes[0], attributed=list(self.recent_vetoes))
+        decision = None
+        if verdict.rollback_requested:
+            decision = self._decision("requested", step)
+        elif self.vetoes_in_row >= self.config.max_vetoes_in_row:
+            decision = self._decision("vetoes", step - self.vetoes_in_row + 1)
+        if verdict.veto and self.incident is not None and step not in self.incident.attributed_steps:
+            self.incident.attributed_steps.append(step)
+        if self.incident is not None and self.incident.tracker is not None:
+            state = self.incident.tracker.update(step, verdict.loss)
+            if decision is None and state.decided:
+                if state.verdict in ("recovered", "pending"):
+                    self.incident = None
+                else:
+                    decision = self._decision(state.verdict, self.incident.onset_step,
+                                              evidence={"excess_ratio": state.excess_ratio,
+                                                        "excess_sigma": state.excess_sigma})  # fmt: skip
+        return decision
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _learn(self, verdict: Verdict) -> None:
+        step = verdict.step
+        if math.isfinite(verdict.loss):
+            flag = self.loss_detector.update(step, verdict.loss)
+            if not flag.flagged and self.incident is None:
+                self.healthy.append((step, verdict.loss))
+        if math.isfinite(verdict.grad_norm):
+            flag = self.grad_detector.update(step, verdict.grad_norm)
+            if flag.flagged and flag.warm:
+                self.grad_flags.append(step)
+
+    def _vetoes_pile_up(self) -> bool:
+        # As many vetoes as `max_vetoes_in_row`, not in a row but within 4x as many steps.
+        n = self.config.max_vetoes_in_row
+        return len(self.recent_vetoes) == n and self.recent_vetoes[-1] - self.recent_vetoes[0] < 4 * n
+
+    def _precursor(self, onset: int) -> int:
+        """Earliest step whose update may have caused an incident first seen at `onset`: the step
+        before it (the loss of step t shows the update of step t - 1), or an earlier gradient-norm
+        flag within the lookback (a large update at that step)."""
+        flags = [s for s in self.grad_flags if onset - self.config.lookback <= s <= onset]
+        return max(0, min([onset - 1, *flags]))
+
+    def _open(self, onset: int, *, attributed: list[int] | None = None) -> None:
+        steps, losses = [s for s, _ in self.healthy], [v for _, v in self.healthy]
+        tracker = RecoveryTracker(onset, steps, losses, config=self.recovery_config)
+        if tracker.usable:  # no finite history: nothing to judge recovery against (cannot happen once warm)
+            self.incident = _Incident(onset_step=onset, precursor_step=self._precursor(onset),
+                                      attributed_steps=attributed or [onset], tracker=tracker)
+
+    def _decision(self, reason: str, onset: int, *, evidence: dict[str, Any] | None = None) -> Decision:
+        incident = self.incident
+        if incident is not None:
+            onset = min(onset, incident.onset_step)
+            precursor, attributed = incident.precursor_step, list(incident.attributed_steps)
+        else:
+            precursor, attributed = self._precursor(onset), []
+        if reason == "vetoes":
+            attributed += list(range(onset, onset + self.vetoes_in_row))
+        jump = self._lr_jump(precursor)
+        if jump is not None:
+            # The state before the jump's first step is the last one the jump did not touch.
+            precursor = min(precursor, jump["step"])
+            jump["lrs_before"] = next((lrs for s, lrs in reversed(self.lrs) if s < jump["step"]), None)
+        return Decision(reason=reason, onset_step=onset, precursor_step=precursor,
+                        cause="lr_schedule" if jump else "damage", attributed_steps=sorted(set(attributed)),
+                        lr_jump=jump, evidence=dict(evidence or {}))  # fmt: skip
+
+    def _lr_jump(self, onset: int) -> dict[str, Any] | None:
+        """The last upward LR discontinuity in the lookback before `onset`, by analyze's own rule."""
+        import pandas as pd  # the analysis's frame-based rule; only on a decision
+
+        from spikedoc.analysis.context import lr_discontinuities
+
+        rows = [(s, lrs) for s, lrs in self.lrs if onset - self.config.lookback <= s <= onset + 1]
+        if len(rows) < 3:
+            return None
+        frame = pd.DataFrame({"step": [s for s, _ in rows]})
+        for g in range(len(rows[0][1])):
+            frame["lr" if g == 0 else f"lr_{g}"] = [lrs[g] if g < len(lrs) else math.nan for _, lrs in rows]
+        ups = [j for j in lr_discontinuities(frame) if j["direction"] == "up"]
+        return ups[-1] if ups else None
+
+    # --------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain types only (for a checkpoint loaded with weights_only=True)."""
+        incident = None
+        if self.incident is not None:
+            i = self.incident
+            incident = {"onset_step": i.onset_step, "precursor_step": i.precursor_step,
+                        "attributed_steps": list(i.attributed_steps),
+                        "tracker": i.tracker.state_dict() if i.tracker is not None else None}  # fmt: skip
+        return {
+            "format": _STATE_FORMAT,
+            "detector": asdict(self.detector_config),
+            "loss_detector": self.loss_detector.state_dict(),
+            "grad_detector": self.grad_detector.state_dict(),
+            "healthy": [[s, v] for s, v in self.healthy],
+            "grad_flags": list(self.grad_flags),
+            "lrs": [[s, list(lrs)] for s, lrs in self.lrs],
+            "vetoes_in_row": self.vetoes_in_row,
+            "recent_vetoes": list(self.recent_vetoes),
+            "incident": incident,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`; raises ValueError when malformed or saved with other detector settings."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError("checkpoint holds no guard judgement state of a known format")
+        self.loss_detector.load_state_dict(state["loss_detector"])
+        self.grad_detector.load_state_dict(state["grad_detector"])
+        try:
+            self.healthy = deque(((int(s), float(v)) for s, v in state["healthy"]), maxlen=self.healthy.maxlen)
+            self.grad_flags = deque((int(s) for s in state["grad_flags"]), maxlen=self.grad_flags.maxlen)
+            self.lrs = deque(((int(s), [float(x) for x in lrs]) for s, lrs in state["lrs"]), maxlen=self.lrs.maxlen)
+            self.vetoes_in_row = int(state["vetoes_in_row"])
+            self.recent_vetoes = deque((int(s) for s in state.get("recent_vetoes", [])), maxlen=self.recent_vetoes.maxlen)
+            self.incident = None
+            if state["incident"] is not None:
+                i = state["incident"]
+                tracker = None
+                if i["tracker"] is not None:
+                    tracker = RecoveryTracker(int(i["onset_step"]), [], [], config=self.recovery_config)
+                    tracker.load_state_dict(i["tracker"])
+                self.incident = _Incident(onset_step=int(i["onset_step"]), precursor_step=int(i["precursor_step"]),
+                                          attributed_steps=[int(s) for s in i["attributed_steps"]], tracker=tracker)  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint holds a malformed guard judgement state ({exc!r})") from exc
+
+
+def _beyond(flag: Flag | None, sigma: float) -> bool:
+    return flag is not None and flag.warm and math.isfinite(flag.z) and flag.z >= sigma
+
+
+def _z(flag: Flag | None) -> float:
+    return math.nan if flag is None else float(flag.z)

@@ -1,0 +1,325 @@
+"""spikedoc.Guard on a real tiny training loop: vetoes, rollbacks, replay, budget, recorded actions."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import math
+
+import pytest
+import torch
+
+import spikedoc
+from tests.common.guarded import build, loader, run_guarded
+
+
+def _nan_grads(steps: set[int], *, first_pass_only: bool = True):
+    def after_backward(step, guard):
+        if step in steps and (guard.rollbacks == 0 or not first_pass_only):
+            for p in guard.model.parameters():
+                p.grad.fill_(math.nan)
+
+    return after_backward
+
+
+def _garbage(batch, vocab_size):
+    """Uniform random tokens (a corrupt shard) whose loss is summed over the tokens, not averaged."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, vocab_size, batch["input_ids"].shape, generator=gen)
+    return {**batch, "input_ids": ids, "labels": ids.roll(1, dims=1), "loss_weight": float(ids.shape[1])}
+
+
+def _garbage_batch(at: int):
+    """The batch of step `at` (first pass only) becomes garbage."""
+
+    def fault(step, guard, batch):
+        return _garbage(batch, guard.model.cfg.vocab_size) if step == at and not guard.rollbacks else batch
+
+    return fault
+
+
+def _events(run_dir, kind):
+    events = spikedoc.load(run_dir).events
+    return events.loc[events["kind"] == kind]
+
+
+@pytest.mark.parametrize("fault", ["nan_grads", "garbage_batch"])
+def test_a_vetoed_step_leaves_parameters_and_optimizer_state_bit_identical(tmp_path, fault):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=72)
+    bad = 70
+    before = after = None
+    for step, batch in guard:
+        if step == bad and fault == "garbage_batch":
+            batch = _garbage(batch, model.cfg.vocab_size)
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
+        guard.record(loss=loss)
+        loss.backward()
+        if step == bad:
+            if fault == "nan_grads":
+                for p in model.parameters():
+                    p.grad.fill_(math.nan)
+            before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        opt.step()
+        if step == bad:
+            after = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert guard.vetoes == 1 and guard.rollbacks == 0
+    for name, tensor in before[0].items():
+        assert torch.equal(tensor, after[0][name]), name
+    for key, state in before[1]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, after[1]["state"][key][field]), (key, field)
+    veto = _events(tmp_path, "veto")
+    assert veto["step"].tolist() == [bad]
+    steps = spikedoc.load(tmp_path).steps.set_index("step")
+    assert bool(steps.loc[bad, "skipped"]) and not steps.drop(index=bad)["skipped"].any()
+
+
+def test_a_vetoed_step_names_its_batch_and_why(tmp_path):
+    guard, seen = run_guarded(tmp_path, steps=72, fault=_garbage_batch(70))
+    assert guard.vetoes == 1
+    veto = guard.actions[0]
+    assert veto["kind"] == "veto" and veto["step"] == 70
+    assert veto["sample_ids"] == dict(seen)[70]
+    assert set(veto["reasons"]) & {"loss_out_of_band", "grad_norm_out_of_band"}
+    assert max(veto["loss_z"], veto["grad_norm_z"]) >= 10.0
+
+
+def test_the_baseline_never_learns_from_a_vetoed_step(tmp_path):
+    states = {}
+
+    def on_step(guard, step, batch):
+        states[step] = copy.deepcopy((guard._judge.loss_detector.state_dict(), guard._judge.grad_detector.state_dict()))
+
+    run_guarded(tmp_path, steps=72, fault=_garbage_batch(70), on_step=on_step)
+    assert states[71] == states[70]  # step 70 was vetoed: neither band moved
+    assert states[70] != states[69]  # while an applied step does move it
+
+
+def test_vetoes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_batches(tmp_path):
+    guard, seen = run_guarded(tmp_path, steps=70, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    assert guard.vetoes == 5 and guard.rollbacks == 1
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert (rollback["reason"], rollback["from_step"], rollback["to_step"]) == ("vetoes", 50, 40)
+    assert rollback["skipped_positions"] == [45, 46, 47, 48, 49]
+    assert guard.skipped_positions == [45, 46, 47, 48, 49]
+    event = _events(tmp_path, "rollback")
+    assert event["step"].tolist() == [40] and event["segment"].tolist() == [1]
+
+
+def test_after_a_rollback_the_batches_are_the_original_order_minus_the_skipped_ones(tmp_path):
+    _, clean = run_guarded(tmp_path / "clean", steps=75, checkpoint_every=20)
+    guard, healed = run_guarded(tmp_path / "healed", steps=70, checkpoint_every=20,
+                                after_backward=_nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
+    by_position = [ids for _, ids in clean]
+    replay = [ids for _, ids in healed[50:]]  # the 50 steps before the rollback, then the replay from step 40
+    assert [s for s, _ in healed[50:]] == list(range(40, 70))
+    expected = [by_position[p] for p in range(40, 75) if p not in {45, 46, 47, 48, 49}][: len(replay)]
+    assert replay == expected
+    skipped = {i for p in range(45, 50) for i in by_position[p]}
+    assert not skipped & {i for ids in replay for i in ids}
+
+
+def test_a_rollback_tightens_clipping_and_scales_the_lr(tmp_path):
+    lrs = {}
+
+    def on_step(guard, step, batch):
+        lrs.setdefault(step, []).append(guard.optimizer.param_groups[0]["lr"])
+
+    guard, _ = run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}),
+                           on_step=on_step)  # fmt: skip
+    assert guard.clip == 0.5 and guard.monitor.config.clip == 0.5 and guard.lr_scale == pytest.approx(0.7)
+    for step in range(40, 50):  # seen twice: before the rollback (from step 50) and in the replay
+        first, replay = lrs[step]
+        assert replay == pytest.approx(0.7 * first, rel=1e-12)
+    assert all(lrs[step] == [pytest.approx(0.7 * 3e-3, rel=1e-12)] for step in range(50, 60))
+    assert spikedoc.load(tmp_path).meta["watch"]["clip"] == 0.5  # the segment after the rollback
+
+
+def test_a_spent_budget_stops_the_run_with_guard_stopped(tmp_path):
+    always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
+    with pytest.raises(spikedoc.GuardStopped) as stop:
+        run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always)
+    diagnosis = stop.value.diagnosis
+    assert diagnosis["reason"] == "budget" and diagnosis["rollbacks"] == 2
+    assert [a["to_step"] for a in diagnosis["actions"]] == [20, 20]
+    assert isinstance(stop.value, spikedoc.SpikedocError)
+    assert _events(tmp_path, "guard_stop")["step"].tolist() == [35]
+
+
+def test_damage_that_gets_through_is_rolled_back_by_the_recovery_judgement(tmp_path):
+    def shake_weights(guard, step, batch):
+        if step == 90 and guard.rollbacks == 0:  # a memory fault: every weight matrix gets noise
+            guard.monitor.wait()
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(3)
+                for p in guard.model.parameters():
+                    if p.dim() == 2:
+                        p.add_(torch.randn(p.shape, generator=gen) * 5.0 * p.std())
+
+    guard, _ = run_guarded(tmp_path, steps=150, checkpoint_every=25, veto_sigma=1e6, on_step=shake_weights)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["reason"] in ("persistent", "divergence", "recovered_with_damage")
+    assert rollback["onset_step"] == 90 and rollback["to_step"] == 75
+    assert rollback["from_step"] <= 90 + 50 + 1  # decided within the recovery judgement's patience
+    assert guard.rollbacks == 1 and guard.step == 150
+
+
+def test_analyze_lists_the_guards_actions(tmp_path):
+    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    diagnosis = spikedoc.analyze(tmp_path)
+    kinds = [a["kind"] for a in diagnosis.guard_actions]
+    assert kinds.count("veto") == 5 and kinds.count("rollback") == 1
+    rollback = next(a for a in diagnosis.guard_actions if a["kind"] == "rollback")
+    assert (rollback["step"], rollback["detail"]["from_step"]) == (40, 50)
+    assert diagnosis.to_dict()["guard_actions"] == diagnosis.guard_actions
+    # The rollback's 0.7x LR where the replay starts is the remedy, not a schedule discontinuity.
+    assert "lr_discontinuity" not in [f.id for f in diagnosis.findings]
+
+
+def test_the_report_shows_the_guards_actions(tmp_path):
+    from rich.console import Console
+
+    from spikedoc.report.terminal import render
+
+    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    console = Console(record=True, width=200)
+    render(spikedoc.analyze(tmp_path), console)
+    text = console.export_text()
+    assert "Guard actions (4 guard checkpoints)" in text
+    assert "veto of step 45: nonfinite" in text
+    assert "rollback from step 50 to 40 (vetoes, cause damage): LR x0.7 of the original, clip 1 -> 0.5, 5 batches skipped" in text
+
+
+def test_a_veto_under_a_grad_scaler_is_one_skipped_step_and_the_scaler_is_checkpointed(tmp_path):
+    model, opt, sched = build()
+    scaler = torch.amp.GradScaler("cpu")
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, scaler=scaler,
+                           max_steps=72, checkpoint_every=36)  # fmt: skip
+    for step, batch in guard:
+        if step == 70:
+            batch = _garbage(batch, model.cfg.vocab_size)
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
+        guard.record(loss=loss)
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # unscales, then calls the guarded optimizer.step()
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert guard.vetoes == 1
+    steps = spikedoc.load(tmp_path).steps
+    assert steps["step"].tolist() == list(range(72))
+    assert steps.loc[steps["skipped"].astype(bool), "step"].tolist() == [70]
+    saved = torch.load(tmp_path / "checkpoints" / "step-00000072.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == scaler.get_scale()
+
+
+def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4)
+    returned = {}
+    for step, batch in guard:
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss  # HF-style output: the monitor captures it
+        returned[step] = loss.item()
+        loss.backward()
+        if step == 3:
+            for p in model.parameters():
+                p.grad.fill_(math.nan)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    guard.close()
+    [veto] = guard.actions
+    assert veto["step"] == 3 and veto["loss"] == pytest.approx(returned[3], rel=1e-6)
+    assert veto["reasons"] == ["nonfinite"] and math.isnan(veto["grad_norm"])
+
+
+def test_no_good_checkpoint_before_the_damage_stops_the_run_instead_of_returning_to_a_later_one(tmp_path):
+    def ask_at_40(guard, step, batch):
+        if step == 40:
+            guard.request_rollback()  # the state to return to is the one before step 39
+
+    with pytest.raises(spikedoc.GuardStopped, match="no good checkpoint at or before step 39") as stop:
+        run_guarded(tmp_path, steps=60, checkpoint_every=20, keep=1, on_step=ask_at_40)  # only step 40's is kept
+    assert stop.value.diagnosis["reason"] == "no_checkpoint" and stop.value.diagnosis["rollbacks"] == 0
+
+
+def test_a_large_but_finite_float16_gradient_is_not_taken_for_an_overflow(tmp_path):
+    model = torch.nn.Linear(1000, 1).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = spikedoc.Guard(model, opt, data=[0], run_dir=tmp_path)
+    for _, _ in guard:
+        model.weight.grad = torch.full_like(model.weight, 60000.0)  # norm 1.9e6: beyond float16, each value is not
+        model.bias.grad = torch.zeros_like(model.bias)
+        guard.record(loss=1.0)
+        opt.step()
+    guard.close()
+    assert guard.vetoes == 0
+
+
+def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_skips_all_of_them(tmp_path):
+    def train(run_dir, nan_steps, steps):
+        model, opt, sched = build()
+        guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=run_dir, accumulate=2,
+                               checkpoint_every=10, max_steps=steps)  # fmt: skip
+        seen = []
+        for step, batch in guard:
+            seen.append((step, batch["idx"].tolist()))
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            guard.record(loss=loss, sample_ids=batch["idx"])
+            (loss / 2).backward()
+            if len(seen) >= 2 and seen[-2][0] == step:  # the step's second micro-batch: step now
+                if step in nan_steps and not guard.rollbacks:
+                    for p in model.parameters():
+                        p.grad.fill_(math.nan)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        guard.close()
+        return guard, seen
+
+    _, clean = train(tmp_path / "clean", set(), 40)
+    guard, healed = train(tmp_path / "healed", {15, 16, 17, 18, 19}, 30)
+    assert [s for s, _ in clean] == [s for s in range(40) for _ in range(2)]
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert (rollback["from_step"], rollback["to_step"]) == (20, 10)
+    assert rollback["skipped_positions"] == list(range(30, 40))  # both batches of steps 15-19
+    by_position = [ids for _, ids in clean]
+    replay = [ids for _, ids in healed[40:]]
+    assert len(replay) == 40 and replay == [by_position[p] for p in range(20, 80) if p not in range(30, 40)][:40]
+
+
+def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_path):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4,
+                           watch_options={"every": 10, "layer_every": 10})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no loss for this step" warning
+        for step, batch in guard:
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            if step == 3:
+                for p in model.parameters():
+                    p.grad.fill_(math.nan)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    guard.close()
+    assert guard.actions[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_path):
+    lrs = {}
+
+    def on_step(guard, step, batch):
+        if step == 25:
+            lrs[guard.rollbacks] = guard.optimizer.param_groups[0]["lr"]
+
+    always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
+    with pytest.raises(spikedoc.GuardStopped):
+        run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always, on_step=on_step)
+    assert lrs[1] == pytest.approx(0.7 * lrs[0], rel=1e-12) and lrs[2] == pytest.approx(0.49 * lrs[0], rel=1e-12)

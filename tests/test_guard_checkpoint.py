@@ -1,0 +1,135 @@
+"""Guard checkpoints: atomic, checked before use, and a killed run resumes exactly where it was."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import spikedoc
+from spikedoc.guard import CheckpointError
+from spikedoc.guard.checkpoint import CheckpointStore, host_copy
+from tests.common.guarded import build, loader, run_guarded
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "tests.common.guarded_script", str(run_dir), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _state(model, opt) -> dict:
+    return {**host_copy({"model": model.state_dict(), "optimizer": opt.state_dict()}), "guard": {}, "data": {}, "rng": {}}
+
+
+def test_a_checkpoint_with_nan_or_inf_is_refused_when_saved_and_when_loaded(tmp_path):
+    model, opt, _ = build()
+    store = CheckpointStore(tmp_path, keep=3)
+    state = _state(model, opt)
+    state["model"]["head.weight"][0, 0] = math.inf
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        store.save(10, state, healthy=True)
+    assert store.checkpoints() == []
+    # A file written by someone else holding a NaN is refused on load too.
+    torch.save({"format": 1, "step": 10, "healthy": True, **state}, tmp_path / "step-00000010.pt")
+    store.adopt()
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        store.load(store.checkpoints()[0])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "pickled_object"])
+def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path, damage):
+    model, opt, _ = build()
+    store = CheckpointStore(tmp_path, keep=3, in_memory=False)
+    checkpoint = store.save(10, _state(model, opt), healthy=True)
+    if damage == "truncated":
+        data = checkpoint.path.read_bytes()
+        checkpoint.path.write_bytes(data[: len(data) // 3])
+    elif damage == "foreign":
+        torch.save({"model": model.state_dict()}, checkpoint.path)
+    else:  # weights_only=True refuses arbitrary pickled objects
+        torch.save({"format": 1, "step": 10, "evil": Path("/")}, checkpoint.path)
+    with pytest.raises(CheckpointError):
+        store.load(checkpoint)
+
+
+def test_only_the_last_keep_good_checkpoints_stay_on_disk(tmp_path):
+    model, opt, _ = build()
+    store = CheckpointStore(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        store.save(step, _state(model, opt), healthy=True)
+    store.save(40, _state(model, opt), healthy=False)
+    assert [(c.step, c.healthy) for c in store.checkpoints()] == [(20, True), (30, True), (40, False)]
+    assert store.rollback_target(35).step == 30 and store.rollback_target(19) is None
+
+
+def test_a_failed_checkpoint_write_warns_records_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "run" / "checkpoints"
+    blocker.parent.mkdir()
+    blocker.write_text("a file where the checkpoint directory should be")
+    with pytest.warns(RuntimeWarning, match="checkpoint of step"):
+        guard, _ = run_guarded(tmp_path / "run", steps=30, checkpoint_every=10)
+    assert guard.step == 30
+    events = spikedoc.load(tmp_path / "run").events
+    assert (events["kind"] == "checkpoint_failed").sum() >= 3
+
+
+def test_a_crash_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _script(run_dir, "--steps", "45", "--die-in-save-of", "40")
+    proc.wait(120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert any(p.name.startswith(".step-00000040") for p in (run_dir / "checkpoints").iterdir())  # the torn file
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=run_dir, checkpoint_every=20, resume=True)
+    assert guard.step == 20  # the newest complete checkpoint
+    guard.close()
+
+
+def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_never_killed(tmp_path):
+    common = ("--steps", "70", "--nan", "25-29")  # a rollback (to step 20) before the kill
+    reference = _script(tmp_path / "reference", *common)
+    killed = _script(tmp_path / "killed", *common, "--sleep-from", "40")
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "step-00000040.pt").exists():
+        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint of step 40 in time"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert reference.wait(120) == 0, reference.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "final.pt").exists()
+
+    resumed = _script(tmp_path / "killed", *common)
+    assert resumed.wait(120) == 0, resumed.stderr.read().decode()[-2000:]
+    want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    got = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
+    assert (got["rollbacks"], got["lr_scale"], got["clip"], got["skipped"]) == (1, 0.7, 0.5, [25, 26, 27, 28, 29])
+    for name, tensor in want["params"].items():
+        assert torch.equal(tensor, got["params"][name]), name
+    events = spikedoc.load(tmp_path / "killed").events
+    assert "guard_resume" in set(events["kind"])
+
+
+def test_a_fresh_run_never_rolls_back_to_another_runs_checkpoints_in_its_directory(tmp_path):
+    run_guarded(tmp_path, steps=60, checkpoint_every=20)  # leaves checkpoints of steps 20, 40, 60
+
+    def nan_grads(step, guard):
+        if step in range(45, 50) and not guard.rollbacks:
+            for p in guard.model.parameters():
+                p.grad.fill_(math.nan)
+
+    guard, _ = run_guarded(tmp_path, steps=55, checkpoint_every=25, resume=False, after_backward=nan_grads)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["to_step"] == 25  # its own, not the other run's checkpoint of step 40

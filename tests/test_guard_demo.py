@@ -1,0 +1,54 @@
+"""`spikedoc demo --guard`: the demo's planted fault is healed under spikedoc.Guard."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from spikedoc.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_guard_rolls_back_a_nan_and_finishes_the_run(tmp_path):
+    result = runner.invoke(app, ["demo", "--guard", "--fault", "nan", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "vetoed 5 step(s) and rolled back 1 time(s)" in result.output
+    assert "rollback from step 205 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
+    analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "demo"), "--json"]).output)
+    [rollback] = [a for a in analysis["guard_actions"] if a["kind"] == "rollback"]
+    assert rollback["step"] == 150 and rollback["detail"]["lr_scale"] == 0.7
+    steps_after = analysis["summary"]["last_step"]
+    assert steps_after == 299
+
+
+def test_demo_guard_rejects_a_fault_it_does_not_plant(tmp_path):
+    result = runner.invoke(app, ["demo", "--guard", "--fault", "lr_jump", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2
+    assert "unknown --fault 'lr_jump' with --guard" in " ".join(result.output.split())
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_guarded_hook_script_heals_its_planted_nan_steps(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "hooks" / "guarded_torch.py"), "--run-dir", str(tmp_path / "run"),
+                           "--steps", "60", "--checkpoint-every", "20", "--nan-at", "30"],
+                          cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained 60 steps: 5 vetoed, 1 rollbacks" in done.stdout
+    analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "run"), "--json"]).output)
+    assert [a["step"] for a in analysis["guard_actions"] if a["kind"] == "rollback"] == [20]
+
+
+def test_the_demos_long_bad_batch_is_vetoed_and_nothing_else_happens(tmp_path):
+    from spikedoc.demo.guarded import guarded_run
+
+    result = guarded_run(tmp_path / "run", "bad_batch_long")
+    assert [(a["kind"], a["step"]) for a in result["actions"]] == [("veto", 170)]
+    assert result["actions"][0]["sample_ids"][:2] == ["crawl/blob-0", "crawl/blob-1"]
+    assert result["steps"] == 300 and result["rollbacks"] == 0

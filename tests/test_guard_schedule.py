@@ -1,0 +1,129 @@
+"""After a rollback the whole LR schedule is the original times lr_factor, for every common scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as lrs
+
+import spikedoc
+from spikedoc.guard.schedule import scale_schedule
+
+STEPS = 80
+ROLLBACK_AT = 35
+
+
+def _warmup_cosine(step: int) -> float:
+    if step < 10:
+        return (step + 1) / 10
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 10) / (STEPS - 10)))
+
+
+def _hf_cosine(opt):
+    transformers = pytest.importorskip("transformers")
+    return transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=STEPS)
+
+
+SCHEDULERS = {
+    "lambda_warmup_cosine": lambda opt: lrs.LambdaLR(opt, _warmup_cosine),
+    "cosine_annealing": lambda opt: lrs.CosineAnnealingLR(opt, T_max=STEPS, eta_min=1e-3),
+    "sequential": lambda opt: lrs.SequentialLR(
+        opt, [lrs.LinearLR(opt, start_factor=0.1, total_iters=10), lrs.CosineAnnealingLR(opt, T_max=STEPS - 10, eta_min=1e-4)],
+        milestones=[10]),
+    "one_cycle": lambda opt: lrs.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=STEPS + 1),
+    "hf_cosine_with_warmup": _hf_cosine,
+}  # fmt: skip
+
+
+def _parts(name: str):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 0.05},
+                             {"params": model[2].parameters(), "lr": 0.02}])  # fmt: skip
+    return model, opt, SCHEDULERS[name](opt)
+
+
+def _reference(name: str) -> list[list[float]]:
+    """Each step's LR per group when the schedule runs undisturbed."""
+    _, opt, sched = _parts(name)
+    out = []
+    for _ in range(STEPS):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+def _train(tmp_path, name: str, *, rollback_at: int = ROLLBACK_AT, parts=None, **options):
+    model, opt, sched = parts or _parts(name)
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 4, generator=gen) for _ in range(200)]
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=data, run_dir=tmp_path, checkpoint_every=10,
+                           max_steps=STEPS, **options)  # fmt: skip
+    seen: dict[int, list[list[float]]] = {}
+    for step, x in guard:
+        seen.setdefault(step, []).append([g["lr"] for g in opt.param_groups])
+        loss = model(x).pow(2).mean()
+        guard.record(loss=loss)
+        loss.backward()
+        if step == rollback_at and guard.rollbacks == 0:
+            guard.request_rollback()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    guard.close()
+    return guard, seen
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_after_a_rollback_every_later_lr_is_lr_factor_times_the_original(tmp_path, name):
+    reference = _reference(name)
+    guard, seen = _train(tmp_path, name)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    back = rollback["to_step"]
+    assert rollback["reason"] == "requested" and back <= ROLLBACK_AT + 1 and back % 10 == 0
+    for step in range(STEPS):
+        passes = seen[step]
+        if step < back:
+            assert passes == [pytest.approx(reference[step], rel=1e-12, abs=0)]
+        else:
+            scaled = [0.7 * lr for lr in reference[step]]
+            assert passes[-1] == pytest.approx(scaled, rel=1e-9, abs=0), step
+            if step <= ROLLBACK_AT:  # seen before the rollback too, at the original LR
+                assert passes[0] == pytest.approx(reference[step], rel=1e-12, abs=0)
+
+
+def test_scaling_a_schedule_twice_multiplies_the_factors():
+    _, opt, sched = _parts("cosine_annealing")
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    scale_schedule(opt, sched, 0.7)
+    scale_schedule(opt, sched, 0.5)
+    reference = _reference("cosine_annealing")
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.35 * lr for lr in reference[5]], rel=1e-12)
+    assert sched.eta_min == pytest.approx(0.35e-3)
+
+
+def _jump_at_40(step: int) -> float:
+    return 1.0 if step < 40 else 10.0  # a schedule restored with the wrong base LR
+
+
+def test_a_rollback_for_an_lr_jump_holds_the_lr_at_its_level_before_the_jump(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = lrs.LambdaLR(opt, _jump_at_40)
+    guard, seen = _train(tmp_path, "", rollback_at=45, parts=(model, opt, sched))
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["cause"] == "lr_schedule" and rollback["to_step"] == 40
+    assert rollback["lr_held"]["from_step"] == 40 and rollback["lr_held"]["at"] == [pytest.approx(0.01)]
+    assert guard.lr_scale == 1.0 and guard.clip == 1.0  # the schedule was at fault, not the run's settings
+    steps = spikedoc.load(tmp_path).steps
+    replay = steps.loc[steps["segment"] == 1].set_index("step")["lr"]
+    assert replay.index.min() == 40 and replay.to_numpy() == pytest.approx([0.01] * 40, rel=1e-6)  # as applied
+    assert seen[60][-1] == [pytest.approx(0.1)]  # while the schedule itself is left as it is
+    held = [e for e in spikedoc.analyze(tmp_path).guard_actions if e["kind"] == "rollback"][0]
+    assert held["detail"]["lr_held"]["jump"]["factor"] == pytest.approx(10.0)
