@@ -50,41 +50,46 @@ def _schedulers(entries: Any, offset: int | None = 0) -> list[tuple[dict[str, An
     return out
 
 
-def restart_settings(meta: dict[str, Any] | None) -> tuple[set[int], list[int]] | None:
-    """The periods and cycle starts of the recorded warm-restart schedulers, or None when none is recorded.
+def restart_settings(meta: dict[str, Any] | None) -> list[tuple[int | None, int, int]] | None:
+    """(origin, T_0, T_mult) of each recorded warm-restart scheduler, or None when none is recorded.
 
-    Cycle starts are steps (from `meta["start_step"]` and the schedulers' `last_epoch` at watch
-    time) where a warm-restart scheduler began its first period, such as a `SequentialLR`
-    milestone after a warmup.
+    The origin is the step whose LR is the start of the scheduler's first period: the segment's
+    `start_step` minus the scheduler's `last_epoch` at watch time, plus the `SequentialLR`
+    milestone it starts at. None when that is unknown (only the periods are then used).
 
     Example:
         >>> meta = {"start_step": 0, "scheduler": [{"class": "CosineAnnealingWarmRestarts",
         ...         "settings": {"T_0": 10, "T_mult": 2, "last_epoch": 0}}]}
-        >>> periods, starts = restart_settings(meta)
-        >>> sorted(periods)[:3], starts
-        ([10, 20, 40], [0])
+        >>> restart_settings(meta)
+        [(0, 10, 2)]
     """
     meta = meta or {}
     start_step = meta.get("start_step") if isinstance(meta.get("start_step"), int) else None
-    found = None
     top = meta.get("scheduler")
     top_epoch = None
     if isinstance(top, list) and top and isinstance(top[0], dict):
         epoch = (top[0].get("settings") or {}).get("last_epoch")
         top_epoch = int(epoch) if isinstance(epoch, (int, float)) else None
     origin = start_step - top_epoch if start_step is not None and top_epoch is not None else None
+    found: list[tuple[int | None, int, int]] = []
     for entry, offset in _schedulers(top, 0):
         if entry.get("class") != "CosineAnnealingWarmRestarts":
             continue
         settings = entry.get("settings") or {}
         t0, mult = settings.get("T_0"), settings.get("T_mult", 1)
-        if not isinstance(t0, int) or t0 < 1 or not isinstance(mult, int) or mult < 1:
-            continue
-        found = found or (set(), [])
-        found[0].update(t0 * mult**k for k in range(_MAX_PERIODS if mult > 1 else 1))
-        if origin is not None and offset is not None:
-            found[1].append(origin + offset)
-    return found
+        if isinstance(t0, int) and t0 >= 1 and isinstance(mult, int) and mult >= 1:
+            found.append((origin + offset if origin is not None and offset is not None else None, t0, mult))
+    return found or None
+
+
+def _restart_steps(origin: int, t0: int, mult: int, until: int) -> set[int]:
+    """Steps at which a warm-restart schedule that began at `origin` restarts, up to `until`."""
+    out, step, period = set(), origin + t0, t0
+    while step <= until:
+        out.add(step)
+        period *= mult
+        step += period
+    return out
 
 
 def scheduled_restarts(frame: pd.DataFrame, jumps: list[dict[str, Any]], meta: dict[str, Any] | None,
@@ -94,23 +99,35 @@ def scheduled_restarts(frame: pd.DataFrame, jumps: list[dict[str, Any]], meta: d
     Args:
         frame: one lineage's step table (`step`, `lr`, `lr_<i>`), in step order.
         jumps: `lr_discontinuities` of that lineage, with `at_resume` set.
-        meta: the run's meta.json (its `scheduler` record, if any).
+        meta: the run's meta.json (its `start_step` and `scheduler` record, if any).
         cycle_starts: steps where a cycle may begin: the lineage's first step and its resumes.
+
+    Example:
+        >>> frame = pd.DataFrame({"step": range(6), "lr": [1.0, 0.5, 0.1, 1.0, 0.5, 0.1]})
+        >>> jump = {"step": 3, "group": 0, "after": 1.0, "direction": "up", "at_resume": None}
+        >>> meta = {"start_step": 0, "scheduler": [{"class": "CosineAnnealingWarmRestarts",
+        ...         "settings": {"T_0": 3, "last_epoch": 0}}]}
+        >>> scheduled_restarts(frame, [jump], meta, [0]), scheduled_restarts(frame, [jump], None, [0])
+        ({(3, 0)}, set())
     """
     settings = restart_settings(meta)
     out: set[tuple[int, int]] = set()
     steps = frame["step"].to_numpy()
+    until = int(steps.max()) if steps.size else 0
     for group in sorted({j["group"] for j in jumps}):
         column = "lr" if group == 0 else f"lr_{group}"
         if column not in frame.columns:
             continue
         lr = frame[column].to_numpy(dtype=float)
-        candidates = [j["step"] for j in jumps if j["group"] == group and _to_peak(j, steps, lr)]
-        starts = sorted(set(cycle_starts) | set(settings[1] if settings else []))
-        if settings is not None:
-            out |= {(s, group) for s in _on_period(candidates, starts, settings[0])}
-        else:
-            out |= {(s, group) for s in _geometric(candidates, starts)}
+        candidates = sorted(j["step"] for j in jumps if j["group"] == group and _to_peak(j, steps, lr))
+        if settings is None:
+            out |= {(s, group) for s in _geometric(candidates, cycle_starts)}
+            continue
+        predicted = set().union(*(_restart_steps(o, t0, m, until) for o, t0, m in settings if o is not None))
+        periods = {t0 * m**k for _, t0, m in settings for k in range(_MAX_PERIODS if m > 1 else 1)}
+        out |= {(s, group) for s in candidates if s in predicted}
+        # Where the phase is unknown (or a resumed segment began a cycle): a period from the cycle start.
+        out |= {(s, group) for s in _on_period([c for c in candidates if c not in predicted], cycle_starts, periods)}
     return out
 
 

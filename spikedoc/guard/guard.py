@@ -26,6 +26,7 @@ from spikedoc.guard.judge import Decision, Judge, Verdict
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
+from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
 from spikedoc.monitor.statistics import norms
@@ -126,7 +127,7 @@ class Guard:
             raise TypeError(f"Guard: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step")}
+        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "scheduler")}
         rank = world()
         self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory)  # fmt: skip
@@ -467,8 +468,10 @@ class Guard:
 
     def _watch(self) -> Monitor:
         def open_monitor() -> Monitor:
+            # The scheduler's record (meta.json and the judge) tells its warm restarts from LR jumps.
+            self._judge.schedule = {"start_step": self.step, "scheduler": describe_scheduler(self.scheduler)}
             return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
-                         start_step=self.step, **self._watch_options)  # fmt: skip
+                         start_step=self.step, scheduler=self.scheduler, **self._watch_options)  # fmt: skip
 
         if world() is None:
             return open_monitor()
