@@ -55,6 +55,9 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer], object]] = {
     "cosine_warm_restarts_tmult": lambda opt: sched.CosineAnnealingWarmRestarts(opt, T_0=20, T_mult=2, eta_min=1e-4),
     "warmup_stable_decay": lambda opt: sched.LambdaLR(opt, _wsd),
     "one_cycle": lambda opt: sched.OneCycleLR(opt, max_lr=LR, total_steps=STEPS),
+    "step_decay": lambda opt: sched.StepLR(opt, step_size=40, gamma=0.3),
+    "exponential": lambda opt: sched.ExponentialLR(opt, gamma=0.98),
+    "polynomial": lambda opt: sched.PolynomialLR(opt, total_iters=STEPS, power=2.0),
 }
 
 
