@@ -63,8 +63,11 @@ class Monitor:
     `input_shapes`, `seq_len_min`, `seq_len_median`, `seq_len_max`, `distinct_token_ratio`, plus
     any extra scalar given to `record`. Layer table columns: `step`, `name`, `grad_norm`,
     `grad_max`, `param_norm`, `update_norm`, `update_ratio`, `nonfinite`, and per optimizer
-    `exp_avg_norm`, `exp_avg_sq_mean`, `exp_avg_sq_max`, `eps_frac` (Adam/AdamW), `momentum_norm`
-    (SGD) or `state_norm_<key>` (others).
+    `exp_avg_norm`, `exp_avg_sq_mean`, `exp_avg_sq_max`, `eps_frac` (Adam/AdamW, and the first three
+    for 8-bit Adam), `momentum_norm` (SGD, Muon, Lion), `sign_flip_frac` (Lion), `row_var_mean`,
+    `col_var_mean`, `var_mean`, `var_max` (Adafactor), `z_norm` (Schedule-Free) or
+    `state_norm_<key>` (others); step columns `sf_train_mode`, `sf_averaging_weight`
+    (Schedule-Free) and `precond_refreshed` (SOAP, Shampoo).
 
     Example:
         >>> import tempfile, torch, spikedoc
