@@ -12,7 +12,7 @@ from torch.optim import lr_scheduler as sched
 import spikedoc
 from tests.common.models import char_text, make_model
 
-STEPS = 100
+STEPS = 80
 WARMUP = 10
 LR = 3e-3
 

@@ -7,11 +7,12 @@ scheduled when all of these hold:
 
 - it goes up to the group's peak LR (the highest it reached before, within 1%), not beyond;
 - it is not at a resume (a resume that restarted the schedule is the classic discontinuity);
-- it ends a period: the steps since the cycle began (the start of the lineage or of a resumed
-  segment, a `SequentialLR` milestone, or the previous restart) are one of the periods of the
-  recorded scheduler (`T_0 * T_mult**k`, from `watch(..., scheduler=...)`); with no scheduler
-  recorded, the run must show at least two restarts whose periods grow by one integer factor
-  (equal periods, or each `T_mult` times the one before), as the LR series of any SGDR schedule does.
+- it ends a period: with a scheduler recorded (`watch(..., scheduler=...)`), it is one of the
+  restart steps its `T_0`, `T_mult` and phase predict, or, where the phase is unknown, a period
+  `T_0 * T_mult**k` after a cycle start (the start of the lineage or of a resumed segment, or the
+  previous restart); with none recorded, the run must show at least two restarts whose periods
+  grow by one integer factor (equal periods, or each `T_mult` times the one before), as the LR
+  series of any SGDR schedule does.
 
 An LR multiplied by a bug lands above the peak, a resume is never scheduled, and a restart at the
 wrong step ends no period: all three are still flagged.
