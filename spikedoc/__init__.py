@@ -3,6 +3,7 @@
     monitor = spikedoc.watch(model, optimizer, run_dir="runs/exp1")   # record a run
     run = spikedoc.load("runs/exp1")                                  # read it back (pandas)
     diagnosis = spikedoc.analyze("runs/exp1")                         # find and explain spikes
+    spikedoc.columns()                                                # what each step column means
     guard = spikedoc.Guard(model, optimizer, data=loader, run_dir="runs/exp1")  # a run that heals itself
 
 Names are imported lazily so that analysing a run never imports torch and recording one never
@@ -23,6 +24,7 @@ __all__ = [
     "Monitor",
     "load",
     "Run",
+    "columns",
     "analyze",
     "Diagnosis",
     "Incident",
@@ -40,6 +42,7 @@ _LAZY = {
     "Monitor": "spikedoc.monitor",
     "load": "spikedoc.store.reader",
     "Run": "spikedoc.store.reader",
+    "columns": "spikedoc.store.schema",
     "analyze": "spikedoc.analysis",
     "Diagnosis": "spikedoc.analysis",
     "Incident": "spikedoc.analysis.incident",
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from spikedoc.guard import Guard
     from spikedoc.monitor import Monitor, watch
     from spikedoc.store.reader import Run, load
+    from spikedoc.store.schema import columns
 
 
 def __getattr__(name: str) -> Any:

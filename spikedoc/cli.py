@@ -1,55 +1,165 @@
-"""The `spikedoc` command line: `spikedoc analyze RUN [--json]` and `spikedoc demo`."""
+"""The `spikedoc` command line: analyze, report, tensorboard, tail and demo."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
+import math
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from spikedoc import __version__
 from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError, one_line
 
-__all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS"]
+__all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS", "DOCS"]
 
 #: Exit codes: healthy (or only minor incidents), an incident needs attention (EXIT_BAD_INPUT = 2 for unusable input).
 EXIT_HEALTHY, EXIT_INCIDENTS = 0, 1
+#: Where the documentation lives online (a pip install has no docs/ folder).
+DOCS = "https://github.com/spikedoc/spikedoc/blob/main/docs/"
+_README = "https://github.com/spikedoc/spikedoc#readme"
+_RUN_HELP = "A spikedoc run directory, a CSV log (step,loss[,grad_norm][,lr]) or a TensorBoard log dir."
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
     help="spikedoc: training-run stability monitor and loss-spike doctor for PyTorch.",
+    epilog=f"Documentation: {_README}",
 )
 
 
-@app.callback()
-def _main() -> None:
+@app.callback(invoke_without_command=True)
+def _main(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+) -> None:
     """spikedoc: training-run stability monitor and loss-spike doctor for PyTorch."""
+    if version:
+        typer.echo(f"spikedoc {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:  # bare `spikedoc`: the help, and no error
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
-@app.command()
+@app.command(epilog=f"The JSON shape, the cause rules and the exit codes: {DOCS}analysis.md")
 def analyze(
-    run: Annotated[Path, typer.Argument(help="A spikedoc run directory, a CSV log (step,loss[,grad_norm][,lr]) or a TensorBoard log dir.", show_default=False)],
+    run: Annotated[Path, typer.Argument(help=_RUN_HELP, show_default=False)],
     *,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON (documented in docs/analysis.md).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=f"Print the diagnosis as JSON (shape: {DOCS}analysis.md).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report: one summary line, and the exit code.")] = False,
+    start: Annotated[int | None, typer.Option(help="Analyse steps from this one on (inclusive).", show_default=False)] = None,
+    stop: Annotated[int | None, typer.Option(help="Analyse steps before this one (exclusive, like Python's range).", show_default=False)] = None,
+    threshold: Annotated[float | None, typer.Option(help="Robust sigmas above the rolling baseline that flag a step (default 7, as OLMo 2's spike score).", show_default=False)] = None,
+    window: Annotated[int | None, typer.Option(help="Steps in the detector's rolling baseline (default 100).", show_default=False)] = None,
 ) -> None:
     """Find loss spikes, attribute them to batches and layers, name the cause and say what to do.
 
     Exit code 0 when the run is healthy or its incidents are all minor, 1 when an incident needs
     attention (moderate or severe), 2 for unusable input.
     """
-    diagnosis = _run_or_exit(run)
+    console = Console(highlight=False)
+    diagnosis = _diagnose(_load(run, start, stop, console), threshold, window, console)
     if as_json:
         typer.echo(json.dumps(diagnosis.to_dict(), indent=2))
+    elif quiet:
+        console.print(_summary_line(diagnosis), soft_wrap=True)
     else:
         from spikedoc.report.terminal import render
 
-        render(diagnosis, Console(highlight=False))
+        render(diagnosis, console)
     raise typer.Exit(code=EXIT_INCIDENTS if diagnosis.needs_attention else EXIT_HEALTHY)
+
+
+@app.command(epilog=f"What the page shows: {DOCS}report.md")
+def report(
+    run: Annotated[Path, typer.Argument(help=_RUN_HELP, show_default=False)],
+    *,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write a self-contained HTML report: plots of the run with incidents shaded, and each incident explained.
+
+    The page needs no network and runs no script. Exit code 0 when written (whatever it found), 2 for
+    unusable input or an unwritable --out.
+    """
+    from spikedoc.report.html import render_html
+
+    console = Console(highlight=False)
+    loaded = _load(run, None, None, console)
+    diagnosis = _diagnose(loaded, None, None, console)
+    with _stage(console, "drawing the plots"):
+        page = render_html(loaded, diagnosis).encode("utf-8")
+    _write(out, page)
+    console.print(f"Wrote {out} ({len(page) / 1e6:.2f} MB): {_summary_line(diagnosis)}", soft_wrap=True)
+
+
+@app.command(epilog=f"The run format: {DOCS}run-format.md")
+def tensorboard(
+    run: Annotated[Path, typer.Argument(help=_RUN_HELP, show_default=False)],
+    logdir: Annotated[Path, typer.Argument(help="Folder for the TensorBoard event file (created if needed).", show_default=False)],
+) -> None:
+    """Write the run as TensorBoard scalars (per-tensor series grouped by module) and its incidents as text.
+
+    Then: tensorboard --logdir LOGDIR. Exit code 0 when written, 2 for unusable input or LOGDIR.
+    """
+    from spikedoc.report.tensorboard import export_tensorboard
+
+    console = Console(highlight=False)
+    loaded = _load(run, None, None, console)
+    diagnosis = _diagnose(loaded, None, None, console)
+    try:
+        with _stage(console, "writing event files"):
+            counts = export_tensorboard(loaded, diagnosis, logdir)
+    except OSError as exc:
+        _fail(f"cannot write to {logdir}: {exc.strerror or one_line(exc)}", EXIT_BAD_INPUT)
+    console.print(f"Wrote {counts['scalars']:,} scalar points under {counts['tags']} tags and {counts['texts']} text "
+                  f"summaries to {logdir}; view them with: tensorboard --logdir {logdir}", soft_wrap=True)
+
+
+@app.command()
+def tail(
+    run: Annotated[Path, typer.Argument(help="A spikedoc run directory being written by spikedoc.watch.", show_default=False)],
+    *,
+    interval: Annotated[float, typer.Option(help="Seconds between looks for new steps.", min=0.05)] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Read what is there, print one line (and any alerts), exit.")] = False,
+) -> None:
+    """Follow a run as it is written: a line per interval with loss, grad norm and LR, and an alert when a step is flagged.
+
+    Alerts come from the streaming detector `analyze` uses. Ctrl-C stops (exit code 0); 2 when RUN
+    is missing or not a run, or (with --once) has no steps yet.
+    """
+    from spikedoc.report.tail import RunFollower
+
+    console = Console(highlight=False)
+    _quiet_library_logs()
+    try:
+        follower = RunFollower(run)
+    except SpikedocError as exc:
+        _fail(str(exc), exc.exit_code)
+    waited = False
+    try:
+        while True:
+            update = follower.poll() if follower.started else None
+            if update is not None and update.new_steps:
+                _print_progress(console, update)
+            elif once:
+                _fail(f"{run} has no step rows yet: the run has not flushed its first steps", EXIT_BAD_INPUT)
+            elif not waited and follower.steps_read == 0:
+                console.print(f"[dim]waiting for {escape(str(run))} to write its first steps ...[/dim]", soft_wrap=True)
+                waited = True
+            if once:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        console.print(f"[dim]stopped after {follower.steps_read:,} steps[/dim]")
 
 
 @app.command()
@@ -78,20 +188,25 @@ def demo(
     console.print(f"Training a tiny GPT (2 layers, 300 steps, CPU) {how}; planted: {faults[fault]}. Recording to {out} ...")
     try:
         if guard:
+            from spikedoc.analysis._robust import count
             from spikedoc.demo import guarded_demo_run
 
-            result = guarded_demo_run(out, fault)
-            console.print(f"The guard vetoed {result['vetoes']} step(s) and rolled back {result['rollbacks']} time(s); the run "
-                          f"finished its {result['steps']} steps at a loss of {result['final_loss']:.3f} (mean of the last 10).")
+            with _stage(console, "training under the guard"):
+                result = guarded_demo_run(out, fault)
+            console.print(f"The guard vetoed {count(result['vetoes'], 'step')} and rolled back "
+                          f"{count(result['rollbacks'], 'time')}; the run finished its {result['steps']} steps at a loss "
+                          f"of {result['final_loss']:.3f} (mean of the last 10).")
         else:
-            record_demo_run(out, fault)
+            with _bar(console, "training") as advance:
+                record_demo_run(out, fault, on_step=advance)
     except OSError as exc:
         _fail(f"{out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
     console.print(f"Recorded. What `spikedoc analyze {out}` says:\n")
     from spikedoc.report.terminal import render
 
-    render(_run_or_exit(out), console)
-    console.print(f"\n[dim]The run stays in {out}: try `spikedoc analyze {out} --json`, or spikedoc.load() it in Python.[/dim]")
+    render(_diagnose(_load(out, None, None, console), None, None, console), console)
+    console.print(f"\n[dim]The run stays in {out}: try `spikedoc report {out}` for an HTML page, "
+                  f"`spikedoc analyze {out} --json`, or spikedoc.load() it in Python.[/dim]")
 
 
 def _demo_faults() -> list[str]:
@@ -106,18 +221,136 @@ def _guard_faults() -> list[str]:
     return list(GUARD_FAULTS)
 
 
-def _run_or_exit(run: Path):
-    # Library warnings are collected in Diagnosis.warnings and printed once by the report; without a
-    # handler here Python's last-resort handler would print them a second time, unformatted.
-    logging.getLogger("spikedoc").addHandler(logging.NullHandler())
-    try:
-        from spikedoc.analysis import analyze as _analyze
+# ------------------------------------------------------------------------------ shared steps
 
-        return _analyze(run)
+
+def _load(run: Path, start: int | None, stop: int | None, console: Console) -> Any:
+    """The run, cut to steps [start, stop) when asked; unusable input exits 2 with one line."""
+    _quiet_library_logs()
+    try:
+        from spikedoc.store.reader import load
+
+        with _stage(console, f"loading {run}"):
+            loaded = load(run)
     except SpikedocError as exc:
         _fail(str(exc), exc.exit_code)
     except OSError as exc:  # unreadable path, permission denied: a user problem, not a bug
         _fail(f"{run}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+    if start is None and stop is None:
+        return loaded
+    if start is not None and stop is not None and stop <= start:
+        _fail(f"--stop ({stop}) must be greater than --start ({start}): the range [start, stop) is empty", EXIT_BAD_INPUT)
+    steps = loaded.steps
+    keep = (steps["step"] >= (start if start is not None else -math.inf)) & (steps["step"] < (stop if stop is not None else math.inf))
+    if not keep.any():
+        first, last = (int(steps["step"].min()), int(steps["step"].max())) if len(steps) else ("?", "?")
+        _fail(f"{run} has no steps in [{start if start is not None else ''}, {stop if stop is not None else ''}): "
+              f"its steps run {first}..{last}", EXIT_BAD_INPUT)
+    # Events before the range stay (they happened); analysis decides which lie on the analysed lineage.
+    events = loaded.events
+    before_stop = events["step"] < (stop if stop is not None else math.inf)
+    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[before_stop].reset_index(drop=True))
+
+
+def _diagnose(run: Any, threshold: float | None, window: int | None, console: Console) -> Any:
+    from spikedoc.analysis import AnalysisConfig, DetectorConfig, analyze
+
+    try:
+        detector = None
+        if threshold is not None or window is not None:
+            given: dict[str, Any] = {}
+            if threshold is not None:
+                given["threshold"] = threshold
+            if window is not None:
+                # A baseline shorter than the default history would never count as warm.
+                given.update(window=window, min_history=min(DetectorConfig().min_history, max(window, 1)))
+            detector = DetectorConfig(**given)
+    except ValueError as exc:
+        _fail(str(exc).replace("DetectorConfig.", "--").replace("min_history", "window"), EXIT_BAD_INPUT)
+    try:
+        with _stage(console, "analysing"):
+            return analyze(run, config=AnalysisConfig(detector=detector))
+    except SpikedocError as exc:
+        _fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        _fail(f"{run.path}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+
+
+def _summary_line(diagnosis: Any) -> str:
+    s = diagnosis.summary
+    where = f"{diagnosis.path} ({s.get('steps', 0):,} steps)"
+    if diagnosis.healthy:
+        return f"{where}: healthy, no incidents"
+    counts = [f"{n} {sev}" for sev in ("severe", "moderate", "minor")
+              if (n := sum(i.severity == sev for i in diagnosis.incidents))]
+    n = len(diagnosis.incidents)
+    verdict = "needs attention" if diagnosis.needs_attention else _settled(diagnosis)
+    return f"{where}: {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}"
+
+
+def _settled(diagnosis: Any) -> str:
+    from spikedoc.report.terminal import settled_text
+
+    return settled_text(diagnosis)
+
+
+def _print_progress(console: Console, update: Any) -> None:
+    from spikedoc.analysis._robust import fmt
+
+    parts = [f"step {update.step}", f"loss {fmt(update.loss)}"]
+    if not math.isnan(update.grad_norm):
+        parts.append(f"grad norm {fmt(update.grad_norm)}")
+    if not math.isnan(update.lr):
+        parts.append(f"lr {fmt(update.lr)}")
+    console.print("  ".join(parts) + f"  [dim](+{update.new_steps} steps)[/dim]", soft_wrap=True)
+    for alert in update.alerts:
+        size = "non-finite" if not math.isfinite(alert.z) else f"{alert.z:.1f} sigma above its baseline {fmt(alert.baseline)}"
+        console.print(f"[bold red]ALERT[/bold red] step {alert.step}: {alert.metric} {fmt(alert.value)} is {size}", soft_wrap=True)
+
+
+def _write(out: Path, data: bytes) -> None:
+    """Write through a temporary file next to `out`; an unwritable place exits 2 with one line."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _fail(f"cannot write {out}: {exc.strerror or one_line(exc)}", EXIT_BAD_INPUT)
+
+
+@contextlib.contextmanager
+def _stage(console: Console, what: str) -> Iterator[None]:
+    """A spinner with the elapsed time while `what` runs, on a terminal only (never in pipes or logs)."""
+    if not console.is_terminal:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        bar.add_task(escape(what), total=None)
+        yield
+
+
+@contextlib.contextmanager
+def _bar(console: Console, what: str) -> Iterator[Any]:
+    """A progress bar fed by `advance(done, total)`, on a terminal only."""
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _quiet_library_logs() -> None:
+    # Library warnings are collected in Diagnosis.warnings and printed once by the report; without a
+    # handler here Python's last-resort handler would print them a second time, unformatted.
+    logging.getLogger("spikedoc").addHandler(logging.NullHandler())
 
 
 def _fail(message: str, code: int) -> None:

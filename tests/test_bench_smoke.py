@@ -51,3 +51,11 @@ def test_analyze_scale_benchmark_finds_every_planted_spike_in_a_small_generated_
     matches = match_spikes(info["spikes"], result["diagnosis"])
     assert [m["incident"] is not None for m in matches] == [True] * len(info["spikes"]), matches
     assert result["exit_code"] == 1 and result["peak_rss_mb"] > 0
+
+
+def test_report_size_benchmark_reports_a_section_per_planted_spike(tmp_path, capsys):
+    from bench.report_size import main
+
+    assert main(["--steps", "2000", "--tensors", "4", "--cache", str(tmp_path), "--no-write"]) == 0
+    table_row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " MB |" in line]
+    assert len(table_row) == 1 and "| 4/4 |" in table_row[0], table_row

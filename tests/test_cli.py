@@ -88,6 +88,60 @@ def test_lints_and_missing_inputs_are_reported(tmp_path):
     assert "Not in this run" in text and "layers: no per-tensor attribution" in text
 
 
+# ------------------------------------------------------------------------------------ as a newcomer meets it
+
+
+def test_version_prints_the_package_version():
+    import spikedoc
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"spikedoc {spikedoc.__version__}"
+
+
+def test_bare_spikedoc_shows_the_help_and_exits_0():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 0, result.output
+    for command in ("analyze", "report", "tensorboard", "tail", "demo"):
+        assert command in result.output
+
+
+def test_help_links_to_the_docs_online_not_to_files_a_pip_user_lacks():
+    text = "".join(runner.invoke(app, ["analyze", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert "https://github.com/spikedoc/spikedoc/blob/main/docs/analysis.md" in text
+    assert "(documentedindocs/analysis.md)" not in text
+
+
+def test_quiet_prints_one_summary_line_and_keeps_the_exit_code(spiky, clean):
+    result = _analyze(spiky, "--quiet")
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.endswith("(600 steps): 1 incident (1 severe), needs attention")
+    result = _analyze(clean, "-q")
+    assert result.exit_code == 0 and result.output.strip().endswith("healthy, no incidents")
+
+
+def test_start_and_stop_analyse_a_half_open_step_range(spiky):
+    before = _analyze(spiky, "--quiet", "--stop", T)  # steps 0..399: the incident at 400 is outside
+    assert before.exit_code == 0 and "(400 steps): healthy" in before.output
+    data = json.loads(_analyze(spiky, "--json", "--start", 100, "--stop", T + 1).stdout)
+    assert (data["summary"]["first_step"], data["summary"]["last_step"]) == (100, T)
+    assert [i["onset_step"] for i in data["incidents"]] == [T]
+
+
+def test_threshold_and_window_reach_the_detector(spiky):
+    strict = json.loads(_analyze(spiky, "--json", "--threshold", "1000").stdout)
+    assert strict["incidents"] == []
+    short = _analyze(spiky, "--quiet", "--window", "20")
+    assert short.exit_code == 1, short.output
+
+
+def test_bad_ranges_and_detector_settings_are_one_line_and_exit_2(spiky):
+    assert "must be greater than --start" in _one_error_line(_analyze(spiky, "--start", 10, "--stop", 10))
+    assert "has no steps in [5000, )" in _one_error_line(_analyze(spiky, "--start", 5000))
+    assert "--threshold must be" in _one_error_line(_analyze(spiky, "--threshold", "-1"))
+    assert "--window must be" in _one_error_line(_analyze(spiky, "--window", "1"))
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 
@@ -212,3 +266,30 @@ def test_demo_leaves_an_existing_directory_untouched(tmp_path):
     line = _one_error_line(runner.invoke(app, ["demo", "--out", str(mine)]))
     assert "already exists and is not an empty directory" in line
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-c", "from spikedoc.cli import app; app()", "report", str(SAMPLE_RUNS / "lr_surge"), "-o"]
+    env = {**os.environ, "PYTHONPATH": str(root), "TERM": "xterm"}
+    piped = subprocess.run([*args, str(tmp_path / "a.html")], env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "loading" not in piped.stdout + piped.stderr
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*args, str(tmp_path / "b.html")], env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    assert b"loading" in seen and b"analysing" in seen and b"Wrote" in seen

@@ -90,7 +90,7 @@ def test_grad_norm_is_the_pre_clip_norm_the_loops_clip_returned(tmp_path, clip):
     assert (steps["clip_coef"] < 1).all(), "0.3 is below every step's norm: each step was clipped"
     np.testing.assert_allclose(steps["clip_max_norm"], 0.3, rtol=1e-6)  # stored as float32
     for step, (_, per) in enumerate(brute):  # per-tensor norms are from before the clip, too
-        layers = run.layers(start=step, stop=step).set_index("name")["grad_norm"]
+        layers = run.layers(first_step=step, last_step=step).set_index("name")["grad_norm"]
         np.testing.assert_allclose(layers[list(per)], list(per.values()), rtol=1e-5)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from spikedoc.cli import app
@@ -11,16 +13,35 @@ from spikedoc.cli import app
 runner = CliRunner()
 
 
-def test_demo_guard_rolls_back_a_nan_and_finishes_the_run(tmp_path):
-    result = runner.invoke(app, ["demo", "--guard", "--fault", "nan", "--out", str(tmp_path / "demo")])
+@pytest.fixture(scope="module")
+def healed_demo(tmp_path_factory):
+    """`spikedoc demo --guard --fault nan`, run once for the tests of this module that read it."""
+    out = tmp_path_factory.mktemp("healed") / "demo"
+    return out, runner.invoke(app, ["demo", "--guard", "--fault", "nan", "--out", str(out)])
+
+
+def test_demo_guard_rolls_back_a_nan_and_finishes_the_run(healed_demo):
+    out, result = healed_demo
+    tmp_path = out.parent
     assert result.exit_code == 0, result.output
-    assert "vetoed 5 step(s) and rolled back 1 time(s)" in result.output
+    assert "vetoed 5 steps and rolled back 1 time" in result.output
     assert "rollback from step 205 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
     analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "demo"), "--json"]).output)
     [rollback] = [a for a in analysis["guard_actions"] if a["kind"] == "rollback"]
     assert rollback["step"] == 150 and rollback["detail"]["lr_scale"] == 0.7
     steps_after = analysis["summary"]["last_step"]
     assert steps_after == 299
+
+
+def test_analyze_of_a_healed_run_records_what_the_guard_did_instead_of_advising_it_again(healed_demo):
+    out, _ = healed_demo
+    result = runner.invoke(app, ["analyze", str(out), "--json"])
+    analysis = json.loads(result.output)
+    [incident] = [i for i in analysis["incidents"] if i["onset_step"] == 200]
+    assert incident["handled_by_guard"] and incident["recommendation"]["rollback"] is False
+    assert [a["action"] for a in incident["recommendation"]["actions"]] == ["guard_handled"]
+    assert "rolled back from step 205 to 150" in incident["recommendation"]["actions"][0]["because"]
+    assert result.exit_code == 0 and not analysis["needs_attention"]  # healed: nothing left to do
 
 
 def test_demo_guard_rejects_a_fault_it_does_not_plant(tmp_path):

@@ -39,7 +39,7 @@ def test_adam_with_weight_decay_is_coupled_l2(meta, steps):
     meta["optimizer"]["class"] = "torch.optim.adam.Adam"
     finding = lint(meta, steps)[0]
     assert finding.id == "adam_coupled_weight_decay" and finding.severity == "warning"
-    assert "weight_decay=0.1 in 1 param group(s)" in finding.message and "AdamW" in finding.message
+    assert "weight_decay=0.1 in 1 param group:" in finding.message and "AdamW" in finding.message
     assert "Loshchilov" in finding.why
 
 
@@ -55,7 +55,7 @@ def test_weight_decay_on_biases_and_norm_weights(meta, steps):
     groups[1]["params"] = []
     finding = next(f for f in lint(meta, steps) if f.id == "decay_on_bias_and_norm")
     assert finding.details["tensors"] == ["h.0.ln_1.weight", "h.0.mlp.proj.bias"]
-    assert finding.message.startswith("weight decay 0.1 applies to 2 bias/norm tensor(s)")
+    assert finding.message.startswith("weight decay 0.1 applies to 2 bias/norm tensors")
 
 
 def test_beta2_0999_in_a_from_scratch_run(meta, steps):

@@ -15,7 +15,7 @@ STEPS = 4
 
 
 def _layers_at(run, step: int) -> dict[str, dict]:
-    frame = run.layers(start=step, stop=step)
+    frame = run.layers(first_step=step, last_step=step)
     return {row["name"]: row for row in frame.to_dict("records")}
 
 

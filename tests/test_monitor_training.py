@@ -131,7 +131,7 @@ def test_grad_scaler_records_loss_scale_and_a_skipped_step(tmp_path):
     assert steps["loss_scale"].tolist() == scales == [1024.0, 1024.0, 1024.0, 512.0]
     assert steps["update_norm"][2] == 0.0 and steps["update_norm"][3] > 0
     assert steps["nonfinite_grads"].tolist() == [0, 0, 1, 0]
-    skipped_layers = run.layers(start=2, stop=2).set_index("name")
+    skipped_layers = run.layers(first_step=2, last_step=2).set_index("name")
     assert skipped_layers.loc["head.weight", "nonfinite"] == 1
     assert (skipped_layers["update_norm"] == 0).all()
     # Gradients are recorded unscaled: scaler.step() unscales them before the optimizer sees them.
@@ -214,7 +214,7 @@ def test_nonfinite_gradients_are_counted_not_raised(tmp_path):
     run = spikedoc.load(tmp_path)
     assert run.steps["nonfinite_grads"].tolist() == [0, 3 * 32 + 1]
     assert math.isnan(run.steps["grad_norm"][1])
-    layers = run.layers(start=1, stop=1).set_index("name")
+    layers = run.layers(first_step=1, last_step=1).set_index("name")
     assert layers.loc["head.weight", "nonfinite"] == 96 and layers.loc["tok.weight", "nonfinite"] == 1
     assert layers["nonfinite"].sum() == 97
 
@@ -353,7 +353,7 @@ def test_parameters_without_gradients_have_zero_update(tmp_path):
     model.pos.weight.requires_grad_(False)  # frozen but still handed to the optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     run, copies = watched_run(model, opt, tmp_path, 2)
-    layers = run.layers(start=1, stop=1).set_index("name")
+    layers = run.layers(first_step=1, last_step=1).set_index("name")
     assert layers.loc["pos.weight", "update_norm"] == 0 and layers.loc["pos.weight", "grad_norm"] == 0
     assert np.isnan(layers.loc["pos.weight", "eps_frac"])
     diff = (copies[1].after["tok.weight"] - copies[1].before["tok.weight"]).norm().item()

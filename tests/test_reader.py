@@ -97,7 +97,7 @@ def test_events_are_loaded_with_their_json_detail(run_dir):
 
 def test_layers_returns_exactly_the_inclusive_step_window_and_requested_names(run_dir):
     run = load(run_dir)
-    window = run.layers(start=18, stop=22, names=["head.weight", "embed.weight"])
+    window = run.layers(first_step=18, last_step=22, names=["head.weight", "embed.weight"])
     assert list(zip(window["step"], window["name"])) == [
         (s, n) for s in range(18, 23) for n in ["embed.weight", "head.weight"]
     ]
@@ -275,3 +275,14 @@ def test_layer_parts_without_statistics_are_read_for_every_window(run_dir):
     assert run.layers(5, 8, names=["late.weight"])["step"].tolist() == [7]
     assert run.layers(55, 65)["step"].tolist() == [60]
     assert run.layer_scan["files"] == 1  # only the part without statistics could hold steps 55-65
+
+
+def test_columns_describe_every_column_of_each_table_from_the_schema():
+    import spikedoc
+    from spikedoc.store.schema import EVENT_COLUMNS, LAYER_COLUMNS, STEP_COLUMNS
+
+    assert tuple(spikedoc.columns()) == STEP_COLUMNS
+    assert tuple(spikedoc.columns("layers")) == LAYER_COLUMNS and tuple(spikedoc.columns("events")) == EVENT_COLUMNS
+    assert spikedoc.columns()["clip_coef"].startswith("float32, factor applied by clip=")
+    with pytest.raises(ValueError, match="unknown table 'step'"):
+        spikedoc.columns("step")

@@ -54,7 +54,7 @@ def test_shipped_run_loads_with_one_row_per_step(name):
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_shipped_run_records_layers_every_step_and_checkpoint_events(name):
     run = _run(name)
-    layers = run.layers(start=0, stop=9)  # both bounds inclusive
+    layers = run.layers(first_step=0, last_step=9)  # both bounds included
     tensors = len(run.meta["parameters"])
     assert layers.groupby("step").size().to_dict() == dict.fromkeys(range(10), tensors)
     assert (run.events["kind"] == "checkpoint").sum() >= 5

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["steps_text", 
+__all__ = [
     "MAD_TO_SIGMA", "LOG10_SIGMA_FLOOR", "CLIPPED_BELOW", "robust_center_scale", "robust_z", "finite", "as_float",
-    "was_clipped", "fmt", "fmt_steps",
+    "was_clipped", "fmt", "fmt_steps", "steps_text", "count",
 ]  # fmt: skip
 
 #: Factor that turns a median absolute deviation into a standard deviation for normal data.
@@ -84,6 +84,16 @@ def fmt_steps(items: Iterable[object], limit: int = 6) -> str:
     if len(items) <= limit:
         return ", ".join(str(s) for s in items)
     return ", ".join(str(s) for s in items[: limit - 1]) + f", ... ({len(items)} in all)"
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 step`, `2 steps`: a number with its noun in the right number.
+
+    Example:
+        >>> count(1, "step"), count(3, "batch", "batches")
+        ('1 step', '3 batches')
+    """
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def steps_text(count: int) -> str:

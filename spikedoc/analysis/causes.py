@@ -326,6 +326,8 @@ ACTIONS = (
     "fix_schedule",       # the schedule itself jumped: hold the LR at `hold_lr` where it jumped, find the bug
     "load_state",         # resume with the model and optimizer state actually loaded
     "check_rank",         # rerun; take rank(s) `ranks` out if they fail again
+    "guard_handled",      # a spikedoc.Guard already vetoed or rolled it back: nothing left to do
+    "guard_acted",        # a spikedoc.Guard vetoed some of its steps; the advice after it still applies
 )
 
 # Causes the loss's shape alone can suggest: labelled guessed when no other data in the run confirms them.

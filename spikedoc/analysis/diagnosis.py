@@ -26,7 +26,7 @@ from spikedoc.analysis.context import (
     warmup,
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
-from spikedoc.analysis.guard_actions import guard_actions, without_guard_lr_changes
+from spikedoc.analysis.guard_actions import guard_actions, guard_handling, without_guard_lr_changes
 from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -82,8 +82,8 @@ class Diagnosis:
 
     @property
     def needs_attention(self) -> bool:
-        """Some incident is more than minor (the CLI's exit code 1)."""
-        return any(i.severity != "minor" for i in self.incidents)
+        """Some incident is more than minor and was not already handled by a guard (the CLI's exit code 1)."""
+        return any(i.severity != "minor" and not i.handled_by_guard for i in self.incidents)
 
     def to_dict(self) -> dict[str, Any]:
         """The documented, stable JSON shape (docs/analysis.md, "JSON output")."""
@@ -145,7 +145,22 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     diagnosis.guard_actions = guard_actions(run.events)
     if diagnosis.guard_actions:
         _drop_guard_lr_changes(diagnosis)
+        _credit_guard(diagnosis)
     return diagnosis
+
+
+def _credit_guard(diagnosis: Diagnosis) -> None:
+    # What the guard already did is not advice to give again: a handled incident's advice is the record of it.
+    for inc, ctx in zip(diagnosis.incidents, diagnosis.context):
+        handling = guard_handling(inc.onset_step, inc.end_step, ctx.get("segment", 0), diagnosis.guard_actions)
+        if handling is None:
+            continue
+        ctx["guard"] = {k: v for k, v in handling.items() if k != "rollback"} | {"rolled_back": handling["rollback"] is not None}
+        if handling["handled"]:
+            inc.handled_by_guard = True
+            inc.recommendation.update(rollback=False, actions=[{"action": "guard_handled", "because": handling["because"]}])
+        else:
+            inc.recommendation["actions"].insert(0, {"action": "guard_acted", "because": handling["because"]})
 
 
 def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
@@ -410,7 +425,7 @@ class _Analysis:
         return self.steps.merge(keys, on=["segment", "step"], how="inner")
 
     def _layers(self, frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
-        layers = self.run.layers(start=max(0, start), stop=stop)
+        layers = self.run.layers(first_step=max(0, start), last_step=stop)
         if layers.empty:
             return layers
         if "rank" in layers.columns and layers["rank"].nunique() > 1:
@@ -542,7 +557,7 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     ]
     return [Finding(
         id="lr_discontinuity", severity="warning",
-        message=f"the LR series jumps at {len(shown)} step(s): " + "; ".join(parts),
+        message=f"the LR series jumps at {steps_text(len(shown))}: " + "; ".join(parts),
         why="A schedule changes the LR smoothly; a jump (most often a resume that did not restore the scheduler's "
         "step) changes the step size the optimizer's state was tuned to, and an upward jump is a known spike cause.",
         details={"jumps": shown},

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "without_guard_lr_changes"]
+__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "without_guard_lr_changes", "guard_handling"]
 
 #: Event kinds the guard records; its checkpoints are `checkpoint` events with `guard: true`.
 GUARD_EVENT_KINDS = ("veto", "rollback", "guard_stop", "guard_resume", "checkpoint_failed", "checkpoint_refused")
@@ -57,3 +57,38 @@ def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str
     """
     rolled_back_to = {a["step"] for a in actions if a["kind"] == "rollback"}
     return [j for j in jumps if not (j.get("direction") == "down" and j.get("step") in rolled_back_to)]
+
+
+def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the guard already did about an incident: the steps of it it vetoed, and the rollback
+    that undid it (one that returned to a step at or before onset from a step after it).
+
+    Returns None when the guard did nothing about it; else `vetoed` (steps), `rollback` (the
+    action or None), `handled` (rolled back, or every flagged step vetoed) and `because`.
+
+    Example:
+        >>> acts = [{"kind": "veto", "step": 151, "segment": 0, "detail": {}},
+        ...         {"kind": "rollback", "step": 150, "segment": 1, "detail": {"from_step": 152, "to_step": 150}}]
+        >>> guard_handling(151, 151, 0, acts)["handled"]
+        True
+    """
+    vetoed = [a["step"] for a in actions if a["kind"] == "veto" and a["segment"] == segment and onset <= a["step"] <= end]
+    rollback = next((a for a in actions if a["kind"] == "rollback" and a["segment"] > segment
+                     and a["detail"].get("to_step", a["step"]) <= onset < a["detail"].get("from_step", -1)), None)  # fmt: skip
+    if not vetoed and rollback is None:
+        return None
+    parts = []
+    if vetoed:
+        parts.append(f"the guard vetoed step{'s' if len(vetoed) > 1 else ''} {_ranges(vetoed)} (never applied)")
+    if rollback is not None:
+        d = rollback["detail"]
+        parts.append(f"it rolled back from step {d.get('from_step')} to {d.get('to_step', rollback['step'])}"
+                     + (f" with the LR x{d['lr_scale']:g}" if isinstance(d.get("lr_scale"), (int, float)) else "")
+                     + (f", clipping at {d['clip']:g}" if isinstance(d.get("clip"), (int, float)) else "")
+                     + (f", {len(d['skipped_positions'])} batches skipped" if d.get("skipped_positions") else ""))
+    handled = rollback is not None or len(vetoed) == end - onset + 1
+    return {"vetoed": vetoed, "rollback": rollback, "handled": handled, "because": "; ".join(parts)}
+
+
+def _ranges(steps: list[int]) -> str:
+    return f"{steps[0]}-{steps[-1]}" if len(steps) > 2 and steps[-1] - steps[0] == len(steps) - 1 else ", ".join(map(str, steps))

@@ -78,6 +78,9 @@ class Incident:
     large), `severe` (lasting damage, divergence, non-finite, reset state)."""
     cause: str = "unknown"
     """One of CAUSES."""
+    handled_by_guard: bool = False
+    """A `spikedoc.Guard` already vetoed every flagged step of it or rolled it back (its
+    recommendation then records what the guard did)."""
     cause_guessed: bool = False
     """The cause rests on the shape of the loss alone: the evidence that would confirm it (batch
     fingerprints, per-tensor history, the LR) is not in the run."""

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import optimizer_name, param_groups, parameter_modules, watch_config
-from spikedoc.analysis._robust import as_float, finite, fmt, fmt_steps, was_clipped
+from spikedoc.analysis._robust import as_float, count, finite, fmt, fmt_steps, was_clipped
 from spikedoc.analysis._rundata import clip_in_use
 from spikedoc.analysis.attribution import module_kind
 from spikedoc.analysis.context import warmup
@@ -103,7 +103,7 @@ def _adam_weight_decay(meta, steps) -> Finding | None:
     return Finding(
         id="adam_coupled_weight_decay",
         severity="warning",
-        message=f"torch.optim.Adam with weight_decay={fmt(wd)} in {len(decayed)} param group(s): this is an L2 "
+        message=f"torch.optim.Adam with weight_decay={fmt(wd)} in {count(len(decayed), 'param group')}: this is an L2 "
         "penalty added to the gradient, not decoupled weight decay; use torch.optim.AdamW",
         why="Adam adds weight_decay * w to the gradient, which is then divided by sqrt(v): parameters with large "
         "gradients get almost no decay and quiet ones a lot. AdamW shrinks every weight by lr * wd outside the "
@@ -128,7 +128,7 @@ def _decay_on_bias_norm(meta, steps) -> Finding | None:
     return Finding(
         id="decay_on_bias_and_norm",
         severity="info",
-        message=f"weight decay {fmt(max(w for _, w in hit))} applies to {len(hit)} bias/norm tensor(s): {fmt_steps(names, 4)}",
+        message=f"weight decay {fmt(max(w for _, w in hit))} applies to {count(len(hit), 'bias/norm tensor')}: {fmt_steps(names, 4)}",
         why="Biases and normalization gains set offsets and scales rather than features; decaying them toward 0 "
         "fights the normalization, and standard recipes leave them out (nanoGPT decays only 2-D weights): put them "
         "in a param group with weight_decay=0.",

@@ -7,6 +7,7 @@ lands in a directory the user can analyse again, so both halves of spikedoc are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["FAULTS", "GUARD_FAULTS", "DEFAULT_FAULT", "record_demo_run", "guarded_demo_run"]
@@ -32,17 +33,23 @@ GUARD_FAULTS = {
 }  # fmt: skip
 
 
-def record_demo_run(run_dir: str | Path, fault: str = DEFAULT_FAULT) -> Path:
+def record_demo_run(run_dir: str | Path, fault: str = DEFAULT_FAULT,
+                    on_step: Callable[[int, int], None] | None = None) -> Path:
     """Train the spike suite's run `fault` into `run_dir` (replaced if present) and return its path.
 
-    Takes about 10 s on 2 CPU cores; checkpoints go to a temporary directory.
+    Takes about 10 s on 2 CPU cores; checkpoints go to a temporary directory. `on_step(done, total)`
+    is called after every step (the CLI's progress bar).
+
+    Example:
+        >>> record_demo_run("/tmp/demo-run", "lr_jump")  # doctest: +SKIP
+        PosixPath('/tmp/demo-run')
     """
     from spikedoc.demo.training import SPECS, generate_run  # torch: only when a run is trained
 
     if fault not in FAULTS:
         raise ValueError(f"unknown demo fault {fault!r}; choose one of: {', '.join(FAULTS)}")
     spec = next(s for s in SPECS if s.name == fault)
-    generate_run(spec, run_dir)
+    generate_run(spec, run_dir, on_step=on_step)
     return Path(run_dir)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -274,6 +274,7 @@ def generate_run(
     recipe: Recipe | None = None,
     max_steps: int | None = None,
     checkpoint_dir: str | Path | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train one run of the suite into `run_dir` (replaced if present) and return its raw record.
 
@@ -283,6 +284,7 @@ def generate_run(
         recipe: the shared training recipe; None for the suite's.
         max_steps: stop early (the schedule still spans `recipe.steps`), for quick determinism checks.
         checkpoint_dir: where the periodic checkpoints go (outside the repo); None for a temp dir.
+        on_step: called with (steps done, steps in all) after each step (a progress bar).
 
     Returns:
         `{"loss": [...], "planted": {"steps": [...], "sample_ids": [...]}}`, losses as recorded.
@@ -316,6 +318,8 @@ def generate_run(
                     monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, layer_every=1, start_step=step)
                     planted["steps"].append(step)
                 losses.append(_train_step(spec, recipe, step, model, optimizer, monitor, stream, planted))
+                if on_step is not None:
+                    on_step(step + 1, stop)
                 if (step + 1) % recipe.checkpoint_every == 0:
                     path = ckpt / f"step-{step + 1:06d}.pt"
                     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, path)

@@ -10,18 +10,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spikedoc.analysis._robust import fmt, fmt_steps
+from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 
-__all__ = ["render", "action_text", "MAX_TABLE", "MAX_EXPLAINED"]
+__all__ = ["render", "action_text", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
 
 #: Incidents listed in the table and explained in full; the rest are counted (all are in --json).
 MAX_TABLE = 40
 MAX_EXPLAINED = 8
 
+#: What the incident table's columns mean, printed under it.
+TABLE_LEGEND = ("onset/end: first and last flagged step; sigma: the peak's distance from the rolling baseline in "
+                "robust standard deviations; verdict: the aftermath against the "
+                "pre-incident trajectory; cause?: a guess from the loss's shape alone; lead: steps by which the "
+                "earliest precursor came before the loss was flagged")
+
 # What each missing input costs the analysis, said next to it.
-_MISSING = {
+MISSING_COST = {
     "layers": "no per-tensor attribution or optimizer-state precursors",
     "batch fingerprints": "no batch attribution (sample ids, sequence lengths, repeated data)",
     "events": "checkpoints unknown: rollback steps are estimates",
@@ -47,11 +53,6 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
         + (f", {s['segments']} segments" if s.get("segments", 1) > 1 else "")
         + ")"
     )
-    score = diagnosis.spike_score
-    console.print(
-        "spike score (share of steps > 7 sigma above the rolling 1000-step mean): "
-        + ", ".join(f"{k} {_pct(v)}" for k, v in score.items())
-    )
     if diagnosis.healthy:
         console.print("[green]No incidents: no spike, non-finite value or divergence found.[/green]")
     else:
@@ -75,9 +76,22 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
         console.print()
         console.print("[bold]Not in this run[/bold]")
         for item in diagnosis.missing:
-            console.print(f"  {escape(item)}: {_MISSING.get(item, 'not analysed')}")
+            console.print(f"  {escape(item)}: {MISSING_COST.get(item, 'not analysed')}")
     for warning in diagnosis.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _spike_score(console, diagnosis.spike_score)
+
+
+def _spike_score(console: Console, score: dict[str, float | None]) -> None:
+    # Last, and labelled as what it is: a whole-run rate computed the OLMo 2 way (every step, spikes
+    # included, enters a rolling mean and standard deviation), not the detector's judgement above.
+    # Next to a large incident, a bare "loss 0.000%" would read as a contradiction.
+    shown = [f"{k} {_pct(v)}" for k, v in score.items() if v is not None]
+    if shown:
+        console.print()
+        console.print(f"[dim]OLMo 2 spike score, a whole-run rate (share of steps more than 7 standard deviations "
+                      f"above the mean of the previous 1,000, spikes included, so early or repeated spikes "
+                      f"raise the bar): {', '.join(shown)}[/dim]")
 
 
 def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
@@ -98,29 +112,33 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                        else f"LR x{_val(d.get('lr_scale'))} of the original, clip {_val(d.get('clip_before'))} -> "
                             f"{_val(d.get('clip'))}, {len(d.get('skipped_positions') or [])} batches skipped"))
         elif a["kind"] == "guard_stop":
-            line = f"[red]stopped at step {a['step']}: {d.get('reason')}[/red]"
+            line = f"stopped at step {a['step']}: {d.get('reason')}"
         else:
             line = f"{a['kind']} at step {a['step']}" + (f": {d['error']}" if d.get("error") else "")
-        console.print(f"  {escape(line) if '[red]' not in line else line}")
+        # The whole line is escaped: its details come from the run (a reason could hold rich markup).
+        console.print(f"  [red]{escape(line)}[/red]" if a["kind"] == "guard_stop" else f"  {escape(line)}")
     if len(shown) > MAX_TABLE:
         console.print(f"[dim]... and {len(shown) - MAX_TABLE} more (see --json)[/dim]")
 
 
 def _table(console: Console, incidents: list[Incident]) -> None:
-    table = Table(title="Incidents", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    # z: peak size in robust sigmas; ratio: peak / baseline; back: first step back in the band.
-    for column in ("#", "severity", "kind", "onset", "end", "z", "ratio", "verdict", "cause", "lead"):
-        table.add_column(column, justify="left" if column in ("kind", "cause") else "right", no_wrap=True)
+    table = Table(title="Incidents", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # The peak/baseline ratio is in each incident's explanation: the table keeps to 80 columns.
+    for column in ("#", "severity", "kind", "onset", "end", "sigma", "verdict", "cause", "lead"):
+        # On a narrow terminal the verdict folds onto a second line; every other column keeps its width.
+        words = column in ("kind", "verdict", "cause")
+        table.add_column(column, justify="left" if words else "right", no_wrap=column != "verdict", overflow="fold",
+                         min_width=10 if column == "verdict" else None)
     for i, inc in enumerate(incidents[:MAX_TABLE], 1):
         table.add_row(
             str(i), _SEVERITY_STYLE[inc.severity], inc.kind, str(inc.onset_step), str(inc.end_step),
             _fmt_table(inc.magnitude_sigma),
-            _fmt_table(inc.peak_ratio),
             inc.verdict if inc.recovered else f"[red]{inc.verdict}[/red]",
             inc.cause + ("?" if inc.cause_guessed else ""),
             "" if inc.precursor_lead_steps is None else str(inc.precursor_lead_steps),
         )
     console.print(table)
+    console.print(f"[dim]{TABLE_LEGEND}[/dim]")
     if len(incidents) > MAX_TABLE:
         console.print(f"[dim]... and {len(incidents) - MAX_TABLE} more incidents (see --json)[/dim]")
 
@@ -159,16 +177,16 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
                  for g in groups]
         console.print(f"  tensors off their own history: {', '.join(parts)}")
         for layer in inc.layers[:3]:
-            lead = f", {layer['lead_steps']} steps ahead of the loss" if layer.get("lead_steps") else ""
+            lead = f", {count(layer['lead_steps'], 'step')} ahead of the loss" if layer.get("lead_steps") else ""
             console.print(f"    {escape(layer['name'])} ({layer['module']}): z {_sigma(layer['z'])}{lead}")
     context = []
     if ctx.get("lr_at_onset") is not None and math.isfinite(ctx["lr_at_onset"]):
         context.append(f"LR at onset {fmt(ctx['lr_at_onset'])}")
     clip = ctx.get("clipping")
     if clip and clip["share"] > 0:
-        context.append(f"clipped on {clip['share']:.0%} of the {clip['steps']} steps before")
+        context.append(f"clipped on {clip['share']:.0%} of the {count(clip['steps'], 'step')} before")
     if inc.precursor_lead_steps:
-        context.append(f"earliest precursor {inc.precursor_lead_steps} steps before the loss flag")
+        context.append(f"earliest precursor {count(inc.precursor_lead_steps, 'step')} before the loss flag")
     if context:
         console.print(f"  context: {'; '.join(context)}")
     for note in ctx.get("notes", []):
@@ -176,6 +194,20 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
     for action in inc.recommendation.get("actions", []):
         console.print(f"  [green]->[/green] {escape(action_text(action))}")
         console.print(f"     [dim]because {escape(action['because'])}[/dim]")
+
+
+def settled_text(diagnosis: Diagnosis) -> str:
+    """Why a diagnosis with incidents needs no attention: they are minor, or a guard handled them.
+
+    Example:
+        >>> settled_text(Diagnosis(path="runs/x", source="csv"))
+        'only minor incidents'
+    """
+    handled = any(i.handled_by_guard and i.severity != "minor" for i in diagnosis.incidents)
+    minor = any(i.severity == "minor" for i in diagnosis.incidents)
+    if handled and minor:
+        return "the guard handled the larger incidents, the others are minor"
+    return "handled by the guard" if handled else "only minor incidents"
 
 
 def action_text(action: dict[str, Any]) -> str:
@@ -188,6 +220,10 @@ def action_text(action: dict[str, Any]) -> str:
     kind = action["action"]
     if kind == "none":
         return "no action needed: the run recovered by itself"
+    if kind == "guard_handled":
+        return "no action needed: the guard handled it"
+    if kind == "guard_acted":
+        return "the guard acted on part of it"
     if kind == "rollback":
         if action["known"]:
             return f"roll back to the checkpoint of step {action['step']}" + (f" ({action['checkpoint']})" if action["checkpoint"] else "")
@@ -196,7 +232,8 @@ def action_text(action: dict[str, Any]) -> str:
         what = (f"sample ids {fmt_steps(action['sample_ids'])}" if action["sample_ids"] else
                 f"stream positions {', '.join(f'{a}..{b - 1}' for a, b in action['positions'])}" if action["positions"] else
                 "their samples")
-        return f"skip the batch(es) of step(s) {fmt_steps(action['steps'])}: {what}"
+        many = len(action["steps"]) != 1
+        return f"skip the {'batches of steps' if many else 'batch of step'} {fmt_steps(action['steps'])}: {what}"
     if kind == "lower_lr":
         return f"multiply the peak LR by {action['factor']:g} (from {fmt(action['peak_lr'])} to {fmt(action['new_peak_lr'])})"
     if kind == "tighten_clip":
@@ -214,7 +251,9 @@ def action_text(action: dict[str, Any]) -> str:
     if kind == "load_state":
         return "resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)"
     if kind == "check_rank":
-        return f"rerun from the checkpoint; if rank(s) {action['ranks']} fail again, take that device out; prefer bf16 over fp16"
+        ranks = action.get("ranks") or []
+        who = (f"rank {ranks[0]} fails" if len(ranks) == 1 else f"ranks {fmt_steps(ranks)} fail") if ranks else "it fails"
+        return f"rerun from the checkpoint; if {who} again, take that device out; prefer bf16 over fp16"
     return kind
 
 

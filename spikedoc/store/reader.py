@@ -64,7 +64,7 @@ class Run:
     Example:
         >>> run = load("runs/exp1")  # doctest: +SKIP
         >>> run.steps[["step", "loss", "grad_norm"]].tail()  # doctest: +SKIP
-        >>> run.layers(start=4_900, stop=5_000, names=["head.weight"])  # doctest: +SKIP
+        >>> run.layers(first_step=4_900, last_step=5_000, names=["head.weight"])  # doctest: +SKIP
     """
 
     path: Path
@@ -85,20 +85,21 @@ class Run:
 
     def layers(
         self,
-        start: int | None = None,
-        stop: int | None = None,
+        first_step: int | None = None,
+        last_step: int | None = None,
         names: Iterable[str] | None = None,
         *,
         columns: Iterable[str] | None = None,
     ) -> pd.DataFrame:
-        """Layer rows with `start <= step <= stop` (either bound may be None) and `name` in `names`.
+        """Layer rows with `first_step <= step <= last_step` (both bounds included; either may be
+        None) and `name` in `names`.
 
         Only the row groups whose Parquet statistics overlap the window are read, so a window of
         a few hundred steps costs the same on a 30M-row table as on a small one.
 
         Args:
-            start: First step, inclusive.
-            stop: Last step, inclusive.
+            first_step: First step read (included).
+            last_step: Last step read (included, unlike Python's `range` stop).
             names: Parameter names to keep (all when None).
             columns: Measurement columns to read besides `step`, `segment`, `name` (all when None).
 
@@ -112,8 +113,8 @@ class Run:
         if isinstance(names, str):
             names = [names]
         names = None if names is None else list(names)
-        lo = start if start is not None else _ANY_STEP[0]
-        hi = stop if stop is not None else _ANY_STEP[1]
+        lo = first_step if first_step is not None else _ANY_STEP[0]
+        hi = last_step if last_step is not None else _ANY_STEP[1]
         index = self._index()
         hit = index[(index[:, 2] <= hi) & (index[:, 3] >= lo)]  # rows in part order, so are the hits
         parts, first = np.unique(hit[:, 0], return_index=True)
@@ -129,7 +130,7 @@ class Run:
             groups_read += len(groups)
             files += 1
             data = _decoded(data)
-            keep = _window_mask(data, start, stop, names)
+            keep = _window_mask(data, first_step, last_step, names)
             if keep is not None:
                 data = data.filter(keep)
             if data.num_rows:
@@ -353,12 +354,12 @@ def _step_ranges(meta: pq.FileMetaData) -> np.ndarray:
     return ranges
 
 
-def _window_mask(data: pa.Table, start: int | None, stop: int | None, names: list[str] | None) -> pa.Array | None:
+def _window_mask(data: pa.Table, first_step: int | None, last_step: int | None, names: list[str] | None) -> pa.Array | None:
     """Rows of a layer table inside the window (None: all of them)."""
     mask = None
     for part in (
-        pc.greater_equal(data["step"], start) if start is not None else None,
-        pc.less_equal(data["step"], stop) if stop is not None else None,
+        pc.greater_equal(data["step"], first_step) if first_step is not None else None,
+        pc.less_equal(data["step"], last_step) if last_step is not None else None,
         pc.is_in(data["name"], value_set=pa.array(names, pa.string())) if names is not None else None,
     ):
         if part is not None:
