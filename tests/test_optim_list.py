@@ -23,7 +23,7 @@ def _muon_and_adamw(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
 
 
 def _layers_at(run, step: int) -> dict[str, dict]:
-    return {row["name"]: row for row in run.layers(start=step, stop=step).to_dict("records")}
+    return {row["name"]: row for row in run.layers(first_step=step, last_step=step).to_dict("records")}
 
 
 @pytest.fixture(scope="module", params=["muon_first", "adamw_first"])

@@ -15,7 +15,7 @@ STEPS = 5
 
 
 def _layers_at(run, step: int) -> dict[str, dict]:
-    return {row["name"]: row for row in run.layers(start=step, stop=step).to_dict("records")}
+    return {row["name"]: row for row in run.layers(first_step=step, last_step=step).to_dict("records")}
 
 
 def _assert_update_norms_are_parameter_differences(run, copies) -> None:
