@@ -238,3 +238,21 @@ def test_healthy_run_with_the_optimizer_has_no_incident(tmp_path, name):
     diagnosis = spikedoc.analyze(tmp_path)
     assert diagnosis.incidents == [], [(i.onset_step, i.kind, i.cause) for i in diagnosis.incidents]
     assert not [f.id for f in diagnosis.findings if f.severity == "warning"]
+
+
+def test_shampoo_counts_the_steps_that_recompute_its_inverse_roots(tmp_path):
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer", reason="needs the optim extra: pip install -e '.[optim]'")
+    model = make_model(seed=8)
+    opt = pytorch_optimizer.Shampoo(model.parameters(), lr=1e-3, preconditioning_compute_steps=3)
+    run, copies = watched_run(model, opt, tmp_path, 6)
+    # Brute force: a tensor's preconditioner was recomputed when one of its inv_pre_cond_* changed in value.
+    refreshed = []
+    for step, c in enumerate(copies):
+        prev = copies[step - 1].state if step else {}
+        count = 0
+        for name, s in c.state.items():
+            keys = [k for k in s if k.startswith("inv_")]
+            count += any(k not in prev.get(name, {}) or not torch.equal(s[k], prev[name][k]) for k in keys)
+        refreshed.append(float(count))
+    assert run.steps["precond_refreshed"].tolist() == refreshed
+    assert 0.0 in refreshed[1:] and max(refreshed[1:]) > 0
