@@ -232,8 +232,9 @@ class ScheduleFreeStats(SampledStats):
 
 
 #: State keys of a preconditioner that is recomputed every few steps: SOAP's eigenbases `Q`,
-#: Shampoo's inverse roots `inv_pre_cond_<dim>` (pytorch-optimizer's names).
-_PRECONDITIONER = re.compile(r"(^|\.)(Q|inv_[^.]*)$")
+#: Shampoo's inverse roots `inv_pre_cond_<dim>` (pytorch-optimizer's names), and heavyball's
+#: nested `<n>.scale_by_soap_Q_<k>`.
+_PRECONDITIONER = re.compile(r"(^|[._])(Q(_\d+)?|inv_[^.]*)$")
 
 
 class PreconditionedStats(SampledStats):

@@ -284,10 +284,12 @@ class Monitor:
         # accelerator's kernels already run asynchronously on its stream).
         on_cpu = bool(self._buckets) and all(b.device.type == "cpu" for b in self._buckets)
         self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
-        parts = [
-            for_optimizer(opt, sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
+        sample_budget = max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN)
+        owned = np.bincount(owners, weights=self._numels, minlength=len(self.optimizers)) if params else [0.0]
+        parts = [  # several optimizers share the sample budget by their parameter counts
+            for_optimizer(opt, sample_budget=max(1, round(sample_budget * float(owned[k]) / max(total, 1))),
                           snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane))
-            for opt in self.optimizers
+            for k, opt in enumerate(self.optimizers)
         ]  # fmt: skip
         self._stats = parts[0] if len(parts) == 1 else JointStats(parts)
         self._after_norms = {}
