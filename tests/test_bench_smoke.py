@@ -53,6 +53,34 @@ def test_analyze_scale_benchmark_finds_every_planted_spike_in_a_small_generated_
     assert result["exit_code"] == 1 and result["peak_rss_mb"] > 0
 
 
+def test_guard_recovery_quick_has_every_fault_and_method_with_finite_numbers(capsys):
+    import math
+
+    from bench.guard_recovery import FAULTS, METHODS, TIMED, main
+
+    report = main(["--quick"])
+
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]]
+            for line in report.splitlines() if line.startswith("| ")}  # fmt: skip
+    zclip = importlib.util.find_spec("zclip") is not None
+    for fault in FAULTS:
+        for method in METHODS:
+            cells = rows[fault, method]
+            if method == "zclip" and not zclip:
+                assert cells[2] == "not run" and "zclip" in cells[-1]
+                continue
+            if cells[2] == "NaN (diverged)":  # an unprotected run a NaN step killed: a result, not a failure
+                assert method != "guard" and fault != "clean", cells
+                continue
+            assert math.isfinite(float(cells[2])), cells
+            assert math.isfinite(float(cells[3].rstrip("%"))), cells
+            assert int(cells[4].split()[0]) >= 0 and int(cells[5]) >= 0, cells
+    for variant in TIMED:
+        line = next(line for line in report.splitlines() if line.startswith(f"| {variant} |"))
+        assert all(math.isfinite(float(c)) for c in line.split("|")[2:4]), line
+    assert "Command: `python bench/guard_recovery.py --quick`" in report
+
+
 def test_report_size_benchmark_reports_a_section_per_planted_spike(tmp_path, capsys):
     from bench.report_size import main
 

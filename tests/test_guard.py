@@ -323,3 +323,31 @@ def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_p
     with pytest.raises(spikedoc.GuardStopped):
         run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always, on_step=on_step)
     assert lrs[1] == pytest.approx(0.7 * lrs[0], rel=1e-12) and lrs[2] == pytest.approx(0.49 * lrs[0], rel=1e-12)
+
+
+def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_budget(tmp_path):
+    # Positions 65-84 of the (reproducible) data order are corrupt, whichever step reads them.
+    _, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
+    corrupt = {i for _, ids in clean[65:85] for i in ids}
+
+    def fault(step, guard, batch):
+        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+
+    guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault)
+    assert guard.rollbacks == 1  # the first pile-up cannot tell data from weights: one rollback
+    assert guard.vetoes == 20 and guard.data_skips == 15 and guard.step == 110
+    skips = [a for a in guard.actions if a["kind"] == "data_skip"]
+    assert [a["positions"] for a in skips] == [list(range(70, 75)), list(range(75, 80)), list(range(80, 85))]
+    assert not {i for _, ids in seen[-15:] for i in ids} & corrupt  # after the stretch, only clean data
+    assert [a["kind"] for a in spikedoc.analyze(tmp_path / "run").guard_actions].count("data_skip") == 3
+
+
+def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):
+    _, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
+    corrupt = {i for _, ids in clean[65:95] for i in ids}
+
+    def fault(step, guard, batch):
+        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+
+    with pytest.raises(spikedoc.GuardStopped, match="corrupt stretch of data"):
+        run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault, max_data_skips=10)

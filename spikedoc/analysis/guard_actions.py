@@ -10,7 +10,8 @@ import pandas as pd
 __all__ = ["GUARD_EVENT_KINDS", "guard_actions", "without_guard_lr_changes", "guard_handling"]
 
 #: Event kinds the guard records; its checkpoints are `checkpoint` events with `guard: true`.
-GUARD_EVENT_KINDS = ("veto", "rollback", "guard_stop", "guard_resume", "checkpoint_failed", "checkpoint_refused")
+GUARD_EVENT_KINDS = ("veto", "rollback", "data_skip", "guard_stop", "guard_resume", "checkpoint_failed",
+                     "checkpoint_refused")
 
 
 def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:

@@ -40,6 +40,11 @@ class GuardConfig:
     """Robust sigmas above the warm baseline at which a step is vetoed (the detector flags at 7)."""
     max_vetoes_in_row: int = 5
     """Consecutive vetoed steps after which the damage is taken to be in the state: roll back."""
+    max_data_skips: int = 500
+    """Batches a corrupt stretch of data may cost before the guard stops. Vetoes that pile up again
+    at the data positions right after those a rollback skipped are the data's fault, not the
+    weights' (the restored state was healthy up to there): they are skipped without rolling back
+    again, up to this many (PaLM skipped 200-500 batches around its spikes)."""
     max_rollbacks: int = 3
     """Rollbacks allowed in the whole run; one more incident after that stops it (`GuardStopped`)."""
     lr_factor: float = 0.7
@@ -67,6 +72,7 @@ class GuardConfig:
         _positive_int("checkpoint_every", self.checkpoint_every)
         _positive_int("keep", self.keep)
         _positive_int("max_vetoes_in_row", self.max_vetoes_in_row)
+        _positive_int("max_data_skips", self.max_data_skips)
         _positive_int("max_rollbacks", self.max_rollbacks, lower=0)
         _positive_int("skip_window", self.skip_window, lower=0)
         _positive_int("lookback", self.lookback)

@@ -141,6 +141,7 @@ class Guard:
         """Product of the LR factors of all rollbacks: the schedule in use is the original times this."""
         self.rollbacks = 0
         self.vetoes = 0
+        self.data_skips = 0
         self.actions: list[dict[str, Any]] = []
         """What the guard did, in order: one dict per veto, rollback and stop (as in the events)."""
         self._hold: dict[str, Any] | None = None
@@ -335,7 +336,9 @@ class Guard:
         self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms))
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
         self.step = p.step + 1
-        if decision is not None:
+        if decision is not None and self._corrupt_stretch(decision):
+            self._skip_stretch(decision)
+        elif decision is not None:
             self._rollback(decision)
         elif self.step % self.config.checkpoint_every == 0:
             self._checkpoint()
@@ -366,10 +369,36 @@ class Guard:
 
     def _policy_state(self) -> dict[str, Any]:
         return {"step": self.step, "clip": self.clip, "lr_scale": self.lr_scale, "skip": sorted(self._stream.skip),
-                "rollbacks": self.rollbacks, "vetoes": self.vetoes, "hold": self._hold,
+                "rollbacks": self.rollbacks, "vetoes": self.vetoes, "data_skips": self.data_skips, "hold": self._hold,
                 "judge": self._judge.state_dict()}  # fmt: skip
 
     # -------------------------------------------------------------------------------- rollback
+
+    def _vetoed_positions(self, decision: Decision) -> list[int]:
+        latest = {seen.step: seen.positions for seen in self._recent}  # a replayed step: its latest batches
+        return sorted(pos for step in range(decision.onset_step, self.step) for pos in latest.get(step, []))
+
+    def _corrupt_stretch(self, decision: Decision) -> bool:
+        """Vetoes piling up at the data positions right after those already skipped: the replay of a
+        healthy state reached the same place in the data and it is still bad, so the data is at fault."""
+        if decision.reason != "vetoes":
+            return False
+        positions = self._vetoed_positions(decision)
+        return bool(positions) and positions[0] - 1 in self._stream.skip
+
+    def _skip_stretch(self, decision: Decision) -> None:
+        positions = self._vetoed_positions(decision)
+        self.data_skips += len(positions)
+        if self.data_skips > self.config.max_data_skips:
+            self._stop("data", f"{self.data_skips} batches of a corrupt stretch of data skipped, more than "
+                       f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
+        self._stream.skip.update(positions)
+        self._judge.forget_vetoes()
+        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips}
+        self.actions.append({"kind": "data_skip", **detail})
+        self.monitor.event("data_skip", **_plain(detail))
+        log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
+                    decision.onset_step, self.step - 1)
 
     def _rollback(self, decision: Decision) -> None:
         if self.rollbacks >= self.config.max_rollbacks:
@@ -459,6 +488,7 @@ class Guard:
             g = state["guard"]
             self.clip = g["clip"]
             self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
+            self.data_skips = int(g.get("data_skips", 0))
             self._stream.skip = {int(s) for s in g["skip"]}
             self._hold = g["hold"]
             return newest[step]

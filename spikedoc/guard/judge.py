@@ -158,6 +158,12 @@ class Judge:
                                                         "excess_sigma": state.excess_sigma})  # fmt: skip
         return decision
 
+    def forget_vetoes(self) -> None:
+        """The vetoes so far were the data's fault: no incident, nothing piling up."""
+        self.vetoes_in_row = 0
+        self.recent_vetoes.clear()
+        self.incident = None
+
     # ------------------------------------------------------------------------------ internals
 
     def _learn(self, verdict: Verdict) -> None:
