@@ -67,6 +67,8 @@ class _Seen:
     sample_ids: list[Any]
     grad_norms: tuple[Tensor, list[Tensor]] | None
     """Per-tensor gradient norms and the parameters in that order (kept when reset_moments=True)."""
+    bad_loss: bool = False
+    """Vetoed for its loss: non-finite or far out of band before the update (the batch looked bad)."""
 
 
 class Guard:
@@ -333,7 +335,10 @@ class Guard:
         if p is None:
             return
         norms, self._norms_of_step = self._norms_of_step, None
-        self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms))
+        v = p.verdict
+        bad_loss = v is not None and v.veto and ("loss_out_of_band" in v.reasons or not math.isfinite(v.loss))
+        self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms,
+                                  bad_loss=bad_loss))  # fmt: skip
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
         self.step = p.step + 1
         if decision is not None and self._corrupt_stretch(decision):
@@ -374,17 +379,23 @@ class Guard:
 
     # -------------------------------------------------------------------------------- rollback
 
+    def _vetoed(self, decision: Decision) -> list[_Seen]:
+        latest = {seen.step: seen for seen in self._recent}  # a replayed step: its latest batches
+        return [latest[step] for step in range(decision.onset_step, self.step) if step in latest]
+
     def _vetoed_positions(self, decision: Decision) -> list[int]:
-        latest = {seen.step: seen.positions for seen in self._recent}  # a replayed step: its latest batches
-        return sorted(pos for step in range(decision.onset_step, self.step) for pos in latest.get(step, []))
+        return sorted(pos for seen in self._vetoed(decision) for pos in seen.positions)
 
     def _corrupt_stretch(self, decision: Decision) -> bool:
-        """Vetoes piling up at the data positions right after those already skipped: the replay of a
-        healthy state reached the same place in the data and it is still bad, so the data is at fault."""
+        """Vetoes piling up at the data positions right after those already skipped, each for its
+        loss: the replay of a healthy state reached the same place in the data and the batches there
+        still look bad before any update, so the data is at fault, not the weights. (Vetoes for the
+        gradient alone, with an ordinary loss, say nothing about the data: those still roll back.)"""
         if decision.reason != "vetoes":
             return False
-        positions = self._vetoed_positions(decision)
-        return bool(positions) and positions[0] - 1 in self._stream.skip
+        vetoed = self._vetoed(decision)
+        positions = sorted(pos for seen in vetoed for pos in seen.positions)
+        return bool(positions) and positions[0] - 1 in self._stream.skip and all(seen.bad_loss for seen in vetoed)
 
     def _skip_stretch(self, decision: Decision) -> None:
         positions = self._vetoed_positions(decision)
