@@ -405,11 +405,26 @@ class Guard:
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
         self._stream.skip.update(positions)
         self._judge.forget_vetoes()
-        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips}
+        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips,
+                  "remedy_reverted": self._revert_remedy(positions[0])}
         self.actions.append({"kind": "data_skip", **detail})
         self.monitor.event("data_skip", **_plain(detail))
         log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
                     decision.onset_step, self.step - 1)
+
+    def _revert_remedy(self, first_position: int) -> bool:
+        """Undo the LR and clipping change of the rollback whose skipped batches this stretch continues:
+        it was made on the hypothesis that the state was at fault, and the data turned out to be."""
+        rollback = next((a for a in reversed(self.actions) if a["kind"] == "rollback"), None)
+        if (rollback is None or rollback["reason"] != "vetoes" or rollback.get("lr_held") or rollback.get("reverted")
+                or first_position - 1 not in rollback.get("skipped_positions", [])):
+            return False
+        before = float(rollback["lr_scale_before"])
+        scale_schedule(self.optimizer, self.scheduler, before / self.lr_scale)
+        self.lr_scale, self.clip = before, rollback["clip_before"]
+        self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
+        rollback["reverted"] = True
+        return True
 
     def _rollback(self, decision: Decision) -> None:
         if self.rollbacks >= self.config.max_rollbacks:
@@ -427,6 +442,7 @@ class Guard:
         remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
                              batches={s.step: (s.positions, s.sample_ids) for s in self._recent})  # fmt: skip
         evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
+        evidence["lr_scale_before"] = self.lr_scale
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
         scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
