@@ -327,7 +327,7 @@ def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_p
 
 def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_budget(tmp_path):
     # Positions 65-84 of the (reproducible) data order are corrupt, whichever step reads them.
-    _, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
+    healthy, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
     corrupt = {i for _, ids in clean[65:85] for i in ids}
 
     def fault(step, guard, batch):
@@ -339,6 +339,9 @@ def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_bu
     skips = [a for a in guard.actions if a["kind"] == "data_skip"]
     assert [a["positions"] for a in skips] == [list(range(70, 75)), list(range(75, 80)), list(range(80, 85))]
     assert not {i for _, ids in seen[-15:] for i in ids} & corrupt  # after the stretch, only clean data
+    # The data was at fault, not the state: the first rollback's LR cut and tighter clip are undone.
+    assert skips[0]["remedy_reverted"] and guard.lr_scale == 1.0 and guard.clip == 1.0
+    assert guard.optimizer.param_groups[0]["lr"] == pytest.approx(healthy.optimizer.param_groups[0]["lr"], rel=1e-12)
     assert [a["kind"] for a in spikedoc.analyze(tmp_path / "run").guard_actions].count("data_skip") == 3
 
 

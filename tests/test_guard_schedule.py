@@ -21,6 +21,12 @@ def _warmup_cosine(step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 10) / (STEPS - 10)))
 
 
+def _wsd(step: int) -> float:  # warmup, stable, then a linear decay over the last 20%
+    if step < 10:
+        return (step + 1) / 10
+    return 1.0 if step < 64 else max(0.0, (STEPS - step) / (STEPS - 64))
+
+
 def _hf_cosine(opt):
     transformers = pytest.importorskip("transformers")
     return transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=STEPS)
@@ -34,6 +40,14 @@ SCHEDULERS = {
         milestones=[10]),
     "one_cycle": lambda opt: lrs.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=STEPS + 1),
     "hf_cosine_with_warmup": _hf_cosine,
+    "linear_decay": lambda opt: lrs.LambdaLR(opt, lambda s: min((s + 1) / 10, max(0.0, (STEPS - s) / (STEPS - 10)))),
+    "constant_with_warmup": lambda opt: lrs.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10)),
+    "inverse_sqrt": lambda opt: lrs.LambdaLR(opt, lambda s: min((s + 1) ** -0.5, (s + 1) * 10**-1.5) * 10**0.5),
+    "warmup_stable_decay": lambda opt: lrs.LambdaLR(opt, _wsd),
+    "cosine_warm_restarts": lambda opt: lrs.CosineAnnealingWarmRestarts(opt, T_0=15, T_mult=2, eta_min=1e-4),
+    "step_decay": lambda opt: lrs.StepLR(opt, step_size=20, gamma=0.5),
+    "exponential": lambda opt: lrs.ExponentialLR(opt, gamma=0.98),
+    "polynomial": lambda opt: lrs.PolynomialLR(opt, total_iters=STEPS, power=2.0),
 }  # fmt: skip
 
 

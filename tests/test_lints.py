@@ -148,3 +148,13 @@ def test_lints_reach_the_diagnosis_of_a_recorded_run(tmp_path, steps):
     diagnosis = analyze(write_run(tmp_path / "run", steps, meta=meta))
     assert [f.id for f in diagnosis.findings] == ["adam_coupled_weight_decay", "no_clipping"]
     assert diagnosis.to_dict()["findings"][0]["why"].startswith("Adam adds weight_decay")
+
+
+def test_adam_lints_read_each_group_s_own_optimizer_when_several_step_the_model():
+    # Muon first (meta's "class"), then torch Adam with an L2 penalty: the Adam groups are still linted.
+    meta = {"optimizer": {"class": "torch.optim._muon.Muon", "groups": [
+        {"optimizer_class": "torch.optim._muon.Muon", "weight_decay": 0.1, "params": ["blocks.0.w"]},
+        {"optimizer_class": "torch.optim.adam.Adam", "weight_decay": 0.01, "betas": [0.9, 0.999], "params": ["head.w"]},
+    ]}}
+    found = {f.id: f for f in lint(meta)}
+    assert found["adam_coupled_weight_decay"].details["groups"] == [1]

@@ -32,6 +32,7 @@ from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents
 from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
+from spikedoc.analysis.schedule import scheduled_restarts
 from spikedoc.errors import RunFormatError
 
 __all__ = ["Diagnosis", "analyze", "DIAGNOSIS_FORMAT"]
@@ -218,7 +219,7 @@ class _Analysis:
                 "no finite loss recorded: incidents are found on the grad norm alone, and nothing is said about the "
                 "loss (its spikes, divergence, recovery, resumes); record it with monitor.record(loss=loss)"
             )
-        resumes, jumps_found = [], []
+        resumes, jumps_found, restarts = [], [], []
         for piece in lineage.pieces:
             frame = lineage.frame(piece.index)
             own = frame.loc[frame["_own"]]
@@ -231,6 +232,9 @@ class _Analysis:
             own_steps = set(own["step"].tolist())
             for jump in jumps:
                 jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
+            scheduled = scheduled_restarts(frame, jumps, self.meta, [int(frame["step"].iloc[0]), *starts])
+            restarts += [j for j in jumps if (j["step"], j["group"]) in scheduled and j["step"] in own_steps]
+            jumps = [j for j in jumps if (j["step"], j["group"]) not in scheduled]
             jumps_found += [j for j in jumps if j["step"] in own_steps]
             detection = self._detection_frame(frame, own)
             found = self._in_warmup(find_incidents(detection, self.detector), frame)
@@ -263,6 +267,8 @@ class _Analysis:
             "resumes": [{"segment": p.segment, "step": p.first_step, "state_reset": r.state_reset, "moments_ratio": m}
                         for p, r, m in resumes],
             "abandoned": lineage.abandoned_steps(),
+            "scheduled_restarts": [{"step": j["step"], "group": j["group"], "before": j["before"], "after": j["after"]}
+                                   for j in restarts],
         }
         if len(final) < self.detector.min_history:
             out.warnings.append(

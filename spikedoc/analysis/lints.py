@@ -87,11 +87,16 @@ def lint(meta: dict[str, Any] | None, steps: pd.DataFrame | None = None) -> list
     return found
 
 
+def _group_optimizer(meta: dict[str, Any], group: dict[str, Any]) -> str:
+    """Class name of the optimizer stepping `group` (several optimizers: each group names its own)."""
+    own = group.get("optimizer_class")
+    return str(own).rsplit(".", 1)[-1] if isinstance(own, str) else optimizer_name(meta)
+
+
 def _adam_weight_decay(meta, steps) -> Finding | None:
-    if optimizer_name(meta) != "Adam":
-        return None
     groups = param_groups(meta)
-    decayed = [i for i, g in enumerate(groups) if as_float(g.get("weight_decay")) > 0]
+    decayed = [i for i, g in enumerate(groups)
+               if _group_optimizer(meta, g) == "Adam" and as_float(g.get("weight_decay")) > 0]  # fmt: skip
     if not decayed:
         return None
     wd = max(as_float(groups[i]["weight_decay"]) for i in decayed)
@@ -132,9 +137,8 @@ def _decay_on_bias_norm(meta, steps) -> Finding | None:
 
 
 def _beta2(meta, steps) -> Finding | None:
-    if optimizer_name(meta).lower() not in _ADAM_FAMILY:
-        return None
-    betas = [g.get("betas") for g in param_groups(meta) if isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2]
+    betas = [g.get("betas") for g in param_groups(meta) if _group_optimizer(meta, g).lower() in _ADAM_FAMILY
+             and isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2]  # fmt: skip
     high = [b for b in betas if as_float(b[1]) >= 0.999]
     if not high:
         return None

@@ -26,6 +26,7 @@ from spikedoc.guard.judge import Decision, Judge, Verdict
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
+from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
 from spikedoc.monitor.statistics import norms
@@ -128,7 +129,7 @@ class Guard:
             raise TypeError(f"Guard: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step")}
+        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "scheduler")}
         rank = world()
         self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory)  # fmt: skip
@@ -404,11 +405,26 @@ class Guard:
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
         self._stream.skip.update(positions)
         self._judge.forget_vetoes()
-        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips}
+        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips,
+                  "remedy_reverted": self._revert_remedy(positions[0])}
         self.actions.append({"kind": "data_skip", **detail})
         self.monitor.event("data_skip", **_plain(detail))
         log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
                     decision.onset_step, self.step - 1)
+
+    def _revert_remedy(self, first_position: int) -> bool:
+        """Undo the LR and clipping change of the rollback whose skipped batches this stretch continues:
+        it was made on the hypothesis that the state was at fault, and the data turned out to be."""
+        rollback = next((a for a in reversed(self.actions) if a["kind"] == "rollback"), None)
+        if (rollback is None or rollback["reason"] != "vetoes" or rollback.get("lr_held") or rollback.get("reverted")
+                or first_position - 1 not in rollback.get("skipped_positions", [])):
+            return False
+        before = float(rollback["lr_scale_before"])
+        scale_schedule(self.optimizer, self.scheduler, before / self.lr_scale)
+        self.lr_scale, self.clip = before, rollback["clip_before"]
+        self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
+        rollback["reverted"] = True
+        return True
 
     def _rollback(self, decision: Decision) -> None:
         if self.rollbacks >= self.config.max_rollbacks:
@@ -426,6 +442,7 @@ class Guard:
         remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
                              batches={s.step: (s.positions, s.sample_ids) for s in self._recent})  # fmt: skip
         evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
+        evidence["lr_scale_before"] = self.lr_scale
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
         scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
@@ -508,8 +525,10 @@ class Guard:
 
     def _watch(self) -> Monitor:
         def open_monitor() -> Monitor:
+            # The scheduler's record (meta.json and the judge) tells its warm restarts from LR jumps.
+            self._judge.schedule = {"start_step": self.step, "scheduler": describe_scheduler(self.scheduler)}
             return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
-                         start_step=self.step, **self._watch_options)  # fmt: skip
+                         start_step=self.step, scheduler=self.scheduler, **self._watch_options)  # fmt: skip
 
         if world() is None:
             return open_monitor()

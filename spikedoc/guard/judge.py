@@ -97,6 +97,8 @@ class Judge:
         self.grad_flags: deque[int] = deque(maxlen=64)
         """Recent applied steps whose gradient norm was out of band (precursors)."""
         self.lrs: deque[tuple[int, list[float]]] = deque(maxlen=config.lookback + 2)
+        self.schedule: dict[str, Any] | None = None
+        """`start_step` and `scheduler` (as in meta.json) of the scheduler in use: its warm restarts are no LR jump."""
         self.vetoes_in_row = 0
         self.recent_vetoes: deque[int] = deque(maxlen=config.max_vetoes_in_row)
         """The last vetoed steps: vetoes piling up (not in a row) open an incident."""
@@ -217,6 +219,7 @@ class Judge:
         import pandas as pd  # the analysis's frame-based rule; only on a decision
 
         from spikedoc.analysis.context import lr_discontinuities
+        from spikedoc.analysis.schedule import scheduled_restarts
 
         rows = [(s, lrs) for s, lrs in self.lrs if onset - self.config.lookback <= s <= onset + 1]
         if len(rows) < 3:
@@ -224,7 +227,9 @@ class Judge:
         frame = pd.DataFrame({"step": [s for s, _ in rows]})
         for g in range(len(rows[0][1])):
             frame["lr" if g == 0 else f"lr_{g}"] = [lrs[g] if g < len(lrs) else math.nan for _, lrs in rows]
-        ups = [j for j in lr_discontinuities(frame) if j["direction"] == "up"]
+        jumps = [{**j, "at_resume": None} for j in lr_discontinuities(frame)]
+        scheduled = scheduled_restarts(frame, jumps, self.schedule, [int(frame["step"].iloc[0])])
+        ups = [j for j in jumps if j["direction"] == "up" and (j["step"], j["group"]) not in scheduled]
         return ups[-1] if ups else None
 
     # --------------------------------------------------------------------------------- state

@@ -170,7 +170,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     """
     pk = st.packer
     for g, group in enumerate(monitor.optimizer.param_groups):
-        lr = group.get("lr", math.nan)
+        # Schedule-Free warms up inside step() and logs the LR it used as `scheduled_lr`.
+        lr = group.get("scheduled_lr", group.get("lr", math.nan))
         if isinstance(lr, Tensor):
             pk.add(f"lr:{g}", lr.detach().float().clone())  # a scheduler may change it in place next
             lr = Late(f"lr:{g}")
@@ -187,6 +188,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         pk.add(f"fp:{key}", value)
     stats = monitor._stats
     hyper = None if skipped or not st.full else stats.hyperparameters()
+    st.optimizer_values = stats.step_values(hyper) if hyper is not None else {}
     again = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
     active, tokens = dict(st.active), dict(st.tokens)
@@ -223,7 +225,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
 
     watched = [p for bucket in monitor._buckets for p in bucket.params]
     if st.full:  # only full steps read the optimizer state
-        watched += [t for p in watched for t in monitor._stats.state.get(p, {}).values() if isinstance(t, Tensor)]
+        watched += [t for p in watched for t in monitor._state.get(p, {}).values() if isinstance(t, Tensor)]
     run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
-    if stats.reads_grads_after:  # the loop may zero the gradients in place right after the step
+    if stats.reads_grads_after or stats.join_after_step:  # the loop may change them right after the step
         monitor._lane.join()

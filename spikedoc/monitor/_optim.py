@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +39,11 @@ class Bucket:
     sources: list[Tensor]
     """The optimizer's parameters themselves (gradients are read from them)."""
     groups: list[int]
-    """Param group of each parameter."""
+    """Param group of each parameter, within the optimizer that owns it."""
     chunks: Chunks
     numels: np.ndarray
+    owner: int = 0
+    """Index of the optimizer that steps these parameters (several optimizers: `watch(model, [a, b])`)."""
     in_order: bool = False
     """Whether `index` is 0, 1, 2, ...: this bucket holds every parameter, in optimizer order."""
     _subsets: dict[tuple[int, ...], Chunks] = field(default_factory=dict)
@@ -130,6 +133,9 @@ class OptimizerStats:
     """Whether `optimizer.step()` leaves `p.grad` unchanged, so gradient statistics can wait until after it."""
     reads_grads_after = False
     """Whether `after` reads the gradients."""
+    join_after_step = False
+    """Whether the post-step statistics must end in the step hook: the loop changes what they read
+    right after the step (Schedule-Free's `optimizer.eval()` swaps the parameters in place)."""
     columns: tuple[str, ...] = ()
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -142,6 +148,14 @@ class OptimizerStats:
 
     def hyperparameters(self) -> Any:
         return None
+
+    def update_exact(self, bucket: Bucket) -> list[bool]:
+        """Per parameter of `bucket`: whether its update norm is exact (else estimated from a sample)."""
+        return [self.exact] * len(bucket.params)
+
+    def step_values(self, hyper: Any) -> dict[str, float]:
+        """Step-table columns of this optimizer, from `hyperparameters()` read right after the step."""
+        return {}
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
         """Statistics of `bucket` after the step."""
@@ -297,6 +311,10 @@ class SampledStats(OptimizerStats):
     def columns(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(f"state_norm_{k}" for k in self._keys)
 
+    def update_exact(self, bucket: Bucket) -> list[bool]:
+        exact = set(self._snapshot(bucket).exact)
+        return [j in exact for j in range(len(bucket.params))]
+
     def _snapshot(self, bucket: Bucket) -> SampledSnapshot:
         snap = self._snapshots.get(id(bucket))
         if snap is None:
@@ -315,27 +333,72 @@ class SampledStats(OptimizerStats):
         out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
         if not step.layers:
             return out
-        states = [self.state.get(p, {}) for p in bucket.params]
-        keys = dict.fromkeys(
-            k for s in states for k, t in s.items() if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0
-        )
-        for key in keys:
-            self._keys[key] = None
-            have = [j for j, s in enumerate(states) if isinstance(s.get(key), Tensor) and s[key].dim() > 0]
-            vec = norms([states[j][key] for j in have])
-            out[f"state_norm_{key}"] = bucket.expand(vec, None if len(have) == len(states) else have, math.nan)
+        out.update(self.state_norms(bucket))
         return out
+
+    def state_norms(self, bucket: Bucket) -> dict[str, Tensor]:
+        """`state_norm_<key>`: the L2 norm of every floating state tensor of each parameter.
+
+        Nested state is flattened: a list of tensors (SOAP's `Q`, one matrix per dimension) is one
+        key whose norm is that of all its elements; a dict (heavyball keeps `{0: {...}}`) prefixes
+        its keys (`0.exp_avg`).
+        """
+        flat = [_flat_state(self.state.get(p, {})) for p in bucket.params]
+        out: dict[str, Tensor] = {}
+        for key in dict.fromkeys(k for f in flat for k in f):
+            self._keys[key] = None
+            have = [j for j, f in enumerate(flat) if key in f]
+            pieces = [t for j in have for t in flat[j][key]]
+            owner = torch.tensor([n for n, j in enumerate(have) for _ in flat[j][key]], device=bucket.device)
+            squares = norms(pieces).square()
+            vec = torch.zeros(len(have), device=bucket.device).index_add_(0, owner, squares).sqrt()
+            out[f"state_norm_{key}"] = bucket.expand(vec, None if len(have) == len(flat) else have, math.nan)
+        return out
+
+
+def _flat_state(state: Any, prefix: str = "") -> dict[str, list[Tensor]]:
+    """Floating state tensors (at least 1-D) by key; lists of them under one key, dicts flattened."""
+    out: dict[str, list[Tensor]] = {}
+    items = state.items() if isinstance(state, dict) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, Tensor):
+            value = [value]
+        if isinstance(value, dict):
+            out.update(_flat_state(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            got = [t for t in value if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0]
+            if got:
+                out[name] = got
+    return out
 
 
 def for_optimizer(optimizer: torch.optim.Optimizer, *, sample_budget: int, snapshot: bool = False) -> OptimizerStats:
     """The statistics implementation for `optimizer`: exact for torch's Adam, AdamW and SGD.
 
     A subclass that overrides `step` may change the update rule, so it gets the sampled estimate.
-    `snapshot`: the parameters fit the temporary budget, so Adam may copy them before each step.
+    Muon, Adafactor, Lion, bitsandbytes' 8-bit optimizers, Schedule-Free and SOAP/Shampoo get their
+    own state statistics (`_optim_state.py`) with sampled update norms; anything else the generic
+    ones. `snapshot`: the parameters fit the temporary budget, so Adam may copy them before each step.
     """
-    step = type(optimizer).step
+    from spikedoc.monitor import _optim_state as more  # imports this module: kept out of its import time
+
+    cls = type(optimizer)
+    step = cls.step
     if step in (torch.optim.Adam.step, torch.optim.AdamW.step):
         return AdamStats(optimizer, snapshot=snapshot)
     if step is torch.optim.SGD.step:
         return SgdStats(optimizer)
+    for name, stats in (("Muon", more.MuonStats), ("Adafactor", more.AdafactorStats)):
+        if hasattr(torch.optim, name) and step is getattr(torch.optim, name).step:
+            return stats(optimizer, budget=sample_budget)
+    module = cls.__module__.split(".")[0]
+    if module == "lion_pytorch" and cls.__name__ == "Lion":
+        return more.LionStats(optimizer, budget=sample_budget)
+    if module == "bitsandbytes" and hasattr(optimizer, "name2qmap"):
+        return more.Bnb8bitStats(optimizer, budget=sample_budget)
+    if module == "schedulefree" and all("train_mode" in g for g in optimizer.param_groups):
+        return more.ScheduleFreeStats(optimizer, budget=sample_budget)
+    if re.search(r"soap|shampoo", cls.__name__, re.IGNORECASE):
+        return more.PreconditionedStats(optimizer, budget=sample_budget)
     return SampledStats(optimizer, budget=sample_budget)

@@ -122,6 +122,7 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
     )
     row.update(dict.fromkeys(_FINGERPRINT_COLUMNS))  # same columns in every part, null when unknown
     row.update(Fingerprint.host_values({k[3:]: v for k, v in values.items() if k.startswith("fp:")}))
+    row.update(st.optimizer_values)
     for key, value in rec.get("extra", {}).items():
         row[key] = _resolve(value, values)
     return row

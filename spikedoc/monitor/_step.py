@@ -52,6 +52,8 @@ class StepRecord:
     time: float = math.nan
     step_time: float = math.nan
     lrs: list[Any] = field(default_factory=list)
+    optimizer_values: dict[str, float] = field(default_factory=dict)
+    """Step-table values an optimizer's statistics read right after the step (Schedule-Free's averaging weight)."""
     sample_offset: int = 0
     landing: Landing | None = None
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "parameter_names", "describe", "distributed_rank"]
+__all__ = ["unwrap", "parameter_names", "describe", "describe_scheduler", "distributed_rank"]
 
 # Wrapper segments added by torch.compile, FSDP1 and activation checkpointing; never user names.
 _WRAPPER_SEGMENT = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)")
@@ -63,27 +63,37 @@ def _jsonable(value: Any) -> Any:
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
 
 
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def describe(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     names: Sequence[str],
     *,
     watch: dict[str, Any],
     start_step: int,
+    update_exact: Sequence[bool] | None = None,
+    scheduler: Any = None,
 ) -> dict[str, Any]:
     """The run metadata `watch` writes to `meta.json`.
 
     Args:
         model: The watched model (wrappers are looked through).
-        optimizer: The watched optimizer.
+        optimizers: The watched optimizer(s), in the order given to `watch`.
         names: Parameter names in optimizer order (from `parameter_names`).
         watch: The monitor's configuration.
         start_step: Index of the first step this segment records.
+        update_exact: Per parameter, whether its update norm is exact (else estimated).
+        scheduler: `describe_scheduler` of the scheduler(s), if given.
     """
     import spikedoc
 
@@ -92,7 +102,8 @@ def describe(
     rank, world_size = distributed_rank()
     params, groups, decayed = [], [], []
     k = 0
-    for g, group in enumerate(optimizer.param_groups):
+    owned = [(o, opt, group) for o, opt in enumerate(optimizers) for group in opt.param_groups]
+    for g, (o, opt, group) in enumerate(owned):
         group_names = list(names[k : k + len(group["params"])])
         for name, p in zip(group_names, group["params"]):
             params.append({
@@ -102,10 +113,12 @@ def describe(
                 "numel": p.numel(),
                 "module": modules.get(name.rpartition(".")[0], type(inner).__name__ if "." not in name else None),
                 "group": g,
+                "optimizer": o,
                 "requires_grad": p.requires_grad,
+                "update_norm": "exact" if update_exact is None or update_exact[len(params)] else "estimated",
             })  # fmt: skip
         hyper = {key: _jsonable(v) for key, v in group.items() if key != "params"}
-        groups.append({**hyper, "params": group_names})
+        groups.append({**hyper, "params": group_names, "optimizer": o, "optimizer_class": _class_name(opt)})
         if float(_jsonable(group.get("weight_decay", 0.0)) or 0.0) != 0.0:
             decayed += group_names
         k += len(group["params"])
@@ -120,13 +133,49 @@ def describe(
         "model": {
             "class": type(inner).__qualname__,
             "num_parameters": sum(p["numel"] for p in params),
-            "devices": sorted({str(p.device) for g in optimizer.param_groups for p in g["params"]}),
+            "devices": sorted({str(p.device) for _, _, g in owned for p in g["params"]}),
         },
         "parameters": params,
         "optimizer": {
-            "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            # Several optimizers: "class" is the first one's; "optimizers" lists each with its groups.
+            "class": _class_name(optimizers[0]),
             "groups": groups,
             "weight_decay_params": decayed,
+            "optimizers": [{"class": _class_name(opt), "groups": [g for g, (o, _, _) in enumerate(owned) if o == k]}
+                           for k, opt in enumerate(optimizers)],
         },
+        "scheduler": scheduler,
         "watch": watch,
     }
+
+
+def describe_scheduler(scheduler: Any) -> list[dict[str, Any]] | None:
+    """Class and settings of LR scheduler(s) for `meta.json` (None when none was given).
+
+    The settings are the scheduler's `state_dict()` without its bookkeeping (`_last_lr`,
+    `_get_lr_called_within_step`, ...): `T_0`, `T_mult`, `eta_min`, `last_epoch`, `base_lrs` for
+    `CosineAnnealingWarmRestarts`, the milestones and inner schedulers of `SequentialLR`.
+    Functions (LambdaLR's lambdas) are recorded by their repr.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10)
+        >>> info = describe_scheduler(sched)[0]
+        >>> info["class"], info["settings"]["T_0"], info["settings"]["last_epoch"]
+        ('CosineAnnealingWarmRestarts', 10, 0)
+    """
+    if scheduler is None:
+        return None
+    out = []
+    for sched in scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]:
+        try:
+            state = sched.state_dict()
+        except Exception:  # noqa: BLE001 - a scheduler without a state dict is still named
+            state = {}
+        settings = {k: _jsonable(v) for k, v in state.items() if not k.startswith("_") or k in ("_milestones", "_schedulers")}
+        inner = getattr(sched, "_schedulers", None)
+        if isinstance(inner, (list, tuple)):  # SequentialLR, ChainedScheduler
+            settings["schedulers"] = describe_scheduler(list(inner))
+            settings.pop("_schedulers", None)
+        out.append({"class": type(sched).__name__, "module": type(sched).__module__, "settings": settings})
+    return out

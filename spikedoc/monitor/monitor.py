@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 import weakref
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
@@ -24,6 +25,7 @@ from spikedoc.monitor import meta as _meta
 from spikedoc.monitor._collect import grad_stats, post_stats, run_job
 from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
+from spikedoc.monitor._optim_list import JointStats, OptimizerList
 from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import Late, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
@@ -64,8 +66,11 @@ class Monitor:
     `input_shapes`, `seq_len_min`, `seq_len_median`, `seq_len_max`, `distinct_token_ratio`, plus
     any extra scalar given to `record`. Layer table columns: `step`, `name`, `grad_norm`,
     `grad_max`, `param_norm`, `update_norm`, `update_ratio`, `nonfinite`, and per optimizer
-    `exp_avg_norm`, `exp_avg_sq_mean`, `exp_avg_sq_max`, `eps_frac` (Adam/AdamW), `momentum_norm`
-    (SGD) or `state_norm_<key>` (others).
+    `exp_avg_norm`, `exp_avg_sq_mean`, `exp_avg_sq_max`, `eps_frac` (Adam/AdamW, and the first three
+    for 8-bit Adam), `momentum_norm` (SGD, Muon, Lion), `sign_flip_frac` (Lion), `row_var_mean`,
+    `col_var_mean`, `var_mean`, `var_max` (Adafactor), `z_norm` (Schedule-Free) or
+    `state_norm_<key>` (others); step columns `sf_train_mode`, `sf_averaging_weight`
+    (Schedule-Free) and `precond_refreshed` (SOAP, Shampoo).
 
     Example:
         >>> import tempfile, torch, spikedoc
@@ -82,12 +87,17 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
         run_dir: str | Path,
         config: WatchConfig,
         scaler: Any = None,
+        scheduler: Any = None,
     ) -> None:
-        self.model, self.optimizer, self.config, self.scaler = model, optimizer, config, scaler
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        # Several optimizers are read as one: their groups in turn, their states merged.
+        self.optimizer = self.optimizers[0] if len(self.optimizers) == 1 else OptimizerList(self.optimizers)
+        self.model, self.config, self.scaler = model, config, scaler
+        self._stepped: set[int] = set()  # ids of the optimizers that stepped in the current step
         self.run_dir = Path(run_dir)
         self._dropped = 0
         self._grads_before_step = False  # set once the loop is seen zeroing gradients in place
@@ -117,9 +127,12 @@ class Monitor:
             segment = None
             self._fail("agree_segment", exc)
         try:
+            exact = self._update_exact()
+            label = "exact" if all(exact) else "estimated" if not any(exact) else "mixed"
             watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
-                         "update_norm": "exact" if self._stats.exact else "sampled"}  # fmt: skip
-            meta = _meta.describe(model, optimizer, self._names, watch=watch_cfg, start_step=start)
+                         "update_norm": label}  # fmt: skip
+            meta = _meta.describe(model, self.optimizers, self._names, watch=watch_cfg, start_step=start,
+                                  update_exact=exact, scheduler=_meta.describe_scheduler(scheduler))
             if segment is not None:
                 meta["segment"] = segment
             self.segment = self.writer.open(meta)
@@ -133,9 +146,10 @@ class Monitor:
         self._handles += [
             model.register_forward_pre_hook(pre, with_kwargs=True),
             model.register_forward_hook(post, with_kwargs=True),
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step_post),
         ]
+        for opt in self.optimizers:
+            self._handles += [opt.register_step_pre_hook(self._on_step_pre),
+                              opt.register_step_post_hook(self._on_step_post)]  # fmt: skip
         if scaler is not None:
             self._wrap_scaler(scaler)
         _clipping.observe(self)  # the loop's own clip_grad_norm_: norms before it, its max norm
@@ -270,6 +284,8 @@ class Monitor:
             return
         self._closed = True
         _clipping.unobserve(self)
+        if self._stepped:
+            self._end_partial_step()
         self._lane.join()
         self._consume()
         self._lane.close()
@@ -294,10 +310,12 @@ class Monitor:
     def _build_plan(self) -> None:
         self._consume()  # (re)planning a watched run: finish what used the old plan first
         self._lane.join()
-        params, groups = [], []
-        for g, group in enumerate(self.optimizer.param_groups):
-            params += group["params"]
-            groups += [g] * len(group["params"])
+        params, groups, owners = [], [], []
+        for k, opt in enumerate(self.optimizers):
+            for g, group in enumerate(opt.param_groups):  # g: the group's index within its optimizer
+                params += group["params"]
+                groups += [g] * len(group["params"])
+                owners += [k] * len(group["params"])
         self._params = params
         self._param_ids = {id(p) for p in params}
         self._names = _meta.parameter_names(self.model, params)
@@ -311,15 +329,15 @@ class Monitor:
                              "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which is observed")
         total = int(sum(t.numel() for t in shards))
         budget = max(int(total * _TEMP_SHARE), _TEMP_MIN)
-        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        by_key: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         for i, t in enumerate(shards):
-            by_key.setdefault((t.device, t.dtype), []).append(i)
+            by_key.setdefault((owners[i], t.device, t.dtype), []).append(i)
         self._buckets = [
             Bucket(device=dev, dtype=dt, index=ix, params=[shards[i] for i in ix], sources=[params[i] for i in ix],
                    groups=[groups[i] for i in ix], chunks=Chunks([shards[i].numel() for i in ix], budget),
-                   numels=np.array([shards[i].numel() for i in ix], dtype=np.float64),
+                   numels=np.array([shards[i].numel() for i in ix], dtype=np.float64), owner=k,
                    in_order=ix == list(range(len(params))))
-            for (dev, dt), ix in by_key.items()
+            for (k, dev, dt), ix in by_key.items()
         ]  # fmt: skip
         self._shard_masks = [np.array([sharded[i] for i in b.index], dtype=bool) for b in self._buckets]
         self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
@@ -328,14 +346,29 @@ class Monitor:
         # accelerator's kernels already run asynchronously on its stream).
         on_cpu = bool(self._buckets) and all(b.device.type == "cpu" for b in self._buckets)
         self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
-        self._stats = for_optimizer(
-            self.optimizer,
-            sample_budget=max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN),
-            snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane),
-        )
-        if self._sharded:
-            self._stats.state = LocalState(self.optimizer.state, {id(t): p for t, p in zip(shards, params)})
+        sample_budget = max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN)
+        owned = np.bincount(owners, weights=self._numels, minlength=len(self.optimizers)) if params else [0.0]
+        parts = [  # several optimizers share the sample budget by their parameter counts
+            for_optimizer(opt, sample_budget=max(1, round(sample_budget * float(owned[k]) / max(total, 1))),
+                          snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane))
+            for k, opt in enumerate(self.optimizers)
+        ]  # fmt: skip
+        self._stats = parts[0] if len(parts) == 1 else JointStats(parts)
+        # Statistics read the optimizers' state through their local shards when sharded.
+        owners_of = {id(t): p for t, p in zip(shards, params)}
+        for part in parts:
+            part.state = LocalState(part.optimizer.state, owners_of) if self._sharded else part.optimizer.state
+        states = ChainMap(*[opt.state for opt in self.optimizers])
+        self._state = LocalState(states, owners_of) if self._sharded else states
         self._after_norms = {}
+
+    def _update_exact(self) -> list[bool]:
+        """Per parameter (optimizer order): whether its update norm is exact, else estimated from a sample."""
+        exact = [True] * len(self._params)
+        for bucket in self._buckets:
+            for i, flag in zip(bucket.index, self._stats.update_exact(bucket)):
+                exact[i] = bool(flag)
+        return exact
 
     def _optimizer_step_count(self) -> int:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
@@ -365,6 +398,8 @@ class Monitor:
         self._count_micro_batch(args, kwargs)
 
     def _count_micro_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._stepped:  # some of several optimizers stepped and training moved on: that step is over
+            self._end_partial_step()
         st = self._cur
         st.forwards += 1
         try:
@@ -390,6 +425,10 @@ class Monitor:
             self._fail("loss", exc, st)
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        if self._stepped:
+            if id(optimizer) not in self._stepped:
+                return  # the next of several optimizers: the step's gradients and snapshot are taken
+            self._end_partial_step()  # the same optimizer again: the others did not step last time
         start = time.perf_counter()
         self._lane.join()  # the last step's statistics read what this step changes
         self._consume()
@@ -419,6 +458,14 @@ class Monitor:
             self._fail("step_pre", exc, st)
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped.add(id(optimizer))
+        if len(self._stepped) < len(self.optimizers):
+            return  # one training step is every optimizer's step()
+        self._end_partial_step()
+
+    def _end_partial_step(self) -> None:
+        """End the current step after the optimizers that stepped in it (all of them, or fewer)."""
+        self._stepped = set()
         self._steps_since_update += 1
         st, start = self._cur, time.perf_counter()
         self._finish_step(skipped=False)
@@ -588,6 +635,8 @@ class Monitor:
         def update(new_scale: Any = None) -> Any:
             # GradScaler skips optimizer.step() (and so our hooks) when grads hold inf/NaN; the
             # next update() is where that becomes visible. The scale is read before it changes.
+            if self._stepped and not self._closed:  # it skipped some of several optimizers only
+                self._end_partial_step()
             if self._steps_since_update == 0 and not self._closed:
                 self._skipped_step()
             self._steps_since_update = 0
@@ -625,7 +674,7 @@ class Monitor:
 
 def watch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     run_dir: str | Path | None = None,
     *,
     every: int = 1,
@@ -636,6 +685,7 @@ def watch(
     flush_seconds: float = 30.0,
     start_step: int | None = None,
     pad_token_id: int | None = None,
+    scheduler: Any = None,
     budget: float | None = None,
 ) -> Monitor:
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
@@ -648,7 +698,10 @@ def watch(
 
     Args:
         model: The module whose forward is called in training (compiled, DDP-wrapped or plain).
-        optimizer: The optimizer whose `step()` ends each training step.
+        optimizer: The optimizer whose `step()` ends each training step, or a list of optimizers
+            that step one model together (Muon for the matrices, AdamW for the rest): a training
+            step is then every one's `step()`, in any order; each tensor's statistics come from
+            the optimizer that owns it, and `meta.json` records which one that is.
         run_dir: Run directory; None picks `runs/<YYYYmmdd-HHMMSS>`. An existing run gets a new
             segment appended.
         every: Write a step row every `every` steps.
@@ -660,6 +713,8 @@ def watch(
         flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
         start_step: Index of the first step; default: the optimizer's step count, else 0.
         pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
+        scheduler: The LR scheduler(s) in use (optional): their class and settings go to
+            `meta.json`, so that analysis knows a scheduled restart from a discontinuity.
         budget: Largest share of the step time the monitor may take (e.g. 0.02): gradient norms
             every step, the full statistics (update norms, gradient maxima, optimizer state) on a
             cadence that keeps within it, every step again after a flagged spike. None: all, every step.
@@ -681,11 +736,19 @@ def watch(
                          budget=budget)  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if not optimizers:
+        raise ValueError("watch: optimizer is an empty list; pass the optimizer(s) that step the model")
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer or a list of them, got {type(opt).__name__}")
+    owned = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    if len(optimizers) > 1 and len(set(owned)) < len(owned):
+        raise ValueError("watch: the optimizers share parameters (or one is listed twice); each tensor must have one owner")
     if run_dir is None:
         run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Monitor(model, optimizer, run_dir, config, scaler=scaler)
+    return Monitor(model, optimizers if len(optimizers) > 1 else optimizers[0], run_dir, config, scaler=scaler,
+                   scheduler=scheduler)
 
 
 def _caller_level() -> int:

@@ -75,8 +75,9 @@ LAYER_COLUMN_DOCS = {
     "exp_avg_sq_mean": "float32, Adam/AdamW: mean of exp_avg_sq",
     "exp_avg_sq_max": "float32, Adam/AdamW: max of exp_avg_sq",
     "eps_frac": "float32, Adam/AdamW: share of elements with sqrt(v_hat) <= eps",
-    "momentum_norm": "float32, SGD with momentum: L2 norm of momentum_buffer",
-    # any other optimizer: "state_norm_<key>" per floating state tensor key
+    "momentum_norm": "float32, SGD with momentum, Muon: L2 norm of momentum_buffer; Lion: of exp_avg",
+    # Lion: "sign_flip_frac"; Adafactor: "row_var_mean", "col_var_mean", "var_mean", "var_max";
+    # Schedule-Free: "z_norm"; any other optimizer: "state_norm_<key>" per floating state tensor key
 }
 LAYER_COLUMNS = tuple(LAYER_COLUMN_DOCS)
 

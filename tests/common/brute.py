@@ -13,7 +13,7 @@ from torch import nn
 import spikedoc
 from tests.common.models import train
 
-__all__ = ["StepCopy", "watched_run"]
+__all__ = ["StepCopy", "Together", "watched_run"]
 
 
 @dataclass
@@ -32,9 +32,27 @@ class StepCopy:
     """Mean training loss of the step."""
 
 
+class Together:
+    """Several optimizers stepped as one, as a training loop does: `step()` and `zero_grad()` of each in turn."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next((opt.state[p] for opt in self.optimizers if p in opt.state), {})
+
+
 def watched_run(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     run_dir: Path,
     steps: int,
     *,
@@ -44,6 +62,7 @@ def watched_run(
     """Train `steps` steps under `spikedoc.watch`, returning the loaded run and the full copies."""
     named = dict(model.named_parameters())
     copies: list[StepCopy] = []
+    together = Together(optimizer if isinstance(optimizer, list) else [optimizer])
 
     def before_step(i: int) -> None:
         c = StepCopy()
@@ -55,11 +74,11 @@ def watched_run(
     def after_step(i: int) -> None:
         c = copies[-1]
         c.after = {n: p.detach().clone() for n, p in named.items()}
-        c.state = {n: copy.deepcopy(optimizer.state.get(p, {})) for n, p in named.items()}
+        c.state = {n: copy.deepcopy(together.state_of(p)) for n, p in named.items()}
 
     monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, **(watch or {}))
     with monitor:
-        losses = train(model, optimizer, steps, before_step=before_step, after_step=after_step, **train_kwargs)
+        losses = train(model, together, steps, before_step=before_step, after_step=after_step, **train_kwargs)
     for c, loss in zip(copies, losses):
         c.loss = loss
     assert monitor.dropped_rows == 0
