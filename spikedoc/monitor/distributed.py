@@ -93,6 +93,8 @@ class LocalState(Mapping):
 
     def __getitem__(self, key: Tensor) -> dict[str, Any]:
         owner = self._owners.get(id(key), key)
+        if owner not in self._state:  # never index: an optimizer's state is a defaultdict that would insert
+            raise KeyError(key)
         return {k: local(v) for k, v in self._state[owner].items()}
 
     def __iter__(self) -> Iterator[Tensor]:

@@ -9,7 +9,6 @@ import sys
 import time
 import warnings
 import weakref
-from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
@@ -358,7 +357,7 @@ class Monitor:
         owners_of = {id(t): p for t, p in zip(shards, params)}
         for part in parts:
             part.state = LocalState(part.optimizer.state, owners_of) if self._sharded else part.optimizer.state
-        states = ChainMap(*[opt.state for opt in self.optimizers])
+        states = self.optimizer.state  # one read-only mapping over several optimizers (never inserts)
         self._state = LocalState(states, owners_of) if self._sharded else states
         self._after_norms = {}
 
