@@ -29,6 +29,7 @@ def _entry(rank: int, worker, world: int, tmp: str, options: dict) -> None:
     try:
         report = worker(rank, world, Path(tmp), options)
         (Path(tmp) / f"report-{rank}.json").write_text(json.dumps(report))
+        dist.barrier()  # no rank tears the groups down while another still works (rank 0 analyses after a stop)
     finally:
         dist.destroy_process_group()
 
