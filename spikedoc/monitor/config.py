@@ -23,6 +23,9 @@ class WatchConfig:
     """Longest time rows stay buffered: the most a `kill -9` loses when steps are slow."""
     start_step: int | None = None
     """Index of the first recorded step; default: the optimizer's own step count, else 0."""
+    tensorboard: str | None = None
+    """Folder to mirror the run to as TensorBoard scalars while it trains (same tags as
+    `spikedoc tensorboard`); None: no mirror."""
     pad_token_id: int | None = None
     """Token id counted as padding in sequence lengths when the model gets no `attention_mask`."""
     budget: float | None = None

@@ -139,6 +139,8 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training
             self.segment = -1
             self._fail("open", exc)
+        if config.tensorboard is not None:
+            self._mirror_to(config.tensorboard, model)
         pre = torch.compiler.disable(self._on_forward_pre)  # runs eagerly around compiled graphs
         post = torch.compiler.disable(self._on_forward)
         self._clip_hook = torch.compiler.disable(self._on_clip)  # a compiled train step: a graph break
@@ -615,6 +617,18 @@ class Monitor:
             self._fail("combine_shards", exc)
             return None
 
+    def _mirror_to(self, logdir: str, model: nn.Module) -> None:
+        """Mirror the rows to TensorBoard on the writer's thread; a failure here only warns."""
+        try:
+            from spikedoc.store.tensorboard_mirror import TensorBoardMirror
+
+            root = _meta.unwrap(model)
+            modules = dict(root.named_modules())
+            types = {name: type(modules.get(name.rpartition(".")[0], root)).__name__ for name in self._names}
+            self.writer.mirror = TensorBoardMirror(logdir, types)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("tensorboard", exc)
+
     def _warn_no_loss(self, st: StepRecord) -> None:
         # A warning, not a log line: the loop has to change, and warnings show in a plain script.
         self._loss_warned = True
@@ -685,6 +699,7 @@ def watch(
     start_step: int | None = None,
     pad_token_id: int | None = None,
     scheduler: Any = None,
+    tensorboard: str | Path | None = None,
     budget: float | None = None,
 ) -> Monitor:
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
@@ -714,6 +729,8 @@ def watch(
         pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
         scheduler: The LR scheduler(s) in use (optional): their class and settings go to
             `meta.json`, so that analysis knows a scheduled restart from a discontinuity.
+        tensorboard: A folder to mirror the run to as TensorBoard scalars while it trains (the
+            tags of `spikedoc tensorboard`; written on the writer's thread, never the loop's).
         budget: Largest share of the step time the monitor may take (e.g. 0.02): gradient norms
             every step, the full statistics (update norms, gradient maxima, optimizer state) on a
             cadence that keeps within it, every step again after a flagged spike. None: all, every step.
@@ -732,7 +749,7 @@ def watch(
     """
     config = WatchConfig(every=every, layer_every=layer_every, clip=clip, flush_every=flush_every,
                          flush_seconds=flush_seconds, start_step=start_step, pad_token_id=pad_token_id,
-                         budget=budget)  # fmt: skip
+                         tensorboard=None if tensorboard is None else str(tensorboard), budget=budget)  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]

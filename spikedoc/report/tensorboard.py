@@ -15,17 +15,12 @@ from spikedoc.analysis._meta import parameter_modules
 from spikedoc.analysis.attribution import module_kinds
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.report.terminal import action_text
+from spikedoc.store.tensorboard_mirror import LAYER_METRICS, STEP_TAGS
 
 __all__ = ["export_tensorboard", "STEP_TAGS", "LAYER_METRICS"]
 
 logger = logging.getLogger(__name__)
 
-#: Step-table columns written, each as `train/<column>` (what TensorBoard importers call them too).
-STEP_TAGS = ("loss", "grad_norm", "lr", "clip_coef", "param_norm", "update_norm", "loss_scale", "step_time")
-#: Per-tensor columns written as `<module kind>.<metric>/<tensor name>`: TensorBoard groups charts by
-#: the tag's first path part, so each (module kind, metric) pair is one collapsible section
-#: (`attention.grad_norm`) instead of one section holding every tensor of the model.
-LAYER_METRICS = ("grad_norm", "update_ratio", "eps_frac")
 # Steps of the layer table read at once: bounded memory on runs of millions of steps.
 _LAYER_CHUNK = 20_000
 

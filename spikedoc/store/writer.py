@@ -97,6 +97,7 @@ class RunWriter:
         flush_seconds: float = 30.0,
         max_pending_rows: int = 1_000_000,
         row_group_steps: int = 256,
+        mirror: Any = None,
     ) -> None:
         for option, value in [("rank", rank), ("flush_every", flush_every), ("max_pending_rows", max_pending_rows),
                               ("row_group_steps", row_group_steps)]:  # fmt: skip
@@ -107,6 +108,9 @@ class RunWriter:
         if not flush_seconds > 0:
             raise ValueError(f"RunWriter: flush_seconds must be > 0, got {flush_seconds!r}")
         self.run_dir = Path(run_dir)
+        self.mirror = mirror
+        """Called as `mirror(table, items)` on the writer thread after each batch of parts is written
+        (e.g. a `TensorBoardMirror`); a failure disables it with one warning, the Parquet run goes on."""
         self.rank = int(rank)
         self.flush_every = int(flush_every)
         self.flush_seconds = float(flush_seconds)
@@ -239,6 +243,11 @@ class RunWriter:
         else:
             self._drop(self._pending_rows, "never_opened", "close() before open(): buffered rows were not written")
         _OPEN_WRITERS.discard(self)
+        if self.mirror is not None and hasattr(self.mirror, "close"):
+            try:
+                self.mirror.close()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("mirror", f"closing the live mirror failed ({exc!r})")
         if self._dropped:
             logger.warning("spikedoc: %d rows of %s could not be written", self._dropped, self.run_dir)
 
@@ -323,6 +332,18 @@ class RunWriter:
                 continue
             if data is not None:
                 self._write_part(table, data, seq)
+        self._mirror(batch)
+
+    def _mirror(self, batch: dict[str, list[Any]]) -> None:
+        if self.mirror is None:
+            return
+        try:
+            for table, items in batch.items():
+                if items and table in (STEPS, LAYERS):
+                    self.mirror(table, items)
+        except Exception as exc:  # noqa: BLE001
+            self.mirror = None
+            self._warn("mirror", f"the live mirror failed and is off for the rest of the run ({exc!r})")
 
     def _folder(self, table: str) -> Path:
         return self.run_dir / partition_dir(table, self.rank)
