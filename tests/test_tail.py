@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -42,10 +43,24 @@ def _spikedoc(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _first_line(process: subprocess.Popen, *, timeout: float) -> str:
+    # Byte by byte from the pipe itself: communicate() later reads the pipe, not a file object's buffer.
+    line, deadline = b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([process.stdout], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no output within {timeout} s"
+        byte = os.read(process.stdout.fileno(), 1)
+        assert byte, "the process ended before printing a line"
+        line += byte
+    return line.decode().rstrip("\n")
+
+
 def test_tail_follows_a_run_being_written_and_alerts_on_the_bad_step(tmp_path):
     run = tmp_path / "live"
     run.mkdir()
     tail = _spikedoc("tail", str(run), "--interval", "0.1")
+    first = _first_line(tail, timeout=120)  # Ctrl-C must reach the loop, not the interpreter's start-up
+    assert first.startswith("waiting for "), first
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run)], env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert writer.wait(timeout=120) == 0
@@ -54,7 +69,7 @@ def test_tail_follows_a_run_being_written_and_alerts_on_the_bad_step(tmp_path):
         tail.send_signal(signal.SIGINT)  # Ctrl-C
     out, err = tail.communicate(timeout=30)
     assert tail.returncode == 0, err
-    lines = out.splitlines()
+    lines = [first, *out.splitlines()]
     progress = [line for line in lines if line.startswith("step ")]
     assert len(progress) >= 3, out  # it saw the run grow, part after part
     assert progress[-1].startswith("step 399  loss ") and "grad norm" in progress[-1] and "lr " in progress[-1]
