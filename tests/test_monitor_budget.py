@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,8 @@ import torch
 from spikedoc.monitor.budget import Cadence
 from tests.common.brute import watched_run
 from tests.common.models import make_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_step_keeps_exact_gradient_norms_and_full_steps_keep_everything(tmp_path):
@@ -61,3 +67,23 @@ def test_budget_must_be_a_share_of_the_step():
     with pytest.raises(ValueError, match="budget"):
         spikedoc.watch(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), budget=2.0)
     assert np.isclose(Cadence(budget=0.5).budget, 0.5)
+
+
+
+def test_a_budget_brings_the_streaming_detector_and_nothing_else_of_the_analysis(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch, spikedoc
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        monitor = spikedoc.watch(model, opt, run_dir={str(tmp_path / "run")!r}, budget=0.02)
+        for _ in range(3):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step(); opt.zero_grad()
+        monitor.close()
+        print(" ".join(sorted(m for m in sys.modules if m.startswith("spikedoc.analysis."))))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "spikedoc.analysis.streaming" in loaded
+    assert loaded <= {"spikedoc.analysis.streaming", "spikedoc.analysis.baseline"}, loaded

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spikedoc.analysis.detect import DetectorConfig, StreamingDetector
+from spikedoc.analysis.streaming import DetectorConfig, StreamingDetector
 from spikedoc.errors import RunNotFoundError, one_line
 from spikedoc.store.schema import META_FILE, STEPS
 
