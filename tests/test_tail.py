@@ -39,8 +39,11 @@ WRITER = textwrap.dedent("""
 
 def _spikedoc(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    # A shell runs background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # give the child the default disposition a terminal's Ctrl-C meets.
     return subprocess.Popen([sys.executable, "-c", "from spikedoc.cli import app; app()", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _first_line(process: subprocess.Popen, *, timeout: float) -> str:
