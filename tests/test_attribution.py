@@ -147,6 +147,47 @@ def test_a_nonfinite_gradient_is_the_most_extreme_departure(steps):
     assert found.layers[0]["name"] == "embed.weight" and found.layers[0]["z"] == math.inf
 
 
+_FULL_ONLY = ["grad_max", "update_norm", "update_ratio", "exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac"]
+
+
+def _light_steps(layers, every):
+    """Blank the full statistics on all but every `every`-th step, as `watch(budget=...)` records them."""
+    light = layers["step"] % every != 0
+    layers.loc[light, _FULL_ONLY] = math.nan
+    return layers
+
+
+def test_steps_without_the_full_statistics_implicate_no_tensor(steps):
+    found = attribute_layers(_light_steps(healthy_layers(steps), 25), onset=T - 1, peak=T - 1, reference=T - 1)
+    assert found.layers == [] and found.precursors == [] and found.earliest_step is None
+
+
+def test_a_gradient_departure_is_dated_on_steps_without_the_full_statistics(steps):
+    layers = _light_steps(healthy_layers(steps), 25)
+    layers.loc[(layers["name"] == "head.weight") & layers["step"].between(T - 1, T), "grad_norm"] *= 20
+    found = attribute_layers(layers, onset=T - 1, peak=T, reference=T)
+    assert [(r["name"], r["departed_step"]) for r in found.layers] == [("head.weight", T - 1)]
+
+
+def test_a_metric_with_too_few_values_in_the_baseline_is_not_judged(steps):
+    layers = _light_steps(healthy_layers(steps), 100)  # 3 update ratios before the lookback window
+    head = layers["name"] == "head.weight"
+    layers.loc[head & layers["update_ratio"].notna(), "update_ratio"] = 1e-3  # no spread: sigma at its floor
+    layers.loc[head & (layers["step"] == T), "update_ratio"] = 3e-3
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert found.layers == []
+    dense = healthy_layers(steps)
+    dense.loc[(dense["name"] == "head.weight") & (dense["step"] == T), "update_ratio"] *= 3
+    assert [r["name"] for r in attribute_layers(dense, onset=T, peak=T, reference=T).layers] == ["head.weight"]
+
+
+def test_a_nan_update_ratio_on_a_step_that_measured_the_others_is_still_non_finite(steps):
+    layers = _light_steps(healthy_layers(steps), 25)
+    layers.loc[(layers["name"] == "embed.weight") & (layers["step"] == T), "update_ratio"] = math.nan
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert [(r["name"], r["update_z"]) for r in found.layers] == [("embed.weight", math.inf)]
+
+
 def test_too_little_history_gives_no_scores_rather_than_guesses(steps):
     layers = healthy_layers(steps.iloc[:6])
     found = attribute_layers(layers, onset=5, peak=5, reference=5)

@@ -193,12 +193,25 @@ def _log_z(layers: pd.DataFrame, metric: str, base_steps: np.ndarray, scan_steps
         warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history keep z = NaN
         center = np.nanmedian(base, axis=0)
         sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(base - center), axis=0), LOG10_SIGMA_FLOOR)
+    # A tensor with few values in the baseline (sparse layer statistics: `layer_every`, a cost
+    # budget) has no robust sigma: its z would be an artefact of the floor, so it is not judged.
+    center = np.where(_history_count(base) >= _MIN_HISTORY, center, np.nan)
     scan = np.isin(index, scan_steps)
     with np.errstate(all="ignore"):
         z = (logs[scan] - center) / sigma
     nonfinite = present[scan] & ~np.isfinite(values[scan])
+    if metric != "grad_norm":
+        # Under a cost budget a step may lack the full statistics: its update ratios are null for
+        # every tensor, not measured as NaN. Only an inf, or a NaN on a step that measured others, is non-finite.
+        measured = np.isfinite(values[scan]).any(axis=1, keepdims=True)
+        nonfinite &= measured | np.isinf(values[scan])
     z = np.where(nonfinite, np.inf, z)
     return pd.DataFrame(z, index=wide.index[scan], columns=wide.columns).reindex(scan_steps)
+
+
+def _history_count(base: np.ndarray) -> np.ndarray:
+    """Finite baseline values per tensor (column)."""
+    return np.isfinite(np.asarray(base, dtype=float)).sum(axis=0)
 
 
 def _departure(z: np.ndarray, steps: np.ndarray, onset: int, threshold: float) -> int | None:
@@ -268,7 +281,7 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
         finite_base = np.where(np.isfinite(base), base, np.nan)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history: center NaN, skipped
-            center = np.nanmedian(finite_base, axis=0)
+            center = np.where(_history_count(finite_base) >= _MIN_HISTORY, np.nanmedian(finite_base, axis=0), np.nan)
             sigma = np.fmax(MAD_TO_SIGMA * np.nanmedian(np.abs(finite_base - center), axis=0), _EPS_FRAC_SIGMA_FLOOR)
             level = (scan - center >= _EPS_FRAC_RISE) & ((scan - center) / sigma >= config.z_threshold)
         hits = level & (_rate_z(wide, base_steps, steps, config.sudden_steps, _EPS_FRAC_SIGMA_FLOOR) >= config.z_threshold)
@@ -285,7 +298,7 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
         base, scan, steps = _split(wide, base_steps, scan_steps[scan_steps <= onset])
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            center = np.nanmedian(base, axis=0)
+            center = np.where(_history_count(base) >= _MIN_HISTORY, np.nanmedian(base, axis=0), np.nan)
             level = (scan / center <= _V_COLLAPSE) & (center > 0)
             logs = np.log10(np.where(wide > 0, wide, np.nan))
         falling = -_rate_z(pd.DataFrame(logs, index=wide.index, columns=wide.columns), base_steps, steps,

@@ -275,6 +275,7 @@ def generate_run(
     max_steps: int | None = None,
     checkpoint_dir: str | Path | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    watch_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one run of the suite into `run_dir` (replaced if present) and return its raw record.
 
@@ -285,6 +286,7 @@ def generate_run(
         max_steps: stop early (the schedule still spans `recipe.steps`), for quick determinism checks.
         checkpoint_dir: where the periodic checkpoints go (outside the repo); None for a temp dir.
         on_step: called with (steps done, steps in all) after each step (a progress bar).
+        watch_options: more keyword arguments for `spikedoc.watch` (e.g. `{"budget": 0.02}`).
 
     Returns:
         `{"loss": [...], "planted": {"steps": [...], "sample_ids": [...]}}`, losses as recorded.
@@ -307,7 +309,8 @@ def generate_run(
     with _deterministic(spec.seed):
         stream = _Stream(recipe, torch.tensor(list(corpus()), dtype=torch.long), spec.seed)
         model, optimizer = _fresh(recipe, spec.seed)
-        monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, layer_every=1)
+        options = {"layer_every": 1, **(watch_options or {})}
+        monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, **options)
         try:
             for step in range(stop):
                 if spec.fault == "reset_resume" and step == spec.step:
@@ -315,7 +318,7 @@ def generate_run(
                     # state_dicts from the checkpoint; this one forgets to.
                     monitor.close()
                     model, optimizer = _fresh(recipe, spec.seed + 1000)
-                    monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, layer_every=1, start_step=step)
+                    monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, start_step=step, **options)
                     planted["steps"].append(step)
                 losses.append(_train_step(spec, recipe, step, model, optimizer, monitor, stream, planted))
                 if on_step is not None:
