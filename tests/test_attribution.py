@@ -48,6 +48,19 @@ def test_near_constant_input_is_named_by_its_distinct_token_ratio(steps):
     assert _batch(steps)["anomalies"] == ["distinct-token ratio 0.02: near-constant input (run's median 0.6)"]
 
 
+def test_high_entropy_input_is_named_by_its_distinct_token_ratio(steps):
+    steps.loc[T, "distinct_token_ratio"] = 0.95
+    batch = _batch(steps)
+    assert batch["flags"] == ["high_distinct_token_ratio"]
+    assert batch["anomalies"] == ["distinct-token ratio 0.95 is 1.6x the run's median (0.6): high-entropy input "
+                                  "(random, binary or garbled data?)"]
+
+
+def test_a_healthy_spread_of_distinct_token_ratios_is_not_anomalous(steps):
+    batches = attribute_batches(steps, profile=batch_profile(steps), hashes=hash_history(steps))
+    assert not [b for b in batches if "high_distinct_token_ratio" in b["flags"]]
+
+
 def test_a_repeated_content_hash_names_the_step_it_was_first_seen(steps):
     steps.loc[T, "batch_hash"] = steps.loc[123, "batch_hash"]
     batch = _batch(steps)

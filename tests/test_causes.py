@@ -45,6 +45,28 @@ def test_bad_batch_when_the_onset_batch_is_near_constant_tokens(tmp_path):
     assert inc.recommendation["skip_sample_ids"] == [f"doc-{T * 8 + i}" for i in range(8)]
 
 
+def test_a_stretch_of_high_entropy_batches_is_skipped_whole(tmp_path):
+    steps = healthy_steps()
+    stretch = steps["step"].between(T, T + 29)
+    steps.loc[stretch, "distinct_token_ratio"] = 0.95  # random bytes where text held ~0.6
+    _elevate(steps, T, T + 30, 1.5)
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.onset_step, inc.cause) == (T, "bad_batch")
+    assert any("high-entropy input" in e for e in inc.evidence)
+    assert any(f"29 more batches inside the incident (steps {T + 1}..{T + 29})" in e for e in inc.evidence)
+    assert inc.recommendation["skip_steps"] == list(range(T, T + 30))
+    assert inc.recommendation["skip_sample_ids"] == [f"doc-{T * 8 + i}" for i in range(30 * 8)]
+
+
+def test_batches_after_onset_without_the_onset_batch_anomaly_are_not_skipped(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T, "distinct_token_ratio"] = 0.95
+    steps.loc[T + 5, "seq_len_median"] = 400.0  # another kind of oddity later in the incident
+    _elevate(steps, T, T + 30, 1.5)
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.recommendation["skip_steps"] == [T]
+
+
 def test_bad_batch_names_overlong_sequences_as_a_ratio_to_the_run_median(tmp_path):
     steps = healthy_steps()
     steps.loc[T, ["seq_len_median", "seq_len_max"]] = [310.0, 512.0]

@@ -86,6 +86,22 @@ def fmt_steps(items: Iterable[object], limit: int = 6) -> str:
     return ", ".join(str(s) for s in items[: limit - 1]) + f", ... ({len(items)} in all)"
 
 
+def fmt_step_ranges(steps: Iterable[int], limit: int = 6) -> str:
+    """Steps with consecutive runs as ranges: `3, 10..39, 52`.
+
+    Example:
+        >>> fmt_step_ranges([3, 10, 11, 12, 52])
+        '3, 10..12, 52'
+    """
+    runs: list[list[int]] = []
+    for step in sorted(set(int(s) for s in steps)):
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return fmt_steps([f"{a}" if a == b else f"{a}..{b}" for a, b in runs], limit)
+
+
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """`1 step`, `2 steps`: a number with its noun in the right number.
 

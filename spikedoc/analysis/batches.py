@@ -18,7 +18,7 @@ __all__ = ["BatchProfile", "batch_profile", "hash_history", "attribute_batches"]
 _BATCH_STATS = {
     "seq_len_median": ("median sequence length", "both"),
     "seq_len_max": ("longest sequence", "high"),
-    "distinct_token_ratio": ("distinct-token ratio", "low"),
+    "distinct_token_ratio": ("distinct-token ratio", "both"),
     "tokens": ("tokens in the step", "both"),
 }
 # Rows sampled for the distribution of per-batch worst-sample ratios.
@@ -146,6 +146,10 @@ def _stat_anomaly(column, what, direction, value, center_sigma, config) -> tuple
     low = direction in ("low", "both") and z <= -config.z_threshold and ratio <= 1 / config.batch_ratio
     if column == "distinct_token_ratio" and value <= config.near_constant_ratio and ratio < 1:
         return f"distinct-token ratio {fmt(value, 2)}: near-constant input (run's median {fmt(center, 2)})", "near_constant"
+    if high and column == "distinct_token_ratio":
+        # Far more distinct tokens than the run's batches ever hold: random, binary or garbled data.
+        return (f"{what} {fmt(value, 2)} is {fmt(ratio, 2)}x the run's median ({fmt(center, 2)}): "
+                "high-entropy input (random, binary or garbled data?)"), f"high_{column}"
     if high:
         return f"{what} {fmt(value)} is {fmt(ratio, 2)}x the run's median ({fmt(center)})", f"high_{column}"
     if low:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spikedoc.analysis._robust import fmt, fmt_steps, steps_text
+from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps, steps_text
 from spikedoc.analysis.attribution import LayerAttribution
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
@@ -32,6 +32,9 @@ class Evidence:
     """First step the loss itself was flagged (None for a grad-norm-only incident)."""
     batches: list[dict[str, Any]] = field(default_factory=list)
     """Candidate onset batches (`attribute_batches`)."""
+    stretch: list[dict[str, Any]] = field(default_factory=list)
+    """Batches after onset, inside the incident, with an anomaly of the kind an onset batch has: a
+    corrupt stretch of data rather than one batch."""
     one_step: bool = False
     """The incident's first series was out of the band at its onset step only, back in it right after."""
     layers: LayerAttribution | None = None
@@ -149,6 +152,11 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
         if batch["anomalies"]:
             where = f"step {batch['step']}" + (f", rank {batch['rank']}" if ev.ranks else "")
             out.extend(f"batch at {where}: {a}" for a in batch["anomalies"])
+    if out and ev.stretch:
+        steps = [b["step"] for b in ev.stretch]
+        flags = sorted({f for b in ev.stretch for f in b["flags"]})
+        out.append(f"{count(len(steps), 'more batch', 'more batches')} inside the incident "
+                   f"(steps {fmt_step_ranges(steps)}) show the same anomaly ({', '.join(flags)}): a stretch of bad data")
     if out:
         return out
     if not ev.one_step or ev.grad_precursor is not None:
@@ -460,11 +468,15 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
 def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
     """What a bad-batch incident skips: the anomalous batches, else the onset step's batch."""
     bad = [b for b in ev.batches if b["anomalies"]] or [b for b in ev.batches if b["step"] == incident.onset_step]
+    bad += ev.stretch
     ids, positions = [], []
     for b in bad:
         ids += b["outlier_sample_ids"] or b["sample_ids"]
         if not b["sample_ids"] and b["positions"]:
-            positions.append(list(b["positions"]))
+            if positions and positions[-1][1] == b["positions"][0]:  # contiguous stream: one range
+                positions[-1][1] = b["positions"][1]
+            else:
+                positions.append(list(b["positions"]))
     steps = sorted({int(b["step"]) for b in bad}) or [incident.onset_step]
     return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions}
 

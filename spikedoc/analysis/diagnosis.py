@@ -279,6 +279,16 @@ class _Analysis:
 
     # ------------------------------------------------------------------------- per incident
 
+    def _stretch(self, onset_batches: list[dict[str, Any]], frame: pd.DataFrame, hashes: dict[str, Any],
+                 onset: int, end: int) -> list[dict[str, Any]]:
+        """Batches after onset, up to the incident's end, flagged the way an anomalous onset batch is."""
+        flags = {f for b in onset_batches for f in b["flags"]}
+        if not flags:
+            return []
+        later = frame.loc[(frame["step"] > onset) & (frame["step"] <= end)]
+        batches = attribute_batches(self._rows_of(later), profile=self.profile, hashes=hashes, config=self.config)
+        return [b for b in batches if flags & set(b["flags"])]
+
     def _diagnose(self, inc: Incident, shared: PieceData) -> dict[str, Any]:
         cfg, piece = self.config, shared.piece
         onset, peak, end = inc.onset_step, max(inc.peak_step, inc.onset_step), inc.end_step
@@ -293,6 +303,7 @@ class _Analysis:
         ev.one_step = _one_step(inc, frame)
         candidates = frame.loc[(frame["step"] >= onset - _CANDIDATES) & (frame["step"] <= onset)]
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
+        ev.stretch = self._stretch(ev.batches, frame, hashes, onset, end)
         if self.run.has_layers:
             layers = self._layers(frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), peak)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,

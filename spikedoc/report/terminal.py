@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spikedoc.analysis._robust import count, fmt, fmt_steps
+from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 
@@ -233,7 +233,7 @@ def action_text(action: dict[str, Any]) -> str:
                 f"stream positions {', '.join(f'{a}..{b - 1}' for a, b in action['positions'])}" if action["positions"] else
                 "their samples")
         many = len(action["steps"]) != 1
-        return f"skip the {'batches of steps' if many else 'batch of step'} {fmt_steps(action['steps'])}: {what}"
+        return f"skip the {'batches of steps' if many else 'batch of step'} {fmt_step_ranges(action['steps'])}: {what}"
     if kind == "lower_lr":
         return f"multiply the peak LR by {action['factor']:g} (from {fmt(action['peak_lr'])} to {fmt(action['new_peak_lr'])})"
     if kind == "tighten_clip":
