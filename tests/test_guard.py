@@ -345,6 +345,20 @@ def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_bu
     assert [a["kind"] for a in spikedoc.analyze(tmp_path / "run").guard_actions].count("data_skip") == 3
 
 
+def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skipped_data(tmp_path):
+    _, clean = run_guarded(tmp_path / "clean", steps=140, checkpoint_every=20)  # the positions the run reaches
+    position_of = {tuple(ids): p for p, (_, ids) in enumerate(clean)}
+    corrupt = {i for _, ids in clean[65:85] for i in ids}
+
+    def fault(step, guard, batch):
+        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+
+    guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault)
+    assert guard.rollbacks == 1 and guard.data_skips > 0  # both ways of leaving batches out happened
+    rows = spikedoc.load(tmp_path / "run").steps.sort_values(["segment", "step"], kind="stable")
+    assert rows["sample_offset"].tolist() == [8 * position_of[tuple(ids)] for _, ids in seen]
+
+
 def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
     corrupt = {i for _, ids in clean[65:95] for i in ids}

@@ -367,8 +367,28 @@ def test_watch_rejects_bad_options_naming_them():
         spikedoc.watch(model, opt, run_dir="unused", every=0)
     with pytest.raises(ValueError, match="clip"):
         spikedoc.watch(model, opt, run_dir="unused", clip=-1.0)
+    with pytest.raises(ValueError, match="start_sample"):
+        spikedoc.watch(model, opt, run_dir="unused", start_sample=-8)
     with pytest.raises(TypeError, match="optimizer"):
         spikedoc.watch(model, "adam")
+
+
+def test_sample_offsets_count_on_from_start_sample_and_skipped_samples(tmp_path):
+    model = make_model(logits_only=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = spikedoc.watch(model, opt, run_dir=tmp_path / "run", start_sample=640)
+    for i in range(3):
+        input_ids, labels = char_text().batch(i)
+        loss = lm_loss(model(input_ids), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.record(loss=loss)
+        if i == 0:
+            monitor.skip_samples(len(input_ids))  # a batch the loop drew and left out
+    monitor.close()
+    n = len(char_text().batch(0)[0])
+    assert spikedoc.load(tmp_path / "run").steps["sample_offset"].tolist() == [640, 640 + 2 * n, 640 + 3 * n]
 
 
 def _logits_loop(model, opt, monitor, steps: int, *, record: bool) -> list[float]:

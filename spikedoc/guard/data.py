@@ -15,7 +15,7 @@ A one-shot iterator cannot be replayed and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +47,8 @@ class DataStream:
         self.skip: set[int] = set()
         """Positions never yielded (batches a rollback skips)."""
         self.epoch = self.index = self.position = 0
+        self.skipped_samples = 0
+        """Samples in the batches drawn and skipped so far (by this process)."""
         self._iterator: Iterator[Any] | None = None
         self._stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
         self._generators = [] if self._stateful else _order_generators(data, seed)
@@ -71,6 +73,7 @@ class DataStream:
             self.position += 1
             if position not in self.skip:
                 return position, batch
+            self.skipped_samples += samples_in(batch)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is, as tensors and plain types (the skip set is the guard's, not saved here)."""
@@ -134,3 +137,15 @@ def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
+
+def samples_in(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (nested in tuples, lists, dicts), else 0."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        count = samples_in(item)
+        if count:
+            return count
+    return 0

@@ -129,7 +129,7 @@ class Guard:
             raise TypeError(f"Guard: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "scheduler")}
+        self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "start_sample", "scheduler")}
         rank = world()
         self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory)  # fmt: skip
@@ -153,6 +153,8 @@ class Guard:
         self._norms_of_step: tuple[Tensor, list[Tensor]] | None = None
         self._warned: set[str] = set()
         self._closed = False
+        self._start_sample = 0  # the data stream's position in samples where the monitor starts counting
+        self._skipped_noted = 0
         resumed = self._resume_if_asked()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
@@ -175,15 +177,24 @@ class Guard:
             raise StopIteration
         p = self._pending
         if p is not None and p.verdict is None and len(p.positions) < self.config.accumulate:
-            position, batch = self._stream.next()  # the next micro-batch of the same step
+            position, batch = self._next_batch()  # the next micro-batch of the same step
             p.positions.append(position)
             return p.step, batch
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
-        position, batch = self._stream.next()
+        position, batch = self._next_batch()
         self._pending = _Pending(step=self.step, positions=[position])
         return self.step, batch
+
+    def _next_batch(self) -> tuple[int, Any]:
+        position, batch = self._stream.next()
+        # Skipped batches are drawn but never trained on: counted, so that the monitor's sample
+        # offsets (the stream positions analyze names) stay those of the data stream.
+        skipped, self._skipped_noted = self._stream.skipped_samples - self._skipped_noted, self._stream.skipped_samples
+        if skipped:
+            self.monitor.skip_samples(skipped)
+        return position, batch
 
     def record(
         self,
@@ -373,7 +384,8 @@ class Guard:
             self.monitor.event("checkpoint", path=str(where.path), healthy=healthy, guard=True)
 
     def _policy_state(self) -> dict[str, Any]:
-        return {"step": self.step, "clip": self.clip, "lr_scale": self.lr_scale, "skip": sorted(self._stream.skip),
+        return {"step": self.step, "samples": self.monitor.sample_offset, "clip": self.clip, "lr_scale": self.lr_scale,
+                "skip": sorted(self._stream.skip),
                 "rollbacks": self.rollbacks, "vetoes": self.vetoes, "data_skips": self.data_skips, "hold": self._hold,
                 "judge": self._judge.state_dict()}  # fmt: skip
 
@@ -482,6 +494,7 @@ class Guard:
         set_rng_state(state["rng"])
         self._stream.load_state_dict(state["data"])
         self._judge.load_state_dict(state["guard"]["judge"])
+        self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._pending = None
 
@@ -528,7 +541,8 @@ class Guard:
             # The scheduler's record (meta.json and the judge) tells its warm restarts from LR jumps.
             self._judge.schedule = {"start_step": self.step, "scheduler": describe_scheduler(self.scheduler)}
             return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
-                         start_step=self.step, scheduler=self.scheduler, **self._watch_options)  # fmt: skip
+                         start_step=self.step, start_sample=self._start_sample, scheduler=self.scheduler,
+                         **self._watch_options)  # fmt: skip
 
         if world() is None:
             return open_monitor()

@@ -23,6 +23,9 @@ class WatchConfig:
     """Longest time rows stay buffered: the most a `kill -9` loses when steps are slow."""
     start_step: int | None = None
     """Index of the first recorded step; default: the optimizer's own step count, else 0."""
+    start_sample: int = 0
+    """Samples the data stream had handed out before the first recorded step (a resume that knows
+    its data position): `sample_offset` counts on from here."""
     tensorboard: str | None = None
     """Folder to mirror the run to as TensorBoard scalars while it trains (same tags as
     `spikedoc tensorboard`); None: no mirror."""
@@ -44,5 +47,7 @@ class WatchConfig:
             raise ValueError(f"watch: flush_seconds must be > 0, got {self.flush_seconds!r}")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 < self.budget < 1):
             raise ValueError(f"watch: budget must be a share of the step time in (0, 1), e.g. 0.02, or None; got {self.budget!r}")
+        if isinstance(self.start_sample, bool) or not isinstance(self.start_sample, int) or self.start_sample < 0:
+            raise ValueError(f"watch: start_sample must be a non-negative integer, got {self.start_sample!r}")
         if self.start_step is not None and (not isinstance(self.start_step, int) or self.start_step < 0):
             raise ValueError(f"watch: start_step must be a non-negative integer or None, got {self.start_step!r}")

@@ -107,7 +107,7 @@ class Monitor:
         self._pending: StepRecord | None = None
         self._after_norms: dict[int, tuple[Tensor, list[int]]] = {}
         self._steps_since_update = 0
-        self._sample_offset = 0
+        self._sample_offset = config.start_sample
         self._last_end = math.nan
         self._lane: Lane = InlineLane()
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
@@ -258,6 +258,16 @@ class Monitor:
             self.writer.add_event(kind, self._cur.index, **detail)
         except Exception as exc:  # noqa: BLE001
             self._fail("event", exc)
+
+    @property
+    def sample_offset(self) -> int:
+        """Stream position (in samples) of the next step's first sample: what `start_sample` resumes from."""
+        return self._sample_offset
+
+    def skip_samples(self, count: int) -> None:
+        """Note `count` samples drawn from the data but never trained on (batches a loop skips), so
+        that the `sample_offset` of later steps stays their position in the data stream."""
+        self._sample_offset += int(count)
 
     def wait(self) -> None:
         """Return once the statistics of every step so far are computed.
@@ -697,6 +707,7 @@ def watch(
     flush_every: int = 100,
     flush_seconds: float = 30.0,
     start_step: int | None = None,
+    start_sample: int = 0,
     pad_token_id: int | None = None,
     scheduler: Any = None,
     tensorboard: str | Path | None = None,
@@ -726,6 +737,8 @@ def watch(
         flush_every: Step rows per Parquet part (the most a crash loses when steps are fast).
         flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
         start_step: Index of the first step; default: the optimizer's step count, else 0.
+        start_sample: Samples the data stream handed out before the first step, when a resumed run
+            knows its data position: `sample_offset` (the stream positions analyze names) counts on from it.
         pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
         scheduler: The LR scheduler(s) in use (optional): their class and settings go to
             `meta.json`, so that analysis knows a scheduled restart from a discontinuity.
@@ -748,7 +761,7 @@ def watch(
         >>> monitor.close()
     """
     config = WatchConfig(every=every, layer_every=layer_every, clip=clip, flush_every=flush_every,
-                         flush_seconds=flush_seconds, start_step=start_step, pad_token_id=pad_token_id,
+                         flush_seconds=flush_seconds, start_step=start_step, start_sample=start_sample, pad_token_id=pad_token_id,
                          tensorboard=None if tensorboard is None else str(tensorboard), budget=budget)  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
