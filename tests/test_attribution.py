@@ -231,6 +231,23 @@ def test_a_collapsing_second_moment_before_onset_is_a_precursor(steps):
     assert "collapsed to" in collapse[0]["sentence"]
 
 
+def test_a_second_moment_collapse_in_a_gap_of_the_state_statistics_is_dated_to_the_gap(steps):
+    layers = _light_steps(healthy_layers(steps), 5)  # state statistics every 5 steps: T - 5 and T measured
+    collapse = (layers["name"] == "head.weight") & (layers["step"] >= T - 2)
+    layers.loc[collapse, "exp_avg_sq_mean"] *= 1e-3
+    found = attribute_layers(layers, onset=T - 1, peak=T - 1, reference=T - 1)
+    [p] = [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]
+    assert (p["name"], p["step"]) == ("head.weight", T - 4)
+    assert f"between steps {T - 4} and {T} (no state statistics in between)" in p["sentence"]
+
+
+def test_state_statistics_after_a_measured_onset_are_not_searched(steps):
+    layers = _light_steps(healthy_layers(steps), 5)
+    layers.loc[(layers["name"] == "head.weight") & (layers["step"] >= T + 1), "exp_avg_sq_mean"] *= 1e-3
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert not [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]
+
+
 def test_an_update_far_off_history_without_a_gradient_change_points_at_the_optimizer(steps):
     layers = healthy_layers(steps)
     layers.loc[(layers["name"] == "h.0.mlp.proj.weight") & (layers["step"] == T), "update_ratio"] *= 40

@@ -77,7 +77,8 @@ def attribute_layers(
     """Score each tensor at the incident against its own history before it.
 
     Args:
-        layers: layer-table rows (long format) from `onset - lookback - layer_history` to the end.
+        layers: layer-table rows (long format) from `onset - lookback - layer_history` to the end
+            (rows past the peak are read only for optimizer-state statistics that skipped the onset).
         onset: the incident's first flagged step.
         peak: the incident's peak step (z-scores are the max over onset..peak).
         reference: the step leads are measured to (the first loss flag; onset if the loss never flagged).
@@ -96,6 +97,7 @@ def attribute_layers(
     result = LayerAttribution()
     if layers is None or layers.empty:
         return result
+    state_layers = layers  # the state statistics may be read past the peak, up to the first measured step
     layers = layers.loc[layers["step"] <= max(peak, onset)]
     result.nonfinite_params = _nonfinite_params(layers)
     steps = np.sort(layers["step"].unique())
@@ -139,7 +141,7 @@ def attribute_layers(
     result.layers = rows[: config.max_layers]
     result.groups = _groups(rows, names, module_types)
     window = _Window(base_steps=base_steps, scan_steps=scan_steps, onset=onset, peak=peak, reference=reference)
-    result.precursors = _optimizer_precursors(layers, window, rows, config)
+    result.precursors = _optimizer_precursors(state_layers, window, rows, config)
     departures = [r["departed_step"] for r in rows if r["departed_step"] is not None]
     departures += [p["step"] for p in result.precursors if p["step"] is not None and p["step"] <= reference]
     result.earliest_step = int(min(departures)) if departures else None
@@ -173,6 +175,31 @@ def _wide(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
     frame["name"] = frame["name"].astype(str)
     frame = frame.drop_duplicates(["step", "name"], keep="last")
     return frame.set_index(["step", "name"])[metric].astype(float).unstack("name").sort_index()
+
+
+def _state_table(layers: pd.DataFrame, metric: str, onset: int, scan_steps: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """An optimizer-state metric on the steps that measured it, and the scan steps up to `onset`.
+
+    Under a cost budget the state statistics come every few steps: changes are then taken between
+    measured steps, and when `onset` itself was not measured the scan runs on to the first step
+    that was. The state changes judged here (a second moment collapsing, the eps-dominated share
+    rising) go the other way from what a spike's large gradients do to the state, so seen first
+    after onset they still happened before it, in the gap.
+    """
+    wide = _wide(layers, metric)
+    wide = wide.loc[wide.notna().any(axis=1)]
+    measured = wide.index.to_numpy()
+    after = measured[measured >= onset]
+    until = int(after[0]) if after.size else onset
+    first = scan_steps[0] if scan_steps.size else onset
+    return wide, measured[(measured >= first) & (measured <= until)]
+
+
+def _gap_start(wide: pd.DataFrame, step: int) -> int:
+    """First step of the gap that ends at measured `step` (the step after the previous measured one)."""
+    before = wide.index.to_numpy()
+    before = before[before < step]
+    return int(before[-1]) + 1 if before.size else step
 
 
 def _log_z(layers: pd.DataFrame, metric: str, base_steps: np.ndarray, scan_steps: np.ndarray) -> pd.DataFrame:
@@ -276,8 +303,8 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
                                                       window.peak, window.reference)  # fmt: skip
     found = []
     if "eps_frac" in layers.columns:
-        wide = _wide(layers, "eps_frac")
-        base, scan, steps = _split(wide, base_steps, scan_steps[scan_steps <= max(onset, peak)])
+        wide, scanned = _state_table(layers, "eps_frac", max(onset, peak), scan_steps)
+        base, scan, steps = _split(wide, base_steps, scanned)
         finite_base = np.where(np.isfinite(base), base, np.nan)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # tensors without history: center NaN, skipped
@@ -286,16 +313,17 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
             level = (scan - center >= _EPS_FRAC_RISE) & ((scan - center) / sigma >= config.z_threshold)
         hits = level & (_rate_z(wide, base_steps, steps, config.sudden_steps, _EPS_FRAC_SIGMA_FLOOR) >= config.z_threshold)
         for j in np.flatnonzero(hits.any(axis=0) & np.isfinite(center)):
-            name, step, value, before = wide.columns[j], int(steps[hits[:, j].argmax()]), _nanmax(scan[:, j]), float(center[j])
+            name, seen, value, before = wide.columns[j], int(steps[hits[:, j].argmax()]), _nanmax(scan[:, j]), float(center[j])
+            step, when = _when(wide, seen)
             found.append({
                 "name": name, "kind": "eps_frac_rise", "before": before, "value": value, "step": step,
                 "lead_steps": max(0, reference - step),
                 "sentence": f"eps-dominated fraction of {name} rose from {fmt(before, 2)} to {fmt(value, 2)} "
-                f"from step {step}, faster than it ever moved before",
+                f"{when}, faster than it ever moved before",
             })
     if "exp_avg_sq_mean" in layers.columns:
-        wide = _wide(layers, "exp_avg_sq_mean")
-        base, scan, steps = _split(wide, base_steps, scan_steps[scan_steps <= onset])
+        wide, scanned = _state_table(layers, "exp_avg_sq_mean", onset, scan_steps)
+        base, scan, steps = _split(wide, base_steps, scanned)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             center = np.where(_history_count(base) >= _MIN_HISTORY, np.nanmedian(base, axis=0), np.nan)
@@ -305,13 +333,14 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
                            config.sudden_steps, LOG10_SIGMA_FLOOR)
         hits = level & (falling >= config.z_threshold)
         for j in np.flatnonzero(hits.any(axis=0)):
-            name, step, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
+            name, seen, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
+            step, when = _when(wide, seen)
             low = float(np.nanmin(scan[:, j]))
             found.append({
                 "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
                 "lead_steps": max(0, reference - step),
                 "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
-                f"({fmt(before)} -> {fmt(low)}) from step {step}, faster than it ever moved before",
+                f"({fmt(before)} -> {fmt(low)}) {when}, faster than it ever moved before",
             })
     for row in rows:
         if row["update_z"] >= config.z_threshold and not row["grad_z"] >= config.z_threshold / 2:
@@ -324,6 +353,14 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
             })
     found.sort(key=lambda p: p["step"] if p["step"] is not None else onset)
     return found
+
+
+def _when(wide: pd.DataFrame, seen: int) -> tuple[int, str]:
+    """The step a state change is dated to (the earliest it can have happened) and how to say it."""
+    start = _gap_start(wide, seen)
+    if start >= seen:
+        return seen, f"from step {seen}"
+    return start, f"between steps {start} and {seen} (no state statistics in between)"
 
 
 def _rate_z(wide: pd.DataFrame, base_steps: np.ndarray, steps: np.ndarray, lag: int, floor: float) -> np.ndarray:

@@ -43,6 +43,10 @@ _log = logging.getLogger(__name__)
 DIAGNOSIS_FORMAT = 2
 # Candidate batches: the onset step and the two before it (the update of step t shows in the loss of t+1).
 _CANDIDATES = 2
+#: Steps past an incident's peak read for optimizer-state statistics the onset step lacked: under a
+#: cost budget every step after a flagged one is full again, and rows are assembled a step or two late
+#: (the spike suite's optimizer_state run under budget=0.02: onset 151, next full step 154).
+_STATE_LOOKAHEAD = 10
 # Steps from onset whose median loss is compared with the initial loss (a reset lasts; a batch does not).
 _RESET_STEPS = 5
 # Per-incident context reaches this many lookbacks before onset (clipping's "earlier in the run",
@@ -305,7 +309,11 @@ class _Analysis:
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
         ev.stretch = self._stretch(ev.batches, frame, hashes, onset, end)
         if self.run.has_layers:
-            layers = self._layers(frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), peak)
+            # A few steps past the peak: state statistics that skipped the onset (a cost budget's light
+            # steps, `layer_every`) come at the first step that has them again.
+            ahead = peak + max(_STATE_LOOKAHEAD, self.layer_every)
+            layer_frame = shared.window(onset - _CONTEXT * cfg.lookback, max(end, ahead))
+            layers = self._layers(layer_frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), ahead)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
                                          module_types=self.module_types, config=cfg)
         ev.grad_precursor = _grad_precursor(inc, loss_flag, shared.incidents, cfg)
