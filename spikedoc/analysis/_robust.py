@@ -87,11 +87,11 @@ def fmt_steps(items: Iterable[object], limit: int = 6) -> str:
 
 
 def fmt_step_ranges(steps: Iterable[int], limit: int = 6) -> str:
-    """Steps with consecutive runs as ranges: `3, 10..39, 52`.
+    """Steps with runs of three or more consecutive ones as ranges: `3, 10..39, 52, 53`.
 
     Example:
-        >>> fmt_step_ranges([3, 10, 11, 12, 52])
-        '3, 10..12, 52'
+        >>> fmt_step_ranges([3, 10, 11, 12, 52, 53])
+        '3, 10..12, 52, 53'
     """
     runs: list[list[int]] = []
     for step in sorted(set(int(s) for s in steps)):
@@ -99,7 +99,8 @@ def fmt_step_ranges(steps: Iterable[int], limit: int = 6) -> str:
             runs[-1][1] = step
         else:
             runs.append([step, step])
-    return fmt_steps([f"{a}" if a == b else f"{a}..{b}" for a, b in runs], limit)
+    items = [str(s) for a, b in runs for s in ([a, b] if b == a + 1 else [a] if a == b else [f"{a}..{b}"])]
+    return fmt_steps(items, limit)
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:
