@@ -42,15 +42,15 @@ class _Repeat(Logger):
 
 class _Spikedoc(Logger):
     records = (
-        "step table (loss, lr, grad/param/update norm, batch fingerprint) + per-tensor layer table "
-        "(grad norm/max, param/update norm, update ratio, Adam moments, eps fraction), every step, "
-        "to Parquet; default `flush_every`"
+        "`watch()` at its defaults: step table (loss, lr, grad/param norm, batch fingerprint) + per-tensor "
+        "layer table (grad/param norm) every step, and the full statistics (update norms and ratios, "
+        "gradient maxima, Adam moments, eps fraction) on the cadence the default 2% budget allows, to Parquet"
     )
 
     def open(self, model, optimizer, run_dir):
         import spikedoc
 
-        self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, every=1, layer_every=1)
+        self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir)
 
     def drain(self):
         self._monitor._lane.join()
@@ -75,20 +75,20 @@ class _SpikedocInline(_Spikedoc):
             monitor_module._CPU_WORKER = worker
 
 
-class _SpikedocBudget(_Spikedoc):
+class _SpikedocFull(_Spikedoc):
     records = (
-        "as `spikedoc`, with `watch(budget=0.02)`: gradient norms every step, the full statistics (update "
-        "norms, gradient maxima, Adam moments, eps fraction) on the cadence a 2% budget allows"
+        "as `spikedoc`, with `watch(budget=None)`: every statistic (update norms and ratios, gradient maxima, "
+        "Adam moments, eps fraction) on every step, whatever it costs"
     )
 
     def open(self, model, optimizer, run_dir):
         import spikedoc
 
-        self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, budget=0.02)
+        self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, budget=None)
 
 
-class _SpikedocBudgetInline(_SpikedocBudget):
-    records = "as `spikedoc_budget`, with the statistics in the hooks (no CPU worker): a 2% budget where no core is idle"
+class _SpikedocFullInline(_SpikedocFull):
+    records = "as `spikedoc_full`, with the statistics in the hooks (no CPU worker)"
 
     def open(self, model, optimizer, run_dir):
         import spikedoc.monitor.monitor as monitor_module
@@ -188,8 +188,8 @@ LOGGERS: dict[str, type[Logger]] = {
     "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
     "spikedoc_inline": _SpikedocInline,
-    "spikedoc_budget": _SpikedocBudget,
-    "spikedoc_budget_inline": _SpikedocBudgetInline,
+    "spikedoc_full": _SpikedocFull,
+    "spikedoc_full_inline": _SpikedocFullInline,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
     "wandb": _Wandb,

@@ -37,7 +37,7 @@ from spikedoc.monitor.monitor import Monitor  # noqa: E402
 __all__ = ["SETTINGS", "main", "measure"]
 
 #: (every, layer_every, budget) in table order.
-SETTINGS = ((1, 1, None), (1, 10, None), (10, 10, None), (1, 1, 0.02))
+SETTINGS = ((1, 1, None), (1, 10, None), (10, 10, None), (1, 1, 0.02))  # None: every statistic, every step
 _HOOKS = ("_on_forward_pre", "_on_forward", "_on_step_pre", "_on_step_post", "_on_clip")
 
 

@@ -46,7 +46,7 @@ __all__ = ["VARIANTS", "BenchConfig", "BenchResult", "VariantResult", "format_re
 
 #: Variant names in table order; the first is the reference every ratio is taken against.
 VARIANTS = (
-    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_inline", "spikedoc_budget", "spikedoc_budget_inline",
+    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_inline", "spikedoc_full", "spikedoc_full_inline",
     "hand_item_logger", "tensorboard",
     "wandb",
 )  # fmt: skip

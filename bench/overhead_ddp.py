@@ -2,7 +2,7 @@
 
 Each rank trains the overhead benchmark's model (bench/_char_gpt.py) wrapped in
 DistributedDataParallel, once unmonitored (twice: the noise floor), once under `spikedoc.watch`
-with the defaults and once with `budget=0.02`, from the same weights on the same batches. The
+with the defaults (a 2% cost budget) and once with every statistic on every step (`budget=None`), from the same weights on the same batches. The
 variants take turns of `block` steps in an order drawn from a seed shared by the ranks (DDP's
 all-reduces need both ranks in the same variant). Overhead = median over rounds of (the variant's
 median step time on rank 0 / the baseline's in the same round) - 1.
@@ -34,7 +34,7 @@ from bench._char_gpt import CharGPT, batches, corpus  # noqa: E402
 from bench._loggers import LOGGERS  # noqa: E402
 from bench._report import write_section  # noqa: E402
 
-VARIANTS = ("baseline", "baseline_repeat", "spikedoc", "spikedoc_budget")
+VARIANTS = ("baseline", "baseline_repeat", "spikedoc", "spikedoc_full")
 
 
 def _rank(rank: int, world: int, tmp: str, rounds: int, steps: int, block: int, out: str) -> None:

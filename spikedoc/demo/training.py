@@ -309,7 +309,8 @@ def generate_run(
     with _deterministic(spec.seed):
         stream = _Stream(recipe, torch.tensor(list(corpus()), dtype=torch.long), spec.seed)
         model, optimizer = _fresh(recipe, spec.seed)
-        options = {"layer_every": 1, **(watch_options or {})}
+        # A reference recording: every statistic on every step, whatever it costs on this CPU.
+        options = {"layer_every": 1, "budget": None, **(watch_options or {})}
         monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, **options)
         try:
             for step in range(stop):

@@ -31,10 +31,10 @@ class WatchConfig:
     `spikedoc tensorboard`); None: no mirror."""
     pad_token_id: int | None = None
     """Token id counted as padding in sequence lengths when the model gets no `attention_mask`."""
-    budget: float | None = None
+    budget: float | None = 0.02
     """Largest share of the step time the monitor may take: the full statistics (gradient maxima,
-    update norms, optimizer state) then come on a cadence that keeps it within, every step again
-    after the spike detector flags the loss or gradient norm. None: full statistics every step."""
+    update norms, optimizer state) come on a cadence that keeps it within, every step again after
+    the spike detector flags the loss or gradient norm. None: full statistics every step."""
 
     def __post_init__(self) -> None:
         for name in ("every", "layer_every", "flush_every"):

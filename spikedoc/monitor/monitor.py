@@ -711,7 +711,7 @@ def watch(
     pad_token_id: int | None = None,
     scheduler: Any = None,
     tensorboard: str | Path | None = None,
-    budget: float | None = None,
+    budget: float | None = 0.02,
 ) -> Monitor:
     """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
 
@@ -744,9 +744,10 @@ def watch(
             `meta.json`, so that analysis knows a scheduled restart from a discontinuity.
         tensorboard: A folder to mirror the run to as TensorBoard scalars while it trains (the
             tags of `spikedoc tensorboard`; written on the writer's thread, never the loop's).
-        budget: Largest share of the step time the monitor may take (e.g. 0.02): gradient norms
-            every step, the full statistics (update norms, gradient maxima, optimizer state) on a
-            cadence that keeps within it, every step again after a flagged spike. None: all, every step.
+        budget: Largest share of the step time the monitor may take (default 2%): loss, LR and
+            exact gradient norms every step, the full statistics (update norms, gradient maxima,
+            optimizer state) on a cadence that keeps within it, and every step again for 50 steps
+            after a flagged spike. None: the full statistics every step, whatever they cost.
 
     Returns:
         The Monitor; close it (or use it as a context manager) when training ends. Open monitors
