@@ -183,6 +183,30 @@ def test_torch_compile_records_clean_names_and_every_step(tmp_path, watch_compil
     assert run.steps["batch_hash"].notna().all()
 
 
+def test_inductor_compiles_the_watched_model_without_a_graph_break(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model()
+    compiled = torch.compile(model)  # the default backend, inductor
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    with spikedoc.watch(compiled, opt, run_dir=tmp_path, budget=None):
+        for i in range(3):
+            input_ids, labels = char_text().batch(i)
+            loss = compiled(input_ids, labels=labels).loss
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+    assert dict(counters["graph_break"]) == {}
+    run = spikedoc.load(tmp_path)
+    np.testing.assert_allclose(run.steps["loss"], losses, rtol=1e-6)
+    assert run.steps["micro_batches"].tolist() == [1, 1, 1] and run.steps["batch_hash"].notna().all()
+    assert run.layers()["update_ratio"].notna().all()
+
+
 def test_every_and_layer_every_choose_the_logged_steps(tmp_path):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from spikedoc.monitor._optim import AfterStep, Bucket
-from spikedoc.monitor._step import Late, StepRecord
+from spikedoc.monitor._step import DeferredKey, StepRecord
 from spikedoc.monitor.distributed import local
 from spikedoc.monitor.statistics import (
     clip_coefficient,
@@ -89,7 +89,7 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
         st.active[b], st.grads[b] = active, grads
         grads_of[b] = grads
         if st.work and st.full:
-            st.tokens[b] = monitor._stats.before(bucket, grads, active)
+            st.snapshots[b] = monitor._stats.before(bucket, grads, active)
     before = {b: _param_norms_before(monitor, b, bucket) for b, bucket in enumerate(monitor._buckets)} \
         if st.layers and st.full else {}  # fmt: skip
 
@@ -174,7 +174,7 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         lr = group.get("scheduled_lr", group.get("lr", math.nan))
         if isinstance(lr, Tensor):
             pk.add(f"lr:{g}", lr.detach().float().clone())  # a scheduler may change it in place next
-            lr = Late(f"lr:{g}")
+            lr = DeferredKey(f"lr:{g}")
         st.lrs.append(lr)
     if st.loss_sum is not None:
         pk.add("loss_sum", st.loss_sum)
@@ -189,9 +189,9 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     stats = monitor._stats
     hyper = None if skipped or not st.full else stats.hyperparameters()
     st.optimizer_values = stats.step_values(hyper) if hyper is not None else {}
-    again = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
+    next_recorded = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
-    active, tokens = dict(st.active), dict(st.tokens)
+    active, snapshots = dict(st.active), dict(st.snapshots)
     deferred, st.grad_work = st.grad_work, None
     # Versions now; the job fails if any changes before it ends, so these are the versions it read.
     param_versions = [_versions(bucket.params) for bucket in monitor._buckets]
@@ -216,8 +216,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
             pk.add(f"{b}:param_norm", pn)
             if skipped or not st.full:
                 continue
-            step = AfterStep(grads=grads[b], active=active.get(b), token=tokens.get(b), layers=st.layers,
-                             hyper=hyper, again=again)  # fmt: skip
+            step = AfterStep(grads=grads[b], active=active.get(b), snapshot=snapshots.get(b), layers=st.layers,
+                             hyper=hyper, next_recorded=next_recorded)  # fmt: skip
             got = stats.after(bucket, step)
             for key, value in got.items():
                 pk.add(f"{b}:{key}", value)

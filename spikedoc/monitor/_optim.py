@@ -79,14 +79,14 @@ class AfterStep:
     """The gradients (placeholders where None), when the implementation reads them after the step."""
     active: list[int] | None
     """Positions of the parameters that had a gradient (None: all)."""
-    token: Any
-    """What `before` returned for this step."""
+    snapshot: Any
+    """What `before` returned for this step: the state the update is measured against."""
     layers: bool
     """Whether layer rows are recorded for this step."""
     hyper: Any
     """`hyperparameters()`, read right after the step."""
-    again: bool
-    """Whether the next step is recorded too (a snapshot for it may be taken now)."""
+    next_recorded: bool
+    """Whether the next step gets the full statistics too (its snapshot may be taken now)."""
 
 
 def _scalar(value: Any) -> float:
@@ -200,14 +200,14 @@ class AdamStats(OptimizerStats):
         return {g: _adam_hyper(group, self.optimizer) for g, group in enumerate(self.optimizer.param_groups)}
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        token, layers, active, hyper = step.token, step.layers, step.active, step.hyper
+        copies, layers, active, hyper = step.snapshot, step.layers, step.active, step.hyper
         out: dict[str, Tensor] = {}
-        if token is not None:  # the copies from before the step: the change is their difference
-            torch._foreach_sub_(token, bucket.params)
-            out["update_norm"] = norms(token)
-            if step.again:  # the next step's copy; versions read first, so a change during the copy shows
+        if copies is not None:  # the copies from before the step: the change is their difference
+            torch._foreach_sub_(copies, bucket.params)
+            out["update_norm"] = norms(copies)
+            if step.next_recorded:  # the next step's copy; versions read first, so a change during the copy shows
                 versions = [p._version for p in bucket.params]
-                torch._foreach_copy_(token, bucket.params)
+                torch._foreach_copy_(copies, bucket.params)
                 self._copied[bucket] = versions
             if not layers:
                 return out
@@ -235,9 +235,9 @@ class AdamStats(OptimizerStats):
             decays=decays,
             chunks=bucket.chunks_for(sub),
             count_eps=layers,
-            update_norms=token is None,
+            update_norms=copies is None,
         )
-        if token is None:
+        if copies is None:
             out["update_norm"] = bucket.expand(got["update_norm"], sub, 0.0)
         if layers:
             amsgrad = any(amsgrads)  # then the denominator is not exp_avg_sq
@@ -330,7 +330,7 @@ class SampledStats(OptimizerStats):
         return self._snapshot(bucket).take(bucket.params)
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.snapshot)}
         if not step.layers:
             return out
         out.update(self.state_norms(bucket))

@@ -41,7 +41,7 @@ class MuonStats(SampledStats):
     step_keeps_grads = True
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.snapshot)}
         if step.layers:
             state = self.optimizer.state
             bufs = {j: state[p]["momentum_buffer"] for j, p in enumerate(bucket.params)
@@ -69,7 +69,7 @@ class AdafactorStats(SampledStats):
         return {g: group["eps"][0] for g, group in enumerate(self.optimizer.param_groups)}
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.snapshot)}
         if not step.layers:
             return out
         got: dict[str, dict[int, Tensor]] = {k: {} for k in self.columns}
@@ -116,7 +116,7 @@ class LionStats(SampledStats):
         return super().before(bucket, grads, active), moments
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        snapshot, moments = step.token
+        snapshot, moments = step.snapshot
         out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, snapshot)}
         state, active = self.optimizer.state, set(step.active if step.active is not None else range(len(bucket.params)))
         flips: dict[int, Tensor] = {}
@@ -176,7 +176,7 @@ class Bnb8bitStats(SampledStats):
         return t.float()
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.snapshot)}
         if not step.layers:
             return out
         got: dict[str, dict[int, Tensor]] = {k: {} for k in self.columns}
@@ -217,7 +217,7 @@ class ScheduleFreeStats(SampledStats):
         return dict(hyper) if hyper else {}
 
     def after(self, bucket: Bucket, step: AfterStep) -> dict[str, Tensor]:
-        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.token)}
+        out = {"update_norm": self._snapshot(bucket).update_norms(bucket.params, step.snapshot)}
         if not step.layers:
             return out
         got: dict[str, dict[int, Tensor]] = {k: {} for k in self.columns}

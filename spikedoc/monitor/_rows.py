@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spikedoc.monitor._step import Late, StepRecord
+from spikedoc.monitor._step import DeferredKey, StepRecord
 from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.store.schema import lr_column
 
@@ -21,7 +21,7 @@ _FINGERPRINT_COLUMNS = ("batch_hash", "seq_len_min", "seq_len_median", "seq_len_
 
 def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
     """A record() value: host values as given, tensors from their landed copy."""
-    if isinstance(value, Late):
+    if isinstance(value, DeferredKey):
         arr = values[value]
         return arr.item() if arr.ndim == 0 else arr.tolist()
     return value

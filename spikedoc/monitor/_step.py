@@ -12,7 +12,7 @@ from torch import Tensor
 from spikedoc.monitor._transfer import Landing, Packer
 from spikedoc.monitor.fingerprint import Fingerprint
 
-__all__ = ["StepRecord", "Late", "extract_loss"]
+__all__ = ["StepRecord", "DeferredKey", "extract_loss"]
 
 
 @dataclass(eq=False)
@@ -40,7 +40,9 @@ class StepRecord:
     grads: dict[int, list[Tensor]] = field(default_factory=dict)
     grad_work: tuple[Callable[[], Any], list[Tensor], list[int]] | None = None
     """Gradient statistics left for the post-step job, the gradients and their version counters."""
-    tokens: dict[int, Any] = field(default_factory=dict)
+    snapshots: dict[int, Any] = field(default_factory=dict)
+    """Per bucket, what the optimizer statistics took before the step (`OptimizerStats.before`): the
+    state the update is measured against after it."""
     grads_taken: bool = False
     """Gradient statistics are taken (or left for the post-step job) for this step."""
     loop_clips: list[tuple[Tensor, float]] = field(default_factory=list)
@@ -62,8 +64,8 @@ class StepRecord:
         return self.logged or self.layers
 
 
-class Late(str):
-    """Key of a record() tensor value travelling to the host separately."""
+class DeferredKey(str):
+    """Stands in a row for a tensor value (a recorded scalar, a tensor LR) that reaches the host separately, later."""
 
 
 def extract_loss(output: Any) -> Tensor | None:

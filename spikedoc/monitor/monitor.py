@@ -26,7 +26,7 @@ from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._optim_list import JointStats, OptimizerList
 from spikedoc.monitor._rows import layer_block, step_row
-from spikedoc.monitor._step import Late, StepRecord, extract_loss
+from spikedoc.monitor._step import DeferredKey, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.budget import Cadence
 from spikedoc.monitor.config import WatchConfig
@@ -563,7 +563,7 @@ class Monitor:
         finally:
             st.sample_offset = self._sample_offset
             self._sample_offset += st.fingerprint.samples
-            st.grads, st.tokens = {}, {}
+            st.grads, st.snapshots = {}, {}
             self._pending = st if st.work else None
             self._cur = self._new_step(st.index + 1)
 
@@ -571,7 +571,7 @@ class Monitor:
 
     def _value(self, st: StepRecord, value: Any) -> Any:
         if isinstance(value, Tensor):
-            key = Late(f"rec:{len(st.late)}")
+            key = DeferredKey(f"rec:{len(st.late)}")
             p = Packer()
             p.add(key, value.detach().float() if value.is_floating_point() else value.detach())
             st.late.append(p.launch())
