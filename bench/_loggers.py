@@ -59,11 +59,8 @@ class _Spikedoc(Logger):
         self._monitor.close()
 
 
-class _SpikedocInline(_Spikedoc):
-    records = (
-        "as `spikedoc`, with the statistics computed inside the hooks on the training thread (no CPU "
-        "worker; Adam's update norm then from a copy of the parameters): what a step costs when no core is idle"
-    )
+class _NoWorker:
+    """Mixin: the monitor computes its statistics in the hooks, with no CPU worker thread."""
 
     def open(self, model, optimizer, run_dir):
         import spikedoc.monitor.monitor as monitor_module
@@ -73,6 +70,13 @@ class _SpikedocInline(_Spikedoc):
             super().open(model, optimizer, run_dir)
         finally:
             monitor_module._CPU_WORKER = worker
+
+
+class _SpikedocInline(_NoWorker, _Spikedoc):
+    records = (
+        "as `spikedoc`, with the statistics computed inside the hooks on the training thread (no CPU "
+        "worker; Adam's update norm then from a copy of the parameters): what a step costs when no core is idle"
+    )
 
 
 class _SpikedocFull(_Spikedoc):
@@ -87,17 +91,8 @@ class _SpikedocFull(_Spikedoc):
         self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, budget=None)
 
 
-class _SpikedocFullInline(_SpikedocFull):
+class _SpikedocFullInline(_NoWorker, _SpikedocFull):
     records = "as `spikedoc_full`, with the statistics in the hooks (no CPU worker)"
-
-    def open(self, model, optimizer, run_dir):
-        import spikedoc.monitor.monitor as monitor_module
-
-        worker, monitor_module._CPU_WORKER = monitor_module._CPU_WORKER, False  # read once, in watch()
-        try:
-            super().open(model, optimizer, run_dir)
-        finally:
-            monitor_module._CPU_WORKER = worker
 
 
 class _HandLogger(Logger):

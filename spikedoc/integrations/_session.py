@@ -15,7 +15,7 @@ from spikedoc.integrations.recipe import ResumeRecipe, resume_recipe
 from spikedoc.analysis.recovery import VERDICTS
 from spikedoc.integrations.stopping import IncidentWatch, StopConfig, StopDecision
 
-__all__ = ["WatchedRun", "base_optimizer"]
+__all__ = ["CallbackRun", "WatchedRun", "base_optimizer"]
 
 logger = logging.getLogger("spikedoc.integrations")
 
@@ -144,3 +144,30 @@ class WatchedRun:
         """Close the monitor (idempotent)."""
         if self.monitor is not None:
             self.monitor.close()
+
+
+class CallbackRun:
+    """What the framework callbacks share: the options they take and the run they expose.
+
+    `framework_sets` names the framework settings that replace `watch`'s `clip` and `start_step`.
+    """
+
+    framework_sets = ""
+
+    def __init__(self, run_dir: str | Path | None = None, *, stop: StopConfig | bool = True,
+                 how_to_resume: Callable[..., Any], **watch: Any) -> None:  # fmt: skip
+        for name in ("clip", "start_step"):
+            if name in watch:
+                raise ValueError(f"SpikedocCallback: {name}= is set by the {self.framework_sets}")
+        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch, how_to_resume=how_to_resume)
+
+    @property
+    def monitor(self) -> Any:
+        """The `spikedoc.Monitor` (None before training starts)."""
+        return self.run.monitor
+
+    @property
+    def recipe(self) -> ResumeRecipe | None:
+        """The resume recipe once training was stopped, else None."""
+        return self.run.recipe
+

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spikedoc.integrations._session import WatchedRun
+from spikedoc.integrations._session import CallbackRun
 from spikedoc.integrations.recipe import ResumeRecipe
 from spikedoc.integrations.stopping import StopConfig
 
@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["SpikedocCallback"]
 
 
-class SpikedocCallback(TrainerCallback):
+class SpikedocCallback(CallbackRun, TrainerCallback):
     """Records a `Trainer` run as `spikedoc.watch` does and stops it on a persistent incident.
 
     Everything `watch` records, per optimizer step: the loss (the Trainer's own, also with gradient
@@ -48,21 +48,10 @@ class SpikedocCallback(TrainerCallback):
         >>> trainer.train()  # doctest: +SKIP
     """
 
+    framework_sets = "Trainer (max_grad_norm, global_step)"
+
     def __init__(self, run_dir: str | Path | None = None, *, stop: StopConfig | bool = True, **watch: Any) -> None:
-        for name in ("clip", "start_step"):
-            if name in watch:
-                raise ValueError(f"SpikedocCallback: {name}= is set by the Trainer (max_grad_norm, global_step)")
-        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch, how_to_resume=_how_to_resume)
-
-    @property
-    def monitor(self) -> Any:
-        """The `spikedoc.Monitor` (None before training starts)."""
-        return self.run.monitor
-
-    @property
-    def recipe(self) -> ResumeRecipe | None:
-        """The resume recipe once training was stopped, else None."""
-        return self.run.recipe
+        CallbackRun.__init__(self, run_dir, stop=stop, how_to_resume=_how_to_resume, **watch)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from spikedoc.integrations._session import WatchedRun
+from spikedoc.integrations._session import CallbackRun
 from spikedoc.integrations.recipe import ResumeRecipe
 from spikedoc.integrations.stopping import StopConfig
 
@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["SpikedocCallback"]
 
 
-class SpikedocCallback(Callback):
+class SpikedocCallback(CallbackRun, Callback):
     """Records a Lightning run as `spikedoc.watch` does and stops it on a persistent incident.
 
     Per optimizer step: the loss `training_step` returned (the mean over accumulated batches, not
@@ -44,22 +44,11 @@ class SpikedocCallback(Callback):
         >>> trainer = lightning.Trainer(max_steps=1000, callbacks=[SpikedocCallback()])  # doctest: +SKIP
     """
 
+    framework_sets = "Trainer (gradient_clip_val, global_step)"
+
     def __init__(self, run_dir: str | Path | None = None, *, stop: StopConfig | bool = True, **watch: Any) -> None:
-        for name in ("clip", "start_step"):
-            if name in watch:
-                raise ValueError(f"SpikedocCallback: {name}= is set by the Trainer (gradient_clip_val, global_step)")
-        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch, how_to_resume=_how_to_resume)
+        CallbackRun.__init__(self, run_dir, stop=stop, how_to_resume=_how_to_resume, **watch)
         self._saved = ""
-
-    @property
-    def monitor(self) -> Any:
-        """The `spikedoc.Monitor` (None before training starts)."""
-        return self.run.monitor
-
-    @property
-    def recipe(self) -> ResumeRecipe | None:
-        """The resume recipe once training was stopped, else None."""
-        return self.run.recipe
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm in (None, "norm") else None
