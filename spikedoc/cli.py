@@ -202,11 +202,19 @@ def demo(
     except OSError as exc:
         _fail(f"{out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
     console.print(f"Recorded. What `spikedoc analyze {out}` says:\n")
+    from spikedoc.report.html import render_html
     from spikedoc.report.terminal import render
 
-    render(_diagnose(_load(out, None, None, console), None, None, console), console)
-    console.print(f"\n[dim]The run stays in {out}: try `spikedoc report {out}` for an HTML page, "
-                  f"`spikedoc analyze {out} --json`, or spikedoc.load() it in Python.[/dim]")
+    loaded = _load(out, None, None, console)
+    diagnosis = _diagnose(loaded, None, None, console)
+    render(diagnosis, console)
+    page_path = out.with_name(out.name + ".html")  # next to the run, not inside its directory
+    with _stage(console, "drawing the plots"):
+        page = render_html(loaded, diagnosis).encode("utf-8")
+    _write(page_path, page)
+    console.print(f"\nThe HTML report (plots, each incident explained): {page_path}", soft_wrap=True)
+    console.print(f"[dim]The run stays in {out}: try `spikedoc analyze {out} --json`, or spikedoc.load() it "
+                  "in Python.[/dim]", soft_wrap=True)
 
 
 def _demo_faults() -> list[str]:

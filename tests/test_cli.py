@@ -251,6 +251,10 @@ def test_demo_trains_a_run_and_diagnoses_its_planted_bad_batch(tmp_path):
     [incident] = diagnosis["incidents"]
     assert (incident["onset_step"], incident["cause"]) == (170, "bad_batch")
     assert "bad_batch" in result.output and "step 170" in result.output
+    page = tmp_path / "demo.html"  # the HTML report, next to the run
+    assert f"The HTML report (plots, each incident explained): {page}" in " ".join(result.output.split())
+    html = page.read_text()
+    assert html.lower().startswith("<!doctype html>") and "step 170" in html and "bad_batch" in html
 
 
 def test_demo_rejects_an_unknown_fault_with_one_line(tmp_path):
