@@ -359,6 +359,21 @@ def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skip
     assert rows["sample_offset"].tolist() == [8 * position_of[tuple(ids)] for _, ids in seen]
 
 
+def test_a_segment_the_guard_vetoed_until_its_rollback_is_not_judged_for_damage(tmp_path):
+    _, clean = run_guarded(tmp_path / "clean", steps=80, checkpoint_every=20)
+    corrupt = {i for _, ids in clean[65:70] for i in ids}
+
+    def fault(step, guard, batch):
+        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+
+    guard, _ = run_guarded(tmp_path / "run", steps=80, checkpoint_every=20, fault=fault)
+    assert guard.rollbacks == 1
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    [(inc, ctx)] = [(i, c) for i, c in zip(diagnosis.incidents, diagnosis.context) if c.get("segment", 0) == 0]
+    assert inc.handled_by_guard and inc.damage == {}
+    assert any(n.startswith("the guard vetoed every step from 65 until it rolled back at step 70") for n in ctx["notes"])
+
+
 def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
     corrupt = {i for _, ids in clean[65:95] for i in ids}

@@ -160,11 +160,26 @@ def _credit_guard(diagnosis: Diagnosis) -> None:
         if handling is None:
             continue
         ctx["guard"] = {k: v for k, v in handling.items() if k != "rollback"} | {"rolled_back": handling["rollback"] is not None}
+        if _vetoed_until_rollback(inc, handling):
+            # No update was applied after onset in this segment: what the loss did there is the
+            # vetoed batches' loss, not damage to the model; the replay is judged as its own incident.
+            inc.damage = {}
+            ctx.setdefault("notes", []).append(
+                f"the guard vetoed every step from {inc.onset_step} until it rolled back at step "
+                f"{handling['rollback']['detail']['from_step']}: the losses after onset are of batches never trained "
+                "on, so no lasting damage is measured here (the replay after the rollback is judged on its own)")
         if handling["handled"]:
             inc.handled_by_guard = True
             inc.recommendation.update(rollback=False, actions=[{"action": "guard_handled", "because": handling["because"]}])
         else:
             inc.recommendation["actions"].insert(0, {"action": "guard_acted", "because": handling["because"]})
+
+
+def _vetoed_until_rollback(inc: Incident, handling: dict[str, Any]) -> bool:
+    """Every step from onset up to the rollback that left this segment was vetoed."""
+    rollback = handling["rollback"]
+    until = rollback["detail"].get("from_step") if rollback is not None else None
+    return isinstance(until, int) and until > inc.onset_step and set(range(inc.onset_step, until)) <= set(handling["vetoed"])
 
 
 def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
