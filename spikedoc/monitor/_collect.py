@@ -80,26 +80,26 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
         return
     st.grads_taken = True
     grads_of: dict[int, list[Tensor]] = {}
-    for b, bucket in enumerate(monitor._buckets):
+    for b, bucket in enumerate(monitor.plan.buckets):
         grads = [local(p.grad) for p in bucket.sources]
         active = None
         if any(g is None for g in grads):
             active = [j for j, g in enumerate(grads) if g is not None]
-            grads = [g if g is not None else monitor._placeholders[b] for g in grads]
+            grads = [g if g is not None else monitor.plan.placeholders[b] for g in grads]
         st.active[b], st.grads[b] = active, grads
         grads_of[b] = grads
         if st.work and st.full:
-            st.snapshots[b] = monitor._stats.before(bucket, grads, active)
-    before = {b: _param_norms_before(monitor, b, bucket) for b, bucket in enumerate(monitor._buckets)} \
+            st.snapshots[b] = monitor.plan.stats.before(bucket, grads, active)
+    before = {b: _param_norms_before(monitor, b, bucket) for b, bucket in enumerate(monitor.plan.buckets)} \
         if st.layers and st.full else {}  # fmt: skip
 
     def body() -> list[Tensor]:
         layer_norms = []
-        for b, bucket in enumerate(monitor._buckets):
+        for b, bucket in enumerate(monitor.plan.buckets):
             layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale))
         return layer_norms
 
-    later = not now and clip is None and not isinstance(grad_scale, Tensor) and monitor._stats.step_keeps_grads
+    later = not now and clip is None and not isinstance(grad_scale, Tensor) and monitor.plan.stats.step_keeps_grads
     if later and st.work and not monitor._grads_before_step:
         # Version counters from now: a step or a loop that changes the gradients in place before
         # the job has read them is caught (see post_stats).
@@ -113,7 +113,7 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
 
 def _clip_only(monitor: Monitor, st: StepRecord, clip: float) -> None:
     """`clip=` on gradients whose statistics were taken earlier (before the loop's own clip)."""
-    _apply_clip(monitor, st, [norms(st.grads[b]) for b in range(len(monitor._buckets)) if b in st.grads], clip)
+    _apply_clip(monitor, st, [norms(st.grads[b]) for b in range(len(monitor.plan.buckets)) if b in st.grads], clip)
 
 
 def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], clip: float) -> None:
@@ -123,8 +123,8 @@ def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], cli
     first = layer_norms[0].device
     total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
     coef = clip_coefficient(total, clip)
-    for b, bucket in enumerate(monitor._buckets):
-        real = [g for g in st.grads.get(b, []) if g is not monitor._placeholders[b]]
+    for b, bucket in enumerate(monitor.plan.buckets):
+        real = [g for g in st.grads.get(b, []) if g is not monitor.plan.placeholders[b]]
         if real:
             torch._foreach_mul_(real, coef.to(bucket.device))
     if st.work:
@@ -154,7 +154,7 @@ def _bucket_grad_stats(
 
 
 def _param_norms_before(monitor: Monitor, b: int, bucket: Bucket) -> Tensor:
-    cached = monitor._after_norms.get(b)
+    cached = monitor.plan.after_norms.get(b)
     # The previous step's after-norms are this step's before-norms unless a parameter was
     # modified in place since (a checkpoint load, a rollback): its version counter tells.
     if cached is not None and cached[1] == _versions(bucket.params):
@@ -186,15 +186,15 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         pk.add("loss_scale", scale.float().clone())
     for key, value in st.fingerprint.device_values().items():
         pk.add(f"fp:{key}", value)
-    stats = monitor._stats
+    stats = monitor.plan.stats
     hyper = None if skipped or not st.full else stats.hyperparameters()
     st.optimizer_values = stats.step_values(hyper) if hyper is not None else {}
     next_recorded = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
-    grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor._buckets))}
+    grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor.plan.buckets))}
     active, snapshots = dict(st.active), dict(st.snapshots)
     deferred, st.grad_work = st.grad_work, None
     # Versions now; the job fails if any changes before it ends, so these are the versions it read.
-    param_versions = [_versions(bucket.params) for bucket in monitor._buckets]
+    param_versions = [_versions(bucket.params) for bucket in monitor.plan.buckets]
 
     def body() -> None:
         if deferred is not None:
@@ -210,9 +210,9 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
                     "gradients were changed in place by the step or right after it (zero_grad(set_to_none=False)?); "
                     "from now on their statistics are taken before the step"
                 )
-        for b, bucket in enumerate(monitor._buckets):
+        for b, bucket in enumerate(monitor.plan.buckets):
             pn = norms(bucket.params)
-            monitor._after_norms[b] = (pn, param_versions[b])
+            monitor.plan.after_norms[b] = (pn, param_versions[b])
             pk.add(f"{b}:param_norm", pn)
             if skipped or not st.full:
                 continue
@@ -223,9 +223,9 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
                 pk.add(f"{b}:{key}", value)
         st.landing = pk.launch()
 
-    watched = [p for bucket in monitor._buckets for p in bucket.params]
+    watched = [p for bucket in monitor.plan.buckets for p in bucket.params]
     if st.full:  # only full steps read the optimizer state
-        watched += [t for p in watched for t in monitor._state.get(p, {}).values() if isinstance(t, Tensor)]
+        watched += [t for p in watched for t in monitor.plan.state.get(p, {}).values() if isinstance(t, Tensor)]
     run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
     if stats.reads_grads_after or stats.join_after_step:  # the loop may change them right after the step
         monitor._lane.join()

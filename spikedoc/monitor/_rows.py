@@ -32,12 +32,12 @@ def _per_tensor(monitor: Monitor, values: dict[str, np.ndarray], key: str) -> np
 
     The result may be a view of `values` (one bucket in optimizer order): callers must not write to it.
     """
-    buckets = monitor._buckets
+    buckets = monitor.plan.buckets
     if len(buckets) == 1 and buckets[0].in_order:
         return values.get(f"0:{key}")
-    out = np.full(len(monitor._params), np.nan)
+    out = np.full(len(monitor.plan.params), np.nan)
     found = False
-    for b, bucket in enumerate(monitor._buckets):
+    for b, bucket in enumerate(monitor.plan.buckets):
         v = values.get(f"{b}:{key}")
         if v is not None:
             out[bucket.index] = v
@@ -130,14 +130,14 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
 
 def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
-    n = len(monitor._params)
+    n = len(monitor.plan.params)
     update = _per_tensor(monitor, values, "update_norm")
     if _skipped(st, values):
         update = np.zeros(n)
     elif update is None:
         update = np.zeros(n) if st.full else np.full(n, np.nan)  # a full step without an update is a no-op
     before = _per_tensor(monitor, values, "param_norm_before")
-    block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(monitor._names)}
+    block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(monitor.plan.names)}
     for key in ("grad_norm", "grad_max", "param_norm"):
         vec = _per_tensor(monitor, values, key)
         block[key] = (vec if vec is not None else np.full(n, np.nan)).astype(np.float32)
@@ -149,9 +149,9 @@ def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray])
     block["nonfinite"] = np.nan_to_num(nonfinite if nonfinite is not None else np.zeros(n)).astype(np.int64)
     extra_keys = {k.split(":", 1)[1] for k in values if ":" in k and k.split(":", 1)[0].isdigit()}
     optim = {k: v for k in extra_keys if (v := _per_tensor(monitor, values, k)) is not None}
-    for key, vec in monitor._stats.to_columns(optim, monitor._numels).items():
+    for key, vec in monitor.plan.stats.to_columns(optim, monitor.plan.numels).items():
         block[key] = np.asarray(vec, dtype=np.float32)
     if not st.full:  # the optimizer-state columns exist, null: this step has only the cheap statistics
-        for key in monitor._stats.columns:
+        for key in monitor.plan.stats.columns:
             block.setdefault(key, np.full(n, np.nan, dtype=np.float32))
     return block

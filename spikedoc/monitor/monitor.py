@@ -25,6 +25,7 @@ from spikedoc.monitor._collect import grad_stats, post_stats, run_job
 from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._optim_list import JointStats, OptimizerList
+from spikedoc.monitor._plan import Plan
 from spikedoc.monitor._rows import layer_block, step_row
 from spikedoc.monitor._step import DeferredKey, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
@@ -105,7 +106,6 @@ class Monitor:
         self._closed = False
         self._handles: list[Any] = []
         self._pending: StepRecord | None = None
-        self._after_norms: dict[int, tuple[Tensor, list[int]]] = {}
         self._steps_since_update = 0
         self._sample_offset = config.start_sample
         self._last_end = math.nan
@@ -126,11 +126,11 @@ class Monitor:
             segment = None
             self._fail("agree_segment", exc)
         try:
-            exact = self._update_exact()
+            exact = self.plan.update_exact()
             label = "exact" if all(exact) else "estimated" if not any(exact) else "mixed"
             watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
                          "update_norm": label}  # fmt: skip
-            meta = _meta.describe(model, self.optimizers, self._names, watch=watch_cfg, start_step=start,
+            meta = _meta.describe(model, self.optimizers, self.plan.names, watch=watch_cfg, start_step=start,
                                   update_exact=exact, scheduler=_meta.describe_scheduler(scheduler))
             if segment is not None:
                 meta["segment"] = segment
@@ -327,15 +327,12 @@ class Monitor:
                 params += group["params"]
                 groups += [g] * len(group["params"])
                 owners += [k] * len(group["params"])
-        self._params = params
-        self._param_ids = {id(p) for p in params}
-        self._names = _meta.parameter_names(self.model, params)
-        self._numels = np.array([p.numel() for p in params], dtype=np.float64)  # of the full tensors
+        numels = np.array([p.numel() for p in params], dtype=np.float64)  # of the full tensors
         # Statistics read local shards (FSDP2's DTensors); the rows combine them over ranks (_consume).
         shards = [local(p) for p in params]
         sharded = [is_sharded(p) for p in params]
-        self._sharded = any(sharded) and self._ranks.world > 1
-        if self._sharded and self.config.clip is not None:
+        any_sharded = any(sharded) and self._ranks.world > 1
+        if any_sharded and self.config.clip is not None:
             raise ValueError("watch: clip= does not support sharded (FSDP2) parameters; clip in the loop with "
                              "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which is observed")
         total = int(sum(t.numel() for t in shards))
@@ -343,43 +340,38 @@ class Monitor:
         by_key: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         for i, t in enumerate(shards):
             by_key.setdefault((owners[i], t.device, t.dtype), []).append(i)
-        self._buckets = [
+        buckets = [
             Bucket(device=dev, dtype=dt, index=ix, params=[shards[i] for i in ix], sources=[params[i] for i in ix],
                    groups=[groups[i] for i in ix], chunks=Chunks([shards[i].numel() for i in ix], budget),
                    numels=np.array([shards[i].numel() for i in ix], dtype=np.float64), owner=k,
                    in_order=ix == list(range(len(params))))
             for (k, dev, dt), ix in by_key.items()
         ]  # fmt: skip
-        self._shard_masks = [np.array([sharded[i] for i in b.index], dtype=bool) for b in self._buckets]
-        self._placeholders = [torch.zeros(1, dtype=b.dtype, device=b.device) for b in self._buckets]
         self._lane.close()
         # CPU kernels run on the calling thread: give them a worker so they overlap training (an
         # accelerator's kernels already run asynchronously on its stream).
-        on_cpu = bool(self._buckets) and all(b.device.type == "cpu" for b in self._buckets)
+        on_cpu = bool(buckets) and all(b.device.type == "cpu" for b in buckets)
         self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
         sample_budget = max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN)
-        owned = np.bincount(owners, weights=self._numels, minlength=len(self.optimizers)) if params else [0.0]
+        owned = np.bincount(owners, weights=numels, minlength=len(self.optimizers)) if params else [0.0]
         parts = [  # several optimizers share the sample budget by their parameter counts
             for_optimizer(opt, sample_budget=max(1, round(sample_budget * float(owned[k]) / max(total, 1))),
                           snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane))
             for k, opt in enumerate(self.optimizers)
         ]  # fmt: skip
-        self._stats = parts[0] if len(parts) == 1 else JointStats(parts)
         # Statistics read the optimizers' state through their local shards when sharded.
         owners_of = {id(t): p for t, p in zip(shards, params)}
         for part in parts:
-            part.state = LocalState(part.optimizer.state, owners_of) if self._sharded else part.optimizer.state
+            part.state = LocalState(part.optimizer.state, owners_of) if any_sharded else part.optimizer.state
         states = self.optimizer.state  # one read-only mapping over several optimizers (never inserts)
-        self._state = LocalState(states, owners_of) if self._sharded else states
-        self._after_norms = {}
-
-    def _update_exact(self) -> list[bool]:
-        """Per parameter (optimizer order): whether its update norm is exact, else estimated from a sample."""
-        exact = [True] * len(self._params)
-        for bucket in self._buckets:
-            for i, flag in zip(bucket.index, self._stats.update_exact(bucket)):
-                exact[i] = bool(flag)
-        return exact
+        self.plan = Plan(
+            params=params, param_ids={id(p) for p in params}, names=_meta.parameter_names(self.model, params),
+            numels=numels, sharded=any_sharded, buckets=buckets,
+            shard_masks=[np.array([sharded[i] for i in b.index], dtype=bool) for b in buckets],
+            placeholders=[torch.zeros(1, dtype=b.dtype, device=b.device) for b in buckets],
+            stats=parts[0] if len(parts) == 1 else JointStats(parts),
+            state=LocalState(states, owners_of) if any_sharded else states,
+        )  # fmt: skip
 
     def _optimizer_step_count(self) -> int:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
@@ -496,7 +488,7 @@ class Monitor:
         if self._closed or not st.work or st.broken or max_norm == math.inf:
             return
         try:
-            if not any(id(p) in self._param_ids for p in params):
+            if not any(id(p) in self.plan.param_ids for p in params):
                 return  # another model's parameters
             if total_norm is None:
                 self._grad_stats_now(st)
@@ -519,7 +511,7 @@ class Monitor:
         grad_stats(self, st, clip=None, now=True)
 
     def _grad_versions(self) -> list[int]:
-        return [-1 if p.grad is None else local(p.grad)._version for p in self._params]
+        return [-1 if p.grad is None else local(p.grad)._version for p in self.plan.params]
 
     def _grads_changed_after_clip(self, st: StepRecord) -> None:
         # Gradients changed between the loop's last clip and the step (a backward after the clip):
@@ -544,7 +536,7 @@ class Monitor:
         st.packer = Packer()
 
     def _replan_if_groups_changed(self) -> None:
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self._params):
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.plan.params):
             self._build_plan()  # add_param_group() since watch()
 
     # ----------------------------------------------------------------------------- statistics
@@ -589,9 +581,9 @@ class Monitor:
             return
         if st.logged and not self._loss_warned and st.loss_count == 0 and not st.recorded.get("losses"):
             self._warn_no_loss(st)
-        rows = (1 if st.logged else 0) + (len(self._params) if st.layers else 0)
+        rows = (1 if st.logged else 0) + (len(self.plan.params) if st.layers else 0)
         values = None if st.broken or st.landing is None else dict(st.landing.values())
-        if self._sharded:  # every rank, every recorded step, also a lost one: a collective
+        if self.plan.sharded:  # every rank, every recorded step, also a lost one: a collective
             values = self._combine_shards(values)
         if values is None:
             self._dropped += rows
@@ -622,7 +614,7 @@ class Monitor:
 
     def _combine_shards(self, values: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
         try:
-            return self._ranks.combine(values, self._shard_masks)
+            return self._ranks.combine(values, self.plan.shard_masks)
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("combine_shards", exc)
             return None
@@ -634,7 +626,7 @@ class Monitor:
 
             root = _meta.unwrap(model)
             modules = dict(root.named_modules())
-            types = {name: type(modules.get(name.rpartition(".")[0], root)).__name__ for name in self._names}
+            types = {name: type(modules.get(name.rpartition(".")[0], root)).__name__ for name in self.plan.names}
             self.writer.mirror = TensorBoardMirror(logdir, types)
         except Exception as exc:  # noqa: BLE001
             self._fail("tensorboard", exc)
