@@ -15,10 +15,12 @@ A one-shot iterator cannot be replayed and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from spikedoc.monitor.fingerprint import samples_in
 
 __all__ = ["DataStream"]
 
@@ -48,7 +50,7 @@ class DataStream:
         """Positions never yielded (batches a rollback skips)."""
         self.epoch = self.index = self.position = 0
         self.skipped_samples = 0
-        """Samples in the batches drawn and skipped so far (by this process)."""
+        """Samples in the batches the last `next()` drew and skipped on the way to the one it returned."""
         self._iterator: Iterator[Any] | None = None
         self._stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
         self._generators = [] if self._stateful else _order_generators(data, seed)
@@ -56,6 +58,7 @@ class DataStream:
 
     def next(self) -> tuple[int, Any]:
         """The next batch not skipped, with its position; StopIteration after the last epoch."""
+        self.skipped_samples = 0
         while True:
             if self._iterator is None:
                 if self.epoch >= self.epochs:
@@ -137,15 +140,3 @@ def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
-
-
-def samples_in(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor (nested in tuples, lists, dicts), else 0."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for item in items:
-        count = samples_in(item)
-        if count:
-            return count
-    return 0

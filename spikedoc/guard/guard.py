@@ -154,7 +154,6 @@ class Guard:
         self._warned: set[str] = set()
         self._closed = False
         self._start_sample = 0  # the data stream's position in samples where the monitor starts counting
-        self._skipped_noted = 0
         resumed = self._resume_if_asked()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
@@ -191,9 +190,8 @@ class Guard:
         position, batch = self._stream.next()
         # Skipped batches are drawn but never trained on: counted, so that the monitor's sample
         # offsets (the stream positions analyze names) stay those of the data stream.
-        skipped, self._skipped_noted = self._stream.skipped_samples - self._skipped_noted, self._stream.skipped_samples
-        if skipped:
-            self.monitor.skip_samples(skipped)
+        if self._stream.skipped_samples:
+            self.monitor.skip_samples(self._stream.skipped_samples)
         return position, batch
 
     def record(

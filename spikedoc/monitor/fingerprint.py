@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Fingerprint", "content_hash", "sequence_stats", "flatten_inputs"]
+__all__ = ["Fingerprint", "content_hash", "sequence_stats", "flatten_inputs", "samples_in"]
 
 _ROW = 4096  # hash weights per row; inputs are hashed as (rows, _ROW) blocks
 _BLOCK = 1 << 22  # elements hashed per kernel batch, bounding the temporaries for large inputs
@@ -167,6 +167,26 @@ def flatten_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tup
     return out
 
 
+def _token_ids(inputs: list[tuple[str, Tensor]]) -> Tensor | None:
+    """The token-id input: `input_ids`, else the first integer tensor with a batch dimension."""
+    ids = dict(inputs).get("input_ids")
+    if ids is None or ids.is_floating_point():
+        ids = next((t for _, t in inputs if t.dim() >= 1 and not (t.is_floating_point() or t.is_complex())), None)
+    return ids
+
+
+def _samples(inputs: list[tuple[str, Tensor]], ids: Tensor | None) -> int:
+    first = ids if ids is not None else next((t for _, t in inputs if t.dim() >= 1), None)
+    return int(first.shape[0]) if first is not None else 0
+
+
+def samples_in(batch: Any) -> int:
+    """Samples in a batch, counted as the fingerprint counts a forward given it: the first dimension
+    of its token ids, else of its first tensor (in a tuple, list or dict); 0 when it holds none."""
+    inputs = flatten_inputs((batch,), {})
+    return _samples(inputs, _token_ids(inputs))
+
+
 @dataclass
 class Fingerprint:
     """Accumulates the fingerprint of the micro-batches of one optimizer step.
@@ -201,12 +221,8 @@ class Fingerprint:
         inputs = flatten_inputs(args, kwargs)
         if not inputs:
             return None
-        by_name = dict(inputs)
-        ids = by_name.get("input_ids")
-        if ids is None or ids.is_floating_point():
-            ids = next((t for _, t in inputs if t.dim() >= 1 and not (t.is_floating_point() or t.is_complex())), None)
-        first = ids if ids is not None else next((t for _, t in inputs if t.dim() >= 1), None)
-        self.samples += int(first.shape[0]) if first is not None else 0
+        ids = _token_ids(inputs)
+        self.samples += _samples(inputs, ids)
         self.tokens += ids.numel() if ids is not None else 0
         if self.shapes is None:
             self.shapes = ",".join(f"{n}:{'x'.join(map(str, t.shape)) or 'scalar'}" for n, t in inputs)
@@ -215,7 +231,7 @@ class Fingerprint:
         # Jagged/sparse/quantized inputs have no flat bit view; hash the rest.
         flat = [(n, t) for n, t in inputs if t.layout == torch.strided and not (t.is_nested or t.is_quantized)]
         ids = ids if ids is not None and ids.dim() >= 2 else None  # length statistics need (batch, seq)
-        mask = by_name.get("attention_mask")
+        mask = dict(inputs).get("attention_mask")
         if ids is None or mask is None or mask.shape[:2] != ids.shape[:2]:
             mask = None
 
