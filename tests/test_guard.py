@@ -38,6 +38,16 @@ def _garbage_batch(at: int):
     return fault
 
 
+def _corrupt_data(batches):
+    """A fault that turns the given (step, sample ids) batches into garbage, whichever step reads them."""
+    corrupt = {i for _, ids in batches for i in ids}
+
+    def fault(step, guard, batch):
+        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+
+    return fault
+
+
 def _events(run_dir, kind):
     events = spikedoc.load(run_dir).events
     return events.loc[events["kind"] == kind]
@@ -329,10 +339,7 @@ def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_bu
     # Positions 65-84 of the (reproducible) data order are corrupt, whichever step reads them.
     healthy, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
     corrupt = {i for _, ids in clean[65:85] for i in ids}
-
-    def fault(step, guard, batch):
-        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
-
+    fault = _corrupt_data(clean[65:85])
     guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault)
     assert guard.rollbacks == 1  # the first pile-up cannot tell data from weights: one rollback
     assert guard.vetoes == 20 and guard.data_skips == 15 and guard.step == 110
@@ -348,11 +355,7 @@ def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_bu
 def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skipped_data(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=140, checkpoint_every=20)  # the positions the run reaches
     position_of = {tuple(ids): p for p, (_, ids) in enumerate(clean)}
-    corrupt = {i for _, ids in clean[65:85] for i in ids}
-
-    def fault(step, guard, batch):
-        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
-
+    fault = _corrupt_data(clean[65:85])
     guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault)
     assert guard.rollbacks == 1 and guard.data_skips > 0  # both ways of leaving batches out happened
     rows = spikedoc.load(tmp_path / "run").steps.sort_values(["segment", "step"], kind="stable")
@@ -361,11 +364,7 @@ def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skip
 
 def test_a_segment_the_guard_vetoed_until_its_rollback_is_not_judged_for_damage(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=80, checkpoint_every=20)
-    corrupt = {i for _, ids in clean[65:70] for i in ids}
-
-    def fault(step, guard, batch):
-        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
-
+    fault = _corrupt_data(clean[65:70])
     guard, _ = run_guarded(tmp_path / "run", steps=80, checkpoint_every=20, fault=fault)
     assert guard.rollbacks == 1
     diagnosis = spikedoc.analyze(tmp_path / "run")
@@ -376,10 +375,6 @@ def test_a_segment_the_guard_vetoed_until_its_rollback_is_not_judged_for_damage(
 
 def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
-    corrupt = {i for _, ids in clean[65:95] for i in ids}
-
-    def fault(step, guard, batch):
-        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
-
+    fault = _corrupt_data(clean[65:95])
     with pytest.raises(spikedoc.GuardStopped, match="corrupt stretch of data"):
         run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault, max_data_skips=10)

@@ -161,20 +161,25 @@ def test_fused_adamw_under_grad_scaler_records_unscaled_gradients_and_its_own_sk
     assert steps["loss_scale"].tolist() == [1024.0, 1024.0, 1024.0, 512.0]
 
 
+def _train_compiled(compiled, opt, steps: int) -> list[float]:
+    losses = []
+    for i in range(steps):
+        input_ids, labels = char_text().batch(i)
+        loss = compiled(input_ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
 @pytest.mark.parametrize("watch_compiled", [True, False], ids=["watch_compiled", "watch_original"])
 def test_torch_compile_records_clean_names_and_every_step(tmp_path, watch_compiled):
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")  # inductor works too but compiles for ~30 s here
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
     with spikedoc.watch(compiled if watch_compiled else model, opt, run_dir=tmp_path):
-        for i in range(3):
-            input_ids, labels = char_text().batch(i)
-            loss = compiled(input_ids, labels=labels).loss
-            loss.backward()
-            losses.append(loss.item())
-            opt.step()
-            opt.zero_grad()
+        losses = _train_compiled(compiled, opt, 3)
     run = spikedoc.load(tmp_path)
     assert run.steps["micro_batches"].tolist() == [1, 1, 1]
     np.testing.assert_allclose(run.steps["loss"], losses, rtol=1e-6)
@@ -191,15 +196,8 @@ def test_inductor_compiles_the_watched_model_without_a_graph_break(tmp_path):
     model = make_model()
     compiled = torch.compile(model)  # the default backend, inductor
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
     with spikedoc.watch(compiled, opt, run_dir=tmp_path, budget=None):
-        for i in range(3):
-            input_ids, labels = char_text().batch(i)
-            loss = compiled(input_ids, labels=labels).loss
-            loss.backward()
-            losses.append(loss.item())
-            opt.step()
-            opt.zero_grad()
+        losses = _train_compiled(compiled, opt, 3)
     assert dict(counters["graph_break"]) == {}
     run = spikedoc.load(tmp_path)
     np.testing.assert_allclose(run.steps["loss"], losses, rtol=1e-6)
