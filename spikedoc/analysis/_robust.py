@@ -99,7 +99,9 @@ def fmt_step_ranges(steps: Iterable[int], limit: int = 6) -> str:
             runs[-1][1] = step
         else:
             runs.append([step, step])
-    items = [str(s) for a, b in runs for s in ([a, b] if b == a + 1 else [a] if a == b else [f"{a}..{b}"])]
+    items: list[str] = []
+    for a, b in runs:
+        items += [f"{a}..{b}"] if b - a >= 2 else [str(s) for s in range(a, b + 1)]
     return fmt_steps(items, limit)
 
 
