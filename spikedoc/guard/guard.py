@@ -29,7 +29,6 @@ from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
 from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
-from spikedoc.monitor.statistics import norms
 
 __all__ = ["Guard"]
 
@@ -286,11 +285,15 @@ class Guard:
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
-        try:
-            grad_norm = self._grad_norm()
-        except Exception as exc:  # noqa: BLE001 - e.g. sparse gradients: judge the loss alone, never crash
-            self._warn_once("grad_norm", f"Guard: the gradient norm could not be computed ({exc!r}); only the loss is judged")
+        measured = self.monitor.grad_norms()  # the monitor's own pass: its statistics and clipping reuse it
+        if measured is None:
+            self._warn_once("grad_norm", "Guard: the gradient norm could not be computed (see the monitor's warning); "
+                            "only the loss is judged")  # fmt: skip
             grad_norm = torch.zeros(())  # not judged: a log-scale band ignores non-positive values
+        else:
+            grad_norm, per_tensor, params = measured
+            if self.config.reset_moments:  # kept to find the implicated tensors of a rollback
+                self._norms_of_step = (per_tensor, params)
         values = agree(loss, grad_norm, rollback_request=self._requested)
         self._requested = False
         verdict = self._judge.judge(p.step, values)
@@ -308,27 +311,6 @@ class Guard:
             if restore is not None:  # the schedule's own value again: only the applied LR is held
                 for group, lr in zip(self.optimizer.param_groups, restore):
                     group["lr"] = lr
-
-    def _grad_norm(self) -> Tensor:
-        """Global L2 norm of the gradients (unscaled for a fused optimizer under a GradScaler), no sync."""
-        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_key.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad.detach())
-        if not by_key:
-            return torch.zeros(())
-        first = next(iter(by_key))[0]
-        # Accumulated in float32: a float16 gradient's norm overflows to inf long before its values do.
-        per_tensor = torch.cat([norms(grads).to(first) for grads in by_key.values()])  # (n,)
-        grad_scale = getattr(self.optimizer, "grad_scale", None)
-        if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
-            per_tensor = per_tensor / grad_scale.to(first, torch.float32)
-        if self.config.reset_moments:  # (n,) in the order of `params`, kept to find implicated tensors
-            params = [p for (dev, dt), _ in by_key.items() for g in self.optimizer.param_groups for p in g["params"]
-                      if p.grad is not None and (p.grad.device, p.grad.dtype) == (dev, dt)]  # fmt: skip
-            self._norms_of_step = (per_tensor, params)
-        return torch.linalg.vector_norm(per_tensor)
 
     def _veto(self, p: _Pending, verdict: Verdict) -> None:
         self.vetoes += 1

@@ -31,7 +31,7 @@ from spikedoc.monitor.statistics import (
 if TYPE_CHECKING:
     from spikedoc.monitor.monitor import Monitor
 
-__all__ = ["grad_stats", "post_stats", "run_job"]
+__all__ = ["grad_stats", "post_stats", "run_job", "total_norm"]
 
 
 class ChangedDuringStats(RuntimeError):
@@ -106,23 +106,33 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
         all_grads = [g for b in sorted(grads_of) for g in grads_of[b]]
         st.grad_work = (body, all_grads, _versions(all_grads))
         return
-    layer_norms = body()
+    st.grad_norms = body()
     if clip is not None:
-        _apply_clip(monitor, st, layer_norms, clip)
+        _apply_clip(monitor, st, st.grad_norms, clip)
 
 
 def _clip_only(monitor: Monitor, st: StepRecord, clip: float) -> None:
-    """`clip=` on gradients whose statistics were taken earlier (before the loop's own clip)."""
-    _apply_clip(monitor, st, [norms(st.grads[b]) for b in range(len(monitor.plan.buckets)) if b in st.grads], clip)
+    """`clip=` on gradients whose statistics were taken earlier: their norms, unless the loop's own
+    clip scaled the gradients since."""
+    layer_norms = st.grad_norms
+    if layer_norms is None or st.loop_clips:
+        layer_norms = [norms(st.grads[b]) for b in range(len(monitor.plan.buckets)) if b in st.grads]
+    _apply_clip(monitor, st, layer_norms, clip)
+
+
+def total_norm(layer_norms: list[Tensor]) -> Tensor:
+    """The global L2 norm of per-tensor norms (on the first one's device); 0 when there are none."""
+    if not layer_norms:
+        return torch.zeros(())
+    first = layer_norms[0].device
+    return torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
 
 
 def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], clip: float) -> None:
     """Scale the gradients exactly as `clip_grad_norm_(params, clip)` would, given their per-tensor norms."""
     if not layer_norms:
         return
-    first = layer_norms[0].device
-    total = torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
-    coef = clip_coefficient(total, clip)
+    coef = clip_coefficient(total_norm(layer_norms), clip)
     for b, bucket in enumerate(monitor.plan.buckets):
         real = [g for g in st.grads.get(b, []) if g is not monitor.plan.placeholders[b]]
         if real:

@@ -45,6 +45,9 @@ class StepRecord:
     state the update is measured against after it."""
     grads_taken: bool = False
     """Gradient statistics are taken (or left for the post-step job) for this step."""
+    grad_norms: list[Tensor] | None = None
+    """Per bucket, the per-tensor gradient norms the statistics took before the step (unscaled):
+    `clip=` and `Monitor.grad_norms` reuse them rather than read the gradients again."""
     loop_clips: list[tuple[Tensor, float]] = field(default_factory=list)
     """The loop's own norm clips of this step: the coefficient each applied (device) and its max norm."""
     clipped_versions: list[int] | None = None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from spikedoc.monitor import clipping as _clipping
 from spikedoc.monitor import meta as _meta
-from spikedoc.monitor._collect import grad_stats, post_stats, run_job
+from spikedoc.monitor._collect import grad_stats, post_stats, run_job, total_norm
 from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._optim_list import JointStats, OptimizerList
@@ -247,6 +247,40 @@ class Monitor:
             st.clipped_versions = self._grad_versions()  # a clip right after finds them taken
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("gradients_ready", exc, st)
+
+    def grad_norms(self) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+        """This step's gradient norms before clipping, taken once with the step's own statistics.
+
+        Call between the last backward and `optimizer.step()`: the step's statistics and `clip=`
+        then reuse them instead of reading the gradients again. Norms are in float32, unscaled
+        for a fused optimizer under a GradScaler, of the local shards of sharded parameters.
+
+        Returns:
+            The global L2 norm (a device scalar, no host sync), the per-tensor norms and the
+            parameters in that order; None when they cannot be computed (e.g. sparse gradients,
+            after a warning) or the monitor is closed.
+        """
+        st = self._cur
+        if self._closed:
+            return None
+        try:
+            if st.broken:  # its statistics are lost: measure on a record that keeps none
+                st = StepRecord(index=st.index, logged=False, layers=False, fingerprint=st.fingerprint)
+            if st.clipped_versions is not None and st.clipped_versions != self._grad_versions():
+                self._grads_changed_after_clip(st)
+                st.clipped_versions = None  # taken again below, from the gradients the step uses
+            if st.grads_taken and st.grad_norms is None:
+                self._drop_grad_stats(st)  # left for the post-step job: taken now instead
+            if not st.grads_taken:
+                self._lane.join()  # the last step's job: its parameter norms are read here
+                self._replan_if_groups_changed()
+                grad_stats(self, st, clip=None, grad_scale=getattr(self.optimizer, "grad_scale", None), now=True)
+            layer_norms = st.grad_norms
+            per_tensor = torch.cat([n.to(layer_norms[0].device) for n in layer_norms])
+        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+            self._fail("grad_norms", exc, self._cur)
+            return None
+        return total_norm(layer_norms), per_tensor, [p for bucket in self.plan.buckets for p in bucket.sources]
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index.
@@ -533,6 +567,7 @@ class Monitor:
         # after the step): a fresh one forgets the stale ones.
         st.grads_taken = False
         st.grad_work = None
+        st.grad_norms = None
         st.packer = Packer()
 
     def _replan_if_groups_changed(self) -> None:
