@@ -32,6 +32,39 @@ def test_peek_judges_like_update_and_leaves_the_detector_unchanged():
     assert peeked == det.update(100, 9.0) and peeked.flagged
 
 
+def _bands(judge: Judge) -> tuple[dict, dict]:
+    return judge.loss_detector.state_dict(), judge.grad_detector.state_dict()
+
+
+def test_a_vetoed_step_leaves_both_bands_as_they_were():
+    judge = Judge(GuardConfig())
+    _warm(judge)
+    before = _bands(judge)
+    verdict = judge.judge(120, StepValues(_loss(120), 50.0, 0, 0))  # the loss in band, the grad norm far out
+    assert verdict.veto and verdict.reasons == ("grad_norm_out_of_band",)
+    judge.record(verdict, lrs=[1e-3])
+    assert _bands(judge) == before
+
+
+def test_an_applied_step_is_learnt_once_as_by_the_detectors_themselves():
+    judge, loss_only, grad_only = Judge(GuardConfig()), StreamingDetector(), StreamingDetector(log_scale=True)
+    for s in range(130):
+        judge.record(judge.judge(s, StepValues(_loss(s), 0.5 + 0.01 * (s % 3), 0, 0)), lrs=[1e-3])
+        loss_only.update(s, _loss(s))
+        grad_only.update(s, 0.5 + 0.01 * (s % 3))
+    assert _bands(judge) == (loss_only.state_dict(), grad_only.state_dict())
+
+
+def test_a_judgement_not_recorded_is_withdrawn_by_the_next_one():
+    judge, twin = Judge(GuardConfig()), Judge(GuardConfig())
+    _warm(judge)
+    _warm(twin)
+    judge.judge(120, StepValues(_loss(120) + 0.02, 0.6, 0, 0))  # judged, never recorded
+    judge.record(judge.judge(120, StepValues(_loss(120), 0.5, 0, 0)), lrs=[1e-3])
+    twin.record(twin.judge(120, StepValues(_loss(120), 0.5, 0, 0)), lrs=[1e-3])
+    assert _bands(judge) == _bands(twin)
+
+
 def test_only_a_warm_band_vetoes_a_finite_value_but_a_non_finite_one_always_is():
     cold = Judge(GuardConfig())
     _warm(cold, steps=10)

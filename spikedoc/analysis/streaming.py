@@ -156,18 +156,22 @@ class StreamingDetector:
         return Flag(int(step), value, *(col[0] for col in cols))
 
     def peek(self, step: int, value: float) -> Flag:
-        """Judge `value` at `step` exactly as `update` would, leaving the detector unchanged.
-
-        For a judgement that may still be withdrawn: a guard peeks, decides whether to apply the
-        step, and calls `update` only for steps it applied, so a vetoed step never enters the baseline.
-        """
-        saved = self._baseline.values(), list(self._held), self._streak_start, self._gap
+        """Judge `value` at `step` exactly as `update` would, leaving the detector unchanged."""
+        saved = self.snapshot()
         try:
             return self.update(step, value)
         finally:
-            self._baseline.reset(saved[0])
-            self._held = deque(saved[1], maxlen=self.config.window)
-            self._streak_start, self._gap = saved[2], saved[3]
+            self.restore(saved)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """The detector's state, to `restore` if an `update` is withdrawn (a guard's vetoed step never
+        enters the baseline). Cheap: copies, no sort. Each snapshot restores once."""
+        return self._baseline.snapshot(), self._held.copy(), self._streak_start, self._gap
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        """Return to a `snapshot`."""
+        window, self._held, self._streak_start, self._gap = snapshot
+        self._baseline.restore(window)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this detector is; plain JSON types only."""

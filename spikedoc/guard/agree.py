@@ -53,6 +53,14 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
         >>> agree(torch.tensor(2.5), torch.tensor(0.3), rollback_request=False).loss
         2.5
     """
+    ranks = world()
+    if ranks is None:  # one rank: one stack and one host sync, the finiteness checked on the host
+        values = [grad_norm] if loss is None else [loss.to(grad_norm.device), grad_norm]
+        got = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # the one host sync
+        loss_v, grad_v = (math.nan, got[0]) if loss is None else got
+        return StepValues(loss=loss_v if math.isfinite(loss_v) else math.nan,
+                          grad_norm=grad_v if math.isfinite(grad_v) else math.nan,
+                          nonfinite_ranks=int(not all(map(math.isfinite, got))), rollback_requests=int(rollback_request))  # fmt: skip
     device = grad_norm.device
     has_loss = loss is not None
     loss_t = loss.detach().float().reshape(()).to(device) if has_loss else torch.zeros((), device=device)
@@ -60,14 +68,10 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
     finite = torch.isfinite(values)
     flags = torch.tensor([float(rollback_request), float(has_loss)], device=device)
     packed = torch.cat([torch.where(finite, values, torch.zeros_like(values)), (~finite).float(), flags])  # (6,)
-    ranks = 1
-    if world() is not None:
-        packed = _all_reduce_sum(packed)
-        ranks = world()[1]
-    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = packed.tolist()  # the one host sync
+    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = _all_reduce_sum(packed).tolist()  # the one host sync
     return StepValues(
         loss=loss_sum / with_loss if with_loss and not bad_loss else math.nan,
-        grad_norm=grad_sum / ranks if not bad_grad else math.nan,
+        grad_norm=grad_sum / ranks[1] if not bad_grad else math.nan,
         nonfinite_ranks=round(max(bad_loss, bad_grad)),
         rollback_requests=round(requests),
     )

@@ -278,10 +278,7 @@ class Guard:
         step_fn = self._original_step or type(self.optimizer).step.__get__(self.optimizer)
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
             return step_fn(*args, **kwargs)
-        if p.loss_sum is not None:
-            loss = p.loss_sum / p.loss_count
-        else:
-            loss = p.forward_loss_sum / p.forward_loss_count if p.forward_loss_sum is not None else None
+        loss = _mean(p.loss_sum, p.loss_count) if p.loss_sum is not None else _mean(p.forward_loss_sum, p.forward_loss_count)
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
@@ -536,6 +533,10 @@ class Guard:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _mean(total: Tensor | None, count: int) -> Tensor | None:
+    return total if count == 1 or total is None else total / count  # one micro-batch: no division op
 
 
 def _plain(value: Any) -> Any:

@@ -103,14 +103,21 @@ class Judge:
         self.recent_vetoes: deque[int] = deque(maxlen=config.max_vetoes_in_row)
         """The last vetoed steps: vetoes piling up (not in a row) open an incident."""
         self.incident: _Incident | None = None
+        self._judged: tuple[Verdict, Flag | None, Flag | None, tuple[Any, Any]] | None = None
+        """The last judgement, its flags and the bands' snapshots from before it (until `record`)."""
 
     # ----------------------------------------------------------------------------- per step
 
     def judge(self, step: int, values: StepValues) -> Verdict:
-        """Judge one step against the band before its update; nothing is learnt yet."""
+        """Judge one step against the band before its update; nothing is learnt until `record` (a
+        judgement not recorded is withdrawn by the next one)."""
         cfg = self.config
-        lf = self.loss_detector.peek(step, values.loss) if math.isfinite(values.loss) else None
-        gf = self.grad_detector.peek(step, values.grad_norm) if math.isfinite(values.grad_norm) else None
+        self._withdraw()
+        # The bands learn the step now (one pass each); `record` keeps that, or restores the snapshot
+        # when the step was vetoed.
+        snapshots = self.loss_detector.snapshot(), self.grad_detector.snapshot()
+        lf = self.loss_detector.update(step, values.loss) if math.isfinite(values.loss) else None
+        gf = self.grad_detector.update(step, values.grad_norm) if math.isfinite(values.grad_norm) else None
         reasons = []
         if values.nonfinite_ranks:
             reasons.append("nonfinite")
@@ -119,23 +126,30 @@ class Judge:
         if _beyond(gf, cfg.veto_sigma):
             reasons.append("grad_norm_out_of_band")
         requested = values.rollback_requests > 0
-        return Verdict(step=step, loss=values.loss, grad_norm=values.grad_norm, veto=cfg.veto and bool(reasons),
-                       reasons=tuple(reasons), loss_z=_z(lf), grad_z=_z(gf),
-                       loss_flagged=bool(lf is not None and lf.flagged and lf.warm),
-                       grad_flagged=bool(gf is not None and gf.flagged and gf.warm),
-                       rollback_requested=requested)  # fmt: skip
+        verdict = Verdict(step=step, loss=values.loss, grad_norm=values.grad_norm, veto=cfg.veto and bool(reasons),
+                          reasons=tuple(reasons), loss_z=_z(lf), grad_z=_z(gf),
+                          loss_flagged=bool(lf is not None and lf.flagged and lf.warm),
+                          grad_flagged=bool(gf is not None and gf.flagged and gf.warm),
+                          rollback_requested=requested)  # fmt: skip
+        self._judged = (verdict, lf, gf, snapshots)
+        return verdict
 
     def record(self, verdict: Verdict, *, lrs: list[float] | None = None) -> Decision | None:
         """Learn from a judged step (applied or vetoed) and say whether to roll back now."""
         step = verdict.step
         if lrs is not None:
             self.lrs.append((step, lrs))
+        if self._judged is None or self._judged[0] is not verdict:  # not the last judgement: the bands learn it now
+            self.judge(step, StepValues(verdict.loss, verdict.grad_norm, 0, 0))
+        judged, self._judged = self._judged, None
         if verdict.veto:
             self.vetoes_in_row += 1
             self.recent_vetoes.append(step)
+            self.loss_detector.restore(judged[3][0])
+            self.grad_detector.restore(judged[3][1])
         else:
             self.vetoes_in_row = 0
-            self._learn(verdict)
+            self._learn(verdict, judged[1], judged[2])
         if self.incident is None and verdict.loss_flagged and not verdict.veto:
             self._open(step)
         elif self.incident is None and verdict.veto and self._vetoes_pile_up():
@@ -166,16 +180,19 @@ class Judge:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _learn(self, verdict: Verdict) -> None:
-        step = verdict.step
-        if math.isfinite(verdict.loss):
-            flag = self.loss_detector.update(step, verdict.loss)
-            if not flag.flagged and self.incident is None:
-                self.healthy.append((step, verdict.loss))
-        if math.isfinite(verdict.grad_norm):
-            flag = self.grad_detector.update(step, verdict.grad_norm)
-            if flag.flagged and flag.warm:
-                self.grad_flags.append(step)
+    def _withdraw(self) -> None:
+        """Undo what the bands learnt from a judgement that was not recorded."""
+        if self._judged is not None:
+            self.loss_detector.restore(self._judged[3][0])
+            self.grad_detector.restore(self._judged[3][1])
+            self._judged = None
+
+    def _learn(self, verdict: Verdict, loss_flag: Flag | None, grad_flag: Flag | None) -> None:
+        # The bands learnt the step in `judge`; what the judgement keeps besides follows their flags.
+        if loss_flag is not None and not loss_flag.flagged and self.incident is None:
+            self.healthy.append((verdict.step, verdict.loss))
+        if grad_flag is not None and grad_flag.flagged and grad_flag.warm:
+            self.grad_flags.append(verdict.step)
 
     def _vetoes_pile_up(self) -> bool:
         # As many vetoes as `max_vetoes_in_row`, not in a row but within 4x as many steps.
@@ -235,7 +252,9 @@ class Judge:
     # --------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain types only (for a checkpoint loaded with weights_only=True)."""
+        """Plain types only (for a checkpoint loaded with weights_only=True); a judgement not yet
+        recorded is withdrawn (`record` judges it again)."""
+        self._withdraw()
         incident = None
         if self.incident is not None:
             i = self.incident
@@ -267,7 +286,7 @@ class Judge:
             self.lrs = deque(((int(s), [float(x) for x in lrs]) for s, lrs in state["lrs"]), maxlen=self.lrs.maxlen)
             self.vetoes_in_row = int(state["vetoes_in_row"])
             self.recent_vetoes = deque((int(s) for s in state.get("recent_vetoes", [])), maxlen=self.recent_vetoes.maxlen)
-            self.incident = None
+            self.incident, self._judged = None, None
             if state["incident"] is not None:
                 i = state["incident"]
                 tracker = None
