@@ -369,7 +369,7 @@ def test_a_segment_the_guard_vetoed_until_its_rollback_is_not_judged_for_damage(
     assert guard.rollbacks == 1
     diagnosis = spikedoc.analyze(tmp_path / "run")
     [(inc, ctx)] = [(i, c) for i, c in zip(diagnosis.incidents, diagnosis.context) if c.get("segment", 0) == 0]
-    assert inc.handled_by_guard and inc.damage == {}
+    assert inc.handled_by_guard and inc.damage == {} and inc.verdict == "rolled_back"
     assert any(n.startswith("the guard vetoed every step from 65 until it rolled back at step 70") for n in ctx["notes"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 import spikedoc
 from spikedoc.cli import app
 from spikedoc.report.html import render_html
+from spikedoc.report.plots import tensor_lines_png
 from tests.common.browser import NO_CHROMIUM, chromium, dump_dom, screenshot
 from tests.common.planted import NAMES, adamw_meta, healthy_layers, healthy_steps, write_run
 
@@ -181,3 +183,10 @@ def test_reporting_never_imports_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_tensor_lines_without_a_positive_update_ratio_draw_with_no_log_scale_warning():
+    rows = pd.DataFrame({"step": [0, 1, 0, 1], "name": ["a", "a", "b", "b"], "update_ratio": [0.0, np.nan, 0.0, 0.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tensor_lines_png(rows, ["a", "b"], [("update_ratio", "update/weight")], onset=1)[:4] == b"\x89PNG"

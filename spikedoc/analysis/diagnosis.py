@@ -163,7 +163,7 @@ def _credit_guard(diagnosis: Diagnosis) -> None:
         if _vetoed_until_rollback(inc, handling):
             # No update was applied after onset in this segment: what the loss did there is the
             # vetoed batches' loss, not damage to the model; the replay is judged as its own incident.
-            inc.damage = {}
+            inc.verdict, inc.damage = "rolled_back", {}
             ctx.setdefault("notes", []).append(
                 f"the guard vetoed every step from {inc.onset_step} until it rolled back at step "
                 f"{handling['rollback']['detail']['from_step']}: the losses after onset are of batches never trained "

@@ -232,6 +232,8 @@ def _verdict(inc: Incident) -> str:
     text = f"verdict: <b>{_e(inc.verdict)}</b>"
     if inc.recovered and inc.recovery_step is not None:
         text += f", back on its trajectory from step {inc.recovery_step}"
+    elif inc.verdict == "rolled_back":
+        text += ": the guard vetoed every step from onset and rolled back, so no update of this stretch was applied"
     damage = inc.damage or {}
     excess = damage.get("excess_ratio")
     if isinstance(excess, float) and math.isfinite(excess):

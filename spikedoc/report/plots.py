@@ -195,10 +195,13 @@ def tensor_lines_png(layers: pd.DataFrame, names: list[str], columns: list[tuple
         fig = Figure(figsize=(10, 1.9 * len(columns) + 0.5), dpi=_DPI, layout="constrained")
         axes = fig.subplots(len(columns), 1, sharex=True, squeeze=False)[:, 0]
         for ax, (column, label) in zip(axes, columns):
+            positive = False
             for name in names:
                 rows = layers[layers["name"].astype(str) == name]
-                ax.plot(rows["step"], pd.to_numeric(rows[column], errors="coerce"), lw=1.1, label=name)
-            if column == "update_ratio":
+                values = pd.to_numeric(rows[column], errors="coerce")
+                positive = positive or bool((values > 0).any())
+                ax.plot(rows["step"], values, lw=1.1, label=name)
+            if column == "update_ratio" and positive:  # no positive value (steps without updates): no log axis
                 _log_axis(ax)
             ax.axvline(onset, color="black", lw=0.8)
             ax.set_ylabel(label)

@@ -133,7 +133,7 @@ def _table(console: Console, incidents: list[Incident]) -> None:
         table.add_row(
             str(i), _SEVERITY_STYLE[inc.severity], inc.kind, str(inc.onset_step), str(inc.end_step),
             _fmt_table(inc.magnitude_sigma),
-            inc.verdict if inc.recovered else f"[red]{inc.verdict}[/red]",
+            inc.verdict if inc.recovered or inc.handled_by_guard else f"[red]{inc.verdict}[/red]",
             inc.cause + ("?" if inc.cause_guessed else ""),
             "" if inc.precursor_lead_steps is None else str(inc.precursor_lead_steps),
         )
@@ -146,7 +146,12 @@ def _table(console: Console, incidents: list[Incident]) -> None:
 def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) -> None:
     console.print()
     segment = f" (segment {ctx['segment']})" if ctx.get("segment") else ""
-    state = f"recovered (on its trajectory from step {inc.recovery_step})" if inc.recovered else f"[red]{inc.verdict}[/red]"
+    if inc.recovered:
+        state = f"recovered (on its trajectory from step {inc.recovery_step})"
+    elif inc.verdict == "rolled_back":
+        state = "rolled back by the guard (no step after onset was applied)"
+    else:
+        state = f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
         f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_fmt_table(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
