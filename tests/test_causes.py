@@ -317,15 +317,31 @@ def test_clipping_tightens_to_one_then_halves(current, expected):
     assert tighter_clip(current) == expected
 
 
-def test_clip_norm_in_use_is_inferred_from_clip_coef_without_meta_config(tmp_path):
+def _clipped_at(max_norm: float) -> pd.DataFrame:
+    """A healthy run (gradient norms 1.8-2.3) clipped at `max_norm` by the loop, then a gradient spike with lasting damage."""
     steps = healthy_steps()
-    steps["grad_norm"] *= 4  # now mostly above a 1.5 max norm
-    steps["clip_coef"] = np.minimum(1.0, 1.5 / steps["grad_norm"])
+    steps["grad_norm"] *= 4
+    steps["clip_coef"] = np.minimum(1.0, max_norm / steps["grad_norm"])
     steps.loc[T - 3 : T + 2, "grad_norm"] *= 50  # the gradient spiked with it: clipping is implicated
     _elevate(steps, T, 600, 1.3)
+    return steps
+
+
+def test_clip_norm_in_use_is_inferred_from_clip_coef_without_meta_config(tmp_path):
+    steps = _clipped_at(2.1)  # about a third of the steps clipped
     meta = adamw_meta(watch={"every": 1, "layer_every": 1, "clip": None})
     inc = analyze(write_run(tmp_path / "run", steps, meta=meta)).incidents[0]
-    assert inc.recommendation["clip_max_norm"] == 1.0  # 1.5 observed -> 1.0
+    assert inc.recommendation["clip_max_norm"] == 1.0  # 2.1 observed -> 1.0
+
+
+def test_a_clip_that_already_acts_on_most_steps_is_not_tightened_and_the_report_says_why(tmp_path):
+    steps = _clipped_at(1.5)  # nearly every step clipped: tightening would cut every update
+    meta = adamw_meta(watch={"every": 1, "layer_every": 1, "clip": None})
+    diagnosis = analyze(write_run(tmp_path / "run", steps, meta=meta))
+    inc, ctx = diagnosis.incidents[0], diagnosis.context[0]
+    assert inc.recommendation["rollback"] and inc.recommendation["clip_max_norm"] is None
+    assert "tighten_clip" not in [a["action"] for a in inc.recommendation["actions"]]
+    assert any(n.startswith("no tighter clipping advised: clipping at 1.5 already acts on 100%") for n in ctx["notes"])
 
 
 def test_recommended_lr_factor_and_new_peak_lr_follow_the_case_study(tmp_path):

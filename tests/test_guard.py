@@ -149,6 +149,16 @@ def test_a_rollback_tightens_clipping_and_scales_the_lr(tmp_path):
     assert spikedoc.load(tmp_path).meta["watch"]["clip"] == 0.5  # the segment after the rollback
 
 
+def test_a_rollback_keeps_a_clip_that_already_acted_on_most_steps(tmp_path):
+    # At 1e-3 every step is clipped: halving it would halve every update, on top of the LR factor.
+    guard, _ = run_guarded(tmp_path, steps=60, checkpoint_every=20, clip=1e-3,
+                           after_backward=_nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert guard.clip == 1e-3 and rollback["clip"] == rollback["clip_before"] == 1e-3
+    assert rollback["clip_kept"].startswith("clipping at 0.001 already acts on 100% of the")
+    assert guard.lr_scale == pytest.approx(0.7)  # the LR is still lowered
+
+
 def test_a_spent_budget_stops_the_run_with_guard_stopped(tmp_path):
     always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped) as stop:

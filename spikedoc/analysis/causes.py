@@ -12,7 +12,7 @@ from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Resume
 
-__all__ = ["Evidence", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "ACTIONS"]
+__all__ = ["Evidence", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
 
 # A freshly built Adam state after one step is (1 - beta2) g^2: <= 0.05 of a trained one for beta2 >= 0.95.
 _MOMENTS_RESET = 0.1
@@ -310,16 +310,28 @@ def _unknown(incident: Incident, ev: Evidence) -> list[str]:
     return out + ev.notes
 
 
-def tighter_clip(current: float | None) -> float:
+def tighter_clip(current: float | None, *, clipped_share: float = 0.0) -> float | None:
     """The clipping norm to use next: 1.0 when unclipped or above 1.0, else half the current one.
 
+    None (keep it) when the clip already acts on at least half of the steps (`clipped_share`, of
+    the steps before the incident): it then scales the typical update down, so tightening it is an
+    LR cut on every step (the LR advice's job) rather than a bound on outliers.
+
     Example:
-        >>> tighter_clip(2.0), tighter_clip(1.0), tighter_clip(None)
-        (1.0, 0.5, 1.0)
+        >>> tighter_clip(2.0), tighter_clip(1.0), tighter_clip(None), tighter_clip(1.0, clipped_share=0.9)
+        (1.0, 0.5, 1.0, None)
     """
     if current is None or not math.isfinite(current) or current <= 0:
         return 1.0
+    if clipped_share >= 0.5:
+        return None
     return 1.0 if current > 1.0 else current / 2
+
+
+def clip_kept_because(clip: float, clipped_share: float, steps: int) -> str:
+    """Why `tighter_clip` kept the clip: a sentence for the advice and the guard's rollback."""
+    return (f"clipping at {fmt(clip)} already acts on {clipped_share:.0%} of the {steps} steps before: tightening it "
+            "would scale every update down, an LR cut, not a bound on outliers")
 
 
 #: Kinds of action a recommendation can hold (`recommendation["actions"][i]["action"]`).
@@ -438,8 +450,12 @@ def recommend(
                         "because": f"cause {cause} with lasting damage at the LR in use (peak {fmt(peak_lr)})"})
     grad = _grad_evidence(incident, ev)
     if rec["rollback"] and grad and cause not in _REPAIR:
-        rec["clip_max_norm"] = tighter_clip(clip)
-        actions.append({"action": "tighten_clip", "max_norm": rec["clip_max_norm"], "was": clip, "because": grad})
+        share, steps = _clipped_share(ev)
+        rec["clip_max_norm"] = tighter_clip(clip, clipped_share=share)
+        if rec["clip_max_norm"] is not None:
+            actions.append({"action": "tighten_clip", "max_norm": rec["clip_max_norm"], "was": clip, "because": grad})
+        else:
+            ev.notes.append(f"no tighter clipping advised: {clip_kept_because(clip, share, steps)}")
     if cause == "optimizer_state" and ev.layers is not None and ev.layers.precursors:
         rec["reset_optimizer_state_for"] = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
         actions.append({"action": "reset_moments", "tensors": rec["reset_optimizer_state_for"],
@@ -498,6 +514,17 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
         off = ev.ranks["off_ranks"] if ev.ranks else []
         return [{"action": "check_rank", "ranks": off, "because": incident.evidence[0] if incident.evidence else "numerics"}]
     return []
+
+
+def _clipped_share(ev: Evidence) -> tuple[float, int]:
+    """Share of steps the clip acted on before the incident (earlier in the run when known, else in
+    the lookback: clipping that only just started to act is a growing gradient, not the run's norm)."""
+    c = ev.clipping
+    if not c:
+        return 0.0, 0
+    if math.isfinite(c["run_share"]):
+        return c["run_share"], c["run_steps"]
+    return c["share"], c["steps"]
 
 
 def _grad_evidence(incident: Incident, ev: Evidence) -> str | None:

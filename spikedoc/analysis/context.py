@@ -141,6 +141,7 @@ def clipping_before(frame: pd.DataFrame, onset: int, *, config: AnalysisConfig |
         "share": share,
         "steps": int(window.sum()),
         "run_share": run_share,
+        "run_steps": int(earlier.sum()),
         "median_coef": float(np.median(in_window)) if in_window.size else 1.0,
         "saturated": share >= config.clip_saturation and not (run_share * 2 > share),
         "ever": bool(clipped[np.isfinite(coef)].any()),

@@ -85,7 +85,8 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
         d = rollback["detail"]
         parts.append(f"it rolled back from step {d.get('from_step')} to {d.get('to_step', rollback['step'])}"
                      + (f" with the LR x{d['lr_scale']:g}" if isinstance(d.get("lr_scale"), (int, float)) else "")
-                     + (f", clipping at {d['clip']:g}" if isinstance(d.get("clip"), (int, float)) else "")
+                     + (f", clipping at {d['clip']:g}" + (" (kept: it already acted on most steps)" if d.get("clip_kept") else "")
+                        if isinstance(d.get("clip"), (int, float)) else "")
                      + (f", {len(d['skipped_positions'])} batches skipped" if d.get("skipped_positions") else ""))
     handled = rollback is not None or len(vetoed) == end - onset + 1
     return {"vetoed": vetoed, "rollback": rollback, "handled": handled, "because": "; ".join(parts)}

@@ -163,6 +163,11 @@ class StreamingDetector:
         finally:
             self.restore(saved)
 
+    def window(self) -> list[float]:
+        """The baseline's values (oldest first), in the series' own units."""
+        values = self._baseline.values()
+        return [math.exp(v) for v in values] if self.log_scale else values
+
     def snapshot(self) -> tuple[Any, ...]:
         """The detector's state, to `restore` if an `update` is withdrawn (a guard's vetoed step never
         enters the baseline). Cheap: copies, no sort. Each snapshot restores once."""

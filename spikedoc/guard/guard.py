@@ -429,7 +429,8 @@ class Guard:
         saved_scale = float(state["guard"]["lr_scale"])
         self._restore(state)
         remedy = plan_remedy(decision, config=self.config, clip=self.clip, lr_scale=self.lr_scale, hold=self._hold,
-                             batches={s.step: (s.positions, s.sample_ids) for s in self._recent})  # fmt: skip
+                             batches={s.step: (s.positions, s.sample_ids) for s in self._recent},
+                             clipped=self._judge.clipped_share(self.clip))  # fmt: skip
         evidence = remedy.evidence(clip_before=self.clip, jump=decision.lr_jump)
         evidence["lr_scale_before"] = self.lr_scale
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold

@@ -172,6 +172,14 @@ class Judge:
                                                         "excess_sigma": state.excess_sigma})  # fmt: skip
         return decision
 
+    def clipped_share(self, clip: float | None) -> tuple[float, int]:
+        """Share of the gradient-norm band's steps (healthy, applied) whose norm was at or above
+        `clip`, i.e. clipped; and how many steps that is."""
+        norms = self.grad_detector.window()
+        if clip is None or not norms:
+            return 0.0, len(norms)
+        return sum(n >= clip for n in norms) / len(norms), len(norms)
+
     def forget_vetoes(self) -> None:
         """The vetoes so far were the data's fault: no incident, nothing piling up."""
         self.vetoes_in_row = 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spikedoc.analysis.causes import tighter_clip
+from spikedoc.analysis.causes import clip_kept_because, tighter_clip
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.judge import Decision
 
@@ -34,11 +34,15 @@ class Remedy:
     skip_sample_ids: list[Any] = field(default_factory=list)
     held_now: bool = False
     """This rollback started the hold (the cause was an LR jump)."""
+    clip_kept: str | None = None
+    """Why clipping was not tightened, when it was not (it already acted on most steps)."""
 
     def evidence(self, *, clip_before: float | None, jump: dict[str, Any] | None) -> dict[str, Any]:
         """Plain fields for the rollback event."""
         out: dict[str, Any] = {"clip_before": clip_before, "clip": self.clip, "lr_scale": self.lr_scale,
                                "skipped_positions": self.skip_positions, "skipped_sample_ids": self.skip_sample_ids[:256]}  # fmt: skip
+        if self.clip_kept is not None:
+            out["clip_kept"] = self.clip_kept
         if self.held_now and self.hold is not None:
             out["lr_held"] = {"from_step": self.hold["from_step"], "at": self.hold["caps"], "jump": jump}
         return out
@@ -52,13 +56,15 @@ def plan_remedy(
     lr_scale: float,
     hold: dict[str, Any] | None,
     batches: dict[int, tuple[list[int], list[Any]]],
+    clipped: tuple[float, int] = (0.0, 0),
 ) -> Remedy:
     """The replay's settings after rolling back for `decision`.
 
     An LR jump in the lookback (cause `lr_schedule`) is repaired, not trained around: the applied LR
     is held at its level before the jump, and the peak LR, clipping and data stay (as `analyze`
     recommends for a repair cause). Anything else: the schedule times `lr_factor`, clipping
-    tightened (`tighter_clip`), the attributed batches skipped with `skip_window` on either side.
+    tightened (`tighter_clip`: unless it already acts on most steps), the attributed batches
+    skipped with `skip_window` on either side.
 
     Args:
         decision: The judgement's rollback decision.
@@ -67,6 +73,8 @@ def plan_remedy(
         lr_scale: LR scale in use.
         hold: LR hold in use, if any.
         batches: step -> (data positions of its batches, sample ids) of the steps the guard remembers.
+        clipped: Share of the healthy steps before the incident that `clip` clipped, and their count:
+            a clip that acts on most steps is kept (`tighter_clip`).
 
     Example:
         >>> d = Decision(reason="vetoes", onset_step=5, precursor_step=5, cause="damage", attributed_steps=[5])
@@ -90,8 +98,10 @@ def plan_remedy(
             for position in step_positions:
                 positions += range(max(0, position - w), position + w + 1)
             ids += sample_ids
-    return Remedy(clip=tighter_clip(clip), lr_scale=lr_scale * factor, hold=hold,
-                  skip_positions=sorted(set(positions)), skip_sample_ids=ids)  # fmt: skip
+    tighter = tighter_clip(clip, clipped_share=clipped[0])
+    return Remedy(clip=tighter if tighter is not None else clip, lr_scale=lr_scale * factor, hold=hold,
+                  skip_positions=sorted(set(positions)), skip_sample_ids=ids,
+                  clip_kept=clip_kept_because(clip, *clipped) if tighter is None else None)  # fmt: skip
 
 
 def implicated(onset: Tensor, before: list[Tensor]) -> list[bool]:

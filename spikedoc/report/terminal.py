@@ -109,8 +109,10 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
         elif a["kind"] == "rollback":
             line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
                     + (f"LR held at {d['lr_held'].get('at')} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
-                       else f"LR x{_val(d.get('lr_scale'))} of the original, clip {_val(d.get('clip_before'))} -> "
-                            f"{_val(d.get('clip'))}, {len(d.get('skipped_positions') or [])} batches skipped"))
+                       else f"LR x{_val(d.get('lr_scale'))} of the original, "
+                            + (f"clip {_val(d.get('clip'))} kept (it already acted on most steps)" if d.get("clip_kept")
+                               else f"clip {_val(d.get('clip_before'))} -> {_val(d.get('clip'))}")
+                            + f", {len(d.get('skipped_positions') or [])} batches skipped"))
         elif a["kind"] == "guard_stop":
             line = f"stopped at step {a['step']}: {d.get('reason')}"
         else:
