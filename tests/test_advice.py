@@ -114,6 +114,20 @@ def test_a_loss_back_at_its_untrained_level_is_a_state_reset_without_any_resume(
     assert any("untrained level" in e for e in inc.evidence)
 
 
+def test_a_loss_thrown_back_to_its_untrained_level_right_after_an_lr_jump_is_the_jump_not_a_state_reset(tmp_path):
+    steps = pd.read_csv(REAL / "modded-nanogpt_2024-10-29_Optimizers_8bfe4e35.csv")
+    steps = steps.loc[steps["step"] <= 3000].copy()
+    at = steps["step"] >= 2500
+    steps.loc[at, "loss"] = steps["loss"].to_numpy()[: int(at.sum())]
+    steps["lr"] = np.where(steps["step"] >= 2499, 4e-2, 1e-3)  # the schedule jumped 40x one step before
+    csv = tmp_path / "surge.csv"
+    steps.to_csv(csv, index=False)
+    inc = next(i for i in spikedoc.analyze(csv).incidents if i.onset_step >= 2500)
+    assert (inc.onset_step, inc.cause) == (2500, "lr_schedule")
+    assert any("the jump undid much of the training" in e for e in inc.evidence)
+    assert "load_state" not in _actions(inc) and "fix_schedule" in _actions(inc)
+
+
 def test_a_csv_without_lr_or_grad_norm_gets_no_lr_or_clip_advice(tmp_path):
     steps = pd.read_csv(REAL / "modded-nanogpt_2024-10-29_Optimizers_8bfe4e35.csv")
     steps.loc[steps["step"] >= 3000, "loss"] *= 1.25  # lasting damage

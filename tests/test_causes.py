@@ -308,8 +308,18 @@ def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):
     _elevate(steps, T, 600, 2.0)  # never comes back: a rollback is needed
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
     assert inc.recovered is False
-    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 100, False)
+    # 100 steps before the update the onset's loss first shows (the step before onset).
+    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 1 - 100, False)
     assert "no checkpoint events recorded" in action_text(inc.recommendation["actions"][0])
+
+
+def test_a_checkpoint_taken_at_the_onset_step_is_not_a_rollback_target_unless_the_onset_batch_is_the_fault(tmp_path):
+    # The checkpoint event at step T holds the update of step T - 1, which the loss at T is the first to show.
+    steps = healthy_steps()
+    _elevate(steps, T, 600, 2.0)
+    events = [("checkpoint", s, {"path": f"ckpt/{s}.pt"}) for s in (T - 50, T)]
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
+    assert inc.cause != "bad_batch" and inc.recommendation["rollback_to_step"] == T - 50
 
 
 @pytest.mark.parametrize(("current", "expected"), [(None, 1.0), (5.0, 1.0), (2.0, 1.0), (1.0, 0.5), (0.5, 0.25)])

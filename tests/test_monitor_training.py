@@ -319,6 +319,20 @@ def test_record_overrides_loss_and_adds_samples_and_columns(tmp_path):
     assert steps["tokens_per_sec"].tolist() == [123.5, 123.5]
 
 
+def test_sample_ids_given_as_an_integer_tensor_are_recorded_as_the_integers_they_are(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.tensor([2**40 + 3, 7, 0])  # beyond float32's exact integers
+    with spikedoc.watch(model, opt, run_dir=tmp_path) as monitor:
+        input_ids, labels = char_text().batch(0)
+        loss = model(input_ids, labels=labels).loss
+        monitor.record(loss=loss, sample_ids=ids)
+        loss.backward()
+        opt.step()
+    # The column holds strings (ids may be names): those of the integers, not of floats ("7.0").
+    assert list(spikedoc.load(tmp_path).steps["sample_ids"][0]) == [str(2**40 + 3), "7", "0"]
+
+
 def test_models_without_a_loss_output_record_the_loss_given(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

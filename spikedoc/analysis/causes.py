@@ -96,8 +96,8 @@ def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None
 def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     if ev.resume is None:
         r = ev.reset_level
-        if r is None:
-            return []
+        if r is None or (ev.lr_jump is not None and ev.lr_jump["direction"] == "up"):
+            return []  # a loss thrown back that far right after an LR jump up: the jump undid training (lr_schedule)
         return [
             f"the loss went back to {fmt(r['level'])} (median of the {r['steps']} steps from onset), {r['share']:.0%} of the "
             f"way from its baseline {fmt(r['baseline'])} to its untrained level {fmt(r['initial'])} at the start of the run, "
@@ -123,6 +123,10 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
         f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
         f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
     ]
+    r = ev.reset_level
+    if r is not None and ev.resume is None:
+        out.append(f"the loss went back to {fmt(r['level'])}, {r['share']:.0%} of the way from its baseline {fmt(r['baseline'])} "
+                   f"to its untrained level {fmt(r['initial'])}: the jump undid much of the training so far")
     if jump.get("at_resume") is not None:
         out.append(
             f"step {jump['step']} is where segment {jump['at_resume']} resumed the run: the scheduler's state (its "
@@ -467,7 +471,10 @@ def recommend(
 def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None]], first_step: int,
                      config: AnalysisConfig) -> dict[str, Any]:  # fmt: skip
     bad = [b["step"] for b in ev.batches if b["anomalies"]] if incident.cause == "bad_batch" else []
-    earliest = min([incident.onset_step] + bad
+    # The loss at onset is the first to show the update of the step before, unless the onset's own
+    # batch is the fault (bad_batch: its loss is high before its update).
+    shown = incident.onset_step if incident.cause == "bad_batch" else incident.onset_step - 1
+    earliest = min([shown] + bad
                    + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
                    + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else []))

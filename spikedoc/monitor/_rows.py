@@ -22,7 +22,7 @@ _FINGERPRINT_COLUMNS = ("batch_hash", "seq_len_min", "seq_len_median", "seq_len_
 def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
     """A record() value: host values as given, tensors from their landed copy."""
     if isinstance(value, DeferredKey):
-        arr = values[value]
+        arr = values[value].astype(np.int64) if value.integer else values[value]
         return arr.item() if arr.ndim == 0 else arr.tolist()
     return value
 

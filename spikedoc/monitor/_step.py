@@ -70,6 +70,9 @@ class StepRecord:
 class DeferredKey(str):
     """Stands in a row for a tensor value (a recorded scalar, a tensor LR) that reaches the host separately, later."""
 
+    integer: bool = False
+    """The tensor held integers (sample ids, counts): they travel as float64 and are made ints again."""
+
 
 def extract_loss(output: Any) -> Tensor | None:
     """The loss in a forward's output, or None when there is none to be sure of.

@@ -599,6 +599,7 @@ class Monitor:
     def _value(self, st: StepRecord, value: Any) -> Any:
         if isinstance(value, Tensor):
             key = DeferredKey(f"rec:{len(st.late)}")
+            key.integer = not value.is_floating_point() and not value.is_complex()
             p = Packer()
             p.add(key, value.detach().float() if value.is_floating_point() else value.detach())
             st.late.append(p.launch())
