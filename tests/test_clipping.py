@@ -251,21 +251,23 @@ def test_before_torch_2_6_clip_grad_norm_itself_is_observed(tmp_path, monkeypatc
 
 def _grad_norms_then_step(model, opt, monitor, steps: int) -> tuple[list[tuple[float, dict[str, float]]], list[float]]:
     """Train, asking the monitor for the step's gradient norms before each step; returns brute-force
-    norms before the step and the global norms `grad_norms()` gave."""
+    norms before the step and the global norms `grad_norm()` gave."""
     brute, given = [], []
     for i in range(steps):
         input_ids, labels = char_text().batch(i)
         model(input_ids, labels=labels).loss.backward()
         brute.append(_brute_norms(model))
-        total, per_tensor, params = monitor.grad_norms()
-        assert len(params) == len(per_tensor) == len(list(model.parameters()))
+        total = monitor.grad_norm()
+        per_tensor, params = monitor.tensor_grad_norms()
+        assert params == list(model.parameters())
+        np.testing.assert_allclose(per_tensor.tolist(), list(brute[-1][1].values()), rtol=1e-5)
         given.append(float(total))
         opt.step()
         opt.zero_grad()
     return brute, given
 
 
-def test_grad_norms_before_the_step_are_the_exact_pre_clip_norms_and_the_step_records_the_same(tmp_path):
+def test_grad_norm_before_the_step_is_the_exact_pre_clip_norm_and_the_step_records_the_same(tmp_path):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with spikedoc.watch(model, opt, run_dir=tmp_path / "run", clip=0.3, budget=None) as monitor:
@@ -276,8 +278,8 @@ def test_grad_norms_before_the_step_are_the_exact_pre_clip_norms_and_the_step_re
     np.testing.assert_allclose(steps["clip_coef"], [min(1.0, 0.3 / (g + 1e-6)) for g in given], rtol=1e-6)
 
 
-def test_clip_after_grad_norms_trains_bit_for_bit_like_clip_without_it(tmp_path):
-    # The step's clip= reuses the norms grad_norms() took: the gradients are scaled once, by the same factor.
+def test_clip_after_grad_norm_trains_bit_for_bit_like_clip_without_it(tmp_path):
+    # The step's clip= reuses the norms grad_norm() took: the gradients are scaled once, by the same factor.
     asked, plain = make_model(seed=5), make_model(seed=5)
     opts = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (asked, plain)]
     with spikedoc.watch(asked, opts[0], run_dir=tmp_path / "asked", clip=0.3) as monitor:
@@ -291,7 +293,7 @@ def test_clip_after_grad_norms_trains_bit_for_bit_like_clip_without_it(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(asked.parameters(), plain.parameters()))
 
 
-def test_grad_norms_after_the_loops_own_clip_are_the_norms_before_it(tmp_path):
+def test_grad_norm_after_the_loops_own_clip_is_the_norm_before_it(tmp_path):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with spikedoc.watch(model, opt, run_dir=tmp_path / "run") as monitor:
@@ -299,7 +301,7 @@ def test_grad_norms_after_the_loops_own_clip_are_the_norms_before_it(tmp_path):
         model(input_ids, labels=labels).loss.backward()
         before, _ = _brute_norms(model)
         returned = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
-        total, _, _ = monitor.grad_norms()
+        total = monitor.grad_norm()
         opt.step()
     assert float(total) == pytest.approx(before, rel=1e-5)
     assert float(total) == pytest.approx(returned, rel=1e-6)

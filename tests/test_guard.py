@@ -159,6 +159,17 @@ def test_a_rollback_keeps_a_clip_that_already_acted_on_most_steps(tmp_path):
     assert guard.lr_scale == pytest.approx(0.7)  # the LR is still lowered
 
 
+def test_reset_moments_drops_the_optimizer_state_of_the_tensor_whose_gradient_led_the_incident(tmp_path):
+    def blow_up_one_tensor(step, guard):
+        if step in range(65, 70) and guard.rollbacks == 0:  # the band is warm from step 50
+            next(p for p in guard.model.parameters() if p.dim() == 2).grad.mul_(1e4)
+
+    guard, _ = run_guarded(tmp_path, steps=80, checkpoint_every=20, reset_moments=True, after_backward=blow_up_one_tensor)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    first_matrix = next(n for n, p in guard.model.named_parameters() if p.dim() == 2)
+    assert rollback["reset_optimizer_state_for"] == [first_matrix]
+
+
 def test_a_spent_budget_stops_the_run_with_guard_stopped(tmp_path):
     always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped) as stop:

@@ -282,15 +282,13 @@ class Guard:
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
-        measured = self.monitor.grad_norms()  # the monitor's own pass: its statistics and clipping reuse it
-        if measured is None:
+        grad_norm = self.monitor.grad_norm()  # the monitor's own pass: its statistics and clipping reuse it
+        if grad_norm is None:
             self._warn_once("grad_norm", "Guard: the gradient norm could not be computed (see the monitor's warning); "
                             "only the loss is judged")  # fmt: skip
             grad_norm = torch.zeros(())  # not judged: a log-scale band ignores non-positive values
-        else:
-            grad_norm, per_tensor, params = measured
-            if self.config.reset_moments:  # kept to find the implicated tensors of a rollback
-                self._norms_of_step = (per_tensor, params)
+        elif self.config.reset_moments:  # kept to find the implicated tensors of a rollback
+            self._norms_of_step = self.monitor.tensor_grad_norms()
         values = agree(loss, grad_norm, rollback_request=self._requested)
         self._requested = False
         verdict = self._judge.judge(p.step, values)

@@ -114,25 +114,28 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
 def _clip_only(monitor: Monitor, st: StepRecord, clip: float) -> None:
     """`clip=` on gradients whose statistics were taken earlier: their norms, unless the loop's own
     clip scaled the gradients since."""
-    layer_norms = st.grad_norms
-    if layer_norms is None or st.loop_clips:
-        layer_norms = [norms(st.grads[b]) for b in range(len(monitor.plan.buckets)) if b in st.grads]
-    _apply_clip(monitor, st, layer_norms, clip)
+    if st.grad_norms is not None and not st.loop_clips:
+        _apply_clip(monitor, st, st.grad_norms, clip, total=st.total_grad_norm)
+        return
+    _apply_clip(monitor, st, [norms(st.grads[b]) for b in range(len(monitor.plan.buckets)) if b in st.grads], clip)
 
 
 def total_norm(layer_norms: list[Tensor]) -> Tensor:
     """The global L2 norm of per-tensor norms (on the first one's device); 0 when there are none."""
     if not layer_norms:
         return torch.zeros(())
+    if len(layer_norms) == 1:
+        return torch.linalg.vector_norm(layer_norms[0])
     first = layer_norms[0].device
     return torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
 
 
-def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], clip: float) -> None:
-    """Scale the gradients exactly as `clip_grad_norm_(params, clip)` would, given their per-tensor norms."""
+def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], clip: float, total: Tensor | None = None) -> None:
+    """Scale the gradients exactly as `clip_grad_norm_(params, clip)` would, given their per-tensor
+    norms (and their global norm, when already computed)."""
     if not layer_norms:
         return
-    coef = clip_coefficient(total_norm(layer_norms), clip)
+    coef = clip_coefficient(total if total is not None else total_norm(layer_norms), clip)
     for b, bucket in enumerate(monitor.plan.buckets):
         real = [g for g in st.grads.get(b, []) if g is not monitor.plan.placeholders[b]]
         if real:

@@ -47,7 +47,9 @@ class StepRecord:
     """Gradient statistics are taken (or left for the post-step job) for this step."""
     grad_norms: list[Tensor] | None = None
     """Per bucket, the per-tensor gradient norms the statistics took before the step (unscaled):
-    `clip=` and `Monitor.grad_norms` reuse them rather than read the gradients again."""
+    `clip=` and `Monitor.grad_norm` reuse them rather than read the gradients again."""
+    total_grad_norm: Tensor | None = None
+    """Their global norm, once `Monitor.grad_norm` computed it (`clip=` reuses it)."""
     loop_clips: list[tuple[Tensor, float]] = field(default_factory=list)
     """The loop's own norm clips of this step: the coefficient each applied (device) and its max norm."""
     clipped_versions: list[int] | None = None

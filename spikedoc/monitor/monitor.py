@@ -248,18 +248,37 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("gradients_ready", exc, st)
 
-    def grad_norms(self) -> tuple[Tensor, Tensor, list[Tensor]] | None:
-        """This step's gradient norms before clipping, taken once with the step's own statistics.
+    def grad_norm(self) -> Tensor | None:
+        """This step's global gradient norm before clipping, taken once with the step's own statistics.
 
         Call between the last backward and `optimizer.step()`: the step's statistics and `clip=`
-        then reuse them instead of reading the gradients again. Norms are in float32, unscaled
-        for a fused optimizer under a GradScaler, of the local shards of sharded parameters.
+        then reuse it instead of reading the gradients again. In float32, unscaled for a fused
+        optimizer under a GradScaler, over the local shards of sharded parameters.
 
         Returns:
-            The global L2 norm (a device scalar, no host sync), the per-tensor norms and the
-            parameters in that order; None when they cannot be computed (e.g. sparse gradients,
-            after a warning) or the monitor is closed.
+            A device scalar (no host sync); None when it cannot be computed (e.g. sparse
+            gradients, after a warning) or the monitor is closed.
         """
+        layer_norms = self._step_grad_norms()
+        if layer_norms is None:
+            return None
+        st = self._cur
+        if st.grad_norms is layer_norms:
+            if st.total_grad_norm is None:
+                st.total_grad_norm = total_norm(layer_norms)
+            return st.total_grad_norm
+        return total_norm(layer_norms)
+
+    def tensor_grad_norms(self) -> tuple[Tensor, list[Tensor]] | None:
+        """This step's per-tensor gradient norms before clipping (as `grad_norm`) and their parameters, in that order."""
+        layer_norms = self._step_grad_norms()
+        if layer_norms is None:
+            return None
+        per_tensor = torch.cat([n.to(layer_norms[0].device) for n in layer_norms])
+        return per_tensor, [p for bucket in self.plan.buckets for p in bucket.sources]
+
+    def _step_grad_norms(self) -> list[Tensor] | None:
+        """Per bucket, the current step's per-tensor gradient norms, taken now unless they stand."""
         st = self._cur
         if self._closed:
             return None
@@ -275,12 +294,12 @@ class Monitor:
                 self._lane.join()  # the last step's job: its parameter norms are read here
                 self._replan_if_groups_changed()
                 grad_stats(self, st, clip=None, grad_scale=getattr(self.optimizer, "grad_scale", None), now=True)
-            layer_norms = st.grad_norms
-            per_tensor = torch.cat([n.to(layer_norms[0].device) for n in layer_norms])
+            if not st.grad_norms:
+                raise RuntimeError("no gradient norms were taken")
+            return st.grad_norms
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("grad_norms", exc, self._cur)
             return None
-        return total_norm(layer_norms), per_tensor, [p for bucket in self.plan.buckets for p in bucket.sources]
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index.
@@ -567,7 +586,7 @@ class Monitor:
         # after the step): a fresh one forgets the stale ones.
         st.grads_taken = False
         st.grad_work = None
-        st.grad_norms = None
+        st.grad_norms = st.total_grad_norm = None
         st.packer = Packer()
 
     def _replan_if_groups_changed(self) -> None:
