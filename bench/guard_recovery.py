@@ -86,7 +86,7 @@ class BenchConfig:
     surge_steps: int = 5
     eval_batches: int = 16
     """Held-out batches of `batch` x 64 bytes."""
-    rounds: int = 4
+    rounds: int = 8
     """Timing: rounds, each training every variant for `timing_steps` in alternating turns."""
     timing_steps: int = 200
     block: int = 10

@@ -370,7 +370,25 @@ def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_bu
     # The data was at fault, not the state: the first rollback's LR cut and tighter clip are undone.
     assert skips[0]["remedy_reverted"] and guard.lr_scale == 1.0 and guard.clip == 1.0
     assert guard.optimizer.param_groups[0]["lr"] == pytest.approx(healthy.optimizer.param_groups[0]["lr"], rel=1e-12)
-    assert [a["kind"] for a in spikedoc.analyze(tmp_path / "run").guard_actions].count("data_skip") == 3
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    assert [a["kind"] for a in diagnosis.guard_actions].count("data_skip") == 3
+    rolled_back = next(i for i in diagnosis.incidents if i.verdict == "rolled_back")
+    assert "its LR cut and clipping were undone at step" in rolled_back.recommendation["actions"][0]["because"]
+
+
+def test_the_report_names_each_data_skip_and_the_remedy_it_undid(tmp_path):
+    from rich.console import Console
+
+    from spikedoc.report.terminal import render
+
+    _, clean = run_guarded(tmp_path / "clean", steps=100, checkpoint_every=20)
+    run_guarded(tmp_path / "run", steps=100, checkpoint_every=20, fault=_corrupt_data(clean[65:80]))
+    console = Console(record=True, width=200)
+    render(spikedoc.analyze(tmp_path / "run"), console)
+    text = console.export_text()
+    assert ("data skip at step 70: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling "
+            "back; the last rollback's LR cut and clipping undone") in text
+    assert "data skip at step 75: steps 70-74 vetoed on a corrupt stretch of data, 5 batches skipped" in text
 
 
 def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skipped_data(tmp_path):

@@ -88,9 +88,23 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
                      + (f", clipping at {d['clip']:g}" + (" (kept: it already acted on most steps)" if d.get("clip_kept") else "")
                         if isinstance(d.get("clip"), (int, float)) else "")
                      + (f", {len(d['skipped_positions'])} batches skipped" if d.get("skipped_positions") else ""))
+        undone = _reverted_by(rollback, actions)
+        if undone is not None:
+            parts.append(f"its LR cut and clipping were undone at step {undone['step']}, when the vetoes went on over "
+                         "the data right after the skipped batches: the data was at fault, not the weights")
     handled = rollback is not None or len(vetoed) == end - onset + 1
     return {"vetoed": vetoed, "rollback": rollback, "handled": handled, "because": "; ".join(parts)}
 
 
 def _ranges(steps: list[int]) -> str:
     return f"{steps[0]}-{steps[-1]}" if len(steps) > 2 and steps[-1] - steps[0] == len(steps) - 1 else ", ".join(map(str, steps))
+
+
+def _reverted_by(rollback: dict[str, Any], actions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The data skip that undid `rollback`'s LR and clipping change, if one did before the next rollback."""
+    for a in actions[next(i for i, x in enumerate(actions) if x is rollback) + 1:]:
+        if a["kind"] == "rollback":
+            return None
+        if a["kind"] == "data_skip" and a["detail"].get("remedy_reverted"):
+            return a
+    return None

@@ -113,6 +113,11 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                             + (f"clip {_val(d.get('clip'))} kept (it already acted on most steps)" if d.get("clip_kept")
                                else f"clip {_val(d.get('clip_before'))} -> {_val(d.get('clip'))}")
                             + f", {len(d.get('skipped_positions') or [])} batches skipped"))
+        elif a["kind"] == "data_skip":
+            steps = d.get("steps") or []
+            line = (f"data skip at step {a['step']}: steps {'-'.join(str(x) for x in steps)} vetoed on a corrupt stretch of "
+                    f"data, {len(d.get('positions') or [])} batches skipped without rolling back"
+                    + ("; the last rollback's LR cut and clipping undone" if d.get("remedy_reverted") else ""))
         elif a["kind"] == "guard_stop":
             line = f"stopped at step {a['step']}: {d.get('reason')}"
         else:
@@ -289,7 +294,7 @@ def _fmt_table(value: float) -> str:
     """A number for the incident table: integers from 100 up, 2 significant digits below."""
     if not math.isfinite(value):
         return "inf" if value > 0 else str(value)
-    return f"{value:.0f}" if abs(value) >= 100 else fmt(value, 2)
+    return f"{value:.0f}" if abs(value) >= 99.5 else fmt(value, 2)  # 99.6 at 2 digits would print as 1e+02
 
 
 def _pct(value: float | None) -> str:
