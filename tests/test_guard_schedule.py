@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 from torch.optim import lr_scheduler as lrs
 
 import spikedoc
 from spikedoc.guard.schedule import scale_schedule
+from spikedoc.report.terminal import render
 
 STEPS = 80
 ROLLBACK_AT = 35
@@ -139,5 +141,9 @@ def test_a_rollback_for_an_lr_jump_holds_the_lr_at_its_level_before_the_jump(tmp
     replay = steps.loc[steps["segment"] == 1].set_index("step")["lr"]
     assert replay.index.min() == 40 and replay.to_numpy() == pytest.approx([0.01] * 40, rel=1e-6)  # as applied
     assert seen[60][-1] == [pytest.approx(0.1)]  # while the schedule itself is left as it is
-    held = [e for e in spikedoc.analyze(tmp_path).guard_actions if e["kind"] == "rollback"][0]
+    diagnosis = spikedoc.analyze(tmp_path)
+    held = [e for e in diagnosis.guard_actions if e["kind"] == "rollback"][0]
     assert held["detail"]["lr_held"]["jump"]["factor"] == pytest.approx(10.0)
+    console = Console(record=True, width=200)
+    render(diagnosis, console)
+    assert "(requested, cause lr_schedule): LR held at 0.01 from step 40" in console.export_text()

@@ -108,7 +108,7 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                     + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
         elif a["kind"] == "rollback":
             line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
-                    + (f"LR held at {d['lr_held'].get('at')} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
+                    + (f"LR held at {_val(d['lr_held'].get('at'))} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
                        else f"LR x{_val(d.get('lr_scale'))} of the original, "
                             + (f"clip {_val(d.get('clip'))} kept (it already acted on most steps)" if d.get("clip_kept")
                                else f"clip {_val(d.get('clip_before'))} -> {_val(d.get('clip'))}")
@@ -287,7 +287,11 @@ def _sigma(value: float) -> str:
 
 
 def _val(value: Any) -> str:
-    return _fmt_table(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    if isinstance(value, (list, tuple)):  # one value per param group
+        return ", ".join(_val(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(float(value)) if abs(value) < 1e-2 else _fmt_table(float(value))  # an LR keeps 3 digits
+    return str(value)
 
 
 def _fmt_table(value: float) -> str:
