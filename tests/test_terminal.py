@@ -39,6 +39,8 @@ def test_counts_agree_with_their_nouns():
     assert action_text(two) == "skip the batches of steps 140, 141: sample ids a"
     assert "if rank 3 fails again" in action_text({"action": "check_rank", "ranks": [3]})
     assert "if it fails again" in action_text({"action": "check_rank", "ranks": []})
+    assert "prefer bf16 over fp16" in action_text({"action": "check_rank", "ranks": [], "loss_scaled": True})
+    assert "fp16" not in action_text({"action": "check_rank", "ranks": [], "loss_scaled": False})  # bf16 or fp32 already
 
 
 def test_a_run_needing_no_attention_says_why():

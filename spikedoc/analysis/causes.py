@@ -519,7 +519,8 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
         return [{"action": "load_state", "because": incident.evidence[0] if incident.evidence else "state reset"}]
     if cause == "numerics_rank":
         off = ev.ranks["off_ranks"] if ev.ranks else []
-        return [{"action": "check_rank", "ranks": off, "because": incident.evidence[0] if incident.evidence else "numerics"}]
+        return [{"action": "check_rank", "ranks": off, "loss_scaled": ev.loss_scale is not None,
+                 "because": incident.evidence[0] if incident.evidence else "numerics"}]
     return []
 
 

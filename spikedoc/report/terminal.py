@@ -265,7 +265,9 @@ def action_text(action: dict[str, Any]) -> str:
     if kind == "check_rank":
         ranks = action.get("ranks") or []
         who = (f"rank {ranks[0]} fails" if len(ranks) == 1 else f"ranks {fmt_steps(ranks)} fail") if ranks else "it fails"
-        return f"rerun from the checkpoint; if {who} again, take that device out; prefer bf16 over fp16"
+        # A loss scale was recorded: fp16 training (a GradScaler), whose range bf16 does not have to manage.
+        fp16 = "; prefer bf16 over fp16" if action.get("loss_scaled") else ""
+        return f"rerun from the checkpoint; if {who} again, take that device out{fp16}"
     return kind
 
 
