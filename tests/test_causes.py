@@ -253,6 +253,18 @@ def test_state_reset_when_the_loss_returns_to_its_initial_level_after_a_resume(t
     assert inc.recommendation["rollback"] is True
 
 
+def test_a_state_reset_at_a_resume_rolls_back_to_the_checkpoint_the_resume_should_have_loaded(tmp_path):
+    steps = healthy_steps()
+    fresh = healthy_steps(seed=5).iloc[: len(steps) - 300].copy()
+    fresh["step"] += 300
+    fresh["time"] += 1e4
+    events = [("checkpoint", s, {"path": f"ckpt/{s}.pt"}) for s in (250, 300)]
+    write_run(tmp_path / "run", steps.iloc[:300], events=events)
+    write_run(tmp_path / "run", fresh)
+    inc = analyze(tmp_path / "run").incidents[0]
+    assert inc.cause == "state_reset" and inc.recommendation["rollback_to_step"] == 300
+
+
 # -------------------------------------------------------------------------------------- unknown
 
 
@@ -319,7 +331,7 @@ def test_a_checkpoint_taken_at_the_onset_step_is_not_a_rollback_target_unless_th
     _elevate(steps, T, 600, 2.0)
     events = [("checkpoint", s, {"path": f"ckpt/{s}.pt"}) for s in (T - 50, T)]
     inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
-    assert inc.cause != "bad_batch" and inc.recommendation["rollback_to_step"] == T - 50
+    assert inc.cause not in ("bad_batch", "lr_schedule") and inc.recommendation["rollback_to_step"] == T - 50
 
 
 @pytest.mark.parametrize(("current", "expected"), [(None, 1.0), (5.0, 1.0), (2.0, 1.0), (1.0, 0.5), (0.5, 0.25)])

@@ -471,9 +471,10 @@ def recommend(
 def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None]], first_step: int,
                      config: AnalysisConfig) -> dict[str, Any]:  # fmt: skip
     bad = [b["step"] for b in ev.batches if b["anomalies"]] if incident.cause == "bad_batch" else []
-    # The loss at onset is the first to show the update of the step before, unless the onset's own
-    # batch is the fault (bad_batch: its loss is high before its update).
-    shown = incident.onset_step if incident.cause == "bad_batch" else incident.onset_step - 1
+    # The loss at onset is the first to show the update of the step before, unless the fault is the
+    # onset step's own: its batch (bad_batch: high before its update) or a state not loaded at a resume.
+    own = incident.cause == "bad_batch" or (incident.cause == "state_reset" and ev.resume is not None)
+    shown = incident.onset_step if own else incident.onset_step - 1
     earliest = min([shown] + bad
                    + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
