@@ -487,3 +487,21 @@ def test_a_tuple_output_with_one_scalar_loss_is_captured_as_the_loss(tmp_path):
                 opt.zero_grad()
                 losses.append(loss.item())
     np.testing.assert_allclose(spikedoc.load(tmp_path).steps["loss"], losses, rtol=1e-6)
+
+
+def test_sample_ids_are_those_given_even_when_the_loop_refills_their_buffer(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    buffer = torch.zeros(3, dtype=torch.long)
+    with spikedoc.watch(model, opt, run_dir=tmp_path) as monitor:
+        for i in range(2):
+            buffer.copy_(torch.tensor([10 * i, 10 * i + 1, 10 * i + 2]))
+            input_ids, labels = char_text().batch(i)
+            loss = model(input_ids, labels=labels).loss
+            monitor.record(loss=loss, sample_ids=buffer)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            buffer.fill_(-1)  # the loop reuses the buffer right after the step
+    ids = spikedoc.load(tmp_path).steps["sample_ids"]
+    assert [list(x) for x in ids] == [["0", "1", "2"], ["10", "11", "12"]]

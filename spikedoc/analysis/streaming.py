@@ -152,8 +152,7 @@ class StreamingDetector:
     def update(self, step: int, value: float) -> Flag:
         """Judge `value` at `step` against the past, then add it to the baseline if it is in band."""
         value = float(value)
-        cols = self._run([int(step)], [value])
-        return Flag(int(step), value, *(col[0] for col in cols))
+        return Flag(int(step), value, *self._judge(int(step), value))
 
     def peek(self, step: int, value: float) -> Flag:
         """Judge `value` at `step` exactly as `update` would, leaving the detector unchanged."""
@@ -210,66 +209,62 @@ class StreamingDetector:
         self._streak_start = None if start is None else int(start)
         self._gap = int(state.get("gap", 0))
 
-    def _run(self, steps: Sequence[int], values: Sequence[float]) -> tuple[list, ...]:
-        # The one implementation of the rule, shared by update() and flag_series(). Attributes are
-        # bound to locals because this loop runs once per step of runs a million steps long.
+    def _run(self, steps: Sequence[int], values: Sequence[float]) -> list[tuple]:
+        # flag_series's loop: `_judge` over a whole series, one row per step.
+        judge = self._judge
+        return [judge(step, value) for step, value in zip(steps, values)]
+
+    def _judge(self, step: int, value: float) -> tuple[float, float, float, bool, bool, bool, bool]:
+        """The one implementation of the rule: judge `value` against the baseline, then learn it.
+
+        Returns (baseline shown, scale, z, flagged, nonfinite, warm, readapted). Runs once per
+        step of series a million steps long, and on a guard's every step: locals, no allocation
+        beyond the result.
+        """
         cfg = self.config
-        threshold, min_history, max_gap, persist = cfg.threshold, cfg.min_history, cfg.merge_gap, cfg.persist_steps
-        warm_floor, cold_floor = cfg.scale_floor, cfg.cold_scale_floor
-        log_scale = self.log_scale
-        relative = not log_scale
-        ratio = math.log1p(cfg.min_ratio) if log_scale else cfg.min_ratio
         base = self._baseline
-        summary, add, held = base.summary, base.add, self._held
-        streak, gap = self._streak_start, self._gap
-        isfinite, ln, exp, nan, inf = math.isfinite, math.log, math.exp, math.nan, math.inf
-        out_b, out_s, out_z, out_f, out_n, out_w, out_r = [], [], [], [], [], [], []
-        for step, value in zip(steps, values):
-            n, center, sigma = summary()
-            warm = n >= min_history
-            if n:
-                # The floor is the smallest noise believed: a fraction of the level (of the value
-                # itself on a log scale), larger while the baseline is cold; _TINY guards a zero level.
-                floor = warm_floor if warm else cold_floor
-                scale = max(sigma, floor * abs(center) if relative else floor, _TINY)
-                shown = exp(center) if log_scale else center
-            else:
-                scale = shown = nan
-            readapted = nonfinite = flagged = False
-            if not isfinite(value):
-                z, flagged, nonfinite = inf, True, True
-            elif log_scale and value <= 0.0:
-                z = nan  # no logarithm: not judged and kept out of the baseline (e.g. a grad norm logged as 0)
-            else:
-                x = ln(value) if log_scale else value
-                if n:
-                    dev = x - center
-                    z = dev / scale
-                    flagged = z > threshold and dev > ratio * (1.0 if log_scale else abs(center))
-                else:
-                    z = nan
-                if flagged:
-                    if streak is None:
-                        streak = step
-                    held.append(x)
-                    gap = 0
-                    if step - streak >= persist:
-                        base.reset(held)
-                        held.clear()
-                        streak, readapted = None, True
-                else:
-                    add(x)
-                    if streak is not None:
-                        gap += 1
-                        if gap > max_gap:
-                            streak, gap = None, 0
-                            held.clear()
-            out_b.append(shown)
-            out_s.append(scale)
-            out_z.append(z)
-            out_f.append(flagged)
-            out_n.append(nonfinite)
-            out_w.append(warm)
-            out_r.append(readapted)
-        self._streak_start, self._gap = streak, gap
-        return out_b, out_s, out_z, out_f, out_n, out_w, out_r
+        n, center, sigma = base.summary()
+        log_scale = self.log_scale
+        warm = n >= cfg.min_history
+        if n:
+            # The floor is the smallest noise believed: a fraction of the level (of the value
+            # itself on a log scale), larger while the baseline is cold; _TINY guards a zero level.
+            floor = cfg.scale_floor if warm else cfg.cold_scale_floor
+            scale = max(sigma, floor if log_scale else floor * abs(center), _TINY)
+            shown = math.exp(center) if log_scale else center
+        else:
+            scale = shown = math.nan
+        readapted = nonfinite = flagged = False
+        if not math.isfinite(value):
+            return shown, scale, math.inf, True, True, warm, False  # never enters the baseline
+        if log_scale and value <= 0.0:
+            return shown, scale, math.nan, False, False, warm, False  # no logarithm: not judged, kept out
+        x = math.log(value) if log_scale else value
+        if n:
+            dev = x - center
+            z = dev / scale
+            flagged = z > cfg.threshold and dev > self._min_dev(center)
+        else:
+            z = math.nan
+        if flagged:
+            if self._streak_start is None:
+                self._streak_start = step
+            self._held.append(x)
+            self._gap = 0
+            if step - self._streak_start >= cfg.persist_steps:
+                base.reset(self._held)
+                self._held.clear()
+                self._streak_start, readapted = None, True
+        else:
+            base.add(x)
+            if self._streak_start is not None:
+                self._gap += 1
+                if self._gap > cfg.merge_gap:
+                    self._streak_start, self._gap = None, 0
+                    self._held.clear()
+        return shown, scale, z, flagged, nonfinite, warm, readapted
+
+    def _min_dev(self, center: float) -> float:
+        """Smallest departure flagged besides the sigma rule (`min_ratio` of the level)."""
+        ratio = self.config.min_ratio
+        return math.log1p(ratio) if self.log_scale else ratio * abs(center)

@@ -191,6 +191,8 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
         st.lrs.append(lr)
     if st.loss_sum is not None:
         pk.add("loss_sum", st.loss_sum)
+    for key, tensor in st.recorded_tensors:
+        pk.add(key, tensor)
     if st.loop_clips:  # several clips in one step (parameter subsets): the strongest
         coefs = [c.float().to(st.loop_clips[0][0].device) for c, _ in st.loop_clips]
         pk.add("loop_clip_coef", torch.stack(coefs).amin())

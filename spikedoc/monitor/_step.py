@@ -35,6 +35,11 @@ class StepRecord:
     share of the step's loss, normalised by the items of the whole step, so the step loss is their sum."""
     recorded: dict[str, Any] = field(default_factory=dict)
     late: list[Landing] = field(default_factory=list)
+    """Host copies of tensors given to `record()` after the step's own copy was launched."""
+    recorded_tensors: list[tuple[str, Tensor]] = field(default_factory=list)
+    """Tensors given to `record()` before the step ended: they travel in the step's own copy."""
+    deferred: int = 0
+    """Tensors given to `record()` so far (their keys' numbers)."""
     packer: Packer = field(default_factory=Packer)
     active: dict[int, list[int] | None] = field(default_factory=dict)
     grads: dict[int, list[Tensor]] = field(default_factory=dict)

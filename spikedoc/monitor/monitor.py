@@ -617,11 +617,17 @@ class Monitor:
 
     def _value(self, st: StepRecord, value: Any) -> Any:
         if isinstance(value, Tensor):
-            key = DeferredKey(f"rec:{len(st.late)}")
+            key = DeferredKey(f"rec:{st.deferred}")
+            st.deferred += 1
             key.integer = not value.is_floating_point() and not value.is_complex()
-            p = Packer()
-            p.add(key, value.detach().float() if value.is_floating_point() else value.detach())
-            st.late.append(p.launch())
+            # Ids may sit in a buffer the loop refills: a copy of them as they are now.
+            tensor = value.detach().float() if value.is_floating_point() else value.detach().clone()
+            if st is self._cur:  # the step is still on: it rides in the step's own host copy
+                st.recorded_tensors.append((key, tensor))
+            else:  # the step's copy is under way: one of its own
+                p = Packer()
+                p.add(key, tensor)
+                st.late.append(p.launch())
             return key
         return value
 
