@@ -170,6 +170,14 @@ def test_reset_moments_drops_the_optimizer_state_of_the_tensor_whose_gradient_le
     assert rollback["reset_optimizer_state_for"] == [first_matrix]
 
 
+def test_the_steps_after_a_vetoed_step_get_the_full_statistics_under_the_budget(tmp_path):
+    run_guarded(tmp_path, steps=120, checkpoint_every=1000, after_backward=_nan_grads({100}),
+                watch_options={"budget": 0.0001})  # fmt: skip
+    steps = spikedoc.load(tmp_path).steps.set_index("step")
+    assert not steps.loc[60:99, "full_stats"].all(), "a cadence before the veto"
+    assert steps.loc[101:119, "full_stats"].all(), "every step full after it"
+
+
 def test_a_spent_budget_stops_the_run_with_guard_stopped(tmp_path):
     always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped) as stop:

@@ -61,6 +61,21 @@ def test_a_flagged_spike_makes_the_following_steps_full():
     assert all(plan[151:171]), "dense for dense_steps after the flagged step"
 
 
+def test_a_cadence_whose_caller_flags_spikes_runs_no_detector_and_densifies_when_told():
+    cadence = Cadence(budget=0.01, max_every=50, dense_steps=20, warm_steps=0)
+    cadence.detects_spikes = False  # what Monitor.leave_spike_detection_to_caller() sets
+    plan = []
+    for step in range(200):
+        plan.append(cadence.full(step))
+        if step == 180:
+            cadence.densify(step + 1)  # the caller's own flag
+        loss = 3.0 + 0.01 * (step % 3) + (3.0 if step == 150 else 0.0)
+        cadence.observe({"step": step, "loss": loss, "grad_norm": 1.0}, full=plan[-1],
+                        cost=0.01 if plan[-1] else 0.0001, step_time=0.1)  # fmt: skip
+    assert not all(plan[151:171]), "the spike in the rows was not the cadence's to judge"
+    assert all(plan[181:200])
+
+
 def test_budget_must_be_a_share_of_the_step():
     import spikedoc
 

@@ -293,6 +293,8 @@ class Guard:
         self._requested = False
         verdict = self._judge.judge(p.step, values)
         p.verdict = verdict
+        if verdict.veto or verdict.loss_flagged or verdict.grad_flagged:
+            self.monitor.densify(p.step + 1)  # the steps after a flag get the full statistics
         restore = None
         if self._hold is not None and p.step >= self._hold["from_step"]:
             restore = cap_lrs(self.optimizer, self._hold["caps"])
@@ -521,12 +523,17 @@ class Guard:
                          **self._watch_options)  # fmt: skip
 
         if world() is None:
-            return open_monitor()
+            return self._judging(open_monitor())
         # Every rank numbers the new segment from meta.json (written by rank 0 only) and its own
         # parts: the other ranks open first, then rank 0 writes it, so all agree on the number.
         monitor = open_monitor() if world()[0] != 0 else None
         torch.distributed.barrier()
-        return monitor if monitor is not None else open_monitor()
+        return self._judging(monitor if monitor is not None else open_monitor())
+
+    @staticmethod
+    def _judging(monitor: Monitor) -> Monitor:
+        monitor.leave_spike_detection_to_caller()  # the judgement flags spikes (`densify` on its flags)
+        return monitor
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -47,6 +47,8 @@ class Cadence:
         self._step_times: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._loss = StreamingDetector()
         self._grad = StreamingDetector(log_scale=True)
+        self.detects_spikes = True
+        """Run the detector on each observed row; False when the caller flags spikes itself (`densify`)."""
 
     def full(self, index: int) -> bool:
         """Whether step `index` gets the full statistics; asked once per step, in order."""
@@ -69,7 +71,7 @@ class Cadence:
         if math.isfinite(step_time) and step_time > 0:
             self._step_times.append(step_time)
         self.every = self._spacing()
-        if row is not None:
+        if row is not None and self.detects_spikes:
             step = int(row["step"])
             flagged = self._loss.update(step, _number(row.get("loss"))).flagged
             flagged |= self._grad.update(step, _number(row.get("grad_norm"))).flagged

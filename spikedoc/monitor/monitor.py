@@ -312,6 +312,19 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001
             self._fail("event", exc)
 
+    def densify(self, step: int) -> None:
+        """Under a cost budget, the full statistics for every step from `step` for the next 50, as
+        after a spike the budget's own detector flags; no effect without a budget."""
+        if self._cadence is not None:
+            self._cadence.densify(step)
+
+    def leave_spike_detection_to_caller(self) -> None:
+        """The budget's own spike detector stands down: the caller judges every step's loss and
+        gradient norm with that same detector and reports its flags with `densify` (the guard does,
+        before each update), so the series are not judged twice."""
+        if self._cadence is not None:
+            self._cadence.detects_spikes = False
+
     @property
     def sample_offset(self) -> int:
         """Stream position (in samples) of the next step's first sample: what `start_sample` resumes from."""
