@@ -257,6 +257,54 @@ def test_a_veto_under_a_grad_scaler_is_one_skipped_step_and_the_scaler_is_checkp
     assert saved["scaler"]["scale"] == scaler.get_scale()
 
 
+def test_steps_a_grad_scaler_skips_on_a_broken_weight_are_vetoes_and_end_in_a_rollback(tmp_path):
+    # A NaN weight: every loss is NaN, the scaler finds inf gradients and never calls optimizer.step().
+    model, opt, sched = build()
+    scaler = torch.amp.GradScaler("cpu")
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, scaler=scaler,
+                           max_steps=80, checkpoint_every=20)  # fmt: skip
+    losses = {}
+    for step, batch in guard:
+        if step == 65 and guard.rollbacks == 0:
+            guard.monitor.wait()  # the last step's statistics read the weights: let them finish first
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.dim() == 2)[0, 0] = math.nan
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss
+        guard.record(loss=loss)
+        losses[step] = loss.item()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    vetoes = [a for a in guard.actions if a["kind"] == "veto"]
+    assert guard.rollbacks == 1 and [a["step"] for a in vetoes] == list(range(65, 70))
+    assert all(a["optimizer_step_skipped"] and a["reasons"] == ["nonfinite"] for a in vetoes)
+    assert math.isfinite(losses[79]) and guard.step == 80
+    events = spikedoc.load(tmp_path).events
+    assert events.loc[events["kind"] == "veto", "step"].tolist() == list(range(65, 70))
+
+
+def test_a_step_a_grad_scaler_skips_with_an_ordinary_loss_is_no_veto(tmp_path):
+    model, opt, sched = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, scaler=scaler, max_steps=30)
+    skipped = 0
+    for step, batch in guard:
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss
+        guard.record(loss=loss)
+        scaler.scale(loss * (1e36 if step == 20 else 1.0)).backward()  # overflows in the scaled gradients only
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped += scaler.get_scale() < before
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert skipped >= 1 and guard.vetoes == 0 and guard.rollbacks == 0
+
+
 def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path):
     model, opt, sched = build()
     guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4)

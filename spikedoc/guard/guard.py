@@ -309,12 +309,28 @@ class Guard:
                 for group, lr in zip(self.optimizer.param_groups, restore):
                     group["lr"] = lr
 
-    def _veto(self, p: _Pending, verdict: Verdict) -> None:
+    def _veto(self, p: _Pending, verdict: Verdict, *, stepped: bool = True) -> None:
         self.vetoes += 1
         detail = {"positions": p.positions, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
+        if not stepped:
+            detail["optimizer_step_skipped"] = True  # by the loop or its GradScaler, before the guard saw it
         self.actions.append({"kind": "veto", "step": p.step, **detail})
-        self.monitor.event("veto", **_plain(detail))  # before skip_step: recorded at the vetoed step's index
-        self.monitor.skip_step()
+        self.monitor.event("veto", at_step=p.step, **_plain(detail))
+        if stepped:
+            self.monitor.skip_step()
+
+    def _judge_unstepped(self, p: _Pending) -> None:
+        """A step whose `optimizer.step()` never ran (a GradScaler skips it on inf/NaN gradients):
+        judged on its loss alone. A non-finite or far out-of-band loss counts as a veto, so a run
+        stuck on non-finite values (every step skipped) still reaches the rollback; an ordinary
+        one (a routine loss-scale backoff) is neither a veto nor learnt."""
+        loss = _mean(p.loss_sum, p.loss_count) if p.loss_sum is not None else _mean(p.forward_loss_sum, p.forward_loss_count)
+        if loss is None:
+            return
+        verdict = self._judge.judge(p.step, agree(loss, torch.zeros(()), rollback_request=False))
+        if verdict.veto:
+            p.verdict = verdict
+            self._veto(p, verdict, stepped=False)
 
     # ------------------------------------------------------------------------------ between steps
 
@@ -323,6 +339,8 @@ class Guard:
         if p is None:
             return
         norms, self._norms_of_step = self._norms_of_step, None
+        if p.verdict is None:
+            self._judge_unstepped(p)
         v = p.verdict
         bad_loss = v is not None and v.veto and ("loss_out_of_band" in v.reasons or not math.isfinite(v.loss))
         self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms,

@@ -301,14 +301,15 @@ class Monitor:
             self._fail("grad_norms", exc, self._cur)
             return None
 
-    def event(self, kind: str, **detail: Any) -> None:
-        """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index.
+    def event(self, kind: str, *, at_step: int | None = None, **detail: Any) -> None:
+        """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index, or at
+        `at_step` (an event about a step already recorded).
 
         A checkpoint event with step s holds the state after steps 0..s-1: resuming from it
         re-runs step s.
         """
         try:
-            self.writer.add_event(kind, self._cur.index, **detail)
+            self.writer.add_event(kind, self._cur.index if at_step is None else int(at_step), **detail)
         except Exception as exc:  # noqa: BLE001
             self._fail("event", exc)
 
