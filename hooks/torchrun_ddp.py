@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     monitor.close()
     if rank == 0:
         print(f"recorded {monitor.step} steps per rank to {args.run_dir}")
+    dist.barrier()  # no rank tears the group down while another still works (gloo aborts on a vanished peer)
     dist.destroy_process_group()
 
 
