@@ -218,8 +218,8 @@ class StreamingDetector:
         """The one implementation of the rule: judge `value` against the baseline, then learn it.
 
         Returns (baseline shown, scale, z, flagged, nonfinite, warm, readapted). Runs once per
-        step of series a million steps long, and on a guard's every step: locals, no allocation
-        beyond the result.
+        step of series a million steps long, and on a guard's every step: one summary of the
+        window, no allocation beyond the result.
         """
         cfg = self.config
         base = self._baseline

@@ -55,6 +55,12 @@ class _Pending:
     verdict: Verdict | None = None
     lrs: list[float] | None = None
 
+    def loss(self) -> Tensor | None:
+        """The step's loss: the mean of those given to `record`, else of those the forwards returned."""
+        if self.loss_sum is not None:
+            return _mean(self.loss_sum, self.loss_count)
+        return _mean(self.forward_loss_sum, self.forward_loss_count)
+
 
 @dataclass(kw_only=True)
 class _Seen:
@@ -278,7 +284,7 @@ class Guard:
         step_fn = self._original_step or type(self.optimizer).step.__get__(self.optimizer)
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
             return step_fn(*args, **kwargs)
-        loss = _mean(p.loss_sum, p.loss_count) if p.loss_sum is not None else _mean(p.forward_loss_sum, p.forward_loss_count)
+        loss = p.loss()
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
                             "the forward); only the gradient norm is judged")  # fmt: skip
@@ -324,7 +330,7 @@ class Guard:
         judged on its loss alone. A non-finite or far out-of-band loss counts as a veto, so a run
         stuck on non-finite values (every step skipped) still reaches the rollback; an ordinary
         one (a routine loss-scale backoff) is neither a veto nor learnt."""
-        loss = _mean(p.loss_sum, p.loss_count) if p.loss_sum is not None else _mean(p.forward_loss_sum, p.forward_loss_count)
+        loss = p.loss()
         if loss is None:
             return
         verdict = self._judge.judge(p.step, agree(loss, torch.zeros(()), rollback_request=False))

@@ -291,9 +291,7 @@ class Monitor:
             if st.grads_taken and st.grad_norms is None:
                 self._drop_grad_stats(st)  # left for the post-step job: taken now instead
             if not st.grads_taken:
-                self._lane.join()  # the last step's job: its parameter norms are read here
-                self._replan_if_groups_changed()
-                grad_stats(self, st, clip=None, grad_scale=getattr(self.optimizer, "grad_scale", None), now=True)
+                self._take_grad_stats(st, grad_scale=getattr(self.optimizer, "grad_scale", None))
             if not st.grad_norms:
                 raise RuntimeError("no gradient norms were taken")
             return st.grad_norms
@@ -573,9 +571,13 @@ class Monitor:
             return  # taken again with nothing in between: the statistics stand
         if st.grads_taken:  # a backward since they were taken (one clip per micro-batch): start over
             self._drop_grad_stats(st)
+        self._take_grad_stats(st)
+
+    def _take_grad_stats(self, st: StepRecord, grad_scale: Any = None) -> None:
+        """The step's gradient statistics, now, before the step hooks run."""
         self._lane.join()  # the last step's job: its parameter norms are read here
         self._replan_if_groups_changed()
-        grad_stats(self, st, clip=None, now=True)
+        grad_stats(self, st, clip=None, grad_scale=grad_scale, now=True)
 
     def _grad_versions(self) -> list[int]:
         return [-1 if p.grad is None else local(p.grad)._version for p in self.plan.params]
