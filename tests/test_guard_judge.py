@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from dataclasses import replace
 
-from spikedoc.analysis.detect import StreamingDetector
+from spikedoc.analysis.detect import DetectorConfig, StreamingDetector
 from spikedoc.guard.agree import StepValues
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.judge import Decision, Judge
@@ -22,14 +23,29 @@ def _warm(judge: Judge, steps: int = 120, lr: float = 1e-3) -> None:
         judge.record(judge.judge(s, StepValues(_loss(s), 0.5, 0, 0)), lrs=[lr])
 
 
-def test_peek_judges_like_update_and_leaves_the_detector_unchanged():
-    det = StreamingDetector()
+def test_assess_judges_like_update_and_leaves_the_detector_unchanged():
+    det, twin = StreamingDetector(), StreamingDetector()
     for s in range(100):
         det.update(s, _loss(s))
+        twin.update(s, _loss(s))
     before = det.state_dict()
-    peeked = det.peek(100, 9.0)
+    assessed = det.assess(100, 9.0)
     assert det.state_dict() == before
-    assert peeked == det.update(100, 9.0) and peeked.flagged
+    assert assessed == twin.update(100, 9.0) and assessed.flagged
+
+
+def test_learning_each_assessment_leaves_the_detector_as_update_would():
+    config = replace(DetectorConfig(), persist_steps=8)  # short, so that the departure below re-seeds the baseline
+    learner, updater = StreamingDetector(config, log_scale=True), StreamingDetector(config, log_scale=True)
+    # in band, out of band, non-finite, non-positive, then a lasting departure
+    values = [0.5 + 0.01 * (s % 3) for s in range(80)] + [50.0, math.nan, 0.0, -1.0] + [5.0] * 12
+    readapted = []
+    for s, v in enumerate(values):
+        flag = learner.assess(s, v)
+        readapted.append(learner.learn(flag))
+        assert repr(replace(flag, readapted=readapted[-1])) == repr(updater.update(s, v))  # repr: nan equals nan
+        assert learner.state_dict() == updater.state_dict()
+    assert any(readapted)
 
 
 def _bands(judge: Judge) -> tuple[dict, dict]:

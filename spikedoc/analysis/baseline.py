@@ -55,14 +55,6 @@ class RollingBaseline:
         self._fifo = deque(kept)
         self._sorted = sorted(kept)
 
-    def snapshot(self) -> tuple[deque[float], list[float]]:
-        """A copy of the window to `restore` later (cheap: no sort)."""
-        return self._fifo.copy(), self._sorted.copy()
-
-    def restore(self, snapshot: tuple[deque[float], list[float]]) -> None:
-        """Return to a `snapshot` (which is taken over: restore each one once)."""
-        self._fifo, self._sorted = snapshot
-
     def values(self) -> list[float]:
         """The window in arrival order (oldest first), e.g. to save it."""
         return list(self._fifo)

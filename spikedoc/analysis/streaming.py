@@ -154,28 +154,23 @@ class StreamingDetector:
         value = float(value)
         return Flag(int(step), value, *self._judge(int(step), value))
 
-    def peek(self, step: int, value: float) -> Flag:
-        """Judge `value` at `step` exactly as `update` would, leaving the detector unchanged."""
-        saved = self.snapshot()
-        try:
-            return self.update(step, value)
-        finally:
-            self.restore(saved)
+    def assess(self, step: int, value: float) -> Flag:
+        """Judge `value` at `step` exactly as `update` would, leaving the detector unchanged: `learn`
+        it afterwards, or never (a guard's vetoed step never enters the baseline)."""
+        value = float(value)
+        return Flag(int(step), value, *self._assess(value)[:-1])
+
+    def learn(self, flag: Flag) -> bool:
+        """Take in an observation `assess` judged, as `update` would have; True when that ended a
+        persistent departure (the baseline was re-seeded). Learn each assessment once, in order."""
+        if flag.nonfinite or (self.log_scale and not flag.value > 0.0):
+            return False
+        return self._learn(flag.step, math.log(flag.value) if self.log_scale else flag.value, flag.flagged)
 
     def window(self) -> list[float]:
         """The baseline's values (oldest first), in the series' own units."""
         values = self._baseline.values()
         return [math.exp(v) for v in values] if self.log_scale else values
-
-    def snapshot(self) -> tuple[Any, ...]:
-        """The detector's state, to `restore` if an `update` is withdrawn (a guard's vetoed step never
-        enters the baseline). Cheap: copies, no sort. Each snapshot restores once."""
-        return self._baseline.snapshot(), self._held.copy(), self._streak_start, self._gap
-
-    def restore(self, snapshot: tuple[Any, ...]) -> None:
-        """Return to a `snapshot`."""
-        window, self._held, self._streak_start, self._gap = snapshot
-        self._baseline.restore(window)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this detector is; plain JSON types only."""
@@ -215,15 +210,20 @@ class StreamingDetector:
         return [judge(step, value) for step, value in zip(steps, values)]
 
     def _judge(self, step: int, value: float) -> tuple[float, float, float, bool, bool, bool, bool]:
-        """The one implementation of the rule: judge `value` against the baseline, then learn it.
+        """The rule, one step: judge `value` against the baseline, then learn it.
 
         Returns (baseline shown, scale, z, flagged, nonfinite, warm, readapted). Runs once per
-        step of series a million steps long, and on a guard's every step: one summary of the
-        window, no allocation beyond the result.
+        step of series a million steps long: one summary of the window, no allocation beyond the result.
         """
+        shown, scale, z, flagged, nonfinite, warm, x = self._assess(value)
+        readapted = x is not None and self._learn(step, x, flagged)
+        return shown, scale, z, flagged, nonfinite, warm, readapted
+
+    def _assess(self, value: float) -> tuple[float, float, float, bool, bool, bool, float | None]:
+        """(baseline shown, scale, z, flagged, nonfinite, warm, x): the judgement of `value`, with x its
+        working-space value to learn, None when it never enters the baseline. Changes nothing."""
         cfg = self.config
-        base = self._baseline
-        n, center, sigma = base.summary()
+        n, center, sigma = self._baseline.summary()
         log_scale = self.log_scale
         warm = n >= cfg.min_history
         if n:
@@ -234,35 +234,38 @@ class StreamingDetector:
             shown = math.exp(center) if log_scale else center
         else:
             scale = shown = math.nan
-        readapted = nonfinite = flagged = False
         if not math.isfinite(value):
-            return shown, scale, math.inf, True, True, warm, False  # never enters the baseline
+            return shown, scale, math.inf, True, True, warm, None  # never enters the baseline
         if log_scale and value <= 0.0:
-            return shown, scale, math.nan, False, False, warm, False  # no logarithm: not judged, kept out
+            return shown, scale, math.nan, False, False, warm, None  # no logarithm: not judged, kept out
         x = math.log(value) if log_scale else value
-        if n:
-            dev = x - center
-            z = dev / scale
-            flagged = z > cfg.threshold and dev > self._min_dev(center)
-        else:
-            z = math.nan
+        if not n:
+            return shown, scale, math.nan, False, False, warm, x
+        dev = x - center
+        z = dev / scale
+        return shown, scale, z, z > cfg.threshold and dev > self._min_dev(center), False, warm, x
+
+    def _learn(self, step: int, x: float, flagged: bool) -> bool:
+        """Add a judged value `x` (working space): to the baseline when in band, else to the held-out
+        streak. True when the streak became persistent and re-seeded the baseline."""
         if flagged:
             if self._streak_start is None:
                 self._streak_start = step
             self._held.append(x)
             self._gap = 0
-            if step - self._streak_start >= cfg.persist_steps:
-                base.reset(self._held)
+            if step - self._streak_start >= self.config.persist_steps:
+                self._baseline.reset(self._held)
                 self._held.clear()
-                self._streak_start, readapted = None, True
-        else:
-            base.add(x)
-            if self._streak_start is not None:
-                self._gap += 1
-                if self._gap > cfg.merge_gap:
-                    self._streak_start, self._gap = None, 0
-                    self._held.clear()
-        return shown, scale, z, flagged, nonfinite, warm, readapted
+                self._streak_start = None
+                return True
+            return False
+        self._baseline.add(x)
+        if self._streak_start is not None:
+            self._gap += 1
+            if self._gap > self.config.merge_gap:
+                self._streak_start, self._gap = None, 0
+                self._held.clear()
+        return False
 
     def _min_dev(self, center: float) -> float:
         """Smallest departure flagged besides the sigma rule (`min_ratio` of the level)."""

@@ -103,21 +103,17 @@ class Judge:
         self.recent_vetoes: deque[int] = deque(maxlen=config.max_vetoes_in_row)
         """The last vetoed steps: vetoes piling up (not in a row) open an incident."""
         self.incident: _Incident | None = None
-        self._judged: tuple[Verdict, Flag | None, Flag | None, tuple[Any, Any]] | None = None
-        """The last judgement, its flags and the bands' snapshots from before it (until `record`)."""
+        self._judged: tuple[Verdict, Flag | None, Flag | None] | None = None
+        """The last judgement and the bands' assessments it rests on (until `record`)."""
 
     # ----------------------------------------------------------------------------- per step
 
     def judge(self, step: int, values: StepValues) -> Verdict:
         """Judge one step against the band before its update; nothing is learnt until `record` (a
-        judgement not recorded is withdrawn by the next one)."""
+        judgement not recorded is simply replaced by the next one)."""
         cfg = self.config
-        self._withdraw()
-        # The bands learn the step now (one pass each); `record` keeps that, or restores the snapshot
-        # when the step was vetoed.
-        snapshots = self.loss_detector.snapshot(), self.grad_detector.snapshot()
-        lf = self.loss_detector.update(step, values.loss) if math.isfinite(values.loss) else None
-        gf = self.grad_detector.update(step, values.grad_norm) if math.isfinite(values.grad_norm) else None
+        lf = self.loss_detector.assess(step, values.loss) if math.isfinite(values.loss) else None
+        gf = self.grad_detector.assess(step, values.grad_norm) if math.isfinite(values.grad_norm) else None
         reasons = []
         if values.nonfinite_ranks:
             reasons.append("nonfinite")
@@ -131,7 +127,7 @@ class Judge:
                           loss_flagged=bool(lf is not None and lf.flagged and lf.warm),
                           grad_flagged=bool(gf is not None and gf.flagged and gf.warm),
                           rollback_requested=requested)  # fmt: skip
-        self._judged = (verdict, lf, gf, snapshots)
+        self._judged = (verdict, lf, gf)
         return verdict
 
     def record(self, verdict: Verdict, *, lrs: list[float] | None = None) -> Decision | None:
@@ -139,14 +135,12 @@ class Judge:
         step = verdict.step
         if lrs is not None:
             self.lrs.append((step, lrs))
-        if self._judged is None or self._judged[0] is not verdict:  # not the last judgement: the bands learn it now
+        if self._judged is None or self._judged[0] is not verdict:  # not the last judgement: assess it again
             self.judge(step, StepValues(verdict.loss, verdict.grad_norm, 0, 0))
         judged, self._judged = self._judged, None
-        if verdict.veto:
+        if verdict.veto:  # the bands never learn a vetoed step
             self.vetoes_in_row += 1
             self.recent_vetoes.append(step)
-            self.loss_detector.restore(judged[3][0])
-            self.grad_detector.restore(judged[3][1])
         else:
             self.vetoes_in_row = 0
             self._learn(verdict, judged[1], judged[2])
@@ -188,15 +182,12 @@ class Judge:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _withdraw(self) -> None:
-        """Undo what the bands learnt from a judgement that was not recorded."""
-        if self._judged is not None:
-            self.loss_detector.restore(self._judged[3][0])
-            self.grad_detector.restore(self._judged[3][1])
-            self._judged = None
-
     def _learn(self, verdict: Verdict, loss_flag: Flag | None, grad_flag: Flag | None) -> None:
-        # The bands learnt the step in `judge`; what the judgement keeps besides follows their flags.
+        # The bands learn the step as they assessed it; what the judgement keeps besides follows their flags.
+        if loss_flag is not None:
+            self.loss_detector.learn(loss_flag)
+        if grad_flag is not None:
+            self.grad_detector.learn(grad_flag)
         if loss_flag is not None and not loss_flag.flagged and self.incident is None:
             self.healthy.append((verdict.step, verdict.loss))
         if grad_flag is not None and grad_flag.flagged and grad_flag.warm:
@@ -261,8 +252,7 @@ class Judge:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain types only (for a checkpoint loaded with weights_only=True); a judgement not yet
-        recorded is withdrawn (`record` judges it again)."""
-        self._withdraw()
+        recorded is not part of it (`record` judges it again)."""
         incident = None
         if self.incident is not None:
             i = self.incident
