@@ -34,6 +34,26 @@ def test_gradient_accumulation_gives_one_row_per_step_with_mean_loss(tmp_path):
     np.testing.assert_allclose(run.steps["grad_norm"], [c.total_grad_norm for c in copies], rtol=1e-5)
 
 
+def test_a_recorded_loss_of_several_elements_is_recorded_as_their_mean(tmp_path):
+    # DataParallel-style: one loss per replica; or a one-element tensor that is not 0-d
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    given = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "assemble failed", no dropped rows
+        with spikedoc.watch(model, opt, run_dir=tmp_path) as monitor:
+            for i in range(2):
+                input_ids, labels = char_text().batch(i)
+                loss = model(input_ids, labels=labels).loss
+                loss.backward()
+                per_replica = torch.stack([loss.detach(), 2 * loss.detach()]) if i == 0 else loss.detach().reshape(1)
+                monitor.record(loss=per_replica)
+                given.append(per_replica.mean().item())
+                opt.step()
+                opt.zero_grad()
+    np.testing.assert_allclose(spikedoc.load(tmp_path).steps["loss"], given, rtol=1e-6)
+
+
 def test_evaluation_forwards_without_grad_are_not_micro_batches(tmp_path):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

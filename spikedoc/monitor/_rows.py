@@ -57,6 +57,14 @@ def _total(vec: np.ndarray | None) -> float:
     return math.sqrt(float(vec @ vec))  # NaN and inf propagate
 
 
+def _loss_value(value: Any) -> float:
+    """A recorded loss as one number: a tensor of several elements (one per replica, say) by their mean."""
+    if isinstance(value, list):
+        arr = np.asarray(value, dtype=np.float64)
+        return float(arr.mean()) if arr.size else math.nan
+    return float(value)
+
+
 def _flat(chunks: list[Any]) -> list[Any]:
     out: list[Any] = []
     for c in chunks:
@@ -82,7 +90,7 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
     """The step-table row of `st` (documented columns in spikedoc/store/schema.py)."""
     rec = st.recorded
     skipped = _skipped(st, values)
-    losses = [float(_resolve(v, values)) for v in rec.get("losses", [])]
+    losses = [_loss_value(_resolve(v, values)) for v in rec.get("losses", [])]
     if losses:
         loss = sum(losses) / len(losses)
     elif "loss_sum" in values and st.loss_count:
