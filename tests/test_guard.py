@@ -399,6 +399,29 @@ def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_pat
     assert guard.actions[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_an_accumulated_step_is_judged_on_the_mean_of_its_micro_batch_losses(tmp_path):
+    model, opt, sched = build()
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, accumulate=2, max_steps=3)
+    given = []
+    for step, batch in guard:
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss
+        first = len(given) % 2 == 0
+        # one micro-batch as a one-element tensor, the other as a Python float: both are losses
+        guard.record(loss=loss.detach().reshape(1) if first else loss.item())
+        given.append(loss.item())
+        (loss / 2).backward()
+        if not first:
+            if step == 2:
+                for p in model.parameters():
+                    p.grad.fill_(math.nan)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    guard.close()
+    veto = next(a for a in guard.actions if a["kind"] == "veto")
+    assert veto["step"] == 2 and veto["loss"] == pytest.approx((given[4] + given[5]) / 2, rel=1e-6)
+
+
 def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_path):
     lrs = {}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from dataclasses import replace
 
 from spikedoc.analysis.detect import DetectorConfig, StreamingDetector
 from spikedoc.guard.agree import StepValues
@@ -35,7 +34,7 @@ def test_assess_judges_like_update_and_leaves_the_detector_unchanged():
 
 
 def test_learning_each_assessment_leaves_the_detector_as_update_would():
-    config = replace(DetectorConfig(), persist_steps=8)  # short, so that the departure below re-seeds the baseline
+    config = DetectorConfig(persist_steps=8)  # short, so that the departure below re-seeds the baseline
     learner, updater = StreamingDetector(config, log_scale=True), StreamingDetector(config, log_scale=True)
     # in band, out of band, non-finite, non-positive, then a lasting departure
     values = [0.5 + 0.01 * (s % 3) for s in range(80)] + [50.0, math.nan, 0.0, -1.0] + [5.0] * 12
@@ -43,7 +42,7 @@ def test_learning_each_assessment_leaves_the_detector_as_update_would():
     for s, v in enumerate(values):
         flag = learner.assess(s, v)
         readapted.append(learner.learn(flag))
-        assert repr(replace(flag, readapted=readapted[-1])) == repr(updater.update(s, v))  # repr: nan equals nan
+        assert repr(flag._replace(readapted=readapted[-1])) == repr(updater.update(s, v))  # repr: nan equals nan
         assert learner.state_dict() == updater.state_dict()
     assert any(readapted)
 

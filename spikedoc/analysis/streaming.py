@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, NamedTuple
 
 from spikedoc.analysis.baseline import RollingBaseline
 
@@ -93,9 +93,8 @@ def _check_float(name: str, value: Any, *, lower: float, strict: bool = False, a
         raise ValueError(f"DetectorConfig.{name} must be a finite number {bound}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class Flag:
-    """The detector's verdict on one observation."""
+class Flag(NamedTuple):
+    """The detector's verdict on one observation (a named tuple: one is built per step of a guarded run)."""
 
     step: int
     value: float

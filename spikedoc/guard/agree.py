@@ -11,7 +11,7 @@ these agreed values, so all ranks veto, open incidents and roll back together.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,9 +19,8 @@ from torch import Tensor
 __all__ = ["StepValues", "agree", "world", "agree_all", "common_steps"]
 
 
-@dataclass(frozen=True)
-class StepValues:
-    """The numbers one step is judged on, the same on every rank."""
+class StepValues(NamedTuple):
+    """The numbers one step is judged on, the same on every rank (a named tuple: one is built per step)."""
 
     loss: float
     """Mean loss over ranks; nan when any rank's was non-finite or no loss was given."""
@@ -54,9 +53,12 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
         2.5
     """
     ranks = world()
-    if ranks is None:  # one rank: one stack and one host sync, the finiteness checked on the host
-        values = [grad_norm] if loss is None else [loss.to(grad_norm.device), grad_norm]
-        got = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # the one host sync
+    if ranks is None:  # one rank: the finiteness checked on the host
+        values = [grad_norm] if loss is None else [loss, grad_norm]
+        if all(v.device.type == "cpu" for v in values):
+            got = [float(v) for v in values]  # already on the host: nothing to copy
+        else:  # one stack, one host sync
+            got = torch.stack([v.detach().float().reshape(()).to(grad_norm.device) for v in values]).tolist()
         loss_v, grad_v = (math.nan, got[0]) if loss is None else got
         return StepValues(loss=loss_v if math.isfinite(loss_v) else math.nan,
                           grad_norm=grad_v if math.isfinite(grad_v) else math.nan,

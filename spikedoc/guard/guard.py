@@ -46,20 +46,21 @@ class _Pending:
     step: int
     positions: list[int]
     """Data positions of the step's batches (more than one under gradient accumulation)."""
-    loss_sum: Tensor | None = None
-    loss_count: int = 0
-    forward_loss_sum: Tensor | None = None
+    losses: list[Tensor] = field(default_factory=list)
+    """Losses given to `record` this step (detached one-element tensors)."""
+    forward_losses: list[Tensor] = field(default_factory=list)
     """Losses the model's forwards returned this step (used when `record` gave none)."""
-    forward_loss_count: int = 0
     sample_ids: list[Any] = field(default_factory=list)
     verdict: Verdict | None = None
     lrs: list[float] | None = None
 
     def loss(self) -> Tensor | None:
         """The step's loss: the mean of those given to `record`, else of those the forwards returned."""
-        if self.loss_sum is not None:
-            return _mean(self.loss_sum, self.loss_count)
-        return _mean(self.forward_loss_sum, self.forward_loss_count)
+        losses = self.losses or self.forward_losses
+        if len(losses) <= 1:
+            return losses[0] if losses else None  # one micro-batch: no op at all
+        device = losses[0].device
+        return torch.stack([x.float().reshape(()).to(device) for x in losses]).mean()
 
 
 @dataclass(kw_only=True)
@@ -223,10 +224,11 @@ class Guard:
         """
         p = self._pending
         if p is not None and p.verdict is None:
-            if loss is not None:
-                value = loss.detach().float().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
-                p.loss_sum = value if p.loss_sum is None else p.loss_sum + value.to(p.loss_sum.device)
-                p.loss_count += 1
+            if isinstance(loss, Tensor) and loss.numel():
+                # several elements (one per replica, say): the step's loss is their mean, as the monitor's
+                p.losses.append(loss.detach() if loss.numel() == 1 else loss.detach().float().mean())
+            elif loss is not None and not isinstance(loss, Tensor):
+                p.losses.append(torch.tensor(float(loss)))
             if sample_ids is not None:
                 p.sample_ids.extend(sample_ids.tolist() if isinstance(sample_ids, Tensor) else list(sample_ids))
         self.monitor.record(loss, sample_ids=sample_ids, sample_losses=sample_losses, **extra)
@@ -266,9 +268,7 @@ class Guard:
             return
         loss = extract_loss(output)
         if loss is not None:
-            loss = loss.detach().float().reshape(())
-            p.forward_loss_sum = loss if p.forward_loss_sum is None else p.forward_loss_sum + loss
-            p.forward_loss_count += 1
+            p.forward_losses.append(loss.detach())
 
     def _step_wrapper(self) -> Any:
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -563,10 +563,6 @@ class Guard:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _mean(total: Tensor | None, count: int) -> Tensor | None:
-    return total if count == 1 or total is None else total / count  # one micro-batch: no division op
 
 
 def _plain(value: Any) -> Any:

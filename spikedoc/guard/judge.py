@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from spikedoc.analysis.streaming import DetectorConfig, Flag, StreamingDetector
 from spikedoc.analysis.recovery import RecoveryConfig, RecoveryTracker
@@ -23,9 +23,8 @@ __all__ = ["Verdict", "Decision", "Judge"]
 _STATE_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The judgement of one step before its update."""
+class Verdict(NamedTuple):
+    """The judgement of one step before its update (a named tuple: one is built per step)."""
 
     step: int
     loss: float
