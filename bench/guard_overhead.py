@@ -1,11 +1,11 @@
 """What `spikedoc.Guard` costs per step on top of `spikedoc.watch(clip=1.0)`, per checkpoint, per rollback.
 
 Trains the overhead benchmark's model (`bench/_char_gpt.py`, one torch thread) under a Guard with
-no periodic checkpoint, and clocks the guard's own work: the judgement before each optimizer step
-(the host sync, the detectors; the optimizer's own step and the monitor's statistics, whose
-gradient norm the guard judges, excluded) and the
-bookkeeping between steps (excluding drawing the batch). Reports its median per step and its share
-of the median step time, then the time of one checkpoint (host copy, finiteness check, write) and
+no periodic checkpoint, and clocks the guard's own work (`bench/_guard_clock.py`): handing out the
+batch, `record`, its forward hook, the judgement inside `optimizer.step()` (the host sync, the
+detectors) and the bookkeeping between steps, without what those call into (the optimizer's own
+step, the monitor and its statistics, drawing the batch). Reports its median per step and its
+share of the median step time (batch in hand to the next batch in hand), then the time of one checkpoint (host copy, finiteness check, write) and
 one rollback from the in-memory copy. Writes its section of BENCHMARKS.md.
 
     python bench/guard_overhead.py [--steps N] [--rounds N]
@@ -14,6 +14,7 @@ one rollback from the in-memory copy. Writes its section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,53 +31,9 @@ from bench._char_gpt import CharGPT, batches, corpus  # noqa: E402
 from bench._report import machine_line, write_section  # noqa: E402
 
 import spikedoc  # noqa: E402
-from spikedoc.guard.guard import Guard  # noqa: E402
+from bench._guard_clock import GuardClock  # noqa: E402
 
 __all__ = ["main", "measure"]
-
-
-class _Clock:
-    """Wall time of the guard's judgement and between-step work, minus what it calls into."""
-
-    def __init__(self) -> None:
-        self.guard = self.inner = 0.0
-        self._judge, self._finish = Guard._guarded_step, Guard._finish_step
-
-        def guarded_step(guard, *args, **kwargs):
-            start = time.perf_counter()
-            original = guard._original_step
-            inner = [0.0]
-
-            def excluded(fn):  # the optimizer's step, and the monitor's statistics the guard asks for first
-                def timed(*a, **k):
-                    t = time.perf_counter()
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        inner[0] += time.perf_counter() - t
-
-                return timed
-
-            guard._original_step = excluded(type(guard.optimizer).step.__get__(guard.optimizer))
-            guard.monitor.grad_norm = excluded(guard.monitor.grad_norm)
-            try:
-                return self._judge(guard, *args, **kwargs)
-            finally:
-                guard._original_step = original
-                del guard.monitor.grad_norm
-                self.guard += time.perf_counter() - start - inner[0]
-
-        def finish_step(guard):
-            start = time.perf_counter()
-            try:
-                return self._finish(guard)
-            finally:
-                self.guard += time.perf_counter() - start
-
-        Guard._guarded_step, Guard._finish_step = guarded_step, finish_step
-
-    def restore(self) -> None:
-        Guard._guarded_step, Guard._finish_step = self._judge, self._finish
 
 
 def measure(steps: int, seed: int) -> dict[str, float]:
@@ -86,17 +43,17 @@ def measure(steps: int, seed: int) -> dict[str, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stream = batches(data, n=steps, batch_size=16, seq_len=64, seed=seed)
     run_dir = Path(tempfile.mkdtemp(prefix="spikedoc-bench-guard-"))
-    clock = _Clock()
     try:
-        guard = spikedoc.Guard(model, opt, data=stream, run_dir=run_dir, checkpoint_every=10**9)
-        times, spent = [], []
-        for step, (x, y) in guard:
-            start, before = time.perf_counter(), clock.guard
-            model(x, y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-            spent.append(clock.guard - before)
+        with GuardClock() as clock:
+            guard = spikedoc.Guard(model, opt, data=stream, run_dir=run_dir, checkpoint_every=10**9)
+            clock.exclude_optimizer_step(guard)
+            # Per iteration, from one batch in hand to the next: the step and the guard's work between steps.
+            marks = []
+            for step, (x, y) in guard:
+                marks.append((time.perf_counter(), clock.seconds))
+                model(x, y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         t = time.perf_counter()
         guard._checkpoint()
         checkpoint = time.perf_counter() - t
@@ -108,9 +65,10 @@ def measure(steps: int, seed: int) -> dict[str, float]:
         rollback = time.perf_counter() - t
         guard.close()
     finally:
-        clock.restore()
-    step = statistics.median(times[10:])
-    own = statistics.median(spent[11:])  # the between-step part of step i lands in step i + 1's window
+        shutil.rmtree(run_dir, ignore_errors=True)
+    times = [b[0] - a[0] for a, b in zip(marks[10:], marks[11:])]
+    step = statistics.median(times)
+    own = statistics.median(b[1] - a[1] for a, b in zip(marks[10:], marks[11:]))
     return {"params": sum(p.numel() for p in model.parameters()), "step_ms": step * 1e3, "guard_ms": own * 1e3,
             "share": own / step, "checkpoint_ms": checkpoint * 1e3, "rollback_ms": rollback * 1e3}  # fmt: skip
 
@@ -126,10 +84,12 @@ def main() -> None:
     text = f"""## Guard overhead (`bench/guard_overhead.py`)
 
 {machine_line()} CharGPT 4x128 ({med['params'] / 1e6:.2f}M parameters), batch 16 x 64, one torch
-thread, {args.steps} steps x {args.rounds} rounds, medians. The guard's own work per step is the
-judgement before the update (one host sync, both detectors; the optimizer's step and the
-monitor's statistics excluded) plus its bookkeeping between steps; the monitor it includes is
-measured in `bench/overhead.py`.
+thread, {args.steps} steps x {args.rounds} rounds, medians. The guard's own work per step is all the
+time spent in its code (`bench/_guard_clock.py`: handing out the batch, its forward hook, the
+judgement before the update with its host sync and both detectors, the bookkeeping between steps),
+without what that code calls into (the optimizer's step, the monitor and its statistics, drawing
+the batch); the clock's own wrappers are included, so it is an upper bound. The monitor the guard
+includes is measured in `bench/overhead.py`.
 
 | step (ms) | guard's own work per step (ms) | share of the step | one checkpoint (ms) | one rollback from memory (ms) |
 | --- | --- | --- | --- | --- |

@@ -31,7 +31,8 @@ Reported per fault and method: the final eval loss and its ratio to the clean ru
 method without a fault), steps lost (forward/backward passes recomputed after rollbacks, plus steps
 skipped or vetoed in the final run), rollbacks. Then the wall-time cost of the guard on a clean run:
 the plain loop, `spikedoc.watch(clip=1.0)` (the monitor alone) and the guard, trained side by side
-in one process in alternating turns, checkpoint writes included and counted.
+in one process in alternating turns, checkpoint writes included and counted; and the guard's own
+work per step clocked directly in a clean run of its own.
 
     python bench/guard_recovery.py [--quick] [--steps N] [--rounds N]
 """
@@ -58,6 +59,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 import spikedoc  # noqa: E402
+from bench._guard_clock import GuardClock  # noqa: E402
 from bench._guard_recovery_report import format_report  # noqa: E402
 from bench._report import write_section  # noqa: E402
 from spikedoc.demo.training import Recipe, _deterministic, _fresh, _pad, corpus  # noqa: E402
@@ -386,6 +388,8 @@ class Timing:
     times: dict[str, list[list[float]]] = field(default_factory=lambda: {v: [] for v in TIMED})
     checkpoint_steps: list[list[int]] = field(default_factory=list)
     """Per round: indices (into the guard's timed steps) of the steps that wrote a checkpoint."""
+    clocked: list[tuple[float, float]] = field(default_factory=list)
+    """Per step of a separate clean guard run: (the iteration's wall time, the guard's own time in it)."""
 
 
 class _Timed:
@@ -478,6 +482,28 @@ def run_timing(cfg: BenchConfig, work_dir: Path, progress: Callable[[str], None]
     return timing
 
 
+def clock_guard(cfg: BenchConfig, work_dir: Path, timing: Timing) -> None:
+    """The guard's own work per step on a clean run, clocked directly (`bench/_guard_clock.py`), in a
+    run of its own after the timed rounds: the clock's wrappers would tilt the side-by-side times."""
+    train_data, _ = split_corpus()
+    recipe = replace(cfg.recipe, steps=max(cfg.steps, cfg.warmup + cfg.timing_steps))
+    cfg = replace(cfg, steps=recipe.steps)
+    with _deterministic(cfg.seed), GuardClock() as clock:
+        run = _Timed("guard", cfg, _fresh(recipe, cfg.seed)[0].state_dict(), Batches(recipe, train_data, cfg.seed),
+                     work_dir / "clocked")  # fmt: skip
+        clock.exclude_optimizer_step(run.guard)
+        try:
+            for _ in range(cfg.warmup):
+                run.step()
+            marks = []
+            for _ in range(cfg.timing_steps + 1):  # one mark per batch in hand: the guard's work between steps counts
+                marks.append((time.perf_counter(), clock.seconds))
+                run.step()
+        finally:
+            run.close()
+    timing.clocked = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run of every row (tiny, meaningless numbers); prints, writes nothing")
@@ -494,6 +520,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="spikedoc-guard-recovery-") as tmp:
         results = run_recovery(cfg, Path(tmp), progress=say)
         timing = run_timing(cfg, Path(tmp), progress=say)
+        clock_guard(cfg, Path(tmp), timing)
     command = shlex.join(["python", "bench/guard_recovery.py", *(argv if argv is not None else sys.argv[1:])])
     n_params = sum(p.numel() for p in _fresh(cfg.recipe, cfg.seed)[0].parameters())
     report = format_report(cfg, results, timing, command, time.perf_counter() - start, n_params=n_params)
