@@ -312,7 +312,7 @@ def test_rollback_goes_to_the_last_checkpoint_before_the_earliest_precursor(tmp_
     # 398 is before the loss moved but after the gradient started to grow: its state is already suspect.
     rec = inc.recommendation
     assert (rec["rollback_to_step"], rec["checkpoint_path"], rec["checkpoint_known"]) == (390, "ckpt/390.pt", True)
-    assert action_text(rec["actions"][0]) == "roll back to the checkpoint of step 390 (ckpt/390.pt)"
+    assert action_text(rec["actions"][0]) == "roll back to ckpt/390.pt (the state before step 390)"
 
 
 def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):

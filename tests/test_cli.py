@@ -62,7 +62,7 @@ def test_a_run_with_incidents_exits_1_with_a_table_and_explanations(spiky):
     text = " ".join(result.output.split())
     assert "Incidents" in text and "bad_batch" in text
     assert "distinct-token ratio 0.02: near-constant input" in text
-    assert "roll back to the checkpoint of step 350 (c/350.pt)" in text
+    assert "roll back to c/350.pt (the state before step 350)" in text
 
 
 def test_json_prints_the_diagnosis_dict(spiky):

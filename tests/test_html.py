@@ -64,7 +64,7 @@ def test_the_page_has_the_summary_the_overview_and_one_section_per_incident(lr_s
     sections = re.findall(r"<section class='incident' id='incident-(\d+)' data-severity='(\w+)' data-onset='(\d+)'", page)
     assert sections == [("1", "severe", "152")]
     assert "lr_schedule" in page and "persistent" in page
-    assert "roll back to the checkpoint of step 150" in page and "because verdict persistent" in page
+    assert "step-000150.pt (the state before step 150)" in page and "because verdict persistent" in page
     assert "Per-tensor gradient norms around onset" in page and "Implicated tensors" in page
 
 

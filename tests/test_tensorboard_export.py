@@ -54,7 +54,7 @@ def test_incidents_are_text_at_their_onset_step(exported):
     (event,) = exported.Tensors("incidents/1")
     text = tensor_util.make_ndarray(event.tensor_proto).item().decode()
     assert event.step == 152
-    assert "lr_schedule" in text and "severe" in text and "roll back to the checkpoint of step 150" in text
+    assert "lr_schedule" in text and "severe" in text and "(the state before step 150)" in text
     assert exported.Tensors("findings")
 
 

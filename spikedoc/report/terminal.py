@@ -238,7 +238,9 @@ def action_text(action: dict[str, Any]) -> str:
         return "the guard acted on part of it"
     if kind == "rollback":
         if action["known"]:
-            return f"roll back to the checkpoint of step {action['step']}" + (f" ({action['checkpoint']})" if action["checkpoint"] else "")
+            # A checkpoint event of step s holds the state before step s; the file may be named after s - 1.
+            where = action["checkpoint"] or "the checkpoint"
+            return f"roll back to {where} (the state before step {action['step']})"
         return f"roll back to your last checkpoint at or before step {action['step']} (no checkpoint events recorded)"
     if kind == "skip_data":
         what = (f"sample ids {fmt_steps(action['sample_ids'])}" if action["sample_ids"] else
