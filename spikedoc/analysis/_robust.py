@@ -10,7 +10,7 @@ import numpy as np
 
 __all__ = [
     "MAD_TO_SIGMA", "LOG10_SIGMA_FLOOR", "CLIPPED_BELOW", "robust_center_scale", "robust_z", "finite", "as_float",
-    "was_clipped", "fmt", "fmt_steps", "steps_text", "count",
+    "was_clipped", "fmt", "fmt_steps", "fmt_span", "steps_text", "count",
 ]  # fmt: skip
 
 #: Factor that turns a median absolute deviation into a standard deviation for normal data.
@@ -113,6 +113,16 @@ def count(n: int, noun: str, plural: str | None = None) -> str:
         ('1 step', '3 batches')
     """
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def fmt_span(first: int, last: int) -> str:
+    """`step 3`, `steps 3-5`.
+
+    Example:
+        >>> fmt_span(3, 3), fmt_span(3, 5)
+        ('step 3', 'steps 3-5')
+    """
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 def steps_text(count: int) -> str:

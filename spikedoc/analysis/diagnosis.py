@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis._meta import parameter_modules, watch_config
-from spikedoc.analysis._robust import fmt, steps_text
+from spikedoc.analysis._robust import fmt, fmt_span, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
 from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity
@@ -424,7 +424,7 @@ class _Analysis:
         for inc in found:
             if inc.kind == "grad_spike" and inc.recovered and inc.end_step <= w["end_step"]:
                 self.out.warnings.append(
-                    f"grad norm rose {fmt(inc.peak_ratio, 2)}x during the LR warmup (steps {inc.onset_step}-{inc.end_step}, "
+                    f"grad norm rose {fmt(inc.peak_ratio, 2)}x during the LR warmup ({fmt_span(inc.onset_step, inc.end_step)}, "
                     f"warmup to step {w['end_step']}) and came back: expected while the LR ramps, not an incident"
                 )
             else:
