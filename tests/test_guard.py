@@ -13,11 +13,15 @@ import spikedoc
 from tests.common.guarded import build, loader, run_guarded
 
 
+def _fill_grads_with_nan(model):
+    for p in model.parameters():
+        p.grad.fill_(math.nan)
+
+
 def _nan_grads(steps: set[int], *, first_pass_only: bool = True):
     def after_backward(step, guard):
         if step in steps and (guard.rollbacks == 0 or not first_pass_only):
-            for p in guard.model.parameters():
-                p.grad.fill_(math.nan)
+            _fill_grads_with_nan(guard.model)
 
     return after_backward
 
@@ -67,8 +71,7 @@ def test_a_vetoed_step_leaves_parameters_and_optimizer_state_bit_identical(tmp_p
         loss.backward()
         if step == bad:
             if fault == "nan_grads":
-                for p in model.parameters():
-                    p.grad.fill_(math.nan)
+                _fill_grads_with_nan(model)
             before = copy.deepcopy((model.state_dict(), opt.state_dict()))
         opt.step()
         if step == bad:
@@ -314,8 +317,7 @@ def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path)
         returned[step] = loss.item()
         loss.backward()
         if step == 3:
-            for p in model.parameters():
-                p.grad.fill_(math.nan)
+            _fill_grads_with_nan(model)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -361,8 +363,7 @@ def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_sk
             (loss / 2).backward()
             if len(seen) >= 2 and seen[-2][0] == step:  # the step's second micro-batch: step now
                 if step in nan_steps and not guard.rollbacks:
-                    for p in model.parameters():
-                        p.grad.fill_(math.nan)
+                    _fill_grads_with_nan(model)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -390,8 +391,7 @@ def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_pat
             loss = model(batch["input_ids"], labels=batch["labels"]).loss
             loss.backward()
             if step == 3:
-                for p in model.parameters():
-                    p.grad.fill_(math.nan)
+                _fill_grads_with_nan(model)
             opt.step()
             sched.step()
             opt.zero_grad()
@@ -412,8 +412,7 @@ def test_an_accumulated_step_is_judged_on_the_mean_of_its_micro_batch_losses(tmp
         (loss / 2).backward()
         if not first:
             if step == 2:
-                for p in model.parameters():
-                    p.grad.fill_(math.nan)
+                _fill_grads_with_nan(model)
             opt.step()
             sched.step()
             opt.zero_grad()
