@@ -178,6 +178,22 @@ def test_numerics_when_the_run_goes_nonfinite_with_no_build_up(tmp_path):
     assert inc.evidence[1] == f"the parameters of h.0.mlp.fc.weight became non-finite at step {T}"
 
 
+def test_numerics_when_a_weight_goes_nonfinite_in_an_update_whose_gradients_were_finite(tmp_path):
+    # The weight broke in step T-1's update (a corrupted value, an overflow in the optimizer): its
+    # parameter norm is non-finite one step before the loss, while every gradient was still finite.
+    steps = healthy_steps()
+    layers = healthy_layers(steps)
+    steps.loc[T:, ["loss", "grad_norm"]] = np.nan
+    after = layers["step"] >= T
+    layers.loc[after, ["grad_norm", "update_ratio"]] = np.nan
+    layers.loc[after, "nonfinite"] = 16
+    broken = (layers["step"] >= T - 1) & (layers["name"] == "h.0.mlp.fc.weight")
+    layers.loc[broken, ["param_norm", "update_ratio"]] = [np.inf, np.nan]
+    inc = _only(analyze(write_run(tmp_path / "run", steps, layers)))
+    assert (inc.kind, inc.onset_step, inc.cause) == ("nonfinite", T, "numerics_rank")
+    assert f"the parameters of h.0.mlp.fc.weight became non-finite at step {T - 1}" in inc.evidence
+
+
 def test_a_nonfinite_loss_after_the_gradient_grew_is_an_explosion(tmp_path):
     steps = healthy_steps()
     steps.loc[T - 6 : T - 1, "grad_norm"] *= 2.0 ** np.arange(1, 7)

@@ -200,17 +200,22 @@ def _outranked(incident: Incident, ev: Evidence) -> list[str]:
 def _sudden_nonfinite(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     if incident.kind != "nonfinite" or ev.grad_precursor is not None or ev.lookback_steps < _MIN_LOOKBACK:
         return []
-    if ev.layers is not None and ev.layers.earliest_step is not None and ev.layers.earliest_step < incident.onset_step:
+    layers = ev.layers
+    broke_at = layers.nonfinite_params[0] if layers is not None and layers.nonfinite_params else None
+    earlier = layers is not None and layers.earliest_step is not None and layers.earliest_step < incident.onset_step
+    # A tensor off its history earlier is a build-up, unless that is a parameter going non-finite in
+    # one update (its own parameter norm, ahead of the loss) with no gradient flag before it.
+    if earlier and (broke_at is None or layers.earliest_step < broke_at):
         return []
     before = f"the gradient norm was {fmt(ev.grad_before)} the step before and " if math.isfinite(ev.grad_before) else ""
+    flagged = "any tensor's gradient" if earlier else "any tensor"
     out = [
-        f"the run went non-finite at step {incident.onset_step} with no build-up: {before}neither it nor any tensor was "
+        f"the run went non-finite at step {incident.onset_step} with no build-up: {before}neither it nor {flagged} was "
         f"flagged in the {ev.lookback_steps} logged steps before; a non-finite value out of nowhere is numerics (an "
         "overflow, a corrupted value or device), not a growing explosion"
     ]
-    if ev.layers is not None and ev.layers.nonfinite_params:
-        step, names = ev.layers.nonfinite_params
-        out.append(f"the parameters of {fmt_steps(names, 3)} became non-finite at step {step}")
+    if broke_at is not None:
+        out.append(f"the parameters of {fmt_steps(layers.nonfinite_params[1], 3)} became non-finite at step {broke_at}")
     return out
 
 

@@ -214,7 +214,8 @@ class Guard:
         output with `.loss`). Several calls in one step (micro-batches) are averaged.
 
         Args:
-            loss: The loss of the step or micro-batch.
+            loss: The loss of the step or micro-batch (a tensor of several elements, e.g. one per
+                replica, counts as their mean).
             sample_ids: Ids of the batch's samples; the guard's events name them.
             sample_losses: Per-sample losses, for the monitor.
             **extra: Further scalars for the monitor.

@@ -184,7 +184,8 @@ class Monitor:
         `sample_losses` of several calls are concatenated; an extra scalar keeps its last value.
 
         Args:
-            loss: The step's (or micro-batch's) loss.
+            loss: The step's (or micro-batch's) loss (a tensor of several elements, e.g. one per
+                replica, counts as their mean).
             sample_ids: Ints or strings naming the samples of the batch.
             sample_losses: Per-sample losses aligned with `sample_ids`.
             **extra: Further scalars, each stored in a column of its name.
