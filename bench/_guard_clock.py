@@ -33,12 +33,14 @@ class GuardClock:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.by_entry: dict[str, float] = dict.fromkeys(_OWN, 0.0)
+        """The same time split by entry point (`_guarded_step`: the judgement before the update)."""
         self._stack: list[list[float]] = []  # per active entry point: time spent in callees not its own
         self._saved: list[tuple[type, str, Any]] = []
 
     def __enter__(self) -> GuardClock:
         for name in _OWN:
-            self._patch(Guard, name, self._own)
+            self._patch(Guard, name, lambda fn, name=name: self._own(fn, name))
         for name in _MONITOR:
             self._patch(Monitor, name, self._excluded)
         self._patch(DataStream, "next", self._excluded)
@@ -59,7 +61,7 @@ class GuardClock:
         self._saved.append((owner, name, original))
         setattr(owner, name, wrap(original))
 
-    def _own(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _own(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -70,6 +72,7 @@ class GuardClock:
                 spent = time.perf_counter() - start
                 (not_mine,) = self._stack.pop()
                 self.seconds += spent - not_mine
+                self.by_entry[name] += spent - not_mine
                 if self._stack:
                     self._stack[-1][0] += spent  # the caller's time, counted here already
 

@@ -65,8 +65,9 @@ def timing_summary(cfg: BenchConfig, timing: Timing) -> dict[str, Any]:
     writes = [t[i] - statistics.median(t) for t, idx in zip(timing.times["guard"], timing.checkpoint_steps) for i in idx]
     shares = [e / len(t) / statistics.median(b) for t, e, b in zip(timing.times["guard"], excess["guard"], base)]
     if timing.clocked:
-        out["clocked"] = {"own_ms": 1e3 * statistics.median(own for _, own in timing.clocked),
-                          "step_ms": 1e3 * statistics.median(step for step, _ in timing.clocked)}  # fmt: skip
+        out["clocked"] = {"own_ms": 1e3 * statistics.median(own for _, own, _ in timing.clocked),
+                          "judgement_ms": 1e3 * statistics.median(j for _, _, j in timing.clocked),
+                          "step_ms": 1e3 * statistics.median(step for step, _, _ in timing.clocked)}  # fmt: skip
     out["checkpoints"] = {"writes": len(writes), "per_round": len(writes) / max(1, len(timing.checkpoint_steps)),
                           "ms_each": 1e3 * statistics.median(writes) if writes else math.nan,
                           "share": statistics.median(shares) if shares else 0.0}  # fmt: skip
@@ -146,7 +147,8 @@ def format_report(cfg: BenchConfig, results: dict[tuple[str, str], RunResult], t
                  + (f" Clocked directly in a clean run of its own, the guard's own work is {c['own_ms']:.3f} ms per "
                     f"step, {_pct(c['own_ms'] / c['step_ms'])} of its median step of {c['step_ms']:.1f} ms "
                     "(`bench/_guard_clock.py`: its code without the optimizer's step, the monitor and the data; an "
-                    "upper bound)." if (c := t.get("clocked")) else ""))  # fmt: skip
+                    f"upper bound), of which {c['judgement_ms']:.3f} ms in the judgement before the update, the part "
+                    "an accelerator would wait for." if (c := t.get("clocked")) else ""))  # fmt: skip
     # --- timing table
     lines += [
         "",

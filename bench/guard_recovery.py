@@ -388,8 +388,9 @@ class Timing:
     times: dict[str, list[list[float]]] = field(default_factory=lambda: {v: [] for v in TIMED})
     checkpoint_steps: list[list[int]] = field(default_factory=list)
     """Per round: indices (into the guard's timed steps) of the steps that wrote a checkpoint."""
-    clocked: list[tuple[float, float]] = field(default_factory=list)
-    """Per step of a separate clean guard run: (the iteration's wall time, the guard's own time in it)."""
+    clocked: list[tuple[float, float, float]] = field(default_factory=list)
+    """Per step of a separate clean guard run: the iteration's wall time, the guard's own time in it,
+    and the part of that in the judgement before the update."""
 
 
 class _Timed:
@@ -497,11 +498,11 @@ def clock_guard(cfg: BenchConfig, work_dir: Path, timing: Timing) -> None:
                 run.step()
             marks = []
             for _ in range(cfg.timing_steps + 1):  # one mark per batch in hand: the guard's work between steps counts
-                marks.append((time.perf_counter(), clock.seconds))
+                marks.append((time.perf_counter(), clock.seconds, clock.by_entry["_guarded_step"]))
                 run.step()
         finally:
             run.close()
-    timing.clocked = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    timing.clocked = [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in zip(marks, marks[1:])]
 
 
 def main(argv: list[str] | None = None) -> str:
