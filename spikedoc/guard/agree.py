@@ -54,15 +54,16 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
     """
     ranks = world()
     if ranks is None:  # one rank: the finiteness checked on the host
-        values = [grad_norm] if loss is None else [loss, grad_norm]
-        if all(v.device.type == "cpu" for v in values):
-            got = [float(v) for v in values]  # already on the host: nothing to copy
+        if grad_norm.is_cpu and (loss is None or loss.is_cpu):  # already on the host: nothing to copy
+            loss_v, grad_v = (math.nan if loss is None else loss.item()), grad_norm.item()
+        elif loss is None:
+            loss_v, grad_v = math.nan, grad_norm.item()
         else:  # one stack, one host sync
-            got = torch.stack([v.detach().float().reshape(()).to(grad_norm.device) for v in values]).tolist()
-        loss_v, grad_v = (math.nan, got[0]) if loss is None else got
-        return StepValues(loss=loss_v if math.isfinite(loss_v) else math.nan,
-                          grad_norm=grad_v if math.isfinite(grad_v) else math.nan,
-                          nonfinite_ranks=int(not all(map(math.isfinite, got))), rollback_requests=int(rollback_request))  # fmt: skip
+            both = [loss.detach().float().reshape(()).to(grad_norm.device), grad_norm.detach().float().reshape(())]
+            loss_v, grad_v = torch.stack(both).tolist()
+        loss_ok, grad_ok = math.isfinite(loss_v), math.isfinite(grad_v)
+        return StepValues(loss_v if loss_ok else math.nan, grad_v if grad_ok else math.nan,
+                          int(not grad_ok or (loss is not None and not loss_ok)), int(rollback_request))
     device = grad_norm.device
     has_loss = loss is not None
     loss_t = loss.detach().float().reshape(()).to(device) if has_loss else torch.zeros((), device=device)
