@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import spikedoc
 from spikedoc.cli import app
+from spikedoc.report.terminal import action_text
 
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 REAL = RUNS / "real"
@@ -170,3 +171,15 @@ def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tm
     inc = next(i for i in spikedoc.analyze(run).incidents if i.onset_step == 251)
     assert (inc.cause, inc.severity) == ("lr_schedule", "minor")
     assert _actions(inc) == ["none", "fix_schedule"]
+    assert action_text(inc.recommendation["actions"][0]) == "no rollback needed: the run recovered by itself"
+
+
+def test_a_recovered_incident_with_nothing_else_to_do_says_no_action_is_needed():
+    [action] = _first("minor_blip").recommendation["actions"]
+    assert action_text(action) == "no action needed: the run recovered by itself"
+
+
+def test_a_recovered_bad_batch_says_no_rollback_is_needed_before_naming_what_to_skip():
+    first, *rest = _first("bad_batch_constant").recommendation["actions"]
+    assert action_text(first) == "no rollback needed: the run recovered by itself"
+    assert [a["action"] for a in rest] == ["skip_data"]

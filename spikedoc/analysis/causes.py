@@ -441,7 +441,7 @@ def recommend(
     if incident.severity == "minor":
         # Nothing to undo; a broken schedule or device is still worth repairing before it strikes again.
         actions.append({"action": "none", "because": _recovered_because(incident) + "; the incident is minor"})
-        rec["actions"] = actions + _repairs(incident, ev, rec, peak_lr)
+        rec["actions"] = _nothing_to_undo(actions + _repairs(incident, ev, rec, peak_lr))
         return rec
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
@@ -469,7 +469,7 @@ def recommend(
         rec["reset_optimizer_state_for"] = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
         actions.append({"action": "reset_moments", "tensors": rec["reset_optimizer_state_for"],
                         "because": ev.layers.precursors[0]["sentence"]})
-    rec["actions"] = actions
+    rec["actions"] = _nothing_to_undo(actions)
     return rec
 
 
@@ -528,6 +528,14 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
         return [{"action": "check_rank", "ranks": off, "loss_scaled": ev.loss_scale is not None,
                  "because": incident.evidence[0] if incident.evidence else "numerics"}]
     return []
+
+
+def _nothing_to_undo(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`none` followed by other advice (a repair, data to skip) means nothing to undo in this run (no
+    rollback), not nothing to do."""
+    if actions and actions[0]["action"] == "none":
+        actions[0]["advice_follows"] = len(actions) > 1
+    return actions
 
 
 def _clipped_share(ev: Evidence) -> tuple[float, int]:

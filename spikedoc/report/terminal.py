@@ -231,6 +231,8 @@ def action_text(action: dict[str, Any]) -> str:
     """
     kind = action["action"]
     if kind == "none":
+        if action.get("advice_follows"):  # a broken schedule, device or batch is still to be dealt with
+            return "no rollback needed: the run recovered by itself"
         return "no action needed: the run recovered by itself"
     if kind == "guard_handled":
         return "no action needed: the guard handled it"
