@@ -273,8 +273,8 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
         if leaders:
             first = leaders[0]
             out.append(
-                f"{first['name']} ({first['module']}) departed first: gradient norm {fmt(first['grad_z'], 2)} sigma off "
-                f"its history, {steps_text(first['lead_steps'])} before the loss flag"
+                f"{first['name']} ({first['module']}) departed from its history first, {steps_text(first['lead_steps'])} "
+                f"before the loss flag; its gradient norm reached {fmt(first['grad_z'], 2)} sigma off its history in the incident"
             )
     if not out and incident.kind == "nonfinite" and incident.metric == "grad_norm":
         out.append(f"the gradient went non-finite at step {incident.onset_step} before the loss did")
