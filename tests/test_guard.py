@@ -308,23 +308,32 @@ def test_a_step_a_grad_scaler_skips_with_an_ordinary_loss_is_no_veto(tmp_path):
     assert skipped >= 1 and guard.vetoes == 0 and guard.rollbacks == 0
 
 
-def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path):
+@pytest.mark.parametrize("how", ["eager", "guard_compiled", "guard_original", "monitor_every_10"])
+def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path, how):
     model, opt, sched = build()
-    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4)
+    # torch.compile: the guard may be given the compiled module or the original one
+    forward = model if how == "eager" else torch.compile(model, backend="aot_eager")  # inductor: ~30 s to compile here
+    # monitor_every_10: the monitor records (and captures the loss of) only every 10th step; the guard judges every one
+    sparse = {"every": 10, "layer_every": 10} if how == "monitor_every_10" else None
+    guard = spikedoc.Guard(forward if how == "guard_compiled" else model, opt, scheduler=sched, data=loader(),
+                           run_dir=tmp_path, max_steps=4, watch_options=sparse)  # fmt: skip
     returned = {}
-    for step, batch in guard:
-        loss = model(batch["input_ids"], labels=batch["labels"]).loss  # HF-style output: the monitor captures it
-        returned[step] = loss.item()
-        loss.backward()
-        if step == 3:
-            _fill_grads_with_nan(model)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "no loss for this step"
+        for step, batch in guard:
+            loss = forward(batch["input_ids"], labels=batch["labels"]).loss  # HF-style output: the hook captures it
+            returned[step] = loss.item()
+            loss.backward()
+            if step == 3:
+                _fill_grads_with_nan(model)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
     guard.close()
     [veto] = guard.actions
     assert veto["step"] == 3 and veto["loss"] == pytest.approx(returned[3], rel=1e-6)
     assert veto["reasons"] == ["nonfinite"] and math.isnan(veto["grad_norm"])
+    assert len(spikedoc.load(tmp_path).steps) == (1 if sparse else 4)
 
 
 def test_no_good_checkpoint_before_the_damage_stops_the_run_instead_of_returning_to_a_later_one(tmp_path):
@@ -379,24 +388,6 @@ def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_sk
     by_position = [ids for _, ids in clean]
     replay = [ids for _, ids in healed[40:]]
     assert len(replay) == 40 and replay == [by_position[p] for p in range(20, 80) if p not in range(30, 40)][:40]
-
-
-def test_the_forward_loss_is_judged_on_steps_the_monitor_does_not_record(tmp_path):
-    model, opt, sched = build()
-    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=4,
-                           watch_options={"every": 10, "layer_every": 10})  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "no loss for this step" warning
-        for step, batch in guard:
-            loss = model(batch["input_ids"], labels=batch["labels"]).loss
-            loss.backward()
-            if step == 3:
-                _fill_grads_with_nan(model)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-    guard.close()
-    assert guard.actions[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_an_accumulated_step_is_judged_on_the_mean_of_its_micro_batch_losses(tmp_path):
@@ -495,3 +486,4 @@ def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):
     fault = _corrupt_data(clean[65:95])
     with pytest.raises(spikedoc.GuardStopped, match="corrupt stretch of data"):
         run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault, max_data_skips=10)
+
