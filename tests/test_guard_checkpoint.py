@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,72 @@ def test_only_the_last_keep_good_checkpoints_stay_on_disk(tmp_path):
     store.save(40, _state(model, opt), healthy=False)
     assert [(c.step, c.healthy) for c in store.checkpoints()] == [(20, True), (30, True), (40, False)]
     assert store.rollback_target(35).step == 30 and store.rollback_target(19) is None
+
+
+class _HeldWrites(CheckpointStore):
+    """A store whose background file writes wait until `release` is set (the write itself is real)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, background=True, **kwargs)
+        self.release = threading.Event()
+
+    def _save(self, path, payload) -> None:
+        assert self.release.wait(30)
+        super()._save(path, payload)
+
+
+def test_a_background_write_returns_at_once_and_its_file_lands_later(tmp_path):
+    model, opt, _ = build()
+    store = _HeldWrites(tmp_path, keep=2)
+    checkpoint = store.save(10, _state(model, opt), healthy=True)
+    assert not checkpoint.path.exists() and store.writing and store.landed() == []  # still under way
+    store.release.set()
+    store.wait()
+    assert store.landed() == [(checkpoint, None)] and not store.writing
+    reader = CheckpointStore(tmp_path, keep=2)  # nothing in memory: the file itself
+    reader.adopt()
+    written = reader.load(checkpoint)["model"]
+    assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_rollback_during_a_background_write_waits_for_it_and_then_drops_the_abandoned_file(tmp_path):
+    model, opt, _ = build()
+    store = _HeldWrites(tmp_path, keep=3)
+    store.release.set()
+    store.save(10, _state(model, opt), healthy=True)
+    store.release.clear()
+    store.save(20, _state(model, opt), healthy=True)  # its file is held back
+    threading.Timer(0.2, store.release.set).start()
+    store.forget_after(10)  # waits for the write of step 20, then deletes it
+    assert [c.step for c in store.checkpoints()] == [10] and not store._path(20, True).exists()
+    assert [(c.step, e) for c, e in store.landed()] == [(10, None), (20, None)]
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["rollback_from_memory", "rollback_from_disk"])
+def test_guarded_training_is_the_same_with_files_written_in_the_background_or_not(tmp_path, in_memory):
+    def train(background: bool):
+        torch.manual_seed(0)
+        model, opt, sched = build()
+        guard, seen = run_guarded(tmp_path / f"bg{background}", steps=40, parts=(model, opt, sched), checkpoint_every=10,
+                                  keep_in_memory=in_memory, write_in_background=background,
+                                  after_backward=_nan_grads_once({25, 26, 27, 28, 29}))  # fmt: skip
+        events = spikedoc.load(tmp_path / f"bg{background}").events
+        actions = [{k: Path(v).name if k == "checkpoint" else v for k, v in a.items()} for a in guard.actions]  # own run dir
+        return model.state_dict(), seen, actions, sorted(events.loc[events["kind"] == "checkpoint", "step"])
+
+    background, foreground = train(True), train(False)
+    assert all(torch.equal(background[0][k], foreground[0][k]) for k in foreground[0])
+    assert background[1:3] == foreground[1:3] and any(a["kind"] == "rollback" for a in background[2])
+    assert background[3] == foreground[3] and background[3]  # the same checkpoint events, each once
+
+
+def _nan_grads_once(steps: set[int]):
+    def after_backward(step, guard):
+        if step in steps and not guard.rollbacks:
+            for p in guard.model.parameters():
+                p.grad.fill_(math.nan)
+
+    return after_backward
 
 
 def test_a_failed_checkpoint_write_warns_records_and_training_goes_on(tmp_path):

@@ -4,7 +4,9 @@ A checkpoint of step s holds the state after steps 0..s-1 (the monitor's convent
 it runs step s next). Files are `step-<s>.pt` (`step-<s>.rank<r>.pt` under torch.distributed) in
 `<run_dir>/checkpoints/`, written to a temporary name and renamed, so a crash mid-write leaves the
 previous files intact. A checkpoint taken while an incident is open is named `.unhealthy.pt`: a
-resume may continue from it, a rollback never returns to it.
+resume may continue from it, a rollback never returns to it. The file may be written by a
+background thread while training goes on (one write at a time); the in-memory copy is a rollback
+target at once, the file once it has landed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,10 +103,14 @@ class CheckpointStore:
         500
     """
 
-    def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None, in_memory: bool = True) -> None:
+    def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None, in_memory: bool = True,
+                 background: bool = False) -> None:  # fmt: skip
         self.directory = Path(directory)
-        self.keep, self.rank, self.in_memory = keep, rank, in_memory
+        self.keep, self.rank, self.in_memory, self.background = keep, rank, in_memory, background
         self._memory: tuple[Checkpoint, dict[str, Any]] | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: tuple[Checkpoint, Future[None]] | None = None
+        self._landed: list[tuple[Checkpoint, BaseException | None]] = []
         self._mine: set[Path] = set()
         """Files this store wrote, or adopted from the directory (`adopt`): the only ones it uses, so
         a fresh run in a directory holding another run's checkpoints never returns to them."""
@@ -114,8 +121,9 @@ class CheckpointStore:
         """Check `state` (a `host_copy`), write it atomically and prune old files.
 
         A state with a non-finite model or optimizer tensor is refused (CheckpointError) and nothing
-        is written. Returns the checkpoint; raises OSError when the disk write fails (the in-memory
-        copy, if kept, is still updated for a healthy state).
+        is written. A healthy state is kept in memory at once (`in_memory`). With `background` the
+        file is written by a thread and this returns first (after the previous write has finished).
+        Whether and when the file landed, or the OSError that stopped it: `landed()`.
         """
         self._check(state, where=f"state of step {step}")
         healthy = bool(healthy)
@@ -123,10 +131,42 @@ class CheckpointStore:
         checkpoint = Checkpoint(step=int(step), path=self._path(step, healthy), healthy=healthy)
         if healthy and self.in_memory:
             self._memory = (checkpoint, payload)
-        self._save(checkpoint.path, payload)
-        self._mine.add(checkpoint.path)
-        self._prune()
+        self.wait()
+        if not self.background:
+            self._landed.append((checkpoint, _error_of(self._write, checkpoint, payload)))
+            return checkpoint
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spikedoc-checkpoint")
+        self._writing = (checkpoint, self._writer.submit(self._write, checkpoint, payload))
         return checkpoint
+
+    @property
+    def writing(self) -> bool:
+        """A background write is under way or finished but not yet reported by `landed()`."""
+        return self._writing is not None
+
+    def landed(self) -> list[tuple[Checkpoint, BaseException | None]]:
+        """The writes finished since the last call, in order: each checkpoint with the error that
+        stopped its file (None: written). One still under way is left for a later call."""
+        if self._writing is not None and self._writing[1].done():
+            self.wait()
+        landed, self._landed = self._landed, []
+        return landed
+
+    def wait(self) -> None:
+        """Until the background write under way (if any) has finished; its outcome goes to `landed()`."""
+        if self._writing is None:
+            return
+        checkpoint, future = self._writing
+        self._writing = None
+        self._landed.append((checkpoint, future.exception()))
+
+    def close(self) -> None:
+        """Finish the write under way and stop the writer thread (the outcome stays for `landed()`)."""
+        self.wait()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
 
     def load(self, checkpoint: Checkpoint) -> dict[str, Any]:
         """The checked state of `checkpoint`: from memory when it is the copy kept there, else from disk.
@@ -136,6 +176,7 @@ class CheckpointStore:
         """
         if self._memory is not None and self._memory[0] == checkpoint:
             return self._memory[1]
+        self.wait()
         if checkpoint.path is None:
             raise CheckpointError(f"checkpoint of step {checkpoint.step} was kept in memory only and is gone")
         payload = self._load(checkpoint.path)
@@ -145,10 +186,13 @@ class CheckpointStore:
 
     def adopt(self) -> None:
         """Use this rank's checkpoint files already in the directory (a resume continues their run)."""
+        self.wait()
         self._mine |= {c.path for c in self._on_disk()}
 
     def checkpoints(self) -> list[Checkpoint]:
-        """This run's checkpoints (written or adopted) still on disk, plus the in-memory one, oldest first."""
+        """This run's checkpoints (written or adopted) still on disk, plus the in-memory one, oldest
+        first. Waits for a background write under way: its file is about to be one of them."""
+        self.wait()
         found = [c for c in self._on_disk() if c.path in self._mine]
         if self._memory is not None and not any(c == self._memory[0] for c in found):
             found.append(self._memory[0])
@@ -180,6 +224,12 @@ class CheckpointStore:
                 continue
             found.append(Checkpoint(step=int(m.group(1)), path=path, healthy=m.group(3) is None))
         return found
+
+    def _write(self, checkpoint: Checkpoint, payload: dict[str, Any]) -> None:
+        # On the writer thread when `background`: it alone touches the files until `wait()`.
+        self._save(checkpoint.path, payload)
+        self._mine.add(checkpoint.path)
+        self._prune(on_disk=self._on_disk())
 
     def _path(self, step: int, healthy: bool) -> Path:
         rank = f".rank{self.rank}" if self.rank is not None else ""
@@ -217,10 +267,10 @@ class CheckpointStore:
         if not all_finite({"model": state["model"], "optimizer": state["optimizer"]}):
             raise CheckpointError(f"{where} holds NaN or inf in the model or optimizer state: never a rollback target")
 
-    def _prune(self) -> None:
+    def _prune(self, *, on_disk: list[Checkpoint]) -> None:
         # Keep the newest `keep` healthy files, and unhealthy ones only while newer than all of them
         # (a resume may need one; a rollback never does).
-        found = [c for c in self.checkpoints() if c.path is not None]
+        found = sorted((c for c in on_disk if c.path in self._mine), key=lambda c: (c.step, c.healthy))
         healthy = [c for c in found if c.healthy]
         kept = set(healthy[-self.keep :])
         newest = healthy[-1].step if healthy else -1
@@ -230,3 +280,12 @@ class CheckpointStore:
                     c.path.unlink(missing_ok=True)
                 except OSError as exc:
                     log.warning("spikedoc guard: could not delete old checkpoint %s (%s)", c.path, exc)
+
+
+def _error_of(fn: Any, *args: Any) -> BaseException | None:
+    """Run `fn(*args)`: None, or the OSError that stopped it (a full disk, a bad directory)."""
+    try:
+        fn(*args)
+    except OSError as exc:
+        return exc
+    return None

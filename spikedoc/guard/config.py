@@ -32,6 +32,10 @@ class GuardConfig:
     """Checkpoint files kept on disk; older ones are deleted once a newer one is written and checked."""
     keep_in_memory: bool = True
     """Also keep the newest good checkpoint in host memory, so a rollback does not wait on the disk."""
+    write_in_background: bool = True
+    """Write checkpoint files on a background thread while training goes on (one write at a time:
+    the next checkpoint waits for it). Under torch.distributed files are always written in the
+    foreground, so that every rank knows all ranks' files landed before one counts."""
     clip: float | None = 1.0
     """Global gradient-norm clipping (the monitor's `clip=`); a rollback tightens it. None: no clipping."""
     veto: bool = True
@@ -87,7 +91,7 @@ class GuardConfig:
             raise ValueError(f"Guard: veto_sigma must be a finite number > 0, got {self.veto_sigma!r}")
         if not (_number(self.lr_factor) and 0 < self.lr_factor <= 1):
             raise ValueError(f"Guard: lr_factor must be in (0, 1], got {self.lr_factor!r}")
-        for name in ("veto", "keep_in_memory", "reset_moments"):
+        for name in ("veto", "keep_in_memory", "write_in_background", "reset_moments"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Guard: {name} must be True or False, got {getattr(self, name)!r}")
         if self.resume not in (True, False, None):

@@ -137,8 +137,11 @@ class Guard:
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
         self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "start_sample", "scheduler")}
         rank = world()
+        # Under torch.distributed every rank must know that every other rank's file landed before it
+        # counts (`agree_all`), so the files are written in the foreground there.
         self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
-                                      rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory)  # fmt: skip
+                                      rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory,
+                                      background=self.config.write_in_background and rank is None)  # fmt: skip
         self._stream = DataStream(data, seed=self.config.seed, epochs=self.config.epochs)
         self._judge = Judge(self.config, detector=detector, recovery=recovery)
         self.step = 0
@@ -248,6 +251,8 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        self._store.close()
+        self._report_written()
         self._forward_hook.remove()
         if self._original_step is not None:
             self.optimizer.step = self._original_step
@@ -354,6 +359,8 @@ class Guard:
                                   bad_loss=bad_loss))  # fmt: skip
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
         self.step = p.step + 1
+        if self._store.writing:
+            self._report_written()
         if decision is not None and self._corrupt_stretch(decision):
             self._skip_stretch(decision)
         elif decision is not None:
@@ -363,7 +370,7 @@ class Guard:
 
     def _checkpoint(self) -> None:
         healthy = self._judge.incident is None and self._judge.vetoes_in_row == 0
-        ok, where = False, None
+        ok = False
         try:
             state = host_copy({
                 "model": self.model.state_dict(),
@@ -372,18 +379,31 @@ class Guard:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             })
             state.update(rng=rng_state(), data=self._stream.state_dict(), guard=self._policy_state())
-            where = self._store.save(self.step, state, healthy=healthy)
+            self._store.save(self.step, state, healthy=healthy)
             ok = True
         except Exception as exc:  # noqa: BLE001
-            # The guard's own failure never stops training: warn, record, go on with older checkpoints.
-            warnings.warn(f"spikedoc guard: checkpoint of step {self.step} failed ({exc}); training continues",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
-            self.monitor.event("checkpoint_failed", error=str(exc), guard=True)
+            self._checkpoint_failed(self.step, exc)
+        ok = self.step not in self._report_written() and ok  # a foreground write has landed by now
         if not agree_all(ok) and ok:  # another rank failed: this step is no common rollback target
             self._store.forget_after(self.step - 1)
-            return
-        if ok:
-            self.monitor.event("checkpoint", path=str(where.path), healthy=healthy, guard=True)
+
+    def _report_written(self) -> set[int]:
+        """Record the checkpoint files that landed since the last call; the steps of those that failed."""
+        failed = set()
+        for checkpoint, error in self._store.landed():
+            if error is None:
+                self.monitor.event("checkpoint", at_step=checkpoint.step, path=str(checkpoint.path),
+                                   healthy=checkpoint.healthy, guard=True)  # fmt: skip
+            else:
+                failed.add(checkpoint.step)
+                self._checkpoint_failed(checkpoint.step, error)
+        return failed
+
+    def _checkpoint_failed(self, step: int, error: BaseException) -> None:
+        # The guard's own failure never stops training: warn, record, go on with older checkpoints.
+        warnings.warn(f"spikedoc guard: checkpoint of step {step} failed ({error}); training continues",
+                      RuntimeWarning, stacklevel=4)  # fmt: skip
+        self.monitor.event("checkpoint_failed", at_step=step, error=str(error), guard=True)
 
     def _policy_state(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.monitor.sample_offset, "clip": self.clip, "lr_scale": self.lr_scale,
@@ -449,6 +469,7 @@ class Guard:
             self._stop("no_checkpoint", f"no good checkpoint at or before step {decision.precursor_step}, the incident's "
                        "earliest precursor", decision)  # fmt: skip
         from_step = self.step
+        self._report_written()  # into the segment that wrote them (finding the target waited for the last)
         self.monitor.wait()
         self.monitor.close()
         saved_scale = float(state["guard"]["lr_scale"])
