@@ -137,18 +137,21 @@ def format_report(cfg: BenchConfig, results: dict[tuple[str, str], RunResult], t
     t = timing_summary(cfg, timing)
     extra = t["guard"]["cost"] - t["monitor"]["cost"] - t["checkpoints"]["share"]
     noise = abs(t["plain_repeat"]["cost"])
-    ok3 = extra <= noise
-    lines.append(f"3. Clean-run cost at most the monitor's plus the checkpoint writes: **{'met' if ok3 else 'not met'}** "
-                 f"(median step plus checkpoint writes: guard {_pct(t['guard']['cost'])}, monitor "
-                 f"{_pct(t['monitor']['cost'])}, of which checkpoint writes {_pct(t['checkpoints']['share'])}: the "
-                 f"guard's own remainder is {_pct(extra)}, against a noise floor of {_pct(t['plain_repeat']['cost'])}; "
-                 f"in total step time, bursts of other processes' load included: guard {_pct(t['guard']['total'])}, "
-                 f"monitor {_pct(t['monitor']['total'])}, noise floor {_pct(t['plain_repeat']['total'])})."
-                 + (f" Clocked directly in a clean run of its own, the guard's own work is {c['own_ms']:.3f} ms per "
+    # What the guard adds to the monitor and its checkpoint writes is its own code's time: clocked
+    # directly it is resolved to the microsecond, side by side only above the noise floor.
+    c = t.get("clocked")
+    ok3 = c["own_ms"] <= 0.0 if c else extra <= noise
+    lines.append(f"3. Clean-run cost at most the monitor's plus the checkpoint writes: **{'met' if ok3 else 'not met'}**"
+                 + (f": the guard's own work, clocked directly in a clean run of its own, is {c['own_ms']:.3f} ms per "
                     f"step, {_pct(c['own_ms'] / c['step_ms'])} of its median step of {c['step_ms']:.1f} ms "
                     "(`bench/_guard_clock.py`: its code without the optimizer's step, the monitor and the data; an "
                     f"upper bound), of which {c['judgement_ms']:.3f} ms in the judgement before the update, the part "
-                    "an accelerator would wait for." if (c := t.get("clocked")) else ""))  # fmt: skip
+                    "an accelerator would wait for" if c else "")
+                 + f". Side by side (median step plus checkpoint writes): guard {_pct(t['guard']['cost'])}, monitor "
+                 f"{_pct(t['monitor']['cost'])}, checkpoint writes {_pct(t['checkpoints']['share'])}, a remainder of "
+                 f"{_pct(extra)} against a noise floor of {_pct(t['plain_repeat']['cost'])}; in total step time, bursts "
+                 f"of other processes' load included: guard {_pct(t['guard']['total'])}, monitor "
+                 f"{_pct(t['monitor']['total'])}, noise floor {_pct(t['plain_repeat']['total'])}.")  # fmt: skip
     # --- timing table
     lines += [
         "",

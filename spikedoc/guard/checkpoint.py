@@ -229,7 +229,7 @@ class CheckpointStore:
         # On the writer thread when `background`: it alone touches the files until `wait()`.
         self._save(checkpoint.path, payload)
         self._mine.add(checkpoint.path)
-        self._prune(on_disk=self._on_disk())
+        self._prune()
 
     def _path(self, step: int, healthy: bool) -> Path:
         rank = f".rank{self.rank}" if self.rank is not None else ""
@@ -267,10 +267,10 @@ class CheckpointStore:
         if not all_finite({"model": state["model"], "optimizer": state["optimizer"]}):
             raise CheckpointError(f"{where} holds NaN or inf in the model or optimizer state: never a rollback target")
 
-    def _prune(self, *, on_disk: list[Checkpoint]) -> None:
+    def _prune(self) -> None:
         # Keep the newest `keep` healthy files, and unhealthy ones only while newer than all of them
-        # (a resume may need one; a rollback never does).
-        found = sorted((c for c in on_disk if c.path in self._mine), key=lambda c: (c.step, c.healthy))
+        # (a resume may need one; a rollback never does). Files only: not `checkpoints()`, which waits.
+        found = sorted((c for c in self._on_disk() if c.path in self._mine), key=lambda c: (c.step, c.healthy))
         healthy = [c for c in found if c.healthy]
         kept = set(healthy[-self.keep :])
         newest = healthy[-1].step if healthy else -1
