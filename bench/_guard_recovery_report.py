@@ -156,7 +156,8 @@ def format_report(cfg: BenchConfig, results: dict[tuple[str, str], RunResult], t
     lines += [
         "",
         (f"Wall time on a clean run: the plain loop (`clip_grad_norm_(1.0)`), the same again (noise floor), "
-         f"`spikedoc.watch(clip=1.0)` and the guard (`checkpoint_every={cfg.checkpoint_every}`) train the same model "
+         f"`spikedoc.watch(clip=1.0)` and the guard (`checkpoint_every={cfg.checkpoint_every}`, its files written in "
+         "the foreground so that each write's cost lands in its own step) train the same model "
          f"from the same weights on the same batches in one process, {cfg.rounds} rounds x {cfg.timing_steps} timed "
          f"steps (+{cfg.warmup} untimed) each, in turns of {cfg.block} steps in a random order per turn; at the end of "
          "a turn the monitor's statistics worker is waited for, untimed. Cost = median over rounds of (the variant's "

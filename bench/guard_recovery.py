@@ -405,8 +405,10 @@ class _Timed:
         self.sched = _schedule(self.opt, recipe, range(0), 1.0)
         self.monitor = self.guard = None
         if name == "guard":
+            # Checkpoint files written in the foreground: each write's cost lands in its own step and is
+            # counted as checkpoint writes (in the background it would spread over the next steps).
             self.guard = spikedoc.Guard(self.model, self.opt, scheduler=self.sched, data=data, run_dir=run_dir,
-                                        checkpoint_every=cfg.checkpoint_every)  # fmt: skip
+                                        checkpoint_every=cfg.checkpoint_every, write_in_background=False)  # fmt: skip
             self.batches = iter(self.guard)
         else:
             self.batches = ((None, b) for b in data)
