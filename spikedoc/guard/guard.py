@@ -47,7 +47,7 @@ class _Pending:
     positions: list[int]
     """Data positions of the step's batches (more than one under gradient accumulation)."""
     losses: list[Tensor] = field(default_factory=list)
-    """Losses given to `record` this step (detached one-element tensors)."""
+    """Losses given to `record` this step (detached; a tensor of several elements as their mean)."""
     forward_losses: list[Tensor] = field(default_factory=list)
     """Losses the model's forwards returned this step (used when `record` gave none)."""
     sample_ids: list[Any] = field(default_factory=list)
