@@ -38,8 +38,6 @@ class StepRecord:
     """Host copies of tensors given to `record()` after the step's own copy was launched."""
     recorded_tensors: list[tuple[str, Tensor]] = field(default_factory=list)
     """Tensors given to `record()` before the step ended: they travel in the step's own copy."""
-    deferred: int = 0
-    """Tensors given to `record()` so far (their keys' numbers)."""
     packer: Packer = field(default_factory=Packer)
     active: dict[int, list[int] | None] = field(default_factory=dict)
     grads: dict[int, list[Tensor]] = field(default_factory=dict)

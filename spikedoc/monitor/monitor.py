@@ -634,8 +634,7 @@ class Monitor:
 
     def _value(self, st: StepRecord, value: Any) -> Any:
         if isinstance(value, Tensor):
-            key = DeferredKey(f"rec:{st.deferred}")
-            st.deferred += 1
+            key = DeferredKey(f"rec:{len(st.recorded_tensors) + len(st.late)}")  # each tensor goes to one of them
             key.integer = not value.is_floating_point() and not value.is_complex()
             # Ids may sit in a buffer the loop refills: a copy of them as they are now.
             tensor = value.detach().float() if value.is_floating_point() else value.detach().clone()
