@@ -162,9 +162,8 @@ class StreamingDetector:
     def learn(self, flag: Flag) -> bool:
         """Take in an observation `assess` judged, as `update` would have; True when that ended a
         persistent departure (the baseline was re-seeded). Learn each assessment once, in order."""
-        if flag.nonfinite or (self.log_scale and not flag.value > 0.0):
-            return False
-        return self._learn(flag.step, math.log(flag.value) if self.log_scale else flag.value, flag.flagged)
+        x = self._working(flag.value)
+        return x is not None and self._learn(flag.step, x, flag.flagged)
 
     def window(self) -> list[float]:
         """The baseline's values (oldest first), in the series' own units."""
@@ -233,16 +232,22 @@ class StreamingDetector:
             shown = math.exp(center) if log_scale else center
         else:
             scale = shown = math.nan
-        if not math.isfinite(value):
-            return shown, scale, math.inf, True, True, warm, None  # never enters the baseline
-        if log_scale and value <= 0.0:
-            return shown, scale, math.nan, False, False, warm, None  # no logarithm: not judged, kept out
-        x = math.log(value) if log_scale else value
+        x = self._working(value)
+        if x is None:  # never enters the baseline: flagged when non-finite, not judged when it has no log
+            nonfinite = not math.isfinite(value)
+            return shown, scale, math.inf if nonfinite else math.nan, nonfinite, nonfinite, warm, None
         if not n:
             return shown, scale, math.nan, False, False, warm, x
         dev = x - center
         z = dev / scale
         return shown, scale, z, z > cfg.threshold and dev > self._min_dev(center), False, warm, x
+
+    def _working(self, value: float) -> float | None:
+        """`value` in the working space (its log on a log scale); None when it never enters the
+        baseline: non-finite, or no logarithm (e.g. a grad norm logged as 0)."""
+        if not math.isfinite(value) or (self.log_scale and value <= 0.0):
+            return None
+        return math.log(value) if self.log_scale else value
 
     def _learn(self, step: int, x: float, flagged: bool) -> bool:
         """Add a judged value `x` (working space): to the baseline when in band, else to the held-out
