@@ -54,20 +54,18 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
     """
     ranks = world()
     if ranks is None:  # one rank: the finiteness checked on the host
-        if grad_norm.is_cpu and (loss is None or loss.is_cpu):  # already on the host: nothing to copy
-            loss_v, grad_v = (math.nan if loss is None else loss.item()), grad_norm.item()
-        elif loss is None:
+        if loss is None:
             loss_v, grad_v = math.nan, grad_norm.item()
+        elif loss.is_cpu and grad_norm.is_cpu:  # already on the host: nothing to copy
+            loss_v, grad_v = loss.item(), grad_norm.item()
         else:  # one stack, one host sync
-            both = [loss.detach().float().reshape(()).to(grad_norm.device), grad_norm.detach().float().reshape(())]
-            loss_v, grad_v = torch.stack(both).tolist()
+            loss_v, grad_v = _stacked(loss, grad_norm).tolist()
         loss_ok, grad_ok = math.isfinite(loss_v), math.isfinite(grad_v)
         return StepValues(loss_v if loss_ok else math.nan, grad_v if grad_ok else math.nan,
                           int(not grad_ok or (loss is not None and not loss_ok)), int(rollback_request))
     device = grad_norm.device
     has_loss = loss is not None
-    loss_t = loss.detach().float().reshape(()).to(device) if has_loss else torch.zeros((), device=device)
-    values = torch.stack([loss_t, grad_norm.detach().float().reshape(())])  # (2,)
+    values = _stacked(loss if has_loss else torch.zeros((), device=device), grad_norm)  # (2,)
     finite = torch.isfinite(values)
     flags = torch.tensor([float(rollback_request), float(has_loss)], device=device)
     packed = torch.cat([torch.where(finite, values, torch.zeros_like(values)), (~finite).float(), flags])  # (6,)
@@ -78,6 +76,11 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
         nonfinite_ranks=round(max(bad_loss, bad_grad)),
         rollback_requests=round(requests),
     )
+
+
+def _stacked(loss: Tensor, grad_norm: Tensor) -> Tensor:
+    """(loss, grad_norm) as one float32 vector on the gradient norm's device."""
+    return torch.stack([loss.detach().float().reshape(()).to(grad_norm.device), grad_norm.detach().float().reshape(())])
 
 
 def agree_all(flag: bool) -> bool:
