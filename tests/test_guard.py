@@ -10,20 +10,7 @@ import pytest
 import torch
 
 import spikedoc
-from tests.common.guarded import build, loader, run_guarded
-
-
-def _fill_grads_with_nan(model):
-    for p in model.parameters():
-        p.grad.fill_(math.nan)
-
-
-def _nan_grads(steps: set[int], *, first_pass_only: bool = True):
-    def after_backward(step, guard):
-        if step in steps and (guard.rollbacks == 0 or not first_pass_only):
-            _fill_grads_with_nan(guard.model)
-
-    return after_backward
+from tests.common.guarded import build, fill_grads_with_nan, loader, nan_grads, run_guarded
 
 
 def _garbage(batch, vocab_size):
@@ -71,7 +58,7 @@ def test_a_vetoed_step_leaves_parameters_and_optimizer_state_bit_identical(tmp_p
         loss.backward()
         if step == bad:
             if fault == "nan_grads":
-                _fill_grads_with_nan(model)
+                fill_grads_with_nan(model)
             before = copy.deepcopy((model.state_dict(), opt.state_dict()))
         opt.step()
         if step == bad:
@@ -113,7 +100,7 @@ def test_the_baseline_never_learns_from_a_vetoed_step(tmp_path):
 
 
 def test_vetoes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_batches(tmp_path):
-    guard, seen = run_guarded(tmp_path, steps=70, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    guard, seen = run_guarded(tmp_path, steps=70, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}))
     assert guard.vetoes == 5 and guard.rollbacks == 1
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     assert (rollback["reason"], rollback["from_step"], rollback["to_step"]) == ("vetoes", 50, 40)
@@ -126,7 +113,7 @@ def test_vetoes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_
 def test_after_a_rollback_the_batches_are_the_original_order_minus_the_skipped_ones(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=75, checkpoint_every=20)
     guard, healed = run_guarded(tmp_path / "healed", steps=70, checkpoint_every=20,
-                                after_backward=_nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
+                                after_backward=nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
     by_position = [ids for _, ids in clean]
     replay = [ids for _, ids in healed[50:]]  # the 50 steps before the rollback, then the replay from step 40
     assert [s for s, _ in healed[50:]] == list(range(40, 70))
@@ -142,7 +129,7 @@ def test_a_rollback_tightens_clipping_and_scales_the_lr(tmp_path):
     def on_step(guard, step, batch):
         lrs.setdefault(step, []).append(guard.optimizer.param_groups[0]["lr"])
 
-    guard, _ = run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}),
+    guard, _ = run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}),
                            on_step=on_step)  # fmt: skip
     assert guard.clip == 0.5 and guard.monitor.config.clip == 0.5 and guard.lr_scale == pytest.approx(0.7)
     for step in range(40, 50):  # seen twice: before the rollback (from step 50) and in the replay
@@ -155,7 +142,7 @@ def test_a_rollback_tightens_clipping_and_scales_the_lr(tmp_path):
 def test_a_rollback_keeps_a_clip_that_already_acted_on_most_steps(tmp_path):
     # At 1e-3 every step is clipped: halving it would halve every update, on top of the LR factor.
     guard, _ = run_guarded(tmp_path, steps=60, checkpoint_every=20, clip=1e-3,
-                           after_backward=_nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
+                           after_backward=nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     assert guard.clip == 1e-3 and rollback["clip"] == rollback["clip_before"] == 1e-3
     assert rollback["clip_kept"].startswith("clipping at 0.001 already acts on 100% of the")
@@ -174,7 +161,7 @@ def test_reset_moments_drops_the_optimizer_state_of_the_tensor_whose_gradient_le
 
 
 def test_the_steps_after_a_vetoed_step_get_the_full_statistics_under_the_budget(tmp_path):
-    run_guarded(tmp_path, steps=120, checkpoint_every=1000, after_backward=_nan_grads({100}),
+    run_guarded(tmp_path, steps=120, checkpoint_every=1000, after_backward=nan_grads({100}),
                 watch_options={"budget": 0.0001})  # fmt: skip
     steps = spikedoc.load(tmp_path).steps.set_index("step")
     assert not steps.loc[60:99, "full_stats"].all(), "a cadence before the veto"
@@ -182,7 +169,7 @@ def test_the_steps_after_a_vetoed_step_get_the_full_statistics_under_the_budget(
 
 
 def test_a_spent_budget_stops_the_run_with_guard_stopped(tmp_path):
-    always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
+    always = nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped) as stop:
         run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always)
     diagnosis = stop.value.diagnosis
@@ -211,7 +198,7 @@ def test_damage_that_gets_through_is_rolled_back_by_the_recovery_judgement(tmp_p
 
 
 def test_analyze_lists_the_guards_actions(tmp_path):
-    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}))
     diagnosis = spikedoc.analyze(tmp_path)
     kinds = [a["kind"] for a in diagnosis.guard_actions]
     assert kinds.count("veto") == 5 and kinds.count("rollback") == 1
@@ -227,7 +214,7 @@ def test_the_report_shows_the_guards_actions(tmp_path):
 
     from spikedoc.report.terminal import render
 
-    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=_nan_grads({45, 46, 47, 48, 49}))
+    run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}))
     console = Console(record=True, width=200)
     render(spikedoc.analyze(tmp_path), console)
     text = console.export_text()
@@ -325,7 +312,7 @@ def test_without_record_the_guard_judges_the_loss_the_forward_returned(tmp_path,
             returned[step] = loss.item()
             loss.backward()
             if step == 3:
-                _fill_grads_with_nan(model)
+                fill_grads_with_nan(model)
             opt.step()
             sched.step()
             opt.zero_grad()
@@ -372,7 +359,7 @@ def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_sk
             (loss / 2).backward()
             if len(seen) >= 2 and seen[-2][0] == step:  # the step's second micro-batch: step now
                 if step in nan_steps and not guard.rollbacks:
-                    _fill_grads_with_nan(model)
+                    fill_grads_with_nan(model)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -403,7 +390,7 @@ def test_an_accumulated_step_is_judged_on_the_mean_of_its_micro_batch_losses(tmp
         (loss / 2).backward()
         if not first:
             if step == 2:
-                _fill_grads_with_nan(model)
+                fill_grads_with_nan(model)
             opt.step()
             sched.step()
             opt.zero_grad()
@@ -419,7 +406,7 @@ def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_p
         if step == 25:
             lrs[guard.rollbacks] = guard.optimizer.param_groups[0]["lr"]
 
-    always = _nan_grads(set(range(30, 10_000)), first_pass_only=False)
+    always = nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped):
         run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always, on_step=on_step)
     assert lrs[1] == pytest.approx(0.7 * lrs[0], rel=1e-12) and lrs[2] == pytest.approx(0.49 * lrs[0], rel=1e-12)

@@ -17,7 +17,7 @@ import torch
 import spikedoc
 from spikedoc.guard import CheckpointError
 from spikedoc.guard.checkpoint import CheckpointStore, host_copy
-from tests.common.guarded import build, loader, run_guarded
+from tests.common.guarded import build, loader, nan_grads, run_guarded
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def test_guarded_training_is_the_same_with_files_written_in_the_background_or_no
         model, opt, sched = build()
         guard, seen = run_guarded(tmp_path / f"bg{background}", steps=40, parts=(model, opt, sched), checkpoint_every=10,
                                   keep_in_memory=in_memory, write_in_background=background,
-                                  after_backward=_nan_grads_once({25, 26, 27, 28, 29}))  # fmt: skip
+                                  after_backward=nan_grads({25, 26, 27, 28, 29}))  # fmt: skip
         events = spikedoc.load(tmp_path / f"bg{background}").events
         actions = [{k: Path(v).name if k == "checkpoint" else v for k, v in a.items()} for a in guard.actions]  # own run dir
         return model.state_dict(), seen, actions, sorted(events.loc[events["kind"] == "checkpoint", "step"])
@@ -128,15 +128,6 @@ def test_guarded_training_is_the_same_with_files_written_in_the_background_or_no
     assert all(torch.equal(background[0][k], foreground[0][k]) for k in foreground[0])
     assert background[1:3] == foreground[1:3] and any(a["kind"] == "rollback" for a in background[2])
     assert background[3] == foreground[3] and background[3]  # the same checkpoint events, each once
-
-
-def _nan_grads_once(steps: set[int]):
-    def after_backward(step, guard):
-        if step in steps and not guard.rollbacks:
-            for p in guard.model.parameters():
-                p.grad.fill_(math.nan)
-
-    return after_backward
 
 
 def test_a_failed_checkpoint_write_warns_records_and_training_goes_on(tmp_path):
@@ -192,11 +183,7 @@ def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_nev
 def test_a_fresh_run_never_rolls_back_to_another_runs_checkpoints_in_its_directory(tmp_path):
     run_guarded(tmp_path, steps=60, checkpoint_every=20)  # leaves checkpoints of steps 20, 40, 60
 
-    def nan_grads(step, guard):
-        if step in range(45, 50) and not guard.rollbacks:
-            for p in guard.model.parameters():
-                p.grad.fill_(math.nan)
-
-    guard, _ = run_guarded(tmp_path, steps=55, checkpoint_every=25, resume=False, after_backward=nan_grads)
+    guard, _ = run_guarded(tmp_path, steps=55, checkpoint_every=25, resume=False,
+                           after_backward=nan_grads(set(range(45, 50))))  # fmt: skip
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     assert rollback["to_step"] == 25  # its own, not the other run's checkpoint of step 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 import spikedoc
 from tests.common.models import char_text, make_model
 
-__all__ = ["TextWindows", "loader", "build", "run_guarded"]
+__all__ = ["TextWindows", "loader", "build", "run_guarded", "fill_grads_with_nan", "nan_grads"]
 
 
 class TextWindows(torch.utils.data.Dataset):
@@ -86,3 +87,19 @@ def run_guarded(
     finally:
         guard.close()
     return guard, seen
+
+
+def fill_grads_with_nan(model: torch.nn.Module) -> None:
+    """Every gradient NaN: the step a broken batch or device would produce."""
+    for p in model.parameters():
+        p.grad.fill_(math.nan)
+
+
+def nan_grads(steps: set[int], *, first_pass_only: bool = True) -> Callable[[int, Any], None]:
+    """An `after_backward` for `run_guarded`: NaN gradients at `steps` (before the first rollback only, by default)."""
+
+    def after_backward(step: int, guard: Any) -> None:
+        if step in steps and (guard.rollbacks == 0 or not first_pass_only):
+            fill_grads_with_nan(guard.model)
+
+    return after_backward
