@@ -51,6 +51,15 @@ class GuardClock:
             setattr(owner, name, original)
         self._saved.clear()
 
+    def mark(self) -> tuple[float, float, float]:
+        """(wall time, the guard's own seconds so far, of which in the judgement before the update)."""
+        return time.perf_counter(), self.seconds, self.by_entry["_guarded_step"]
+
+    @staticmethod
+    def per_step(marks: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+        """From one `mark()` per batch in hand: each step's wall time, own time and judgement time."""
+        return [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in zip(marks, marks[1:])]
+
     def exclude_optimizer_step(self, guard: Guard) -> None:
         """The optimizer's own step, which the guard's judgement calls, is not the guard's."""
         step = guard._original_step or type(guard.optimizer).step.__get__(guard.optimizer)

@@ -51,7 +51,7 @@ def measure(steps: int, seed: int) -> dict[str, float]:
             # Per iteration, from one batch in hand to the next: the step and the guard's work between steps.
             marks = []
             for step, (x, y) in guard:
-                marks.append((time.perf_counter(), clock.seconds, clock.by_entry["_guarded_step"]))
+                marks.append(clock.mark())
                 model(x, y).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -69,10 +69,8 @@ def measure(steps: int, seed: int) -> dict[str, float]:
         guard.close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    times = [b[0] - a[0] for a, b in zip(marks[10:], marks[11:])]
-    step = statistics.median(times)
-    own = statistics.median(b[1] - a[1] for a, b in zip(marks[10:], marks[11:]))
-    judgement = statistics.median(b[2] - a[2] for a, b in zip(marks[10:], marks[11:]))
+    steps = GuardClock.per_step(marks[10:])
+    step, own, judgement = (statistics.median(column) for column in zip(*steps))
     return {"params": sum(p.numel() for p in model.parameters()), "step_ms": step * 1e3, "guard_ms": own * 1e3,
             "share": own / step, "judgement_ms": judgement * 1e3, "checkpoint_ms": checkpoint * 1e3, "landed_ms": landed * 1e3, "rollback_ms": rollback * 1e3}  # fmt: skip
 

@@ -500,11 +500,11 @@ def clock_guard(cfg: BenchConfig, work_dir: Path, timing: Timing) -> None:
                 run.step()
             marks = []
             for _ in range(cfg.timing_steps + 1):  # one mark per batch in hand: the guard's work between steps counts
-                marks.append((time.perf_counter(), clock.seconds, clock.by_entry["_guarded_step"]))
+                marks.append(clock.mark())
                 run.step()
         finally:
             run.close()
-    timing.clocked = [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in zip(marks, marks[1:])]
+    timing.clocked = GuardClock.per_step(marks)
 
 
 def main(argv: list[str] | None = None) -> str:
