@@ -1,5 +1,5 @@
-"""The spike suite in sample_runs/: loadable runs, labels that agree with the recorded data, exact
-regeneration, and the suite's targets for analyze (every planted incident found, attributed and
+"""The spike suite in sample_runs/: loadable runs, labels that agree with the recorded data,
+regeneration within the measured kernel spread, and the suite's targets for analyze (every planted incident found, attributed and
 named; nothing on a clean run)."""
 
 from __future__ import annotations
@@ -100,16 +100,29 @@ def test_labelled_peak_is_far_off_the_clean_run(name):
     assert not np.isfinite(peak) or abs(peak - clean[label["peak_step"]]) > 5 * sigma
 
 
-def test_regeneration_reproduces_the_shipped_losses_exactly(tmp_path):
+# Largest relative difference of a regenerated loss from the shipped one across CPU kernel sets, measured
+# with `python bench/regeneration_spread.py`: 2.0e-7 over the first 25 steps (4.6e-7 over 100), one or two
+# float32 ulps; a peak LR changed by 0.1% moves them by 2.4e-4. The tolerance sits 50x above the first
+# and 24x below the second.
+_REGENERATION_RTOL = 1e-5
+
+
+def test_regeneration_reproduces_the_shipped_losses_within_the_kernel_spread(tmp_path):
     made = load_labels(RUNS / "bad_batch_constant")["generator"]
     here = _environment()
-    differs = [k for k in ("corpus_sha256", "torch", "cpu_capability") if made[k] != here[k]]
+    differs = [k for k in ("corpus_sha256", "torch") if made[k] != here[k]]
     if differs:
-        pytest.skip(f"exact reproduction needs the generator's {', '.join(differs)} (shipped: {made})")
+        pytest.skip(f"reproduction needs the generator's {', '.join(differs)} (shipped: {made})")
     spec = next(s for s in SPECS if s.name == "bad_batch_constant")
     record = generate_run(spec, tmp_path / "run", max_steps=25, checkpoint_dir=tmp_path / "ckpt")
-    np.testing.assert_array_equal(np.float32(record["loss"]), np.float32(_losses("bad_batch_constant")[:25]))
-    np.testing.assert_array_equal(spikedoc.load(tmp_path / "run").steps["loss"].to_numpy(), _losses("bad_batch_constant")[:25])
+    np.testing.assert_allclose(record["loss"], _losses("bad_batch_constant")[:25], rtol=_REGENERATION_RTOL, atol=0)
+
+
+def test_regenerated_run_records_the_losses_training_returned(tmp_path):
+    spec = next(s for s in SPECS if s.name == "bad_batch_constant")
+    record = generate_run(spec, tmp_path / "run", max_steps=5, checkpoint_dir=tmp_path / "ckpt")
+    recorded = spikedoc.load(tmp_path / "run").steps.sort_values("step")["loss"].to_numpy()
+    np.testing.assert_array_equal(np.float32(recorded), np.float32(record["loss"]))
 
 
 def test_match_accepts_an_onset_within_tolerance_of_the_range_only():
