@@ -29,9 +29,6 @@ class Logger:
     def after_step(self, loss: torch.Tensor) -> None:
         pass
 
-    def drain(self) -> None:
-        """Finish background work of the last step (end of a turn; untimed)."""
-
     def close(self) -> None:
         pass
 
@@ -52,31 +49,8 @@ class _Spikedoc(Logger):
 
         self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir)
 
-    def drain(self):
-        self._monitor._lane.join()
-
     def close(self):
         self._monitor.close()
-
-
-class _NoWorker:
-    """Mixin: the monitor computes its statistics in the hooks, with no CPU worker thread."""
-
-    def open(self, model, optimizer, run_dir):
-        import spikedoc.monitor.monitor as monitor_module
-
-        worker, monitor_module._CPU_WORKER = monitor_module._CPU_WORKER, False  # read once, in watch()
-        try:
-            super().open(model, optimizer, run_dir)
-        finally:
-            monitor_module._CPU_WORKER = worker
-
-
-class _SpikedocInline(_NoWorker, _Spikedoc):
-    records = (
-        "as `spikedoc`, with the statistics computed inside the hooks on the training thread (no CPU "
-        "worker; Adam's update norm then from a copy of the parameters): what a step costs when no core is idle"
-    )
 
 
 class _SpikedocFull(_Spikedoc):
@@ -89,10 +63,6 @@ class _SpikedocFull(_Spikedoc):
         import spikedoc
 
         self._monitor = spikedoc.watch(model, optimizer, run_dir=run_dir, budget=None)
-
-
-class _SpikedocFullInline(_NoWorker, _SpikedocFull):
-    records = "as `spikedoc_full`, with the statistics in the hooks (no CPU worker)"
 
 
 class _HandLogger(Logger):
@@ -182,9 +152,7 @@ LOGGERS: dict[str, type[Logger]] = {
     BASELINE: Logger,
     "baseline_repeat": _Repeat,
     "spikedoc": _Spikedoc,
-    "spikedoc_inline": _SpikedocInline,
     "spikedoc_full": _SpikedocFull,
-    "spikedoc_full_inline": _SpikedocFullInline,
     "hand_item_logger": _HandLogger,
     "tensorboard": _TensorBoard,
     "wandb": _Wandb,

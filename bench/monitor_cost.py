@@ -68,14 +68,14 @@ class _HookClock:
 def measure(
     *, rounds: int, steps: int, warmup: int = 5, seed: int = 0, loop_clip: float | None = None
 ) -> dict[tuple[int, int, float | None], tuple[float, float, float]]:
-    """Median over rounds of (hook ms per step, its share of the baseline step, worker ms per step)."""
+    """Median over rounds of (hook ms per step, its share of the baseline step)."""
     torch.set_num_threads(1)
     data, vocab = corpus()
     stream = batches(data, n=warmup + steps, batch_size=8, seq_len=128, seed=seed)
     torch.manual_seed(seed)
     init = CharGPT(vocab=vocab, n_layer=4, n_head=4, d_model=128, seq_len=128).state_dict()
     clock = _HookClock()
-    per_round: dict[tuple[int, int, float | None], list[tuple[float, float, float]]] = {s: [] for s in SETTINGS}
+    per_round: dict[tuple[int, int, float | None], list[tuple[float, float]]] = {s: [] for s in SETTINGS}
     try:
         for r in range(rounds):
             runs = []
@@ -91,11 +91,9 @@ def measure(
                                              budget=budget)  # fmt: skip
                 runs.append((setting, model, opt, monitor, []))
             order = random.Random(seed * 1000 + r)
-            busy: dict[int, float] = {}
             for i, (x, y) in enumerate(stream):
                 if i == warmup:
                     clock.spent.clear()
-                    busy = {id(m): m._lane.busy_seconds for _, _, _, m, _ in runs if m is not None}
                 for _, model, opt, _, times in order.sample(runs, len(runs)):
                     start = time.perf_counter()
                     model(x, y).backward()
@@ -107,14 +105,12 @@ def measure(
                         times.append(time.perf_counter() - start)
             base = statistics.median(runs[0][4])
             for setting, _, _, monitor, _ in runs[1:]:
-                monitor._lane.join()
                 hooks = clock.spent.get(id(monitor), 0.0) / steps
-                worker = (monitor._lane.busy_seconds - busy[id(monitor)]) / steps
-                per_round[setting].append((1e3 * hooks, hooks / base, 1e3 * worker))
+                per_round[setting].append((1e3 * hooks, hooks / base))
                 monitor.close()
     finally:
         clock.restore()
-    return {s: tuple(statistics.median(v[k] for v in vals) for k in range(3))  # type: ignore[misc]
+    return {s: tuple(statistics.median(v[k] for v in vals) for k in range(2))  # type: ignore[misc]
             for s, vals in per_round.items()}  # fmt: skip
 
 
@@ -124,19 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per setting and round (default 30)")
     parser.add_argument("--loop-clip", type=float, default=None, metavar="MAX_NORM",
                         help="the loop clips with clip_grad_norm_ at this max norm (default: no clipping)")
-    parser.add_argument("--no-worker", action="store_true",
-                        help="statistics in the hooks, no CPU worker: the cost where no core is idle")
     args = parser.parse_args(argv)
-    if args.no_worker:
-        import spikedoc.monitor.monitor as monitor_module
-
-        monitor_module._CPU_WORKER = False  # read when each watch() plans
     got = measure(rounds=args.rounds, steps=args.steps, loop_clip=args.loop_clip)
-    print("| setting | time in the monitor's hooks per step | of the step time | on the CPU worker per step |")
-    print("| --- | --- | --- | --- |")
-    for (every, layer_every, budget), (ms, share, worker) in got.items():
+    print("| setting | time in the monitor's hooks per step | of the step time |")
+    print("| --- | --- | --- |")
+    for (every, layer_every, budget), (ms, share) in got.items():
         name = f"every={every}, layer_every={layer_every}" + (f", budget={budget}" if budget else "")
-        print(f"| `{name}` | {ms:.2f} ms | {100 * share:.1f}% | {worker:.2f} ms |")
+        print(f"| `{name}` | {ms:.2f} ms | {100 * share:.1f}% |")
 
 
 if __name__ == "__main__":

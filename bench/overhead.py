@@ -1,16 +1,15 @@
-"""Measure spikedoc's per-step monitoring overhead against the loggers people use today.
+"""Measure spikedoc's monitoring overhead end to end, against the loggers people use today.
 
 Trains the same small GPT-style character model on CPU, from the same initial weights and the same
 batch order, once per variant and round: no monitoring (twice), `spikedoc.watch`, a hand-written
 per-parameter `.item()` logger, TensorBoard per-layer scalars and `wandb.watch(log="all")` offline.
-Within a round the variants take turns of `block` consecutive steps (10 by default, a second of
-training), in a random order drawn every turn, so that the load of other processes on a shared
-machine hits all of them alike, while each variant still trains several steps in a row as a real
-run does (its model's memory warm, a logger's background work overlapping its own next step). The
-overhead of a variant is the median over rounds of its median step time divided by the baseline's
-in the same round.
+Each variant trains its whole run continuously and is timed as its user waits: the logger's setup,
+every step back to back (background work overlapping later steps as in a real run, never drained
+untimed) and its `close()`. Within a round the variants run one after another in a random order, so
+the load of other processes hits all of them alike. The overhead of a variant is the median over
+rounds of its end-to-end time divided by the baseline's in the same round.
 
-    python bench/overhead.py [--rounds N] [--steps N] [--block N] [--quick]
+    python bench/overhead.py [--model small|large] [--threads N] [--rounds N] [--steps N] [--quick]
 """
 
 from __future__ import annotations
@@ -42,14 +41,20 @@ from bench._loggers import BASELINE, LOGGERS
 from bench._overhead_report import format_report
 from bench._report import write_section
 
-__all__ = ["VARIANTS", "BenchConfig", "BenchResult", "VariantResult", "format_report", "main", "run_benchmark"]
+__all__ = ["MODELS", "VARIANTS", "BenchConfig", "BenchResult", "VariantResult", "format_report", "main", "run_benchmark"]
 
 #: Variant names in table order; the first is the reference every ratio is taken against.
 VARIANTS = (
-    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_inline", "spikedoc_full", "spikedoc_full_inline",
-    "hand_item_logger", "tensorboard",
+    BASELINE, "baseline_repeat", "spikedoc", "spikedoc_full", "hand_item_logger", "tensorboard",
     "wandb",
 )  # fmt: skip
+
+
+#: Model presets of the command line, as `BenchConfig` fields.
+MODELS: dict[str, dict[str, int]] = {
+    "small": {},
+    "large": {"d_model": 192, "n_layer": 4, "n_head": 4, "batch_size": 16, "seq_len": 128},
+}
 
 
 @dataclass(kw_only=True)
@@ -70,15 +75,12 @@ class BenchConfig:
     """AdamW learning rate (nanoGPT's character-level default is 1e-3; lower keeps 50+ steps calm)."""
     rounds: int = 5
     """Rounds; each trains every variant once, in alternating turns. More rounds narrow the IQR."""
-    block: int = 10
-    """Consecutive steps per turn. 1 is lockstep (step i of every variant, then step i + 1): every
-    step then starts with the caches full of another model's tensors, and a logger's background
-    work from its last step runs during other variants' steps, where it is nobody's cost."""
     steps: int = 100
-    """Timed optimizer steps per variant and round; with the warmup more than spikedoc's default
-    `flush_every` (100), so one Parquet flush of its writer falls inside the timed steps."""
+    """Optimizer steps per variant and round after the warmup; with the warmup more than spikedoc's
+    default `flush_every` (100), so one Parquet flush of its writer falls inside the run."""
     warmup: int = 5
-    """Untimed steps first in every run (allocator, autograd graph caches, monitor's first step)."""
+    """Steps first in every run left out of the per-step medians (allocator, autograd graph caches,
+    monitor's first step); the end-to-end time includes them."""
     threads: int = 1
     """`torch.set_num_threads`. One: on a shared 2-core machine another process then slows a step by
     its share of a core, whereas with 2 threads every parallel region waits for the preempted thread
@@ -90,7 +92,7 @@ class BenchConfig:
     """Which variants to run; must start with "baseline"."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "rounds", "steps", "threads", "block"):
+        for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "rounds", "steps", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -109,7 +111,7 @@ class BenchConfig:
             f"{self.n_layer} layers, d_model {self.d_model}, {self.n_head} heads, seq {self.seq_len}, "
             f"batch {self.batch_size}, {n_params / 1e6:.2f}M parameters, fp32, AdamW lr {self.lr:g} "
             f"wd 0.1, {self.threads} torch threads; {self.rounds} rounds x {self.steps} timed steps "
-            f"(+{self.warmup} warmup) per variant, in turns of {self.block} steps."
+            f"(+{self.warmup} warmup) per variant, each run continuous."
         )
 
 
@@ -118,8 +120,9 @@ class VariantResult:
     """What one variant measured: step times per round, setup/teardown cost, and its final losses."""
 
     name: str
+    end_to_end: list[float] = field(default_factory=list)  # seconds per round: open, every step, close
     step_times: list[list[float]] = field(default_factory=list)  # seconds, [round][timed step]
-    background_cpu: list[float] = field(default_factory=list)  # CPU s per timed step of its threads/processes
+    background_cpu: list[float] = field(default_factory=list)  # CPU s per step of its threads/processes
     open_close: list[float] = field(default_factory=list)  # seconds per round, outside step times
     final_losses: list[float] = field(default_factory=list)  # last step's loss per round
     run_dirs: list[Path] = field(default_factory=list)
@@ -195,10 +198,6 @@ class _Run:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._owning(self._step, x, y)
 
-    def drain(self) -> None:
-        """End of a turn: let the logger finish background work of its last step (untimed)."""
-        self._owning(self.logger.drain)
-
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0 = time.perf_counter()
         loss = self.model(x, y)
@@ -212,55 +211,41 @@ class _Run:
 
     def close(self) -> None:
         start = time.perf_counter()
-        self.logger.close()
+        self._owning(self.logger.close)
         self.open_close += time.perf_counter() - start
 
 
 def _round(cfg, vocab, init_state, stream, names, r: int, work_dir: Path, results: dict[str, VariantResult]) -> None:
-    """Train every variant in `names` through `stream` in turns of `cfg.block` steps, in random order."""
-    runs = []
-    for name in names:
+    """Train every variant in `names` once through `stream`, whole runs one after another in random order.
+
+    Each run is timed end to end as its user waits: the logger's setup, every step back to back
+    (whatever background work a logger leaves runs while the next steps train, as in a real run) and
+    its `close()`, which waits for all of that work to finish.
+    """
+    order = random.Random(cfg.seed * 1000 + r)
+    for name in order.sample(names, len(names)):
+        res = results[name]
         run = _Run(name, cfg, vocab, init_state, work_dir / name)
+        gc.collect()  # the last run's garbage is nobody's cost
+        cpu_start = _background()
+        start = time.perf_counter()
         try:
             run.open()
+            for x, y in stream:
+                run.step(x, y)
+            cpu_end = _background()  # before close(): a logger's threads end there, taking their counts
+            run.close()
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
-            _unavailable(results[name], exc)
+            _unavailable(res, exc)
             continue
-        runs.append(run)
-    gc.collect()  # setup garbage is nobody's step cost
-    order = random.Random(cfg.seed * 1000 + r)
-    turns = [stream[: cfg.warmup]] + [stream[i : i + cfg.block] for i in range(cfg.warmup, len(stream), cfg.block)]
-    try:
-        for t, turn in enumerate(turns):
-            if t == 1:
-                cpu_start = _background()
-            # A fresh order every turn: a logger's leftovers (wandb's service still busy with the last
-            # step's histograms) then slow a random successor, not always the same one. Measured: with
-            # a rotated fixed cycle the baseline, always after wandb, ran 1% slower than its repeat.
-            for run in order.sample(runs, len(runs)):
-                if results[run.name].unavailable is None:
-                    try:
-                        for x, y in turn:
-                            run.step(x, y)
-                        run.drain()
-                    except Exception as exc:  # noqa: BLE001
-                        _unavailable(results[run.name], exc)
-        cpu_end = _background()
-    finally:
-        for run in runs:
-            try:
-                run.close()
-            except Exception as exc:  # noqa: BLE001
-                _unavailable(results[run.name], exc)
-    for run in runs:
-        res = results[run.name]
-        if res.unavailable is None:
-            res.step_times.append(run.times[cfg.warmup :])
-            cpu = sum(cpu_end.get(k, 0.0) - cpu_start.get(k, 0.0) for k in run.owned)
-            res.background_cpu.append(cpu / cfg.steps)
-            res.open_close.append(run.open_close)
-            res.final_losses.append(run.loss)
-            res.run_dirs.append(run.run_dir)
+        wall = time.perf_counter() - start
+        cpu = sum(v - cpu_start.get(k, 0.0) for k, v in cpu_end.items() if k in run.owned)
+        res.end_to_end.append(wall)
+        res.step_times.append(run.times[cfg.warmup :])
+        res.background_cpu.append(cpu / len(stream))
+        res.open_close.append(run.open_close)
+        res.final_losses.append(run.loss)
+        res.run_dirs.append(run.run_dir)
 
 
 def _unavailable(res: VariantResult, exc: Exception) -> None:
@@ -270,7 +255,7 @@ def _unavailable(res: VariantResult, exc: Exception) -> None:
 
 
 def run_benchmark(cfg: BenchConfig, *, work_dir: Path | None = None, progress=None) -> BenchResult:
-    """Train every variant `cfg.rounds` times, in alternating turns within a round, and collect step times.
+    """Train every variant `cfg.rounds` times, whole runs in random order within a round, and time them.
 
     Args:
         cfg: model, data and measurement settings.
@@ -316,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="rounds (default 5; 2 with --quick)")
     parser.add_argument("--steps", type=int, help="timed steps per variant and round (default 100; 5 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--block", type=int, help="consecutive steps per turn (default 10; 1: lockstep)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small",
+                        help="small: the default config (~0.8M parameters, batch 8 x 128); large: d_model 192, batch 16 x 128")
     parser.add_argument("--batch-size", type=int, help="samples per step (default 8): the step's cost scales with it")
     parser.add_argument("--variants", help=f"comma-separated subset, starting with baseline (default: all of {','.join(VARIANTS)})")
     parser.add_argument(
@@ -333,8 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         options["warmup"] = 1
     if args.threads:
         options["threads"] = args.threads
-    if args.block:
-        options["block"] = args.block
+    options.update(MODELS[args.model])
     if args.batch_size:
         options["batch_size"] = args.batch_size
     if args.variants:
@@ -345,8 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     report = format_report(result, command)
     print(report)
     if not args.quick:
-        # One section per setting: the idle-core run (one torch thread) and the all-cores run.
-        write_section("overhead" if cfg.threads == 1 else "overhead_all_cores", report)
+        # One section per model and setting: the idle-core run (one torch thread) and the all-cores run.
+        name = "overhead" + ("" if args.model == "small" else f"_{args.model}") + ("" if cfg.threads == 1 else "_all_cores")
+        write_section(name, report)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """Device side of a step: queue every statistic of one optimizer step, then start its host copy.
 
-Runs from the optimizer step hooks. What must happen at a precise moment runs on the training
-thread: clipping, the snapshot before the step, reading the hyperparameters right after it. The
-rest is one job on the monitor's lane (see `_lane.py`) after the step: gradient statistics (the
-step leaves gradients unchanged), then parameter, update and optimizer-state statistics, which on
-CPU overlap the next forward and backward. The results go into the step's `Packer`, which copies
-them to the host in one transfer per device.
+Runs from the optimizer step hooks, on the training thread: clipping, the snapshot before the step
+and, right after it, the gradient statistics (the step leaves gradients unchanged), then parameter,
+update and optimizer-state statistics. On an accelerator they are kernels queued on its stream; the
+results go into the step's `Packer`, which copies them to the host in one transfer per device.
 """
 
 from __future__ import annotations
@@ -42,25 +40,18 @@ def _versions(tensors: list[Tensor]) -> list[int]:
     return [t._version for t in tensors]
 
 
-def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], None], watched: list[Tensor]) -> None:
-    """Run `body` on the lane; a failure, or a change of a `watched` tensor meanwhile, loses the step's rows."""
-    before = _versions(watched)
+def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], None]) -> None:
+    """Run `body` now, on the training thread; a failure loses the step's rows, never the run.
 
-    def job() -> None:
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                body()
-            if _versions(watched) != before:
-                raise ChangedDuringStats("a parameter or optimizer state tensor changed in place between steps")
-        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
-            monitor._fail(where, exc, st)
-        finally:
-            if not on_caller:  # inline, the hook that runs it counts its time
-                st.cost += time.perf_counter() - start
-
-    on_caller = monitor._lane.on_caller
-    monitor._lane.submit(job)
+    Inline, the statistics read the tensors at the moment the hook runs: nothing can change them
+    meanwhile (a worker thread measured costlier when every core is busy, and a loop's `.data`
+    writes slip past the version counters that guarded it).
+    """
+    try:
+        with torch.no_grad():
+            body()
+    except Exception as exc:  # noqa: BLE001 - monitoring never stops training
+        monitor._fail(where, exc, st)
 
 
 @torch.no_grad()
@@ -90,8 +81,9 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
         grads_of[b] = grads
         if st.work and st.full:
             st.snapshots[b] = monitor.plan.stats.before(bucket, grads, active)
-    before = {b: _param_norms_before(monitor, b, bucket) for b, bucket in enumerate(monitor.plan.buckets)} \
-        if st.layers and st.full else {}  # fmt: skip
+    # Read right before the step, never carried over from the last one: the loop may have written
+    # into the weights since through `.data` (an EMA swap, weight surgery), which no version counter sees.
+    before = {b: norms(bucket.params) for b, bucket in enumerate(monitor.plan.buckets)} if st.layers and st.full else {}
 
     def body() -> list[Tensor]:
         layer_norms = []
@@ -166,15 +158,6 @@ def _bucket_grad_stats(
     return gn
 
 
-def _param_norms_before(monitor: Monitor, b: int, bucket: Bucket) -> Tensor:
-    cached = monitor.plan.after_norms.get(b)
-    # The previous step's after-norms are this step's before-norms unless a parameter was
-    # modified in place since (a checkpoint load, a rollback): its version counter tells.
-    if cached is not None and cached[1] == _versions(bucket.params):
-        return cached[0]
-    return norms(bucket.params)
-
-
 def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     """After the step: parameter and update norms, optimizer state, then the one host copy.
 
@@ -204,12 +187,9 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     stats = monitor.plan.stats
     hyper = None if skipped or not st.full else stats.hyperparameters()
     st.optimizer_values = stats.step_values(hyper) if hyper is not None else {}
-    next_recorded = monitor._new_step_works(st.index + 1) and monitor._will_be_full(st.index + 1)
     grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor.plan.buckets))}
     active, snapshots = dict(st.active), dict(st.snapshots)
     deferred, st.grad_work = st.grad_work, None
-    # Versions now; the job fails if any changes before it ends, so these are the versions it read.
-    param_versions = [_versions(bucket.params) for bucket in monitor.plan.buckets]
 
     def body() -> None:
         if deferred is not None:
@@ -227,20 +207,14 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
                 )
         for b, bucket in enumerate(monitor.plan.buckets):
             pn = norms(bucket.params)
-            monitor.plan.after_norms[b] = (pn, param_versions[b])
             pk.add(f"{b}:param_norm", pn)
             if skipped or not st.full:
                 continue
             step = AfterStep(grads=grads[b], active=active.get(b), snapshot=snapshots.get(b), layers=st.layers,
-                             hyper=hyper, next_recorded=next_recorded)  # fmt: skip
+                             hyper=hyper)  # fmt: skip
             got = stats.after(bucket, step)
             for key, value in got.items():
                 pk.add(f"{b}:{key}", value)
         st.landing = pk.launch()
 
-    watched = [p for bucket in monitor.plan.buckets for p in bucket.params]
-    if st.full:  # only full steps read the optimizer state
-        watched += [t for p in watched for t in monitor.plan.state.get(p, {}).values() if isinstance(t, Tensor)]
-    run_job(monitor, st, "step_post", body, watched + [g for gs in grads.values() for g in gs])
-    if stats.reads_grads_after or stats.join_after_step:  # the loop may change them right after the step
-        monitor._lane.join()
+    run_job(monitor, st, "step_post", body)

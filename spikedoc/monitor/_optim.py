@@ -85,8 +85,6 @@ class AfterStep:
     """Whether layer rows are recorded for this step."""
     hyper: Any
     """`hyperparameters()`, read right after the step."""
-    next_recorded: bool
-    """Whether the next step gets the full statistics too (its snapshot may be taken now)."""
 
 
 def _scalar(value: Any) -> float:
@@ -133,9 +131,6 @@ class OptimizerStats:
     """Whether `optimizer.step()` leaves `p.grad` unchanged, so gradient statistics can wait until after it."""
     reads_grads_after = False
     """Whether `after` reads the gradients."""
-    join_after_step = False
-    """Whether the post-step statistics must end in the step hook: the loop changes what they read
-    right after the step (Schedule-Free's `optimizer.eval()` swaps the parameters in place)."""
     columns: tuple[str, ...] = ()
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -171,10 +166,9 @@ class AdamStats(OptimizerStats):
     With `snapshot` (the parameters fit the monitor's temporary budget) the parameters are copied
     before the step and the update norm is that of the difference: three elementwise passes, against
     four passes and two temporaries for the closed form from `exp_avg`/`exp_avg_sq` and the step
-    count, which larger models use so that they need no copy of the parameters. The copy for the
-    next step is taken in `after`, off the training thread, and `before` only checks the
-    parameters' version counters: a parameter changed in place since (a checkpoint load) is
-    copied again there.
+    count, which larger models use so that they need no copy of the parameters. The copy is taken
+    in `before`, right before the step, never carried over from the last step: the loop may have
+    written into the weights since through `.data`, which no version counter sees.
     """
 
     columns = ("exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac")
@@ -183,8 +177,6 @@ class AdamStats(OptimizerStats):
         super().__init__(optimizer)
         self.snapshot = snapshot
         self._copies: weakref.WeakKeyDictionary[Bucket, list[Tensor]] = weakref.WeakKeyDictionary()
-        # Version counters of the parameters when `after` copied them for the next step.
-        self._copied: weakref.WeakKeyDictionary[Bucket, list[int]] = weakref.WeakKeyDictionary()
 
     def before(self, bucket: Bucket, grads: list[Tensor], active: list[int] | None) -> Any:
         if not self.snapshot:
@@ -192,8 +184,7 @@ class AdamStats(OptimizerStats):
         copies = self._copies.get(bucket)
         if copies is None:
             copies = self._copies[bucket] = [torch.empty_like(p) for p in bucket.params]
-        if self._copied.pop(bucket, None) != [p._version for p in bucket.params]:
-            torch._foreach_copy_(copies, bucket.params)  # under no_grad: no detach needed
+        torch._foreach_copy_(copies, bucket.params)  # under no_grad: no detach needed
         return copies
 
     def hyperparameters(self) -> dict[int, tuple[float, float, float, float, float, bool]]:
@@ -205,10 +196,6 @@ class AdamStats(OptimizerStats):
         if copies is not None:  # the copies from before the step: the change is their difference
             torch._foreach_sub_(copies, bucket.params)
             out["update_norm"] = norms(copies)
-            if step.next_recorded:  # the next step's copy; versions read first, so a change during the copy shows
-                versions = [p._version for p in bucket.params]
-                torch._foreach_copy_(copies, bucket.params)
-                self._copied[bucket] = versions
             if not layers:
                 return out
         pos = active if active is not None else range(len(bucket.params))

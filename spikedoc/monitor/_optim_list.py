@@ -74,7 +74,6 @@ class JointStats(OptimizerStats):
         self.exact = all(p.exact for p in self.parts)
         self.step_keeps_grads = all(p.step_keeps_grads for p in self.parts)
         self.reads_grads_after = any(p.reads_grads_after for p in self.parts)
-        self.join_after_step = any(p.join_after_step for p in self.parts)
 
     @property
     def columns(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -204,7 +204,6 @@ class ScheduleFreeStats(SampledStats):
     """
 
     columns = ("z_norm", "exp_avg_sq_mean", "exp_avg_sq_max")
-    join_after_step = True
 
     def hyperparameters(self) -> dict[str, float]:
         g = self.optimizer.param_groups[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,9 +41,6 @@ class Plan:
     """The optimizer statistics (`OptimizerStats`, or `JointStats` over several optimizers)."""
     state: Mapping
     """The optimizers' state, one read-only mapping (through the local shards when sharded)."""
-    after_norms: dict[int, tuple[Tensor, list[int]]] = field(default_factory=dict)
-    """Per bucket, the parameter norms after the last step and the parameters' version counters
-    then: the next step's norms before its update, unless a parameter changed in between."""
 
     def update_exact(self) -> list[bool]:
         """Per parameter: whether its update norm is exact, else estimated from a sample."""

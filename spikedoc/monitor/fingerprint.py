@@ -209,13 +209,11 @@ class Fingerprint:
         """Fold one forward call's inputs into the step's fingerprint."""
         work = self.note(args, kwargs)
         if work is not None:
-            work[0]()
+            work()
 
-    def note(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Callable[[], None], list[Tensor]] | None:
-        """Count samples and tokens and note shapes now; return the device work and the tensors it reads.
-
-        The work (content hash, sequence statistics) may run later, e.g. on the monitor's CPU worker,
-        as long as the calls of one step run in order and the tensors are not modified meanwhile.
+    def note(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Callable[[], None] | None:
+        """Count samples and tokens and note shapes now; return the device work (content hash,
+        sequence statistics) for the caller to run, so that a failure in it is the caller's to report.
         None when there is nothing to measure.
         """
         inputs = flatten_inputs(args, kwargs)
@@ -244,7 +242,7 @@ class Fingerprint:
                 self.lengths.append(lengths)
                 self.distinct.append(distinct)
 
-        return measure, [t for _, t in flat]
+        return measure
 
     def device_values(self) -> dict[str, Tensor]:
         """The step's device-side results: the hash as two 32-bit halves, per-sample lengths and

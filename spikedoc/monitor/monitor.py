@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from spikedoc.monitor import clipping as _clipping
 from spikedoc.monitor import meta as _meta
 from spikedoc.monitor._collect import grad_stats, post_stats, run_job, total_norm
-from spikedoc.monitor._lane import InlineLane, Lane, WorkerLane
 from spikedoc.monitor._optim import Bucket, for_optimizer
 from spikedoc.monitor._optim_list import JointStats, OptimizerList
 from spikedoc.monitor._plan import Plan
@@ -45,15 +44,11 @@ logger = logging.getLogger(__name__)
 _TEMP_SHARE, _TEMP_MIN = 0.01, 1 << 22
 #: Models of at most this many parameter elements (the temporary floor: 16 MB in fp32) are copied
 #: before each step, and Adam's update norm is the norm of the difference (three passes); larger
-#: models use the closed form from the optimizer state and need no copy. On the CPU worker the
-#: closed form is used at every size: there the copy's extra pass measured costlier for the
-#: training loop than the closed form's (bench/overhead.py, docs/monitor.md).
+#: models use the closed form from the optimizer state and need no copy.
 _SNAPSHOT_MAX = _TEMP_MIN
 #: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
 _SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
-#: Whether CPU statistics run on a worker thread (see `_lane.py`); False runs them in the hooks.
-_CPU_WORKER = True
 
 
 class Monitor:
@@ -109,7 +104,6 @@ class Monitor:
         self._steps_since_update = 0
         self._sample_offset = config.start_sample
         self._last_end = math.nan
-        self._lane: Lane = InlineLane()
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
         self._ranks = Ranks()
@@ -338,12 +332,10 @@ class Monitor:
     def wait(self) -> None:
         """Return once the statistics of every step so far are computed.
 
-        On CPU they are computed on a worker thread while training goes on (see docs/monitor.md).
-        Call this before changing parameters or optimizer state in place between steps (loading a
-        checkpoint, editing weights): a change while the last step's statistics are still read
-        costs that step's rows.
+        They are computed inside the step hooks (on an accelerator, queued on its stream before the
+        step returns), so they always are by the time the loop goes on: changing parameters or
+        optimizer state between steps needs no wait. Kept for loops that call it before such a change.
         """
-        self._lane.join()
 
     def skip_step(self) -> None:
         """Record the current step as taken but not applied (`skipped`): call it instead of
@@ -363,9 +355,7 @@ class Monitor:
         _clipping.unobserve(self)
         if self._stepped:
             self._end_partial_step()
-        self._lane.join()
         self._consume()
-        self._lane.close()
         for handle in self._handles:
             handle.remove()
         if self.scaler is not None and "update" in vars(self.scaler):
@@ -386,7 +376,6 @@ class Monitor:
 
     def _build_plan(self) -> None:
         self._consume()  # (re)planning a watched run: finish what used the old plan first
-        self._lane.join()
         params, groups, owners = [], [], []
         for k, opt in enumerate(self.optimizers):
             for g, group in enumerate(opt.param_groups):  # g: the group's index within its optimizer
@@ -413,16 +402,11 @@ class Monitor:
                    in_order=ix == list(range(len(params))))
             for (k, dev, dt), ix in by_key.items()
         ]  # fmt: skip
-        self._lane.close()
-        # CPU kernels run on the calling thread: give them a worker so they overlap training (an
-        # accelerator's kernels already run asynchronously on its stream).
-        on_cpu = bool(buckets) and all(b.device.type == "cpu" for b in buckets)
-        self._lane = WorkerLane() if on_cpu and _CPU_WORKER else InlineLane()
         sample_budget = max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN)
         owned = np.bincount(owners, weights=numels, minlength=len(self.optimizers)) if params else [0.0]
         parts = [  # several optimizers share the sample budget by their parameter counts
             for_optimizer(opt, sample_budget=max(1, round(sample_budget * float(owned[k]) / max(total, 1))),
-                          snapshot=total <= _SNAPSHOT_MAX and isinstance(self._lane, InlineLane))
+                          snapshot=total <= _SNAPSHOT_MAX)
             for k, opt in enumerate(self.optimizers)
         ]  # fmt: skip
         # Statistics read the optimizers' state through their local shards when sharded.
@@ -473,8 +457,8 @@ class Monitor:
         st.forwards += 1
         try:
             work = st.fingerprint.note(args, kwargs)
-            if work is not None:  # the hash and sequence statistics overlap the forward on CPU
-                run_job(self, st, "fingerprint", *work)
+            if work is not None:
+                run_job(self, st, "fingerprint", work)
         except Exception as exc:  # noqa: BLE001
             self._fail("fingerprint", exc, st)
 
@@ -499,7 +483,6 @@ class Monitor:
                 return  # the next of several optimizers: the step's gradients and snapshot are taken
             self._end_partial_step()  # the same optimizer again: the others did not step last time
         start = time.perf_counter()
-        self._lane.join()  # the last step's statistics read what this step changes
         self._consume()
         st = self._cur
         try:
@@ -576,7 +559,6 @@ class Monitor:
 
     def _take_grad_stats(self, st: StepRecord, grad_scale: Any = None) -> None:
         """The step's gradient statistics, now, before the step hooks run."""
-        self._lane.join()  # the last step's job: its parameter norms are read here
         self._replan_if_groups_changed()
         grad_stats(self, st, clip=None, grad_scale=grad_scale, now=True)
 
@@ -617,7 +599,6 @@ class Monitor:
         now = time.time()
         st.time, st.step_time, st.skipped = now, now - self._last_end, skipped
         self._last_end = now
-        self._lane.join()  # the fingerprint jobs of this step's forwards: post_stats reads their results
         try:
             if st.work and not st.broken:
                 post_stats(self, st, skipped)
@@ -737,7 +718,6 @@ class Monitor:
         scaler.update = update
 
     def _skipped_step(self) -> None:
-        self._lane.join()
         self._consume()
         st = self._cur
         try:
