@@ -15,9 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from spikedoc._version import __version__
 from spikedoc.errors import GuardStopped, RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "watch",

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from spikedoc.monitor._optim import AfterStep, Bucket
+from spikedoc.monitor._plan import Plan
 from spikedoc.monitor._step import DeferredKey, StepRecord
 from spikedoc.monitor.distributed import local
 from spikedoc.monitor.statistics import (
@@ -26,10 +28,24 @@ from spikedoc.monitor.statistics import (
     norms,
 )
 
-if TYPE_CHECKING:
-    from spikedoc.monitor.monitor import Monitor
+__all__ = ["StepContext", "grad_stats", "post_stats", "run_job", "total_norm"]
 
-__all__ = ["grad_stats", "post_stats", "run_job", "total_norm"]
+
+@dataclass(kw_only=True)
+class StepContext:
+    """What a step's statistics need from the monitor that runs them."""
+
+    plan: Plan
+    """The watched parameters and how their statistics are batched (replaced when groups change)."""
+    optimizer: Any
+    """The optimizer (or several read as one): its param groups give the learning rates."""
+    scaler: Any
+    """The GradScaler, if any: its scale is recorded with the step."""
+    fail: Callable[[str, BaseException, StepRecord | None], None]
+    """Report a failed statistic: its step's rows are dropped, training goes on."""
+    grads_before_step: bool = False
+    """Set once the step or the loop is seen changing gradients in place right after the step:
+    their statistics are taken before it from then on."""
 
 
 class ChangedDuringStats(RuntimeError):
@@ -40,7 +56,7 @@ def _versions(tensors: list[Tensor]) -> list[int]:
     return [t._version for t in tensors]
 
 
-def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], None]) -> None:
+def run_job(ctx: StepContext, st: StepRecord, where: str, body: Callable[[], None]) -> None:
     """Run `body` now, on the training thread; a failure loses the step's rows, never the run.
 
     Inline, the statistics read the tensors at the moment the hook runs: nothing can change them
@@ -51,11 +67,11 @@ def run_job(monitor: Monitor, st: StepRecord, where: str, body: Callable[[], Non
         with torch.no_grad():
             body()
     except Exception as exc:  # noqa: BLE001 - monitoring never stops training
-        monitor._fail(where, exc, st)
+        ctx.fail(where, exc, st)
 
 
 @torch.no_grad()
-def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_scale: Any = None, now: bool = False) -> None:
+def grad_stats(ctx: StepContext, st: StepRecord, *, clip: float | None, grad_scale: Any = None, now: bool = False) -> None:
     """Before the step: gradient norms, maxima, non-finite counts; clipping; the optimizer's snapshot.
 
     Without `clip` and with an optimizer whose step leaves gradients alone, the gradient statistics
@@ -67,32 +83,32 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
     """
     if st.grads_taken:
         if clip is not None:
-            _clip_only(monitor, st, clip)
+            _clip_only(ctx, st, clip)
         return
     st.grads_taken = True
     grads_of: dict[int, list[Tensor]] = {}
-    for b, bucket in enumerate(monitor.plan.buckets):
+    for b, bucket in enumerate(ctx.plan.buckets):
         grads = [local(p.grad) for p in bucket.sources]
         active = None
         if any(g is None for g in grads):
             active = [j for j, g in enumerate(grads) if g is not None]
-            grads = [g if g is not None else monitor.plan.placeholders[b] for g in grads]
+            grads = [g if g is not None else ctx.plan.placeholders[b] for g in grads]
         st.active[b], st.grads[b] = active, grads
         grads_of[b] = grads
         if st.work and st.full:
-            st.snapshots[b] = monitor.plan.stats.before(bucket, grads, active)
+            st.snapshots[b] = ctx.plan.stats.before(bucket, grads, active)
     # Read right before the step, never carried over from the last one: the loop may have written
     # into the weights since through `.data` (an EMA swap, weight surgery), which no version counter sees.
-    before = {b: norms(bucket.params) for b, bucket in enumerate(monitor.plan.buckets)} if st.layers and st.full else {}
+    before = {b: norms(bucket.params) for b, bucket in enumerate(ctx.plan.buckets)} if st.layers and st.full else {}
 
     def body() -> list[Tensor]:
         layer_norms = []
-        for b, bucket in enumerate(monitor.plan.buckets):
+        for b, bucket in enumerate(ctx.plan.buckets):
             layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale))
         return layer_norms
 
-    later = not now and clip is None and not isinstance(grad_scale, Tensor) and monitor.plan.stats.step_keeps_grads
-    if later and st.work and not monitor._grads_before_step:
+    later = not now and clip is None and not isinstance(grad_scale, Tensor) and ctx.plan.stats.step_keeps_grads
+    if later and st.work and not ctx.grads_before_step:
         # Version counters from now: a step or a loop that changes the gradients in place before
         # the job has read them is caught (see post_stats).
         all_grads = [g for b in sorted(grads_of) for g in grads_of[b]]
@@ -100,16 +116,16 @@ def grad_stats(monitor: Monitor, st: StepRecord, *, clip: float | None, grad_sca
         return
     st.grad_norms = body()
     if clip is not None:
-        _apply_clip(monitor, st, st.grad_norms, clip)
+        _apply_clip(ctx, st, st.grad_norms, clip)
 
 
-def _clip_only(monitor: Monitor, st: StepRecord, clip: float) -> None:
+def _clip_only(ctx: StepContext, st: StepRecord, clip: float) -> None:
     """`clip=` on gradients whose statistics were taken earlier: their norms, unless the loop's own
     clip scaled the gradients since."""
     if st.grad_norms is not None and not st.loop_clips:
-        _apply_clip(monitor, st, st.grad_norms, clip, total=st.total_grad_norm)
+        _apply_clip(ctx, st, st.grad_norms, clip, total=st.total_grad_norm)
         return
-    _apply_clip(monitor, st, [norms(st.grads[b]) for b in range(len(monitor.plan.buckets)) if b in st.grads], clip)
+    _apply_clip(ctx, st, [norms(st.grads[b]) for b in range(len(ctx.plan.buckets)) if b in st.grads], clip)
 
 
 def total_norm(layer_norms: list[Tensor]) -> Tensor:
@@ -122,14 +138,14 @@ def total_norm(layer_norms: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.cat([n.to(first) for n in layer_norms]))
 
 
-def _apply_clip(monitor: Monitor, st: StepRecord, layer_norms: list[Tensor], clip: float, total: Tensor | None = None) -> None:
+def _apply_clip(ctx: StepContext, st: StepRecord, layer_norms: list[Tensor], clip: float, total: Tensor | None = None) -> None:
     """Scale the gradients exactly as `clip_grad_norm_(params, clip)` would, given their per-tensor
     norms (and their global norm, when already computed)."""
     if not layer_norms:
         return
     coef = clip_coefficient(total if total is not None else total_norm(layer_norms), clip)
-    for b, bucket in enumerate(monitor.plan.buckets):
-        real = [g for g in st.grads.get(b, []) if g is not monitor.plan.placeholders[b]]
+    for b, bucket in enumerate(ctx.plan.buckets):
+        real = [g for g in st.grads.get(b, []) if g is not ctx.plan.placeholders[b]]
         if real:
             torch._foreach_mul_(real, coef.to(bucket.device))
     if st.work:
@@ -158,14 +174,14 @@ def _bucket_grad_stats(
     return gn
 
 
-def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
+def post_stats(ctx: StepContext, st: StepRecord, skipped: bool) -> None:
     """After the step: parameter and update norms, optimizer state, then the one host copy.
 
     The values a scheduler or the loop may change next (learning rates, hyperparameters, the loss
     scale) are read here; the tensor work is a lane job that must end before the next step.
     """
     pk = st.packer
-    for g, group in enumerate(monitor.optimizer.param_groups):
+    for g, group in enumerate(ctx.optimizer.param_groups):
         # Schedule-Free warms up inside step() and logs the LR it used as `scheduled_lr`.
         lr = group.get("scheduled_lr", group.get("lr", math.nan))
         if isinstance(lr, Tensor):
@@ -179,15 +195,15 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
     if st.loop_clips:  # several clips in one step (parameter subsets): the strongest
         coefs = [c.float().to(st.loop_clips[0][0].device) for c, _ in st.loop_clips]
         pk.add("loop_clip_coef", torch.stack(coefs).amin())
-    scale = getattr(monitor.scaler, "_scale", None)
+    scale = getattr(ctx.scaler, "_scale", None)
     if isinstance(scale, Tensor):
         pk.add("loss_scale", scale.float().clone())
     for key, value in st.fingerprint.device_values().items():
         pk.add(f"fp:{key}", value)
-    stats = monitor.plan.stats
+    stats = ctx.plan.stats
     hyper = None if skipped or not st.full else stats.hyperparameters()
     st.optimizer_values = stats.step_values(hyper) if hyper is not None else {}
-    grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(monitor.plan.buckets))}
+    grads = {b: st.grads.get(b, []) if stats.reads_grads_after else [] for b in range(len(ctx.plan.buckets))}
     active, snapshots = dict(st.active), dict(st.snapshots)
     deferred, st.grad_work = st.grad_work, None
 
@@ -197,15 +213,15 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
             try:
                 grad_work()
             except Exception as exc:  # noqa: BLE001 - reported as the pre-step statistics it is
-                monitor._fail("step_pre", exc, st)
+                ctx.fail("step_pre", exc, st)
                 return
             if _versions(all_grads) != grad_versions:
-                monitor._grads_before_step = True
+                ctx.grads_before_step = True
                 raise ChangedDuringStats(
                     "gradients were changed in place by the step or right after it (zero_grad(set_to_none=False)?); "
                     "from now on their statistics are taken before the step"
                 )
-        for b, bucket in enumerate(monitor.plan.buckets):
+        for b, bucket in enumerate(ctx.plan.buckets):
             pn = norms(bucket.params)
             pk.add(f"{b}:param_norm", pn)
             if skipped or not st.full:
@@ -217,4 +233,4 @@ def post_stats(monitor: Monitor, st: StepRecord, skipped: bool) -> None:
                 pk.add(f"{b}:{key}", value)
         st.landing = pk.launch()
 
-    run_job(monitor, st, "step_post", body)
+    run_job(ctx, st, "step_post", body)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from spikedoc.monitor.statistics import (
     sums,
 )
 
-__all__ = ["AfterStep", "Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats", "for_optimizer"]
+__all__ = ["AfterStep", "Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats"]
 
 
 @dataclass(eq=False)
@@ -358,34 +357,3 @@ def _flat_state(state: Any, prefix: str = "") -> dict[str, list[Tensor]]:
             if got:
                 out[name] = got
     return out
-
-
-def for_optimizer(optimizer: torch.optim.Optimizer, *, sample_budget: int, snapshot: bool = False) -> OptimizerStats:
-    """The statistics implementation for `optimizer`: exact for torch's Adam, AdamW and SGD.
-
-    A subclass that overrides `step` may change the update rule, so it gets the sampled estimate.
-    Muon, Adafactor, Lion, bitsandbytes' 8-bit optimizers, Schedule-Free and SOAP/Shampoo get their
-    own state statistics (`_optim_state.py`) with sampled update norms; anything else the generic
-    ones. `snapshot`: the parameters fit the temporary budget, so Adam may copy them before each step.
-    """
-    from spikedoc.monitor import _optim_state as more  # imports this module: kept out of its import time
-
-    cls = type(optimizer)
-    step = cls.step
-    if step in (torch.optim.Adam.step, torch.optim.AdamW.step):
-        return AdamStats(optimizer, snapshot=snapshot)
-    if step is torch.optim.SGD.step:
-        return SgdStats(optimizer)
-    for name, stats in (("Muon", more.MuonStats), ("Adafactor", more.AdafactorStats)):
-        if hasattr(torch.optim, name) and step is getattr(torch.optim, name).step:
-            return stats(optimizer, budget=sample_budget)
-    module = cls.__module__.split(".")[0]
-    if module == "lion_pytorch" and cls.__name__ == "Lion":
-        return more.LionStats(optimizer, budget=sample_budget)
-    if module == "bitsandbytes" and hasattr(optimizer, "name2qmap"):
-        return more.Bnb8bitStats(optimizer, budget=sample_budget)
-    if module == "schedulefree" and all("train_mode" in g for g in optimizer.param_groups):
-        return more.ScheduleFreeStats(optimizer, budget=sample_budget)
-    if re.search(r"soap|shampoo", cls.__name__, re.IGNORECASE):
-        return more.PreconditionedStats(optimizer, budget=sample_budget)
-    return SampledStats(optimizer, budget=sample_budget)

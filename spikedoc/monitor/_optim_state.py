@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spikedoc.monitor._optim import AfterStep, Bucket, SampledStats
+from spikedoc.monitor._optim import AdamStats, AfterStep, Bucket, OptimizerStats, SampledStats, SgdStats
 from spikedoc.monitor.statistics import norms
 
 __all__ = ["MuonStats", "AdafactorStats", "LionStats", "Bnb8bitStats", "ScheduleFreeStats", "PreconditionedStats",
-           "dequantize_blockwise"]
+           "dequantize_blockwise", "for_optimizer"]
 
 
 def _per_param(bucket: Bucket, values: dict[int, Tensor]) -> Tensor:
@@ -274,3 +274,32 @@ def _signature(state: Any, prefix: str = "") -> tuple[Any, ...]:
             items = value if isinstance(value, (list, tuple)) else [value]
             out += [(name, id(t), t._version) for t in items if isinstance(t, Tensor)]
     return tuple(out)
+
+
+def for_optimizer(optimizer: torch.optim.Optimizer, *, sample_budget: int, snapshot: bool = False) -> OptimizerStats:
+    """The statistics implementation for `optimizer`: exact for torch's Adam, AdamW and SGD.
+
+    A subclass that overrides `step` may change the update rule, so it gets the sampled estimate.
+    Muon, Adafactor, Lion, bitsandbytes' 8-bit optimizers, Schedule-Free and SOAP/Shampoo get their
+    own state statistics (`_optim_state.py`) with sampled update norms; anything else the generic
+    ones. `snapshot`: the parameters fit the temporary budget, so Adam may copy them before each step.
+    """
+    cls = type(optimizer)
+    step = cls.step
+    if step in (torch.optim.Adam.step, torch.optim.AdamW.step):
+        return AdamStats(optimizer, snapshot=snapshot)
+    if step is torch.optim.SGD.step:
+        return SgdStats(optimizer)
+    for name, stats in (("Muon", MuonStats), ("Adafactor", AdafactorStats)):
+        if hasattr(torch.optim, name) and step is getattr(torch.optim, name).step:
+            return stats(optimizer, budget=sample_budget)
+    module = cls.__module__.split(".")[0]
+    if module == "lion_pytorch" and cls.__name__ == "Lion":
+        return LionStats(optimizer, budget=sample_budget)
+    if module == "bitsandbytes" and hasattr(optimizer, "name2qmap"):
+        return Bnb8bitStats(optimizer, budget=sample_budget)
+    if module == "schedulefree" and all("train_mode" in g for g in optimizer.param_groups):
+        return ScheduleFreeStats(optimizer, budget=sample_budget)
+    if re.search(r"soap|shampoo", cls.__name__, re.IGNORECASE):
+        return PreconditionedStats(optimizer, budget=sample_budget)
+    return SampledStats(optimizer, budget=sample_budget)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from spikedoc.monitor._plan import Plan
 from spikedoc.monitor._step import DeferredKey, StepRecord
 from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.store.schema import lr_column
-
-if TYPE_CHECKING:
-    from spikedoc.monitor.monitor import Monitor
 
 __all__ = ["step_row", "layer_block"]
 
@@ -27,17 +25,17 @@ def _resolve(value: Any, values: dict[str, np.ndarray]) -> Any:
     return value
 
 
-def _per_tensor(monitor: Monitor, values: dict[str, np.ndarray], key: str) -> np.ndarray | None:
+def _per_tensor(plan: Plan, values: dict[str, np.ndarray], key: str) -> np.ndarray | None:
     """Per-bucket vectors of `key` put back into optimizer order; None if no bucket has them.
 
     The result may be a view of `values` (one bucket in optimizer order): callers must not write to it.
     """
-    buckets = monitor.plan.buckets
+    buckets = plan.buckets
     if len(buckets) == 1 and buckets[0].in_order:
         return values.get(f"0:{key}")
-    out = np.full(len(monitor.plan.params), np.nan)
+    out = np.full(len(plan.params), np.nan)
     found = False
-    for b, bucket in enumerate(monitor.plan.buckets):
+    for b, bucket in enumerate(plan.buckets):
         v = values.get(f"{b}:{key}")
         if v is not None:
             out[bucket.index] = v
@@ -78,16 +76,16 @@ def _clip_coef(values: dict[str, np.ndarray]) -> float:
     return coef * float(values["loop_clip_coef"]) if "loop_clip_coef" in values else coef
 
 
-def _clip_max_norm(monitor: Monitor, st: StepRecord) -> float | None:
+def _clip_max_norm(clip: float | None, st: StepRecord) -> float | None:
     """The max norm the step was clipped to (the smallest of several); None without clipping."""
     limits = [max_norm for _, max_norm in st.loop_clips]
-    if monitor.config.clip is not None:
-        limits.append(float(monitor.config.clip))
+    if clip is not None:
+        limits.append(float(clip))
     return min(limits) if limits else None
 
 
-def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The step-table row of `st` (documented columns in spikedoc/store/schema.py)."""
+def step_row(plan: Plan, clip: float | None, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The step-table row of `st` (documented columns in spikedoc/store/schema.py); `clip` is `watch(clip=)`."""
     rec = st.recorded
     skipped = _skipped(st, values)
     losses = [_loss_value(_resolve(v, values)) for v in rec.get("losses", [])]
@@ -97,9 +95,9 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
         loss = float(values["loss_sum"]) / (1 if st.loss_shares else st.loss_count)
     else:
         loss = math.nan
-    grad = _per_tensor(monitor, values, "grad_norm")
-    update = _per_tensor(monitor, values, "update_norm")
-    nonfinite = _per_tensor(monitor, values, "nonfinite")
+    grad = _per_tensor(plan, values, "grad_norm")
+    update = _per_tensor(plan, values, "update_norm")
+    nonfinite = _per_tensor(plan, values, "nonfinite")
     row: dict[str, Any] = {
         "step": st.index,
         "time": st.time,
@@ -112,8 +110,8 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
     row.update(
         grad_norm=_total(grad),
         clip_coef=_clip_coef(values),
-        clip_max_norm=_clip_max_norm(monitor, st),
-        param_norm=_total(_per_tensor(monitor, values, "param_norm")),
+        clip_max_norm=_clip_max_norm(clip, st),
+        param_norm=_total(_per_tensor(plan, values, "param_norm")),
         update_norm=0.0 if skipped else _total(update) if st.full else math.nan,
         full_stats=st.full,
         nonfinite_grads=int(np.sum(nonfinite[~np.isnan(nonfinite)])) if nonfinite is not None else 0,
@@ -136,30 +134,30 @@ def step_row(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) ->
     return row
 
 
-def layer_block(monitor: Monitor, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
+def layer_block(plan: Plan, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
-    n = len(monitor.plan.params)
-    update = _per_tensor(monitor, values, "update_norm")
+    n = len(plan.params)
+    update = _per_tensor(plan, values, "update_norm")
     if _skipped(st, values):
         update = np.zeros(n)
     elif update is None:
         update = np.zeros(n) if st.full else np.full(n, np.nan)  # a full step without an update is a no-op
-    before = _per_tensor(monitor, values, "param_norm_before")
-    block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(monitor.plan.names)}
+    before = _per_tensor(plan, values, "param_norm_before")
+    block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(plan.names)}
     for key in ("grad_norm", "grad_max", "param_norm"):
-        vec = _per_tensor(monitor, values, key)
+        vec = _per_tensor(plan, values, key)
         block[key] = (vec if vec is not None else np.full(n, np.nan)).astype(np.float32)
     block["update_norm"] = update.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = update / before if before is not None else np.full(n, np.nan)
     block["update_ratio"] = ratio.astype(np.float32)
-    nonfinite = _per_tensor(monitor, values, "nonfinite")
+    nonfinite = _per_tensor(plan, values, "nonfinite")
     block["nonfinite"] = np.nan_to_num(nonfinite if nonfinite is not None else np.zeros(n)).astype(np.int64)
     extra_keys = {k.split(":", 1)[1] for k in values if ":" in k and k.split(":", 1)[0].isdigit()}
-    optim = {k: v for k in extra_keys if (v := _per_tensor(monitor, values, k)) is not None}
-    for key, vec in monitor.plan.stats.to_columns(optim, monitor.plan.numels).items():
+    optim = {k: v for k in extra_keys if (v := _per_tensor(plan, values, k)) is not None}
+    for key, vec in plan.stats.to_columns(optim, plan.numels).items():
         block[key] = np.asarray(vec, dtype=np.float32)
     if not st.full:  # the optimizer-state columns exist, null: this step has only the cheap statistics
-        for key in monitor.plan.stats.columns:
+        for key in plan.stats.columns:
             block.setdefault(key, np.full(n, np.nan, dtype=np.float32))
     return block

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spikedoc._version import __version__
+
 __all__ = ["unwrap", "parameter_names", "describe", "describe_scheduler", "distributed_rank"]
 
 # Wrapper segments added by torch.compile, FSDP1 and activation checkpointing; never user names.
@@ -95,8 +97,6 @@ def describe(
         update_exact: Per parameter, whether its update norm is exact (else estimated).
         scheduler: `describe_scheduler` of the scheduler(s), if given.
     """
-    import spikedoc
-
     inner = unwrap(model)
     modules = {_clean(n): type(m).__name__ for n, m in inner.named_modules()}
     rank, world_size = distributed_rank()
@@ -123,7 +123,7 @@ def describe(
             decayed += group_names
         k += len(group["params"])
     return {
-        "spikedoc_version": spikedoc.__version__,
+        "spikedoc_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "start_time": time.time(),

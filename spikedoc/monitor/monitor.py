@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from spikedoc.monitor import clipping as _clipping
 from spikedoc.monitor import meta as _meta
-from spikedoc.monitor._collect import grad_stats, post_stats, run_job, total_norm
-from spikedoc.monitor._optim import Bucket, for_optimizer
+from spikedoc.monitor._collect import StepContext, grad_stats, post_stats, run_job, total_norm
+from spikedoc.monitor._optim import Bucket
+from spikedoc.monitor._optim_state import for_optimizer
 from spikedoc.monitor._optim_list import JointStats, OptimizerList
 from spikedoc.monitor._plan import Plan
 from spikedoc.monitor._rows import layer_block, step_row
@@ -95,7 +96,6 @@ class Monitor:
         self._stepped: set[int] = set()  # ids of the optimizers that stepped in the current step
         self.run_dir = Path(run_dir)
         self._dropped = 0
-        self._grads_before_step = False  # set once the loop is seen zeroing gradients in place
         self._warned: set[str] = set()
         self._loss_warned = False
         self._closed = False
@@ -107,6 +107,7 @@ class Monitor:
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
         self._ranks = Ranks()
+        self._step_context: StepContext | None = None  # what the step's statistics need; made with the plan
         self._cadence = Cadence(budget=config.budget) if config.budget is not None else None
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
@@ -414,7 +415,7 @@ class Monitor:
         for part in parts:
             part.state = LocalState(part.optimizer.state, owners_of) if any_sharded else part.optimizer.state
         states = self.optimizer.state  # one read-only mapping over several optimizers (never inserts)
-        self.plan = Plan(
+        plan = Plan(
             params=params, param_ids={id(p) for p in params}, names=_meta.parameter_names(self.model, params),
             numels=numels, sharded=any_sharded, buckets=buckets,
             shard_masks=[np.array([sharded[i] for i in b.index], dtype=bool) for b in buckets],
@@ -422,6 +423,10 @@ class Monitor:
             stats=parts[0] if len(parts) == 1 else JointStats(parts),
             state=LocalState(states, owners_of) if any_sharded else states,
         )  # fmt: skip
+        self.plan = plan
+        if self._step_context is None:
+            self._step_context = StepContext(plan=plan, optimizer=self.optimizer, scaler=self.scaler, fail=self._fail)
+        self._step_context.plan = plan
 
     def _optimizer_step_count(self) -> int:
         counts = [s["step"] for s in self.optimizer.state.values() if isinstance(s, Mapping) and "step" in s]
@@ -458,7 +463,7 @@ class Monitor:
         try:
             work = st.fingerprint.note(args, kwargs)
             if work is not None:
-                run_job(self, st, "fingerprint", work)
+                run_job(self._step_context, st, "fingerprint", work)
         except Exception as exc:  # noqa: BLE001
             self._fail("fingerprint", exc, st)
 
@@ -502,7 +507,7 @@ class Monitor:
             # A GradScaler leaves unscaling and inf-skipping to optimizers that support it (fused
             # Adam): it sets `grad_scale` and `found_inf` on the optimizer for the step() call.
             grad_scale = getattr(optimizer, "grad_scale", None)
-            grad_stats(self, st, clip=self.config.clip, grad_scale=grad_scale)
+            grad_stats(self._step_context, st, clip=self.config.clip, grad_scale=grad_scale)
             found_inf = getattr(optimizer, "found_inf", None)
             if isinstance(found_inf, Tensor) and st.work:
                 st.packer.add("found_inf", found_inf.float().sum())
@@ -560,7 +565,7 @@ class Monitor:
     def _take_grad_stats(self, st: StepRecord, grad_scale: Any = None) -> None:
         """The step's gradient statistics, now, before the step hooks run."""
         self._replan_if_groups_changed()
-        grad_stats(self, st, clip=None, grad_scale=grad_scale, now=True)
+        grad_stats(self._step_context, st, clip=None, grad_scale=grad_scale, now=True)
 
     def _grad_versions(self) -> list[int]:
         return [-1 if p.grad is None else local(p.grad)._version for p in self.plan.params]
@@ -601,7 +606,7 @@ class Monitor:
         self._last_end = now
         try:
             if st.work and not st.broken:
-                post_stats(self, st, skipped)
+                post_stats(self._step_context, st, skipped)
         except Exception as exc:  # noqa: BLE001
             self._fail("step_post", exc, st)
         finally:
@@ -649,7 +654,7 @@ class Monitor:
         try:
             for landing in st.late:
                 values.update(landing.values())
-            step, layers = step_row(self, st, values), layer_block(self, st, values) if st.layers else None
+            step, layers = step_row(self.plan, self.config.clip, st, values), layer_block(self.plan, st, values) if st.layers else None
         except Exception as exc:  # noqa: BLE001
             self._dropped += rows
             self._fail("assemble", exc)
@@ -722,7 +727,7 @@ class Monitor:
         st = self._cur
         try:
             if st.work and not st.broken:
-                grad_stats(self, st, clip=None)
+                grad_stats(self._step_context, st, clip=None)
         except Exception as exc:  # noqa: BLE001
             self._fail("skipped_step", exc, st)
         self._finish_step(skipped=True)
