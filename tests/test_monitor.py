@@ -219,8 +219,8 @@ def test_loss_is_captured_from_the_model_output(recorded):
 def test_adam_statistics_without_a_parameter_copy_match_direct_computation(kind, tmp_path, monkeypatch):
     # A temporary budget below the model's size: no snapshot of the parameters (the closed form
     # from the optimizer state instead), and tensors cut into pieces that are folded back.
-    monkeypatch.setattr("spikedoc.monitor.monitor._TEMP_MIN", 1500)
-    monkeypatch.setattr("spikedoc.monitor.monitor._SNAPSHOT_MAX", 1500)
+    monkeypatch.setattr("spikedoc.monitor._plan._TEMP_MIN", 1500)
+    monkeypatch.setattr("spikedoc.monitor._plan._SNAPSHOT_MAX", 1500)
     model = make_model(seed=1)
     run, copies = watched_run(model, OPTIMIZERS[kind](model), tmp_path, STEPS)
     for step, c in enumerate(copies):

@@ -1,6 +1,7 @@
 """The in-training side: `watch(model, optimizer)` records every optimizer step to a run directory."""
 
 from spikedoc.monitor.config import WatchConfig
-from spikedoc.monitor.monitor import Monitor, watch
+from spikedoc.monitor.monitor import Monitor
+from spikedoc.monitor.watch import watch
 
 __all__ = ["watch", "Monitor", "WatchConfig"]

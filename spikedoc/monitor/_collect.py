@@ -9,7 +9,6 @@ results go into the step's `Packer`, which copies them to the host in one transf
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any

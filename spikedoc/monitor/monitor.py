@@ -11,44 +11,31 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from spikedoc.monitor import clipping as _clipping
 from spikedoc.monitor import meta as _meta
 from spikedoc.monitor._collect import StepContext, grad_stats, post_stats, run_job, total_norm
-from spikedoc.monitor._optim import Bucket
-from spikedoc.monitor._optim_state import for_optimizer
-from spikedoc.monitor._optim_list import JointStats, OptimizerList
-from spikedoc.monitor._plan import Plan
-from spikedoc.monitor._rows import layer_block, step_row
+from spikedoc.monitor._optim_list import OptimizerList
+from spikedoc.monitor._plan import build_plan
+from spikedoc.monitor._sink import StepSink
 from spikedoc.monitor._step import DeferredKey, StepRecord, extract_loss
 from spikedoc.monitor._transfer import Packer
 from spikedoc.monitor.budget import Cadence
 from spikedoc.monitor.config import WatchConfig
-from spikedoc.monitor.distributed import LocalState, Ranks, agreed_segment, is_sharded, local
+from spikedoc.monitor.distributed import Ranks, agreed_segment, is_sharded, local
 from spikedoc.monitor.fingerprint import Fingerprint
-from spikedoc.monitor.statistics import Chunks, clip_coefficient
+from spikedoc.monitor.statistics import clip_coefficient
 from spikedoc.store.writer import RunWriter
 
-__all__ = ["Monitor", "watch"]
+__all__ = ["Monitor"]
 
 logger = logging.getLogger(__name__)
 
-#: Elementwise temporaries per batch: 1% of the parameters, but at least 2**22 elements (16 MB in
-#: fp32), so models up to ~400M parameters take one batch and larger ones stay within 1%.
-_TEMP_SHARE, _TEMP_MIN = 0.01, 1 << 22
-#: Models of at most this many parameter elements (the temporary floor: 16 MB in fp32) are copied
-#: before each step, and Adam's update norm is the norm of the difference (three passes); larger
-#: models use the closed form from the optimizer state and need no copy.
-_SNAPSHOT_MAX = _TEMP_MIN
-#: Elements the sampled update estimate keeps: 1% of the parameters, at least 2**16 (256 KB fp32).
-_SAMPLE_SHARE, _SAMPLE_MIN = 0.01, 1 << 16
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
@@ -95,7 +82,6 @@ class Monitor:
         self.model, self.config, self.scaler = model, config, scaler
         self._stepped: set[int] = set()  # ids of the optimizers that stepped in the current step
         self.run_dir = Path(run_dir)
-        self._dropped = 0
         self._warned: set[str] = set()
         self._loss_warned = False
         self._closed = False
@@ -104,7 +90,6 @@ class Monitor:
         self._steps_since_update = 0
         self._sample_offset = config.start_sample
         self._last_end = math.nan
-        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
         self._ranks = Ranks()
         self._step_context: StepContext | None = None  # what the step's statistics need; made with the plan
@@ -115,6 +100,7 @@ class Monitor:
         self.writer = RunWriter(
             self.run_dir, rank=self._ranks.rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
         )
+        self._sink = StepSink(self.writer, ranks=self._ranks, cadence=self._cadence, fail=self._fail)
         try:  # rank 0 writes meta.json while the others read it: the first to open numbers the segment
             segment = agreed_segment(str(self.run_dir.resolve()), self.writer.next_segment)
         except Exception as exc:  # noqa: BLE001
@@ -161,7 +147,7 @@ class Monitor:
     @property
     def dropped_rows(self) -> int:
         """Rows lost: steps whose statistics failed plus rows the writer could not write."""
-        return self._dropped + self.writer.dropped_rows
+        return self._sink.dropped + self.writer.dropped_rows
 
     def record(
         self,
@@ -213,7 +199,7 @@ class Monitor:
         Example:
             >>> monitor.subscribe(lambda row: print(row["step"], row["loss"]))  # doctest: +SKIP
         """
-        self._subscribers.append(callback)
+        self._sink.subscribers.append(callback)
 
     def begin_micro_batch(self, *inputs: Any, **named: Any) -> None:
         """A training micro-batch with these inputs begins (for loops whose training call is not a forward).
@@ -377,52 +363,7 @@ class Monitor:
 
     def _build_plan(self) -> None:
         self._consume()  # (re)planning a watched run: finish what used the old plan first
-        params, groups, owners = [], [], []
-        for k, opt in enumerate(self.optimizers):
-            for g, group in enumerate(opt.param_groups):  # g: the group's index within its optimizer
-                params += group["params"]
-                groups += [g] * len(group["params"])
-                owners += [k] * len(group["params"])
-        numels = np.array([p.numel() for p in params], dtype=np.float64)  # of the full tensors
-        # Statistics read local shards (FSDP2's DTensors); the rows combine them over ranks (_consume).
-        shards = [local(p) for p in params]
-        sharded = [is_sharded(p) for p in params]
-        any_sharded = any(sharded) and self._ranks.world > 1
-        if any_sharded and self.config.clip is not None:
-            raise ValueError("watch: clip= does not support sharded (FSDP2) parameters; clip in the loop with "
-                             "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which is observed")
-        total = int(sum(t.numel() for t in shards))
-        budget = max(int(total * _TEMP_SHARE), _TEMP_MIN)
-        by_key: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
-        for i, t in enumerate(shards):
-            by_key.setdefault((owners[i], t.device, t.dtype), []).append(i)
-        buckets = [
-            Bucket(device=dev, dtype=dt, index=ix, params=[shards[i] for i in ix], sources=[params[i] for i in ix],
-                   groups=[groups[i] for i in ix], chunks=Chunks([shards[i].numel() for i in ix], budget),
-                   numels=np.array([shards[i].numel() for i in ix], dtype=np.float64), owner=k,
-                   in_order=ix == list(range(len(params))))
-            for (k, dev, dt), ix in by_key.items()
-        ]  # fmt: skip
-        sample_budget = max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN)
-        owned = np.bincount(owners, weights=numels, minlength=len(self.optimizers)) if params else [0.0]
-        parts = [  # several optimizers share the sample budget by their parameter counts
-            for_optimizer(opt, sample_budget=max(1, round(sample_budget * float(owned[k]) / max(total, 1))),
-                          snapshot=total <= _SNAPSHOT_MAX)
-            for k, opt in enumerate(self.optimizers)
-        ]  # fmt: skip
-        # Statistics read the optimizers' state through their local shards when sharded.
-        owners_of = {id(t): p for t, p in zip(shards, params)}
-        for part in parts:
-            part.state = LocalState(part.optimizer.state, owners_of) if any_sharded else part.optimizer.state
-        states = self.optimizer.state  # one read-only mapping over several optimizers (never inserts)
-        plan = Plan(
-            params=params, param_ids={id(p) for p in params}, names=_meta.parameter_names(self.model, params),
-            numels=numels, sharded=any_sharded, buckets=buckets,
-            shard_masks=[np.array([sharded[i] for i in b.index], dtype=bool) for b in buckets],
-            placeholders=[torch.zeros(1, dtype=b.dtype, device=b.device) for b in buckets],
-            stats=parts[0] if len(parts) == 1 else JointStats(parts),
-            state=LocalState(states, owners_of) if any_sharded else states,
-        )  # fmt: skip
+        plan = build_plan(self.model, self.optimizers, self.optimizer, world=self._ranks.world, clip=self.config.clip)
         self.plan = plan
         if self._step_context is None:
             self._step_context = StepContext(plan=plan, optimizer=self.optimizer, scaler=self.scaler, fail=self._fail)
@@ -634,53 +575,13 @@ class Monitor:
         return value
 
     def _consume(self) -> None:
-        """Turn the finished step into rows (its record() window is over), after its statistics landed.
-
-        Runs on the training thread: this is pure Python, which on the worker would hold the GIL
-        against the training loop's own Python (measured: slower steps than doing it here).
-        """
+        """Turn the finished step into rows (its record() window is over), after its statistics landed."""
         st, self._pending = self._pending, None
         if st is None:
             return
         if st.logged and not self._loss_warned and st.loss_count == 0 and not st.recorded.get("losses"):
             self._warn_no_loss(st)
-        rows = (1 if st.logged else 0) + (len(self.plan.params) if st.layers else 0)
-        values = None if st.broken or st.landing is None else dict(st.landing.values())
-        if self.plan.sharded:  # every rank, every recorded step, also a lost one: a collective
-            values = self._combine_shards(values)
-        if values is None:
-            self._dropped += rows
-            return
-        try:
-            for landing in st.late:
-                values.update(landing.values())
-            step, layers = step_row(self.plan, self.config.clip, st, values), layer_block(self.plan, st, values) if st.layers else None
-        except Exception as exc:  # noqa: BLE001
-            self._dropped += rows
-            self._fail("assemble", exc)
-            return
-        if st.logged:
-            self.writer.add_step(step)
-        if layers is not None:
-            self.writer.add_layers(layers)
-        if st.logged:
-            self._tell_subscribers(step)
-        if self._cadence is not None:
-            self._cadence.observe(step if st.logged else None, full=st.full, cost=st.cost, step_time=st.step_time)
-
-    def _tell_subscribers(self, row: dict[str, Any]) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(row)
-            except Exception as exc:  # noqa: BLE001 - monitoring never stops training
-                self._fail("subscriber", exc)
-
-    def _combine_shards(self, values: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
-        try:
-            return self._ranks.combine(values, self.plan.shard_masks)
-        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
-            self._fail("combine_shards", exc)
-            return None
+        self._sink.take(st, self.plan, self.config.clip)
 
     def _mirror_to(self, logdir: str, model: nn.Module) -> None:
         """Mirror the rows to TensorBoard on the writer's thread; a failure here only warns."""
@@ -747,92 +648,6 @@ class Monitor:
                 self.writer.add_event("logging_error", self._cur.index, where=where, error=repr(exc))
             except Exception:  # noqa: BLE001 - the writer may be what failed
                 pass
-
-
-def watch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
-    run_dir: str | Path | None = None,
-    *,
-    every: int = 1,
-    layer_every: int = 1,
-    clip: float | None = None,
-    scaler: Any = None,
-    flush_every: int = 100,
-    flush_seconds: float = 30.0,
-    start_step: int | None = None,
-    start_sample: int = 0,
-    pad_token_id: int | None = None,
-    scheduler: Any = None,
-    tensorboard: str | Path | None = None,
-    budget: float | None = 0.02,
-) -> Monitor:
-    """Record `model`'s training with `optimizer`, one row per optimizer step, to `run_dir`.
-
-    Attaches forward hooks (loss, micro-batch count, batch fingerprint) and optimizer step hooks
-    (gradient, parameter, update and optimizer-state statistics), and observes the loop's own
-    `clip_grad_norm_` (gradient statistics before it, its coefficient and max norm). The training
-    loop stays as it is; a step that ends with no loss captured or recorded warns once.
-    Monitoring failures never stop training: they warn once and count in `Monitor.dropped_rows`.
-
-    Args:
-        model: The module whose forward is called in training (compiled, DDP-wrapped or plain).
-        optimizer: The optimizer whose `step()` ends each training step, or a list of optimizers
-            that step one model together (Muon for the matrices, AdamW for the rest): a training
-            step is then every one's `step()`, in any order; each tensor's statistics come from
-            the optimizer that owns it, and `meta.json` records which one that is.
-        run_dir: Run directory; None picks `runs/<YYYYmmdd-HHMMSS>`. An existing run gets a new
-            segment appended.
-        every: Write a step row every `every` steps.
-        layer_every: Write per-tensor layer rows every `layer_every` steps.
-        clip: Clip gradients to this global L2 norm (instead of a `clip_grad_norm_` in the loop,
-            which is observed and recorded when there is one).
-        scaler: The `torch.amp.GradScaler` in use, to record the loss scale and skipped steps.
-        flush_every: Step rows per Parquet part (the most a crash loses when steps are fast).
-        flush_seconds: Longest time rows wait in memory (the most a crash loses when slow).
-        start_step: Index of the first step; default: the optimizer's step count, else 0.
-        start_sample: Samples the data stream handed out before the first step, when a resumed run
-            knows its data position: `sample_offset` (the stream positions analyze names) counts on from it.
-        pad_token_id: Padding token id for sequence lengths when there is no `attention_mask`.
-        scheduler: The LR scheduler(s) in use (optional): their class and settings go to
-            `meta.json`, so that analysis knows a scheduled restart from a discontinuity.
-        tensorboard: A folder to mirror the run to as TensorBoard scalars while it trains (the
-            tags of `spikedoc tensorboard`; written on the writer's thread, never the loop's).
-        budget: Largest share of the step time the monitor may take (default 2%): loss, LR and
-            exact gradient norms every step, the full statistics (update norms, gradient maxima,
-            optimizer state) on a cadence that keeps within it, and every step again for 50 steps
-            after a flagged spike. None: the full statistics every step, whatever they cost.
-
-    Returns:
-        The Monitor; close it (or use it as a context manager) when training ends. Open monitors
-        are also closed at interpreter exit.
-
-    Example:
-        >>> import tempfile, torch, spikedoc
-        >>> model = torch.nn.Linear(4, 1)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> monitor = spikedoc.watch(model, opt, run_dir=tempfile.mkdtemp(), clip=1.0)
-        >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
-        >>> monitor.close()
-    """
-    config = WatchConfig(every=every, layer_every=layer_every, clip=clip, flush_every=flush_every,
-                         flush_seconds=flush_seconds, start_step=start_step, start_sample=start_sample, pad_token_id=pad_token_id,
-                         tensorboard=None if tensorboard is None else str(tensorboard), budget=budget)  # fmt: skip
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    if not optimizers:
-        raise ValueError("watch: optimizer is an empty list; pass the optimizer(s) that step the model")
-    for opt in optimizers:
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer or a list of them, got {type(opt).__name__}")
-    owned = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
-    if len(optimizers) > 1 and len(set(owned)) < len(owned):
-        raise ValueError("watch: the optimizers share parameters (or one is listed twice); each tensor must have one owner")
-    if run_dir is None:
-        run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Monitor(model, optimizers if len(optimizers) > 1 else optimizers[0], run_dir, config, scaler=scaler,
-                   scheduler=scheduler)
 
 
 def _caller_level() -> int:
