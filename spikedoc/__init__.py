@@ -15,7 +15,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from spikedoc.errors import GuardStopped, RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
+from spikedoc.errors import (
+    GuardStopped,
+    RunFormatError,
+    RunNotFoundError,
+    RunTooLargeError,
+    SpikedocError,
+    UnsupportedVersionError,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +40,7 @@ __all__ = [
     "SpikedocError",
     "RunNotFoundError",
     "RunFormatError",
+    "RunTooLargeError",
     "UnsupportedVersionError",
     "__version__",
 ]

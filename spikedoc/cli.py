@@ -145,23 +145,24 @@ def tail(
     interval: Annotated[float, typer.Option(help="Seconds between looks for new steps.", min=0.05)] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="Read what is there, print one line (and any alerts), exit.")] = False,
 ) -> None:
-    """Follow a run as it is written: a line per interval with loss, grad norm and LR, and an alert when a step is flagged.
+    """Follow a run as it is written: a line per interval with loss, grad norm and LR, an alert when a step is flagged, and the guard's actions.
 
-    Alerts come from the streaming detector `analyze` uses. Ctrl-C stops (exit code 0); 2 when RUN
-    is missing or not a run, or (with --once) has no steps yet.
+    Alerts come from the streaming detector `analyze` uses. While it follows, the writer keeps the
+    steps not yet flushed in a live file, so each interval shows that interval's steps. Ctrl-C stops
+    (exit code 0); 2 when RUN is missing or not a run, its meta.json or a part is malformed, or
+    (with --once) it has no steps yet.
     """
     from spikedoc.report.tail import RunFollower
 
     console = Console(highlight=False)
     _quiet_library_logs()
-    try:
-        follower = RunFollower(run)
-    except SpikedocError as exc:
-        _fail(str(exc), exc.exit_code)
     waited = False
     try:
+        follower = RunFollower(run, interval=None if once else interval)
         while True:
             update = follower.poll() if follower.started else None
+            if update is not None:
+                _print_guard_and_warnings(console, update)
             if update is not None and update.new_steps:
                 _print_progress(console, update)
             elif once:
@@ -172,6 +173,8 @@ def tail(
             if once:
                 return
             time.sleep(interval)
+    except SpikedocError as exc:
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         console.print(f"[dim]stopped after {follower.steps_read:,} steps[/dim]")
 
@@ -336,6 +339,25 @@ def _print_progress(console: Console, update: Any) -> None:
     for alert in update.alerts:
         size = "non-finite" if not math.isfinite(alert.z) else f"{alert.z:.1f} sigma above its baseline {fmt(alert.baseline)}"
         console.print(f"[bold red]ALERT[/bold red] step {alert.step}: {alert.metric} {fmt(alert.value)} is {size}", soft_wrap=True)
+
+
+def _print_guard_and_warnings(console: Console, update: Any) -> None:
+    for warning in update.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(warning))}", soft_wrap=True)
+    for action in update.guard:
+        console.print(f"[bold magenta]GUARD[/bold magenta] {escape(_guard_line(action))}", soft_wrap=True)
+
+
+def _guard_line(action: dict[str, Any]) -> str:
+    """`step 301: veto (loss_out_of_band)`; a rollback is recorded at the step it returned to."""
+    kind, d = action["kind"], action["detail"]
+    if kind == "veto":
+        what = f"veto ({', '.join(map(str, d.get('reasons') or [])) or 'no reason recorded'})"
+    elif kind == "rollback":
+        what = f"rollback from step {d.get('from_step')}" + (f" ({d['reason']})" if d.get("reason") else "")
+    else:
+        what = kind + (f" ({d['reason']})" if d.get("reason") else "")
+    return f"step {action['step']}: {what}"
 
 
 def _write(out: Path, data: bytes) -> None:

@@ -23,7 +23,7 @@ from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersion
 from spikedoc.store.schema import EVENT_COLUMNS, EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS
 from spikedoc.store.validate import Hole, check_fits, coerce_part, find_holes, keep_last_duplicates
 
-__all__ = ["Run", "load", "read_meta"]
+__all__ = ["Run", "load", "read_meta", "read_part"]
 
 logger = logging.getLogger(__name__)
 
@@ -424,14 +424,10 @@ def _read_group(parts: list[tuple[tuple[int, int, int], Path]], *, lenient: bool
     out, tables = _Group(), []
     for key, path in parts:
         try:
-            with pq.ParquetFile(path) as part:
-                data = _decoded(part.read(use_threads=False))
+            data = read_part(path, lenient=lenient, warnings=out.warnings)
         except (pa.ArrowException, OSError) as exc:
             out.failed[key] = (path, exc)
             continue
-        if "step" not in data.column_names:
-            raise RunFormatError(f"{path} lacks the required column 'step' (columns: {', '.join(data.column_names)})")
-        data = coerce_part(data, source=str(path), lenient=lenient, warnings=out.warnings)
         if data.num_rows:
             span = pc.min_max(data["step"])
             out.ranges[key] = (span["min"].as_py(), span["max"].as_py())
@@ -442,6 +438,29 @@ def _read_group(parts: list[tuple[tuple[int, int, int], Path]], *, lenient: bool
         except pa.ArrowException:
             out.block = pd.concat([_to_pandas(t) for t in tables], ignore_index=True)
     return out
+
+
+def read_part(path: Path, *, columns: Iterable[str] | None = None, lenient: bool = False,
+              warnings: list[str]) -> pa.Table:
+    """One part file of the step or event table through the input gate (`validate.coerce_part`).
+
+    Args:
+        path: The part.
+        columns: Columns to read besides `step` and `segment` (all when None; absent ones are skipped).
+        lenient: Read cells that are not numbers as missing (said in `warnings`).
+        warnings: Where what was coerced or left out is said.
+
+    Raises:
+        pyarrow.ArrowException, OSError: The file is not readable Parquet (a reader skips it).
+        RunFormatError: It has no `step` column, or a cell that cannot be read (see `coerce_part`).
+    """
+    with pq.ParquetFile(path) as part:
+        present = part.schema_arrow.names
+        if "step" not in present:
+            raise RunFormatError(f"{path} lacks the required column 'step' (columns: {', '.join(present)})")
+        wanted = None if columns is None else [c for c in dict.fromkeys(["step", "segment", *columns]) if c in present]
+        data = _decoded(part.read(columns=wanted, use_threads=False))
+    return coerce_part(data, source=str(path), lenient=lenient, warnings=warnings)
 
 
 def _step_ranges(meta: pq.FileMetaData) -> np.ndarray:
