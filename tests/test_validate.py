@@ -246,3 +246,13 @@ def test_a_csv_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatc
 def test_available_memory_is_read_from_the_machine():
     memory = validate.available_memory()
     assert memory is not None and memory > 0
+
+
+def test_the_html_report_names_the_holes_first(run, tmp_path):
+    _cut_short(_part(run, "steps", 2))
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(run), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "<h2>Incomplete run</h2>" in page and "step rows of steps 80..119 missing" in page
+    assert page.index("Incomplete run") < page.index("<h2>", page.index("Incomplete run") + 1)
