@@ -274,7 +274,10 @@ def _load(run: Path, start: int | None, stop: int | None, console: Console, *, l
     # Events before the range stay (they happened); analysis decides which lie on the analysed lineage.
     events = loaded.events
     before_stop = events["step"] < (stop if stop is not None else math.inf)
-    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[before_stop].reset_index(drop=True))
+    lo, hi = start if start is not None else -math.inf, stop if stop is not None else math.inf
+    holes = [h for h in loaded.holes if (h.last_step is None or h.last_step >= lo) and (h.first_step is None or h.first_step < hi)]
+    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[before_stop].reset_index(drop=True),
+                               holes=holes)
 
 
 def _diagnose(run: Any, threshold: float | None, window: int | None, console: Console) -> Any:

@@ -256,3 +256,9 @@ def test_the_html_report_names_the_holes_first(run, tmp_path):
     page = out.read_text()
     assert "<h2>Incomplete run</h2>" in page and "step rows of steps 80..119 missing" in page
     assert page.index("Incomplete run") < page.index("<h2>", page.index("Incomplete run") + 1)
+
+
+def test_a_hole_outside_the_steps_asked_for_leaves_them_complete(run):
+    _cut_short(_part(run, "steps", 4))  # steps 160..199
+    assert _analyze(run, "--stop", "150", "--quiet").exit_code == 0
+    assert _analyze(run, "--start", "150", "--quiet").exit_code == 3

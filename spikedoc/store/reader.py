@@ -244,7 +244,7 @@ def _step_holes(steps: pd.DataFrame, read: _TableRead) -> list[Hole]:
     rank and segment, write order) and the first step of the one after; where it has no readable
     neighbour on a side, the hole reaches past the steps read on that side.
     """
-    holes = find_holes(steps)
+    holes = find_holes(steps, cause="steps missing from the table (no part holds them)")
     for (rank, segment, seq), (path, reason) in read.failed.items():
         mine = sorted((q, span) for (r, g, q), span in read.ranges.items() if (r, g) == (rank, segment))
         before = [span[1] for q, span in mine if q < seq]

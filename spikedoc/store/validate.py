@@ -42,7 +42,7 @@ _SHOWN = 3
 #: here was not a number is left out under --lenient, not read as NaN.
 JUDGED = ("loss", "grad_norm")
 #: Step columns the run format documents as numbers (docs/run-format.md): a text cell there is an error.
-_NUMERIC = tuple(name for name, doc in STEP_COLUMN_DOCS.items() if doc.startswith(("int", "float", "bool")))
+_NUMERIC = tuple(name for name, doc in STEP_COLUMN_DOCS.items() if doc.startswith(("int", "float")))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,12 +133,12 @@ def coerce_part(table: pa.Table, *, source: str, lenient: bool, warnings: list[s
         if name not in table.column_names:
             continue
         typ = table.schema.field(name).type
-        if pa.types.is_integer(typ) or (name not in ("step", "segment") and (pa.types.is_floating(typ) or pa.types.is_boolean(typ))):
+        if pa.types.is_integer(typ) or (name not in ("step", "segment") and pa.types.is_floating(typ)):
             continue
         values = table[name].to_pandas()
         parsed, bad = numbers(values, column=name, where=_part_row, source=source, lenient=lenient, warnings=warnings)
         if name in ("step", "segment"):
-            whole(parsed, column=name, where=_part_row, source=source)
+            _whole(parsed, column=name, where=_part_row, source=source)
             drop |= parsed.isna().to_numpy()  # a row without a step cannot be placed
             parsed = parsed.fillna(0).astype("int64" if name == "step" else "int32")
         elif name in JUDGED:
@@ -151,7 +151,7 @@ def _part_row(label: Any) -> str:
     return f"row {int(label) + 1}"
 
 
-def whole(values: pd.Series, *, column: str, where: Callable[[Any], str], source: str) -> pd.Series:
+def _whole(values: pd.Series, *, column: str, where: Callable[[Any], str], source: str) -> pd.Series:
     """Whole numbers as they are (missing stays missing); a fraction or a non-finite value is an error."""
     numbers_ = values.to_numpy(dtype="float64")
     bad = np.flatnonzero(~np.isnan(numbers_) & (~np.isfinite(numbers_) | (numbers_ != np.floor(numbers_))))
