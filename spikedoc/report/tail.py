@@ -110,7 +110,7 @@ class RunFollower:
             RunFormatError, UnsupportedVersionError: meta.json or a part is malformed, as `analyze` would say.
         """
         self._check_meta()
-        if self.interval is not None:
+        if self.interval is not None and self._meta_checked:  # into a run, never into a directory still empty
             announce(self.run_dir, self.interval)
         warnings: list[str] = []
         tables = self._new_rows(STEPS, _COLUMNS, warnings)
