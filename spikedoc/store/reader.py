@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError, one_line
 from spikedoc.store.schema import EVENT_COLUMNS, EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS
-from spikedoc.store.validate import Hole, check_fits, check_parts_fit, coerce_part, holes_of_steps, keep_last_duplicates
+from spikedoc.store.validate import Hole, MemoryBudget, check_fits, coerce_part, holes_of_steps, keep_last_duplicates
 
 __all__ = ["Run", "load", "read_meta", "read_part"]
 
@@ -330,7 +330,7 @@ def _read_table(run: Run, table: str, lenient: bool) -> _TableRead:
     parts = _keyed_parts(run.path / table)
     if not parts:
         return _TableRead(None)
-    check_parts_fit([path for _, path in parts], what=f"{run.path}/{table}", threads=_READERS)
+    budget = MemoryBudget(what=f"{run.path}/{table} ({len(parts)} parts)")
     # Each thread reads a run of consecutive parts and merges them into one contiguous block (kept
     # one by one, a buffer per column per part costs ~60% more than the data); the blocks are then
     # converted column by column, each column's Arrow memory freed as soon as pandas holds it.
@@ -338,7 +338,7 @@ def _read_table(run: Run, table: str, lenient: bool) -> _TableRead:
     blocks: list[pa.Table | pd.DataFrame] = []
     read = _TableRead(None)
     with ThreadPoolExecutor(_READERS) as pool:
-        for group in pool.map(functools.partial(_read_group, lenient=lenient), groups):
+        for group in pool.map(functools.partial(_read_group, lenient=lenient, budget=budget), groups):
             for key, (path, exc) in group.failed.items():
                 run._skip(path, exc)
                 read.failed[key] = (path, one_line(exc))
@@ -377,13 +377,13 @@ class _Group:
     warnings: list[str] = field(default_factory=list)
 
 
-def _read_group(parts: list[tuple[tuple[int, int, int], Path]], *, lenient: bool) -> _Group:
+def _read_group(parts: list[tuple[tuple[int, int, int], Path]], *, lenient: bool, budget: MemoryBudget) -> _Group:
     """Consecutive parts read, checked and merged into one contiguous block (union of their columns;
     pandas unifies conflicting types), with the parts that could not be read."""
     out, tables = _Group(), []
     for key, path in parts:
         try:
-            data = read_part(path, lenient=lenient, warnings=out.warnings)
+            data = read_part(path, lenient=lenient, warnings=out.warnings, budget=budget)
         except (pa.ArrowException, OSError) as exc:
             out.failed[key] = (path, exc)
             continue
@@ -400,7 +400,7 @@ def _read_group(parts: list[tuple[tuple[int, int, int], Path]], *, lenient: bool
 
 
 def read_part(path: Path, *, columns: Iterable[str] | None = None, lenient: bool = False,
-              warnings: list[str]) -> pa.Table:
+              warnings: list[str], budget: MemoryBudget | None = None) -> pa.Table:
     """One part file of the step or event table through the input gate (`validate.coerce_part`).
 
     Args:
@@ -408,15 +408,21 @@ def read_part(path: Path, *, columns: Iterable[str] | None = None, lenient: bool
         columns: Columns to read besides `step` and `segment` (all when None; absent ones are skipped).
         lenient: Read cells that are not numbers as missing (said in `warnings`).
         warnings: Where what was coerced or left out is said.
+        budget: Memory the table being read may still take; the part's data (its footer says how
+            much) is taken from it before it is read.
 
     Raises:
         pyarrow.ArrowException, OSError: The file is not readable Parquet (a reader skips it).
         RunFormatError: It has no `step` column, or a cell that cannot be read (see `coerce_part`).
+        RunTooLargeError: The part's data exceeds what is left of `budget`.
     """
-    with pq.ParquetFile(path) as part:
-        present = part.schema_arrow.names
+    with pq.ParquetFile(path) as part:  # parses the footer only
+        present = part.metadata.schema.names
         if "step" not in present:
             raise RunFormatError(f"{path} lacks the required column 'step' (columns: {', '.join(present)})")
+        if budget is not None:
+            meta = part.metadata
+            budget.take(sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)))
         wanted = None if columns is None else [c for c in dict.fromkeys(["step", "segment", *columns]) if c in present]
         data = _decoded(part.read(columns=wanted, use_threads=False))
     return coerce_part(data, source=str(path), lenient=lenient, warnings=warnings)
