@@ -61,13 +61,16 @@ class PollResult:
 
 
 class RunFollower:
-    """Reads the step parts of one rank as they land and runs a streaming detector per series.
+    """Reads the step and event parts of one rank as they land, then its live file (the rows not in a
+    part yet, kept by the writer while `interval` is announced), through the input gate, and runs a
+    streaming detector per series.
 
     The loss is judged as it is, the grad norm on a log scale, with the same detector `analyze` and
-    the guard use, so an alert here is a flag `spikedoc analyze` would also raise at that step.
+    the guard use, so an alert here is a flag `spikedoc analyze` would also raise at that step. Each
+    row is judged once, in (segment, step) order.
 
     Example:
-        >>> follower = RunFollower("runs/exp1")  # doctest: +SKIP
+        >>> follower = RunFollower("runs/exp1", interval=2.0)  # doctest: +SKIP
         >>> follower.poll().step  # doctest: +SKIP
         1299
     """
