@@ -159,6 +159,9 @@ def tail(
     waited = False
     try:
         follower = RunFollower(run, interval=None if once else interval)
+    except SpikedocError as exc:
+        _fail(str(exc), exc.exit_code)
+    try:
         while True:
             update = follower.poll() if follower.started else None
             if update is not None:
