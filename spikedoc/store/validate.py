@@ -23,8 +23,9 @@ from spikedoc.store.schema import STEP_COLUMN_DOCS, STEPS
 
 __all__ = [
     "Hole",
-    "MemoryBudget",
+    "JUDGED",
     "KEYS",
+    "MemoryBudget",
     "available_memory",
     "check_fits",
     "coerce_part",
