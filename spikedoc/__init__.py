@@ -16,7 +16,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from spikedoc._version import __version__
-from spikedoc.errors import GuardStopped, RunFormatError, RunNotFoundError, SpikedocError, UnsupportedVersionError
+from spikedoc.errors import (
+    GuardStopped,
+    RunFormatError,
+    RunNotFoundError,
+    RunTooLargeError,
+    SpikedocError,
+    UnsupportedVersionError,
+)
 
 __all__ = [
     "watch",
@@ -32,6 +39,7 @@ __all__ = [
     "SpikedocError",
     "RunNotFoundError",
     "RunFormatError",
+    "RunTooLargeError",
     "UnsupportedVersionError",
     "__version__",
 ]

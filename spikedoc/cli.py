@@ -18,16 +18,18 @@ from rich.console import Console
 from rich.markup import escape
 
 from spikedoc import __version__
-from spikedoc.errors import EXIT_BAD_INPUT, SpikedocError, one_line
+from spikedoc.errors import EXIT_BAD_INPUT, EXIT_INCOMPLETE, SpikedocError, one_line
 
-__all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS", "DOCS"]
+__all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS", "EXIT_INCOMPLETE", "DOCS"]
 
-#: Exit codes: healthy (or only minor incidents), an incident needs attention (EXIT_BAD_INPUT = 2 for unusable input).
+#: Exit codes: healthy (or only minor incidents), an incident needs attention (EXIT_BAD_INPUT = 2 for
+#: unusable input; EXIT_INCOMPLETE = 3 for a run with holes where no incident needs attention).
 EXIT_HEALTHY, EXIT_INCIDENTS = 0, 1
 #: Where the documentation lives online (a pip install has no docs/ folder).
 DOCS = "https://github.com/spikedoc/spikedoc/blob/main/docs/"
 _README = "https://github.com/spikedoc/spikedoc#readme"
 _RUN_HELP = "A spikedoc run directory, a CSV log (step,loss[,grad_norm][,lr]) or a TensorBoard log dir."
+_Lenient = Annotated[bool, typer.Option("--lenient", help="Read cells that are not numbers (text in a loss column) as missing, and say so, instead of exit 2.")]
 
 app = typer.Typer(
     add_completion=False,
@@ -60,14 +62,16 @@ def analyze(
     stop: Annotated[int | None, typer.Option(help="Analyse steps before this one (exclusive, like Python's range).", show_default=False)] = None,
     threshold: Annotated[float | None, typer.Option(help="Robust sigmas above the rolling baseline that flag a step (default 7, as OLMo 2's spike score).", show_default=False)] = None,
     window: Annotated[int | None, typer.Option(help="Steps in the detector's rolling baseline (default 100).", show_default=False)] = None,
+    lenient: _Lenient = False,
 ) -> None:
     """Find loss spikes, attribute them to batches and layers, name the cause and say what to do.
 
     Exit code 0 when the run is healthy or its incidents are all minor, 1 when an incident needs
-    attention (moderate or severe), 2 for unusable input.
+    attention (moderate or severe), 2 for unusable input, 3 when the run is incomplete (steps
+    missing: an unreadable part, a gap in a log) and no incident needs attention.
     """
     console = Console(highlight=False)
-    diagnosis = _diagnose(_load(run, start, stop, console), threshold, window, console)
+    diagnosis = _diagnose(_load(run, start, stop, console, lenient=lenient), threshold, window, console)
     if as_json:
         typer.echo(json.dumps(diagnosis.to_dict(), indent=2))
     elif quiet:
@@ -76,7 +80,14 @@ def analyze(
         from spikedoc.report.terminal import render
 
         render(diagnosis, console)
-    raise typer.Exit(code=EXIT_INCIDENTS if diagnosis.needs_attention else EXIT_HEALTHY)
+    raise typer.Exit(code=_exit_code(diagnosis))
+
+
+def _exit_code(diagnosis: Any) -> int:
+    # An incident that needs attention outranks the holes: acting on it cannot wait for the lost steps.
+    if diagnosis.needs_attention:
+        return EXIT_INCIDENTS
+    return EXIT_HEALTHY if diagnosis.complete else EXIT_INCOMPLETE
 
 
 @app.command(epilog=f"What the page shows: {DOCS}report.md")
@@ -84,6 +95,7 @@ def report(
     run: Annotated[Path, typer.Argument(help=_RUN_HELP, show_default=False)],
     *,
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+    lenient: _Lenient = False,
 ) -> None:
     """Write a self-contained HTML report: plots of the run with incidents shaded, and each incident explained.
 
@@ -93,7 +105,7 @@ def report(
     from spikedoc.report.html import render_html
 
     console = Console(highlight=False)
-    loaded = _load(run, None, None, console)
+    loaded = _load(run, None, None, console, lenient=lenient)
     diagnosis = _diagnose(loaded, None, None, console)
     with _stage(console, "drawing the plots"):
         page = render_html(loaded, diagnosis).encode("utf-8")
@@ -105,6 +117,8 @@ def report(
 def tensorboard(
     run: Annotated[Path, typer.Argument(help=_RUN_HELP, show_default=False)],
     logdir: Annotated[Path, typer.Argument(help="Folder for the TensorBoard event file (created if needed).", show_default=False)],
+    *,
+    lenient: _Lenient = False,
 ) -> None:
     """Write the run as TensorBoard scalars (per-tensor series grouped by module) and its incidents as text.
 
@@ -113,7 +127,7 @@ def tensorboard(
     from spikedoc.report.tensorboard import export_tensorboard
 
     console = Console(highlight=False)
-    loaded = _load(run, None, None, console)
+    loaded = _load(run, None, None, console, lenient=lenient)
     diagnosis = _diagnose(loaded, None, None, console)
     try:
         with _stage(console, "writing event files"):
@@ -131,23 +145,27 @@ def tail(
     interval: Annotated[float, typer.Option(help="Seconds between looks for new steps.", min=0.05)] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="Read what is there, print one line (and any alerts), exit.")] = False,
 ) -> None:
-    """Follow a run as it is written: a line per interval with loss, grad norm and LR, and an alert when a step is flagged.
+    """Follow a run as it is written: a line per interval with loss, grad norm and LR, an alert when a step is flagged, and the guard's actions.
 
-    Alerts come from the streaming detector `analyze` uses. Ctrl-C stops (exit code 0); 2 when RUN
-    is missing or not a run, or (with --once) has no steps yet.
+    Alerts come from the streaming detector `analyze` uses. While it follows, the writer keeps the
+    steps not yet flushed in a live file, so each interval shows that interval's steps. Ctrl-C stops
+    (exit code 0); 2 when RUN is missing or not a run, its meta.json or a part is malformed, or
+    (with --once) it has no steps yet.
     """
     from spikedoc.report.tail import RunFollower
 
     console = Console(highlight=False)
     _quiet_library_logs()
+    waited = False
     try:
-        follower = RunFollower(run)
+        follower = RunFollower(run, interval=None if once else interval)
     except SpikedocError as exc:
         _fail(str(exc), exc.exit_code)
-    waited = False
     try:
         while True:
             update = follower.poll() if follower.started else None
+            if update is not None:
+                _print_guard_and_warnings(console, update)
             if update is not None and update.new_steps:
                 _print_progress(console, update)
             elif once:
@@ -158,6 +176,8 @@ def tail(
             if once:
                 return
             time.sleep(interval)
+    except SpikedocError as exc:
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         console.print(f"[dim]stopped after {follower.steps_read:,} steps[/dim]")
 
@@ -232,14 +252,14 @@ def _guard_faults() -> list[str]:
 # ------------------------------------------------------------------------------ shared steps
 
 
-def _load(run: Path, start: int | None, stop: int | None, console: Console) -> Any:
+def _load(run: Path, start: int | None, stop: int | None, console: Console, *, lenient: bool = False) -> Any:
     """The run, cut to steps [start, stop) when asked; unusable input exits 2 with one line."""
     _quiet_library_logs()
     try:
         from spikedoc.store.reader import load
 
         with _stage(console, f"loading {run}"):
-            loaded = load(run)
+            loaded = load(run, lenient=lenient)
     except SpikedocError as exc:
         _fail(str(exc), exc.exit_code)
     except OSError as exc:  # unreadable path, permission denied: a user problem, not a bug
@@ -257,7 +277,10 @@ def _load(run: Path, start: int | None, stop: int | None, console: Console) -> A
     # Events before the range stay (they happened); analysis decides which lie on the analysed lineage.
     events = loaded.events
     before_stop = events["step"] < (stop if stop is not None else math.inf)
-    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[before_stop].reset_index(drop=True))
+    lo, hi = start if start is not None else -math.inf, stop if stop is not None else math.inf
+    holes = [h for h in loaded.holes if (h.last_step is None or h.last_step >= lo) and (h.first_step is None or h.first_step < hi)]
+    return dataclasses.replace(loaded, steps=steps[keep].reset_index(drop=True), events=events[before_stop].reset_index(drop=True),
+                               holes=holes)
 
 
 def _diagnose(run: Any, threshold: float | None, window: int | None, console: Console) -> Any:
@@ -285,15 +308,23 @@ def _diagnose(run: Any, threshold: float | None, window: int | None, console: Co
 
 
 def _summary_line(diagnosis: Any) -> str:
+    from spikedoc.analysis._robust import count
+
     s = diagnosis.summary
     where = f"{diagnosis.path} ({s.get('steps', 0):,} steps)"
+    if diagnosis.holes:
+        first = diagnosis.holes[0]
+        more = f" and {count(len(diagnosis.holes) - 1, 'more hole')}" if len(diagnosis.holes) > 1 else ""
+        where += f": incomplete, {first['steps']} missing from the {first['table']} table{more}"
+        if diagnosis.healthy:
+            return f"{where}; no incidents in the steps read"
     if diagnosis.healthy:
         return f"{where}: healthy, no incidents"
     counts = [f"{n} {sev}" for sev in ("severe", "moderate", "minor")
               if (n := sum(i.severity == sev for i in diagnosis.incidents))]
     n = len(diagnosis.incidents)
     verdict = "needs attention" if diagnosis.needs_attention else _settled(diagnosis)
-    return f"{where}: {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}"
+    return f"{where}{';' if diagnosis.holes else ':'} {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}"
 
 
 def _settled(diagnosis: Any) -> str:
@@ -314,6 +345,25 @@ def _print_progress(console: Console, update: Any) -> None:
     for alert in update.alerts:
         size = "non-finite" if not math.isfinite(alert.z) else f"{alert.z:.1f} sigma above its baseline {fmt(alert.baseline)}"
         console.print(f"[bold red]ALERT[/bold red] step {alert.step}: {alert.metric} {fmt(alert.value)} is {size}", soft_wrap=True)
+
+
+def _print_guard_and_warnings(console: Console, update: Any) -> None:
+    for warning in update.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(warning))}", soft_wrap=True)
+    for action in update.guard:
+        console.print(f"[bold magenta]GUARD[/bold magenta] {escape(_guard_line(action))}", soft_wrap=True)
+
+
+def _guard_line(action: dict[str, Any]) -> str:
+    """`step 301: veto (loss_out_of_band)`; a rollback is recorded at the step it returned to."""
+    kind, d = action["kind"], action["detail"]
+    if kind == "veto":
+        what = f"veto ({', '.join(map(str, d.get('reasons') or [])) or 'no reason recorded'})"
+    elif kind == "rollback":
+        what = f"rollback from step {d.get('from_step')}" + (f" ({d['reason']})" if d.get("reason") else "")
+    else:
+        what = kind + (f" ({d['reason']})" if d.get("reason") else "")
+    return f"step {action['step']}: {what}"
 
 
 def _write(out: Path, data: bytes) -> None:

@@ -1,9 +1,20 @@
 """Errors spikedoc raises for bad input; the CLI turns each into one line and an exit code."""
 
-__all__ = ["SpikedocError", "RunNotFoundError", "RunFormatError", "UnsupportedVersionError", "GuardStopped", "one_line"]
+__all__ = [
+    "SpikedocError",
+    "RunNotFoundError",
+    "RunFormatError",
+    "RunTooLargeError",
+    "UnsupportedVersionError",
+    "GuardStopped",
+    "one_line",
+]
 
 #: Exit code of the CLI for unusable input (see README, "Exit codes").
 EXIT_BAD_INPUT = 2
+#: Exit code of `spikedoc analyze` for a run with holes (steps it should hold and does not) in which
+#: no incident needs attention (see README, "Exit codes").
+EXIT_INCOMPLETE = 3
 
 
 class SpikedocError(Exception):
@@ -18,6 +29,10 @@ class RunNotFoundError(SpikedocError):
 
 class RunFormatError(SpikedocError):
     """The run exists but is malformed: corrupt Parquet, bad meta.json, missing columns."""
+
+
+class RunTooLargeError(SpikedocError):
+    """A table, part or file would not fit in the memory available; refused before it is loaded."""
 
 
 class UnsupportedVersionError(SpikedocError):

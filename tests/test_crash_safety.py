@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -115,3 +116,29 @@ def test_training_finishes_in_a_read_only_directory(tmp_path):
         assert monitor.step == 4 and monitor.dropped_rows > 0
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill driver forks its training processes (POSIX only)")
+def test_kills_at_random_moments_and_inside_writes_leave_only_whole_files(tmp_path):
+    from tests.common.killed import FLUSH_EVERY
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "tests.common.killed", str(run_dir), "24", "0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kills = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(kills) == 24
+    for kill in kills:
+        assert kill["torn"] == [], kill  # every file with a final name is whole
+        # What is on disk is the segment's first steps, in order: nothing in the middle is lost, and
+        # at most the unflushed buffer at the end (the batch being filled, one the writer thread was
+        # writing, and the row the monitor hands over a step late).
+        assert kill["steps"] == list(range(kill["first_step"], kill["first_step"] + len(kill["steps"]))), kill
+        assert kill["finished_steps"] - len(kill["steps"]) <= 2 * FLUSH_EVERY + 1, kill
+        assert sum(kill["left_at_start"].values()) == 0, kill  # the last kill's temporaries: removed on start
+    inside = {moment: sum(k["left_by_kill"][what] > 0 for k in kills if k["moment"] == moment)
+              for moment, what in (("part_write", "parts"), ("checkpoint_write", "checkpoints"))}
+    assert inside["part_write"] > 0 and inside["checkpoint_write"] > 0, inside  # the kills did land inside writes
+    assert any(sum(k["left_before_start"].values()) for k in kills)  # so there were leftovers to clean
+    run = spikedoc.load(run_dir)
+    assert run.holes == [] and not [w for w in run.warnings if "unreadable" in w]

@@ -47,6 +47,15 @@ def test_a_checkpoint_with_nan_or_inf_is_refused_when_saved_and_when_loaded(tmp_
         store.load(store.checkpoints()[0])
 
 
+def test_a_new_store_removes_the_temporaries_a_killed_write_of_its_rank_left(tmp_path):
+    mine = [tmp_path / ".step-00000010.rank1.pt.tmp-4242", tmp_path / ".step-00000012.rank1.unhealthy.pt.tmp-99"]
+    theirs = [tmp_path / ".step-00000010.rank0.pt.tmp-4243", tmp_path / "notes.tmp-1"]
+    for path in [*mine, *theirs]:
+        path.write_bytes(b"half a checkpoint")
+    CheckpointStore(tmp_path, keep=2, rank=1)
+    assert [p for p in mine if p.exists()] == [] and all(p.exists() for p in theirs)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "pickled_object"])
 def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path, damage):
     model, opt, _ = build()

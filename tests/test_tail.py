@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from spikedoc.cli import app
@@ -98,3 +100,127 @@ def test_missing_foreign_and_empty_runs_are_one_line_exit_2(tmp_path):
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+
+
+# A writer that keeps every row in its buffer (no part lands before close) and pauses after step 199.
+PAUSING_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from spikedoc.store import RunWriter
+    from tests.common.planted import adamw_meta, healthy_steps
+
+    steps = healthy_steps(400)
+    steps.loc[300, "loss"] *= 3
+    writer = RunWriter(sys.argv[1], flush_every=1000, flush_seconds=3600.0)
+    writer.open(adamw_meta())
+    for row in steps.to_dict("records"):
+        if row["step"] == 200:
+            Path(sys.argv[2]).touch()
+            time.sleep(float(sys.argv[3]))
+        writer.add_step(row)
+        time.sleep(0.002)
+    writer.close()
+""")
+
+
+def _lines_until(process: subprocess.Popen, done, *, timeout: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while not (lines and done(lines[-1])):
+        lines.append(_first_line(process, timeout=max(deadline - time.monotonic(), 0.01)))
+    return lines
+
+
+def test_the_rows_of_the_last_interval_are_shown_before_any_part_lands(tmp_path):
+    run, paused = tmp_path / "live", tmp_path / "paused"
+    run.mkdir()
+    tail = _spikedoc("tail", str(run), "--interval", "0.2")
+    _first_line(tail, timeout=120)  # waiting for ...
+    writer = subprocess.Popen([sys.executable, "-c", PAUSING_WRITER, str(run), str(paused), "4"],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert time.monotonic() < deadline and writer.poll() is None
+            time.sleep(0.05)
+        # The writer holds steps 0..199 in its buffer, no part written: the live file shows them.
+        seen = _lines_until(tail, lambda line: line.startswith("step 199 "), timeout=3.0)
+        assert not list((run / "steps").rglob("part-*.parquet")) and writer.poll() is None
+        assert writer.wait(timeout=120) == 0
+        time.sleep(1.0)
+    finally:
+        tail.send_signal(signal.SIGINT)
+    out, err = tail.communicate(timeout=30)
+    assert tail.returncode == 0, err
+    lines = [*seen, *out.splitlines()]
+    assert [line for line in lines if line.startswith("step ")][-1].startswith("step 399 ")
+    assert [line for line in lines if line.startswith("ALERT")] == [line for line in lines if line.startswith("ALERT step 300: loss")][:1]
+    assert "stopped after 400 steps" in out, out  # the rows the live file showed are not counted again
+    assert not (run / "live" / "steps-rank=0.parquet").exists()  # the writer removed it at close
+
+
+def _run_with_parts(tmp_path: Path, *parts: pa.Table) -> Path:
+    from tests.common.planted import adamw_meta, healthy_steps, write_run
+
+    run = write_run(tmp_path / "run", healthy_steps(200), meta=adamw_meta())
+    for seq, table in enumerate(parts, start=1):
+        pq.write_table(table, run / "steps" / "rank=0" / f"part-0-{seq:06d}.parquet")
+    return run
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_an_empty_steps_part_is_read_as_no_rows(tmp_path):
+    empty = pa.table({"step": pa.array([], pa.int64()), "loss": pa.array([], pa.float32())})
+    result = runner.invoke(app, ["tail", str(_run_with_parts(tmp_path, empty)), "--once"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("step 199  loss ")
+
+
+def test_a_run_whose_only_part_is_empty_has_no_steps_yet(tmp_path):
+    run = tmp_path / "run"
+    (run / "steps" / "rank=0").mkdir(parents=True)
+    (run / "meta.json").write_text('{"format_version": 1}')
+    pq.write_table(pa.table({"step": pa.array([], pa.int64())}), run / "steps" / "rank=0" / "part-0-000000.parquet")
+    line = _one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
+    assert "has no step rows yet" in line
+
+
+def test_a_steps_part_without_a_step_column_is_one_error_line_as_in_analyze(tmp_path):
+    run = _run_with_parts(tmp_path, pa.table({"loss": pa.array([2.0, 1.9], pa.float32())}))
+    tail = _one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
+    analyze = _one_error_line(runner.invoke(app, ["analyze", str(run)]))
+    assert tail == analyze and "lacks the required column 'step'" in tail
+
+
+def test_a_step_column_of_strings_is_read_as_numbers(tmp_path):
+    as_text = pa.table({"step": pa.array([str(s) for s in range(200, 210)]), "loss": pa.array([2.0] * 10, pa.float32())})
+    result = runner.invoke(app, ["tail", str(_run_with_parts(tmp_path, as_text)), "--once"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("step 209  loss 2 ")
+
+
+def test_a_meta_json_that_analyze_rejects_is_rejected_by_tail_alike(tmp_path):
+    run = _run_with_parts(tmp_path)
+    (run / "meta.json").write_text('{"format_version": "one"}')
+    tail = _one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
+    analyze = _one_error_line(runner.invoke(app, ["analyze", str(run)]))
+    assert tail == analyze and "no valid format_version" in tail
+
+
+def test_the_guard_actions_are_shown(tmp_path):
+    from tests.common.planted import healthy_steps, write_run
+
+    events = [("checkpoint", 100, {"guard": True, "path": "c/100.pt"}),
+              ("veto", 150, {"reasons": ["loss_out_of_band"]}),
+              ("rollback", 100, {"from_step": 160, "reason": "damage"})]
+    run = write_run(tmp_path / "run", healthy_steps(200), events=events)
+    result = runner.invoke(app, ["tail", str(run), "--once"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    guard = [line for line in result.output.splitlines() if line.startswith("GUARD")]
+    assert guard == ["GUARD step 150: veto (loss_out_of_band)", "GUARD step 100: rollback from step 160 (damage)"]

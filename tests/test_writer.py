@@ -93,6 +93,19 @@ def test_a_leftover_temporary_part_is_ignored_by_the_reader(tmp_path):
     assert run.warnings == []
 
 
+def test_opening_removes_the_temporaries_a_killed_writer_of_its_rank_left(tmp_path):
+    mine = [tmp_path / "steps" / "rank=0" / ".part-0-000001.parquet.tmp", tmp_path / "layers" / "rank=0" / ".part-0-000001.parquet.tmp",
+            tmp_path / ".meta.json.tmp", tmp_path / "live" / "steps-rank=0.parquet"]
+    theirs = tmp_path / "steps" / "rank=1" / ".part-0-000004.parquet.tmp"  # another rank's write, perhaps under way
+    for path in [*mine, theirs]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PAR1 half-written")
+    writer = RunWriter(tmp_path)
+    writer.open({})
+    writer.close()
+    assert [p for p in mine if p.exists()] == [] and theirs.exists()
+
+
 def test_parts_are_zstd_with_float32_measurements_and_dictionary_encoded_names(tmp_path):
     writer = RunWriter(tmp_path)
     writer.open({})

@@ -78,6 +78,14 @@ class Diagnosis:
     """`first_step`, `last_step`, `steps`, `ranks`, `segments`, `resumes`, `abandoned`."""
     guard_actions: list[dict[str, Any]] = field(default_factory=list)
     """What a `spikedoc.Guard` did, in order (`guard_actions.guard_actions`): `kind`, `step`, `segment`, `detail`."""
+    holes: list[dict[str, Any]] = field(default_factory=list)
+    """Steps the run should hold and does not (`Run.holes`): `table`, `rank`, `segment`, `first_step`,
+    `last_step` (None: past the steps read), `cause`, `text`. No incident is inferred across one."""
+
+    @property
+    def complete(self) -> bool:
+        """The run has no holes (the CLI's exit code 3 when it has, and no incident needs attention)."""
+        return not self.holes
 
     @property
     def healthy(self) -> bool:
@@ -110,6 +118,7 @@ class Diagnosis:
             "missing": self.missing,
             "warnings": self.warnings,
             "guard_actions": self.guard_actions,
+            "holes": self.holes,
         })
 
 
@@ -140,7 +149,8 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     if not isinstance(run, Run):
         run = load(run)
     steps = _checked_steps(run)
-    diagnosis = Diagnosis(path=str(run.path), source=run.source, missing=list(run.missing), warnings=list(run.warnings))
+    diagnosis = Diagnosis(path=str(run.path), source=run.source, missing=list(run.missing), warnings=list(run.warnings),
+                          holes=[h.to_dict() for h in run.holes])
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
@@ -225,6 +235,9 @@ class _Analysis:
         self.has_grad = "grad_norm" in steps.columns and bool(np.isfinite(pd.to_numeric(steps["grad_norm"], errors="coerce")).any())
         layer_every = (watch_config(self.meta) or {}).get("layer_every")
         self.layer_every = int(layer_every) if isinstance(layer_every, int) and layer_every > 0 else 1
+        # First step after each hole in the step table: the detector's baseline restarts there.
+        self.after_holes = {h.last_step + 1 for h in run.holes if h.table == "steps" and h.last_step is not None
+                            and h.first_step is not None}
 
     def execute(self) -> None:
         out, lineage = self.out, self.lineage
@@ -246,7 +259,7 @@ class _Analysis:
             ratio = self._moments_ratio(piece) if piece.resumed else None
             if resume is not None:
                 resumes.append((piece, resume, ratio))
-            jumps = lr_discontinuities(frame, config=self.config)
+            jumps = [j for j in lr_discontinuities(frame, config=self.config) if j["step"] not in self.after_holes]
             starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
             own_steps = set(own["step"].tolist())
             for jump in jumps:
@@ -256,7 +269,7 @@ class _Analysis:
             jumps = [j for j in jumps if (j["step"], j["group"]) not in scheduled]
             jumps_found += [j for j in jumps if j["step"] in own_steps]
             detection = self._detection_frame(frame, own)
-            found = self._in_warmup(find_incidents(detection, self.detector), frame)
+            found = self._in_warmup(self._find_between_holes(detection), frame)
             ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
@@ -440,6 +453,14 @@ class _Analysis:
         flags = flag_series(detection["step"].to_numpy(), detection["loss"].to_numpy(np.float64), self.detector)
         flagged = set(flags.loc[flags["flagged"], "step"].tolist())
         return ~frame["step"].isin(flagged).to_numpy()
+
+    def _find_between_holes(self, detection: pd.DataFrame) -> list[Incident]:
+        """Incidents of each stretch between holes, each judged against its own baseline: a loss
+        after missing steps is compared with no history the run did not show."""
+        steps = detection["step"].to_numpy()
+        cuts = sorted({int(np.searchsorted(steps, s)) for s in self.after_holes if len(steps) and steps[0] < s <= steps[-1]})
+        bounds = zip([0, *cuts], [*cuts, len(detection)])
+        return [i for lo, hi in bounds if hi > lo for i in find_incidents(detection.iloc[lo:hi], self.detector)]
 
     def _detection_frame(self, frame: pd.DataFrame, own: pd.DataFrame) -> pd.DataFrame:
         # The detector's state spans `window` accepted values plus a held streak of at most

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 _SECTIONS = ("model", "optimizer", "guard", "data", "rng")
 _NAME = re.compile(r"^step-(\d+)(?:\.rank(\d+))?(\.unhealthy)?\.pt$")
+# The temporary a write goes through (`_save`): a killed write leaves one behind.
+_TEMPORARY = re.compile(r"^\.step-\d+(?:\.rank(\d+))?(?:\.unhealthy)?\.pt\.tmp-\d+$")
 
 
 class CheckpointError(SpikedocError):
@@ -114,6 +116,7 @@ class CheckpointStore:
         self._mine: set[Path] = set()
         """Files this store wrote, or adopted from the directory (`adopt`): the only ones it uses, so
         a fresh run in a directory holding another run's checkpoints never returns to them."""
+        self._remove_leftovers()
 
     # ---------------------------------------------------------------------------------- public
 
@@ -212,6 +215,19 @@ class CheckpointStore:
                 c.path.unlink(missing_ok=True)
 
     # --------------------------------------------------------------------------------- private
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporaries of this rank's writes that a killed process left (no write of this
+        rank is under way yet: each rank has one store, and this one has just been made)."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            m = _TEMPORARY.match(path.name)
+            if m is not None and (int(m.group(1)) if m.group(1) is not None else None) == self.rank:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("spikedoc guard: could not delete the leftover %s (%s)", path, exc)
 
     def _on_disk(self) -> list[Checkpoint]:
         # Temporary files of an interrupted write do not match the name pattern.

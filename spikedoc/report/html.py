@@ -79,6 +79,7 @@ def render_html(run: Any, diagnosis: Diagnosis, *, buckets: int = 1500) -> str:
              for n, i in enumerate(diagnosis.incidents, 1)]
     parts = [
         _header(diagnosis, run.meta if isinstance(getattr(run, "meta", None), dict) else {}),
+        _holes(diagnosis),
         _summary(diagnosis, detailed),
         _overview(steps, spans, marks, buckets),
         _findings(diagnosis),
@@ -324,6 +325,15 @@ def _context(inc: Incident, ctx: dict[str, Any]) -> str:
     if not items:
         return ""
     return "<p class='muted'>" + "; ".join(_e(i) for i in items) + "</p>"
+
+
+def _holes(d: Diagnosis) -> str:
+    """First, before any verdict: the steps the run lacks, which nothing below could see."""
+    if not d.holes:
+        return ""
+    items = "".join(f"<li class='warning'>{_e(h['text'])}</li>" for h in d.holes)
+    return (f"<section id='holes'><h2>Incomplete run</h2><p>{len(d.holes)} hole{'s' if len(d.holes) != 1 else ''}: "
+            f"no incident is inferred across one, and the steps in a hole are not judged.</p><ul>{items}</ul></section>\n")
 
 
 def _missing(d: Diagnosis) -> str:

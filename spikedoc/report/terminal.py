@@ -53,6 +53,7 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
         + (f", {s['segments']} segments" if s.get("segments", 1) > 1 else "")
         + ")"
     )
+    _holes(console, diagnosis.holes)
     if diagnosis.healthy:
         console.print("[green]No incidents: no spike, non-finite value or divergence found.[/green]")
     else:
@@ -80,6 +81,18 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
     for warning in diagnosis.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     _spike_score(console, diagnosis.spike_score)
+
+
+def _holes(console: Console, holes: list[dict[str, Any]]) -> None:
+    """First, before any verdict: what the run lacks, which no part of the report below can see."""
+    if not holes:
+        return
+    console.print(f"[bold red]Incomplete run[/bold red]: {count(len(holes), 'hole')}; no incident is inferred across one, "
+                  "and the steps in a hole are not judged.")
+    for hole in holes[:MAX_TABLE]:
+        console.print(f"  [red]hole[/red] {escape(hole['text'])}")
+    if len(holes) > MAX_TABLE:
+        console.print(f"  [dim]{len(holes) - MAX_TABLE} more holes (--json has them all)[/dim]")
 
 
 def _spike_score(console: Console, score: dict[str, float | None]) -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from spikedoc.errors import RunFormatError, RunNotFoundError, one_line
 from spikedoc.store.reader import Run
+from spikedoc.store.validate import JUDGED, check_fits, find_holes, numbers
 
 __all__ = ["ALIASES", "read_csv", "read_tensorboard"]
 
@@ -45,18 +46,21 @@ _MAX_STEP = 2**53
 _MIN_ROWS_PER_SEGMENT = 3
 
 
-def read_csv(path: str | Path) -> Run:
+def read_csv(path: str | Path, *, lenient: bool = False) -> Run:
     """Read a CSV log with a step column and scalar columns such as loss, grad_norm and lr.
 
     Column names are mapped through `ALIASES`; other numeric columns are kept (sanitized names),
-    non-numeric ones are dropped with a warning. A step must be a whole number from 0 to 2^53
-    (else `RunFormatError` naming the row). Rows keep file order when it is a log with resumes: a
+    non-numeric ones are dropped with a warning. A cell of a numeric column that is not a number
+    (`oops` among losses) is a `RunFormatError` naming its line, or, with `lenient`, read as
+    missing with a warning. A step must be a whole number from 0 to 2^53 (else `RunFormatError`
+    naming the row). Rows keep file order when it is a log with resumes: a
     step that goes back and logs earlier steps again (a resumed run) starts a new `segment`. Rows
     out of order otherwise are sorted by step, with a warning. Rows of the same step within a
     segment become one row: per column, the last value that is not missing.
 
     Args:
         path: The CSV file.
+        lenient: Read cells that are not numbers as missing (a step: the row is dropped).
 
     Returns:
         A Run with `source="csv"`, the step table and `missing` filled in.
@@ -69,12 +73,15 @@ def read_csv(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_file():
         raise RunNotFoundError(f"{path}: no such file")
+    check_fits(path.stat().st_size, what=str(path))  # parsed numbers take about what their text does
     try:
-        raw = pd.read_csv(path, skipinitialspace=True, encoding="utf-8-sig")  # -sig: Excel writes a BOM
+        # -sig: Excel writes a BOM. Blank lines are kept (and dropped below) so that data row i is line i + 2.
+        raw = pd.read_csv(path, skipinitialspace=True, encoding="utf-8-sig", skip_blank_lines=False)
     except pd.errors.EmptyDataError:
         raise RunFormatError(f"{path} is empty: expected a header like step,loss,grad_norm,lr") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
         raise RunFormatError(f"{path} is not a readable CSV: {one_line(exc)}") from None
+    raw = raw.loc[raw.notna().any(axis=1)]  # blank lines
     warnings: list[str] = []
     columns: dict[str, pd.Series] = {}
     for name in raw.columns:
@@ -85,7 +92,15 @@ def read_csv(path: str | Path) -> Run:
         columns[str(name)] = values
     frame, renamed = _canonical(columns, source=f"{path}")
     step_column = next((name for name, canonical in renamed.items() if canonical == "step"), "step")
-    frame = _with_valid_steps(frame, raw[step_column], path, warnings)
+    left_out = np.zeros(len(frame), dtype=bool)
+    for original, name in zip(columns, frame.columns):
+        if original == step_column:  # the step has checks of its own, in _with_valid_steps
+            continue
+        frame[name], bad = numbers(raw[original], column=original, where=_line, source=str(path), lenient=lenient,
+                                   warnings=warnings)
+        if name in JUDGED:
+            left_out |= frame.index.isin(bad)
+    frame = _with_valid_steps(frame.assign(_left_out=left_out), raw[step_column], path, warnings, lenient=lenient)
     frame = _in_log_order(frame, path, warnings)
     return _build(path, "csv", frame, warnings, {"source_file": str(path), "renamed": renamed})
 
@@ -111,11 +126,12 @@ def read_tensorboard(path: str | Path) -> Run:
     files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents.*"))
     if not files:
         raise RunNotFoundError(f"{path} holds no TensorBoard event files (events.out.tfevents.*)")
+    check_fits(sum(f.stat().st_size for f in files), what=f"{path} ({len(files)} event files)")
     warnings: list[str] = []
     runs = _scalars_by_run(files, warnings)
     if not runs:
         raise RunFormatError(f"{path}: its TensorBoard event files hold no scalars")
-    frame, renamed = _canonical(_pivot(_prefixed(runs)), source=str(path))
+    frame, renamed = _canonical(_pivot(_prefixed(runs), warnings), source=str(path))
     if "loss" not in frame.columns and len(runs) > 1:
         # Sibling runs whose folder names make no loss alias (version_0/, version_1/) are not the
         # train/ and eval/ of one training but separate trainings: analyse the one with a loss.
@@ -125,7 +141,7 @@ def read_tensorboard(path: str | Path) -> Run:
                 f"{path} holds {len(runs)} TensorBoard runs ({_names(path, runs)}); analysed "
                 f"{_names(path, [chosen])}, the only one that logs a loss"
             )
-            frame, renamed = _canonical(_pivot(runs[chosen]), source=str(chosen))
+            frame, renamed = _canonical(_pivot(runs[chosen], warnings), source=str(chosen))
             files = [f for f in files if f.parent == chosen]
     return _build(path, "tensorboard", frame, warnings, {"event_files": [str(f) for f in files], "renamed": renamed})
 
@@ -196,14 +212,22 @@ def _names(path: Path, folders: Iterable[Path], *, shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _pivot(series: dict[str, list[tuple[float, int, float]]]) -> dict[str, pd.Series]:
-    """One column per tag on a shared (segment, step) index; the step column comes along."""
+def _pivot(series: dict[str, list[tuple[float, int, float]]], warnings: list[str]) -> dict[str, pd.Series]:
+    """One column per tag on a shared (segment, step) index; the step column comes along.
+
+    A tag written twice for one step of a segment keeps its last value in file order, said in `warnings`.
+    """
     frames = []
+    repeated = 0
     for tag, points in series.items():
         wall, step, value = (np.asarray(x) for x in zip(*points))
         segment = np.concatenate([[0], np.cumsum(np.diff(step) < 0)])
         frame = pd.DataFrame({"segment": segment, "step": step, tag: value.astype("float64"), "_wall": wall})
-        frames.append(frame.drop_duplicates(["segment", "step"], keep="last").set_index(["segment", "step"]))
+        unique = frame.drop_duplicates(["segment", "step"], keep="last")
+        repeated += len(frame) - len(unique)
+        frames.append(unique.set_index(["segment", "step"]))
+    if repeated:
+        warnings.append(f"{repeated} scalar points repeat a (tag, step) of their segment: kept the last one in file order")
     walls = pd.concat([f["_wall"] for f in frames], axis=1).min(axis=1)
     table = pd.concat([f.drop(columns="_wall") for f in frames], axis=1).sort_index()
     table["time"] = walls
@@ -231,14 +255,25 @@ def _canonical(columns: dict[str, pd.Series], *, source: str) -> tuple[pd.DataFr
     return pd.DataFrame(out), {k: v for k, v in renamed.items() if k != v}
 
 
-def _with_valid_steps(frame: pd.DataFrame, written: pd.Series, path: Path, warnings: list[str]) -> pd.DataFrame:
-    """Rows with a step, the step as int64; a step that is not a whole number in range is an error.
+def _line(row: int) -> str:
+    """Where a CSV data row is: the header is line 1 (blank lines are kept as rows, so the count holds)."""
+    return f"line {int(row) + 2}"
+
+
+def _with_valid_steps(frame: pd.DataFrame, written: pd.Series, path: Path, warnings: list[str], *,
+                      lenient: bool = False) -> pd.DataFrame:
+    """Rows with a step, the step as int64; a step that is not a whole number in range is an error
+    (with `lenient`, one that is not a number at all is read as missing: its row is dropped).
 
     Truncating `1.5` or wrapping `1e30` to a negative int64 would analyse a run that was never
     logged, so the first bad value is named (with its data row, the header not counted) instead.
     """
     step = frame["step"].to_numpy(dtype="float64")
     present = written.notna().to_numpy()
+    if lenient and (present & np.isnan(step)).any():
+        warnings.append(f"{path}: dropped {int((present & np.isnan(step)).sum())} rows whose step is not a number "
+                        "(--lenient)")
+        present = present & ~np.isnan(step)
     for problem, bad in (
         ("is not a number", present & np.isnan(step)),
         ("is not a whole number", np.isfinite(step) & (step != np.floor(step))),
@@ -334,6 +369,9 @@ def _whole(values: pd.Series, name: str, path: Path) -> np.ndarray:
 
 def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], meta: dict[str, Any]) -> Run:
     """The Run of an imported step table whose `step` and `segment` are already whole numbers."""
+    holes = find_holes(frame)
+    if "_left_out" in frame.columns:  # rows whose judged cell was not a number (--lenient): not a hole, said already
+        frame = frame.loc[~frame.pop("_left_out").astype(bool)]
     frame = frame.reset_index(drop=True)
     frame["step"] = frame["step"].astype("int64")
     frame["segment"] = frame["segment"].astype("int32")
@@ -343,9 +381,8 @@ def _build(path: Path, source: str, frame: pd.DataFrame, warnings: list[str], me
         logger.warning("spikedoc: %s", message)
     missing = list(_NEVER_IMPORTED)
     missing += [c for c in _ANALYSED if c not in frame.columns or frame[c].isna().all()]
-    return Run(
-        path=path, source=source, meta={"source": source, **meta}, steps=frame, missing=missing, warnings=warnings
-    )
+    return Run(path=path, source=source, meta={"source": source, **meta}, steps=frame, missing=missing,
+               warnings=warnings, holes=holes)
 
 
 def _sanitize(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,8 +21,9 @@ import pyarrow.parquet as pq
 
 from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError, one_line
 from spikedoc.store.schema import EVENT_COLUMNS, EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS
+from spikedoc.store.validate import Hole, MemoryBudget, check_fits, coerce_part, holes_of_steps, keep_last_duplicates
 
-__all__ = ["Run", "load"]
+__all__ = ["Run", "load", "read_meta", "read_part"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class Run:
             tables and layer parts cut short (at load), layer parts that fail when `layers()`
             reads them (then).
         layer_scan: Files and Parquet row groups the last `layers()` call read, against the total.
+        holes: Steps the run should hold and does not (an unreadable part, steps missing from a
+            log), each with its step range; a run with holes is incomplete.
 
     Example:
         >>> run = load("runs/exp1")  # doctest: +SKIP
@@ -75,6 +79,7 @@ class Run:
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     layer_scan: dict[str, int] = field(default_factory=dict, repr=False)
+    holes: list[Hole] = field(default_factory=list)
     _layer_parts: list[tuple[Path, int]] = field(default_factory=list, repr=False)
     _row_groups: np.ndarray | None = field(default=None, repr=False)
 
@@ -117,6 +122,7 @@ class Run:
         hi = last_step if last_step is not None else _ANY_STEP[1]
         index = self._index()
         hit = index[(index[:, 2] <= hi) & (index[:, 3] >= lo)]  # rows in part order, so are the hits
+        check_fits(int(hit[:, 4].sum()), what=f"the layer rows asked for (steps {lo}..{hi}) of {self.path}")
         parts, first = np.unique(hit[:, 0], return_index=True)
         tables, groups_read, files = [], 0, 0
         for part_index, groups in zip(parts.tolist(), np.split(hit[:, 1], first[1:])):
@@ -143,22 +149,24 @@ class Run:
         return _sorted(frame, ["rank", "segment", "step", "name"])
 
     def _index(self) -> np.ndarray:
-        """Every readable layer row group as (part number, row group, min step, max step).
+        """Every readable layer row group as (part number, row group, min step, max step, data bytes).
 
         Built from the footers on the first call and kept as four integers per row group: caching
         the parsed footers themselves costs ~40 kB per part, 400 MB for the 10,000 parts of a
-        million-step run, and one array makes each later window a vectorized selection.
+        million-step run, and one array makes each later window a vectorized selection. The bytes
+        (uncompressed) let a window that would not fit in memory be refused before it is read.
         """
         if self._row_groups is None:
-            rows = [np.empty((0, 4), dtype=np.int64)]
+            rows = [np.empty((0, 5), dtype=np.int64)]
             for i, (path, _) in enumerate(self._layer_parts):
                 try:
-                    ranges = _step_ranges(pq.read_metadata(path))
+                    meta = pq.read_metadata(path)
                 except (pa.ArrowException, OSError) as exc:
                     self._skip(path, exc)
                     continue
-                n = len(ranges)
-                rows.append(np.column_stack([np.full(n, i), np.arange(n), ranges]).astype(np.int64))
+                n = meta.num_row_groups
+                sizes = [meta.row_group(g).total_byte_size for g in range(n)]
+                rows.append(np.column_stack([np.full(n, i), np.arange(n), _step_ranges(meta), sizes]).astype(np.int64))
             self._row_groups = np.concatenate(rows)
         return self._row_groups
 
@@ -169,19 +177,23 @@ class Run:
             logger.warning("spikedoc: %s", message)
 
 
-def load(path: str | Path) -> Run:
+def load(path: str | Path, *, lenient: bool = False) -> Run:
     """Load a spikedoc run directory, a CSV log or a TensorBoard log directory.
 
     Args:
         path: A run directory (holds `meta.json`), a `.csv` file, or a directory holding
             `events.out.tfevents.*` files anywhere below it.
+        lenient: Read cells that are not numbers (text in a numeric column) as missing, with a
+            warning, instead of raising `RunFormatError`.
 
     Returns:
         The run; `run.missing` lists what the source lacks for analysis.
 
     Raises:
         RunNotFoundError: The path does not exist or holds nothing spikedoc reads.
-        RunFormatError: meta.json or the Parquet parts are malformed beyond skipping.
+        RunFormatError: meta.json or the Parquet parts are malformed beyond skipping, or a cell of
+            a numeric column is not a number (without `lenient`).
+        RunTooLargeError: The step or event table would not fit in the memory available.
         UnsupportedVersionError: The run was written in a newer run format.
 
     Example:
@@ -196,36 +208,42 @@ def load(path: str | Path) -> Run:
 
     if path.is_file():
         if path.suffix.lower() == ".csv":
-            return importers.read_csv(path)
+            return importers.read_csv(path, lenient=lenient)
         if path.name.startswith("events.out.tfevents."):
             return importers.read_tensorboard(path)
         raise RunNotFoundError(f"{path} is not a run: {_LAYOUT}")
     if (path / META_FILE).exists():
-        return _load_spikedoc(path)
+        return _load_spikedoc(path, lenient)
     if next(path.rglob("events.out.tfevents.*"), None) is not None:
         return importers.read_tensorboard(path)
     what = "an empty directory" if next(path.iterdir(), None) is None else "not a run"
     raise RunNotFoundError(f"{path} is {what}: {_LAYOUT}")
 
 
-def _load_spikedoc(path: Path) -> Run:
-    meta = _read_meta(path / META_FILE)
+def _load_spikedoc(path: Path, lenient: bool) -> Run:
+    meta = read_meta(path / META_FILE)
     run = Run(path=path, source="spikedoc", meta=meta, steps=_empty(("step", "segment", "rank")))
-    steps = _read_table(run, STEPS)
-    if steps is None:
+    read = _read_table(run, STEPS, lenient)
+    if read.frame is None:
         raise RunFormatError(f"{path} has no step rows: the run ended before its first flush ({_LAYOUT})")
-    if "step" not in steps.columns:
-        raise RunFormatError(f"{path}/{STEPS} lacks the required column 'step' (columns: {', '.join(steps.columns)})")
-    run.steps = _sorted(steps, ["rank", "segment", "step"])
-    events = _read_table(run, EVENTS)
+    run.steps = keep_last_duplicates(_sorted(read.frame, ["rank", "segment", "step"]), source=f"{path}/{STEPS}",
+                                     warnings=run.warnings)
+    events = _read_table(run, EVENTS, lenient).frame
     run.events = _empty((*EVENT_COLUMNS, "rank")) if events is None else _sorted(events, ["rank", "segment", "step"])
-    run._layer_parts = _whole_layer_parts(run)
+    run._layer_parts = _whole_layer_parts(run, read.ranges)
+    run.holes = holes_of_steps(run.steps, read.ranges, read.failed) + run.holes
     if not run.has_layers:
         run.missing.append("layers")
     return run
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
+    """`meta.json` of a run, checked: a JSON object with a `format_version` this spikedoc reads.
+
+    Raises:
+        RunFormatError: Not readable JSON, not an object, or no valid `format_version`.
+        UnsupportedVersionError: A newer run format.
+    """
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -243,8 +261,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _parts(table_dir: Path) -> list[tuple[Path, int]]:
-    """Complete part files of a table with their rank, in write order; temp files are ignored."""
+def _keyed_parts(table_dir: Path) -> list[tuple[tuple[int, int, int], Path]]:
+    """Complete part files of a table keyed by (rank, segment, seq), in write order; temp files are ignored."""
     found = []
     for rank_dir in table_dir.iterdir() if table_dir.is_dir() else []:
         match = _RANK_DIR.fullmatch(rank_dir.name)
@@ -254,24 +272,29 @@ def _parts(table_dir: Path) -> list[tuple[Path, int]]:
             name = _PART.fullmatch(part.name)
             if name:
                 found.append(((int(match[1]), int(name[1]), int(name[2])), part))
-    return [(part, key[0]) for key, part in sorted(found)]
+    return sorted(found)
 
 
-def _whole_layer_parts(run: Run) -> list[tuple[Path, int]]:
-    """Layer parts that end in a Parquet footer; the others are skipped with a warning now.
+def _whole_layer_parts(run: Run, step_ranges: dict[tuple[int, int, int], tuple[int, int]]) -> list[tuple[Path, int]]:
+    """Layer parts that end in a Parquet footer; the others are skipped with a warning and a hole now.
 
     The layer table is read only in windows, when an analysis asks for them; a part cut short (an
     interrupted copy, a full disk) is found here instead, at load, with the other skipped parts,
     so that whoever takes `run.warnings` (`analyze`'s diagnosis, the report) names it. The check
-    reads 8 bytes per part; the footer itself is parsed on the first `layers()` call.
+    reads 8 bytes per part; the footer itself is parsed on the first `layers()` call. A layer part
+    holds the layer rows of the step part with the same (segment, seq) (the writer numbers a
+    batch's parts alike), so the hole's steps are that step part's.
     """
     whole = []
-    for path, rank in _parts(run.path / LAYERS):
+    for (rank, segment, seq), path in _keyed_parts(run.path / LAYERS):
         problem = _not_whole_parquet(path)
         if problem is None:
             whole.append((path, rank))
-        else:
-            run._skip(path, f"{problem}; per-tensor attribution lacks the rows it held")
+            continue
+        run._skip(path, f"{problem}; per-tensor attribution lacks the rows it held")
+        first, last = step_ranges.get((rank, segment, seq), (None, None))
+        run.holes.append(Hole(table=LAYERS, rank=rank, segment=segment, first_step=first, last_step=last,
+                              cause=f"unreadable part {path}: {problem}"))
     return whole
 
 
@@ -292,24 +315,46 @@ def _not_whole_parquet(path: Path) -> str | None:
     return None
 
 
-def _read_table(run: Run, table: str) -> pd.DataFrame | None:
-    """All parts of a small table concatenated, skipping unreadable ones; None when none exist."""
-    parts = _parts(run.path / table)
+@dataclass
+class _TableRead:
+    """A small table read whole: its rows (None when it has no parts), and per part key
+    (rank, segment, seq) the step range of each readable part and why each unreadable one failed."""
+
+    frame: pd.DataFrame | None
+    ranges: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)
+    failed: dict[tuple[int, int, int], tuple[Path, str]] = field(default_factory=dict)
+
+
+def _read_table(run: Run, table: str, lenient: bool) -> _TableRead:
+    """All parts of a small table concatenated, each through the input gate, skipping unreadable ones."""
+    parts = _keyed_parts(run.path / table)
     if not parts:
-        return None
+        return _TableRead(None)
+    budget = MemoryBudget(what=f"{run.path}/{table} ({len(parts)} parts)")
     # Each thread reads a run of consecutive parts and merges them into one contiguous block (kept
     # one by one, a buffer per column per part costs ~60% more than the data); the blocks are then
     # converted column by column, each column's Arrow memory freed as soon as pandas holds it.
     groups = [parts[i : i + _COMBINE] for i in range(0, len(parts), _COMBINE)]
     blocks: list[pa.Table | pd.DataFrame] = []
+    read = _TableRead(None)
     with ThreadPoolExecutor(_READERS) as pool:
-        for block, failed in pool.map(_read_group, groups):
-            for path, exc in failed:
+        for group in pool.map(functools.partial(_read_group, lenient=lenient, budget=budget), groups):
+            for key, (path, exc) in group.failed.items():
                 run._skip(path, exc)
-            if block is not None:
-                blocks.append(block)
+                read.failed[key] = (path, one_line(exc))
+            for message in group.warnings:
+                run.warnings.append(message)
+                logger.warning("spikedoc: %s", message)
+            read.ranges.update(group.ranges)
+            if group.block is not None:
+                blocks.append(group.block)
     if not blocks:
         raise RunFormatError(f"{run.path}/{table}: none of its {len(parts)} part files is readable: {run.warnings[-1]}")
+    read.frame = _concatenated(blocks)
+    return read
+
+
+def _concatenated(blocks: list[pa.Table | pd.DataFrame]) -> pd.DataFrame:
     if all(isinstance(b, pa.Table) for b in blocks):
         try:
             data = pa.concat_tables(blocks, promote_options="permissive")
@@ -322,24 +367,65 @@ def _read_table(run: Run, table: str) -> pd.DataFrame | None:
     return pd.concat([b if isinstance(b, pd.DataFrame) else _to_pandas(b) for b in blocks], ignore_index=True)
 
 
-def _read_group(parts: list[tuple[Path, int]]) -> tuple[pa.Table | pd.DataFrame | None, list[tuple[Path, Exception]]]:
-    """Consecutive parts read and merged into one contiguous block (union of their columns; pandas
-    unifies conflicting types), with the parts that could not be read."""
-    tables, failed = [], []
-    for path, rank in parts:
+@dataclass
+class _Group:
+    """Consecutive parts read by one thread: their merged rows and what `_TableRead` keeps of each part."""
+
+    block: pa.Table | pd.DataFrame | None = None
+    ranges: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)
+    failed: dict[tuple[int, int, int], tuple[Path, Exception]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_group(parts: list[tuple[tuple[int, int, int], Path]], *, lenient: bool, budget: MemoryBudget) -> _Group:
+    """Consecutive parts read, checked and merged into one contiguous block (union of their columns;
+    pandas unifies conflicting types), with the parts that could not be read."""
+    out, tables = _Group(), []
+    for key, path in parts:
         try:
-            with pq.ParquetFile(path) as part:
-                data = _decoded(part.read(use_threads=False))
+            data = read_part(path, lenient=lenient, warnings=out.warnings, budget=budget)
         except (pa.ArrowException, OSError) as exc:
-            failed.append((path, exc))
+            out.failed[key] = (path, exc)
             continue
-        tables.append(data.append_column("rank", pa.array(np.full(data.num_rows, rank, dtype=np.int64))))
-    if not tables:
-        return None, failed
-    try:
-        return pa.concat_tables(tables, promote_options="permissive").combine_chunks(), failed
-    except pa.ArrowException:
-        return pd.concat([_to_pandas(t) for t in tables], ignore_index=True), failed
+        if data.num_rows:
+            span = pc.min_max(data["step"])
+            out.ranges[key] = (span["min"].as_py(), span["max"].as_py())
+        tables.append(data.append_column("rank", pa.array(np.full(data.num_rows, key[0], dtype=np.int64))))
+    if tables:
+        try:
+            out.block = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+        except pa.ArrowException:
+            out.block = pd.concat([_to_pandas(t) for t in tables], ignore_index=True)
+    return out
+
+
+def read_part(path: Path, *, columns: Iterable[str] | None = None, lenient: bool = False,
+              warnings: list[str], budget: MemoryBudget | None = None) -> pa.Table:
+    """One part file of the step or event table through the input gate (`validate.coerce_part`).
+
+    Args:
+        path: The part.
+        columns: Columns to read besides `step` and `segment` (all when None; absent ones are skipped).
+        lenient: Read cells that are not numbers as missing (said in `warnings`).
+        warnings: Where what was coerced or left out is said.
+        budget: Memory the table being read may still take; the part's data (its footer says how
+            much) is taken from it before it is read.
+
+    Raises:
+        pyarrow.ArrowException, OSError: The file is not readable Parquet (a reader skips it).
+        RunFormatError: It has no `step` column, or a cell that cannot be read (see `coerce_part`).
+        RunTooLargeError: The part's data exceeds what is left of `budget`.
+    """
+    with pq.ParquetFile(path) as part:  # parses the footer only
+        present = part.metadata.schema.names
+        if "step" not in present:
+            raise RunFormatError(f"{path} lacks the required column 'step' (columns: {', '.join(present)})")
+        if budget is not None:
+            meta = part.metadata
+            budget.take(sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)))
+        wanted = None if columns is None else [c for c in dict.fromkeys(["step", "segment", *columns]) if c in present]
+        data = _decoded(part.read(columns=wanted, use_threads=False))
+    return coerce_part(data, source=str(path), lenient=lenient, warnings=warnings)
 
 
 def _step_ranges(meta: pq.FileMetaData) -> np.ndarray:

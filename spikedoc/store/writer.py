@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spikedoc.store.live import LiveWriter
 from spikedoc.store.schema import EVENTS, FORMAT_VERSION, LAYER_COLUMNS, LAYERS, META_FILE, STEPS, partition_dir
 
 __all__ = ["RunWriter"]
@@ -60,8 +61,10 @@ class RunWriter:
     A daemon thread writes `steps/rank=R/part-<segment>-<seq>.parquet` (and the same under
     `layers/` and `events/`) whenever `flush_every` step rows are buffered, `flush_seconds`
     have passed, or on `flush()`/`close()`. Each part goes to a hidden temporary name first and is
-    renamed when complete, so a kill at any moment leaves only whole parts. Nothing here raises
-    into the training loop: failures are logged once and counted in `dropped_rows`.
+    renamed when complete, so a kill at any moment leaves only whole parts; `open()` removes the
+    temporaries a killed writer of the same rank left. While a `spikedoc tail` is attached, the
+    rows not yet in a part are also kept in a live file (`spikedoc.store.live`). Nothing here
+    raises into the training loop: failures are logged once and counted in `dropped_rows`.
 
     Args:
         run_dir: The run directory (created if missing).
@@ -130,6 +133,7 @@ class RunWriter:
         self._seq: int | None = None  # seq of the next batch's parts
         self._extra_types: dict[str, pa.DataType] = {}
         self._warned: set[str] = set()
+        self._live = LiveWriter(self.run_dir, self.rank)
 
     @property
     def dropped_rows(self) -> int:
@@ -168,6 +172,7 @@ class RunWriter:
         entry = {"segment": self.segment, "start_time": meta.get("start_time", time.time())}
         if "start_step" in meta:
             entry["start_step"] = meta["start_step"]
+        self._clean_leftovers()
         if self.rank == 0:  # one meta.json per run; other ranks only write their partitions
             self._meta = {**old, **meta, "format_version": FORMAT_VERSION, "segments": [*segments, entry]}
             self._write_meta()
@@ -177,6 +182,18 @@ class RunWriter:
             self._thread.start()
             _OPEN_WRITERS.add(self)
         return self.segment
+
+    def _clean_leftovers(self) -> None:
+        """Remove what a killed writer of this rank left half-written: part and meta temporaries, live files."""
+        stale = [p for t in (STEPS, LAYERS, EVENTS) if self._folder(t).is_dir() for p in self._folder(t).glob(".part-*.tmp")]
+        if self.rank == 0:
+            stale.append(self.run_dir / f".{META_FILE}.tmp")
+        for path in stale:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                self._warn("leftover", f"could not remove the leftover {path} ({exc})")
+        self._live.clear()
 
     def next_segment(self) -> int:
         """The segment `open()` would pick now: 0 for a new run, else 1 + the largest known."""
@@ -243,6 +260,8 @@ class RunWriter:
         else:
             self._drop(self._pending_rows, "never_opened", "close() before open(): buffered rows were not written")
         _OPEN_WRITERS.discard(self)
+        if not (self._thread is not None and self._thread.is_alive()):
+            self._live.clear()  # every row is in a part now
         if self.mirror is not None and hasattr(self.mirror, "close"):
             try:
                 self.mirror.close()
@@ -301,7 +320,9 @@ class RunWriter:
                         self._cut()
                         last, left = time.monotonic(), self.flush_seconds
                         continue
-                    self._cond.wait(left)
+                    if self._cond.wait(min(left, self._live.period)) or self._ready or self._closing:
+                        continue
+                    break  # a look for a tail is due (the stat is made outside the lock)
                 if self._closing:
                     self._cut()
                 ready, self._ready, closing = self._ready, [], self._closing
@@ -309,16 +330,30 @@ class RunWriter:
                 self._write_batch(batch)
                 with self._cond:
                     self._pending_rows -= rows
-            last = time.monotonic()
+            if ready:
+                last = time.monotonic()
             if closing:
                 return
+            if self._live.due():
+                self._write_live()
+
+    def _write_live(self) -> None:
+        """The rows not in a part yet, for an attached tail; after the parts, so none is skipped."""
+        with self._cond:
+            steps, events = list(self._batch[STEPS]), list(self._batch[EVENTS])
+        if self._seq is None:
+            self._seq = self._first_seq()
+        try:
+            self._live.write(self._steps_table(steps) if steps else None, self._events_table(events) if events else None,
+                             segment=self.segment, next_seq=self._seq)
+        except Exception as exc:  # noqa: BLE001 - the live view is a convenience: the parts go on
+            self._warn("live", f"could not write the live view for spikedoc tail ({exc!r})")
 
     def _write_batch(self, batch: dict[str, list[Any]]) -> None:
         if self._meta is not None:
             self._write_meta()  # retried: the directory may have become writable
-        if self._seq is None:  # continue after parts an earlier process wrote for this segment
-            found = [q for t in batch for seg, q in _parts_on_disk(self._folder(t)) if seg == self.segment]
-            self._seq = max(found, default=-1) + 1
+        if self._seq is None:
+            self._seq = self._first_seq()
         seq, self._seq = self._seq, self._seq + 1  # one seq per batch: a step's rows share it in every table
         builders = {STEPS: self._steps_table, LAYERS: self._layers_table, EVENTS: self._events_table}
         for table, items in batch.items():
@@ -333,6 +368,11 @@ class RunWriter:
             if data is not None:
                 self._write_part(table, data, seq)
         self._mirror(batch)
+
+    def _first_seq(self) -> int:
+        """The seq after the parts an earlier process wrote for this segment, in any table."""
+        found = [q for t in (STEPS, LAYERS, EVENTS) for seg, q in _parts_on_disk(self._folder(t)) if seg == self.segment]
+        return max(found, default=-1) + 1
 
     def _mirror(self, batch: dict[str, list[Any]]) -> None:
         if self.mirror is None:
