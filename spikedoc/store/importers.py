@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.errors import RunFormatError, RunNotFoundError, one_line
-from spikedoc.store.reader import Run
+from spikedoc.store.run import Run
 from spikedoc.store.validate import JUDGED, check_fits, find_holes, numbers
 
 __all__ = ["ALIASES", "read_csv", "read_tensorboard"]
