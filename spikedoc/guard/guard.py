@@ -23,6 +23,7 @@ from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointSto
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream
 from spikedoc.guard.judge import Decision, Judge, Verdict
+from spikedoc.guard.payload import buffer_patterns
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
@@ -141,7 +142,8 @@ class Guard:
         # counts (`agree_all`), so the files are written in the foreground there.
         self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory,
-                                      background=self.config.write_in_background and rank is None)  # fmt: skip
+                                      background=self.config.write_in_background and rank is None,
+                                      buffers=buffer_patterns(model))  # fmt: skip
         self._stream = DataStream(data, seed=self.config.seed, epochs=self.config.epochs)
         self._judge = Judge(self.config, detector=detector, recovery=recovery)
         self.step = 0
@@ -381,6 +383,10 @@ class Guard:
             state.update(rng=rng_state(), data=self._stream.state_dict(), guard=self._policy_state())
             self._store.save(self.step, state, healthy=healthy)
             ok = True
+            if self._store.coerced:
+                self._warn_once("coerced", f"spikedoc guard: {', '.join(self._store.coerced[:5])} held numpy scalars; "
+                                "checkpoints store them as Python numbers so that torch.load(weights_only=True) "
+                                "loads them")  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             self._checkpoint_failed(self.step, exc)
         ok = self.step not in self._report_written() and ok  # a foreground write has landed by now
@@ -401,8 +407,12 @@ class Guard:
 
     def _checkpoint_failed(self, step: int, error: BaseException) -> None:
         # The guard's own failure never stops training: warn, record, go on with older checkpoints.
-        warnings.warn(f"spikedoc guard: checkpoint of step {step} failed ({error}); training continues",
-                      RuntimeWarning, stacklevel=4)  # fmt: skip
+        # A state refused for what it holds is refused at every checkpoint: one warning says it.
+        message = f"spikedoc guard: checkpoint of step {step} failed ({error}); training continues"
+        if isinstance(error, CheckpointError) and "weights_only" in str(error):  # no step in it: the same each time
+            self._warn_once(str(error), message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
         self.monitor.event("checkpoint_failed", at_step=step, error=str(error), guard=True)
 
     def _policy_state(self) -> dict[str, Any]:
