@@ -177,6 +177,11 @@ class CheckpointStore:
             raise CheckpointError(f"{checkpoint.path} holds step {payload.get('step')!r}, its name says {checkpoint.step}")
         return payload
 
+    def read(self, path: str | Path) -> tuple[Checkpoint, dict[str, Any]]:
+        """Any guard checkpoint file, checked as `load` checks this store's own (CheckpointError)."""
+        payload = self._load(Path(path))
+        return Checkpoint(step=int(payload["step"]), path=Path(path), healthy=bool(payload.get("healthy"))), payload
+
     def adopt(self) -> None:
         """Use this rank's checkpoint files already in the directory (a resume continues their run)."""
         self.wait()

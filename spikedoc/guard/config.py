@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = ["GuardConfig"]
@@ -68,9 +69,12 @@ class GuardConfig:
     """Stop iterating after this many optimizer steps; None: when the data's `epochs` passes end."""
     epochs: int = 1
     """Passes over `data` (ignored when `max_steps` is reached first)."""
-    resume: bool | None = None
-    """True: continue from the newest good checkpoint in `run_dir` (error if none); False: start
-    fresh (existing guard checkpoints are left alone but never loaded); None: resume when there is one."""
+    resume: bool | str | Path | None = None
+    """True: continue from the newest readable checkpoint in `run_dir` (error if none); a path:
+    continue from that checkpoint file; False: start fresh (existing guard checkpoints are left alone
+    but never loaded); None: continue only the same job after a crash (the checkpoint's job
+    fingerprint equals this run's: model shapes, optimizer and hyperparameters, scheduler), with a
+    warning, and refuse another job's checkpoints with an error."""
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint_every", self.checkpoint_every)
@@ -94,8 +98,8 @@ class GuardConfig:
         for name in ("veto", "keep_in_memory", "write_in_background", "reset_moments"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Guard: {name} must be True or False, got {getattr(self, name)!r}")
-        if self.resume not in (True, False, None):
-            raise ValueError(f"Guard: resume must be True, False or None (automatic), got {self.resume!r}")
+        if self.resume not in (True, False, None) and not isinstance(self.resume, (str, Path)):
+            raise ValueError(f"Guard: resume must be True, False, None (automatic) or a checkpoint's path, got {self.resume!r}")
 
 
 def _number(value: Any) -> bool:

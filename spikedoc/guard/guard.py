@@ -22,6 +22,7 @@ from spikedoc.guard.agree import agree, agree_all, common_steps, world
 from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore, host_copy
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream
+from spikedoc.guard.job import differences, job_fingerprint
 from spikedoc.guard.judge import Decision, Judge, Verdict
 from spikedoc.guard.payload import buffer_patterns
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
@@ -165,13 +166,14 @@ class Guard:
         self._warned: set[str] = set()
         self._closed = False
         self._start_sample = 0  # the data stream's position in samples where the monitor starts counting
+        self._job = job_fingerprint(model, optimizer, scheduler)  # before any step: what this job is
         resumed = self._resume_if_asked()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
             self.monitor.event("guard_resume", checkpoint=str(resumed.path), rollbacks=self.rollbacks,
                                lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
-        else:
-            self._checkpoint()  # step 0: a rollback target before the first periodic checkpoint
+        if resumed is None or resumed.path is None or resumed.path.parent != self._store.directory:
+            self._checkpoint()  # a rollback target of this run's own before the first periodic one
         # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
         self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
         self._original_step = optimizer.__dict__.get("step")
@@ -419,7 +421,7 @@ class Guard:
         return {"step": self.step, "samples": self.monitor.sample_offset, "clip": self.clip, "lr_scale": self.lr_scale,
                 "skip": sorted(self._stream.skip),
                 "rollbacks": self.rollbacks, "vetoes": self.vetoes, "data_skips": self.data_skips, "hold": self._hold,
-                "judge": self._judge.state_dict()}  # fmt: skip
+                "judge": self._judge.state_dict(), "job": self._job}  # fmt: skip
 
     # -------------------------------------------------------------------------------- rollback
 
@@ -544,8 +546,15 @@ class Guard:
     # ---------------------------------------------------------------------------------- set-up
 
     def _resume_if_asked(self) -> Checkpoint | None:
-        if self.config.resume is False:
+        resume = self.config.resume
+        if resume is False:
             return None  # another run's checkpoints in the directory are left alone and never used
+        if isinstance(resume, (str, Path)):
+            try:
+                checkpoint, state = self._store.read(resume)
+            except CheckpointError as exc:
+                raise ValueError(f"Guard(resume={str(resume)!r}): {exc}") from None
+            return self._resume_from(checkpoint, state, explicit=True)
         self._store.adopt()
         newest = {c.step: c for c in self._store.checkpoints()}  # per step, the healthy one if both
         # Under torch.distributed every rank resumes from the same step: one every rank has and reads.
@@ -556,19 +565,34 @@ class Guard:
                 warnings.warn(f"spikedoc guard: cannot resume from {exc}; trying an older checkpoint", RuntimeWarning,
                               stacklevel=3)  # fmt: skip
                 state, ok = None, False
-            if not agree_all(ok):
-                continue
-            self._restore(state)
-            g = state["guard"]
-            self.clip = g["clip"]
-            self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
-            self.data_skips = int(g.get("data_skips", 0))
-            self._stream.skip = {int(s) for s in g["skip"]}
-            self._hold = g["hold"]
-            return newest[step]
-        if self.config.resume:
+            if agree_all(ok):
+                return self._resume_from(newest[step], state, explicit=resume is True)
+        if resume:
             raise ValueError(f"Guard(resume=True): no readable guard checkpoint in {self._store.directory}")
         return None
+
+    def _resume_from(self, checkpoint: Checkpoint, state: dict[str, Any], *, explicit: bool) -> Checkpoint:
+        """Continue from `state`: asked for (`explicit`), or automatically only for the same job, loudly."""
+        changed = differences(state["guard"].get("job"), self._job)
+        where = f"{checkpoint.path} (step {checkpoint.step})"
+        if changed and not explicit:
+            raise ValueError(f"Guard: {self.run_dir} holds checkpoints of another job ({'; '.join(changed[:4])}): "
+                             "pass resume=False to start fresh there (they are left alone and never loaded), "
+                             "resume=True to continue them anyway, or another run_dir")  # fmt: skip
+        if changed:
+            message = f"spikedoc guard: resuming from {where} as asked, although the job differs: {'; '.join(changed[:4])}"
+        else:
+            message = (f"spikedoc guard: resuming from {where}: the same job (model, optimizer, hyperparameters) "
+                       "stopped there; pass resume=False to start fresh")  # fmt: skip
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self._restore(state)
+        g = state["guard"]
+        self.clip = g["clip"]
+        self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
+        self.data_skips = int(g.get("data_skips", 0))
+        self._stream.skip = {int(s) for s in g["skip"]}
+        self._hold = g["hold"]
+        return checkpoint
 
     def _watch(self) -> Monitor:
         def open_monitor() -> Monitor:
