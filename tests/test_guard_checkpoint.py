@@ -224,6 +224,6 @@ def test_resume_from_a_path_continues_that_checkpoint_in_a_new_run_dir(tmp_path)
     path = tmp_path / "first" / "checkpoints" / "step-00000020.pt"
     with pytest.warns(RuntimeWarning, match="resuming from"):
         guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path / "second", resume=path)
-    assert guard.step == 20
-    guard.close()  # its own copy of the state it resumed from: a rollback target in its own run dir
+    assert next(guard)[0] == 20  # the loop begins: its own copy of that state, a rollback target in its run dir
+    guard.close()
     assert (tmp_path / "second" / "checkpoints" / "step-00000020.pt").exists()

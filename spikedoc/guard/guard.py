@@ -6,7 +6,7 @@ import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from spikedoc.guard.judge import Decision, Judge, Verdict
 from spikedoc.guard.payload import buffer_patterns
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
-from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
+from spikedoc.guard.schedule import apply_lrs, group_lrs, scale_schedule
 from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
@@ -53,6 +53,8 @@ class _Pending:
     forward_losses: list[Tensor] = field(default_factory=list)
     """Losses the model's forwards returned this step (used when `record` gave none)."""
     sample_ids: list[Any] = field(default_factory=list)
+    forwards: int = 0
+    """Forwards with gradients this step (micro-batches: the accumulation the guard counts)."""
     verdict: Verdict | None = None
     lrs: list[float] | None = None
 
@@ -120,7 +122,7 @@ class Guard:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        data: Iterable[Any],
+        data: Any,
         scheduler: Any = None,
         run_dir: str | Path | None = None,
         scaler: Any = None,
@@ -166,14 +168,19 @@ class Guard:
         self._warned: set[str] = set()
         self._closed = False
         self._start_sample = 0  # the data stream's position in samples where the monitor starts counting
+        self._drawn: deque[tuple[int, Any]] = deque()
+        """(position, batch) drawn by the loop through `draw` and not yet taken by a step (prefetched)."""
+        self._replay: deque[tuple[int, Any]] = deque()
+        """Batches a resumed checkpoint's loop held: the next `draw` calls return them."""
         self._job = job_fingerprint(model, optimizer, scheduler)  # before any step: what this job is
         resumed = self._resume_if_asked()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
             self.monitor.event("guard_resume", checkpoint=str(resumed.path), rollbacks=self.rollbacks,
                                lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
-        if resumed is None or resumed.path is None or resumed.path.parent != self._store.directory:
-            self._checkpoint()  # a rollback target of this run's own before the first periodic one
+        # A rollback target of this run's own before the first periodic one, taken when the loop
+        # begins (after a prefetching loop drew its first batch, which the checkpoint then holds).
+        self._first_checkpoint = resumed is None or resumed.path is None or resumed.path.parent != self._store.directory
         # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
         self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
         self._original_step = optimizer.__dict__.get("step")
@@ -199,8 +206,49 @@ class Guard:
         self._pending = _Pending(step=self.step, positions=[position])
         return self.step, batch
 
-    def _next_batch(self) -> tuple[int, Any]:
-        position, batch = self._stream.next()
+    def steps(self) -> Iterator[int]:
+        """The optimizer steps of a loop that draws its own batches through `draw`: yields the index
+        of each step (after a rollback, the step returned to). Between two yields the guard
+        finishes the step: checkpoint, rollback. Ends at `max_steps`; closes the guard when the
+        loop ends (a `break` included).
+
+        Example:
+            >>> get_batch = guard.draw  # doctest: +SKIP
+            >>> for iter_num in guard.steps():  # doctest: +SKIP
+            ...     X, Y = get_batch("train"); model(X, Y)[1].backward(); optimizer.step(); optimizer.zero_grad()
+        """
+        try:
+            while not self._closed:
+                p = self._pending
+                if p is not None:  # the step's batches: the first ones its forwards took, in order
+                    p.positions = [self._drawn.popleft()[0] for _ in range(min(len(self._drawn), max(p.forwards, 1)))]
+                self._finish_step()
+                if self.config.max_steps is not None and self.step >= self.config.max_steps:
+                    return
+                self._pending = _Pending(step=self.step, positions=[])
+                yield self.step
+        finally:
+            self.close()
+
+    def draw(self, *args: Any, **kwargs: Any) -> Any:
+        """The next training batch of `data`, for a loop that draws its own (`get_batch = guard.draw`).
+
+        Arguments go to a callable source (`get_batch("train")`). Drawn with gradients disabled
+        (an evaluation's batches) it is a plain call of the source: not counted, and the same in a
+        replay. Batches drawn ahead (a prefetch) stay the loop's: a rollback writes the batches the
+        checkpoint's loop held into them, in place.
+        """
+        if not torch.is_grad_enabled() and self._stream.kind == "callable":
+            return self._stream.data(*args, **kwargs)
+        if self._replay:
+            position, batch = self._replay.popleft()
+        else:
+            position, batch = self._next_batch(*args, **kwargs)
+        self._drawn.append((position, batch))
+        return batch
+
+    def _next_batch(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        position, batch = self._stream.next(*args, **kwargs)
         # Skipped batches are drawn but never trained on: counted, so that the monitor's sample
         # offsets (the stream positions analyze names) stay those of the data stream.
         if self._stream.skipped_samples:
@@ -258,6 +306,8 @@ class Guard:
         self._store.close()
         self._report_written()
         self._forward_hook.remove()
+        self._drawn.clear()
+        self._replay.clear()
         if self._original_step is not None:
             self.optimizer.step = self._original_step
         else:
@@ -276,6 +326,7 @@ class Guard:
         p = self._pending
         if p is None or p.verdict is not None or not torch.is_grad_enabled():  # evaluation is no step's
             return
+        p.forwards += 1
         loss = extract_loss(output)
         if loss is not None:
             p.forward_losses.append(loss.detach())
@@ -311,9 +362,10 @@ class Guard:
         p.verdict = verdict
         if verdict.veto or verdict.loss_flagged or verdict.grad_flagged:
             self.monitor.densify(p.step + 1)  # the steps after a flag get the full statistics
-        restore = None
-        if self._hold is not None and p.step >= self._hold["from_step"]:
-            restore = cap_lrs(self.optimizer, self._hold["caps"])
+        # The LR the loop set (by a scheduler or by hand), times the guard's factor when no scheduler
+        # was given to scale, held below its caps; the loop's own value is back after the step.
+        caps = self._hold["caps"] if self._hold is not None and p.step >= self._hold["from_step"] else None
+        restore = apply_lrs(self.optimizer, self.lr_scale if self.scheduler is None else 1.0, caps)
         p.lrs = group_lrs(self.optimizer)
         try:
             if verdict.veto:
@@ -352,6 +404,9 @@ class Guard:
 
     def _finish_step(self) -> None:
         p, self._pending = self._pending, None
+        if self._first_checkpoint:
+            self._first_checkpoint = False
+            self._checkpoint()
         if p is None:
             return
         norms, self._norms_of_step = self._norms_of_step, None
@@ -377,6 +432,7 @@ class Guard:
         ok = False
         try:
             state = host_copy({
+                "held": [[position, batch] for position, batch in self._drawn],
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -466,7 +522,7 @@ class Guard:
                 or first_position - 1 not in rollback.get("skipped_positions", [])):
             return False
         before = float(rollback["lr_scale_before"])
-        scale_schedule(self.optimizer, self.scheduler, before / self.lr_scale)
+        self._scale_schedule(before / self.lr_scale)
         self.lr_scale, self.clip = before, rollback["clip_before"]
         self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
         rollback["reverted"] = True
@@ -493,7 +549,7 @@ class Guard:
         evidence["lr_scale_before"] = self.lr_scale
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
-        scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
+        self._scale_schedule(self.lr_scale / saved_scale)
         evidence["reset_optimizer_state_for"] = reset_implicated(
             self.model, self.optimizer, decision, {s.step: s.grad_norms for s in self._recent if s.grad_norms is not None}
         ) if self.config.reset_moments else []  # fmt: skip
@@ -503,6 +559,8 @@ class Guard:
         detail = {"from_step": from_step, "to_step": target.step, "checkpoint": str(target.path), "reason": decision.reason,
                   "cause": decision.cause, "onset_step": decision.onset_step, "precursor_step": decision.precursor_step,
                   "rollbacks": self.rollbacks, **evidence, "evidence": decision.evidence}  # fmt: skip
+        if self._stream.kind in ("callable", "iterator") and remedy.skip_positions:
+            detail["skipped_by"] = "fresh_draws"  # a function or iterator has no batch to leave out: others are drawn
         self.actions.append({"kind": "rollback", **detail})
         self.monitor.event("rollback", **_plain(detail))
         log.warning("spikedoc guard: rolled back from step %d to %d (%s)", from_step, target.step, decision.reason)
@@ -527,12 +585,43 @@ class Guard:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        # The source first (a re-iterable's fast-forward draws from the random generators), then
+        # the generators: a source drawing from the global RNG draws the same batches again.
         self._stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self._restore_held(state.get("held") or [])
+        if not self._stream.exact:
+            self._warn_once("inexact", "spikedoc guard: data is a one-shot iterator, which cannot be rewound: the replay "
+                            "continues where it is, exact only for a stream that draws its batches from the "
+                            "random generators the guard restored (random offsets); pass a re-iterable, a "
+                            "StatefulDataLoader or a function for an exact replay")  # fmt: skip
         self._judge.load_state_dict(state["guard"]["judge"])
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._pending = None
+
+    def _restore_held(self, held: list[Any]) -> None:
+        """The batches the checkpoint's loop held (drawn ahead) into those the loop holds now, in place."""
+        saved = deque((int(position), batch) for position, batch in held)
+        now, self._drawn = list(self._drawn), deque()
+        exact = True
+        for _, batch in now:
+            if saved and _copy_into(batch, saved[0][1]):
+                self._drawn.append((saved[0][0], batch))
+                saved.popleft()
+            else:
+                exact = False
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self._replay = deque((position, _to_device(batch, device)) for position, batch in saved)  # a resume
+        if not exact:
+            self._warn_once("held", "spikedoc guard: the loop holds batches drawn before the rollback that the "
+                            "checkpoint's loop did not (or of another shape): the replay's first batches differ")  # fmt: skip
+
+    def _scale_schedule(self, factor: float) -> None:
+        # With a scheduler, its whole schedule is scaled; without one, the factor is applied to the
+        # LR the loop sets at each step (`apply_lrs`), and the optimizer's own values stay.
+        if self.scheduler is not None:
+            scale_schedule(self.optimizer, self.scheduler, factor)
 
     def _stop(self, reason: str, message: str, decision: Decision) -> None:
         diagnosis = {"reason": reason, "step": self.step, "rollbacks": self.rollbacks, "decision": asdict(decision),
@@ -619,6 +708,30 @@ class Guard:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _copy_into(dst: Any, src: Any) -> bool:
+    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ."""
+    if isinstance(dst, Tensor):
+        if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            return False
+        dst.copy_(src)
+        return True
+    if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
+        return all([_copy_into(dst[k], src[k]) for k in dst])
+    if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
+        return all([_copy_into(a, b) for a, b in zip(dst, src)])
+    return dst == src
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _plain(value: Any) -> Any:

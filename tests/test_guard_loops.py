@@ -1,0 +1,174 @@
+"""The guard in the loops people write: any data source replayed exactly, a hand-set LR scaled and held."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import spikedoc
+from tests.common.models import char_text, make_model
+
+STEPS, ROLLBACK_AT, EVERY = 30, 24, 10
+
+
+def get_batch(split: str = "train", batch_size: int = 8, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's sampler: random offsets drawn from the global RNG (the split picks the text's half)."""
+    ids = char_text().ids
+    ids = ids[: len(ids) // 2] if split == "train" else ids[len(ids) // 2 :]
+    ix = torch.randint(len(ids) - block - 1, (batch_size,))
+    return torch.stack([ids[i : i + block] for i in ix]), torch.stack([ids[i + 1 : i + 1 + block] for i in ix])
+
+
+class RandomWindows:
+    """A re-iterable drawing each batch from the global RNG when it is asked for."""
+
+    def __iter__(self):
+        for _ in range(1000):
+            yield get_batch()
+
+
+class ShuffledAtIter:
+    """A re-iterable whose order is drawn from the global RNG when it is iterated (a shuffling iterable dataset)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(3)
+        self.batches = [get_batch() for _ in range(200)]
+
+    def __iter__(self):
+        return (self.batches[i] for i in torch.randperm(len(self.batches)).tolist())
+
+
+def _generator():
+    while True:
+        yield get_batch()
+
+
+def _stateful():
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    windows = [get_batch(batch_size=1) for _ in range(2000)]
+    pairs = [(x[0], y[0]) for x, y in windows]
+    return stateful.StatefulDataLoader(pairs, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
+
+
+def _parts():
+    torch.manual_seed(0)
+    model = make_model(0)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+
+def _train_iterating(tmp_path, data, *, accumulate: int = 2):
+    """The guard hands out the batches: `for step, batch in guard`; the losses of every pass of every step."""
+    model, opt = _parts()
+    guard = spikedoc.Guard(model, opt, data=data, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=STEPS,
+                           accumulate=accumulate)  # fmt: skip
+    losses: dict[int, list[list[torch.Tensor]]] = {}
+    micro: list[torch.Tensor] = []
+    for step, (x, y) in guard:
+        if step % 5 == 0 and not micro:  # an evaluation draws from the global RNG between the training batches
+            with torch.no_grad():
+                model(get_batch("val")[0])
+        loss = model(x, labels=y).loss
+        micro.append(loss.detach().clone())
+        (loss / accumulate).backward()
+        if len(micro) < accumulate:
+            continue
+        if step == ROLLBACK_AT and not guard.rollbacks:
+            guard.request_rollback()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.setdefault(step, []).append(micro)
+        micro = []
+    guard.close()
+    return guard, losses
+
+
+def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: int = ROLLBACK_AT):
+    """nanoGPT's shape: the loop draws (prefetching the next batch), evaluates on its own draws, sets the LR by hand."""
+    model, opt = _parts()
+    guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=STEPS)
+    draw = guard.draw
+    losses: dict[int, list[list[torch.Tensor]]] = {}
+    applied: dict[int, list[float]] = {}
+    X, Y = draw("train")
+    for it in guard.steps():
+        if get_lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = get_lr(it)
+        if it % 5 == 0:  # an evaluation draws from the same RNG, without gradients
+            with torch.no_grad():
+                model(*draw("val")[:1])
+        micro = []
+        for _ in range(accumulate):
+            loss = model(X, labels=Y).loss
+            micro.append(loss.detach().clone())
+            X, Y = draw("train")  # the next micro-step's batch, drawn before this one's backward
+            (loss / accumulate).backward()
+        if it == rollback_at and not guard.rollbacks:
+            guard.request_rollback()
+        opt.step()
+        applied.setdefault(it, []).append(opt.param_groups[0]["lr"])
+        opt.zero_grad(set_to_none=True)
+        losses.setdefault(it, []).append(micro)
+    return guard, losses, applied
+
+
+def _replayed_step(guard, losses) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    first, replay = losses[rollback["to_step"]]
+    return first, replay
+
+
+@pytest.mark.parametrize("source", ["generator", "reiterable_drawing_from_the_rng", "reiterable_shuffled_when_iterated",
+                                    "stateful_dataloader"])  # fmt: skip
+def test_the_loss_at_a_replayed_step_equals_the_original_bit_for_bit(tmp_path, source):
+    data = {"generator": _generator, "reiterable_drawing_from_the_rng": RandomWindows,
+            "reiterable_shuffled_when_iterated": ShuffledAtIter, "stateful_dataloader": _stateful}[source]()  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a generator's replay is said to be exact only if it draws from the RNG
+        guard, losses = _train_iterating(tmp_path, data)
+    first, replay = _replayed_step(guard, losses)
+    assert guard.rollbacks == 1 and len(first) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
+
+
+def test_a_prefetching_loop_drawing_from_a_function_replays_the_same_batches_bit_for_bit(tmp_path):
+    guard, losses, _ = _train_drawing(tmp_path)
+    first, replay = _replayed_step(guard, losses)
+    assert guard.rollbacks == 1 and guard.step == STEPS
+    assert all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
+    assert sorted(losses) == list(range(STEPS))  # the loop's step counter followed the rollback
+
+
+def test_a_one_shot_iterator_over_fixed_batches_says_once_that_its_replay_is_not_exact(tmp_path):
+    batches = iter([get_batch() for _ in range(200)])
+    with pytest.warns(RuntimeWarning, match="one-shot iterator") as caught:
+        guard, _ = _train_iterating(tmp_path, batches)
+    assert guard.rollbacks == 1 and sum("one-shot" in str(w.message) for w in caught) == 1
+
+
+def test_a_hand_set_lr_is_scaled_by_the_rollbacks_factor_and_the_loops_value_is_left_as_set(tmp_path):
+    def get_lr(it: int) -> float:
+        return 3e-3 * min(1.0, (it + 1) / 10)
+
+    guard, _, applied = _train_drawing(tmp_path, get_lr=get_lr)
+    back = next(a for a in guard.actions if a["kind"] == "rollback")["to_step"]
+    assert guard.lr_scale == pytest.approx(0.7)
+    steps = spikedoc.load(tmp_path).steps
+    replay = steps.loc[steps["segment"] == steps["segment"].max()].set_index("step")["lr"]
+    assert list(replay.index) == list(range(back, STEPS))
+    assert replay.to_numpy() == pytest.approx([0.7 * get_lr(s) for s in range(back, STEPS)], rel=1e-6)  # as applied
+    assert applied[STEPS - 1][-1] == get_lr(STEPS - 1)  # the loop's own value after the step
+
+
+def test_a_hand_set_lr_jump_is_held_at_its_level_before_the_jump(tmp_path):
+    def get_lr(it: int) -> float:
+        return 1e-3 if it < 20 else 1e-2  # a jump the loop's own LR code makes
+
+    guard, _, _ = _train_drawing(tmp_path, get_lr=get_lr, rollback_at=25)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["cause"] == "lr_schedule" and rollback["to_step"] == 20
+    steps = spikedoc.load(tmp_path).steps
+    replay = steps.loc[steps["segment"] == steps["segment"].max()].set_index("step")["lr"]
+    assert replay.to_numpy() == pytest.approx([1e-3] * (STEPS - 20), rel=1e-6)
