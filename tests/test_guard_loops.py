@@ -172,3 +172,22 @@ def test_a_hand_set_lr_jump_is_held_at_its_level_before_the_jump(tmp_path):
     steps = spikedoc.load(tmp_path).steps
     replay = steps.loc[steps["segment"] == steps["segment"].max()].set_index("step")["lr"]
     assert replay.to_numpy() == pytest.approx([1e-3] * (STEPS - 20), rel=1e-6)
+
+
+def test_the_nanogpt_shaped_loop_is_guarded_by_four_changed_lines_and_heals_its_planted_nan_steps(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "hooks" / "guarded_nanogpt.py"
+    changed = [line for line in script.read_text().splitlines() if line.rstrip().endswith("# spikedoc")]
+    assert len(changed) == 4  # the import, the Guard, get_batch = guard.draw, the loop's `for`
+    done = subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path), "--max-iters", "45",
+                           "--eval-interval", "20", "--checkpoint-every", "20", "--nan-at", "25"],
+                          cwd=script.parent.parent, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "5 vetoed, 1 rollbacks" in done.stdout
+    evals = re.findall(r"step 20: (.*)", done.stdout)
+    assert len(evals) == 2 and evals[0] == evals[1]  # the evaluation at the step returned to, replayed exactly
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 40  # the loop's own checkpoint
