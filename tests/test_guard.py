@@ -173,8 +173,9 @@ def test_a_spent_budget_stops_the_run_with_guard_stopped(tmp_path):
     with pytest.raises(spikedoc.GuardStopped) as stop:
         run_guarded(tmp_path, steps=500, checkpoint_every=20, max_rollbacks=2, after_backward=always)
     diagnosis = stop.value.diagnosis
-    assert diagnosis["reason"] == "budget" and diagnosis["rollbacks"] == 2
+    assert diagnosis["reason"] == "recurring" and diagnosis["rollbacks"] == 2  # the budget spent on one returning fault
     assert [a["to_step"] for a in diagnosis["actions"]] == [20, 20]
+    assert [a.get("moments_reset", False) for a in diagnosis["actions"]] == [False, True]  # the escalation
     assert isinstance(stop.value, spikedoc.SpikedocError)
     assert _events(tmp_path, "guard_stop")["step"].tolist() == [35]
 
@@ -422,6 +423,7 @@ def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_bu
     assert guard.vetoes == 20 and guard.data_skips == 15 and guard.step == 110
     skips = [a for a in guard.actions if a["kind"] == "data_skip"]
     assert [a["positions"] for a in skips] == [list(range(70, 75)), list(range(75, 80)), list(range(80, 85))]
+    assert [a["cause_test"]["found"] for a in skips] == ["data"] * 3  # the last healthy batch was in band each time
     assert not {i for _, ids in seen[-15:] for i in ids} & corrupt  # after the stretch, only clean data
     # The data was at fault, not the state: the first rollback's LR cut and tighter clip are undone.
     assert skips[0]["remedy_reverted"] and guard.lr_scale == 1.0 and guard.clip == 1.0
@@ -442,9 +444,10 @@ def test_the_report_names_each_data_skip_and_the_remedy_it_undid(tmp_path):
     console = Console(record=True, width=200)
     render(spikedoc.analyze(tmp_path / "run"), console)
     text = console.export_text()
-    assert ("data skip at step 70: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling "
+    # Each data skip follows the probe step that found the state sound (steps 70 and 76).
+    assert ("data skip at step 71: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling "
             "back; the last rollback's LR cut and clipping undone") in text
-    assert "data skip at step 75: steps 70-74 vetoed on a corrupt stretch of data, 5 batches skipped" in text
+    assert "data skip at step 77: steps 71-75 vetoed on a corrupt stretch of data, 5 batches skipped" in text
 
 
 def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skipped_data(tmp_path):

@@ -55,6 +55,14 @@ class _Pending:
     sample_ids: list[Any] = field(default_factory=list)
     forwards: int = 0
     """Forwards with gradients this step (micro-batches: the accumulation the guard counts)."""
+    batches: list[Any] = field(default_factory=list)
+    """The batches handed out for it (when the guard hands them out): kept if it is applied healthy."""
+    handed: int = 1
+    sample_offset: int = 0
+    """The monitor's sample offset when the step began (its first batch's stream position, in samples)."""
+    probe: Decision | None = None
+    """A probe step: the last healthy step's batches again, judged and never applied, to test whether
+    the state (rather than the data) is broken before acting on this decision."""
     verdict: Verdict | None = None
     lrs: list[float] | None = None
 
@@ -164,6 +172,9 @@ class Guard:
         self._pending: _Pending | None = None
         self._recent: deque[_Seen] = deque(maxlen=_REMEMBERED_STEPS)
         self._requested = False
+        self._last_good: _Pending | None = None
+        """Positions and batches of the last step applied with its loss in band (a probe's batches)."""
+        self._probing: Decision | None = None
         self._norms_of_step: tuple[Tensor, list[Tensor]] | None = None
         self._warned: set[str] = set()
         self._closed = False
@@ -195,15 +206,28 @@ class Guard:
         if self._closed:
             raise StopIteration
         p = self._pending
-        if p is not None and p.verdict is None and len(p.positions) < self.config.accumulate:
+        if p is not None and p.verdict is None and p.handed < self.config.accumulate:
+            p.handed += 1
+            if p.probe is not None:
+                return p.step, p.batches[(p.handed - 1) % len(p.batches)]
             position, batch = self._next_batch()  # the next micro-batch of the same step
             p.positions.append(position)
+            p.batches.append(batch)
             return p.step, batch
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
+        if self._probing is not None and self._last_good is not None:
+            good = self._last_good
+            # The monitor records the probe at its batches' stream position, and counts on from where it was after.
+            self._pending = _Pending(step=self.step, positions=list(good.positions), batches=good.batches,
+                                     sample_offset=self.monitor.sample_offset, probe=self._probing)  # fmt: skip
+            self.monitor.skip_samples(good.sample_offset - self.monitor.sample_offset)
+            self._probing = None
+            return self.step, good.batches[0]
         position, batch = self._next_batch()
-        self._pending = _Pending(step=self.step, positions=[position])
+        self._pending = _Pending(step=self.step, positions=[position], batches=[batch],
+                                 sample_offset=self.monitor.sample_offset)  # fmt: skip
         return self.step, batch
 
     def steps(self) -> Iterator[int]:
@@ -360,6 +384,9 @@ class Guard:
         self._requested = False
         verdict = self._judge.judge(p.step, values)
         p.verdict = verdict
+        if p.probe is not None:  # judged, never applied
+            self.monitor.skip_step()
+            return None
         if verdict.veto or verdict.loss_flagged or verdict.grad_flagged:
             self.monitor.densify(p.step + 1)  # the steps after a flag get the full statistics
         # The LR the loop set (by a scheduler or by hand), times the guard's factor when no scheduler
@@ -409,6 +436,9 @@ class Guard:
             self._checkpoint()
         if p is None:
             return
+        if p.probe is not None:
+            self._finish_probe(p)
+            return
         norms, self._norms_of_step = self._norms_of_step, None
         if p.verdict is None:
             self._judge_unstepped(p)
@@ -417,11 +447,13 @@ class Guard:
         self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms,
                                   bad_loss=bad_loss))  # fmt: skip
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
+        if v is not None and not v.veto and not v.loss_flagged and p.batches:
+            self._last_good = p
         self.step = p.step + 1
         if self._store.writing:
             self._report_written()
-        if decision is not None and self._corrupt_stretch(decision):
-            self._skip_stretch(decision)
+        if decision is not None and self._corrupt_stretch(decision) and self._last_good is not None:
+            self._probing = decision  # the data or the state? the next step tests it before acting
         elif decision is not None:
             self._rollback(decision)
         elif self.step % self.config.checkpoint_every == 0:
@@ -499,6 +531,26 @@ class Guard:
         positions = sorted(pos for seen in vetoed for pos in seen.positions)
         return bool(positions) and positions[0] - 1 in self._stream.skip and all(seen.bad_loss for seen in vetoed)
 
+    def _finish_probe(self, p: _Pending) -> None:
+        """Act on the decision the probe tested: the last healthy step's batches, given to the state
+        the vetoes came from, still have their loss in band (the state is sound: the data is at
+        fault, skip it), or not (the state is broken: roll back, whatever the data)."""
+        if p.verdict is None:  # its optimizer step never ran (a GradScaler skipped it): the loss alone
+            loss = p.loss()
+            p.verdict = self._judge.judge(p.step, agree(loss if loss is not None else torch.tensor(math.nan),
+                                                        torch.zeros(()), rollback_request=False))  # fmt: skip
+        self.monitor.skip_samples(p.sample_offset - self.monitor.sample_offset)
+        v, decision = p.verdict, p.probe
+        assert decision is not None
+        broken = not math.isfinite(v.loss) or v.loss_flagged or "loss_out_of_band" in v.reasons
+        decision.evidence["cause_test"] = {"probe_step": p.step, "probe_positions": p.positions, "loss": v.loss,
+                                           "loss_z": v.loss_z, "found": "state" if broken else "data"}  # fmt: skip
+        self.step = p.step + 1
+        if broken:
+            self._rollback(decision)
+        else:
+            self._skip_stretch(decision)
+
     def _skip_stretch(self, decision: Decision) -> None:
         positions = self._vetoed_positions(decision)
         self.data_skips += len(positions)
@@ -507,12 +559,13 @@ class Guard:
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
         self._stream.skip.update(positions)
         self._judge.forget_vetoes()
-        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips,
-                  "remedy_reverted": self._revert_remedy(positions[0])}
+        last = decision.evidence.get("cause_test", {}).get("probe_step", self.step) - 1  # the last vetoed step
+        detail = {"steps": [decision.onset_step, last], "positions": positions, "data_skips": self.data_skips,
+                  "remedy_reverted": self._revert_remedy(positions[0]), **decision.evidence}
         self.actions.append({"kind": "data_skip", **detail})
         self.monitor.event("data_skip", **_plain(detail))
         log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
-                    decision.onset_step, self.step - 1)
+                    decision.onset_step, last)
 
     def _revert_remedy(self, first_position: int) -> bool:
         """Undo the LR and clipping change of the rollback whose skipped batches this stretch continues:
@@ -529,6 +582,14 @@ class Guard:
         return True
 
     def _rollback(self, decision: Decision) -> None:
+        previous = next((a for a in reversed(self.actions) if a["kind"] == "rollback"), None)
+        # The replay met trouble again before passing the step it had rolled back from: the fault
+        # returns from a good state, with the remedies so far.
+        recurring = previous is not None and decision.onset_step <= previous["from_step"]
+        if self.rollbacks >= self.config.max_rollbacks and recurring:
+            self._stop("recurring", f"the fault came back after each of {self.rollbacks} rollbacks to a good checkpoint "
+                       f"(LR at {self.lr_scale:.3g}x, optimizer moments reset): it is in the state or the loop, "
+                       "not in the data, and one more rollback will not fix it", decision)  # fmt: skip
         if self.rollbacks >= self.config.max_rollbacks:
             self._stop("budget", f"rollback budget spent ({self.rollbacks} of max_rollbacks={self.config.max_rollbacks})",
                        decision)  # fmt: skip
@@ -553,6 +614,9 @@ class Guard:
         evidence["reset_optimizer_state_for"] = reset_implicated(
             self.model, self.optimizer, decision, {s.step: s.grad_norms for s in self._recent if s.grad_norms is not None}
         ) if self.config.reset_moments else []  # fmt: skip
+        if recurring:  # escalate: beyond the LR cut, every moment starts afresh (Adam's bias correction)
+            self.optimizer.state.clear()
+            evidence["recurring"] = evidence["moments_reset"] = True
         self.rollbacks += 1
         self._store.forget_after(target.step)
         self.monitor = self._watch()
