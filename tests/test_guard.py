@@ -151,8 +151,10 @@ def test_a_rollback_keeps_a_clip_that_already_acted_on_most_steps(tmp_path):
 
 def test_reset_moments_drops_the_optimizer_state_of_the_tensor_whose_gradient_led_the_incident(tmp_path):
     def blow_up_one_tensor(step, guard):
-        if step in range(65, 70) and guard.rollbacks == 0:  # the band is warm from step 50
-            next(p for p in guard.model.parameters() if p.dim() == 2).grad.mul_(1e4)
+        # The band is warm from step 50 but still wide: x1e4 is 15.5 sigmas, below the gradient
+        # norm's veto alone (and clipped, harmless); x1e8 is vetoed, five times in a row.
+        if step in range(65, 70) and guard.rollbacks == 0:
+            next(p for p in guard.model.parameters() if p.dim() == 2).grad.mul_(1e8)
 
     guard, _ = run_guarded(tmp_path, steps=80, checkpoint_every=20, reset_moments=True, after_backward=blow_up_one_tensor)
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
@@ -477,3 +479,42 @@ def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):
     with pytest.raises(spikedoc.GuardStopped, match="corrupt stretch of data"):
         run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault, max_data_skips=10)
 
+
+
+def _scaled_gradient(at: int, factor: float):
+    def after_backward(step, guard):
+        if step == at:
+            for p in guard.model.parameters():
+                p.grad.mul_(factor)
+
+    return after_backward
+
+
+def _grad_z_at(run_dir, step: int) -> float:
+    """The gradient norm's robust z at `step`, recomputed from the recording by the detector itself."""
+    from spikedoc.analysis.streaming import DetectorConfig, StreamingDetector
+
+    norms = spikedoc.load(run_dir).steps.set_index("step")["grad_norm"]
+    detector = StreamingDetector(DetectorConfig(), log_scale=DetectorConfig().grad_norm_log_scale)
+    for s in range(step):
+        detector.update(s, float(norms.at[s]))
+    return detector.update(step, float(norms.at[step])).z
+
+
+# The rule (grad_veto_sigma) was set on seeds 0-8 even; these are odd.
+@pytest.mark.parametrize("seed", [1, 5])
+def test_a_gradient_ten_sigmas_out_with_an_ordinary_loss_is_not_vetoed(tmp_path, seed):
+    torch.manual_seed(seed)
+    guard, _ = run_guarded(tmp_path, steps=210, parts=build(seed=seed), seed=seed, checkpoint_every=100,
+                           data=loader(4000), after_backward=_scaled_gradient(200, 5.0))  # fmt: skip
+    assert 10 <= _grad_z_at(tmp_path, 200) < 20  # beyond veto_sigma: the old rule vetoed it
+    assert guard.vetoes == 0 and guard.rollbacks == 0
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_a_gradient_a_thousand_times_its_size_alone_is_vetoed(tmp_path, seed):
+    torch.manual_seed(seed)
+    guard, _ = run_guarded(tmp_path, steps=210, parts=build(seed=seed), seed=seed, checkpoint_every=100,
+                           data=loader(4000), after_backward=_scaled_gradient(200, 1000.0))  # fmt: skip
+    [veto] = [a for a in guard.actions if a["kind"] == "veto"]
+    assert veto["step"] == 200 and veto["reasons"] == ["grad_norm_out_of_band"] and veto["loss_z"] < 3
