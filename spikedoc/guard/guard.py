@@ -145,6 +145,7 @@ class Guard:
             raise ValueError(f"Guard: {exc}; the options are the fields of GuardConfig") from None
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Guard: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer, scheduler = _unwrapped(optimizer, scheduler)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
         self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "start_sample", "scheduler")}
@@ -772,6 +773,19 @@ class Guard:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """The torch optimizer and scheduler inside wrappers such as Accelerate's `AcceleratedOptimizer`
+    and `AcceleratedScheduler`: the guard judges, checkpoints and scales those, and its veto wraps
+    the inner optimizer's `step`, which the wrapper's own `step()` calls (with its GradScaler)."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks") and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # fmt: skip
+        optimizer = optimizer.optimizer
+    lr_scheduler = torch.optim.lr_scheduler.LRScheduler
+    while scheduler is not None and not isinstance(scheduler, lr_scheduler) and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return optimizer, scheduler
 
 
 def _copy_into(dst: Any, src: Any) -> bool:
