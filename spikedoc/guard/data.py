@@ -25,11 +25,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.monitor.fingerprint import samples_in
 
-__all__ = ["DataStream"]
+__all__ = ["DataStream", "copy_into", "batch_to"]
 
 
 class DataStream:
@@ -176,3 +177,31 @@ def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
+
+def copy_into(dst: Any, src: Any) -> bool:
+    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ."""
+    if isinstance(dst, Tensor):
+        if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            return False
+        dst.copy_(src)
+        return True
+    if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
+        return all([copy_into(dst[k], src[k]) for k in dst])
+    if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
+        return all([copy_into(a, b) for a, b in zip(dst, src)])
+    try:
+        return bool(dst == src)  # a plain value (a sample id): nothing to write, the same or not
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A batch with every tensor moved to `device` (the structure kept)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch

@@ -21,7 +21,7 @@ from spikedoc.errors import GuardStopped
 from spikedoc.guard.agree import agree, agree_all, common_steps, world
 from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore, host_copy
 from spikedoc.guard.config import GuardConfig
-from spikedoc.guard.data import DataStream
+from spikedoc.guard.data import DataStream, batch_to, copy_into
 from spikedoc.guard.job import differences, job_fingerprint
 from spikedoc.guard.judge import Decision, Judge, Verdict
 from spikedoc.guard.payload import buffer_patterns
@@ -92,20 +92,24 @@ class _Seen:
 class Guard:
     """Iterate training batches under a guard: bad steps vetoed, damage rolled back, every action recorded.
 
-    Yields `(step, batch)`. Includes `spikedoc.watch` (same run directory and recording) and owns
+    Yields `(step, batch)`; a loop that draws its own batches uses `guard.draw` and iterates
+    `guard.steps()` instead (nanoGPT's shape: `hooks/guarded_nanogpt.py`). Includes `spikedoc.watch` (same run directory and recording) and owns
     global-norm clipping (`clip=`, the monitor's). Before each optimizer step it judges the step's
     loss and gradient norm (one host sync per step, plus one all_reduce under torch.distributed); a
     step with a non-finite value or one far out of the band is not applied. Between steps it
     checkpoints every `checkpoint_every` steps and, when the damage judgement says the run did not
     recover, rolls back to the newest good checkpoint before the incident with the LR schedule
-    scaled by `lr_factor`, clipping tightened and the blamed batches skipped. Records the events
-    `veto`, `checkpoint`, `rollback`, `checkpoint_failed` and `guard_stop`.
+    scaled by `lr_factor`, clipping tightened and the blamed batches skipped; before blaming the
+    data for vetoes that pile up again, a probe step tests the state. Records the events `veto`,
+    `checkpoint`, `rollback`, `data_skip`, `checkpoint_failed`, `guard_resume` and `guard_stop`.
 
     Args:
         model: The module trained.
-        optimizer: Its optimizer.
-        scheduler: The LR scheduler, saved in checkpoints and scaled on rollback.
-        data: The batches: a DataLoader, a torchdata StatefulDataLoader or any re-iterable.
+        optimizer: Its optimizer (an Accelerate `AcceleratedOptimizer`: the one inside).
+        scheduler: The LR scheduler, saved in checkpoints and scaled on rollback; None: the LR the
+            loop sets (by hand) is scaled around each step.
+        data: The batches: a DataLoader, a torchdata StatefulDataLoader, any re-iterable, an
+            iterator, or a function returning a batch (`get_batch`, drawn through `guard.draw`).
         run_dir: The run directory (monitor recording, `checkpoints/`); None picks `runs/<time>`.
         scaler: A `torch.amp.GradScaler`, saved in checkpoints and recorded by the monitor.
         detector: Band settings (`DetectorConfig`); None for the analysis's defaults.
@@ -115,8 +119,9 @@ class Guard:
             `max_rollbacks`, `lr_factor`, `skip_window`, `max_steps`, `epochs`, `resume`, ...
 
     Raises:
-        GuardStopped: from the iteration, when the rollback budget is spent or no good checkpoint
-            precedes the damage.
+        GuardStopped: from the iteration, when the rollback budget is spent (reason `recurring`
+            for a fault that returned from good checkpoints) or no good checkpoint precedes the damage.
+        ValueError: when `run_dir` holds checkpoints of another job and `resume` is None.
 
     Example:
         >>> guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader, run_dir="runs/x")  # doctest: +SKIP
@@ -671,13 +676,13 @@ class Guard:
         now, self._drawn = list(self._drawn), deque()
         exact = True
         for _, batch in now:
-            if saved and _copy_into(batch, saved[0][1]):
+            if saved and copy_into(batch, saved[0][1]):
                 self._drawn.append((saved[0][0], batch))
                 saved.popleft()
             else:
                 exact = False
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self._replay = deque((position, _to_device(batch, device)) for position, batch in saved)  # a resume
+        self._replay = deque((position, batch_to(batch, device)) for position, batch in saved)  # a resume
         if not exact:
             self._warn_once("held", "spikedoc guard: the loop holds batches drawn before the rollback that the "
                             "checkpoint's loop did not (or of another shape): the replay's first batches differ")  # fmt: skip
@@ -786,30 +791,6 @@ def _unwrapped(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.
     while scheduler is not None and not isinstance(scheduler, lr_scheduler) and hasattr(scheduler, "scheduler"):
         scheduler = scheduler.scheduler
     return optimizer, scheduler
-
-
-def _copy_into(dst: Any, src: Any) -> bool:
-    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ."""
-    if isinstance(dst, Tensor):
-        if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
-            return False
-        dst.copy_(src)
-        return True
-    if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
-        return all([_copy_into(dst[k], src[k]) for k in dst])
-    if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
-        return all([_copy_into(a, b) for a, b in zip(dst, src)])
-    return dst == src
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _plain(value: Any) -> Any:
