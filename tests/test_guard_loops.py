@@ -84,10 +84,10 @@ def _train_iterating(tmp_path, data, *, accumulate: int = 2):
     return guard, losses
 
 
-def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: int = ROLLBACK_AT):
+def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: int = ROLLBACK_AT, steps: int = STEPS):
     """nanoGPT's shape: the loop draws (prefetching the next batch), evaluates on its own draws, sets the LR by hand."""
     model, opt = _parts()
-    guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=STEPS)
+    guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=steps)
     draw = guard.draw
     losses: dict[int, list[list[torch.Tensor]]] = {}
     applied: dict[int, list[float]] = {}
@@ -139,6 +139,15 @@ def test_a_prefetching_loop_drawing_from_a_function_replays_the_same_batches_bit
     assert guard.rollbacks == 1 and guard.step == STEPS
     assert all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
     assert sorted(losses) == list(range(STEPS))  # the loop's step counter followed the rollback
+
+
+def test_a_prefetching_loop_resumed_in_a_new_guard_trains_on_the_batch_its_checkpoint_held(tmp_path):
+    _, first, _ = _train_drawing(tmp_path / "first", rollback_at=-1)
+    _train_drawing(tmp_path / "resumed", rollback_at=-1, steps=25)  # stops after step 24; checkpoint of step 20
+    with pytest.warns(RuntimeWarning, match="resuming from .*step-00000020"):
+        _, resumed, _ = _train_drawing(tmp_path / "resumed", rollback_at=-1)
+    assert min(resumed) == 20
+    assert all(torch.equal(a, b) for a, b in zip(first[20][0], resumed[20][0], strict=True))
 
 
 def test_a_one_shot_iterator_over_fixed_batches_says_once_that_its_replay_is_not_exact(tmp_path):
