@@ -593,9 +593,10 @@ class Guard:
         # returns from a good state, with the remedies so far.
         recurring = previous is not None and decision.onset_step <= previous["from_step"]
         if self.rollbacks >= self.config.max_rollbacks and recurring:
-            self._stop("recurring", f"the fault came back after each of {self.rollbacks} rollbacks to a good checkpoint "
-                       f"(LR at {self.lr_scale:.3g}x, optimizer moments reset): it is in the state or the loop, "
-                       "not in the data, and one more rollback will not fix it", decision)  # fmt: skip
+            reset = any(a.get("moments_reset") for a in self.actions if a["kind"] == "rollback")
+            self._stop("recurring", f"the fault came back after the last of {self.rollbacks} rollbacks to a good "
+                       f"checkpoint (LR at {self.lr_scale:.3g}x{', optimizer moments reset' if reset else ''}): it is in "
+                       "the state or the loop, not in the data, and one more rollback will not fix it", decision)  # fmt: skip
         if self.rollbacks >= self.config.max_rollbacks:
             self._stop("budget", f"rollback budget spent ({self.rollbacks} of max_rollbacks={self.config.max_rollbacks})",
                        decision)  # fmt: skip
