@@ -10,6 +10,8 @@ gradient hook, outside the loop, to watch the guard veto them and roll back.
 
     python hooks/guarded_nanogpt.py --out-dir runs/nanogpt --max-iters 300 --nan-at 150
     spikedoc analyze runs/nanogpt
+
+Exit codes: 0 trained, 3 the guard stopped the run (`GuardStopped`, its diagnosis on stderr).
 """
 
 from __future__ import annotations
@@ -144,4 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except spikedoc.GuardStopped as stop:  # the guard's clean stop: its diagnosis, one line, exit code 3
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(3) from None
