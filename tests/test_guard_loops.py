@@ -84,7 +84,8 @@ def _train_iterating(tmp_path, data, *, accumulate: int = 2):
     return guard, losses
 
 
-def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: int = ROLLBACK_AT, steps: int = STEPS):
+def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: int = ROLLBACK_AT, steps: int = STEPS,
+                   after_backward=None):
     """nanoGPT's shape: the loop draws (prefetching the next batch), evaluates on its own draws, sets the LR by hand."""
     model, opt = _parts()
     guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=steps)
@@ -107,6 +108,8 @@ def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: i
             (loss / accumulate).backward()
         if it == rollback_at and not guard.rollbacks:
             guard.request_rollback()
+        if after_backward is not None:
+            after_backward(it, guard)
         opt.step()
         applied.setdefault(it, []).append(opt.param_groups[0]["lr"])
         opt.zero_grad(set_to_none=True)
@@ -148,6 +151,16 @@ def test_a_prefetching_loop_resumed_in_a_new_guard_trains_on_the_batch_its_check
         _, resumed, _ = _train_drawing(tmp_path / "resumed", rollback_at=-1)
     assert min(resumed) == 20
     assert all(torch.equal(a, b) for a, b in zip(first[20][0], resumed[20][0], strict=True))
+
+
+def test_skipping_a_blamed_batch_of_a_function_draws_fresh_batches_and_the_rollback_says_so(tmp_path):
+    from tests.common.guarded import nan_grads
+
+    guard, losses, _ = _train_drawing(tmp_path, rollback_at=-1, after_backward=nan_grads(set(range(22, 27))))
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["to_step"] == 20 and rollback["skipped_by"] == "fresh_draws"
+    assert rollback["skipped_positions"] == list(range(44, 54))  # steps 22-26, two micro-batches each
+    assert guard.step == STEPS and sorted(losses) == list(range(STEPS))
 
 
 def test_a_one_shot_iterator_over_fixed_batches_says_once_that_its_replay_is_not_exact(tmp_path):
