@@ -263,8 +263,8 @@ class Guard:
     def draw(self, *args: Any, **kwargs: Any) -> Any:
         """The next training batch of `data`, for a loop that draws its own (`get_batch = guard.draw`).
 
-        Arguments go to a callable source (`get_batch("train")`). Drawn with gradients disabled
-        (an evaluation's batches) it is a plain call of the source: not counted, and the same in a
+        Arguments go to a callable source (`get_batch("train")`). A function's draw with gradients
+        disabled (an evaluation's batches) is a plain call of it: not counted, and the same in a
         replay. Batches drawn ahead (a prefetch) stay the loop's: a rollback writes the batches the
         checkpoint's loop held into them, in place.
         """
