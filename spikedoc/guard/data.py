@@ -187,9 +187,9 @@ def copy_into(dst: Any, src: Any) -> bool:
         dst.copy_(src)
         return True
     if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
-        return all([copy_into(dst[k], src[k]) for k in dst])
+        return all(copy_into(dst[k], src[k]) for k in dst)
     if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
-        return all([copy_into(a, b) for a, b in zip(dst, src)])
+        return all(copy_into(a, b) for a, b in zip(dst, src))
     try:
         return bool(dst == src)  # a plain value (a sample id): nothing to write, the same or not
     except (TypeError, ValueError):
