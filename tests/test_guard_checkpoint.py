@@ -196,3 +196,43 @@ def test_a_fresh_run_never_rolls_back_to_another_runs_checkpoints_in_its_directo
                            after_backward=nan_grads(set(range(45, 50))))  # fmt: skip
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     assert rollback["to_step"] == 25  # its own, not the other run's checkpoint of step 40
+
+
+def test_the_same_job_in_its_run_dir_resumes_automatically_and_says_so(tmp_path):
+    run_guarded(tmp_path, steps=30, checkpoint_every=10)
+    model, opt, sched = build()
+    with pytest.warns(RuntimeWarning, match="resuming from .*step-00000030.* the same job"):
+        guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, checkpoint_every=10)
+    assert guard.step == 30
+    guard.close()
+
+
+def test_another_experiment_in_the_same_run_dir_is_refused_naming_what_differs(tmp_path):
+    run_guarded(tmp_path, steps=30, checkpoint_every=10)
+    model, opt, sched = build(lr=1e-3)  # the first run's LR was 3e-3
+    with pytest.raises(ValueError, match=r"another job \(lr of param group 0: 0.003 -> 0.001\).*resume=False"):
+        spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, checkpoint_every=10)
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, checkpoint_every=10,
+                           resume=False)  # fmt: skip
+    assert guard.step == 0 and opt.param_groups[0]["initial_lr"] == 1e-3
+    guard.close()
+
+
+def test_resume_true_continues_another_jobs_checkpoints_and_names_the_difference(tmp_path):
+    run_guarded(tmp_path, steps=30, checkpoint_every=10)
+    model, opt, sched = build(lr=1e-3)
+    with pytest.warns(RuntimeWarning, match="as asked, although the job differs: lr of param group 0"):
+        guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, resume=True)
+    assert guard.step == 30
+    guard.close()
+
+
+def test_resume_from_a_path_continues_that_checkpoint_in_a_new_run_dir(tmp_path):
+    run_guarded(tmp_path / "first", steps=30, checkpoint_every=10)
+    model, opt, sched = build()
+    path = tmp_path / "first" / "checkpoints" / "step-00000020.pt"
+    with pytest.warns(RuntimeWarning, match="resuming from"):
+        guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path / "second", resume=path)
+    assert next(guard)[0] == 20  # the loop begins: its own copy of that state, a rollback target in its run dir
+    guard.close()
+    assert (tmp_path / "second" / "checkpoints" / "step-00000020.pt").exists()

@@ -52,9 +52,9 @@ def test_skipped_positions_are_never_handed_out():
         stream.next()
 
 
-def test_a_one_shot_iterator_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="re-iterable"):
-        DataStream(iter([1, 2, 3]), seed=0, epochs=1)
+def test_something_that_is_no_data_source_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="a loader, an iterable, an iterator or a function"):
+        DataStream(3, seed=0, epochs=1)
 
 
 def test_a_rollback_with_a_stateful_dataloader_replays_the_original_order(tmp_path):

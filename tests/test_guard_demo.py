@@ -73,3 +73,18 @@ def test_the_demos_long_bad_batch_is_vetoed_and_nothing_else_happens(tmp_path):
     assert [(a["kind"], a["step"]) for a in result["actions"]] == [("veto", 170)]
     assert result["actions"][0]["sample_ids"][:2] == ["crawl/blob-0", "crawl/blob-1"]
     assert result["steps"] == 300 and result["rollbacks"] == 0
+
+
+def test_a_fault_that_returns_on_every_replay_is_found_in_the_state_and_escalated_not_skipped_as_data(tmp_path):
+    import spikedoc
+    from spikedoc.demo.guarded import guarded_run
+
+    # Adam's exp_avg_sq zeroed every time step 150 is reached: the first rollback's replay meets it again.
+    result = guarded_run(tmp_path / "run", "optimizer_state_returning")
+    assert "data_skip" not in {a["kind"] for a in result["actions"]}
+    first, second = [a for a in result["actions"] if a["kind"] == "rollback"][:2]
+    assert second["evidence"]["cause_test"]["found"] == "state"  # the last healthy batch is out of band too
+    assert second["recurring"] and second["moments_reset"] and not first.get("moments_reset")
+    steps = spikedoc.load(tmp_path / "run").steps
+    before_fault = steps.loc[steps["step"].between(140, 149), "loss"].mean()
+    assert result["steps"] == 300 and result["final_loss"] < before_fault  # healed, not finished at many times it

@@ -21,7 +21,9 @@ from spikedoc.demo.training import Recipe, RunSpec, _deterministic, _fresh, _pad
 
 __all__ = ["guarded_run"]
 
-_STEP = {"bad_batch_long": 170, "optimizer_state": 150, "nan": 200}
+_STEP = {"bad_batch_long": 170, "optimizer_state": 150, "nan": 200, "optimizer_state_returning": 150}
+#: Faults planted every time their step is reached (a replay meets them again), not once.
+_RETURNING = {"optimizer_state_returning"}
 
 
 class _Batches:
@@ -68,7 +70,7 @@ def guarded_run(run_dir: str | Path, fault: str | None = "optimizer_state") -> d
         try:
             for step, batch in guard:
                 ids, mask, sample_ids = batch["ids"], batch["mask"], batch["sample_ids"]
-                if step == at and not planted:
+                if step == at and (not planted or fault in _RETURNING):
                     planted = True
                     ids, mask, sample_ids = _plant(fault, recipe, guard, model, opt, (ids, mask, sample_ids))
                 nll = model(input_ids=ids, attention_mask=mask)  # (B, T-1)
@@ -92,7 +94,7 @@ def _plant(fault: str, recipe: Recipe, guard: Any, model: Any, opt: torch.optim.
     if fault == "bad_batch_long":
         return _planted_batch(RunSpec(name=fault, fault="long_batch"), recipe, *batch)
     guard.monitor.wait()  # in-place surgery between steps: let the last step's statistics finish first
-    if fault == "optimizer_state":
+    if fault in ("optimizer_state", "optimizer_state_returning"):
         for state in opt.state.values():
             state["exp_avg_sq"].zero_()
     else:

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from spikedoc.errors import SpikedocError
+from spikedoc.guard.payload import make_loadable, nonfinite_entries
 
-__all__ = ["CheckpointError", "Checkpoint", "CheckpointStore", "host_copy", "all_finite", "CHECKPOINT_FORMAT"]
+__all__ = ["CheckpointError", "Checkpoint", "CheckpointStore", "host_copy", "CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +78,6 @@ def host_copy(obj: Any) -> Any:
     return out
 
 
-def all_finite(obj: Any) -> bool:
-    """Whether every floating-point tensor in a (nested) state is free of NaN and inf: one host sync per device."""
-    checks: dict[torch.device, list[Tensor]] = {}
-
-    def visit(x: Any) -> None:
-        if isinstance(x, Tensor):
-            if x.is_floating_point() or x.is_complex():
-                checks.setdefault(x.device, []).append(torch.isfinite(x).all())
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                visit(v)
-
-    visit(obj)
-    return all(bool(torch.stack(flags).all()) for flags in checks.values())
-
-
 class CheckpointStore:
     """The guard's checkpoint files in one directory, plus the newest good one kept in memory.
 
@@ -106,8 +88,12 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None, in_memory: bool = True,
-                 background: bool = False) -> None:  # fmt: skip
+                 background: bool = False, buffers: dict[str, Tensor] | None = None) -> None:  # fmt: skip
         self.directory = Path(directory)
+        self.buffers = buffers or {}
+        """Model buffers non-finite by design (`payload.buffer_patterns` at the start): allowed as they were."""
+        self.coerced: list[str] = []
+        """Entries of the last saved state that were numpy scalars, stored as Python numbers."""
         self.keep, self.rank, self.in_memory, self.background = keep, rank, in_memory, background
         self._memory: tuple[Checkpoint, dict[str, Any]] | None = None
         self._writer: ThreadPoolExecutor | None = None
@@ -123,12 +109,19 @@ class CheckpointStore:
     def save(self, step: int, state: dict[str, Any], *, healthy: bool) -> Checkpoint:
         """Check `state` (a `host_copy`), write it atomically and prune old files.
 
-        A state with a non-finite model or optimizer tensor is refused (CheckpointError) and nothing
-        is written. A healthy state is kept in memory at once (`in_memory`). With `background` the
+        A state with a non-finite parameter or optimizer tensor, a buffer that became non-finite, or
+        an entry `torch.load(weights_only=True)` could never rebuild is refused (CheckpointError,
+        naming the entries) and nothing is written; numpy scalars are stored as Python numbers
+        (`coerced` names them). A healthy state is kept in memory at once (`in_memory`). With `background` the
         file is written by a thread and this returns first (after the previous write has finished).
         Whether and when the file landed, or the OSError that stopped it: `landed()`.
         """
         self._check(state, where=f"state of step {step}")
+        state, self.coerced, refused = make_loadable(state)
+        if refused:
+            raise CheckpointError(f"the state holds {', '.join(refused[:5])}: torch.load(weights_only=True) could "
+                                  "never load it, so it is not written (store plain numbers, lists, dicts and "
+                                  "tensors in the state_dicts)")  # fmt: skip
         healthy = bool(healthy)
         payload = {"format": CHECKPOINT_FORMAT, "step": int(step), "healthy": healthy, **state}
         checkpoint = Checkpoint(step=int(step), path=self._path(step, healthy), healthy=healthy)
@@ -186,6 +179,11 @@ class CheckpointStore:
         if payload.get("step") != checkpoint.step:
             raise CheckpointError(f"{checkpoint.path} holds step {payload.get('step')!r}, its name says {checkpoint.step}")
         return payload
+
+    def read(self, path: str | Path) -> tuple[Checkpoint, dict[str, Any]]:
+        """Any guard checkpoint file, checked as `load` checks this store's own (CheckpointError)."""
+        payload = self._load(Path(path))
+        return Checkpoint(step=int(payload["step"]), path=Path(path), healthy=bool(payload.get("healthy"))), payload
 
     def adopt(self) -> None:
         """Use this rank's checkpoint files already in the directory (a resume continues their run)."""
@@ -280,8 +278,11 @@ class CheckpointStore:
         missing = [k for k in _SECTIONS if k not in state]
         if missing:
             raise CheckpointError(f"{where} lacks {', '.join(missing)}: not a complete guard checkpoint")
-        if not all_finite({"model": state["model"], "optimizer": state["optimizer"]}):
-            raise CheckpointError(f"{where} holds NaN or inf in the model or optimizer state: never a rollback target")
+        bad = nonfinite_entries(state, self.buffers)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise CheckpointError(f"{where} holds NaN or inf in the model or optimizer state ({', '.join(bad[:3])}{more}): "
+                                  "never a rollback target")  # fmt: skip
 
     def _prune(self) -> None:
         # Keep the newest `keep` healthy files, and unhealthy ones only while newer than all of them

@@ -1,16 +1,22 @@
-"""DataStream: the batches of a loader in a reproducible order, with a position to save and return to.
+"""DataStream: the batches of any data source in a reproducible order, with a position to return to.
 
-Three kinds of data, from fastest rewind to slowest:
+Four kinds of source, each positioned before the guard restores the random generators (so that a
+source drawing from the global RNG draws the same batches again):
 
 - a loader with `state_dict`/`load_state_dict` (torchdata's `StatefulDataLoader`): its own state is
   saved and restored;
-- a `torch.utils.data.DataLoader`: the random generators that decide its order (the sampler's and
-  the loader's) are saved at the start of each epoch, a shuffling loader without one gets a seeded
-  generator the stream owns, a sampler with `set_epoch` (DistributedSampler) is told the epoch; a
-  rewind restores them and fast-forwards through the epoch's first batches (which loads them);
-- any other re-iterable (a list, a dataset object with `__iter__`): iterated again and fast-forwarded.
+- a `torch.utils.data.DataLoader` or any other re-iterable (a list, a dataset with `__iter__`): the
+  random generators that decide its order are saved at the start of each epoch (the global ones,
+  and a DataLoader's own: a shuffling one without a generator gets a seeded one the stream owns; a
+  sampler with `set_epoch` is told the epoch); a rewind restores them, iterates again and
+  fast-forwards through the epoch's first batches (which loads them);
+- a callable (nanoGPT's `get_batch(split)`, random offsets from the global RNG): called with the
+  loop's arguments; its position is the number of draws, and the replay is exact because the
+  guard restores the RNG the draws come from;
+- a one-shot iterator or generator: it cannot be rewound, so the replay continues where it is;
+  exact for a stream that draws lazily from the restored RNG, not for a fixed sequence.
 
-A one-shot iterator cannot be replayed and is refused.
+For the last two, skipping a position means drawing a fresh batch in its place.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.monitor.fingerprint import samples_in
 
-__all__ = ["DataStream"]
+__all__ = ["DataStream", "copy_into", "batch_to"]
 
 
 class DataStream:
@@ -39,38 +47,45 @@ class DataStream:
         [(0, 10), (2, 12), (3, 13)]
     """
 
-    def __init__(self, data: Iterable[Any], *, seed: int, epochs: int) -> None:
-        if isinstance(data, Iterator) or not isinstance(data, Iterable):
-            raise ValueError(
-                f"Guard: data must be re-iterable (a DataLoader, a list, a dataset), got {type(data).__name__}: "
-                "a one-shot iterator or generator cannot be replayed after a rollback"
-            )
+    def __init__(self, data: Any, *, seed: int, epochs: int) -> None:
+        self.kind = _kind(data)
         self.data, self.epochs = data, epochs
         self.skip: set[int] = set()
         """Positions never yielded (batches a rollback skips)."""
         self.epoch = self.index = self.position = 0
         self.skipped_samples = 0
         """Samples in the batches the last `next()` drew and skipped on the way to the one it returned."""
-        self._iterator: Iterator[Any] | None = None
-        self._stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
-        self._generators = [] if self._stateful else _order_generators(data, seed)
+        self._iterator: Iterator[Any] | None = iter(data) if self.kind == "iterator" else None
+        self._generators = _order_generators(data, seed) if self.kind == "reiterable" else []
         self._epoch_start: list[torch.Tensor] = []
+        self._epoch_rng: dict[str, Any] | None = None
 
-    def next(self) -> tuple[int, Any]:
-        """The next batch not skipped, with its position; StopIteration after the last epoch."""
+    @property
+    def exact(self) -> bool:
+        """Whether a rewind is known to return the same batches (a one-shot iterator's is not)."""
+        return self.kind != "iterator"
+
+    def next(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        """The next batch not skipped, with its position; StopIteration after the last epoch.
+        Arguments are passed to a callable source (nanoGPT's `get_batch("train")`)."""
+        if (args or kwargs) and self.kind != "callable":
+            raise TypeError(f"Guard: only a callable data source takes arguments; data is a {type(self.data).__name__}")
         self.skipped_samples = 0
         while True:
-            if self._iterator is None:
-                if self.epoch >= self.epochs:
-                    raise StopIteration
-                self._start_epoch()
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                self.epoch += 1
-                self.index = 0
-                continue
+            if self.kind == "callable":
+                batch = self.data(*args, **kwargs)
+            else:
+                if self._iterator is None:
+                    if self.epoch >= self.epochs or self.kind == "iterator":
+                        raise StopIteration
+                    self._start_epoch()
+                try:
+                    batch = next(self._iterator)
+                except StopIteration:
+                    self._iterator = None
+                    self.epoch += 1
+                    self.index = 0
+                    continue
             position = self.position
             self.index += 1
             self.position += 1
@@ -81,20 +96,23 @@ class DataStream:
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is, as tensors and plain types (the skip set is the guard's, not saved here)."""
         state: dict[str, Any] = {"epoch": self.epoch, "index": self.index, "position": self.position,
-                                 "generators": [g.clone() for g in self._epoch_start]}  # fmt: skip
-        if self._stateful:
+                                 "generators": [g.clone() for g in self._epoch_start], "rng": self._epoch_rng}  # fmt: skip
+        if self.kind == "stateful":
             state["loader"] = self.data.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Return to a saved position: the next batch is the one that followed it then."""
+        """Return to a saved position: the next batch is the one that followed it then. Uses the
+        random generators (a re-iterable's fast-forward): restore theirs after this, not before."""
         try:
             self.epoch, self.index, self.position = int(state["epoch"]), int(state["index"]), int(state["position"])
             generators = list(state["generators"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint holds a malformed data position ({exc!r})") from exc
+        if self.kind in ("callable", "iterator"):
+            return  # no position but the count: the restored RNG decides what is drawn next
         self._iterator = None
-        if self._stateful:
+        if self.kind == "stateful":
             self.data.load_state_dict(state["loader"])
             self._iterator = iter(self.data)
             return
@@ -105,6 +123,9 @@ class DataStream:
         for gen, saved in zip(self._generators, generators):
             gen.set_state(saved)
         self._epoch_start = [g.clone() for g in generators]
+        self._epoch_rng = state.get("rng")
+        if self._epoch_rng is not None:  # an order drawn from the global RNG when the epoch began
+            set_rng_state(self._epoch_rng)
         self._set_epoch()
         self._iterator = iter(self.data)
         for _ in range(self.index):  # fast-forward: the order is the saved epoch's again
@@ -116,6 +137,9 @@ class DataStream:
 
     def _start_epoch(self) -> None:
         self._epoch_start = [g.get_state() for g in self._generators]
+        # A re-iterable may draw its order from the global RNG when iterated (a shuffling iterable
+        # dataset): its state at the epoch's start replays that order.
+        self._epoch_rng = rng_state() if self.kind == "reiterable" else None
         self._set_epoch()
         self._iterator = iter(self.data)
 
@@ -123,6 +147,19 @@ class DataStream:
         sampler = getattr(self.data, "sampler", None)
         if callable(getattr(sampler, "set_epoch", None)):
             sampler.set_epoch(self.epoch)
+
+
+def _kind(data: Any) -> str:
+    if callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None)):
+        return "stateful"
+    if isinstance(data, Iterator):
+        return "iterator"
+    if isinstance(data, Iterable):
+        return "reiterable"
+    if callable(data):
+        return "callable"
+    raise ValueError(f"Guard: data must be a loader, an iterable, an iterator or a function returning a batch; "
+                     f"got {type(data).__name__}")
 
 
 def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
@@ -140,3 +177,31 @@ def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
+
+def copy_into(dst: Any, src: Any) -> bool:
+    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ."""
+    if isinstance(dst, Tensor):
+        if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            return False
+        dst.copy_(src)
+        return True
+    if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
+        return all(copy_into(dst[k], src[k]) for k in dst)
+    if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
+        return all(copy_into(a, b) for a, b in zip(dst, src))
+    try:
+        return bool(dst == src)  # a plain value (a sample id): nothing to write, the same or not
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A batch with every tensor moved to `device` (the structure kept)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch

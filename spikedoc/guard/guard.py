@@ -6,7 +6,7 @@ import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,11 +21,13 @@ from spikedoc.errors import GuardStopped
 from spikedoc.guard.agree import agree, agree_all, common_steps, world
 from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore, host_copy
 from spikedoc.guard.config import GuardConfig
-from spikedoc.guard.data import DataStream
+from spikedoc.guard.data import DataStream, batch_to, copy_into
+from spikedoc.guard.job import differences, job_fingerprint
 from spikedoc.guard.judge import Decision, Judge, Verdict
+from spikedoc.guard.payload import buffer_patterns
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
-from spikedoc.guard.schedule import cap_lrs, group_lrs, scale_schedule
+from spikedoc.guard.schedule import apply_lrs, group_lrs, scale_schedule
 from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
@@ -51,6 +53,16 @@ class _Pending:
     forward_losses: list[Tensor] = field(default_factory=list)
     """Losses the model's forwards returned this step (used when `record` gave none)."""
     sample_ids: list[Any] = field(default_factory=list)
+    forwards: int = 0
+    """Forwards with gradients this step (micro-batches: the accumulation the guard counts)."""
+    batches: list[Any] = field(default_factory=list)
+    """The batches handed out for it (when the guard hands them out): kept if it is applied healthy."""
+    handed: int = 1
+    sample_offset: int = 0
+    """The monitor's sample offset when the step began (its first batch's stream position, in samples)."""
+    probe: Decision | None = None
+    """A probe step: the last healthy step's batches again, judged and never applied, to test whether
+    the state (rather than the data) is broken before acting on this decision."""
     verdict: Verdict | None = None
     lrs: list[float] | None = None
 
@@ -80,20 +92,24 @@ class _Seen:
 class Guard:
     """Iterate training batches under a guard: bad steps vetoed, damage rolled back, every action recorded.
 
-    Yields `(step, batch)`. Includes `spikedoc.watch` (same run directory and recording) and owns
+    Yields `(step, batch)`; a loop that draws its own batches uses `guard.draw` and iterates
+    `guard.steps()` instead (nanoGPT's shape: `hooks/guarded_nanogpt.py`). Includes `spikedoc.watch` (same run directory and recording) and owns
     global-norm clipping (`clip=`, the monitor's). Before each optimizer step it judges the step's
     loss and gradient norm (one host sync per step, plus one all_reduce under torch.distributed); a
     step with a non-finite value or one far out of the band is not applied. Between steps it
     checkpoints every `checkpoint_every` steps and, when the damage judgement says the run did not
     recover, rolls back to the newest good checkpoint before the incident with the LR schedule
-    scaled by `lr_factor`, clipping tightened and the blamed batches skipped. Records the events
-    `veto`, `checkpoint`, `rollback`, `checkpoint_failed` and `guard_stop`.
+    scaled by `lr_factor`, clipping tightened and the blamed batches skipped; before blaming the
+    data for vetoes that pile up again, a probe step tests the state. Records the events `veto`,
+    `checkpoint`, `rollback`, `data_skip`, `checkpoint_failed`, `guard_resume` and `guard_stop`.
 
     Args:
         model: The module trained.
-        optimizer: Its optimizer.
-        scheduler: The LR scheduler, saved in checkpoints and scaled on rollback.
-        data: The batches: a DataLoader, a torchdata StatefulDataLoader or any re-iterable.
+        optimizer: Its optimizer (an Accelerate `AcceleratedOptimizer`: the one inside).
+        scheduler: The LR scheduler, saved in checkpoints and scaled on rollback; None: the LR the
+            loop sets (by hand) is scaled around each step.
+        data: The batches: a DataLoader, a torchdata StatefulDataLoader, any re-iterable, an
+            iterator, or a function returning a batch (`get_batch`, drawn through `guard.draw`).
         run_dir: The run directory (monitor recording, `checkpoints/`); None picks `runs/<time>`.
         scaler: A `torch.amp.GradScaler`, saved in checkpoints and recorded by the monitor.
         detector: Band settings (`DetectorConfig`); None for the analysis's defaults.
@@ -103,8 +119,9 @@ class Guard:
             `max_rollbacks`, `lr_factor`, `skip_window`, `max_steps`, `epochs`, `resume`, ...
 
     Raises:
-        GuardStopped: from the iteration, when the rollback budget is spent or no good checkpoint
-            precedes the damage.
+        GuardStopped: from the iteration, when the rollback budget is spent (reason `recurring`
+            for a fault that returned from good checkpoints) or no good checkpoint precedes the damage.
+        ValueError: when `run_dir` holds checkpoints of another job and `resume` is None.
 
     Example:
         >>> guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader, run_dir="runs/x")  # doctest: +SKIP
@@ -118,7 +135,7 @@ class Guard:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        data: Iterable[Any],
+        data: Any,
         scheduler: Any = None,
         run_dir: str | Path | None = None,
         scaler: Any = None,
@@ -133,6 +150,7 @@ class Guard:
             raise ValueError(f"Guard: {exc}; the options are the fields of GuardConfig") from None
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Guard: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer, scheduler = _unwrapped(optimizer, scheduler)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
         self._watch_options = {k: v for k, v in (watch_options or {}).items() if k not in ("clip", "scaler", "start_step", "start_sample", "scheduler")}
@@ -141,7 +159,8 @@ class Guard:
         # counts (`agree_all`), so the files are written in the foreground there.
         self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory,
-                                      background=self.config.write_in_background and rank is None)  # fmt: skip
+                                      background=self.config.write_in_background and rank is None,
+                                      buffers=buffer_patterns(model))  # fmt: skip
         self._stream = DataStream(data, seed=self.config.seed, epochs=self.config.epochs)
         self._judge = Judge(self.config, detector=detector, recovery=recovery)
         self.step = 0
@@ -159,17 +178,26 @@ class Guard:
         self._pending: _Pending | None = None
         self._recent: deque[_Seen] = deque(maxlen=_REMEMBERED_STEPS)
         self._requested = False
+        self._last_good: _Pending | None = None
+        """Positions and batches of the last step applied with its loss in band (a probe's batches)."""
+        self._probing: Decision | None = None
         self._norms_of_step: tuple[Tensor, list[Tensor]] | None = None
         self._warned: set[str] = set()
         self._closed = False
         self._start_sample = 0  # the data stream's position in samples where the monitor starts counting
+        self._drawn: deque[tuple[int, Any]] = deque()
+        """(position, batch) drawn by the loop through `draw` and not yet taken by a step (prefetched)."""
+        self._replay: deque[tuple[int, Any]] = deque()
+        """Batches a resumed checkpoint's loop held: the next `draw` calls return them."""
+        self._job = job_fingerprint(model, optimizer, scheduler)  # before any step: what this job is
         resumed = self._resume_if_asked()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
             self.monitor.event("guard_resume", checkpoint=str(resumed.path), rollbacks=self.rollbacks,
                                lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
-        else:
-            self._checkpoint()  # step 0: a rollback target before the first periodic checkpoint
+        # A rollback target of this run's own before the first periodic one, taken when the loop
+        # begins (after a prefetching loop drew its first batch, which the checkpoint then holds).
+        self._first_checkpoint = resumed is None or resumed.path is None or resumed.path.parent != self._store.directory
         # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
         self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
         self._original_step = optimizer.__dict__.get("step")
@@ -184,19 +212,73 @@ class Guard:
         if self._closed:
             raise StopIteration
         p = self._pending
-        if p is not None and p.verdict is None and len(p.positions) < self.config.accumulate:
+        if p is not None and p.verdict is None and p.handed < self.config.accumulate:
+            p.handed += 1
+            if p.probe is not None:
+                return p.step, p.batches[(p.handed - 1) % len(p.batches)]
             position, batch = self._next_batch()  # the next micro-batch of the same step
             p.positions.append(position)
+            p.batches.append(batch)
             return p.step, batch
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
+        if self._probing is not None and self._last_good is not None:
+            good = self._last_good
+            # The monitor records the probe at its batches' stream position, and counts on from where it was after.
+            self._pending = _Pending(step=self.step, positions=list(good.positions), batches=good.batches,
+                                     sample_offset=self.monitor.sample_offset, probe=self._probing)  # fmt: skip
+            self.monitor.skip_samples(good.sample_offset - self.monitor.sample_offset)
+            self._probing = None
+            return self.step, good.batches[0]
         position, batch = self._next_batch()
-        self._pending = _Pending(step=self.step, positions=[position])
+        self._pending = _Pending(step=self.step, positions=[position], batches=[batch],
+                                 sample_offset=self.monitor.sample_offset)  # fmt: skip
         return self.step, batch
 
-    def _next_batch(self) -> tuple[int, Any]:
-        position, batch = self._stream.next()
+    def steps(self) -> Iterator[int]:
+        """The optimizer steps of a loop that draws its own batches through `draw`: yields the index
+        of each step (after a rollback, the step returned to). Between two yields the guard
+        finishes the step: checkpoint, rollback. Ends at `max_steps`; closes the guard when the
+        loop ends (a `break` included).
+
+        Example:
+            >>> get_batch = guard.draw  # doctest: +SKIP
+            >>> for iter_num in guard.steps():  # doctest: +SKIP
+            ...     X, Y = get_batch("train"); model(X, Y)[1].backward(); optimizer.step(); optimizer.zero_grad()
+        """
+        try:
+            while not self._closed:
+                p = self._pending
+                if p is not None:  # the step's batches: the first ones its forwards took, in order
+                    p.positions = [self._drawn.popleft()[0] for _ in range(min(len(self._drawn), max(p.forwards, 1)))]
+                self._finish_step()
+                if self.config.max_steps is not None and self.step >= self.config.max_steps:
+                    return
+                self._pending = _Pending(step=self.step, positions=[])
+                yield self.step
+        finally:
+            self.close()
+
+    def draw(self, *args: Any, **kwargs: Any) -> Any:
+        """The next training batch of `data`, for a loop that draws its own (`get_batch = guard.draw`).
+
+        Arguments go to a callable source (`get_batch("train")`). A function's draw with gradients
+        disabled (an evaluation's batches) is a plain call of it: not counted, and the same in a
+        replay. Batches drawn ahead (a prefetch) stay the loop's: a rollback writes the batches the
+        checkpoint's loop held into them, in place.
+        """
+        if not torch.is_grad_enabled() and self._stream.kind == "callable":
+            return self._stream.data(*args, **kwargs)
+        if self._replay:
+            position, batch = self._replay.popleft()
+        else:
+            position, batch = self._next_batch(*args, **kwargs)
+        self._drawn.append((position, batch))
+        return batch
+
+    def _next_batch(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        position, batch = self._stream.next(*args, **kwargs)
         # Skipped batches are drawn but never trained on: counted, so that the monitor's sample
         # offsets (the stream positions analyze names) stay those of the data stream.
         if self._stream.skipped_samples:
@@ -254,6 +336,8 @@ class Guard:
         self._store.close()
         self._report_written()
         self._forward_hook.remove()
+        self._drawn.clear()
+        self._replay.clear()
         if self._original_step is not None:
             self.optimizer.step = self._original_step
         else:
@@ -272,6 +356,7 @@ class Guard:
         p = self._pending
         if p is None or p.verdict is not None or not torch.is_grad_enabled():  # evaluation is no step's
             return
+        p.forwards += 1
         loss = extract_loss(output)
         if loss is not None:
             p.forward_losses.append(loss.detach())
@@ -305,11 +390,15 @@ class Guard:
         self._requested = False
         verdict = self._judge.judge(p.step, values)
         p.verdict = verdict
+        if p.probe is not None:  # judged, never applied
+            self.monitor.skip_step()
+            return None
         if verdict.veto or verdict.loss_flagged or verdict.grad_flagged:
             self.monitor.densify(p.step + 1)  # the steps after a flag get the full statistics
-        restore = None
-        if self._hold is not None and p.step >= self._hold["from_step"]:
-            restore = cap_lrs(self.optimizer, self._hold["caps"])
+        # The LR the loop set (by a scheduler or by hand), times the guard's factor when no scheduler
+        # was given to scale, held below its caps; the loop's own value is back after the step.
+        caps = self._hold["caps"] if self._hold is not None and p.step >= self._hold["from_step"] else None
+        restore = apply_lrs(self.optimizer, self.lr_scale if self.scheduler is None else 1.0, caps)
         p.lrs = group_lrs(self.optimizer)
         try:
             if verdict.veto:
@@ -348,7 +437,13 @@ class Guard:
 
     def _finish_step(self) -> None:
         p, self._pending = self._pending, None
+        if self._first_checkpoint:
+            self._first_checkpoint = False
+            self._checkpoint()
         if p is None:
+            return
+        if p.probe is not None:
+            self._finish_probe(p)
             return
         norms, self._norms_of_step = self._norms_of_step, None
         if p.verdict is None:
@@ -358,11 +453,13 @@ class Guard:
         self._recent.append(_Seen(step=p.step, positions=p.positions, sample_ids=p.sample_ids, grad_norms=norms,
                                   bad_loss=bad_loss))  # fmt: skip
         decision = self._judge.record(p.verdict, lrs=p.lrs) if p.verdict is not None else None
+        if v is not None and not v.veto and not v.loss_flagged and p.batches:
+            self._last_good = p
         self.step = p.step + 1
         if self._store.writing:
             self._report_written()
-        if decision is not None and self._corrupt_stretch(decision):
-            self._skip_stretch(decision)
+        if decision is not None and self._corrupt_stretch(decision) and self._last_good is not None:
+            self._probing = decision  # the data or the state? the next step tests it before acting
         elif decision is not None:
             self._rollback(decision)
         elif self.step % self.config.checkpoint_every == 0:
@@ -373,6 +470,7 @@ class Guard:
         ok = False
         try:
             state = host_copy({
+                "held": [[position, batch] for position, batch in self._drawn],
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -381,6 +479,10 @@ class Guard:
             state.update(rng=rng_state(), data=self._stream.state_dict(), guard=self._policy_state())
             self._store.save(self.step, state, healthy=healthy)
             ok = True
+            if self._store.coerced:
+                self._warn_once("coerced", f"spikedoc guard: {', '.join(self._store.coerced[:5])} held numpy scalars; "
+                                "checkpoints store them as Python numbers so that torch.load(weights_only=True) "
+                                "loads them")  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             self._checkpoint_failed(self.step, exc)
         ok = self.step not in self._report_written() and ok  # a foreground write has landed by now
@@ -401,15 +503,19 @@ class Guard:
 
     def _checkpoint_failed(self, step: int, error: BaseException) -> None:
         # The guard's own failure never stops training: warn, record, go on with older checkpoints.
-        warnings.warn(f"spikedoc guard: checkpoint of step {step} failed ({error}); training continues",
-                      RuntimeWarning, stacklevel=4)  # fmt: skip
+        # A state refused for what it holds is refused at every checkpoint: one warning says it.
+        message = f"spikedoc guard: checkpoint of step {step} failed ({error}); training continues"
+        if isinstance(error, CheckpointError) and "weights_only" in str(error):  # no step in it: the same each time
+            self._warn_once(str(error), message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
         self.monitor.event("checkpoint_failed", at_step=step, error=str(error), guard=True)
 
     def _policy_state(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.monitor.sample_offset, "clip": self.clip, "lr_scale": self.lr_scale,
                 "skip": sorted(self._stream.skip),
                 "rollbacks": self.rollbacks, "vetoes": self.vetoes, "data_skips": self.data_skips, "hold": self._hold,
-                "judge": self._judge.state_dict()}  # fmt: skip
+                "judge": self._judge.state_dict(), "job": self._job}  # fmt: skip
 
     # -------------------------------------------------------------------------------- rollback
 
@@ -431,6 +537,26 @@ class Guard:
         positions = sorted(pos for seen in vetoed for pos in seen.positions)
         return bool(positions) and positions[0] - 1 in self._stream.skip and all(seen.bad_loss for seen in vetoed)
 
+    def _finish_probe(self, p: _Pending) -> None:
+        """Act on the decision the probe tested: the last healthy step's batches, given to the state
+        the vetoes came from, still have their loss in band (the state is sound: the data is at
+        fault, skip it), or not (the state is broken: roll back, whatever the data)."""
+        if p.verdict is None:  # its optimizer step never ran (a GradScaler skipped it): the loss alone
+            loss = p.loss()
+            p.verdict = self._judge.judge(p.step, agree(loss if loss is not None else torch.tensor(math.nan),
+                                                        torch.zeros(()), rollback_request=False))  # fmt: skip
+        self.monitor.skip_samples(p.sample_offset - self.monitor.sample_offset)
+        v, decision = p.verdict, p.probe
+        assert decision is not None
+        broken = not math.isfinite(v.loss) or v.loss_flagged or "loss_out_of_band" in v.reasons
+        decision.evidence["cause_test"] = {"probe_step": p.step, "probe_positions": p.positions, "loss": v.loss,
+                                           "loss_z": v.loss_z, "found": "state" if broken else "data"}  # fmt: skip
+        self.step = p.step + 1
+        if broken:
+            self._rollback(decision)
+        else:
+            self._skip_stretch(decision)
+
     def _skip_stretch(self, decision: Decision) -> None:
         positions = self._vetoed_positions(decision)
         self.data_skips += len(positions)
@@ -439,12 +565,13 @@ class Guard:
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
         self._stream.skip.update(positions)
         self._judge.forget_vetoes()
-        detail = {"steps": [decision.onset_step, self.step - 1], "positions": positions, "data_skips": self.data_skips,
-                  "remedy_reverted": self._revert_remedy(positions[0])}
+        last = decision.evidence.get("cause_test", {}).get("probe_step", self.step) - 1  # the last vetoed step
+        detail = {"steps": [decision.onset_step, last], "positions": positions, "data_skips": self.data_skips,
+                  "remedy_reverted": self._revert_remedy(positions[0]), **decision.evidence}
         self.actions.append({"kind": "data_skip", **detail})
         self.monitor.event("data_skip", **_plain(detail))
         log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
-                    decision.onset_step, self.step - 1)
+                    decision.onset_step, last)
 
     def _revert_remedy(self, first_position: int) -> bool:
         """Undo the LR and clipping change of the rollback whose skipped batches this stretch continues:
@@ -454,13 +581,22 @@ class Guard:
                 or first_position - 1 not in rollback.get("skipped_positions", [])):
             return False
         before = float(rollback["lr_scale_before"])
-        scale_schedule(self.optimizer, self.scheduler, before / self.lr_scale)
+        self._scale_schedule(before / self.lr_scale)
         self.lr_scale, self.clip = before, rollback["clip_before"]
         self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
         rollback["reverted"] = True
         return True
 
     def _rollback(self, decision: Decision) -> None:
+        previous = next((a for a in reversed(self.actions) if a["kind"] == "rollback"), None)
+        # The replay met trouble again before passing the step it had rolled back from: the fault
+        # returns from a good state, with the remedies so far.
+        recurring = previous is not None and decision.onset_step <= previous["from_step"]
+        if self.rollbacks >= self.config.max_rollbacks and recurring:
+            reset = any(a.get("moments_reset") for a in self.actions if a["kind"] == "rollback")
+            self._stop("recurring", f"the fault came back after the last of {self.rollbacks} rollbacks to a good "
+                       f"checkpoint (LR at {self.lr_scale:.3g}x{', optimizer moments reset' if reset else ''}): it is in "
+                       "the state or the loop, not in the data, and one more rollback will not fix it", decision)  # fmt: skip
         if self.rollbacks >= self.config.max_rollbacks:
             self._stop("budget", f"rollback budget spent ({self.rollbacks} of max_rollbacks={self.config.max_rollbacks})",
                        decision)  # fmt: skip
@@ -481,16 +617,21 @@ class Guard:
         evidence["lr_scale_before"] = self.lr_scale
         self.clip, self.lr_scale, self._hold = remedy.clip, remedy.lr_scale, remedy.hold
         self._stream.skip.update(remedy.skip_positions)
-        scale_schedule(self.optimizer, self.scheduler, self.lr_scale / saved_scale)
+        self._scale_schedule(self.lr_scale / saved_scale)
         evidence["reset_optimizer_state_for"] = reset_implicated(
             self.model, self.optimizer, decision, {s.step: s.grad_norms for s in self._recent if s.grad_norms is not None}
         ) if self.config.reset_moments else []  # fmt: skip
+        if recurring:  # escalate: beyond the LR cut, every moment starts afresh (Adam's bias correction)
+            self.optimizer.state.clear()
+            evidence["recurring"] = evidence["moments_reset"] = True
         self.rollbacks += 1
         self._store.forget_after(target.step)
         self.monitor = self._watch()
         detail = {"from_step": from_step, "to_step": target.step, "checkpoint": str(target.path), "reason": decision.reason,
                   "cause": decision.cause, "onset_step": decision.onset_step, "precursor_step": decision.precursor_step,
                   "rollbacks": self.rollbacks, **evidence, "evidence": decision.evidence}  # fmt: skip
+        if self._stream.kind in ("callable", "iterator") and remedy.skip_positions:
+            detail["skipped_by"] = "fresh_draws"  # a function or iterator has no batch to leave out: others are drawn
         self.actions.append({"kind": "rollback", **detail})
         self.monitor.event("rollback", **_plain(detail))
         log.warning("spikedoc guard: rolled back from step %d to %d (%s)", from_step, target.step, decision.reason)
@@ -515,12 +656,43 @@ class Guard:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        # The source first (a re-iterable's fast-forward draws from the random generators), then
+        # the generators: a source drawing from the global RNG draws the same batches again.
         self._stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self._restore_held(state.get("held") or [])
+        if not self._stream.exact:
+            self._warn_once("inexact", "spikedoc guard: data is a one-shot iterator, which cannot be rewound: the replay "
+                            "continues where it is, exact only for a stream that draws its batches from the "
+                            "random generators the guard restored (random offsets); pass a re-iterable, a "
+                            "StatefulDataLoader or a function for an exact replay")  # fmt: skip
         self._judge.load_state_dict(state["guard"]["judge"])
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._pending = None
+
+    def _restore_held(self, held: list[Any]) -> None:
+        """The batches the checkpoint's loop held (drawn ahead) into those the loop holds now, in place."""
+        saved = deque((int(position), batch) for position, batch in held)
+        now, self._drawn = list(self._drawn), deque()
+        exact = True
+        for _, batch in now:
+            if saved and copy_into(batch, saved[0][1]):
+                self._drawn.append((saved[0][0], batch))
+                saved.popleft()
+            else:
+                exact = False
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self._replay = deque((position, batch_to(batch, device)) for position, batch in saved)  # a resume
+        if not exact:
+            self._warn_once("held", "spikedoc guard: the loop holds batches drawn before the rollback that the "
+                            "checkpoint's loop did not (or of another shape): the replay's first batches differ")  # fmt: skip
+
+    def _scale_schedule(self, factor: float) -> None:
+        # With a scheduler, its whole schedule is scaled; without one, the factor is applied to the
+        # LR the loop sets at each step (`apply_lrs`), and the optimizer's own values stay.
+        if self.scheduler is not None:
+            scale_schedule(self.optimizer, self.scheduler, factor)
 
     def _stop(self, reason: str, message: str, decision: Decision) -> None:
         diagnosis = {"reason": reason, "step": self.step, "rollbacks": self.rollbacks, "decision": asdict(decision),
@@ -534,8 +706,15 @@ class Guard:
     # ---------------------------------------------------------------------------------- set-up
 
     def _resume_if_asked(self) -> Checkpoint | None:
-        if self.config.resume is False:
+        resume = self.config.resume
+        if resume is False:
             return None  # another run's checkpoints in the directory are left alone and never used
+        if isinstance(resume, (str, Path)):
+            try:
+                checkpoint, state = self._store.read(resume)
+            except CheckpointError as exc:
+                raise ValueError(f"Guard(resume={str(resume)!r}): {exc}") from None
+            return self._resume_from(checkpoint, state, explicit=True)
         self._store.adopt()
         newest = {c.step: c for c in self._store.checkpoints()}  # per step, the healthy one if both
         # Under torch.distributed every rank resumes from the same step: one every rank has and reads.
@@ -546,19 +725,34 @@ class Guard:
                 warnings.warn(f"spikedoc guard: cannot resume from {exc}; trying an older checkpoint", RuntimeWarning,
                               stacklevel=3)  # fmt: skip
                 state, ok = None, False
-            if not agree_all(ok):
-                continue
-            self._restore(state)
-            g = state["guard"]
-            self.clip = g["clip"]
-            self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
-            self.data_skips = int(g.get("data_skips", 0))
-            self._stream.skip = {int(s) for s in g["skip"]}
-            self._hold = g["hold"]
-            return newest[step]
-        if self.config.resume:
+            if agree_all(ok):
+                return self._resume_from(newest[step], state, explicit=resume is True)
+        if resume:
             raise ValueError(f"Guard(resume=True): no readable guard checkpoint in {self._store.directory}")
         return None
+
+    def _resume_from(self, checkpoint: Checkpoint, state: dict[str, Any], *, explicit: bool) -> Checkpoint:
+        """Continue from `state`: asked for (`explicit`), or automatically only for the same job, loudly."""
+        changed = differences(state["guard"].get("job"), self._job)
+        where = f"{checkpoint.path} (step {checkpoint.step})"
+        if changed and not explicit:
+            raise ValueError(f"Guard: {self.run_dir} holds checkpoints of another job ({'; '.join(changed[:4])}): "
+                             "pass resume=False to start fresh there (they are left alone and never loaded), "
+                             "resume=True to continue them anyway, or another run_dir")  # fmt: skip
+        if changed:
+            message = f"spikedoc guard: resuming from {where} as asked, although the job differs: {'; '.join(changed[:4])}"
+        else:
+            message = (f"spikedoc guard: resuming from {where}: the same job (model, optimizer, hyperparameters) "
+                       "stopped there; pass resume=False to start fresh")  # fmt: skip
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self._restore(state)
+        g = state["guard"]
+        self.clip = g["clip"]
+        self.lr_scale, self.rollbacks, self.vetoes = float(g["lr_scale"]), int(g["rollbacks"]), int(g["vetoes"])
+        self.data_skips = int(g.get("data_skips", 0))
+        self._stream.skip = {int(s) for s in g["skip"]}
+        self._hold = g["hold"]
+        return checkpoint
 
     def _watch(self) -> Monitor:
         def open_monitor() -> Monitor:
@@ -585,6 +779,19 @@ class Guard:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """The torch optimizer and scheduler inside wrappers such as Accelerate's `AcceleratedOptimizer`
+    and `AcceleratedScheduler`: the guard judges, checkpoints and scales those, and its veto wraps
+    the inner optimizer's `step`, which the wrapper's own `step()` calls (with its GradScaler)."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks") and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # fmt: skip
+        optimizer = optimizer.optimizer
+    lr_scheduler = torch.optim.lr_scheduler.LRScheduler
+    while scheduler is not None and not isinstance(scheduler, lr_scheduler) and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return optimizer, scheduler
 
 
 def _plain(value: Any) -> Any:

@@ -118,12 +118,16 @@ class Judge:
             reasons.append("nonfinite")
         if _beyond(lf, cfg.veto_sigma):
             reasons.append("loss_out_of_band")
-        if _beyond(gf, cfg.veto_sigma):
+        loss_flagged = bool(lf is not None and lf.flagged and lf.warm)
+        # The gradient norm alone is a weaker witness than the loss (healthy steps reach 8-12 sigmas
+        # of it with an ordinary loss): it vetoes at `grad_veto_sigma`, or at `veto_sigma` when the
+        # loss is out of the detector's band too.
+        if _beyond(gf, cfg.grad_veto_sigma) or (loss_flagged and _beyond(gf, cfg.veto_sigma)):
             reasons.append("grad_norm_out_of_band")
         requested = values.rollback_requests > 0
         verdict = Verdict(step=step, loss=values.loss, grad_norm=values.grad_norm, veto=cfg.veto and bool(reasons),
                           reasons=tuple(reasons), loss_z=_z(lf), grad_z=_z(gf),
-                          loss_flagged=bool(lf is not None and lf.flagged and lf.warm),
+                          loss_flagged=loss_flagged,
                           grad_flagged=bool(gf is not None and gf.flagged and gf.warm),
                           rollback_requested=requested)  # fmt: skip
         self._judged = (verdict, lf, gf)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["scale_schedule", "group_lrs", "cap_lrs"]
+__all__ = ["scale_schedule", "group_lrs", "apply_lrs"]
 
 #: Per-group keys holding an LR a scheduler reads (OneCycleLR: initial/max/min; CyclicLR: max_lr).
 _GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -73,13 +73,26 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(g["lr"]) for g in optimizer.param_groups]
 
 
-def cap_lrs(optimizer: torch.optim.Optimizer, caps: list[float]) -> list[Any] | None:
-    """Lower each group's LR to at most its cap; returns the previous values to restore, or None
-    when nothing was above its cap."""
-    before = [g["lr"] for g in optimizer.param_groups]
-    if all(float(lr) <= cap for lr, cap in zip(before, caps)):
+def apply_lrs(optimizer: torch.optim.Optimizer, factor: float, caps: list[float] | None) -> list[Any] | None:
+    """Scale each group's LR by `factor`, then lower it to at most its cap (if `caps`), in place;
+    returns the previous values to restore after the optimizer's step, or None when nothing changed.
+
+    Whatever set the LR (a scheduler, or the loop by hand: `group["lr"] = get_lr(it)`), the step
+    applies the guard's LR factor and hold to it, and the loop's own value is back afterwards.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> before = apply_lrs(opt, 0.7, [0.5]); opt.param_groups[0]["lr"], before
+        (0.5, [1.0])
+    """
+    if factor == 1.0 and caps is None:
         return None
-    for group, cap in zip(optimizer.param_groups, caps):
-        if float(group["lr"]) > cap:
-            group["lr"] = cap if not isinstance(group["lr"], Tensor) else group["lr"].clone().fill_(cap)
+    before = [g["lr"] for g in optimizer.param_groups]
+    applied = [float(lr) * factor for lr in before]  # a tensor LR costs a sync
+    if caps is not None:
+        applied = [min(lr, cap) for lr, cap in zip(applied, caps)]
+    if all(lr == float(b) for lr, b in zip(applied, before)):
+        return None
+    for group, lr in zip(optimizer.param_groups, applied):
+        group["lr"] = lr if not isinstance(group["lr"], Tensor) else group["lr"].clone().fill_(lr)
     return before

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 import spikedoc
-from tests.common.models import char_text, make_model
+from tests.common.models import TinyOutput, char_text, make_model
 
-__all__ = ["TextWindows", "loader", "build", "run_guarded", "fill_grads_with_nan", "nan_grads"]
+__all__ = ["TextWindows", "MaskedLM", "loader", "build", "run_guarded", "fill_grads_with_nan", "nan_grads"]
 
 
 class TextWindows(torch.utils.data.Dataset):
@@ -32,6 +32,28 @@ class TextWindows(torch.utils.data.Dataset):
         s = self.starts[i]
         row = self.ids[s : s + self.seq_len + 1]
         return {"input_ids": row[:-1], "labels": row[1:], "idx": i}
+
+
+class MaskedLM(torch.nn.Module):
+    """A character model whose causal mask is a `-inf` buffer, built as `nn.Transformer` builds it."""
+
+    def __init__(self, seed: int = 0, d_model: int = 32, seq_len: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        vocab = char_text().vocab_size
+        self.tok = torch.nn.Embedding(vocab, d_model)
+        self.pos = torch.nn.Embedding(seq_len, d_model)
+        layer = torch.nn.TransformerEncoderLayer(d_model, 4, 4 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d_model, vocab)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(seq_len))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> TinyOutput:
+        T = input_ids.shape[1]
+        x = self.tok(input_ids) + self.pos(torch.arange(T))  # (B, T, C)
+        logits = self.head(self.encoder(x, mask=self.mask[:T, :T], is_causal=True))  # (B, T, vocab)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return TinyOutput(logits=logits, loss=loss)
 
 
 def loader(n: int = 2000, batch_size: int = 8, **kwargs: Any) -> torch.utils.data.DataLoader:

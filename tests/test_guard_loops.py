@@ -1,0 +1,240 @@
+"""The guard in the loops people write: any data source replayed exactly, a hand-set LR scaled and held."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import spikedoc
+from tests.common.models import char_text, make_model
+
+STEPS, ROLLBACK_AT, EVERY = 30, 24, 10
+
+
+def get_batch(split: str = "train", batch_size: int = 8, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's sampler: random offsets drawn from the global RNG (the split picks the text's half)."""
+    ids = char_text().ids
+    ids = ids[: len(ids) // 2] if split == "train" else ids[len(ids) // 2 :]
+    ix = torch.randint(len(ids) - block - 1, (batch_size,))
+    return torch.stack([ids[i : i + block] for i in ix]), torch.stack([ids[i + 1 : i + 1 + block] for i in ix])
+
+
+class RandomWindows:
+    """A re-iterable drawing each batch from the global RNG when it is asked for."""
+
+    def __iter__(self):
+        for _ in range(1000):
+            yield get_batch()
+
+
+class ShuffledAtIter:
+    """A re-iterable whose order is drawn from the global RNG when it is iterated (a shuffling iterable dataset)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(3)
+        self.batches = [get_batch() for _ in range(200)]
+
+    def __iter__(self):
+        return (self.batches[i] for i in torch.randperm(len(self.batches)).tolist())
+
+
+def _generator():
+    while True:
+        yield get_batch()
+
+
+def _stateful():
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    windows = [get_batch(batch_size=1) for _ in range(2000)]
+    pairs = [(x[0], y[0]) for x, y in windows]
+    return stateful.StatefulDataLoader(pairs, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
+
+
+def _parts():
+    torch.manual_seed(0)
+    model = make_model(0)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+
+def _train_iterating(tmp_path, data, *, accumulate: int = 2):
+    """The guard hands out the batches: `for step, batch in guard`; the losses of every pass of every step."""
+    model, opt = _parts()
+    guard = spikedoc.Guard(model, opt, data=data, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=STEPS,
+                           accumulate=accumulate)  # fmt: skip
+    losses: dict[int, list[list[torch.Tensor]]] = {}
+    micro: list[torch.Tensor] = []
+    for step, (x, y) in guard:
+        if step % 5 == 0 and not micro:  # an evaluation draws from the global RNG between the training batches
+            with torch.no_grad():
+                model(get_batch("val")[0])
+        loss = model(x, labels=y).loss
+        micro.append(loss.detach().clone())
+        (loss / accumulate).backward()
+        if len(micro) < accumulate:
+            continue
+        if step == ROLLBACK_AT and not guard.rollbacks:
+            guard.request_rollback()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.setdefault(step, []).append(micro)
+        micro = []
+    guard.close()
+    return guard, losses
+
+
+def _train_drawing(tmp_path, *, accumulate: int = 2, get_lr=None, rollback_at: int = ROLLBACK_AT, steps: int = STEPS,
+                   after_backward=None):
+    """nanoGPT's shape: the loop draws (prefetching the next batch), evaluates on its own draws, sets the LR by hand."""
+    model, opt = _parts()
+    guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=EVERY, max_steps=steps)
+    draw = guard.draw
+    losses: dict[int, list[list[torch.Tensor]]] = {}
+    applied: dict[int, list[float]] = {}
+    X, Y = draw("train")
+    for it in guard.steps():
+        if get_lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = get_lr(it)
+        if it % 5 == 0:  # an evaluation draws from the same RNG, without gradients
+            with torch.no_grad():
+                model(*draw("val")[:1])
+        micro = []
+        for _ in range(accumulate):
+            loss = model(X, labels=Y).loss
+            micro.append(loss.detach().clone())
+            X, Y = draw("train")  # the next micro-step's batch, drawn before this one's backward
+            (loss / accumulate).backward()
+        if it == rollback_at and not guard.rollbacks:
+            guard.request_rollback()
+        if after_backward is not None:
+            after_backward(it, guard)
+        opt.step()
+        applied.setdefault(it, []).append(opt.param_groups[0]["lr"])
+        opt.zero_grad(set_to_none=True)
+        losses.setdefault(it, []).append(micro)
+    return guard, losses, applied
+
+
+def _replayed_step(guard, losses) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    first, replay = losses[rollback["to_step"]]
+    return first, replay
+
+
+@pytest.mark.parametrize("source", ["generator", "reiterable_drawing_from_the_rng", "reiterable_shuffled_when_iterated",
+                                    "stateful_dataloader"])  # fmt: skip
+def test_the_loss_at_a_replayed_step_equals_the_original_bit_for_bit(tmp_path, source):
+    data = {"generator": _generator, "reiterable_drawing_from_the_rng": RandomWindows,
+            "reiterable_shuffled_when_iterated": ShuffledAtIter, "stateful_dataloader": _stateful}[source]()  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a generator's replay is said to be exact only if it draws from the RNG
+        guard, losses = _train_iterating(tmp_path, data)
+    first, replay = _replayed_step(guard, losses)
+    assert guard.rollbacks == 1 and len(first) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
+
+
+def test_a_prefetching_loop_drawing_from_a_function_replays_the_same_batches_bit_for_bit(tmp_path):
+    guard, losses, _ = _train_drawing(tmp_path)
+    first, replay = _replayed_step(guard, losses)
+    assert guard.rollbacks == 1 and guard.step == STEPS
+    assert all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
+    assert sorted(losses) == list(range(STEPS))  # the loop's step counter followed the rollback
+
+
+def test_a_prefetching_loop_resumed_in_a_new_guard_trains_on_the_batch_its_checkpoint_held(tmp_path):
+    _, first, _ = _train_drawing(tmp_path / "first", rollback_at=-1)
+    _train_drawing(tmp_path / "resumed", rollback_at=-1, steps=25)  # stops after step 24; checkpoint of step 20
+    with pytest.warns(RuntimeWarning, match="resuming from .*step-00000020"):
+        _, resumed, _ = _train_drawing(tmp_path / "resumed", rollback_at=-1)
+    assert min(resumed) == 20
+    assert all(torch.equal(a, b) for a, b in zip(first[20][0], resumed[20][0], strict=True))
+
+
+def test_skipping_a_blamed_batch_of_a_function_draws_fresh_batches_and_the_rollback_says_so(tmp_path):
+    from tests.common.guarded import nan_grads
+
+    guard, losses, _ = _train_drawing(tmp_path, rollback_at=-1, after_backward=nan_grads(set(range(22, 27))))
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["to_step"] == 20 and rollback["skipped_by"] == "fresh_draws"
+    assert rollback["skipped_positions"] == list(range(44, 54))  # steps 22-26, two micro-batches each
+    assert guard.step == STEPS and sorted(losses) == list(range(STEPS))
+
+
+def test_a_one_shot_iterator_over_fixed_batches_says_once_that_its_replay_is_not_exact(tmp_path):
+    batches = iter([get_batch() for _ in range(200)])
+    with pytest.warns(RuntimeWarning, match="one-shot iterator") as caught:
+        guard, _ = _train_iterating(tmp_path, batches)
+    assert guard.rollbacks == 1 and sum("one-shot" in str(w.message) for w in caught) == 1
+
+
+def test_a_hand_set_lr_is_scaled_by_the_rollbacks_factor_and_the_loops_value_is_left_as_set(tmp_path):
+    def get_lr(it: int) -> float:
+        return 3e-3 * min(1.0, (it + 1) / 10)
+
+    guard, _, applied = _train_drawing(tmp_path, get_lr=get_lr)
+    back = next(a for a in guard.actions if a["kind"] == "rollback")["to_step"]
+    assert guard.lr_scale == pytest.approx(0.7)
+    steps = spikedoc.load(tmp_path).steps
+    replay = steps.loc[steps["segment"] == steps["segment"].max()].set_index("step")["lr"]
+    assert list(replay.index) == list(range(back, STEPS))
+    assert replay.to_numpy() == pytest.approx([0.7 * get_lr(s) for s in range(back, STEPS)], rel=1e-6)  # as applied
+    assert applied[STEPS - 1][-1] == get_lr(STEPS - 1)  # the loop's own value after the step
+
+
+def test_a_hand_set_lr_jump_is_held_at_its_level_before_the_jump(tmp_path):
+    def get_lr(it: int) -> float:
+        return 1e-3 if it < 20 else 1e-2  # a jump the loop's own LR code makes
+
+    guard, _, _ = _train_drawing(tmp_path, get_lr=get_lr, rollback_at=25)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["cause"] == "lr_schedule" and rollback["to_step"] == 20
+    steps = spikedoc.load(tmp_path).steps
+    replay = steps.loc[steps["segment"] == steps["segment"].max()].set_index("step")["lr"]
+    assert replay.to_numpy() == pytest.approx([1e-3] * (STEPS - 20), rel=1e-6)
+
+
+def test_the_nanogpt_shaped_loop_is_guarded_by_four_changed_lines_and_heals_its_planted_nan_steps(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "hooks" / "guarded_nanogpt.py"
+    changed = [line for line in script.read_text().splitlines() if line.rstrip().endswith("# spikedoc")]
+    assert len(changed) == 4  # the import, the Guard, get_batch = guard.draw, the loop's `for`
+    done = subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path), "--max-iters", "45",
+                           "--eval-interval", "20", "--checkpoint-every", "20", "--nan-at", "25"],
+                          cwd=script.parent.parent, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "5 vetoed, 1 rollbacks" in done.stdout
+    evals = re.findall(r"step 20: (.*)", done.stdout)
+    assert len(evals) == 2 and evals[0] == evals[1]  # the evaluation at the step returned to, replayed exactly
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 40  # the loop's own checkpoint
+
+
+def test_an_accelerate_prepared_optimizer_and_scheduler_are_guarded_through_their_wrappers(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    from tests.common.guarded import build, fill_grads_with_nan, loader
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt, sched = accelerator.prepare(*build())  # LambdaLR: a 20-step warmup to 3e-3
+    inner_step = opt.optimizer.__dict__.get("step")  # what the scheduler (or Accelerate) put there, if anything
+    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=60,
+                           checkpoint_every=20)  # fmt: skip
+    lrs: dict[int, list[float]] = {}
+    for step, batch in guard:
+        accelerator.backward(model(batch["input_ids"], labels=batch["labels"]).loss)
+        if 30 <= step < 35 and not guard.rollbacks:
+            fill_grads_with_nan(model)
+        opt.step()  # Accelerate's step, which calls the inner optimizer's: the guard's veto is there
+        sched.step()
+        opt.zero_grad()
+        lrs.setdefault(step, []).append(opt.param_groups[0]["lr"])
+    guard.close()
+    assert guard.vetoes == 5 and [a["to_step"] for a in guard.actions if a["kind"] == "rollback"] == [20]
+    assert lrs[40] == [pytest.approx(0.7 * 3e-3)] and lrs[19] == [pytest.approx(3e-3)]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert opt.optimizer.__dict__.get("step") is inner_step  # close() put back what was there
