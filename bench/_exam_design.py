@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bench._exam_train import FAMILIES, KINDS, Fault, Setup
+from bench.spike_suite import _noise_sigma
 
 __all__ = ["CAUSE", "HALVES", "MUST_FIND_DAMAGE", "MUST_FIND_PEAK", "Run", "design", "half_of", "labels"]
 
@@ -116,12 +117,6 @@ def design(n_bases: int, *, design_seed: int = 0) -> list[Run]:
 # ------------------------------------------------------------------------------------ labels
 
 
-def _noise_sigma(clean: np.ndarray, warmup: int) -> float:
-    """Step-to-step loss noise of the twin after warmup: MAD of first differences / sqrt(2)."""
-    diffs = np.diff(clean[warmup:])
-    return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2))
-
-
 def _rollback(latest: int, checkpoints: list[list[Any]]) -> dict[str, Any]:
     """The right rollback: the state before step `latest`, from the newest checkpoint file that still
     holds a state at or before it (a file written again after it holds a later state)."""
@@ -152,7 +147,7 @@ def labels(setup: Setup, fault: Fault | None, record: dict[str, Any], twin: dict
         return out
     loss, base = np.asarray(record["loss"], dtype=float), np.asarray(twin["loss"], dtype=float)
     differ = np.flatnonzero(~((loss == base) | (np.isnan(loss) & np.isnan(base))))
-    sigma = _noise_sigma(base, setup.warmup)
+    sigma = _noise_sigma(twin["loss"], setup.warmup)  # step-to-step noise of the twin after warmup
     excess = np.where(np.isfinite(loss), loss - base, np.inf)
     after = np.arange(fault.step, len(loss))
     off = after[excess[after] > EFFECT_SIGMAS * sigma]

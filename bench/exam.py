@@ -34,7 +34,7 @@ from bench._exam_design import HALVES, Run, design, half_of, labels  # noqa: E40
 from bench._exam_train import Fault, Setup, as_dict  # noqa: E402
 from bench._report import machine_line, write_section  # noqa: E402
 
-__all__ = ["BASES", "Cache", "generate", "main", "score", "test_slice"]
+__all__ = ["BASES", "Cache", "generate", "ci_slice", "main", "score"]
 
 BASES = 120
 """Base setups in the full exam: 120 clean runs and 300 faulty ones."""
@@ -76,8 +76,8 @@ def _train_one(root: str, setup: Setup, fault: Fault | None) -> float:
 
 def generate(runs: list[Run], cache: Cache, workers: int = 1) -> tuple[int, float]:
     """Train the runs (and their twins) missing from `cache`; returns (runs trained, CPU seconds in training)."""
+    # In design order (each base's twin, then its faults): the bases done so far form a smaller exam.
     todo = [(s, f) for s, f in dict.fromkeys(runs) if cache.record(s, f) is None]
-    todo.sort(key=lambda run: run[1] is not None)  # twins first: a faulty run is labelled against its twin
     seconds = 0.0
     if workers <= 1:
         for i, (setup, fault) in enumerate(todo):
@@ -97,7 +97,7 @@ def generate(runs: list[Run], cache: Cache, workers: int = 1) -> tuple[int, floa
     return len(todo), seconds
 
 
-def test_slice(runs: list[Run], *, per_family: int = 1, clean: int = 4) -> list[Run]:
+def ci_slice(runs: list[Run], *, per_family: int = 1, clean: int = 4) -> list[Run]:
     """A stratified slice of the test half: the fewest base setups (and all their runs) that cover
     every fault family `per_family` times and hold `clean` clean runs."""
     bases: dict[Setup, list[Run]] = {}

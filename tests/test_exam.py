@@ -14,10 +14,10 @@ import pytest
 from bench._exam_design import CAUSE, labels
 from bench._exam_score import score_run
 from bench._exam_train import Fault, Setup
-from bench.exam import BASES, Cache, design, generate, score, test_slice
+from bench.exam import BASES, Cache, design, generate, score, ci_slice
 from spikedoc.analysis.incident import CAUSES, Incident
 
-SLICE = test_slice(design(BASES), per_family=2, clean=4)
+SLICE = ci_slice(design(BASES), per_family=2, clean=4)
 
 
 @functools.cache
