@@ -67,9 +67,8 @@ def score_run(lab: dict[str, Any], diagnosis: Any) -> dict[str, Any]:
     rec = found.recommendation if found is not None else {}
     right = lab["rollback"]
     exact = None
-    if rec.get("rollback"):
-        want = right["checkpoint"] if right["checkpoint"] is not None else None
-        exact = rec.get("checkpoint_path") == want if lab["checkpoints"] else rec.get("rollback_to_step") == right["step"]
+    if rec.get("rollback"):  # with checkpoints, the right file (None when every one was overwritten); else the step
+        exact = rec.get("checkpoint_path") == right["checkpoint"] if lab["checkpoints"] else rec.get("rollback_to_step") == right["step"]
     out.update(
         found=found is not None,
         got=found.cause if found is not None else "missed",
@@ -169,7 +168,7 @@ def tables(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     ]
     problems = Counter(w.split(",")[0].split(" to step")[0] for r in insane for w in r["insane"])
     if problems:
-        lines += ["", "Insane advice, by kind: " + "; ".join(f"{k}: {n} runs" for k, n in problems.most_common())]
+        lines += ["", "Insane advice, by kind (incidents): " + "; ".join(f"{k}: {n}" for k, n in problems.most_common())]
     disagreements = defaultdict(int)
     for r in rows:
         if r["said_damaged"] != r["twin_damaged"]:
