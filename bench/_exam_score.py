@@ -122,6 +122,13 @@ def _confusion(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _worst_family(must: list[dict[str, Any]]) -> tuple[int, int]:
+    """(right, runs) of the family with the lowest right-cause share among must-find runs."""
+    per = [(sum(r["got"] == r["cause"] for r in runs), len(runs))
+           for fam in CAUSE if (runs := [r for r in must if r["family"] == fam])]  # fmt: skip
+    return min(per, key=lambda p: p[0] / p[1], default=(0, 0))
+
+
 def tables(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     """The markdown of one half's scores and its headline numbers.
 
@@ -141,6 +148,8 @@ def tables(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
         "cause_visible": (sum(r["got"] == r["cause"] for r in seen), len(seen)),
         "recall_must_find": (sum(r["found"] for r in must), len(must)),
         "clean_alarms": (alarms["moderate"] + alarms["severe"], len(clean)),
+        "clean_quiet": (len(clean) - alarms["moderate"] - alarms["severe"], len(clean)),
+        "cause_worst_family": _worst_family(must),
         "clean_severe": (alarms["severe"], len(clean)),
         "damage_agrees": (len(agree), len(rows)),
         "advice_sane": (len(rows) - len(insane), len(rows)),

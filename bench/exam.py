@@ -149,12 +149,36 @@ def _markdown(by_half: dict[str, list[dict[str, Any]]], n_bases: int, train_seco
         machine_line(),
     ]
     lines.append(f"Training all {sum(len(rows) for rows in by_half.values())} runs took {train_seconds / 60:.1f} minutes "
-                 "of one CPU core in all (the runs' own clocks, on a machine shared with other jobs).")
-    for half in HALVES:
-        if by_half.get(half):
-            body, _ = tables(by_half[half])
-            lines += ["", f"### {half.capitalize()} half (seeds {'even' if half == 'calibration' else 'odd'})", "", *body]
+                 "of CPU time in all (each run's process time, its monitor threads included).")
+    scored = {half: tables(rows) for half, rows in by_half.items() if rows}
+    lines += ["", *_targets({half: head for half, (_, head) in scored.items()})]
+    for half, (body, _) in scored.items():
+        lines += ["", f"### {half.capitalize()} half (seeds {'even' if half == 'calibration' else 'odd'})", "", *body]
     return "\n".join(lines) + "\n"
+
+
+#: The targets analyze is scored against: (headline key, target share, what it means).
+_TARGETS = (
+    ("cause_worst_family", 0.95, "right cause, the worst family (must-find runs)"),
+    ("recall_must_find", 0.98, "must-find faults found"),
+    ("clean_quiet", 1.0, "clean runs without a moderate or severe incident"),
+    ("damage_agrees", 0.95, "damage verdict agrees with the twin"),
+    ("advice_sane", 1.0, "advice sane"),
+)
+
+
+def _targets(heads: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline: each target, and each half's measured share against it."""
+    halves = list(heads)
+    lines = ["| target | wanted | " + " | ".join(halves) + " |", "| --- | ---: |" + " ---: |" * len(halves)]
+    for key, wanted, said in _TARGETS:
+        cells = []
+        for half in halves:
+            hits, n = heads[half][key]
+            share = hits / n if n else float("nan")
+            cells.append(f"{hits}/{n} ({100 * share:.0f}%){'' if share >= wanted else ' **missed**'}")
+        lines.append(f"| {said} | {100 * wanted:.0f}% | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
