@@ -122,11 +122,11 @@ def _confusion(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _worst_family(must: list[dict[str, Any]]) -> tuple[int, int]:
-    """(right, runs) of the family with the lowest right-cause share among must-find runs."""
-    per = [(sum(r["got"] == r["cause"] for r in runs), len(runs))
+def _worst_family(must: list[dict[str, Any]]) -> tuple[int, int, str]:
+    """(right, runs, family) of the family with the lowest right-cause share among must-find runs."""
+    per = [(sum(r["got"] == r["cause"] for r in runs), len(runs), fam)
            for fam in CAUSE if (runs := [r for r in must if r["family"] == fam])]  # fmt: skip
-    return min(per, key=lambda p: p[0] / p[1], default=(0, 0))
+    return min(per, key=lambda p: p[0] / p[1], default=(0, 0, "none"))
 
 
 def tables(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:

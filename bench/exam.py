@@ -174,9 +174,10 @@ def _targets(heads: dict[str, dict[str, Any]]) -> list[str]:
     for key, wanted, said in _TARGETS:
         cells = []
         for half in halves:
-            hits, n = heads[half][key]
+            hits, n, *which = heads[half][key]  # the worst family also names itself
             share = hits / n if n else float("nan")
-            cells.append(f"{hits}/{n} ({100 * share:.0f}%){'' if share >= wanted else ' **missed**'}")
+            named = f" {which[0]}" if which else ""
+            cells.append(f"{hits}/{n} ({100 * share:.0f}%){named}{'' if share >= wanted else ' **missed**'}")
         lines.append(f"| {said} | {100 * wanted:.0f}% | " + " | ".join(cells) + " |")
     return lines
 
