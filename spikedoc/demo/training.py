@@ -183,12 +183,16 @@ class _TinyGPT(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-byte logits (B, T, V) of every position (for loops that compute the loss themselves)."""
         T = input_ids.shape[1]
         x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))  # (B, T, d)
         for block in self.blocks:
             x = block(x)
-        logits = self.ln_f(x) @ self.wte.weight.T  # (B, T, V)
+        return self.ln_f(x) @ self.wte.weight.T  # (B, T, V)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(input_ids)  # (B, T, V)
         mask = attention_mask[:, 1:].to(logits.dtype)  # (B, T-1): a next token exists
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
         return nll.view_as(mask) * mask  # (B, T-1), zero on padding
