@@ -81,11 +81,20 @@ def test_bad_batch_names_overlong_sequences_as_a_ratio_to_the_run_median(tmp_pat
 def test_a_one_step_loss_spike_without_precursor_is_the_batch_itself(tmp_path):
     # No fingerprint says anything, but the loss (measured before the update) is back at the next step.
     steps = healthy_steps()
-    steps.loc[T, "loss"] *= 1.5
+    steps.loc[T, "loss"] *= 2.0
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
-    assert (inc.cause, inc.recovered, inc.recovery_step) == ("bad_batch", True, T + 1)
+    assert (inc.cause, inc.recovered, inc.recovery_step, inc.severity) == ("bad_batch", True, T + 1, "moderate")
     assert "back in the band at the next step" in inc.evidence[0]
     assert inc.recommendation["rollback"] is False
+
+
+def test_a_minor_blip_without_evidence_gets_no_cause_and_nothing_to_skip(tmp_path):
+    steps = healthy_steps(seed=3)
+    steps.loc[T + 17, "loss"] *= 1.3
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.severity, inc.cause) == ("minor", "unknown")
+    assert inc.recommendation["skip_steps"] == [] and inc.recommendation["skip_sample_positions"] == []
+    assert [a["action"] for a in inc.recommendation["actions"]] == ["none"]
 
 
 def test_a_single_nonfinite_loss_that_does_not_persist_is_the_batch_itself(tmp_path):

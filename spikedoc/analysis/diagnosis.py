@@ -31,6 +31,7 @@ from spikedoc.analysis.incident import Incident, _jsonable
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents
+from spikedoc.analysis.onset import build_up, first_nonfinite, grad_precursor, one_step, param_reset, reset_level
 from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
 from spikedoc.analysis.schedule import scheduled_restarts
 from spikedoc.errors import RunFormatError
@@ -47,8 +48,6 @@ _CANDIDATES = 2
 #: cost budget every step after a flagged one is full again, and rows are assembled a step or two late
 #: (the spike suite's optimizer_state run under budget=0.02: onset 151, next full step 154).
 _STATE_LOOKAHEAD = 10
-# Steps from onset whose median loss is compared with the initial loss (a reset lasts; a batch does not).
-_RESET_STEPS = 5
 # Per-incident context reaches this many lookbacks before onset (clipping's "earlier in the run",
 # the update-norm history).
 _CONTEXT = 10
@@ -319,7 +318,7 @@ class _Analysis:
         loss_flag = loss_series["onset_step"] if loss_series else None
         reference = loss_flag if loss_flag is not None else onset
         ev = Evidence(loss_flag_step=loss_flag)
-        ev.one_step = _one_step(inc, frame)
+        ev.one_step = one_step(inc, frame)
         candidates = frame.loc[(frame["step"] >= onset - _CANDIDATES) & (frame["step"] <= onset)]
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
         ev.stretch = self._stretch(ev.batches, frame, hashes, onset, end)
@@ -331,7 +330,7 @@ class _Analysis:
             layers = self._layers(layer_frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), ahead)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
                                          module_types=self.module_types, config=cfg)
-        ev.grad_precursor = _grad_precursor(inc, loss_flag, shared.incidents, cfg)
+        ev.grad_precursor = grad_precursor(inc, loss_flag, shared.incidents, cfg)
         ups = [j for j in shared.jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
         ev.lr_jump = ups[-1] if ups else None
         ev.lr_onset = lr_at(frame, onset)
@@ -361,6 +360,11 @@ class _Analysis:
             ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
 
         self._judge_aftermath(inc, shared, ev)
+        ev.minor = severity(inc, cfg) == "minor"
+        ev.first_nonfinite = first_nonfinite(inc, frame, ev.layers)
+        ev.build_up = build_up(inc, ev, ev.first_nonfinite["step"] if ev.first_nonfinite else reference, cfg)
+        ev.has_param_norm = _has_finite(frame, "param_norm")
+        ev.param_reset = param_reset(inc, shared.frame, cfg) if ev.reset_level is not None else None
         inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
         inc.cause_guessed = cause_guessed(inc, ev)
         inc.severity = severity(inc, cfg)
@@ -408,7 +412,7 @@ class _Analysis:
                 inc.verdict = "persistent"
             inc.recovered = inc.verdict == "recovered"
             inc.recovery_step = judged.back_step if inc.recovered else None
-        ev.reset_level = _reset_level(inc, frame, shared, ev, self.config)
+        ev.reset_level = reset_level(inc, frame, shared, ev, self.config)
 
     def _in_warmup(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
         """Drop grad-norm-only rises that start and end inside a visible LR warmup, with a warning.
@@ -510,60 +514,6 @@ class _Analysis:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _reset_level(inc: Incident, frame: pd.DataFrame, shared: PieceData, ev: Evidence, cfg: AnalysisConfig) -> dict[str, Any] | None:
-    """The loss back most of the way to its untrained level for several steps: the weights were reset.
-
-    A single bad batch can reach the untrained level (random tokens are as hard for a trained model
-    as for a fresh one) but only for its own step, so a one-step incident never counts.
-    """
-    loss = inc.series.get("loss")
-    initial = shared.initial_loss
-    if loss is None or initial is None or ev.one_step or "loss" not in frame.columns:
-        return None
-    after = frame.loc[frame["step"] >= inc.onset_step, "loss"].to_numpy(np.float64)[:_RESET_STEPS]
-    after = after[np.isfinite(after)]
-    base = loss["baseline"]
-    if after.size < _RESET_STEPS or not initial > base:
-        return None
-    level = float(np.median(after))
-    share = (level - base) / (initial - base)
-    # Near the untrained level, not past it: a loss far above where training started is an explosion.
-    if not cfg.state_reset_fraction <= share <= 2 - cfg.state_reset_fraction:
-        return None
-    return {"initial": initial, "level": level, "baseline": base, "share": share, "steps": _RESET_STEPS}
-
-
-def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:
-    """The first flagged series was out for one step and in the band at the very next logged step."""
-    first = inc.series.get(inc.metric)
-    if not first or first["onset_step"] != first["end_step"] or not first["recovered"]:
-        return False
-    later = frame.loc[frame["step"] > first["end_step"], "step"]
-    return not later.empty and first["recovery_step"] == int(later.iloc[0])
-
-
-def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident], cfg: AnalysisConfig) -> dict[str, Any] | None:
-    if loss_flag is None:
-        return None
-    grad = inc.series.get("grad_norm")
-    if grad and grad["onset_step"] < loss_flag:
-        lead = loss_flag - grad["onset_step"]
-        return {"step": grad["onset_step"], "lead_steps": lead,
-                "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
-                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {steps_text(lead)} before the loss"}
-    # A separate grad-norm spike earlier counts only while it lasts: one that came back into the band
-    # before the loss moved was a passing outlier, not the start of this incident.
-    earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step
-               and (i.recovery_step is None or i.recovery_step >= loss_flag)]
-    if earlier:
-        first = earlier[0]
-        lead = loss_flag - first.onset_step
-        return {"step": first.onset_step, "lead_steps": lead,
-                "sentence": f"a gradient-norm spike at step {first.onset_step} ({fmt(first.peak_value)}, "
-                f"{fmt(first.magnitude_sigma, 2)} sigma) came {steps_text(lead)} before the loss was flagged"}
-    return None
 
 
 def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
