@@ -340,14 +340,45 @@ def test_rollback_goes_to_the_last_checkpoint_before_the_earliest_precursor(tmp_
     assert action_text(rec["actions"][0]) == "roll back to ckpt/390.pt (the state before step 390)"
 
 
-def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):
+def test_rollback_without_checkpoint_events_is_the_newest_healthy_state(tmp_path):
     steps = healthy_steps()
     _elevate(steps, T, 600, 2.0)  # never comes back: a rollback is needed
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
     assert inc.recovered is False
-    # 100 steps before the update the onset's loss first shows (the step before onset).
-    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 1 - 100, False)
+    # The state before step T - 1, whose update the onset's loss is the first to show.
+    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 1, False)
     assert "no checkpoint events recorded" in action_text(inc.recommendation["actions"][0])
+
+
+def test_a_checkpoint_file_written_again_after_onset_is_no_rollback_target(tmp_path):
+    steps = healthy_steps(seed=5)
+    _elevate(steps, T + 13, 600, 2.0)
+    events = [("checkpoint", s, {"path": "out/ckpt.pt"}) for s in (T - 87, T + 13 - 30, T + 100)]
+    events.insert(1, ("checkpoint", T - 50, {"path": "out/keep.pt"}))
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
+    rec = inc.recommendation
+    assert (rec["rollback_to_step"], rec["checkpoint_path"]) == (T - 50, "out/keep.pt")
+    assert rec["checkpoints_overwritten"] == [{"path": "out/ckpt.pt", "overwritten_at": T + 100}]
+
+
+def test_when_every_clean_checkpoint_was_overwritten_the_advice_says_none_holds_the_state(tmp_path):
+    steps = healthy_steps(seed=7)
+    _elevate(steps, T + 21, 600, 2.0)
+    events = [("checkpoint", s, {"path": "out/ckpt.pt"}) for s in (T - 79, T + 21 - 40, T + 71, T + 121)]
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
+    rec = inc.recommendation
+    assert (rec["checkpoint_known"], rec["checkpoint_path"], rec["rollback_to_step"]) == (False, None, T + 20)
+    assert action_text(rec["actions"][0]).startswith(
+        f"out/ckpt.pt was overwritten at step {T + 71}; no recorded checkpoint holds a state before step {T + 20}")
+
+
+def test_a_recovered_incident_names_no_rollback_target(tmp_path):
+    steps = healthy_steps(seed=9)
+    steps.loc[T + 3, "loss"] *= 2.2
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=[("checkpoint", T - 3, {"path": "c.pt"})])))
+    rec = inc.recommendation
+    assert rec["rollback"] is False
+    assert (rec["rollback_to_step"], rec["checkpoint_path"]) == (None, None)
 
 
 def test_a_checkpoint_taken_at_the_onset_step_is_not_a_rollback_target_unless_the_onset_batch_is_the_fault(tmp_path):

@@ -425,7 +425,7 @@ def recommend(
     incident: Incident,
     ev: Evidence,
     *,
-    checkpoints: list[tuple[int, str | None]],
+    checkpoints: list[tuple[int, str | None, int | None]],
     clip: float | None,
     peak_lr: float | None,
     first_step: int,
@@ -438,15 +438,18 @@ def recommend(
     Args:
         incident: with `cause`, `verdict` and `severity` decided.
         ev: its evidence.
-        checkpoints: (step, path) of checkpoints recorded on the incident's lineage; a checkpoint at
-            step s holds the state before step s (the monitor's convention).
+        checkpoints: (step, path, overwritten_at) of checkpoints recorded on the incident's lineage;
+            a checkpoint at step s holds the state before step s (the monitor's convention);
+            `overwritten_at` is the step of a later event that wrote the same path (None: it still holds it).
         clip: the max norm in use (meta config `clip`, or inferred from clip_coef), None if unclipped.
         peak_lr: the schedule's intended peak before onset (never an LR after an upward jump), None if unknown.
         first_step: first step of the lineage (a rollback never goes before it).
-        config: `lr_factor`, `rollback_margin`.
+        config: `lr_factor`.
 
     Returns:
-        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known`, `lr_factor`
+        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known` (these three None,
+        None, False unless rolling back), `checkpoints_overwritten` (`path`, `overwritten_at` of clean
+        checkpoints a later write replaced), `lr_factor`
         (None: no LR change advised), `new_peak_lr`, `clip_max_norm` (None: no clipping change),
         `hold_lr`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions`,
         `reset_optimizer_state_for`, `actions` (dicts: `action` from ACTIONS, its parameters,
@@ -455,8 +458,11 @@ def recommend(
     config = config or AnalysisConfig()
     cause = incident.cause
     skip = _skip_list(incident, ev)
-    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step, config)
-    rec["rollback"] = incident.verdict != "recovered" or cause == "state_reset"
+    rollback = incident.verdict != "recovered" or cause == "state_reset"
+    # The rollback fields say where to go only when going: a recovered run has no target to name.
+    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step) if rollback else \
+        {"rollback_to_step": None, "checkpoint_path": None, "checkpoint_known": False, "checkpoints_overwritten": []}
+    rec["rollback"] = rollback
     rec.update(lr_factor=None, new_peak_lr=None, clip_max_norm=None, hold_lr=None,
                skip_steps=skip["steps"], skip_sample_ids=skip["sample_ids"], skip_sample_positions=skip["positions"],
                reset_optimizer_state_for=[])
@@ -468,7 +474,8 @@ def recommend(
         return rec
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
-                        "known": rec["checkpoint_known"], "because": _damage_because(incident)})
+                        "known": rec["checkpoint_known"], "overwritten": rec["checkpoints_overwritten"],
+                        "because": _damage_because(incident)})
     else:
         actions.append({"action": "none", "because": _recovered_because(incident)})
     actions += _repairs(incident, ev, rec, peak_lr)
@@ -499,8 +506,8 @@ def recommend(
     return rec
 
 
-def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None]], first_step: int,
-                     config: AnalysisConfig) -> dict[str, Any]:  # fmt: skip
+def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None, int | None]],
+                     first_step: int) -> dict[str, Any]:  # fmt: skip
     bad = [b["step"] for b in ev.batches if b["anomalies"]] if incident.cause == "bad_batch" else []
     # The loss at onset is the first to show the update of the step before, unless the fault is the
     # onset step's own: its batch (bad_batch: high before its update), a state not loaded at a
@@ -515,13 +522,20 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
                    + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
-    # it is clean when s <= the first affected step.
-    before = [(s, p) for s, p in checkpoints if s <= earliest]
-    if before:
-        step, path = max(before, key=lambda c: c[0])
-        return {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True}
-    return {"rollback_to_step": int(max(first_step, earliest - config.rollback_margin)), "checkpoint_path": None,
-            "checkpoint_known": False}
+    # it is clean when s <= the first affected step, and its file still holds it unless a later
+    # event wrote the same path again.
+    before = [c for c in checkpoints if c[0] <= earliest]
+    holding = [c for c in before if c[2] is None]
+    # The latest overwrite of each path that held a clean state: what the advice must warn about.
+    gone = {p: w for s, p, w in sorted(c for c in before if c[2] is not None)}
+    overwritten = [{"path": p, "overwritten_at": int(w)} for p, w in gone.items()]
+    if holding:
+        step, path, _ = max(holding, key=lambda c: c[0])
+        return {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True,
+                "checkpoints_overwritten": [o for o in overwritten if o["path"] != path]}
+    # No file holds a clean state: the newest state before the fault is the one to look for.
+    return {"rollback_to_step": int(max(first_step, earliest)), "checkpoint_path": None, "checkpoint_known": False,
+            "checkpoints_overwritten": overwritten}
 
 
 def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:

@@ -65,13 +65,11 @@ class AnalysisConfig:
     """Without a visible warmup, incidents before this step count as early (LR too high / no warmup)."""
     lr_factor: float = 0.7
     """Recommended multiplier of the peak LR after damage (a 30% cut, docs/analysis.md, "Recommendation")."""
-    rollback_margin: int = 100
-    """When no checkpoint is recorded, roll back this many steps before the earliest precursor."""
     max_layers: int = 10
     """Tensors listed per incident."""
 
     def __post_init__(self) -> None:
-        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "rollback_margin", "max_layers",
+        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "max_layers",
                      "sudden_steps", "minor_steps", "build_up_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

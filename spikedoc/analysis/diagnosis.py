@@ -482,15 +482,18 @@ class _Analysis:
             return None
         return moments_ratio(layers, before_step=int(before.iloc[-1]), after_step=piece.first_step)
 
-    def _lineage_checkpoints(self, frame: pd.DataFrame) -> list[tuple[int, str | None]]:
+    def _lineage_checkpoints(self, frame: pd.DataFrame) -> list[tuple[int, str | None, int | None]]:
+        """(step, path, overwritten_at) of the lineage's checkpoints; `overwritten_at` is the step of the
+        next event, on any segment, that wrote the same path (events are in the order they were written)."""
         if not self.checkpoints:
             return []
         ranges = segment_ranges(frame)
         out = []
-        for step, segment, path in self.checkpoints:
+        for i, (step, segment, path) in enumerate(self.checkpoints):
             lo_hi = ranges.get(segment)
             if lo_hi is not None and lo_hi[0] <= step <= lo_hi[1] + 1:
-                out.append((step, path))
+                later = next((s for s, _, p in self.checkpoints[i + 1 :] if path is not None and p == path), None)
+                out.append((step, path, later))
         return out
 
     def _resume_findings(self, resumes) -> list[Finding]:

@@ -239,10 +239,14 @@ def action_text(action: dict[str, Any]) -> str:
     if kind == "guard_acted":
         return "the guard acted on part of it"
     if kind == "rollback":
+        gone = "; ".join(f"{o['path']} was overwritten at step {o['overwritten_at']}" for o in action.get("overwritten") or [])
         if action["known"]:
             # A checkpoint event of step s holds the state before step s; the file may be named after s - 1.
             where = action["checkpoint"] or "the checkpoint"
-            return f"roll back to {where} (the state before step {action['step']})"
+            return f"roll back to {where} (the state before step {action['step']})" + (f" ({gone})" if gone else "")
+        if gone:
+            return (f"{gone}; no recorded checkpoint holds a state before step {action['step']}: roll back to a copy "
+                    f"saved at or before step {action['step']} if you kept one, else retrain from the start")
         return f"roll back to your last checkpoint at or before step {action['step']} (no checkpoint events recorded)"
     if kind == "skip_data":
         what = (f"sample ids {fmt_steps(action['sample_ids'])}" if action["sample_ids"] else
