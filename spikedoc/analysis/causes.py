@@ -634,6 +634,10 @@ def _damage_because(incident: Incident) -> str:
         return f"verdict {incident.verdict}: the loss did not come back into the detector's band"
     if not math.isfinite(d["excess_ratio"]):
         return f"verdict {incident.verdict}: the loss is non-finite at step {d['damage_step']}"
+    if incident.verdict == "recovered_with_damage" and math.isfinite(d.get("shift_z", math.nan)):
+        return (f"verdict {incident.verdict}: back in the band from step {d['back_step']}, but over the "
+                f"{d['shift_steps']} steps since the loss is on average {_pct(d['shift_ratio'])} above its pre-incident "
+                f"trajectory, {fmt(d['shift_z'], 2)} standard errors (autocorrelation-robust): a lasting shift")
     return (f"verdict {incident.verdict}: at step {d['damage_step']} the loss is {_pct(d['excess_ratio'])} above its "
             f"pre-incident trajectory ({fmt(d['excess_sigma'], 2)} sigma)")
 
