@@ -233,6 +233,28 @@ def test_lr_schedule_when_the_lr_jumps_where_a_resumed_segment_starts(tmp_path):
     assert "lr_discontinuity" in [f.id for f in diagnosis.findings]
 
 
+def test_one_lr_jump_of_every_param_group_is_one_discontinuity(tmp_path):
+    steps = healthy_steps(seed=11)
+    steps["lr_1"] = steps["lr"] * 0.1  # a second param group on the same schedule
+    jump = steps["step"] >= T + 7
+    steps.loc[jump, ["lr", "lr_1"]] *= 10
+    diagnosis = analyze(write_run(tmp_path / "run", steps))
+    [finding] = [f for f in diagnosis.findings if f.id == "lr_discontinuity"]
+    assert [(j["step"], j["groups"]) for j in finding.details["jumps"]] == [(T + 7, [0, 1])]
+    assert "jumps at 1 step" in finding.message
+
+
+def test_the_guards_own_lr_cut_and_its_undo_are_neither_findings_nor_causes(tmp_path):
+    steps = healthy_steps(seed=13)
+    cut = steps["step"].between(T + 3, T + 40)  # rolled back to T+3 with the LR halved, undone at T+41
+    steps.loc[cut, "lr"] *= 0.5
+    events = [("rollback", T + 3, {"from_step": T + 9, "to_step": T + 3, "lr_scale": 0.5}),
+              ("data_skip", T + 41, {"remedy_reverted": True})]
+    diagnosis = analyze(write_run(tmp_path / "run", steps, events=events))
+    assert "lr_discontinuity" not in [f.id for f in diagnosis.findings]
+    assert all(i.cause != "lr_schedule" for i in diagnosis.incidents)
+
+
 # ---------------------------------------------------------------------------------- lr_too_high
 
 

@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps, steps_text
+from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps, steps_text, times
 from spikedoc.analysis.attribution import LayerAttribution
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Resume
 
-__all__ = ["Evidence", "RULES", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
+__all__ = ["Evidence", "RULES", "to_act_on", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
 
 # A freshly built Adam state after one step is (1 - beta2) g^2: <= 0.05 of a trained one for beta2 >= 0.95.
 _MOMENTS_RESET = 0.1
@@ -191,13 +191,13 @@ def _bad_batch_shape(incident: Incident, ev: Evidence, config: AnalysisConfig) -
         ]
     if incident.metric == "loss":
         return [
-            f"the loss was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x its "
+            f"the loss was out of the band at step {incident.onset_step} only ({times(incident.peak_ratio)} its "
             f"baseline) and back in the band at the next step: the loss is measured before the update, so the "
             "batch itself had an unusually high loss"
         ] + outranked
     if ev.loss_flag_step is None:
         return [
-            f"the gradient norm was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x "
+            f"the gradient norm was out of the band at step {incident.onset_step} only ({times(incident.peak_ratio)} "
             f"its baseline, {fmt(incident.magnitude_sigma, 2)} sigma), back at the next step"
             + (", and the loss did not react" if ev.has_loss else " (no loss recorded to compare)")
             + ": one batch with an outlier gradient, not a growing instability"
@@ -218,7 +218,7 @@ def _outranked(incident: Incident, ev: Evidence) -> list[str]:
 def _minor_blip(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     if not ev.minor:
         return []
-    return [f"a minor incident the run recovered from ({fmt(incident.peak_ratio, 2)}x its baseline at step "
+    return [f"a minor incident the run recovered from ({times(incident.peak_ratio)} its baseline at step "
             f"{incident.peak_step}), with no anomalous batch, LR jump or rank behind it: its shape alone names no "
             "cause, and nothing needs doing"]
 
@@ -381,6 +381,20 @@ ACTIONS = (
     "guard_handled",      # a spikedoc.Guard already vetoed or rolled it back: nothing left to do
     "guard_acted",        # a spikedoc.Guard vetoed some of its steps; the advice after it still applies
 )
+
+#: Actions that ask nothing of the user: the run recovered by itself, or a guard already acted.
+_NOTHING_TO_DO = ("none", "guard_handled", "guard_acted")
+
+
+def to_act_on(recommendation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The actions of a recommendation that ask the user to do something (the CLI exits 1 for them).
+
+    Example:
+        >>> to_act_on({"actions": [{"action": "none"}, {"action": "skip_data"}]})
+        [{'action': 'skip_data'}]
+    """
+    return [a for a in recommendation.get("actions", []) if a["action"] not in _NOTHING_TO_DO]
+
 
 # Causes the loss's shape alone can suggest: labelled guessed when no other data in the run confirms them.
 _GUESSABLE = ("bad_batch", "grad_explosion", "lr_too_high", "optimizer_state")
@@ -608,7 +622,7 @@ def _grad_evidence(incident: Incident, ev: Evidence) -> str | None:
     """Why tighter clipping would have helped: the gradient norm itself was flagged or was growing."""
     grad = incident.series.get("grad_norm")
     if grad is not None and not grad.get("level_sigma"):
-        return (f"the gradient norm reached {fmt(grad['peak_value'])} ({fmt(grad['peak_ratio'], 2)}x its baseline) "
+        return (f"the gradient norm reached {fmt(grad['peak_value'])} ({times(grad['peak_ratio'])} its baseline) "
                 f"at step {grad['peak_step']}")
     if ev.grad_precursor is not None:
         return ev.grad_precursor["sentence"]

@@ -14,7 +14,7 @@ from spikedoc.analysis._meta import parameter_modules, watch_config
 from spikedoc.analysis._robust import fmt, fmt_span, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
-from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity
+from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity, to_act_on
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import (
     clipping_before,
@@ -85,8 +85,10 @@ class Diagnosis:
 
     @property
     def needs_attention(self) -> bool:
-        """Some incident is more than minor and was not already handled by a guard (the CLI's exit code 1)."""
-        return any(i.severity != "minor" and not i.handled_by_guard for i in self.incidents)
+        """Some incident not already handled by a guard has advice to act on: a rollback, data to
+        skip, a setting or code to fix (the CLI's exit code 1). A severe incident always has a
+        rollback; an incident whose only advice is "no action needed" never makes the run need attention."""
+        return any(to_act_on(i.recommendation) and not i.handled_by_guard for i in self.incidents)
 
     def to_dict(self) -> dict[str, Any]:
         """The documented, stable JSON shape (docs/analysis.md, "JSON output")."""
@@ -142,12 +144,12 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
     diagnosis = Diagnosis(path=str(run.path), source=run.source, missing=list(run.missing), warnings=list(run.warnings))
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
+    # The guard's own LR changes (its cut at a rollback, the undo) are known first: they are neither findings nor causes.
+    diagnosis.guard_actions = guard_actions(run.events)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
     # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
     diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
-    diagnosis.guard_actions = guard_actions(run.events)
     if diagnosis.guard_actions:
-        _drop_guard_lr_changes(diagnosis)
         _credit_guard(diagnosis)
     return diagnosis
 
@@ -179,15 +181,6 @@ def _vetoed_until_rollback(inc: Incident, handling: dict[str, Any]) -> bool:
     rollback = handling["rollback"]
     until = rollback["detail"].get("from_step") if rollback is not None else None
     return isinstance(until, int) and until > inc.onset_step and set(range(inc.onset_step, until)) <= set(handling["vetoed"])
-
-
-def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
-    # A guard's rollback lowers the LR where it resumes, on purpose: not a discontinuity to warn about.
-    for finding in list(diagnosis.findings):
-        if finding.id == "lr_discontinuity":
-            finding.details["jumps"] = without_guard_lr_changes(finding.details["jumps"], diagnosis.guard_actions)
-            if not finding.details["jumps"]:
-                diagnosis.findings.remove(finding)
 
 
 def _checked_steps(run: Any) -> pd.DataFrame:
@@ -245,7 +238,7 @@ class _Analysis:
             ratio = self._moments_ratio(piece) if piece.resumed else None
             if resume is not None:
                 resumes.append((piece, resume, ratio))
-            jumps = lr_discontinuities(frame, config=self.config)
+            jumps = without_guard_lr_changes(lr_discontinuities(frame, config=self.config), out.guard_actions)
             starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
             own_steps = set(own["step"].tolist())
             for jump in jumps:
@@ -534,7 +527,7 @@ def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
 
 
 def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
-    shown = [j for j in jumps if j["direction"] == "up" or j.get("at_resume") is not None]
+    shown = _one_per_step([j for j in jumps if j["direction"] == "up" or j.get("at_resume") is not None])
     if not shown:
         return []
     parts = [
@@ -550,3 +543,14 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
         details={"jumps": shown},
     )]
 
+
+def _one_per_step(jumps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per discontinuity: the param groups that jumped at the same step are listed in its `groups`."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for j in jumps:
+        key = (j["step"], j["direction"])
+        if key in out:
+            out[key]["groups"].append(j["group"])
+        else:
+            out[key] = {**j, "groups": [j["group"]]}
+    return list(out.values())

@@ -31,6 +31,9 @@ __all__ = ["VERDICTS", "RecoveryConfig", "Trajectory", "RecoveryState", "Recover
 VERDICTS = ("recovered", "recovered_with_damage", "persistent", "divergence")
 
 _STATE_FORMAT = 2
+# Share of the backtest's miss added to the damage floor: the backtest extrapolates from an earlier,
+# steeper stretch of the curve than the one after onset, so its whole miss overstates the error there.
+_BACKTEST_SHARE = 0.5
 
 
 @dataclass(kw_only=True)
@@ -72,7 +75,7 @@ class RecoveryConfig:
     damage_z: float = 3.0
     """A mean excess this many of its own standard errors (autocorrelation-robust) above the
     trajectory is a real shift, not noise (one-sided, about 0.1% by chance)."""
-    damage_floor: float = 0.02
+    damage_floor: float = 0.025
     """Practical size of a lasting shift, as a share of the trajectory, on top of the progress the
     trajectory expects over the tested steps (`RecoveryTracker.shift_floor`). Set on healthy runs of
     even seeds taken as if an incident had happened every third step (docs/detection.md)."""
@@ -317,8 +320,8 @@ class RecoveryTracker:
 
     def shift_floor(self) -> float:
         """Smallest shift (a share of the trajectory) that counts as damage: `damage_floor` plus
-        the progress the trajectory expects over the tested steps plus how far the same method
-        missed on this run's own history (`backtest_error`). The progress is an extrapolation no
+        the progress the trajectory expects over the tested steps plus half of how far the same
+        method missed on this run's own history (`backtest_error`). The progress is an extrapolation no
         step after onset can confirm (early in a run, while the loss bends fast, it misses by as much
         as it promises); the backtest says how well a trajectory fits this run at all."""
         if not self._since_back:
@@ -327,7 +330,7 @@ class RecoveryTracker:
         t = self.trajectory
         start = t.intercept + t.slope * t.anchor  # the trajectory at the last healthy step before onset
         progress = max(0.0, (start - level) / level if level > 0 else 0.0)
-        return self.config.damage_floor + progress + self.backtest_error
+        return self.config.damage_floor + progress + _BACKTEST_SHARE * self.backtest_error
 
     def _damaged(self, shift_ratio: float, shift_z: float) -> bool:
         """Back on the trajectory, but shifted above it: both real (`damage_z` standard errors) and large enough to matter."""
@@ -358,6 +361,7 @@ class RecoveryTracker:
         """Everything needed to continue exactly here; plain JSON types only."""
         return {
             "format": _STATE_FORMAT,
+            "backtest_error": self.backtest_error,
             "config": asdict(self.config),
             "onset_step": self.onset_step,
             "trajectory": asdict(self.trajectory),
@@ -387,6 +391,7 @@ class RecoveryTracker:
             peak = state["peak_excess"]
             self._peak_excess = -math.inf if peak is None else float(peak)
             self._since_back = deque(((float(r), float(e)) for r, e in state["since_back"]), maxlen=self.config.damage_steps)
+            self.backtest_error = float(state["backtest_error"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed recovery tracker state: {exc}") from None
 
