@@ -244,7 +244,7 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
     out = []
     for p in _state_at_onset(ev)[:3]:
         out.append(p["sentence"] + (f" ({steps_text(p['lead_steps'])} before the loss flag)" if p.get("lead_steps") else ""))
-    if not out and ev.update_step and ev.update_step["fired"]:
+    if not out and ev.update_step and ev.update_step["fired"] and ev.first_nonfinite is None:
         out.append(
             f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
             f"gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}): the optimizer's state made the step large"
@@ -301,12 +301,12 @@ RULES = (
                     "moments), or the parameter norm back most of the way to its start", _state_reset),
     ("lr_schedule", "an upward LR discontinuity within lookback steps before onset", _lr_schedule),
     ("numerics_rank", "one rank alone off, with a normal batch on that rank", _numerics_rank),
+    ("optimizer_state", "optimizer state departing at the onset (moments collapsing, eps share rising, an update "
+                        "without a gradient), before any non-finite value", _optimizer_state),
     ("bad_batch", "an anomalous batch at onset or the two steps before", _bad_batch),
     ("unknown", "a minor incident with none of the evidence above: no cause is named", _minor_blip),
     ("bad_batch", "one step out of the band and back at the next, no build-up", _bad_batch_shape),
     ("numerics_rank", "a non-finite value with no build-up before it (10+ logged steps to judge)", _sudden_nonfinite),
-    ("optimizer_state", "optimizer state departing at the onset (moments collapsing, eps share rising, an update "
-                        "without a gradient)", _optimizer_state),
     ("lr_too_high", "early instability (in or right after the warmup, or early without one)", _lr_too_high),
     ("grad_explosion", "a build-up: the gradient norm or a tensor off its history 2+ steps before, or clipping "
                        "saturation before onset", _grad_explosion),
@@ -314,8 +314,12 @@ RULES = (
 
 
 def _state_at_onset(ev: Evidence) -> list[dict[str, Any]]:
-    """Optimizer-state precursors still under way at the onset (not an earlier drift)."""
-    return [p for p in ev.layers.precursors if p.get("at_onset")] if ev.layers is not None else []
+    """Optimizer-state precursors seen at the onset (not an earlier drift) and before any non-finite
+    value (a state built from non-finite gradients is a consequence, not a cause)."""
+    if ev.layers is None:
+        return []
+    broke = ev.first_nonfinite["step"] if ev.first_nonfinite is not None else None
+    return [p for p in ev.layers.precursors if p.get("at_onset") and (broke is None or (p["step"] is not None and p["step"] < broke))]
 
 
 def _unknown(incident: Incident, ev: Evidence) -> list[str]:
