@@ -34,20 +34,17 @@ import spikedoc  # noqa: E402
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, block_size: int) -> None:
+    """Pre-norm transformer block: causal self-attention, then a GELU MLP."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn = nn.MultiheadAttention(n_embd, n_head, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
-        self.n_head = n_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self.c_proj(y)
+    def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)  # (B, T, C)
+        x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
 
 
@@ -57,15 +54,16 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int = 256, block_size: int = 32, n_layer: int = 2, n_head: int = 2, n_embd: int = 32) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(Block(n_embd, n_head, block_size) for _ in range(n_layer))
+        self.h = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         T = idx.shape[1]
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
         for block in self.h:
-            x = block(x)
+            x = block(x, causal)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss

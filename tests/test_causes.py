@@ -53,9 +53,22 @@ def test_a_stretch_of_high_entropy_batches_is_skipped_whole(tmp_path):
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
     assert (inc.onset_step, inc.cause) == (T, "bad_batch")
     assert any("high-entropy input" in e for e in inc.evidence)
-    assert any(f"29 more batches inside the incident (steps {T + 1}..{T + 29})" in e for e in inc.evidence)
+    assert any(f"29 more batches after onset (steps {T + 1}..{T + 29})" in e for e in inc.evidence)
     assert inc.recommendation["skip_steps"] == list(range(T, T + 30))
     assert inc.recommendation["skip_sample_ids"] == [f"doc-{T * 8 + i}" for i in range(30 * 8)]
+
+
+@pytest.mark.parametrize("seed", [9, 11])
+def test_one_corrupt_stretch_whose_loss_dips_back_into_the_band_is_one_incident(tmp_path, seed):
+    steps = healthy_steps(seed=seed)
+    stretch = steps["step"].between(T + 31, T + 52)
+    steps.loc[stretch, "distinct_token_ratio"] = 0.95
+    lifts = np.full(22, 1.9)
+    lifts[[6, 7, 8, 9, 10]] = 1.0  # five batches of the stretch happen to be as easy as text: the loss is back in its band
+    steps.loc[stretch, "loss"] *= lifts
+    [inc] = analyze(write_run(tmp_path / "run", steps)).incidents
+    assert inc.cause == "bad_batch" and inc.onset_step == T + 31
+    assert inc.recommendation["skip_steps"] == list(range(T + 31, T + 53))
 
 
 def test_batches_after_onset_without_the_onset_batch_anomaly_are_not_skipped(tmp_path):

@@ -33,8 +33,8 @@ class Evidence:
     batches: list[dict[str, Any]] = field(default_factory=list)
     """Candidate onset batches (`attribute_batches`)."""
     stretch: list[dict[str, Any]] = field(default_factory=list)
-    """Batches after onset, inside the incident, with an anomaly of the kind an onset batch has: a
-    corrupt stretch of data rather than one batch."""
+    """Batches after onset, inside the incident and in an unbroken run just after it, with an anomaly
+    of the kind an onset batch has: a corrupt stretch of data rather than one batch."""
     one_step: bool = False
     """The incident's first series was out of the band at its onset step only, back in it right after."""
     layers: LayerAttribution | None = None
@@ -175,7 +175,7 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
     if out and ev.stretch:
         steps = [b["step"] for b in ev.stretch]
         flags = sorted({f for b in ev.stretch for f in b["flags"]})
-        out.append(f"{count(len(steps), 'more batch', 'more batches')} inside the incident "
+        out.append(f"{count(len(steps), 'more batch', 'more batches')} after onset "
                    f"(steps {fmt_step_ranges(steps)}) show the same anomaly ({', '.join(flags)}): a stretch of bad data")
     return out
 

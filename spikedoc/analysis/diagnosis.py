@@ -27,7 +27,7 @@ from spikedoc.analysis.context import (
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
 from spikedoc.analysis.guard_actions import guard_actions, guard_handling, without_guard_lr_changes
-from spikedoc.analysis.incident import Incident, _jsonable
+from spikedoc.analysis.incident import Incident, _jsonable, joined
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents
@@ -252,6 +252,7 @@ class _Analysis:
             ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
+            found = self._one_per_stretch(found, frame)
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                self._lineage_checkpoints(frame) if found else [],
                                healthy=self._healthy(frame, detection) if found else None,
@@ -292,13 +293,41 @@ class _Analysis:
 
     def _stretch(self, onset_batches: list[dict[str, Any]], frame: pd.DataFrame, hashes: dict[str, Any],
                  onset: int, end: int) -> list[dict[str, Any]]:
-        """Batches after onset, up to the incident's end, flagged the way an anomalous onset batch is."""
+        """Batches after onset flagged the way an anomalous onset batch is: those up to the incident's
+        end, and the unbroken run of them just after it (bad data whose loss was back in the band)."""
         flags = {f for b in onset_batches for f in b["flags"]}
         if not flags:
             return []
-        later = frame.loc[(frame["step"] > onset) & (frame["step"] <= end)]
+        later = frame.loc[(frame["step"] > onset) & (frame["step"] <= end + self.config.lookback)]
         batches = attribute_batches(self._rows_of(later), profile=self.profile, hashes=hashes, config=self.config)
-        return [b for b in batches if flags & set(b["flags"])]
+        inside = [b for b in batches if b["step"] <= end and flags & set(b["flags"])]
+        after = []
+        for b in (b for b in batches if b["step"] > end):
+            if not flags & set(b["flags"]) or b["step"] != (after[-1]["step"] if after else end) + 1:
+                break
+            after.append(b)
+        return inside + after
+
+    def _one_per_stretch(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
+        """Join consecutive loss incidents that one stretch of anomalous batches spans: every batch from
+        the first incident's onset (or the two steps before) to the next one's onset shares an anomaly."""
+        out: list[Incident] = []
+        for inc in found:
+            prev = out[-1] if out else None
+            if prev is not None and "loss" in prev.series and "loss" in inc.series \
+                    and inc.onset_step - prev.end_step <= self.config.lookback and self._bridged(prev, inc, frame):
+                out[-1] = joined(prev, inc)
+            else:
+                out.append(inc)
+        return out
+
+    def _bridged(self, a: Incident, b: Incident, frame: pd.DataFrame) -> bool:
+        rows = frame.loc[(frame["step"] >= a.onset_step - _CANDIDATES) & (frame["step"] <= b.onset_step)]
+        batches = attribute_batches(self._rows_of(rows), profile=self.profile, hashes={}, config=self.config)
+        flags = {f for x in batches if x["step"] <= a.onset_step for f in x["flags"]}
+        between = [x for x in batches if a.end_step < x["step"] <= b.onset_step]
+        steps = frame.loc[(frame["step"] > a.end_step) & (frame["step"] <= b.onset_step), "step"]
+        return bool(flags) and len(between) == len(steps) and all(flags & set(x["flags"]) for x in between)
 
     def _diagnose(self, inc: Incident, shared: PieceData) -> dict[str, Any]:
         cfg, piece = self.config, shared.piece
@@ -314,7 +343,7 @@ class _Analysis:
         ev.one_step = one_step(inc, frame)
         candidates = frame.loc[(frame["step"] >= onset - _CANDIDATES) & (frame["step"] <= onset)]
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
-        ev.stretch = self._stretch(ev.batches, frame, hashes, onset, end)
+        ev.stretch = self._stretch(ev.batches, shared.window(onset, end + cfg.lookback), hashes, onset, end)
         if self.run.has_layers:
             # A few steps past the peak: state statistics that skipped the onset (a cost budget's light
             # steps, `layer_every`) come at the first step that has them again.
