@@ -134,7 +134,8 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     jump = ev.lr_jump
     if jump is None or jump["direction"] != "up":
         return []
-    group = "" if jump["group"] == 0 else f" (param group {jump['group']})"
+    groups = jump.get("groups", [jump["group"]])
+    group = "" if groups == [0] or len(groups) > 1 else f" (param group {groups[0]})"
     out = [
         f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
         f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"

@@ -48,6 +48,8 @@ _CANDIDATES = 2
 #: cost budget every step after a flagged one is full again, and rows are assembled a step or two late
 #: (the spike suite's optimizer_state run under budget=0.02: onset 151, next full step 154).
 _STATE_LOOKAHEAD = 10
+# Healthy steps before a lineage's first incident that are enough to profile its normal batches.
+_PROFILE_STEPS = 50
 # Per-incident context reaches this many lookbacks before onset (clipping's "earlier in the run",
 # the update-norm history).
 _CONTEXT = 10
@@ -210,7 +212,8 @@ class _Analysis:
         self.detector = config.detector if config.detector is not None else DetectorConfig()
         self.meta = run.meta or {}
         self.multi_rank = "rank" in steps.columns and steps["rank"].nunique() > 1
-        self.profile = batch_profile(steps)
+        self.run_profile = batch_profile(steps)
+        self.profile = self.run_profile
         self.module_types = parameter_modules(self.meta)
         self.checkpoints = checkpoints_of(run.events)
         self.clip = clip_in_use(self.meta, steps)
@@ -252,6 +255,7 @@ class _Analysis:
             ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
+            self.profile = self._profile_before(frame, found)
             found = self._one_per_stretch(found, frame)
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                self._lineage_checkpoints(frame) if found else [],
@@ -308,6 +312,15 @@ class _Analysis:
             after.append(b)
         return inside + after
 
+    def _profile_before(self, frame: pd.DataFrame, found: list[Incident]) -> Any:
+        """What a normal batch of this lineage looks like: its batches before the first incident, when
+        there are enough of them; a stretch of bad data that lasts would otherwise widen the whole
+        run's spread until its own batches look normal."""
+        if not found:
+            return self.run_profile
+        before = frame.loc[frame["step"] < found[0].onset_step]
+        return batch_profile(self._rows_of(before)) if len(before) >= _PROFILE_STEPS else self.run_profile
+
     def _one_per_stretch(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
         """Join consecutive loss incidents that one stretch of anomalous batches spans: every batch from
         the first incident's onset (or the two steps before) to the next one's onset shares an anomaly."""
@@ -354,7 +367,8 @@ class _Analysis:
                                          module_types=self.module_types, config=cfg)
         ev.grad_precursor = grad_precursor(inc, loss_flag, shared.incidents, cfg)
         ups = [j for j in shared.jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
-        ev.lr_jump = ups[-1] if ups else None
+        # The latest jump, as one discontinuity of every param group that jumped at that step.
+        ev.lr_jump = _one_per_step([j for j in ups if j["step"] == ups[-1]["step"]])[0] if ups else None
         ev.lr_onset = lr_at(frame, onset)
         ev.warmup = shared.warmup
         ev.clipping = clipping_before(frame, onset, config=cfg)
