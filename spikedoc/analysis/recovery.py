@@ -75,6 +75,10 @@ class RecoveryConfig:
     damage_z: float = 3.0
     """A mean excess this many of its own standard errors (autocorrelation-robust) above the
     trajectory is a real shift, not noise (one-sided, about 0.1% by chance)."""
+    damage_sigmas: float = 1.25
+    """A lasting shift must also exceed this many of one step's noise (the trajectory's robust
+    sigma): healthy public speedrun logs wander by about one step's noise over 100 steps, with no
+    incident behind it (docs/detection.md)."""
     damage_floor: float = 0.025
     """Practical size of a lasting shift, as a share of the trajectory, on top of the progress the
     trajectory expects over the tested steps (`RecoveryTracker.shift_floor`). Set on healthy runs of
@@ -88,7 +92,7 @@ class RecoveryConfig:
                 raise ValueError(f"RecoveryConfig.{name} must be a positive integer, got {value!r}")
         if self.min_fit_steps > self.fit_steps:
             raise ValueError(f"RecoveryConfig.min_fit_steps ({self.min_fit_steps}) must not exceed fit_steps ({self.fit_steps})")
-        for name in ("tolerance_sigma", "band_sigma", "damage_z"):
+        for name in ("tolerance_sigma", "band_sigma", "damage_z", "damage_sigmas"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"RecoveryConfig.{name} must be a finite number > 0, got {value!r}")
@@ -330,7 +334,8 @@ class RecoveryTracker:
         t = self.trajectory
         start = t.intercept + t.slope * t.anchor  # the trajectory at the last healthy step before onset
         progress = max(0.0, (start - level) / level if level > 0 else 0.0)
-        return self.config.damage_floor + progress + _BACKTEST_SHARE * self.backtest_error
+        noise = self.config.damage_sigmas * t.sigma / level if level > 0 else 0.0
+        return max(self.config.damage_floor + progress + _BACKTEST_SHARE * self.backtest_error, noise)
 
     def _damaged(self, shift_ratio: float, shift_z: float) -> bool:
         """Back on the trajectory, but shifted above it: both real (`damage_z` standard errors) and large enough to matter."""
