@@ -22,8 +22,8 @@ from spikedoc.errors import EXIT_BAD_INPUT, EXIT_INCOMPLETE, SpikedocError, one_
 
 __all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS", "EXIT_INCOMPLETE", "DOCS"]
 
-#: Exit codes: healthy (or only minor incidents), an incident needs attention (EXIT_BAD_INPUT = 2 for
-#: unusable input; EXIT_INCOMPLETE = 3 for a run with holes where no incident needs attention).
+#: Exit codes: nothing to act on, an incident's advice holds something to do (EXIT_BAD_INPUT = 2 for
+#: unusable input; EXIT_INCOMPLETE = 3 for a run with holes where nothing is to be done).
 EXIT_HEALTHY, EXIT_INCIDENTS = 0, 1
 #: Where the documentation lives online (a pip install has no docs/ folder).
 DOCS = "https://github.com/spikedoc/spikedoc/blob/main/docs/"
@@ -66,9 +66,10 @@ def analyze(
 ) -> None:
     """Find loss spikes, attribute them to batches and layers, name the cause and say what to do.
 
-    Exit code 0 when the run is healthy or its incidents are all minor, 1 when an incident needs
-    attention (moderate or severe), 2 for unusable input, 3 when the run is incomplete (steps
-    missing: an unreadable part, a gap in a log) and no incident needs attention.
+    Exit code 0 when nothing is to be done (no incident, or only ones the run recovered from), 1
+    when an incident's advice holds something to do (a rollback, data to skip, a fix) that no guard
+    already did, 2 for unusable input, 3 when the run is incomplete (steps missing: an unreadable
+    part, a gap in a log) and nothing else is to be done.
     """
     console = Console(highlight=False)
     diagnosis = _diagnose(_load(run, start, stop, console, lenient=lenient), threshold, window, console)

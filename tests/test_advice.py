@@ -103,16 +103,39 @@ def test_a_bad_batch_in_a_run_whose_optimizer_state_drifts_slowly_is_the_batchs(
     assert "reset_moments" not in _actions(inc)
 
 
-def test_a_loss_back_at_its_untrained_level_is_a_state_reset_without_any_resume(tmp_path):
+def _restarted_curve(param_norm_back: bool | None) -> pd.DataFrame:
+    """A real loss curve that starts over at step 2500, with a parameter norm that goes back there or not (None: none logged)."""
     steps = pd.read_csv(REAL / "modded-nanogpt_2024-10-29_Optimizers_8bfe4e35.csv")
     steps = steps.loc[steps["step"] <= 3000].copy()
-    at = steps["step"] >= 2500  # from here the weights are as if untrained: the curve starts over
+    at = steps["step"] >= 2500  # from here the loss is as if untrained: the curve starts over
     steps.loc[at, "loss"] = steps["loss"].to_numpy()[: int(at.sum())]
+    if param_norm_back is not None:
+        grown = 40.0 + 0.01 * steps["step"].to_numpy(dtype=float)  # the weights' norm grows as they train
+        steps["param_norm"] = np.where(at & param_norm_back, 40.0, grown)
+    return steps
+
+
+def test_a_loss_back_at_its_untrained_level_with_the_weights_back_at_their_start_is_a_state_reset(tmp_path):
     csv = tmp_path / "reset.csv"
-    steps.to_csv(csv, index=False)
+    _restarted_curve(param_norm_back=True).to_csv(csv, index=False)
     inc = next(i for i in spikedoc.analyze(csv).incidents if i.onset_step >= 2500)
     assert (inc.onset_step, inc.cause, inc.severity) == (2500, "state_reset", "severe")
-    assert any("untrained level" in e for e in inc.evidence)
+    assert "the weights were reset" in inc.evidence[0] and any("untrained level" in e for e in inc.evidence)
+
+
+def test_a_loss_back_at_its_untrained_level_while_the_weights_moved_on_is_no_state_reset(tmp_path):
+    csv = tmp_path / "thrown.csv"
+    _restarted_curve(param_norm_back=False).to_csv(csv, index=False)
+    inc = next(i for i in spikedoc.analyze(csv).incidents if i.onset_step >= 2500)
+    assert inc.cause != "state_reset" and "load_state" not in _actions(inc)
+
+
+def test_a_loss_back_at_its_untrained_level_without_a_parameter_norm_is_unknown_and_says_what_would_tell(tmp_path):
+    csv = tmp_path / "loss_only.csv"
+    _restarted_curve(param_norm_back=None).to_csv(csv, index=False)
+    inc = next(i for i in spikedoc.analyze(csv).incidents if i.onset_step >= 2500)
+    assert (inc.onset_step, inc.cause, inc.severity) == (2500, "unknown", "severe")
+    assert any("without the parameter norm (not logged)" in e for e in inc.evidence)
 
 
 def test_a_loss_thrown_back_to_its_untrained_level_right_after_an_lr_jump_is_the_jump_not_a_state_reset(tmp_path):

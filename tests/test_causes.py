@@ -53,9 +53,22 @@ def test_a_stretch_of_high_entropy_batches_is_skipped_whole(tmp_path):
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
     assert (inc.onset_step, inc.cause) == (T, "bad_batch")
     assert any("high-entropy input" in e for e in inc.evidence)
-    assert any(f"29 more batches inside the incident (steps {T + 1}..{T + 29})" in e for e in inc.evidence)
+    assert any(f"29 more batches after onset (steps {T + 1}..{T + 29})" in e for e in inc.evidence)
     assert inc.recommendation["skip_steps"] == list(range(T, T + 30))
     assert inc.recommendation["skip_sample_ids"] == [f"doc-{T * 8 + i}" for i in range(30 * 8)]
+
+
+@pytest.mark.parametrize("seed", [9, 11])
+def test_one_corrupt_stretch_whose_loss_dips_back_into_the_band_is_one_incident(tmp_path, seed):
+    steps = healthy_steps(seed=seed)
+    stretch = steps["step"].between(T + 31, T + 52)
+    steps.loc[stretch, "distinct_token_ratio"] = 0.95
+    lifts = np.full(22, 1.9)
+    lifts[[6, 7, 8, 9, 10]] = 1.0  # five batches of the stretch happen to be as easy as text: the loss is back in its band
+    steps.loc[stretch, "loss"] *= lifts
+    [inc] = analyze(write_run(tmp_path / "run", steps)).incidents
+    assert inc.cause == "bad_batch" and inc.onset_step == T + 31
+    assert inc.recommendation["skip_steps"] == list(range(T + 31, T + 53))
 
 
 def test_batches_after_onset_without_the_onset_batch_anomaly_are_not_skipped(tmp_path):
@@ -81,11 +94,20 @@ def test_bad_batch_names_overlong_sequences_as_a_ratio_to_the_run_median(tmp_pat
 def test_a_one_step_loss_spike_without_precursor_is_the_batch_itself(tmp_path):
     # No fingerprint says anything, but the loss (measured before the update) is back at the next step.
     steps = healthy_steps()
-    steps.loc[T, "loss"] *= 1.5
+    steps.loc[T, "loss"] *= 2.0
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
-    assert (inc.cause, inc.recovered, inc.recovery_step) == ("bad_batch", True, T + 1)
+    assert (inc.cause, inc.recovered, inc.recovery_step, inc.severity) == ("bad_batch", True, T + 1, "moderate")
     assert "back in the band at the next step" in inc.evidence[0]
     assert inc.recommendation["rollback"] is False
+
+
+def test_a_minor_blip_without_evidence_gets_no_cause_and_nothing_to_skip(tmp_path):
+    steps = healthy_steps(seed=3)
+    steps.loc[T + 17, "loss"] *= 1.3
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert (inc.severity, inc.cause) == ("minor", "unknown")
+    assert inc.recommendation["skip_steps"] == [] and inc.recommendation["skip_sample_positions"] == []
+    assert [a["action"] for a in inc.recommendation["actions"]] == ["none"]
 
 
 def test_a_single_nonfinite_loss_that_does_not_persist_is_the_batch_itself(tmp_path):
@@ -224,6 +246,28 @@ def test_lr_schedule_when_the_lr_jumps_where_a_resumed_segment_starts(tmp_path):
     assert "lr_discontinuity" in [f.id for f in diagnosis.findings]
 
 
+def test_one_lr_jump_of_every_param_group_is_one_discontinuity(tmp_path):
+    steps = healthy_steps(seed=11)
+    steps["lr_1"] = steps["lr"] * 0.1  # a second param group on the same schedule
+    jump = steps["step"] >= T + 7
+    steps.loc[jump, ["lr", "lr_1"]] *= 10
+    diagnosis = analyze(write_run(tmp_path / "run", steps))
+    [finding] = [f for f in diagnosis.findings if f.id == "lr_discontinuity"]
+    assert [(j["step"], j["groups"]) for j in finding.details["jumps"]] == [(T + 7, [0, 1])]
+    assert "jumps at 1 step" in finding.message
+
+
+def test_the_guards_own_lr_cut_and_its_undo_are_neither_findings_nor_causes(tmp_path):
+    steps = healthy_steps(seed=13)
+    cut = steps["step"].between(T + 3, T + 40)  # rolled back to T+3 with the LR halved, undone at T+41
+    steps.loc[cut, "lr"] *= 0.5
+    events = [("rollback", T + 3, {"from_step": T + 9, "to_step": T + 3, "lr_scale": 0.5}),
+              ("data_skip", T + 41, {"remedy_reverted": True})]
+    diagnosis = analyze(write_run(tmp_path / "run", steps, events=events))
+    assert "lr_discontinuity" not in [f.id for f in diagnosis.findings]
+    assert all(i.cause != "lr_schedule" for i in diagnosis.incidents)
+
+
 # ---------------------------------------------------------------------------------- lr_too_high
 
 
@@ -331,14 +375,45 @@ def test_rollback_goes_to_the_last_checkpoint_before_the_earliest_precursor(tmp_
     assert action_text(rec["actions"][0]) == "roll back to ckpt/390.pt (the state before step 390)"
 
 
-def test_rollback_without_checkpoint_events_is_a_margin_before_onset(tmp_path):
+def test_rollback_without_checkpoint_events_is_the_newest_healthy_state(tmp_path):
     steps = healthy_steps()
     _elevate(steps, T, 600, 2.0)  # never comes back: a rollback is needed
     inc = _only(analyze(write_run(tmp_path / "run", steps)))
     assert inc.recovered is False
-    # 100 steps before the update the onset's loss first shows (the step before onset).
-    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 1 - 100, False)
+    # The state before step T - 1, whose update the onset's loss is the first to show.
+    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_known"]) == (T - 1, False)
     assert "no checkpoint events recorded" in action_text(inc.recommendation["actions"][0])
+
+
+def test_a_checkpoint_file_written_again_after_onset_is_no_rollback_target(tmp_path):
+    steps = healthy_steps(seed=5)
+    _elevate(steps, T + 13, 600, 2.0)
+    events = [("checkpoint", s, {"path": "out/ckpt.pt"}) for s in (T - 87, T + 13 - 30, T + 100)]
+    events.insert(1, ("checkpoint", T - 50, {"path": "out/keep.pt"}))
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
+    rec = inc.recommendation
+    assert (rec["rollback_to_step"], rec["checkpoint_path"]) == (T - 50, "out/keep.pt")
+    assert rec["checkpoints_overwritten"] == [{"path": "out/ckpt.pt", "overwritten_at": T + 100}]
+
+
+def test_when_every_clean_checkpoint_was_overwritten_the_advice_says_none_holds_the_state(tmp_path):
+    steps = healthy_steps(seed=7)
+    _elevate(steps, T + 21, 600, 2.0)
+    events = [("checkpoint", s, {"path": "out/ckpt.pt"}) for s in (T - 79, T + 21 - 40, T + 71, T + 121)]
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=events)))
+    rec = inc.recommendation
+    assert (rec["checkpoint_known"], rec["checkpoint_path"], rec["rollback_to_step"]) == (False, None, T + 20)
+    assert action_text(rec["actions"][0]).startswith(
+        f"out/ckpt.pt was overwritten at step {T + 71}; no recorded checkpoint holds a state before step {T + 20}")
+
+
+def test_a_recovered_incident_names_no_rollback_target(tmp_path):
+    steps = healthy_steps(seed=9)
+    steps.loc[T + 3, "loss"] *= 2.2
+    inc = _only(analyze(write_run(tmp_path / "run", steps, events=[("checkpoint", T - 3, {"path": "c.pt"})])))
+    rec = inc.recommendation
+    assert rec["rollback"] is False
+    assert (rec["rollback_to_step"], rec["checkpoint_path"]) == (None, None)
 
 
 def test_a_checkpoint_taken_at_the_onset_step_is_not_a_rollback_target_unless_the_onset_batch_is_the_fault(tmp_path):

@@ -186,7 +186,9 @@ def test_a_real_training_run_recorded_by_watch_is_diagnosed(tmp_path):
     inc = diagnosis.incidents[0]
     assert (inc.onset_step, inc.cause) == (100, "bad_batch")
     assert inc.recommendation["skip_steps"] == [100]
-    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_path"]) == (100, "ckpt-100.pt")
+    # Recovered: nothing to roll back, so no rollback target is named (a skip replays from where it is).
+    assert inc.verdict == "recovered" and inc.recommendation["rollback"] is False
+    assert (inc.recommendation["rollback_to_step"], inc.recommendation["checkpoint_path"]) == (None, None)
     assert [f.id for f in diagnosis.findings] == ["adam_coupled_weight_decay", "decay_on_bias_and_norm"]
     assert diagnosis.missing == []
 

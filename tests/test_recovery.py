@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import spikedoc
-from spikedoc.analysis.recovery import RecoveryConfig, RecoveryTracker, fit_trajectory, judge_recovery
+from spikedoc.analysis.recovery import RecoveryConfig, RecoveryTracker, fit_trajectory, judge_recovery, lasting_excess
 
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 
@@ -105,3 +105,71 @@ def test_a_bad_batch_that_left_no_damage_recovers():
     rec = judge_recovery(steps, loss, onset_step=140, end_step=140)
     assert rec.verdict == "recovered" and rec.back_step == 141
     assert math.isfinite(rec.excess_sigma) and rec.excess_sigma < RecoveryConfig().tolerance_sigma
+
+
+# ------------------------------------------------------------------------- lasting shift, by statistics
+
+
+def _newey_west_brute(r: np.ndarray, lags: int) -> float:
+    """The Newey-West standard error of the mean written out term by term."""
+    n, m = len(r), float(np.mean(r))
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            k = abs(i - j)
+            if k <= lags:
+                total += (1 - k / (lags + 1)) * (r[i] - m) * (r[j] - m)
+    return math.sqrt(total / n / n)
+
+
+@pytest.mark.parametrize("n", [25, 60, 100])
+def test_the_standard_error_of_the_lasting_shift_is_newey_west(n):
+    rng = np.random.default_rng(n + 1)
+    r = np.zeros(n)
+    for t in range(1, n):  # AR(1): neighbouring losses are correlated
+        r[t] = 0.7 * r[t - 1] + rng.normal(0, 0.01)
+    mean, se = lasting_excess(r, sigma=1.0)
+    assert mean == pytest.approx(r.mean())
+    assert se == pytest.approx(_newey_west_brute(r, int(4 * (n / 100) ** (2 / 9))), rel=1e-9)
+
+
+def test_positively_correlated_residuals_get_a_wider_standard_error_than_independent_ones():
+    rng = np.random.default_rng(7)
+    e = rng.normal(0, 0.01, 100)
+    ar = np.zeros(100)
+    for t in range(1, 100):
+        ar[t] = 0.8 * ar[t - 1] + e[t]
+    _, se = lasting_excess(ar, sigma=1.0)
+    assert se > 1.5 * ar.std() / math.sqrt(100)
+
+
+def _shifted(shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A long curve with a minibatch's 5% noise per step, a 2.5x spike at step 701, then the loss
+    `shift` (a share) above where it was heading."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(900)
+    loss = (2.0 + 3.0 * (steps + 10.0) ** -0.3) * np.exp(rng.normal(0, 0.05, steps.size))
+    loss[701] *= 2.5
+    loss[702:] *= 1.0 + shift
+    return steps, loss
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_a_lasting_shift_inside_the_noise_of_one_step_is_damage_when_it_is_many_standard_errors(seed):
+    steps, loss = _shifted(0.08, seed)  # 1.6 of one step's noise: the 20-step median is within its tolerance
+    rec = judge_recovery(steps, loss, onset_step=701, end_step=701)
+    assert rec.verdict == "recovered_with_damage"
+    assert rec.excess_sigma <= RecoveryConfig().tolerance_sigma  # the median test alone would call it recovered
+    assert rec.shift_ratio >= RecoveryConfig().damage_floor and rec.shift_z >= RecoveryConfig().damage_z
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_a_shift_of_one_steps_noise_is_not_told_from_a_healthy_runs_wander(seed):
+    steps, loss = _shifted(0.04, seed)
+    assert judge_recovery(steps, loss, onset_step=701, end_step=701).verdict == "recovered"
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_a_real_but_tiny_shift_is_below_the_practical_floor(seed):
+    steps, loss = _shifted(0.005, seed)
+    assert judge_recovery(steps, loss, onset_step=701, end_step=701).verdict == "recovered"

@@ -59,6 +59,7 @@ def test_a_run_needing_no_attention_says_why():
     assert said(incident("minor", False)) == "only minor incidents"
     assert said(incident("severe", True)) == "handled by the guard"
     assert said(incident("severe", True), incident("minor", False)).startswith("the guard handled the larger incidents")
+    assert said(incident("moderate", False)) == "nothing to act on: the run recovered by itself"
 
 
 def test_guard_details_from_the_run_are_printed_as_text_not_markup():

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "times",
     "MAD_TO_SIGMA", "LOG10_SIGMA_FLOOR", "CLIPPED_BELOW", "robust_center_scale", "robust_z", "finite", "as_float",
     "was_clipped", "fmt", "fmt_steps", "fmt_span", "steps_text", "count",
 ]  # fmt: skip
@@ -64,6 +65,18 @@ def robust_z(value: float, center: float, sigma: float) -> float:
     if sigma <= 0:
         return 0.0 if diff == 0 else math.copysign(math.inf, diff)
     return diff / sigma
+
+
+def times(value: float | None, digits: int = 2) -> str:
+    """A ratio as "2.5x"; a ratio of a non-finite value is said in words, never "nanx".
+
+    Example:
+        >>> times(2.5), times(float("nan"))
+        ('2.5x', 'non-finite')
+    """
+    if value is None or not math.isfinite(float(value)):
+        return "non-finite"
+    return f"{fmt(value, digits)}x"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -53,7 +53,9 @@ class LayerAttribution:
     """Per module kind: `module`, `tensors`, `departed`, `max_z`, `lead_steps`."""
     precursors: list[dict[str, Any]] = field(default_factory=list)
     """Optimizer-state precursors: `name`, `kind` (eps_frac_rise, exp_avg_sq_collapse,
-    update_without_grad), `before`, `value`, `step`, `lead_steps`, `sentence`."""
+    update_without_grad), `before`, `value`, `step`, `lead_steps`, `at_onset` (the change is seen
+    within `sudden_steps` of the loss flag: the state departing there, what an `optimizer_state`
+    cause needs, rather than an earlier drift), `sentence`."""
     earliest_step: int | None = None
     """Earliest departure of any tensor (or precursor) at or before the reference step."""
     history_steps: int = 0
@@ -63,6 +65,9 @@ class LayerAttribution:
     nonfinite_params: tuple[int, list[str]] | None = None
     """(step, names): the first logged step where some (at most half) of the parameter norms are
     non-finite, and those tensors."""
+    nonfinite_grads: tuple[int, list[str], int] | None = None
+    """(step, names, tensors logged): the first logged step with a non-finite gradient norm, the
+    tensors whose gradient was non-finite there, and how many tensors that step logged."""
 
 
 def attribute_layers(
@@ -100,6 +105,7 @@ def attribute_layers(
     state_layers = layers  # the state statistics may be read past the peak, up to the first measured step
     layers = layers.loc[layers["step"] <= max(peak, onset)]
     result.nonfinite_params = _nonfinite_params(layers)
+    result.nonfinite_grads = _first_nonfinite(layers, "grad_norm")
     steps = np.sort(layers["step"].unique())
     pre = steps[steps < onset]
     scan_start = onset - config.lookback
@@ -158,15 +164,23 @@ def _nonfinite_params(layers: pd.DataFrame) -> tuple[int, list[str]] | None:
     A NaN row is data here (the row was written, its value is NaN). When every tensor goes
     non-finite in the same step (a NaN gradient reaches all of them), naming them says nothing.
     """
-    if "param_norm" not in layers.columns:
+    found = _first_nonfinite(layers, "param_norm")
+    if found is None:
         return None
-    bad = layers.loc[~np.isfinite(layers["param_norm"].to_numpy(dtype=float))]
+    first, names, total = found
+    return (first, names) if len(names) <= total // 2 else None
+
+
+def _first_nonfinite(layers: pd.DataFrame, column: str) -> tuple[int, list[str], int] | None:
+    """First step where some tensor's `column` is non-finite: (step, those tensors, tensors logged there)."""
+    if column not in layers.columns:
+        return None
+    bad = layers.loc[~np.isfinite(layers[column].to_numpy(dtype=float))]  # a NaN row is data: the value was NaN
     if bad.empty:
         return None
     first = int(bad["step"].min())
     names = sorted(bad.loc[bad["step"] == first, "name"].astype(str).unique().tolist())
-    total = layers.loc[layers["step"] == first, "name"].nunique()
-    return (first, names) if len(names) <= total // 2 else None
+    return first, names, int(layers.loc[layers["step"] == first, "name"].nunique())
 
 
 def _wide(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -297,7 +311,10 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
     A level far from the tensor's history is not enough: healthy runs drift (a bias tensor's
     second moment can fall 20x over a few hundred steps as its gradient shrinks). A precursor also
     changes at a rate its history never showed: its change over `config.sudden_steps` logged steps
-    is `z_threshold` robust sigmas off the same change measured over its baseline.
+    is `z_threshold` robust sigmas off the same change measured over its baseline. And it is dated
+    inside the scan window: a change first seen after a gap in the state statistics that reaches
+    back before the window (a cost budget's sparse steps early in a run) could be the slow early
+    decline every run shows, spread over the gap.
     """
     base_steps, scan_steps, onset, peak, reference = (window.base_steps, window.scan_steps, window.onset,
                                                       window.peak, window.reference)  # fmt: skip
@@ -315,9 +332,11 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
         for j in np.flatnonzero(hits.any(axis=0) & np.isfinite(center)):
             name, seen, value, before = wide.columns[j], int(steps[hits[:, j].argmax()]), _nanmax(scan[:, j]), float(center[j])
             step, when = _when(wide, seen)
+            if step < scan_steps[0]:
+                continue  # the change may have happened anywhere in a gap reaching before the window: a drift cannot be ruled out
             found.append({
                 "name": name, "kind": "eps_frac_rise", "before": before, "value": value, "step": step,
-                "lead_steps": max(0, reference - step),
+                "lead_steps": max(0, reference - step), "at_onset": bool(hits[steps >= reference - config.sudden_steps, j].any()),
                 "sentence": f"eps-dominated fraction of {name} rose from {fmt(before, 2)} to {fmt(value, 2)} "
                 f"{when}, faster than it ever moved before",
             })
@@ -335,10 +354,12 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
         for j in np.flatnonzero(hits.any(axis=0)):
             name, seen, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
             step, when = _when(wide, seen)
+            if step < scan_steps[0]:
+                continue  # as above: not dated inside the window
             low = float(np.nanmin(scan[:, j]))
             found.append({
                 "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
-                "lead_steps": max(0, reference - step),
+                "lead_steps": max(0, reference - step), "at_onset": bool(hits[steps >= reference - config.sudden_steps, j].any()),
                 "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
                 f"({fmt(before)} -> {fmt(low)}) {when}, faster than it ever moved before",
             })
@@ -346,7 +367,7 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
         if row["update_z"] >= config.z_threshold and not row["grad_z"] >= config.z_threshold / 2:
             found.append({
                 "name": row["name"], "kind": "update_without_grad", "before": None, "value": row["update_z"],
-                "step": row["departed_step"], "lead_steps": row["lead_steps"],
+                "step": row["departed_step"], "lead_steps": row["lead_steps"], "at_onset": True,
                 "sentence": f"update/weight ratio of {row['name']} is {fmt(row['update_z'], 2)} sigma off its history "
                 f"while its gradient norm is not (z {fmt(row['grad_z'], 2)}): the optimizer state, not the gradient, "
                 "made the step large",

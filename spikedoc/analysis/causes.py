@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps, steps_text
+from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps, steps_text, times
 from spikedoc.analysis.attribution import LayerAttribution
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Resume
 
-__all__ = ["Evidence", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
+__all__ = ["Evidence", "RULES", "to_act_on", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
 
 # A freshly built Adam state after one step is (1 - beta2) g^2: <= 0.05 of a trained one for beta2 >= 0.95.
 _MOMENTS_RESET = 0.1
@@ -33,8 +33,8 @@ class Evidence:
     batches: list[dict[str, Any]] = field(default_factory=list)
     """Candidate onset batches (`attribute_batches`)."""
     stretch: list[dict[str, Any]] = field(default_factory=list)
-    """Batches after onset, inside the incident, with an anomaly of the kind an onset batch has: a
-    corrupt stretch of data rather than one batch."""
+    """Batches after onset, inside the incident and in an unbroken run just after it, with an anomaly
+    of the kind an onset batch has: a corrupt stretch of data rather than one batch."""
     one_step: bool = False
     """The incident's first series was out of the band at its onset step only, back in it right after."""
     layers: LayerAttribution | None = None
@@ -66,14 +66,26 @@ class Evidence:
     reset_level: dict[str, Any] | None = None
     """The loss back most of the way to its untrained level for several steps: `initial`, `level`,
     `baseline`, `share`, `steps`."""
+    param_reset: dict[str, Any] | None = None
+    """The parameter norm went back most of the way to its value at the start of the run: `initial`,
+    `before`, `after`, `share`. None also when the parameter norm was not logged (`has_param_norm`)."""
+    has_param_norm: bool = False
+    minor: bool = False
+    """The incident is minor (recovered, a blip): a cause is named only on evidence beyond its shape."""
+    build_up: dict[str, Any] | None = None
+    """Finite departures at least `build_up_steps` ahead of the first non-finite value or the loss
+    flag: `step`, `lead_steps`, `sentences`. A one-step lead of the gradient norm over the loss is the
+    order they are measured in (the loss of step t shows the update of step t-1), not a build-up."""
+    first_nonfinite: dict[str, Any] | None = None
+    """The first non-finite value of a non-finite incident: `step`, `what` (a sentence naming the
+    series or tensors), `loss_finite` (the loss of that step was finite: its batch's backward or
+    the update broke, the state before the step is good)."""
 
 
 def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None = None) -> tuple[str, list[str]]:
     """Walk the checklist in order; the first rule whose evidence is present decides the cause.
 
-    Order (docs/analysis.md explains each): state_reset, lr_schedule, numerics_rank (one rank
-    alone), bad_batch, numerics_rank (a non-finite value out of nowhere), optimizer_state,
-    lr_too_high (early in training), grad_explosion, unknown.
+    The order and what each cause requires are `RULES` (docs/analysis.md explains each).
 
     Returns:
         (cause, evidence sentences).
@@ -86,7 +98,7 @@ def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None
         'bad_batch'
     """
     config = config or AnalysisConfig()
-    for cause, rule in _RULES:
+    for cause, _requires, rule in RULES:
         found = rule(incident, ev, config)
         if found:
             return cause, found
@@ -95,14 +107,18 @@ def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None
 
 def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     if ev.resume is None:
-        r = ev.reset_level
-        if r is None or (ev.lr_jump is not None and ev.lr_jump["direction"] == "up"):
-            return []  # a loss thrown back that far right after an LR jump up: the jump undid training (lr_schedule)
-        return [
-            f"the loss went back to {fmt(r['level'])} (median of the {r['steps']} steps from onset), {r['share']:.0%} of the "
-            f"way from its baseline {fmt(r['baseline'])} to its untrained level {fmt(r['initial'])} at the start of the run, "
-            "and stayed there: the weights were reset (a checkpoint or state_dict that was never loaded), not a spike"
+        r, p = ev.reset_level, ev.param_reset
+        if p is None or (ev.lr_jump is not None and ev.lr_jump["direction"] == "up"):
+            return []  # the loss level alone does not show the weights went back (zeroed moments throw it back too)
+        out = [
+            f"the parameter norm went from {fmt(p['before'])} back to {fmt(p['after'])}, {p['share']:.0%} of the way to its "
+            f"value {fmt(p['initial'])} at the start of the run: the weights were reset (a checkpoint or state_dict that "
+            "was never loaded), not a spike"
         ]
+        if r is not None:
+            out.append(f"the loss went back to {fmt(r['level'])} (median of the {r['steps']} steps from onset), "
+                       f"{r['share']:.0%} of the way from its baseline {fmt(r['baseline'])} to its untrained level {fmt(r['initial'])}")
+        return out
     out = list(ev.resume.evidence) if ev.resume.state_reset else []
     if ev.moments_ratio is not None and ev.moments_ratio < _MOMENTS_RESET:
         out.append(
@@ -118,7 +134,8 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     jump = ev.lr_jump
     if jump is None or jump["direction"] != "up":
         return []
-    group = "" if jump["group"] == 0 else f" (param group {jump['group']})"
+    groups = jump.get("groups", [jump["group"]])
+    group = "" if groups == [0] or len(groups) > 1 else f" (param group {groups[0]})"
     out = [
         f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
         f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
@@ -159,11 +176,13 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
     if out and ev.stretch:
         steps = [b["step"] for b in ev.stretch]
         flags = sorted({f for b in ev.stretch for f in b["flags"]})
-        out.append(f"{count(len(steps), 'more batch', 'more batches')} inside the incident "
+        out.append(f"{count(len(steps), 'more batch', 'more batches')} after onset "
                    f"(steps {fmt_step_ranges(steps)}) show the same anomaly ({', '.join(flags)}): a stretch of bad data")
-    if out:
-        return out
-    if not ev.one_step or ev.grad_precursor is not None:
+    return out
+
+
+def _bad_batch_shape(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    if not ev.one_step or ev.build_up is not None:
         return []  # a gradient norm rising ahead of the loss is a growing instability, not one batch
     outranked = _outranked(incident, ev)
     if incident.metric == "loss" and incident.kind == "nonfinite":
@@ -173,13 +192,13 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
         ]
     if incident.metric == "loss":
         return [
-            f"the loss was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x its "
+            f"the loss was out of the band at step {incident.onset_step} only ({times(incident.peak_ratio)} its "
             f"baseline) and back in the band at the next step: the loss is measured before the update, so the "
             "batch itself had an unusually high loss"
         ] + outranked
     if ev.loss_flag_step is None:
         return [
-            f"the gradient norm was out of the band at step {incident.onset_step} only ({fmt(incident.peak_ratio, 2)}x "
+            f"the gradient norm was out of the band at step {incident.onset_step} only ({times(incident.peak_ratio)} "
             f"its baseline, {fmt(incident.magnitude_sigma, 2)} sigma), back at the next step"
             + (", and the loss did not react" if ev.has_loss else " (no loss recorded to compare)")
             + ": one batch with an outlier gradient, not a growing instability"
@@ -197,34 +216,36 @@ def _outranked(incident: Incident, ev: Evidence) -> list[str]:
     return out
 
 
+def _minor_blip(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    if not ev.minor:
+        return []
+    return [f"a minor incident the run recovered from ({times(incident.peak_ratio)} its baseline at step "
+            f"{incident.peak_step}), with no anomalous batch, LR jump or rank behind it: its shape alone names no "
+            "cause, and nothing needs doing"]
+
+
 def _sudden_nonfinite(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
-    if incident.kind != "nonfinite" or ev.grad_precursor is not None or ev.lookback_steps < _MIN_LOOKBACK:
+    first = ev.first_nonfinite
+    if first is None or ev.build_up is not None or ev.lookback_steps < _MIN_LOOKBACK:
         return []
     layers = ev.layers
-    broke_at = layers.nonfinite_params[0] if layers is not None and layers.nonfinite_params else None
-    earlier = layers is not None and layers.earliest_step is not None and layers.earliest_step < incident.onset_step
-    # A tensor off its history earlier is a build-up, unless that is a parameter going non-finite in
-    # one update (its own parameter norm, ahead of the loss) with no gradient flag before it.
-    if earlier and (broke_at is None or layers.earliest_step < broke_at):
-        return []
-    before = f"the gradient norm was {fmt(ev.grad_before)} the step before and " if math.isfinite(ev.grad_before) else ""
-    flagged = "any tensor's gradient" if earlier else "any tensor"
+    before = f"the gradient norm was {fmt(ev.grad_before)} the step before; " if math.isfinite(ev.grad_before) else ""
     out = [
-        f"the run went non-finite at step {incident.onset_step} with no build-up: {before}neither it nor {flagged} was "
-        f"flagged in the {ev.lookback_steps} logged steps before; a non-finite value out of nowhere is numerics (an "
-        "overflow, a corrupted value or device), not a growing explosion"
+        f"the first non-finite value is {first['what']} at step {first['step']}, with no build-up: {before}nothing "
+        f"was flagged in the {ev.lookback_steps} logged steps before; a non-finite value out of nowhere is numerics "
+        "(an overflow on one batch, a corrupted value or device), not a growing explosion: a lower LR or tighter "
+        "clipping does not prevent it"
     ]
-    if broke_at is not None:
-        out.append(f"the parameters of {fmt_steps(layers.nonfinite_params[1], 3)} became non-finite at step {broke_at}")
+    if layers is not None and layers.nonfinite_params is not None:
+        out.append(f"the parameters of {fmt_steps(layers.nonfinite_params[1], 3)} became non-finite at step {layers.nonfinite_params[0]}")
     return out
 
 
 def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     out = []
-    if ev.layers is not None:
-        for p in ev.layers.precursors[:3]:
-            out.append(p["sentence"] + (f" ({steps_text(p['lead_steps'])} before the loss flag)" if p.get("lead_steps") else ""))
-    if not out and ev.update_step and ev.update_step["fired"]:
+    for p in _state_at_onset(ev)[:3]:
+        out.append(p["sentence"] + (f" ({steps_text(p['lead_steps'])} before the loss flag)" if p.get("lead_steps") else ""))
+    if not out and ev.update_step and ev.update_step["fired"] and ev.first_nonfinite is None:
         out.append(
             f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
             f"gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}): the optimizer's state made the step large"
@@ -259,46 +280,47 @@ def _lr_too_high(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
 
 
 def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
-    out = []
-    if ev.grad_precursor is not None:
-        out.append(ev.grad_precursor["sentence"])
-    if ev.clipping and ev.clipping["saturated"]:
-        c = ev.clipping
-        out.append(
-            f"clipping was active on {c['share']:.0%} of the {c['steps']} steps before onset (median coefficient "
-            f"{fmt(c['median_coef'], 2)}; {c['run_share']:.0%} earlier in the run): the gradient was growing"
-        )
-    if ev.layers is not None:
-        leaders = [row for row in ev.layers.layers if row["lead_steps"] and row["grad_z"] >= config.z_threshold]
-        if leaders:
-            first = leaders[0]
-            out.append(
-                f"{first['name']} ({first['module']}) departed from its history first, {steps_text(first['lead_steps'])} "
-                f"before the loss flag; its gradient norm reached {fmt(first['grad_z'], 2)} sigma off its history in the incident"
-            )
-    if not out and incident.kind == "nonfinite" and incident.metric == "grad_norm":
-        out.append(f"the gradient went non-finite at step {incident.onset_step} before the loss did")
-    if not out and incident.metric == "grad_norm" and ev.loss_flag_step is None:
-        out.append(
+    if ev.build_up is None:
+        if ev.minor or incident.metric != "grad_norm" or ev.loss_flag_step is not None or incident.kind == "nonfinite":
+            return []
+        return [  # a gradient norm that stayed out of its band: not a blip, whatever the loss did
             f"the gradient norm reached {fmt(incident.peak_value)} at step {incident.peak_step}, "
-            f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}"
+            f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}, and did not come back"
             + ("; the loss did not react" if ev.has_loss else " (no loss recorded)")
-        )
-    if out and incident.kind == "nonfinite":
+        ]
+    out = list(ev.build_up["sentences"])
+    if incident.kind == "nonfinite":
         out.append("a non-finite loss late in training follows exploding gradients (troubleshooting table)")
     return out
 
 
-_RULES = (
-    ("state_reset", _state_reset),
-    ("lr_schedule", _lr_schedule),
-    ("numerics_rank", _numerics_rank),
-    ("bad_batch", _bad_batch),
-    ("numerics_rank", _sudden_nonfinite),
-    ("optimizer_state", _optimizer_state),
-    ("lr_too_high", _lr_too_high),
-    ("grad_explosion", _grad_explosion),
+#: The checklist, in order: (cause, the evidence it requires in the recorded run, the rule that looks
+#: for it). The first rule whose evidence is present decides; none: `unknown`, saying what would have
+#: told. docs/analysis.md ("Cause rules") is this table in words.
+RULES = (
+    ("state_reset", "a resume that did not restore the state (loss back to its initial level, or fresh Adam "
+                    "moments), or the parameter norm back most of the way to its start", _state_reset),
+    ("lr_schedule", "an upward LR discontinuity within lookback steps before onset", _lr_schedule),
+    ("numerics_rank", "one rank alone off, with a normal batch on that rank", _numerics_rank),
+    ("optimizer_state", "optimizer state departing at the onset (moments collapsing, eps share rising, an update "
+                        "without a gradient), before any non-finite value", _optimizer_state),
+    ("bad_batch", "an anomalous batch at onset or the two steps before", _bad_batch),
+    ("unknown", "a minor incident with none of the evidence above: no cause is named", _minor_blip),
+    ("bad_batch", "one step out of the band and back at the next, no build-up", _bad_batch_shape),
+    ("numerics_rank", "a non-finite value with no build-up before it (10+ logged steps to judge)", _sudden_nonfinite),
+    ("lr_too_high", "early instability (in or right after the warmup, or early without one)", _lr_too_high),
+    ("grad_explosion", "a build-up: the gradient norm or a tensor off its history 2+ steps before, or clipping "
+                       "saturation before onset", _grad_explosion),
 )
+
+
+def _state_at_onset(ev: Evidence) -> list[dict[str, Any]]:
+    """Optimizer-state precursors seen at the onset (not an earlier drift) and before any non-finite
+    value (a state built from non-finite gradients is a consequence, not a cause)."""
+    if ev.layers is None:
+        return []
+    broke = ev.first_nonfinite["step"] if ev.first_nonfinite is not None else None
+    return [p for p in ev.layers.precursors if p.get("at_onset") and (broke is None or (p["step"] is not None and p["step"] < broke))]
 
 
 def _unknown(incident: Incident, ev: Evidence) -> list[str]:
@@ -316,6 +338,12 @@ def _unknown(incident: Incident, ev: Evidence) -> list[str]:
     out = ["nothing in the checklist matched: " + ("; ".join(clean) if clean else "no evidence was available")]
     if unchecked:
         out.append("could not check " + ", ".join(unchecked))
+    r = ev.reset_level
+    if r is not None and ev.resume is None:
+        out.append(f"the loss went back to {fmt(r['level'])}, {r['share']:.0%} of the way to its untrained level, but "
+                   + ("the parameter norm did not go back: not a reset of the weights" if ev.has_param_norm else
+                      "without the parameter norm (not logged) a reset of the weights cannot be told from a state "
+                      "that threw the loss back (zeroed optimizer moments)"))
     return out + ev.notes
 
 
@@ -358,6 +386,20 @@ ACTIONS = (
     "guard_handled",      # a spikedoc.Guard already vetoed or rolled it back: nothing left to do
     "guard_acted",        # a spikedoc.Guard vetoed some of its steps; the advice after it still applies
 )
+
+#: Actions that ask nothing of the user: the run recovered by itself, or a guard already acted.
+_NOTHING_TO_DO = ("none", "guard_handled", "guard_acted")
+
+
+def to_act_on(recommendation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The actions of a recommendation that ask the user to do something (the CLI exits 1 for them).
+
+    Example:
+        >>> to_act_on({"actions": [{"action": "none"}, {"action": "skip_data"}]})
+        [{'action': 'skip_data'}]
+    """
+    return [a for a in recommendation.get("actions", []) if a["action"] not in _NOTHING_TO_DO]
+
 
 # Causes the loss's shape alone can suggest: labelled guessed when no other data in the run confirms them.
 _GUESSABLE = ("bad_batch", "grad_explosion", "lr_too_high", "optimizer_state")
@@ -402,7 +444,7 @@ def recommend(
     incident: Incident,
     ev: Evidence,
     *,
-    checkpoints: list[tuple[int, str | None]],
+    checkpoints: list[tuple[int, str | None, int | None]],
     clip: float | None,
     peak_lr: float | None,
     first_step: int,
@@ -415,15 +457,18 @@ def recommend(
     Args:
         incident: with `cause`, `verdict` and `severity` decided.
         ev: its evidence.
-        checkpoints: (step, path) of checkpoints recorded on the incident's lineage; a checkpoint at
-            step s holds the state before step s (the monitor's convention).
+        checkpoints: (step, path, overwritten_at) of checkpoints recorded on the incident's lineage;
+            a checkpoint at step s holds the state before step s (the monitor's convention);
+            `overwritten_at` is the step of a later event that wrote the same path (None: it still holds it).
         clip: the max norm in use (meta config `clip`, or inferred from clip_coef), None if unclipped.
         peak_lr: the schedule's intended peak before onset (never an LR after an upward jump), None if unknown.
         first_step: first step of the lineage (a rollback never goes before it).
-        config: `lr_factor`, `rollback_margin`.
+        config: `lr_factor`.
 
     Returns:
-        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known`, `lr_factor`
+        `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known` (these three None,
+        None, False unless rolling back), `checkpoints_overwritten` (`path`, `overwritten_at` of clean
+        checkpoints a later write replaced), `lr_factor`
         (None: no LR change advised), `new_peak_lr`, `clip_max_norm` (None: no clipping change),
         `hold_lr`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions`,
         `reset_optimizer_state_for`, `actions` (dicts: `action` from ACTIONS, its parameters,
@@ -431,9 +476,12 @@ def recommend(
     """
     config = config or AnalysisConfig()
     cause = incident.cause
-    skip = _skip_list(incident, ev) if cause == "bad_batch" else {"steps": [], "sample_ids": [], "positions": []}
-    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step, config)
-    rec["rollback"] = incident.verdict != "recovered" or cause == "state_reset"
+    skip = _skip_list(incident, ev)
+    rollback = incident.verdict != "recovered" or cause == "state_reset"
+    # The rollback fields say where to go only when going: a recovered run has no target to name.
+    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step) if rollback else \
+        {"rollback_to_step": None, "checkpoint_path": None, "checkpoint_known": False, "checkpoints_overwritten": []}
+    rec["rollback"] = rollback
     rec.update(lr_factor=None, new_peak_lr=None, clip_max_norm=None, hold_lr=None,
                skip_steps=skip["steps"], skip_sample_ids=skip["sample_ids"], skip_sample_positions=skip["positions"],
                reset_optimizer_state_for=[])
@@ -445,13 +493,17 @@ def recommend(
         return rec
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
-                        "known": rec["checkpoint_known"], "because": _damage_because(incident)})
+                        "known": rec["checkpoint_known"], "overwritten": rec["checkpoints_overwritten"],
+                        "because": _damage_because(incident)})
     else:
         actions.append({"action": "none", "because": _recovered_because(incident)})
     actions += _repairs(incident, ev, rec, peak_lr)
     if skip["steps"]:
         actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
                         "positions": skip["positions"], "because": _first_evidence(incident)})
+    if cause == "numerics_rank" and not _rank_alone(ev):
+        ev.notes.append("no LR or clipping change advised: nothing grew before the non-finite value, so a smaller "
+                        "step would not have prevented it")
     if rec["rollback"] and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr:
         rec["lr_factor"] = config.lr_factor
         rec["new_peak_lr"] = peak_lr * config.lr_factor
@@ -473,31 +525,49 @@ def recommend(
     return rec
 
 
-def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None]], first_step: int,
-                     config: AnalysisConfig) -> dict[str, Any]:  # fmt: skip
+def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None, int | None]],
+                     first_step: int) -> dict[str, Any]:  # fmt: skip
     bad = [b["step"] for b in ev.batches if b["anomalies"]] if incident.cause == "bad_batch" else []
     # The loss at onset is the first to show the update of the step before, unless the fault is the
-    # onset step's own: its batch (bad_batch: high before its update) or a state not loaded at a resume.
-    own = incident.cause == "bad_batch" or (incident.cause == "state_reset" and ev.resume is not None)
-    shown = incident.onset_step if own else incident.onset_step - 1
+    # onset step's own: its batch (bad_batch: high before its update), a state not loaded at a
+    # resume, or a non-finite gradient of a step whose loss was finite (that step's batch or backward
+    # broke, the state before it is good).
+    first = ev.first_nonfinite if incident.cause == "numerics_rank" else None
+    own = incident.cause == "bad_batch" or (incident.cause == "state_reset" and ev.resume is not None) \
+        or (first is not None and first["loss_finite"])
+    shown = (first["step"] if first is not None else incident.onset_step) - (0 if own else 1)
     earliest = min([shown] + bad
                    + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
                    + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
-    # it is clean when s <= the first affected step.
-    before = [(s, p) for s, p in checkpoints if s <= earliest]
-    if before:
-        step, path = max(before, key=lambda c: c[0])
-        return {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True}
-    return {"rollback_to_step": int(max(first_step, earliest - config.rollback_margin)), "checkpoint_path": None,
-            "checkpoint_known": False}
+    # it is clean when s <= the first affected step, and its file still holds it unless a later
+    # event wrote the same path again.
+    before = [c for c in checkpoints if c[0] <= earliest]
+    holding = [c for c in before if c[2] is None]
+    # The latest overwrite of each path that held a clean state: what the advice must warn about.
+    gone = {p: w for s, p, w in sorted(c for c in before if c[2] is not None)}
+    overwritten = [{"path": p, "overwritten_at": int(w)} for p, w in gone.items()]
+    if holding:
+        step, path, _ = max(holding, key=lambda c: c[0])
+        return {"rollback_to_step": int(step), "checkpoint_path": path, "checkpoint_known": True,
+                "checkpoints_overwritten": [o for o in overwritten if o["path"] != path]}
+    # No file holds a clean state: the newest state before the fault is the one to look for.
+    return {"rollback_to_step": int(max(first_step, earliest)), "checkpoint_path": None, "checkpoint_known": False,
+            "checkpoints_overwritten": overwritten}
 
 
 def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
-    """What a bad-batch incident skips: the anomalous batches, else the onset step's batch."""
-    bad = [b for b in ev.batches if b["anomalies"]] or [b for b in ev.batches if b["step"] == incident.onset_step]
-    bad += ev.stretch
+    """What an incident skips: for `bad_batch` the anomalous batches, else the onset step's batch; for
+    numerics out of nowhere (no rank alone), the batch of the step whose value first went non-finite."""
+    if incident.cause == "bad_batch":
+        bad = [b for b in ev.batches if b["anomalies"]] or [b for b in ev.batches if b["step"] == incident.onset_step]
+        bad += ev.stretch
+    elif incident.cause == "numerics_rank" and ev.first_nonfinite is not None and not _rank_alone(ev):
+        step = ev.first_nonfinite["step"]
+        bad = [b for b in ev.batches if b["step"] == step] or [{"step": step, "sample_ids": [], "outlier_sample_ids": [], "positions": None}]
+    else:
+        return {"steps": [], "sample_ids": [], "positions": []}
     ids, positions = [], []
     for b in bad:
         ids += b["outlier_sample_ids"] or b["sample_ids"]
@@ -523,11 +593,15 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
                  "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
     if cause == "state_reset":
         return [{"action": "load_state", "because": incident.evidence[0] if incident.evidence else "state reset"}]
-    if cause == "numerics_rank":
-        off = ev.ranks["off_ranks"] if ev.ranks else []
+    if cause == "numerics_rank" and _rank_alone(ev):
+        off = ev.ranks["off_ranks"]
         return [{"action": "check_rank", "ranks": off, "loss_scaled": ev.loss_scale is not None,
                  "because": incident.evidence[0] if incident.evidence else "numerics"}]
     return []
+
+
+def _rank_alone(ev: Evidence) -> bool:
+    return bool(ev.ranks and ev.ranks["alone"])
 
 
 def _nothing_to_undo(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -553,7 +627,7 @@ def _grad_evidence(incident: Incident, ev: Evidence) -> str | None:
     """Why tighter clipping would have helped: the gradient norm itself was flagged or was growing."""
     grad = incident.series.get("grad_norm")
     if grad is not None and not grad.get("level_sigma"):
-        return (f"the gradient norm reached {fmt(grad['peak_value'])} ({fmt(grad['peak_ratio'], 2)}x its baseline) "
+        return (f"the gradient norm reached {fmt(grad['peak_value'])} ({times(grad['peak_ratio'])} its baseline) "
                 f"at step {grad['peak_step']}")
     if ev.grad_precursor is not None:
         return ev.grad_precursor["sentence"]
@@ -579,6 +653,10 @@ def _damage_because(incident: Incident) -> str:
         return f"verdict {incident.verdict}: the loss did not come back into the detector's band"
     if not math.isfinite(d["excess_ratio"]):
         return f"verdict {incident.verdict}: the loss is non-finite at step {d['damage_step']}"
+    if incident.verdict == "recovered_with_damage" and math.isfinite(d.get("shift_z", math.nan)):
+        return (f"verdict {incident.verdict}: back in the band from step {d['back_step']}, but over the "
+                f"{d['shift_steps']} steps since the loss is on average {_pct(d['shift_ratio'])} above its pre-incident "
+                f"trajectory, {fmt(d['shift_z'], 2)} standard errors (autocorrelation-robust): a lasting shift")
     return (f"verdict {incident.verdict}: at step {d['damage_step']} the loss is {_pct(d['excess_ratio'])} above its "
             f"pre-incident trajectory ({fmt(d['excess_sigma'], 2)} sigma)")
 

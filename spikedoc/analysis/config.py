@@ -32,6 +32,10 @@ class AnalysisConfig:
     sudden_steps: int = 5
     """Logged steps within which an optimizer-state change must happen to be a precursor: a collapse
     is sudden, while the slow drift healthy runs also show is spread over many more."""
+    build_up_steps: int = 2
+    """Steps by which a departure (the gradient norm, a tensor) must lead the first non-finite value
+    or the loss flag to count as a build-up: the loss of step t shows the update of step t-1, so a
+    one-step lead is the order of measurement, not growth."""
     lookback: int = 100
     """Steps before onset searched for precursors (grad-norm and per-tensor departures, LR jumps,
     clipping saturation, loss-scale drops). PaLM restarted about 100 steps before a spike."""
@@ -61,14 +65,12 @@ class AnalysisConfig:
     """Without a visible warmup, incidents before this step count as early (LR too high / no warmup)."""
     lr_factor: float = 0.7
     """Recommended multiplier of the peak LR after damage (a 30% cut, docs/analysis.md, "Recommendation")."""
-    rollback_margin: int = 100
-    """When no checkpoint is recorded, roll back this many steps before the earliest precursor."""
     max_layers: int = 10
     """Tensors listed per incident."""
 
     def __post_init__(self) -> None:
-        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "rollback_margin", "max_layers",
-                     "sudden_steps", "minor_steps"):
+        for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "max_layers",
+                     "sudden_steps", "minor_steps", "build_up_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")

@@ -14,7 +14,7 @@ from spikedoc.analysis._meta import parameter_modules, watch_config
 from spikedoc.analysis._robust import fmt, fmt_span, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, in_ranges, reduce_ranks, score, segment_ranges
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history
-from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity
+from spikedoc.analysis.causes import Evidence, cause_guessed, decide_cause, recommend, severity, to_act_on
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import (
     clipping_before,
@@ -27,10 +27,11 @@ from spikedoc.analysis.context import (
 )
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
 from spikedoc.analysis.guard_actions import guard_actions, guard_handling, without_guard_lr_changes
-from spikedoc.analysis.incident import Incident, _jsonable
+from spikedoc.analysis.incident import Incident, _jsonable, joined
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents
+from spikedoc.analysis.onset import build_up, first_nonfinite, grad_precursor, one_step, param_reset, reset_level
 from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
 from spikedoc.analysis.schedule import scheduled_restarts
 from spikedoc.errors import RunFormatError
@@ -47,8 +48,8 @@ _CANDIDATES = 2
 #: cost budget every step after a flagged one is full again, and rows are assembled a step or two late
 #: (the spike suite's optimizer_state run under budget=0.02: onset 151, next full step 154).
 _STATE_LOOKAHEAD = 10
-# Steps from onset whose median loss is compared with the initial loss (a reset lasts; a batch does not).
-_RESET_STEPS = 5
+# Healthy steps before a lineage's first incident that are enough to profile its normal batches.
+_PROFILE_STEPS = 50
 # Per-incident context reaches this many lookbacks before onset (clipping's "earlier in the run",
 # the update-norm history).
 _CONTEXT = 10
@@ -94,8 +95,10 @@ class Diagnosis:
 
     @property
     def needs_attention(self) -> bool:
-        """Some incident is more than minor and was not already handled by a guard (the CLI's exit code 1)."""
-        return any(i.severity != "minor" and not i.handled_by_guard for i in self.incidents)
+        """Some incident not already handled by a guard has advice to act on: a rollback, data to
+        skip, a setting or code to fix (the CLI's exit code 1). A severe incident always has a
+        rollback; an incident whose only advice is "no action needed" never makes the run need attention."""
+        return any(to_act_on(i.recommendation) and not i.handled_by_guard for i in self.incidents)
 
     def to_dict(self) -> dict[str, Any]:
         """The documented, stable JSON shape (docs/analysis.md, "JSON output")."""
@@ -153,12 +156,12 @@ def analyze(run: Any, *, config: AnalysisConfig | DetectorConfig | None = None) 
                           holes=[h.to_dict() for h in run.holes])
     reduced = reduce_ranks(steps)
     lineage = Lineage(reduced)
+    # The guard's own LR changes (its cut at a rollback, the undo) are known first: they are neither findings nor causes.
+    diagnosis.guard_actions = guard_actions(run.events)
     _Analysis(run, steps, lineage, config, diagnosis).execute()
     # Reading layer windows can meet a damaged part only now: its warning must reach the report too.
     diagnosis.warnings += [w for w in run.warnings if w not in diagnosis.warnings]
-    diagnosis.guard_actions = guard_actions(run.events)
     if diagnosis.guard_actions:
-        _drop_guard_lr_changes(diagnosis)
         _credit_guard(diagnosis)
     return diagnosis
 
@@ -192,15 +195,6 @@ def _vetoed_until_rollback(inc: Incident, handling: dict[str, Any]) -> bool:
     return isinstance(until, int) and until > inc.onset_step and set(range(inc.onset_step, until)) <= set(handling["vetoed"])
 
 
-def _drop_guard_lr_changes(diagnosis: Diagnosis) -> None:
-    # A guard's rollback lowers the LR where it resumes, on purpose: not a discontinuity to warn about.
-    for finding in list(diagnosis.findings):
-        if finding.id == "lr_discontinuity":
-            finding.details["jumps"] = without_guard_lr_changes(finding.details["jumps"], diagnosis.guard_actions)
-            if not finding.details["jumps"]:
-                diagnosis.findings.remove(finding)
-
-
 def _checked_steps(run: Any) -> pd.DataFrame:
     """The step table, with an all-NaN `loss` column when none was recorded (the grad norm carries the analysis)."""
     steps = run.steps
@@ -228,7 +222,8 @@ class _Analysis:
         self.detector = config.detector if config.detector is not None else DetectorConfig()
         self.meta = run.meta or {}
         self.multi_rank = "rank" in steps.columns and steps["rank"].nunique() > 1
-        self.profile = batch_profile(steps)
+        self.run_profile = batch_profile(steps)
+        self.profile = self.run_profile
         self.module_types = parameter_modules(self.meta)
         self.checkpoints = checkpoints_of(run.events)
         self.clip = clip_in_use(self.meta, steps)
@@ -259,7 +254,8 @@ class _Analysis:
             ratio = self._moments_ratio(piece) if piece.resumed else None
             if resume is not None:
                 resumes.append((piece, resume, ratio))
-            jumps = [j for j in lr_discontinuities(frame, config=self.config) if j["step"] not in self.after_holes]
+            jumps = without_guard_lr_changes(lr_discontinuities(frame, config=self.config), out.guard_actions)
+            jumps = [j for j in jumps if j["step"] not in self.after_holes]
             starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
             own_steps = set(own["step"].tolist())
             for jump in jumps:
@@ -273,6 +269,8 @@ class _Analysis:
             ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
+            self.profile = self._profile_before(frame, found)
+            found = self._one_per_stretch(found, frame)
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                self._lineage_checkpoints(frame) if found else [],
                                healthy=self._healthy(frame, detection) if found else None,
@@ -313,13 +311,50 @@ class _Analysis:
 
     def _stretch(self, onset_batches: list[dict[str, Any]], frame: pd.DataFrame, hashes: dict[str, Any],
                  onset: int, end: int) -> list[dict[str, Any]]:
-        """Batches after onset, up to the incident's end, flagged the way an anomalous onset batch is."""
+        """Batches after onset flagged the way an anomalous onset batch is: those up to the incident's
+        end, and the unbroken run of them just after it (bad data whose loss was back in the band)."""
         flags = {f for b in onset_batches for f in b["flags"]}
         if not flags:
             return []
-        later = frame.loc[(frame["step"] > onset) & (frame["step"] <= end)]
+        later = frame.loc[(frame["step"] > onset) & (frame["step"] <= end + self.config.lookback)]
         batches = attribute_batches(self._rows_of(later), profile=self.profile, hashes=hashes, config=self.config)
-        return [b for b in batches if flags & set(b["flags"])]
+        inside = [b for b in batches if b["step"] <= end and flags & set(b["flags"])]
+        after = []
+        for b in (b for b in batches if b["step"] > end):
+            if not flags & set(b["flags"]) or b["step"] != (after[-1]["step"] if after else end) + 1:
+                break
+            after.append(b)
+        return inside + after
+
+    def _profile_before(self, frame: pd.DataFrame, found: list[Incident]) -> Any:
+        """What a normal batch of this lineage looks like: its batches before the first incident, when
+        there are enough of them; a stretch of bad data that lasts would otherwise widen the whole
+        run's spread until its own batches look normal."""
+        if not found:
+            return self.run_profile
+        before = frame.loc[frame["step"] < found[0].onset_step]
+        return batch_profile(self._rows_of(before)) if len(before) >= _PROFILE_STEPS else self.run_profile
+
+    def _one_per_stretch(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
+        """Join consecutive loss incidents that one stretch of anomalous batches spans: every batch from
+        the first incident's onset (or the two steps before) to the next one's onset shares an anomaly."""
+        out: list[Incident] = []
+        for inc in found:
+            prev = out[-1] if out else None
+            if prev is not None and "loss" in prev.series and "loss" in inc.series \
+                    and inc.onset_step - prev.end_step <= self.config.lookback and self._bridged(prev, inc, frame):
+                out[-1] = joined(prev, inc)
+            else:
+                out.append(inc)
+        return out
+
+    def _bridged(self, a: Incident, b: Incident, frame: pd.DataFrame) -> bool:
+        rows = frame.loc[(frame["step"] >= a.onset_step - _CANDIDATES) & (frame["step"] <= b.onset_step)]
+        batches = attribute_batches(self._rows_of(rows), profile=self.profile, hashes={}, config=self.config)
+        flags = {f for x in batches if x["step"] <= a.onset_step for f in x["flags"]}
+        between = [x for x in batches if a.end_step < x["step"] <= b.onset_step]
+        steps = frame.loc[(frame["step"] > a.end_step) & (frame["step"] <= b.onset_step), "step"]
+        return bool(flags) and len(between) == len(steps) and all(flags & set(x["flags"]) for x in between)
 
     def _diagnose(self, inc: Incident, shared: PieceData) -> dict[str, Any]:
         cfg, piece = self.config, shared.piece
@@ -332,10 +367,10 @@ class _Analysis:
         loss_flag = loss_series["onset_step"] if loss_series else None
         reference = loss_flag if loss_flag is not None else onset
         ev = Evidence(loss_flag_step=loss_flag)
-        ev.one_step = _one_step(inc, frame)
+        ev.one_step = one_step(inc, frame)
         candidates = frame.loc[(frame["step"] >= onset - _CANDIDATES) & (frame["step"] <= onset)]
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
-        ev.stretch = self._stretch(ev.batches, frame, hashes, onset, end)
+        ev.stretch = self._stretch(ev.batches, shared.window(onset, end + cfg.lookback), hashes, onset, end)
         if self.run.has_layers:
             # A few steps past the peak: state statistics that skipped the onset (a cost budget's light
             # steps, `layer_every`) come at the first step that has them again.
@@ -344,9 +379,10 @@ class _Analysis:
             layers = self._layers(layer_frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), ahead)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
                                          module_types=self.module_types, config=cfg)
-        ev.grad_precursor = _grad_precursor(inc, loss_flag, shared.incidents, cfg)
+        ev.grad_precursor = grad_precursor(inc, loss_flag, shared.incidents, cfg)
         ups = [j for j in shared.jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
-        ev.lr_jump = ups[-1] if ups else None
+        # The latest jump, as one discontinuity of every param group that jumped at that step.
+        ev.lr_jump = _one_per_step([j for j in ups if j["step"] == ups[-1]["step"]])[0] if ups else None
         ev.lr_onset = lr_at(frame, onset)
         ev.warmup = shared.warmup
         ev.clipping = clipping_before(frame, onset, config=cfg)
@@ -374,6 +410,11 @@ class _Analysis:
             ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
 
         self._judge_aftermath(inc, shared, ev)
+        ev.minor = severity(inc, cfg) == "minor"
+        ev.first_nonfinite = first_nonfinite(inc, frame, ev.layers)
+        ev.build_up = build_up(inc, ev, ev.first_nonfinite["step"] if ev.first_nonfinite else reference, cfg)
+        ev.has_param_norm = _has_finite(frame, "param_norm")
+        ev.param_reset = param_reset(inc, shared.frame, cfg) if ev.reset_level is not None else None
         inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
         inc.cause_guessed = cause_guessed(inc, ev)
         inc.severity = severity(inc, cfg)
@@ -421,7 +462,7 @@ class _Analysis:
                 inc.verdict = "persistent"
             inc.recovered = inc.verdict == "recovered"
             inc.recovery_step = judged.back_step if inc.recovered else None
-        ev.reset_level = _reset_level(inc, frame, shared, ev, self.config)
+        ev.reset_level = reset_level(inc, frame, shared, ev, self.config)
 
     def _in_warmup(self, found: list[Incident], frame: pd.DataFrame) -> list[Incident]:
         """Drop grad-norm-only rises that start and end inside a visible LR warmup, with a warning.
@@ -499,15 +540,18 @@ class _Analysis:
             return None
         return moments_ratio(layers, before_step=int(before.iloc[-1]), after_step=piece.first_step)
 
-    def _lineage_checkpoints(self, frame: pd.DataFrame) -> list[tuple[int, str | None]]:
+    def _lineage_checkpoints(self, frame: pd.DataFrame) -> list[tuple[int, str | None, int | None]]:
+        """(step, path, overwritten_at) of the lineage's checkpoints; `overwritten_at` is the step of the
+        next event, on any segment, that wrote the same path (events are in the order they were written)."""
         if not self.checkpoints:
             return []
         ranges = segment_ranges(frame)
         out = []
-        for step, segment, path in self.checkpoints:
+        for i, (step, segment, path) in enumerate(self.checkpoints):
             lo_hi = ranges.get(segment)
             if lo_hi is not None and lo_hi[0] <= step <= lo_hi[1] + 1:
-                out.append((step, path))
+                later = next((s for s, _, p in self.checkpoints[i + 1 :] if path is not None and p == path), None)
+                out.append((step, path, later))
         return out
 
     def _resume_findings(self, resumes) -> list[Finding]:
@@ -533,60 +577,6 @@ class _Analysis:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _reset_level(inc: Incident, frame: pd.DataFrame, shared: PieceData, ev: Evidence, cfg: AnalysisConfig) -> dict[str, Any] | None:
-    """The loss back most of the way to its untrained level for several steps: the weights were reset.
-
-    A single bad batch can reach the untrained level (random tokens are as hard for a trained model
-    as for a fresh one) but only for its own step, so a one-step incident never counts.
-    """
-    loss = inc.series.get("loss")
-    initial = shared.initial_loss
-    if loss is None or initial is None or ev.one_step or "loss" not in frame.columns:
-        return None
-    after = frame.loc[frame["step"] >= inc.onset_step, "loss"].to_numpy(np.float64)[:_RESET_STEPS]
-    after = after[np.isfinite(after)]
-    base = loss["baseline"]
-    if after.size < _RESET_STEPS or not initial > base:
-        return None
-    level = float(np.median(after))
-    share = (level - base) / (initial - base)
-    # Near the untrained level, not past it: a loss far above where training started is an explosion.
-    if not cfg.state_reset_fraction <= share <= 2 - cfg.state_reset_fraction:
-        return None
-    return {"initial": initial, "level": level, "baseline": base, "share": share, "steps": _RESET_STEPS}
-
-
-def _one_step(inc: Incident, frame: pd.DataFrame) -> bool:
-    """The first flagged series was out for one step and in the band at the very next logged step."""
-    first = inc.series.get(inc.metric)
-    if not first or first["onset_step"] != first["end_step"] or not first["recovered"]:
-        return False
-    later = frame.loc[frame["step"] > first["end_step"], "step"]
-    return not later.empty and first["recovery_step"] == int(later.iloc[0])
-
-
-def _grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident], cfg: AnalysisConfig) -> dict[str, Any] | None:
-    if loss_flag is None:
-        return None
-    grad = inc.series.get("grad_norm")
-    if grad and grad["onset_step"] < loss_flag:
-        lead = loss_flag - grad["onset_step"]
-        return {"step": grad["onset_step"], "lead_steps": lead,
-                "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
-                f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {steps_text(lead)} before the loss"}
-    # A separate grad-norm spike earlier counts only while it lasts: one that came back into the band
-    # before the loss moved was a passing outlier, not the start of this incident.
-    earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step
-               and (i.recovery_step is None or i.recovery_step >= loss_flag)]
-    if earlier:
-        first = earlier[0]
-        lead = loss_flag - first.onset_step
-        return {"step": first.onset_step, "lead_steps": lead,
-                "sentence": f"a gradient-norm spike at step {first.onset_step} ({fmt(first.peak_value)}, "
-                f"{fmt(first.magnitude_sigma, 2)} sigma) came {steps_text(lead)} before the loss was flagged"}
-    return None
-
-
 def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
     """Steps from the earliest precursor (grad-norm flag, tensor departure) to the loss flag; 0 when
     the grad norm flagged with the loss, None when nothing preceded or accompanied it."""
@@ -602,7 +592,7 @@ def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
 
 
 def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
-    shown = [j for j in jumps if j["direction"] == "up" or j.get("at_resume") is not None]
+    shown = _one_per_step([j for j in jumps if j["direction"] == "up" or j.get("at_resume") is not None])
     if not shown:
         return []
     parts = [
@@ -618,3 +608,14 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
         details={"jumps": shown},
     )]
 
+
+def _one_per_step(jumps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per discontinuity: the param groups that jumped at the same step are listed in its `groups`."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for j in jumps:
+        key = (j["step"], j["direction"])
+        if key in out:
+            out[key]["groups"].append(j["group"])
+        else:
+            out[key] = {**j, "groups": [j["group"]]}
+    return list(out.values())

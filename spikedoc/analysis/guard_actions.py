@@ -50,14 +50,18 @@ def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
 
 def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The LR discontinuities not made by the guard: a downward step where a guard rollback resumed
-    (the schedule scaled by its `lr_factor` on purpose) is the remedy, not a finding.
+    (the schedule scaled by its `lr_factor` on purpose) is the remedy, and an upward step where a
+    data skip undid that cut (`remedy_reverted`) is its undo; neither is a finding or a cause.
 
     Example:
-        >>> without_guard_lr_changes([{"step": 40, "direction": "down"}], [{"kind": "rollback", "step": 40}])
+        >>> acts = [{"kind": "rollback", "step": 40, "detail": {}}, {"kind": "data_skip", "step": 47, "detail": {"remedy_reverted": True}}]
+        >>> without_guard_lr_changes([{"step": 40, "direction": "down"}, {"step": 47, "direction": "up"}], acts)
         []
     """
-    rolled_back_to = {a["step"] for a in actions if a["kind"] == "rollback"}
-    return [j for j in jumps if not (j.get("direction") == "down" and j.get("step") in rolled_back_to)]
+    cut = {a["step"] for a in actions if a["kind"] == "rollback"}
+    undone = {a["step"] for a in actions if a["kind"] == "data_skip" and (a.get("detail") or {}).get("remedy_reverted")}
+    return [j for j in jumps if not (j.get("direction") == "down" and j.get("step") in cut)
+            and not (j.get("direction") == "up" and j.get("step") in undone)]
 
 
 def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["Incident", "KINDS", "CAUSES", "SEVERITIES"]
+__all__ = ["Incident", "KINDS", "CAUSES", "SEVERITIES", "joined"]
 
 #: What the detector saw.
 KINDS = ("loss_spike", "grad_spike", "nonfinite", "divergence")
@@ -98,6 +98,41 @@ class Incident:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (non-finite floats become strings "inf"/"nan")."""
         return _jsonable(asdict(self))
+
+
+def joined(a: Incident, b: Incident) -> Incident:
+    """One incident from `a`'s onset to `b`'s end, of two detection incidents that are one event (a
+    stretch of bad data whose loss went in and out of the band): the peak is the higher of the two,
+    sized against `a`'s baseline; recovery is `b`'s.
+
+    Example:
+        >>> a = Incident(kind="loss_spike", metric="loss", onset_step=10, peak_step=10, end_step=12, magnitude_sigma=9.0,
+        ...              peak_ratio=1.5, baseline=2.0, peak_value=3.0, recovered=True, recovery_step=13)
+        >>> b = replace(a, onset_step=15, peak_step=16, end_step=18, magnitude_sigma=12.0, peak_value=4.0, recovery_step=19)
+        >>> j = joined(a, b); (j.onset_step, j.peak_step, j.end_step, j.peak_ratio, j.recovery_step)
+        (10, 16, 18, 2.0, 19)
+    """
+    series = dict(a.series)
+    for name, later in b.series.items():
+        series[name] = _joined_series(series[name], later) if name in series else later
+    top = b if b.peak_value > a.peak_value else a
+    return replace(
+        a, peak_step=top.peak_step, end_step=max(a.end_step, b.end_step), peak_value=top.peak_value,
+        peak_ratio=top.peak_value / a.baseline if a.baseline else float("nan"),
+        magnitude_sigma=max(a.magnitude_sigma, b.magnitude_sigma), recovered=b.recovered, recovery_step=b.recovery_step,
+        low_confidence=a.low_confidence, also_flagged=sorted((set(a.also_flagged) | set(b.also_flagged) | set(series)) - {a.metric}),
+        series=series,
+    )
+
+
+def _joined_series(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    top = b if b["peak_value"] > a["peak_value"] else a
+    base = a["baseline"]
+    return {**a, "peak_step": top["peak_step"], "peak_value": top["peak_value"],
+            "peak_ratio": top["peak_value"] / base if base else float("nan"),
+            "magnitude_sigma": max(a["magnitude_sigma"], b["magnitude_sigma"]), "end_step": b["end_step"],
+            "recovered": b["recovered"], "recovery_step": b["recovery_step"],
+            "persistent": bool(a.get("persistent")) or bool(b.get("persistent"))}
 
 
 def _jsonable(value: Any) -> Any:

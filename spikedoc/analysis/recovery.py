@@ -30,7 +30,10 @@ __all__ = ["VERDICTS", "RecoveryConfig", "Trajectory", "RecoveryState", "Recover
 #: Final verdicts on an incident's aftermath, from harmless to worst.
 VERDICTS = ("recovered", "recovered_with_damage", "persistent", "divergence")
 
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2
+# Share of the backtest's miss added to the damage floor: the backtest extrapolates from an earlier,
+# steeper stretch of the curve than the one after onset, so its whole miss overstates the error there.
+_BACKTEST_SHARE = 0.5
 
 
 @dataclass(kw_only=True)
@@ -66,22 +69,39 @@ class RecoveryConfig:
     """Consecutive non-finite losses that make the incident a divergence."""
     slope_share: float = 0.5
     """Share of the pre-onset slope (in log-step) the extrapolation keeps: loss curves flatten."""
+    damage_steps: int = 100
+    """Most steps, from the first step back on the trajectory, whose mean excess is tested for a
+    lasting shift (`lasting_excess`)."""
+    damage_z: float = 3.0
+    """A mean excess this many of its own standard errors (autocorrelation-robust) above the
+    trajectory is a real shift, not noise (one-sided, about 0.1% by chance)."""
+    damage_sigmas: float = 1.25
+    """A lasting shift must also exceed this many of one step's noise (the trajectory's robust
+    sigma): healthy public speedrun logs wander by about one step's noise over 100 steps, with no
+    incident behind it (docs/detection.md)."""
+    damage_floor: float = 0.025
+    """Practical size of a lasting shift, as a share of the trajectory, on top of the progress the
+    trajectory expects over the tested steps (`RecoveryTracker.shift_floor`). Set on healthy runs of
+    even seeds taken as if an incident had happened every third step (docs/detection.md)."""
 
     def __post_init__(self) -> None:
-        for name in ("fit_steps", "min_fit_steps", "hold_steps", "patience_steps", "horizon_steps", "nonfinite_steps"):
+        for name in ("fit_steps", "min_fit_steps", "hold_steps", "patience_steps", "horizon_steps", "nonfinite_steps",
+                     "damage_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RecoveryConfig.{name} must be a positive integer, got {value!r}")
         if self.min_fit_steps > self.fit_steps:
             raise ValueError(f"RecoveryConfig.min_fit_steps ({self.min_fit_steps}) must not exceed fit_steps ({self.fit_steps})")
-        for name in ("tolerance_sigma", "band_sigma"):
+        for name in ("tolerance_sigma", "band_sigma", "damage_z", "damage_sigmas"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"RecoveryConfig.{name} must be a finite number > 0, got {value!r}")
         if self.band_sigma <= self.tolerance_sigma:
             raise ValueError("RecoveryConfig.band_sigma must exceed tolerance_sigma: the band flags spikes, the tolerance certifies recovery")
-        if not (isinstance(self.min_damage_ratio, (int, float)) and 0 <= self.min_damage_ratio < 1):
-            raise ValueError(f"RecoveryConfig.min_damage_ratio must be in [0, 1), got {self.min_damage_ratio!r}")
+        for name in ("min_damage_ratio", "damage_floor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"RecoveryConfig.{name} must be in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,49 @@ def _robust_sigma(residuals: np.ndarray, level: float) -> float:
     return max(MAD_TO_SIGMA * mad, _SIGMA_FLOOR * abs(level), 1e-12)
 
 
+def lasting_excess(residuals: Sequence[float] | np.ndarray, sigma: float) -> tuple[float, float]:
+    """Mean of `residuals` (loss minus trajectory) and its standard error, robust to autocorrelation.
+
+    Consecutive losses of one run are correlated (the same weights, a slowly moving trajectory
+    misfit), so the i.i.d. error sigma / sqrt(n) would be too small; the Newey-West (1987)
+    estimator with a Bartlett kernel and Newey-West (1994)'s lag floor(4 (n/100)^(2/9)) sums the
+    autocovariances. Residuals are first clipped at 5 `sigma` (the per-step robust sigma), so that
+    one data blip after the recovery cannot make or hide a shift.
+
+    Example:
+        >>> mean, se = lasting_excess([0.1] * 50 + [0.0] * 50, 0.05)
+        >>> round(mean, 3), se > 0
+        (0.05, True)
+    """
+    r = np.clip(np.asarray(residuals, dtype=np.float64), -5 * sigma, 5 * sigma)
+    n = r.size
+    if n < 2:
+        return (float(r.mean()) if n else math.nan), math.inf
+    d = r - r.mean()
+    lags = min(n - 1, int(4 * (n / 100) ** (2 / 9)))
+    var = float(d @ d) / n
+    for k in range(1, lags + 1):
+        var += 2 * (1 - k / (lags + 1)) * float(d[k:] @ d[:-k]) / n
+    return float(r.mean()), math.sqrt(max(var, 0.0) / n)
+
+
+def _backtest(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray, config: RecoveryConfig) -> float:
+    """How far the trajectory method missed on this run's own healthy history: fitted on all but the
+    last third of it (at most `damage_steps`), the mean excess of that last third over the fit, as a
+    share of the fit (absolute; 0 when the history is too short to try)."""
+    x = np.asarray(steps, dtype=np.float64)
+    y = np.asarray(losses, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep][-config.fit_steps - config.damage_steps:], y[keep][-config.fit_steps - config.damage_steps:]
+    h = min(config.damage_steps, y.size // 3)
+    if y.size - h < config.min_fit_steps or h < 2:
+        return 0.0
+    t = fit_trajectory(x[:-h], y[:-h], config)
+    expected = np.array([t.at(s) for s in x[-h:]])
+    level = float(expected.mean())
+    return abs(float((y[-h:] - expected).mean()) / level) if level > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class RecoveryState:
     """The judgement after one more step of an incident's aftermath."""
@@ -169,6 +232,10 @@ class RecoveryState:
     """That median excess in the trajectory's sigma (inf when non-finite)."""
     back_step: int | None
     """First step of the first stretch back on the trajectory, if any."""
+    shift_ratio: float = math.nan
+    """Mean excess since `back_step` (up to `damage_steps` steps) / the trajectory there (nan before)."""
+    shift_z: float = math.nan
+    """That mean excess in its own autocorrelation-robust standard errors (`lasting_excess`)."""
 
 
 class RecoveryTracker:
@@ -193,12 +260,15 @@ class RecoveryTracker:
         self.config = config or RecoveryConfig()
         self.onset_step = int(onset_step)
         self.trajectory = fit_trajectory(history_steps, history_losses, self.config)
+        self.backtest_error = _backtest(history_steps, history_losses, self.config)
         self._recent: deque[float] = deque(maxlen=self.config.hold_steps)
         self._recent_steps: deque[int] = deque(maxlen=self.config.hold_steps)
         self._nonfinite_run = 0
         self._back_step: int | None = None
         self._peak_excess = -math.inf
         self._last: RecoveryState | None = None
+        # Residuals and expected losses from the first step back on: the lasting shift is tested on them.
+        self._since_back: deque[tuple[float, float]] = deque(maxlen=self.config.damage_steps)
 
     @property
     def usable(self) -> bool:
@@ -232,21 +302,60 @@ class RecoveryTracker:
             # The stretch's first step that is itself within the tolerance (the stretch may hold the spike).
             limit = max(cfg.tolerance_sigma * t.sigma, cfg.min_damage_ratio * expected)
             self._back_step = next((s for s, r in zip(self._recent_steps, self._recent) if r <= limit), self._recent_steps[0])
-        verdict = self._verdict(sigmas, ratio, on_track, full)
-        decided = verdict == "recovered" or step - self.onset_step >= cfg.patience_steps
-        state = RecoveryState(step, verdict if decided else "pending", decided, ratio, sigmas, self._back_step)
+            self._since_back.extend((r, t.at(s)) for s, r in zip(self._recent_steps, self._recent) if s >= self._back_step)
+        elif self._back_step is not None:
+            self._since_back.append((loss - expected, expected))
+        shift_ratio, shift_z = self._shift()
+        verdict = self._verdict(sigmas, ratio, on_track, full, shift_ratio, shift_z)
+        decided = verdict in ("recovered", "recovered_with_damage") and on_track or step - self.onset_step >= cfg.patience_steps
+        state = RecoveryState(step, verdict if decided else "pending", decided, ratio, sigmas, self._back_step,
+                              shift_ratio, shift_z)
         self._last = state
         return state
 
-    def _verdict(self, sigmas: float, ratio: float, on_track: bool, full: bool) -> str:
+    def _shift(self) -> tuple[float, float]:
+        """The lasting shift since back on the trajectory: (mean excess / trajectory, its z)."""
+        if len(self._since_back) < self.config.hold_steps:
+            return math.nan, math.nan
+        residuals, expected = zip(*self._since_back)
+        mean, se = lasting_excess(residuals, self.trajectory.sigma)
+        level = float(np.mean(expected))
+        return (mean / level if level > 0 else math.nan), (mean / se if se > 0 else math.inf * np.sign(mean))
+
+    def shift_floor(self) -> float:
+        """Smallest shift (a share of the trajectory) that counts as damage: `damage_floor` plus
+        the progress the trajectory expects over the tested steps plus half of how far the same
+        method missed on this run's own history (`backtest_error`). The progress is an extrapolation no
+        step after onset can confirm (early in a run, while the loss bends fast, it misses by as much
+        as it promises); the backtest says how well a trajectory fits this run at all."""
+        if not self._since_back:
+            return self.config.damage_floor
+        level = float(np.mean([e for _, e in self._since_back]))
+        t = self.trajectory
+        start = t.intercept + t.slope * t.anchor  # the trajectory at the last healthy step before onset
+        progress = max(0.0, (start - level) / level if level > 0 else 0.0)
+        noise = self.config.damage_sigmas * t.sigma / level if level > 0 else 0.0
+        return max(self.config.damage_floor + progress + _BACKTEST_SHARE * self.backtest_error, noise)
+
+    def _damaged(self, shift_ratio: float, shift_z: float) -> bool:
+        """Back on the trajectory, but shifted above it: both real (`damage_z` standard errors) and large enough to matter."""
+        return shift_z >= self.config.damage_z and shift_ratio >= self.shift_floor()
+
+    def _verdict(self, sigmas: float, ratio: float, on_track: bool, full: bool,
+                 shift_ratio: float = math.nan, shift_z: float = math.nan) -> str:  # fmt: skip
         if on_track:
-            return "recovered"
+            return "recovered_with_damage" if self._damaged(shift_ratio, shift_z) else "recovered"
         if not full:
             return "persistent"
         if sigmas > self.config.band_sigma:
             # Still out of the band: rising to its worst yet is a divergence, staying up persistent.
             return "divergence" if sigmas >= self._peak_excess and ratio > 0.5 else "persistent"
         return "recovered_with_damage"
+
+    @property
+    def shift_steps(self) -> int:
+        """Steps since back on the trajectory that the lasting-shift test holds (at most `damage_steps`)."""
+        return len(self._since_back)
 
     @property
     def last(self) -> RecoveryState | None:
@@ -257,6 +366,7 @@ class RecoveryTracker:
         """Everything needed to continue exactly here; plain JSON types only."""
         return {
             "format": _STATE_FORMAT,
+            "backtest_error": self.backtest_error,
             "config": asdict(self.config),
             "onset_step": self.onset_step,
             "trajectory": asdict(self.trajectory),
@@ -265,6 +375,7 @@ class RecoveryTracker:
             "nonfinite_run": self._nonfinite_run,
             "back_step": self._back_step,
             "peak_excess": None if self._peak_excess == -math.inf else self._peak_excess,
+            "since_back": [list(pair) for pair in self._since_back],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -284,6 +395,8 @@ class RecoveryTracker:
             self._back_step = None if state["back_step"] is None else int(state["back_step"])
             peak = state["peak_excess"]
             self._peak_excess = -math.inf if peak is None else float(peak)
+            self._since_back = deque(((float(r), float(e)) for r, e in state["since_back"]), maxlen=self.config.damage_steps)
+            self.backtest_error = float(state["backtest_error"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed recovery tracker state: {exc}") from None
 
@@ -303,6 +416,12 @@ class Recovery:
     trajectory: Trajectory
     observed_steps: int
     """Steps after the incident's end that the judgement saw (fewer than the horizon: the run ended)."""
+    shift_ratio: float = math.nan
+    """Mean excess over the trajectory from `back_step` on (up to `damage_steps`) / the trajectory."""
+    shift_z: float = math.nan
+    """That mean in its own autocorrelation-robust standard errors."""
+    shift_steps: int = 0
+    """Steps that mean is over."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -311,6 +430,9 @@ class Recovery:
             "damage_step": self.damage_step,
             "excess_ratio": self.excess_ratio,
             "excess_sigma": self.excess_sigma,
+            "shift_ratio": self.shift_ratio,
+            "shift_z": self.shift_z,
+            "shift_steps": self.shift_steps,
             "observed_steps": self.observed_steps,
             "trajectory": {"intercept": self.trajectory.intercept, "slope": self.trajectory.slope,
                            "sigma": self.trajectory.sigma, "fit_steps": self.trajectory.fit_steps},
@@ -368,7 +490,8 @@ def judge_recovery(
     verdict = _final_verdict(tracker, state)
     observed = int(np.count_nonzero((steps > end_step) & (steps <= stop)))
     return Recovery(verdict, tracker.last.back_step if tracker.last else None, state.step,
-                    state.excess_ratio, state.excess_sigma, tracker.trajectory, observed)
+                    state.excess_ratio, state.excess_sigma, tracker.trajectory, observed,
+                    state.shift_ratio, state.shift_z, tracker.shift_steps)
 
 
 def _final_verdict(tracker: RecoveryTracker, state: RecoveryState) -> str:
@@ -379,6 +502,5 @@ def _final_verdict(tracker: RecoveryTracker, state: RecoveryState) -> str:
     if not math.isfinite(state.excess_sigma):
         return "divergence"
     cfg = tracker.config
-    if state.excess_sigma <= cfg.tolerance_sigma or state.excess_ratio < cfg.min_damage_ratio:
-        return "recovered"
-    return tracker._verdict(state.excess_sigma, state.excess_ratio, False, True)
+    on_track = state.excess_sigma <= cfg.tolerance_sigma or state.excess_ratio < cfg.min_damage_ratio
+    return tracker._verdict(state.excess_sigma, state.excess_ratio, on_track, True, state.shift_ratio, state.shift_z)

@@ -140,7 +140,7 @@ def _summary(d: Diagnosis, detailed: set[int]) -> str:
         rows.append(
             f"<tr><td>{number}</td><td>{_badge(inc.severity)}</td><td>{_e(inc.kind)}</td>"
             f"<td class='num'>{inc.onset_step}</td><td class='num'>{inc.end_step}</td>"
-            f"<td class='num'>{_e(_num(inc.magnitude_sigma))}</td><td class='num'>{_e(_num(inc.peak_ratio))}x</td>"
+            f"<td class='num'>{_e(_num(inc.magnitude_sigma))}</td><td class='num'>{_e(_ratio(inc.peak_ratio))}</td>"
             f"<td>{_e(inc.verdict)}</td><td>{_e(inc.cause)}{'?' if inc.cause_guessed else ''}</td></tr>"
         )
     table = ("<table><tr><th>#</th><th>severity</th><th>kind</th><th>onset</th><th>end</th>"
@@ -215,7 +215,7 @@ def _incident_section(run: Any, steps: pd.DataFrame, n: int, inc: Incident, ctx:
         f"<h3>#{n} {_e(inc.kind)} at step {inc.onset_step}{segment} {_badge(inc.severity)}"
         + (" <span class='good'>handled by the guard</span>" if getattr(inc, "handled_by_guard", False) else "") + "</h3>",
         f"<p>{_e(inc.metric)} {_e(fmt(inc.peak_value))} at step {inc.peak_step} against a baseline of "
-        f"{_e(fmt(inc.baseline))} ({_e(_num(inc.peak_ratio))}x, {_e(_sigma(inc.magnitude_sigma))})"
+        f"{_e(fmt(inc.baseline))} ({_e(_ratio(inc.peak_ratio))}, {_e(_sigma(inc.magnitude_sigma))})"
         + (" <span class='warning'>(short history: low confidence)</span>" if inc.low_confidence else "") + "</p>",
         _verdict(inc),
         _cause(inc),
@@ -403,6 +403,11 @@ def _badge(severity: str) -> str:
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _ratio(value: Any) -> str:
+    """A ratio as "2.5x", or "non-finite" (never "nanx")."""
+    return f"{_num(value)}x" if isinstance(value, (int, float)) and math.isfinite(value) else "non-finite"
 
 
 def _num(value: Any) -> str:

@@ -174,7 +174,7 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         state = f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
-        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_fmt_table(inc.peak_ratio)}x, {_sigma(inc.magnitude_sigma)}); {state}"
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_ratio(inc.peak_ratio)}, {_sigma(inc.magnitude_sigma)}); {state}"
         + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
     )
     console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
@@ -222,17 +222,18 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
 
 
 def settled_text(diagnosis: Diagnosis) -> str:
-    """Why a diagnosis with incidents needs no attention: they are minor, or a guard handled them.
+    """Why a diagnosis with incidents needs no attention: nothing in them to act on, or a guard handled them.
 
     Example:
         >>> settled_text(Diagnosis(path="runs/x", source="csv"))
         'only minor incidents'
     """
     handled = any(i.handled_by_guard and i.severity != "minor" for i in diagnosis.incidents)
-    minor = any(i.severity == "minor" for i in diagnosis.incidents)
-    if handled and minor:
-        return "the guard handled the larger incidents, the others are minor"
-    return "handled by the guard" if handled else "only minor incidents"
+    others = [i for i in diagnosis.incidents if not i.handled_by_guard]
+    quiet = "only minor incidents" if all(i.severity == "minor" for i in others) else "nothing to act on: the run recovered by itself"
+    if handled and others:
+        return "the guard handled the larger incidents, the others need nothing"
+    return "handled by the guard" if handled else quiet
 
 
 def action_text(action: dict[str, Any]) -> str:
@@ -252,10 +253,14 @@ def action_text(action: dict[str, Any]) -> str:
     if kind == "guard_acted":
         return "the guard acted on part of it"
     if kind == "rollback":
+        gone = "; ".join(f"{o['path']} was overwritten at step {o['overwritten_at']}" for o in action.get("overwritten") or [])
         if action["known"]:
             # A checkpoint event of step s holds the state before step s; the file may be named after s - 1.
             where = action["checkpoint"] or "the checkpoint"
-            return f"roll back to {where} (the state before step {action['step']})"
+            return f"roll back to {where} (the state before step {action['step']})" + (f" ({gone})" if gone else "")
+        if gone:
+            return (f"{gone}; no recorded checkpoint holds a state before step {action['step']}: roll back to a copy "
+                    f"saved at or before step {action['step']} if you kept one, else retrain from the start")
         return f"roll back to your last checkpoint at or before step {action['step']} (no checkpoint events recorded)"
     if kind == "skip_data":
         what = (f"sample ids {fmt_steps(action['sample_ids'])}" if action["sample_ids"] else
@@ -299,6 +304,10 @@ def _severity(inc: Incident) -> tuple:
     # Severe first, then unrecovered, then non-finite, then by size.
     size = inc.magnitude_sigma if math.isfinite(inc.magnitude_sigma) else 1e300
     return (-("minor", "moderate", "severe").index(inc.severity), inc.recovered, inc.kind != "nonfinite", -size)
+
+
+def _ratio(value: float) -> str:
+    return f"{_fmt_table(value)}x" if math.isfinite(value) else "non-finite"
 
 
 def _sigma(value: float) -> str:
