@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from spikedoc.cli import app
 from tests.common.planted import healthy_layers, healthy_steps, write_run
+from tests.common.cli import one_error_line
 
 T = 400
 SAMPLE_RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
@@ -34,17 +35,6 @@ def spiky(tmp_path) -> Path:
     steps.loc[T, "distinct_token_ratio"] = 0.02
     steps.loc[T:, "loss"] *= 1.6  # does not come back: a rollback is recommended
     return write_run(tmp_path / "spiky", steps, healthy_layers(steps), events=[("checkpoint", 350, {"path": "c/350.pt"})])
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    # CliRunner keeps typer.Exit as a SystemExit; any other exception escaped the CLI's one-line handling.
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_help_lists_the_analyze_command():
@@ -138,34 +128,34 @@ def test_threshold_and_window_reach_the_detector(spiky):
 
 
 def test_bad_ranges_and_detector_settings_are_one_line_and_exit_2(spiky):
-    assert "must be greater than --start" in _one_error_line(_analyze(spiky, "--start", 10, "--stop", 10))
-    assert "has no steps in [5000, )" in _one_error_line(_analyze(spiky, "--start", 5000))
-    assert "--threshold must be" in _one_error_line(_analyze(spiky, "--threshold", "-1"))
-    assert "--window must be" in _one_error_line(_analyze(spiky, "--window", "1"))
+    assert "must be greater than --start" in one_error_line(_analyze(spiky, "--start", 10, "--stop", 10))
+    assert "has no steps in [5000, )" in one_error_line(_analyze(spiky, "--start", 5000))
+    assert "--threshold must be" in one_error_line(_analyze(spiky, "--threshold", "-1"))
+    assert "--window must be" in one_error_line(_analyze(spiky, "--window", "1"))
 
 
 # ------------------------------------------------------------------------------------ bad input
 
 
 def test_a_missing_path_is_one_line_and_exit_2(tmp_path):
-    assert "no such file or directory" in _one_error_line(_analyze(tmp_path / "nope"))
+    assert "no such file or directory" in one_error_line(_analyze(tmp_path / "nope"))
 
 
 def test_an_empty_directory_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert "is an empty directory" in _one_error_line(_analyze(tmp_path / "empty"))
+    assert "is an empty directory" in one_error_line(_analyze(tmp_path / "empty"))
 
 
 def test_a_foreign_directory_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8\xff")
-    assert "is not a run" in _one_error_line(_analyze(tmp_path / "photos"))
+    assert "is not a run" in one_error_line(_analyze(tmp_path / "photos"))
 
 
 def test_a_corrupt_parquet_file_is_one_line_and_exit_2(clean):
     for part in (clean / "steps").rglob("*.parquet"):
         part.write_bytes(b"PAR1 this is not parquet")
-    assert "none of its" in _one_error_line(_analyze(clean))
+    assert "none of its" in one_error_line(_analyze(clean))
 
 
 def test_a_truncated_part_among_good_ones_is_skipped_named_and_exits_3_incomplete(tmp_path):
@@ -198,7 +188,7 @@ def test_a_layer_part_cut_short_is_named_among_the_warnings_of_the_report_and_th
 def test_a_step_that_is_not_a_whole_number_is_one_line_and_exit_2(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("step,loss\n0,3.0\n1.5,2.9\n2,2.8\n")
-    assert "data row 2: step 1.5 is not a whole number" in _one_error_line(_analyze(path))
+    assert "data row 2: step 1.5 is not a whole number" in one_error_line(_analyze(path))
 
 
 def test_a_tensorboard_dir_of_two_runs_is_one_line_naming_them_and_exit_2(tmp_path):
@@ -208,7 +198,7 @@ def test_a_tensorboard_dir_of_two_runs_is_one_line_naming_them_and_exit_2(tmp_pa
         with SummaryWriter(log_dir=str(tmp_path / "tb" / name)) as writer:
             for step in range(60):
                 writer.add_scalar("train/loss", 3.0 - 0.01 * step, global_step=step)
-    line = _one_error_line(_analyze(tmp_path / "tb"))
+    line = one_error_line(_analyze(tmp_path / "tb"))
     assert "holds 2 TensorBoard runs that log a loss (lr_1e-3, lr_3e-4)" in line
     assert f"spikedoc analyze {tmp_path / 'tb' / 'lr_3e-4'}" in line
 
@@ -217,14 +207,14 @@ def test_a_run_from_a_newer_format_version_is_one_line_and_exit_2(clean):
     meta = json.loads((clean / "meta.json").read_text())
     meta["format_version"] = 99
     (clean / "meta.json").write_text(json.dumps(meta))
-    assert "upgrade spikedoc" in _one_error_line(_analyze(clean))
+    assert "upgrade spikedoc" in one_error_line(_analyze(clean))
 
 
 def test_a_run_with_neither_a_finite_loss_nor_grad_norm_is_one_line_and_exit_2(tmp_path):
     steps = healthy_steps(n=60)
     steps["loss"] = np.nan
     steps["grad_norm"] = np.nan
-    assert "neither a loss nor a grad norm with a finite value" in _one_error_line(_analyze(write_run(tmp_path / "run", steps)))
+    assert "neither a loss nor a grad norm with a finite value" in one_error_line(_analyze(write_run(tmp_path / "run", steps)))
 
 
 def test_a_run_without_a_loss_is_analysed_on_its_grad_norm_not_refused(tmp_path):
@@ -241,7 +231,7 @@ def test_a_run_without_a_loss_is_analysed_on_its_grad_norm_not_refused(tmp_path)
 def test_a_csv_without_a_step_column_is_one_line_and_exit_2(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("loss\n1.0\n2.0\n")
-    assert "no step column" in _one_error_line(_analyze(path))
+    assert "no step column" in one_error_line(_analyze(path))
 
 
 # ------------------------------------------------------------------------------------ demo
@@ -262,7 +252,7 @@ def test_demo_trains_a_run_and_diagnoses_its_planted_bad_batch(tmp_path):
 
 
 def test_demo_rejects_an_unknown_fault_with_one_line(tmp_path):
-    line = _one_error_line(runner.invoke(app, ["demo", "--fault", "gremlins", "--out", str(tmp_path / "d")]))
+    line = one_error_line(runner.invoke(app, ["demo", "--fault", "gremlins", "--out", str(tmp_path / "d")]))
     assert "unknown --fault 'gremlins'" in line and "bad_batch_long" in line
     assert not (tmp_path / "d").exists()
 
@@ -271,7 +261,7 @@ def test_demo_leaves_an_existing_directory_untouched(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    line = _one_error_line(runner.invoke(app, ["demo", "--out", str(mine)]))
+    line = one_error_line(runner.invoke(app, ["demo", "--out", str(mine)]))
     assert "already exists and is not an empty directory" in line
     assert (mine / "notes.txt").read_text() == "keep me"
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from spikedoc.cli import app
+from tests.common.cli import one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_runs"
@@ -97,9 +98,7 @@ def test_missing_foreign_and_empty_runs_are_one_line_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     for run in ("nope", "foreign", "empty"):
         result = runner.invoke(app, ["tail", str(tmp_path / run), "--once"])
-        assert result.exit_code == 2, result.output
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        one_error_line(result)
 
 
 # A writer that keeps every row in its buffer (no part lands before close) and pauses after step 199.
@@ -167,14 +166,6 @@ def _run_with_parts(tmp_path: Path, *parts: pa.Table) -> Path:
     return run
 
 
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
 def test_an_empty_steps_part_is_read_as_no_rows(tmp_path):
     empty = pa.table({"step": pa.array([], pa.int64()), "loss": pa.array([], pa.float32())})
     result = runner.invoke(app, ["tail", str(_run_with_parts(tmp_path, empty)), "--once"], env={"COLUMNS": "200"})
@@ -187,14 +178,14 @@ def test_a_run_whose_only_part_is_empty_has_no_steps_yet(tmp_path):
     (run / "steps" / "rank=0").mkdir(parents=True)
     (run / "meta.json").write_text('{"format_version": 1}')
     pq.write_table(pa.table({"step": pa.array([], pa.int64())}), run / "steps" / "rank=0" / "part-0-000000.parquet")
-    line = _one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
+    line = one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
     assert "has no step rows yet" in line
 
 
 def test_a_steps_part_without_a_step_column_is_one_error_line_as_in_analyze(tmp_path):
     run = _run_with_parts(tmp_path, pa.table({"loss": pa.array([2.0, 1.9], pa.float32())}))
-    tail = _one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
-    analyze = _one_error_line(runner.invoke(app, ["analyze", str(run)]))
+    tail = one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
+    analyze = one_error_line(runner.invoke(app, ["analyze", str(run)]))
     assert tail == analyze and "lacks the required column 'step'" in tail
 
 
@@ -208,8 +199,8 @@ def test_a_step_column_of_strings_is_read_as_numbers(tmp_path):
 def test_a_meta_json_that_analyze_rejects_is_rejected_by_tail_alike(tmp_path):
     run = _run_with_parts(tmp_path)
     (run / "meta.json").write_text('{"format_version": "one"}')
-    tail = _one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
-    analyze = _one_error_line(runner.invoke(app, ["analyze", str(run)]))
+    tail = one_error_line(runner.invoke(app, ["tail", str(run), "--once"]))
+    analyze = one_error_line(runner.invoke(app, ["analyze", str(run)]))
     assert tail == analyze and "no valid format_version" in tail
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import spikedoc
 from spikedoc.cli import app
+from tests.common.cli import one_error_line
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
 runner = CliRunner()
@@ -71,6 +72,4 @@ def test_missing_run_and_unwritable_logdir_are_one_line_exit_2(tmp_path):
     for args in ([str(tmp_path / "nope"), str(tmp_path / "tb")], [str(tmp_path / "empty"), str(tmp_path / "tb")],
                  [str(SAMPLES / "lr_surge"), str(tmp_path / "file" / "tb")]):
         result = runner.invoke(app, ["tensorboard", *args])
-        assert result.exit_code == 2, result.output
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        one_error_line(result)

@@ -23,6 +23,7 @@ from spikedoc.cli import app
 from spikedoc.store import validate
 from tests.common.models import make_model, train
 from tests.common.planted import healthy_steps, write_run
+from tests.common.cli import one_error_line
 
 runner = CliRunner()
 STEPS, FLUSH = 240, 40  # six parts: steps 0..39, 40..79, ...
@@ -55,14 +56,6 @@ def _cut_short(path: Path) -> None:
 
 def _analyze(*args: object):
     return runner.invoke(app, ["analyze", *map(str, args)], env={"COLUMNS": "200"})
-
-
-def _error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------ holes
@@ -157,7 +150,7 @@ def _csv_with_text_losses(path: Path, every: int = 3) -> Path:
 
 
 def test_text_in_a_csv_loss_column_is_one_error_line_naming_its_lines(tmp_path):
-    line = _error_line(_analyze(_csv_with_text_losses(tmp_path / "log.csv")))
+    line = one_error_line(_analyze(_csv_with_text_losses(tmp_path / "log.csv")))
     assert "column 'loss' has 100 cells that are not numbers (line 4: 'oops', line 7: 'oops', line 10: 'oops'" in line
     assert "--lenient" in line
 
@@ -179,7 +172,7 @@ def test_text_in_a_parquet_loss_column_is_one_error_line_naming_the_part_and_row
     loss[6] = "oops"
     table = table.set_column(table.schema.get_field_index("loss"), "loss", pa.array([str(v) for v in loss]))
     pq.write_table(table, path)
-    line = _error_line(_analyze(run))
+    line = one_error_line(_analyze(run))
     assert f"{path}: column 'loss' has 1 cells that are not numbers (row 7: 'oops')" in line
 
 
@@ -204,7 +197,7 @@ def test_a_step_that_is_not_a_whole_number_in_a_part_is_one_error_line(run):
     steps = [str(s) for s in table["step"].to_pylist()]
     steps[3] = "3.5"
     pq.write_table(table.set_column(table.schema.get_field_index("step"), "step", pa.array(steps)), path)
-    assert f"{path}, row 4: step 3.5 is not a whole number" in _error_line(_analyze(run))
+    assert f"{path}, row 4: step 3.5 is not a whole number" in one_error_line(_analyze(run))
 
 
 def test_a_part_written_twice_is_read_once_with_a_warning(run):
@@ -233,14 +226,14 @@ def test_two_writers_of_one_segment_keep_the_row_written_last(tmp_path):
 
 def test_a_step_table_larger_than_memory_is_refused_before_loading(run, monkeypatch):
     monkeypatch.setattr(validate, "available_memory", lambda: 1000)  # bytes: less than the table
-    line = _error_line(_analyze(run))
+    line = one_error_line(_analyze(run))
     assert "holds more data than the 0.0 GiB of memory available" in line and "not loaded" in line
 
 
 def test_a_csv_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch):
     path = _csv_with_text_losses(tmp_path / "log.csv", every=10**9)
     monkeypatch.setattr(validate, "available_memory", lambda: path.stat().st_size - 1)
-    assert "not loaded" in _error_line(_analyze(path))
+    assert "not loaded" in one_error_line(_analyze(path))
 
 
 def test_available_memory_is_read_from_the_machine():

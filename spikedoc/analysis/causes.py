@@ -536,8 +536,14 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
     own = incident.cause == "bad_batch" or (incident.cause == "state_reset" and ev.resume is not None) \
         or (first is not None and first["loss_finite"])
     shown = (first["step"] if first is not None else incident.onset_step) - (0 if own else 1)
+    # Where the cause dates the fault itself (the first non-finite value, the LR jump, the bad batch),
+    # a tensor's departure counts only as a build-up (within `build_up_window`): one of dozens of
+    # tensors off its history tens of steps earlier happens in healthy runs too. Otherwise (a state
+    # changed, a cause unknown) the earliest departure may be the fault's real start.
+    pinned = first is not None or bad or (incident.cause == "lr_schedule" and ev.lr_jump is not None)
+    departed = [] if ev.layers is None or ev.layers.earliest_step is None else [ev.layers.earliest_step]
     earliest = min([shown] + bad
-                   + ([ev.layers.earliest_step] if ev.layers is not None and ev.layers.earliest_step is not None else [])
+                   + ([ev.build_up["step"]] if ev.build_up else [] if pinned else departed)
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
                    + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so

@@ -36,6 +36,11 @@ class AnalysisConfig:
     """Steps by which a departure (the gradient norm, a tensor) must lead the first non-finite value
     or the loss flag to count as a build-up: the loss of step t shows the update of step t-1, so a
     one-step lead is the order of measurement, not growth."""
+    build_up_window: int = 5
+    """Steps before the first non-finite value or the loss flag within which a tensor's departure
+    from its own history counts as a build-up: an explosion grows into the incident, while one of
+    dozens of tensors drifting off its history tens of steps earlier is what healthy runs show too
+    (set on the exam's calibration half, `bench/exam.py`)."""
     lookback: int = 100
     """Steps before onset searched for precursors (grad-norm and per-tensor departures, LR jumps,
     clipping saturation, loss-scale drops). PaLM restarted about 100 steps before a spike."""
@@ -70,7 +75,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         for name in ("lookback", "layer_history", "lr_response_steps", "early_steps", "max_layers",
-                     "sudden_steps", "minor_steps", "build_up_steps"):
+                     "sudden_steps", "minor_steps", "build_up_steps", "build_up_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
