@@ -26,7 +26,7 @@ class StepRecord:
     full: bool = True
     """Gets the full statistics (gradient maxima, update norms, optimizer state); see `budget.py`."""
     cost: float = 0.0
-    """Seconds the monitor spent on this step, in the hooks and on the worker."""
+    """Seconds the monitor spent on this step, in its hooks."""
     forwards: int = 0
     loss_sum: Tensor | None = None
     loss_count: int = 0

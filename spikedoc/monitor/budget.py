@@ -5,7 +5,7 @@ gradient norms (the total needs them anyway), non-finite counts, parameter norms
 batch fingerprint. The full statistics (gradient maxima, update norms and ratios, the optimizer
 state: Adam's moments and eps fraction, momentum norms) cost several more passes over the
 parameters and state; under a budget they come every `every` steps, with `every` the smallest
-that keeps the measured monitor time per step (hooks plus worker) within `budget` of the step
+that keeps the measured monitor time per step (in its hooks) within `budget` of the step
 time. The spike detector `analyze` uses watches the loss and the gradient norm online: a flag
 makes every step full again for `dense_steps`, so the steps around an incident have everything.
 """
