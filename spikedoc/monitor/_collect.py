@@ -177,7 +177,7 @@ def post_stats(ctx: StepContext, st: StepRecord, skipped: bool) -> None:
     """After the step: parameter and update norms, optimizer state, then the one host copy.
 
     The values a scheduler or the loop may change next (learning rates, hyperparameters, the loss
-    scale) are read here; the tensor work is a lane job that must end before the next step.
+    scale) are read here, then the tensor work runs, all before the hook returns.
     """
     pk = st.packer
     for g, group in enumerate(ctx.optimizer.param_groups):

@@ -119,8 +119,7 @@ class OptimizerStats:
 
     `before` runs in the step pre-hook, on the training thread, before the step changes anything.
     `hyperparameters` is read on the training thread right after the step (a scheduler may change
-    the groups next); `after` may run later on the monitor's lane, with those values, and reads
-    only tensors that the next step changes. Both return device tensors only. `to_columns` turns
+    the groups next); `after` runs right after it in the step post-hook, with those values. Both return device tensors only. `to_columns` turns
     the host copies into layer-table columns.
     """
 
