@@ -258,7 +258,6 @@ class _Loop:
         f = self.fault
         if f is None or f.step != step or f.family in ("bad_batch", "lr_surge", "instability"):
             return
-        self.monitor.wait()  # in-place surgery between steps: let the last step's statistics finish first
         if f.family == "lr_restart" or (f.family == "state_reset" and f.kind == "resume_fresh"):
             # A restart: the run stops and resumes as a new segment of the same run directory.
             self.monitor.close()

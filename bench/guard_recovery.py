@@ -434,12 +434,6 @@ class _Timed:
         wrote = step is not None and step > 0 and step % self.guard.config.checkpoint_every == 0
         return time.perf_counter() - start, wrote
 
-    def settle(self) -> None:
-        """End of a turn: the monitor's statistics worker finishes, untimed, so its work lands in no other variant's steps."""
-        monitor = self.guard.monitor if self.guard is not None else self.monitor
-        if monitor is not None:
-            monitor.wait()
-
     def close(self) -> None:
         if self.guard is not None:
             self.guard.close()
@@ -464,7 +458,6 @@ def run_timing(cfg: BenchConfig, work_dir: Path, progress: Callable[[str], None]
                 for run in runs.values():
                     for _ in range(cfg.warmup):
                         run.step()
-                    run.settle()
                 for _ in range(cfg.timing_steps // cfg.block):
                     for v in order.sample(TIMED, len(TIMED)):
                         for _ in range(cfg.block):
@@ -472,7 +465,6 @@ def run_timing(cfg: BenchConfig, work_dir: Path, progress: Callable[[str], None]
                             if checkpoint:
                                 wrote.append(len(times[v]))
                             times[v].append(seconds)
-                        runs[v].settle()
             finally:
                 for run in runs.values():
                     run.close()

@@ -93,7 +93,6 @@ def _plant(fault: str, recipe: Recipe, guard: Any, model: Any, opt: torch.optim.
     """Plant `fault`; returns the batch to train on (the planted one for a bad-batch fault)."""
     if fault == "bad_batch_long":
         return _planted_batch(RunSpec(name=fault, fault="long_batch"), recipe, *batch)
-    guard.monitor.wait()  # in-place surgery between steps: let the last step's statistics finish first
     if fault in ("optimizer_state", "optimizer_state_returning"):
         for state in opt.state.values():
             state["exp_avg_sq"].zero_()

@@ -349,8 +349,6 @@ def _train_step(spec: RunSpec, recipe: Recipe, step: int, model: _TinyGPT, optim
     lr = recipe.lr_at(step) * (spec.lr_factor if (spec.fault == "lr_jump" and step >= spec.step) or surging else 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if at_fault and spec.fault in ("inf_weight", "zero_exp_avg_sq"):
-        monitor.wait()  # in-place surgery between steps: let the last step's statistics finish first
     if at_fault and spec.fault == "inf_weight":
         with torch.no_grad():
             model.blocks[1].fc.weight[3, 5] = math.inf

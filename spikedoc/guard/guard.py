@@ -606,7 +606,6 @@ class Guard:
                        "earliest precursor", decision)  # fmt: skip
         from_step = self.step
         self._report_written()  # into the segment that wrote them (finding the target waited for the last)
-        self.monitor.wait()
         self.monitor.close()
         saved_scale = float(state["guard"]["lr_scale"])
         self._restore(state)

@@ -119,8 +119,8 @@ class OptimizerStats:
 
     `before` runs in the step pre-hook, on the training thread, before the step changes anything.
     `hyperparameters` is read on the training thread right after the step (a scheduler may change
-    the groups next); `after` runs right after it in the step post-hook, with those values. Both return device tensors only. `to_columns` turns
-    the host copies into layer-table columns.
+    the groups next); `after` runs right after it in the step post-hook, with those values. Both
+    return device tensors only. `to_columns` turns the host copies into layer-table columns.
     """
 
     exact = True
