@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spikedoc.analysis.baseline import IQR_TO_SIGMA, RollingBaseline
+from spikedoc.detector.baseline import IQR_TO_SIGMA, RollingBaseline
 from spikedoc.analysis.detect import (
     FLAG_COLUMNS,
     DetectorConfig,

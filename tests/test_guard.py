@@ -490,7 +490,7 @@ def _scaled_gradient(at: int, factor: float):
 
 def _grad_z_at(run_dir, step: int) -> float:
     """The gradient norm's robust z at `step`, recomputed from the recording by the detector itself."""
-    from spikedoc.analysis.streaming import DetectorConfig, StreamingDetector
+    from spikedoc.detector.streaming import DetectorConfig, StreamingDetector
 
     norms = spikedoc.load(run_dir).steps.set_index("step")["grad_norm"]
     detector = StreamingDetector(DetectorConfig(), log_scale=DetectorConfig().grad_norm_log_scale)

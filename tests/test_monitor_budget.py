@@ -95,10 +95,10 @@ def test_a_budget_brings_the_streaming_detector_and_nothing_else_of_the_analysis
             model(torch.randn(4, 8)).pow(2).mean().backward()
             opt.step(); opt.zero_grad()
         monitor.close()
-        print(" ".join(sorted(m for m in sys.modules if m.startswith("spikedoc.analysis."))))
+        print(" ".join(sorted(m for m in sys.modules if m.startswith(("spikedoc.analysis", "spikedoc.detector.")))))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
-    assert "spikedoc.analysis.streaming" in loaded
-    assert loaded <= {"spikedoc.analysis.streaming", "spikedoc.analysis.baseline"}, loaded
+    assert "spikedoc.detector.streaming" in loaded
+    assert not any(m.startswith("spikedoc.analysis") for m in loaded), loaded

@@ -86,3 +86,19 @@ def test_a_room_never_imports_what_its_job_does_not_need(room, banned):
                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
                 offenders += [name for n in names if n == banned or n.startswith(banned + ".")]
     assert offenders == []
+
+
+def test_the_spike_detector_is_a_leaf_of_plain_python():
+    graph, modules = _graph(), _modules()
+    detector = {name for name in modules if name == "spikedoc.detector" or name.startswith("spikedoc.detector.")}
+    assert detector, "spikedoc.detector is missing"
+    outside = {dep for name in detector for dep in graph[name]} - detector
+    assert outside == set()
+    third_party = set()
+    for name in detector:
+        for node in ast.walk(ast.parse(modules[name].read_text())):
+            if isinstance(node, ast.Import):
+                third_party |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                third_party.add(node.module.split(".")[0])
+    assert third_party & {"torch", "numpy", "pandas", "pyarrow", "scipy"} == set()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from spikedoc.analysis.incident import Incident
-from spikedoc.analysis.streaming import DetectorConfig, Flag, StreamingDetector
+from spikedoc.detector.streaming import DetectorConfig, Flag, StreamingDetector
 
 __all__ = ["DetectorConfig", "Flag", "StreamingDetector", "flag_series", "find_incidents", "spike_score", "FLAG_COLUMNS"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spikedoc.analysis.streaming import DetectorConfig
+from spikedoc.detector.streaming import DetectorConfig
 from spikedoc.analysis.recovery import RecoveryConfig
 from spikedoc.errors import GuardStopped
 from spikedoc.guard.agree import agree, agree_all, common_steps, world

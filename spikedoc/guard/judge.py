@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-from spikedoc.analysis.streaming import DetectorConfig, Flag, StreamingDetector
+from spikedoc.detector.streaming import DetectorConfig, Flag, StreamingDetector
 from spikedoc.analysis.recovery import RecoveryConfig, RecoveryTracker
 from spikedoc.guard.agree import StepValues
 from spikedoc.guard.config import GuardConfig

@@ -6,7 +6,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from spikedoc.analysis.streaming import DetectorConfig, StreamingDetector
+from spikedoc.detector.streaming import DetectorConfig, StreamingDetector
 from spikedoc.analysis.recovery import VERDICTS, RecoveryConfig, RecoveryState, RecoveryTracker
 
 __all__ = ["StopConfig", "StopDecision", "IncidentWatch"]

@@ -36,7 +36,7 @@ class Cadence:
     """
 
     def __init__(self, *, budget: float, max_every: int = 100, dense_steps: int = 50, warm_steps: int = 10) -> None:
-        from spikedoc.analysis.streaming import StreamingDetector  # the detector analyze uses, without pandas
+        from spikedoc.detector.streaming import StreamingDetector  # the detector analyze uses, without pandas
 
         self.budget, self.max_every, self.dense_steps = budget, max_every, dense_steps
         self.every = 1

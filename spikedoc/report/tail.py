@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from spikedoc.analysis.guard_actions import GUARD_EVENT_KINDS
-from spikedoc.analysis.streaming import DetectorConfig, StreamingDetector
+from spikedoc.detector.streaming import DetectorConfig, StreamingDetector
 from spikedoc.errors import RunNotFoundError, one_line
 from spikedoc.store.live import announce, read_live
 from spikedoc.store.reader import read_meta, read_part

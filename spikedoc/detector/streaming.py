@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from typing import Any, NamedTuple
 
-from spikedoc.analysis.baseline import RollingBaseline
+from spikedoc.detector.baseline import RollingBaseline
 
 __all__ = ["DetectorConfig", "Flag", "StreamingDetector"]
 
