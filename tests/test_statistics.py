@@ -10,18 +10,8 @@ import pytest
 import torch
 
 from spikedoc.monitor.sampling import SampledSnapshot
-from spikedoc.monitor.statistics import (
-    Chunks,
-    adam_stats,
-    clip_coefficient,
-    eps_limit,
-    max_abs,
-    maxes,
-    nonfinite_counts,
-    norms,
-    sgd_update_norms,
-    sums,
-)
+from spikedoc.monitor.statistics import Chunks, clip_coefficient, max_abs, maxes, nonfinite_counts, norms, sums
+from spikedoc.monitor.update_statistics import adam_stats, eps_limit, sgd_update_norms
 from tests.common.models import make_model, train
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -330,7 +331,10 @@ def generate_run(
                     on_step(step + 1, stop)
                 if (step + 1) % recipe.checkpoint_every == 0:
                     path = ckpt / f"step-{step + 1:06d}.pt"
-                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, path)
+                    # Written whole, then renamed: two processes making the same run share this file.
+                    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, tmp)
+                    os.replace(tmp, path)
                     monitor.event("checkpoint", path=str(path))  # step + 1: the step a resume re-runs
         finally:
             monitor.close()

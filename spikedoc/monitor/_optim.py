@@ -13,14 +13,8 @@ import torch
 from torch import Tensor
 
 from spikedoc.monitor.sampling import SampledSnapshot
-from spikedoc.monitor.statistics import (
-    Chunks,
-    adam_stats,
-    maxes,
-    norms,
-    sgd_update_norms,
-    sums,
-)
+from spikedoc.monitor.statistics import Chunks, maxes, norms, sums
+from spikedoc.monitor.update_statistics import adam_stats, sgd_update_norms
 
 __all__ = ["AfterStep", "Bucket", "OptimizerStats", "AdamStats", "SgdStats", "SampledStats"]
 

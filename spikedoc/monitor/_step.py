@@ -12,7 +12,7 @@ from torch import Tensor
 from spikedoc.monitor._transfer import Landing, Packer
 from spikedoc.monitor.fingerprint import Fingerprint
 
-__all__ = ["StepRecord", "DeferredKey", "extract_loss"]
+__all__ = ["StepRecord", "DeferredKey", "deferred_value", "extract_loss"]
 
 
 @dataclass(eq=False)
@@ -96,3 +96,24 @@ def extract_loss(output: Any) -> Tensor | None:
     if isinstance(output, Tensor) and output.numel() == 1 and output.is_floating_point():
         return output
     return None
+
+
+def deferred_value(st: StepRecord, value: Any, *, ongoing: bool) -> Any:
+    """A value given to `record()` for step `st`: a tensor becomes a `DeferredKey` its host copy fills in.
+
+    While the step is `ongoing` the tensor rides in the step's own host copy; once that copy is under
+    way, in one of its own.
+    """
+    if not isinstance(value, Tensor):
+        return value
+    key = DeferredKey(f"rec:{len(st.recorded_tensors) + len(st.late)}")  # each tensor goes to one of them
+    key.integer = not value.is_floating_point() and not value.is_complex()
+    # Ids may sit in a buffer the loop refills: a copy of them as they are now.
+    tensor = value.detach().float() if value.is_floating_point() else value.detach().clone()
+    if ongoing:
+        st.recorded_tensors.append((key, tensor))
+    else:
+        p = Packer()
+        p.add(key, tensor)
+        st.late.append(p.launch())
+    return key

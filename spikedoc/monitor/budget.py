@@ -17,6 +17,8 @@ import statistics
 from collections import deque
 from typing import Any
 
+from spikedoc.detector.streaming import StreamingDetector  # the detector analyze uses
+
 __all__ = ["Cadence"]
 
 #: Weight of the newest step in the running cost estimates.
@@ -36,8 +38,6 @@ class Cadence:
     """
 
     def __init__(self, *, budget: float, max_every: int = 100, dense_steps: int = 50, warm_steps: int = 10) -> None:
-        from spikedoc.detector.streaming import StreamingDetector  # the detector analyze uses, without pandas
-
         self.budget, self.max_every, self.dense_steps = budget, max_every, dense_steps
         self.every = 1
         """Current spacing of full steps."""

@@ -5,12 +5,10 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import sys
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +16,19 @@ import torch
 from torch import Tensor, nn
 
 from spikedoc.monitor import clipping as _clipping
-from spikedoc.monitor import meta as _meta
-from spikedoc.monitor._collect import StepContext, grad_stats, post_stats, run_job, total_norm
+from spikedoc.monitor._caller import caller_stacklevel
+from spikedoc.monitor._collect import StepContext, grad_stats, post_stats, run_job
+from spikedoc.monitor._gradients import StepGradients
+from spikedoc.monitor._open import open_run, tensorboard_mirror
 from spikedoc.monitor._optim_list import OptimizerList
 from spikedoc.monitor._plan import build_plan
+from spikedoc.monitor._scaler import unwatch_updates, watch_updates
 from spikedoc.monitor._sink import StepSink
-from spikedoc.monitor._step import DeferredKey, StepRecord, extract_loss
-from spikedoc.monitor._transfer import Packer
+from spikedoc.monitor._step import StepRecord, deferred_value, extract_loss
 from spikedoc.monitor.budget import Cadence
 from spikedoc.monitor.config import WatchConfig
-from spikedoc.monitor.distributed import Ranks, agreed_segment, is_sharded, local
+from spikedoc.monitor.distributed import Ranks
 from spikedoc.monitor.fingerprint import Fingerprint
-from spikedoc.monitor.statistics import clip_coefficient
 from spikedoc.store.writer import RunWriter
 
 __all__ = ["Monitor"]
@@ -42,18 +41,8 @@ _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
 class Monitor:
     """Records one training run, per optimizer step, to a spikedoc run directory (Parquet).
 
-    Created by `spikedoc.watch`; see it for the arguments. Step table columns: `step`, `time`,
-    `step_time`, `loss`, `micro_batches`, `lr` (`lr_<i>` for group i > 0), `grad_norm`,
-    `clip_coef`, `clip_max_norm`, `param_norm`, `update_norm`, `nonfinite_grads`, `loss_scale`, `skipped`,
-    `samples`, `tokens`, `sample_offset`, `sample_ids`, `sample_losses`, `batch_hash`,
-    `input_shapes`, `seq_len_min`, `seq_len_median`, `seq_len_max`, `distinct_token_ratio`, plus
-    any extra scalar given to `record`. Layer table columns: `step`, `name`, `grad_norm`,
-    `grad_max`, `param_norm`, `update_norm`, `update_ratio`, `nonfinite`, and per optimizer
-    `exp_avg_norm`, `exp_avg_sq_mean`, `exp_avg_sq_max`, `eps_frac` (Adam/AdamW, and the first three
-    for 8-bit Adam), `momentum_norm` (SGD, Muon, Lion), `sign_flip_frac` (Lion), `row_var_mean`,
-    `col_var_mean`, `var_mean`, `var_max` (Adafactor), `z_norm` (Schedule-Free) or
-    `state_norm_<key>` (others); step columns `sf_train_mode`, `sf_averaging_weight`
-    (Schedule-Free) and `precond_refreshed` (SOAP, Shampoo).
+    Created by `spikedoc.watch`; see it for the arguments. The columns of its step and layer tables
+    are `spikedoc.store.schema`'s (documented in docs/run-format.md).
 
     Example:
         >>> import tempfile, torch, spikedoc
@@ -93,6 +82,7 @@ class Monitor:
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
         self._ranks = Ranks()
         self._step_context: StepContext | None = None  # what the step's statistics need; made with the plan
+        self._grads: StepGradients | None = None
         self._cadence = Cadence(budget=config.budget) if config.budget is not None else None
         self._build_plan()
         start = config.start_step if config.start_step is not None else self._optimizer_step_count()
@@ -101,27 +91,10 @@ class Monitor:
             self.run_dir, rank=self._ranks.rank, flush_every=config.flush_every, flush_seconds=config.flush_seconds
         )
         self._sink = StepSink(self.writer, ranks=self._ranks, cadence=self._cadence, fail=self._fail)
-        try:  # rank 0 writes meta.json while the others read it: the first to open numbers the segment
-            segment = agreed_segment(str(self.run_dir.resolve()), self.writer.next_segment)
-        except Exception as exc:  # noqa: BLE001
-            segment = None
-            self._fail("agree_segment", exc)
-        try:
-            exact = self.plan.update_exact()
-            label = "exact" if all(exact) else "estimated" if not any(exact) else "mixed"
-            watch_cfg = {**asdict(config), "scaler": type(scaler).__name__ if scaler is not None else None,
-                         "update_norm": label}  # fmt: skip
-            meta = _meta.describe(model, self.optimizers, self.plan.names, watch=watch_cfg, start_step=start,
-                                  update_exact=exact, scheduler=_meta.describe_scheduler(scheduler))
-            if segment is not None:
-                meta["segment"] = segment
-            self.segment = self.writer.open(meta)
-            self.writer.add_event("start", start, segment=self.segment)
-        except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training
-            self.segment = -1
-            self._fail("open", exc)
+        self.segment = open_run(self.writer, model=model, optimizers=self.optimizers, plan=self.plan, config=config,
+                                scaler=scaler, scheduler=scheduler, start=start, fail=self._fail)  # fmt: skip
         if config.tensorboard is not None:
-            self._mirror_to(config.tensorboard, model)
+            tensorboard_mirror(self.writer, config.tensorboard, model, self.plan, self._fail)
         pre = torch.compiler.disable(self._on_forward_pre)  # runs eagerly around compiled graphs
         post = torch.compiler.disable(self._on_forward)
         self._clip_hook = torch.compiler.disable(self._on_clip)  # a compiled train step: a graph break
@@ -133,7 +106,7 @@ class Monitor:
             self._handles += [opt.register_step_pre_hook(self._on_step_pre),
                               opt.register_step_post_hook(self._on_step_post)]  # fmt: skip
         if scaler is not None:
-            self._wrap_scaler(scaler)
+            watch_updates(scaler, self._before_scaler_update)
         _clipping.observe(self)  # the loop's own clip_grad_norm_: norms before it, its max norm
         _OPEN.add(self)
 
@@ -180,13 +153,14 @@ class Monitor:
                 st = self._pending
             if not st.logged:
                 return
+            ongoing = st is self._cur
             if loss is not None:
-                st.recorded.setdefault("losses", []).append(self._value(st, loss))
+                st.recorded.setdefault("losses", []).append(deferred_value(st, loss, ongoing=ongoing))
             for key, value in (("sample_ids", sample_ids), ("sample_losses", sample_losses)):
                 if value is not None:
-                    st.recorded.setdefault(key, []).append(self._value(st, value))
+                    st.recorded.setdefault(key, []).append(deferred_value(st, value, ongoing=ongoing))
             for key, value in extra.items():
-                st.recorded.setdefault("extra", {})[key] = self._value(st, value)
+                st.recorded.setdefault("extra", {})[key] = deferred_value(st, value, ongoing=ongoing)
         except Exception as exc:  # noqa: BLE001
             self._fail("record", exc)
 
@@ -225,8 +199,8 @@ class Monitor:
         if self._closed or not st.work or st.broken:
             return
         try:
-            self._grad_stats_now(st)
-            st.clipped_versions = self._grad_versions()  # a clip right after finds them taken
+            self._grads.take_now(st)
+            st.clipped_versions = self._grads.versions()  # a clip right after finds them taken
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("gradients_ready", exc, st)
 
@@ -241,45 +215,11 @@ class Monitor:
             A device scalar (no host sync); None when it cannot be computed (e.g. sparse
             gradients, after a warning) or the monitor is closed.
         """
-        layer_norms = self._step_grad_norms()
-        if layer_norms is None:
-            return None
-        st = self._cur
-        if st.grad_norms is layer_norms:
-            if st.total_grad_norm is None:
-                st.total_grad_norm = total_norm(layer_norms)
-            return st.total_grad_norm
-        return total_norm(layer_norms)
+        return None if self._closed else self._grads.total(self._cur)
 
     def tensor_grad_norms(self) -> tuple[Tensor, list[Tensor]] | None:
         """This step's per-tensor gradient norms before clipping (as `grad_norm`) and their parameters, in that order."""
-        layer_norms = self._step_grad_norms()
-        if layer_norms is None:
-            return None
-        per_tensor = torch.cat([n.to(layer_norms[0].device) for n in layer_norms])
-        return per_tensor, [p for bucket in self.plan.buckets for p in bucket.sources]
-
-    def _step_grad_norms(self) -> list[Tensor] | None:
-        """Per bucket, the current step's per-tensor gradient norms, taken now unless they stand."""
-        st = self._cur
-        if self._closed:
-            return None
-        try:
-            if st.broken:  # its statistics are lost: measure on a record that keeps none
-                st = StepRecord(index=st.index, logged=False, layers=False, fingerprint=st.fingerprint)
-            if st.clipped_versions is not None and st.clipped_versions != self._grad_versions():
-                self._grads_changed_after_clip(st)
-                st.clipped_versions = None  # taken again below, from the gradients the step uses
-            if st.grads_taken and st.grad_norms is None:
-                self._drop_grad_stats(st)  # left for the post-step job: taken now instead
-            if not st.grads_taken:
-                self._take_grad_stats(st, grad_scale=getattr(self.optimizer, "grad_scale", None))
-            if not st.grad_norms:
-                raise RuntimeError("no gradient norms were taken")
-            return st.grad_norms
-        except Exception as exc:  # noqa: BLE001 - monitoring never stops training
-            self._fail("grad_norms", exc, self._cur)
-            return None
+        return None if self._closed else self._grads.per_tensor(self._cur)
 
     def event(self, kind: str, *, at_step: int | None = None, **detail: Any) -> None:
         """Record an event (e.g. `event("checkpoint", path=...)`) at the next step's index, or at
@@ -345,8 +285,8 @@ class Monitor:
         self._consume()
         for handle in self._handles:
             handle.remove()
-        if self.scaler is not None and "update" in vars(self.scaler):
-            del self.scaler.update
+        if self.scaler is not None:
+            unwatch_updates(self.scaler)
         try:
             self.writer.add_event("close", self._cur.index, dropped_rows=self.dropped_rows)
         finally:
@@ -367,6 +307,7 @@ class Monitor:
         self.plan = plan
         if self._step_context is None:
             self._step_context = StepContext(plan=plan, optimizer=self.optimizer, scaler=self.scaler, fail=self._fail)
+            self._grads = StepGradients(self._step_context, replan=self._build_plan, fail=self._fail)
         self._step_context.plan = plan
 
     def _optimizer_step_count(self) -> int:
@@ -377,17 +318,11 @@ class Monitor:
         """Whether step `index` gets a step row and layer rows."""
         return index % self.config.every == 0, index % self.config.layer_every == 0
 
-    def _new_step_works(self, index: int) -> bool:
-        return any(self._records(index))
-
     def _new_step(self, index: int) -> StepRecord:
         logged, layers = self._records(index)
         fingerprint = Fingerprint(pad_token_id=self.config.pad_token_id, measure=logged)
         full = self._cadence.full(index) if self._cadence is not None and (logged or layers) else True
         return StepRecord(index=index, logged=logged, layers=layers, fingerprint=fingerprint, full=full)
-
-    def _will_be_full(self, index: int) -> bool:
-        return self._cadence is None or self._cadence.peek(index)
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -442,9 +377,8 @@ class Monitor:
         if st.broken:  # its statistics are lost, but clip= is part of training: still apply it
             st = StepRecord(index=st.index, logged=False, layers=False, fingerprint=st.fingerprint)
         try:
-            self._replan_if_groups_changed()
-            if st.clipped_versions is not None and st.clipped_versions != self._grad_versions():
-                self._grads_changed_after_clip(st)
+            self._grads.replan_if_groups_changed()
+            self._grads.forget_if_changed_after_clip(st)
             # A GradScaler leaves unscaling and inf-skipping to optimizers that support it (fused
             # Adam): it sets `grad_scale` and `found_inf` on the optimizer for the step() call.
             grad_scale = getattr(optimizer, "grad_scale", None)
@@ -483,60 +417,9 @@ class Monitor:
         if self._closed or not st.work or st.broken or max_norm == math.inf:
             return
         try:
-            if not any(id(p) in self.plan.param_ids for p in params):
-                return  # another model's parameters
-            if total_norm is None:
-                self._grad_stats_now(st)
-            else:
-                total_norm = total_norm.detach()
-                if is_sharded(total_norm) or local(total_norm) is not total_norm:
-                    total_norm = total_norm.full_tensor()  # the clip's own norm, of the full gradients
-                st.loop_clips.append((clip_coefficient(total_norm, max_norm), max_norm))
-                st.clipped_versions = self._grad_versions()
+            self._grads.on_loop_clip(st, params, max_norm, total_norm)
         except Exception as exc:  # noqa: BLE001 - monitoring never stops training
             self._fail("loop_clip", exc, st)
-
-    def _grad_stats_now(self, st: StepRecord) -> None:
-        if st.grads_taken and st.clipped_versions == self._grad_versions():
-            return  # taken again with nothing in between: the statistics stand
-        if st.grads_taken:  # a backward since they were taken (one clip per micro-batch): start over
-            self._drop_grad_stats(st)
-        self._take_grad_stats(st)
-
-    def _take_grad_stats(self, st: StepRecord, grad_scale: Any = None) -> None:
-        """The step's gradient statistics, now, before the step hooks run."""
-        self._replan_if_groups_changed()
-        grad_stats(self._step_context, st, clip=None, grad_scale=grad_scale, now=True)
-
-    def _grad_versions(self) -> list[int]:
-        return [-1 if p.grad is None else local(p.grad)._version for p in self.plan.params]
-
-    def _grads_changed_after_clip(self, st: StepRecord) -> None:
-        # Gradients changed between the loop's last clip and the step (a backward after the clip):
-        # the statistics from before the clip are not this step's. Take them again now, from the
-        # gradients the step uses, and say so once.
-        if "grads_after_clip" not in self._warned:
-            self._warned.add("grads_after_clip")
-            warnings.warn(
-                "spikedoc: the gradients changed after clip_grad_norm_ and before optimizer.step() (a backward() "
-                "after the clip?); grad_norm of such steps is measured at the step, after clipping",
-                RuntimeWarning,
-                stacklevel=_caller_level(),
-            )
-        self._drop_grad_stats(st)
-
-    @staticmethod
-    def _drop_grad_stats(st: StepRecord) -> None:
-        # Until the step hooks run, the packer holds only gradient statistics (the rest is queued
-        # after the step): a fresh one forgets the stale ones.
-        st.grads_taken = False
-        st.grad_work = None
-        st.grad_norms = st.total_grad_norm = None
-        st.packer = Packer()
-
-    def _replan_if_groups_changed(self) -> None:
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.plan.params):
-            self._build_plan()  # add_param_group() since watch()
 
     # ----------------------------------------------------------------------------- statistics
 
@@ -559,21 +442,6 @@ class Monitor:
 
     # ------------------------------------------------------------------------------ host side
 
-    def _value(self, st: StepRecord, value: Any) -> Any:
-        if isinstance(value, Tensor):
-            key = DeferredKey(f"rec:{len(st.recorded_tensors) + len(st.late)}")  # each tensor goes to one of them
-            key.integer = not value.is_floating_point() and not value.is_complex()
-            # Ids may sit in a buffer the loop refills: a copy of them as they are now.
-            tensor = value.detach().float() if value.is_floating_point() else value.detach().clone()
-            if st is self._cur:  # the step is still on: it rides in the step's own host copy
-                st.recorded_tensors.append((key, tensor))
-            else:  # the step's copy is under way: one of its own
-                p = Packer()
-                p.add(key, tensor)
-                st.late.append(p.launch())
-            return key
-        return value
-
     def _consume(self) -> None:
         """Turn the finished step into rows (its record() window is over), after its statistics landed."""
         st, self._pending = self._pending, None
@@ -583,18 +451,6 @@ class Monitor:
             self._warn_no_loss(st)
         self._sink.take(st, self.plan, self.config.clip)
 
-    def _mirror_to(self, logdir: str, model: nn.Module) -> None:
-        """Mirror the rows to TensorBoard on the writer's thread; a failure here only warns."""
-        try:
-            from spikedoc.store.tensorboard_mirror import TensorBoardMirror
-
-            root = _meta.unwrap(model)
-            modules = dict(root.named_modules())
-            types = {name: type(modules.get(name.rpartition(".")[0], root)).__name__ for name in self.plan.names}
-            self.writer.mirror = TensorBoardMirror(logdir, types)
-        except Exception as exc:  # noqa: BLE001
-            self._fail("tensorboard", exc)
-
     def _warn_no_loss(self, st: StepRecord) -> None:
         # A warning, not a log line: the loop has to change, and warnings show in a plain script.
         self._loss_warned = True
@@ -603,25 +459,21 @@ class Monitor:
             f"spikedoc: step {st.index} ended with no loss ({seen}); add `monitor.record(loss=loss)` to the "
             "training loop (after computing the loss) so the run has a loss curve",
             UserWarning,
-            stacklevel=_caller_level(),
+            stacklevel=caller_stacklevel(),
         )
 
     # ----------------------------------------------------------------------------------- misc
 
-    def _wrap_scaler(self, scaler: Any) -> None:
-        original = scaler.update
-
-        def update(new_scale: Any = None) -> Any:
-            # GradScaler skips optimizer.step() (and so our hooks) when grads hold inf/NaN; the
-            # next update() is where that becomes visible. The scale is read before it changes.
-            if self._stepped and not self._closed:  # it skipped some of several optimizers only
-                self._end_partial_step()
-            if self._steps_since_update == 0 and not self._closed:
-                self._skipped_step()
-            self._steps_since_update = 0
-            return original(new_scale)
-
-        scaler.update = update
+    def _before_scaler_update(self) -> None:
+        # GradScaler skips optimizer.step() (and so our hooks) when grads hold inf/NaN; the next
+        # update() is where that becomes visible, read before the scale changes.
+        if self._closed:
+            return
+        if self._stepped:  # it skipped some of several optimizers only
+            self._end_partial_step()
+        if self._steps_since_update == 0:
+            self._skipped_step()
+        self._steps_since_update = 0
 
     def _skipped_step(self) -> None:
         self._consume()
@@ -648,15 +500,6 @@ class Monitor:
                 self.writer.add_event("logging_error", self._cur.index, where=where, error=repr(exc))
             except Exception:  # noqa: BLE001 - the writer may be what failed
                 pass
-
-
-def _caller_level() -> int:
-    """`stacklevel` of the first frame outside spikedoc and torch: the loop line a warning is about."""
-    inside = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @atexit.register
