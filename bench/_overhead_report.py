@@ -49,8 +49,8 @@ def format_report(result: BenchResult, command: str) -> str:
     """The BENCHMARKS.md section: what was run, on what, the table, and whether the target is met."""
     cfg = result.config
     base_loss = result.results[BASELINE].final_losses
-    title = "## Monitoring overhead (`bench/overhead.py`)" + (
-        "" if cfg.threads == 1 else f", every core busy ({cfg.threads} torch threads)")
+    title = f"## Monitoring overhead (`bench/overhead.py`), d_model {cfg.d_model} x {cfg.n_layer} layers, " + (
+        "one torch thread" if cfg.threads == 1 else f"every core busy ({cfg.threads} torch threads)")
     background = (
         "with one torch thread they can run on the otherwise idle second core"
         if cfg.threads == 1 else

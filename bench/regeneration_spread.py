@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped = _shipped(args.run, args.steps)
     labels = json.loads((_ROOT / "sample_runs" / args.run / "labels.json").read_text())
     lines = [
-        "## Regenerating a shipped spike-suite run on other CPU kernels",
+        f"## Regenerating a shipped spike-suite run on other CPU kernels ({args.steps} steps)",
         "",
         f"Command: `python bench/regeneration_spread.py --run {args.run} --steps {args.steps}`. The shipped run was "
         f"generated with {labels['generator']['cpu_capability']} kernels; each row regenerates its first {args.steps} "
