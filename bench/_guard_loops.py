@@ -48,7 +48,7 @@ from torch import nn
 import spikedoc
 from hooks.nanogpt_loop import GPT, token_arrays
 
-__all__ = ["HEALABLE", "LOOPS", "LOOP_FAULTS", "LoopConfig", "LoopRun", "MaskedGPT", "NanoGPT", "token_mean", "train_loop", "run_loops"]
+__all__ = ["HEALABLE", "LOOPS", "LOOP_FAULTS", "LoopConfig", "LoopRun", "MaskedGPT", "NanoGPT", "run_loops", "token_mean", "train_loop"]
 
 LOOPS = ("nanogpt", "masked")
 LOOP_FAULTS = ("clean", "lr_surge", "corrupt_stretch", "nan_batch", "optimizer_state", "optimizer_state_returning")
@@ -294,7 +294,7 @@ def _nanogpt(cfg: LoopConfig, fault: str, run: LoopRun, run_dir: Path) -> nn.Mod
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num},
                            os.path.join(run_dir, "ckpt.pt"))  # fmt: skip
         for _ in range(cfg.accum):
-            logits, loss = model(X, Y)
+            _, loss = model(X, Y)
             loss = loss / cfg.accum
             X, Y = get_batch("train")  # prefetch the next batch
             scaler.scale(loss).backward()
@@ -318,7 +318,10 @@ def _masked(cfg: LoopConfig, fault: str, run: LoopRun, run_dir: Path) -> nn.Modu
     torch.manual_seed(cfg.seed)
     model = MaskedGPT(block_size=cfg.block, n_layer=cfg.n_layer, n_embd=cfg.n_embd)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    factor = lambda s: cfg.lr_at(s) / cfg.lr * (cfg.surge_factor if s in surge else 1.0)  # noqa: E731
+
+    def factor(step: int) -> float:  # nanoGPT's get_lr as a LambdaLR factor, surged where the fault says
+        return cfg.lr_at(step) / cfg.lr * (cfg.surge_factor if step in surge else 1.0)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     data = PositionBatches(cfg, train_data, 2 * cfg.steps, corrupt, nan)  # twice the run: skips leave enough
     guard = None
