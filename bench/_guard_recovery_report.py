@@ -10,9 +10,10 @@ from bench._report import machine_line
 from spikedoc.analysis.recovery import RecoveryConfig
 
 if TYPE_CHECKING:
+    from bench._guard_loops import LoopConfig, LoopRun
     from bench.guard_recovery import BenchConfig, RunResult, Timing
 
-__all__ = ["format_report", "timing_summary"]
+__all__ = ["format_loops_report", "format_report", "timing_summary"]
 
 #: Eval losses this close (relative) count as equal when the guard is compared with a peer: the
 #: monitor's clipping and `clip_grad_norm_` may differ in the last bits, which a run then amplifies.
@@ -27,20 +28,26 @@ def _loss_cell(x: float) -> str:
     return f"{x:.4f}" if math.isfinite(x) else "NaN (diverged)"
 
 
-def _guard_story(res: RunResult) -> str:
+def _guard_story(actions: list[dict[str, Any]], checkpoints: int | None = None) -> str:
     """What the guard did in one run, in a few words."""
-    vetoes = sum(a["kind"] == "veto" for a in res.actions)
+    vetoes = sum(a["kind"] == "veto" for a in actions)
     parts = [f"{vetoes} veto{'es' if vetoes != 1 else ''}"] if vetoes else []
-    for a in res.actions:
+    for a in actions:
         if a["kind"] == "rollback":
             held = ", LR held before the jump" if a.get("lr_held") else ""
             parts.append(f"rollback at {a['from_step']} to {a['to_step']} ({a['reason']}, cause {a['cause']}, onset "
                          f"{a['onset_step']}; LR x{a['lr_scale']:.2f}, clip {a['clip']}, "
-                         f"{len(a.get('skipped_positions', []))} batches skipped{held})")  # fmt: skip
+                         f"{len(a.get('skipped_positions', []))} batches skipped{held}"
+                         f"{', moments reset' if a.get('moments_reset') else ''})")  # fmt: skip
         elif a["kind"] == "guard_stop":
             parts.append(f"stopped ({a['reason']}) at step {a['step']}")
-    parts.append(f"{res.checkpoints} checkpoints written")
-    return "; ".join(parts)
+    skips = [a for a in actions if a["kind"] == "data_skip"]
+    if skips:
+        parts.append(f"{len(skips)} probe{'s' if len(skips) != 1 else ''} found the data at fault: "
+                     f"{sum(len(a['positions']) for a in skips)} batches skipped without a rollback")  # fmt: skip
+    if checkpoints is not None:
+        parts.append(f"{checkpoints} checkpoints written")
+    return "; ".join(parts) or "nothing"
 
 
 def timing_summary(cfg: BenchConfig, timing: Timing) -> dict[str, Any]:
@@ -110,7 +117,7 @@ def format_report(cfg: BenchConfig, results: dict[tuple[str, str], RunResult], t
             if r.unavailable:
                 lines.append(f"| {fault} | {method} | not run | | | | {r.unavailable} |")
                 continue
-            outcome = r.outcome if method != "guard" else f"{r.outcome}: {_guard_story(r)}"
+            outcome = r.outcome if method != "guard" else f"{r.outcome}: {_guard_story(r.actions, r.checkpoints)}"
             lines.append(f"| {fault} | {method} | {_loss_cell(r.eval_loss)} | {_pct(r.eval_loss / clean - 1)} | "
                          f"{r.lost} ({r.recomputed} + {r.skipped}) | {r.rollbacks} | {outcome} |")  # fmt: skip
     # --- targets
@@ -176,4 +183,63 @@ def format_report(cfg: BenchConfig, results: dict[tuple[str, str], RunResult], t
         lines.append(f"| {v} | {t[v]['median_ms']:.1f} | {t[v]['mean_ms']:.1f} | "
                      f"{'-' if v == 'plain' else _pct(t[v]['cost'])} | {'-' if v == 'plain' else _pct(t[v]['total'])} | "
                      f"{writes[0]} | {writes[1]} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _loop_target(fault: str, run: LoopRun, clean: float, healable: tuple[str, ...]) -> tuple[bool, str]:
+    """Whether one guarded run meets its target, and the target in words."""
+    ratio = run.eval_loss / clean - 1 if math.isfinite(run.eval_loss) else math.inf
+    if fault == "clean":
+        return run.vetoes == 0 and run.rollbacks == 0, "no veto, no rollback"
+    if fault in healable:
+        return ratio <= 0.02, "within 2%"
+    stopped = run.outcome.startswith("GuardStopped")
+    return stopped or ratio <= 0.02, "a clean GuardStopped, or healed within 2%"
+
+
+def format_loops_report(cfg: LoopConfig, results: dict[tuple[str, str, bool], LoopRun], command: str, seconds: float,
+                        *, healable: tuple[str, ...]) -> str:  # fmt: skip
+    """The BENCHMARKS.md section of the loops: per loop and fault, unguarded and guarded, against the targets."""
+    loops = list(dict.fromkeys(k[0] for k in results))
+    faults = list(dict.fromkeys(k[1] for k in results))
+    bound = cfg.checkpoint_every + RecoveryConfig().patience_steps
+    lines = [
+        "## Guard recovery in the loops people write (`bench/guard_recovery.py --loops`)",
+        "",
+        (f"Two loops (`bench/_guard_loops.py`), each trained for {cfg.steps} steps on CPU (one thread) on the bytes of "
+         f"Python's documentation, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.batch} x {cfg.block} tokens per batch, "
+         f"AdamW lr {cfg.lr:g} (warmup {cfg.warmup}, cosine to {cfg.min_lr:g}), clip 1.0, unguarded (`none`) and under "
+         f"`spikedoc.Guard` at its defaults but `checkpoint_every={cfg.checkpoint_every}`; final eval loss on "
+         f"{cfg.eval_batches} fixed held-out batches, against the same loop's unguarded clean run. `nanogpt`: nanoGPT's "
+         f"`train.py` shape (`(logits, loss)`, `get_batch` from random offsets with a prefetch, LR set by hand, "
+         f"{cfg.accum} micro-steps, GradScaler, its own `clip_grad_norm_`; guarded with `data=get_batch, clip=None`, "
+         "`get_batch = guard.draw`, `for iter_num in guard.steps()`). `masked`: the guard's iteration with a LambdaLR "
+         "given as `scheduler=` and a causal mask held as a `-inf` buffer. "
+         f"Faults at step {cfg.fault_step}: LR x{cfg.surge_factor:g} for {cfg.surge_steps} steps; {cfg.stretch} "
+         "consecutive batches (data positions) of random bytes; one batch of padding only (NaN loss and gradients "
+         "under a masked token mean); Adam's `exp_avg_sq` zeroed once, and zeroed every time the step is reached "
+         "(replays included). Steps lost per rollback: the steps from the checkpoint returned to up to the "
+         f"rollback, at most checkpoint_every + patience = {bound}."),
+        "",
+        f"- {machine_line()} Whole benchmark: {seconds / 60:.1f} min.",
+        f"- Command: `{command}`",
+        "",
+        "| loop | fault | eval, unguarded | eval, guarded | vetoes | rollbacks (steps lost each) | target | met | what the guard did |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
+    ]
+    missed = []
+    for loop in loops:
+        clean = results[loop, "clean", False].eval_loss
+        for fault in faults:
+            none, g = results[loop, fault, False], results[loop, fault, True]
+            ok, target = _loop_target(fault, g, clean, healable)
+            spans_ok = all(s <= bound for s in g.rollback_spans)
+            if not (ok and spans_ok):
+                missed.append(f"{loop}/{fault}")
+            guarded = f"{_loss_cell(g.eval_loss)} ({_pct(g.eval_loss / clean - 1)})" if math.isfinite(g.eval_loss) else "-"
+            lines.append(f"| {loop} | {fault} | {_loss_cell(none.eval_loss)} ({_pct(none.eval_loss / clean - 1)}) | "
+                         f"{guarded} | {g.vetoes} | {g.rollbacks} ({', '.join(map(str, g.rollback_spans)) or '-'}) | "
+                         f"{target} | {'yes' if ok and spans_ok else '**no**'} | {g.outcome}: {_guard_story(g.actions)} |")  # fmt: skip
+    lines += ["", f"Targets met in {len(loops) * len(faults) - len(missed)} of {len(loops) * len(faults)} rows"
+              + (f"; missed: {', '.join(missed)}." if missed else ".")]  # fmt: skip
     return "\n".join(lines)

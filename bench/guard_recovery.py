@@ -35,6 +35,11 @@ in one process in alternating turns, checkpoint writes included and counted; and
 work per step clocked directly in a clean run of its own.
 
     python bench/guard_recovery.py [--quick] [--steps N] [--rounds N]
+    python bench/guard_recovery.py --loops [--quick]
+
+`--loops` instead trains the guard in the loops people write (`bench/_guard_loops.py`): a
+nanoGPT-shaped loop and a model with a `-inf` mask buffer, each with its own faults, unguarded and
+guarded, and writes its own section.
 """
 
 from __future__ import annotations
@@ -59,8 +64,9 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 import spikedoc  # noqa: E402
+from bench import _guard_loops  # noqa: E402
 from bench._guard_clock import GuardClock  # noqa: E402
-from bench._guard_recovery_report import format_report  # noqa: E402
+from bench._guard_recovery_report import format_loops_report, format_report  # noqa: E402
 from bench._report import write_section  # noqa: E402
 from spikedoc.demo.training import Recipe, _deterministic, _fresh, _pad, corpus  # noqa: E402
 
@@ -504,7 +510,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="smoke run of every row (tiny, meaningless numbers); prints, writes nothing")
     parser.add_argument("--steps", type=int, help=f"steps per run (default {BenchConfig().steps})")
     parser.add_argument("--rounds", type=int, help=f"timing rounds (default {BenchConfig().rounds})")
+    parser.add_argument("--loops", action="store_true", help="the nanoGPT-shaped and -inf-mask loops instead (their own section)")
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "bench/guard_recovery.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.loops:
+        return _main_loops(args.quick, command)
     cfg = QUICK if args.quick else BenchConfig()
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
@@ -516,12 +526,23 @@ def main(argv: list[str] | None = None) -> str:
         results = run_recovery(cfg, Path(tmp), progress=say)
         timing = run_timing(cfg, Path(tmp), progress=say)
         clock_guard(cfg, Path(tmp), timing)
-    command = shlex.join(["python", "bench/guard_recovery.py", *(argv if argv is not None else sys.argv[1:])])
     n_params = sum(p.numel() for p in _fresh(cfg.recipe, cfg.seed)[0].parameters())
     report = format_report(cfg, results, timing, command, time.perf_counter() - start, n_params=n_params)
     print(report)
     if not args.quick:
         write_section("guard_recovery", report)
+    return report
+
+
+def _main_loops(quick: bool, command: str) -> str:
+    cfg = _guard_loops.QUICK if quick else _guard_loops.LoopConfig()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="spikedoc-guard-loops-") as tmp:
+        results = _guard_loops.run_loops(cfg, Path(tmp), progress=None if quick else (lambda line: print(line, flush=True)))
+    report = format_loops_report(cfg, results, command, time.perf_counter() - start, healable=_guard_loops.HEALABLE)
+    print(report)
+    if not quick:
+        write_section("guard_recovery_loops", report)
     return report
 
 

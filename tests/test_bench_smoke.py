@@ -87,3 +87,56 @@ def test_report_size_benchmark_reports_a_section_per_planted_spike(tmp_path, cap
     assert main(["--steps", "2000", "--tensors", "4", "--cache", str(tmp_path), "--no-write"]) == 0
     table_row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " MB |" in line]
     assert len(table_row) == 1 and "| 4/4 |" in table_row[0], table_row
+
+
+def test_guard_loops_run_at_toy_size_clean_untouched_and_a_nan_batch_vetoed(tmp_path):
+    import math
+
+    from bench._guard_loops import HEALABLE, LOOPS, LoopConfig, train_loop
+    from bench._guard_recovery_report import format_loops_report
+
+    cfg = LoopConfig(steps=12, fault_step=6, checkpoint_every=4, batch=2, block=8, stretch=2, surge_steps=2,
+                     eval_batches=1, eval_interval=6)  # fmt: skip
+    results = {}
+    for loop in LOOPS:
+        plain = train_loop(cfg, loop, "clean", guarded=False, work_dir=tmp_path)
+        guarded = train_loop(cfg, loop, "clean", guarded=True, work_dir=tmp_path)
+        results[loop, "clean", False], results[loop, "clean", True] = plain, guarded
+        assert math.isfinite(plain.eval_loss), loop
+        # Nothing to veto: the guard observes (nanogpt keeps its own clip; masked's clip is the guard's, the same norm).
+        assert guarded.eval_loss == plain.eval_loss, loop
+        assert (guarded.vetoes, guarded.rollbacks, guarded.outcome) == (0, 0, "finished"), loop
+        broken = results[loop, "nan_batch", False] = train_loop(cfg, loop, "nan_batch", guarded=False, work_dir=tmp_path)
+        assert math.isnan(broken.eval_loss), loop
+        healed = results[loop, "nan_batch", True] = train_loop(cfg, loop, "nan_batch", guarded=True, work_dir=tmp_path)
+        assert healed.vetoes == 1 and math.isfinite(healed.eval_loss), (loop, healed)
+
+    report = format_loops_report(cfg, results, "python bench/guard_recovery.py --loops", 1.0, healable=HEALABLE)
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith(("| nanogpt", "| masked"))]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [(loop, f) for loop in LOOPS for f in ("clean", "nan_batch")]
+    assert all(r[7] == "yes" for r in rows if r[1] == "clean"), rows
+
+
+def test_guard_replay_exam_reads_a_nan_loss_as_numerics_on_a_small_exam_run(tmp_path):
+    from bench._exam_train import Fault, Setup
+    from bench.guard_replay_exam import train_guarded
+
+    run = train_guarded(Setup(seed=1, steps=24), Fault(family="nonfinite", kind="loss_nan", step=12), tmp_path)
+
+    assert [a["kind"] for a in run["actions"]] == ["veto"] and run["actions"][0]["step"] == 12
+    assert run["cause"] == "numerics" and run["outcome"] == "finished"
+    assert len(run["cost"]["step"]) == 24 and run["checkpoint_bytes"] > run["param_bytes"] > 0
+
+
+def test_guard_cause_is_the_class_the_guard_acted_on():
+    from bench.guard_replay_exam import guard_cause
+
+    veto = {"kind": "veto", "reasons": ["loss_out_of_band"]}
+    rollback = {"kind": "rollback", "cause": "damage", "evidence": {}}
+    assert guard_cause([]) == "none"
+    assert guard_cause([{"kind": "veto", "reasons": ["nonfinite"]}]) == "numerics"
+    assert guard_cause([veto]) == "data"
+    assert guard_cause([veto, {"kind": "data_skip", "positions": [3]}]) == "data"
+    assert guard_cause([*[veto] * 5, rollback]) == "damage"
+    assert guard_cause([*[veto] * 5, {**rollback, "cause": "lr_schedule"}]) == "schedule"
+    assert guard_cause([rollback, {**rollback, "evidence": {"cause_test": {"found": "state"}}}]) == "state"
