@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -71,3 +73,33 @@ def test_a_rollback_with_a_stateful_dataloader_replays_the_original_order(tmp_pa
     by_position = [ids for _, ids in clean]
     replay = [ids for _, ids in healed[30:]]
     assert replay == [by_position[p] for p in range(20, 45) if p not in range(25, 30)][: len(replay)]
+
+
+def test_a_source_whose_replay_differs_is_said_to_be_inexact_once_with_the_position():
+    class Unseeded:
+        """A re-iterable that shuffles with its own generator, unseeded: a rewind cannot repeat its order."""
+
+        def __init__(self) -> None:
+            self.own = torch.Generator().manual_seed(0)
+
+        def __iter__(self):
+            return iter(torch.randperm(50, generator=self.own).split(5))
+
+    stream = DataStream(Unseeded(), seed=0, epochs=2)
+    start = stream.state_dict()
+    [stream.next() for _ in range(4)]
+    stream.load_state_dict(start)
+    with pytest.warns(RuntimeWarning, match="position 0 differs"):
+        [stream.next() for _ in range(4)]
+    assert stream.inexact_at == 0
+
+
+def test_an_exact_replay_raises_no_warning():
+    stream = DataStream([torch.arange(i, i + 4) for i in range(0, 40, 4)], seed=0, epochs=1)
+    start = stream.state_dict()
+    first = [stream.next() for _ in range(5)]
+    stream.load_state_dict(start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = [stream.next() for _ in range(5)]
+    assert [p for p, _ in again] == [p for p, _ in first] and stream.inexact_at is None

@@ -65,7 +65,8 @@ def _train_iterating(tmp_path, data, *, accumulate: int = 2):
                            accumulate=accumulate)  # fmt: skip
     losses: dict[int, list[list[torch.Tensor]]] = {}
     micro: list[torch.Tensor] = []
-    for step, (x, y) in guard:
+    for step, batch in guard:
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
         if step % 5 == 0 and not micro:  # an evaluation draws from the global RNG between the training batches
             with torch.no_grad():
                 model(get_batch("val")[0])
@@ -238,3 +239,29 @@ def test_an_accelerate_prepared_optimizer_and_scheduler_are_guarded_through_thei
     assert lrs[40] == [pytest.approx(0.7 * 3e-3)] and lrs[19] == [pytest.approx(3e-3)]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert opt.optimizer.__dict__.get("step") is inner_step  # close() put back what was there
+
+
+def _hf_stream():
+    """A Hugging Face `datasets` stream of (x, y) windows, read in batches: its own state_dict says where it is."""
+    datasets = pytest.importorskip("datasets")
+    windows = [get_batch(batch_size=1) for _ in range(600)]
+    table = {"x": [x[0].tolist() for x, _ in windows], "y": [y[0].tolist() for _, y in windows]}
+    return datasets.Dataset.from_dict(table).to_iterable_dataset(num_shards=4)
+
+
+def _batched(stream):
+    return stream.batch(batch_size=8).with_format("torch")
+
+
+def test_a_hugging_face_datasets_stream_replays_the_same_batches_bit_for_bit(tmp_path):
+    guard, losses = _train_iterating(tmp_path, _batched(_hf_stream()))
+    first, replay = _replayed_step(guard, losses)
+    assert guard.rollbacks == 1 and len(first) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
+
+
+def test_a_hugging_face_stream_with_a_shuffle_buffer_is_said_to_replay_inexactly(tmp_path):
+    stream = _hf_stream().shuffle(seed=5, buffer_size=64)  # the buffer is refilled, not restored, on resume
+    with pytest.warns(RuntimeWarning, match="does not replay exactly"):
+        guard, _ = _train_iterating(tmp_path, _batched(stream))
+    assert guard.rollbacks == 1

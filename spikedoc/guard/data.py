@@ -17,10 +17,17 @@ source drawing from the global RNG draws the same batches again):
   exact for a stream that draws lazily from the restored RNG, not for a fixed sequence.
 
 For the last two, skipping a position means drawing a fresh batch in its place.
+
+Whatever the kind, a batch handed out again at a position is compared with the one first handed out
+there (by content hash, on the device, read only on a replay): a source whose replay differs (a
+shuffle buffer refilled on resume, a sampler drawing from its own unseeded RNG) is said to be
+inexact, once, rather than trusted.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,9 +35,13 @@ import torch
 from torch import Tensor
 
 from spikedoc.guard.rng import rng_state, set_rng_state
-from spikedoc.monitor.fingerprint import samples_in
+from spikedoc.monitor.fingerprint import batch_hash, samples_in
 
 __all__ = ["DataStream", "copy_into", "batch_to"]
+
+# Batches whose hash is kept to check a replay: a rollback never goes back further than this many
+# draws in any run whose checkpoints are a few thousand micro-batches apart.
+_KEPT_HASHES = 1 << 14
 
 
 class DataStream:
@@ -56,6 +67,9 @@ class DataStream:
         self.skipped_samples = 0
         """Samples in the batches the last `next()` drew and skipped on the way to the one it returned."""
         self._iterator: Iterator[Any] | None = iter(data) if self.kind == "iterator" else None
+        self._hashes: OrderedDict[int, Tensor] = OrderedDict()  # position -> hash of the batch first handed out
+        self.inexact_at: int | None = None
+        """The first position whose replayed batch differed from the original (None: none seen)."""
         self._generators = _order_generators(data, seed) if self.kind == "reiterable" else []
         self._epoch_start: list[torch.Tensor] = []
         self._epoch_rng: dict[str, Any] | None = None
@@ -90,8 +104,32 @@ class DataStream:
             self.index += 1
             self.position += 1
             if position not in self.skip:
+                self._check_replay(position, batch)
                 return position, batch
             self.skipped_samples += samples_in(batch)
+
+    def _check_replay(self, position: int, batch: Any) -> None:
+        """Keep the batch's hash; on a replay of its position, compare (one host read per replayed batch)."""
+        try:
+            new = batch_hash(batch)
+        except Exception:  # noqa: BLE001 - a batch the hash cannot read is not checked
+            return
+        if new is None:
+            return
+        old = self._hashes.get(position)
+        if old is None:
+            self._hashes[position] = new
+            if len(self._hashes) > _KEPT_HASHES:
+                self._hashes.popitem(last=False)
+        elif self.inexact_at is None and bool(old.to(new.device) != new):
+            self.inexact_at = position
+            warnings.warn(
+                f"Guard: the batch replayed at data position {position} differs from the one first drawn there: "
+                f"this {type(self.data).__name__} does not replay exactly (a shuffle buffer refilled on resume? a "
+                "sampler with its own unseeded random generator?); replayed steps train on other batches",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is, as tensors and plain types (the skip set is the guard's, not saved here)."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Fingerprint", "content_hash", "sequence_stats", "flatten_inputs", "samples_in"]
+__all__ = ["Fingerprint", "batch_hash", "content_hash", "sequence_stats", "flatten_inputs", "samples_in"]
 
 _ROW = 4096  # hash weights per row; inputs are hashed as (rows, _ROW) blocks
 _BLOCK = 1 << 22  # elements hashed per kernel batch, bounding the temporaries for large inputs
@@ -185,6 +185,12 @@ def samples_in(batch: Any) -> int:
     of its token ids, else of its first tensor (in a tuple, list or dict); 0 when it holds none."""
     inputs = flatten_inputs((batch,), {})
     return _samples(inputs, _token_ids(inputs))
+
+
+def batch_hash(batch: Any) -> Tensor | None:
+    """The content hash of every tensor in a batch (a tensor, or a tuple, list or dict of them), as
+    the fingerprint hashes a forward given it: a 0-dim int64 device tensor, None when it holds none."""
+    return _inputs_hash(flatten_inputs((batch,), {}))
 
 
 @dataclass
