@@ -47,7 +47,6 @@ def measure(steps: int, seed: int) -> dict[str, float]:
     try:
         with GuardClock() as clock:
             guard = spikedoc.Guard(model, opt, data=stream, run_dir=run_dir, checkpoint_every=10**9)
-            clock.exclude_optimizer_step(guard)
             # Per iteration, from one batch in hand to the next: the step and the guard's work between steps.
             marks = []
             for step, (x, y) in guard:

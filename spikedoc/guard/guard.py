@@ -27,7 +27,8 @@ from spikedoc.guard.judge import Decision, Judge, Verdict
 from spikedoc.guard.payload import buffer_patterns
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
-from spikedoc.guard.schedule import apply_lrs, group_lrs, scale_schedule
+from spikedoc.guard.gate import StepGate
+from spikedoc.guard.schedule import group_lrs, scale_schedule
 from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
@@ -190,6 +191,9 @@ class Guard:
         self._replay: deque[tuple[int, Any]] = deque()
         """Batches a resumed checkpoint's loop held: the next `draw` calls return them."""
         self._job = job_fingerprint(model, optimizer, scheduler)  # before any step: what this job is
+        # The veto runs in the optimizer's step hooks, registered before the monitor's so that it
+        # judges first and the monitor's hooks of a vetoed call stand down (`skip_step(inside_step=True)`).
+        self._gate = StepGate(optimizer, self._on_step)
         resumed = self._resume_if_asked()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
@@ -200,8 +204,6 @@ class Guard:
         self._first_checkpoint = resumed is None or resumed.path is None or resumed.path.parent != self._store.directory
         # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
         self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True)
-        self._original_step = optimizer.__dict__.get("step")
-        optimizer.step = self._step_wrapper()  # the veto must run before the update, inside step()
 
     # ------------------------------------------------------------------------------ public API
 
@@ -329,7 +331,7 @@ class Guard:
         return sorted(self._stream.skip)
 
     def close(self) -> None:
-        """Restore `optimizer.step` and close the monitor. Idempotent."""
+        """Remove the guard's hooks and close the monitor. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -338,10 +340,7 @@ class Guard:
         self._forward_hook.remove()
         self._drawn.clear()
         self._replay.clear()
-        if self._original_step is not None:
-            self.optimizer.step = self._original_step
-        else:
-            self.optimizer.__dict__.pop("step", None)
+        self._gate.remove()
         self.monitor.close()
 
     def __enter__(self) -> Guard:
@@ -361,20 +360,11 @@ class Guard:
         if loss is not None:
             p.forward_losses.append(loss.detach())
 
-    def _step_wrapper(self) -> Any:
-        def step(*args: Any, **kwargs: Any) -> Any:
-            self.optimizer._opt_called = True  # what an LR scheduler's own wrapper would note
-            return self._guarded_step(*args, **kwargs)
-
-        # An LR scheduler built after the guard must not wrap this function as if it were a method.
-        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-        return step
-
-    def _guarded_step(self, *args: Any, **kwargs: Any) -> Any:
+    def _on_step(self, gate: StepGate) -> None:
+        """Judge the step inside `optimizer.step()`, before the update (the gate's pre-hook)."""
         p = self._pending
-        step_fn = self._original_step or type(self.optimizer).step.__get__(self.optimizer)
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
-            return step_fn(*args, **kwargs)
+            return
         loss = p.loss()
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "
@@ -391,24 +381,19 @@ class Guard:
         verdict = self._judge.judge(p.step, values)
         p.verdict = verdict
         if p.probe is not None:  # judged, never applied
-            self.monitor.skip_step()
-            return None
+            gate.veto()
+            self.monitor.skip_step(inside_step=True)
+            return
         if verdict.veto or verdict.loss_flagged or verdict.grad_flagged:
             self.monitor.densify(p.step + 1)  # the steps after a flag get the full statistics
         # The LR the loop set (by a scheduler or by hand), times the guard's factor when no scheduler
-        # was given to scale, held below its caps; the loop's own value is back after the step.
+        # was given to scale, held below its caps; the gate sets the loop's own value back after the step.
         caps = self._hold["caps"] if self._hold is not None and p.step >= self._hold["from_step"] else None
-        restore = apply_lrs(self.optimizer, self.lr_scale if self.scheduler is None else 1.0, caps)
+        gate.scale_lrs(self.lr_scale if self.scheduler is None else 1.0, caps)
         p.lrs = group_lrs(self.optimizer)
-        try:
-            if verdict.veto:
-                self._veto(p, verdict)
-                return None
-            return step_fn(*args, **kwargs)
-        finally:
-            if restore is not None:  # the schedule's own value again: only the applied LR is held
-                for group, lr in zip(self.optimizer.param_groups, restore):
-                    group["lr"] = lr
+        if verdict.veto:
+            gate.veto()
+            self._veto(p, verdict)
 
     def _veto(self, p: _Pending, verdict: Verdict, *, stepped: bool = True) -> None:
         self.vetoes += 1
@@ -418,7 +403,7 @@ class Guard:
         self.actions.append({"kind": "veto", "step": p.step, **detail})
         self.monitor.event("veto", at_step=p.step, **_plain(detail))
         if stepped:
-            self.monitor.skip_step()
+            self.monitor.skip_step(inside_step=True)
 
     def _judge_unstepped(self, p: _Pending) -> None:
         """A step whose `optimizer.step()` never ran (a GradScaler skips it on inf/NaN gradients):
@@ -782,8 +767,8 @@ class Guard:
 
 def _unwrapped(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.optim.Optimizer, Any]:
     """The torch optimizer and scheduler inside wrappers such as Accelerate's `AcceleratedOptimizer`
-    and `AcceleratedScheduler`: the guard judges, checkpoints and scales those, and its veto wraps
-    the inner optimizer's `step`, which the wrapper's own `step()` calls (with its GradScaler)."""
+    and `AcceleratedScheduler`: the guard judges, checkpoints and scales those, and its veto sits in
+    the inner optimizer's step hooks, which the wrapper's own `step()` reaches (with its GradScaler)."""
     while not hasattr(optimizer, "_optimizer_step_pre_hooks") and isinstance(
             getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # fmt: skip
         optimizer = optimizer.optimizer
