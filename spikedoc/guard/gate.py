@@ -25,7 +25,8 @@ __all__ = ["StepGate"]
 
 class StepGate:
     """Calls `on_step(gate)` before every `optimizer.step()`; during it, `veto()` and `scale_lrs()`
-    act on that one call, and the post-hook undoes both (the loop's gradients and LRs are back).
+    act on that one call, and a post-hook undoes both after every other post-hook has run (the
+    loop's gradients and LRs are back when `step()` returns).
 
     Example:
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
@@ -42,7 +43,8 @@ class StepGate:
         self._grads: list[tuple[Tensor, Tensor]] = []
         self._groups: list[dict[str, Any]] | None = None
         self._lrs: list[Any] | None = None
-        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        self._pre_handle = optimizer.register_step_pre_hook(self._pre)
+        self._post_handle: Any = None
 
     def veto(self) -> None:
         """The `step()` under way applies nothing: it runs with every gradient set aside."""
@@ -62,13 +64,20 @@ class StepGate:
     def remove(self) -> None:
         """Remove the hooks (anything a step left set aside is put back first). Idempotent."""
         self._undo()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._pre_handle.remove()
+        if self._post_handle is not None:
+            self._post_handle.remove()
+            self._post_handle = None
 
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._undo()  # a step that raised after its pre-hooks left these set aside
+        if self._post_handle is not None:  # the last call's (not removable while the post-hooks ran)
+            self._post_handle.remove()
+            self._post_handle = None
         self._on_step(self)
+        if self._grads or self._groups is not None or self._lrs is not None:
+            # Registered now, so it runs after every other post-hook (the monitor's reads the applied LR).
+            self._post_handle = optimizer.register_step_post_hook(self._post)
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._undo()
