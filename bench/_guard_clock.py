@@ -16,11 +16,13 @@ from typing import Any
 
 from spikedoc.guard.data import DataStream
 from spikedoc.guard.guard import Guard
+from spikedoc.guard.stepping import StepJudgement
 from spikedoc.monitor import Monitor
 
 __all__ = ["GuardClock"]
 
-_OWN = ("__next__", "record", "_on_forward", "_on_step", "_finish_step")
+_OWN = ((Guard, "__next__"), (Guard, "record"), (StepJudgement, "on_forward"), (StepJudgement, "on_step"),
+        (Guard, "_finish_step"))
 _MONITOR = ("record", "grad_norm", "tensor_grad_norms", "event", "densify", "skip_samples", "skip_step")
 
 
@@ -33,14 +35,14 @@ class GuardClock:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.by_entry: dict[str, float] = dict.fromkeys(_OWN, 0.0)
-        """The same time split by entry point (`_on_step`: the judgement before the update, in the optimizer step pre-hook)."""
+        self.by_entry: dict[str, float] = dict.fromkeys((name for _, name in _OWN), 0.0)
+        """The same time split by entry point (`on_step`: the judgement before the update, in the optimizer step pre-hook)."""
         self._stack: list[list[float]] = []  # per active entry point: time spent in callees not its own
         self._saved: list[tuple[type, str, Any]] = []
 
     def __enter__(self) -> GuardClock:
-        for name in _OWN:
-            self._patch(Guard, name, lambda fn, name=name: self._own(fn, name))
+        for owner, name in _OWN:
+            self._patch(owner, name, lambda fn, name=name: self._own(fn, name))
         for name in _MONITOR:
             self._patch(Monitor, name, self._excluded)
         self._patch(DataStream, "next", self._excluded)
@@ -53,7 +55,7 @@ class GuardClock:
 
     def mark(self) -> tuple[float, float, float]:
         """(wall time, the guard's own seconds so far, of which in the judgement before the update)."""
-        return time.perf_counter(), self.seconds, self.by_entry["_on_step"]
+        return time.perf_counter(), self.seconds, self.by_entry["on_step"]
 
     @staticmethod
     def per_step(marks: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:

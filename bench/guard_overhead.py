@@ -60,7 +60,7 @@ def measure(steps: int, seed: int) -> dict[str, float]:
         guard._store.wait()
         landed = time.perf_counter() - t
         guard.request_rollback()
-        guard._pending = None
+        guard._steps.pending = None
         t = time.perf_counter()
         decision = guard._judge._decision("requested", guard.step)
         guard._rollback(decision)

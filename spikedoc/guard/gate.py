@@ -20,7 +20,7 @@ from torch import Tensor
 
 from spikedoc.guard.schedule import apply_lrs
 
-__all__ = ["StepGate"]
+__all__ = ["StepGate", "unwrapped"]
 
 
 class StepGate:
@@ -94,3 +94,16 @@ class StepGate:
             for group, lr in zip(self.optimizer.param_groups, self._lrs):
                 group["lr"] = lr
             self._lrs = None
+
+
+def unwrapped(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """The torch optimizer and scheduler inside wrappers such as Accelerate's `AcceleratedOptimizer`
+    and `AcceleratedScheduler`: the guard judges, checkpoints and scales those, and the gate's hooks
+    sit on the inner optimizer, whose `step()` the wrapper's own reaches (with its GradScaler)."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks") and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # fmt: skip
+        optimizer = optimizer.optimizer
+    lr_scheduler = torch.optim.lr_scheduler.LRScheduler
+    while scheduler is not None and not isinstance(scheduler, lr_scheduler) and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return optimizer, scheduler
