@@ -182,7 +182,7 @@ class Guard:
             return self.step, probe.batches[0]
         position, batch = self._next_batch()
         self._steps.pending = PendingStep(step=self.step, positions=[position], batches=[batch],
-                                    sample_offset=self.monitor.sample_offset)  # fmt: skip
+                                          sample_offset=self.monitor.sample_offset)  # fmt: skip
         return self.step, batch
 
     def steps(self) -> Iterator[int]:
