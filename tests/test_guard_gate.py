@@ -156,3 +156,33 @@ def test_an_accelerate_prepared_optimizer_is_vetoed_rolled_back_and_its_schedule
     assert lrs[40] == [pytest.approx(0.7 * 3e-3)] and lrs[19] == [pytest.approx(3e-3)]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not opt.optimizer._optimizer_step_pre_hooks and not opt.optimizer._optimizer_step_post_hooks  # all removed
+
+
+def test_a_veto_inside_accelerates_grad_scaler_step_leaves_the_state_bit_identical(tmp_path):
+    # Accelerate's fp16 step puts its own function on `optimizer.step` while its GradScaler steps: the hooks compose.
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerate.Accelerator(cpu=True)  # the state AcceleratedOptimizer reads
+    model = make_model(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    opt = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), scaler=scaler)
+    guard = spikedoc.Guard(model, opt, data=loader(), run_dir=tmp_path, scaler=scaler, max_steps=72,
+                           checkpoint_every=1000)  # fmt: skip
+    for step, batch in guard:
+        if step == 70:
+            batch = garbage(batch, model.cfg.vocab_size)
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
+        guard.record(loss=loss)
+        scaler.scale(loss).backward()
+        if step == 70:
+            before = copy.deepcopy((model.state_dict(), opt.optimizer.state_dict()))
+        opt.step()  # Accelerate: scaler.step(inner optimizer) with its patched step, then scaler.update()
+        if step == 70:
+            after = copy.deepcopy((model.state_dict(), opt.optimizer.state_dict()))
+            skipped_by_accelerate = opt.step_was_skipped
+        opt.zero_grad()
+    guard.close()
+    assert [a["step"] for a in guard.actions if a["kind"] == "veto"] == [70]
+    assert not skipped_by_accelerate  # to Accelerate the step ran (its scheduler goes on)
+    _assert_identical(before, after)
