@@ -16,31 +16,33 @@ from typing import Any
 
 from spikedoc.guard.data import DataStream
 from spikedoc.guard.guard import Guard
+from spikedoc.guard.stepping import StepJudgement
 from spikedoc.monitor import Monitor
 
 __all__ = ["GuardClock"]
 
-_OWN = ("__next__", "record", "_on_forward", "_guarded_step", "_finish_step")
+_OWN = ((Guard, "__next__"), (Guard, "record"), (StepJudgement, "on_forward"), (StepJudgement, "on_step"),
+        (Guard, "_finish_step"))
 _MONITOR = ("record", "grad_norm", "tensor_grad_norms", "event", "densify", "skip_samples", "skip_step")
 
 
 class GuardClock:
     """Accumulates the guard's own time in `seconds` while installed (`with GuardClock() as clock:`).
 
-    Install it before the Guard is built (its forward hook is bound then); `exclude_optimizer_step`
-    on each guard built while it is installed.
+    Install it before the Guard is built (its forward and step hooks are bound then). The judgement
+    runs in the optimizer's step pre-hook, so the optimizer's own step is outside it by itself.
     """
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.by_entry: dict[str, float] = dict.fromkeys(_OWN, 0.0)
-        """The same time split by entry point (`_guarded_step`: the judgement before the update)."""
+        self.by_entry: dict[str, float] = dict.fromkeys((name for _, name in _OWN), 0.0)
+        """The same time split by entry point (`on_step`: the judgement before the update, in the optimizer step pre-hook)."""
         self._stack: list[list[float]] = []  # per active entry point: time spent in callees not its own
         self._saved: list[tuple[type, str, Any]] = []
 
     def __enter__(self) -> GuardClock:
-        for name in _OWN:
-            self._patch(Guard, name, lambda fn, name=name: self._own(fn, name))
+        for owner, name in _OWN:
+            self._patch(owner, name, lambda fn, name=name: self._own(fn, name))
         for name in _MONITOR:
             self._patch(Monitor, name, self._excluded)
         self._patch(DataStream, "next", self._excluded)
@@ -53,17 +55,12 @@ class GuardClock:
 
     def mark(self) -> tuple[float, float, float]:
         """(wall time, the guard's own seconds so far, of which in the judgement before the update)."""
-        return time.perf_counter(), self.seconds, self.by_entry["_guarded_step"]
+        return time.perf_counter(), self.seconds, self.by_entry["on_step"]
 
     @staticmethod
     def per_step(marks: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
         """From one `mark()` per batch in hand: each step's wall time, own time and judgement time."""
         return [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in zip(marks, marks[1:])]
-
-    def exclude_optimizer_step(self, guard: Guard) -> None:
-        """The optimizer's own step, which the guard's judgement calls, is not the guard's."""
-        step = guard._original_step or type(guard.optimizer).step.__get__(guard.optimizer)
-        guard._original_step = self._excluded(step)
 
     def _patch(self, owner: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
         original = owner.__dict__[name]

@@ -47,7 +47,6 @@ def measure(steps: int, seed: int) -> dict[str, float]:
     try:
         with GuardClock() as clock:
             guard = spikedoc.Guard(model, opt, data=stream, run_dir=run_dir, checkpoint_every=10**9)
-            clock.exclude_optimizer_step(guard)
             # Per iteration, from one batch in hand to the next: the step and the guard's work between steps.
             marks = []
             for step, (x, y) in guard:
@@ -61,7 +60,7 @@ def measure(steps: int, seed: int) -> dict[str, float]:
         guard._store.wait()
         landed = time.perf_counter() - t
         guard.request_rollback()
-        guard._pending = None
+        guard._steps.pending = None
         t = time.perf_counter()
         decision = guard._judge._decision("requested", guard.step)
         guard._rollback(decision)

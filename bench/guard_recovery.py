@@ -492,7 +492,6 @@ def clock_guard(cfg: BenchConfig, work_dir: Path, timing: Timing) -> None:
     with _deterministic(cfg.seed), GuardClock() as clock:
         run = _Timed("guard", cfg, _fresh(recipe, cfg.seed)[0].state_dict(), Batches(recipe, train_data, cfg.seed),
                      work_dir / "clocked")  # fmt: skip
-        clock.exclude_optimizer_step(run.guard)
         try:
             for _ in range(cfg.warmup):
                 run.step()

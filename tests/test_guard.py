@@ -10,21 +10,14 @@ import pytest
 import torch
 
 import spikedoc
-from tests.common.guarded import build, fill_grads_with_nan, loader, nan_grads, run_guarded
-
-
-def _garbage(batch, vocab_size):
-    """Uniform random tokens (a corrupt shard) whose loss is summed over the tokens, not averaged."""
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, vocab_size, batch["input_ids"].shape, generator=gen)
-    return {**batch, "input_ids": ids, "labels": ids.roll(1, dims=1), "loss_weight": float(ids.shape[1])}
+from tests.common.guarded import build, fill_grads_with_nan, garbage, loader, nan_grads, run_guarded
 
 
 def _garbage_batch(at: int):
     """The batch of step `at` (first pass only) becomes garbage."""
 
     def fault(step, guard, batch):
-        return _garbage(batch, guard.model.cfg.vocab_size) if step == at and not guard.rollbacks else batch
+        return garbage(batch, guard.model.cfg.vocab_size) if step == at and not guard.rollbacks else batch
 
     return fault
 
@@ -34,7 +27,7 @@ def _corrupt_data(batches):
     corrupt = {i for _, ids in batches for i in ids}
 
     def fault(step, guard, batch):
-        return _garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+        return garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
 
     return fault
 
@@ -52,7 +45,7 @@ def test_a_vetoed_step_leaves_parameters_and_optimizer_state_bit_identical(tmp_p
     before = after = None
     for step, batch in guard:
         if step == bad and fault == "garbage_batch":
-            batch = _garbage(batch, model.cfg.vocab_size)
+            batch = garbage(batch, model.cfg.vocab_size)
         loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
         guard.record(loss=loss)
         loss.backward()
@@ -232,7 +225,7 @@ def test_a_veto_under_a_grad_scaler_is_one_skipped_step_and_the_scaler_is_checkp
                            max_steps=72, checkpoint_every=36)  # fmt: skip
     for step, batch in guard:
         if step == 70:
-            batch = _garbage(batch, model.cfg.vocab_size)
+            batch = garbage(batch, model.cfg.vocab_size)
         loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
         guard.record(loss=loss)
         scaler.scale(loss).backward()

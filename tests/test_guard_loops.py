@@ -216,31 +216,6 @@ def test_the_nanogpt_shaped_loop_is_guarded_by_four_changed_lines_and_heals_its_
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 40  # the loop's own checkpoint
 
 
-def test_an_accelerate_prepared_optimizer_and_scheduler_are_guarded_through_their_wrappers(tmp_path):
-    accelerate = pytest.importorskip("accelerate")
-    from tests.common.guarded import build, fill_grads_with_nan, loader
-
-    accelerator = accelerate.Accelerator(cpu=True)
-    model, opt, sched = accelerator.prepare(*build())  # LambdaLR: a 20-step warmup to 3e-3
-    inner_step = opt.optimizer.__dict__.get("step")  # what the scheduler (or Accelerate) put there, if anything
-    guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=tmp_path, max_steps=60,
-                           checkpoint_every=20)  # fmt: skip
-    lrs: dict[int, list[float]] = {}
-    for step, batch in guard:
-        accelerator.backward(model(batch["input_ids"], labels=batch["labels"]).loss)
-        if 30 <= step < 35 and not guard.rollbacks:
-            fill_grads_with_nan(model)
-        opt.step()  # Accelerate's step, which calls the inner optimizer's: the guard's veto is there
-        sched.step()
-        opt.zero_grad()
-        lrs.setdefault(step, []).append(opt.param_groups[0]["lr"])
-    guard.close()
-    assert guard.vetoes == 5 and [a["to_step"] for a in guard.actions if a["kind"] == "rollback"] == [20]
-    assert lrs[40] == [pytest.approx(0.7 * 3e-3)] and lrs[19] == [pytest.approx(3e-3)]
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert opt.optimizer.__dict__.get("step") is inner_step  # close() put back what was there
-
-
 def _hf_stream():
     """A Hugging Face `datasets` stream of (x, y) windows, read in batches: its own state_dict says where it is."""
     datasets = pytest.importorskip("datasets")

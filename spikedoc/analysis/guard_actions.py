@@ -7,11 +7,14 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "without_guard_lr_changes", "guard_handling"]
+__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "cause_status", "without_guard_lr_changes", "guard_handling"]
 
 #: Event kinds the guard records; its checkpoints are `checkpoint` events with `guard: true`.
 GUARD_EVENT_KINDS = ("veto", "rollback", "data_skip", "guard_stop", "guard_resume", "checkpoint_failed",
-                     "checkpoint_refused")
+                     "checkpoint_refused", "replay")
+
+#: Actions taken on a cause, whose cause `cause_status` tells confirmed by a replay or inferred.
+_ACTED = ("veto", "rollback", "data_skip", "guard_stop")
 
 
 def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
@@ -22,7 +25,8 @@ def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
 
     Returns:
         One dict per action: `kind`, `step` (for a rollback, the step it returned to), `segment`,
-        `detail` (the event's detail as a dict).
+        `detail` (the event's detail as a dict), and for a veto, rollback, data skip or stop
+        `cause` (`cause_status`).
 
     Example:
         >>> events = pd.DataFrame({"step": [70], "segment": [0], "time": [0.0], "kind": ["veto"],
@@ -43,9 +47,51 @@ def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
         detail = detail if isinstance(detail, dict) else {}
         if row.kind in GUARD_EVENT_KINDS or (row.kind == "checkpoint" and detail.get("guard") is True):
             segment = getattr(row, "segment", 0)
-            out.append({"kind": row.kind, "step": int(row.step),
-                        "segment": int(segment) if segment == segment else 0, "detail": detail})  # fmt: skip
+            action = {"kind": row.kind, "step": int(row.step), "segment": int(segment) if segment == segment else 0,
+                      "detail": detail}  # fmt: skip
+            if row.kind in _ACTED:
+                action["cause"] = cause_status(row.kind, detail)
+            out.append(action)
     return out
+
+
+def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
+    """Whether the cause a guard action acted on was confirmed by a replay, and by which, or only inferred.
+
+    The replays the guard runs from a good state: `other_batches` (a probe: the last healthy step's
+    batches given to the state the vetoes came from; `found` says whether the state or the data is
+    at fault), `same_batches` (the replay after a rollback reached the same data positions and
+    their losses were out of band again before any update: the data), `from_good_checkpoint` (the
+    fault came back after a rollback to a good checkpoint with its batches skipped: the state or
+    the loop). A veto, and a rollback on the judgement alone (an LR jump found in the schedule,
+    damage the recovery judgement saw), are `inferred`.
+
+    Returns:
+        `status` (`confirmed` or `inferred`), `replays` (each `replay`, `found`, and `step` for a
+        probe) and `found` (`data`, `state`, or for an inferred cause the judgement's own: the
+        rollback's `cause`, the veto's reasons).
+
+    Example:
+        >>> cause_status("rollback", {"cause": "damage", "evidence": {"cause_test": {"replay": "other_batches",
+        ...              "probe_step": 48, "found": "state"}}})["status"]
+        'confirmed'
+    """
+    evidence = detail.get("evidence") if kind == "rollback" else detail
+    if kind == "guard_stop":
+        evidence = (detail.get("decision") or {}).get("evidence")
+    evidence = evidence if isinstance(evidence, dict) else {}
+    replays = []
+    if kind == "data_skip":
+        replays.append({"replay": "same_batches", "found": "data"})
+    test = evidence.get("cause_test")
+    if isinstance(test, dict) and test.get("found") in ("data", "state"):
+        replays.append({"replay": test.get("replay", "other_batches"), "found": test["found"], "step": test.get("probe_step")})
+    if (kind == "rollback" and detail.get("recurring")) or (kind == "guard_stop" and detail.get("reason") == "recurring"):
+        replays.append({"replay": "from_good_checkpoint", "found": "state"})
+    if replays:
+        return {"status": "confirmed", "replays": replays, "found": replays[-1]["found"]}
+    found = detail.get("cause") if kind == "rollback" else ", ".join(detail.get("reasons") or []) or detail.get("reason")
+    return {"status": "inferred", "replays": [], "found": found}
 
 
 def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,12 +11,15 @@ these agreed values, so all ranks veto, open incidents and roll back together.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepValues", "agree", "world", "agree_all", "common_steps"]
+T = TypeVar("T")
+
+__all__ = ["StepValues", "agree", "world", "agree_all", "common_steps", "rank_zero_last"]
 
 
 class StepValues(NamedTuple):
@@ -101,6 +104,16 @@ def common_steps(steps: list[int]) -> list[int]:
     for other in gathered[1:]:
         shared &= set(other or [])
     return sorted(shared, reverse=True)
+
+
+def rank_zero_last(make: Callable[[], T]) -> T:
+    """`make()` on every rank, on rank 0 only after every other rank's has returned (a barrier);
+    outside torch.distributed, a plain call. E.g. a file rank 0 writes that the others read first."""
+    if world() is None:
+        return make()
+    made = make() if world()[0] != 0 else None
+    torch.distributed.barrier()
+    return made if world()[0] != 0 else make()
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:

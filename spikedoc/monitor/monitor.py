@@ -77,6 +77,7 @@ class Monitor:
         self._handles: list[Any] = []
         self._pending: StepRecord | None = None
         self._steps_since_update = 0
+        self._standing_down = False  # this optimizer.step() call was vetoed from a hook before ours
         self._sample_offset = config.start_sample
         self._last_end = math.nan
         self._explicit_batches = False  # begin_micro_batch() counts micro-batches instead of forwards
@@ -264,15 +265,21 @@ class Monitor:
         optimizer state between steps needs no wait. Kept for loops that call it before such a change.
         """
 
-    def skip_step(self) -> None:
+    def skip_step(self, *, inside_step: bool = False) -> None:
         """Record the current step as taken but not applied (`skipped`): call it instead of
         `optimizer.step()` when a step is deliberately not applied, e.g. vetoed by a guard.
 
         The step keeps its index and its gradient statistics, has no update statistics, and a
         GradScaler's next `update()` does not count it a second time.
+
+        Args:
+            inside_step: Called from an optimizer step pre-hook registered before the monitor's
+                (the guard's veto, which lets the `step()` call run with no gradients): the
+                monitor's own hooks of that call stand down.
         """
         self._steps_since_update += 1
         self._skipped_step()
+        self._standing_down = inside_step
 
     def close(self) -> None:
         """Write the last step, remove the hooks and flush the writer. Idempotent."""
@@ -359,6 +366,8 @@ class Monitor:
             self._fail("loss", exc, st)
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        if self._standing_down:
+            return
         if self._stepped:
             if id(optimizer) not in self._stepped:
                 return  # the next of several optimizers: the step's gradients and snapshot are taken
@@ -390,6 +399,9 @@ class Monitor:
             self._fail("step_pre", exc, st)
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._standing_down:
+            self._standing_down = False
+            return
         self._stepped.add(id(optimizer))
         if len(self._stepped) < len(self.optimizers):
             return  # one training step is every optimizer's step()

@@ -24,7 +24,7 @@ from spikedoc.analysis.incident import Incident
 from spikedoc.errors import one_line
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
-from spikedoc.report.terminal import action_text, settled_text
+from spikedoc.report.terminal import action_text, cause_words, settled_text
 
 __all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
 
@@ -199,9 +199,10 @@ def _guard_section(actions: list[dict[str, Any]]) -> str:
     checkpoints = sum(a.get("kind") == "checkpoint" for a in actions)
     rows = "".join(
         f"<tr><td class='num'>{_e(a.get('step', ''))}</td><td>{_e(a.get('kind', ''))}</td>"
+        f"<td>{_e(cause_words(a['cause']) if isinstance(a.get('cause'), dict) else '')}</td>"
         f"<td class='mono'>{_e(_detail_text(a.get('detail')))}</td></tr>" for a in actions if a.get("kind") != "checkpoint"
     )
-    table = (f"<table><tr><th>step</th><th>action</th><th>detail</th></tr>{rows}</table>" if rows else "")
+    table = (f"<table><tr><th>step</th><th>action</th><th>cause</th><th>detail</th></tr>{rows}</table>" if rows else "")
     return (f"<section id='guard'><h2>What the guard did</h2><p class='muted'>{_e(count(checkpoints, 'guard checkpoint'))}; "
             f"a rollback's step is the step it returned to.</p>{table}</section>\n")
 

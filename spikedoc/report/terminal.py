@@ -107,6 +107,23 @@ def _spike_score(console: Console, score: dict[str, float | None]) -> None:
                       f"raise the bar): {', '.join(shown)}[/dim]")
 
 
+#: How the report names each replay that confirms a guard action's cause (`cause_status`).
+_REPLAY_WORDS = {
+    "other_batches": "the last healthy batches replayed on the vetoed state",
+    "same_batches": "the same data replayed from a good state",
+    "from_good_checkpoint": "the fault came back after a rollback to a good checkpoint",
+}
+
+
+def cause_words(cause: dict[str, Any]) -> str:
+    """A guard action's cause as `cause_status` decided it: confirmed by which replays, or inferred."""
+    if cause.get("status") == "confirmed":
+        replays = "; ".join(f"{_REPLAY_WORDS.get(r.get('replay'), r.get('replay'))}: {r.get('found')}"
+                            for r in cause.get("replays") or [])  # fmt: skip
+        return f"cause confirmed by replay ({replays}): the {cause.get('found')}"
+    return f"cause inferred ({cause.get('found') or 'the judgement'}), not replayed"
+
+
 def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
     """What spikedoc.Guard did: vetoes, rollbacks and a stop, one line each (checkpoints counted)."""
     console.print()
@@ -133,8 +150,13 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                     + ("; the last rollback's LR cut and clipping undone" if d.get("remedy_reverted") else ""))
         elif a["kind"] == "guard_stop":
             line = f"stopped at step {a['step']}: {d.get('reason')}"
+        elif a["kind"] == "replay":
+            line = (f"replay at step {a['step']} ({str(d.get('replay', '')).replace('_', ' ')}, positions "
+                    f"{', '.join(str(x) for x in d.get('probe_positions') or [])}): found the {d.get('found')} at fault")
         else:
             line = f"{a['kind']} at step {a['step']}" + (f": {d['error']}" if d.get("error") else "")
+        if isinstance(a.get("cause"), dict):
+            line += "; " + cause_words(a["cause"])
         # The whole line is escaped: its details come from the run (a reason could hold rich markup).
         console.print(f"  [red]{escape(line)}[/red]" if a["kind"] == "guard_stop" else f"  {escape(line)}")
     if len(shown) > MAX_TABLE:

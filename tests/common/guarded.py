@@ -12,7 +12,7 @@ import torch
 import spikedoc
 from tests.common.models import TinyOutput, char_text, make_model
 
-__all__ = ["TextWindows", "MaskedLM", "loader", "build", "run_guarded", "fill_grads_with_nan", "nan_grads"]
+__all__ = ["TextWindows", "MaskedLM", "loader", "build", "run_guarded", "fill_grads_with_nan", "nan_grads", "garbage"]
 
 
 class TextWindows(torch.utils.data.Dataset):
@@ -125,3 +125,10 @@ def nan_grads(steps: set[int], *, first_pass_only: bool = True) -> Callable[[int
             fill_grads_with_nan(guard.model)
 
     return after_backward
+
+
+def garbage(batch: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """Uniform random tokens (a corrupt shard) whose loss is summed over the tokens, not averaged."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, vocab_size, batch["input_ids"].shape, generator=gen)
+    return {**batch, "input_ids": ids, "labels": ids.roll(1, dims=1), "loss_weight": float(ids.shape[1])}

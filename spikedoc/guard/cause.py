@@ -1,0 +1,100 @@
+"""Whether the data or the state is at fault, and when the guard must stop: decisions as data.
+
+A corrupt stretch of data is told from a broken state by replays from a good state: the replay
+after a rollback reaching the same data positions with the vetoes piling up again, and a probe
+step (the last healthy step's batches given to the state the vetoes came from). Each replay's
+result is recorded (`cause_test` in the action's evidence) so that `analyze` shows the cause as
+confirmed by a replay rather than inferred.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from spikedoc.guard.judge import Decision, Verdict
+from spikedoc.guard.policy import Policy
+from spikedoc.guard.steps import PendingStep, SeenStep
+
+__all__ = ["Probe", "corrupt_stretch", "probe_finding", "stop_for", "recurring", "rollback_to_revert"]
+
+
+def corrupt_stretch(decision: Decision, vetoed: list[SeenStep], skipped: set[int]) -> bool:
+    """Vetoes piling up at the data positions right after those already skipped, each for its
+    loss: the replay of a healthy state reached the same place in the data and the batches there
+    still look bad before any update, so the data is at fault, not the weights. (Vetoes for the
+    gradient alone, with an ordinary loss, say nothing about the data: those still roll back.)"""
+    if decision.reason != "vetoes":
+        return False
+    positions = sorted(pos for seen in vetoed for pos in seen.positions)
+    return bool(positions) and positions[0] - 1 in skipped and all(seen.bad_loss for seen in vetoed)
+
+
+def probe_finding(step: int, positions: list[int], verdict: Verdict) -> dict[str, Any]:
+    """The probe's result: the last healthy step's batches, given to the state the vetoes came
+    from, still have their loss in band (`found: data`: the state is sound) or not (`state`)."""
+    broken = not math.isfinite(verdict.loss) or verdict.loss_flagged or "loss_out_of_band" in verdict.reasons
+    return {"replay": "other_batches", "probe_step": step, "probe_positions": positions, "loss": verdict.loss,
+            "loss_z": verdict.loss_z, "found": "state" if broken else "data"}  # fmt: skip
+
+
+def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple[str, str] | None:
+    """(reason, message) when the rollback `decision` calls for must not be made: the budget is
+    spent, and `recurring` when the replay from the last good checkpoint met the fault again before
+    passing the step it had rolled back from (the fault returns from a good state)."""
+    if policy.rollbacks < max_rollbacks:
+        return None
+    if recurring(decision, policy):
+        reset = ", optimizer moments reset" if policy.moments_reset() else ""
+        return "recurring", (f"the fault came back after the last of {policy.rollbacks} rollbacks to a good checkpoint "
+                             f"(LR at {policy.lr_scale:.3g}x{reset}): it is in the state or the loop, not in the data, "
+                             "and one more rollback will not fix it")  # fmt: skip
+    return "budget", f"rollback budget spent ({policy.rollbacks} of max_rollbacks={max_rollbacks})"
+
+
+def recurring(decision: Decision, policy: Policy) -> bool:
+    """The replay after the last rollback met trouble again before passing the step it had rolled back from."""
+    previous = policy.last_rollback()
+    return previous is not None and decision.onset_step <= previous["from_step"]
+
+
+def rollback_to_revert(policy: Policy, first_position: int) -> dict[str, Any] | None:
+    """The rollback whose LR and clipping change a corrupt stretch starting at `first_position`
+    undoes: the one whose skipped batches it continues, made on the hypothesis that the state was
+    at fault when the data turned out to be (not an LR hold, not undone already)."""
+    rollback = policy.last_rollback()
+    if (rollback is None or rollback["reason"] != "vetoes" or rollback.get("lr_held") or rollback.get("reverted")
+            or first_position - 1 not in rollback.get("skipped_positions", [])):  # fmt: skip
+        return None
+    return rollback
+
+
+class Probe:
+    """The last healthy step's batches, kept to test the state before the data is blamed, and the
+    decision that waits on that test (a probe step: judged, never applied)."""
+
+    def __init__(self) -> None:
+        self.last_good: PendingStep | None = None
+        """The last step applied with its loss in band, with its batches (those the guard handed out)."""
+        self.waiting: Decision | None = None
+
+    def remember(self, p: PendingStep) -> None:
+        """A finished step: kept when it was applied healthy and its batches are known."""
+        v = p.verdict
+        if v is not None and not v.veto and not v.loss_flagged and p.batches:
+            self.last_good = p
+
+    def wanted(self, decision: Decision, vetoed: list[SeenStep], skipped: set[int]) -> bool:
+        """Whether `decision` waits for a probe step first: a corrupt stretch, and healthy batches to probe with."""
+        if self.last_good is None or not corrupt_stretch(decision, vetoed, skipped):
+            return False
+        self.waiting = decision
+        return True
+
+    def step(self, step: int, sample_offset: int) -> PendingStep | None:
+        """The probe step to hand out now if a decision waits for one: the last healthy step's batches again."""
+        if self.waiting is None or self.last_good is None:
+            return None
+        good, decision, self.waiting = self.last_good, self.waiting, None
+        return PendingStep(step=step, positions=list(good.positions), batches=good.batches, sample_offset=sample_offset,
+                           probe=decision)  # fmt: skip
