@@ -87,6 +87,7 @@ class StepHealer:
         """Steps vetoed for their loss since the last applied step (the batch looked bad before any update)."""
         self._applied_since_remedy = True
         self._hooks: list[Any] = []
+        self._closed = False
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -119,6 +120,7 @@ class StepHealer:
 
     def close(self) -> None:
         """Finish the checkpoint write under way and remove the step hooks. Idempotent."""
+        self._closed = True
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -130,6 +132,8 @@ class StepHealer:
 
     def add_loss(self, loss: Tensor, *, share: bool = False) -> None:
         """One micro-batch's loss; `share`: a share of the step's loss (the step's is their sum), else their mean."""
+        if self._closed:  # a forward after the run ended (or stopped): no step of this run's
+            return
         self._losses.append(loss.detach().float().reshape(()))
         self._loss_shares = self._loss_shares or share
 
@@ -248,7 +252,7 @@ class StepHealer:
         """Vetoes for their loss piling up right after a rollback or a skip, with no step applied
         since: a good state met the batches the loader handed out next and they look bad before any
         update, so the data is at fault, not the weights."""
-        return (decision.reason == "vetoes" and not self._applied_since_remedy and bool(self.actions)
+        return (decision.reason == "vetoes" and not self._applied_since_remedy
                 and len(self._bad_in_row) >= self.config.max_vetoes_in_row)  # fmt: skip
 
     def _skip_stretch(self, decision: Decision, next_step: int) -> None:
