@@ -40,9 +40,17 @@ class SpikedocCallback(CallbackRun, TrainerCallback):
     and logs (logger `spikedoc.integrations`) the diagnosis and the resume recipe: the checkpoint to
     resume from, the peak LR, `max_grad_norm` and the batches to skip. `callback.recipe` holds it.
 
+    With `heal` (True or a `GuardConfig`) it guards the run instead of stopping it: each step is
+    judged after the Trainer's clipping and before its update; a bad step is vetoed (its gradients
+    dropped) and damage is rolled back in process (model, optimizer, scheduler, GradScaler), with
+    the LR factor applied to the Trainer's scheduler, the tightened clip written to
+    `args.max_grad_norm` and `state.global_step` set back; `spikedoc.GuardStopped` is raised once
+    the rollback budget is spent (docs/guard.md, "Inside HF Trainer and Lightning").
+
     Args:
         run_dir: Run directory; default `<output_dir>/spikedoc`.
-        stop: True (default) for the default `StopConfig`, a `StopConfig`, or False to only record.
+        stop: True (default without `heal`) for the default `StopConfig`, a `StopConfig`, or False to only record.
+        heal: False (default), True for the default `GuardConfig`, or a `GuardConfig`: heal in process.
         **watch: Further `spikedoc.watch` options (`every`, `layer_every`, `flush_every`,
             `flush_seconds`, `pad_token_id`).
 

@@ -35,9 +35,16 @@ class SpikedocCallback(CallbackRun, Callback):
     analyze` uses, computed online) sets `trainer.should_stop`, and the diagnosis and resume
     recipe are logged (logger `spikedoc.integrations`) and kept in `callback.recipe`.
 
+    With `heal` (True or a `GuardConfig`) it guards the run instead: the step is judged in
+    `on_before_optimizer_step` (before Lightning's clip and the update), a bad step is vetoed (its
+    gradients dropped) and damage is rolled back in process, with the LR factor applied to the
+    module's scheduler, the tightened clip written to `trainer.gradient_clip_val` and
+    `trainer.global_step` set back; `spikedoc.GuardStopped` once the rollback budget is spent.
+
     Args:
         run_dir: Run directory; default `<default_root_dir>/spikedoc`.
-        stop: True (default), a `StopConfig`, or False to only record.
+        stop: True (default without `heal`), a `StopConfig`, or False to only record.
+        heal: False (default), True for the default `GuardConfig`, or a `GuardConfig`: heal in process.
         **watch: Further `spikedoc.watch` options (`every`, `layer_every`, `flush_every`, ...).
 
     Example:
