@@ -5,6 +5,9 @@ documentation, with gradient accumulation, the Trainer's own clipping and a line
 
     python hooks/hf_trainer.py --run-dir runs/hf --steps 100
     spikedoc analyze runs/hf
+
+With `--heal` the callback guards the run instead: a bad step is vetoed before its update and
+damage is rolled back in process (`SpikedocCallback(heal=...)`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
+from spikedoc.guard import GuardConfig  # noqa: E402
 from spikedoc.integrations.hf import SpikedocCallback  # noqa: E402
 
 
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True, help="where spikedoc writes the run")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
     parser.add_argument("--output-dir", default=None, help="the Trainer's output dir (default: a temporary one)")
+    parser.add_argument("--heal", action="store_true", help="veto bad steps and roll back damage in process")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # small model: one thread is fastest on a shared CPU
@@ -58,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=10, max_grad_norm=1.0,
         logging_steps=25, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
-    # The one call: a callback. It stops training on a persistent incident and logs how to resume.
-    trainer = Trainer(model=model, args=training, train_dataset=ByteWindows(), callbacks=[SpikedocCallback(args.run_dir)])
+    # The one call: a callback. It stops training on a persistent incident and logs how to resume;
+    # with heal= it vetoes bad steps and rolls back in process instead.
+    callback = SpikedocCallback(args.run_dir, heal=GuardConfig(checkpoint_every=50) if args.heal else False)
+    trainer = Trainer(model=model, args=training, train_dataset=ByteWindows(), callbacks=[callback])
     trainer.train()
     print(f"recorded {trainer.state.global_step} steps to {args.run_dir}")
 

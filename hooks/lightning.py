@@ -5,6 +5,9 @@ gradient accumulation and Lightning's own gradient clipping.
 
     python hooks/lightning.py --run-dir runs/lightning --steps 100
     spikedoc analyze runs/lightning
+
+With `--heal` the callback guards the run instead: a bad step is vetoed before its update and
+damage is rolled back in process (`SpikedocCallback(heal=...)`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(_HERE.parent))
 import lightning.pytorch as L  # noqa: E402
 
 from hooks.plain_torch import CharTransformer, batches  # noqa: E402
+from spikedoc.guard import GuardConfig  # noqa: E402
 from spikedoc.integrations.lightning import SpikedocCallback  # noqa: E402
 
 
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, help="where spikedoc writes the run")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
+    parser.add_argument("--heal", action="store_true", help="veto bad steps and roll back damage in process")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # small model: one thread is fastest on a shared CPU
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=args.steps, accelerator="cpu", devices=1, accumulate_grad_batches=2, gradient_clip_val=1.0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tempfile.mkdtemp(),
-        callbacks=[SpikedocCallback(args.run_dir)],  # the one call
+        callbacks=[SpikedocCallback(args.run_dir, heal=GuardConfig(checkpoint_every=50) if args.heal else False)],
     )  # fmt: skip
     trainer.fit(CharLM(), loader)
     print(f"recorded {trainer.global_step} steps to {args.run_dir}")

@@ -140,3 +140,31 @@ def test_guard_cause_is_the_class_the_guard_acted_on():
     assert guard_cause([*[veto] * 5, rollback]) == "damage"
     assert guard_cause([*[veto] * 5, {**rollback, "cause": "lr_schedule"}]) == "schedule"
     assert guard_cause([rollback, {**rollback, "evidence": {"cause_test": {"found": "state"}}}]) == "state"
+
+
+def test_soup_rule_restores_the_last_checkpoint_and_halves_the_lr_on_a_loss_spike():
+    import torch
+
+    from bench.guard_recovery_frameworks import SoupRule
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    rule = SoupRule(every=5, window=4)
+    saved = None
+    for step in range(1, 11):  # healthy steps; the state of step 10 is the last checkpoint
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        assert rule.after_step(step, 1.0, model, opt, sched) is None
+        if step == 10:
+            saved = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(100.0)
+    assert rule.after_step(11, 1.0, model, opt, sched) is None  # an ordinary loss: no action
+    assert rule.after_step(12, 2.5, model, opt, sched) == 10  # above twice the recent mean: back to 10
+    assert torch.equal(model.weight, saved)
+    assert opt.param_groups[0]["lr"] == 0.05 and sched.base_lrs == [0.05]
+    for step in range(11, 16):  # healthy again: the state of step 15 is saved with the LR halved
+        assert rule.after_step(step, 1.0, model, opt, sched) is None
+    assert rule.after_step(16, 9.0, model, opt, sched) == 15
+    assert opt.param_groups[0]["lr"] == 0.025  # halved once more, not twice

@@ -8,33 +8,12 @@ import pytest
 import torch
 
 from tests.common.frameworks import ByteText, require
-from tests.common.models import lm_loss, make_model
 
 L = require("lightning.pytorch", "lightning")
 
 import spikedoc  # noqa: E402
+from tests.common.lightning_lm import CharLM, fit  # noqa: E402
 from spikedoc.integrations.lightning import SpikedocCallback  # noqa: E402
-
-
-class CharLM(L.LightningModule):
-    """The tiny test transformer as a LightningModule; keeps every training_step loss it returned."""
-
-    def __init__(self, lr: float = 1e-3, decay_steps: int = 0) -> None:
-        super().__init__()
-        self.net = make_model(logits_only=True, vocab_size=256)
-        self.lr, self.decay_steps, self.losses = lr, decay_steps, []
-
-    def training_step(self, batch, batch_idx):
-        loss = lm_loss(self.net(batch["input_ids"][:, :-1]), batch["labels"][:, 1:])
-        self.losses.append(loss.item())
-        return loss
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
-        if not self.decay_steps:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / self.decay_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class PreClipNorm(L.Callback):
@@ -46,15 +25,6 @@ class PreClipNorm(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad.double().flatten() for p in pl_module.parameters() if p.grad is not None]
         self.norms.append(float(torch.cat(grads).norm()))
-
-
-def fit(tmp_path, module, data, callbacks, **trainer_args) -> L.Trainer:
-    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
-    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
-    trainer = L.Trainer(callbacks=callbacks, **{**settings, **trainer_args})
-    trainer.fit(module, loader)
-    return trainer
 
 
 def test_records_the_pre_clip_grad_norm_loss_and_lr_with_accumulation(tmp_path):

@@ -16,12 +16,13 @@ Two checks on a host copy of the state, both without reading anything back from 
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["nonfinite_pattern", "buffer_patterns", "nonfinite_entries", "make_loadable"]
+__all__ = ["nonfinite_pattern", "buffer_patterns", "nonfinite_entries", "make_loadable", "json_plain"]
 
 #: Types the weights-only unpickler rebuilds (exact types: np.float64 subclasses float, torch.Size tuple).
 _PLAIN = (dict, list, tuple, set, str, bytes, bytearray, int, float, bool, complex, type(None),
@@ -124,6 +125,22 @@ def make_loadable(payload: Any, name: str = "") -> tuple[Any, list[str], list[st
         return x
 
     return walk(payload, name), coerced, refused
+
+
+def json_plain(value: Any) -> Any:
+    """An event's detail as strict JSON: non-finite floats become None (NaN) or "inf"/"-inf".
+
+    Example:
+        >>> json_plain({"loss": float("nan"), "z": [float("inf"), 1.0]})
+        {'loss': None, 'z': ['inf', 1.0]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_plain(v) for v in value]
+    return value
 
 
 def _numpy_scalar(x: Any) -> bool:

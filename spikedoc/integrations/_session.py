@@ -11,11 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from spikedoc.guard.config import GuardConfig
+from spikedoc.integrations.healing import StepHealer
 from spikedoc.integrations.recipe import ResumeRecipe, resume_recipe
 from spikedoc.analysis.recovery import VERDICTS
 from spikedoc.integrations.stopping import IncidentWatch, StopConfig, StopDecision
 
-__all__ = ["CallbackRun", "WatchedRun", "base_optimizer"]
+__all__ = ["CallbackRun", "WatchedRun", "base_optimizer", "base_scheduler"]
 
 logger = logging.getLogger("spikedoc.integrations")
 
@@ -28,6 +30,15 @@ def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"spikedoc: expected a torch optimizer, got {type(optimizer).__name__}")
     return optimizer
+
+
+def base_scheduler(scheduler: Any) -> Any:
+    """The torch LR scheduler under framework wrappers (accelerate's `AcceleratedScheduler`), or None."""
+    lr_scheduler = torch.optim.lr_scheduler.LRScheduler
+    seen = 0
+    while scheduler is not None and not isinstance(scheduler, lr_scheduler) and hasattr(scheduler, "scheduler") and seen < 8:
+        scheduler, seen = scheduler.scheduler, seen + 1
+    return scheduler
 
 
 class WatchedRun:
@@ -52,8 +63,10 @@ class WatchedRun:
         self.clip: float | None = None
         self.peak_lr: float | None = None
         self.ranks: Any = None
+        self._watched: tuple[nn.Module, torch.optim.Optimizer] | None = None
 
-    def start(self, model: nn.Module, optimizer: Any, run_dir: str | Path, *, start_step: int | None, clip: float | None) -> None:
+    def start(self, model: nn.Module, optimizer: Any, run_dir: str | Path, *, start_step: int | None, clip: float | None,
+              scheduler: Any = None) -> None:  # fmt: skip
         """Attach the monitor (once; a second call is ignored). A failure is logged; training goes on unwatched."""
         if self.monitor is not None:
             return
@@ -64,8 +77,9 @@ class WatchedRun:
         self.clip = clip
         try:
             self.ranks = Ranks()  # a collective: every rank starts
-            self.monitor = spikedoc.watch(model, base_optimizer(optimizer), run_dir=self.run_dir,
-                                          start_step=start_step, **self.watch_kwargs)  # fmt: skip
+            self._watched = (model, base_optimizer(optimizer))
+            self.monitor = spikedoc.watch(model, self._watched[1], run_dir=self.run_dir, start_step=start_step,
+                                          scheduler=scheduler, **self.watch_kwargs)  # fmt: skip
         except Exception:  # noqa: BLE001 - monitoring never stops training
             logger.exception("spikedoc: could not start recording %s; training goes on unwatched", self.run_dir)
             self.monitor = None
@@ -73,6 +87,19 @@ class WatchedRun:
         if self.stop_config is not None:
             self.incidents = IncidentWatch(self.stop_config)
             self.monitor.subscribe(self._on_row)
+
+    def reopen(self, start_step: int, *, scheduler: Any = None) -> None:
+        """Close the recording and open a new segment that numbers steps from `start_step` (after a
+        rollback); the data stream's sample offset goes on, since the framework's loader moves on."""
+        if self.monitor is None or self._watched is None:
+            return
+        import spikedoc
+
+        samples = self.monitor.sample_offset
+        self.monitor.close()
+        model, optimizer = self._watched
+        self.monitor = spikedoc.watch(model, optimizer, run_dir=self.run_dir, start_step=start_step, start_sample=samples,
+                                      scheduler=scheduler, **self.watch_kwargs)  # fmt: skip
 
     def _on_row(self, row: dict[str, Any]) -> None:
         lr = row.get("lr")
@@ -154,12 +181,21 @@ class CallbackRun:
 
     framework_sets = ""
 
-    def __init__(self, run_dir: str | Path | None = None, *, stop: StopConfig | bool = True,
-                 how_to_resume: Callable[..., Any], **watch: Any) -> None:  # fmt: skip
+    def __init__(self, run_dir: str | Path | None = None, *, stop: StopConfig | bool | None = None,
+                 heal: GuardConfig | bool = False, how_to_resume: Callable[..., Any], **watch: Any) -> None:  # fmt: skip
         for name in ("clip", "start_step"):
             if name in watch:
                 raise ValueError(f"SpikedocCallback: {name}= is set by the {self.framework_sets}")
-        self.run = WatchedRun(run_dir=run_dir, stop=stop, watch=watch, how_to_resume=how_to_resume)
+        config = GuardConfig() if heal is True else (heal or None)
+        if config is not None and not isinstance(config, GuardConfig):
+            raise TypeError(f"SpikedocCallback: heal must be True, False or a GuardConfig, got {type(heal).__name__}")
+        if config is not None and stop:
+            raise ValueError("SpikedocCallback: pass heal= or stop=, not both: healing rolls back in process and "
+                             "stops the run itself (GuardStopped) once its rollback budget is spent")  # fmt: skip
+        self.run = WatchedRun(run_dir=run_dir, stop=config is None if stop is None else stop, watch=watch,
+                              how_to_resume=how_to_resume)  # fmt: skip
+        self.healer = StepHealer(config) if config is not None else None
+        """The in-process guard (`heal=`), else None."""
 
     @property
     def monitor(self) -> Any:
