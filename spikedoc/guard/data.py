@@ -67,7 +67,8 @@ class DataStream:
         self.skipped_samples = 0
         """Samples in the batches the last `next()` drew and skipped on the way to the one it returned."""
         self._iterator: Iterator[Any] | None = iter(data) if self.kind == "iterator" else None
-        self._hashes: OrderedDict[int, Tensor] = OrderedDict()  # position -> hash of the batch first handed out
+        # position -> (the call's arguments, hash of the batch first handed out there)
+        self._hashes: OrderedDict[int, tuple[str, Tensor]] = OrderedDict()
         self.inexact_at: int | None = None
         """The first position whose replayed batch differed from the original (None: none seen)."""
         self._generators = _order_generators(data, seed) if self.kind == "reiterable" else []
@@ -104,24 +105,37 @@ class DataStream:
             self.index += 1
             self.position += 1
             if position not in self.skip:
-                self._check_replay(position, batch)
+                self._check_replay(position, batch, (args, kwargs))
                 return position, batch
             self.skipped_samples += samples_in(batch)
 
-    def _check_replay(self, position: int, batch: Any) -> None:
-        """Keep the batch's hash; on a replay of its position, compare (one host read per replayed batch)."""
+    def _check_replay(self, position: int, batch: Any, call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+        """Keep the batch's hash; on a replay of its position, compare (one host read per replayed batch).
+
+        A function's draw at a position is the same draw only with the same arguments (skipping a
+        batch shifts a loop's evaluation draws, `get_batch("val")`, onto other positions), and never
+        past a skipped position. A one-shot iterator is not checked: the guard says at its first
+        rewind that it cannot be rewound.
+        """
+        if self.kind == "iterator" or self.inexact_at is not None:
+            return
         try:
             new = batch_hash(batch)
         except Exception:  # noqa: BLE001 - a batch the hash cannot read is not checked
             return
         if new is None:
             return
+        key = repr(call) if self.kind == "callable" else ""
         old = self._hashes.get(position)
-        if old is None:
-            self._hashes[position] = new
+        # A function's draws after a skipped position are fresh by design (the skipped ones are drawn
+        # and dropped, moving every later draw): nothing to compare them with.
+        fresh = self.kind == "callable" and any(p < position for p in self.skip)
+        if old is None or old[0] != key or fresh:
+            self._hashes[position] = (key, new)
+            self._hashes.move_to_end(position)
             if len(self._hashes) > _KEPT_HASHES:
                 self._hashes.popitem(last=False)
-        elif self.inexact_at is None and bool(old.to(new.device) != new):
+        elif bool(old[1].to(new.device) != new):
             self.inexact_at = position
             warnings.warn(
                 f"Guard: the batch replayed at data position {position} differs from the one first drawn there: "
