@@ -19,7 +19,7 @@ from spikedoc.detector.streaming import DetectorConfig
 from spikedoc.analysis.recovery import RecoveryConfig
 from spikedoc.errors import GuardStopped
 from spikedoc.guard.agree import agree, agree_all, common_steps, world
-from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore, host_copy
+from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, host_copy
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream, batch_to, copy_into
 from spikedoc.guard.job import differences, job_fingerprint
@@ -28,6 +28,7 @@ from spikedoc.guard.payload import buffer_patterns
 from spikedoc.guard.remedy import plan_remedy, reset_implicated
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import apply_lrs, group_lrs, scale_schedule
+from spikedoc.guard.sharded import GlobalNorm, checkpoint_store, clip_shards, is_fsdp, load_training_state, training_state
 from spikedoc.monitor.meta import describe_scheduler
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor._step import extract_loss
@@ -157,7 +158,10 @@ class Guard:
         rank = world()
         # Under torch.distributed every rank must know that every other rank's file landed before it
         # counts (`agree_all`), so the files are written in the foreground there.
-        self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
+        # Under FSDP2 the norm judged is the full gradient's (`GlobalNorm`), clipped by the guard itself,
+        # and checkpoints are each rank's shards (DCP on disk): `sharded.py`.
+        self._global_norm = GlobalNorm(rank=rank[0]) if is_fsdp(model) else None
+        self._store = checkpoint_store(model, self.run_dir / "checkpoints", keep=self.config.keep,
                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory,
                                       background=self.config.write_in_background and rank is None,
                                       buffers=buffer_patterns(model))  # fmt: skip
@@ -386,7 +390,9 @@ class Guard:
             grad_norm = torch.zeros(())  # not judged: a log-scale band ignores non-positive values
         elif self.config.reset_moments:  # kept to find the implicated tensors of a rollback
             self._norms_of_step = self.monitor.tensor_grad_norms()
-        values = agree(loss, grad_norm, rollback_request=self._requested)
+        if self._global_norm is not None and (norms := self.monitor.tensor_grad_norms()) is not None:
+            grad_norm = self._global_norm.share(*norms)  # this rank's share of the squared global norm
+        values = agree(loss, grad_norm, rollback_request=self._requested, sharded=self._global_norm is not None)
         self._requested = False
         verdict = self._judge.judge(p.step, values)
         p.verdict = verdict
@@ -404,6 +410,8 @@ class Guard:
             if verdict.veto:
                 self._veto(p, verdict)
                 return None
+            if self._global_norm is not None and self.clip is not None:  # the monitor cannot clip shards
+                clip_shards([q for g in self.optimizer.param_groups for q in g["params"]], values.grad_norm, self.clip)
             return step_fn(*args, **kwargs)
         finally:
             if restore is not None:  # the schedule's own value again: only the applied LR is held
@@ -471,8 +479,7 @@ class Guard:
         try:
             state = host_copy({
                 "held": [[position, batch] for position, batch in self._drawn],
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **training_state(self.model, self.optimizer),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             })
@@ -583,7 +590,8 @@ class Guard:
         before = float(rollback["lr_scale_before"])
         self._scale_schedule(before / self.lr_scale)
         self.lr_scale, self.clip = before, rollback["clip_before"]
-        self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
+        if self._global_norm is None:  # the guard owns clipping; the data_skip event records the change
+            self.monitor.config.clip = self.clip
         rollback["reverted"] = True
         return True
 
@@ -649,8 +657,7 @@ class Guard:
                 before = target.step - 1
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(self.model, self.optimizer, state)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -757,7 +764,8 @@ class Guard:
         def open_monitor() -> Monitor:
             # The scheduler's record (meta.json and the judge) tells its warm restarts from LR jumps.
             self._judge.schedule = {"start_step": self.step, "scheduler": describe_scheduler(self.scheduler)}
-            return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip, scaler=self.scaler,
+            clip = self.clip if self._global_norm is None else None  # under FSDP2 the guard clips (`_guarded_step`)
+            return watch(self.model, self.optimizer, run_dir=self.run_dir, clip=clip, scaler=self.scaler,
                          start_step=self.step, start_sample=self._start_sample, scheduler=self.scheduler,
                          **self._watch_options)  # fmt: skip
 

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import spikedoc
 from tests.common.models import char_text, make_model
 
-__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin"]
+__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin", "guard_fsdp_worker"]
 
 
 def spawn(worker, tmp_path: Path, world: int = 2, **options) -> list[dict]:
@@ -131,3 +131,56 @@ def stop_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
     r = run.recipe
     return {"stopped_at": stopped_at, "own": run.decision is not None, "onset": r and r.onset_step,
             "verdict": r and r.verdict, "analysis_error": r and r.analysis_error}
+
+
+def _full_state(net, opt) -> dict[str, torch.Tensor]:
+    """Every parameter and optimizer tensor of an FSDP2 model, gathered whole (a collective)."""
+    full = {}
+    for name, p in net.named_parameters():
+        full[name] = p.detach().full_tensor().clone()
+        for key, value in opt.state.get(p, {}).items():
+            full[f"{name}.{key}"] = value.full_tensor().clone() if hasattr(value, "full_tensor") else value.clone()
+    return full
+
+
+def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
+    """FSDP2 training under the guard; rank 1 alone multiplies its gradient shards by `factor` on
+    `fault_steps` before the first rollback. Reports the vetoes, rollbacks, the brute-force global
+    gradient norm of each step, and whether the state after the rollback equals the one saved."""
+    from torch.distributed.fsdp import fully_shard
+
+    from spikedoc.detector.streaming import DetectorConfig
+    from spikedoc.monitor.distributed import local
+
+    net = make_model(0)
+    for block in net.blocks:
+        fully_shard(block)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    text = char_text()
+    data = [text.batch(world * i + rank) for i in range(200)]
+    guard = spikedoc.Guard(net, opt, data=data, run_dir=tmp / "run", checkpoint_every=options["checkpoint_every"],
+                           max_steps=options["steps"], keep_in_memory=options["in_memory"],
+                           detector=DetectorConfig(min_history=8, window=20))  # warm early: a short run
+    saved = restored = None
+    brute: dict[int, float] = {}
+    for step, (ids, labels) in guard:
+        if step == options["checkpoint_every"]:  # a checkpoint of this step was just taken
+            state = _full_state(net, opt)
+            if guard.rollbacks == 0:
+                saved = state
+            elif restored is None:
+                restored = state
+        net(ids, labels=labels).loss.backward()
+        if rank == 1 and step in options["fault_steps"] and guard.rollbacks == 0:
+            for p in net.parameters():
+                local(p.grad).mul_(options["factor"])  # this rank's shards only
+        grads = [p.grad.full_tensor() for p in net.parameters()]
+        brute.setdefault(step, float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        opt.step()
+        opt.zero_grad()
+    guard.close()
+    same = restored is not None and all(torch.equal(saved[k], restored[k]) for k in saved) and saved.keys() == restored.keys()
+    return {"vetoes": [(a["step"], a["grad_norm"], a["reasons"]) for a in guard.actions if a["kind"] == "veto"],
+            "rollbacks": [(a["from_step"], a["to_step"], a["reason"]) for a in guard.actions if a["kind"] == "rollback"],
+            "brute": brute, "restored_equals_saved": same, "step": guard.step}  # fmt: skip
