@@ -144,9 +144,15 @@ def _full_state(net, opt) -> dict[str, torch.Tensor]:
 
 
 def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
-    """FSDP2 training under the guard; rank 1 alone multiplies its gradient shards by `factor` on
-    `fault_steps` before the first rollback. Reports the vetoes, rollbacks, the brute-force global
-    gradient norm of each step, and whether the state after the rollback equals the one saved."""
+    """FSDP2 training under the guard, twice: rolling back from the DCP files, then from the in-memory
+    shards. Rank 1 alone multiplies its gradient shards by `factor` on `fault_steps` before the
+    first rollback. Reports, per run, the vetoes, rollbacks, the brute-force global gradient norm of
+    each step, and whether the state after the rollback equals the one saved."""
+    return {mode: _guarded_fsdp_run(rank, world, tmp / mode, options, in_memory=mode == "memory")
+            for mode in ("disk", "memory")}  # fmt: skip
+
+
+def _guarded_fsdp_run(rank: int, world: int, run_dir: Path, options: dict, *, in_memory: bool) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from spikedoc.detector.streaming import DetectorConfig
@@ -159,9 +165,9 @@ def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     text = char_text()
     data = [text.batch(world * i + rank) for i in range(200)]
-    guard = spikedoc.Guard(net, opt, data=data, run_dir=tmp / "run", checkpoint_every=options["checkpoint_every"],
-                           max_steps=options["steps"], keep_in_memory=options["in_memory"],
-                           detector=DetectorConfig(min_history=8, window=20))  # warm early: a short run
+    guard = spikedoc.Guard(net, opt, data=data, run_dir=run_dir, checkpoint_every=options["checkpoint_every"],
+                           max_steps=options["steps"], keep_in_memory=in_memory,
+                           detector=DetectorConfig(min_history=6, window=20))  # warm early: a short run
     saved = restored = None
     brute: dict[int, float] = {}
     for step, (ids, labels) in guard:
@@ -180,7 +186,7 @@ def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
         opt.step()
         opt.zero_grad()
     guard.close()
-    same = restored is not None and all(torch.equal(saved[k], restored[k]) for k in saved) and saved.keys() == restored.keys()
+    same = restored is not None and saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
     return {"vetoes": [(a["step"], a["grad_norm"], a["reasons"]) for a in guard.actions if a["kind"] == "veto"],
             "rollbacks": [(a["from_step"], a["to_step"], a["reason"]) for a in guard.actions if a["kind"] == "rollback"],
             "brute": brute, "restored_equals_saved": same, "step": guard.step}  # fmt: skip
