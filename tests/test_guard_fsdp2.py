@@ -50,3 +50,11 @@ def test_checkpoint_shards_are_written_with_dcp_beside_each_ranks_file(runs):
 def test_state_restored_equals_the_state_saved(runs, mode):
     reports, _ = runs
     assert all(report[mode]["restored_equals_saved"] for report in reports)
+
+
+@pytest.mark.parametrize("mode", ["disk", "memory"])
+def test_a_new_guard_resumes_from_the_newest_sharded_checkpoint(runs, mode):
+    reports, _ = runs
+    for report in reports:
+        assert report[mode]["resumed_at"] == STEPS - STEPS % EVERY
+        assert report[mode]["resumed_equals_saved"]

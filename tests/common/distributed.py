@@ -165,18 +165,19 @@ def _guarded_fsdp_run(rank: int, world: int, run_dir: Path, options: dict, *, in
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     text = char_text()
     data = [text.batch(world * i + rank) for i in range(200)]
+    detector = DetectorConfig(min_history=6, window=20)  # warm early: a short run
     guard = spikedoc.Guard(net, opt, data=data, run_dir=run_dir, checkpoint_every=options["checkpoint_every"],
-                           max_steps=options["steps"], keep_in_memory=in_memory,
-                           detector=DetectorConfig(min_history=6, window=20))  # warm early: a short run
-    saved = restored = None
+                           max_steps=options["steps"], keep_in_memory=in_memory, detector=detector)  # fmt: skip
+    saved = restored = last = None
     brute: dict[int, float] = {}
     for step, (ids, labels) in guard:
-        if step == options["checkpoint_every"]:  # a checkpoint of this step was just taken
-            state = _full_state(net, opt)
+        if step % options["checkpoint_every"] == 0:  # a checkpoint of this step was just taken
+            last = _full_state(net, opt)
+        if step == options["checkpoint_every"]:
             if guard.rollbacks == 0:
-                saved = state
+                saved = last
             elif restored is None:
-                restored = state
+                restored = last
         net(ids, labels=labels).loss.backward()
         if rank == 1 and step in options["fault_steps"] and guard.rollbacks == 0:
             for p in net.parameters():
@@ -186,7 +187,19 @@ def _guarded_fsdp_run(rank: int, world: int, run_dir: Path, options: dict, *, in
         opt.step()
         opt.zero_grad()
     guard.close()
-    same = restored is not None and saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    # A new guard on the same run directory (a restart) resumes from the newest sharded checkpoint.
+    resumed = spikedoc.Guard(net, opt, data=data, run_dir=run_dir, checkpoint_every=options["checkpoint_every"],
+                             keep_in_memory=in_memory, detector=detector, resume=True)  # fmt: skip
+    resumed_at = resumed.step
+    resumed.close()
+    return {"resumed_at": resumed_at, "resumed_equals_saved": _same(last, _full_state(net, opt)),
+            "restored_equals_saved": _same(saved, restored), **_actions(guard), "brute": brute, "step": guard.step}
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    return a is not None and b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _actions(guard) -> dict:
     return {"vetoes": [(a["step"], a["grad_norm"], a["reasons"]) for a in guard.actions if a["kind"] == "veto"],
-            "rollbacks": [(a["from_step"], a["to_step"], a["reason"]) for a in guard.actions if a["kind"] == "rollback"],
-            "brute": brute, "restored_equals_saved": same, "step": guard.step}  # fmt: skip
+            "rollbacks": [(a["from_step"], a["to_step"], a["reason"]) for a in guard.actions if a["kind"] == "rollback"]}  # fmt: skip
