@@ -411,7 +411,8 @@ class Guard:
                 self._veto(p, verdict)
                 return None
             if self._global_norm is not None and self.clip is not None:  # the monitor cannot clip shards
-                clip_shards([q for g in self.optimizer.param_groups for q in g["params"]], values.grad_norm, self.clip)
+                clip_shards([q for g in self.optimizer.param_groups for q in g["params"]], values.grad_norm, self.clip,
+                            observer=self.monitor)  # fmt: skip
             return step_fn(*args, **kwargs)
         finally:
             if restore is not None:  # the schedule's own value again: only the applied LR is held

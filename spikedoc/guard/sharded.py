@@ -69,17 +69,21 @@ class GlobalNorm:
         return (norms.float().square() * self._mask[1]).sum()
 
 
-def clip_shards(params: list[Tensor], total_norm: float, max_norm: float) -> float:
+def clip_shards(params: list[Tensor], total_norm: float, max_norm: float, *, observer: Any = None) -> float:
     """Scale the gradients of `params` (their local shards) as `clip_grad_norm_(params, max_norm)`
     would for the full gradients, given their agreed global norm; returns the coefficient.
 
     The norm is already on the host (agreed before the step): no collective and no sync here.
+    `observer` (a `ClipObserver`: the monitor) is told of the clip as of a loop's own, so the run
+    records its coefficient and max norm.
     """
     coef = min(max_norm / (total_norm + 1e-6), 1.0)  # torch's own clip coefficient, clamped at 1
     if coef < 1.0:
         grads = [local(p.grad) for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef)
+    if observer is not None:
+        observer.after_clip(params, max_norm, torch.tensor(total_norm))
     return coef
 
 
