@@ -67,6 +67,13 @@ def test_a_new_guard_resumes_from_the_newest_sharded_checkpoint(runs, mode):
         assert report[mode]["resumed_equals_saved"]
 
 
+def test_a_nan_in_one_ranks_shard_refuses_the_checkpoint_on_every_rank(runs):
+    reports, tmp = runs
+    assert "model.tok.weight" in reports[1]["refused"]  # the rank holding it names the entry
+    assert "another rank's shards hold NaN or inf" in reports[0]["refused"]
+    assert not (tmp / "refused").exists() or not any((tmp / "refused").iterdir())  # nothing written
+
+
 @pytest.fixture(scope="module")
 def script_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("script")

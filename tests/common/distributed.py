@@ -148,8 +148,31 @@ def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
     shards. Rank 1 alone multiplies its gradient shards by `factor` on `fault_steps` before the
     first rollback. Reports, per run, the vetoes, rollbacks, the brute-force global gradient norm of
     each step, and whether the state after the rollback equals the one saved."""
-    return {mode: _guarded_fsdp_run(rank, world, tmp / mode, options, in_memory=mode == "memory")
+    runs = {mode: _guarded_fsdp_run(rank, world, tmp / mode, options, in_memory=mode == "memory")
             for mode in ("disk", "memory")}  # fmt: skip
+    return {**runs, "refused": _save_with_nan_on_rank_1(rank, tmp / "refused")}
+
+
+def _save_with_nan_on_rank_1(rank: int, directory: Path) -> str | None:
+    """Save a sharded checkpoint whose rank-1 shard of one weight is NaN: the error each rank gets."""
+    from torch.distributed.fsdp import fully_shard
+
+    from spikedoc.guard.checkpoint import CheckpointError, host_copy
+    from spikedoc.guard.sharded import ShardedCheckpointStore, training_state
+
+    net = make_model(0)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    state = host_copy(training_state(net, opt))
+    if rank == 1:
+        state["model"]["tok.weight"][0, 0] = math.nan
+    state.update(guard={}, data={}, rng={})
+    store = ShardedCheckpointStore(directory, keep=2, rank=rank, model=net)
+    try:
+        store.save(1, state, healthy=True)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _guarded_fsdp_run(rank: int, world: int, run_dir: Path, options: dict, *, in_memory: bool) -> dict:
