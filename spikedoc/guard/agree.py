@@ -1,8 +1,10 @@
 """Agreement across ranks: every rank judges the same numbers, so every rank decides the same.
 
 Under torch.distributed each step's judged values are summed over ranks by one all_reduce of a
-small tensor: the loss (mean over ranks), the gradient norm (mean; identical under DDP), the count
-of ranks whose loss or gradient norm was non-finite, and the count of ranks that ask for a rollback.
+small tensor: the loss (mean over ranks), the gradient norm (mean; identical under DDP; under FSDP2
+each rank sends its share of the squared global norm, and the root of their sum is the norm of the
+full gradient), the count of ranks whose loss or gradient norm was non-finite, and the count of
+ranks that ask for a rollback.
 Non-finite values are sent as 0 with their count, so one rank's NaN vetoes the step on every rank
 without turning the others' sums into NaN. The guard's decisions are deterministic functions of
 these agreed values, so all ranks veto, open incidents and roll back together.
@@ -43,13 +45,16 @@ def world() -> tuple[int, int] | None:
     return None
 
 
-def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> StepValues:
+def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sharded: bool = False) -> StepValues:
     """Judge-ready values of this step: one host sync, plus one all_reduce under torch.distributed.
 
     Args:
         loss: This rank's loss of the step (a device scalar), or None when none was given.
-        grad_norm: This rank's global gradient norm (a device scalar).
+        grad_norm: This rank's global gradient norm (a device scalar); with `sharded`, this rank's
+            share of the squared global norm (`sharded.GlobalNorm.share`).
         rollback_request: This rank asks for a rollback.
+        sharded: The gradients are split over ranks (FSDP2): the shares are summed and rooted
+            instead of the norms averaged. Ignored outside torch.distributed.
 
     Example:
         >>> agree(torch.tensor(2.5), torch.tensor(0.3), rollback_request=False).loss
@@ -75,7 +80,7 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool) -> 
     loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = _all_reduce_sum(packed).tolist()  # the one host sync
     return StepValues(
         loss=loss_sum / with_loss if with_loss and not bad_loss else math.nan,
-        grad_norm=grad_sum / ranks[1] if not bad_grad else math.nan,
+        grad_norm=(math.sqrt(grad_sum) if sharded else grad_sum / ranks[1]) if not bad_grad else math.nan,
         nonfinite_ranks=round(max(bad_loss, bad_grad)),
         rollback_requests=round(requests),
     )

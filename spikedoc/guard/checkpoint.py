@@ -210,7 +210,7 @@ class CheckpointStore:
             self._memory = None
         for c in self.checkpoints():
             if c.step > step and c.path is not None:
-                c.path.unlink(missing_ok=True)
+                self._delete(c.path)
 
     # --------------------------------------------------------------------------------- private
 
@@ -261,7 +261,17 @@ class CheckpointStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _delete(self, path: Path) -> None:
+        """Remove the checkpoint whose file is `path` (a sharded store removes its shards too)."""
+        path.unlink(missing_ok=True)
+
     def _load(self, path: Path) -> dict[str, Any]:
+        payload = self._read_file(path)
+        self._check(payload, where=str(path))
+        return payload
+
+    def _read_file(self, path: Path) -> dict[str, Any]:
+        """The payload of the file at `path`, unchecked (CheckpointError when unreadable or of another format)."""
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError as exc:
@@ -271,7 +281,6 @@ class CheckpointStore:
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
             raise CheckpointError(f"{path} is not a guard checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
-        self._check(payload, where=str(path))
         return payload
 
     def _check(self, state: dict[str, Any], *, where: str) -> None:
@@ -294,7 +303,7 @@ class CheckpointStore:
         for c in found:
             if c not in kept and (c.healthy or c.step <= newest):
                 try:
-                    c.path.unlink(missing_ok=True)
+                    self._delete(c.path)
                 except OSError as exc:
                     log.warning("spikedoc guard: could not delete old checkpoint %s (%s)", c.path, exc)
 

@@ -18,7 +18,7 @@ from spikedoc.detector.streaming import DetectorConfig
 from spikedoc.errors import GuardStopped
 from spikedoc.guard import cause
 from spikedoc.guard.agree import rank_zero_last, world
-from spikedoc.guard.checkpoint import Checkpoint, CheckpointStore
+from spikedoc.guard.checkpoint import Checkpoint
 from spikedoc.guard.checkpointing import Checkpointer
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream
@@ -31,6 +31,7 @@ from spikedoc.guard.policy import Policy
 from spikedoc.guard.restore import TrainingState
 from spikedoc.guard.resume import resume_point
 from spikedoc.guard.rollback import Rollbacks
+from spikedoc.guard.sharded import GlobalNorm, checkpoint_store, is_fsdp
 from spikedoc.guard.stepping import StepJudgement
 from spikedoc.guard.steps import PendingStep, RecentSteps, plain
 from spikedoc.monitor import Monitor, watch
@@ -111,10 +112,13 @@ class Guard:
         rank = world()
         # Under torch.distributed every rank must know that every other rank's file landed before it
         # counts (`agree_all`), so the files are written in the foreground there.
-        self._store = CheckpointStore(self.run_dir / "checkpoints", keep=self.config.keep,
-                                      rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory,
-                                      background=self.config.write_in_background and rank is None,
-                                      buffers=buffer_patterns(model))  # fmt: skip
+        # Under FSDP2 the norm judged is the full gradient's (`GlobalNorm`), clipped by the guard itself,
+        # and checkpoints are each rank's shards (DCP on disk): `sharded.py`.
+        self._global_norm = GlobalNorm(rank=rank[0]) if is_fsdp(model) else None
+        self._store = checkpoint_store(model, self.run_dir / "checkpoints", keep=self.config.keep,
+                                       rank=rank[0] if rank else None, in_memory=self.config.keep_in_memory,
+                                       background=self.config.write_in_background and rank is None,
+                                       buffers=buffer_patterns(model))  # fmt: skip
         self._stream = DataStream(data, seed=self.config.seed, epochs=self.config.epochs)
         self._draws = Draws()
         self._state = TrainingState(model, optimizer, scheduler, scaler, self._stream, self._draws)
@@ -134,7 +138,8 @@ class Guard:
         # The veto runs in the optimizer's step hooks, registered before the monitor's so that it
         # judges first and the monitor's hooks of a vetoed call stand down (`skip_step(inside_step=True)`).
         self._steps = StepJudgement(self.config, self._judge, self.policy, monitor=lambda: self.monitor,
-                                    scale_lrs=scheduler is None, warn_once=self._warn_once)  # fmt: skip
+                                    scale_lrs=scheduler is None, warn_once=self._warn_once,
+                                    global_norm=self._global_norm)  # fmt: skip
         self._gate = StepGate(optimizer, self._steps.on_step)
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
@@ -340,7 +345,7 @@ class Guard:
             self._stop("data", f"{self.data_skips} batches of a corrupt stretch of data skipped, more than "
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
         detail = self._rollbacks.skip_stretch(decision, positions, last_step=self.step - 1)
-        if detail["remedy_reverted"]:
+        if detail["remedy_reverted"] and self._global_norm is None:  # under FSDP2 the guard clips, not the monitor
             self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
         self.actions.append({"kind": "data_skip", **detail})
         self.monitor.event("data_skip", **plain(detail))
@@ -412,7 +417,8 @@ class Guard:
         self._judge.schedule = {"start_step": self.step, "scheduler": describe_scheduler(self.scheduler)}
         # Every rank numbers the new segment from meta.json (written by rank 0 only) and its own
         # parts: the other ranks open first, then rank 0 writes it, so all agree on the number.
-        monitor = rank_zero_last(lambda: watch(self.model, self.optimizer, run_dir=self.run_dir, clip=self.clip,
+        clip = self.clip if self._global_norm is None else None  # under FSDP2 the guard clips (`StepJudgement`)
+        monitor = rank_zero_last(lambda: watch(self.model, self.optimizer, run_dir=self.run_dir, clip=clip,
                                                scaler=self.scaler, start_step=self.step, start_sample=self._start_sample,
                                                scheduler=self.scheduler, **self._watch_options))  # fmt: skip
         monitor.leave_spike_detection_to_caller()  # the judgement flags spikes (`densify` on its flags)

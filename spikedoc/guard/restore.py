@@ -13,6 +13,7 @@ from spikedoc.guard.data import DataStream
 from spikedoc.guard.draws import Draws
 from spikedoc.guard.rng import rng_state, set_rng_state
 from spikedoc.guard.schedule import scale_schedule
+from spikedoc.guard.sharded import load_training_state, training_state
 
 __all__ = ["TrainingState"]
 
@@ -39,8 +40,7 @@ class TrainingState:
         `scaler`, `rng`, `data` of a checkpoint), detached from the live one."""
         state = host_copy({
             "held": self.draws.held(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **training_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         })  # fmt: skip
@@ -50,8 +50,7 @@ class TrainingState:
     def load(self, state: dict[str, Any]) -> bool:
         """Put back a captured state; False when the batches the loop holds could not all be
         written back (of another shape, or more than the checkpoint's loop held)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(self.model, self.optimizer, state)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):

@@ -15,6 +15,7 @@ from spikedoc.guard.gate import StepGate
 from spikedoc.guard.judge import Judge, Verdict
 from spikedoc.guard.policy import Policy
 from spikedoc.guard.schedule import group_lrs
+from spikedoc.guard.sharded import GlobalNorm, clip_shards
 from spikedoc.guard.steps import PendingStep, plain
 from spikedoc.monitor import Monitor, extract_loss
 
@@ -31,8 +32,9 @@ class StepJudgement:
     """
 
     def __init__(self, config: GuardConfig, judge: Judge, policy: Policy, *, monitor: Callable[[], Monitor],
-                 scale_lrs: bool, warn_once: Callable[[str, str], None]) -> None:  # fmt: skip
+                 scale_lrs: bool, warn_once: Callable[[str, str], None], global_norm: GlobalNorm | None = None) -> None:  # fmt: skip
         self.config, self.judge, self.policy = config, judge, policy
+        self._global_norm = global_norm  # FSDP2: the judged norm is the full gradient's, and the guard clips
         self._monitor = monitor
         self._scale_lrs = scale_lrs  # no scheduler to scale: the guard's factor applies to the LR the loop set
         self._warn_once = warn_once
@@ -66,7 +68,9 @@ class StepJudgement:
             grad_norm = torch.zeros(())  # not judged: a log-scale band ignores non-positive values
         elif self.config.reset_moments:  # kept to find the implicated tensors of a rollback
             self.norms_of_step = monitor.tensor_grad_norms()
-        values = agree(loss, grad_norm, rollback_request=self.rollback_requested)
+        if self._global_norm is not None and (norms := monitor.tensor_grad_norms()) is not None:
+            grad_norm = self._global_norm.share(*norms)  # this rank's share of the squared global norm
+        values = agree(loss, grad_norm, rollback_request=self.rollback_requested, sharded=self._global_norm is not None)
         self.rollback_requested = False
         verdict = self.judge.judge(p.step, values)
         p.verdict = verdict
@@ -83,6 +87,9 @@ class StepJudgement:
         if verdict.veto:
             gate.veto()
             self.veto(p, verdict)
+        elif self._global_norm is not None and self.policy.clip is not None:  # the monitor cannot clip shards
+            params = [q for group in gate.optimizer.param_groups for q in group["params"]]
+            clip_shards(params, values.grad_norm, self.policy.clip, observer=monitor)
 
     def judge_unstepped(self, p: PendingStep, *, as_veto: bool = True) -> None:
         """A step whose `optimizer.step()` never ran (a GradScaler skips it on inf/NaN gradients):

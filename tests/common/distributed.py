@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import spikedoc
 from tests.common.models import char_text, make_model
 
-__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin"]
+__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin", "guard_fsdp_worker"]
 
 
 def spawn(worker, tmp_path: Path, world: int = 2, **options) -> list[dict]:
@@ -131,3 +131,98 @@ def stop_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
     r = run.recipe
     return {"stopped_at": stopped_at, "own": run.decision is not None, "onset": r and r.onset_step,
             "verdict": r and r.verdict, "analysis_error": r and r.analysis_error}
+
+
+def _full_state(net, opt) -> dict[str, torch.Tensor]:
+    """Every parameter and optimizer tensor of an FSDP2 model, gathered whole (a collective)."""
+    full = {}
+    for name, p in net.named_parameters():
+        full[name] = p.detach().full_tensor().clone()
+        for key, value in opt.state.get(p, {}).items():
+            full[f"{name}.{key}"] = value.full_tensor().clone() if hasattr(value, "full_tensor") else value.clone()
+    return full
+
+
+def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
+    """FSDP2 training under the guard, twice: rolling back from the DCP files, then from the in-memory
+    shards. Rank 1 alone multiplies its gradient shards by `factor` on `fault_steps` before the
+    first rollback. Reports, per run, the vetoes, rollbacks, the brute-force global gradient norm of
+    each step, and whether the state after the rollback equals the one saved."""
+    runs = {mode: _guarded_fsdp_run(rank, world, tmp / mode, options, in_memory=mode == "memory")
+            for mode in ("disk", "memory")}  # fmt: skip
+    return {**runs, "refused": _save_with_nan_on_rank_1(rank, tmp / "refused")}
+
+
+def _save_with_nan_on_rank_1(rank: int, directory: Path) -> str | None:
+    """Save a sharded checkpoint whose rank-1 shard of one weight is NaN: the error each rank gets."""
+    from torch.distributed.fsdp import fully_shard
+
+    from spikedoc.guard.checkpoint import CheckpointError, host_copy
+    from spikedoc.guard.sharded import ShardedCheckpointStore, training_state
+
+    net = make_model(0)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    state = host_copy(training_state(net, opt))
+    if rank == 1:
+        state["model"]["tok.weight"][0, 0] = math.nan
+    state.update(guard={}, data={}, rng={})
+    store = ShardedCheckpointStore(directory, keep=2, rank=rank, model=net)
+    try:
+        store.save(1, state, healthy=True)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _guarded_fsdp_run(rank: int, world: int, run_dir: Path, options: dict, *, in_memory: bool) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    from spikedoc.detector.streaming import DetectorConfig
+    from spikedoc.monitor.distributed import local
+
+    net = make_model(0)
+    for block in net.blocks:
+        fully_shard(block)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    text = char_text()
+    data = [text.batch(world * i + rank) for i in range(200)]
+    detector = DetectorConfig(min_history=6, window=20)  # warm early: a short run
+    guard = spikedoc.Guard(net, opt, data=data, run_dir=run_dir, checkpoint_every=options["checkpoint_every"],
+                           max_steps=options["steps"], keep_in_memory=in_memory, detector=detector)  # fmt: skip
+    saved = restored = last = None
+    brute: dict[int, float] = {}
+    for step, (ids, labels) in guard:
+        if step % options["checkpoint_every"] == 0:  # a checkpoint of this step was just taken
+            last = _full_state(net, opt)
+        if step == options["checkpoint_every"]:
+            if guard.rollbacks == 0:
+                saved = last
+            elif restored is None:
+                restored = last
+        net(ids, labels=labels).loss.backward()
+        if rank == 1 and step in options["fault_steps"] and guard.rollbacks == 0:
+            for p in net.parameters():
+                local(p.grad).mul_(options["factor"])  # this rank's shards only
+        grads = [p.grad.full_tensor() for p in net.parameters()]
+        brute.setdefault(step, float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        opt.step()
+        opt.zero_grad()
+    guard.close()
+    # A new guard on the same run directory (a restart) resumes from the newest sharded checkpoint.
+    resumed = spikedoc.Guard(net, opt, data=data, run_dir=run_dir, checkpoint_every=options["checkpoint_every"],
+                             keep_in_memory=in_memory, detector=detector, resume=True)  # fmt: skip
+    resumed_at = resumed.step
+    resumed.close()
+    return {"resumed_at": resumed_at, "resumed_equals_saved": _same(last, _full_state(net, opt)),
+            "restored_equals_saved": _same(saved, restored), **_actions(guard), "brute": brute, "step": guard.step}
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    return a is not None and b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _actions(guard) -> dict:
+    return {"vetoes": [(a["step"], a["grad_norm"], a["reasons"]) for a in guard.actions if a["kind"] == "veto"],
+            "rollbacks": [(a["from_step"], a["to_step"], a["reason"]) for a in guard.actions if a["kind"] == "rollback"]}  # fmt: skip
