@@ -30,7 +30,8 @@ from spikedoc.analysis.guard_actions import guard_actions, guard_handling, witho
 from spikedoc.analysis.incident import Incident, _jsonable, joined
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
-from spikedoc.analysis.lr_response import lr_jump_incidents
+from spikedoc.analysis.change_points import change_point_incidents, weight_returns
+from spikedoc.analysis.lr_response import lr_jump_incidents, untested_jumps
 from spikedoc.analysis.onset import build_up, first_nonfinite, grad_precursor, one_step, param_reset, reset_level
 from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
 from spikedoc.analysis.schedule import scheduled_restarts
@@ -268,6 +269,9 @@ class _Analysis:
             found = self._in_warmup(self._find_between_holes(detection), frame)
             ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
+            points = [{"step": r["step"], "why": "weights"} for r in weight_returns(frame, self.config)]
+            points += [{"step": j["step"], "why": "lr"} for j in untested_jumps(detection, jumps, self.detector, self.config)]
+            found += change_point_incidents(frame, [p for p in points if p["step"] in own_steps], found, self.config)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             self.profile = self._profile_before(frame, found)
             found = self._one_per_stretch(found, frame)
