@@ -85,3 +85,23 @@ def test_trajectory_response_is_the_mean_excess_over_the_trajectory_fitted_befor
 def test_trajectory_response_needs_history_before_the_change():
     steps = np.arange(30)
     assert trajectory_response(steps, np.ones(30), 5, span=20, recovery=RecoveryConfig()) is None
+
+
+# ------------------------------------------------------------------------------------ causes of the exam's families, held out
+
+
+def test_a_nan_loss_the_optimizer_stepped_past_is_numerics_not_the_batch():
+    # Lion steps on the sign of its momentum: one NaN loss leaves the run finite again at the next step.
+    setup = Setup(seed=307, d_model=24, n_layer=2, optimizer="lion", warmup=12)
+    run = _run("lion-nan", setup, Fault(family="nonfinite", kind="loss_nan", step=80))
+    inc = next(i for i in spikedoc.analyze(run).incidents if abs(i.onset_step - 80) <= 2)
+    actions = {a["action"] for a in inc.recommendation["actions"]}
+    assert inc.cause == "numerics_rank", inc.evidence
+    assert not {"lower_lr", "tighten_clip"} & actions
+
+
+def test_an_instability_in_the_first_steps_without_warmup_is_lr_too_high():
+    setup = Setup(seed=309, d_model=24, n_layer=2, optimizer="adamw", warmup=12)
+    run = _run("no-warmup", setup, Fault(family="instability", kind="no_warmup", step=0, factor=40.0))
+    first = spikedoc.analyze(run).incidents[0]
+    assert first.onset_step < 10 and first.cause == "lr_too_high", first.evidence

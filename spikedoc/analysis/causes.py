@@ -70,6 +70,8 @@ class Evidence:
     """The parameter norm went back most of the way to its value at the start of the run: `initial`,
     `before`, `after`, `share`. None also when the parameter norm was not logged (`has_param_norm`)."""
     has_param_norm: bool = False
+    scaler_skipped: bool = False
+    """A loss scaler skipped the onset step's update (the `skipped` column)."""
     minor: bool = False
     """The incident is minor (recovered, a blip): a cause is named only on evidence beyond its shape."""
     build_up: dict[str, Any] | None = None
@@ -185,10 +187,12 @@ def _bad_batch_shape(incident: Incident, ev: Evidence, config: AnalysisConfig) -
     if not ev.one_step or ev.build_up is not None:
         return []  # a gradient norm rising ahead of the loss is a growing instability, not one batch
     outranked = _outranked(incident, ev)
+    if incident.kind == "nonfinite" and not ev.scaler_skipped:
+        return []  # a non-finite value the optimizer stepped on is numerics (a rule below), not the batch's shape
     if incident.metric == "loss" and incident.kind == "nonfinite":
         return [
-            f"the loss was non-finite at step {incident.onset_step} only and finite again at the next step: that step's "
-            "update was skipped or harmless, so the batch itself produced the non-finite loss (an overflow on that input)"
+            f"the loss was non-finite at step {incident.onset_step} only and finite again at the next step, and the loss "
+            "scaler skipped that step's update: the batch itself overflowed in reduced precision"
         ]
     if incident.metric == "loss":
         return [
@@ -214,6 +218,16 @@ def _outranked(incident: Incident, ev: Evidence) -> list[str]:
     if ev.layers.earliest_step is not None and ev.layers.earliest_step < incident.onset_step and not out:
         out.append(f"outranked by the one-step shape: tensors departing from their history from step {ev.layers.earliest_step}")
     return out
+
+
+def _no_warmup_start(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    """An incident in the very first steps of a run whose LR started at its peak: the recorded LR, not the shape."""
+    w = ev.warmup
+    if w is None or w["visible"] or incident.onset_step - w["first_step"] >= _MIN_LOOKBACK:
+        return []
+    return [f"no warmup: the LR started at {fmt(w['first_lr'])} ({fmt(w['first_lr'] / w['peak_lr'], 2)}x its peak) and the "
+            f"incident starts at step {incident.onset_step}, within the first {_MIN_LOOKBACK} steps: Adam's moments (and "
+            "any optimizer's step size) are not yet adapted there, and skipping warmup commonly produces a spike"]
 
 
 def _minor_blip(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
@@ -305,6 +319,7 @@ RULES = (
     ("optimizer_state", "optimizer state departing at the onset (moments collapsing, eps share rising, an update "
                         "without a gradient), before any non-finite value", _optimizer_state),
     ("bad_batch", "an anomalous batch at onset or the two steps before", _bad_batch),
+    ("lr_too_high", "an incident in the first 10 steps of a run whose LR started at its peak (no warmup)", _no_warmup_start),
     ("unknown", "a minor incident with none of the evidence above: no cause is named", _minor_blip),
     ("bad_batch", "one step out of the band and back at the next, no build-up", _bad_batch_shape),
     ("numerics_rank", "a non-finite value with no build-up before it (10+ logged steps to judge)", _sudden_nonfinite),

@@ -418,6 +418,8 @@ class _Analysis:
         ev.first_nonfinite = first_nonfinite(inc, frame, ev.layers)
         ev.build_up = build_up(inc, ev, ev.first_nonfinite["step"] if ev.first_nonfinite else reference, cfg)
         ev.has_param_norm = _has_finite(frame, "param_norm")
+        if "skipped" in frame.columns:
+            ev.scaler_skipped = bool(frame.loc[frame["step"] == onset, "skipped"].fillna(False).astype(bool).any())
         ev.param_reset = param_reset(inc, shared.frame, cfg) if ev.reset_level is not None else None
         inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
         inc.cause_guessed = cause_guessed(inc, ev)
