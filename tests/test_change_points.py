@@ -13,7 +13,7 @@ import pandas as pd
 
 import spikedoc
 from bench._exam_train import Fault, Setup, train
-from spikedoc.analysis.change_points import trajectory_response, weight_returns
+from spikedoc.analysis.change_points import anomalous_batches, trajectory_response, weight_returns
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory
 
@@ -105,3 +105,17 @@ def test_an_instability_in_the_first_steps_without_warmup_is_lr_too_high():
     run = _run("no-warmup", setup, Fault(family="instability", kind="no_warmup", step=0, factor=40.0))
     first = spikedoc.analyze(run).incidents[0]
     assert first.onset_step < 10 and first.cause == "lr_too_high", first.evidence
+
+
+def test_a_single_overlong_batch_early_in_a_short_run_is_found_as_bad_batch():
+    setup = Setup(seed=311, d_model=24, n_layer=2, optimizer="adam", warmup=12)
+    run = _run("long-batch", setup, Fault(family="bad_batch", kind="long", step=75))
+    inc = next(i for i in spikedoc.analyze(run).incidents if abs(i.onset_step - 75) <= 2)
+    assert inc.cause == "bad_batch" and 75 in inc.recommendation["skip_steps"], inc.evidence
+
+
+def test_a_clean_run_has_no_anomalous_batch():
+    from spikedoc.analysis.batches import batch_profile
+
+    steps = spikedoc.load(_run("clean", Setup(seed=301, d_model=24, n_layer=2, optimizer="adamw", warmup=12), None)).steps
+    assert anomalous_batches(steps, batch_profile(steps), AnalysisConfig()) == []

@@ -1,4 +1,4 @@
-"""Incidents at known change points: the weights going back toward their start, an LR jump with too little history.
+"""Incidents at known change points: the weights going back toward their start, an LR jump with too little history, an anomalous batch.
 
 The spike detector judges each step against a rolling baseline of the last `window` steps. Early in
 a run the loss is still falling fast, so that baseline holds much higher losses and a wide spread:
@@ -7,7 +7,9 @@ band. A change point found independently of the loss needs no scan: the paramete
 most of the way to its start in one step, or an upward LR discontinuity. There one test suffices:
 is the loss over the `lr_response_steps` steps from the change above the trajectory the run was on
 before it, by `damage_z` of its own autocorrelation-robust standard errors (the damage judgement's
-statistic, `recovery.lasting_excess`)?
+statistic, `recovery.lasting_excess`)? An anomalous batch (its fingerprint: near-constant tokens,
+overlong sequences, a distinct-token ratio far off the run's) is a one-step change: its own loss,
+measured before its update, must be the detector's `threshold` of the trajectory's sigmas above it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis.batches import BatchProfile, attribute_batches
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory, lasting_excess
 
-__all__ = ["weight_returns", "trajectory_response", "change_point_incidents"]
+__all__ = ["weight_returns", "anomalous_batches", "trajectory_response", "change_point_incidents"]
 
 # The run's parameter norm must have moved this share of itself from its start before a move "back" means anything.
 _MOVED = 0.01
@@ -68,22 +71,39 @@ def weight_returns(frame: pd.DataFrame, config: AnalysisConfig) -> list[dict[str
     return out
 
 
+def anomalous_batches(rows: pd.DataFrame, profile: BatchProfile, config: AnalysisConfig) -> list[int]:
+    """Steps whose batch has a fingerprint anomaly (`attribute_batches`), among rows with a statistic
+    `z_threshold` robust sigmas off the run's (a vectorised first pass: most steps are never described)."""
+    off = np.zeros(len(rows), dtype=bool)
+    for column, (center, sigma) in profile.stats.items():
+        if column in rows.columns and sigma > 0:
+            values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+            with np.errstate(invalid="ignore"):
+                off |= np.abs(values - center) >= config.z_threshold * sigma
+    if not off.any():
+        return []
+    return sorted({int(b["step"]) for b in attribute_batches(rows.loc[off], profile=profile, config=config) if b["anomalies"]})
+
+
 def trajectory_response(steps: np.ndarray, losses: np.ndarray, at: int, *, span: int,
                         recovery: RecoveryConfig) -> dict[str, Any] | None:  # fmt: skip
     """The loss from step `at` on against the trajectory fitted on the finite losses before it.
 
     Returns:
         None with fewer than `_MIN_BEFORE` losses before `at` or fewer than `span // 2` in the
-        window; else `mean` (mean excess over the `span` steps from `at`), `se` (its Newey-West
+        window; else (`span` 1: the step's own excess in the trajectory's sigma) `mean` (mean excess over the `span` steps from `at`), `se` (its Newey-West
         standard error), `z`, `ratio` (mean excess / the trajectory there), `trajectory`.
     """
     finite = np.isfinite(losses)
     before = finite & (steps < at)
     window = (steps >= at) & (steps < at + span)
-    if before.sum() < _MIN_BEFORE or (finite & window).sum() < max(2, span // 2):
+    if before.sum() < _MIN_BEFORE or (finite & window).sum() < (1 if span == 1 else max(2, span // 2)):
         return None
     t = fit_trajectory(steps[before], losses[before], recovery)
     expected = np.array([t.at(s) for s in steps[window]])
+    if span == 1:  # one step: its own excess in the trajectory's per-step sigma, nothing to average
+        mean = float(losses[window][0] - expected[0])
+        return {"mean": mean, "se": t.sigma, "z": mean / t.sigma, "ratio": mean / float(expected[0]), "trajectory": t}
     residuals = np.where(finite[window], losses[window] - expected, 5 * t.sigma)  # a non-finite loss is as far off as counted
     mean, se = lasting_excess(residuals, t.sigma)
     level = float(expected.mean())
@@ -92,15 +112,17 @@ def trajectory_response(steps: np.ndarray, losses: np.ndarray, at: int, *, span:
 
 
 def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], found: list[Incident],
-                           config: AnalysisConfig) -> list[Incident]:  # fmt: skip
+                           config: AnalysisConfig, *, threshold: float = 7.0) -> list[Incident]:  # fmt: skip
     """One incident per change point whose loss rose above its pre-change trajectory, where detection found none.
 
     Args:
         frame: one lineage's step table (`step`, `loss`), in step order.
-        points: change points, each with its `step` and `why` (what changed there).
+        points: change points, each with its `step`, `why` (what changed there) and `one_step`
+            (True: only that step's own loss is tested, in trajectory sigmas against `threshold`).
         found: incidents already found; a change point that one of them spans (give or take
             `_NEAR` steps) is already explained.
         config: `lr_response_steps` (the window tested) and the recovery settings (`damage_z`).
+        threshold: the one-step test's bar (the detector's `threshold`).
     """
     if "loss" not in frame.columns or not points:
         return []
@@ -112,8 +134,9 @@ def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], fo
         at = point["step"]
         if any(i.onset_step - _NEAR <= at <= i.end_step + _NEAR for i in [*found, *out]):
             continue  # an incident already spans the change
-        test = trajectory_response(steps, losses, at, span=span, recovery=recovery)
-        if test is None or not test["z"] >= recovery.damage_z:
+        one = point.get("one_step", False)
+        test = trajectory_response(steps, losses, at, span=1 if one else span, recovery=recovery)
+        if test is None or not test["z"] >= (threshold if one else recovery.damage_z):
             continue
         out.append(_incident(steps, losses, at, test, recovery, point["why"]))
     return out
