@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import spikedoc
 from bench._exam_train import Fault, Setup, train
@@ -119,3 +120,11 @@ def test_a_clean_run_has_no_anomalous_batch():
 
     steps = spikedoc.load(_run("clean", Setup(seed=301, d_model=24, n_layer=2, optimizer="adamw", warmup=12), None)).steps
     assert anomalous_batches(steps, batch_profile(steps), AnalysisConfig()) == []
+
+
+@pytest.mark.parametrize(("seed", "kind", "optimizer"), [(313, "long", "adamw"), (315, "random", "adam")])
+def test_a_batch_whose_input_is_anomalous_is_bad_batch_whatever_the_optimizer_state_did(seed, kind, optimizer):
+    setup = Setup(seed=seed, d_model=24, n_layer=3, optimizer=optimizer, warmup=6)
+    run = _run(f"input-{kind}", setup, Fault(family="bad_batch", kind=kind, step=45, length=3))
+    inc = next(i for i in spikedoc.analyze(run).incidents if 43 <= i.onset_step <= 49)
+    assert inc.cause == "bad_batch", inc.evidence

@@ -20,6 +20,9 @@ __all__ = ["Evidence", "RULES", "to_act_on", "decide_cause", "cause_guessed", "s
 _MOMENTS_RESET = 0.1
 # Update/weight ratio above which the LR is too high for the weights (rule of thumb: ~1e-3 is healthy).
 _HIGH_UPDATE_RATIO = 1e-2
+# Batch anomalies measured on the model's output (a sample's loss far above its batch's), which a
+# broken optimizer state can produce too; every other anomaly is a property of the input alone.
+_STATE_DEPENDENT = {"outlier_samples"}
 # Logged steps before onset needed to say that nothing built up there.
 _MIN_LOOKBACK = 10
 
@@ -121,6 +124,13 @@ def _bad_batch(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list
         out.append(f"{count(len(steps), 'more batch', 'more batches')} after onset "
                    f"(steps {fmt_step_ranges(steps)}) show the same anomaly ({', '.join(flags)}): a stretch of bad data")
     return out
+
+
+def _bad_input(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
+    """An anomaly of the batch's input itself (lengths, tokens, a repeat): no model state produces one."""
+    if not any(set(b["flags"]) - _STATE_DEPENDENT for b in ev.batches if b["anomalies"]):
+        return []
+    return _bad_batch(incident, ev, config)
 
 
 def _bad_batch_shape(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
@@ -256,6 +266,7 @@ RULES = (
                     "moments), or the parameter norm back most of the way to its start", _state_reset),
     ("lr_schedule", "an upward LR discontinuity within lookback steps before onset", _lr_schedule),
     ("numerics_rank", "one rank alone off, with a normal batch on that rank", _numerics_rank),
+    ("bad_batch", "a batch at onset or the two steps before whose input is anomalous (lengths, tokens, a repeat)", _bad_input),
     ("optimizer_state", "optimizer state departing at the onset (moments collapsing, eps share rising, an update "
                         "without a gradient), before any non-finite value", _optimizer_state),
     ("bad_batch", "an anomalous batch at onset or the two steps before", _bad_batch),
