@@ -80,6 +80,11 @@ def test_analyze_finds_every_non_finite_fault():
     assert rows and all(r["found"] for r in rows)
 
 
+def test_analyze_names_every_weight_reset_state_reset():
+    rows = [r for r in _rows() if r["family"] == "state_reset"]
+    assert rows and all(r["got"] == "state_reset" for r in rows)
+
+
 def test_analyze_advises_no_state_reload_on_a_clean_run():
     # (No alarm at all on a clean run is a target analyze misses today: see BENCHMARKS.md, exam.)
     clean = [r for r in _rows() if r["family"] == "clean"]

@@ -14,7 +14,7 @@ from spikedoc.analysis._robust import finite, was_clipped
 from spikedoc.analysis.context import _START_SEEN, warmup
 from spikedoc.analysis.detect import spike_score
 
-__all__ = ["reduce_ranks", "PieceData", "checkpoints_of", "clip_in_use", "segment_ranges", "in_ranges", "score"]
+__all__ = ["has_finite", "reduce_ranks", "PieceData", "checkpoints_of", "clip_in_use", "segment_ranges", "in_ranges", "score"]
 
 
 def reduce_ranks(steps: pd.DataFrame) -> pd.DataFrame:
@@ -157,3 +157,8 @@ def score(frame: pd.DataFrame, column: str) -> float | None:
         return None
     score = spike_score(values)
     return None if math.isnan(score) else score
+
+
+def has_finite(steps: pd.DataFrame, column: str) -> bool:
+    """`column` exists and holds at least one finite number."""
+    return column in steps.columns and bool(np.isfinite(pd.to_numeric(steps[column], errors="coerce").to_numpy(dtype=float)).any())

@@ -25,7 +25,7 @@ from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.detect import DetectorConfig, flag_series
 from spikedoc.analysis.incident import Incident
 
-__all__ = ["lr_jump_incidents", "window_level", "level_sigma"]
+__all__ = ["lr_jump_incidents", "untested_jumps", "window_level", "level_sigma"]
 
 
 def lr_jump_incidents(
@@ -71,6 +71,19 @@ def lr_jump_incidents(
         if series:
             out.append(_incident(series))
     return out
+
+
+def untested_jumps(frame: pd.DataFrame, jumps: list[dict[str, Any]], detector: DetectorConfig,
+                   config: AnalysisConfig) -> list[dict[str, Any]]:  # fmt: skip
+    """The upward jumps `lr_jump_incidents` cannot test: fewer than `detector.min_history` warm loss
+    windows before them (early in a run, or a short one)."""
+    ups = [j for j in jumps if j["direction"] == "up"]
+    if not ups or "loss" not in frame.columns:
+        return []
+    steps = frame["step"].to_numpy()
+    level = window_level(steps, frame["loss"].to_numpy(np.float64), config.lr_response_steps, detector, log_scale=False)
+    return [j for j in ups if _history(level, int(np.searchsorted(steps, j["step"])), config.lr_response_steps,
+                                       detector.min_history) is None]
 
 
 def window_level(steps: np.ndarray, values: np.ndarray, span: int, detector: DetectorConfig, *, log_scale: bool) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import pandas as pd
 from spikedoc.analysis._robust import fmt, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData
 from spikedoc.analysis.attribution import LayerAttribution
-from spikedoc.analysis.causes import Evidence
+from spikedoc.analysis.evidence import Evidence
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 

@@ -77,8 +77,8 @@ class RecoveryConfig:
     trajectory is a real shift, not noise (one-sided, about 0.1% by chance)."""
     damage_sigmas: float = 1.25
     """A lasting shift must also exceed this many of one step's noise (the trajectory's robust
-    sigma): healthy public speedrun logs wander by about one step's noise over 100 steps, with no
-    incident behind it (docs/detection.md)."""
+    sigma). Set on the exam's calibration half: 1.25 to 3 agree with the clean twins equally often
+    and alarm on the fewest clean runs; below 1.25 more clean runs alarm (docs/detection.md)."""
     damage_floor: float = 0.025
     """Practical size of a lasting shift, as a share of the trajectory, on top of the progress the
     trajectory expects over the tested steps (`RecoveryTracker.shift_floor`). Set on healthy runs of

@@ -1,0 +1,176 @@
+"""Incidents at known change points: the weights going back toward their start, an LR jump with too little history, an anomalous batch.
+
+The spike detector judges each step against a rolling baseline of the last `window` steps. Early in
+a run the loss is still falling fast, so that baseline holds much higher losses and a wide spread:
+a loss thrown back from 3.3 to 5.5 (a reset of the weights at step 90 of 120) stays inside the
+band. A change point found independently of the loss needs no scan: the parameter norm moving back
+most of the way to its start in one step, or an upward LR discontinuity. There one test suffices:
+is the loss over the `lr_response_steps` steps from the change above the trajectory the run was on
+before it, by `damage_z` of its own autocorrelation-robust standard errors (the damage judgement's
+statistic, `recovery.lasting_excess`)? An anomalous batch (its fingerprint: near-constant tokens,
+overlong sequences, a distinct-token ratio far off the run's) is a one-step change: its own loss,
+measured before its update, must be the detector's `threshold` of the trajectory's sigmas above it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spikedoc.analysis.batches import BatchProfile, attribute_batches
+from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.analysis.incident import Incident
+from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory, lasting_excess
+
+__all__ = ["weight_returns", "anomalous_batches", "trajectory_response", "change_point_incidents"]
+
+# The run's parameter norm must have moved this share of itself from its start before a move "back" means anything.
+_MOVED = 0.01
+# Steps by which an incident found by detection may miss a change point and still be its incident
+# (the loss of step t shows the update of step t-1; a bad batch two steps before is a candidate).
+_NEAR = 2
+# Logged steps before the change that fit the trajectory the response is tested against.
+_MIN_BEFORE = 10
+
+
+def weight_returns(frame: pd.DataFrame, config: AnalysisConfig) -> list[dict[str, Any]]:
+    """Steps where the global parameter norm went back at least `state_reset_fraction` of the way to its start in one step.
+
+    Training moves the parameter norm a little each step; only a reset (a re-initialisation, a
+    checkpoint never loaded) undoes most of its journey at once. Zeroed or rescaled optimizer moments
+    move the weights away from where training took them, never back to the start.
+
+    Returns:
+        dicts with `step`, `initial`, `before`, `after`, `share`.
+
+    Example:
+        >>> frame = pd.DataFrame({"step": range(6), "param_norm": [10.0, 11.0, 12.0, 13.0, 10.2, 10.3]})
+        >>> [(r["step"], round(r["share"], 2)) for r in weight_returns(frame, AnalysisConfig())]
+        [(4, 0.93)]
+    """
+    if "param_norm" not in frame.columns or frame.empty or int(frame["step"].iloc[0]) > 10:
+        return []
+    norms = frame["param_norm"].to_numpy(np.float64)
+    steps = frame["step"].to_numpy()
+    ok = np.flatnonzero(np.isfinite(norms))
+    if ok.size < 2:
+        return []
+    initial = float(norms[ok[0]])
+    out = []
+    for prev, now in zip(ok[:-1], ok[1:]):
+        moved = norms[prev] - initial
+        if not abs(moved) > _MOVED * abs(norms[prev]):
+            continue
+        share = float((norms[prev] - norms[now]) / moved)
+        if config.state_reset_fraction <= share <= 2 - config.state_reset_fraction:
+            out.append({"step": int(steps[now]), "initial": initial, "before": float(norms[prev]),
+                        "after": float(norms[now]), "share": share})
+    return out
+
+
+def anomalous_batches(rows: pd.DataFrame, profile: BatchProfile, config: AnalysisConfig) -> list[int]:
+    """Steps whose batch has a fingerprint anomaly (`attribute_batches`), among rows with a statistic
+    `z_threshold` robust sigmas off the run's (a vectorised first pass: most steps are never described)."""
+    off = np.zeros(len(rows), dtype=bool)
+    for column, (center, sigma) in profile.stats.items():
+        if column in rows.columns and sigma > 0:
+            values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+            with np.errstate(invalid="ignore"):
+                off |= np.abs(values - center) >= config.z_threshold * sigma
+    if not off.any():
+        return []
+    return sorted({int(b["step"]) for b in attribute_batches(rows.loc[off], profile=profile, config=config) if b["anomalies"]})
+
+
+def trajectory_response(steps: np.ndarray, losses: np.ndarray, at: int, *, span: int,
+                        recovery: RecoveryConfig) -> dict[str, Any] | None:  # fmt: skip
+    """The loss from step `at` on against the trajectory fitted on the finite losses before it.
+
+    Returns:
+        None with fewer than `_MIN_BEFORE` losses before `at` or fewer than `span // 2` in the
+        window; else (`span` 1: the step's own excess in the trajectory's sigma) `mean` (mean excess over the `span` steps from `at`), `se` (its Newey-West
+        standard error), `z`, `ratio` (mean excess / the trajectory there), `trajectory`.
+    """
+    finite = np.isfinite(losses)
+    before = finite & (steps < at)
+    window = (steps >= at) & (steps < at + span)
+    if before.sum() < _MIN_BEFORE or (finite & window).sum() < (1 if span == 1 else max(2, span // 2)):
+        return None
+    t = fit_trajectory(steps[before], losses[before], recovery)
+    expected = np.array([t.at(s) for s in steps[window]])
+    if span == 1:  # one step: its own excess in the trajectory's per-step sigma, nothing to average
+        mean = float(losses[window][0] - expected[0])
+        return {"mean": mean, "se": t.sigma, "z": mean / t.sigma, "ratio": mean / float(expected[0]), "trajectory": t}
+    residuals = np.where(finite[window], losses[window] - expected, 5 * t.sigma)  # a non-finite loss is as far off as counted
+    mean, se = lasting_excess(residuals, t.sigma)
+    level = float(expected.mean())
+    z = mean / se if se > 0 else math.inf * np.sign(mean)
+    return {"mean": mean, "se": se, "z": float(z), "ratio": mean / level if level > 0 else math.nan, "trajectory": t}
+
+
+def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], found: list[Incident],
+                           config: AnalysisConfig, *, threshold: float = 7.0) -> list[Incident]:  # fmt: skip
+    """One incident per change point whose loss rose above its pre-change trajectory, where detection found none.
+
+    Args:
+        frame: one lineage's step table (`step`, `loss`), in step order.
+        points: change points, each with its `step`, `why` (what changed there) and `one_step`
+            (True: only that step's own loss is tested, in trajectory sigmas against `threshold`).
+        found: incidents already found; a change point that one of them spans (give or take
+            `_NEAR` steps) is already explained.
+        config: `lr_response_steps` (the window tested) and the recovery settings (`damage_z`).
+        threshold: the one-step test's bar (the detector's `threshold`).
+    """
+    if "loss" not in frame.columns or not points:
+        return []
+    recovery = config.recovery or RecoveryConfig()
+    span = config.lr_response_steps
+    steps, losses = frame["step"].to_numpy(), frame["loss"].to_numpy(np.float64)
+    out: list[Incident] = []
+    for point in sorted(points, key=lambda p: p["step"]):
+        at = point["step"]
+        if any(i.onset_step - _NEAR <= at <= i.end_step + _NEAR for i in [*found, *out]):
+            continue  # an incident already spans the change
+        one = point.get("one_step", False)
+        test = trajectory_response(steps, losses, at, span=1 if one else span, recovery=recovery)
+        if test is None or not test["z"] >= (threshold if one else recovery.damage_z):
+            continue
+        out.append(_incident(steps, losses, at, test, recovery, point["why"]))
+    return out
+
+
+def _incident(steps: np.ndarray, losses: np.ndarray, at: int, test: dict[str, Any], recovery: RecoveryConfig,
+              why: str) -> Incident:  # fmt: skip
+    t = test["trajectory"]
+    after = np.flatnonzero(steps >= at)
+    expected = np.array([t.at(s) for s in steps[after]])
+    excess = np.where(np.isfinite(losses[after]), losses[after] - expected, math.inf)
+    off = np.flatnonzero(excess > recovery.tolerance_sigma * t.sigma)
+    # Out of the trajectory's tolerance from the change on: the incident ends at the last such step
+    # before `hold_steps` in a row within it (the recovery judgement then decides what is left).
+    end = at
+    for i in off:
+        if steps[after[i]] - end > recovery.hold_steps:
+            break
+        end = int(steps[after[i]])
+    span = after[steps[after] <= end]
+    values = losses[span]
+    peak = int(span[np.argmax(np.where(np.isfinite(values), values, np.inf))]) if values.size else int(after[0])
+    base = float(t.at(at))
+    recovered = end < int(steps[-1])
+    nxt = steps[after][steps[after] > end]
+    series = {
+        "onset_step": int(at), "peak_step": int(steps[peak]), "end_step": end,
+        "magnitude_sigma": float((losses[peak] - base) / t.sigma) if math.isfinite(losses[peak]) else math.inf,
+        "peak_ratio": float(losses[peak] / base) if base > 0 else math.nan, "baseline": base,
+        "peak_value": float(losses[peak]), "recovered": bool(recovered),
+        "recovery_step": int(nxt[0]) if recovered and nxt.size else None, "low_confidence": False,
+        "persistent": not recovered, "shift_z": test["z"], "shift_ratio": test["ratio"], "change": why,
+    }  # fmt: skip
+    return Incident(kind="loss_spike", metric="loss", onset_step=int(at),
+                    peak_step=series["peak_step"], end_step=end, magnitude_sigma=series["magnitude_sigma"],
+                    peak_ratio=series["peak_ratio"], baseline=base, peak_value=series["peak_value"],
+                    recovered=bool(recovered), recovery_step=series["recovery_step"], series={"loss": series})
