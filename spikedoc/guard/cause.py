@@ -46,9 +46,12 @@ def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple
         return None
     if recurring(decision, policy):
         reset = ", optimizer moments reset" if policy.moments_reset() else ""
+        test = decision.evidence.get("cause_test") or {}
+        # Only a probe that found the state broken (other batches out of band too) clears the data.
+        where = ("a probe step found the state broken: it is in the state or the loop, not in the data"
+                 if test.get("found") == "state" else "no probe step told the data from the state")
         return "recurring", (f"the fault came back after the last of {policy.rollbacks} rollbacks to a good checkpoint "
-                             f"(LR at {policy.lr_scale:.3g}x{reset}): it is in the state or the loop, not in the data, "
-                             "and one more rollback will not fix it")  # fmt: skip
+                             f"(LR at {policy.lr_scale:.3g}x{reset}); {where}, and one more rollback will not fix it")  # fmt: skip
     return "budget", f"rollback budget spent ({policy.rollbacks} of max_rollbacks={max_rollbacks})"
 
 

@@ -217,29 +217,31 @@ def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
     return found
 
 
-def copy_into(dst: Any, src: Any) -> bool:
-    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ."""
+def copy_into(dst: Any, src: Any, *, write: bool = True) -> bool:
+    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ
+    (`write=False`: only whether they would fit, nothing written)."""
     if isinstance(dst, Tensor):
         if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
             return False
-        dst.copy_(src)
+        if write:
+            dst.copy_(src)
         return True
     if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
-        return all(copy_into(dst[k], src[k]) for k in dst)
+        return all(copy_into(dst[k], src[k], write=write) for k in dst)
     if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
-        return all(copy_into(a, b) for a, b in zip(dst, src))
+        return all(copy_into(a, b, write=write) for a, b in zip(dst, src))
     try:
         return bool(dst == src)  # a plain value (a sample id): nothing to write, the same or not
     except (TypeError, ValueError):
         return False
 
 
-def batch_to(batch: Any, device: torch.device) -> Any:
-    """A batch with every tensor moved to `device` (the structure kept)."""
+def batch_to(batch: Any, device: torch.device, *, copy: bool = False) -> Any:
+    """A batch with every tensor moved to `device` (the structure kept; `copy`: new tensors even where already there)."""
     if isinstance(batch, Tensor):
-        return batch.to(device)
+        return batch.to(device, copy=copy)
     if isinstance(batch, dict):
-        return {k: batch_to(v, device) for k, v in batch.items()}
+        return {k: batch_to(v, device, copy=copy) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(batch_to(v, device) for v in batch)
+        return type(batch)(batch_to(v, device, copy=copy) for v in batch)
     return batch
