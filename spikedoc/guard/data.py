@@ -108,6 +108,16 @@ class DataStream:
                 return position, batch
             self.skipped_samples += samples_in(batch)
 
+    def skip_positions(self, positions: Iterable[int]) -> None:
+        """Never hand out these positions again. A function or an iterator draws fresh batches in
+        their place, so the replay's later draws fall otherwise among the loop's own uses of the
+        random generators (an evaluation's draws): their batches are new, not compared with the old."""
+        new = {int(position) for position in positions} - self.skip
+        self.skip |= new
+        if new and self.kind in ("callable", "iterator"):
+            for position in [kept for kept in self._hashes if kept >= min(new)]:
+                del self._hashes[position]
+
     def _check_replay(self, position: int, batch: Any) -> None:
         """Keep the batch's hash; on a replay of its position, compare (one host read per replayed batch)."""
         try:
