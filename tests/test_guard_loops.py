@@ -191,6 +191,15 @@ def test_skipping_a_blamed_batch_of_a_function_draws_fresh_batches_and_the_rollb
     assert guard.step == STEPS and sorted(losses) == list(range(STEPS))
 
 
+def test_fresh_draws_in_place_of_skipped_batches_are_not_said_to_replay_inexactly(tmp_path):
+    from tests.common.guarded import nan_grads
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard, _, _ = _train_drawing(tmp_path, rollback_at=-1, after_backward=nan_grads(set(range(22, 27))))
+    assert guard.rollbacks == 1 and not any("does not replay exactly" in str(w.message) for w in caught)
+
+
 def test_a_one_shot_iterator_over_fixed_batches_says_once_that_its_replay_is_not_exact(tmp_path):
     batches = iter([get_batch() for _ in range(200)])
     with pytest.warns(RuntimeWarning, match="one-shot iterator") as caught:
