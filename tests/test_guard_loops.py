@@ -298,7 +298,7 @@ def test_a_corrupt_stretch_in_a_prefetching_loop_is_skipped_after_a_probe_finds_
     from spikedoc.analysis.guard_actions import cause_status
 
     corrupt = range(240, 270)  # steps 120-134, two micro-batches each
-    guard, losses, _ = _train_drawing(tmp_path, rollback_at=-1, steps=160, every=20, data=CorruptAt(corrupt))
+    guard, _, _ = _train_drawing(tmp_path, rollback_at=-1, steps=160, every=20, data=CorruptAt(corrupt))
     skips = [a for a in guard.actions if a["kind"] == "data_skip"]
     assert guard.step == 160 and guard.rollbacks == 1 and skips
     assert all(s["cause_test"]["replay"] == "other_batches" and s["cause_test"]["found"] == "data" for s in skips)
