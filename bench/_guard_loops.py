@@ -26,8 +26,9 @@ Faults, at `fault_step` (data faults at the data positions of that step's batche
 A data position is the index of a training draw (`get_batch` with gradients enabled, or the
 re-iterable's batch index), the guard's own count: a sequential reader's shard. Random offsets
 alone would scatter a corrupt region of the file over every batch; the stretch models a loader that
-served tens of consecutive bad batches. `get_batch` counts its draws and the loop rewinds that
-count with its own `iter_num` after a rollback, so the same positions are corrupt on every pass.
+served tens of consecutive bad batches. `get_batch` counts its draws (the fresh ones drawn in place
+of skipped batches included) and the loop rewinds that count with its own `iter_num` after a
+rollback, so the same positions are corrupt on every pass.
 """
 
 from __future__ import annotations
@@ -277,12 +278,15 @@ def _nanogpt(cfg: LoopConfig, fault: str, run: LoopRun, run_dir: Path) -> nn.Mod
         model.train()
         return out
 
-    drawn_at: dict[int, int] = {}  # the data position at each iteration's start: rewound with iter_num
+    drawn_at: dict[int, int] = {}  # the data position at each iteration's start (its latest pass)
     best_val_loss = 1e9
     X, Y = get_batch("train")
     steps = guard.steps() if guard is not None else iter(range(cfg.steps))  # spikedoc
     for iter_num in steps:
-        source.drawn = drawn_at.setdefault(iter_num, source.drawn)
+        if drawn_at and iter_num <= max(drawn_at):  # a rollback: back to where that step began
+            source.drawn = drawn_at[iter_num]
+            drawn_at = {it: at for it, at in drawn_at.items() if it <= iter_num}
+        drawn_at[iter_num] = source.drawn
         plant(iter_num, optimizer)
         lr = cfg.lr_at(iter_num) * (cfg.surge_factor if iter_num in surge else 1.0)
         for param_group in optimizer.param_groups:

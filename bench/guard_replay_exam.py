@@ -295,8 +295,9 @@ def _markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
          "by class (bad_batch: data; lr_schedule, lr_too_high: schedule; optimizer_state, state_reset: state; "
          "numerics_rank: numerics); analyze also by its exact cause. The guard's one replay is its probe (the last "
          "good batch on the state the vetoes came from, `cause_test` with `replay: other_batches`), run only when vetoes "
-         "pile up again after a rollback in the guard's own iteration; a replay of the suspect step with the same batch "
-         "or with the LR before a jump is not in the guard (an LR jump is found in the recorded LR series instead)."),
+         "pile up again after a rollback (in the guard's iteration, or through the draws of a loop drawing its own); "
+         "a replay of the suspect step with the same batch or with the LR before a jump is not in the guard (an LR "
+         "jump is found in the recorded LR series instead)."),
         "",
         f"- {machine_line()} Whole benchmark: {seconds / 60:.1f} min.",
         f"- Command: `{command}`",

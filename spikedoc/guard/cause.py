@@ -16,7 +16,7 @@ from spikedoc.guard.judge import Decision, Verdict
 from spikedoc.guard.policy import Policy
 from spikedoc.guard.steps import PendingStep, SeenStep
 
-__all__ = ["Probe", "corrupt_stretch", "probe_finding", "stop_for", "recurring", "rollback_to_revert"]
+__all__ = ["Probe", "corrupt_stretch", "probe_finding", "stop_for", "last_probe", "recurring", "rollback_to_revert"]
 
 
 def corrupt_stretch(decision: Decision, vetoed: list[SeenStep], skipped: set[int]) -> bool:
@@ -46,10 +46,21 @@ def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple
         return None
     if recurring(decision, policy):
         reset = ", optimizer moments reset" if policy.moments_reset() else ""
+        # Only a probe that found the state broken (other batches out of band too) clears the data.
+        test = last_probe(decision, policy)
+        where = (f"the probe at step {test['probe_step']} found the state broken: it is in the state or the loop, "
+                 "not in the data" if test is not None and test["found"] == "state"
+                 else "no probe step told the data from the state")  # fmt: skip
         return "recurring", (f"the fault came back after the last of {policy.rollbacks} rollbacks to a good checkpoint "
-                             f"(LR at {policy.lr_scale:.3g}x{reset}): it is in the state or the loop, not in the data, "
-                             "and one more rollback will not fix it")  # fmt: skip
+                             f"(LR at {policy.lr_scale:.3g}x{reset}); {where}, and one more rollback will not fix it")  # fmt: skip
     return "budget", f"rollback budget spent ({policy.rollbacks} of max_rollbacks={max_rollbacks})"
+
+
+def last_probe(decision: Decision, policy: Policy) -> dict[str, Any] | None:
+    """The latest probe's finding (`cause_test`): this decision's, else the last rollback's that had one."""
+    tests = [decision.evidence.get("cause_test")]
+    tests += [(rollback.get("evidence") or {}).get("cause_test") for rollback in reversed(policy.rollback_actions())]
+    return next((test for test in tests if isinstance(test, dict) and test.get("found") in ("data", "state")), None)
 
 
 def recurring(decision: Decision, policy: Policy) -> bool:

@@ -109,13 +109,23 @@ class DataStream:
                 return position, batch
             self.skipped_samples += samples_in(batch)
 
+    def skip_positions(self, positions: Iterable[int]) -> None:
+        """Never hand out these positions again. A function or an iterator draws fresh batches in
+        their place, so the replay's later draws fall otherwise among the loop's own uses of the
+        random generators (an evaluation's draws): their batches are new, not compared with the old."""
+        new = {int(position) for position in positions} - self.skip
+        self.skip |= new
+        if new and self.kind in ("callable", "iterator"):
+            for position in [kept for kept in self._hashes if kept >= min(new)]:
+                del self._hashes[position]
+
     def _check_replay(self, position: int, batch: Any, call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
         """Keep the batch's hash; on a replay of its position, compare (one host read per replayed batch).
 
         A function's draw at a position is the same draw only with the same arguments (skipping a
-        batch shifts a loop's evaluation draws, `get_batch("val")`, onto other positions), and never
-        past a skipped position. A one-shot iterator is not checked: the guard says at its first
-        rewind that it cannot be rewound.
+        batch shifts a loop's evaluation draws, `get_batch("val")`, onto other positions); the draws
+        after a skipped position are forgotten by `skip_positions`. A one-shot iterator is not
+        checked: the guard says at its first rewind that it cannot be rewound.
         """
         if self.kind == "iterator" or self.inexact_at is not None:
             return
@@ -127,10 +137,7 @@ class DataStream:
             return
         key = repr(call) if self.kind == "callable" else ""
         old = self._hashes.get(position)
-        # A function's draws after a skipped position are fresh by design (the skipped ones are drawn
-        # and dropped, moving every later draw): nothing to compare them with.
-        fresh = self.kind == "callable" and any(p < position for p in self.skip)
-        if old is None or old[0] != key or fresh:
+        if old is None or old[0] != key:
             self._hashes[position] = (key, new)
             self._hashes.move_to_end(position)
             if len(self._hashes) > _KEPT_HASHES:
@@ -231,29 +238,31 @@ def _order_generators(data: Any, seed: int) -> list[torch.Generator]:
     return found
 
 
-def copy_into(dst: Any, src: Any) -> bool:
-    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ."""
+def copy_into(dst: Any, src: Any, *, write: bool = True) -> bool:
+    """Copy a batch into one of the same structure, tensor by tensor in place; False if they differ
+    (`write=False`: only whether they would fit, nothing written)."""
     if isinstance(dst, Tensor):
         if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
             return False
-        dst.copy_(src)
+        if write:
+            dst.copy_(src)
         return True
     if isinstance(dst, dict) and isinstance(src, dict) and dst.keys() == src.keys():
-        return all(copy_into(dst[k], src[k]) for k in dst)
+        return all(copy_into(dst[k], src[k], write=write) for k in dst)
     if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)) and len(dst) == len(src):
-        return all(copy_into(a, b) for a, b in zip(dst, src))
+        return all(copy_into(a, b, write=write) for a, b in zip(dst, src))
     try:
         return bool(dst == src)  # a plain value (a sample id): nothing to write, the same or not
     except (TypeError, ValueError):
         return False
 
 
-def batch_to(batch: Any, device: torch.device) -> Any:
-    """A batch with every tensor moved to `device` (the structure kept)."""
+def batch_to(batch: Any, device: torch.device, *, copy: bool = False) -> Any:
+    """A batch with every tensor moved to `device` (the structure kept; `copy`: new tensors even where already there)."""
     if isinstance(batch, Tensor):
-        return batch.to(device)
+        return batch.to(device, copy=copy)
     if isinstance(batch, dict):
-        return {k: batch_to(v, device) for k, v in batch.items()}
+        return {k: batch_to(v, device, copy=copy) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(batch_to(v, device) for v in batch)
+        return type(batch)(batch_to(v, device, copy=copy) for v in batch)
     return batch

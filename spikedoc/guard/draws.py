@@ -17,7 +17,7 @@ class Draws:
 
     Example:
         >>> d = Draws(); d.add(0, "a"); d.add(1, "b"); d.take(1), d.held()
-        ([0], [[1, 'b']])
+        ([(0, 'a')], [[1, 'b']])
     """
 
     def __init__(self) -> None:
@@ -34,9 +34,9 @@ class Draws:
         """The next batch a resumed checkpoint's loop held, if any is left to hand back."""
         return self._replay.popleft() if self._replay else None
 
-    def take(self, forwards: int) -> list[int]:
-        """The positions of the step's batches: the first ones its `forwards` took, in order."""
-        return [self._drawn.popleft()[0] for _ in range(min(len(self._drawn), max(forwards, 1)))]
+    def take(self, forwards: int) -> list[tuple[int, Any]]:
+        """The step's (position, batch) pairs: the first ones its `forwards` took, in order."""
+        return [self._drawn.popleft() for _ in range(min(len(self._drawn), max(forwards, 1)))]
 
     def held(self) -> list[list[Any]]:
         """[position, batch] of each batch the loop holds now (a checkpoint stores them)."""
@@ -56,6 +56,19 @@ class Draws:
                 exact = False
         self._replay = deque((position, batch_to(batch, device)) for position, batch in saved)
         return exact
+
+    def put_first(self, batches: list[tuple[int, Any]], device: torch.device) -> bool:
+        """Hand `batches` out next, ahead of those the loop holds (a probe step's): written into the
+        held ones in place, the rest by the next draws, then the held ones' own contents (copies).
+        False, with nothing changed, when a held batch is of another shape or structure."""
+        order = [[position, batch] for position, batch in batches]
+        order += [[position, batch_to(batch, device, copy=True)] for position, batch in self._drawn]
+        if not all(copy_into(held, new, write=False) for (_, held), (_, new) in zip(self._drawn, order)):
+            return False
+        later = list(self._replay)
+        self.restore(order, device)
+        self._replay.extend(later)
+        return True
 
     def clear(self) -> None:
         self._drawn.clear()

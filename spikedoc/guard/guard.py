@@ -139,7 +139,7 @@ class Guard:
         # judges first and the monitor's hooks of a vetoed call stand down (`skip_step(inside_step=True)`).
         self._steps = StepJudgement(self.config, self._judge, self.policy, monitor=lambda: self.monitor,
                                     scale_lrs=scheduler is None, warn_once=self._warn_once,
-                                    global_norm=self._global_norm)  # fmt: skip
+                                    global_norm=self._global_norm, claim_draws=self._claim_draws)  # fmt: skip
         self._gate = StepGate(optimizer, self._steps.on_step)
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
@@ -179,10 +179,8 @@ class Guard:
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
-        probe = self._probe.step(self.step, self.monitor.sample_offset)
-        if probe is not None and self._probe.last_good is not None:
-            # The monitor records the probe at its batches' stream position, and counts on from where it was after.
-            self.monitor.skip_samples(self._probe.last_good.sample_offset - self.monitor.sample_offset)
+        probe = self._begin_probe(drawing=False)
+        if probe is not None:
             self._steps.pending = probe
             return self.step, probe.batches[0]
         position, batch = self._next_batch()
@@ -203,13 +201,14 @@ class Guard:
         """
         try:
             while not self._closed:
-                p = self._steps.pending
-                if p is not None:  # the step's batches: the first ones its forwards took, in order
-                    p.positions = self._draws.take(p.forwards)
+                if self._steps.pending is not None:  # a step whose optimizer.step() never ran has them still
+                    self._claim_draws(self._steps.pending)
                 self._finish_step()
                 if self.config.max_steps is not None and self.step >= self.config.max_steps:
                     return
-                self._steps.pending = PendingStep(step=self.step, positions=[])
+                self._steps.pending = self._begin_probe(drawing=True) or PendingStep(
+                    step=self.step, positions=[], sample_offset=self.monitor.sample_offset)  # fmt: skip
+                self._steps.pending.claim_draws = True
                 yield self.step
         finally:
             self.close()
@@ -227,6 +226,13 @@ class Guard:
         position, batch = self._draws.replayed() or self._next_batch(*args, **kwargs)
         self._draws.add(position, batch)
         return batch
+
+    def _claim_draws(self, p: PendingStep) -> None:
+        """A drawing loop's step: its batches are the first ones its forwards took, in order."""
+        if p.claim_draws:
+            p.claim_draws = False
+            taken = self._draws.take(p.forwards)
+            p.positions, p.batches = [position for position, _ in taken], [batch for _, batch in taken]
 
     def _next_batch(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
         position, batch = self._stream.next(*args, **kwargs)
@@ -321,6 +327,24 @@ class Guard:
         self._checkpoints.take(self.step, guard, healthy=healthy)
 
     # ------------------------------------------------------------------------ acting on a cause
+
+    def _begin_probe(self, *, drawing: bool) -> PendingStep | None:
+        """The probe step a waiting decision calls for, begun (None: none waits). The monitor records
+        it at its batches' stream position, and counts on from where it was after. A loop that draws
+        its own batches gets them from its next draws (`Draws.put_first`); where the batches it holds
+        are of another shape, there is no probe and the decision rolls back."""
+        good = self._probe.last_good
+        probe = self._probe.step(self.step, self.monitor.sample_offset)
+        if probe is None or good is None:
+            return None
+        if drawing and not self._draws.put_first(list(zip(good.positions, good.batches)), self._state.device):
+            self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than the last healthy "
+                            "step's, which a probe step would hand out: vetoes piling up again roll back untested")  # fmt: skip
+            assert probe.probe is not None
+            self._rollback(probe.probe)
+            return None
+        self.monitor.skip_samples(good.sample_offset - self.monitor.sample_offset)
+        return probe
 
     def _finish_probe(self, p: PendingStep) -> None:
         """Act on the decision the probe tested: roll back when the state is broken, else skip the data."""

@@ -59,8 +59,12 @@ class TrainingState:
         # the generators: a source drawing from the global RNG draws the same batches again.
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        return self.draws.restore(state.get("held") or [], device)
+        return self.draws.restore(state.get("held") or [], self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (its first parameter's device): where held batches are put back."""
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def scale_schedule(self, factor: float) -> None:
         """With a scheduler, its whole schedule times `factor`; without one the factor is applied

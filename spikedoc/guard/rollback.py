@@ -56,7 +56,7 @@ class Rollbacks:
                              batches=self.recent.batches(), clipped=self.judge.clipped_share(policy.clip))  # fmt: skip
         evidence = {**remedy.evidence(clip_before=policy.clip, jump=decision.lr_jump), "lr_scale_before": policy.lr_scale}
         policy.clip, policy.lr_scale, policy.hold = remedy.clip, remedy.lr_scale, remedy.hold
-        self.state.stream.skip.update(remedy.skip_positions)
+        self.state.stream.skip_positions(remedy.skip_positions)
         self.state.scale_schedule(policy.lr_scale / saved_lr_scale)
         evidence["reset_optimizer_state_for"] = reset_implicated(
             self.state.model, self.state.optimizer, decision, self.recent.grad_norms()) if self.config.reset_moments else []  # fmt: skip
@@ -73,7 +73,7 @@ class Rollbacks:
         its vetoes are forgotten, and the LR and clipping change of the rollback whose skipped batches
         it continues is undone (`rollback_to_revert`). Returns the `data_skip` event's detail."""
         self.policy.data_skips += len(positions)
-        self.state.stream.skip.update(positions)
+        self.state.stream.skip_positions(positions)
         self.judge.forget_vetoes()
         last = decision.evidence.get("cause_test", {}).get("probe_step", last_step + 1) - 1  # the last vetoed step
         rollback = rollback_to_revert(self.policy, positions[0])

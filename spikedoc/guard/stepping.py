@@ -32,9 +32,12 @@ class StepJudgement:
     """
 
     def __init__(self, config: GuardConfig, judge: Judge, policy: Policy, *, monitor: Callable[[], Monitor],
-                 scale_lrs: bool, warn_once: Callable[[str, str], None], global_norm: GlobalNorm | None = None) -> None:  # fmt: skip
+                 scale_lrs: bool, warn_once: Callable[[str, str], None], global_norm: GlobalNorm | None = None,
+                 claim_draws: Callable[[PendingStep], None] = lambda p: None) -> None:  # fmt: skip
         self.config, self.judge, self.policy = config, judge, policy
         self._global_norm = global_norm  # FSDP2: the judged norm is the full gradient's, and the guard clips
+        self.claim_draws = claim_draws
+        """Fills in a drawing loop's step's positions and batches (`PendingStep.claim_draws`) before it is judged."""
         self._monitor = monitor
         self._scale_lrs = scale_lrs  # no scheduler to scale: the guard's factor applies to the LR the loop set
         self._warn_once = warn_once
@@ -57,6 +60,7 @@ class StepJudgement:
         p, monitor = self.pending, self._monitor()
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
             return
+        self.claim_draws(p)  # a veto's event names the step's batches
         loss = p.loss()
         if loss is None:
             self._warn_once("no_loss", "Guard: no loss for this step (pass guard.record(loss=...) or return it from "

@@ -41,6 +41,9 @@ class PendingStep:
     probe: Decision | None = None
     """A probe step: the last healthy step's batches again, judged and never applied, to test whether
     the state (rather than the data) is broken before acting on this decision."""
+    claim_draws: bool = False
+    """Its batches are still to be taken from those the loop drew through `Guard.draw` (the first
+    ones its forwards took): when it is judged, or when it ends unjudged."""
     verdict: Verdict | None = None
     lrs: list[float] | None = None
 
