@@ -18,7 +18,7 @@ from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.judge import Judge
 from tests.common.models import char_text, make_model
 
-STEPS, JUMP, SURGE, EVERY, LR = 140, 70, 12, 20, 3e-3
+STEPS, JUMP, SURGE, EVERY, LR = 200, 120, 12, 20, 3e-3
 
 
 def get_batch(split: str = "train", batch_size: int = 32, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,7 +167,7 @@ class Judge:
             self.incident.attributed_steps.append(step)
         if self.incident is not None and self.incident.tracker is not None:
             state = self.incident.tracker.update(step, verdict.loss)
-            if decision is None and state.decided:
+            if decision is None and state.decided and not self._awaits_shift_test(state.verdict):
                 if state.verdict in ("recovered", "pending"):
                     self.incident = None
                 else:
@@ -202,6 +202,14 @@ class Judge:
             self.healthy.append((verdict.step, verdict.loss))
         if grad_flag is not None and grad_flag.flagged and grad_flag.warm:
             self.grad_flags.append(verdict.step)
+
+    def _awaits_shift_test(self, verdict: str) -> bool:
+        """An LR jump's aftermath is back on the trajectory, but too few steps since hold the
+        lasting-shift test: a surge leaves the loss at a slightly higher level rather than a spike,
+        so `recovered` is taken only once that test could say `recovered_with_damage`."""
+        incident = self.incident
+        return (verdict == "recovered" and incident is not None and incident.lr_jump is not None
+                and incident.tracker is not None and incident.tracker.shift_steps < self.recovery_config.hold_steps)  # fmt: skip
 
     def _vetoes_pile_up(self) -> bool:
         # As many vetoes as `max_vetoes_in_row`, not in a row but within 4x as many steps.
