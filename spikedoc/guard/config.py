@@ -64,6 +64,13 @@ class GuardConfig:
     """Also skip this many batches before and after each attributed batch (PaLM skipped 200-500)."""
     reset_moments: bool = False
     """On rollback, also reset the optimizer state of the tensors whose gradient norm led the incident."""
+    lr_jump_factor: float = 2.0
+    """An applied LR at least this many times the step before's (some group's, unscheduled, on a
+    warm band) opens an incident at that step, as a loss flag does; the recovery judgement decides
+    whether it left damage. Smooth schedules change far less per step once the band is warm (a
+    linear warmup over W steps: 1 + 1/s at step s >= 50, so at most 1.02; cosine and step decay go
+    down), a declared warm restart is recognised by its scheduler, and the guard's own undo of a
+    rollback's factor (1 / `lr_factor`) is never counted: the factor used is at least 1.5 / `lr_factor`."""
     lookback: int = 100
     """Steps before an incident's onset searched for its earliest precursor and an LR jump."""
     seed: int = 0
@@ -101,6 +108,8 @@ class GuardConfig:
             raise ValueError(f"Guard: veto_sigma must be a finite number > 0, got {self.veto_sigma!r}")
         if not (_number(self.grad_veto_sigma) and self.grad_veto_sigma > 0):
             raise ValueError(f"Guard: grad_veto_sigma must be a finite number > 0, got {self.grad_veto_sigma!r}")
+        if not (_number(self.lr_jump_factor) and self.lr_jump_factor > 1):
+            raise ValueError(f"Guard: lr_jump_factor must be a finite number > 1, got {self.lr_jump_factor!r}")
         if not (_number(self.lr_factor) and 0 < self.lr_factor <= 1):
             raise ValueError(f"Guard: lr_factor must be in (0, 1], got {self.lr_factor!r}")
         for name in ("veto", "keep_in_memory", "write_in_background", "reset_moments"):

@@ -71,6 +71,8 @@ class _Incident:
     precursor_step: int
     attributed_steps: list[int]
     tracker: RecoveryTracker | None
+    lr_jump: dict[str, Any] | None = None
+    """The unscheduled LR jump that opened the incident (with `lrs_before`), if one did."""
 
 
 class Judge:
@@ -96,6 +98,8 @@ class Judge:
         self.grad_flags: deque[int] = deque(maxlen=64)
         """Recent applied steps whose gradient norm was out of band (precursors)."""
         self.lrs: deque[tuple[int, list[float]]] = deque(maxlen=config.lookback + 2)
+        self.lr_peaks: list[float] = []
+        """Each group's highest applied LR so far: a declared warm restart goes back to it."""
         self.schedule: dict[str, Any] | None = None
         """`start_step` and `scheduler` (as in meta.json) of the scheduler in use: its warm restarts are no LR jump."""
         self.vetoes_in_row = 0
@@ -147,7 +151,10 @@ class Judge:
         else:
             self.vetoes_in_row = 0
             self._learn(verdict, judged[1], judged[2])
-        if self.incident is None and verdict.loss_flagged and not verdict.veto:
+        jump = self._new_lr_jump(step, judged[1]) if lrs is not None else None
+        if self.incident is None and jump is not None:
+            self._open(step, lr_jump=jump)
+        elif self.incident is None and verdict.loss_flagged and not verdict.veto:
             self._open(step)
         elif self.incident is None and verdict.veto and self._vetoes_pile_up():
             self._open(self.recent_vetoes[0], attributed=list(self.recent_vetoes))
@@ -160,7 +167,7 @@ class Judge:
             self.incident.attributed_steps.append(step)
         if self.incident is not None and self.incident.tracker is not None:
             state = self.incident.tracker.update(step, verdict.loss)
-            if decision is None and state.decided:
+            if decision is None and state.decided and not self._awaits_shift_test(state.verdict):
                 if state.verdict in ("recovered", "pending"):
                     self.incident = None
                 else:
@@ -196,6 +203,14 @@ class Judge:
         if grad_flag is not None and grad_flag.flagged and grad_flag.warm:
             self.grad_flags.append(verdict.step)
 
+    def _awaits_shift_test(self, verdict: str) -> bool:
+        """An LR jump's aftermath is back on the trajectory, but too few steps since hold the
+        lasting-shift test: a surge leaves the loss at a slightly higher level rather than a spike,
+        so `recovered` is taken only once that test could say `recovered_with_damage`."""
+        incident = self.incident
+        return (verdict == "recovered" and incident is not None and incident.lr_jump is not None
+                and incident.tracker is not None and incident.tracker.shift_steps < self.recovery_config.hold_steps)  # fmt: skip
+
     def _vetoes_pile_up(self) -> bool:
         # As many vetoes as `max_vetoes_in_row`, not in a row but within 4x as many steps.
         n = self.config.max_vetoes_in_row
@@ -208,12 +223,41 @@ class Judge:
         flags = [s for s in self.grad_flags if onset - self.config.lookback <= s <= onset]
         return max(0, min([onset - 1, *flags]))
 
-    def _open(self, onset: int, *, attributed: list[int] | None = None) -> None:
+    def _open(self, onset: int, *, attributed: list[int] | None = None, lr_jump: dict[str, Any] | None = None) -> None:
         steps, losses = [s for s, _ in self.healthy], [v for _, v in self.healthy]
         tracker = RecoveryTracker(onset, steps, losses, config=self.recovery_config)
         if tracker.usable:  # no finite history: nothing to judge recovery against (cannot happen once warm)
-            self.incident = _Incident(onset_step=onset, precursor_step=self._precursor(onset),
-                                      attributed_steps=attributed or [onset], tracker=tracker)
+            # A jump's own update is the first it touched (a loss shows the update of the step before it).
+            precursor = self._precursor(onset + 1 if lr_jump is not None else onset)
+            self.incident = _Incident(onset_step=onset, precursor_step=precursor,
+                                      attributed_steps=attributed or [onset], tracker=tracker, lr_jump=lr_jump)
+
+    def _new_lr_jump(self, step: int, loss_flag: Flag | None) -> dict[str, Any] | None:
+        """An unscheduled upward LR jump at `step` (just recorded in `lrs`): some group's LR at least
+        `lr_jump_factor` times its LR at the step before, on a warm band (a warmup's first steps are
+        no jump), and not a declared warm restart. A jump from an LR of 0 has no factor: not one."""
+        rows = list(self.lrs)
+        now, before = rows[-1], rows[-2] if len(rows) > 1 and rows[-2][0] < step else None
+        peaks = self.lr_peaks
+        self.lr_peaks = [max(p, v) if math.isfinite(v) else p for p, v in zip(peaks, now[1])] + list(now[1][len(peaks):])
+        if before is None or loss_flag is None or not loss_flag.warm:
+            return None
+        # The guard's own upward change (undoing a rollback's factor) is 1 / lr_factor: never a jump.
+        factor = max(self.config.lr_jump_factor, 1.5 / self.config.lr_factor)
+        jumps = [{"step": step, "group": g, "before": b, "after": a, "factor": a / b, "direction": "up", "at_resume": None}
+                 for g, (b, a) in enumerate(zip(before[1], now[1])) if b > 0 and math.isfinite(a) and a >= factor * b]  # fmt: skip
+        if not jumps:
+            return None
+        from spikedoc.analysis.schedule import scheduled_restarts  # pandas: only on a jump
+
+        # The groups' peaks so far stand in for the series before the window (a restart goes back to its peak).
+        frame = _lr_frame([(before[0] - 1, peaks), *rows]) if peaks else _lr_frame(rows)
+        start = (self.schedule or {}).get("start_step", rows[0][0])
+        scheduled = scheduled_restarts(frame, jumps, self.schedule, [int(start)])
+        ups = [j for j in jumps if (j["step"], j["group"]) not in scheduled]
+        if not ups:
+            return None
+        return {**max(ups, key=lambda j: j["factor"]), "lrs_before": list(before[1])}
 
     def _decision(self, reason: str, onset: int, *, evidence: dict[str, Any] | None = None) -> Decision:
         incident = self.incident
@@ -224,6 +268,10 @@ class Judge:
             precursor, attributed = self._precursor(onset), []
         if reason == "vetoes":
             attributed += list(range(onset, onset + self.vetoes_in_row))
+        if incident is not None and incident.lr_jump is not None:  # the jump opened it: its rows may have left `lrs`
+            return Decision(reason=reason, onset_step=onset, precursor_step=precursor, cause="lr_schedule",
+                            attributed_steps=sorted(set(attributed)), lr_jump=dict(incident.lr_jump),
+                            evidence=dict(evidence or {}))  # fmt: skip
         jump = self._lr_jump(precursor)
         if jump is not None:
             # The state before the jump's first step is the last one the jump did not touch.
@@ -235,17 +283,13 @@ class Judge:
 
     def _lr_jump(self, onset: int) -> dict[str, Any] | None:
         """The last upward LR discontinuity in the lookback before `onset`, by analyze's own rule."""
-        import pandas as pd  # the analysis's frame-based rule; only on a decision
-
         from spikedoc.analysis.context import lr_discontinuities
         from spikedoc.analysis.schedule import scheduled_restarts
 
         rows = [(s, lrs) for s, lrs in self.lrs if onset - self.config.lookback <= s <= onset + 1]
         if len(rows) < 3:
             return None
-        frame = pd.DataFrame({"step": [s for s, _ in rows]})
-        for g in range(len(rows[0][1])):
-            frame["lr" if g == 0 else f"lr_{g}"] = [lrs[g] if g < len(lrs) else math.nan for _, lrs in rows]
+        frame = _lr_frame(rows)
         jumps = [{**j, "at_resume": None} for j in lr_discontinuities(frame)]
         scheduled = scheduled_restarts(frame, jumps, self.schedule, [int(frame["step"].iloc[0])])
         ups = [j for j in jumps if j["direction"] == "up" and (j["step"], j["group"]) not in scheduled]
@@ -260,7 +304,7 @@ class Judge:
         if self.incident is not None:
             i = self.incident
             incident = {"onset_step": i.onset_step, "precursor_step": i.precursor_step,
-                        "attributed_steps": list(i.attributed_steps),
+                        "attributed_steps": list(i.attributed_steps), "lr_jump": i.lr_jump,
                         "tracker": i.tracker.state_dict() if i.tracker is not None else None}  # fmt: skip
         return {
             "format": _STATE_FORMAT,
@@ -270,6 +314,7 @@ class Judge:
             "healthy": [[s, v] for s, v in self.healthy],
             "grad_flags": list(self.grad_flags),
             "lrs": [[s, list(lrs)] for s, lrs in self.lrs],
+            "lr_peaks": list(self.lr_peaks),
             "vetoes_in_row": self.vetoes_in_row,
             "recent_vetoes": list(self.recent_vetoes),
             "incident": incident,
@@ -285,6 +330,7 @@ class Judge:
             self.healthy = deque(((int(s), float(v)) for s, v in state["healthy"]), maxlen=self.healthy.maxlen)
             self.grad_flags = deque((int(s) for s in state["grad_flags"]), maxlen=self.grad_flags.maxlen)
             self.lrs = deque(((int(s), [float(x) for x in lrs]) for s, lrs in state["lrs"]), maxlen=self.lrs.maxlen)
+            self.lr_peaks = [float(x) for x in state.get("lr_peaks", [])]
             self.vetoes_in_row = int(state["vetoes_in_row"])
             self.recent_vetoes = deque((int(s) for s in state.get("recent_vetoes", [])), maxlen=self.recent_vetoes.maxlen)
             self.incident, self._judged = None, None
@@ -295,9 +341,20 @@ class Judge:
                     tracker = RecoveryTracker(int(i["onset_step"]), [], [], config=self.recovery_config)
                     tracker.load_state_dict(i["tracker"])
                 self.incident = _Incident(onset_step=int(i["onset_step"]), precursor_step=int(i["precursor_step"]),
-                                          attributed_steps=[int(s) for s in i["attributed_steps"]], tracker=tracker)  # fmt: skip
+                                          attributed_steps=[int(s) for s in i["attributed_steps"]], tracker=tracker,
+                                          lr_jump=i.get("lr_jump"))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint holds a malformed guard judgement state ({exc!r})") from exc
+
+
+def _lr_frame(rows: list[tuple[int, list[float]]]) -> Any:
+    """The analysis's step table (`step`, `lr`, `lr_<i>`) of recorded (step, group LRs) rows."""
+    import pandas as pd  # the analysis's frame-based rules; only on a jump or a decision
+
+    frame = pd.DataFrame({"step": [s for s, _ in rows]})
+    for g in range(max(len(lrs) for _, lrs in rows)):
+        frame["lr" if g == 0 else f"lr_{g}"] = [lrs[g] if g < len(lrs) else math.nan for _, lrs in rows]
+    return frame
 
 
 def _beyond(flag: Flag | None, sigma: float) -> bool:
