@@ -26,14 +26,14 @@ from spikedoc.guard.draws import Draws
 from spikedoc.guard.gate import StepGate, unwrapped
 from spikedoc.guard.job import job_fingerprint
 from spikedoc.guard.judge import Decision, Judge
-from spikedoc.guard.payload import buffer_patterns
+from spikedoc.guard.payload import buffer_patterns, json_plain
 from spikedoc.guard.policy import Policy
 from spikedoc.guard.restore import TrainingState
 from spikedoc.guard.resume import resume_point
 from spikedoc.guard.rollback import Rollbacks
 from spikedoc.guard.sharded import GlobalNorm, checkpoint_store, is_fsdp
 from spikedoc.guard.stepping import StepJudgement
-from spikedoc.guard.steps import PendingStep, RecentSteps, plain
+from spikedoc.guard.steps import PendingStep, RecentSteps
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor.meta import describe_scheduler
 
@@ -355,7 +355,7 @@ class Guard:
         assert decision is not None and p.verdict is not None
         finding = cause.probe_finding(p.step, p.positions, p.verdict)
         decision.evidence["cause_test"] = finding
-        self.monitor.event("replay", at_step=p.step, **plain({**finding, "onset_step": decision.onset_step}))
+        self.monitor.event("replay", at_step=p.step, **json_plain({**finding, "onset_step": decision.onset_step}))
         self.step = p.step + 1
         if finding["found"] == "state":
             self._rollback(decision)
@@ -372,7 +372,7 @@ class Guard:
         if detail["remedy_reverted"] and self._global_norm is None:  # under FSDP2 the guard clips, not the monitor
             self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
         self.actions.append({"kind": "data_skip", **detail})
-        self.monitor.event("data_skip", **plain(detail))
+        self.monitor.event("data_skip", **json_plain(detail))
         log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
                     *detail["steps"])
 
@@ -398,7 +398,7 @@ class Guard:
                   "cause": decision.cause, "onset_step": decision.onset_step, "precursor_step": decision.precursor_step,
                   "rollbacks": self.rollbacks, **evidence, "evidence": decision.evidence}  # fmt: skip
         self.actions.append({"kind": "rollback", **detail})
-        self.monitor.event("rollback", **plain(detail))
+        self.monitor.event("rollback", **json_plain(detail))
         log.warning("spikedoc guard: rolled back from step %d to %d (%s)", from_step, target.step, decision.reason)
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -419,7 +419,7 @@ class Guard:
         diagnosis = {"reason": reason, "step": self.step, "rollbacks": self.rollbacks, "decision": asdict(decision),
                      "actions": self.policy.rollback_actions()}  # fmt: skip
         self.actions.append({"kind": "guard_stop", "reason": reason, "step": self.step})
-        self.monitor.event("guard_stop", **plain({k: v for k, v in diagnosis.items() if k != "step"}))
+        self.monitor.event("guard_stop", **json_plain({k: v for k, v in diagnosis.items() if k != "step"}))
         self.close()
         raise GuardStopped(f"spikedoc guard stopped the run at step {self.step}: {message} (incident: {decision.reason}, "
                            f"onset step {decision.onset_step}); see the guard_stop event in {self.run_dir}", diagnosis)

@@ -13,10 +13,11 @@ from spikedoc.guard.agree import agree
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.gate import StepGate
 from spikedoc.guard.judge import Judge, Verdict
+from spikedoc.guard.payload import json_plain
 from spikedoc.guard.policy import Policy
 from spikedoc.guard.schedule import group_lrs
 from spikedoc.guard.sharded import GlobalNorm, clip_shards
-from spikedoc.guard.steps import PendingStep, plain
+from spikedoc.guard.steps import PendingStep
 from spikedoc.monitor import Monitor, extract_loss
 
 __all__ = ["StepJudgement"]
@@ -120,6 +121,6 @@ class StepJudgement:
             detail["optimizer_step_skipped"] = True  # by the loop or its GradScaler, before the guard saw it
         self.policy.actions.append({"kind": "veto", "step": p.step, **detail})
         monitor = self._monitor()
-        monitor.event("veto", at_step=p.step, **plain(detail))
+        monitor.event("veto", at_step=p.step, **json_plain(detail))
         if stepped:
             monitor.skip_step(inside_step=True)

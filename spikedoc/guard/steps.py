@@ -12,7 +12,7 @@ from torch import Tensor
 
 from spikedoc.guard.judge import Decision, Verdict
 
-__all__ = ["PendingStep", "SeenStep", "RecentSteps", "plain"]
+__all__ = ["PendingStep", "SeenStep", "RecentSteps"]
 
 #: Recent steps whose batch position, sample ids and per-tensor gradient norms are remembered, to
 #: name and skip an incident's batches: the lookback plus the recovery judgement's patience fit.
@@ -104,14 +104,3 @@ class RecentSteps:
     def grad_norms(self) -> dict[int, tuple[Tensor, list[Tensor]]]:
         """step -> (per-tensor gradient norms, the parameters in that order), where kept."""
         return {s.step: s.grad_norms for s in self._seen if s.grad_norms is not None}
-
-
-def plain(value: Any) -> Any:
-    """Event detail as strict JSON: non-finite floats become None (NaN) or "inf"/"-inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
