@@ -71,7 +71,6 @@ def _rank(rank: int, world: int, tmp: str, rounds: int, steps: int, block: int, 
                     opt.zero_grad(set_to_none=True)
                     if i >= 5:
                         spent.append(time.perf_counter() - t)
-                logger.drain()
                 dist.barrier()
         for v, (_, _, logger, _, spent) in runs.items():
             logger.close()
