@@ -45,12 +45,47 @@ def _ratios(result: BenchResult, name: str) -> list[float]:
     return [t / b for t, b in zip(res.end_to_end, base.end_to_end)]
 
 
+def _method(lockstep: bool, background: str) -> str:
+    """How the variants were run and timed, for the section's first paragraph."""
+    common = (
+        "Every variant trains the same model from the same initial weights on the same batches, each "
+        "with its own model copy and logger, in one process. "
+    )
+    if lockstep:
+        timing = (
+            "The variants train side by side: step i of each, in a random order, then step i + 1, so a "
+            "burst of load from another process falls on every variant alike rather than on one whole run. "
+            "A variant's end-to-end time is its logger's setup, the sum of its own steps and its `close()`, "
+            "which waits for its background work; with every core busy, the CPU time of its background "
+            "threads and processes is added in full (an upper bound: run side by side, part of that work "
+            "slowed its neighbours' steps instead). "
+        )
+    else:
+        timing = (
+            "Each run is timed end to end as its user waits: the logger's setup, every step back to back "
+            "(a logger's background work overlapping its later steps, as in a real run, never drained "
+            "outside the clock) and its `close()`, which waits for that work. Within a round the variants "
+            "run one after another in a random order, so load from other processes hits all of them alike. "
+        )
+    return common + timing + (
+        "Overhead = median over rounds of (the variant's end-to-end time / the baseline's in the same "
+        "round) - 1, with the interquartile range [Q1, Q3] and min / max over rounds. `baseline_repeat` "
+        "is a second, identical unmonitored run: its overhead is the measurement's noise floor. Median "
+        "step ms: forward + backward + `optimizer.step()` + the logger's own work + `zero_grad`, warmup "
+        "steps excluded. Background CPU = CPU time per step of the threads and child processes that "
+        "appeared while the logger opened, stepped or closed (spikedoc's Parquet writer, TensorBoard's "
+        f"event writer, wandb's service process); {background}. Same losses: every variant ended on "
+        "bit-for-bit the baseline's loss (the loggers only observe)."
+    )
+
+
 def format_report(result: BenchResult, command: str) -> str:
     """The BENCHMARKS.md section: what was run, on what, the table, and whether the target is met."""
     cfg = result.config
     base_loss = result.results[BASELINE].final_losses
     title = f"## Monitoring overhead (`bench/overhead.py`), d_model {cfg.d_model} x {cfg.n_layer} layers, " + (
-        "one torch thread" if cfg.threads == 1 else f"every core busy ({cfg.threads} torch threads)")
+        "one torch thread" if cfg.threads == 1 else f"every core busy ({cfg.threads} torch threads)"
+    ) + (", variants side by side" if cfg.lockstep else "")
     background = (
         "with one torch thread they can run on the otherwise idle second core"
         if cfg.threads == 1 else
@@ -59,22 +94,7 @@ def format_report(result: BenchResult, command: str) -> str:
     lines = [
         title,
         "",
-        (
-            "Every variant trains the same model from the same initial weights on the same batches, each "
-            "with its own model copy and logger, in one process. Each run is timed end to end as its user "
-            "waits: the logger's setup, every step back to back (a logger's background work overlapping its "
-            "later steps, as in a real run, never drained outside the clock) and its `close()`, which waits "
-            "for that work. Within a round the variants run one after another in a random order, so load "
-            "from other processes hits all of them alike. Overhead = median over rounds of (the variant's "
-            "end-to-end time / the baseline's in the same round) - 1, with the interquartile range [Q1, Q3] "
-            "and min / max over rounds. `baseline_repeat` is a second, identical unmonitored run: its "
-            "overhead is the measurement's noise floor. Median step ms: forward + backward + "
-            "`optimizer.step()` + the logger's own work + `zero_grad`, warmup steps excluded. Background "
-            "CPU = CPU time per step of the threads and child processes that appeared while the logger "
-            "opened, stepped or closed (spikedoc's Parquet writer, TensorBoard's event writer, wandb's "
-            f"service process); {background}. Same losses: every variant ended on bit-for-bit the "
-            "baseline's loss (the loggers only observe)."
-        ),
+        _method(cfg.lockstep, background),
         "",
         f"- Model: {cfg.describe(result.n_params, result.vocab)}",
         f"- {machine_line()} spikedoc at {_revision()}.",

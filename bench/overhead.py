@@ -88,6 +88,10 @@ class BenchConfig:
     for free, which is why the report also gives their CPU time per step."""
     seed: int = 0
     """Seeds the initial weights and the batch order shared by all variants."""
+    lockstep: bool = False
+    """Train the variants side by side, step i of each (in a random order) before step i + 1, instead
+    of whole runs one after another: a burst of load from another process then falls on every
+    variant alike instead of on one whole run, which with every core busy is most of the noise."""
     variants: tuple[str, ...] = VARIANTS
     """Which variants to run; must start with "baseline"."""
 
@@ -111,7 +115,8 @@ class BenchConfig:
             f"{self.n_layer} layers, d_model {self.d_model}, {self.n_head} heads, seq {self.seq_len}, "
             f"batch {self.batch_size}, {n_params / 1e6:.2f}M parameters, fp32, AdamW lr {self.lr:g} "
             f"wd 0.1, {self.threads} torch threads; {self.rounds} rounds x {self.steps} timed steps "
-            f"(+{self.warmup} warmup) per variant, each run continuous."
+            f"(+{self.warmup} warmup) per variant, "
+            + ("the variants side by side, step by step." if self.lockstep else "each run continuous.")
         )
 
 
@@ -248,6 +253,45 @@ def _round(cfg, vocab, init_state, stream, names, r: int, work_dir: Path, result
         res.run_dirs.append(run.run_dir)
 
 
+def _round_lockstep(cfg, vocab, init_state, stream, names, r: int, work_dir: Path,
+                    results: dict[str, VariantResult]) -> None:  # fmt: skip
+    """Train every variant in `names` through `stream` side by side: step i of each, in a random order,
+    then step i + 1.
+
+    A variant's end-to-end time is its setup, the sum of its own steps and its `close()`; with every
+    core busy, the CPU time of its background threads and processes is added in full (work that, run
+    side by side, may also have slowed a neighbour's steps: an upper bound for that variant).
+    """
+    order = random.Random(cfg.seed * 1000 + r)
+    runs = []
+    gc.collect()
+    cpu_start = _background()
+    for name in order.sample(names, len(names)):
+        run = _Run(name, cfg, vocab, init_state, work_dir / name)
+        try:
+            run.open()
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+            _unavailable(results[name], exc)
+            continue
+        runs.append(run)
+    for x, y in stream:
+        for run in order.sample(runs, len(runs)):
+            run.step(x, y)
+    cpu_end = _background()
+    for run in order.sample(runs, len(runs)):
+        run.close()
+    busy = cfg.threads >= (os.cpu_count() or 1)
+    for run in runs:
+        res = results[run.name]
+        cpu = sum(v - cpu_start.get(k, 0.0) for k, v in cpu_end.items() if k in run.owned)
+        res.end_to_end.append(run.open_close + sum(run.times) + (cpu if busy else 0.0))
+        res.step_times.append(run.times[cfg.warmup :])
+        res.background_cpu.append(cpu / len(stream))
+        res.open_close.append(run.open_close)
+        res.final_losses.append(run.loss)
+        res.run_dirs.append(run.run_dir)
+
+
 def _unavailable(res: VariantResult, exc: Exception) -> None:
     if res.name in (BASELINE, "spikedoc"):
         raise exc
@@ -282,7 +326,8 @@ def run_benchmark(cfg: BenchConfig, *, work_dir: Path | None = None, progress=No
         results = {name: VariantResult(name=name) for name in cfg.variants}
         for r in range(cfg.rounds):
             names = [n for n in cfg.variants if results[n].unavailable is None]
-            _round(cfg, vocab, init_state, stream, names, r, work_dir / f"round{r}", results)
+            turn = _round_lockstep if cfg.lockstep else _round
+            turn(cfg, vocab, init_state, stream, names, r, work_dir / f"round{r}", results)
             if progress:
                 medians = ", ".join(
                     f"{n} {1e3 * statistics.median(res.step_times[-1]):.1f}"
@@ -305,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="small: the default config (~0.8M parameters, batch 8 x 128); large: d_model 192, batch 16 x 128")
     parser.add_argument("--batch-size", type=int, help="samples per step (default 8): the step's cost scales with it")
     parser.add_argument("--variants", help=f"comma-separated subset, starting with baseline (default: all of {','.join(VARIANTS)})")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="train the variants side by side, step by step, rather than whole runs in turn")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -322,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     options.update(MODELS[args.model])
     if args.batch_size:
         options["batch_size"] = args.batch_size
+    if args.lockstep:
+        options["lockstep"] = True
     if args.variants:
         options["variants"] = tuple(v.strip() for v in args.variants.split(","))
     cfg = BenchConfig(**options)
@@ -332,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         # One section per model and setting: the idle-core run (one torch thread) and the all-cores run.
         name = "overhead" + ("" if args.model == "small" else f"_{args.model}") + ("" if cfg.threads == 1 else "_all_cores")
+        name += "_lockstep" if cfg.lockstep else ""
         write_section(name, report)
 
 
