@@ -32,37 +32,38 @@ if str(_ROOT) not in sys.path:
 from bench._char_gpt import CharGPT, batches, corpus  # noqa: E402
 
 import spikedoc  # noqa: E402
-from spikedoc.monitor.monitor import Monitor  # noqa: E402
+from spikedoc.monitor._cycle import StepCycle  # noqa: E402
 
 __all__ = ["SETTINGS", "main", "measure"]
 
 #: (every, layer_every, budget) in table order.
 SETTINGS = ((1, 1, None), (1, 10, None), (10, 10, None), (1, 1, 0.02))  # None: every statistic, every step
-_HOOKS = ("_on_forward_pre", "_on_forward", "_on_step_pre", "_on_step_post", "_on_clip")
+_HOOKS = ("on_forward_pre", "on_forward", "on_step_pre", "on_step_post", "on_clip")
 
 
 class _HookClock:
-    """Wraps the Monitor's hook methods (class-wide) and charges their wall time to the running monitor."""
+    """Wraps the monitor's hook methods (class-wide, before any monitor registers them) and charges their wall
+    time to the step cycle of the monitor that ran them."""
 
     def __init__(self) -> None:
         self.spent: dict[int, float] = {}
-        self._originals = {name: getattr(Monitor, name) for name in _HOOKS}
+        self._originals = {name: getattr(StepCycle, name) for name in _HOOKS}
         for name, original in self._originals.items():
-            setattr(Monitor, name, self._timed(original))
+            setattr(StepCycle, name, self._timed(original))
 
     def _timed(self, original):
-        def hook(monitor, *args, **kwargs):
+        def hook(cycle, *args, **kwargs):
             start = time.perf_counter()
             try:
-                return original(monitor, *args, **kwargs)
+                return original(cycle, *args, **kwargs)
             finally:
-                self.spent[id(monitor)] = self.spent.get(id(monitor), 0.0) + time.perf_counter() - start
+                self.spent[id(cycle)] = self.spent.get(id(cycle), 0.0) + time.perf_counter() - start
 
         return hook
 
     def restore(self) -> None:
         for name, original in self._originals.items():
-            setattr(Monitor, name, original)
+            setattr(StepCycle, name, original)
 
 
 def measure(
@@ -105,7 +106,7 @@ def measure(
                         times.append(time.perf_counter() - start)
             base = statistics.median(runs[0][4])
             for setting, _, _, monitor, _ in runs[1:]:
-                hooks = clock.spent.get(id(monitor), 0.0) / steps
+                hooks = clock.spent.get(id(monitor._cycle), 0.0) / steps
                 per_round[setting].append((1e3 * hooks, hooks / base))
                 monitor.close()
     finally:
