@@ -2,8 +2,9 @@
 
 Decisions are data with their evidence (`Verdict`, `Decision`); the guard acts on them and records
 them. The band is the analysis's own `StreamingDetector` (the loss, and the gradient norm in log
-scale; under data parallelism each rank's own loss too: `rank_bands`) and the damage judgement is the analysis's `RecoveryTracker`, so the guard acts on what
-`spikedoc analyze` would report, computed online.
+scale; under data parallelism each rank's own loss too: `rank_bands`) and the damage judgement
+is the analysis's `RecoveryTracker`, so the guard acts on what `spikedoc analyze` would report,
+computed online.
 """
 
 from __future__ import annotations
