@@ -19,7 +19,7 @@ the guard with its own `clip=1.0`. Each fault is trained unprotected (`none`) an
 Reported: the final eval loss and its ratio to the clean unprotected run, vetoes, rollbacks and
 data skips, and the wall time of each run.
 
-    python bench/guard_recovery_fsdp2.py [--steps N] [--write]
+    python bench/guard_recovery_fsdp2.py [--steps N] [--checkpoint-every N] [--no-write]
 """
 
 from __future__ import annotations
@@ -224,15 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=BenchConfig.steps)
     parser.add_argument("--checkpoint-every", type=int, default=BenchConfig.checkpoint_every)
-    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     cfg = BenchConfig(steps=args.steps, checkpoint_every=args.checkpoint_every)
-    command = "python bench/guard_recovery_fsdp2.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    command = "python bench/guard_recovery_fsdp2.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
     start = time.perf_counter()
     results = run(cfg)
     table = format_table(results, cfg, command.strip(), (time.perf_counter() - start) / 60)
     print(table)
-    if args.write:
+    if not args.no_write:
         from bench._report import write_section
 
         write_section("guard_recovery_fsdp2", table)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spikedoc
-from tests.common.distributed import guard_fsdp_worker, spawn
+from tests.common.distributed import guard_fsdp_stretch_worker, guard_fsdp_worker, spawn
 
 FAULT = [10, 11, 12, 13, 14]
 EVERY, STEPS = 8, 17
@@ -72,6 +72,33 @@ def test_a_nan_in_one_ranks_shard_refuses_the_checkpoint_on_every_rank(runs):
     assert "model.tok.weight" in reports[1]["refused"]  # the rank holding it names the entry
     assert "another rank's shards hold NaN or inf" in reports[0]["refused"]
     assert not (tmp / "refused").exists() or not any((tmp / "refused").iterdir())  # nothing written
+
+
+STRETCH = list(range(60, 70))  # rank 1's batches at these data positions are random characters
+STRETCH_STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def stretch_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    # lr 3e-3: the model has learnt the text (its loss under 3 nats) when the stretch begins
+    return {name: spawn(guard_fsdp_stretch_worker, tmp_path_factory.mktemp(name), steps=STRETCH_STEPS,
+                        checkpoint_every=10, stretch=stretch, lr=3e-3)
+            for name, stretch in (("corrupt", STRETCH), ("clean", []))}  # fmt: skip
+
+
+def test_a_corrupt_stretch_on_one_rank_is_acted_on_by_both_ranks_together(stretch_runs):
+    reports = stretch_runs["corrupt"]
+    assert reports[0]["actions"] == reports[1]["actions"]  # the same vetoes, rollbacks and skips, in order
+    vetoes = [a for a in reports[0]["actions"] if a["kind"] == "veto"]
+    assert vetoes and all(a["loss_rank"] == 1 for a in vetoes)  # judged by rank 1's own loss
+    for report in reports:  # never trained on: every batch of the stretch skipped, on both ranks
+        assert set(STRETCH) <= set(report["skipped"])
+        assert report["step"] == STRETCH_STEPS
+
+
+def test_the_same_run_without_the_stretch_has_no_veto(stretch_runs):
+    for report in stretch_runs["clean"]:
+        assert report["actions"] == [] and report["skipped"] == []
 
 
 @pytest.fixture(scope="module")

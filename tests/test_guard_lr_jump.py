@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import spikedoc
+from spikedoc.analysis.recovery import RecoveryConfig
 from spikedoc.guard.agree import StepValues
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.judge import Judge
@@ -157,3 +158,38 @@ def test_a_jump_opens_the_incident_at_its_step_and_its_own_update_is_the_precurs
 
 def test_a_jump_before_the_band_is_warm_opens_no_incident():
     assert _judge_with_lrs(lambda s: [1e-3 * (10.0 if s >= 20 else 1.0)], steps=60) == []
+
+
+def _aftermath(lrs_of) -> dict:
+    """A loss flagged at step 120 (7 to 10 sigmas: not vetoed) that comes back slowly (+0.15 for 8
+    steps, then on its level): the step the recovery tracker first calls it `recovered`, with the
+    shift test's steps then, and the step the incident closes."""
+    judge = Judge(GuardConfig())
+    seen: dict = {"decisions": []}
+    tracker = None
+    for s in range(200):
+        excess = 0.4 if s == 120 else 0.15 if 120 < s < 129 else 0.0
+        loss = 3.0 + 0.01 * ((s * 7) % 11 - 5) + excess
+        seen["decisions"].append(judge.record(judge.judge(s, StepValues(loss, 0.5, 0, 0)), lrs=lrs_of(s)))
+        if judge.incident is not None:
+            tracker = judge.incident.tracker
+        if tracker is not None and tracker.last is not None and tracker.last.verdict == "recovered":
+            seen.setdefault("recovered", (s, tracker.shift_steps))
+        if tracker is not None and judge.incident is None:
+            seen["closed"] = s
+            break
+    return seen
+
+
+def test_an_lr_jumps_incident_called_recovered_stays_open_until_the_shift_test_holds_hold_steps():
+    hold = RecoveryConfig().hold_steps
+    seen = _aftermath(lambda s: [3e-2 if 120 <= s < 125 else 1e-3])
+    recovered_at, shift_steps = seen["recovered"]
+    assert shift_steps < hold  # back on the trajectory with too few steps to test a lasting shift
+    assert seen["closed"] == recovered_at + hold - shift_steps  # closed once the test has hold_steps
+    assert all(d is None for d in seen["decisions"])  # no lasting shift: recovered, no rollback
+
+
+def test_a_loss_flags_incident_closes_at_its_first_recovered_verdict():
+    seen = _aftermath(lambda s: [1e-3])  # the same losses without an LR jump
+    assert seen["closed"] == seen["recovered"][0]

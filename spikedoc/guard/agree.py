@@ -1,7 +1,8 @@
 """Agreement across ranks: every rank judges the same numbers, so every rank decides the same.
 
 Under torch.distributed each step's judged values are summed over ranks by one all_reduce of a
-small tensor: the loss (mean over ranks), the gradient norm (mean; identical under DDP; under FSDP2
+small tensor: the loss (mean over ranks), each rank's own loss (in a slot of its own, zero on the
+other ranks, so the sum gathers them), the gradient norm (mean; identical under DDP; under FSDP2
 each rank sends its share of the squared global norm, and the root of their sum is the norm of the
 full gradient), the count of ranks whose loss or gradient norm was non-finite, and the count of
 ranks that ask for a rollback.
@@ -35,6 +36,10 @@ class StepValues(NamedTuple):
     """Ranks whose loss or gradient norm was NaN or inf (the larger of the two counts)."""
     rollback_requests: int
     """Ranks that asked for a rollback (`Guard.request_rollback`)."""
+    rank_losses: tuple[float, ...] = ()
+    """Each rank's own loss, in rank order (nan where non-finite or not given); empty in one
+    process. Under data parallelism each rank trains on its own batches: a bad batch on one rank
+    is judged by that rank's loss, not diluted in the mean."""
 
 
 def world() -> tuple[int, int] | None:
@@ -71,18 +76,26 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
         loss_ok, grad_ok = math.isfinite(loss_v), math.isfinite(grad_v)
         return StepValues(loss_v if loss_ok else math.nan, grad_v if grad_ok else math.nan,
                           int(not grad_ok or (loss is not None and not loss_ok)), int(rollback_request))
+    rank, size = ranks
     device = grad_norm.device
     has_loss = loss is not None
     values = _stacked(loss if has_loss else torch.zeros((), device=device), grad_norm)  # (2,)
     finite = torch.isfinite(values)
+    sent = torch.where(finite, values, torch.zeros_like(values))
     flags = torch.tensor([float(rollback_request), float(has_loss)], device=device)
-    packed = torch.cat([torch.where(finite, values, torch.zeros_like(values)), (~finite).float(), flags])  # (6,)
-    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = _all_reduce_sum(packed).tolist()  # the one host sync
+    # This rank's loss and whether it counts (finite and given), in its own slots: the sum gathers them.
+    own = torch.zeros(2, size, device=device)
+    own[0, rank], own[1, rank] = sent[0], (finite[0] & has_loss).float()
+    packed = torch.cat([sent, (~finite).float(), flags, own.flatten()])  # (6 + 2 * size,)
+    summed = _all_reduce_sum(packed).tolist()  # the one host sync
+    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = summed[:6]
+    losses, counted = summed[6 : 6 + size], summed[6 + size :]
     return StepValues(
         loss=loss_sum / with_loss if with_loss and not bad_loss else math.nan,
-        grad_norm=(math.sqrt(grad_sum) if sharded else grad_sum / ranks[1]) if not bad_grad else math.nan,
+        grad_norm=(math.sqrt(grad_sum) if sharded else grad_sum / size) if not bad_grad else math.nan,
         nonfinite_ranks=round(max(bad_loss, bad_grad)),
         rollback_requests=round(requests),
+        rank_losses=tuple(v if ok else math.nan for v, ok in zip(losses, counted)),
     )
 
 

@@ -2,8 +2,9 @@
 
 Decisions are data with their evidence (`Verdict`, `Decision`); the guard acts on them and records
 them. The band is the analysis's own `StreamingDetector` (the loss, and the gradient norm in log
-scale) and the damage judgement is the analysis's `RecoveryTracker`, so the guard acts on what
-`spikedoc analyze` would report, computed online.
+scale; under data parallelism each rank's own loss too: `rank_bands`) and the damage judgement
+is the analysis's `RecoveryTracker`, so the guard acts on what `spikedoc analyze` would report,
+computed online.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from spikedoc.detector.streaming import DetectorConfig, Flag, StreamingDetector
 from spikedoc.analysis.recovery import RecoveryConfig, RecoveryTracker
 from spikedoc.guard.agree import StepValues
 from spikedoc.guard.config import GuardConfig
+from spikedoc.guard.rank_bands import RankBands, leading
 
 __all__ = ["Verdict", "Decision", "Judge"]
 
@@ -34,16 +36,23 @@ class Verdict(NamedTuple):
     """Why it was vetoed: `nonfinite` (the loss or gradient norm on some rank), `loss_out_of_band`,
     `grad_norm_out_of_band`, `rollback_requested`."""
     loss_z: float
+    """The largest departure of the mean loss's band and, under data parallelism, each rank's own."""
     grad_z: float
     loss_flagged: bool
-    """Out of the detector's band (its threshold, below the veto's) on a warm baseline."""
+    """Out of the detector's band (its threshold, below the veto's) on a warm baseline (the mean's
+    or some rank's own)."""
     grad_flagged: bool
     rollback_requested: bool = False
+    rank_losses: tuple[float, ...] = ()
+    """Each rank's own loss (`StepValues.rank_losses`); empty in one process."""
+    loss_rank: int | None = None
+    """The rank whose own band gave `loss_z`; None when the mean's did (or in one process)."""
 
     def evidence(self) -> dict[str, Any]:
         """Plain-typed fields for an event."""
+        ranks = {"rank_losses": list(self.rank_losses), "loss_rank": self.loss_rank} if self.rank_losses else {}
         return {"loss": self.loss, "grad_norm": self.grad_norm, "loss_z": self.loss_z, "grad_norm_z": self.grad_z,
-                "reasons": list(self.reasons)}  # fmt: skip
+                "reasons": list(self.reasons), **ranks}  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -63,6 +72,14 @@ class Decision:
     """Steps whose batches are blamed (the onset and vetoed steps of the incident)."""
     lr_jump: dict[str, Any] | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+
+
+class _Flags(NamedTuple):
+    """The bands' assessments of one step: the mean loss's, the gradient norm's, each rank's loss's."""
+
+    loss: Flag | None
+    grad: Flag | None
+    ranks: list[Flag | None]
 
 
 @dataclass(kw_only=True)
@@ -93,6 +110,8 @@ class Judge:
         self.recovery_config = recovery or RecoveryConfig()
         self.loss_detector = StreamingDetector(self.detector_config)
         self.grad_detector = StreamingDetector(self.detector_config, log_scale=self.detector_config.grad_norm_log_scale)
+        self.rank_bands = RankBands(self.detector_config)
+        """Each rank's own loss band (under data parallelism; none in one process)."""
         self.healthy: deque[tuple[int, float]] = deque(maxlen=self.recovery_config.fit_steps)
         """The last healthy (finite, in band, applied) steps and losses: the trajectory's history."""
         self.grad_flags: deque[int] = deque(maxlen=64)
@@ -106,7 +125,7 @@ class Judge:
         self.recent_vetoes: deque[int] = deque(maxlen=config.max_vetoes_in_row)
         """The last vetoed steps: vetoes piling up (not in a row) open an incident."""
         self.incident: _Incident | None = None
-        self._judged: tuple[Verdict, Flag | None, Flag | None] | None = None
+        self._judged: tuple[Verdict, _Flags] | None = None
         """The last judgement and the bands' assessments it rests on (until `record`)."""
 
     # ----------------------------------------------------------------------------- per step
@@ -117,12 +136,16 @@ class Judge:
         cfg = self.config
         lf = self.loss_detector.assess(step, values.loss) if math.isfinite(values.loss) else None
         gf = self.grad_detector.assess(step, values.grad_norm) if math.isfinite(values.grad_norm) else None
+        # One rank's bad batch is judged by its own loss, as on one machine: the mean would dilute it.
+        ranks = self.rank_bands.assess(step, values.rank_losses)
+        losses = [lf, *ranks]
+        lead = leading(losses)
         reasons = []
         if values.nonfinite_ranks:
             reasons.append("nonfinite")
-        if _beyond(lf, cfg.veto_sigma):
+        if any(_beyond(f, cfg.veto_sigma) for f in losses):
             reasons.append("loss_out_of_band")
-        loss_flagged = bool(lf is not None and lf.flagged and lf.warm)
+        loss_flagged = any(f is not None and f.flagged and f.warm for f in losses)
         # The gradient norm alone is a weaker witness than the loss (healthy steps reach 8-12 sigmas
         # of it with an ordinary loss): it vetoes at `grad_veto_sigma`, or at `veto_sigma` when the
         # loss is out of the detector's band too.
@@ -130,11 +153,12 @@ class Judge:
             reasons.append("grad_norm_out_of_band")
         requested = values.rollback_requests > 0
         verdict = Verdict(step=step, loss=values.loss, grad_norm=values.grad_norm, veto=cfg.veto and bool(reasons),
-                          reasons=tuple(reasons), loss_z=_z(lf), grad_z=_z(gf),
+                          reasons=tuple(reasons), loss_z=_z(lead if lead is not None else lf), grad_z=_z(gf),
                           loss_flagged=loss_flagged,
                           grad_flagged=bool(gf is not None and gf.flagged and gf.warm),
-                          rollback_requested=requested)  # fmt: skip
-        self._judged = (verdict, lf, gf)
+                          rollback_requested=requested, rank_losses=values.rank_losses,
+                          loss_rank=ranks.index(lead) if lead is not None and lead is not lf else None)  # fmt: skip
+        self._judged = (verdict, _Flags(lf, gf, ranks))
         return verdict
 
     def record(self, verdict: Verdict, *, lrs: list[float] | None = None) -> Decision | None:
@@ -143,15 +167,15 @@ class Judge:
         if lrs is not None:
             self.lrs.append((step, lrs))
         if self._judged is None or self._judged[0] is not verdict:  # not the last judgement: assess it again
-            self.judge(step, StepValues(verdict.loss, verdict.grad_norm, 0, 0))
+            self.judge(step, StepValues(verdict.loss, verdict.grad_norm, 0, 0, verdict.rank_losses))
         judged, self._judged = self._judged, None
         if verdict.veto:  # the bands never learn a vetoed step
             self.vetoes_in_row += 1
             self.recent_vetoes.append(step)
         else:
             self.vetoes_in_row = 0
-            self._learn(verdict, judged[1], judged[2])
-        jump = self._new_lr_jump(step, judged[1]) if lrs is not None else None
+            self._learn(verdict, judged[1])
+        jump = self._new_lr_jump(step, judged[1].loss) if lrs is not None else None
         if self.incident is None and jump is not None:
             self._open(step, lr_jump=jump)
         elif self.incident is None and verdict.loss_flagged and not verdict.veto:
@@ -192,13 +216,16 @@ class Judge:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _learn(self, verdict: Verdict, loss_flag: Flag | None, grad_flag: Flag | None) -> None:
+    def _learn(self, verdict: Verdict, flags: _Flags) -> None:
         # The bands learn the step as they assessed it; what the judgement keeps besides follows their flags.
+        loss_flag, grad_flag = flags.loss, flags.grad
         if loss_flag is not None:
             self.loss_detector.learn(loss_flag)
         if grad_flag is not None:
             self.grad_detector.learn(grad_flag)
-        if loss_flag is not None and not loss_flag.flagged and self.incident is None:
+        self.rank_bands.learn(flags.ranks)
+        in_band = loss_flag is not None and not any(f is not None and f.flagged for f in (loss_flag, *flags.ranks))
+        if in_band and self.incident is None:
             self.healthy.append((verdict.step, verdict.loss))
         if grad_flag is not None and grad_flag.flagged and grad_flag.warm:
             self.grad_flags.append(verdict.step)
@@ -311,6 +338,7 @@ class Judge:
             "detector": asdict(self.detector_config),
             "loss_detector": self.loss_detector.state_dict(),
             "grad_detector": self.grad_detector.state_dict(),
+            "rank_detectors": self.rank_bands.state_dict(),
             "healthy": [[s, v] for s, v in self.healthy],
             "grad_flags": list(self.grad_flags),
             "lrs": [[s, list(lrs)] for s, lrs in self.lrs],
@@ -326,6 +354,7 @@ class Judge:
             raise ValueError("checkpoint holds no guard judgement state of a known format")
         self.loss_detector.load_state_dict(state["loss_detector"])
         self.grad_detector.load_state_dict(state["grad_detector"])
+        self.rank_bands.load_state_dict(state.get("rank_detectors", []))
         try:
             self.healthy = deque(((int(s), float(v)) for s, v in state["healthy"]), maxlen=self.healthy.maxlen)
             self.grad_flags = deque((int(s) for s in state["grad_flags"]), maxlen=self.grad_flags.maxlen)

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import spikedoc
 from tests.common.models import char_text, make_model
 
-__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin", "guard_fsdp_worker"]
+__all__ = ["spawn", "ddp_worker", "fsdp_worker", "one_process_twin", "guard_fsdp_worker", "guard_fsdp_stretch_worker"]
 
 
 def spawn(worker, tmp_path: Path, world: int = 2, **options) -> list[dict]:
@@ -151,6 +151,39 @@ def guard_fsdp_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
     runs = {mode: _guarded_fsdp_run(rank, world, tmp / mode, options, in_memory=mode == "memory")
             for mode in ("disk", "memory")}  # fmt: skip
     return {**runs, "refused": _save_with_nan_on_rank_1(rank, tmp / "refused")}
+
+
+def guard_fsdp_stretch_worker(rank: int, world: int, tmp: Path, options: dict) -> dict:
+    """FSDP2 training under the guard (its defaults, a band warm early) where rank 1 alone trains on
+    a stretch of uniformly random characters at data positions `stretch` (none when empty); the
+    other rank's batches stay text. Reports the guard's actions and the positions it skipped."""
+    from torch.distributed.fsdp import fully_shard
+
+    from spikedoc.detector.streaming import DetectorConfig
+
+    net = make_model(0)
+    for block in net.blocks:
+        fully_shard(block)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=options["lr"])
+    text = char_text()
+    data = [text.batch(world * i + rank) for i in range(options["steps"] + 40)]  # room for skipped batches
+    if rank == 1:
+        gen = torch.Generator().manual_seed(7)
+        for i in options["stretch"]:
+            rows = torch.randint(text.vocab_size, (data[i][0].shape[0], data[i][0].shape[1] + 1), generator=gen)
+            data[i] = (rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+    guard = spikedoc.Guard(net, opt, data=data, run_dir=tmp / f"stretch-{bool(options['stretch'])}",
+                           checkpoint_every=options["checkpoint_every"], max_steps=options["steps"],
+                           detector=DetectorConfig(min_history=6, window=20))  # fmt: skip
+    for _, (ids, labels) in guard:
+        net(ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    guard.close()
+    actions = [{k: a.get(k) for k in ("kind", "step", "from_step", "to_step", "reason", "positions", "loss_rank")}
+               for a in guard.actions]  # fmt: skip
+    return {"actions": actions, "skipped": guard.skipped_positions, "step": guard.step}
 
 
 def _save_with_nan_on_rank_1(rank: int, directory: Path) -> str | None:
