@@ -7,7 +7,9 @@ the first 90% of Python's documentation (each rank its own batches, 8 windows of
 then evaluated on fixed batches from the last 10% (the same on both ranks and in every run). Every
 run clips the global gradient norm at 1.0: the plain loop with `clip_grad_norm_` on the DTensors,
 the guard with its own `clip=1.0`. Each fault is trained unprotected (`none`) and under the guard
-(defaults but `checkpoint_every`):
+(defaults but `checkpoint_every`), and under OLMo-core's skip-step rule (`skip_step`:
+`bench.guard_recovery.SkipStepRule` on the loss averaged over ranks, as OLMo-core reduces it, and the
+global gradient norm before clipping; a skipped step does not call `optimizer.step()` on any rank):
 
 - `lr_surge`: the schedule (a LambdaLR) is 30x for 12 steps, then resumes;
 - `corrupt_stretch`: 30 consecutive batches of uniformly random characters on rank 1 only;
@@ -44,8 +46,10 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from bench.guard_recovery import SkipStepRule  # noqa: E402
+
 FAULTS = ("clean", "lr_surge", "corrupt_stretch", "nan_batch", "optimizer_state")
-METHODS = ("none", "guard")
+METHODS = ("none", "skip_step", "guard")
 
 
 @dataclass(kw_only=True)
@@ -122,6 +126,8 @@ def _run(rank: int, fault: str, method: str, cfg: BenchConfig, run_dir: Path) ->
         data[onset]["poison"] = True
     zeroed = False
     guard = None
+    rule = SkipStepRule() if method == "skip_step" else None
+    skipped = 0
     if method == "guard":
         guard = spikedoc.Guard(model, optimizer, scheduler=scheduler, data=data, run_dir=run_dir,
                                checkpoint_every=cfg.checkpoint_every, max_steps=cfg.steps)  # fmt: skip
@@ -139,9 +145,17 @@ def _run(rank: int, fault: str, method: str, cfg: BenchConfig, run_dir: Path) ->
         if guard is not None:
             guard.record(loss=loss)
         loss.backward()
+        proceed = True
         if guard is None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if rule is not None:
+                mean_loss = loss.detach().clone()
+                dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                proceed = rule.proceed(float(mean_loss), float(grad_norm))  # the same values on every rank
+                skipped += not proceed
+        if proceed:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
@@ -152,7 +166,7 @@ def _run(rank: int, fault: str, method: str, cfg: BenchConfig, run_dir: Path) ->
         eval_loss = sum(float(model(**b)["loss"]) for b in evals) / len(evals)
     actions = guard.actions if guard is not None else []
     count = lambda kind: sum(a["kind"] == kind for a in actions)  # noqa: E731
-    return {"fault": fault, "method": method, "eval_loss": eval_loss, "vetoes": count("veto"),
+    return {"fault": fault, "method": method, "eval_loss": eval_loss, "vetoes": count("veto") + skipped,
             "rollbacks": count("rollback"), "data_skips": sum(len(a["positions"]) for a in actions if a["kind"] == "data_skip"),
             "stopped": any(a["kind"] == "guard_stop" for a in actions), "seconds": seconds}  # fmt: skip
 
