@@ -211,8 +211,9 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
         out.append(p["sentence"] + (f" ({steps_text(p['lead_steps'])} before the loss flag)" if p.get("lead_steps") else ""))
     if not out and ev.update_step and ev.update_step["fired"] and ev.first_nonfinite is None:
         out.append(
-            f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
-            f"gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}): the optimizer's state made the step large"
+            f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history at step "
+            f"{ev.update_step['step']} while the gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}, at most, up "
+            "to that step): the optimizer's state made the step large"
         )
     return out
 
