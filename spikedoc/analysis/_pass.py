@@ -21,7 +21,7 @@ from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents, untested_jumps
-from spikedoc.analysis.schedule import scheduled_restarts
+from spikedoc.analysis.schedule import restarted_at_resume, scheduled_restarts
 
 __all__ = ["AnalysisPass"]
 
@@ -66,9 +66,13 @@ class AnalysisPass(IncidentDiagnosis):
             ratio = self._moments_ratio(piece) if piece.resumed else None
             if resume is not None:
                 resumes.append((piece, resume, ratio))
-            jumps = without_guard_lr_changes(lr_discontinuities(frame, config=self.config), out.guard_actions)
-            jumps = [j for j in jumps if j["step"] not in self.after_holes]
             starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
+            jumps = lr_discontinuities(frame, config=self.config)
+            stepped = {(j["step"], j["group"]) for j in jumps}
+            jumps += [j for j in restarted_at_resume(frame, starts, span=self.config.lr_response_steps)
+                      if (j["step"], j["group"]) not in stepped]
+            jumps = without_guard_lr_changes(sorted(jumps, key=lambda j: (j["step"], j["group"])), out.guard_actions)
+            jumps = [j for j in jumps if j["step"] not in self.after_holes]
             own_steps = set(own["step"].tolist())
             for jump in jumps:
                 jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
@@ -245,6 +249,7 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     parts = [
         f"step {j['step']}: {fmt(j['before'])} -> {fmt(j['after'])} ({fmt(j['factor'], 2)}x)"
         + (f", at the resume of segment {j['at_resume']}" if j.get("at_resume") is not None else "")
+        + (f" (the LR of the run's first {j['retraced']} steps again: the schedule started over)" if j.get("retraced") else "")
         for j in shown[:5]
     ]
     return [Finding(

@@ -81,10 +81,18 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
         return []
     groups = jump.get("groups", [jump["group"]])
     group = "" if groups == [0] or len(groups) > 1 else f" (param group {groups[0]})"
-    out = [
-        f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
-        f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
-    ]
+    if jump.get("retraced"):
+        out = [
+            f"at the resume at step {jump['step']} the LR{group} went back to the values of the run's first "
+            f"{jump['retraced']} steps and rose from {fmt(jump['before'])} (its value before the resume) to "
+            f"{fmt(jump['after'])} ({fmt(jump['factor'], 2)}x), {steps_text(incident.onset_step - jump['step'])} before "
+            "onset: the schedule started again from step 0"
+        ]
+    else:
+        out = [
+            f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
+            f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
+        ]
     r = ev.reset_level
     if r is not None and ev.resume is None:
         out.append(f"the loss went back to {fmt(r['level'])}, {r['share']:.0%} of the way from its baseline {fmt(r['baseline'])} "
