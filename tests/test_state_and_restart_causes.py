@@ -9,6 +9,8 @@ import pytest
 
 import spikedoc
 from bench._exam_train import Fault, Setup, train
+from spikedoc.analysis.change_points import state_jumps
+from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.schedule import restarted_at_resume
 
 
@@ -63,3 +65,21 @@ def test_a_restart_below_the_lr_it_left_is_a_downward_discontinuity():
     lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
     (jump,) = restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10)
     assert (jump["direction"], jump["after"], jump["before"]) == ("down", 0.1, 0.48)
+
+
+@pytest.mark.parametrize(("setup", "kind", "step"), [
+    (Setup(seed=1009, steps=100, optimizer="adamw", d_model=40, n_layer=2, batch=16, warmup=10), "zero_v", 58),
+    (Setup(seed=1011, steps=110, optimizer="adam", d_model=24, n_layer=3, batch=8, warmup=20, clip=1.0), "scale_v", 77),
+])
+def test_an_update_jump_with_a_quiet_gradient_is_a_state_change_point(tmp_path, setup, kind, step):
+    train(setup, Fault(family="optimizer_state", kind=kind, step=step), tmp_path / "run", tmp_path / "ckpt")
+    steps = pd.read_parquet(tmp_path / "run" / "steps")
+    assert state_jumps(steps.sort_values("step"), AnalysisConfig()) == [step]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lion"])
+def test_a_clean_run_has_no_state_change_point(tmp_path, optimizer):
+    setup = Setup(seed=1013, steps=100, optimizer=optimizer, d_model=32, n_layer=2, batch=16, warmup=10)
+    train(setup, None, tmp_path / "run", tmp_path / "ckpt")
+    steps = pd.read_parquet(tmp_path / "run" / "steps")
+    assert state_jumps(steps.sort_values("step"), AnalysisConfig()) == []

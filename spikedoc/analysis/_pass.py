@@ -12,7 +12,7 @@ from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
 from spikedoc.analysis._robust import fmt, fmt_span, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
 from spikedoc.analysis.attribution import batch_profile, hash_history
-from spikedoc.analysis.change_points import anomalous_batches, change_point_incidents, weight_returns
+from spikedoc.analysis.change_points import anomalous_batches, change_point_incidents, state_jumps, weight_returns
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import lr_discontinuities, warmup
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
@@ -86,6 +86,7 @@ class AnalysisPass(IncidentDiagnosis):
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             points = [{"step": r["step"], "why": "weights"} for r in weight_returns(frame, self.config)]
             points += [{"step": j["step"], "why": "lr"} for j in untested_jumps(detection, jumps, self.detector, self.config)]
+            points += [{"step": s, "why": "optimizer state"} for s in state_jumps(frame, self.config)]
             points += [{"step": s, "why": "batch", "one_step": True}
                        for s in anomalous_batches(self._rows_of(own), self.run_profile, self.config)]
             found += change_point_incidents(frame, [p for p in points if p["step"] in own_steps], found, self.config,
