@@ -83,3 +83,18 @@ def test_a_clean_run_has_no_state_change_point(tmp_path, optimizer):
     train(setup, None, tmp_path / "run", tmp_path / "ckpt")
     steps = pd.read_parquet(tmp_path / "run" / "steps")
     assert state_jumps(steps.sort_values("step"), AnalysisConfig()) == []
+    assert "optimizer_state_changed" not in {f.id for f in spikedoc.analyze(tmp_path / "run").findings}
+
+
+@pytest.mark.parametrize(("setup", "kind", "step"), [
+    (Setup(seed=1015, steps=100, optimizer="adamw", d_model=16, n_layer=2, batch=8, warmup=20, clip=1.0), "scale_v", 64),
+    (Setup(seed=1017, steps=120, optimizer="adam", d_model=48, n_layer=1, batch=32, warmup=6), "zero_v", 88),
+])
+def test_a_state_change_is_an_optimizer_state_incident_or_else_a_finding(tmp_path, setup, kind, step):
+    diagnosis = _diagnose(tmp_path, setup, Fault(family="optimizer_state", kind=kind, step=step))
+    found = _near(diagnosis, step)
+    changed = [f.details["steps"] for f in diagnosis.findings if f.id == "optimizer_state_changed"]
+    if found:
+        assert found[0].cause == "optimizer_state" and not changed, found[0].evidence
+    else:
+        assert changed == [[step]]

@@ -9,7 +9,7 @@ import pandas as pd
 
 from spikedoc.analysis._meta import parameter_modules, watch_config
 from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
-from spikedoc.analysis._robust import fmt, fmt_span, steps_text
+from spikedoc.analysis._robust import fmt, fmt_span, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
 from spikedoc.analysis.attribution import batch_profile, hash_history
 from spikedoc.analysis.change_points import anomalous_batches, change_point_incidents, state_jumps, weight_returns
@@ -58,7 +58,7 @@ class AnalysisPass(IncidentDiagnosis):
                 "no finite loss recorded: incidents are found on the grad norm alone, and nothing is said about the "
                 "loss (its spikes, divergence, recovery, resumes); record it with monitor.record(loss=loss)"
             )
-        resumes, jumps_found, restarts = [], [], []
+        resumes, jumps_found, restarts, state_changes = [], [], [], []
         for piece in lineage.pieces:
             frame = lineage.frame(piece.index)
             own = frame.loc[frame["_own"]]
@@ -86,7 +86,8 @@ class AnalysisPass(IncidentDiagnosis):
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             points = [{"step": r["step"], "why": "weights"} for r in weight_returns(frame, self.config)]
             points += [{"step": j["step"], "why": "lr"} for j in untested_jumps(detection, jumps, self.detector, self.config)]
-            points += [{"step": s, "why": "optimizer state"} for s in state_jumps(frame, self.config)]
+            changed = [s for s in state_jumps(frame, self.config) if s in own_steps and s not in starts]
+            points += [{"step": s, "why": "optimizer state"} for s in changed]
             points += [{"step": s, "why": "batch", "one_step": True}
                        for s in anomalous_batches(self._rows_of(own), self.run_profile, self.config)]
             found += change_point_incidents(frame, [p for p in points if p["step"] in own_steps], found, self.config,
@@ -94,6 +95,7 @@ class AnalysisPass(IncidentDiagnosis):
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             self.profile = self._profile_before(frame, found)
             found = self._one_per_stretch(found, frame)
+            state_changes += [s for s in changed if not any(i.onset_step - 2 <= s <= i.end_step + 2 for i in found)]
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                self._lineage_checkpoints(frame) if found else [],
                                healthy=self._healthy(frame, detection) if found else None,
@@ -111,6 +113,7 @@ class AnalysisPass(IncidentDiagnosis):
         out.findings = lint(self.meta, final)
         out.findings += self._resume_findings(resumes)
         out.findings += _jump_findings(jumps_found)
+        out.findings += _state_change_findings(state_changes)
         out.summary = {
             "first_step": int(self.steps["step"].min()),
             "last_step": int(self.steps["step"].max()),
@@ -241,6 +244,22 @@ class AnalysisPass(IncidentDiagnosis):
         return found
 
 
+
+
+def _state_change_findings(steps: list[int]) -> list[Finding]:
+    """Optimizer-state changes (`state_jumps`) that no incident explains: the loss did not leave its trajectory."""
+    if not steps:
+        return []
+    return [Finding(
+        id="optimizer_state_changed", severity="warning",
+        message=f"the update per unit LR jumped at step{'s' if len(steps) > 1 else ''} {fmt_steps(steps, 5)} with no "
+        "jump of the gradient norm, and the loss did not leave its trajectory: the optimizer's state changed under "
+        "the run (zeroed or rescaled moments, a state dropped or loaded from elsewhere?)",
+        why="An optimizer's update follows its gradient and the moments that gradient built; the update jumping alone "
+        "is the state changing, which a lossy converter, a partial resume or a bug can do without the loss showing it "
+        "at once (the held-out loss may still be worse).",
+        details={"steps": steps},
+    )]
 
 
 def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
