@@ -465,3 +465,13 @@ def test_recommended_lr_factor_and_new_peak_lr_follow_the_case_study(tmp_path):
     assert rec["lr_factor"] == pytest.approx(0.7)
     assert rec["new_peak_lr"] == pytest.approx(0.7 * 3e-4, rel=1e-5)
     assert math.isclose(rec["clip_max_norm"], 0.5)  # meta clip 1.0 -> halved
+
+
+def test_two_gradient_outliers_in_one_episode_that_each_came_back_are_no_explosion(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T, "grad_norm"] *= 20
+    steps.loc[T + 4, "grad_norm"] *= 60  # back in the band in between; the loss never leaves its band
+    steps.loc[steps["step"] > T, "loss"] *= 1.05  # but settles higher: not a minor incident
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.metric == "grad_norm" and inc.series["grad_norm"]["recovered"] and inc.severity != "minor"
+    assert inc.cause != "grad_explosion", inc.evidence
