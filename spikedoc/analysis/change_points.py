@@ -125,11 +125,7 @@ def state_jumps(frame: pd.DataFrame, config: AnalysisConfig) -> list[int]:
     grad[~np.isfinite(grad)] = np.nan
     change = np.concatenate([[np.nan], np.diff(update)])
     half = config.z_threshold / 2
-    # A vectorised first pass: a level half the threshold up is at least that many floor sigmas above
-    # the history's median, so only those steps are scored exactly.
-    median = pd.Series(update).rolling(config.lookback, min_periods=_MIN_STATE_HISTORY).median().shift(1).to_numpy()
-    with np.errstate(invalid="ignore"):
-        candidates = np.flatnonzero((update - median >= half * LOG10_SIGMA_FLOOR) & (change > 0))
+    candidates = np.flatnonzero(_screen(update, half, config.lookback) & _screen(change, config.z_threshold, config.lookback))
     steps, hits = frame["step"].to_numpy(), []
     for i in candidates:
         lo = max(0, i - config.lookback)
@@ -137,6 +133,17 @@ def state_jumps(frame: pd.DataFrame, config: AnalysisConfig) -> list[int]:
         if level >= half and jump >= config.z_threshold and not grad_z >= half:
             hits.append(int(i))
     return [int(steps[i]) for k, i in enumerate(hits) if k == 0 or hits[k - 1] != i - 1]
+
+
+def _screen(series: np.ndarray, z: float, window: int) -> np.ndarray:
+    """A vectorised first pass: the steps at least half of `z` sigmas above the median of the `window`
+    values before them, the sigma from their interquartile range (MAD's sigma on symmetric noise;
+    half the bar leaves room where the two differ) and floored as the exact score's is."""
+    rolling = pd.Series(series).rolling(window, min_periods=_MIN_STATE_HISTORY)
+    median, q1, q3 = (r.shift(1).to_numpy() for r in (rolling.median(), rolling.quantile(0.25), rolling.quantile(0.75)))
+    sigma = np.maximum((q3 - q1) / 1.349, LOG10_SIGMA_FLOOR)
+    with np.errstate(invalid="ignore"):
+        return series - median >= 0.5 * z * sigma
 
 
 def _z_against(series: np.ndarray, lo: int, i: int) -> float:

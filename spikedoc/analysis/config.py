@@ -50,7 +50,7 @@ class AnalysisConfig:
     """Robust z-score (MAD-based sigmas) above which a batch statistic or a tensor counts as off."""
     distinct_z: float = 4.5
     """Robust z-score above which a batch's distinct-token ratio counts as off (with `batch_ratio`):
-    the ratio is bounded by 1, so a batch of random bytes sits at 1.5-1.6x the median and 5-14 sigmas;
+    the ratio is bounded by 1, so a batch of random bytes sits at 1.5-1.6x the median and 4.9-14 sigmas;
     on the exam's 60 clean calibration runs no batch reached 1.5x and the largest upward z was 3.5
     (`bench/exam.py`). Lengths and token counts keep `z_threshold`: their tiny MADs put clean batches
     past z = 8 at 1.5x."""
