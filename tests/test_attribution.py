@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history, module_kind, module_kinds
@@ -267,3 +268,23 @@ def test_module_kinds_place_unnamed_projections_by_registration_order_in_their_b
 
 def test_module_kinds_infer_nothing_without_the_registration_order():
     assert module_kinds(["blocks.0.qkv.weight", "blocks.0.proj.weight"], {})["blocks.0.proj.weight"] == "other"
+
+
+def _five_sigmas_up(column: str) -> list[dict]:
+    """One batch about 5 robust sigmas and 1.6x above 99 batches spread evenly over 0.6 +- 0.075
+    (lengths: the same times 100)."""
+    scale = 1.0 if column == "distinct_token_ratio" else 100.0
+    values = [scale * (0.6 + 0.025 * ((i % 7) - 3)) for i in range(99)]
+    run = pd.DataFrame({"step": range(100), column: values + [scale * 0.96]})
+    profile = batch_profile(run)
+    center, sigma = profile.stats[column]
+    assert 4.5 <= (0.96 * scale - center) / sigma < 6  # the band in which the two thresholds differ
+    return attribute_batches(run.tail(1), profile=profile)
+
+
+def test_a_distinct_token_ratio_five_sigmas_and_half_again_above_the_run_is_an_anomaly():
+    assert _five_sigmas_up("distinct_token_ratio")[0]["flags"] == ["high_distinct_token_ratio"]
+
+
+def test_a_sequence_length_five_sigmas_above_the_run_is_not_yet_an_anomaly():
+    assert _five_sigmas_up("seq_len_max")[0]["flags"] == []

@@ -465,3 +465,27 @@ def test_recommended_lr_factor_and_new_peak_lr_follow_the_case_study(tmp_path):
     assert rec["lr_factor"] == pytest.approx(0.7)
     assert rec["new_peak_lr"] == pytest.approx(0.7 * 3e-4, rel=1e-5)
     assert math.isclose(rec["clip_max_norm"], 0.5)  # meta clip 1.0 -> halved
+
+
+def test_two_gradient_outliers_in_one_episode_that_each_came_back_are_no_explosion(tmp_path):
+    steps = healthy_steps()
+    steps.loc[T, "grad_norm"] *= 20
+    steps.loc[T + 4, "grad_norm"] *= 60  # back in the band in between; the loss never leaves its band
+    steps.loc[steps["step"] > T, "loss"] *= 1.05  # but settles higher: not a minor incident
+    inc = _only(analyze(write_run(tmp_path / "run", steps)))
+    assert inc.metric == "grad_norm" and inc.series["grad_norm"]["recovered"] and inc.severity != "minor"
+    assert inc.cause != "grad_explosion", inc.evidence
+
+
+def test_a_rollback_never_stops_after_an_earlier_incident_the_run_did_not_recover_from(tmp_path):
+    steps = healthy_steps()
+    for at in (T, T + 80):  # two spikes, each leaving the loss 10% higher
+        _elevate(steps, at, at + 5, 2.0)
+        _elevate(steps, at + 5, 600, 1.1)
+    steps.loc[T + 80, "distinct_token_ratio"] = 0.02  # the second one on a bad batch
+    first, later = analyze(write_run(tmp_path / "run", steps)).incidents
+    assert (first.onset_step, later.onset_step, later.cause) == (T, T + 80, "bad_batch")
+    assert first.recommendation["rollback"] and later.recommendation["rollback"]
+    assert later.recommendation["rollback_to_step"] == first.recommendation["rollback_to_step"] < T
+    rollback = next(a for a in later.recommendation["actions"] if a["action"] == "rollback")
+    assert f"had not recovered from the incident at step {T}" in rollback["because"]

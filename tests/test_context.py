@@ -132,3 +132,19 @@ def test_an_lr_change_alone_does_not_look_like_an_optimizer_state_problem():
     steps = healthy_steps()
     steps.loc[T:, ["lr", "update_norm"]] *= 10
     assert not update_without_grad(steps, T, T)["fired"]
+
+
+def test_an_update_that_departs_the_step_before_onset_with_a_quiet_gradient_points_at_the_optimizer():
+    steps = healthy_steps()
+    steps.loc[T - 1, "update_norm"] *= 20
+    steps.loc[T, "grad_norm"] *= 20  # the loss flag's own step: the state's damage shows in the gradient
+    assert not update_without_grad(steps, T, T)["fired"]
+    found = update_without_grad(steps, T, T, before=2)
+    assert found["fired"] and found["step"] == T - 1
+
+
+def test_a_gradient_that_jumped_first_explains_the_update_that_followed():
+    steps = healthy_steps()
+    steps.loc[T - 1, "grad_norm"] *= 20
+    steps.loc[T, "update_norm"] *= 20
+    assert not update_without_grad(steps, T, T, before=2)["fired"]

@@ -9,10 +9,10 @@ import pandas as pd
 
 from spikedoc.analysis._meta import parameter_modules, watch_config
 from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
-from spikedoc.analysis._robust import fmt, fmt_span, steps_text
+from spikedoc.analysis._robust import fmt, fmt_span, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
 from spikedoc.analysis.attribution import batch_profile, hash_history
-from spikedoc.analysis.change_points import anomalous_batches, change_point_incidents, weight_returns
+from spikedoc.analysis.change_points import anomalous_batches, change_point_incidents, state_jumps, weight_returns
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import lr_discontinuities, warmup
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
@@ -21,7 +21,7 @@ from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents, untested_jumps
-from spikedoc.analysis.schedule import scheduled_restarts
+from spikedoc.analysis.schedule import restarted_at_resume, scheduled_restarts
 
 __all__ = ["AnalysisPass"]
 
@@ -58,7 +58,7 @@ class AnalysisPass(IncidentDiagnosis):
                 "no finite loss recorded: incidents are found on the grad norm alone, and nothing is said about the "
                 "loss (its spikes, divergence, recovery, resumes); record it with monitor.record(loss=loss)"
             )
-        resumes, jumps_found, restarts = [], [], []
+        resumes, jumps_found, restarts, state_changes = [], [], [], []
         for piece in lineage.pieces:
             frame = lineage.frame(piece.index)
             own = frame.loc[frame["_own"]]
@@ -66,9 +66,13 @@ class AnalysisPass(IncidentDiagnosis):
             ratio = self._moments_ratio(piece) if piece.resumed else None
             if resume is not None:
                 resumes.append((piece, resume, ratio))
-            jumps = without_guard_lr_changes(lr_discontinuities(frame, config=self.config), out.guard_actions)
-            jumps = [j for j in jumps if j["step"] not in self.after_holes]
             starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
+            jumps = lr_discontinuities(frame, config=self.config)
+            stepped = {(j["step"], j["group"]) for j in jumps}
+            jumps += [j for j in restarted_at_resume(frame, starts, span=self.config.lr_response_steps)
+                      if (j["step"], j["group"]) not in stepped]
+            jumps = without_guard_lr_changes(sorted(jumps, key=lambda j: (j["step"], j["group"])), out.guard_actions)
+            jumps = [j for j in jumps if j["step"] not in self.after_holes]
             own_steps = set(own["step"].tolist())
             for jump in jumps:
                 jump["at_resume"] = starts.get(jump["step"]) if jump["step"] in starts else None
@@ -82,6 +86,8 @@ class AnalysisPass(IncidentDiagnosis):
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             points = [{"step": r["step"], "why": "weights"} for r in weight_returns(frame, self.config)]
             points += [{"step": j["step"], "why": "lr"} for j in untested_jumps(detection, jumps, self.detector, self.config)]
+            changed = [s for s in state_jumps(frame, self.config) if s in own_steps and s not in starts]
+            points += [{"step": s, "why": "optimizer state"} for s in changed]
             points += [{"step": s, "why": "batch", "one_step": True}
                        for s in anomalous_batches(self._rows_of(own), self.run_profile, self.config)]
             found += change_point_incidents(frame, [p for p in points if p["step"] in own_steps], found, self.config,
@@ -89,6 +95,7 @@ class AnalysisPass(IncidentDiagnosis):
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             self.profile = self._profile_before(frame, found)
             found = self._one_per_stretch(found, frame)
+            state_changes += [s for s in changed if not any(i.onset_step - 2 <= s <= i.end_step + 2 for i in found)]
             shared = PieceData(frame, hash_history(self._rows_of(frame)) if found else {},
                                self._lineage_checkpoints(frame) if found else [],
                                healthy=self._healthy(frame, detection) if found else None,
@@ -106,6 +113,7 @@ class AnalysisPass(IncidentDiagnosis):
         out.findings = lint(self.meta, final)
         out.findings += self._resume_findings(resumes)
         out.findings += _jump_findings(jumps_found)
+        out.findings += _state_change_findings(state_changes)
         out.summary = {
             "first_step": int(self.steps["step"].min()),
             "last_step": int(self.steps["step"].max()),
@@ -238,6 +246,22 @@ class AnalysisPass(IncidentDiagnosis):
 
 
 
+def _state_change_findings(steps: list[int]) -> list[Finding]:
+    """Optimizer-state changes (`state_jumps`) that no incident explains: the loss did not leave its trajectory."""
+    if not steps:
+        return []
+    return [Finding(
+        id="optimizer_state_changed", severity="warning",
+        message=f"the update per unit LR jumped at step{'s' if len(steps) > 1 else ''} {fmt_steps(steps, 5)} with no "
+        "jump of the gradient norm, and the loss did not leave its trajectory: the optimizer's state changed under "
+        "the run (zeroed or rescaled moments, a state dropped or loaded from elsewhere?)",
+        why="An optimizer's update follows its gradient and the moments that gradient built; the update jumping alone "
+        "is the state changing, which a lossy converter, a partial resume or a bug can do without the loss showing it "
+        "at once (the held-out loss may still be worse).",
+        details={"steps": steps},
+    )]
+
+
 def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     shown = one_per_step([j for j in jumps if j["direction"] == "up" or j.get("at_resume") is not None])
     if not shown:
@@ -245,6 +269,7 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     parts = [
         f"step {j['step']}: {fmt(j['before'])} -> {fmt(j['after'])} ({fmt(j['factor'], 2)}x)"
         + (f", at the resume of segment {j['at_resume']}" if j.get("at_resume") is not None else "")
+        + (f" (the LR of the run's first {j['retraced']} steps again: the schedule started over)" if j.get("retraced") else "")
         for j in shown[:5]
     ]
     return [Finding(

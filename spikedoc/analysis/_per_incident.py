@@ -120,7 +120,7 @@ class IncidentDiagnosis:
                                        onset, end, config=cfg)
         if shared.resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
             ev.resume, ev.moments_ratio = shared.resume, shared.moments_ratio
-        ev.update_step = update_without_grad(frame, onset, peak, config=cfg)
+        ev.update_step = update_without_grad(frame, onset, peak, config=cfg, before=_CANDIDATES)
         ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
         ev.has_grad = self.has_grad
         ev.has_loss = "loss" not in self.out.missing
@@ -155,8 +155,10 @@ class IncidentDiagnosis:
         inc.batches = ev.batches
         inc.layers = ev.layers.layers if ev.layers is not None else []
         inc.precursor_lead_steps = _lead(inc, loss_flag, ev)
+        unrecovered = next((i for i in shared.incidents if _left_state_behind(i, onset)), None)
         inc.recommendation = recommend(inc, ev, checkpoints=shared.checkpoints, clip=self.clip,
-                                       peak_lr=shared.peak_lr_before(onset), first_step=shared.first_step, config=cfg)
+                                       peak_lr=shared.peak_lr_before(onset), first_step=shared.first_step, config=cfg,
+                                       unrecovered=unrecovered)
         return {
             "segment": piece.segment,
             "loss_flag_step": loss_flag,
@@ -193,6 +195,18 @@ class IncidentDiagnosis:
             inc.recovered = inc.verdict == "recovered"
             inc.recovery_step = judged.back_step if inc.recovered else None
         ev.reset_level = reset_level(inc, frame, shared, ev, self.config)
+
+def _left_state_behind(earlier: Incident, onset: int) -> bool:
+    """An incident diagnosed before (incidents are diagnosed in step order) that left the state a later
+    one at `onset` grew from: it advised a rollback, and reset the state or had its loss still off its
+    trajectory when the later one began (one back on it by then, judged bad only through what came
+    after, left nothing behind)."""
+    rec = earlier.recommendation or {}
+    if earlier.onset_step >= onset or not rec.get("rollback") or rec.get("rollback_to_step") is None:
+        return False
+    back = (earlier.damage or {}).get("back_step")
+    return earlier.cause == "state_reset" or back is None or back >= onset
+
 
 def _lead(inc: Incident, loss_flag: int | None, ev: Evidence) -> int | None:
     """Steps from the earliest precursor (grad-norm flag, tensor departure) to the loss flag; 0 when

@@ -81,6 +81,7 @@ def recommend(
     peak_lr: float | None,
     first_step: int,
     config: AnalysisConfig | None = None,
+    unrecovered: Incident | None = None,
 ) -> dict[str, Any]:
     """What to do about one incident: decisions as data, each action with the evidence it rests on.
 
@@ -96,6 +97,9 @@ def recommend(
         peak_lr: the schedule's intended peak before onset (never an LR after an upward jump), None if unknown.
         first_step: first step of the lineage (a rollback never goes before it).
         config: `lr_factor`.
+        unrecovered: the earliest incident before this one on its lineage that advised a rollback (it
+            did not recover, or reset the state): the state before it is the last healthy one, so a
+            rollback never stops after its target.
 
     Returns:
         `rollback` (bool), `rollback_to_step`, `checkpoint_path`, `checkpoint_known` (these three None,
@@ -111,7 +115,8 @@ def recommend(
     skip = _skip_list(incident, ev)
     rollback = incident.verdict != "recovered" or cause == "state_reset"
     # The rollback fields say where to go only when going: a recovered run has no target to name.
-    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step) if rollback else \
+    not_after = unrecovered.recommendation["rollback_to_step"] if unrecovered is not None else None
+    rec: dict[str, Any] = _rollback_target(incident, ev, checkpoints, first_step, not_after) if rollback else \
         {"rollback_to_step": None, "checkpoint_path": None, "checkpoint_known": False, "checkpoints_overwritten": []}
     rec["rollback"] = rollback
     rec.update(lr_factor=None, new_peak_lr=None, clip_max_norm=None, hold_lr=None,
@@ -126,7 +131,9 @@ def recommend(
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
                         "known": rec["checkpoint_known"], "overwritten": rec["checkpoints_overwritten"],
-                        "because": _damage_because(incident)})
+                        "because": _damage_because(incident) + (
+                            f"; the run had not recovered from the incident at step {unrecovered.onset_step} before "
+                            "it, so the state to return to is the one before that" if unrecovered is not None else "")})
     else:
         actions.append({"action": "none", "because": _recovered_because(incident)})
     actions += _repairs(incident, ev, rec, peak_lr)
@@ -158,7 +165,7 @@ def recommend(
 
 
 def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[int, str | None, int | None]],
-                     first_step: int) -> dict[str, Any]:  # fmt: skip
+                     first_step: int, not_after: int | None = None) -> dict[str, Any]:  # fmt: skip
     bad = [b["step"] for b in ev.batches if b["anomalies"]] if incident.cause == "bad_batch" else []
     # The loss at onset is the first to show the update of the step before, unless the fault is the
     # onset step's own: its batch (bad_batch: high before its update), a state not loaded at a
@@ -177,7 +184,8 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
     earliest = min([shown] + bad
                    + ([ev.build_up["step"]] if ev.build_up else [] if pinned else departed)
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
-                   + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else []))
+                   + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else [])
+                   + ([not_after] if not_after is not None else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
     # it is clean when s <= the first affected step, and its file still holds it unless a later
     # event wrote the same path again.

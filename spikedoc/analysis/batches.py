@@ -142,8 +142,9 @@ def _stat_anomaly(column, what, direction, value, center_sigma, config) -> tuple
         return None, None
     z = robust_z(value, center, sigma)
     ratio = value / center
-    high = direction in ("high", "both") and z >= config.z_threshold and ratio >= config.batch_ratio
-    low = direction in ("low", "both") and z <= -config.z_threshold and ratio <= 1 / config.batch_ratio
+    z_off = config.distinct_z if column == "distinct_token_ratio" else config.z_threshold
+    high = direction in ("high", "both") and z >= z_off and ratio >= config.batch_ratio
+    low = direction in ("low", "both") and z <= -z_off and ratio <= 1 / config.batch_ratio
     if column == "distinct_token_ratio" and value <= config.near_constant_ratio and ratio < 1:
         return f"distinct-token ratio {fmt(value, 2)}: near-constant input (run's median {fmt(center, 2)})", "near_constant"
     if high and column == "distinct_token_ratio":

@@ -81,10 +81,18 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
         return []
     groups = jump.get("groups", [jump["group"]])
     group = "" if groups == [0] or len(groups) > 1 else f" (param group {groups[0]})"
-    out = [
-        f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
-        f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
-    ]
+    if jump.get("retraced"):
+        out = [
+            f"at the resume at step {jump['step']} the LR{group} went back to the values of the run's first "
+            f"{jump['retraced']} steps and rose from {fmt(jump['before'])} (its value before the resume) to "
+            f"{fmt(jump['after'])} ({fmt(jump['factor'], 2)}x), {steps_text(incident.onset_step - jump['step'])} before "
+            "onset: the schedule started again from step 0"
+        ]
+    else:
+        out = [
+            f"the LR{group} jumped from {fmt(jump['before'])} to {fmt(jump['after'])} ({fmt(jump['factor'], 2)}x) at step "
+            f"{jump['step']}, {steps_text(incident.onset_step - jump['step'])} before onset"
+        ]
     r = ev.reset_level
     if r is not None and ev.resume is None:
         out.append(f"the loss went back to {fmt(r['level'])}, {r['share']:.0%} of the way from its baseline {fmt(r['baseline'])} "
@@ -211,8 +219,9 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
         out.append(p["sentence"] + (f" ({steps_text(p['lead_steps'])} before the loss flag)" if p.get("lead_steps") else ""))
     if not out and ev.update_step and ev.update_step["fired"] and ev.first_nonfinite is None:
         out.append(
-            f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history while the "
-            f"gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}): the optimizer's state made the step large"
+            f"the update norm per unit LR was {fmt(ev.update_step['update_z'], 2)} sigma above its history at step "
+            f"{ev.update_step['step']} while the gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}, at most, up "
+            "to that step): the optimizer's state made the step large"
         )
     return out
 
@@ -247,6 +256,8 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
     if ev.build_up is None:
         if ev.minor or incident.metric != "grad_norm" or ev.loss_flag_step is not None or incident.kind == "nonfinite":
             return []
+        if (incident.series.get("grad_norm") or {}).get("recovered"):
+            return []  # outliers that each came back into the band (two one-step blips in one episode): no explosion
         return [  # a gradient norm that stayed out of its band: not a blip, whatever the loss did
             f"the gradient norm reached {fmt(incident.peak_value)} at step {incident.peak_step}, "
             f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}, and did not come back"

@@ -1,4 +1,4 @@
-"""Incidents at known change points: the weights going back toward their start, an LR jump with too little history, an anomalous batch.
+"""Incidents at known change points: the weights going back toward their start, an LR jump with too little history, an anomalous batch, an update the gradient does not explain.
 
 The spike detector judges each step against a rolling baseline of the last `window` steps. Early in
 a run the loss is still falling fast, so that baseline holds much higher losses and a wide spread:
@@ -10,6 +10,9 @@ before it, by `damage_z` of its own autocorrelation-robust standard errors (the 
 statistic, `recovery.lasting_excess`)? An anomalous batch (its fingerprint: near-constant tokens,
 overlong sequences, a distinct-token ratio far off the run's) is a one-step change: its own loss,
 measured before its update, must be the detector's `threshold` of the trajectory's sigmas above it.
+An update the gradient does not explain (`state_jumps`: the update norm per unit LR far above its
+history at a step whose gradient norm is not) is the optimizer's state changing under the run:
+zeroed or rescaled moments, a dropped state.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, robust_center_scale
 from spikedoc.analysis.batches import BatchProfile, attribute_batches
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory, lasting_excess
 
-__all__ = ["weight_returns", "anomalous_batches", "trajectory_response", "change_point_incidents"]
+__all__ = ["weight_returns", "anomalous_batches", "state_jumps", "trajectory_response", "change_point_incidents"]
 
 # The run's parameter norm must have moved this share of itself from its start before a move "back" means anything.
 _MOVED = 0.01
@@ -34,6 +38,9 @@ _MOVED = 0.01
 _NEAR = 2
 # Logged steps before the change that fit the trajectory the response is tested against.
 _MIN_BEFORE = 10
+# Logged steps of update and gradient history a state jump is judged against (a robust sigma from
+# fewer is too rough; Adam's bias-corrected first steps move the update per unit LR on their own).
+_MIN_STATE_HISTORY = 20
 
 
 def weight_returns(frame: pd.DataFrame, config: AnalysisConfig) -> list[dict[str, Any]]:
@@ -83,6 +90,66 @@ def anomalous_batches(rows: pd.DataFrame, profile: BatchProfile, config: Analysi
     if not off.any():
         return []
     return sorted({int(b["step"]) for b in attribute_batches(rows.loc[off], profile=profile, config=config) if b["anomalies"]})
+
+
+def state_jumps(frame: pd.DataFrame, config: AnalysisConfig) -> list[int]:
+    """Steps where the update norm per unit LR jumps while the gradient norm does not: its change
+    from the step before is `z_threshold` robust sigmas off the run's step-to-step changes, its level
+    half that above its last `lookback` steps, and the gradient norm within half of it of its own.
+
+    The update of a healthy optimizer follows its gradient (SGD), or its gradient over the moments
+    that the gradient built (Adam); per unit LR, schedule changes drop out. An update that jumps with
+    a quiet gradient is the state itself changing: zeroed or rescaled moments, momentum blown up, a
+    state dropped. The change from one step to the next is what makes it a jump: the level alone
+    drifts early in a run (Adam's update per unit LR falls for tens of steps), and a level test then
+    misses a 27x jump, while changes alone are heavy-tailed (one SGD step in a clean run scores 10).
+    On the exam's 60 clean calibration runs no step qualifies; of its 17 optimizer-state runs with
+    Adam or SGD, the planted step does in 14 (not: two SGD momentum buffers dropped, whose update
+    falls, and one Adam state dropped; `bench/exam.py`).
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> frame = pd.DataFrame({"step": range(60), "lr": 1e-3, "grad_norm": np.exp(rng.normal(0, 0.1, 60)),
+        ...                       "update_norm": 1e-3 * np.exp(rng.normal(0, 0.1, 60))})
+        >>> frame.loc[40, "update_norm"] = 0.05
+        >>> state_jumps(frame, AnalysisConfig())
+        [40]
+    """
+    if not {"update_norm", "grad_norm", "lr"} <= set(frame.columns) or len(frame) <= _MIN_STATE_HISTORY:
+        return []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        update = np.log10(frame["update_norm"].to_numpy(np.float64) / frame["lr"].to_numpy(np.float64))
+        grad = np.log10(frame["grad_norm"].to_numpy(np.float64))
+    update[~np.isfinite(update)] = np.nan
+    grad[~np.isfinite(grad)] = np.nan
+    change = np.concatenate([[np.nan], np.diff(update)])
+    half = config.z_threshold / 2
+    candidates = np.flatnonzero(_screen(update, half, config.lookback) & _screen(change, config.z_threshold, config.lookback))
+    steps, hits = frame["step"].to_numpy(), []
+    for i in candidates:
+        lo = max(0, i - config.lookback)
+        level, jump, grad_z = (_z_against(series, lo, i) for series in (update, change, grad))
+        if level >= half and jump >= config.z_threshold and not grad_z >= half:
+            hits.append(int(i))
+    return [int(steps[i]) for k, i in enumerate(hits) if k == 0 or hits[k - 1] != i - 1]
+
+
+def _screen(series: np.ndarray, z: float, window: int) -> np.ndarray:
+    """A vectorised first pass: the steps at least half of `z` sigmas above the median of the `window`
+    values before them, the sigma from their interquartile range (MAD's sigma on symmetric noise;
+    half the bar leaves room where the two differ) and floored as the exact score's is."""
+    rolling = pd.Series(series).rolling(window, min_periods=_MIN_STATE_HISTORY)
+    median, q1, q3 = (r.shift(1).to_numpy() for r in (rolling.median(), rolling.quantile(0.25), rolling.quantile(0.75)))
+    sigma = np.maximum((q3 - q1) / 1.349, LOG10_SIGMA_FLOOR)
+    with np.errstate(invalid="ignore"):
+        return series - median >= 0.5 * z * sigma
+
+
+def _z_against(series: np.ndarray, lo: int, i: int) -> float:
+    """Robust z of `series[i]` against `series[lo:i]`, the log-scale floor on its sigma."""
+    center, sigma = robust_center_scale(series[lo:i])
+    return (series[i] - center) / max(sigma, LOG10_SIGMA_FLOOR) if math.isfinite(center) else math.nan
 
 
 def trajectory_response(steps: np.ndarray, losses: np.ndarray, at: int, *, span: int,

@@ -48,6 +48,12 @@ class AnalysisConfig:
     """Steps of per-tensor history, before the lookback window, that form each tensor's baseline."""
     z_threshold: float = 6.0
     """Robust z-score (MAD-based sigmas) above which a batch statistic or a tensor counts as off."""
+    distinct_z: float = 4.5
+    """Robust z-score above which a batch's distinct-token ratio counts as off (with `batch_ratio`):
+    the ratio is bounded by 1, so a batch of random bytes sits at 1.5-1.6x the median and 4.9-14 sigmas;
+    on the exam's 60 clean calibration runs no batch reached 1.5x and the largest upward z was 3.5
+    (`bench/exam.py`). Lengths and token counts keep `z_threshold`: their tiny MADs put clean batches
+    past z = 8 at 1.5x."""
     batch_ratio: float = 1.5
     """A batch statistic must also differ from the run's median by this factor (either way)."""
     near_constant_ratio: float = 0.1
@@ -81,7 +87,7 @@ class AnalysisConfig:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
         if not 0 < self.minor_ratio:
             raise ValueError(f"AnalysisConfig.minor_ratio must be > 0, got {self.minor_ratio!r}")
-        for name in ("z_threshold", "lr_jump", "lr_response_sigma"):
+        for name in ("z_threshold", "distinct_z", "lr_jump", "lr_response_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AnalysisConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not self.batch_ratio > 1:

@@ -217,11 +217,16 @@ def rank_divergence(
     return {"ranks": ranks, "off_ranks": off, "alone": alone, "sentences": sentences}
 
 
-def update_without_grad(frame: pd.DataFrame, onset: int, peak: int, *, config: AnalysisConfig | None = None) -> dict[str, Any] | None:
+def update_without_grad(frame: pd.DataFrame, onset: int, peak: int, *, config: AnalysisConfig | None = None,
+                        before: int = 0) -> dict[str, Any] | None:
     """Global update norm per unit LR far above its history while the gradient norm is not.
 
     Dividing by the LR removes schedule effects; what is left moves with the optimizer's state
-    (Adam's denominator). Returns None when the columns or the history are missing.
+    (Adam's denominator, a momentum buffer). The steps read run from `before` steps ahead of onset
+    (the update of step t shows in the loss of t+1) to the peak; the first of them whose update is
+    off decides, and the gradient norm must not be off at it or at any step read before it: a
+    gradient that jumped first explains its update. Returns None when the columns or the history
+    are missing.
     """
     config = config or AnalysisConfig()
     needed = {"update_norm", "grad_norm", "lr"}
@@ -232,15 +237,16 @@ def update_without_grad(frame: pd.DataFrame, onset: int, peak: int, *, config: A
         per_lr = np.log10(frame["update_norm"].to_numpy(dtype=float) / frame["lr"].to_numpy(dtype=float))
         grad = np.log10(frame["grad_norm"].to_numpy(dtype=float))
     hist = (steps < onset - config.lookback // 4) & (steps >= onset - config.lookback * 3)
-    at = (steps >= onset) & (steps <= max(onset, peak))
+    at = (steps >= onset - before) & (steps <= max(onset, peak))
     if finite(per_lr[hist]).size < 8 or not at.any():
         return None
     zs = {}
     for key, series in (("update", per_lr), ("grad", grad)):
         center, sigma = robust_center_scale(series[hist])
         sigma = max(sigma, LOG10_SIGMA_FLOOR)  # the per-tensor scores' floor
-        vals = finite(series[at])
-        zs[key] = max((robust_z(v, center, sigma) for v in vals), default=math.nan)
-    fired = zs["update"] >= config.z_threshold and not zs["grad"] >= config.z_threshold / 2
-    return {"update_z": zs["update"], "grad_z": zs["grad"], "fired": bool(fired)}
-
+        zs[key] = np.array([robust_z(v, center, sigma) if math.isfinite(v) else math.nan for v in series[at]])
+    off = np.flatnonzero(zs["update"] >= config.z_threshold)
+    first = int(off[0]) if off.size else int(np.nanargmax(np.where(np.isfinite(zs["update"]), zs["update"], -np.inf)))
+    grad_z = float(np.nanmax(zs["grad"][: first + 1], initial=-np.inf))
+    fired = off.size > 0 and not grad_z >= config.z_threshold / 2
+    return {"update_z": float(zs["update"][first]), "grad_z": grad_z, "step": int(steps[at][first]), "fired": bool(fired)}

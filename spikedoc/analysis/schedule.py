@@ -25,10 +25,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["restart_settings", "scheduled_restarts"]
+__all__ = ["restart_settings", "scheduled_restarts", "restarted_at_resume"]
 
 # A restart goes back to the peak LR to within this relative tolerance.
 _PEAK_TOLERANCE = 0.01
+# Steps after a resume whose LR must retrace the lineage's first steps for a schedule restarted from
+# its start: the whole warmup of most recipes, and enough that a constant stretch alone never matches.
+_RETRACE_STEPS = 5
+# An LR change smaller than this share is no restart (a constant LR retraces itself trivially).
+_MIN_RESTART_CHANGE = 0.2
 # Periods T_0 * T_mult**k considered (T_mult = 2 reaches 2**40 * T_0 steps).
 _MAX_PERIODS = 40
 
@@ -170,3 +175,55 @@ def _geometric(candidates: list[int], starts: list[int]) -> list[int]:
         if inner_ratios.size and not (np.all(inner_ratios == inner_ratios[0]) and inner_ratios[0] == int(inner_ratios[0])):
             return []
     return candidates
+
+
+def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int], *, span: int) -> list[dict[str, Any]]:
+    """Resumes whose LR started the schedule again: from the resume on, the LR retraces the lineage's
+    own first steps (to within 1%) while it differs from the LR just before the resume by 20% or more.
+
+    That is the scheduler (or the loop's step counter for a hand-set LR) not restored with the
+    checkpoint: a warmup run again, then a decay from the peak the run had left behind. The LR rises
+    gradually along the warmup, so the step test of `lr_discontinuities` never sees it.
+
+    Args:
+        frame: one lineage's step table (`step`, `lr`, `lr_<i>`), in step order.
+        starts: first step -> segment of each resumed piece of the lineage.
+        span: steps after the resume over which the restarted LR's highest value is taken.
+
+    Returns:
+        One discontinuity per resume and param group, as `lr_discontinuities` gives them (`step` the
+        resume, `before` the LR just before it, `after` the highest LR of the `span` steps from it on,
+        `direction` up when that is 20% above `before`), plus `at_resume` and `retraced` (steps compared).
+
+    Example:
+        >>> lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.45, 0.4, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+        >>> frame = pd.DataFrame({"step": range(14), "lr": lr})
+        >>> [(j["step"], j["direction"], j["after"]) for j in restarted_at_resume(frame, {8: 1}, span=10)]
+        [(8, 'up', 0.5)]
+    """
+    from spikedoc.analysis.context import lr_columns
+
+    out = []
+    steps = frame["step"].to_numpy()
+    for column in lr_columns(frame):
+        lr = frame[column].to_numpy(dtype=float)
+        for start, segment in sorted(starts.items()):
+            i = int(np.searchsorted(steps, start))
+            n = min(_RETRACE_STEPS, i, len(lr) - i)
+            if i == 0 or i >= len(lr) or steps[i] != start or n < _RETRACE_STEPS:
+                continue
+            ahead, first, before = lr[i : i + n], lr[:n], float(lr[i - 1])
+            if not (np.isfinite(ahead).all() and np.isfinite(first).all() and before > 0):
+                continue
+            retraced = bool(np.all(np.abs(ahead - first) <= _PEAK_TOLERANCE * np.maximum(np.abs(first), 1e-30)))
+            if not retraced or abs(lr[i] - before) < _MIN_RESTART_CHANGE * before:
+                continue
+            window = lr[i : i + span]
+            after = float(np.nanmax(window))
+            up = after >= (1 + _MIN_RESTART_CHANGE) * before
+            out.append({
+                "step": start, "group": 0 if column == "lr" else int(column[3:]), "before": before,
+                "after": after if up else float(lr[i]), "factor": (after if up else float(lr[i])) / before,
+                "direction": "up" if up else "down", "at_resume": segment, "retraced": n,
+            })  # fmt: skip
+    return sorted(out, key=lambda j: (j["step"], j["group"]))

@@ -1,0 +1,100 @@
+"""Optimizer state, random-byte batches and a resume that restarts the schedule, on real tiny runs
+(the exam's trainer) at seeds, sizes, lengths and steps the rules were not set on: the exam's
+calibration half uses even seeds below 120 and 120-step runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import spikedoc
+from bench._exam_train import Fault, Setup, train
+from spikedoc.analysis.change_points import state_jumps
+from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.analysis.schedule import restarted_at_resume
+
+
+def _diagnose(tmp_path, setup: Setup, fault: Fault):
+    train(setup, fault, tmp_path / "run", tmp_path / "ckpt")
+    return spikedoc.analyze(tmp_path / "run")
+
+
+def _near(diagnosis, step: int, after: int = 3):
+    return [i for i in diagnosis.incidents if step - 2 <= i.onset_step <= step + after]
+
+
+@pytest.mark.parametrize(("setup", "step"), [
+    (Setup(seed=1001, steps=100, optimizer="sgd", d_model=24, n_layer=2, batch=16, warmup=8), 61),
+    (Setup(seed=1203, steps=90, optimizer="sgd", d_model=40, n_layer=1, batch=8, warmup=10, clip=1.0), 47),
+])
+def test_momentum_blown_up_between_steps_is_the_optimizer_state(tmp_path, setup, step):
+    found = _near(_diagnose(tmp_path, setup, Fault(family="optimizer_state", kind="scale_m", step=step)), step)
+    assert found, "the momentum x100 made no incident"
+    assert found[0].cause == "optimizer_state", found[0].evidence
+    assert any("the optimizer's state made the step large" in e for e in found[0].evidence)
+
+
+def test_a_batch_of_random_bytes_is_a_bad_batch_by_its_token_diversity(tmp_path):
+    setup = Setup(seed=1005, steps=100, optimizer="adamw", d_model=40, n_layer=2, batch=8, warmup=10)
+    found = _near(_diagnose(tmp_path, setup, Fault(family="bad_batch", kind="random", step=63)), 63)
+    assert found and found[0].cause == "bad_batch", [i.evidence for i in found]
+    assert any("high-entropy input" in e for e in found[0].evidence)
+
+
+def test_a_resume_that_restarts_the_schedule_is_reported_with_the_lr_it_went_back_to(tmp_path):
+    setup = Setup(seed=1007, steps=100, optimizer="sgd", d_model=24, n_layer=2, batch=8, warmup=8)
+    diagnosis = _diagnose(tmp_path, setup, Fault(family="lr_restart", kind="restart", step=71))
+    jumps = [f for f in diagnosis.findings if f.id == "lr_discontinuity"]
+    assert jumps and "the schedule started over" in jumps[0].message
+    (jump,) = jumps[0].details["jumps"]
+    assert (jump["step"], jump["direction"], jump["at_resume"]) == (71, "up", 1)
+    assert jump["after"] == pytest.approx(setup.peak_lr)
+
+
+def test_a_resume_that_restores_the_schedule_is_no_restart():
+    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1]
+    assert restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10) == []
+
+
+def test_a_constant_lr_resumed_is_no_restart():
+    frame = pd.DataFrame({"step": range(14), "lr": [0.3] * 14})
+    assert restarted_at_resume(frame, {8: 1}, span=10) == []
+
+
+def test_a_restart_below_the_lr_it_left_is_a_downward_discontinuity():
+    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10)
+    assert (jump["direction"], jump["after"], jump["before"]) == ("down", 0.1, 0.48)
+
+
+@pytest.mark.parametrize(("setup", "kind", "step"), [
+    (Setup(seed=1009, steps=100, optimizer="adamw", d_model=40, n_layer=2, batch=16, warmup=10), "zero_v", 58),
+    (Setup(seed=1011, steps=110, optimizer="adam", d_model=24, n_layer=3, batch=8, warmup=20, clip=1.0), "scale_v", 77),
+])
+def test_an_update_jump_with_a_quiet_gradient_is_a_state_change_point(tmp_path, setup, kind, step):
+    train(setup, Fault(family="optimizer_state", kind=kind, step=step), tmp_path / "run", tmp_path / "ckpt")
+    steps = pd.read_parquet(tmp_path / "run" / "steps")
+    assert state_jumps(steps.sort_values("step"), AnalysisConfig()) == [step]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lion"])
+def test_a_clean_run_has_no_state_change_point(tmp_path, optimizer):
+    setup = Setup(seed=1013, steps=100, optimizer=optimizer, d_model=32, n_layer=2, batch=16, warmup=10)
+    train(setup, None, tmp_path / "run", tmp_path / "ckpt")
+    steps = pd.read_parquet(tmp_path / "run" / "steps")
+    assert state_jumps(steps.sort_values("step"), AnalysisConfig()) == []
+    assert "optimizer_state_changed" not in {f.id for f in spikedoc.analyze(tmp_path / "run").findings}
+
+
+@pytest.mark.parametrize(("setup", "kind", "step"), [
+    (Setup(seed=1015, steps=100, optimizer="adamw", d_model=16, n_layer=2, batch=8, warmup=20, clip=1.0), "scale_v", 64),
+    (Setup(seed=1017, steps=120, optimizer="adam", d_model=48, n_layer=1, batch=32, warmup=6), "zero_v", 88),
+])
+def test_a_state_change_is_an_optimizer_state_incident_or_else_a_finding(tmp_path, setup, kind, step):
+    diagnosis = _diagnose(tmp_path, setup, Fault(family="optimizer_state", kind=kind, step=step))
+    found = _near(diagnosis, step)
+    changed = [f.details["steps"] for f in diagnosis.findings if f.id == "optimizer_state_changed"]
+    if found:
+        assert found[0].cause == "optimizer_state" and not changed, found[0].evidence
+    else:
+        assert changed == [[step]]
