@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis.context import lr_columns
+
 __all__ = ["restart_settings", "scheduled_restarts", "restarted_at_resume"]
 
 # A restart goes back to the peak LR to within this relative tolerance.
@@ -201,8 +203,6 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int], *, span: in
         >>> [(j["step"], j["direction"], j["after"]) for j in restarted_at_resume(frame, {8: 1}, span=10)]
         [(8, 'up', 0.5)]
     """
-    from spikedoc.analysis.context import lr_columns
-
     out = []
     steps = frame["step"].to_numpy()
     for column in lr_columns(frame):
