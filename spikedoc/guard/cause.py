@@ -41,7 +41,16 @@ def probe_finding(step: int, positions: list[int], verdict: Verdict) -> dict[str
 def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple[str, str] | None:
     """(reason, message) when the rollback `decision` calls for must not be made: the budget is
     spent, and `recurring` when the replay from the last good checkpoint met the fault again before
-    passing the step it had rolled back from (the fault returns from a good state)."""
+    passing the step it had rolled back from (the fault returns from a good state). A collapse of
+    the optimizer's second moments that returns so stops at once: the good state had sound moments,
+    so the loop itself overwrites them at that step, and every rollback would meet it again."""
+    previous = policy.last_rollback()
+    if decision.cause == "optimizer_state" and previous is not None and previous["cause"] == "optimizer_state" \
+            and recurring(decision, policy):  # fmt: skip
+        return "recurring", (f"the optimizer's second moments collapsed again at step {decision.onset_step} after the "
+                             f"rollback to the good checkpoint of step {previous['to_step']}{_collapse(decision)}: the "
+                             "loop overwrites the optimizer state when it reaches that step (not the data, not the "
+                             "schedule), and one more rollback would meet it again")  # fmt: skip
     if policy.rollbacks < max_rollbacks:
         return None
     if recurring(decision, policy):
@@ -54,6 +63,15 @@ def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple
         return "recurring", (f"the fault came back after the last of {policy.rollbacks} rollbacks to a good checkpoint "
                              f"(LR at {policy.lr_scale:.3g}x{reset}); {where}, and one more rollback will not fix it")  # fmt: skip
     return "budget", f"rollback budget spent ({policy.rollbacks} of max_rollbacks={max_rollbacks})"
+
+
+def _collapse(decision: Decision) -> str:
+    """`" (12 of 12 tensors, e.g. h.0.fc.weight.exp_avg_sq, at 0 times their norm before)"`, from the decision's evidence."""
+    found = decision.evidence.get("optimizer_state") or {}
+    if not found.get("collapsed"):
+        return ""
+    first = f", e.g. {found['tensors'][0]}" if found.get("tensors") else ""
+    return f" ({found['collapsed']} of {found['of']} tensors{first}, at {found['ratio_min']:.3g} times their norm before)"
 
 
 def last_probe(decision: Decision, policy: Policy) -> dict[str, Any] | None:

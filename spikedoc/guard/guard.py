@@ -139,7 +139,7 @@ class Guard:
         # judges first and the monitor's hooks of a vetoed call stand down (`skip_step(inside_step=True)`).
         self._steps = StepJudgement(self.config, self._judge, self.policy, monitor=lambda: self.monitor,
                                     scale_lrs=scheduler is None, warn_once=self._warn_once,
-                                    global_norm=self._global_norm, claim_draws=self._claim_draws)  # fmt: skip
+                                    global_norm=self._global_norm, claim_draws=self._claim_draws, model=model)  # fmt: skip
         self._gate = StepGate(optimizer, self._steps.on_step)
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
@@ -309,6 +309,9 @@ class Guard:
         v = p.verdict
         self._recent.add(p, norms)
         decision = self._judge.record(v, lrs=p.lrs) if v is not None else None
+        if decision is not None and decision.cause == "optimizer_state":  # what collapsed, and by how much
+            decision.evidence["optimizer_state"] = self._steps.collapse or {}
+        self._steps.collapse = None
         self._probe.remember(p)
         self.step = p.step + 1
         if self._store.writing:
@@ -411,6 +414,7 @@ class Guard:
                             "random generators the guard restored (random offsets); pass a re-iterable, a "
                             "StatefulDataLoader or a function for an exact replay")  # fmt: skip
         self._judge.load_state_dict(state["guard"]["judge"])
+        self._steps.moments.reset()  # another state: the next step is its baseline
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._steps.pending = None
