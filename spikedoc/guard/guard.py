@@ -319,9 +319,13 @@ class Guard:
         if decision is None:
             if self.step % self.config.checkpoint_every == 0:
                 self._checkpoint()
-        # The data or the state? A corrupt stretch waits for a probe step to test it before acting.
-        elif not self._probe.wanted(decision, self._recent.between(decision.onset_step, self.step), self._stream.skip):
-            self._rollback(decision)
+        else:  # The data or the state? A corrupt stretch waits for a probe step to test it before acting.
+            plan = self._probe.plan(decision, self._recent.between(decision.onset_step, self.step))
+            if plan == "skip":
+                decision.evidence["cause_test"] = {**(self._probe.sound or {}), "state_unchanged_since_probe": True}
+                self._skip_stretch(decision, last_vetoed=self.step - 1)
+            elif plan == "rollback":
+                self._rollback(decision)
 
     def _checkpoint(self) -> None:
         guard = {"step": self.step, "samples": self.monitor.sample_offset, **self.policy.state_dict(),
@@ -363,15 +367,16 @@ class Guard:
         if finding["found"] == "state":
             self._rollback(decision)
         else:
-            self._skip_stretch(decision)
+            self._probe.sound = finding
+            self._skip_stretch(decision, last_vetoed=p.step - 1)
 
-    def _skip_stretch(self, decision: Decision) -> None:
+    def _skip_stretch(self, decision: Decision, *, last_vetoed: int) -> None:
         positions = sorted(pos for seen in self._recent.between(decision.onset_step, self.step) for pos in seen.positions)
         if self.data_skips + len(positions) > self.config.max_data_skips:
             self.policy.data_skips += len(positions)
             self._stop("data", f"{self.data_skips} batches of a corrupt stretch of data skipped, more than "
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
-        detail = self._rollbacks.skip_stretch(decision, positions, last_step=self.step - 1)
+        detail = self._rollbacks.skip_stretch(decision, positions, last_vetoed=last_vetoed)
         if detail["remedy_reverted"] and self._global_norm is None:  # under FSDP2 the guard clips, not the monitor
             self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
         self.actions.append({"kind": "data_skip", **detail})
@@ -415,6 +420,7 @@ class Guard:
                             "StatefulDataLoader or a function for an exact replay")  # fmt: skip
         self._judge.load_state_dict(state["guard"]["judge"])
         self._steps.moments.reset()  # another state: the next step is its baseline
+        self._probe.sound = None
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._steps.pending = None
