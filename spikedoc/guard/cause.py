@@ -3,8 +3,8 @@
 A corrupt stretch of data is told from a broken state by a probe step: the last healthy step's
 batches given to the state the vetoes came from (vetoes for their loss pile up with no update
 applied since that step). While no update is applied after a probe that found the state sound,
-the same probe would find the same: vetoes that pile up again are the data's without another. Each replay's
-result is recorded (`cause_test` in the action's evidence) so that `analyze` shows the cause as
+the same probe would find the same: vetoes that pile up again are the data's without another.
+Each replay's result is recorded (`cause_test` in the action's evidence) so that `analyze` shows the cause as
 confirmed by a replay rather than inferred.
 """
 

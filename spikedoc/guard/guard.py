@@ -54,7 +54,8 @@ class Guard:
     checkpoints every `checkpoint_every` steps and, when the damage judgement says the run did not
     recover, rolls back to the newest good checkpoint before the incident with the LR schedule
     scaled by `lr_factor`, clipping tightened and the blamed batches skipped; before blaming the
-    data for vetoes that pile up again, a probe step tests the state. Records the events `veto`,
+    data for vetoes that pile up, a probe step tests the state; the optimizer's second moments
+    collapsing (`moments.py`) veto the step and roll back at once. Records the events `veto`,
     `checkpoint`, `rollback`, `data_skip`, `replay` (a probe's result), `checkpoint_failed`,
     `guard_resume` and `guard_stop`.
 
@@ -346,7 +347,7 @@ class Guard:
             return None
         if drawing and not self._draws.put_first(list(zip(good.positions, good.batches)), self._state.device):
             self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than the last healthy "
-                            "step's, which a probe step would hand out: vetoes piling up again roll back untested")  # fmt: skip
+                            "step's, which a probe step would hand out: vetoes piling up roll back untested")  # fmt: skip
             assert probe.probe is not None
             self._rollback(probe.probe)
             return None
