@@ -32,7 +32,7 @@ from bench._char_gpt import CharGPT, batches, corpus  # noqa: E402
 from bench._report import machine_line, write_section  # noqa: E402
 from spikedoc.demo.training import Recipe, _deterministic, _fresh, _Stream  # noqa: E402
 from spikedoc.demo.training import corpus as demo_corpus  # noqa: E402
-from spikedoc.guard.moments import MARGIN, _second_moments  # noqa: E402
+from spikedoc.guard.moments import MARGIN, second_moments  # noqa: E402
 from spikedoc.monitor.statistics import norms  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def smallest_ratio(step: Callable[[], None], optimizer: torch.optim.Optimizer, s
     smallest, before = float("inf"), None
     for _ in range(steps):
         step()
-        found = _second_moments(optimizer)
+        found = second_moments(optimizer)
         if found is None:
             continue
         which, tensors, decays = found

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from spikedoc.monitor.statistics import norms
 
-__all__ = ["SecondMoments", "MARGIN", "decay_of"]
+__all__ = ["SecondMoments", "MARGIN", "decay_of", "second_moments"]
 
 #: Relative rounding allowance under the bound, at least: a norm accumulated in float32 over many
 #: elements, or a state kept in a low-precision dtype (then 4 of its epsilons, e.g. 3% for
@@ -91,7 +91,7 @@ class SecondMoments:
     def measure(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
         """The count of tensors whose second moment's norm is under `decay ** updates` times the
         baseline's (a float32 device scalar), or None: no baseline to compare with, or nothing to check."""
-        found = _second_moments(optimizer)
+        found = second_moments(optimizer)
         if found is None:
             self._measured = None
             return None
@@ -131,7 +131,7 @@ class SecondMoments:
                 "bound": max((d**k for d in now.decays), default=math.nan)}  # fmt: skip
 
 
-def _second_moments(optimizer: torch.optim.Optimizer) -> tuple[tuple[tuple[int, str], ...], list[Tensor], list[float]] | None:
+def second_moments(optimizer: torch.optim.Optimizer) -> tuple[tuple[tuple[int, str], ...], list[Tensor], list[float]] | None:
     """Each running second moment in the optimizer's state, and the smallest factor of its norm
     one update allows (its decay, less the rounding allowance of its dtype)."""
     which, tensors, decays = [], [], []
