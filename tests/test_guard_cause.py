@@ -91,3 +91,17 @@ def test_a_fault_that_returns_after_its_rollback_is_confirmed_from_a_good_checkp
     assert rollbacks[1]["cause"]["replays"] == [{"replay": "from_good_checkpoint", "found": "state"}]
     [stop] = _actions(tmp_path, "guard_stop")
     assert stop["detail"]["reason"] == "recurring" and stop["cause"]["found"] == "state"
+
+
+def test_a_stretch_met_right_after_a_rollbacks_skipped_batches_is_confirmed_by_the_same_data_and_undoes_its_remedy(tmp_path):
+    # NaN gradients at steps 60-64 (first pass) roll back with positions 60-64 skipped; the replay
+    # then meets the corrupt positions 65-74 right after them.
+    _, clean = run_guarded(tmp_path / "clean", steps=90, checkpoint_every=20)
+    run_guarded(tmp_path / "run", steps=90, checkpoint_every=20, fault=_corrupt_data(clean[65:75]),
+                after_backward=nan_grads(set(range(60, 65))))  # fmt: skip
+    [rollback] = _actions(tmp_path / "run", "rollback")
+    skips = _actions(tmp_path / "run", "data_skip")
+    assert rollback["detail"]["skipped_positions"] == list(range(60, 65))
+    assert [s["detail"]["positions"] for s in skips] == [list(range(65, 70)), list(range(70, 75))]
+    assert all([r["replay"] for r in s["cause"]["replays"]] == ["same_batches", "other_batches"] for s in skips)
+    assert skips[0]["detail"]["remedy_reverted"] and not skips[1]["detail"]["remedy_reverted"]
