@@ -43,8 +43,9 @@ def _guard_story(actions: list[dict[str, Any]], checkpoints: int | None = None) 
             parts.append(f"stopped ({a['reason']}) at step {a['step']}")
     skips = [a for a in actions if a["kind"] == "data_skip"]
     if skips:
-        parts.append(f"{len(skips)} probe{'s' if len(skips) != 1 else ''} found the data at fault: "
-                     f"{sum(len(a['positions']) for a in skips)} batches skipped without a rollback")  # fmt: skip
+        probes = len({(a.get("cause_test") or {}).get("probe_step") for a in skips})
+        parts.append(f"{probes} probe{'s' if probes != 1 else ''} found the data at fault: "
+                     f"{sum(len(a['positions']) for a in skips)} batches skipped in {len(skips)} data skips without a rollback")  # fmt: skip
     if checkpoints is not None:
         parts.append(f"{checkpoints} checkpoints written")
     return "; ".join(parts) or "nothing"
@@ -242,4 +243,8 @@ def format_loops_report(cfg: LoopConfig, results: dict[tuple[str, str, bool], Lo
                          f"{target} | {'yes' if ok and spans_ok else '**no**'} | {g.outcome}: {_guard_story(g.actions)} |")  # fmt: skip
     lines += ["", f"Targets met in {len(loops) * len(faults) - len(missed)} of {len(loops) * len(faults)} rows"
               + (f"; missed: {', '.join(missed)}." if missed else ".")]  # fmt: skip
+    spans = [(f"{loop}/{fault}", s) for (loop, fault, guarded), r in results.items() if guarded for s in r.rollback_spans]
+    lines += ["", f"Steps lost per rollback at most checkpoint_every + patience = {cfg.checkpoint_every} + "
+              f"{bound - cfg.checkpoint_every} = {bound}: **{'met' if all(s <= bound for _, s in spans) else 'not met'}** ("
+              + (", ".join(f"{name}: {s}" for name, s in spans) or "no rollback") + ")."]  # fmt: skip
     return "\n".join(lines)

@@ -12,7 +12,8 @@ What the guard can name, from what it did (`guard_cause`):
 - `data`: vetoes for the loss without a rollback, or a probe that found the data at fault
   (`data_skip`: the last good batch replayed from the current state was in band);
 - `schedule`: a rollback whose cause is `lr_schedule` (an upward LR jump before the onset);
-- `state`: a rollback whose probe found the state at fault, or one that escalated as recurring;
+- `state`: a rollback whose probe found the state at fault, whose cause is `optimizer_state` (the
+  optimizer's second moments collapsed), or one that escalated as recurring;
 - `damage`: a rollback on damage with no test of the cause (the guard acted without naming one);
 - `none`: the guard did nothing.
 
@@ -294,8 +295,10 @@ def _markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
          "`analyze`'s cause is that of the cached unguarded run, as `bench/exam.py score` matches it. Both are scored "
          "by class (bad_batch: data; lr_schedule, lr_too_high: schedule; optimizer_state, state_reset: state; "
          "numerics_rank: numerics); analyze also by its exact cause. The guard's one replay is its probe (the last "
-         "good batch on the state the vetoes came from, `cause_test` with `replay: other_batches`), run only when vetoes "
-         "pile up again after a rollback (in the guard's iteration, or through the draws of a loop drawing its own); "
+         "good batch on the state the vetoes came from, `cause_test` with `replay: other_batches`), run when vetoes for "
+         "their loss pile up on a state no update touched since the last healthy step (in the guard's iteration, or "
+         "through the draws of a loop drawing its own); a rollback whose cause is `optimizer_state` (the second "
+         "moments collapsed, read before the update) is the state's; "
          "a replay of the suspect step with the same batch or with the LR before a jump is not in the guard (an LR "
          "jump is found in the recorded LR series instead)."),
         "",

@@ -406,28 +406,25 @@ def test_lr_factors_multiply_across_rollbacks_to_the_same_older_checkpoint(tmp_p
     assert lrs[1] == pytest.approx(0.7 * lrs[0], rel=1e-12) and lrs[2] == pytest.approx(0.49 * lrs[0], rel=1e-12)
 
 
-def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_rollback_not_the_budget(tmp_path):
+def test_a_corrupt_stretch_of_data_costs_its_batches_and_one_probe_step_not_a_rollback(tmp_path):
     # Positions 65-84 of the (reproducible) data order are corrupt, whichever step reads them.
     healthy, clean = run_guarded(tmp_path / "clean", steps=110, checkpoint_every=20)
     corrupt = {i for _, ids in clean[65:85] for i in ids}
     fault = _corrupt_data(clean[65:85])
     guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault)
-    assert guard.rollbacks == 1  # the first pile-up cannot tell data from weights: one rollback
-    assert guard.vetoes == 20 and guard.data_skips == 15 and guard.step == 110
+    assert guard.rollbacks == 0  # the probe found the state sound: the data was at fault
+    assert guard.vetoes == 20 and guard.data_skips == 20 and guard.step == 110
     skips = [a for a in guard.actions if a["kind"] == "data_skip"]
-    assert [a["positions"] for a in skips] == [list(range(70, 75)), list(range(75, 80)), list(range(80, 85))]
-    assert [a["cause_test"]["found"] for a in skips] == ["data"] * 3  # the last healthy batch was in band each time
+    assert [a["positions"] for a in skips] == [list(range(p, p + 5)) for p in range(65, 85, 5)]
+    assert [a["cause_test"]["found"] for a in skips] == ["data"] * 4  # the last healthy batch was in band
     assert not {i for _, ids in seen[-15:] for i in ids} & corrupt  # after the stretch, only clean data
-    # The data was at fault, not the state: the first rollback's LR cut and tighter clip are undone.
-    assert skips[0]["remedy_reverted"] and guard.lr_scale == 1.0 and guard.clip == 1.0
+    assert guard.lr_scale == 1.0 and guard.clip == 1.0  # neither the LR nor clipping blamed
     assert guard.optimizer.param_groups[0]["lr"] == pytest.approx(healthy.optimizer.param_groups[0]["lr"], rel=1e-12)
     diagnosis = spikedoc.analyze(tmp_path / "run")
-    assert [a["kind"] for a in diagnosis.guard_actions].count("data_skip") == 3
-    rolled_back = next(i for i in diagnosis.incidents if i.verdict == "rolled_back")
-    assert "its LR cut and clipping were undone at step" in rolled_back.recommendation["actions"][0]["because"]
+    assert [a["kind"] for a in diagnosis.guard_actions].count("data_skip") == 4
 
 
-def test_the_report_names_each_data_skip_and_the_remedy_it_undid(tmp_path):
+def test_the_report_names_each_data_skip(tmp_path):
     from rich.console import Console
 
     from spikedoc.report.terminal import render
@@ -437,31 +434,42 @@ def test_the_report_names_each_data_skip_and_the_remedy_it_undid(tmp_path):
     console = Console(record=True, width=200)
     render(spikedoc.analyze(tmp_path / "run"), console)
     text = console.export_text()
-    # Each data skip follows the probe step that found the state sound (steps 70 and 76).
-    assert ("data skip at step 71: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling "
-            "back; the last rollback's LR cut and clipping undone") in text
-    assert "data skip at step 77: steps 71-75 vetoed on a corrupt stretch of data, 5 batches skipped" in text
+    # The first data skip follows the probe step that found the state sound (step 70); the next
+    # ones need none (no update applied since).
+    assert "data skip at step 71: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling back" in text
+    assert "data skip at step 76: steps 71-75 vetoed on a corrupt stretch of data, 5 batches skipped" in text
 
 
 def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skipped_data(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=140, checkpoint_every=20)  # the positions the run reaches
     position_of = {tuple(ids): p for p, (_, ids) in enumerate(clean)}
     fault = _corrupt_data(clean[65:85])
-    guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault)
+    guard, seen = run_guarded(tmp_path / "run", steps=110, checkpoint_every=20, fault=fault,
+                              after_backward=nan_grads(set(range(30, 35))))  # fmt: skip
     assert guard.rollbacks == 1 and guard.data_skips > 0  # both ways of leaving batches out happened
     rows = spikedoc.load(tmp_path / "run").steps.sort_values(["segment", "step"], kind="stable")
     assert rows["sample_offset"].tolist() == [8 * position_of[tuple(ids)] for _, ids in seen]
 
 
+def _broken_weights(at: int):
+    """An `on_step`: before step `at` (first pass only) the output layer x30: every batch's loss far out of band."""
+
+    def on_step(guard, step, batch):
+        if step == at and not guard.rollbacks:
+            with torch.no_grad():
+                guard.model.head.weight.mul_(30.0)
+
+    return on_step
+
+
 def test_a_segment_the_guard_vetoed_until_its_rollback_is_not_judged_for_damage(tmp_path):
-    _, clean = run_guarded(tmp_path / "clean", steps=80, checkpoint_every=20)
-    fault = _corrupt_data(clean[65:70])
-    guard, _ = run_guarded(tmp_path / "run", steps=80, checkpoint_every=20, fault=fault)
-    assert guard.rollbacks == 1
+    guard, _ = run_guarded(tmp_path / "run", steps=80, checkpoint_every=20, on_step=_broken_weights(65))
+    [rollback] = [a for a in guard.actions if a["kind"] == "rollback"]
+    assert rollback["evidence"]["cause_test"]["found"] == "state"  # the probe's healthy batch was out of band too
     diagnosis = spikedoc.analyze(tmp_path / "run")
     [(inc, ctx)] = [(i, c) for i, c in zip(diagnosis.incidents, diagnosis.context) if c.get("segment", 0) == 0]
     assert inc.handled_by_guard and inc.damage == {} and inc.verdict == "rolled_back"
-    assert any(n.startswith("the guard vetoed every step from 65 until it rolled back at step 70") for n in ctx["notes"])
+    assert any(n.startswith("the guard vetoed every step from 65 (or probed it) until it rolled back at step 71") for n in ctx["notes"])
 
 
 def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):

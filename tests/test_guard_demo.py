@@ -25,7 +25,8 @@ def test_demo_guard_rolls_back_a_nan_and_finishes_the_run(healed_demo):
     tmp_path = out.parent
     assert result.exit_code == 0, result.output
     assert "vetoed 5 steps and rolled back 1 time" in result.output
-    assert "rollback from step 205 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
+    # Steps 200-204 vetoed (every loss NaN), step 205 a probe that found the state broken.
+    assert "rollback from step 206 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
     analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "demo"), "--json"]).output)
     [rollback] = [a for a in analysis["guard_actions"] if a["kind"] == "rollback"]
     assert rollback["step"] == 150 and rollback["detail"]["lr_scale"] == 0.7
@@ -40,7 +41,7 @@ def test_analyze_of_a_healed_run_records_what_the_guard_did_instead_of_advising_
     [incident] = [i for i in analysis["incidents"] if i["onset_step"] == 200]
     assert incident["handled_by_guard"] and incident["recommendation"]["rollback"] is False
     assert [a["action"] for a in incident["recommendation"]["actions"]] == ["guard_handled"]
-    assert "rolled back from step 205 to 150" in incident["recommendation"]["actions"][0]["because"]
+    assert "rolled back from step 206 to 150" in incident["recommendation"]["actions"][0]["because"]
     assert result.exit_code == 0 and not analysis["needs_attention"]  # healed: nothing left to do
 
 
@@ -75,16 +76,26 @@ def test_the_demos_long_bad_batch_is_vetoed_and_nothing_else_happens(tmp_path):
     assert result["steps"] == 300 and result["rollbacks"] == 0
 
 
-def test_a_fault_that_returns_on_every_replay_is_found_in_the_state_and_escalated_not_skipped_as_data(tmp_path):
+def test_a_second_moment_collapse_that_returns_on_every_replay_stops_as_recurring_after_one_rollback(tmp_path):
     import spikedoc
     from spikedoc.demo.guarded import guarded_run
 
-    # Adam's exp_avg_sq zeroed every time step 150 is reached: the first rollback's replay meets it again.
-    result = guarded_run(tmp_path / "run", "optimizer_state_returning")
-    assert "data_skip" not in {a["kind"] for a in result["actions"]}
-    first, second = [a for a in result["actions"] if a["kind"] == "rollback"][:2]
-    assert second["evidence"]["cause_test"]["found"] == "state"  # the last healthy batch is out of band too
-    assert second["recurring"] and second["moments_reset"] and not first.get("moments_reset")
-    steps = spikedoc.load(tmp_path / "run").steps
-    before_fault = steps.loc[steps["step"].between(140, 149), "loss"].mean()
-    assert result["steps"] == 300 and result["final_loss"] < before_fault  # healed, not finished at many times it
+    # Adam's exp_avg_sq zeroed every time step 150 is reached: the rollback's replay meets it again.
+    with pytest.raises(spikedoc.GuardStopped, match="second moments collapsed again at step 150") as stopped:
+        guarded_run(tmp_path / "run", "optimizer_state_returning")
+    diagnosis = stopped.value.diagnosis
+    [rollback] = diagnosis["actions"]
+    assert diagnosis["reason"] == "recurring" and diagnosis["decision"]["cause"] == "optimizer_state"
+    assert rollback["cause"] == "optimizer_state" and rollback["to_step"] == 100
+    assert not rollback["skipped_positions"] and rollback["lr_scale"] == 1.0  # neither the data nor the LR blamed
+
+
+def test_a_second_moment_collapse_planted_once_is_vetoed_and_rolled_back_and_the_replay_is_the_clean_run(tmp_path):
+    from spikedoc.demo.guarded import guarded_run
+
+    clean = guarded_run(tmp_path / "clean", None)
+    healed = guarded_run(tmp_path / "healed", "optimizer_state")
+    [veto, rollback] = healed["actions"]
+    assert veto["kind"] == "veto" and veto["step"] == 150 and veto["reasons"] == ["optimizer_state_collapsed"]
+    assert rollback["kind"] == "rollback" and rollback["cause"] == "optimizer_state" and rollback["to_step"] == 100
+    assert healed["final_loss"] == clean["final_loss"]  # the replay from the good state is the clean run

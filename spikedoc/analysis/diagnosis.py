@@ -156,7 +156,7 @@ def _credit_guard(diagnosis: Diagnosis) -> None:
             # vetoed batches' loss, not damage to the model; the replay is judged as its own incident.
             inc.verdict, inc.damage = "rolled_back", {}
             ctx.setdefault("notes", []).append(
-                f"the guard vetoed every step from {inc.onset_step} until it rolled back at step "
+                f"the guard vetoed every step from {inc.onset_step} (or probed it) until it rolled back at step "
                 f"{handling['rollback']['detail']['from_step']}: the losses after onset are of batches never trained "
                 "on, so no lasting damage is measured here (the replay after the rollback is judged on its own)")
         if handling["handled"]:
@@ -167,10 +167,11 @@ def _credit_guard(diagnosis: Diagnosis) -> None:
 
 
 def _vetoed_until_rollback(inc: Incident, handling: dict[str, Any]) -> bool:
-    """Every step from onset up to the rollback that left this segment was vetoed."""
+    """Every step from onset up to the rollback that left this segment was vetoed (or a probe step)."""
     rollback = handling["rollback"]
     until = rollback["detail"].get("from_step") if rollback is not None else None
-    return isinstance(until, int) and until > inc.onset_step and set(range(inc.onset_step, until)) <= set(handling["vetoed"])
+    never_applied = set(handling["vetoed"]) | set(handling.get("probes", []))
+    return isinstance(until, int) and until > inc.onset_step and set(range(inc.onset_step, until)) <= never_applied
 
 
 def _checked_steps(run: Any) -> pd.DataFrame:

@@ -60,11 +60,12 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
 
     The replays the guard runs from a good state: `other_batches` (a probe: the last healthy step's
     batches given to the state the vetoes came from; `found` says whether the state or the data is
-    at fault), `same_batches` (the replay after a rollback reached the same data positions and
-    their losses were out of band again before any update: the data), `from_good_checkpoint` (the
-    fault came back after a rollback to a good checkpoint with its batches skipped: the state or
-    the loop). A veto, and a rollback on the judgement alone (an LR jump found in the schedule,
-    damage the recovery judgement saw), are `inferred`.
+    at fault), `same_batches` (a data skip whose batches follow those a rollback skipped: the
+    replay of the good state reached them and their losses were out of band again before any
+    update: the data), `from_good_checkpoint` (the fault came back after a rollback to a good
+    checkpoint with its batches skipped: the state or the loop). A veto, and a rollback on the
+    judgement alone (an LR jump found in the schedule, damage the recovery judgement saw), are
+    `inferred`.
 
     Returns:
         `status` (`confirmed` or `inferred`), `replays` (each `replay`, `found`, and `step` for a
@@ -81,7 +82,7 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
         evidence = (detail.get("decision") or {}).get("evidence")
     evidence = evidence if isinstance(evidence, dict) else {}
     replays = []
-    if kind == "data_skip":
+    if kind == "data_skip" and detail.get("after_rollback", True):  # recordings before the field: always after one
         replays.append({"replay": "same_batches", "found": "data"})
     test = evidence.get("cause_test")
     if isinstance(test, dict) and test.get("found") in ("data", "state"):
@@ -114,8 +115,9 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
     """What the guard already did about an incident: the steps of it it vetoed, and the rollback
     that undid it (one that returned to a step at or before onset from a step after it).
 
-    Returns None when the guard did nothing about it; else `vetoed` (steps), `rollback` (the
-    action or None), `handled` (rolled back, or every flagged step vetoed) and `because`.
+    Returns None when the guard did nothing about it; else `vetoed` (steps), `probes` (its probe
+    steps in the incident: never applied either), `rollback` (the action or None), `handled`
+    (rolled back, or every flagged step vetoed) and `because`.
 
     Example:
         >>> acts = [{"kind": "veto", "step": 151, "segment": 0, "detail": {}},
@@ -124,6 +126,8 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
         True
     """
     vetoed = [a["step"] for a in actions if a["kind"] == "veto" and a["segment"] == segment and onset <= a["step"] <= end]
+    # A probe step (its `replay` event) is judged and never applied either.
+    probes = [a["step"] for a in actions if a["kind"] == "replay" and a["segment"] == segment and onset <= a["step"] <= end]
     rollback = next((a for a in actions if a["kind"] == "rollback" and a["segment"] > segment
                      and a["detail"].get("to_step", a["step"]) <= onset < a["detail"].get("from_step", -1)), None)  # fmt: skip
     if not vetoed and rollback is None:
@@ -143,7 +147,7 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
             parts.append(f"its LR cut and clipping were undone at step {undone['step']}, when the vetoes went on over "
                          "the data right after the skipped batches: the data was at fault, not the weights")
     handled = rollback is not None or len(vetoed) == end - onset + 1
-    return {"vetoed": vetoed, "rollback": rollback, "handled": handled, "because": "; ".join(parts)}
+    return {"vetoed": vetoed, "probes": probes, "rollback": rollback, "handled": handled, "because": "; ".join(parts)}
 
 
 def _ranges(steps: list[int]) -> str:

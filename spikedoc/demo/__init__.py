@@ -26,8 +26,8 @@ DEFAULT_FAULT = "bad_batch_long"
 #: Faults `spikedoc demo --guard` plants once under `spikedoc.Guard` (name -> what happens).
 GUARD_FAULTS = {
     "bad_batch_long": "a batch of 32 base64 blobs at step 170; the guard vetoes it before its update",
-    "optimizer_state": "Adam's exp_avg_sq zeroed before step 150; the huge update gets through, the vetoes that "
-                       "follow pile up, the guard rolls back to step 150 and replays with the LR x0.7",
+    "optimizer_state": "Adam's exp_avg_sq zeroed before step 150; the guard sees the second moments collapse before "
+                       "the update, vetoes the step and rolls back to step 100, replaying it as it was",
     "nan": "one weight element set to inf before step 200; every loss is NaN, the guard rolls back to the checkpoint "
            "of step 150 (the one of step 200 may already hold the damage: the loss of a step shows the update before it)",
 }  # fmt: skip

@@ -4,8 +4,8 @@ Under torch.distributed each step's judged values are summed over ranks by one a
 small tensor: the loss (mean over ranks), each rank's own loss (in a slot of its own, zero on the
 other ranks, so the sum gathers them), the gradient norm (mean; identical under DDP; under FSDP2
 each rank sends its share of the squared global norm, and the root of their sum is the norm of the
-full gradient), the count of ranks whose loss or gradient norm was non-finite, and the count of
-ranks that ask for a rollback.
+full gradient), the count of ranks whose loss or gradient norm was non-finite, the count of
+ranks that ask for a rollback, and the count of second-moment tensors found collapsed (`moments.py`).
 Non-finite values are sent as 0 with their count, so one rank's NaN vetoes the step on every rank
 without turning the others' sums into NaN. The guard's decisions are deterministic functions of
 these agreed values, so all ranks veto, open incidents and roll back together.
@@ -40,6 +40,8 @@ class StepValues(NamedTuple):
     """Each rank's own loss, in rank order (nan where non-finite or not given); empty in one
     process. Under data parallelism each rank trains on its own batches: a bad batch on one rank
     is judged by that rank's loss, not diluted in the mean."""
+    collapsed_moments: int = 0
+    """Optimizer second-moment tensors (summed over ranks) that fell below what one update allows."""
 
 
 def world() -> tuple[int, int] | None:
@@ -50,7 +52,8 @@ def world() -> tuple[int, int] | None:
     return None
 
 
-def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sharded: bool = False) -> StepValues:
+def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sharded: bool = False,
+          collapsed: Tensor | None = None) -> StepValues:
     """Judge-ready values of this step: one host sync, plus one all_reduce under torch.distributed.
 
     Args:
@@ -60,6 +63,8 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
         rollback_request: This rank asks for a rollback.
         sharded: The gradients are split over ranks (FSDP2): the shares are summed and rooted
             instead of the norms averaged. Ignored outside torch.distributed.
+        collapsed: This rank's count of collapsed second-moment tensors (a device scalar,
+            `SecondMoments.measure`), or None when not checked.
 
     Example:
         >>> agree(torch.tensor(2.5), torch.tensor(0.3), rollback_request=False).loss
@@ -67,15 +72,16 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
     """
     ranks = world()
     if ranks is None:  # one rank: the finiteness checked on the host
-        if loss is None:
-            loss_v, grad_v = math.nan, grad_norm.item()
-        elif loss.is_cpu and grad_norm.is_cpu:  # already on the host: nothing to copy
-            loss_v, grad_v = loss.item(), grad_norm.item()
+        parts = [grad_norm, *(t for t in (loss, collapsed) if t is not None)]
+        if all(t.is_cpu for t in parts):  # already on the host: nothing to copy
+            got = [float(t) for t in parts]
         else:  # one stack, one host sync
-            loss_v, grad_v = _stacked(loss, grad_norm).tolist()
+            got = torch.stack([t.detach().float().reshape(()).to(grad_norm.device) for t in parts]).tolist()
+        grad_v, loss_v = got[0], got[1] if loss is not None else math.nan
         loss_ok, grad_ok = math.isfinite(loss_v), math.isfinite(grad_v)
         return StepValues(loss_v if loss_ok else math.nan, grad_v if grad_ok else math.nan,
-                          int(not grad_ok or (loss is not None and not loss_ok)), int(rollback_request))
+                          int(not grad_ok or (loss is not None and not loss_ok)), int(rollback_request),
+                          collapsed_moments=round(got[-1]) if collapsed is not None else 0)
     rank, size = ranks
     device = grad_norm.device
     has_loss = loss is not None
@@ -83,19 +89,21 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
     finite = torch.isfinite(values)
     sent = torch.where(finite, values, torch.zeros_like(values))
     flags = torch.tensor([float(rollback_request), float(has_loss)], device=device)
+    found = collapsed.detach().float().reshape(1).to(device) if collapsed is not None else torch.zeros(1, device=device)
     # This rank's loss and whether it counts (finite and given), in its own slots: the sum gathers them.
     own = torch.zeros(2, size, device=device)
     own[0, rank], own[1, rank] = sent[0], (finite[0] & has_loss).float()
-    packed = torch.cat([sent, (~finite).float(), flags, own.flatten()])  # (6 + 2 * size,)
+    packed = torch.cat([sent, (~finite).float(), flags, found, own.flatten()])  # (7 + 2 * size,)
     summed = _all_reduce_sum(packed).tolist()  # the one host sync
-    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss = summed[:6]
-    losses, counted = summed[6 : 6 + size], summed[6 + size :]
+    loss_sum, grad_sum, bad_loss, bad_grad, requests, with_loss, collapses = summed[:7]
+    losses, counted = summed[7 : 7 + size], summed[7 + size :]
     return StepValues(
         loss=loss_sum / with_loss if with_loss and not bad_loss else math.nan,
         grad_norm=(math.sqrt(grad_sum) if sharded else grad_sum / size) if not bad_grad else math.nan,
         nonfinite_ranks=round(max(bad_loss, bad_grad)),
         rollback_requests=round(requests),
         rank_losses=tuple(v if ok else math.nan for v, ok in zip(losses, counted)),
+        collapsed_moments=round(collapses),
     )
 
 

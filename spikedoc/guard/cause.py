@@ -1,9 +1,10 @@
 """Whether the data or the state is at fault, and when the guard must stop: decisions as data.
 
-A corrupt stretch of data is told from a broken state by replays from a good state: the replay
-after a rollback reaching the same data positions with the vetoes piling up again, and a probe
-step (the last healthy step's batches given to the state the vetoes came from). Each replay's
-result is recorded (`cause_test` in the action's evidence) so that `analyze` shows the cause as
+A corrupt stretch of data is told from a broken state by a probe step: the last healthy step's
+batches given to the state the vetoes came from (vetoes for their loss pile up with no update
+applied since that step). While no update is applied after a probe that found the state sound,
+the same probe would find the same: vetoes that pile up again are the data's without another.
+Each replay's result is recorded (`cause_test` in the action's evidence) so that `analyze` shows the cause as
 confirmed by a replay rather than inferred.
 """
 
@@ -19,15 +20,12 @@ from spikedoc.guard.steps import PendingStep, SeenStep
 __all__ = ["Probe", "corrupt_stretch", "probe_finding", "stop_for", "last_probe", "recurring", "rollback_to_revert"]
 
 
-def corrupt_stretch(decision: Decision, vetoed: list[SeenStep], skipped: set[int]) -> bool:
-    """Vetoes piling up at the data positions right after those already skipped, each for its
-    loss: the replay of a healthy state reached the same place in the data and the batches there
-    still look bad before any update, so the data is at fault, not the weights. (Vetoes for the
-    gradient alone, with an ordinary loss, say nothing about the data: those still roll back.)"""
-    if decision.reason != "vetoes":
-        return False
-    positions = sorted(pos for seen in vetoed for pos in seen.positions)
-    return bool(positions) and positions[0] - 1 in skipped and all(seen.bad_loss for seen in vetoed)
+def corrupt_stretch(decision: Decision, vetoed: list[SeenStep]) -> bool:
+    """Vetoes piling up, each for its loss before its update: no update was applied since the last
+    healthy step, so the state is the one that step left, and either it or the batches are at fault
+    (a probe step tells which). Vetoes for the gradient alone, with an ordinary loss, say nothing
+    about the data, and an incident that applied steps is the trajectory's: those roll back."""
+    return decision.reason == "vetoes" and bool(vetoed) and all(seen.bad_loss for seen in vetoed)
 
 
 def probe_finding(step: int, positions: list[int], verdict: Verdict) -> dict[str, Any]:
@@ -41,7 +39,16 @@ def probe_finding(step: int, positions: list[int], verdict: Verdict) -> dict[str
 def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple[str, str] | None:
     """(reason, message) when the rollback `decision` calls for must not be made: the budget is
     spent, and `recurring` when the replay from the last good checkpoint met the fault again before
-    passing the step it had rolled back from (the fault returns from a good state)."""
+    passing the step it had rolled back from (the fault returns from a good state). A collapse of
+    the optimizer's second moments that returns so stops at once: the good state had sound moments,
+    so the loop itself overwrites them at that step, and every rollback would meet it again."""
+    previous = policy.last_rollback()
+    if decision.cause == "optimizer_state" and previous is not None and previous["cause"] == "optimizer_state" \
+            and recurring(decision, policy):  # fmt: skip
+        return "recurring", (f"the optimizer's second moments collapsed again at step {decision.onset_step} after the "
+                             f"rollback to the good checkpoint of step {previous['to_step']}{_collapse(decision)}: the "
+                             "loop overwrites the optimizer state when it reaches that step (not the data, not the "
+                             "schedule), and one more rollback would meet it again")  # fmt: skip
     if policy.rollbacks < max_rollbacks:
         return None
     if recurring(decision, policy):
@@ -54,6 +61,15 @@ def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple
         return "recurring", (f"the fault came back after the last of {policy.rollbacks} rollbacks to a good checkpoint "
                              f"(LR at {policy.lr_scale:.3g}x{reset}); {where}, and one more rollback will not fix it")  # fmt: skip
     return "budget", f"rollback budget spent ({policy.rollbacks} of max_rollbacks={max_rollbacks})"
+
+
+def _collapse(decision: Decision) -> str:
+    """`" (12 of 12 tensors, e.g. h.0.fc.weight.exp_avg_sq, at 0 times their norm before)"`, from the decision's evidence."""
+    found = decision.evidence.get("optimizer_state") or {}
+    if not found.get("collapsed"):
+        return ""
+    first = f", e.g. {found['tensors'][0]}" if found.get("tensors") else ""
+    return f" ({found['collapsed']} of {found['of']} tensors{first}, at {found['ratio_min']:.3g} times their norm before)"
 
 
 def last_probe(decision: Decision, policy: Policy) -> dict[str, Any] | None:
@@ -81,26 +97,37 @@ def rollback_to_revert(policy: Policy, first_position: int) -> dict[str, Any] | 
 
 
 class Probe:
-    """The last healthy step's batches, kept to test the state before the data is blamed, and the
-    decision that waits on that test (a probe step: judged, never applied)."""
+    """The last healthy step's batches, kept to test the state before the data is blamed, the
+    decision that waits on that test (a probe step: judged, never applied), and the finding of the
+    last probe that found the state sound, while no update has been applied since."""
 
     def __init__(self) -> None:
         self.last_good: PendingStep | None = None
         """The last step applied with its loss in band, with its batches (those the guard handed out)."""
         self.waiting: Decision | None = None
+        self.sound: dict[str, Any] | None = None
+        """The finding (`probe_finding`) of the last probe that found the data at fault; None once an
+        update is applied or a state put back after it."""
 
     def remember(self, p: PendingStep) -> None:
         """A finished step: kept when it was applied healthy and its batches are known."""
         v = p.verdict
-        if v is not None and not v.veto and not v.loss_flagged and p.batches:
-            self.last_good = p
+        if v is not None and not v.veto:
+            self.sound = None  # an update: the state is no longer the one the probe found sound
+            if not v.loss_flagged and p.batches:
+                self.last_good = p
 
-    def wanted(self, decision: Decision, vetoed: list[SeenStep], skipped: set[int]) -> bool:
-        """Whether `decision` waits for a probe step first: a corrupt stretch, and healthy batches to probe with."""
-        if self.last_good is None or not corrupt_stretch(decision, vetoed, skipped):
-            return False
+    def plan(self, decision: Decision, vetoed: list[SeenStep]) -> str:
+        """What `decision` calls for: `probe` (a probe step first; the decision waits for it),
+        `skip` (a corrupt stretch on a state a probe found sound, unchanged since) or `rollback`."""
+        if not corrupt_stretch(decision, vetoed):
+            return "rollback"
+        if self.sound is not None:
+            return "skip"
+        if self.last_good is None:
+            return "rollback"
         self.waiting = decision
-        return True
+        return "probe"
 
     def step(self, step: int, sample_offset: int) -> PendingStep | None:
         """The probe step to hand out now if a decision waits for one: the last healthy step's batches again."""

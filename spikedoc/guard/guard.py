@@ -54,7 +54,8 @@ class Guard:
     checkpoints every `checkpoint_every` steps and, when the damage judgement says the run did not
     recover, rolls back to the newest good checkpoint before the incident with the LR schedule
     scaled by `lr_factor`, clipping tightened and the blamed batches skipped; before blaming the
-    data for vetoes that pile up again, a probe step tests the state. Records the events `veto`,
+    data for vetoes that pile up, a probe step tests the state; the optimizer's second moments
+    collapsing (`moments.py`) veto the step and roll back at once. Records the events `veto`,
     `checkpoint`, `rollback`, `data_skip`, `replay` (a probe's result), `checkpoint_failed`,
     `guard_resume` and `guard_stop`.
 
@@ -139,7 +140,7 @@ class Guard:
         # judges first and the monitor's hooks of a vetoed call stand down (`skip_step(inside_step=True)`).
         self._steps = StepJudgement(self.config, self._judge, self.policy, monitor=lambda: self.monitor,
                                     scale_lrs=scheduler is None, warn_once=self._warn_once,
-                                    global_norm=self._global_norm, claim_draws=self._claim_draws)  # fmt: skip
+                                    global_norm=self._global_norm, claim_draws=self._claim_draws, model=model)  # fmt: skip
         self._gate = StepGate(optimizer, self._steps.on_step)
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
@@ -309,6 +310,9 @@ class Guard:
         v = p.verdict
         self._recent.add(p, norms)
         decision = self._judge.record(v, lrs=p.lrs) if v is not None else None
+        if decision is not None and decision.cause == "optimizer_state":  # what collapsed, and by how much
+            decision.evidence["optimizer_state"] = self._steps.collapse or {}
+        self._steps.collapse = None
         self._probe.remember(p)
         self.step = p.step + 1
         if self._store.writing:
@@ -316,9 +320,13 @@ class Guard:
         if decision is None:
             if self.step % self.config.checkpoint_every == 0:
                 self._checkpoint()
-        # The data or the state? A corrupt stretch waits for a probe step to test it before acting.
-        elif not self._probe.wanted(decision, self._recent.between(decision.onset_step, self.step), self._stream.skip):
-            self._rollback(decision)
+        else:  # The data or the state? A corrupt stretch waits for a probe step to test it before acting.
+            plan = self._probe.plan(decision, self._recent.between(decision.onset_step, self.step))
+            if plan == "skip":
+                decision.evidence["cause_test"] = {**(self._probe.sound or {}), "state_unchanged_since_probe": True}
+                self._skip_stretch(decision, last_vetoed=self.step - 1)
+            elif plan == "rollback":
+                self._rollback(decision)
 
     def _checkpoint(self) -> None:
         guard = {"step": self.step, "samples": self.monitor.sample_offset, **self.policy.state_dict(),
@@ -339,7 +347,7 @@ class Guard:
             return None
         if drawing and not self._draws.put_first(list(zip(good.positions, good.batches)), self._state.device):
             self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than the last healthy "
-                            "step's, which a probe step would hand out: vetoes piling up again roll back untested")  # fmt: skip
+                            "step's, which a probe step would hand out: vetoes piling up roll back untested")  # fmt: skip
             assert probe.probe is not None
             self._rollback(probe.probe)
             return None
@@ -360,15 +368,16 @@ class Guard:
         if finding["found"] == "state":
             self._rollback(decision)
         else:
-            self._skip_stretch(decision)
+            self._probe.sound = finding
+            self._skip_stretch(decision, last_vetoed=p.step - 1)
 
-    def _skip_stretch(self, decision: Decision) -> None:
+    def _skip_stretch(self, decision: Decision, *, last_vetoed: int) -> None:
         positions = sorted(pos for seen in self._recent.between(decision.onset_step, self.step) for pos in seen.positions)
         if self.data_skips + len(positions) > self.config.max_data_skips:
             self.policy.data_skips += len(positions)
             self._stop("data", f"{self.data_skips} batches of a corrupt stretch of data skipped, more than "
                        f"max_data_skips={self.config.max_data_skips}", decision)  # fmt: skip
-        detail = self._rollbacks.skip_stretch(decision, positions, last_step=self.step - 1)
+        detail = self._rollbacks.skip_stretch(decision, positions, last_vetoed=last_vetoed)
         if detail["remedy_reverted"] and self._global_norm is None:  # under FSDP2 the guard clips, not the monitor
             self.monitor.config.clip = self.clip  # the guard owns clipping; the data_skip event records the change
         self.actions.append({"kind": "data_skip", **detail})
@@ -411,6 +420,8 @@ class Guard:
                             "random generators the guard restored (random offsets); pass a re-iterable, a "
                             "StatefulDataLoader or a function for an exact replay")  # fmt: skip
         self._judge.load_state_dict(state["guard"]["judge"])
+        self._steps.moments.reset()  # another state: the next step is its baseline
+        self._probe.sound = None
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._steps.pending = None

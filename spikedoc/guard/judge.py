@@ -34,7 +34,7 @@ class Verdict(NamedTuple):
     veto: bool
     reasons: tuple[str, ...]
     """Why it was vetoed: `nonfinite` (the loss or gradient norm on some rank), `loss_out_of_band`,
-    `grad_norm_out_of_band`, `rollback_requested`."""
+    `grad_norm_out_of_band`, `optimizer_state_collapsed` (`moments.py`), `rollback_requested`."""
     loss_z: float
     """The largest departure of the mean loss's band and, under data parallelism, each rank's own."""
     grad_z: float
@@ -60,14 +60,15 @@ class Decision:
     """A rollback the judgement calls for, with what it rests on."""
 
     reason: str
-    """`vetoes` (many in a row), `requested`, or the recovery verdict: `persistent`, `divergence`,
-    `recovered_with_damage`."""
+    """`vetoes` (many in a row), `requested`, `optimizer_state` (its second moments collapsed), or
+    the recovery verdict: `persistent`, `divergence`, `recovered_with_damage`."""
     onset_step: int
     precursor_step: int
     """Earliest step whose update may have caused the damage (the step before onset, or an earlier
     gradient-norm flag or LR jump): the rollback goes to a checkpoint at or before it."""
     cause: str
-    """`lr_schedule` (an upward LR jump in the lookback) or `damage` (anything else)."""
+    """`lr_schedule` (an upward LR jump in the lookback), `optimizer_state` (its second moments
+    collapsed, seen before the update) or `damage` (anything else)."""
     attributed_steps: list[int] = field(default_factory=list)
     """Steps whose batches are blamed (the onset and vetoed steps of the incident)."""
     lr_jump: dict[str, Any] | None = None
@@ -143,6 +144,8 @@ class Judge:
         reasons = []
         if values.nonfinite_ranks:
             reasons.append("nonfinite")
+        if values.collapsed_moments:  # the state is broken whatever the loss says: its update would be huge
+            reasons.append("optimizer_state_collapsed")
         if any(_beyond(f, cfg.veto_sigma) for f in losses):
             reasons.append("loss_out_of_band")
         loss_flagged = any(f is not None and f.flagged and f.warm for f in losses)
@@ -183,7 +186,11 @@ class Judge:
         elif self.incident is None and verdict.veto and self._vetoes_pile_up():
             self._open(self.recent_vetoes[0], attributed=list(self.recent_vetoes))
         decision = None
-        if verdict.rollback_requested:
+        if "optimizer_state_collapsed" in verdict.reasons:
+            # Sound at the step before's judgement: its checkpoint (taken before it) is the target.
+            decision = Decision(reason="optimizer_state", onset_step=step, precursor_step=max(0, step - 1),
+                                cause="optimizer_state")  # fmt: skip
+        elif verdict.rollback_requested:
             decision = self._decision("requested", step)
         elif self.vetoes_in_row >= self.config.max_vetoes_in_row:
             decision = self._decision("vetoes", step - self.vetoes_in_row + 1)

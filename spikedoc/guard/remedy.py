@@ -62,7 +62,9 @@ def plan_remedy(
 
     An LR jump in the lookback (cause `lr_schedule`) is repaired, not trained around: the applied LR
     is held at its level before the jump, and the peak LR, clipping and data stay (as `analyze`
-    recommends for a repair cause). Anything else: the schedule times `lr_factor`, clipping
+    recommends for a repair cause). Collapsed optimizer second moments (cause `optimizer_state`)
+    are repaired by the good state itself: nothing else changes (the data and the schedule were not
+    at fault). Anything else: the schedule times `lr_factor`, clipping
     tightened (`tighter_clip`: unless it already acts on most steps), the attributed batches
     skipped with `skip_window` on either side.
 
@@ -86,6 +88,8 @@ def plan_remedy(
         # The LRs applied before the jump (already at the scale in use).
         held = {"from_step": int(jump["step"]), "caps": [float(v) for v in jump["lrs_before"]]}
         return Remedy(clip=clip, lr_scale=lr_scale, hold=held, held_now=True)
+    if decision.cause == "optimizer_state":
+        return Remedy(clip=clip, lr_scale=lr_scale, hold=hold)
     factor = config.lr_factor
     if hold is not None:  # a hold set earlier scales with the schedule
         hold = {"from_step": hold["from_step"], "caps": [c * factor for c in hold["caps"]]}

@@ -68,19 +68,29 @@ class Rollbacks:
         policy.rollbacks += 1
         return evidence
 
-    def skip_stretch(self, decision: Decision, positions: list[int], *, last_step: int) -> dict[str, Any]:
+    def skip_stretch(self, decision: Decision, positions: list[int], *, last_vetoed: int) -> dict[str, Any]:
         """Skip the batches of a corrupt stretch without rolling back (the data was shown at fault):
         its vetoes are forgotten, and the LR and clipping change of the rollback whose skipped batches
         it continues is undone (`rollback_to_revert`). Returns the `data_skip` event's detail."""
         self.policy.data_skips += len(positions)
+        replayed = self._continues_rollback(positions[0])
         self.state.stream.skip_positions(positions)
         self.judge.forget_vetoes()
-        last = decision.evidence.get("cause_test", {}).get("probe_step", last_step + 1) - 1  # the last vetoed step
         rollback = rollback_to_revert(self.policy, positions[0])
         if rollback is not None:
             before = float(rollback["lr_scale_before"])
             self.state.scale_schedule(before / self.policy.lr_scale)
             self.policy.lr_scale, self.policy.clip = before, rollback["clip_before"]
             rollback["reverted"] = True
-        return {"steps": [decision.onset_step, last], "positions": positions, "data_skips": self.policy.data_skips,
-                "remedy_reverted": rollback is not None, **decision.evidence}  # fmt: skip
+        return {"steps": [decision.onset_step, last_vetoed], "positions": positions, "data_skips": self.policy.data_skips,
+                "remedy_reverted": rollback is not None, "after_rollback": replayed, **decision.evidence}  # fmt: skip
+
+    def _continues_rollback(self, first: int) -> bool:
+        """The batches from data position `first` follow, through skipped ones only, those the last
+        rollback skipped: the replay of a good state met them (cause_status's `same_batches`)."""
+        rollback = self.policy.last_rollback()
+        blamed = set(rollback.get("skipped_positions") or []) if rollback is not None else set()
+        position = first - 1
+        while position in self.state.stream.skip and position not in blamed:
+            position -= 1
+        return position in blamed

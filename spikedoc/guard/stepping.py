@@ -13,6 +13,7 @@ from spikedoc.guard.agree import agree
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.gate import StepGate
 from spikedoc.guard.judge import Judge, Verdict
+from spikedoc.guard.moments import SecondMoments
 from spikedoc.guard.payload import json_plain
 from spikedoc.guard.policy import Policy
 from spikedoc.guard.schedule import group_lrs
@@ -26,16 +27,17 @@ __all__ = ["StepJudgement"]
 class StepJudgement:
     """Follows the pending step (`pending`, set by the guard's iteration) and judges it before its update.
 
-    `on_step` is the `StepGate`'s callback: it judges the step's loss and gradient norm (one host
-    sync), vetoes it through the gate or applies the guard's LR factor and hold to it, and records a
-    veto. `on_forward` is a forward hook on the model: it counts the step's micro-batches and keeps
+    `on_step` is the `StepGate`'s callback: it judges the step's loss, gradient norm and the
+    optimizer's second moments (`SecondMoments`; one host sync for all), vetoes it through the gate
+    or applies the guard's LR factor and hold to it, and records a veto. `on_forward` is a forward hook on the model: it counts the step's micro-batches and keeps
     the losses its forwards return.
     """
 
     def __init__(self, config: GuardConfig, judge: Judge, policy: Policy, *, monitor: Callable[[], Monitor],
                  scale_lrs: bool, warn_once: Callable[[str, str], None], global_norm: GlobalNorm | None = None,
-                 claim_draws: Callable[[PendingStep], None] = lambda p: None) -> None:  # fmt: skip
+                 claim_draws: Callable[[PendingStep], None] = lambda p: None, model: nn.Module | None = None) -> None:  # fmt: skip
         self.config, self.judge, self.policy = config, judge, policy
+        self._model = model  # names the tensors of a collapse
         self._global_norm = global_norm  # FSDP2: the judged norm is the full gradient's, and the guard clips
         self.claim_draws = claim_draws
         """Fills in a drawing loop's step's positions and batches (`PendingStep.claim_draws`) before it is judged."""
@@ -46,6 +48,10 @@ class StepJudgement:
         self.rollback_requested = False
         self.norms_of_step: tuple[Tensor, list[Tensor]] | None = None
         """The pending step's per-tensor gradient norms (with `reset_moments`), taken once it is judged."""
+        self.moments = SecondMoments()
+        """The optimizer's second moments, checked for a collapse before each judged update."""
+        self.collapse: dict[str, Any] | None = None
+        """The collapsed tensors of the pending step, when its second moments collapsed."""
 
     def on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         p = self.pending
@@ -59,6 +65,7 @@ class StepJudgement:
     def on_step(self, gate: StepGate) -> None:
         """Judge the step inside `optimizer.step()`, before the update (the gate's pre-hook)."""
         p, monitor = self.pending, self._monitor()
+        self.moments.calls += 1  # every call may update the state, judged or not
         if p is None or p.verdict is not None:  # outside the iteration, or a second step() in one
             return
         self.claim_draws(p)  # a veto's event names the step's batches
@@ -75,10 +82,17 @@ class StepJudgement:
             self.norms_of_step = monitor.tensor_grad_norms()
         if self._global_norm is not None and (norms := monitor.tensor_grad_norms()) is not None:
             grad_norm = self._global_norm.share(*norms)  # this rank's share of the squared global norm
-        values = agree(loss, grad_norm, rollback_request=self.rollback_requested, sharded=self._global_norm is not None)
+        collapsed = self.moments.measure(gate.optimizer)
+        values = agree(loss, grad_norm, rollback_request=self.rollback_requested, sharded=self._global_norm is not None,
+                       collapsed=collapsed)  # fmt: skip
         self.rollback_requested = False
         verdict = self.judge.judge(p.step, values)
         p.verdict = verdict
+        if values.collapsed_moments:  # never the baseline; which tensors, for the events (a sync on this step only)
+            names = {id(q): name for name, q in self._model.named_parameters()} if self._model is not None else {}
+            self.collapse = self.moments.collapsed(names)
+        else:
+            self.moments.accept()
         if p.probe is not None:  # judged, never applied
             gate.veto()
             monitor.skip_step(inside_step=True)
@@ -117,6 +131,8 @@ class StepJudgement:
         """Count and record a vetoed step (`stepped`: inside its `optimizer.step()` call)."""
         self.policy.vetoes += 1
         detail = {"positions": p.positions, "sample_ids": p.sample_ids[:64], **verdict.evidence()}
+        if self.collapse and "optimizer_state_collapsed" in verdict.reasons:
+            detail["optimizer_state"] = self.collapse
         if not stepped:
             detail["optimizer_step_skipped"] = True  # by the loop or its GradScaler, before the guard saw it
         self.policy.actions.append({"kind": "veto", "step": p.step, **detail})
