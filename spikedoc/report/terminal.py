@@ -23,7 +23,7 @@ MAX_EXPLAINED = 8
 #: What the incident table's columns mean, printed under it.
 TABLE_LEGEND = ("onset/end: first and last flagged step; sigma: the peak's distance from the rolling baseline in "
                 "robust standard deviations; verdict: the aftermath against the "
-                "pre-incident trajectory; cause?: a guess from the loss's shape alone; lead: steps by which the "
+                "pre-incident trajectory; cause: what the evidence under each incident points to (a ? after it: a guess from the loss's shape alone); lead: steps by which the "
                 "earliest precursor came before the loss was flagged")
 
 # What each missing input costs the analysis, said next to it.
