@@ -69,3 +69,14 @@ def test_guard_details_from_the_run_are_printed_as_text_not_markup():
     console = Console(record=True, width=200, highlight=False)
     render(Diagnosis(path="runs/x", source="spikedoc", guard_actions=[stop]), console)
     assert "stopped at step 7: [/red][bold]budget[/bold] spent" in console.export_text()
+
+
+def test_a_veto_judged_on_one_ranks_own_loss_names_that_rank():
+    diagnosis = spikedoc.analyze(SAMPLES / "lr_surge")
+    veto = {"kind": "veto", "step": 140, "segment": 0,
+            "detail": {"reasons": ["loss_out_of_band"], "loss_z": 19.5, "grad_norm_z": 1.2, "loss_rank": 1}}
+    diagnosis.guard_actions = [veto, {**veto, "step": 141, "detail": {**veto["detail"], "loss_rank": None}}]
+    console = Console(record=True, width=200, highlight=False)
+    render(diagnosis, console)
+    lines = [line for line in console.export_text().splitlines() if line.strip().startswith("veto of step")]
+    assert "the loss of rank 1" in lines[0] and "rank" not in lines[1]

@@ -135,6 +135,7 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
         if a["kind"] == "veto":
             z = ", ".join(f"{k} {_fmt_table(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
             line = (f"veto of step {a['step']}: {', '.join(d.get('reasons', []))}" + (f" ({z} sigma)" if z else "")
+                    + (f", the loss of rank {d['loss_rank']}" if d.get("loss_rank") is not None else "")
                     + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
         elif a["kind"] == "rollback":
             line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
