@@ -105,3 +105,12 @@ def test_a_stretch_met_right_after_a_rollbacks_skipped_batches_is_confirmed_by_t
     assert [s["detail"]["positions"] for s in skips] == [list(range(65, 70)), list(range(70, 75))]
     assert all([r["replay"] for r in s["cause"]["replays"]] == ["same_batches", "other_batches"] for s in skips)
     assert skips[0]["detail"]["remedy_reverted"] and not skips[1]["detail"]["remedy_reverted"]
+
+
+def test_a_veto_and_rollback_on_collapsed_second_moments_are_measured_not_inferred():
+    from spikedoc.analysis.guard_actions import cause_status
+
+    veto = cause_status("veto", {"reasons": ["optimizer_state_collapsed"]})
+    rollback = cause_status("rollback", {"cause": "optimizer_state", "reason": "optimizer_state"})
+    assert veto == rollback == {"status": "measured", "replays": [], "found": "state"}
+    assert cause_status("veto", {"reasons": ["loss_out_of_band"]})["status"] == "inferred"

@@ -13,7 +13,7 @@ __all__ = ["GUARD_EVENT_KINDS", "guard_actions", "cause_status", "without_guard_
 GUARD_EVENT_KINDS = ("veto", "rollback", "data_skip", "guard_stop", "guard_resume", "checkpoint_failed",
                      "checkpoint_refused", "replay")
 
-#: Actions taken on a cause, whose cause `cause_status` tells confirmed by a replay or inferred.
+#: Actions taken on a cause, whose cause `cause_status` tells confirmed by a replay, measured or inferred.
 _ACTED = ("veto", "rollback", "data_skip", "guard_stop")
 
 
@@ -65,10 +65,11 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
     update: the data), `from_good_checkpoint` (the fault came back after a rollback to a good
     checkpoint with its batches skipped: the state or the loop). A veto, and a rollback on the
     judgement alone (an LR jump found in the schedule, damage the recovery judgement saw), are
-    `inferred`.
+    `inferred`. A veto or rollback on collapsed second moments is `measured`: the optimizer's state
+    was read below what any update of it allows, which names the state without a replay.
 
     Returns:
-        `status` (`confirmed` or `inferred`), `replays` (each `replay`, `found`, and `step` for a
+        `status` (`confirmed`, `measured` or `inferred`), `replays` (each `replay`, `found`, and `step` for a
         probe) and `found` (`data`, `state`, or for an inferred cause the judgement's own: the
         rollback's `cause`, the veto's reasons).
 
@@ -91,6 +92,8 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
         replays.append({"replay": "from_good_checkpoint", "found": "state"})
     if replays:
         return {"status": "confirmed", "replays": replays, "found": replays[-1]["found"]}
+    if "optimizer_state_collapsed" in (detail.get("reasons") or []) or (kind == "rollback" and detail.get("cause") == "optimizer_state"):
+        return {"status": "measured", "replays": [], "found": "state"}
     found = detail.get("cause") if kind == "rollback" else ", ".join(detail.get("reasons") or []) or detail.get("reason")
     return {"status": "inferred", "replays": [], "found": found}
 

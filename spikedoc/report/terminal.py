@@ -116,11 +116,13 @@ _REPLAY_WORDS = {
 
 
 def cause_words(cause: dict[str, Any]) -> str:
-    """A guard action's cause as `cause_status` decided it: confirmed by which replays, or inferred."""
+    """A guard action's cause as `cause_status` decided it: confirmed by which replays, measured, or inferred."""
     if cause.get("status") == "confirmed":
         replays = "; ".join(f"{_REPLAY_WORDS.get(r.get('replay'), r.get('replay'))}: {r.get('found')}"
                             for r in cause.get("replays") or [])  # fmt: skip
         return f"cause confirmed by replay ({replays}): the {cause.get('found')}"
+    if cause.get("status") == "measured":
+        return "cause measured: the optimizer's second moments were read below what one update allows"
     return f"cause inferred ({cause.get('found') or 'the judgement'}), not replayed"
 
 
@@ -139,7 +141,8 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                     + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
         elif a["kind"] == "rollback":
             line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
-                    + (f"LR held at {_val(d['lr_held'].get('at'))} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
+                    + ("the good state put back, nothing else changed" if d.get("cause") == "optimizer_state"
+                       else f"LR held at {_val(d['lr_held'].get('at'))} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
                        else f"LR x{_val(d.get('lr_scale'))} of the original, "
                             + (f"clip {_val(d.get('clip'))} kept (it already acted on most steps)" if d.get("clip_kept")
                                else f"clip {_val(d.get('clip_before'))} -> {_val(d.get('clip'))}")
