@@ -34,6 +34,10 @@ _STATE_FORMAT = 3
 # Share of the backtest's miss counted in the trajectory's uncertainty: the backtest extrapolates from an
 # earlier, steeper stretch of the curve than the one after onset, so its whole miss overstates the error there.
 _BACKTEST_SHARE = 0.5
+# Standard deviation of the progress the trajectory expects, as a share of it: the realised share of
+# the local slope taken as anywhere from none to twice `slope_share` (a uniform spread,
+# sd = 1/sqrt(3)); docs/detection.md has what a narrower spread does.
+_PROGRESS_SD = 3**-0.5
 
 
 @dataclass(kw_only=True)
@@ -345,14 +349,13 @@ class RecoveryTracker:
         uncertainty there (`extrapolation_se`), whichever is larger; never below `min_damage_ratio`."""
         cfg, t = self.config, self.trajectory
         expected = t.at(step)
-        spread = t.sigma if t.fit_steps == 0 else max(t.sigma, self.extrapolation_se(expected))
+        spread = t.sigma if t.fit_steps == 0 else max(t.sigma, self.extrapolation_se(expected, backtest=False))
         return max(cfg.tolerance_sigma * spread, cfg.min_damage_ratio * expected)
 
-    def extrapolation_se(self, expected: float) -> float:
+    def extrapolation_se(self, expected: float, *, backtest: bool = True) -> float:
         """Uncertainty, in loss units, of the trajectory where it expects the loss `expected`: the
-        standard error of its level at the anchor; the progress it expects past the anchor, taken as
-        uncertain over its whole range (the realised share of the local slope anywhere from none to
-        twice `slope_share`, a uniform spread: sd = progress / sqrt(3)); and `_BACKTEST_SHARE` of how
+        standard error of its level at the anchor (at least its miss at its own end); the progress it
+        expects past the anchor, taken as uncertain (`_PROGRESS_SD` of it); and `_BACKTEST_SHARE` of how
         far the same method missed on this run's own history (`backtest_error`). Infinite without a
         fitted trajectory (fewer than `min_fit_steps` healthy steps): no shift can be measured then."""
         t = self.trajectory
@@ -360,7 +363,8 @@ class RecoveryTracker:
             return math.inf
         progress = max(0.0, t.intercept + t.slope * t.anchor - expected)
         level_se = t.level_se if math.isfinite(t.level_se) else 0.0
-        return math.sqrt(level_se**2 + progress**2 / 3 + (_BACKTEST_SHARE * self.backtest_error * expected) ** 2)
+        missed = _BACKTEST_SHARE * self.backtest_error * expected if backtest else 0.0
+        return math.sqrt(level_se**2 + (_PROGRESS_SD * progress) ** 2 + missed**2)
 
     def shift_floor(self) -> float:
         """Smallest shift (a share of the trajectory) that counts as damage: `damage_floor`, and
