@@ -3,8 +3,9 @@
 The spike detector's band (7 robust sigmas) is built to flag a spike, not to certify a recovery: a
 loss can fall back inside it and still stay well above where the healthy run was heading. This
 module judges recovery against the pre-incident trajectory instead: the trend of the healthy
-steps before onset, extrapolated, with a tolerance in the series' own robust sigma, held for a
-stretch of steps. One implementation (`RecoveryTracker.update`) serves the offline judgement of
+steps before onset, extrapolated, with a tolerance in the series' own robust sigma or in the
+trajectory's own uncertainty, held for a stretch of steps; then a lasting shift tested against its
+standard error, the trajectory's extrapolation uncertainty included. One implementation (`RecoveryTracker.update`) serves the offline judgement of
 `analyze` (`judge_recovery`) and the online one of the guard, so both agree by construction.
 
 The trajectory is a robust straight line in log(step + 1): loss curves fall roughly as a power of
@@ -129,8 +130,9 @@ class Trajectory:
     """log(step + 1) of the last healthy step: the extrapolation starts there."""
     slope_share: float = 1.0
     level_se: float = math.nan
-    """Standard error of the line's level at the anchor: the healthy residuals' autocorrelation-robust
-    variance (`lasting_excess`) over the fitted steps."""
+    """Error of the line's level at the anchor: the standard error of the healthy residuals' mean
+    (autocorrelation-robust, `lasting_excess`), or the line's miss at its own end (the median residual
+    of its last `hold_steps` // 2 points), whichever is larger."""
 
     def at(self, step: float) -> float:
         """The loss the healthy run was heading for at `step`."""
@@ -357,7 +359,9 @@ class RecoveryTracker:
         standard error of its level at the anchor (at least its miss at its own end); the progress it
         expects past the anchor, taken as uncertain (`_PROGRESS_SD` of it); and `_BACKTEST_SHARE` of how
         far the same method missed on this run's own history (`backtest_error`). Infinite without a
-        fitted trajectory (fewer than `min_fit_steps` healthy steps): no shift can be measured then."""
+        fitted trajectory (fewer than `min_fit_steps` healthy steps): no shift can be measured then.
+        `backtest=False` leaves the backtest out: a history that holds an earlier incident's step
+        misses by that step, which says nothing about where this incident's loss counts as back."""
         t = self.trajectory
         if t.fit_steps == 0:
             return math.inf
