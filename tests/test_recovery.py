@@ -173,3 +173,28 @@ def test_a_shift_of_one_steps_noise_is_not_told_from_a_healthy_runs_wander(seed)
 def test_a_real_but_tiny_shift_is_below_the_practical_floor(seed):
     steps, loss = _shifted(0.005, seed)
     assert judge_recovery(steps, loss, onset_step=701, end_step=701).verdict == "recovered"
+
+
+def test_without_a_fitted_trajectory_no_shift_can_be_measured():
+    tracker = RecoveryTracker(5, range(5), [3.0, 2.9, 2.8, 2.8, 2.7])  # fewer than min_fit_steps healthy steps
+    assert tracker.trajectory.fit_steps == 0
+    assert tracker.extrapolation_se(2.7) == math.inf
+
+
+def test_the_trajectory_is_less_certain_the_more_progress_it_expects():
+    steps = np.arange(200)
+    loss = 2.0 + 3.0 * (steps + 10.0) ** -0.3 + np.random.default_rng(11).normal(0, 0.02, 200)
+    tracker = RecoveryTracker(200, steps, loss)
+    t = tracker.trajectory
+    assert tracker.extrapolation_se(t.at(400)) > tracker.extrapolation_se(t.at(220)) > 0
+    assert tracker.tolerance(400) >= tracker.tolerance(220)
+
+
+def test_a_line_that_misses_its_own_last_steps_is_that_uncertain_at_its_anchor():
+    steps = np.arange(80)
+    loss = np.where(steps < 40, 5.0 - 0.05 * steps, 3.0)  # a fast fall, then flat: no straight line in log-step follows both
+    t = fit_trajectory(steps, loss)
+    residuals = loss - (t.intercept + t.slope * np.log(steps + 1.0))
+    miss = abs(float(np.median(residuals[-RecoveryConfig().hold_steps // 2 :])))
+    assert miss > 0.05
+    assert t.level_se >= miss
