@@ -7,7 +7,7 @@ band. A change point found independently of the loss needs no scan: the paramete
 most of the way to its start in one step, or an upward LR discontinuity. There one test suffices:
 is the loss over the `lr_response_steps` steps from the change above the trajectory the run was on
 before it, by `damage_z` of its own autocorrelation-robust standard errors (the damage judgement's
-statistic, `recovery.lasting_excess`)? An anomalous batch (its fingerprint: near-constant tokens,
+statistic, `trajectory.lasting_excess`)? An anomalous batch (its fingerprint: near-constant tokens,
 overlong sequences, a distinct-token ratio far off the run's) is a one-step change: its own loss,
 measured before its update, must be the detector's `threshold` of the trajectory's sigmas above it.
 An update the gradient does not explain (`state_jumps`: the update norm per unit LR far above its
@@ -27,7 +27,8 @@ from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, robust_center_scale
 from spikedoc.analysis.batches import BatchProfile, attribute_batches
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.incident import Incident
-from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory, lasting_excess
+from spikedoc.analysis.recovery_config import RecoveryConfig
+from spikedoc.analysis.trajectory import fit_trajectory, lasting_excess
 
 __all__ = ["weight_returns", "anomalous_batches", "state_jumps", "trajectory_response", "change_point_incidents"]
 

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from spikedoc.analysis._robust import MAD_TO_SIGMA
+from spikedoc.analysis.recovery_config import RecoveryConfig
+from spikedoc.analysis.trajectory import Trajectory, backtest, fit_trajectory, lasting_excess
 
-__all__ = ["VERDICTS", "RecoveryConfig", "Trajectory", "RecoveryState", "RecoveryTracker", "fit_trajectory", "judge_recovery"]
+__all__ = ["VERDICTS", "RecoveryConfig", "Trajectory", "RecoveryState", "RecoveryTracker", "fit_trajectory", "judge_recovery",
+           "lasting_excess"]
 
 #: Final verdicts on an incident's aftermath, from harmless to worst.
 VERDICTS = ("recovered", "recovered_with_damage", "persistent", "divergence")
@@ -39,200 +41,6 @@ _BACKTEST_SHARE = 0.5
 # the local slope taken as anywhere from none to twice `slope_share` (a uniform spread,
 # sd = 1/sqrt(3)); docs/detection.md has what a narrower spread does.
 _PROGRESS_SD = 3**-0.5
-
-
-@dataclass(kw_only=True)
-class RecoveryConfig:
-    """Settings of the recovery judgement (defaults measured in docs/detection.md).
-
-    Example:
-        >>> RecoveryConfig().hold_steps
-        20
-    """
-
-    fit_steps: int = 100
-    """Healthy steps before onset that fit the trajectory (the detector's window)."""
-    min_fit_steps: int = 20
-    """Fewer healthy steps than this: no trajectory, recovery judged against the last level only."""
-    hold_steps: int = 20
-    """Consecutive steps whose median excess must be within the tolerance: recovered means back and
-    staying back, not one point inside a band."""
-    tolerance_sigma: float = 2.0
-    """Largest median excess over the trajectory that counts as on it, in the series' robust sigma or
-    in the trajectory's own uncertainty at that step (`RecoveryTracker.tolerance`), whichever is larger.
-    The median of `hold_steps` noisy values has about a quarter of the noise of one value."""
-    min_damage_ratio: float = 0.01
-    """Practical size: a median excess below this fraction of the trajectory is never damage, however
-    many sigmas it is on a very smooth loss."""
-    band_sigma: float = 7.0
-    """Median excess (sigmas) above which the loss is still out of the spike band: `persistent`
-    rather than `recovered_with_damage` (the detector's threshold)."""
-    patience_steps: int = 50
-    """Online: steps after onset by which the judgement is decided even if the loss never settles."""
-    horizon_steps: int = 100
-    """Offline: lasting damage is measured this many steps after the incident's end."""
-    nonfinite_steps: int = 3
-    """Consecutive non-finite losses that make the incident a divergence."""
-    slope_share: float = 0.5
-    """Share of the pre-onset slope (in log-step) the extrapolation keeps: loss curves flatten."""
-    damage_steps: int = 100
-    """Most steps, from the first step back on the trajectory, whose mean excess is tested for a
-    lasting shift (`lasting_excess`)."""
-    damage_z: float = 3.0
-    """A mean excess this many standard errors above the trajectory is a real shift, not noise
-    (one-sided, about 0.1% by chance). The error counts the mean's own noise (autocorrelation-robust,
-    `lasting_excess`) and the trajectory's extrapolation uncertainty (`RecoveryTracker.extrapolation_se`)."""
-    damage_sigmas: float = 1.25
-    """A lasting shift must also exceed this many of the healthy steps' spread around the trajectory
-    (its robust sigma): healthy runs wander that far over a hundred steps (data of another difficulty
-    in the same order, slow drifts no lag window sees). Set on healthy runs: on the 75 public speedrun
-    logs 1.25 is the smallest value that keeps all their incidents `recovered` (1.0: 25 of 823 damaged,
-    a +2.4% shift at 1.1 sigmas after step 1760 in the runs reading the same data); on the exam's
-    calibration half every value from 0.5 to 1.25 gives the same verdicts (docs/detection.md)."""
-    damage_floor: float = 0.02
-    """Practical size of a lasting shift, as a share of the trajectory: smaller is never damage, however
-    many standard errors it is. 2% is the lasting damage a user must hear about (the exam's line); on the
-    exam's calibration half any floor from 0 to 3% gives the same verdicts (the z decides)."""
-
-    def __post_init__(self) -> None:
-        for name in ("fit_steps", "min_fit_steps", "hold_steps", "patience_steps", "horizon_steps", "nonfinite_steps",
-                     "damage_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RecoveryConfig.{name} must be a positive integer, got {value!r}")
-        if self.min_fit_steps > self.fit_steps:
-            raise ValueError(f"RecoveryConfig.min_fit_steps ({self.min_fit_steps}) must not exceed fit_steps ({self.fit_steps})")
-        for name in ("tolerance_sigma", "band_sigma", "damage_z", "damage_sigmas"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"RecoveryConfig.{name} must be a finite number > 0, got {value!r}")
-        if self.band_sigma <= self.tolerance_sigma:
-            raise ValueError("RecoveryConfig.band_sigma must exceed tolerance_sigma: the band flags spikes, the tolerance certifies recovery")
-        for name in ("min_damage_ratio", "damage_floor"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ValueError(f"RecoveryConfig.{name} must be in [0, 1), got {value!r}")
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    """loss(step) ~ intercept + slope * log(step + 1), and the spread of the healthy steps around it."""
-
-    intercept: float
-    slope: float
-    """Never positive: a loss is not expected to rise, so a rising history cannot excuse a rise."""
-    sigma: float
-    """Robust sigma (MAD) of the healthy steps' residuals, floored at 0.1% of the level."""
-    fit_steps: int
-    """Healthy steps the fit used (0: too few, a flat line at their median)."""
-
-    anchor: float = 0.0
-    """log(step + 1) of the last healthy step: the extrapolation starts there."""
-    slope_share: float = 1.0
-    level_se: float = math.nan
-    """Error of the line's level at the anchor: the standard error of the healthy residuals' mean
-    (autocorrelation-robust, `lasting_excess`), or the line's miss at its own end (the median residual
-    of its last `hold_steps` // 2 points), whichever is larger."""
-
-    def at(self, step: float) -> float:
-        """The loss the healthy run was heading for at `step`."""
-        x = math.log(step + 1.0)
-        if x <= self.anchor:
-            return self.intercept + self.slope * x
-        return self.intercept + self.slope * (self.anchor + self.slope_share * (x - self.anchor))
-
-
-# Smallest sigma believed, as a fraction of the level (the detector's scale_floor).
-_SIGMA_FLOOR = 1e-3
-
-
-def fit_trajectory(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray, config: RecoveryConfig | None = None) -> Trajectory:
-    """Robust (Theil-Sen) line of the loss in log(step + 1) through the last `fit_steps` finite points.
-
-    Args:
-        steps: healthy steps before onset, oldest first.
-        losses: their losses.
-        config: `fit_steps`, `min_fit_steps`.
-
-    Example:
-        >>> steps = list(range(100, 200))
-        >>> t = fit_trajectory(steps, [5.0 - 0.5 * math.log(s + 1) for s in steps])
-        >>> round(t.at(150), 3) == round(5.0 - 0.5 * math.log(151), 3)   # on the fitted stretch
-        True
-        >>> t.at(300) > 5.0 - 0.5 * math.log(301)   # beyond it, at half the slope: curves flatten
-        True
-    """
-    config = config or RecoveryConfig()
-    x = np.log(np.asarray(steps, dtype=np.float64) + 1.0)
-    y = np.asarray(losses, dtype=np.float64)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep][-config.fit_steps :], y[keep][-config.fit_steps :]
-    if y.size == 0:
-        return Trajectory(math.nan, 0.0, math.nan, 0)
-    if y.size < config.min_fit_steps:
-        level = float(np.median(y))
-        return Trajectory(level, 0.0, _robust_sigma(y - level, level), 0)
-    i, j = np.triu_indices(x.size, k=1)
-    dx = x[j] - x[i]
-    ok = dx > 0
-    slope = min(0.0, float(np.median((y[j] - y[i])[ok] / dx[ok]))) if ok.any() else 0.0
-    intercept = float(np.median(y - slope * x))
-    level = intercept + slope * float(x[-1])
-    residuals = y - (intercept + slope * x)
-    sigma = _robust_sigma(residuals, level)
-    # The level's error: its standard error over the fit, or how far the line misses its own last
-    # half `hold_steps` points (a curve bending away from a straight line), whichever is larger.
-    end_miss = abs(float(np.median(residuals[-max(1, config.hold_steps // 2):])))
-    return Trajectory(intercept, slope, sigma, int(y.size), float(x[-1]), config.slope_share,
-                      max(lasting_excess(residuals, sigma)[1], end_miss))
-
-
-def _robust_sigma(residuals: np.ndarray, level: float) -> float:
-    mad = float(np.median(np.abs(residuals - np.median(residuals))))
-    return max(MAD_TO_SIGMA * mad, _SIGMA_FLOOR * abs(level), 1e-12)
-
-
-def lasting_excess(residuals: Sequence[float] | np.ndarray, sigma: float) -> tuple[float, float]:
-    """Mean of `residuals` (loss minus trajectory) and its standard error, robust to autocorrelation.
-
-    Consecutive losses of one run are correlated (the same weights, a slowly moving trajectory
-    misfit), so the i.i.d. error sigma / sqrt(n) would be too small; the Newey-West (1987)
-    estimator with a Bartlett kernel and Newey-West (1994)'s lag floor(4 (n/100)^(2/9)) sums the
-    autocovariances. Residuals are first clipped at 5 `sigma` (the per-step robust sigma), so that
-    one data blip after the recovery cannot make or hide a shift.
-
-    Example:
-        >>> mean, se = lasting_excess([0.1] * 50 + [0.0] * 50, 0.05)
-        >>> round(mean, 3), se > 0
-        (0.05, True)
-    """
-    r = np.clip(np.asarray(residuals, dtype=np.float64), -5 * sigma, 5 * sigma)
-    n = r.size
-    if n < 2:
-        return (float(r.mean()) if n else math.nan), math.inf
-    d = r - r.mean()
-    lags = min(n - 1, int(4 * (n / 100) ** (2 / 9)))
-    var = float(d @ d) / n
-    for k in range(1, lags + 1):
-        var += 2 * (1 - k / (lags + 1)) * float(d[k:] @ d[:-k]) / n
-    return float(r.mean()), math.sqrt(max(var, 0.0) / n)
-
-
-def _backtest(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray, config: RecoveryConfig) -> float:
-    """How far the trajectory method missed on this run's own healthy history: fitted on all but the
-    last third of it (at most `damage_steps`), the mean excess of that last third over the fit, as a
-    share of the fit (absolute; 0 when the history is too short to try)."""
-    x = np.asarray(steps, dtype=np.float64)
-    y = np.asarray(losses, dtype=np.float64)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep][-config.fit_steps - config.damage_steps:], y[keep][-config.fit_steps - config.damage_steps:]
-    h = min(config.damage_steps, y.size // 3)
-    if y.size - h < config.min_fit_steps or h < 2:
-        return 0.0
-    t = fit_trajectory(x[:-h], y[:-h], config)
-    expected = np.array([t.at(s) for s in x[-h:]])
-    level = float(expected.mean())
-    return abs(float((y[-h:] - expected).mean()) / level) if level > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -279,7 +87,7 @@ class RecoveryTracker:
         self.config = config or RecoveryConfig()
         self.onset_step = int(onset_step)
         self.trajectory = fit_trajectory(history_steps, history_losses, self.config)
-        self.backtest_error = _backtest(history_steps, history_losses, self.config)
+        self.backtest_error = backtest(history_steps, history_losses, self.config)
         self._recent: deque[float] = deque(maxlen=self.config.hold_steps)
         self._recent_steps: deque[int] = deque(maxlen=self.config.hold_steps)
         self._nonfinite_run = 0
@@ -543,6 +351,5 @@ def _final_verdict(tracker: RecoveryTracker, state: RecoveryState) -> str:
         return state.verdict
     if not math.isfinite(state.excess_sigma):
         return "divergence"
-    cfg = tracker.config
     on_track = state.excess_sigma * tracker.trajectory.sigma <= tracker.tolerance(state.step)
     return tracker._verdict(state.excess_sigma, state.excess_ratio, on_track, True, state.shift_ratio, state.shift_z)
