@@ -22,6 +22,7 @@ from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 from spikedoc.errors import one_line
+from spikedoc.report._numbers import ratio_text, severity_order, sigma_text, table_number
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.terminal import action_text, cause_words, settled_text
@@ -140,7 +141,7 @@ def _summary(d: Diagnosis, detailed: set[int]) -> str:
         rows.append(
             f"<tr><td>{number}</td><td>{_badge(inc.severity)}</td><td>{_e(inc.kind)}</td>"
             f"<td class='num'>{inc.onset_step}</td><td class='num'>{inc.end_step}</td>"
-            f"<td class='num'>{_e(_num(inc.magnitude_sigma))}</td><td class='num'>{_e(_ratio(inc.peak_ratio))}</td>"
+            f"<td class='num'>{_e(table_number(inc.magnitude_sigma))}</td><td class='num'>{_e(ratio_text(inc.peak_ratio))}</td>"
             f"<td>{_e(inc.verdict)}</td><td>{_e(inc.cause)}{'?' if inc.cause_guessed else ''}</td></tr>"
         )
     table = ("<table><tr><th>#</th><th>severity</th><th>kind</th><th>onset</th><th>end</th>"
@@ -216,7 +217,7 @@ def _incident_section(run: Any, steps: pd.DataFrame, n: int, inc: Incident, ctx:
         f"<h3>#{n} {_e(inc.kind)} at step {inc.onset_step}{segment} {_badge(inc.severity)}"
         + (" <span class='good'>handled by the guard</span>" if getattr(inc, "handled_by_guard", False) else "") + "</h3>",
         f"<p>{_e(inc.metric)} {_e(fmt(inc.peak_value))} at step {inc.peak_step} against a baseline of "
-        f"{_e(fmt(inc.baseline))} ({_e(_ratio(inc.peak_ratio))}, {_e(_sigma(inc.magnitude_sigma))})"
+        f"{_e(fmt(inc.baseline))} ({_e(ratio_text(inc.peak_ratio))}, {_e(sigma_text(inc.magnitude_sigma))})"
         + (" <span class='warning'>(short history: low confidence)</span>" if inc.low_confidence else "") + "</p>",
         _verdict(inc),
         _cause(inc),
@@ -240,7 +241,7 @@ def _verdict(inc: Incident) -> str:
     excess = damage.get("excess_ratio")
     if isinstance(excess, float) and math.isfinite(excess):
         text += (f"; damage: at step {_e(damage.get('damage_step'))} the loss is {100 * excess:+.1f}% "
-                 f"({_e(_num(damage.get('excess_sigma', math.nan)))} sigma) against its pre-incident trajectory")
+                 f"({_e(table_number(damage.get('excess_sigma', math.nan)))} sigma) against its pre-incident trajectory")
     return f"<p>{text}</p>"
 
 
@@ -287,7 +288,7 @@ def _layer_plots(run: Any, inc: Incident) -> str:
     if inc.layers:
         rows = "".join(
             f"<tr><td class='mono'>{_e(layer['name'])}</td><td>{_e(layer.get('module', ''))}</td>"
-            f"<td class='num'>{_e(_num(layer.get('z', math.nan)))}</td><td class='num'>{_e(layer.get('departed_step', ''))}</td>"
+            f"<td class='num'>{_e(table_number(layer.get('z', math.nan)))}</td><td class='num'>{_e(layer.get('departed_step', ''))}</td>"
             f"<td class='num'>{_e(layer.get('lead_steps') or '')}</td></tr>" for layer in inc.layers)
         out.append("<table><tr><th>tensor</th><th>module</th><th>z</th><th>departed at</th><th>steps ahead</th></tr>"
                    f"{rows}</table>")
@@ -385,12 +386,7 @@ def _cut(text: str, limit: int) -> str:
 
 
 def _most_severe(incidents: list[Incident], limit: int) -> set[int]:
-    def key(i: int) -> tuple:
-        inc = incidents[i]
-        size = inc.magnitude_sigma if math.isfinite(inc.magnitude_sigma) else 1e300
-        return (-("minor", "moderate", "severe").index(inc.severity), inc.recovered, -size)
-
-    return set(sorted(range(len(incidents)), key=key)[:limit])
+    return set(sorted(range(len(incidents)), key=lambda i: severity_order(incidents[i]))[:limit])
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -404,22 +400,3 @@ def _badge(severity: str) -> str:
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _ratio(value: Any) -> str:
-    """A ratio as "2.5x", or "non-finite" (never "nanx")."""
-    return f"{_num(value)}x" if isinstance(value, (int, float)) and math.isfinite(value) else "non-finite"
-
-
-def _num(value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(value):
-        return "inf" if value > 0 else str(value)
-    return f"{value:.0f}" if abs(value) >= 100 else fmt(value, 2)
-
-
-def _sigma(value: float) -> str:
-    return "non-finite" if not math.isfinite(value) else f"{_num(value)} sigma"

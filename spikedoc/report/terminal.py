@@ -13,6 +13,7 @@ from rich.table import Table
 from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
+from spikedoc.report._numbers import ratio_text, severity_order, sigma_text, table_number
 
 __all__ = ["render", "action_text", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
 
@@ -58,7 +59,7 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
         console.print("[green]No incidents: no spike, non-finite value or divergence found.[/green]")
     else:
         _table(console, diagnosis.incidents)
-        order = sorted(range(len(diagnosis.incidents)), key=lambda i: _severity(diagnosis.incidents[i]))
+        order = sorted(range(len(diagnosis.incidents)), key=lambda i: severity_order(diagnosis.incidents[i]))
         for i in sorted(order[:MAX_EXPLAINED]):
             _explain(console, i + 1, diagnosis.incidents[i], diagnosis.context[i])
         if len(diagnosis.incidents) > MAX_EXPLAINED:
@@ -135,7 +136,7 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
     for a in shown[:MAX_TABLE]:
         d = a["detail"]
         if a["kind"] == "veto":
-            z = ", ".join(f"{k} {_fmt_table(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
+            z = ", ".join(f"{k} {table_number(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
             line = (f"veto of step {a['step']}: {', '.join(d.get('reasons', []))}" + (f" ({z} sigma)" if z else "")
                     + (f", the loss of rank {d['loss_rank']}" if d.get("loss_rank") is not None else "")
                     + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
@@ -178,7 +179,7 @@ def _table(console: Console, incidents: list[Incident]) -> None:
     for i, inc in enumerate(incidents[:MAX_TABLE], 1):
         table.add_row(
             str(i), _SEVERITY_STYLE[inc.severity], inc.kind, str(inc.onset_step), str(inc.end_step),
-            _fmt_table(inc.magnitude_sigma),
+            table_number(inc.magnitude_sigma),
             inc.verdict if inc.recovered or inc.handled_by_guard else f"[red]{inc.verdict}[/red]",
             inc.cause + ("?" if inc.cause_guessed else ""),
             "" if inc.precursor_lead_steps is None else str(inc.precursor_lead_steps),
@@ -200,14 +201,14 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         state = f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
-        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({_ratio(inc.peak_ratio)}, {_sigma(inc.magnitude_sigma)}); {state}"
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({ratio_text(inc.peak_ratio)}, {sigma_text(inc.magnitude_sigma)}); {state}"
         + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
     )
     console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
     damage = inc.damage
     if damage and math.isfinite(damage.get("excess_ratio", math.nan)):
         console.print(f"  damage: at step {damage['damage_step']} the loss is {_pct_signed(damage['excess_ratio'])} "
-                      f"({_fmt_table(damage['excess_sigma'])} sigma) against its pre-incident trajectory")
+                      f"({table_number(damage['excess_sigma'])} sigma) against its pre-incident trajectory")
     guessed = " [yellow](a guess: the run has no data to confirm it)[/yellow]" if inc.cause_guessed else ""
     console.print(f"  cause: [bold magenta]{inc.cause}[/bold magenta]{guessed}")
     for sentence in inc.evidence:
@@ -229,7 +230,7 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         console.print(f"  tensors off their own history: {', '.join(parts)}")
         for layer in inc.layers[:3]:
             lead = f", {count(layer['lead_steps'], 'step')} ahead of the loss" if layer.get("lead_steps") else ""
-            console.print(f"    {escape(layer['name'])} ({layer['module']}): z {_sigma(layer['z'])}{lead}")
+            console.print(f"    {escape(layer['name'])} ({layer['module']}): z {sigma_text(layer['z'])}{lead}")
     context = []
     if ctx.get("lr_at_onset") is not None and math.isfinite(ctx["lr_at_onset"]):
         context.append(f"LR at onset {fmt(ctx['lr_at_onset'])}")
@@ -326,33 +327,12 @@ def _pct_signed(value: float) -> str:
     return f"{100 * value:+.1f}%"
 
 
-def _severity(inc: Incident) -> tuple:
-    # Severe first, then unrecovered, then non-finite, then by size.
-    size = inc.magnitude_sigma if math.isfinite(inc.magnitude_sigma) else 1e300
-    return (-("minor", "moderate", "severe").index(inc.severity), inc.recovered, inc.kind != "nonfinite", -size)
-
-
-def _ratio(value: float) -> str:
-    return f"{_fmt_table(value)}x" if math.isfinite(value) else "non-finite"
-
-
-def _sigma(value: float) -> str:
-    return "non-finite" if not math.isfinite(value) else f"{_fmt_table(value)} sigma"
-
-
 def _val(value: Any) -> str:
     if isinstance(value, (list, tuple)):  # one value per param group
         return ", ".join(_val(v) for v in value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return fmt(float(value)) if abs(value) < 1e-2 else _fmt_table(float(value))  # an LR keeps 3 digits
+        return fmt(float(value)) if abs(value) < 1e-2 else table_number(float(value))  # an LR keeps 3 digits
     return str(value)
-
-
-def _fmt_table(value: float) -> str:
-    """A number for the incident table: integers from 100 up, 2 significant digits below."""
-    if not math.isfinite(value):
-        return "inf" if value > 0 else str(value)
-    return f"{value:.0f}" if abs(value) >= 99.5 else fmt(value, 2)  # 99.6 at 2 digits would print as 1e+02
 
 
 def _pct(value: float | None) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spikedoc.store._files import temporary_of, write_parquet_whole
 from spikedoc.store.schema import EVENTS, STEPS
 
 __all__ = ["LIVE_DIR", "HEARTBEAT", "LiveFile", "LiveWriter", "announce", "live_path", "read_live"]
@@ -91,17 +92,15 @@ class LiveWriter:
             path = live_path(self.run_dir, table, self.rank)
             if data is None:
                 data = pa.table({"step": pa.array([], pa.int64())})
-            tmp = path.with_name(f".{path.name}.tmp")
             path.parent.mkdir(exist_ok=True)
-            pq.write_table(data.replace_schema_metadata({**(data.schema.metadata or {}), **meta}), tmp)
-            os.replace(tmp, path)
+            write_parquet_whole(data.replace_schema_metadata({**(data.schema.metadata or {}), **meta}), path)
 
     def clear(self) -> None:
         """Remove this rank's live files and their temporaries (at open: left by a killed writer; at
         close: every row is in a part)."""
         for table in (STEPS, EVENTS):
             path = live_path(self.run_dir, table, self.rank)
-            for stale in (path, path.with_name(f".{path.name}.tmp")):
+            for stale in (path, temporary_of(path)):
                 with contextlib.suppress(OSError):
                     stale.unlink()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import logging
 import os
@@ -15,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from spikedoc.store._files import parts_on_disk, temporary_of, warm_up, write_parquet_whole, write_text_whole
 from spikedoc.store._tables import TableBuilder
 from spikedoc.store.live import LiveWriter
 from spikedoc.store.schema import EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS, partition_dir
@@ -157,7 +156,7 @@ class RunWriter:
         if self.rank == 0:  # one meta.json per run; other ranks only write their partitions
             self._meta = {**old, **meta, "format_version": FORMAT_VERSION, "segments": [*segments, entry]}
             self._write_meta()
-        _warm_up()
+        warm_up()
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._loop, name=f"spikedoc-writer-{self.rank}", daemon=True)
             self._thread.start()
@@ -168,7 +167,7 @@ class RunWriter:
         """Remove what a killed writer of this rank left half-written: part and meta temporaries, live files."""
         stale = [p for t in (STEPS, LAYERS, EVENTS) if self._folder(t).is_dir() for p in self._folder(t).glob(".part-*.tmp")]
         if self.rank == 0:
-            stale.append(self.run_dir / f".{META_FILE}.tmp")
+            stale.append(temporary_of(self.run_dir / META_FILE))
         for path in stale:
             try:
                 path.unlink(missing_ok=True)
@@ -182,7 +181,7 @@ class RunWriter:
 
     def _next_segment(self, old: dict[str, Any]) -> int:
         segments = [s for s in old.get("segments", []) if isinstance(s, dict)]
-        on_disk = [seg for seg, _ in _parts_on_disk(self._folder(STEPS))]
+        on_disk = [seg for seg, _ in parts_on_disk(self._folder(STEPS))]
         known = [int(s.get("segment", -1)) for s in segments] + on_disk
         return max(known, default=-1) + 1
 
@@ -352,7 +351,7 @@ class RunWriter:
 
     def _first_seq(self) -> int:
         """The seq after the parts an earlier process wrote for this segment, in any table."""
-        found = [q for t in (STEPS, LAYERS, EVENTS) for seg, q in _parts_on_disk(self._folder(t)) if seg == self.segment]
+        found = [q for t in (STEPS, LAYERS, EVENTS) for seg, q in parts_on_disk(self._folder(t)) if seg == self.segment]
         return max(found, default=-1) + 1
 
     def _mirror(self, batch: dict[str, list[Any]]) -> None:
@@ -371,29 +370,22 @@ class RunWriter:
 
     def _write_part(self, table: str, data: pa.Table, seq: int) -> None:
         folder = self._folder(table)
-        tmp = None
+        group = None
+        if table == LAYERS:  # ~row_group_steps logged steps per row group
+            group = self.row_group_steps * max(1, data.num_rows // max(1, len(data["step"].unique())))
+        strings = [f.name for f in data.schema if pa.types.is_string(f.type)]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            name = f"part-{self.segment}-{seq:06d}.parquet"
-            tmp = folder / f".{name}.tmp"
-            group = None
-            if table == LAYERS:  # ~row_group_steps logged steps per row group
-                group = self.row_group_steps * max(1, data.num_rows // max(1, len(data["step"].unique())))
-            strings = [f.name for f in data.schema if pa.types.is_string(f.type)]
-            pq.write_table(data, tmp, compression="zstd", use_dictionary=strings, row_group_size=group)
-            os.replace(tmp, folder / name)
+            write_parquet_whole(data, folder / f"part-{self.segment}-{seq:06d}.parquet", compression="zstd",
+                                use_dictionary=strings, row_group_size=group)
         except Exception as exc:  # noqa: BLE001 - disk full, unwritable dir, ...
             self._drop(data.num_rows, "write", f"could not write {folder}: {exc}")
-            if tmp is not None and tmp.parent.is_dir():
-                tmp.unlink(missing_ok=True)
 
     def _write_meta(self) -> None:
         path = self.run_dir / META_FILE
-        tmp = path.with_name(f".{META_FILE}.tmp")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self._meta, indent=2, default=str))
-            os.replace(tmp, path)
+            write_text_whole(path, json.dumps(self._meta, indent=2, default=str))
             self._meta = None
         except Exception as exc:  # noqa: BLE001
             self._warn("write", f"could not write {path}: {exc}; retrying at every flush")
@@ -406,28 +398,6 @@ class RunWriter:
             self._warn("old_meta", f"existing {path} is unreadable ({exc}); it will be replaced")
             return {}
         return old if isinstance(old, dict) else {}
-
-
-@functools.cache
-def _warm_up() -> None:
-    """Run pyarrow's lazy imports (its pandas shim, the zstd codec) on the caller's thread.
-
-    Otherwise the first conversion happens on the writer thread, and when that is at interpreter
-    exit (rows buffered, close() from atexit) the imports fail with "can't register atexit after
-    shutdown" and the rows are lost.
-    """
-    table = pa.table({"step": pa.array([0], pa.int64()), "name": pa.array(["x"], pa.string())})
-    pq.write_table(table.sort_by("step"), pa.BufferOutputStream(), compression="zstd", use_dictionary=["name"])
-
-
-def _parts_on_disk(folder: Path) -> list[tuple[int, int]]:
-    """(segment, seq) of the complete part files in one table/rank folder."""
-    found = []
-    for path in folder.glob("part-*.parquet") if folder.is_dir() else []:
-        fields = path.stem.split("-")
-        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
-            found.append((int(fields[1]), int(fields[2])))
-    return found
 
 
 @atexit.register
