@@ -153,7 +153,7 @@ def tail(
     (exit code 0); 2 when RUN is missing or not a run, its meta.json or a part is malformed, or
     (with --once) it has no steps yet.
     """
-    from spikedoc.report.tail import RunFollower
+    from spikedoc.report.tail import RunFollower, print_events, print_progress
 
     console = Console(highlight=False)
     _quiet_library_logs()
@@ -166,9 +166,9 @@ def tail(
         while True:
             update = follower.poll() if follower.started else None
             if update is not None:
-                _print_guard_and_warnings(console, update)
+                print_events(console, update)
             if update is not None and update.new_steps:
-                _print_progress(console, update)
+                print_progress(console, update)
             elif once:
                 _fail(f"{run} has no step rows yet: the run has not flushed its first steps", EXIT_BAD_INPUT)
             elif not waited and follower.steps_read == 0:
@@ -332,39 +332,6 @@ def _settled(diagnosis: Any) -> str:
     from spikedoc.report.terminal import settled_text
 
     return settled_text(diagnosis)
-
-
-def _print_progress(console: Console, update: Any) -> None:
-    from spikedoc.analysis._robust import fmt
-
-    parts = [f"step {update.step}", f"loss {fmt(update.loss)}"]
-    if not math.isnan(update.grad_norm):
-        parts.append(f"grad norm {fmt(update.grad_norm)}")
-    if not math.isnan(update.lr):
-        parts.append(f"lr {fmt(update.lr)}")
-    console.print("  ".join(parts) + f"  [dim](+{update.new_steps} steps)[/dim]", soft_wrap=True)
-    for alert in update.alerts:
-        size = "non-finite" if not math.isfinite(alert.z) else f"{alert.z:.1f} sigma above its baseline {fmt(alert.baseline)}"
-        console.print(f"[bold red]ALERT[/bold red] step {alert.step}: {alert.metric} {fmt(alert.value)} is {size}", soft_wrap=True)
-
-
-def _print_guard_and_warnings(console: Console, update: Any) -> None:
-    for warning in update.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(one_line(warning))}", soft_wrap=True)
-    for action in update.guard:
-        console.print(f"[bold magenta]GUARD[/bold magenta] {escape(_guard_line(action))}", soft_wrap=True)
-
-
-def _guard_line(action: dict[str, Any]) -> str:
-    """`step 301: veto (loss_out_of_band)`; a rollback is recorded at the step it returned to."""
-    kind, d = action["kind"], action["detail"]
-    if kind == "veto":
-        what = f"veto ({', '.join(map(str, d.get('reasons') or [])) or 'no reason recorded'})"
-    elif kind == "rollback":
-        what = f"rollback from step {d.get('from_step')}" + (f" ({d['reason']})" if d.get("reason") else "")
-    else:
-        what = kind + (f" ({d['reason']})" if d.get("reason") else "")
-    return f"step {action['step']}: {what}"
 
 
 def _write(out: Path, data: bytes) -> None:

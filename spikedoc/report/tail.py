@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from rich.console import Console
+from rich.markup import escape
 
+from spikedoc.analysis._robust import fmt
 from spikedoc.analysis.guard_actions import GUARD_EVENT_KINDS
 from spikedoc.detector.streaming import DetectorConfig, StreamingDetector
 from spikedoc.errors import RunNotFoundError, one_line
@@ -22,7 +25,7 @@ from spikedoc.store.reader import read_meta, read_part
 from spikedoc.store.schema import EVENTS, META_FILE, STEPS
 from spikedoc.store.validate import coerce_part
 
-__all__ = ["Alert", "PollResult", "RunFollower"]
+__all__ = ["Alert", "PollResult", "RunFollower", "print_events", "print_progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +226,36 @@ def _fresh(rows: pa.Table | None, fed: tuple[int, int] | None) -> pa.Table | Non
     start = (fed[0] << _STEP_BITS) + fed[1] if fed is not None else np.iinfo(np.int64).min
     keep = key > np.maximum.accumulate(np.r_[start, key[:-1]])
     return rows.filter(pa.array(keep)) if keep.any() else None
+
+
+def print_progress(console: Console, update: PollResult) -> None:
+    """One line for the steps read since the last look, and an ALERT line per flagged step."""
+    parts = [f"step {update.step}", f"loss {fmt(update.loss)}"]
+    if not math.isnan(update.grad_norm):
+        parts.append(f"grad norm {fmt(update.grad_norm)}")
+    if not math.isnan(update.lr):
+        parts.append(f"lr {fmt(update.lr)}")
+    console.print("  ".join(parts) + f"  [dim](+{update.new_steps} steps)[/dim]", soft_wrap=True)
+    for alert in update.alerts:
+        size = "non-finite" if not math.isfinite(alert.z) else f"{alert.z:.1f} sigma above its baseline {fmt(alert.baseline)}"
+        console.print(f"[bold red]ALERT[/bold red] step {alert.step}: {alert.metric} {fmt(alert.value)} is {size}", soft_wrap=True)
+
+
+def print_events(console: Console, update: PollResult) -> None:
+    """The warnings and the guard's actions read since the last look, one line each."""
+    for warning in update.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(warning))}", soft_wrap=True)
+    for action in update.guard:
+        console.print(f"[bold magenta]GUARD[/bold magenta] {escape(_guard_line(action))}", soft_wrap=True)
+
+
+def _guard_line(action: dict[str, Any]) -> str:
+    """`step 301: veto (loss_out_of_band)`; a rollback is recorded at the step it returned to."""
+    kind, d = action["kind"], action["detail"]
+    if kind == "veto":
+        what = f"veto ({', '.join(map(str, d.get('reasons') or [])) or 'no reason recorded'})"
+    elif kind == "rollback":
+        what = f"rollback from step {d.get('from_step')}" + (f" ({d['reason']})" if d.get("reason") else "")
+    else:
+        what = kind + (f" ({d['reason']})" if d.get("reason") else "")
+    return f"step {action['step']}: {what}"
