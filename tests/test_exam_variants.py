@@ -30,3 +30,16 @@ def test_a_nan_long_after_an_early_gradient_spike_that_came_back_is_numerics(tmp
     incident = next(i for i in spikedoc.analyze(run).incidents if i.kind == "nonfinite")
     assert (incident.onset_step, incident.cause) == (step, "numerics_rank")
     assert not {"lower_lr", "tighten_clip"} & set(_actions(incident))
+
+
+@pytest.mark.parametrize("setup, step, length", [
+    (Setup(seed=3020, d_model=48, batch=16, accum=2, warmup=6, clip=1.0, checkpoints="numbered"), 63, 6),
+    (Setup(seed=3024, n_layer=3, batch=16, accum=2, lr_scale=1.5, warmup=12), 82, 5),
+])
+def test_a_stretch_of_partly_garbled_batches_is_bad_data_and_skipped_whole(tmp_path, setup, step, length):
+    # 30% of the bytes replaced: no batch's distinct-token ratio is far off alone, the stretch's together are.
+    run = _trained(tmp_path, setup, Fault(family="bad_batch", kind="noise", step=step, length=length))
+    incident = next(i for i in spikedoc.analyze(run).incidents if step - 2 <= i.onset_step <= step + length)
+    assert incident.cause == "bad_batch"
+    skip = next(a for a in incident.recommendation["actions"] if a["action"] == "skip_data")
+    assert set(skip["steps"]) <= set(range(step, step + length)) and len(skip["steps"]) >= 3
