@@ -239,7 +239,7 @@ def high_entropy_stretch(batches: list[dict[str, Any]], profile: BatchProfile, c
 
     Their z-scores against the run's ratio are combined as `sum(z) / sqrt(n)` (Stouffer's z: a
     standard normal for independent batches of the run's own kind) and held to the one-batch bar,
-    `distinct_z`. One test per incident, not a scan.
+    `distinct_z`, with and without the stretch's highest ratio. One test per incident, not a scan.
 
     Returns:
         None, or `steps`, `z`, `mean` (the stretch's mean ratio) and `median` (the run's).
@@ -255,7 +255,10 @@ def high_entropy_stretch(batches: list[dict[str, Any]], profile: BatchProfile, c
     if stat is None or not stat[1] > 0 or len(values) < MIN_STRETCH or any(v is None for v in values):
         return None
     center, sigma = stat
-    z = sum((v - center) / sigma for v in values) / math.sqrt(len(values))
-    if not z >= config.distinct_z:
+    zs = sorted((v - center) / sigma for v in values)
+    z = sum(zs) / math.sqrt(len(zs))
+    # No one batch carries it: the test holds without the highest ratio too (one garbled batch
+    # inside an incident of several steps is that batch, not a stretch).
+    if not (z >= config.distinct_z and sum(zs[:-1]) / math.sqrt(len(zs) - 1) >= config.distinct_z):
         return None
     return {"steps": [int(b["step"]) for b in batches], "z": float(z), "mean": float(np.mean(values)), "median": center}
