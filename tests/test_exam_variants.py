@@ -43,3 +43,15 @@ def test_a_stretch_of_partly_garbled_batches_is_bad_data_and_skipped_whole(tmp_p
     assert incident.cause == "bad_batch"
     skip = next(a for a in incident.recommendation["actions"] if a["action"] == "skip_data")
     assert set(skip["steps"]) <= set(range(step, step + length)) and len(skip["steps"]) >= 3
+
+
+@pytest.mark.parametrize("setup, step", [
+    (Setup(seed=5101, optimizer="adam", warmup=24, n_layer=1, d_model=16), 29),
+    (Setup(seed=5103, optimizer="adamw", warmup=24, clip=1.0), 30),
+])
+def test_moments_blown_up_right_after_warmup_are_the_optimizer_state_not_the_lr(tmp_path, setup, step):
+    # Too early for the update-norm level test's history; the step-to-step jump of the update per unit
+    # LR, with a gradient that did not jump, still dates the state change to the step before onset.
+    run = _trained(tmp_path, setup, Fault(family="optimizer_state", kind="scale_m", step=step))
+    incident = next(i for i in spikedoc.analyze(run).incidents if step - 2 <= i.onset_step <= step + 2)
+    assert incident.cause == "optimizer_state"

@@ -142,6 +142,7 @@ class IncidentDiagnosis:
         if shared.resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
             ev.resume, ev.moments_ratio = shared.resume, shared.moments_ratio
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg, before=_CANDIDATES)
+        ev.state_jump = next((s for s in shared.state_jumps if onset - _CANDIDATES <= s <= onset), None)
         ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
         ev.has_grad = self.has_grad
         ev.has_loss = "loss" not in self.out.missing

@@ -223,6 +223,14 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
             f"{ev.update_step['step']} while the gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}, at most, up "
             "to that step): the optimizer's state made the step large"
         )
+    # Early in a run the level test has no history yet; the step-to-step jump needs only 20 steps.
+    broke = ev.first_nonfinite["step"] if ev.first_nonfinite is not None else None
+    if not out and ev.state_jump is not None and (broke is None or ev.state_jump < broke):
+        out.append(
+            f"the update norm per unit LR jumped at step {ev.state_jump} from the step before, by far more than any step "
+            "in its recent history, while the gradient norm did not: the optimizer's state (its moments or momentum) "
+            "changed under the run and made the step large"
+        )
     return out
 
 
