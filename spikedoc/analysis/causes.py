@@ -264,8 +264,11 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
     if ev.build_up is None:
         if ev.minor or incident.metric != "grad_norm" or ev.loss_flag_step is not None or incident.kind == "nonfinite":
             return []
-        if (incident.series.get("grad_norm") or {}).get("recovered"):
+        grad = incident.series.get("grad_norm") or {}
+        if grad.get("recovered"):
             return []  # outliers that each came back into the band (two one-step blips in one episode): no explosion
+        if grad.get("end_step") == grad.get("onset_step"):
+            return []  # one step out, then no finite value to tell: it never showed that it stayed up
         return [  # a gradient norm that stayed out of its band: not a blip, whatever the loss did
             f"the gradient norm reached {fmt(incident.peak_value)} at step {incident.peak_step}, "
             f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}, and did not come back"
