@@ -288,3 +288,14 @@ def test_a_distinct_token_ratio_five_sigmas_and_half_again_above_the_run_is_an_a
 
 def test_a_sequence_length_five_sigmas_above_the_run_is_not_yet_an_anomaly():
     assert _five_sigmas_up("seq_len_max")[0]["flags"] == []
+
+
+def test_one_garbled_batch_among_normal_ones_is_no_high_entropy_stretch():
+    from spikedoc.analysis.batches import BatchProfile, high_entropy_stretch
+
+    profile = BatchProfile(stats={"distinct_token_ratio": (0.6, 0.05)})
+    ratios = [0.6, 0.62, 1.0, 0.58, 0.61]  # one random-byte batch (z 8) inside an incident of five steps
+    batches = [{"step": s, "stats": {"distinct_token_ratio": r}} for s, r in enumerate(ratios)]
+    assert high_entropy_stretch(batches, profile, AnalysisConfig()) is None
+    lifted = [{"step": s, "stats": {"distinct_token_ratio": r + 0.12}} for s, r in enumerate(ratios)]
+    assert high_entropy_stretch(lifted, profile, AnalysisConfig()) is not None

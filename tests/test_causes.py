@@ -227,6 +227,20 @@ def test_a_nonfinite_loss_after_the_gradient_grew_is_an_explosion(tmp_path):
     assert inc.evidence[-1] == "a non-finite loss late in training follows exploding gradients (troubleshooting table)"
 
 
+
+def test_a_one_step_gradient_outlier_right_before_a_nan_is_no_explosion(tmp_path):
+    # The gradient norm was 4x its baseline at step T-1 only; at T a weight went inf and every value after
+    # is NaN, so nothing says the gradient stayed up: neither incident is an explosion.
+    steps = healthy_steps()
+    steps.loc[T - 1, "grad_norm"] *= 4.0
+    steps.loc[T:, ["loss", "grad_norm"]] = np.nan
+    diagnosis = analyze(write_run(tmp_path / "run", steps))
+    assert [i.kind for i in diagnosis.incidents] == ["grad_spike", "nonfinite"]
+    outlier, nan = diagnosis.incidents
+    assert outlier.cause != "grad_explosion" and nan.cause == "numerics_rank"
+    assert "lower_lr" not in {a["action"] for a in outlier.recommendation["actions"]}
+    assert not {"lower_lr", "tighten_clip"} & {a["action"] for a in nan.recommendation["actions"]}
+
 # ---------------------------------------------------------------------------------- lr_schedule
 
 

@@ -100,7 +100,8 @@ class AnalysisPass(IncidentDiagnosis):
                                self._lineage_checkpoints(frame) if found else [],
                                healthy=self._healthy(frame, detection) if found else None,
                                first_up_jump=min(ups) if ups else None,
-                               piece=piece, incidents=found, jumps=jumps, resume=resume, moments_ratio=ratio)
+                               piece=piece, incidents=found, jumps=jumps, resume=resume, moments_ratio=ratio,
+                               state_jumps=changed)
             for incident in found:
                 ctx = self._diagnose(incident, shared)
                 out.incidents.append(incident)

@@ -12,6 +12,7 @@ from spikedoc.analysis._robust import fmt
 from spikedoc.analysis._rundata import PieceData, has_finite
 from spikedoc.analysis.advice import recommend
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile
+from spikedoc.analysis.batches import high_entropy_stretch
 from spikedoc.analysis.causes import cause_guessed, decide_cause, severity
 from spikedoc.analysis.context import clipping_before, loss_scale_drops, lr_at, rank_divergence, update_without_grad
 from spikedoc.analysis.evidence import Evidence
@@ -53,6 +54,24 @@ class IncidentDiagnosis:
                 break
             after.append(b)
         return inside + after
+
+    def _entropy_stretch(self, ev: Evidence, frame: pd.DataFrame, onset: int, end: int) -> None:
+        """Batches over the incident whose distinct-token ratios are together far above the run's
+        (`high_entropy_stretch`): the onset batch gets the anomaly, the rest are its stretch."""
+        rows = frame.loc[(frame["step"] >= onset) & (frame["step"] <= min(end, onset + self.config.lookback))]
+        batches = attribute_batches(self._rows_of(rows), profile=self.profile, hashes={}, config=self.config)
+        found = high_entropy_stretch(batches, self.profile, self.config)
+        if found is None:
+            return
+        steps = found["steps"]
+        batches[0]["anomalies"].append(
+            f"the distinct-token ratio of the {len(steps)} batches of steps {steps[0]}..{steps[-1]} averages "
+            f"{fmt(found['mean'], 2)}, {fmt(found['mean'] / found['median'], 2)}x the run's median ({fmt(found['median'], 2)}): "
+            f"no batch alone is far off, together they are {fmt(found['z'], 2)} sigma above it (noisy or partly garbled data)")
+        for b in batches:
+            b["flags"].append("high_distinct_token_ratio_stretch")
+        ev.batches = [b for b in ev.batches if b["step"] != onset] + batches[:1]
+        ev.stretch = batches[1:]
 
     def _profile_before(self, frame: pd.DataFrame, found: list[Incident]) -> Any:
         """What a normal batch of this lineage looks like: its batches before the first incident, when
@@ -99,6 +118,8 @@ class IncidentDiagnosis:
         candidates = frame.loc[(frame["step"] >= onset - _CANDIDATES) & (frame["step"] <= onset)]
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
         ev.stretch = self._stretch(ev.batches, shared.window(onset, end + cfg.lookback), hashes, onset, end)
+        if not self.multi_rank and not any(b["anomalies"] for b in ev.batches):
+            self._entropy_stretch(ev, frame, onset, end)
         if self.run.has_layers:
             # A few steps past the peak: state statistics that skipped the onset (a cost budget's light
             # steps, `layer_every`) come at the first step that has them again.
@@ -121,6 +142,7 @@ class IncidentDiagnosis:
         if shared.resume is not None and piece.first_step <= onset <= piece.first_step + cfg.lookback:
             ev.resume, ev.moments_ratio = shared.resume, shared.moments_ratio
         ev.update_step = update_without_grad(frame, onset, peak, config=cfg, before=_CANDIDATES)
+        ev.state_jump = next((s for s in shared.state_jumps if onset - _CANDIDATES <= s <= onset), None)
         ev.lookback_steps = int(((frame["step"] >= onset - cfg.lookback) & (frame["step"] < onset)).sum())
         ev.has_grad = self.has_grad
         ev.has_loss = "loss" not in self.out.missing

@@ -44,16 +44,17 @@ class PieceData:
     `first_up_jump` is the first upward LR discontinuity of the lineage, if any: the schedule's
     intended peak and its warmup are read from the LR before it, never from the jumped LR.
     `piece` (the lineage piece), `incidents` (all found on it), `jumps` (its LR discontinuities),
-    `resume` and `moments_ratio` (its resume check) are the piece's own context.
+    `resume` and `moments_ratio` (its resume check) are the piece's own context; `state_jumps` its
+    steps where the update per unit LR jumped with a quiet gradient (`change_points.state_jumps`).
     """
 
     def __init__(self, frame: pd.DataFrame, hashes: dict[str, Any], checkpoints: list[tuple[int, str | None]], *,
                  healthy: np.ndarray | None = None, first_up_jump: int | None = None, piece: Any = None,
                  incidents: list[Any] = (), jumps: list[dict[str, Any]] = (), resume: Any = None,
-                 moments_ratio: float | None = None) -> None:  # fmt: skip
+                 moments_ratio: float | None = None, state_jumps: list[int] = ()) -> None:  # fmt: skip
         self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
         self.piece, self.incidents, self.jumps = piece, list(incidents), list(jumps)
-        self.resume, self.moments_ratio = resume, moments_ratio
+        self.resume, self.moments_ratio, self.state_jumps = resume, moments_ratio, list(state_jumps)
         self.steps = frame["step"].to_numpy()
         self.first_step = int(self.steps[0])
         self.healthy = np.ones(len(frame), dtype=bool) if healthy is None else healthy

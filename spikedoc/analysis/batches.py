@@ -12,7 +12,7 @@ import pandas as pd
 from spikedoc.analysis._robust import as_float, fmt, robust_center_scale, robust_z
 from spikedoc.analysis.config import AnalysisConfig
 
-__all__ = ["BatchProfile", "batch_profile", "hash_history", "attribute_batches"]
+__all__ = ["high_entropy_stretch", "BatchProfile", "batch_profile", "hash_history", "attribute_batches"]
 
 # Batch statistics compared with the run's distribution: column -> (what it is, direction checked).
 _BATCH_STATS = {
@@ -227,3 +227,38 @@ def _is_missing(value: Any) -> bool:
         return bool(pd.isna(value)) if np.ndim(value) == 0 else False
     except (TypeError, ValueError):
         return False
+
+
+#: Fewest consecutive steps whose distinct-token ratios are judged together (`high_entropy_stretch`).
+MIN_STRETCH = 3
+
+
+def high_entropy_stretch(batches: list[dict[str, Any]], profile: BatchProfile, config: AnalysisConfig) -> dict[str, Any] | None:
+    """The batches of consecutive steps (one incident's, one rank) whose distinct-token ratios are
+    together far above the run's, though none is on its own: noisy or partly garbled data over a stretch.
+
+    Their z-scores against the run's ratio are combined as `sum(z) / sqrt(n)` (Stouffer's z: a
+    standard normal for independent batches of the run's own kind) and held to the one-batch bar,
+    `distinct_z`, with and without the stretch's highest ratio. One test per incident, not a scan.
+
+    Returns:
+        None, or `steps`, `z`, `mean` (the stretch's mean ratio) and `median` (the run's).
+
+    Example:
+        >>> profile = BatchProfile(stats={"distinct_token_ratio": (0.6, 0.05)})
+        >>> batches = [{"step": s, "stats": {"distinct_token_ratio": 0.75}} for s in range(10, 14)]
+        >>> round(high_entropy_stretch(batches, profile, AnalysisConfig())["z"], 1)
+        6.0
+    """
+    stat = profile.stats.get("distinct_token_ratio")
+    values = [b["stats"].get("distinct_token_ratio") for b in batches]
+    if stat is None or not stat[1] > 0 or len(values) < MIN_STRETCH or any(v is None for v in values):
+        return None
+    center, sigma = stat
+    zs = sorted((v - center) / sigma for v in values)
+    z = sum(zs) / math.sqrt(len(zs))
+    # No one batch carries it: the test holds without the highest ratio too (one garbled batch
+    # inside an incident of several steps is that batch, not a stretch).
+    if not (z >= config.distinct_z and sum(zs[:-1]) / math.sqrt(len(zs) - 1) >= config.distinct_z):
+        return None
+    return {"steps": [int(b["step"]) for b in batches], "z": float(z), "mean": float(np.mean(values)), "median": center}

@@ -223,6 +223,14 @@ def _optimizer_state(incident: Incident, ev: Evidence, config: AnalysisConfig) -
             f"{ev.update_step['step']} while the gradient norm was not (z {fmt(ev.update_step['grad_z'], 2)}, at most, up "
             "to that step): the optimizer's state made the step large"
         )
+    # Early in a run the level test has no history yet; the step-to-step jump needs only 20 steps.
+    broke = ev.first_nonfinite["step"] if ev.first_nonfinite is not None else None
+    if not out and ev.state_jump is not None and (broke is None or ev.state_jump < broke):
+        out.append(
+            f"the update norm per unit LR jumped at step {ev.state_jump} from the step before, by far more than any step "
+            "in its recent history, while the gradient norm did not: the optimizer's state (its moments or momentum) "
+            "changed under the run and made the step large"
+        )
     return out
 
 
@@ -256,8 +264,11 @@ def _grad_explosion(incident: Incident, ev: Evidence, config: AnalysisConfig) ->
     if ev.build_up is None:
         if ev.minor or incident.metric != "grad_norm" or ev.loss_flag_step is not None or incident.kind == "nonfinite":
             return []
-        if (incident.series.get("grad_norm") or {}).get("recovered"):
+        grad = incident.series.get("grad_norm") or {}
+        if grad.get("recovered"):
             return []  # outliers that each came back into the band (two one-step blips in one episode): no explosion
+        if grad.get("end_step") == grad.get("onset_step"):
+            return []  # one step out, then no finite value to tell: it never showed that it stayed up
         return [  # a gradient norm that stayed out of its band: not a blip, whatever the loss did
             f"the gradient norm reached {fmt(incident.peak_value)} at step {incident.peak_step}, "
             f"{fmt(incident.magnitude_sigma, 2)} sigma above its baseline {fmt(incident.baseline)}, and did not come back"

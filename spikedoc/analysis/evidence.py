@@ -41,6 +41,10 @@ class Evidence:
     """exp_avg_sq after / before that resume (median over tensors)."""
     update_step: dict[str, Any] | None = None
     """`update_without_grad` on the step table."""
+    state_jump: int | None = None
+    """A step at onset or the two before whose update per unit LR jumped from the step before while
+    its gradient norm did not (`change_points.state_jumps`): its step-to-step test needs 20 steps of
+    history, where `update_step`'s level test needs its history to end `lookback / 4` steps before onset."""
     grad_before: float = math.nan
     """Gradient norm at the last logged step before onset."""
     has_grad: bool = False

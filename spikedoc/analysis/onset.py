@@ -62,10 +62,12 @@ def grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident], 
         return {"step": grad["onset_step"], "lead_steps": lead,
                 "sentence": f"the gradient norm was flagged at step {grad['onset_step']} ({fmt(grad['peak_value'])}, "
                 f"{fmt(grad['magnitude_sigma'], 2)} sigma above its baseline {fmt(grad['baseline'])}), {steps_text(lead)} before the loss"}
-    # A separate grad-norm spike earlier counts only while it lasts: one that came back into the band
-    # before the loss moved was a passing outlier, not the start of this incident.
+    # A separate grad-norm spike earlier counts only while it lasts: one whose gradient norm came back
+    # into its band before the loss moved was a passing outlier, not the start of this incident. Its
+    # own band decides, not the loss's verdict on its aftermath (early in a run the loss is still far
+    # off any trajectory, so a spike at step 1 is never `recovered` by the loss).
     earlier = [i for i in found if i.kind == "grad_spike" and loss_flag - cfg.lookback <= i.onset_step < inc.onset_step
-               and (i.recovery_step is None or i.recovery_step >= loss_flag)]
+               and ((back := _band_back(i)) is None or back >= loss_flag)]
     if earlier:
         first = earlier[0]
         lead = loss_flag - first.onset_step
@@ -73,6 +75,12 @@ def grad_precursor(inc: Incident, loss_flag: int | None, found: list[Incident], 
                 "sentence": f"a gradient-norm spike at step {first.onset_step} ({fmt(first.peak_value)}, "
                 f"{fmt(first.magnitude_sigma, 2)} sigma) came {steps_text(lead)} before the loss was flagged"}
     return None
+
+
+def _band_back(inc: Incident) -> int | None:
+    """First step the gradient norm of a grad-norm incident was back in its band (None: never)."""
+    grad = inc.series.get("grad_norm") or {}
+    return grad.get("recovery_step") if grad.get("recovered") else None
 
 
 def param_reset(inc: Incident, frame: pd.DataFrame, cfg: AnalysisConfig) -> dict[str, Any] | None:
