@@ -85,11 +85,16 @@ def test_the_html_report_has_each_actions_cause(corrupt_stretch_run, tmp_path):
 
 
 def test_a_fault_that_returns_after_its_rollback_is_confirmed_from_a_good_checkpoint(tmp_path):
+    # NaN gradients at every step from 30, whatever the batch: on the good checkpoint the last
+    # healthy batches fail too, so the suspect batches' NaN is not theirs (the state or the loop).
     always = nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped):
         run_guarded(tmp_path, steps=200, checkpoint_every=20, max_rollbacks=2, after_backward=always)
     rollbacks = _actions(tmp_path, "rollback")
-    assert [r["cause"]["status"] for r in rollbacks] == ["inferred", "confirmed"]
+    assert [(r["replay"], r["found"]) for r in rollbacks[0]["cause"]["replays"]] == [
+        ("other_batches", "state"), ("same_batches", "not_data")]  # fmt: skip
+    assert rollbacks[0]["cause"]["found"] == "state" and rollbacks[0]["detail"]["skipped_positions"] == []
+    assert [r["cause"]["status"] for r in rollbacks] == ["confirmed", "confirmed"]
     assert rollbacks[1]["cause"]["replays"] == [{"replay": "from_good_checkpoint", "found": "state"}]
     [stop] = _actions(tmp_path, "guard_stop")
     assert stop["detail"]["reason"] == "recurring" and stop["cause"]["found"] == "state"
@@ -102,7 +107,8 @@ def test_a_rollback_whose_suspect_batches_are_ordinary_on_the_good_checkpoint_sk
     guard, _ = run_guarded(tmp_path, steps=90, checkpoint_every=20, after_backward=nan_grads(set(range(60, 65))))
     [rollback] = _actions(tmp_path, "rollback")
     assert rollback["detail"]["skipped_positions"] == [] and rollback["detail"]["lr_scale"] == pytest.approx(0.7)
-    [same] = rollback["detail"]["evidence"]["cause_test"]["replays"]
+    other, same = rollback["detail"]["evidence"]["cause_test"]["replays"]
+    assert (other["replay"], other["on"], other["found"]) == ("other_batches", "checkpoint", "data")  # in band
     assert (same["replay"], same["on"], same["found"], same["of_step"]) == ("same_batches", "checkpoint", "not_data", 60)
     assert rollback["cause"]["status"] == "inferred" and rollback["cause"]["ruled_out"] == ["data"]
     assert guard.skipped_positions == []

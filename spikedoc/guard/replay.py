@@ -10,13 +10,16 @@ vetoes that pile up, or rolls back, it hands the loop replay steps, each judged 
   state is cleared); out of band or non-finite: the state is broken (`found: state`).
 - `same_batches`: the suspect step's batches (the incident's first held step) on a good state: the
   state the vetoes came from once `other_batches` found it sound (`on: vetoed_state`), else the
-  rollback's good checkpoint, put back from memory before the rollback proper (`on: checkpoint`).
-  It reproduces when a value is non-finite again, or its loss stands the detector's `threshold`
-  (7) band sigmas above what that state gives an ordinary batch: the last healthy batches' replay
-  on the same state, or the loss the checkpoint's own step had on it (recorded as it trained). It
-  then finds `data`; else `transient` (on the sound state: the fault did not reproduce, neither the
-  data nor the state) or `not_data` (on the checkpoint: the batches are ordinary on a good state,
-  the trajectory since is at fault, the state or the schedule).
+  rollback's good checkpoint, put back from memory before the rollback proper (`on: checkpoint`,
+  after `other_batches` on it too). It reproduces when a value is non-finite again, or its loss
+  stands the detector's `threshold` (7) band sigmas above what the same state gives an ordinary
+  batch: the last healthy batches' replay on it (without one, on a checkpoint, the loss the
+  checkpoint's own step had on it, recorded as it trained). It then finds `data`; else `transient`
+  (on the sound state: the fault did not reproduce, neither the data nor the state) or `not_data`
+  (on the checkpoint: the batches are ordinary on a good state, the trajectory since is at fault,
+  the state or the schedule). When the last healthy batches fail on the good checkpoint too, the
+  fault is not the batches' whatever they do (`not_data`), and that replay finds `state` (the
+  state or the loop: it fails from a good state).
 - `lr_before_jump`: a rollback for an LR jump holds the LR before the jump and skips no batch, so
   its replay is the same state and data with only the LR changed; passing the step it rolled back
   from with no new decision confirms the schedule (`schedule_confirmed`). Unlike the others it is
@@ -103,6 +106,8 @@ class CauseTests:
         self.target: tuple[Any, dict[str, Any]] | None = None
         """The rollback's good checkpoint and its state, for a replay on it."""
         self.findings: list[dict[str, Any]] = []
+        self.target_loaded = False
+        """The target's state is the live one (put back for a replay on it)."""
         self.began_at: int | None = None
         """Step index of the first replay of the test under way."""
         self._queue: list[Replay] = []
@@ -152,17 +157,22 @@ class CauseTests:
         return "test"
 
     def from_checkpoint(self, decision: Decision, target: tuple[Any, dict[str, Any]]) -> bool:
-        """Queue the suspect step's batches on the rollback's good checkpoint `target`; False (nothing
-        queued) when no suspect's batches are held or the checkpoint is not before the suspect."""
+        """Queue the last healthy step's batches, then the suspect step's, on the rollback's good
+        checkpoint `target`; False (nothing queued) when no suspect's batches are held or the
+        checkpoint is not before the suspect."""
         suspect = self._suspect(decision)
         if suspect is None or target[0].step > suspect.step:
             return False
         if self.decision is not decision:
             self._start(decision)
         self.target = target
-        self._queue = [Replay(kind="same_batches", on="checkpoint", of_step=suspect.step, positions=list(suspect.positions),
-                              batches=suspect.batches, sample_offset=suspect.sample_offset,
-                              reference=self._references.get(target[0].step))]  # fmt: skip
+        good = self.last_good
+        self._queue = [] if good is None else [
+            Replay(kind="other_batches", on="checkpoint", of_step=good.step, positions=list(good.positions),
+                   batches=good.batches, sample_offset=good.sample_offset)]  # fmt: skip
+        self._queue.append(Replay(kind="same_batches", on="checkpoint", of_step=suspect.step, positions=list(suspect.positions),
+                                  batches=suspect.batches, sample_offset=suspect.sample_offset,
+                                  reference=self._references.get(target[0].step)))  # fmt: skip
         return True
 
     def next_step(self, step: int, sample_offset: int) -> PendingStep | None:
@@ -184,6 +194,7 @@ class CauseTests:
     def clear(self) -> None:
         """No test under way (a state was put back, or the test ended)."""
         self._queue, self.decision, self.target, self.findings, self.began_at = [], None, None, [], None
+        self.target_loaded = False
 
     # ---------------------------------------------------------------------------- judging replays
 
@@ -198,10 +209,12 @@ class CauseTests:
             broken = out["nonfinite"] or v.loss_flagged or "loss_out_of_band" in v.reasons
             out["found"] = "state" if broken else "data"
         else:
-            reference_z = self._reference_z(r, p.step, band)
+            other = next((f for f in reversed(self.findings) if f["replay"] == "other_batches" and f["on"] == r.on), None)
+            reference_z = other["loss_z"] if other is not None else self._reference_z(r, p.step, band)
             out["reference_z"] = reference_z
-            out["found"] = "data" if reproduces(v, reference_z, self.threshold) else (
-                "transient" if r.on == "vetoed_state" else "not_data")  # fmt: skip
+            # Ordinary batches failing on the same state say nothing about these: not the data.
+            at_fault = (other is None or other["found"] != "state") and reproduces(v, reference_z, self.threshold)
+            out["found"] = "data" if at_fault else ("transient" if r.on == "vetoed_state" else "not_data")
         self.findings.append(out)
         return out
 
@@ -210,7 +223,7 @@ class CauseTests:
         sound state), `go_on` (a transient fault), `rollback` (the state: the guard may test it on
         the checkpoint), or `rolled_back` (the checkpoint replay ended: roll back with its finding)."""
         if finding["on"] == "checkpoint":
-            return "rolled_back"
+            return "wait" if self._queue else "rolled_back"
         if finding["replay"] == "other_batches":
             if finding["found"] == "state":
                 return "rollback"
@@ -256,11 +269,8 @@ class CauseTests:
         return next((held[s] for s in sorted(held) if s >= decision.onset_step), None)
 
     def _reference_z(self, r: Replay, step: int, band: StreamingDetector) -> float | None:
-        """Band z of an ordinary batch on the replay's state: the last healthy batches' replay on the
-        vetoed state, or the checkpoint step's own recorded loss; None when neither is known."""
-        if r.on == "vetoed_state":
-            other = next((f for f in reversed(self.findings) if f["replay"] == "other_batches"), None)
-            return other["loss_z"] if other is not None else None
+        """Band z of the checkpoint step's own recorded loss on its state, where no ordinary batch
+        was replayed on it; None when not recorded either."""
         if r.reference is None:
             return None
         return float(band.assess(step, r.reference).z)

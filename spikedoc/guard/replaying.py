@@ -67,8 +67,9 @@ class ReplaySteps:
         probe = self.tests.next_step(step, monitor.sample_offset)
         if probe is None or probe.replay is None:
             return None, False
-        if probe.replay.on == "checkpoint" and self.tests.target is not None:
+        if probe.replay.on == "checkpoint" and self.tests.target is not None and not self.tests.target_loaded:
             self.state.load(self.tests.target[1])
+            self.tests.target_loaded = True
             self.steps.moments.reset()  # another state: its first step is the baseline
         if drawing and not self.state.draws.put_first(list(zip(probe.positions, probe.batches)), self.state.device):
             return None, True
