@@ -15,17 +15,21 @@ The guard's cause for a run is what its user sees (`guard_cause`), in this order
    back from a good checkpoint, or collapsed second moments read), `numerics` for a state found
    broken whose replays were non-finite, or a transient non-finite fault, `schedule` (the replay
    with the LR held before a jump, nothing else changed, passed the step it rolled back from);
-2. else `analyze`'s cause on the guarded run's own directory (its recording, the guard's actions
-   and replay verdicts included), unless a replay ruled it out (the suspect batches in band on the
-   good checkpoint rule out the data);
-3. else what the guard's actions imply untested: non-finite vetoes `numerics`, loss vetoes `data`,
-   a rollback for an LR jump `schedule`, any other rollback `damage`; `none` when it did nothing.
+2. else what the guard's untested actions name, where they name a cause: vetoes only, all for
+   non-finite values `numerics`, else for the loss `data`; a rollback for an LR jump found in the
+   LR series `schedule` (a rollback on damage names none);
+3. else `analyze`'s cause on the guarded run's own directory (recorded as the exam's runs are,
+   every statistic on every step; the guard's actions and replay verdicts included), unless a
+   replay ruled it out (the suspect batches in band on the good checkpoint rule out the data);
+   `damage` for a rollback it names no cause for, `none` when the guard did nothing.
 
-Scoring analyze on the guarded run for what the guard did not test (rather than the unguarded
+Scoring analyze on the guarded run for what the guard did not act on (rather than the unguarded
 run's diagnosis) keeps the two columns apart: the guarded run is all a guarded user has, and where
 the guard vetoed or rolled back, its recording differs from the unguarded run's. Nothing here is
-fitted: a replay reproduces at the detector's own threshold (7 band sigmas), the reading rules
-above are fixed by what each replay tests, and `--half calibration` runs the same on the other half.
+fitted to the test half: a replay reproduces at the detector's own threshold (7 band sigmas); the
+order of 2 and 3 was set on the calibration half (`--half calibration`: the doctor on a guarded
+run read the single vetoed non-finite step of 5 of its 7 `nonfinite` runs as `bad_batch`, where the
+veto's own reason is right; putting the veto first gained those 5 and lost none there).
 
 The exam's causes fall into the same classes (`CLASS`): bad_batch -> data; lr_schedule and
 lr_too_high -> schedule; optimizer_state and state_reset -> state; numerics_rank -> numerics. Both
@@ -68,7 +72,7 @@ from bench._exam_train import (  # noqa: E402
 from bench._report import machine_line, write_section  # noqa: E402
 from bench.exam import BASES, Cache, _default_cache  # noqa: E402
 from spikedoc.analysis.guard_actions import cause_status  # noqa: E402
-from spikedoc.demo.training import _deterministic  # noqa: E402
+from spikedoc.demo.training import PAD, _deterministic  # noqa: E402
 from spikedoc.detector.streaming import DetectorConfig  # noqa: E402
 from spikedoc.guard.replay import SUSPECTS  # noqa: E402
 
@@ -106,25 +110,36 @@ def tested_cause(actions: list[dict[str, Any]]) -> tuple[str | None, set[str]]:
     return None, ruled_out
 
 
+def _untested(actions: list[dict[str, Any]]) -> str | None:
+    """The class the guard's untested actions name (None: none): its vetoes' reasons when it only
+    vetoed, an LR jump its first rollback was made for."""
+    rollbacks = [a for a in actions if a["kind"] == "rollback"]
+    if rollbacks:
+        return "schedule" if rollbacks[0].get("cause") == "lr_schedule" else None
+    if any(a["kind"] == "data_skip" for a in actions):
+        return "data"
+    vetoes = [a for a in actions if a["kind"] == "veto"]
+    if not vetoes:
+        return None
+    return "numerics" if all("nonfinite" in a["reasons"] for a in vetoes) else "data"
+
+
 def guard_cause(actions: list[dict[str, Any]], doctor: str | None) -> tuple[str, str]:
-    """The cause a guarded run's user sees, as a class, and what it rests on (`tested`, `analyze`,
-    `untested`, `none`): see the module docstring. `doctor`: analyze's cause on the guarded run
+    """The cause a guarded run's user sees, as a class, and what it rests on (`tested`, `untested`,
+    `analyze`, `none`): see the module docstring. `doctor`: analyze's cause on the guarded run
     (`missed`, or None for a clean run, when it matched no incident)."""
     tested, ruled_out = tested_cause(actions)
     if tested is not None:
         return tested, "tested"
+    untested = _untested(actions)
+    if untested is not None:
+        return untested, "untested"
     doctor_class = CLASS.get(doctor or "")
     if doctor_class is not None and doctor_class not in ruled_out:
         return doctor_class, "analyze"
-    rollbacks = [a for a in actions if a["kind"] == "rollback"]
-    if rollbacks:
-        return ("schedule" if rollbacks[0].get("cause") == "lr_schedule" else "damage"), "untested"
-    if any(a["kind"] == "data_skip" for a in actions):
-        return "data", "untested"
-    vetoes = [a for a in actions if a["kind"] == "veto"]
-    if not vetoes:
-        return "none", "none"
-    return ("numerics" if all("nonfinite" in a["reasons"] for a in vetoes) else "data"), "untested"
+    if any(a["kind"] == "rollback" for a in actions):
+        return "damage", "untested"
+    return "none", "none"
 
 
 def pick(runs: list[Run], cache: Cache, *, per_family: int, clean: int, half: str = "test") -> list[Run]:
@@ -182,8 +197,10 @@ class _Guarded(_Loop):
     def run_guarded(self) -> spikedoc.Guard:
         s = self.setup
         data = [self.batches_at(i) for i in range(2 * s.steps)]
+        # Recorded as the exam's unguarded runs are (`_Loop._watch`): the doctor reads the same statistics in both.
         self.guard = spikedoc.Guard(self.model, self.optimizer, data=data, run_dir=self.run_dir, clip=s.clip,
-                                    checkpoint_every=CHECKPOINT_EVERY, max_steps=s.steps, resume=False)  # fmt: skip
+                                    checkpoint_every=CHECKPOINT_EVERY, max_steps=s.steps, resume=False,
+                                    watch_options={"layer_every": 1, "budget": None, "pad_token_id": PAD})  # fmt: skip
         batches = iter(self.guard)
         while True:
             t0 = time.perf_counter()
@@ -296,6 +313,7 @@ def _row(setup: Setup, fault: Fault | None, cache: Cache, work: Path) -> dict[st
     return {"family": lab["family"], "kind": lab["kind"], "step": None if fault is None else fault.step,
             "seed": setup.seed, "optimizer": setup.optimizer, "cause": lab["cause"], "class": truth,
             "analyze": got, "analyze_class": CLASS.get(got, got), "guard": cause, "basis": basis,
+            "untested": _untested(guarded["actions"]),
             "analyze_guarded": doctor, "analyze_guarded_class": CLASS.get(doctor or "", doctor),
             "outcome": guarded["outcome"], "cost": guarded["cost"], "checkpoint_bytes": guarded["checkpoint_bytes"],
             "param_bytes": guarded["param_bytes"], "batch_bytes": guarded["batch_bytes"],
@@ -347,8 +365,10 @@ def _markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
          "on the vetoed state once found sound, else on the rollback's checkpoint put back from memory), and a rollback "
          "for an LR jump holds the LR before it and skips nothing, so its replay passing the step it rolled back from "
          "confirms the schedule. **The guard's cause** is what its user sees (module docstring): the cause it tested "
-         "(confirmed by a replay, or measured) where it acted; else `analyze` on the guarded run's own directory, unless "
-         "a replay ruled that cause out; else what its actions imply untested. **analyze** is the doctor on the cached "
+         "(confirmed by a replay, or measured) where it acted; else the cause its untested actions name (non-finite "
+         "vetoes: numerics, loss vetoes: data, a rollback for an LR jump: schedule); else `analyze` on the guarded run's "
+         "own directory (recorded as the exam's runs are), unless a replay ruled that cause out (that order set on the "
+         "calibration half). **analyze** is the doctor on the cached "
          "unguarded run, as `bench/exam.py score` matches it; the third column is the doctor on the guarded run alone. "
          "Scored by class (bad_batch: data; lr_schedule, lr_too_high: schedule; optimizer_state, state_reset: state; "
          "numerics_rank: numerics). Nothing is fitted: a replay reproduces at the detector's own 7 band sigmas."),
@@ -431,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i + 1}/{len(runs)} {row['family']}/{row['kind']} seed {row['seed']}: truth {row['class']}, guard "
                   f"{row['guard']} by {row['basis']} ({row['outcome']}, {row['vetoes']} vetoes, {row['rollbacks']} rollbacks, "
                   f"replays {[(a['replay'], a['found']) for a in row['replays']]}), analyze {row['analyze']}, on the "
-                  f"guarded run {row['analyze_guarded']}", flush=True)  # fmt: skip
+                  f"guarded run {row['analyze_guarded']}, the guard's own reading {row['untested']}", flush=True)  # fmt: skip
     command = shlex.join(["python", "bench/guard_replay_exam.py", *(argv if argv is not None else sys.argv[1:])])
     markdown = _markdown(rows, command, time.perf_counter() - start)
     print(markdown)
