@@ -107,7 +107,8 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
     test = evidence.get("cause_test")
     if isinstance(test, dict) and test.get("found") in _FOUND:
         for r in test.get("replays") or [test]:  # recordings before `replays`: the one probe
-            replays.append({"replay": r.get("replay", "other_batches"), "found": r.get("found"), "step": r.get("probe_step")})
+            replays.append({"replay": r.get("replay", "other_batches"), "on": r.get("on", "vetoed_state"), "found": r.get("found"),
+                            "step": r.get("probe_step")})  # fmt: skip
         found = test["found"]
     if (kind == "rollback" and detail.get("recurring")) or (kind == "guard_stop" and detail.get("reason") == "recurring"):
         replays.append({"replay": "from_good_checkpoint", "found": "state"})
@@ -147,8 +148,8 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
     """What the guard already did about an incident: the steps of it it vetoed, and the rollback
     that undid it (one that returned to a step at or before onset from a step after it).
 
-    Returns None when the guard did nothing about it; else `vetoed` (steps), `probes` (its probe
-    steps in the incident: never applied either), `rollback` (the action or None), `handled`
+    Returns None when the guard did nothing about it; else `vetoed` (steps), `probes` (its replay
+    steps from onset up to the rollback: never applied either), `rollback` (the action or None), `handled`
     (rolled back, or every flagged step vetoed) and `because`.
 
     Example:
@@ -158,10 +159,11 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
         True
     """
     vetoed = [a["step"] for a in actions if a["kind"] == "veto" and a["segment"] == segment and onset <= a["step"] <= end]
-    # A probe step (its `replay` event) is judged and never applied either.
-    probes = [a["step"] for a in actions if a["kind"] == "replay" and a["segment"] == segment and onset <= a["step"] <= end]
     rollback = next((a for a in actions if a["kind"] == "rollback" and a["segment"] > segment
                      and a["detail"].get("to_step", a["step"]) <= onset < a["detail"].get("from_step", -1)), None)  # fmt: skip
+    # A replay step (its `replay` event) is judged and never applied either, up to the rollback it preceded.
+    last = max(end, rollback["detail"]["from_step"] - 1) if rollback is not None else end
+    probes = [a["step"] for a in actions if a["kind"] == "replay" and a["segment"] == segment and onset <= a["step"] <= last]
     if not vetoed and rollback is None:
         return None
     parts = []

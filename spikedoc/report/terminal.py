@@ -116,12 +116,21 @@ _REPLAY_WORDS = {
 }
 #: How the report names what a replay found.
 _FOUND_WORDS = {"not_data": "not the data", "transient": "a transient fault (it did not reproduce)"}
+#: What the last healthy batches replayed on the rollback's good checkpoint found (a reference, not a cause).
+_ON_CHECKPOINT = {"data": "in band on the good checkpoint",
+                  "state": "out of band on the good checkpoint too: the state or the loop, not the batches"}
+
+
+def _replay_words(r: dict[str, Any]) -> str:
+    """One replay of a cause test: what ran and what it found."""
+    if r.get("replay") == "other_batches" and r.get("on") == "checkpoint":
+        return f"the last healthy batches replayed on the good checkpoint: {_ON_CHECKPOINT.get(r.get('found'), r.get('found'))}"
+    return f"{_REPLAY_WORDS.get(r.get('replay'), r.get('replay'))}: {_FOUND_WORDS.get(r.get('found'), r.get('found'))}"
 
 
 def cause_words(cause: dict[str, Any]) -> str:
     """A guard action's cause as `cause_status` decided it: confirmed by which replays, measured, or inferred."""
-    replays = "; ".join(f"{_REPLAY_WORDS.get(r.get('replay'), r.get('replay'))}: {_FOUND_WORDS.get(r.get('found'), r.get('found'))}"
-                        for r in cause.get("replays") or [])  # fmt: skip
+    replays = "; ".join(_replay_words(r) for r in cause.get("replays") or [])
     if cause.get("status") == "confirmed":
         found = cause.get("found")
         return f"cause confirmed by replay ({replays}): " + _FOUND_WORDS.get(found, f"the {found}")
@@ -164,10 +173,12 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
             line = (f"replay with the LR held before the jump at step {d.get('jump_step')} passed step {d.get('from_step')} "
                     "with nothing else changed: found the schedule at fault")
         elif a["kind"] == "replay":
-            found = d.get("found")
-            line = (f"replay at step {a['step']} ({str(d.get('replay', '')).replace('_', ' ')}, positions "
-                    f"{', '.join(str(x) for x in d.get('probe_positions') or [])}): "
-                    + (f"found the {found} at fault" if found in ("data", "state") else _FOUND_WORDS.get(found, str(found))))
+            found, on_checkpoint = d.get("found"), d.get("on") == "checkpoint"
+            said = (_ON_CHECKPOINT.get(found, str(found)) if on_checkpoint and d.get("replay") == "other_batches"
+                    else f"found the {found} at fault" if found in ("data", "state") else _FOUND_WORDS.get(found, str(found)))  # fmt: skip
+            line = (f"replay at step {a['step']} ({str(d.get('replay', '')).replace('_', ' ')}"
+                    + (" on the checkpoint" if on_checkpoint else "")
+                    + f", positions {', '.join(str(x) for x in d.get('probe_positions') or [])}): {said}")
         else:
             line = f"{a['kind']} at step {a['step']}" + (f": {d['error']}" if d.get("error") else "")
         if isinstance(a.get("cause"), dict):
