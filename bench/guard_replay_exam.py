@@ -400,6 +400,13 @@ def _markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
               "applied steps): there it vetoes only non-finite values and leaves the cause to the doctor. On the "
               f"{len(warm)} faults after it: guard {_rate(_right(warm, 'guard'), len(warm))}, analyze "
               f"{_rate(_right(warm, 'analyze_class'), len(warm))} right class."]  # fmt: skip
+    differ = [f"{r['family']}/{r['kind']} seed {r['seed']} (truth {r['class']}: guard {r['guard']} by {r['basis']}, analyze "
+              f"{r['analyze']}, analyze on the guarded run {r['analyze_guarded']})"
+              for r in faulty if (r["guard"] == r["class"]) != (r["analyze_class"] == r["class"])]  # fmt: skip
+    lines += ["", "Runs where one is right and the other not: " + ("; ".join(differ) or "none") + ". The exam's loop plants "
+              "an `lr_restart` (and a `state_reset` of kind `resume_fresh`) as a resume, a new segment of the unguarded "
+              "recording; the guarded re-run plants the same change of LR or state inside one run, so the doctor reading "
+              "the guarded run has no resume to tie it to."]
     found = Counter(f"{a['replay']} on {a['on']}: {a['found']}" if a.get("on") else f"{a['replay']}: {a['found']}"
                     for r in faulty for a in r["replays"])  # fmt: skip
     lines += ["", "Replays run, by finding: " + (", ".join(f"{k} {n}" for k, n in found.most_common()) or "none") + "."]

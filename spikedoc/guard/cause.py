@@ -19,7 +19,7 @@ __all__ = ["corrupt_stretch", "stop_for", "last_probe", "recurring", "rollback_t
 def corrupt_stretch(decision: Decision, vetoed: list[SeenStep]) -> bool:
     """Vetoes piling up, each for its loss before its update: no update was applied since the last
     healthy step, so the state is the one that step left, and either it or the batches are at fault
-    (a probe step tells which). Vetoes for the gradient alone, with an ordinary loss, say nothing
+    (replay steps tell which). Vetoes for the gradient alone, with an ordinary loss, say nothing
     about the data, and an incident that applied steps is the trajectory's: those roll back."""
     return decision.reason == "vetoes" and bool(vetoed) and all(seen.bad_loss for seen in vetoed)
 
