@@ -100,7 +100,7 @@ def _nan_on_garbage(clean, steps: set[int]):
 
 def test_vetoes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_batches(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=50, checkpoint_every=20)
-    guard, seen = run_guarded(tmp_path / "run", steps=70, checkpoint_every=20, **_nan_on_garbage(clean, {45, 46, 47, 48, 49}))
+    guard, _ = run_guarded(tmp_path / "run", steps=70, checkpoint_every=20, **_nan_on_garbage(clean, {45, 46, 47, 48, 49}))
     assert guard.vetoes == 5 and guard.rollbacks == 1
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     # Steps 50 and 51 replay the last healthy and the step 45 batches on the checkpoint of step 40.
