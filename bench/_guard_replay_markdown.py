@@ -42,10 +42,10 @@ def _right(runs: list[dict[str, Any]], key: str) -> int:
     return sum(r[key] == r["class"] for r in runs)
 
 
-def markdown(rows: list[dict[str, Any]], command: str, seconds: float, *, warm: int) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, seconds: float, *, warm_after: int) -> str:
     """The section: per family the guard's and analyze's right classes, what the guard's causes rest
     on, the runs where they differ, the replays run, the clean runs, and what a replay costs.
-    `warm`: the applied steps before the guard's band is warm."""
+    `warm_after`: the applied steps before the guard's band is warm."""
     faulty = [r for r in rows if r["family"] != "clean"]
     clean = [r for r in rows if r["family"] == "clean"]
     lines = [
@@ -87,11 +87,11 @@ def markdown(rows: list[dict[str, Any]], command: str, seconds: float, *, warm: 
                  f"{_rate(_right(faulty, 'analyze_class'), len(faulty))} | {_rate(exact, len(faulty))} | "
                  f"{_rate(_right(faulty, 'analyze_guarded_class'), len(faulty))} | | |")  # fmt: skip
     tested = [r for r in faulty if r["basis"] == "tested"]
-    warm = [r for r in faulty if r["step"] >= warm]
+    warm = [r for r in faulty if r["step"] >= warm_after]
     lines += ["", f"The guard tested the cause itself on {len(tested)} of the {len(faulty)} faulty runs, right class on "
               f"{_rate(_right(tested, 'guard'), len(tested))} (analyze on the same runs: "
               f"{_rate(_right(tested, 'analyze_class'), len(tested))}). {len(faulty) - len(warm)} of the {len(faulty)} "
-              f"faults act before step {warm}, when the guard's band is not yet warm (`DetectorConfig.min_history` "
+              f"faults act before step {warm_after}, when the guard's band is not yet warm (`DetectorConfig.min_history` "
               "applied steps): there it vetoes only non-finite values and leaves the cause to the doctor. On the "
               f"{len(warm)} faults after it: guard {_rate(_right(warm, 'guard'), len(warm))}, analyze "
               f"{_rate(_right(warm, 'analyze_class'), len(warm))} right class."]  # fmt: skip

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"replays {[(a['replay'], a['found']) for a in row['replays']]}), analyze {row['analyze']}, on the "
                   f"guarded run {row['analyze_guarded']}, the guard's own reading {row['untested']}", flush=True)  # fmt: skip
     command = shlex.join(["python", "bench/guard_replay_exam.py", *(argv if argv is not None else sys.argv[1:])])
-    section = markdown(rows, command, time.perf_counter() - start, warm=_WARM)
+    section = markdown(rows, command, time.perf_counter() - start, warm_after=_WARM)
     print(section)
     if not args.no_write and args.half == "test":
         write_section("guard_replay_exam", section)
