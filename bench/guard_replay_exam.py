@@ -1,34 +1,49 @@
-"""The guard's cause on the exam's test half, against `spikedoc analyze`'s on the same runs, and what its tests cost.
+"""The guard's cause on the exam's test half, against `spikedoc analyze`'s on the same runs, and what its replays cost.
 
 The exam (`bench/exam.py`) plants faults in tiny training runs and labels each with the cause a
-practitioner would name. Here a stratified subset of its test half (odd seeds) is trained again, the
-same setup and fault, under `spikedoc.Guard` at its defaults (`clip=` the setup's own clipping,
-checkpoints every 40 steps as the exam's loop writes them), and what the guard did is read as a
-cause; `analyze`'s cause is that of the cached, unguarded run (`bench/exam.py score`'s matching).
+practitioner would name. Here a stratified subset of one half (the test half, odd seeds, unless
+`--half calibration`) is trained again, the same setup and fault, under `spikedoc.Guard` at its
+defaults (`clip=` the setup's own clipping, checkpoints every 40 steps as the exam's loop writes
+them). The baseline is `analyze`'s cause on the cached, unguarded run (`bench/exam.py score`'s
+matching): the doctor after the fact, without a guard.
 
-What the guard can name, from what it did (`guard_cause`):
+The guard's cause for a run is what its user sees (`guard_cause`), in this order:
 
-- `numerics`: non-finite vetoes only (skipped, no rollback);
-- `data`: vetoes for the loss without a rollback, or a probe that found the data at fault
-  (`data_skip`: the last good batch replayed from the current state was in band);
-- `schedule`: a rollback whose cause is `lr_schedule` (an upward LR jump before the onset);
-- `state`: a rollback whose probe found the state at fault, whose cause is `optimizer_state` (the
-  optimizer's second moments collapsed), or one that escalated as recurring;
-- `damage`: a rollback on damage with no test of the cause (the guard acted without naming one);
-- `none`: the guard did nothing.
+1. a cause the guard tested, on the first action it took on one (`cause_status` `confirmed` by a
+   replay, or `measured`), as a class: `data` (the suspect batches reproduced the fault on a good
+   state), `state` (the last healthy batches out of band on the vetoed state, a fault that came
+   back from a good checkpoint, or collapsed second moments read), `numerics` for a state found
+   broken whose replays were non-finite, or a transient non-finite fault, `schedule` (the replay
+   with the LR held before a jump, nothing else changed, passed the step it rolled back from);
+2. else what the guard's untested actions name, where they name a cause: vetoes only, all for
+   non-finite values `numerics`, else for the loss `data`; a rollback for an LR jump found in the
+   LR series `schedule` (a rollback on damage names none);
+3. else `analyze`'s cause on the guarded run's own directory (recorded as the exam's runs are,
+   every statistic on every step; the guard's actions and replay verdicts included), unless a
+   replay ruled it out (the suspect batches in band on the good checkpoint rule out the data);
+   `damage` for a rollback it names no cause for, `none` when the guard did nothing.
+
+Scoring analyze on the guarded run for what the guard did not act on (rather than the unguarded
+run's diagnosis) keeps the two columns apart: the guarded run is all a guarded user has, and where
+the guard vetoed or rolled back, its recording differs from the unguarded run's. Nothing here is
+fitted to the test half: a replay reproduces at the detector's own threshold (7 band sigmas); the
+order of 2 and 3 was set on the calibration half (`--half calibration`: the doctor on a guarded
+run read the single vetoed non-finite step of 5 of its 7 `nonfinite` runs as `bad_batch`, where the
+veto's own reason is right; putting the veto first gained those 5 and lost none there).
 
 The exam's causes fall into the same classes (`CLASS`): bad_batch -> data; lr_schedule and
 lr_too_high -> schedule; optimizer_state and state_reset -> state; numerics_rank -> numerics. Both
 are scored by class (the guard names no finer cause), analyze also by its exact cause.
 
-Cost of a test: the time of the rollback that restores the good state from host memory, and of a
-probe step (the last good batch judged, never applied), against the median training step; the
-host memory held for it is one checkpoint's state (the file's size).
+Cost of a replay: the time of a replay step (on the vetoed state: the loop's step; on the
+rollback's checkpoint: its state put back from host memory, then the step) and of a rollback,
+against the median training step; the host memory held for it: the in-memory checkpoint the
+rollback keeps anyway, and the batches of the suspect steps (`SUSPECTS`).
 
-    python bench/guard_replay_exam.py [--per-family N] [--clean N] [--no-write]
+    python bench/guard_replay_exam.py [--per-family N] [--clean N] [--half test|calibration] [--no-write]
 
 Needs the exam's runs in its cache (`python bench/exam.py generate`). Exit codes: 0 done, 2 runs
-not generated.
+not generated. `--half calibration` prints only (the section is the test half's).
 """
 
 from __future__ import annotations
@@ -36,7 +51,6 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -50,16 +64,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import spikedoc  # noqa: E402
-from bench._exam_design import CAUSE, Run, design, half_of, labels  # noqa: E402
+from bench._exam_design import Run, design, half_of, labels  # noqa: E402
 from bench._exam_score import score_run  # noqa: E402
 from bench._exam_train import (  # noqa: E402
     CHECKPOINT_EVERY, Fault, Setup, _bad_batch, _corrupt_state, _first_matrix, _logits_loss, _Loop)  # fmt: skip
-from bench._report import machine_line, write_section  # noqa: E402
+from bench._guard_replay_markdown import markdown  # noqa: E402
+from bench._report import write_section  # noqa: E402
 from bench.exam import BASES, Cache, _default_cache  # noqa: E402
-from spikedoc.demo.training import _deterministic  # noqa: E402
+from spikedoc.analysis.guard_actions import cause_status  # noqa: E402
+from spikedoc.demo.training import PAD, _deterministic  # noqa: E402
 from spikedoc.detector.streaming import DetectorConfig  # noqa: E402
 
-__all__ = ["CLASS", "guard_cause", "main", "pick", "train_guarded"]
+__all__ = ["CLASS", "guard_cause", "tested_cause", "main", "pick", "train_guarded"]
 
 #: Applied steps before the guard's band is warm: it vetoes only non-finite values before.
 _WARM = DetectorConfig().min_history
@@ -68,38 +84,69 @@ CLASS = {"bad_batch": "data", "lr_schedule": "schedule", "lr_too_high": "schedul
          "state_reset": "state", "numerics_rank": "numerics"}  # fmt: skip
 
 
-def guard_cause(actions: list[dict[str, Any]]) -> str:
-    """The cause the guard acted on, as a class (see the module docstring), from its recorded actions.
+def tested_cause(actions: list[dict[str, Any]]) -> tuple[str | None, set[str]]:
+    """The class of the first cause the guard tested (None: none), and the classes its replays ruled out."""
+    ruled_out: set[str] = set()
+    for a in actions:
+        detail = {k: v for k, v in a.items() if k != "kind"}
+        if a["kind"] == "replay" and a.get("found") == "transient" and a.get("nonfinite"):
+            return "numerics", ruled_out
+        if a["kind"] not in ("rollback", "data_skip", "guard_stop"):
+            continue
+        status = cause_status(a["kind"], detail)
+        if "data" in status.get("ruled_out", []):
+            ruled_out.add("data")
+        if status["status"] == "measured":
+            return "state", ruled_out
+        if status["status"] != "confirmed":
+            continue
+        found = status["found"]
+        test = (detail.get("evidence") if a["kind"] == "rollback" else detail).get("cause_test") or {}
+        if found in ("state", "transient") and test.get("nonfinite"):
+            return "numerics", ruled_out
+        if found in ("data", "state", "schedule"):
+            return found, ruled_out
+    return None, ruled_out
 
-    An action whose `cause` is one of the exam's causes (`CLASS`) is read as that cause's class.
-    """
-    named = [CLASS[a["cause"]] for a in actions if a.get("cause") in CLASS]
-    if named:
-        return named[0]
+
+def _untested(actions: list[dict[str, Any]]) -> str | None:
+    """The class the guard's untested actions name (None: none): its vetoes' reasons when it only
+    vetoed, an LR jump its first rollback was made for."""
     rollbacks = [a for a in actions if a["kind"] == "rollback"]
     if rollbacks:
-        tests = [a.get("evidence", {}).get("cause_test", {}).get("found") for a in rollbacks]
-        if "state" in tests or any(a.get("recurring") for a in rollbacks):
-            return "state"
-        if any(a["kind"] == "data_skip" for a in actions):
-            return "data"
-        return "damage"
+        return "schedule" if rollbacks[0].get("cause") == "lr_schedule" else None
     if any(a["kind"] == "data_skip" for a in actions):
         return "data"
     vetoes = [a for a in actions if a["kind"] == "veto"]
     if not vetoes:
-        return "none"
-    if all("nonfinite" in a["reasons"] for a in vetoes):
-        return "numerics"
-    return "data"
+        return None
+    return "numerics" if all("nonfinite" in a["reasons"] for a in vetoes) else "data"
 
 
-def pick(runs: list[Run], cache: Cache, *, per_family: int, clean: int) -> list[Run]:
-    """A stratified subset of the test half: per family the first `per_family` runs (design order)
+def guard_cause(actions: list[dict[str, Any]], doctor: str | None) -> tuple[str, str]:
+    """The cause a guarded run's user sees, as a class, and what it rests on (`tested`, `untested`,
+    `analyze`, `none`): see the module docstring. `doctor`: analyze's cause on the guarded run
+    (`missed`, or None for a clean run, when it matched no incident)."""
+    tested, ruled_out = tested_cause(actions)
+    if tested is not None:
+        return tested, "tested"
+    untested = _untested(actions)
+    if untested is not None:
+        return untested, "untested"
+    doctor_class = CLASS.get(doctor or "")
+    if doctor_class is not None and doctor_class not in ruled_out:
+        return doctor_class, "analyze"
+    if any(a["kind"] == "rollback" for a in actions):
+        return "damage", "untested"
+    return "none", "none"
+
+
+def pick(runs: list[Run], cache: Cache, *, per_family: int, clean: int, half: str = "test") -> list[Run]:
+    """A stratified subset of one half: per family the first `per_family` runs (design order)
     whose fault had a visible effect, and the first `clean` clean runs."""
     chosen, taken = [], Counter()
     for setup, fault in runs:
-        if half_of(setup) != "test":
+        if half_of(setup) != half:
             continue
         family = "clean" if fault is None else fault.family
         if taken[family] >= (clean if fault is None else per_family):
@@ -149,8 +196,10 @@ class _Guarded(_Loop):
     def run_guarded(self) -> spikedoc.Guard:
         s = self.setup
         data = [self.batches_at(i) for i in range(2 * s.steps)]
+        # Recorded as the exam's unguarded runs are (`_Loop._watch`): the doctor reads the same statistics in both.
         self.guard = spikedoc.Guard(self.model, self.optimizer, data=data, run_dir=self.run_dir, clip=s.clip,
-                                    checkpoint_every=CHECKPOINT_EVERY, max_steps=s.steps, resume=False)  # fmt: skip
+                                    checkpoint_every=CHECKPOINT_EVERY, max_steps=s.steps, resume=False,
+                                    watch_options={"layer_every": 1, "budget": None, "pad_token_id": PAD})  # fmt: skip
         batches = iter(self.guard)
         while True:
             t0 = time.perf_counter()
@@ -209,7 +258,8 @@ class _Guarded(_Loop):
 
 
 def train_guarded(setup: Setup, fault: Fault | None, work: Path) -> dict[str, Any]:
-    """One exam run under the guard: its actions, cause, outcome and the cost of its tests."""
+    """One exam run under the guard (recorded in `work / "run"`): its actions, outcome, the cost of
+    its replays and the memory they hold."""
     outcome = "finished"
     with _deterministic(setup.seed), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,29 +269,30 @@ def train_guarded(setup: Setup, fault: Fault | None, work: Path) -> dict[str, An
         except spikedoc.GuardStopped as stop:
             outcome = f"stopped ({stop.diagnosis['reason']})"
     actions = loop.guard.actions
-    return {"actions": actions, "cause": guard_cause(actions), "outcome": outcome, "cost": _costs(loop.times, actions),
+    step_bytes = [sum(t.numel() * t.element_size() for pair in b for t in pair) for b in loop.guard._tests.last_good.batches] \
+        if loop.guard._tests.last_good is not None else [0]  # fmt: skip
+    return {"actions": actions, "outcome": outcome, "cost": _costs(loop.times, actions), "batch_bytes": sum(step_bytes),
             "checkpoint_bytes": max((p.stat().st_size for p in (work / "run" / "checkpoints").glob("*.pt")), default=0),
             "param_bytes": sum(p.numel() * p.element_size() for p in loop.model.parameters())}  # fmt: skip
 
 
-def _probe_step(action: dict[str, Any]) -> int | None:
-    test = action.get("cause_test") or action.get("evidence", {}).get("cause_test") or {}
-    return test.get("probe_step")
-
-
 def _costs(times: list[tuple[int, float, float, int]], actions: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Seconds of each training step, of each `next()` that rolled back (restoring a good state from
-    host memory), and of each probe step (a step whose result the next `next()` reported)."""
-    out: dict[str, list[float]] = {"step": [], "rollback": [], "probe": []}
+    host memory), and of each replay step (one whose finding the next `next()` recorded): on the
+    vetoed state the loop's step, on the checkpoint also the `next()` that put its state back."""
+    out: dict[str, list[float]] = {"step": [], "rollback": [], "replay": [], "replay_checkpoint": []}
     for i, (step, between, body, n) in enumerate(times):
         before = times[i - 1][3] if i else 0
         if any(a["kind"] == "rollback" for a in actions[before:n]):
             out["rollback"].append(between)
         after = actions[n : times[i + 1][3]] if i + 1 < len(times) else actions[n:]
-        if any(_probe_step(a) == step for a in after if a["kind"] in ("rollback", "data_skip")):
-            out["probe"].append(body)
-        else:
+        replay = next((a for a in after if a["kind"] == "replay" and a.get("probe_step") == step), None)
+        if replay is None:
             out["step"].append(body)
+        elif replay.get("on") == "checkpoint":
+            out["replay_checkpoint"].append(between + body)
+        else:
+            out["replay"].append(body)
     return out
 
 
@@ -253,97 +304,21 @@ def _row(setup: Setup, fault: Fault | None, cache: Cache, work: Path) -> dict[st
     lab = labels(setup, fault, cache.record(setup, fault), cache.record(setup, None))
     analyzed = score_run(lab, spikedoc.analyze(cache.folder(setup, fault) / "run"))
     guarded = train_guarded(setup, fault, work)
+    on_guarded = score_run(lab, spikedoc.analyze(work / "run"))
     truth = CLASS.get(lab["cause"]) if lab["cause"] else None
     got = analyzed.get("got") if fault is not None else ("none" if not analyzed["incidents"] else "alarm")
+    doctor = on_guarded.get("got") if fault is not None else None
+    cause, basis = guard_cause(guarded["actions"], doctor)
     return {"family": lab["family"], "kind": lab["kind"], "step": None if fault is None else fault.step,
             "seed": setup.seed, "optimizer": setup.optimizer, "cause": lab["cause"], "class": truth,
-            "analyze": got, "analyze_class": CLASS.get(got, got), "guard": guarded["cause"],
+            "analyze": got, "analyze_class": CLASS.get(got, got), "guard": cause, "basis": basis,
+            "untested": _untested(guarded["actions"]),
+            "analyze_guarded": doctor, "analyze_guarded_class": CLASS.get(doctor or "", doctor),
             "outcome": guarded["outcome"], "cost": guarded["cost"], "checkpoint_bytes": guarded["checkpoint_bytes"],
-            "param_bytes": guarded["param_bytes"],
+            "param_bytes": guarded["param_bytes"], "batch_bytes": guarded["batch_bytes"],
+            "replays": [a for a in guarded["actions"] if a["kind"] == "replay"],
             "rollbacks": sum(a["kind"] == "rollback" for a in guarded["actions"]),
             "vetoes": sum(a["kind"] == "veto" for a in guarded["actions"])}  # fmt: skip
-
-
-def _rate(hits: int, n: int) -> str:
-    return f"{hits}/{n} ({100 * hits / n:.0f}%)" if n else "0/0"
-
-
-def _said(runs: list[dict[str, Any]], key: str) -> str:
-    return ", ".join(f"{c} {n}" for c, n in Counter(r[key] for r in runs).most_common())
-
-
-def _ms(xs: list[float], step_ms: float) -> str:
-    if not xs:
-        return "none measured"
-    ms = 1e3 * statistics.median(xs)
-    return f"{ms:.1f} ms ({ms / step_ms:.1f} steps), {len(xs)} measured"
-
-
-def _markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
-    faulty = [r for r in rows if r["family"] != "clean"]
-    clean = [r for r in rows if r["family"] == "clean"]
-    lines = [
-        "## The guard's cause on the exam's test half (`bench/guard_replay_exam.py`)",
-        "",
-        (f"A stratified subset of the exam's test half (odd seeds; per family the first runs in design order whose "
-         f"fault had a visible effect, and clean runs): {len(faulty)} faulty and {len(clean)} clean runs, each trained "
-         "again under `spikedoc.Guard` at its defaults (the setup's own clip, checkpoints every 40 steps, the same "
-         "batches and faults; the bad bytes of a bad batch drawn per data position). The guard's cause is read from "
-         "what it did (module docstring: `numerics` non-finite vetoes only; `data` loss vetoes without a rollback or a "
-         "probe that found the data at fault; `schedule` a rollback on an LR jump; `state` a rollback whose probe found "
-         "the state at fault, or a recurring one; `damage` a rollback with no test of the cause; `none` nothing done). "
-         "`analyze`'s cause is that of the cached unguarded run, as `bench/exam.py score` matches it. Both are scored "
-         "by class (bad_batch: data; lr_schedule, lr_too_high: schedule; optimizer_state, state_reset: state; "
-         "numerics_rank: numerics); analyze also by its exact cause. The guard's one replay is its probe (the last "
-         "good batch on the state the vetoes came from, `cause_test` with `replay: other_batches`), run when vetoes for "
-         "their loss pile up on a state no update touched since the last healthy step (in the guard's iteration, or "
-         "through the draws of a loop drawing its own); a rollback whose cause is `optimizer_state` (the second "
-         "moments collapsed, read before the update) is the state's; "
-         "a replay of the suspect step with the same batch or with the LR before a jump is not in the guard (an LR "
-         "jump is found in the recorded LR series instead)."),
-        "",
-        f"- {machine_line()} Whole benchmark: {seconds / 60:.1f} min.",
-        f"- Command: `{command}`",
-        "",
-        "| family | runs | guard: right class | analyze: right class | analyze: right cause | guard's causes | analyze's causes |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
-    for fam in CAUSE:
-        runs = [r for r in faulty if r["family"] == fam]
-        if not runs:
-            continue
-        g = sum(r["guard"] == r["class"] for r in runs)
-        a = sum(r["analyze_class"] == r["class"] for r in runs)
-        exact = sum(r["analyze"] == r["cause"] for r in runs)
-        lines.append(f"| {fam} ({CLASS[CAUSE[fam]]}) | {len(runs)} | {_rate(g, len(runs))} | {_rate(a, len(runs))} | "
-                     f"{_rate(exact, len(runs))} | {_said(runs, 'guard')} | {_said(runs, 'analyze')} |")  # fmt: skip
-    g = sum(r["guard"] == r["class"] for r in faulty)
-    a = sum(r["analyze_class"] == r["class"] for r in faulty)
-    exact = sum(r["analyze"] == r["cause"] for r in faulty)
-    lines.append(f"| all faulty | {len(faulty)} | {_rate(g, len(faulty))} | {_rate(a, len(faulty))} | {_rate(exact, len(faulty))} | | |")
-    warm = [r for r in faulty if r["step"] >= _WARM]
-    lines += ["", f"{len(faulty) - len(warm)} of the {len(faulty)} faults act before step {_WARM}, when the guard's band "
-              "is not yet warm (`DetectorConfig.min_history` applied steps): there it vetoes only non-finite values. "
-              f"On the {len(warm)} faults after it: guard {_rate(sum(r['guard'] == r['class'] for r in warm), len(warm))}, "
-              f"analyze {_rate(sum(r['analyze_class'] == r['class'] for r in warm), len(warm))} right class."]  # fmt: skip
-    quiet = sum(r["guard"] == "none" for r in clean)
-    lines += ["", f"Clean runs on which the guard did nothing: {_rate(quiet, len(clean))} (analyze without an incident: "
-              f"{_rate(sum(r['analyze'] == 'none' for r in clean), len(clean))})."]  # fmt: skip
-    lines += ["", *_cost_lines(rows)]
-    return "\n".join(lines)
-
-
-def _cost_lines(rows: list[dict[str, Any]]) -> list[str]:
-    steps = [t for r in rows for t in r["cost"]["step"]]
-    rollbacks = [t for r in rows for t in r["cost"]["rollback"]]
-    probes = [t for r in rows for t in r["cost"]["probe"]]
-    step_ms = 1e3 * statistics.median(steps)
-    ratio = statistics.median(r["checkpoint_bytes"] / r["param_bytes"] for r in rows if r["checkpoint_bytes"])
-    kb = statistics.median(r["checkpoint_bytes"] for r in rows if r["checkpoint_bytes"]) / 1e3
-    return [(f"What a test costs, over these runs: a training step {step_ms:.1f} ms (median of {len(steps)}); a rollback "
-            f"restoring the good state from host memory {_ms(rollbacks, step_ms)}; a probe step (the last good batch "
-            f"judged, never applied) {_ms(probes, step_ms)}. Host memory held for it: one checkpoint's state, {kb:.0f} kB "
-            f"(median), {ratio:.1f}x the parameters' bytes (model, AdamW's two moments, the guard's own state).")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,11 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-family", type=int, default=7, help="faulty runs per family (default 7)")
     parser.add_argument("--clean", type=int, default=6, help="clean runs (default 6)")
     parser.add_argument("--cache", type=Path, default=_default_cache(), help="the exam's cache")
+    parser.add_argument("--half", choices=("test", "calibration"), default="test", help="the exam's half (default test)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     cache = Cache(args.cache)
     try:
-        runs = pick(design(BASES), cache, per_family=args.per_family, clean=args.clean)
+        runs = pick(design(BASES), cache, per_family=args.per_family, clean=args.clean, half=args.half)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -366,13 +342,14 @@ def main(argv: list[str] | None = None) -> int:
             row = _row(setup, fault, cache, Path(tmp) / str(i))
             rows.append(row)
             print(f"{i + 1}/{len(runs)} {row['family']}/{row['kind']} seed {row['seed']}: truth {row['class']}, guard "
-                  f"{row['guard']} ({row['outcome']}, {row['vetoes']} vetoes, {row['rollbacks']} rollbacks), analyze "
-                  f"{row['analyze']}", flush=True)  # fmt: skip
+                  f"{row['guard']} by {row['basis']} ({row['outcome']}, {row['vetoes']} vetoes, {row['rollbacks']} rollbacks, "
+                  f"replays {[(a['replay'], a['found']) for a in row['replays']]}), analyze {row['analyze']}, on the "
+                  f"guarded run {row['analyze_guarded']}, the guard's own reading {row['untested']}", flush=True)  # fmt: skip
     command = shlex.join(["python", "bench/guard_replay_exam.py", *(argv if argv is not None else sys.argv[1:])])
-    markdown = _markdown(rows, command, time.perf_counter() - start)
-    print(markdown)
-    if not args.no_write:
-        write_section("guard_replay_exam", markdown)
+    section = markdown(rows, command, time.perf_counter() - start, warm_after=_WARM)
+    print(section)
+    if not args.no_write and args.half == "test":
+        write_section("guard_replay_exam", section)
     return 0
 
 

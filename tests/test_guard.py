@@ -92,24 +92,40 @@ def test_the_baseline_never_learns_from_a_vetoed_step(tmp_path):
     assert states[70] != states[69]  # while an applied step does move it
 
 
+def _nan_on_garbage(clean, steps: set[int]):
+    """NaN gradients (first pass) at `steps`, whose batches are garbage wherever they are read: the
+    suspect batches replayed on the checkpoint reproduce their loss, so the data is at fault."""
+    return {"fault": _corrupt_data([clean[s] for s in sorted(steps)]), "after_backward": nan_grads(steps)}
+
+
 def test_vetoes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_batches(tmp_path):
-    guard, seen = run_guarded(tmp_path, steps=70, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}))
+    _, clean = run_guarded(tmp_path / "clean", steps=50, checkpoint_every=20)
+    guard, _ = run_guarded(tmp_path / "run", steps=70, checkpoint_every=20, **_nan_on_garbage(clean, {45, 46, 47, 48, 49}))
     assert guard.vetoes == 5 and guard.rollbacks == 1
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
-    assert (rollback["reason"], rollback["from_step"], rollback["to_step"]) == ("vetoes", 50, 40)
+    # Steps 50 and 51 replay the last healthy and the step 45 batches on the checkpoint of step 40.
+    assert (rollback["reason"], rollback["from_step"], rollback["to_step"]) == ("vetoes", 52, 40)
     assert rollback["skipped_positions"] == [45, 46, 47, 48, 49]
     assert guard.skipped_positions == [45, 46, 47, 48, 49]
-    event = _events(tmp_path, "rollback")
+    assert guard.lr_scale == 1.0 and guard.clip == 1.0  # the data alone was at fault: nothing else changed
+    event = _events(tmp_path / "run", "rollback")
     assert event["step"].tolist() == [40] and event["segment"].tolist() == [1]
+
+
+def test_vetoes_whose_batches_replay_in_band_on_the_checkpoint_roll_back_without_skipping_them(tmp_path):
+    guard, _ = run_guarded(tmp_path, steps=70, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}))
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert (rollback["from_step"], rollback["to_step"], rollback["skipped_positions"]) == (52, 40, [])
+    assert guard.skipped_positions == [] and guard.lr_scale == pytest.approx(0.7)
 
 
 def test_after_a_rollback_the_batches_are_the_original_order_minus_the_skipped_ones(tmp_path):
     _, clean = run_guarded(tmp_path / "clean", steps=75, checkpoint_every=20)
     guard, healed = run_guarded(tmp_path / "healed", steps=70, checkpoint_every=20,
-                                after_backward=nan_grads({45, 46, 47, 48, 49}))  # fmt: skip
+                                **_nan_on_garbage(clean, {45, 46, 47, 48, 49}))  # fmt: skip
     by_position = [ids for _, ids in clean]
-    replay = [ids for _, ids in healed[50:]]  # the 50 steps before the rollback, then the replay from step 40
-    assert [s for s, _ in healed[50:]] == list(range(40, 70))
+    replay = [ids for _, ids in healed[52:]]  # 50 steps and 2 replay steps before the rollback, then the replay from 40
+    assert [s for s, _ in healed[52:]] == list(range(40, 70))
     expected = [by_position[p] for p in range(40, 75) if p not in {45, 46, 47, 48, 49}][: len(replay)]
     assert replay == expected
     skipped = {i for p in range(45, 50) for i in by_position[p]}
@@ -125,10 +141,11 @@ def test_a_rollback_tightens_clipping_and_scales_the_lr(tmp_path):
     guard, _ = run_guarded(tmp_path, steps=60, checkpoint_every=20, after_backward=nan_grads({45, 46, 47, 48, 49}),
                            on_step=on_step)  # fmt: skip
     assert guard.clip == 0.5 and guard.monitor.config.clip == 0.5 and guard.lr_scale == pytest.approx(0.7)
-    for step in range(40, 50):  # seen twice: before the rollback (from step 50) and in the replay
+    for step in range(40, 50):  # seen twice: before the rollback (from step 52) and in the replay
         first, replay = lrs[step]
         assert replay == pytest.approx(0.7 * first, rel=1e-12)
-    assert all(lrs[step] == [pytest.approx(0.7 * 3e-3, rel=1e-12)] for step in range(50, 60))
+    # Steps 50 and 51 were replay steps before the rollback too (judged, never applied): the last pass counts.
+    assert all(lrs[step][-1] == pytest.approx(0.7 * 3e-3, rel=1e-12) for step in range(50, 60))
     assert spikedoc.load(tmp_path).meta["watch"]["clip"] == 0.5  # the segment after the rollback
 
 
@@ -188,7 +205,8 @@ def test_damage_that_gets_through_is_rolled_back_by_the_recovery_judgement(tmp_p
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     assert rollback["reason"] in ("persistent", "divergence", "recovered_with_damage")
     assert rollback["onset_step"] == 90 and rollback["to_step"] == 75
-    assert rollback["from_step"] <= 90 + 50 + 1  # decided within the recovery judgement's patience
+    # Decided within the recovery judgement's patience, then two replay steps on the checkpoint.
+    assert rollback["from_step"] <= 90 + 50 + 1 + 2
     assert guard.rollbacks == 1 and guard.step == 150
 
 
@@ -198,7 +216,7 @@ def test_analyze_lists_the_guards_actions(tmp_path):
     kinds = [a["kind"] for a in diagnosis.guard_actions]
     assert kinds.count("veto") == 5 and kinds.count("rollback") == 1
     rollback = next(a for a in diagnosis.guard_actions if a["kind"] == "rollback")
-    assert (rollback["step"], rollback["detail"]["from_step"]) == (40, 50)
+    assert (rollback["step"], rollback["detail"]["from_step"]) == (40, 52)
     assert diagnosis.to_dict()["guard_actions"] == diagnosis.guard_actions
     # The rollback's 0.7x LR where the replay starts is the remedy, not a schedule discontinuity.
     assert "lr_discontinuity" not in [f.id for f in diagnosis.findings]
@@ -215,7 +233,8 @@ def test_the_report_shows_the_guards_actions(tmp_path):
     text = console.export_text()
     assert "Guard actions (4 guard checkpoints)" in text
     assert "veto of step 45: nonfinite" in text
-    assert "rollback from step 50 to 40 (vetoes, cause damage): LR x0.7 of the original, clip 1 -> 0.5, 5 batches skipped" in text
+    assert ("rollback from step 52 to 40 (vetoes, cause damage): LR x0.7 of the original, clip 1 -> 0.5, 0 batches "
+            "skipped; cause inferred (damage); not the data, by replay") in text
 
 
 def test_a_veto_under_a_grad_scaler_is_one_skipped_step_and_the_scaler_is_checkpointed(tmp_path):
@@ -341,14 +360,16 @@ def test_a_large_but_finite_float16_gradient_is_not_taken_for_an_overflow(tmp_pa
 
 
 def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_skips_all_of_them(tmp_path):
-    def train(run_dir, nan_steps, steps):
+    def train(run_dir, nan_steps, steps, corrupt=frozenset()):
         model, opt, sched = build()
         guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=run_dir, accumulate=2,
                                checkpoint_every=10, max_steps=steps)  # fmt: skip
         seen = []
         for step, batch in guard:
             seen.append((step, batch["idx"].tolist()))
-            loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            if set(batch["idx"].tolist()) <= corrupt:  # garbage wherever it is read: the data is at fault
+                batch = garbage(batch, model.cfg.vocab_size)
+            loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
             guard.record(loss=loss, sample_ids=batch["idx"])
             (loss / 2).backward()
             if len(seen) >= 2 and seen[-2][0] == step:  # the step's second micro-batch: step now
@@ -361,13 +382,13 @@ def test_with_gradient_accumulation_each_step_gets_its_batches_and_a_rollback_sk
         return guard, seen
 
     _, clean = train(tmp_path / "clean", set(), 40)
-    guard, healed = train(tmp_path / "healed", {15, 16, 17, 18, 19}, 30)
+    guard, healed = train(tmp_path / "healed", {15, 16, 17, 18, 19}, 30, {i for _, ids in clean[30:40] for i in ids})
     assert [s for s, _ in clean] == [s for s in range(40) for _ in range(2)]
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
-    assert (rollback["from_step"], rollback["to_step"]) == (20, 10)
+    assert (rollback["from_step"], rollback["to_step"]) == (22, 10)  # after two replay steps of two batches each
     assert rollback["skipped_positions"] == list(range(30, 40))  # both batches of steps 15-19
     by_position = [ids for _, ids in clean]
-    replay = [ids for _, ids in healed[40:]]
+    replay = [ids for _, ids in healed[44:]]
     assert len(replay) == 40 and replay == [by_position[p] for p in range(20, 80) if p not in range(30, 40)][:40]
 
 
@@ -434,10 +455,10 @@ def test_the_report_names_each_data_skip(tmp_path):
     console = Console(record=True, width=200)
     render(spikedoc.analyze(tmp_path / "run"), console)
     text = console.export_text()
-    # The first data skip follows the probe step that found the state sound (step 70); the next
-    # ones need none (no update applied since).
-    assert "data skip at step 71: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling back" in text
-    assert "data skip at step 76: steps 71-75 vetoed on a corrupt stretch of data, 5 batches skipped" in text
+    # The first data skip follows the replay steps that found the state sound (step 70) and the step 65
+    # batches out of band again on it (step 71); the next ones need none (no update applied since).
+    assert "data skip at step 72: steps 65-69 vetoed on a corrupt stretch of data, 5 batches skipped without rolling back" in text
+    assert "data skip at step 77: steps 72-76 vetoed on a corrupt stretch of data, 5 batches skipped" in text
 
 
 def test_recorded_sample_offsets_stay_stream_positions_across_rollbacks_and_skipped_data(tmp_path):
@@ -469,7 +490,8 @@ def test_a_segment_the_guard_vetoed_until_its_rollback_is_not_judged_for_damage(
     diagnosis = spikedoc.analyze(tmp_path / "run")
     [(inc, ctx)] = [(i, c) for i, c in zip(diagnosis.incidents, diagnosis.context) if c.get("segment", 0) == 0]
     assert inc.handled_by_guard and inc.damage == {} and inc.verdict == "rolled_back"
-    assert any(n.startswith("the guard vetoed every step from 65 (or probed it) until it rolled back at step 71") for n in ctx["notes"])
+    # Step 70 replayed the last healthy batches on that state, 71-72 those and step 65's on the checkpoint.
+    assert any(n.startswith("the guard vetoed every step from 65 (or probed it) until it rolled back at step 73") for n in ctx["notes"])
 
 
 def test_a_corrupt_stretch_longer_than_the_allowance_stops_the_run(tmp_path):

@@ -42,19 +42,20 @@ def _actions(run_dir, kind):
     return [a for a in json.loads(result.output)["guard_actions"] if a["kind"] == kind]
 
 
-def test_a_data_skip_is_confirmed_by_the_last_healthy_batches_replayed_on_the_vetoed_state(corrupt_stretch_run):
+def test_a_data_skip_is_confirmed_by_the_state_found_sound_and_the_same_batches_reproducing_on_it(corrupt_stretch_run):
     skips = _actions(corrupt_stretch_run, "data_skip")
     assert sum(len(s["detail"]["positions"]) for s in skips) == 20
     for skip in skips:
         assert skip["cause"]["status"] == "confirmed" and skip["cause"]["found"] == "data"
-        assert [r["replay"] for r in skip["cause"]["replays"]] == ["other_batches"]  # no rollback replayed them
+        assert [(r["replay"], r["found"]) for r in skip["cause"]["replays"]] == [("other_batches", "data"), ("same_batches", "data")]
 
 
-def test_one_probe_serves_a_stretch_while_no_update_is_applied_after_it(corrupt_stretch_run):
-    [replay] = _actions(corrupt_stretch_run, "replay")
+def test_one_test_serves_a_stretch_while_no_update_is_applied_after_it(corrupt_stretch_run):
+    other, same = _actions(corrupt_stretch_run, "replay")
     skips = _actions(corrupt_stretch_run, "data_skip")
-    assert replay["detail"]["found"] == "data" and len(skips) > 1
-    assert {s["detail"]["cause_test"]["probe_step"] for s in skips} == {replay["step"]}
+    assert (other["detail"]["replay"], same["detail"]["replay"]) == ("other_batches", "same_batches")
+    assert same["detail"]["on"] == "vetoed_state" and same["detail"]["of_step"] == skips[0]["detail"]["steps"][0]
+    assert len(skips) > 1 and {s["detail"]["cause_test"]["probe_step"] for s in skips} == {other["step"]}
     assert [bool(s["detail"]["cause_test"].get("state_unchanged_since_probe")) for s in skips] == [False] + [True] * (len(skips) - 1)
 
 
@@ -67,7 +68,8 @@ def test_the_vetoes_of_a_corrupt_stretch_are_inferred_and_nothing_is_rolled_back
 def test_the_terminal_report_words_the_replay_that_confirmed_a_cause(corrupt_stretch_run):
     result = _analyze(corrupt_stretch_run)
     assert "Traceback" not in result.output
-    assert "cause confirmed by replay (the last healthy batches replayed on the vetoed state: data): the data" in result.output
+    assert ("cause confirmed by replay (the last healthy batches replayed on the vetoed state: data; the same data "
+            "replayed from a good state: data): the data") in result.output
     first = _actions(corrupt_stretch_run, "replay")[0]
     where = ", ".join(str(x) for x in first["detail"]["probe_positions"])
     assert f"replay at step {first['step']} (other batches, positions {where}): found the data at fault" in result.output
@@ -83,28 +85,33 @@ def test_the_html_report_has_each_actions_cause(corrupt_stretch_run, tmp_path):
 
 
 def test_a_fault_that_returns_after_its_rollback_is_confirmed_from_a_good_checkpoint(tmp_path):
+    # NaN gradients at every step from 30, whatever the batch: on the good checkpoint the last
+    # healthy batches fail too, so the suspect batches' NaN is not theirs (the state or the loop).
     always = nan_grads(set(range(30, 10_000)), first_pass_only=False)
     with pytest.raises(spikedoc.GuardStopped):
         run_guarded(tmp_path, steps=200, checkpoint_every=20, max_rollbacks=2, after_backward=always)
     rollbacks = _actions(tmp_path, "rollback")
-    assert [r["cause"]["status"] for r in rollbacks] == ["inferred", "confirmed"]
+    assert [(r["replay"], r["found"]) for r in rollbacks[0]["cause"]["replays"]] == [
+        ("other_batches", "state"), ("same_batches", "not_data")]  # fmt: skip
+    assert rollbacks[0]["cause"]["found"] == "state" and rollbacks[0]["detail"]["skipped_positions"] == []
+    assert [r["cause"]["status"] for r in rollbacks] == ["confirmed", "confirmed"]
     assert rollbacks[1]["cause"]["replays"] == [{"replay": "from_good_checkpoint", "found": "state"}]
     [stop] = _actions(tmp_path, "guard_stop")
     assert stop["detail"]["reason"] == "recurring" and stop["cause"]["found"] == "state"
 
 
-def test_a_stretch_met_right_after_a_rollbacks_skipped_batches_is_confirmed_by_the_same_data_and_undoes_its_remedy(tmp_path):
-    # NaN gradients at steps 60-64 (first pass) roll back with positions 60-64 skipped; the replay
-    # then meets the corrupt positions 65-74 right after them.
-    _, clean = run_guarded(tmp_path / "clean", steps=90, checkpoint_every=20)
-    run_guarded(tmp_path / "run", steps=90, checkpoint_every=20, fault=_corrupt_data(clean[65:75]),
-                after_backward=nan_grads(set(range(60, 65))))  # fmt: skip
-    [rollback] = _actions(tmp_path / "run", "rollback")
-    skips = _actions(tmp_path / "run", "data_skip")
-    assert rollback["detail"]["skipped_positions"] == list(range(60, 65))
-    assert [s["detail"]["positions"] for s in skips] == [list(range(65, 70)), list(range(70, 75))]
-    assert all([r["replay"] for r in s["cause"]["replays"]] == ["same_batches", "other_batches"] for s in skips)
-    assert skips[0]["detail"]["remedy_reverted"] and not skips[1]["detail"]["remedy_reverted"]
+def test_a_rollback_whose_suspect_batches_are_ordinary_on_the_good_checkpoint_skips_no_data(tmp_path):
+    # NaN gradients at steps 60-64 (first pass only: the loop, not the data) with ordinary losses:
+    # the step 60 batches replayed on the checkpoint are in band, so the rollback cuts the LR and
+    # skips nothing, and the cause stays inferred with the data ruled out.
+    guard, _ = run_guarded(tmp_path, steps=90, checkpoint_every=20, after_backward=nan_grads(set(range(60, 65))))
+    [rollback] = _actions(tmp_path, "rollback")
+    assert rollback["detail"]["skipped_positions"] == [] and rollback["detail"]["lr_scale"] == pytest.approx(0.7)
+    other, same = rollback["detail"]["evidence"]["cause_test"]["replays"]
+    assert (other["replay"], other["on"], other["found"]) == ("other_batches", "checkpoint", "data")  # in band
+    assert (same["replay"], same["on"], same["found"], same["of_step"]) == ("same_batches", "checkpoint", "not_data", 60)
+    assert rollback["cause"]["status"] == "inferred" and rollback["cause"]["ruled_out"] == ["data"]
+    assert guard.skipped_positions == []
 
 
 def test_a_veto_and_rollback_on_collapsed_second_moments_are_measured_not_inferred():

@@ -182,7 +182,9 @@ def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_nev
     assert resumed.wait(120) == 0, resumed.stderr.read().decode()[-2000:]
     want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
     got = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
-    assert (got["rollbacks"], got["lr_scale"], got["clip"], got["skipped"]) == (1, 0.7, 0.5, [25, 26, 27, 28, 29])
+    # The rollback's LR cut and tighter clip survive the kill; no batch was skipped (the NaN gradients
+    # were the loop's: the step 25 batches replayed in band on the checkpoint).
+    assert (got["rollbacks"], got["lr_scale"], got["clip"], got["skipped"]) == (1, 0.7, 0.5, [])
     for name, tensor in want["params"].items():
         assert torch.equal(tensor, got["params"][name]), name
     events = spikedoc.load(tmp_path / "killed").events

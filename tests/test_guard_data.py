@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spikedoc.guard.data import DataStream
-from tests.common.guarded import TextWindows, loader, nan_grads, run_guarded
+from tests.common.guarded import TextWindows, garbage, loader, nan_grads, run_guarded
 
 
 def _ids(batch) -> list[int]:
@@ -67,11 +67,16 @@ def test_a_rollback_with_a_stateful_dataloader_replays_the_original_order(tmp_pa
                                            generator=torch.Generator().manual_seed(5))  # fmt: skip
 
     _, clean = run_guarded(tmp_path / "clean", steps=45, data=data(), checkpoint_every=20)
-    guard, healed = run_guarded(tmp_path / "healed", steps=40, data=data(), checkpoint_every=20,
+    corrupt = {i for _, ids in clean[25:30] for i in ids}  # garbage wherever read, with NaN gradients on the first pass
+
+    def fault(step, guard, batch):
+        return garbage(batch, guard.model.cfg.vocab_size) if set(batch["idx"].tolist()) <= corrupt else batch
+
+    guard, healed = run_guarded(tmp_path / "healed", steps=40, data=data(), checkpoint_every=20, fault=fault,
                                 after_backward=nan_grads(set(range(25, 30))))  # fmt: skip
     assert guard.rollbacks == 1 and guard.skipped_positions == [25, 26, 27, 28, 29]
     by_position = [ids for _, ids in clean]
-    replay = [ids for _, ids in healed[30:]]
+    replay = [ids for _, ids in healed[32:]]  # after two replay steps on the checkpoint
     assert replay == [by_position[p] for p in range(20, 45) if p not in range(25, 30)][: len(replay)]
 
 

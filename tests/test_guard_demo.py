@@ -25,8 +25,9 @@ def test_demo_guard_rolls_back_a_nan_and_finishes_the_run(healed_demo):
     tmp_path = out.parent
     assert result.exit_code == 0, result.output
     assert "vetoed 5 steps and rolled back 1 time" in result.output
-    # Steps 200-204 vetoed (every loss NaN), step 205 a probe that found the state broken.
-    assert "rollback from step 206 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
+    # Steps 200-204 vetoed (every loss NaN), step 205 the last healthy batches replayed on that state
+    # (broken), steps 206-207 those and step 200's replayed on the checkpoint of step 150 (in band).
+    assert "rollback from step 208 to 150 (vetoes, cause damage)" in " ".join(result.output.split())
     analysis = json.loads(runner.invoke(app, ["analyze", str(tmp_path / "demo"), "--json"]).output)
     [rollback] = [a for a in analysis["guard_actions"] if a["kind"] == "rollback"]
     assert rollback["step"] == 150 and rollback["detail"]["lr_scale"] == 0.7
@@ -41,7 +42,7 @@ def test_analyze_of_a_healed_run_records_what_the_guard_did_instead_of_advising_
     [incident] = [i for i in analysis["incidents"] if i["onset_step"] == 200]
     assert incident["handled_by_guard"] and incident["recommendation"]["rollback"] is False
     assert [a["action"] for a in incident["recommendation"]["actions"]] == ["guard_handled"]
-    assert "rolled back from step 206 to 150" in incident["recommendation"]["actions"][0]["because"]
+    assert "rolled back from step 208 to 150" in incident["recommendation"]["actions"][0]["because"]
     assert result.exit_code == 0 and not analysis["needs_attention"]  # healed: nothing left to do
 
 

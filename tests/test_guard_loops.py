@@ -181,22 +181,30 @@ def test_a_prefetching_loop_resumed_in_a_new_guard_trains_on_the_batch_its_check
     assert all(torch.equal(a, b) for a, b in zip(first[20][0], resumed[20][0], strict=True))
 
 
-def test_skipping_a_blamed_batch_of_a_function_draws_fresh_batches_and_the_rollback_says_so(tmp_path):
+def _blamed_batches_on_a_broken_state(tmp_path):
+    """Positions 200-209 (steps 100-104, the band warm) corrupt, and NaN gradients at steps 100-105
+    on the first pass: the last healthy batches replayed at step 105 find the vetoed state broken,
+    and the step 100 batches replayed on the checkpoint reproduce their loss there, so the rollback
+    skips the stretch's batches."""
     from tests.common.guarded import nan_grads
 
-    guard, losses, _ = _train_drawing(tmp_path, rollback_at=-1, after_backward=nan_grads(set(range(22, 27))))
+    return _train_drawing(tmp_path, rollback_at=-1, steps=160, every=20, data=CorruptAt(range(200, 210)),
+                          after_backward=nan_grads(set(range(100, 106))))  # fmt: skip
+
+
+def test_skipping_a_blamed_batch_of_a_function_draws_fresh_batches_and_the_rollback_says_so(tmp_path):
+    guard, losses, _ = _blamed_batches_on_a_broken_state(tmp_path)
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
-    assert rollback["to_step"] == 20 and rollback["skipped_by"] == "fresh_draws"
-    assert rollback["skipped_positions"] == list(range(44, 54))  # steps 22-26, two micro-batches each
-    assert guard.step == STEPS and sorted(losses) == list(range(STEPS))
+    assert rollback["evidence"]["cause_test"]["replays"][-1]["found"] == "data"
+    assert rollback["to_step"] == 80 and rollback["skipped_by"] == "fresh_draws"
+    assert rollback["skipped_positions"] == list(range(200, 210))  # steps 100-104, two micro-batches each
+    assert guard.step == 160 and sorted(losses) == list(range(160))
 
 
 def test_fresh_draws_in_place_of_skipped_batches_are_not_said_to_replay_inexactly(tmp_path):
-    from tests.common.guarded import nan_grads
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        guard, _, _ = _train_drawing(tmp_path, rollback_at=-1, after_backward=nan_grads(set(range(22, 27))))
+        guard, _, _ = _blamed_batches_on_a_broken_state(tmp_path)
     assert guard.rollbacks == 1 and not any("does not replay exactly" in str(w.message) for w in caught)
 
 
@@ -301,21 +309,22 @@ def test_a_corrupt_stretch_in_a_prefetching_loop_is_skipped_after_a_probe_finds_
     guard, _, _ = _train_drawing(tmp_path, rollback_at=-1, steps=160, every=20, data=CorruptAt(corrupt))
     skips = [a for a in guard.actions if a["kind"] == "data_skip"]
     assert guard.step == 160 and guard.rollbacks == 0 and skips  # the probe found the state sound: no rollback
-    assert all(s["cause_test"]["replay"] == "other_batches" and s["cause_test"]["found"] == "data" for s in skips)
+    assert all([r["replay"] for r in s["cause_test"]["replays"]] == ["other_batches", "same_batches"] for s in skips)
+    assert all(s["cause_test"]["found"] == "data" for s in skips)
     assert all(cause_status("data_skip", s)["status"] == "confirmed" for s in skips)
     vetoed = {pos for a in guard.actions if a["kind"] == "veto" for pos in a["positions"]}
     assert vetoed and vetoed <= set(corrupt) <= set(guard.skipped_positions)  # never a clean batch blamed, every corrupt one skipped
 
 
-def test_a_probe_in_a_prefetching_loop_is_never_applied_and_the_batch_the_loop_held_comes_next(tmp_path):
+def test_replay_steps_in_a_prefetching_loop_are_never_applied_and_the_batch_the_loop_held_comes_next(tmp_path):
     guard, _, _ = _train_drawing(tmp_path, rollback_at=-1, steps=160, every=20, data=CorruptAt(range(240, 270)))
     skip = next(a for a in guard.actions if a["kind"] == "data_skip")
-    probe_step = skip["cause_test"]["probe_step"]
+    replayed = [r["probe_step"] for r in skip["cause_test"]["replays"]]
     steps = spikedoc.load(tmp_path).steps
     last = steps.loc[steps["segment"] == steps["segment"].max()].set_index("step")
-    assert bool(last.loc[probe_step, "skipped"])
-    after = next(a for a in guard.actions if a["kind"] in ("veto", "rollback") and a.get("step", -1) > probe_step)
-    assert after["step"] == probe_step + 1 and after["positions"][0] == max(skip["positions"]) + 1
+    assert all(bool(last.loc[step, "skipped"]) for step in replayed)
+    after = next(a for a in guard.actions if a["kind"] in ("veto", "rollback") and a.get("step", -1) > max(replayed))
+    assert after["step"] == max(replayed) + 1 and after["positions"][0] == max(skip["positions"]) + 1
 
 
 def test_a_second_moment_collapse_that_returns_in_a_prefetching_loop_stops_as_recurring_blaming_the_state(tmp_path):

@@ -193,3 +193,16 @@ def test_an_lr_jumps_incident_called_recovered_stays_open_until_the_shift_test_h
 def test_a_loss_flags_incident_closes_at_its_first_recovered_verdict():
     seen = _aftermath(lambda s: [1e-3])  # the same losses without an LR jump
     assert seen["closed"] == seen["recovered"][0]
+
+
+def test_the_replay_with_the_lr_held_before_the_jump_names_the_schedule(tmp_path):
+    from spikedoc.analysis.guard_actions import guard_actions
+
+    guard, _ = _train(tmp_path, lam=surge)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["skipped_positions"] == []  # only the LR changed: the replay tests the schedule alone
+    confirmed = next(a for a in guard.actions if a["kind"] == "replay" and a["replay"] == "lr_before_jump")
+    assert confirmed["found"] == "schedule" and confirmed["from_step"] == rollback["from_step"]
+    assert confirmed["step"] >= rollback["from_step"] and confirmed["jump_step"] == JUMP
+    [recorded] = [a for a in guard_actions(spikedoc.load(tmp_path).events) if a["kind"] == "rollback"]
+    assert recorded["cause"]["status"] == "confirmed" and recorded["cause"]["found"] == "schedule"

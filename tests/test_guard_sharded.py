@@ -37,3 +37,31 @@ def test_replicated_tensors_count_once_rank_0s():
     whole = float(norms.square().sum())
     assert float(GlobalNorm(rank=0).share(norms, params)) == pytest.approx(whole, rel=1e-6)
     assert float(GlobalNorm(rank=1).share(norms, params)) == 0.0
+
+
+def test_training_on_after_a_restore_leaves_the_kept_state_as_it_was_saved():
+    # On one device the optimizer would keep the very tensors it is given: a second rollback to the
+    # in-memory checkpoint would then restore what training had written into them since.
+    import copy
+
+    from spikedoc.guard.checkpoint import host_copy
+    from spikedoc.guard.sharded import load_training_state, training_state
+    from tests.common.models import make_model
+
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 16))
+
+    def step() -> None:
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    kept = host_copy(training_state(model, opt))
+    saved = copy.deepcopy(kept)
+    load_training_state(model, opt, kept)
+    step()
+    for key, tensors in saved["optimizer"]["state"].items():
+        for name, tensor in tensors.items():
+            assert torch.equal(kept["optimizer"]["state"][key][name], tensor), (key, name)

@@ -15,6 +15,8 @@ GUARD_EVENT_KINDS = ("veto", "rollback", "data_skip", "guard_stop", "guard_resum
 
 #: Actions taken on a cause, whose cause `cause_status` tells confirmed by a replay, measured or inferred.
 _ACTED = ("veto", "rollback", "data_skip", "guard_stop")
+#: What a replay test can conclude (`spikedoc.guard.replay`).
+_FOUND = ("data", "state", "transient", "not_data")
 
 
 def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
@@ -38,7 +40,7 @@ def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
         return []
     if "rank" in events.columns and events["rank"].nunique() > 1:
         events = events.loc[events["rank"] == events["rank"].min()]
-    out = []
+    out: list[dict[str, Any]] = []
     for row in events.sort_values("time", kind="stable").itertuples(index=False):
         try:
             detail = json.loads(row.detail or "{}")
@@ -51,27 +53,42 @@ def guard_actions(events: pd.DataFrame | None) -> list[dict[str, Any]]:
                       "detail": detail}  # fmt: skip
             if row.kind in _ACTED:
                 action["cause"] = cause_status(row.kind, detail)
+            if row.kind == "replay" and detail.get("replay") == "lr_before_jump":
+                _confirm_schedule(out, detail)
             out.append(action)
     return out
+
+
+def _confirm_schedule(actions: list[dict[str, Any]], finding: dict[str, Any]) -> None:
+    """The rollback an `lr_before_jump` replay event confirms (recorded after it): the last one before it."""
+    rollback = next((a for a in reversed(actions) if a["kind"] == "rollback"), None)
+    if rollback is not None:
+        rollback["detail"] = {**rollback["detail"], "lr_confirmed": finding}
+        rollback["cause"] = cause_status("rollback", rollback["detail"])
 
 
 def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
     """Whether the cause a guard action acted on was confirmed by a replay, and by which, or only inferred.
 
-    The replays the guard runs from a good state: `other_batches` (a probe: the last healthy step's
-    batches given to the state the vetoes came from; `found` says whether the state or the data is
-    at fault), `same_batches` (a data skip whose batches follow those a rollback skipped: the
-    replay of the good state reached them and their losses were out of band again before any
-    update: the data), `from_good_checkpoint` (the fault came back after a rollback to a good
-    checkpoint with its batches skipped: the state or the loop). A veto, and a rollback on the
-    judgement alone (an LR jump found in the schedule, damage the recovery judgement saw), are
-    `inferred`. A veto or rollback on collapsed second moments is `measured`: the optimizer's state
-    was read below what any update of it allows, which names the state without a replay.
+    The replays the guard runs (`spikedoc.guard.replay`): `other_batches` (the last healthy step's
+    batches given to the state the vetoes came from: the state broken, or sound so the data is
+    suspected), `same_batches` (the suspect step's batches again on a good state: `data` when the
+    fault reproduces, `transient` when it does not on the same sound state, `not_data` when the
+    batches are ordinary on the rollback's good checkpoint; or a data skip whose batches follow
+    those a rollback skipped), `from_good_checkpoint` (the fault came back after a rollback to a
+    good checkpoint: the state or the loop), `lr_before_jump` (the replay of a rollback with the LR
+    held before a jump, and nothing else changed, passed the step it rolled back from: the
+    schedule). The test's conclusion (`found` of the `cause_test`) is the cause confirmed; a test
+    that only ruled the data out leaves the cause `inferred`, with `ruled_out: ["data"]`. A veto,
+    and a rollback on the judgement alone, are `inferred`. A veto or rollback on collapsed second
+    moments is `measured`: the optimizer's state was read below what any update of it allows,
+    which names the state without a replay.
 
     Returns:
-        `status` (`confirmed`, `measured` or `inferred`), `replays` (each `replay`, `found`, and `step` for a
-        probe) and `found` (`data`, `state`, or for an inferred cause the judgement's own: the
-        rollback's `cause`, the veto's reasons).
+        `status` (`confirmed`, `measured` or `inferred`), `replays` (each `replay`, `found`, and `step`
+        for a replay step), `found` (`data`, `state`, `schedule`, `transient`, or for an inferred
+        cause the judgement's own: the rollback's `cause`, the veto's reasons) and, when a replay
+        ruled the data out, `ruled_out`.
 
     Example:
         >>> cause_status("rollback", {"cause": "damage", "evidence": {"cause_test": {"replay": "other_batches",
@@ -82,20 +99,33 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
     if kind == "guard_stop":
         evidence = (detail.get("decision") or {}).get("evidence")
     evidence = evidence if isinstance(evidence, dict) else {}
-    replays = []
+    replays: list[dict[str, Any]] = []
+    found = None
     if kind == "data_skip" and detail.get("after_rollback", True):  # recordings before the field: always after one
         replays.append({"replay": "same_batches", "found": "data"})
+        found = "data"
     test = evidence.get("cause_test")
-    if isinstance(test, dict) and test.get("found") in ("data", "state"):
-        replays.append({"replay": test.get("replay", "other_batches"), "found": test["found"], "step": test.get("probe_step")})
+    if isinstance(test, dict) and test.get("found") in _FOUND:
+        for r in test.get("replays") or [test]:  # recordings before `replays`: the one probe
+            replays.append({"replay": r.get("replay", "other_batches"), "on": r.get("on", "vetoed_state"), "found": r.get("found"),
+                            "step": r.get("probe_step")})  # fmt: skip
+        found = test["found"]
     if (kind == "rollback" and detail.get("recurring")) or (kind == "guard_stop" and detail.get("reason") == "recurring"):
         replays.append({"replay": "from_good_checkpoint", "found": "state"})
-    if replays:
-        return {"status": "confirmed", "replays": replays, "found": replays[-1]["found"]}
+        found = "state"
+    confirmed = detail.get("lr_confirmed") if kind == "rollback" else None
+    if isinstance(confirmed, dict):
+        replays.append({"replay": "lr_before_jump", "found": "schedule", "step": confirmed.get("passed_step")})
+        found = "schedule"
+    if found is not None and found != "not_data":
+        return {"status": "confirmed", "replays": replays, "found": found}
     if "optimizer_state_collapsed" in (detail.get("reasons") or []) or (kind == "rollback" and detail.get("cause") == "optimizer_state"):
         return {"status": "measured", "replays": [], "found": "state"}
-    found = detail.get("cause") if kind == "rollback" else ", ".join(detail.get("reasons") or []) or detail.get("reason")
-    return {"status": "inferred", "replays": [], "found": found}
+    judged = detail.get("cause") if kind == "rollback" else ", ".join(detail.get("reasons") or []) or detail.get("reason")
+    out: dict[str, Any] = {"status": "inferred", "replays": replays, "found": judged}
+    if found == "not_data":
+        out["ruled_out"] = ["data"]
+    return out
 
 
 def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -118,8 +148,8 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
     """What the guard already did about an incident: the steps of it it vetoed, and the rollback
     that undid it (one that returned to a step at or before onset from a step after it).
 
-    Returns None when the guard did nothing about it; else `vetoed` (steps), `probes` (its probe
-    steps in the incident: never applied either), `rollback` (the action or None), `handled`
+    Returns None when the guard did nothing about it; else `vetoed` (steps), `probes` (its replay
+    steps from onset up to the rollback: never applied either), `rollback` (the action or None), `handled`
     (rolled back, or every flagged step vetoed) and `because`.
 
     Example:
@@ -129,10 +159,11 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
         True
     """
     vetoed = [a["step"] for a in actions if a["kind"] == "veto" and a["segment"] == segment and onset <= a["step"] <= end]
-    # A probe step (its `replay` event) is judged and never applied either.
-    probes = [a["step"] for a in actions if a["kind"] == "replay" and a["segment"] == segment and onset <= a["step"] <= end]
     rollback = next((a for a in actions if a["kind"] == "rollback" and a["segment"] > segment
                      and a["detail"].get("to_step", a["step"]) <= onset < a["detail"].get("from_step", -1)), None)  # fmt: skip
+    # A replay step (its `replay` event) is judged and never applied either, up to the rollback it preceded.
+    last = max(end, rollback["detail"]["from_step"] - 1) if rollback is not None else end
+    probes = [a["step"] for a in actions if a["kind"] == "replay" and a["segment"] == segment and onset <= a["step"] <= last]
     if not vetoed and rollback is None:
         return None
     parts = []

@@ -1,39 +1,27 @@
-"""Whether the data or the state is at fault, and when the guard must stop: decisions as data.
+"""When vetoes are a corrupt stretch to test, and when the guard must stop: decisions as data.
 
-A corrupt stretch of data is told from a broken state by a probe step: the last healthy step's
-batches given to the state the vetoes came from (vetoes for their loss pile up with no update
-applied since that step). While no update is applied after a probe that found the state sound,
-the same probe would find the same: vetoes that pile up again are the data's without another.
-Each replay's result is recorded (`cause_test` in the action's evidence) so that `analyze` shows the cause as
-confirmed by a replay rather than inferred.
+The replays that tell the data from the state are `replay.py`'s; each replay's result is recorded
+(`cause_test` in the action's evidence) so that `analyze` shows the cause as confirmed by a replay
+rather than inferred.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from spikedoc.guard.judge import Decision, Verdict
+from spikedoc.guard.judge import Decision
 from spikedoc.guard.policy import Policy
-from spikedoc.guard.steps import PendingStep, SeenStep
+from spikedoc.guard.steps import SeenStep
 
-__all__ = ["Probe", "corrupt_stretch", "probe_finding", "stop_for", "last_probe", "recurring", "rollback_to_revert"]
+__all__ = ["corrupt_stretch", "stop_for", "last_probe", "recurring", "rollback_to_revert"]
 
 
 def corrupt_stretch(decision: Decision, vetoed: list[SeenStep]) -> bool:
     """Vetoes piling up, each for its loss before its update: no update was applied since the last
     healthy step, so the state is the one that step left, and either it or the batches are at fault
-    (a probe step tells which). Vetoes for the gradient alone, with an ordinary loss, say nothing
+    (replay steps tell which). Vetoes for the gradient alone, with an ordinary loss, say nothing
     about the data, and an incident that applied steps is the trajectory's: those roll back."""
     return decision.reason == "vetoes" and bool(vetoed) and all(seen.bad_loss for seen in vetoed)
-
-
-def probe_finding(step: int, positions: list[int], verdict: Verdict) -> dict[str, Any]:
-    """The probe's result: the last healthy step's batches, given to the state the vetoes came
-    from, still have their loss in band (`found: data`: the state is sound) or not (`state`)."""
-    broken = not math.isfinite(verdict.loss) or verdict.loss_flagged or "loss_out_of_band" in verdict.reasons
-    return {"replay": "other_batches", "probe_step": step, "probe_positions": positions, "loss": verdict.loss,
-            "loss_z": verdict.loss_z, "found": "state" if broken else "data"}  # fmt: skip
 
 
 def stop_for(decision: Decision, policy: Policy, *, max_rollbacks: int) -> tuple[str, str] | None:
@@ -94,45 +82,3 @@ def rollback_to_revert(policy: Policy, first_position: int) -> dict[str, Any] | 
             or first_position - 1 not in rollback.get("skipped_positions", [])):  # fmt: skip
         return None
     return rollback
-
-
-class Probe:
-    """The last healthy step's batches, kept to test the state before the data is blamed, the
-    decision that waits on that test (a probe step: judged, never applied), and the finding of the
-    last probe that found the state sound, while no update has been applied since."""
-
-    def __init__(self) -> None:
-        self.last_good: PendingStep | None = None
-        """The last step applied with its loss in band, with its batches (those the guard handed out)."""
-        self.waiting: Decision | None = None
-        self.sound: dict[str, Any] | None = None
-        """The finding (`probe_finding`) of the last probe that found the data at fault; None once an
-        update is applied or a state put back after it."""
-
-    def remember(self, p: PendingStep) -> None:
-        """A finished step: kept when it was applied healthy and its batches are known."""
-        v = p.verdict
-        if v is not None and not v.veto:
-            self.sound = None  # an update: the state is no longer the one the probe found sound
-            if not v.loss_flagged and p.batches:
-                self.last_good = p
-
-    def plan(self, decision: Decision, vetoed: list[SeenStep]) -> str:
-        """What `decision` calls for: `probe` (a probe step first; the decision waits for it),
-        `skip` (a corrupt stretch on a state a probe found sound, unchanged since) or `rollback`."""
-        if not corrupt_stretch(decision, vetoed):
-            return "rollback"
-        if self.sound is not None:
-            return "skip"
-        if self.last_good is None:
-            return "rollback"
-        self.waiting = decision
-        return "probe"
-
-    def step(self, step: int, sample_offset: int) -> PendingStep | None:
-        """The probe step to hand out now if a decision waits for one: the last healthy step's batches again."""
-        if self.waiting is None or self.last_good is None:
-            return None
-        good, decision, self.waiting = self.last_good, self.waiting, None
-        return PendingStep(step=step, positions=list(good.positions), batches=good.batches, sample_offset=sample_offset,
-                           probe=decision)  # fmt: skip

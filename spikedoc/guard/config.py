@@ -50,13 +50,14 @@ class GuardConfig:
     0-8 even; a gradient three times its usual size on one step: 7.2 and 12.0), and clipping
     bounds such a step's update anyway; a gradient ten times its size reached 16.6 and 22.9."""
     max_vetoes_in_row: int = 5
-    """Consecutive vetoed steps after which the guard acts: each vetoed for its loss, a probe step
-    tells a broken state from a corrupt stretch of data; else the damage is in the state: roll back."""
+    """Consecutive vetoed steps after which the guard acts: each vetoed for its loss, replay steps
+    tell a broken state, a corrupt stretch of data and a transient fault apart (`replay.py`); else
+    the damage is in the state: roll back (after replaying the suspect batches on the checkpoint)."""
     max_data_skips: int = 500
     """Batches a corrupt stretch of data may cost before the guard stops. Vetoes for their loss that
-    pile up on a state a probe step found sound (the last healthy batch in band on it) are the
-    data's fault, not the weights': they are skipped without rolling back, up to this many (PaLM
-    skipped 200-500 batches around its spikes)."""
+    pile up on a state a replay found sound (the last healthy batch in band on it), and whose own
+    batches reproduce them there, are the data's fault, not the weights': they are skipped without
+    rolling back, up to this many (PaLM skipped 200-500 batches around its spikes)."""
     max_rollbacks: int = 3
     """Rollbacks allowed in the whole run; one more incident after that stops it (`GuardStopped`)."""
     lr_factor: float = 0.7

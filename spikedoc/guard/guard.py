@@ -28,6 +28,8 @@ from spikedoc.guard.job import job_fingerprint
 from spikedoc.guard.judge import Decision, Judge
 from spikedoc.guard.payload import buffer_patterns, json_plain
 from spikedoc.guard.policy import Policy
+from spikedoc.guard.replay import CauseTests
+from spikedoc.guard.replaying import ReplaySteps
 from spikedoc.guard.restore import TrainingState
 from spikedoc.guard.resume import resume_point
 from spikedoc.guard.rollback import Rollbacks
@@ -53,11 +55,12 @@ class Guard:
     torch.distributed); a step with a non-finite value or one far out of the band is not applied. Between steps it
     checkpoints every `checkpoint_every` steps and, when the damage judgement says the run did not
     recover, rolls back to the newest good checkpoint before the incident with the LR schedule
-    scaled by `lr_factor`, clipping tightened and the blamed batches skipped; before blaming the
-    data for vetoes that pile up, a probe step tests the state; the optimizer's second moments
-    collapsing (`moments.py`) veto the step and roll back at once. Records the events `veto`,
-    `checkpoint`, `rollback`, `data_skip`, `replay` (a probe's result), `checkpoint_failed`,
-    `guard_resume` and `guard_stop`.
+    scaled by `lr_factor` and clipping tightened; before it acts on vetoes that pile up or rolls
+    back, replay steps test the cause (`replay.py`: the suspect batches again on a good state, the
+    last healthy ones on the vetoed state), and only batches shown at fault are skipped; the
+    optimizer's second moments collapsing (`moments.py`) veto the step and roll back at once.
+    Records the events `veto`, `checkpoint`, `rollback`, `data_skip`, `replay` (a replay's finding),
+    `checkpoint_failed`, `guard_resume` and `guard_stop`.
 
     Args:
         model: The module trained.
@@ -129,9 +132,9 @@ class Guard:
         self._recent = RecentSteps()
         self._checkpoints = Checkpointer(self._store, self._state, monitor=lambda: self.monitor, warn_once=self._warn_once)
         self._rollbacks = Rollbacks(self.config, self._store, self._state, self._judge, self.policy, self._recent)
+        self._tests = CauseTests(threshold=self._judge.detector_config.threshold)
         self.step = 0
         """Index of the next optimizer step (vetoed steps count: they keep their index)."""
-        self._probe = cause.Probe()
         self._warned: set[str] = set()
         self._closed = False
         self._start_sample = 0  # the data stream's position in samples where the monitor starts counting
@@ -142,6 +145,9 @@ class Guard:
                                     scale_lrs=scheduler is None, warn_once=self._warn_once,
                                     global_norm=self._global_norm, claim_draws=self._claim_draws, model=model)  # fmt: skip
         self._gate = StepGate(optimizer, self._steps.on_step)
+        self._replays = ReplaySteps(self._tests, self._state, self._steps, self._judge, self.policy,
+                                    monitor=lambda: self.monitor, skip=self._skip_stretch, rollback=self._rollback,
+                                    target=self._target)  # fmt: skip
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
@@ -301,8 +307,9 @@ class Guard:
             self._checkpoint()
         if p is None:
             return
-        if p.probe is not None:
-            self._finish_probe(p)
+        if p.probe is not None:  # a replay step: judged, never applied (`ReplaySteps.finish` acts on its test)
+            self.step = p.step + 1
+            self._replays.finish(p)
             return
         norms, self._steps.norms_of_step = self._steps.norms_of_step, None
         if p.verdict is None:
@@ -313,63 +320,40 @@ class Guard:
         if decision is not None and decision.cause == "optimizer_state":  # what collapsed, and by how much
             decision.evidence["optimizer_state"] = self._steps.collapse or {}
         self._steps.collapse = None
-        self._probe.remember(p)
+        self._tests.remember(p)
         self.step = p.step + 1
         if self._store.writing:
             self._checkpoints.report_landed()
         if decision is None:
+            self._replays.confirm_schedule(self.step)
             if self.step % self.config.checkpoint_every == 0:
                 self._checkpoint()
-        else:  # The data or the state? A corrupt stretch waits for a probe step to test it before acting.
-            plan = self._probe.plan(decision, self._recent.between(decision.onset_step, self.step))
+        else:  # The data or the state? Replays test the cause before the guard acts (`replay.py`).
+            plan = self._tests.plan(decision, self._recent.between(decision.onset_step, self.step))
             if plan == "skip":
-                decision.evidence["cause_test"] = {**(self._probe.sound or {}), "state_unchanged_since_probe": True}
+                decision.evidence["cause_test"] = {**(self._tests.sound or {}), "state_unchanged_since_probe": True}
                 self._skip_stretch(decision, last_vetoed=self.step - 1)
             elif plan == "rollback":
-                self._rollback(decision)
+                self._replays.roll_back(decision)
 
     def _checkpoint(self) -> None:
         guard = {"step": self.step, "samples": self.monitor.sample_offset, **self.policy.state_dict(),
                  "skip": sorted(self._stream.skip), "judge": self._judge.state_dict(), "job": self._job}  # fmt: skip
         healthy = self._judge.incident is None and self._judge.vetoes_in_row == 0
         self._checkpoints.take(self.step, guard, healthy=healthy)
+        self._tests.checkpointed(self.step)
 
     # ------------------------------------------------------------------------ acting on a cause
 
     def _begin_probe(self, *, drawing: bool) -> PendingStep | None:
-        """The probe step a waiting decision calls for, begun (None: none waits). The monitor records
-        it at its batches' stream position, and counts on from where it was after. A loop that draws
-        its own batches gets them from its next draws (`Draws.put_first`); where the batches it holds
-        are of another shape, there is no probe and the decision rolls back."""
-        good = self._probe.last_good
-        probe = self._probe.step(self.step, self.monitor.sample_offset)
-        if probe is None or good is None:
-            return None
-        if drawing and not self._draws.put_first(list(zip(good.positions, good.batches)), self._state.device):
-            self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than the last healthy "
-                            "step's, which a probe step would hand out: vetoes piling up roll back untested")  # fmt: skip
-            assert probe.probe is not None
-            self._rollback(probe.probe)
-            return None
-        self.monitor.skip_samples(good.sample_offset - self.monitor.sample_offset)
+        """The replay step a waiting test calls for, begun (`ReplaySteps.begin`; None: none waits).
+        Where a drawing loop holds batches of another shape, the decision rolls back untested."""
+        probe, dropped = self._replays.begin(self.step, drawing=drawing)
+        if dropped:
+            self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than those a replay step "
+                            "would hand out: the guard acts on its decisions untested")  # fmt: skip
+            self._rollback(*self._tests.abandon())
         return probe
-
-    def _finish_probe(self, p: PendingStep) -> None:
-        """Act on the decision the probe tested: roll back when the state is broken, else skip the data."""
-        if p.verdict is None:  # its optimizer step never ran (a GradScaler skipped it): the loss alone
-            self._steps.judge_unstepped(p, as_veto=False)
-        self.monitor.skip_samples(p.sample_offset - self.monitor.sample_offset)
-        decision = p.probe
-        assert decision is not None and p.verdict is not None
-        finding = cause.probe_finding(p.step, p.positions, p.verdict)
-        decision.evidence["cause_test"] = finding
-        self.monitor.event("replay", at_step=p.step, **json_plain({**finding, "onset_step": decision.onset_step}))
-        self.step = p.step + 1
-        if finding["found"] == "state":
-            self._rollback(decision)
-        else:
-            self._probe.sound = finding
-            self._skip_stretch(decision, last_vetoed=p.step - 1)
 
     def _skip_stretch(self, decision: Decision, *, last_vetoed: int) -> None:
         positions = sorted(pos for seen in self._recent.between(decision.onset_step, self.step) for pos in seen.positions)
@@ -385,22 +369,31 @@ class Guard:
         log.warning("spikedoc guard: steps %d-%d vetoed on a corrupt stretch of data; skipped without rolling back",
                     *detail["steps"])
 
-    def _rollback(self, decision: Decision) -> None:
+    def _target(self, decision: Decision) -> tuple[Checkpoint, dict[str, Any]]:
+        """The good checkpoint to roll back to for `decision`, with its state; stops the run when the
+        budget is spent or none precedes the incident."""
         stop = cause.stop_for(decision, self.policy, max_rollbacks=self.config.max_rollbacks)
         if stop is not None:
             self._stop(*stop, decision)
-        recurring = cause.recurring(decision, self.policy)
         found = self._rollbacks.target(decision.precursor_step, lambda checkpoint, exc: self.monitor.event(
             "checkpoint_refused", path=str(checkpoint.path), error=str(exc)))  # fmt: skip
         if found is None:
             self._stop("no_checkpoint", f"no good checkpoint at or before step {decision.precursor_step}, the incident's "
                        "earliest precursor", decision)  # fmt: skip
-        target, state = found
+        assert found is not None
+        return found
+
+    def _rollback(self, decision: Decision, found: tuple[Checkpoint, dict[str, Any]] | None = None, *,
+                  data: bool | None = None) -> None:  # fmt: skip
+        """Roll back to `found` (None: the target `_target` picks) with the remedy for `decision`;
+        `data`: what a same-batch replay showed of its suspect batches (`plan_remedy`)."""
+        recurring = cause.recurring(decision, self.policy)
+        target, state = found if found is not None else self._target(decision)
         from_step = self.step
         self._checkpoints.report_landed()  # into the segment that wrote them (finding the target waited for the last)
         self.monitor.close()
         self._restore(state)
-        evidence = self._rollbacks.remedy(decision, float(state["guard"]["lr_scale"]), recurring=recurring)
+        evidence = self._rollbacks.remedy(decision, float(state["guard"]["lr_scale"]), recurring=recurring, data=data)
         self._store.forget_after(target.step)
         self.monitor = self._watch()
         detail = {"from_step": from_step, "to_step": target.step, "checkpoint": str(target.path), "reason": decision.reason,
@@ -421,7 +414,7 @@ class Guard:
                             "StatefulDataLoader or a function for an exact replay")  # fmt: skip
         self._judge.load_state_dict(state["guard"]["judge"])
         self._steps.moments.reset()  # another state: the next step is its baseline
-        self._probe.sound = None
+        self._tests.sound = self._tests.transient = None
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
         self._steps.pending = None

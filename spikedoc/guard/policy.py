@@ -28,7 +28,7 @@ class Policy:
     vetoes: int = 0
     data_skips: int = 0
     actions: list[dict[str, Any]] = field(default_factory=list)
-    """What the guard did, in order: one dict per veto, rollback, data skip and stop (as in the events)."""
+    """What the guard did, in order: one dict per veto, replay, rollback, data skip and stop (as in the events)."""
 
     def caps(self, step: int) -> list[float] | None:
         """The LR caps that apply at `step` (an LR hold from its step on), or None."""

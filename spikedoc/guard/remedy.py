@@ -57,6 +57,7 @@ def plan_remedy(
     hold: dict[str, Any] | None,
     batches: dict[int, tuple[list[int], list[Any]]],
     clipped: tuple[float, int] = (0.0, 0),
+    data: bool | None = None,
 ) -> Remedy:
     """The replay's settings after rolling back for `decision`.
 
@@ -66,7 +67,9 @@ def plan_remedy(
     are repaired by the good state itself: nothing else changes (the data and the schedule were not
     at fault). Anything else: the schedule times `lr_factor`, clipping
     tightened (`tighter_clip`: unless it already acts on most steps), the attributed batches
-    skipped with `skip_window` on either side.
+    skipped with `skip_window` on either side. A replay (`replay.py`) narrows that: batches shown at
+    fault (`data=True`) are skipped with nothing else changed (the LR hold of a jump kept), batches
+    shown ordinary on a good state (`data=False`) are not skipped.
 
     Args:
         decision: The judgement's rollback decision.
@@ -77,6 +80,8 @@ def plan_remedy(
         batches: step -> (data positions of its batches, sample ids) of the steps the guard remembers.
         clipped: Share of the healthy steps before the incident that `clip` clipped, and their count:
             a clip that acts on most steps is kept (`tighter_clip`).
+        data: What a same-batch replay showed: the batches at fault (True), ordinary (False), or
+            None when none ran.
 
     Example:
         >>> d = Decision(reason="vetoes", onset_step=5, precursor_step=5, cause="damage", attributed_steps=[5])
@@ -84,28 +89,37 @@ def plan_remedy(
         [7]
     """
     jump = decision.lr_jump
+    positions, ids = _attributed(decision, batches, config.skip_window) if data is not False else ([], [])
     if decision.cause == "lr_schedule" and jump is not None and jump.get("lrs_before"):
         # The LRs applied before the jump (already at the scale in use).
         held = {"from_step": int(jump["step"]), "caps": [float(v) for v in jump["lrs_before"]]}
-        return Remedy(clip=clip, lr_scale=lr_scale, hold=held, held_now=True)
+        if data is not True:
+            positions, ids = [], []
+        return Remedy(clip=clip, lr_scale=lr_scale, hold=held, held_now=True, skip_positions=positions, skip_sample_ids=ids)
     if decision.cause == "optimizer_state":
         return Remedy(clip=clip, lr_scale=lr_scale, hold=hold)
+    if data is True:  # the batches alone: skipped, the rest as it was
+        return Remedy(clip=clip, lr_scale=lr_scale, hold=hold, skip_positions=positions, skip_sample_ids=ids)
     factor = config.lr_factor
     if hold is not None:  # a hold set earlier scales with the schedule
         hold = {"from_step": hold["from_step"], "caps": [c * factor for c in hold["caps"]]}
+    tighter = tighter_clip(clip, clipped_share=clipped[0])
+    return Remedy(clip=tighter if tighter is not None else clip, lr_scale=lr_scale * factor, hold=hold,
+                  skip_positions=positions, skip_sample_ids=ids,
+                  clip_kept=clip_kept_because(clip, *clipped) if tighter is None else None)  # fmt: skip
+
+
+def _attributed(decision: Decision, batches: dict[int, tuple[list[int], list[Any]]], window: int) -> tuple[list[int], list[Any]]:
+    """The data positions (with `window` on either side) and sample ids of the decision's attributed steps."""
     positions: list[int] = []
     ids: list[Any] = []
-    w = config.skip_window
     for step in decision.attributed_steps:
         if step in batches:
             step_positions, sample_ids = batches[step]
             for position in step_positions:
-                positions += range(max(0, position - w), position + w + 1)
+                positions += range(max(0, position - window), position + window + 1)
             ids += sample_ids
-    tighter = tighter_clip(clip, clipped_share=clipped[0])
-    return Remedy(clip=tighter if tighter is not None else clip, lr_scale=lr_scale * factor, hold=hold,
-                  skip_positions=sorted(set(positions)), skip_sample_ids=ids,
-                  clip_kept=clip_kept_because(clip, *clipped) if tighter is None else None)  # fmt: skip
+    return sorted(set(positions)), ids
 
 
 def implicated(onset: Tensor, before: list[Tensor]) -> list[bool]:

@@ -113,7 +113,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
     """Put the `model` and `optimizer` entries of `state` (`training_state`, copied) back, copying."""
     if "sharded" not in state:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        # The optimizer keeps the tensors it is given when they are on its parameters' device and
+        # dtype already (a CPU run): cloned, so that training on never writes into the kept state.
+        saved = state["optimizer"]
+        optimizer.load_state_dict({**saved, "state": _map_tensors(saved["state"], lambda t: t.clone())})
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 

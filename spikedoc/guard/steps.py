@@ -12,11 +12,29 @@ from torch import Tensor
 
 from spikedoc.guard.judge import Decision, Verdict
 
-__all__ = ["PendingStep", "SeenStep", "RecentSteps"]
+__all__ = ["PendingStep", "Replay", "SeenStep", "RecentSteps"]
 
 #: Recent steps whose batch position, sample ids and per-tensor gradient norms are remembered, to
 #: name and skip an incident's batches: the lookback plus the recovery judgement's patience fit.
 REMEMBERED_STEPS = 1024
+
+
+@dataclass(kw_only=True)
+class Replay:
+    """A replay step (`replay.py`): which batches again, on which state, against which reference."""
+
+    kind: str
+    """`other_batches` (the last healthy step's) or `same_batches` (the suspect step's)."""
+    on: str
+    """`vetoed_state` (the state the vetoes came from, as it is) or `checkpoint` (the rollback's good one)."""
+    of_step: int
+    """The step whose batches these are."""
+    positions: list[int]
+    batches: list[Any]
+    sample_offset: int
+    """The monitor's sample offset of that step (its first batch's stream position, in samples)."""
+    reference: float | None = None
+    """On a checkpoint: the loss the checkpoint's own step had on its state (None: not recorded)."""
 
 
 @dataclass(kw_only=True)
@@ -39,8 +57,10 @@ class PendingStep:
     sample_offset: int = 0
     """The monitor's sample offset when the step began (its first batch's stream position, in samples)."""
     probe: Decision | None = None
-    """A probe step: the last healthy step's batches again, judged and never applied, to test whether
-    the state (rather than the data) is broken before acting on this decision."""
+    """A replay step (`replay`): batches handed out again, judged and never applied, to test the
+    cause of this decision before the guard acts on it."""
+    replay: Replay | None = None
+    """A replay step's batches, state and reference (set with `probe`)."""
     claim_draws: bool = False
     """Its batches are still to be taken from those the loop drew through `Guard.draw` (the first
     ones its forwards took): when it is judged, or when it ends unjudged."""

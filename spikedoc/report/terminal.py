@@ -113,17 +113,32 @@ _REPLAY_WORDS = {
     "other_batches": "the last healthy batches replayed on the vetoed state",
     "same_batches": "the same data replayed from a good state",
     "from_good_checkpoint": "the fault came back after a rollback to a good checkpoint",
+    "lr_before_jump": "the replay with the LR held before the jump passed the step",
 }
+#: How the report names what a replay found.
+_FOUND_WORDS = {"not_data": "not the data", "transient": "a transient fault (it did not reproduce)"}
+#: What the last healthy batches replayed on the rollback's good checkpoint found (a reference, not a cause).
+_ON_CHECKPOINT = {"data": "in band on the good checkpoint",
+                  "state": "out of band on the good checkpoint too: the state or the loop, not the batches"}
+
+
+def _replay_words(r: dict[str, Any]) -> str:
+    """One replay of a cause test: what ran and what it found."""
+    if r.get("replay") == "other_batches" and r.get("on") == "checkpoint":
+        return f"the last healthy batches replayed on the good checkpoint: {_ON_CHECKPOINT.get(r.get('found'), r.get('found'))}"
+    return f"{_REPLAY_WORDS.get(r.get('replay'), r.get('replay'))}: {_FOUND_WORDS.get(r.get('found'), r.get('found'))}"
 
 
 def cause_words(cause: dict[str, Any]) -> str:
     """A guard action's cause as `cause_status` decided it: confirmed by which replays, measured, or inferred."""
+    replays = "; ".join(_replay_words(r) for r in cause.get("replays") or [])
     if cause.get("status") == "confirmed":
-        replays = "; ".join(f"{_REPLAY_WORDS.get(r.get('replay'), r.get('replay'))}: {r.get('found')}"
-                            for r in cause.get("replays") or [])  # fmt: skip
-        return f"cause confirmed by replay ({replays}): the {cause.get('found')}"
+        found = cause.get("found")
+        return f"cause confirmed by replay ({replays}): " + _FOUND_WORDS.get(found, f"the {found}")
     if cause.get("status") == "measured":
         return "cause measured: the optimizer's second moments were read below what one update allows"
+    if cause.get("ruled_out"):
+        return f"cause inferred ({cause.get('found') or 'the judgement'}); not the data, by replay ({replays})"
     return f"cause inferred ({cause.get('found') or 'the judgement'}), not replayed"
 
 
@@ -155,9 +170,16 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                     + ("; the last rollback's LR cut and clipping undone" if d.get("remedy_reverted") else ""))
         elif a["kind"] == "guard_stop":
             line = f"stopped at step {a['step']}: {d.get('reason')}"
+        elif a["kind"] == "replay" and d.get("replay") == "lr_before_jump":
+            line = (f"replay with the LR held before the jump at step {d.get('jump_step')} passed step {d.get('from_step')} "
+                    "with nothing else changed: found the schedule at fault")
         elif a["kind"] == "replay":
-            line = (f"replay at step {a['step']} ({str(d.get('replay', '')).replace('_', ' ')}, positions "
-                    f"{', '.join(str(x) for x in d.get('probe_positions') or [])}): found the {d.get('found')} at fault")
+            found, on_checkpoint = d.get("found"), d.get("on") == "checkpoint"
+            said = (_ON_CHECKPOINT.get(found, str(found)) if on_checkpoint and d.get("replay") == "other_batches"
+                    else f"found the {found} at fault" if found in ("data", "state") else _FOUND_WORDS.get(found, str(found)))  # fmt: skip
+            line = (f"replay at step {a['step']} ({str(d.get('replay', '')).replace('_', ' ')}"
+                    + (" on the checkpoint" if on_checkpoint else "")
+                    + f", positions {', '.join(str(x) for x in d.get('probe_positions') or [])}): {said}")
         else:
             line = f"{a['kind']} at step {a['step']}" + (f": {d['error']}" if d.get("error") else "")
         if isinstance(a.get("cause"), dict):
