@@ -162,15 +162,16 @@ def test_a_crash_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_pa
     guard.close()
 
 
-def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_never_killed(tmp_path):
-    common = ("--steps", "70", "--nan", "25-29")  # a rollback (to step 20) before the kill
+def _killed_and_resumed(tmp_path: Path, after: int, *common: str) -> tuple[dict, dict]:
+    """The final state of a run of `common` killed after its checkpoint of step `after` and resumed,
+    and of the same run never killed."""
     reference = _script(tmp_path / "reference", *common)
-    killed = _script(tmp_path / "killed", *common, "--sleep-from", "40")
+    killed = _script(tmp_path / "killed", *common, "--sleep-from", str(after))
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
-    while not (checkpoints / "step-00000040.pt").exists():
+    while not (checkpoints / f"step-{after:08d}.pt").exists():
         assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint of step 40 in time"
+        assert time.monotonic() < deadline, f"no checkpoint of step {after} in time"
         time.sleep(0.05)
     time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
@@ -180,15 +181,27 @@ def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_nev
 
     resumed = _script(tmp_path / "killed", *common)
     assert resumed.wait(120) == 0, resumed.stderr.read().decode()[-2000:]
-    want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
-    got = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
+    assert "guard_resume" in set(spikedoc.load(tmp_path / "killed").events["kind"])
+    return (torch.load(tmp_path / "reference" / "final.pt", weights_only=True),
+            torch.load(tmp_path / "killed" / "final.pt", weights_only=True))  # fmt: skip
+
+
+def test_a_run_killed_with_sigkill_resumes_with_all_its_state_and_ends_as_if_never_killed(tmp_path):
+    want, got = _killed_and_resumed(tmp_path, 40, "--steps", "70", "--nan", "25-29")  # a rollback (to 20) before the kill
     # The rollback's LR cut and tighter clip survive the kill; no batch was skipped (the NaN gradients
     # were the loop's: the step 25 batches replayed in band on the checkpoint).
     assert (got["rollbacks"], got["lr_scale"], got["clip"], got["skipped"]) == (1, 0.7, 0.5, [])
     for name, tensor in want["params"].items():
         assert torch.equal(tensor, got["params"][name]), name
-    events = spikedoc.load(tmp_path / "killed").events
-    assert "guard_resume" in set(events["kind"])
+
+
+def test_a_run_killed_after_skipping_bad_data_resumes_still_skipping_it(tmp_path):
+    # The garbage comes once the guard's band is warm (50 applied steps), the kill after it.
+    want, got = _killed_and_resumed(tmp_path, 80, "--steps", "100", "--garbage", "62-66")
+    assert got["skipped"] == want["skipped"] and len(got["skipped"]) == 5  # the reproduced garbage, skipped once
+    assert (got["lr_scale"], got["rollbacks"]) == (want["lr_scale"], want["rollbacks"])
+    for name, tensor in want["params"].items():
+        assert torch.equal(tensor, got["params"][name]), name
 
 
 def test_a_fresh_run_never_rolls_back_to_another_runs_checkpoints_in_its_directory(tmp_path):

@@ -1,10 +1,11 @@
 """A guarded training run as its own process, for kill-and-resume tests.
 
-    python -m tests.common.guarded_script RUN_DIR --steps 100 [--nan 25-29] [--sleep-from 60]
-        [--die-in-save-of 40]
+    python -m tests.common.guarded_script RUN_DIR --steps 100 [--nan 25-29] [--garbage 25-29]
+        [--sleep-from 60] [--die-in-save-of 40]
 
 Resumes automatically from RUN_DIR's checkpoints; writes the final parameters to RUN_DIR/final.pt.
 `--die-in-save-of S` kills the process (SIGKILL) halfway through writing the checkpoint of step S.
+`--garbage` makes the batches first drawn at those steps random tokens wherever they are read again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tests.common.guarded import build, loader
+from tests.common.guarded import build, garbage, loader
 
 
 def _die_halfway_through_save(step: int) -> None:
@@ -42,13 +43,15 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--nan", default="", help="first-last step whose gradients are NaN on the first pass")
+    parser.add_argument("--garbage", default="", help="first-last step whose batches are random tokens wherever read")
     parser.add_argument("--sleep-from", type=int, default=None)
     parser.add_argument("--die-in-save-of", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.die_in_save_of is not None:
         _die_halfway_through_save(args.die_in_save_of)
-    nan = range(*(int(a) + i for i, a in enumerate(args.nan.split("-")))) if args.nan else range(0)
+    nan, bad = (range(*(int(a) + i for i, a in enumerate(arg.split("-")))) if arg else range(0) for arg in (args.nan, args.garbage))
+    corrupt: set[int] = set()  # sample ids of the batches first drawn at the `bad` steps
 
     import spikedoc
 
@@ -56,7 +59,12 @@ def main() -> None:
     guard = spikedoc.Guard(model, opt, scheduler=sched, data=loader(), run_dir=args.run_dir, checkpoint_every=20,
                            max_steps=args.steps, watch_options={"flush_every": 5})  # fmt: skip
     for step, batch in guard:
-        loss = model(batch["input_ids"], labels=batch["labels"]).loss
+        ids = set(batch["idx"].tolist())
+        if step in bad and not corrupt & ids and guard.rollbacks == 0 and not guard.skipped_positions:
+            corrupt |= ids
+        if ids <= corrupt:
+            batch = garbage(batch, model.cfg.vocab_size)
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss * batch.get("loss_weight", 1.0)
         guard.record(loss=loss, sample_ids=batch["idx"])
         loss.backward()
         if step in nan and guard.rollbacks == 0:
