@@ -164,7 +164,7 @@ class IncidentDiagnosis:
         ev.first_nonfinite = first_nonfinite(inc, frame, ev.layers)
         ev.build_up = build_up(inc, ev, ev.first_nonfinite["step"] if ev.first_nonfinite else reference, cfg)
         ev.has_param_norm = has_finite(frame, "param_norm")
-        if "skipped" in frame.columns:
+        if "skipped" in frame.columns and not self._vetoed(onset, piece.segment):  # a veto's skip is the guard's, not a scaler's
             ev.scaler_skipped = bool(frame.loc[frame["step"] == onset, "skipped"].fillna(False).astype(bool).any())
         ev.param_reset = param_reset(inc, shared.frame, cfg) if ev.reset_level is not None else None
         inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
@@ -197,6 +197,10 @@ class IncidentDiagnosis:
             "update_without_grad": ev.update_step,
             "notes": ev.notes,
         }
+
+    def _vetoed(self, step: int, segment: int) -> bool:
+        """A guard vetoed `step` of `segment`: its update was withheld by the guard (recorded as skipped)."""
+        return any(a["kind"] == "veto" and a["step"] == step and a["segment"] == segment for a in self.out.guard_actions)
 
     def _judge_aftermath(self, inc: Incident, shared: PieceData, ev: Evidence) -> None:
         """Verdict and lasting damage against the pre-incident trajectory; a loss back at its untrained level."""
