@@ -99,9 +99,10 @@ def markdown(rows: list[dict[str, Any]], command: str, seconds: float, *, warm_a
               f"{r['analyze']}, analyze on the guarded run {r['analyze_guarded']})"
               for r in faulty if (r["guard"] == r["class"]) != (r["analyze_class"] == r["class"])]  # fmt: skip
     lines += ["", "Runs where one is right and the other not: " + ("; ".join(differ) or "none") + ". The exam's loop plants "
-              "an `lr_restart` (and a `state_reset` of kind `resume_fresh`) as a resume, a new segment of the unguarded "
-              "recording; the guarded re-run plants the same change of LR or state inside one run, so the doctor reading "
-              "the guarded run has no resume to tie it to."]
+              "an `lr_restart` as a resume at the fault's step, a new segment of the unguarded recording; the guarded re-run "
+              "stops the job there and starts it again under a new guard that resumes from its newest checkpoint (up to "
+              "39 steps earlier), the loop's schedule counting from 0 at the step it resumed. A `state_reset` of kind "
+              "`resume_fresh` is planted inside the one guarded run (fresh weights, no optimizer state)."]
     found = Counter(f"{a['replay']} on {a['on']}: {a['found']}" if a.get("on") else f"{a['replay']}: {a['found']}"
                     for r in faulty for a in r["replays"])  # fmt: skip
     lines += ["", "Replays run, by finding: " + (", ".join(f"{k} {n}" for k, n in found.most_common()) or "none") + "."]

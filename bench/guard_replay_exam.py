@@ -31,6 +31,11 @@ order of 2 and 3 was set on the calibration half (`--half calibration`: the doct
 run read the single vetoed non-finite step of 5 of its 7 `nonfinite` runs as `bad_batch`, where the
 veto's own reason is right; putting the veto first gained those 5 and lost none there).
 
+An `lr_restart` is a resume, as in the exam's loop: the job stops at the fault's step and starts
+again under a new guard that resumes from its newest checkpoint, the loop's schedule counting from
+0 at the step it resumed (the schedule was not restored); the recording gains a segment, as a
+user's resumed run does.
+
 The exam's causes fall into the same classes (`CLASS`): bad_batch -> data; lr_schedule and
 lr_too_high -> schedule; optimizer_state and state_reset -> state; numerics_rank -> numerics. Both
 are scored by class (the guard names no finer cause), analyze also by its exact cause.
@@ -175,6 +180,10 @@ class _Guarded(_Loop):
     def __init__(self, setup: Setup, fault: Fault | None, run_dir: Path, ckpt_dir: Path) -> None:
         super().__init__(setup, fault, run_dir, ckpt_dir)
         self.planted = False
+        self.restart: int | None = None
+        """The step an `lr_restart` fault's resume continued from (the guard's newest checkpoint)."""
+        self.earlier_actions: list[dict[str, Any]] = []
+        """The actions of the guard before a resume (`lr_restart`), which closed it."""
         self.times: list[tuple[int, float, float, int]] = []
         """Per iteration: the step, the guard's time between steps (`next()`), the step's own time, and
         how many actions the guard had recorded when it handed the step out."""
@@ -197,22 +206,36 @@ class _Guarded(_Loop):
         s = self.setup
         data = [self.batches_at(i) for i in range(2 * s.steps)]
         # Recorded as the exam's unguarded runs are (`_Loop._watch`): the doctor reads the same statistics in both.
-        self.guard = spikedoc.Guard(self.model, self.optimizer, data=data, run_dir=self.run_dir, clip=s.clip,
-                                    checkpoint_every=CHECKPOINT_EVERY, max_steps=s.steps, resume=False,
-                                    watch_options={"layer_every": 1, "budget": None, "pad_token_id": PAD})  # fmt: skip
+        self.guard = self._open_guard(data, resume=False)
         batches = iter(self.guard)
+        f = self.fault
         while True:
             t0 = time.perf_counter()
             try:
                 step, micro = next(batches)
             except StopIteration:
                 break
-            t1, n = time.perf_counter(), len(self.guard.actions)
+            if f is not None and f.family == "lr_restart" and step == f.step and self.restart is None:
+                # The job stops here and is started again: the guard resumes from its newest
+                # checkpoint, and the loop's schedule, not restored, counts from 0 at that step.
+                self.guard.close()
+                self.earlier_actions += self.guard.actions
+                self.guard = self._open_guard(data, resume=True)
+                self.restart = self.guard.step
+                batches = iter(self.guard)
+                continue
+            t1, n = time.perf_counter(), len(self.earlier_actions) + len(self.guard.actions)
             self._plant(step)
             self._train(step, micro)
             self.times.append((step, t1 - t0, time.perf_counter() - t1, n))
         self.guard.close()
         return self.guard
+
+    def _open_guard(self, data: list[Any], *, resume: bool) -> spikedoc.Guard:
+        s = self.setup
+        return spikedoc.Guard(self.model, self.optimizer, data=data, run_dir=self.run_dir, clip=s.clip,
+                              checkpoint_every=CHECKPOINT_EVERY, max_steps=s.steps, resume=resume,
+                              watch_options={"layer_every": 1, "budget": None, "pad_token_id": PAD})  # fmt: skip
 
     def _plant(self, step: int) -> None:
         f = self.fault
@@ -236,7 +259,7 @@ class _Guarded(_Loop):
         f = self.fault
         surging = f is not None and f.family == "lr_surge" and f.step <= step < f.step + f.length
         # A resume that restarted the schedule: from its step on, on every pass, the LR counts from 0 again.
-        origin = f.step if f is not None and f.family == "lr_restart" and step >= f.step else 0
+        origin = self.restart if self.restart is not None and step >= self.restart else 0
         lr = self.recipe.lr_at(step - origin) * (f.factor if surging else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -268,7 +291,7 @@ def train_guarded(setup: Setup, fault: Fault | None, work: Path) -> dict[str, An
             loop.run_guarded()
         except spikedoc.GuardStopped as stop:
             outcome = f"stopped ({stop.diagnosis['reason']})"
-    actions = loop.guard.actions
+    actions = loop.earlier_actions + loop.guard.actions
     step_bytes = [sum(t.numel() * t.element_size() for pair in b for t in pair) for b in loop.guard._tests.last_good.batches] \
         if loop.guard._tests.last_good is not None else [0]  # fmt: skip
     return {"actions": actions, "outcome": outcome, "cost": _costs(loop.times, actions), "batch_bytes": sum(step_bytes),

@@ -119,27 +119,29 @@ def test_guard_loops_run_at_toy_size_clean_untouched_and_a_nan_batch_vetoed(tmp_
 
 def test_guard_replay_exam_reads_a_nan_loss_as_numerics_on_a_small_exam_run(tmp_path):
     from bench._exam_train import Fault, Setup
-    from bench.guard_replay_exam import train_guarded
+    from bench.guard_replay_exam import guard_cause, train_guarded
 
     run = train_guarded(Setup(seed=1, steps=24), Fault(family="nonfinite", kind="loss_nan", step=12), tmp_path)
 
     assert [a["kind"] for a in run["actions"]] == ["veto"] and run["actions"][0]["step"] == 12
-    assert run["cause"] == "numerics" and run["outcome"] == "finished"
+    assert guard_cause(run["actions"], None) == ("numerics", "untested") and run["outcome"] == "finished"
     assert len(run["cost"]["step"]) == 24 and run["checkpoint_bytes"] > run["param_bytes"] > 0
 
 
-def test_guard_cause_is_the_class_the_guard_acted_on():
+def test_guard_cause_is_the_class_the_guard_tested_else_its_actions_name_else_the_doctors():
     from bench.guard_replay_exam import guard_cause
 
     veto = {"kind": "veto", "reasons": ["loss_out_of_band"]}
     rollback = {"kind": "rollback", "cause": "damage", "evidence": {}}
-    assert guard_cause([]) == "none"
-    assert guard_cause([{"kind": "veto", "reasons": ["nonfinite"]}]) == "numerics"
-    assert guard_cause([veto]) == "data"
-    assert guard_cause([veto, {"kind": "data_skip", "positions": [3]}]) == "data"
-    assert guard_cause([*[veto] * 5, rollback]) == "damage"
-    assert guard_cause([*[veto] * 5, {**rollback, "cause": "lr_schedule"}]) == "schedule"
-    assert guard_cause([rollback, {**rollback, "evidence": {"cause_test": {"found": "state"}}}]) == "state"
+    assert guard_cause([], None) == ("none", "none")
+    assert guard_cause([{"kind": "veto", "reasons": ["nonfinite"]}], None) == ("numerics", "untested")
+    assert guard_cause([veto], "optimizer_state") == ("data", "untested")  # its own action first
+    assert guard_cause([*[veto] * 5, {**rollback, "cause": "lr_schedule"}], None) == ("schedule", "untested")
+    assert guard_cause([rollback, {**rollback, "evidence": {"cause_test": {"found": "state"}}}], None) == ("state", "tested")
+    assert guard_cause([*[veto] * 5, rollback], "lr_too_high") == ("schedule", "analyze")  # nothing named: the doctor's
+    assert guard_cause([*[veto] * 5, rollback], None) == ("damage", "untested")
+    not_data = {**rollback, "evidence": {"cause_test": {"found": "not_data", "replays": [{"replay": "same_batches", "found": "not_data"}]}}}
+    assert guard_cause([not_data], "bad_batch") == ("damage", "untested")  # the doctor's cause, ruled out by a replay
 
 
 def test_soup_rule_restores_the_last_checkpoint_and_halves_the_lr_on_a_loss_spike():
