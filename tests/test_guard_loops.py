@@ -336,3 +336,23 @@ def test_a_second_moment_collapse_that_returns_in_a_prefetching_loop_stops_as_re
     [rollback] = diagnosis["actions"]
     assert diagnosis["reason"] == "recurring" and diagnosis["decision"]["cause"] == "optimizer_state"
     assert rollback["cause"] == "optimizer_state" and rollback["to_step"] == 120 and not rollback["skipped_positions"]
+
+
+def test_a_rollback_tightens_the_loops_own_clip_when_the_guard_is_given_none(tmp_path):
+    # nanoGPT clips with its own `clip_grad_norm_` and is guarded with `clip=None`: the rollback's
+    # tighter clip starts from the loop's norm, not from "no clip" (which would add the loop's own).
+    model, opt = _parts()
+    guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=20, max_steps=45, clip=None)
+    for it in guard.steps():
+        x, y = guard.draw("train")
+        model(x, labels=y).loss.backward()
+        if 25 <= it < 30 and not guard.rollbacks:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    [rollback] = [a for a in guard.actions if a["kind"] == "rollback"]
+    assert (rollback["clip_before"], rollback["clip"], rollback["clip_of_loop"]) == (2.0, 1.0, True)
+    assert guard.clip == 1.0

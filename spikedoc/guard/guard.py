@@ -393,7 +393,8 @@ class Guard:
         self._checkpoints.report_landed()  # into the segment that wrote them (finding the target waited for the last)
         self.monitor.close()
         self._restore(state)
-        evidence = self._rollbacks.remedy(decision, float(state["guard"]["lr_scale"]), recurring=recurring, data=data)
+        evidence = self._rollbacks.remedy(decision, float(state["guard"]["lr_scale"]), recurring=recurring, data=data,
+                                           loop_clip=self.monitor.loop_clip)
         self._store.forget_after(target.step)
         self.monitor = self._watch()
         detail = {"from_step": from_step, "to_step": target.step, "checkpoint": str(target.path), "reason": decision.reason,

@@ -48,14 +48,19 @@ class Rollbacks:
                 refused(target, exc)
                 before = target.step - 1
 
-    def remedy(self, decision: Decision, saved_lr_scale: float, *, recurring: bool, data: bool | None = None) -> dict[str, Any]:
+    def remedy(self, decision: Decision, saved_lr_scale: float, *, recurring: bool, data: bool | None = None,
+               loop_clip: float | None = None) -> dict[str, Any]:
         """After the state is back: the new clip, LR scale or hold, skipped batches and (with
         `reset_moments`, or for a `recurring` fault) optimizer state dropped; the evidence for the
-        event. `data`: what a same-batch replay showed of the suspect batches (`plan_remedy`)."""
+        event. `data`: what a same-batch replay showed of the suspect batches (`plan_remedy`).
+        `loop_clip`: the loop's own clipping norm, the clip in use when the guard clips nothing itself."""
         policy = self.policy
-        remedy = plan_remedy(decision, config=self.config, clip=policy.clip, lr_scale=policy.lr_scale, hold=policy.hold,
-                             batches=self.recent.batches(), clipped=self.judge.clipped_share(policy.clip), data=data)  # fmt: skip
-        evidence = {**remedy.evidence(clip_before=policy.clip, jump=decision.lr_jump), "lr_scale_before": policy.lr_scale}
+        clip = policy.clip if policy.clip is not None else loop_clip
+        remedy = plan_remedy(decision, config=self.config, clip=clip, lr_scale=policy.lr_scale, hold=policy.hold,
+                             batches=self.recent.batches(), clipped=self.judge.clipped_share(clip), data=data)  # fmt: skip
+        evidence = {**remedy.evidence(clip_before=clip, jump=decision.lr_jump), "lr_scale_before": policy.lr_scale}
+        if policy.clip is None and loop_clip is not None:
+            evidence["clip_of_loop"] = True  # tightened below the loop's own clip, which stays
         policy.clip, policy.lr_scale, policy.hold = remedy.clip, remedy.lr_scale, remedy.hold
         self.state.stream.skip_positions(remedy.skip_positions)
         self.state.scale_schedule(policy.lr_scale / saved_lr_scale)

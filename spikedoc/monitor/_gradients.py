@@ -40,6 +40,8 @@ class StepGradients:
         self._replan = replan
         self._fail = fail
         self._warned_changed = False
+        self.loop_clip: float | None = None
+        """The max norm of the loop's own norm clip on the last step it clipped (the smallest of several)."""
 
     def versions(self) -> list[int]:
         """The gradients' version counters (-1 for a missing gradient): a backward bumps them."""
@@ -106,6 +108,7 @@ class StepGradients:
             total_norm = total_norm.full_tensor()  # the clip's own norm, of the full gradients
         st.loop_clips.append((clip_coefficient(total_norm, max_norm), max_norm))
         st.clipped_versions = self.versions()
+        self.loop_clip = min(norm for _, norm in st.loop_clips)
 
     def forget_if_changed_after_clip(self, st: StepRecord) -> None:
         """Gradients changed between the loop's last clip and now (a backward after the clip): the

@@ -112,6 +112,12 @@ class Monitor:
         return self._cycle.current.index
 
     @property
+    def loop_clip(self) -> float | None:
+        """The max norm the loop's own `clip_grad_norm_` used on the last step it clipped (the
+        smallest, when it clips several parameter subsets); None while it has not clipped."""
+        return self._grads.loop_clip
+
+    @property
     def dropped_rows(self) -> int:
         """Rows lost: steps whose statistics failed plus rows the writer could not write."""
         return self._sink.dropped + self.writer.dropped_rows

@@ -156,12 +156,13 @@ def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
                     + (f", the loss of rank {d['loss_rank']}" if d.get("loss_rank") is not None else "")
                     + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
         elif a["kind"] == "rollback":
+            own = " (the loop's own)" if d.get("clip_of_loop") else ""
             line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
                     + ("the good state put back, nothing else changed" if d.get("cause") == "optimizer_state"
                        else f"LR held at {_val(d['lr_held'].get('at'))} from step {d['lr_held'].get('from_step')}" if d.get("lr_held")
                        else f"LR x{_val(d.get('lr_scale'))} of the original, "
                             + (f"clip {_val(d.get('clip'))} kept (it already acted on most steps)" if d.get("clip_kept")
-                               else f"clip {_val(d.get('clip_before'))} -> {_val(d.get('clip'))}")
+                               else f"clip {_val(d.get('clip_before'))}{own} -> {_val(d.get('clip'))}")
                             + f", {len(d.get('skipped_positions') or [])} batches skipped"))
         elif a["kind"] == "data_skip":
             steps = d.get("steps") or []
