@@ -338,9 +338,26 @@ def test_a_second_moment_collapse_that_returns_in_a_prefetching_loop_stops_as_re
     assert rollback["cause"] == "optimizer_state" and rollback["to_step"] == 120 and not rollback["skipped_positions"]
 
 
-def test_a_rollback_tightens_the_loops_own_clip_when_the_guard_is_given_none(tmp_path):
+@pytest.mark.parametrize(("loop_clip", "tightened"), [(2.0, 1.0), (5.0, 1.0)])
+def test_a_rollback_tightens_the_loops_own_clip_when_the_guard_is_given_none(tmp_path, loop_clip, tightened):
     # nanoGPT clips with its own `clip_grad_norm_` and is guarded with `clip=None`: the rollback's
     # tighter clip starts from the loop's norm, not from "no clip" (which would add the loop's own).
+    guard = _nan_steps_under_a_loop_clip(tmp_path, loop_clip)
+    [rollback] = [a for a in guard.actions if a["kind"] == "rollback"]
+    assert (rollback["clip_before"], rollback["clip"], rollback["clip_of_loop"]) == (loop_clip, tightened, True)
+    assert guard.clip == tightened
+
+
+def test_a_loop_clip_the_rollback_keeps_is_not_applied_a_second_time_by_the_guard(tmp_path):
+    # A clip that acts on most steps is kept (tightening it would cut every update): the guard then
+    # leaves clipping to the loop rather than clipping again at the same norm on every step.
+    guard = _nan_steps_under_a_loop_clip(tmp_path, 0.8)
+    [rollback] = [a for a in guard.actions if a["kind"] == "rollback"]
+    assert rollback["clip_kept"] and rollback["clip"] == 0.8 and guard.clip is None
+
+
+def _nan_steps_under_a_loop_clip(tmp_path, loop_clip: float):
+    """A loop clipping itself at `loop_clip`, guarded with `clip=None`, NaN gradients at steps 25-29 (first pass)."""
     model, opt = _parts()
     guard = spikedoc.Guard(model, opt, data=get_batch, run_dir=tmp_path, checkpoint_every=20, max_steps=45, clip=None)
     for it in guard.steps():
@@ -349,10 +366,8 @@ def test_a_rollback_tightens_the_loops_own_clip_when_the_guard_is_given_none(tmp
         if 25 <= it < 30 and not guard.rollbacks:
             for p in model.parameters():
                 p.grad.fill_(float("nan"))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), loop_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     guard.close()
-    [rollback] = [a for a in guard.actions if a["kind"] == "rollback"]
-    assert (rollback["clip_before"], rollback["clip"], rollback["clip_of_loop"]) == (2.0, 1.0, True)
-    assert guard.clip == 1.0
+    return guard

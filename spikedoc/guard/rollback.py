@@ -61,7 +61,10 @@ class Rollbacks:
         evidence = {**remedy.evidence(clip_before=clip, jump=decision.lr_jump), "lr_scale_before": policy.lr_scale}
         if policy.clip is None and loop_clip is not None:
             evidence["clip_of_loop"] = True  # tightened below the loop's own clip, which stays
-        policy.clip, policy.lr_scale, policy.hold = remedy.clip, remedy.lr_scale, remedy.hold
+        # The loop's own clip kept as it is: the guard adds no second clip at the same norm on every step.
+        kept_loops = policy.clip is None and remedy.clip == loop_clip
+        policy.clip = None if kept_loops else remedy.clip
+        policy.lr_scale, policy.hold = remedy.lr_scale, remedy.hold
         self.state.stream.skip_positions(remedy.skip_positions)
         self.state.scale_schedule(policy.lr_scale / saved_lr_scale)
         evidence["reset_optimizer_state_for"] = reset_implicated(
