@@ -23,6 +23,7 @@ from spikedoc.guard.checkpointing import Checkpointer
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.data import DataStream
 from spikedoc.guard.draws import Draws
+from spikedoc.guard.feed import Feed
 from spikedoc.guard.gate import StepGate, unwrapped
 from spikedoc.guard.job import job_fingerprint
 from spikedoc.guard.judge import Decision, Judge
@@ -35,7 +36,7 @@ from spikedoc.guard.resume import resume_point
 from spikedoc.guard.rollback import Rollbacks
 from spikedoc.guard.sharded import GlobalNorm, checkpoint_store, is_fsdp
 from spikedoc.guard.stepping import StepJudgement
-from spikedoc.guard.steps import PendingStep, RecentSteps
+from spikedoc.guard.steps import RecentSteps
 from spikedoc.monitor import Monitor, watch
 from spikedoc.monitor.meta import describe_scheduler
 
@@ -143,11 +144,13 @@ class Guard:
         # judges first and the monitor's hooks of a vetoed call stand down (`skip_step(inside_step=True)`).
         self._steps = StepJudgement(self.config, self._judge, self.policy, monitor=lambda: self.monitor,
                                     scale_lrs=scheduler is None, warn_once=self._warn_once,
-                                    global_norm=self._global_norm, claim_draws=self._claim_draws, model=model)  # fmt: skip
+                                    global_norm=self._global_norm, claim_draws=lambda p: self._feed.claim_draws(p), model=model)  # fmt: skip
         self._gate = StepGate(optimizer, self._steps.on_step)
         self._replays = ReplaySteps(self._tests, self._state, self._steps, self._judge, self.policy,
                                     monitor=lambda: self.monitor, skip=self._skip_stretch, rollback=self._rollback,
                                     target=self._target)  # fmt: skip
+        self._feed = Feed(self._stream, self._draws, self._replays, accumulate=self.config.accumulate,
+                          monitor=lambda: self.monitor, untested=self._act_untested)  # fmt: skip
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
@@ -174,26 +177,14 @@ class Guard:
     def __next__(self) -> tuple[int, Any]:
         if self._closed:
             raise StopIteration
-        p = self._steps.pending
-        if p is not None and p.verdict is None and p.handed < self.config.accumulate:
-            p.handed += 1
-            if p.probe is not None:
-                return p.step, p.batches[(p.handed - 1) % len(p.batches)]
-            position, batch = self._next_batch()  # the next micro-batch of the same step
-            p.positions.append(position)
-            p.batches.append(batch)
-            return p.step, batch
+        more = self._feed.micro_batch(self._steps.pending)
+        if more is not None:
+            return more
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
-        probe = self._begin_probe(drawing=False)
-        if probe is not None:
-            self._steps.pending = probe
-            return self.step, probe.batches[0]
-        position, batch = self._next_batch()
-        self._steps.pending = PendingStep(step=self.step, positions=[position], batches=[batch],
-                                          sample_offset=self.monitor.sample_offset)  # fmt: skip
-        return self.step, batch
+        p = self._steps.pending = self._feed.begin(self.step, drawing=False)
+        return p.step, p.batches[0]
 
     def steps(self) -> Iterator[int]:
         """The optimizer steps of a loop that draws its own batches through `draw`: yields the index
@@ -209,13 +200,11 @@ class Guard:
         try:
             while not self._closed:
                 if self._steps.pending is not None:  # a step whose optimizer.step() never ran has them still
-                    self._claim_draws(self._steps.pending)
+                    self._feed.claim_draws(self._steps.pending)
                 self._finish_step()
                 if self.config.max_steps is not None and self.step >= self.config.max_steps:
                     return
-                self._steps.pending = self._begin_probe(drawing=True) or PendingStep(
-                    step=self.step, positions=[], sample_offset=self.monitor.sample_offset)  # fmt: skip
-                self._steps.pending.claim_draws = True
+                self._steps.pending = self._feed.begin(self.step, drawing=True)
                 yield self.step
         finally:
             self.close()
@@ -228,26 +217,7 @@ class Guard:
         replay. Batches drawn ahead (a prefetch) stay the loop's: a rollback writes the batches the
         checkpoint's loop held into them, in place.
         """
-        if not torch.is_grad_enabled() and self._stream.kind == "callable":
-            return self._stream.data(*args, **kwargs)
-        position, batch = self._draws.replayed() or self._next_batch(*args, **kwargs)
-        self._draws.add(position, batch)
-        return batch
-
-    def _claim_draws(self, p: PendingStep) -> None:
-        """A drawing loop's step: its batches are the first ones its forwards took, in order."""
-        if p.claim_draws:
-            p.claim_draws = False
-            taken = self._draws.take(p.forwards)
-            p.positions, p.batches = [position for position, _ in taken], [batch for _, batch in taken]
-
-    def _next_batch(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
-        position, batch = self._stream.next(*args, **kwargs)
-        # Skipped batches are drawn but never trained on: counted, so that the monitor's sample
-        # offsets (the stream positions analyze names) stay those of the data stream.
-        if self._stream.skipped_samples:
-            self.monitor.skip_samples(self._stream.skipped_samples)
-        return position, batch
+        return self._feed.draw(*args, **kwargs)
 
     def record(self, loss: float | torch.Tensor | None = None, *, sample_ids: Any = None, sample_losses: Any = None,
                **extra: Any) -> None:  # fmt: skip
@@ -345,15 +315,11 @@ class Guard:
 
     # ------------------------------------------------------------------------ acting on a cause
 
-    def _begin_probe(self, *, drawing: bool) -> PendingStep | None:
-        """The replay step a waiting test calls for, begun (`ReplaySteps.begin`; None: none waits).
-        Where a drawing loop holds batches of another shape, the decision rolls back untested."""
-        probe, dropped = self._replays.begin(self.step, drawing=drawing)
-        if dropped:
-            self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than those a replay step "
-                            "would hand out: the guard acts on its decisions untested")  # fmt: skip
-            self._rollback(*self._tests.abandon())
-        return probe
+    def _act_untested(self) -> None:
+        """A replay the loop cannot take (its held batches are of another shape): roll back untested."""
+        self._warn_once("probe", "spikedoc guard: the loop holds batches of another shape than those a replay step "
+                        "would hand out: the guard acts on its decisions untested")  # fmt: skip
+        self._rollback(*self._tests.abandon())
 
     def _skip_stretch(self, decision: Decision, *, last_vetoed: int) -> None:
         positions = sorted(pos for seen in self._recent.between(decision.onset_step, self.step) for pos in seen.positions)
