@@ -123,18 +123,25 @@ def test_a_veto_and_rollback_on_collapsed_second_moments_are_measured_not_inferr
     assert cause_status("veto", {"reasons": ["loss_out_of_band"]})["status"] == "inferred"
 
 
-def test_a_vetoed_non_finite_loss_is_numerics_not_a_batch_the_loss_scaler_skipped(tmp_path):
+@pytest.mark.parametrize(("at", "value"), [(70, float("nan")), (45, float("inf")), (88, float("nan"))])
+def test_a_vetoed_non_finite_loss_is_numerics_not_a_batch_the_loss_scaler_skipped(tmp_path, at, value):
     # The guard's veto records the step as skipped (no update), as a loss scaler's skip would be; a
-    # NaN loss on one step of a run without a scaler is numerics, and the veto is not a scaler's.
+    # NaN or inf loss on one step of a run without a scaler is numerics, and the veto is not a scaler's.
     planted = set()
 
-    def nan_loss_once(step, guard, batch):
-        if step == 70 and step not in planted:
+    def non_finite_loss_once(step, guard, batch):
+        if step == at and step not in planted:
             planted.add(step)
-            return {**batch, "loss_weight": float("nan")}
+            return {**batch, "loss_weight": value}
         return batch
 
-    run_guarded(tmp_path, steps=100, checkpoint_every=20, fault=nan_loss_once)
+    run_guarded(tmp_path, steps=100, checkpoint_every=20, fault=non_finite_loss_once)
     [incident] = spikedoc.analyze(tmp_path).incidents
-    assert (incident.onset_step, incident.kind, incident.cause) == (70, "nonfinite", "numerics_rank")
+    assert (incident.onset_step, incident.kind, incident.cause) == (at, "nonfinite", "numerics_rank")
+    assert incident.handled_by_guard and not any("scaler" in line for line in incident.evidence)
+
+def test_a_vetoed_non_finite_gradient_on_one_step_is_numerics_not_a_loss_scaler_skip(tmp_path):
+    run_guarded(tmp_path, steps=100, checkpoint_every=20, after_backward=nan_grads({57}))
+    [incident] = spikedoc.analyze(tmp_path).incidents
+    assert (incident.onset_step, incident.kind, incident.cause) == (57, "nonfinite", "numerics_rank")
     assert incident.handled_by_guard and not any("scaler" in line for line in incident.evidence)

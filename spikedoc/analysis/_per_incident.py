@@ -16,6 +16,7 @@ from spikedoc.analysis.batches import high_entropy_stretch
 from spikedoc.analysis.causes import cause_guessed, decide_cause, severity
 from spikedoc.analysis.context import clipping_before, loss_scale_drops, lr_at, rank_divergence, update_without_grad
 from spikedoc.analysis.evidence import Evidence
+from spikedoc.analysis.guard_actions import vetoed_steps
 from spikedoc.analysis.incident import Incident, joined
 from spikedoc.analysis.onset import build_up, first_nonfinite, grad_precursor, one_step, param_reset, reset_level
 from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
@@ -200,7 +201,7 @@ class IncidentDiagnosis:
 
     def _vetoed(self, step: int, segment: int) -> bool:
         """A guard vetoed `step` of `segment`: its update was withheld by the guard (recorded as skipped)."""
-        return any(a["kind"] == "veto" and a["step"] == step and a["segment"] == segment for a in self.out.guard_actions)
+        return (segment, step) in vetoed_steps(self.out.guard_actions)
 
     def _judge_aftermath(self, inc: Incident, shared: PieceData, ev: Evidence) -> None:
         """Verdict and lasting damage against the pre-incident trajectory; a loss back at its untrained level."""

@@ -128,6 +128,17 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def vetoed_steps(actions: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    """The (segment, step) pairs a guard vetoed: steps recorded as skipped because the guard withheld
+    their update, not because a loss scaler found an overflow.
+
+    Example:
+        >>> sorted(vetoed_steps([{"kind": "veto", "step": 57, "segment": 0}, {"kind": "rollback", "step": 60, "segment": 0}]))
+        [(0, 57)]
+    """
+    return {(int(a["segment"]), int(a["step"])) for a in actions if a["kind"] == "veto"}
+
+
 def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The LR discontinuities not made by the guard: a downward step where a guard rollback resumed
     (the schedule scaled by its `lr_factor` on purpose) is the remedy, and an upward step where a
