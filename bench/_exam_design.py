@@ -17,7 +17,7 @@ import numpy as np
 from bench._exam_train import FAMILIES, KINDS, Fault, Setup
 from bench.spike_suite import _noise_sigma
 
-__all__ = ["CAUSE", "HALVES", "MUST_FIND_DAMAGE", "MUST_FIND_PEAK", "Run", "design", "half_of", "labels"]
+__all__ = ["CAUSE", "HALVES", "MUST_FIND_DAMAGE", "MUST_FIND_PEAK", "Run", "design", "half_of", "labels", "twin_diverged"]
 
 #: The cause a practitioner would name for each family (spikedoc's vocabulary,
 #: `spikedoc.analysis.incident.CAUSES`). A non-finite value with no build-up is a numerics fault.
@@ -127,6 +127,15 @@ def _rollback(latest: int, checkpoints: list[list[Any]]) -> dict[str, Any]:
             "overwritten": sorted({p for s, p in checkpoints if s <= latest and last_write[p] > latest})}  # fmt: skip
 
 
+def twin_diverged(setup: Setup, twin: dict[str, Any]) -> bool:
+    """The clean twin diverged by itself: after its warmup its training loss went non-finite or above
+    its first step's (the untrained model's) loss. Such a base has no clean reference: its clean run
+    is an instability nobody planted, and its faults' effects cannot be told from it."""
+    loss = np.asarray(twin["loss"], dtype=float)
+    after = loss[max(setup.warmup, 1):]
+    return bool(len(loss)) and (not np.isfinite(loss).all() or bool((after > loss[0]).any()))
+
+
 def labels(setup: Setup, fault: Fault | None, record: dict[str, Any], twin: dict[str, Any]) -> dict[str, Any]:
     """The ground truth of one run, measured against its clean twin.
 
@@ -135,14 +144,16 @@ def labels(setup: Setup, fault: Fault | None, record: dict[str, Any], twin: dict
         the twin's, None if none), `onset_range` ([planted, first step >= 3 noise sigmas above the
         twin]), `peak_ratio` (largest loss / twin loss from the planted step on; inf when non-finite),
         `peak_step`, `damage` (held-out eval loss / twin's - 1; inf when non-finite), `nonfinite`,
-        `band` (`none`, `small`, `must_find`), `rollback`, `checkpoints`. A clean run has family `clean`.
+        `band` (`none`, `small`, `must_find`), `rollback`, `checkpoints`, `twin_diverged` (see
+        `twin_diverged`: such a base is left out of the scores). A clean run has family `clean`.
 
     Example:
         >>> labels(Setup(seed=1), None, {"loss": [1.0], "eval_loss": 1.0, "checkpoints": []}, {})["band"]
         'none'
     """
     out: dict[str, Any] = {"half": half_of(setup), "family": "clean", "kind": None, "cause": None, "band": "none",
-                           "checkpoints": record["checkpoints"]}  # fmt: skip
+                           "checkpoints": record["checkpoints"],
+                           "twin_diverged": twin_diverged(setup, twin if fault is not None else record)}  # fmt: skip
     if fault is None:
         return out
     loss, base = np.asarray(record["loss"], dtype=float), np.asarray(twin["loss"], dtype=float)

@@ -55,6 +55,7 @@ def score_run(lab: dict[str, Any], diagnosis: Any) -> dict[str, Any]:
     """
     incidents = list(diagnosis.incidents)
     out: dict[str, Any] = {"family": lab["family"], "kind": lab["kind"], "band": lab["band"], "cause": lab["cause"],
+                           "twin_diverged": lab.get("twin_diverged", False),
                            "incidents": [(i.onset_step, i.cause, i.severity, i.verdict) for i in incidents]}  # fmt: skip
     if lab["family"] == "clean":
         order = ("minor", "moderate", "severe")
@@ -133,8 +134,11 @@ def tables(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     """The markdown of one half's scores and its headline numbers.
 
     Args:
-        rows: `score_run` results of the half's runs (clean and faulty).
+        rows: `score_run` results of the half's runs (clean and faulty); the runs of a base whose
+            clean twin diverged by itself are left out (no clean reference), and counted.
     """
+    unreferenced = [r for r in rows if r.get("twin_diverged")]
+    rows = [r for r in rows if not r.get("twin_diverged")]
     faulty = [r for r in rows if r["family"] != "clean"]
     clean = [r for r in rows if r["family"] == "clean"]
     seen = [r for r in faulty if r["band"] != "none"]
@@ -158,6 +162,10 @@ def tables(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     lines = [
         f"Runs: {len(rows)} ({len(clean)} clean, {len(faulty)} faulty; {len(seen)} with a visible effect, "
         f"{len(must)} must-find: >= {MUST_FIND_DAMAGE:.0%} lasting damage, a >= {MUST_FIND_PEAK}x loss peak or non-finite).",
+        "",
+        f"Left out: {len(unreferenced)} runs of {sum(r['family'] == 'clean' for r in unreferenced)} base setups whose clean "
+        "twin diverged by itself (after its warmup, a loss above the untrained model's or non-finite): with no clean "
+        "reference, neither the twin's alarm nor the faults' labels can be scored.",
         "",
         f"- Right cause, faulty runs with a visible effect: {_rate(*head['cause_visible'])}",
         f"- Must-find faults found: {_rate(*head['recall_must_find'])}",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench._exam_design import CAUSE, labels
-from bench._exam_score import score_run
+from bench._exam_design import CAUSE, labels, twin_diverged
+from bench._exam_score import score_run, tables
 from bench._exam_train import Fault, Setup
 from bench.exam import BASES, Cache, design, generate, score, ci_slice
 from spikedoc.analysis.incident import CAUSES, Incident
@@ -145,3 +145,22 @@ def test_lr_or_clip_advice_for_a_non_finite_value_is_insane():
 def test_a_state_reload_is_sane_only_after_a_reset(family, sane):
     inc = _incident(rollback_to_step=50, actions=[{"action": "load_state"}])
     assert bool(score_run(_fault_labels(family, []), _Diagnosis(inc))["insane"]) is not sane
+
+
+@pytest.mark.parametrize(("loss", "diverged"), [
+    ([5.5, 4.0, 3.5, 3.2, 3.0, 3.1], False),  # learning, with noise
+    ([5.5, 4.0, 3.5, 9.0, 6.0, 3.4], True),  # above the untrained loss after warmup, back later
+    ([5.5, 4.0, 3.5, 3.2, float("nan"), float("nan")], True),  # non-finite
+    ([5.5, 5.6, 4.0, 3.5, 3.2, 3.0], False),  # above it inside the warmup only
+])  # fmt: skip
+def test_a_twin_diverged_by_itself_when_its_loss_passes_the_untrained_level_after_warmup(loss, diverged):
+    assert twin_diverged(Setup(seed=1, steps=len(loss), warmup=2), {"loss": loss}) is diverged
+
+
+def test_the_scores_leave_out_every_run_of_a_base_whose_twin_diverged():
+    twin = {"loss": [5.5, 4.0, 9.0, 3.0], "eval_loss": 3.0, "checkpoints": []}
+    setup = Setup(seed=1, steps=4, warmup=1)
+    clean = score_run(labels(setup, None, twin, twin), _Diagnosis(_incident()))
+    faulty = score_run(labels(setup, Fault(family="bad_batch", kind="random", step=2), twin, twin), _Diagnosis())
+    _, head = tables([clean, faulty])
+    assert clean["twin_diverged"] and faulty["twin_diverged"] and head["runs"] == 0
