@@ -145,3 +145,31 @@ def test_a_vetoed_non_finite_gradient_on_one_step_is_numerics_not_a_loss_scaler_
     [incident] = spikedoc.analyze(tmp_path).incidents
     assert (incident.onset_step, incident.kind, incident.cause) == (57, "nonfinite", "numerics_rank")
     assert incident.handled_by_guard and not any("scaler" in line for line in incident.evidence)
+
+
+def _policy_after(rollback: dict):
+    from spikedoc.guard.policy import Policy
+
+    policy = Policy(clip=None)
+    policy.actions.append({"kind": "rollback", "reason": "vetoes", "lr_scale_before": 1.0, "clip_before": 2.0, **rollback})
+    return policy
+
+
+@pytest.mark.parametrize(("rollback", "continues", "reverted"), [
+    ({}, True, True),
+    ({}, False, False),  # a stretch that does not continue the batches it skipped
+    ({"lr_held": True}, True, False),  # an LR hold is the schedule's remedy, not a hypothesis about the state
+    ({"reverted": True}, True, False),  # undone already
+    ({"reason": "damage"}, True, False),  # not made on vetoes
+])  # fmt: skip
+def test_a_data_skip_undoes_only_the_remedy_of_a_vetoes_rollback_whose_skipped_batches_it_continues(rollback, continues, reverted):
+    from spikedoc.guard.cause import rollback_to_revert
+
+    assert (rollback_to_revert(_policy_after(rollback), continues=continues) is not None) is reverted
+
+
+def test_undoing_a_rollback_that_tightened_the_loops_own_clip_gives_clipping_back_to_the_loop():
+    from spikedoc.guard.cause import remedy_undone
+
+    assert remedy_undone({"lr_scale_before": 1.0, "clip_before": 2.0, "clip_of_loop": True}) == (1.0, None)
+    assert remedy_undone({"lr_scale_before": 0.7, "clip_before": 1.0}) == (0.7, 1.0)

@@ -371,3 +371,26 @@ def _nan_steps_under_a_loop_clip(tmp_path, loop_clip: float):
         opt.zero_grad(set_to_none=True)
     guard.close()
     return guard
+
+
+class ShorterFrom(CorruptAt):
+    """`CorruptAt` whose training draws from data position `shorter` on are 24 tokens long, not 32: a
+    replay of the earlier batches does not fit the batch the loop holds."""
+
+    def __init__(self, corrupt: range, shorter: int) -> None:
+        super().__init__(corrupt)
+        self.shorter = shorter
+
+    def __call__(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        short = split == "train" and torch.is_grad_enabled() and self.drawn >= self.shorter
+        x, y = super().__call__(split)
+        return (x[:, :24].contiguous(), y[:, :24].contiguous()) if short else (x, y)
+
+
+def test_a_replay_the_loop_cannot_take_rolls_back_untested_and_the_steps_go_on_from_the_step_rolled_back_to(tmp_path):
+    data = ShorterFrom(range(240, 270), shorter=240)  # steps 120-134 corrupt and shorter from then on
+    with pytest.warns(RuntimeWarning, match="another shape"):
+        guard, losses, _ = _train_drawing(tmp_path, rollback_at=-1, steps=160, every=20, data=data)
+    rollback = next(a for a in guard.actions if a["kind"] == "rollback")
+    assert rollback["to_step"] < rollback["from_step"] and "cause_test" not in rollback["evidence"]
+    assert guard.step == 160 and set(losses) == set(range(160))  # every step index once more from the one rolled back to

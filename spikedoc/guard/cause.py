@@ -13,7 +13,7 @@ from spikedoc.guard.judge import Decision
 from spikedoc.guard.policy import Policy
 from spikedoc.guard.steps import SeenStep
 
-__all__ = ["corrupt_stretch", "stop_for", "last_probe", "recurring", "rollback_to_revert"]
+__all__ = ["corrupt_stretch", "stop_for", "last_probe", "recurring", "rollback_to_revert", "remedy_undone"]
 
 
 def corrupt_stretch(decision: Decision, vetoed: list[SeenStep]) -> bool:
@@ -73,12 +73,25 @@ def recurring(decision: Decision, policy: Policy) -> bool:
     return previous is not None and decision.onset_step <= previous["from_step"]
 
 
-def rollback_to_revert(policy: Policy, first_position: int) -> dict[str, Any] | None:
-    """The rollback whose LR and clipping change a corrupt stretch starting at `first_position`
-    undoes: the one whose skipped batches it continues, made on the hypothesis that the state was
-    at fault when the data turned out to be (not an LR hold, not undone already)."""
+def rollback_to_revert(policy: Policy, *, continues: bool) -> dict[str, Any] | None:
+    """The rollback whose LR and clipping change a corrupt stretch undoes: the last one, when the
+    stretch `continues` the batches it skipped (`Rollbacks._continues_rollback`) and it was made on
+    the hypothesis that the state was at fault when the data turned out to be (not an LR hold, not
+    undone already)."""
     rollback = policy.last_rollback()
-    if (rollback is None or rollback["reason"] != "vetoes" or rollback.get("lr_held") or rollback.get("reverted")
-            or first_position - 1 not in rollback.get("skipped_positions", [])):  # fmt: skip
+    if (not continues or rollback is None or rollback["reason"] != "vetoes" or rollback.get("lr_held")
+            or rollback.get("reverted")):  # fmt: skip
         return None
     return rollback
+
+
+def remedy_undone(rollback: dict[str, Any]) -> tuple[float, float | None]:
+    """The LR scale and the guard's clip from before `rollback`'s remedy. A rollback that tightened
+    the loop's own clip (`clip_of_loop`) gives clipping back to the loop: the guard's clip is None,
+    not the loop's norm a second time.
+
+    Example:
+        >>> remedy_undone({"lr_scale_before": 1.0, "clip_before": 1.0, "clip_of_loop": True})
+        (1.0, None)
+    """
+    return float(rollback["lr_scale_before"]), None if rollback.get("clip_of_loop") else rollback["clip_before"]

@@ -34,9 +34,9 @@ class Feed:
     """
 
     def __init__(self, stream: DataStream, draws: Draws, replays: ReplaySteps, *, accumulate: int,
-                 monitor: Callable[[], Monitor], untested: Callable[[], None]) -> None:  # fmt: skip
+                 step: Callable[[], int], monitor: Callable[[], Monitor], untested: Callable[[], None]) -> None:  # fmt: skip
         self.stream, self.draws, self._replays, self._accumulate = stream, draws, replays, accumulate
-        self._monitor, self._untested = monitor, untested
+        self._step, self._monitor, self._untested = step, monitor, untested
 
     def micro_batch(self, p: PendingStep | None) -> tuple[int, Any] | None:
         """The next micro-batch of the step `p` not yet judged; None when it has all of them."""
@@ -50,15 +50,17 @@ class Feed:
         p.batches.append(batch)
         return p.step, batch
 
-    def begin(self, step: int, *, drawing: bool) -> PendingStep:
-        """Step `step` begun: the replay step a waiting test calls for, else an ordinary step (with
-        its first batch from the stream, unless the loop draws its own)."""
-        p = self._begin_probe(step, drawing=drawing)
+    def begin(self, *, drawing: bool) -> PendingStep:
+        """The guard's next step begun: the replay step a waiting test calls for, else an ordinary
+        step (with its first batch from the stream, unless the loop draws its own). A replay the loop
+        cannot take rolls back first: the step is then the one rolled back to."""
+        p = self._begin_probe(self._step(), drawing=drawing)
         if p is None and not drawing:
             position, batch = self.next_batch()
-            return PendingStep(step=step, positions=[position], batches=[batch], sample_offset=self._monitor().sample_offset)
+            return PendingStep(step=self._step(), positions=[position], batches=[batch],
+                               sample_offset=self._monitor().sample_offset)  # fmt: skip
         if p is None:
-            p = PendingStep(step=step, positions=[], sample_offset=self._monitor().sample_offset)
+            p = PendingStep(step=self._step(), positions=[], sample_offset=self._monitor().sample_offset)
         p.claim_draws = drawing  # a drawing loop's forwards take its batches, a replay's included
         return p
 

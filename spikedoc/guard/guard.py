@@ -150,7 +150,7 @@ class Guard:
                                     monitor=lambda: self.monitor, skip=self._skip_stretch, rollback=self._rollback,
                                     target=self._target)  # fmt: skip
         self._feed = Feed(self._stream, self._draws, self._replays, accumulate=self.config.accumulate,
-                          monitor=lambda: self.monitor, untested=self._act_untested)  # fmt: skip
+                          step=lambda: self.step, monitor=lambda: self.monitor, untested=self._act_untested)  # fmt: skip
         resumed = self._resume()
         self.monitor: Monitor = self._watch()
         if resumed is not None:
@@ -183,7 +183,7 @@ class Guard:
         self._finish_step()
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             raise StopIteration
-        p = self._steps.pending = self._feed.begin(self.step, drawing=False)
+        p = self._steps.pending = self._feed.begin(drawing=False)
         return p.step, p.batches[0]
 
     def steps(self) -> Iterator[int]:
@@ -204,7 +204,7 @@ class Guard:
                 self._finish_step()
                 if self.config.max_steps is not None and self.step >= self.config.max_steps:
                     return
-                self._steps.pending = self._feed.begin(self.step, drawing=True)
+                self._steps.pending = self._feed.begin(drawing=True)
                 yield self.step
         finally:
             self.close()

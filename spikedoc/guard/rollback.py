@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from spikedoc.guard.cause import rollback_to_revert
+from spikedoc.guard.cause import remedy_undone, rollback_to_revert
 from spikedoc.guard.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from spikedoc.guard.config import GuardConfig
 from spikedoc.guard.judge import Decision, Judge
@@ -80,16 +80,16 @@ class Rollbacks:
     def skip_stretch(self, decision: Decision, positions: list[int], *, last_vetoed: int) -> dict[str, Any]:
         """Skip the batches of a corrupt stretch without rolling back (the data was shown at fault):
         its vetoes are forgotten, and the LR and clipping change of the rollback whose skipped batches
-        it continues is undone (`rollback_to_revert`). Returns the `data_skip` event's detail."""
+        it continues (`_continues_rollback`) is undone (`rollback_to_revert`). Returns the `data_skip` event's detail."""
         self.policy.data_skips += len(positions)
         replayed = self._continues_rollback(positions[0])
         self.state.stream.skip_positions(positions)
         self.judge.forget_vetoes()
-        rollback = rollback_to_revert(self.policy, positions[0])
+        rollback = rollback_to_revert(self.policy, continues=replayed)
         if rollback is not None:
-            before = float(rollback["lr_scale_before"])
+            before, clip = remedy_undone(rollback)
             self.state.scale_schedule(before / self.policy.lr_scale)
-            self.policy.lr_scale, self.policy.clip = before, rollback["clip_before"]
+            self.policy.lr_scale, self.policy.clip = before, clip
             rollback["reverted"] = True
         return {"steps": [decision.onset_step, last_vetoed], "positions": positions, "data_skips": self.policy.data_skips,
                 "remedy_reverted": rollback is not None, "after_rollback": replayed, **decision.evidence}  # fmt: skip
