@@ -16,7 +16,7 @@ from spikedoc.analysis.change_points import anomalous_batches, change_point_inci
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import lr_discontinuities, warmup
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
-from spikedoc.analysis.guard_actions import vetoed_steps, without_guard_lr_changes
+from spikedoc.analysis.guard_actions import withheld_steps, without_guard_lr_changes
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
@@ -181,11 +181,11 @@ class AnalysisPass(IncidentDiagnosis):
         first_own = int(np.flatnonzero(frame["_own"].to_numpy())[0]) if len(own) else 0
         columns = [c for c in ("step", "loss", "grad_norm", "skipped") if c in frame.columns]
         detection = frame.iloc[max(0, first_own - keep):]
-        vetoed = vetoed_steps(self.out.guard_actions)
-        if vetoed and "skipped" in columns and "segment" in detection.columns:
-            # A guard's veto is recorded as a skip; it is not a loss scaler's overflow probe, and its
-            # non-finite gradient norm is the fault the guard caught (`find_incidents` keeps it).
-            by_guard = [(int(g), int(s)) in vetoed for g, s in zip(detection["segment"], detection["step"])]
+        withheld = withheld_steps(self.out.guard_actions)
+        if withheld and "skipped" in columns and "segment" in detection.columns:
+            # A guard's veto or replay step is recorded as a skip; it is not a loss scaler's overflow
+            # probe, and its non-finite gradient norm is a fault (`find_incidents` keeps it).
+            by_guard = [(int(g), int(s)) in withheld for g, s in zip(detection["segment"], detection["step"])]
             detection = detection.assign(skipped=detection["skipped"].astype("boolean").fillna(False) & ~np.array(by_guard))
         return detection[columns]
 

@@ -16,7 +16,7 @@ from spikedoc.analysis.batches import high_entropy_stretch
 from spikedoc.analysis.causes import cause_guessed, decide_cause, severity
 from spikedoc.analysis.context import clipping_before, loss_scale_drops, lr_at, rank_divergence, update_without_grad
 from spikedoc.analysis.evidence import Evidence
-from spikedoc.analysis.guard_actions import vetoed_steps
+from spikedoc.analysis.guard_actions import withheld_steps
 from spikedoc.analysis.incident import Incident, joined
 from spikedoc.analysis.onset import build_up, first_nonfinite, grad_precursor, one_step, param_reset, reset_level
 from spikedoc.analysis.recovery import RecoveryConfig, judge_recovery
@@ -165,7 +165,7 @@ class IncidentDiagnosis:
         ev.first_nonfinite = first_nonfinite(inc, frame, ev.layers)
         ev.build_up = build_up(inc, ev, ev.first_nonfinite["step"] if ev.first_nonfinite else reference, cfg)
         ev.has_param_norm = has_finite(frame, "param_norm")
-        if "skipped" in frame.columns and not self._vetoed(onset, piece.segment):  # a veto's skip is the guard's, not a scaler's
+        if "skipped" in frame.columns and not self._withheld(onset, piece.segment):  # the guard's skip, not a scaler's
             ev.scaler_skipped = bool(frame.loc[frame["step"] == onset, "skipped"].fillna(False).astype(bool).any())
         ev.param_reset = param_reset(inc, shared.frame, cfg) if ev.reset_level is not None else None
         inc.cause, inc.evidence = decide_cause(inc, ev, cfg)
@@ -199,9 +199,9 @@ class IncidentDiagnosis:
             "notes": ev.notes,
         }
 
-    def _vetoed(self, step: int, segment: int) -> bool:
-        """A guard vetoed `step` of `segment`: its update was withheld by the guard (recorded as skipped)."""
-        return (segment, step) in vetoed_steps(self.out.guard_actions)
+    def _withheld(self, step: int, segment: int) -> bool:
+        """A guard vetoed or replayed `step` of `segment`: it withheld the update (recorded as skipped)."""
+        return (segment, step) in withheld_steps(self.out.guard_actions)
 
     def _judge_aftermath(self, inc: Incident, shared: PieceData, ev: Evidence) -> None:
         """Verdict and lasting damage against the pre-incident trajectory; a loss back at its untrained level."""

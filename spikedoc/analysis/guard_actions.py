@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "cause_status", "without_guard_lr_changes", "guard_handling"]
+__all__ = ["GUARD_EVENT_KINDS", "guard_actions", "cause_status", "withheld_steps", "without_guard_lr_changes", "guard_handling"]
 
 #: Event kinds the guard records; its checkpoints are `checkpoint` events with `guard: true`.
 GUARD_EVENT_KINDS = ("veto", "rollback", "data_skip", "guard_stop", "guard_resume", "checkpoint_failed",
@@ -128,15 +128,20 @@ def cause_status(kind: str, detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def vetoed_steps(actions: list[dict[str, Any]]) -> set[tuple[int, int]]:
-    """The (segment, step) pairs a guard vetoed: steps recorded as skipped because the guard withheld
-    their update, not because a loss scaler found an overflow.
+def withheld_steps(actions: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    """The (segment, step) pairs whose update a guard withheld: its vetoes and its replay steps
+    (judged, never applied). The monitor records them as skipped, as it records a loss scaler's
+    overflow skip; these are the guard's.
 
     Example:
-        >>> sorted(vetoed_steps([{"kind": "veto", "step": 57, "segment": 0}, {"kind": "rollback", "step": 60, "segment": 0}]))
-        [(0, 57)]
+        >>> acts = [{"kind": "veto", "step": 57, "segment": 0, "detail": {}},
+        ...         {"kind": "replay", "step": 61, "segment": 0, "detail": {"probe_step": 60}}]
+        >>> sorted(withheld_steps(acts))
+        [(0, 57), (0, 60)]
     """
-    return {(int(a["segment"]), int(a["step"])) for a in actions if a["kind"] == "veto"}
+    out = {(int(a["segment"]), int(a["step"])) for a in actions if a["kind"] == "veto"}
+    replayed = [(a["segment"], (a.get("detail") or {}).get("probe_step")) for a in actions if a["kind"] == "replay"]
+    return out | {(int(g), int(step)) for g, step in replayed if isinstance(step, int)}
 
 
 def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
