@@ -394,3 +394,13 @@ def test_a_replay_the_loop_cannot_take_rolls_back_untested_and_the_steps_go_on_f
     rollback = next(a for a in guard.actions if a["kind"] == "rollback")
     assert rollback["to_step"] < rollback["from_step"] and "cause_test" not in rollback["evidence"]
     assert guard.step == 160 and set(losses) == set(range(160))  # every step index once more from the one rolled back to
+
+
+def test_a_checkpoint_due_during_replay_steps_is_taken_at_the_first_healthy_step_after_them(tmp_path):
+    # Steps 135-139 corrupt: five vetoes, then the replay steps from 140, where a checkpoint is due.
+    guard, _, _ = _train_drawing(tmp_path, rollback_at=-1, steps=170, every=20, data=CorruptAt(range(270, 280)))
+    replayed = [a["step"] for a in guard.actions if a["kind"] == "replay"]
+    assert replayed and min(replayed) <= 140 <= max(replayed)
+    events = spikedoc.load(tmp_path).events
+    checkpoints = sorted(int(s) for s, k in zip(events["step"], events["kind"]) if k == "checkpoint")
+    assert any(max(replayed) < s <= max(replayed) + 2 for s in checkpoints), checkpoints

@@ -158,6 +158,7 @@ class Guard:
                                lr_scale=self.lr_scale, clip=self.clip)  # fmt: skip
         # A rollback target of this run's own before the first periodic one, taken when the loop
         # begins (after a prefetching loop drew its first batch, which the checkpoint then holds).
+        self._checkpoint_due = False  # a checkpoint's step passed while the guard was replaying or acting
         self._first_checkpoint = resumed is None or resumed.path is None or resumed.path.parent != self._store.directory
         # Its own forward hook: the monitor captures the loss only on the steps it records (`every`).
         self._forward_hook = model.register_forward_hook(torch.compiler.disable(self._steps.on_forward), with_kwargs=True)
@@ -279,6 +280,7 @@ class Guard:
             return
         if p.probe is not None:  # a replay step: judged, never applied (`ReplaySteps.finish` acts on its test)
             self.step = p.step + 1
+            self._checkpoint_due |= self.step % self.config.checkpoint_every == 0
             self._replays.finish(p)
             return
         norms, self._steps.norms_of_step = self._steps.norms_of_step, None
@@ -294,11 +296,14 @@ class Guard:
         self.step = p.step + 1
         if self._store.writing:
             self._checkpoints.report_landed()
+        due = self._checkpoint_due or self.step % self.config.checkpoint_every == 0
         if decision is None:
             self._replays.confirm_schedule(self.step)
-            if self.step % self.config.checkpoint_every == 0:
+            self._checkpoint_due = False
+            if due:  # at the first step the guard does not act on after a boundary it crossed acting
                 self._checkpoint()
-        else:  # The data or the state? Replays test the cause before the guard acts (`replay.py`).
+        else:
+            self._checkpoint_due = due  # The data or the state? Replays test the cause before the guard acts (`replay.py`).
             plan = self._tests.plan(decision, self._recent.between(decision.onset_step, self.step))
             if plan == "skip":
                 decision.evidence["cause_test"] = {**(self._tests.sound or {}), "state_unchanged_since_probe": True}
@@ -384,6 +389,7 @@ class Guard:
         self._tests.sound = self._tests.transient = None
         self._start_sample = int(state["guard"].get("samples", 0))
         self.step = int(state["step"])
+        self._checkpoint_due = False
         self._steps.pending = None
 
     def _stop(self, reason: str, message: str, decision: Decision) -> None:
