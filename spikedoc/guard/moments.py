@@ -104,8 +104,7 @@ class SecondMoments:
         self._measured = _Snapshot(which, current, decays, on_device, self.calls)
         if not same:  # another set of tensors (state created or dropped): nothing to compare with
             return None
-        bound = on_device.pow(max(0, self.calls - base.calls)) * base.norms
-        return ((current < bound) & (base.norms > 0)).sum(dtype=torch.float32)
+        return _below_bound(self._measured, base).sum(dtype=torch.float32)
 
     def accept(self) -> None:
         """The state measured last is sound: the next step is compared with it."""
@@ -124,11 +123,19 @@ class SecondMoments:
         if base is None or now is None or base.which != now.which:
             return {}
         ratios = (now.norms / base.norms.clamp_min(torch.finfo(torch.float32).tiny)).tolist()
+        below = _below_bound(now, base).tolist()  # the veto's own test, read on the host
         k = max(0, now.calls - base.calls)
-        hit = [(f"{names.get(pid, '?')}.{key}", r) for (pid, key), r, d in zip(now.which, ratios, now.decays) if r < d**k]
+        hit = [(f"{names.get(pid, '?')}.{key}", r) for (pid, key), r, b in zip(now.which, ratios, below) if b]
         return {"tensors": [name for name, _ in hit[:32]], "collapsed": len(hit), "of": len(now.which),
                 "ratio_min": min((r for _, r in hit), default=math.nan),
                 "bound": max((d**k for d in now.decays), default=math.nan)}  # fmt: skip
+
+
+def _below_bound(now: _Snapshot, base: _Snapshot) -> Tensor:
+    """Which second moments fell below what the updates since `base` allow (decay ** updates times
+    their norm then), among those that had a norm: a bool vector on the device."""
+    bound = now.decays_on_device.pow(max(0, now.calls - base.calls)) * base.norms
+    return (now.norms < bound) & (base.norms > 0)
 
 
 def second_moments(optimizer: torch.optim.Optimizer) -> tuple[tuple[tuple[int, str], ...], list[Tensor], list[float]] | None:
