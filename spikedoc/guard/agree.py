@@ -76,7 +76,7 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
         if all(t.is_cpu for t in parts):  # already on the host: nothing to copy
             got = [float(t) for t in parts]
         else:  # one stack, one host sync
-            got = torch.stack([t.detach().float().reshape(()).to(grad_norm.device) for t in parts]).tolist()
+            got = _stacked(parts, grad_norm.device).tolist()
         grad_v, loss_v = got[0], got[1] if loss is not None else math.nan
         loss_ok, grad_ok = math.isfinite(loss_v), math.isfinite(grad_v)
         return StepValues(loss_v if loss_ok else math.nan, grad_v if grad_ok else math.nan,
@@ -85,11 +85,11 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
     rank, size = ranks
     device = grad_norm.device
     has_loss = loss is not None
-    values = _stacked(loss if has_loss else torch.zeros((), device=device), grad_norm)  # (2,)
+    values = _stacked([loss if has_loss else torch.zeros((), device=device), grad_norm], device)  # (2,)
     finite = torch.isfinite(values)
     sent = torch.where(finite, values, torch.zeros_like(values))
     flags = torch.tensor([float(rollback_request), float(has_loss)], device=device)
-    found = collapsed.detach().float().reshape(1).to(device) if collapsed is not None else torch.zeros(1, device=device)
+    found = _stacked([collapsed], device) if collapsed is not None else torch.zeros(1, device=device)
     # This rank's loss and whether it counts (finite and given), in its own slots: the sum gathers them.
     own = torch.zeros(2, size, device=device)
     own[0, rank], own[1, rank] = sent[0], (finite[0] & has_loss).float()
@@ -107,9 +107,9 @@ def agree(loss: Tensor | None, grad_norm: Tensor, *, rollback_request: bool, sha
     )
 
 
-def _stacked(loss: Tensor, grad_norm: Tensor) -> Tensor:
-    """(loss, grad_norm) as one float32 vector on the gradient norm's device."""
-    return torch.stack([loss.detach().float().reshape(()).to(grad_norm.device), grad_norm.detach().float().reshape(())])
+def _stacked(scalars: list[Tensor], device: torch.device) -> Tensor:
+    """Scalar tensors as one float32 vector on `device`."""
+    return torch.stack([t.detach().float().reshape(()).to(device) for t in scalars])
 
 
 def agree_all(flag: bool) -> bool:
