@@ -209,9 +209,13 @@ def test_the_guard_actions_are_shown(tmp_path):
 
     events = [("checkpoint", 100, {"guard": True, "path": "c/100.pt"}),
               ("veto", 150, {"reasons": ["loss_out_of_band"]}),
-              ("rollback", 100, {"from_step": 160, "reason": "damage"})]
+              ("rollback", 100, {"from_step": 160, "reason": "damage", "cause": "lr_schedule", "lr_scale": 0.7,
+                                 "clip_before": 1.0, "clip": 0.5, "skipped_positions": [150]})]
     run = write_run(tmp_path / "run", healthy_steps(200), events=events)
     result = runner.invoke(app, ["tail", str(run), "--once"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     guard = [line for line in result.output.splitlines() if line.startswith("GUARD")]
-    assert guard == ["GUARD step 150: veto (loss_out_of_band)", "GUARD step 100: rollback from step 160 (damage)"]
+    # Worded as the report words them.
+    assert guard == ["GUARD veto of step 150: loss_out_of_band",
+                     "GUARD rollback from step 160 to 100 (damage, cause lr_schedule): LR x0.7 of the original, "
+                     "clip 1 -> 0.5, 1 batches skipped"]

@@ -25,7 +25,8 @@ from spikedoc.errors import one_line
 from spikedoc.report._numbers import ratio_text, severity_order, sigma_text, table_number
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
-from spikedoc.report.terminal import action_text, cause_words, settled_text
+from spikedoc.report.guard_words import cause_words
+from spikedoc.report.terminal import action_text, settled_text
 
 __all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
 

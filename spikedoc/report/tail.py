@@ -20,6 +20,7 @@ from spikedoc.analysis._robust import fmt
 from spikedoc.analysis.guard_actions import GUARD_EVENT_KINDS
 from spikedoc.detector.streaming import DetectorConfig, StreamingDetector
 from spikedoc.errors import RunNotFoundError, one_line
+from spikedoc.report.guard_words import action_line
 from spikedoc.store.live import announce, read_live
 from spikedoc.store.reader import read_meta, read_part
 from spikedoc.store.schema import EVENTS, META_FILE, STEPS
@@ -246,16 +247,4 @@ def print_events(console: Console, update: PollResult) -> None:
     for warning in update.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(warning))}", soft_wrap=True)
     for action in update.guard:
-        console.print(f"[bold magenta]GUARD[/bold magenta] {escape(_guard_line(action))}", soft_wrap=True)
-
-
-def _guard_line(action: dict[str, Any]) -> str:
-    """`step 301: veto (loss_out_of_band)`; a rollback is recorded at the step it returned to."""
-    kind, d = action["kind"], action["detail"]
-    if kind == "veto":
-        what = f"veto ({', '.join(map(str, d.get('reasons') or [])) or 'no reason recorded'})"
-    elif kind == "rollback":
-        what = f"rollback from step {d.get('from_step')}" + (f" ({d['reason']})" if d.get("reason") else "")
-    else:
-        what = kind + (f" ({d['reason']})" if d.get("reason") else "")
-    return f"step {action['step']}: {what}"
+        console.print(f"[bold magenta]GUARD[/bold magenta] {escape(action_line(action))}", soft_wrap=True)
