@@ -336,13 +336,11 @@ def _settled(diagnosis: Any) -> str:
 
 def _write(out: Path, data: bytes) -> None:
     """Write through a temporary file next to `out`; an unwritable place exits 2 with one line."""
-    tmp = out.with_name(f".{out.name}.tmp")
+    from spikedoc.store import write_whole
+
     try:
-        tmp.write_bytes(data)
-        tmp.replace(out)
+        write_whole(out, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         _fail(f"cannot write {out}: {exc.strerror or one_line(exc)}", EXIT_BAD_INPUT)
 
 

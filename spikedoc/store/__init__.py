@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from spikedoc.store._files import write_whole
 from spikedoc.store.writer import RunWriter
 
-__all__ = ["Run", "RunWriter", "load", "read_csv", "read_tensorboard"]
+__all__ = ["Run", "RunWriter", "load", "read_csv", "read_tensorboard", "write_whole"]
 
 _LAZY = {
     "load": "spikedoc.store.reader",

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["parts_on_disk", "temporary_of", "warm_up", "write_parquet_whole", "write_text_whole"]
+__all__ = ["parts_on_disk", "temporary_of", "warm_up", "write_parquet_whole", "write_whole"]
 
 
 def temporary_of(path: Path) -> Path:
@@ -32,11 +32,13 @@ def write_parquet_whole(data: pa.Table, path: Path, **options: Any) -> None:
         raise
 
 
-def write_text_whole(path: Path, text: str) -> None:
-    """`path.write_text` through a temporary name, renamed when complete."""
-    tmp = temporary_of(path)
+def write_whole(path: Path, data: str | bytes, *, temporary: Path | None = None) -> None:
+    """Write `data` (text as UTF-8) to `path` through a temporary name (`temporary_of`, or
+    `temporary` where several processes may write it at once), renamed when complete; a failure
+    removes the temporary and raises."""
+    tmp = temporary if temporary is not None else temporary_of(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

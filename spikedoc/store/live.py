@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spikedoc.store._files import temporary_of, write_parquet_whole
+from spikedoc.store._files import temporary_of, write_parquet_whole, write_whole
 from spikedoc.store.schema import EVENTS, STEPS
 
 __all__ = ["LIVE_DIR", "HEARTBEAT", "LiveFile", "LiveWriter", "announce", "live_path", "read_live"]
@@ -48,9 +48,8 @@ def announce(run_dir: str | os.PathLike[str], interval: float) -> bool:
     folder = Path(run_dir) / LIVE_DIR
     try:
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".{HEARTBEAT}.{os.getpid()}.tmp"
-        tmp.write_text(f"{interval:g}\n")
-        os.replace(tmp, folder / HEARTBEAT)
+        # Several tails may announce at once: each through its own temporary name.
+        write_whole(folder / HEARTBEAT, f"{interval:g}\n", temporary=folder / f".{HEARTBEAT}.{os.getpid()}.tmp")
     except OSError:
         return False
     return True

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from spikedoc.store._files import parts_on_disk, temporary_of, warm_up, write_parquet_whole, write_text_whole
+from spikedoc.store._files import parts_on_disk, temporary_of, warm_up, write_parquet_whole, write_whole
 from spikedoc.store._tables import TableBuilder
 from spikedoc.store.live import LiveWriter
 from spikedoc.store.schema import EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS, partition_dir
@@ -385,7 +385,7 @@ class RunWriter:
         path = self.run_dir / META_FILE
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_whole(path, json.dumps(self._meta, indent=2, default=str))
+            write_whole(path, json.dumps(self._meta, indent=2, default=str))
             self._meta = None
         except Exception as exc:  # noqa: BLE001
             self._warn("write", f"could not write {path}: {exc}; retrying at every flush")
