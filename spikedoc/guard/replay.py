@@ -75,10 +75,11 @@ def schedule_confirmed(policy: Policy, step: int) -> dict[str, Any] | None:
     LR held and no batch skipped, has passed the step it rolled back from with no new action; None
     before (or for any other rollback, or once confirmed)."""
     rollback = policy.last_rollback()
-    at = next((i for i, a in enumerate(policy.actions) if a is rollback), len(policy.actions))
-    later = policy.actions[at + 1 :]
     if (rollback is None or not rollback.get("lr_held") or rollback.get("skipped_positions") or "lr_confirmed" in rollback
-            or step <= rollback["from_step"] or any(a["kind"] in ("rollback", "data_skip", "guard_stop") for a in later)):  # fmt: skip
+            or step <= rollback["from_step"]):  # fmt: skip
+        return None  # the usual case, decided without reading the actions since
+    at = next((i for i, a in enumerate(policy.actions) if a is rollback), len(policy.actions))
+    if any(a["kind"] in ("rollback", "data_skip", "guard_stop") for a in policy.actions[at + 1 :]):
         return None
     return {"replay": "lr_before_jump", "found": "schedule", "from_step": rollback["from_step"],
             "to_step": rollback["to_step"], "jump_step": rollback["lr_held"]["from_step"], "passed_step": step - 1}  # fmt: skip
