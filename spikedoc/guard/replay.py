@@ -222,9 +222,9 @@ class CauseTests:
     def after(self, finding: dict[str, Any]) -> str:
         """What the guard does after a finding: `wait` (another replay queued), `skip` (the data, on a
         sound state), `go_on` (a transient fault), `rollback` (the state: the guard may test it on
-        the checkpoint), or `rolled_back` (the checkpoint replay ended: roll back with its finding)."""
+        the checkpoint), or `roll_back_tested` (the replays on the checkpoint ended: roll back with their finding)."""
         if finding["on"] == "checkpoint":
-            return "wait" if self._queue else "rolled_back"
+            return "wait" if self._queue else "roll_back_tested"
         if finding["replay"] == "other_batches":
             if finding["found"] == "state":
                 return "rollback"

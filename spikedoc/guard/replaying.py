@@ -96,7 +96,8 @@ class ReplaySteps:
         if then == "rollback":  # the state: its suspect batches are replayed on the checkpoint first
             self.roll_back(decision)
             return
-        last_vetoed, target, data = (self.tests.began_at or p.step) - 1, self.tests.target, self.tests.data_at_fault()
+        began = self.tests.began_at if self.tests.began_at is not None else p.step
+        last_vetoed, target, data = began - 1, self.tests.target, self.tests.data_at_fault()
         self.tests.clear()
         if then == "skip":
             self.tests.sound = conclusion
@@ -106,7 +107,7 @@ class ReplaySteps:
             self.judge.forget_vetoes()
             log.warning("spikedoc guard: steps %d-%d vetoed, and the first one's batches replayed in band on the same "
                         "state: a transient fault, not the data", decision.onset_step, last_vetoed)  # fmt: skip
-        else:
+        else:  # `roll_back_tested`: the replays on the checkpoint ended, the rollback acts on their finding
             self._rollback(decision, target, data=data)
 
     def confirm_schedule(self, step: int) -> None:
