@@ -55,9 +55,11 @@ class GuardConfig:
     the damage is in the state: roll back (after replaying the suspect batches on the checkpoint)."""
     max_data_skips: int = 500
     """Batches a corrupt stretch of data may cost before the guard stops. Vetoes for their loss that
-    pile up on a state a replay found sound (the last healthy batch in band on it), and whose own
-    batches reproduce them there, are the data's fault, not the weights': they are skipped without
-    rolling back, up to this many (PaLM skipped 200-500 batches around its spikes)."""
+    pile up on a state a replay found sound (the last healthy batch in band on it) are the data's
+    fault, not the weights', when their own batches reproduce them there (or none is held to
+    replay, or the state was found sound for an earlier stretch and no update was applied since):
+    they are skipped without rolling back, up to this many (PaLM skipped 200-500 batches around
+    its spikes)."""
     max_rollbacks: int = 3
     """Rollbacks allowed in the whole run; one more incident after that stops it (`GuardStopped`)."""
     lr_factor: float = 0.7
