@@ -145,3 +145,16 @@ def test_a_vetoed_non_finite_gradient_on_one_step_is_numerics_not_a_loss_scaler_
     [incident] = spikedoc.analyze(tmp_path).incidents
     assert (incident.onset_step, incident.kind, incident.cause) == (57, "nonfinite", "numerics_rank")
     assert incident.handled_by_guard and not any("scaler" in line for line in incident.evidence)
+
+
+def test_a_corrupt_stretch_vetoed_except_for_the_guards_probe_steps_is_handled_by_the_guard(corrupt_stretch_run):
+    # The probe steps between the vetoes (the last healthy batches, then the suspect ones, replayed on
+    # the vetoed state) are judged and never applied: with the vetoes they cover every flagged step.
+    result = _analyze(corrupt_stretch_run, "--json")
+    assert result.exit_code == 0, result.output
+    [incident] = json.loads(result.output)["incidents"]
+    probes = [a["step"] for a in _actions(corrupt_stretch_run, "replay")]
+    assert probes and all(incident["onset_step"] < s < incident["end_step"] for s in probes)
+    assert incident["handled_by_guard"]
+    [action] = incident["recommendation"]["actions"]
+    assert action["action"] == "guard_handled" and "replayed step" in action["because"]
