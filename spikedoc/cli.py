@@ -380,3 +380,7 @@ def _quiet_library_logs() -> None:
 def _fail(message: str, code: int) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(one_line(message))}")
     raise typer.Exit(code=code)
+
+
+if __name__ == "__main__":  # `python -m spikedoc.cli`, the module `[project.scripts]` names, runs the CLI too
+    app(prog_name="spikedoc")

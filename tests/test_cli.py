@@ -291,3 +291,18 @@ def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tmp_path):
         seen += chunk
     assert proc.wait(timeout=120) == 0
     assert b"loading" in seen and b"analysing" in seen and b"Wrote" in seen
+
+
+@pytest.mark.parametrize("module", ["spikedoc", "spikedoc.cli"])
+def test_python_m_runs_the_cli_with_its_exit_codes(module):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = [sys.executable, "-m", module, "analyze"]
+    found = subprocess.run([*run, str(SAMPLE_RUNS / "lr_surge"), "--quiet"], env=env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 1 and "needs attention" in found.stdout, found.stdout + found.stderr
+    missing = subprocess.run([*run, str(SAMPLE_RUNS / "no_such_run")], env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error:"), missing.stdout + missing.stderr

@@ -173,3 +173,16 @@ def test_undoing_a_rollback_that_tightened_the_loops_own_clip_gives_clipping_bac
 
     assert remedy_undone({"lr_scale_before": 1.0, "clip_before": 2.0, "clip_of_loop": True}) == (1.0, None)
     assert remedy_undone({"lr_scale_before": 0.7, "clip_before": 1.0}) == (0.7, 1.0)
+
+
+def test_a_corrupt_stretch_vetoed_except_for_the_guards_probe_steps_is_handled_by_the_guard(corrupt_stretch_run):
+    # The probe steps between the vetoes (the last healthy batches, then the suspect ones, replayed on
+    # the vetoed state) are judged and never applied: with the vetoes they cover every flagged step.
+    result = _analyze(corrupt_stretch_run, "--json")
+    assert result.exit_code == 0, result.output
+    [incident] = json.loads(result.output)["incidents"]
+    probes = [a["step"] for a in _actions(corrupt_stretch_run, "replay")]
+    assert probes and all(incident["onset_step"] < s < incident["end_step"] for s in probes)
+    assert incident["handled_by_guard"]
+    [action] = incident["recommendation"]["actions"]
+    assert action["action"] == "guard_handled" and "replayed step" in action["because"]

@@ -166,7 +166,7 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
 
     Returns None when the guard did nothing about it; else `vetoed` (steps), `probes` (its replay
     steps from onset up to the rollback: never applied either), `rollback` (the action or None), `handled`
-    (rolled back, or every flagged step vetoed) and `because`.
+    (rolled back, or every flagged step vetoed or probed) and `because`.
 
     Example:
         >>> acts = [{"kind": "veto", "step": 151, "segment": 0, "detail": {}},
@@ -185,6 +185,8 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
     parts = []
     if vetoed:
         parts.append(f"the guard vetoed step{'s' if len(vetoed) > 1 else ''} {_ranges(vetoed)} (never applied)")
+    if vetoed and probes:
+        parts.append(f"it replayed step{'s' if len(probes) > 1 else ''} {_ranges(probes)} to find the cause (never applied)")
     if rollback is not None:
         d = rollback["detail"]
         parts.append(f"it rolled back from step {d.get('from_step')} to {d.get('to_step', rollback['step'])}"
@@ -196,7 +198,8 @@ def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, A
         if undone is not None:
             parts.append(f"its LR cut and clipping were undone at step {undone['step']}, when the vetoes went on over "
                          "the data right after the skipped batches: the data was at fault, not the weights")
-    handled = rollback is not None or len(vetoed) == end - onset + 1
+    # A probe is never applied either: vetoes and probes together covering every flagged step handled it.
+    handled = rollback is not None or set(range(onset, end + 1)) <= set(vetoed) | set(probes)
     return {"vetoed": vetoed, "probes": probes, "rollback": rollback, "handled": handled, "because": "; ".join(parts)}
 
 
