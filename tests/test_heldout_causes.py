@@ -18,4 +18,6 @@ def test_zeroed_second_moments_are_the_optimizer_state_whatever_the_seed_step_or
     inc = next(i for i in spikedoc.analyze(tmp_path / "run").incidents if step <= i.onset_step <= step + 3)
     actions = {a["action"] for a in inc.recommendation["actions"]}
     assert inc.cause == "optimizer_state", inc.evidence
-    assert "reset_moments" in actions and not {"load_state", "skip_data"} & actions
+    # Zeroed in one step, further than Adam's own updates can shrink them: a writer to find, and the
+    # rollback puts sound moments back (no reset, no LR or clipping change).
+    assert "find_state_writer" in actions and not {"load_state", "skip_data", "reset_moments", "lower_lr"} & actions

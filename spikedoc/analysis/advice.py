@@ -49,6 +49,7 @@ ACTIONS = (
     "lower_lr",           # multiply the peak LR by `factor` (to `new_peak_lr`)
     "tighten_clip",       # clip the global gradient norm at `max_norm`
     "reset_moments",      # reset the optimizer moments of `tensors`
+    "find_state_writer",  # the optimizer state was written from outside the optimizer at `step`: find what wrote it
     "restore_scheduler",  # load the LR scheduler's state with the checkpoint (the jump is at a resume)
     "fix_schedule",       # the schedule itself jumped: hold the LR at `hold_lr` where it jumped, find the bug
     "load_state",         # resume with the model and optimizer state actually loaded
@@ -143,20 +144,21 @@ def recommend(
     if cause == "numerics_rank" and not _rank_alone(ev):
         ev.notes.append("no LR or clipping change advised: nothing grew before the non-finite value, so a smaller "
                         "step would not have prevented it")
-    if rec["rollback"] and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr:
+    written = _state_written(incident, ev)  # a bug to find, not an optimisation to tune
+    if rec["rollback"] and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr and not written:
         rec["lr_factor"] = config.lr_factor
         rec["new_peak_lr"] = peak_lr * config.lr_factor
         actions.append({"action": "lower_lr", "factor": config.lr_factor, "peak_lr": peak_lr, "new_peak_lr": rec["new_peak_lr"],
                         "because": f"cause {cause} with lasting damage at the LR in use (peak {fmt(peak_lr)})"})
     grad = _grad_evidence(incident, ev)
-    if rec["rollback"] and grad and cause not in _REPAIR:
+    if rec["rollback"] and grad and cause not in _REPAIR and not written:
         share, steps = _clipped_share(ev)
         rec["clip_max_norm"] = tighter_clip(clip, clipped_share=share)
         if rec["clip_max_norm"] is not None:
             actions.append({"action": "tighten_clip", "max_norm": rec["clip_max_norm"], "was": clip, "because": grad})
         else:
             ev.notes.append(f"no tighter clipping advised: {clip_kept_because(clip, share, steps)}")
-    if cause == "optimizer_state" and ev.layers is not None and ev.layers.precursors:
+    if cause == "optimizer_state" and ev.layers is not None and ev.layers.precursors and not written:
         rec["reset_optimizer_state_for"] = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
         actions.append({"action": "reset_moments", "tensors": rec["reset_optimizer_state_for"],
                         "because": ev.layers.precursors[0]["sentence"]})
@@ -239,11 +241,23 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
                  "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
     if cause == "state_reset":
         return [{"action": "load_state", "because": incident.evidence[0] if incident.evidence else "state reset"}]
+    written = _state_written(incident, ev)
+    if written:
+        return [{"action": "find_state_writer", "step": min(p["step"] for p in written),
+                 "tensors": list(dict.fromkeys(p["name"] for p in written)), "because": written[0]["sentence"]}]
     if cause == "numerics_rank" and _rank_alone(ev):
         off = ev.ranks["off_ranks"]
         return [{"action": "check_rank", "ranks": off, "loss_scaled": ev.loss_scale is not None,
                  "because": incident.evidence[0] if incident.evidence else "numerics"}]
     return []
+
+
+def _state_written(incident: Incident, ev: Evidence) -> list[dict[str, Any]]:
+    """The optimizer-state precursors at the onset of an `optimizer_state` incident that fell further
+    than the optimizer's own updates allow (`overwritten`): something outside it wrote the state."""
+    if incident.cause != "optimizer_state" or ev.layers is None:
+        return []
+    return [p for p in ev.layers.precursors if p.get("overwritten") and p.get("at_onset")]
 
 
 def _rank_alone(ev: Evidence) -> bool:

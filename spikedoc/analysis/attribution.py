@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, MAD_TO_SIGMA, fmt
+from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, MAD_TO_SIGMA, fmt, steps_text
 from spikedoc._module_kinds import MODULE_KINDS, module_kind, module_kinds
 from spikedoc.analysis.batches import BatchProfile, attribute_batches, batch_profile, hash_history
 from spikedoc.analysis.config import AnalysisConfig
@@ -39,6 +39,10 @@ _EPS_FRAC_SIGMA_FLOOR = 0.005
 _V_COLLAPSE = 0.1
 # Fewer logged steps than this before the scan window: no per-tensor baseline.
 _MIN_HISTORY = 8
+# An Adam-family update shrinks a second moment by at most its beta2 per step (v = beta2 v + (1 - beta2) g^2);
+# 0.9 is the lowest beta2 in common use (0.95 to 0.999 in LLM recipes), so a fall below 0.9 ** steps
+# between two measurements is no update's doing: the state was written from outside the optimizer.
+_V_DECAY_FLOOR = 0.9
 
 
 
@@ -357,11 +361,16 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
             if step < scan_steps[0]:
                 continue  # as above: not dated inside the window
             low = float(np.nanmin(scan[:, j]))
+            fell = _fall_beyond_updates(wide[name], seen)
             found.append({
                 "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
                 "lead_steps": max(0, reference - step), "at_onset": bool(hits[steps >= reference - config.sudden_steps, j].any()),
+                "overwritten": fell is not None,
                 "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
-                f"({fmt(before)} -> {fmt(low)}) {when}, faster than it ever moved before",
+                f"({fmt(before)} -> {fmt(low)}) {when}, faster than it ever moved before"
+                + (f"; it fell to {fmt(fell[0], 2)}x in {steps_text(fell[1])}, below the {fmt(_V_DECAY_FLOOR ** fell[1], 2)}x "
+                   "Adam's updates allow (beta2 >= 0.9 per step): the state was written from outside the optimizer"
+                   if fell is not None else ""),
             })
     for row in rows:
         if row["update_z"] >= config.z_threshold and not row["grad_z"] >= config.z_threshold / 2:
@@ -374,6 +383,23 @@ def _optimizer_precursors(layers: pd.DataFrame, window: _Window, rows: list[dict
             })
     found.sort(key=lambda p: p["step"] if p["step"] is not None else onset)
     return found
+
+
+def _fall_beyond_updates(column: pd.Series, seen: int) -> tuple[float, int] | None:
+    """(ratio, steps) when a second moment's mean at measured step `seen` fell below what Adam-family
+    updates allow since the measurement before it (`_V_DECAY_FLOOR ** steps` of it); None otherwise.
+
+    Example:
+        >>> _fall_beyond_updates(pd.Series([1.0, 0.98, 0.01], index=[10, 11, 12]), 12)
+        (0.01020408163265306, 1)
+    """
+    before = column.loc[column.index < seen].dropna()
+    now = float(column.get(seen, np.nan))
+    if before.empty or not np.isfinite(now) or not float(before.iloc[-1]) > 0:
+        return None
+    gap, ratio = seen - int(before.index[-1]), now / float(before.iloc[-1])
+    # The statistics are stored as float32: a fall of exactly beta2 per step must not read as more.
+    return (ratio, gap) if ratio < _V_DECAY_FLOOR**gap * (1 - 1e-4) else None
 
 
 def _when(wide: pd.DataFrame, seen: int) -> tuple[int, str]:
