@@ -318,3 +318,15 @@ def test_a_second_moment_falling_further_than_its_updates_allow_is_said_to_be_wr
     column = pd.Series([1.0, 1.0, ratio], index=[0, 10, 10 + gap])
     fell = _fall_beyond_updates(column, 10 + gap)
     assert fell is not None and fell[1] == gap
+
+
+def test_state_statistics_compared_across_a_gap_after_a_dense_warmup_are_no_sudden_collapse(steps):
+    # A cost budget: full statistics on the first steps (dense while its costs are unknown), then none
+    # until a flag densifies them again 80 steps before onset. The second moments were higher in
+    # those first steps, as early in training they are; nothing moved suddenly.
+    layers = healthy_layers(steps)
+    layers = layers.loc[layers["step"] >= T - 160]  # the rows analyze reads: its lookback and history
+    layers.loc[layers["step"] < T - 150, "exp_avg_sq_mean"] *= 20  # the dense first steps
+    layers.loc[(layers["step"] >= T - 150) & (layers["step"] < T - 101), _FULL_ONLY] = math.nan
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    assert not [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]

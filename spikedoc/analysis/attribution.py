@@ -414,6 +414,13 @@ def _rate_z(wide: pd.DataFrame, base_steps: np.ndarray, steps: np.ndarray, lag: 
     """Robust z of each tensor's change over `lag` logged steps at `steps`, against the same change
     over its baseline steps (steps x tensors; NaN where unknown)."""
     change = wide - wide.shift(lag)
+    # Only where those logged steps are spaced as the statistics usually are (at most twice the median
+    # spacing): across a gap (a cost budget's light steps after a dense warmup) the change spans many
+    # more steps, and a state that drifted there did not move suddenly.
+    measured = wide.index.to_numpy()
+    if len(measured) > lag:
+        apart = np.r_[np.full(lag, np.inf), measured[lag:] - measured[:-lag]]
+        change.loc[apart > 2 * lag * float(np.median(np.diff(measured)))] = np.nan
     base = change.loc[change.index.isin(base_steps)].to_numpy(dtype=float)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
