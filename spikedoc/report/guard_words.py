@@ -50,7 +50,8 @@ def action_line(a: dict[str, Any]) -> str:
         z = ", ".join(f"{k} {table_number(d[k])}" for k in ("loss_z", "grad_norm_z") if isinstance(d.get(k), (int, float)))
         line = (f"veto of step {a['step']}: {', '.join(d.get('reasons', []))}" + (f" ({z} sigma)" if z else "")
                 + (f", the loss of rank {d['loss_rank']}" if d.get("loss_rank") is not None else "")
-                + (f", batch {', '.join(str(x) for x in d['positions'])}" if d.get("positions") else ""))
+                + (f", data position{'s' if len(d['positions']) > 1 else ''} {', '.join(str(x) for x in d['positions'])} "
+                   "(batches drawn)" if d.get("positions") else ""))
     elif a["kind"] == "rollback":
         own = " (the loop's own)" if d.get("clip_of_loop") else ""
         line = (f"rollback from step {d.get('from_step')} to {a['step']} ({d.get('reason')}, cause {d.get('cause')}): "
