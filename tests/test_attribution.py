@@ -303,7 +303,7 @@ def test_one_garbled_batch_among_normal_ones_is_no_high_entropy_stretch():
 
 @pytest.mark.parametrize("beta2, every", [(0.95, 1), (0.999, 1), (0.9, 1), (0.95, 20)])
 def test_a_second_moment_decaying_by_its_own_updates_is_never_said_to_be_written_from_outside(beta2, every):
-    from spikedoc.analysis.attribution import _fall_beyond_updates
+    from spikedoc.analysis.state_precursors import _fall_beyond_updates
 
     # The gradient vanished: each update multiplies the second moment by beta2 (the fastest it can shrink).
     steps = list(range(0, 200, every))
@@ -313,7 +313,7 @@ def test_a_second_moment_decaying_by_its_own_updates_is_never_said_to_be_written
 
 @pytest.mark.parametrize("ratio, gap", [(0.0, 1), (0.05, 1), (1e-4, 30)])
 def test_a_second_moment_falling_further_than_its_updates_allow_is_said_to_be_written(ratio, gap):
-    from spikedoc.analysis.attribution import _fall_beyond_updates
+    from spikedoc.analysis.state_precursors import _fall_beyond_updates
 
     column = pd.Series([1.0, 1.0, ratio], index=[0, 10, 10 + gap])
     fell = _fall_beyond_updates(column, 10 + gap)
