@@ -55,3 +55,22 @@ def test_moments_blown_up_right_after_warmup_are_the_optimizer_state_not_the_lr(
     run = _trained(tmp_path, setup, Fault(family="optimizer_state", kind="scale_m", step=step))
     incident = next(i for i in spikedoc.analyze(run).incidents if step - 2 <= i.onset_step <= step + 2)
     assert incident.cause == "optimizer_state"
+
+
+@pytest.mark.parametrize("setup, step", [
+    (Setup(seed=6101, optimizer="sgd", warmup=12, n_layer=1), 70),
+    (Setup(seed=6103, optimizer="adamw", warmup=6, batch=8, d_model=48), 88),
+])
+def test_an_lr_raised_for_one_step_is_reported_as_a_jump(tmp_path, setup, step):
+    # The LR x20 for one step and back: the change up and the change back, side by side, are one jump
+    # and its return, not each other's schedule.
+    run = _trained(tmp_path, setup, Fault(family="lr_surge", kind="surge", step=step, length=1, factor=20.0))
+    finding = next(f for f in spikedoc.analyze(run).findings if f.id == "lr_discontinuity")
+    assert [j["step"] for j in finding.details["jumps"]] == [step]
+
+
+def test_a_loss_that_rises_after_a_one_step_lr_surge_is_an_lr_schedule_incident(tmp_path):
+    setup = Setup(seed=6105, optimizer="adam", warmup=24, steps=150, clip=1.0)
+    run = _trained(tmp_path, setup, Fault(family="lr_surge", kind="surge", step=100, length=1, factor=25.0))
+    incident = next(i for i in spikedoc.analyze(run).incidents if 98 <= i.onset_step <= 102)
+    assert incident.cause == "lr_schedule"
