@@ -74,3 +74,18 @@ def test_a_loss_that_rises_after_a_one_step_lr_surge_is_an_lr_schedule_incident(
     run = _trained(tmp_path, setup, Fault(family="lr_surge", kind="surge", step=100, length=1, factor=25.0))
     incident = next(i for i in spikedoc.analyze(run).incidents if 98 <= i.onset_step <= 102)
     assert incident.cause == "lr_schedule"
+
+
+@pytest.mark.parametrize("setup, step", [
+    (Setup(seed=7003, optimizer="sgd", warmup=6, clip=0.5, lr_scale=1.5), 58),
+    (Setup(seed=7005, optimizer="adam", warmup=12, n_layer=3, batch=8), 74),
+])
+def test_one_noisy_batch_while_the_loss_still_falls_is_found_as_bad_batch(tmp_path, setup, step):
+    # 30% of the bytes replaced in one batch: its loss is far above the trajectory, but the detector's
+    # band, whose window holds the loss's own fall, is wider still.
+    run = _trained(tmp_path / "fault", setup, Fault(family="bad_batch", kind="noise", step=step))
+    assert not [i for i in find_incidents(load(run).steps) if abs(i.onset_step - step) <= 2]  # the case this test is about
+    incident = next(i for i in spikedoc.analyze(run).incidents if abs(i.onset_step - step) <= 2)
+    assert incident.cause == "bad_batch"
+    twin = spikedoc.analyze(_trained(tmp_path / "clean", setup, None))
+    assert all(i.severity == "minor" for i in twin.incidents)
