@@ -189,13 +189,17 @@ def trajectory_departures(frame: pd.DataFrame, config: AnalysisConfig, detector:
     finite = np.flatnonzero(np.isfinite(losses))
     bar = detector.threshold / 2
     z = np.full(len(steps), np.nan)  # each step's excess over the trajectory of its block, in its sigmas
+    flat_until = 0
     for start in range(0, len(steps), _BLOCK):
         before = finite[: int(np.searchsorted(finite, start))][-recovery.fit_steps :]
-        if before.size < _MIN_BEFORE:
+        if before.size < _MIN_BEFORE or start < flat_until:
             continue
         t = fit_trajectory(steps[before], losses[before], recovery)
-        if (t.at(steps[max(0, start - detector.window)]) - t.at(steps[start])) / t.sigma < bar:
-            continue  # the loss is about flat over the detector's window: its band is the noise's
+        fall = (t.at(steps[max(0, start - detector.window)]) - t.at(steps[start])) / t.sigma
+        if fall < bar:  # the loss is about flat over the detector's window: its band is the noise's
+            if fall < bar / 2:  # far from it: looked at again a window later (a long flat run costs few fits)
+                flat_until = start + detector.window
+            continue
         block = slice(start, min(start + _BLOCK, len(steps)))
         z[block] = (losses[block] - np.array([t.at(s) for s in steps[block]])) / t.sigma
     with np.errstate(invalid="ignore"):
