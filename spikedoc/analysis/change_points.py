@@ -172,7 +172,7 @@ def trajectory_departures(frame: pd.DataFrame, config: AnalysisConfig, detector:
     threshold (in its own sigmas) is the detector's band the fall's rather than the noise's; where the
     loss is flat the two estimates differ only by estimator noise, and judging such a step again only
     adds false alarms (70 on the 75 healthy modded-nanogpt logs, to the detector's 905). On the exam's 120 clean calibration runs no step
-    passes (the largest one-step excess is 6.4 sigma), while the planted step of 58 of its faulty runs
+    passes that the detector does not flag already (the largest one-step excess of the others is 6.4 sigma), while the planted step of 58 of its faulty runs
     does, the trajectory falling 8-41 sigmas across the window there (`bench/exam.py`).
 
     Example:
