@@ -14,8 +14,13 @@ import pytest
 
 import spikedoc
 from bench._exam_train import Fault, Setup, train
-from spikedoc.analysis.change_points import (anomalous_batches, change_point_incidents, trajectory_departures,
-                                             trajectory_response, weight_returns)
+from spikedoc.analysis.change_points import (
+    anomalous_batches,
+    change_point_incidents,
+    trajectory_departures,
+    trajectory_response,
+    weight_returns,
+)
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.detect import DetectorConfig, find_incidents
 from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory

@@ -26,10 +26,10 @@ import pandas as pd
 from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, robust_center_scale
 from spikedoc.analysis.batches import BatchProfile, attribute_batches
 from spikedoc.analysis.config import AnalysisConfig
-from spikedoc.detector.streaming import DetectorConfig
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.recovery_config import RecoveryConfig
 from spikedoc.analysis.trajectory import fit_trajectory, lasting_excess
+from spikedoc.detector.streaming import DetectorConfig
 
 __all__ = ["weight_returns", "anomalous_batches", "state_jumps", "trajectory_departures", "trajectory_response",
            "change_point_incidents"]
@@ -171,9 +171,10 @@ def trajectory_departures(frame: pd.DataFrame, config: AnalysisConfig, detector:
     noise. Only where the trajectory falls across the detector's window by at least half the
     threshold (in its own sigmas) is the detector's band the fall's rather than the noise's; where the
     loss is flat the two estimates differ only by estimator noise, and judging such a step again only
-    adds false alarms (70 on the 75 healthy modded-nanogpt logs, to the detector's 905). On the exam's 120 clean calibration runs no step
-    passes that the detector does not flag already (the largest one-step excess of the others is 6.4 sigma), while the planted step of 58 of its faulty runs
-    does, the trajectory falling 8-41 sigmas across the window there (`bench/exam.py`).
+    adds false alarms (70 on the 75 healthy modded-nanogpt logs, to the detector's 905). On the exam's
+    120 clean calibration runs no step passes that the detector does not flag already (the largest
+    one-step excess of the others is 6.4 sigma), while the planted step of 58 of its faulty runs does,
+    the trajectory falling 8-41 sigmas across the window there (`bench/exam.py`).
 
     Example:
         >>> steps = np.arange(120)
@@ -267,24 +268,24 @@ def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], fo
         test = trajectory_response(steps, losses, at, span=1 if one else span, recovery=recovery)
         if test is None or not test["z"] >= (threshold if one else recovery.damage_z):
             continue
-        band = (threshold, merge_gap + 1) if one else (recovery.tolerance_sigma, recovery.hold_steps)
-        out.append(_incident(steps, losses, at, test, band, point["why"]))
+        band, gap = (threshold, merge_gap + 1) if one else (recovery.tolerance_sigma, recovery.hold_steps)
+        out.append(_incident(steps, losses, at, test, point["why"], band_sigma=band, max_gap=gap))
     return out
 
 
-def _incident(steps: np.ndarray, losses: np.ndarray, at: int, test: dict[str, Any], band: tuple[float, int],
-              why: str) -> Incident:  # fmt: skip
-    # band: (sigmas of the trajectory the loss must exceed to be out, most steps from one such step to the next)
+def _incident(steps: np.ndarray, losses: np.ndarray, at: int, test: dict[str, Any], why: str, *,
+              band_sigma: float, max_gap: int) -> Incident:  # fmt: skip
+    # The loss is out while `band_sigma` trajectory sigmas above it; the incident holds across at most `max_gap` steps in.
     t = test["trajectory"]
     after = np.flatnonzero(steps >= at)
     expected = np.array([t.at(s) for s in steps[after]])
     excess = np.where(np.isfinite(losses[after]), losses[after] - expected, math.inf)
-    off = np.flatnonzero(excess > band[0] * t.sigma)
+    off = np.flatnonzero(excess > band_sigma * t.sigma)
     # Out of the band from the change on: the incident ends at the last such step before a longer
     # stretch inside it (the recovery judgement then decides what is left).
     end = at
     for i in off:
-        if steps[after[i]] - end > band[1]:
+        if steps[after[i]] - end > max_gap:
             break
         end = int(steps[after[i]])
     span = after[steps[after] <= end]
