@@ -14,8 +14,15 @@ import pytest
 
 import spikedoc
 from bench._exam_train import Fault, Setup, train
-from spikedoc.analysis.change_points import anomalous_batches, trajectory_response, weight_returns
+from spikedoc.analysis.change_points import (
+    anomalous_batches,
+    change_point_incidents,
+    trajectory_departures,
+    trajectory_response,
+    weight_returns,
+)
 from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.analysis.detect import DetectorConfig, find_incidents
 from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory
 
 _ROOT = Path(tempfile.mkdtemp(prefix="spikedoc-change-points-"))
@@ -128,3 +135,32 @@ def test_a_batch_whose_input_is_anomalous_is_bad_batch_whatever_the_optimizer_st
     run = _run(f"input-{kind}", setup, Fault(family="bad_batch", kind=kind, step=45, length=3))
     inc = next(i for i in spikedoc.analyze(run).incidents if 43 <= i.onset_step <= 49)
     assert inc.cause == "bad_batch", inc.evidence
+
+
+def _falling(n: int = 150, seed: int = 0) -> pd.DataFrame:
+    """A loss still falling fast over the detector's whole window, with 1% noise."""
+    rng = np.random.default_rng(seed)
+    step = np.arange(n)
+    return pd.DataFrame({"step": step, "loss": (3.0 + 2.5 * np.exp(-step / 40)) * np.exp(rng.normal(0, 0.01, n))})
+
+
+def test_a_one_step_excess_inside_a_band_that_holds_the_fall_is_a_candidate_step():
+    frame = _falling()
+    frame.loc[frame["step"] == 90, "loss"] *= 1.25  # about 25 sigmas of the noise, inside the band of the fall
+    assert find_incidents(frame) == []  # the case this test is about
+    assert 90 in trajectory_departures(frame, AnalysisConfig(), DetectorConfig())
+
+
+def test_a_flat_loss_is_left_to_the_detector_however_high_its_spike():
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"step": np.arange(300), "loss": 3.0 * np.exp(rng.normal(0, 0.01, 300))})
+    frame.loc[frame["step"] == 200, "loss"] *= 1.5
+    assert trajectory_departures(frame, AnalysisConfig(), DetectorConfig()) == []
+    assert [i.onset_step for i in find_incidents(frame)] == [200]
+
+
+def test_a_one_step_change_back_under_its_bar_at_the_next_step_is_a_one_step_incident():
+    frame = _falling()
+    frame.loc[frame["step"] == 90, "loss"] *= 1.25
+    [incident] = change_point_incidents(frame, [{"step": 90, "why": "loss", "one_step": True}], [], AnalysisConfig())
+    assert (incident.onset_step, incident.end_step, incident.recovery_step) == (90, 90, 91)

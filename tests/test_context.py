@@ -31,6 +31,27 @@ def test_an_lr_jump_is_a_discontinuity_but_warmup_and_cosine_decay_are_not():
     assert jumps[0]["factor"] == pytest.approx(3.0, rel=0.01)  # x3 on top of one step of cosine decay
 
 
+@pytest.mark.parametrize("at, factor", [(120, 10.0), (333, 4.0)])
+def test_an_lr_raised_for_one_step_is_a_discontinuity_up_and_back(at, factor):
+    # The change up and the change back sit side by side, each as large as the other: neither is
+    # the schedule's pace the other is judged against.
+    steps = healthy_steps(warmup=50)
+    steps.loc[steps["step"] == at, "lr"] *= factor
+    assert [(j["step"], j["direction"]) for j in lr_discontinuities(steps)] == [(at, "up"), (at + 1, "down")]
+
+
+def test_an_lr_raised_for_two_steps_on_a_decay_is_still_one_jump_up_and_one_back():
+    # The decay's own small step down between the two raised steps is no return of the jump.
+    steps = healthy_steps(warmup=50)
+    steps.loc[steps["step"].isin([200, 201]), "lr"] *= 6
+    assert [(j["step"], j["direction"]) for j in lr_discontinuities(steps)] == [(200, "up"), (202, "down")]
+
+
+def test_a_triangular_cyclic_schedule_turning_has_no_discontinuity():
+    lr = np.concatenate([np.linspace(1e-4, 1e-3, 50), np.linspace(1e-3, 1e-4, 50)] * 3)
+    assert lr_discontinuities(pd.DataFrame({"step": range(lr.size), "lr": lr})) == []
+
+
 def test_a_step_schedule_drop_is_a_downward_discontinuity():
     steps = pd.DataFrame({"step": range(300), "lr": [1e-3] * 100 + [1e-4] * 100 + [1e-5] * 100})
     assert [(j["step"], j["direction"]) for j in lr_discontinuities(steps)] == [(100, "down"), (200, "down")]

@@ -69,3 +69,37 @@ def test_second_moments_written_from_outside_are_a_writer_to_find_not_an_lr_or_c
     assert incident.cause == "optimizer_state"
     actions = _actions(incident)
     assert "find_state_writer" in actions and not {"lower_lr", "tighten_clip", "reset_moments"} & set(actions)
+
+
+@pytest.mark.parametrize("setup, step", [
+    (Setup(seed=6101, optimizer="sgd", warmup=12, n_layer=1), 70),
+    (Setup(seed=6103, optimizer="adamw", warmup=6, batch=8, d_model=48), 88),
+])
+def test_an_lr_raised_for_one_step_is_reported_as_a_jump(tmp_path, setup, step):
+    # The LR x20 for one step and back: the change up and the change back, side by side, are one jump
+    # and its return, not each other's schedule.
+    run = _trained(tmp_path, setup, Fault(family="lr_surge", kind="surge", step=step, length=1, factor=20.0))
+    finding = next(f for f in spikedoc.analyze(run).findings if f.id == "lr_discontinuity")
+    assert [j["step"] for j in finding.details["jumps"]] == [step]
+
+
+def test_a_loss_that_rises_after_a_one_step_lr_surge_is_an_lr_schedule_incident(tmp_path):
+    setup = Setup(seed=6105, optimizer="adam", warmup=24, steps=150, clip=1.0)
+    run = _trained(tmp_path, setup, Fault(family="lr_surge", kind="surge", step=100, length=1, factor=25.0))
+    incident = next(i for i in spikedoc.analyze(run).incidents if 98 <= i.onset_step <= 102)
+    assert incident.cause == "lr_schedule"
+
+
+@pytest.mark.parametrize("setup, step", [
+    (Setup(seed=7003, optimizer="sgd", warmup=6, clip=0.5, lr_scale=1.5), 58),
+    (Setup(seed=7005, optimizer="adam", warmup=12, n_layer=3, batch=8), 74),
+])
+def test_one_noisy_batch_while_the_loss_still_falls_is_found_as_bad_batch(tmp_path, setup, step):
+    # 30% of the bytes replaced in one batch: its loss is far above the trajectory, but the detector's
+    # band, whose window holds the loss's own fall, is wider still.
+    run = _trained(tmp_path / "fault", setup, Fault(family="bad_batch", kind="noise", step=step))
+    assert not [i for i in find_incidents(load(run).steps) if abs(i.onset_step - step) <= 2]  # the case this test is about
+    incident = next(i for i in spikedoc.analyze(run).incidents if abs(i.onset_step - step) <= 2)
+    assert incident.cause == "bad_batch"
+    twin = spikedoc.analyze(_trained(tmp_path / "clean", setup, None))
+    assert all(i.severity == "minor" for i in twin.incidents)

@@ -12,7 +12,8 @@ from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
 from spikedoc.analysis._robust import fmt, fmt_span, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
 from spikedoc.analysis.attribution import batch_profile, hash_history
-from spikedoc.analysis.change_points import anomalous_batches, change_point_incidents, state_jumps, weight_returns
+from spikedoc.analysis.change_points import (anomalous_batches, change_point_incidents, state_jumps, trajectory_departures,
+                                             weight_returns)
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.context import lr_discontinuities, warmup
 from spikedoc.analysis.detect import DetectorConfig, find_incidents, flag_series
@@ -90,8 +91,11 @@ class AnalysisPass(IncidentDiagnosis):
             points += [{"step": s, "why": "optimizer state"} for s in changed]
             points += [{"step": s, "why": "batch", "one_step": True}
                        for s in anomalous_batches(self._rows_of(own), self.run_profile, self.config)]
+            # Last, so that a change found independently of the loss at the same step names it.
+            points += [{"step": s, "why": "loss", "one_step": True}
+                       for s in trajectory_departures(frame, self.config, self.detector)]
             found += change_point_incidents(frame, [p for p in points if p["step"] in own_steps], found, self.config,
-                                            threshold=self.detector.threshold)
+                                            threshold=self.detector.threshold, merge_gap=self.detector.merge_gap)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             self.profile = self._profile_before(frame, found)
             found = self._one_per_stretch(found, frame)

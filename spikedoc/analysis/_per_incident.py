@@ -157,6 +157,11 @@ class IncidentDiagnosis:
                     f"jump was {fmt(series['level_sigma'], 2)} sigma above the run's earlier {cfg.lr_response_steps}-step windows "
                     f"(threshold {fmt(cfg.lr_response_sigma, 2)}); no single step crossed the detector's threshold"
                 )
+            if series.get("change") == "loss":
+                ev.notes.append(
+                    f"found by the trajectory's second look: the {name} was {fmt(series['shift_z'], 2)} sigmas above the "
+                    "trajectory of the steps before it, while the detector's band, whose window still holds the loss's own "
+                    "fall, was wider than that")
         if inc.low_confidence:
             ev.notes.append("too little history before onset for a confident baseline: treat the size with care")
 

@@ -62,7 +62,8 @@ class AnalysisConfig:
     """Share of lookback steps with clip_coef < 1 that counts as clipping saturation."""
     lr_jump: float = 10.0
     """An LR change counts as a discontinuity when it is this many times both neighbouring changes
-    (so a warmup ramp or a smooth decay never does) and at least 20% of the LR."""
+    (so a warmup ramp or a smooth decay never does) and at least 20% of the LR; an LR raised for one
+    step and put back is judged against the changes beyond its own return (`context.lr_discontinuities`)."""
     lr_response_steps: int = 20
     """After an upward LR jump, the window whose mean loss (and grad-norm) z-score is tested for a
     rise: Adam's step scales with the LR at once and its momentum (beta1 = 0.9) averages ~10 steps."""

@@ -70,9 +70,8 @@ def lr_discontinuities(frame: pd.DataFrame, *, config: AnalysisConfig | None = N
         lr, at = lr[ok], steps[ok]
         if lr.size < 2:
             continue
+        left, right = _neighbour_changes(np.diff(lr), config.lr_jump)
         d = np.abs(np.diff(lr))
-        left = np.concatenate([[0.0], d[:-1]])
-        right = np.concatenate([d[1:], [0.0]])
         scale = np.maximum(np.abs(lr[:-1]), np.abs(lr[1:]))
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(scale > 0, d / scale, 0.0)
@@ -88,6 +87,27 @@ def lr_discontinuities(frame: pd.DataFrame, *, config: AnalysisConfig | None = N
                 "direction": "up" if after > before else "down",
             })
     return sorted(out, key=lambda j: (j["step"], j["group"]))
+
+
+def _neighbour_changes(change: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per change of an LR series, the size of the schedule's change before and after it.
+
+    Normally the adjacent changes. But an LR that leaves its schedule for one step and comes back
+    (x10 on one step) is two changes of opposite sign side by side, each as large as the other: an
+    adjacent change that goes the other way and is itself `ratio` times the change beyond it is the
+    jump's own return, not the schedule's pace, so the change beyond it is taken instead. A ramp that
+    turns (a warmup into its decay, a triangular cycle) turns at its own pace and is no such return.
+    """
+    d = np.abs(change)
+    sign = np.sign(change)
+    pad = np.zeros(2)
+    d_before, d_after = np.concatenate([pad, d])[:-2], np.concatenate([d, pad])[2:]  # d[i-2], d[i+2]
+    adjacent_before, adjacent_after = np.concatenate([[0.0], d[:-1]]), np.concatenate([d[1:], [0.0]])
+    sign_before, sign_after = np.concatenate([[0.0], sign[:-1]]), np.concatenate([sign[1:], [0.0]])
+    # The adjacent change's own other side: the change before it (for the one before), after it (for the one after).
+    return_before = (sign_before * sign < 0) & (adjacent_before > ratio * d_before)
+    return_after = (sign_after * sign < 0) & (adjacent_after > ratio * d_after)
+    return np.where(return_before, d_before, adjacent_before), np.where(return_after, d_after, adjacent_after)
 
 
 def warmup(frame: pd.DataFrame) -> dict[str, Any] | None:
