@@ -330,3 +330,15 @@ def test_state_statistics_compared_across_a_gap_after_a_dense_warmup_are_no_sudd
     layers.loc[(layers["step"] >= T - 150) & (layers["step"] < T - 101), _FULL_ONLY] = math.nan
     found = attribute_layers(layers, onset=T, peak=T, reference=T)
     assert not [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]
+
+
+def test_a_second_moment_written_down_inside_a_gap_of_the_statistics_is_found_as_written_from_outside(steps):
+    # No state statistics from T - 95 to T - 81 (a cost budget's light steps): head.weight's second
+    # moment written down 100x at T - 90, inside the gap. Over a gap the change is no sudden-change
+    # score, but no update shrinks a second moment 100x in 16 steps.
+    layers = healthy_layers(steps)
+    layers.loc[(layers["step"] >= T - 95) & (layers["step"] < T - 80), _FULL_ONLY] = math.nan
+    layers.loc[(layers["name"] == "head.weight") & (layers["step"] >= T - 90), "exp_avg_sq_mean"] *= 1e-2
+    found = attribute_layers(layers, onset=T, peak=T, reference=T)
+    collapses = [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]
+    assert [(p["name"], p["overwritten"], p["step"]) for p in collapses] == [("head.weight", True, T - 95)]

@@ -131,7 +131,8 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
             logs = np.log10(np.where(wide > 0, wide, np.nan))
         falling = -_rate_z(pd.DataFrame(logs, index=wide.index, columns=wide.columns), base_steps, steps,
                            config.sudden_steps, LOG10_SIGMA_FLOOR)
-        hits = level & (falling >= config.z_threshold)
+        # Faster than it ever moved before, or (across a gap in the statistics too) faster than any update can.
+        hits = level & ((falling >= config.z_threshold) | _beyond_updates(wide).reindex(steps).to_numpy(dtype=bool))
         for j in np.flatnonzero(hits.any(axis=0)):
             name, seen, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
             step, when = _when(wide, seen)
@@ -160,6 +161,17 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
             })
     found.sort(key=lambda p: p["step"] if p["step"] is not None else onset)
     return found
+
+
+def _beyond_updates(wide: pd.DataFrame) -> pd.DataFrame:
+    """Per measured step and tensor: the second moment fell below what updates allow since the step
+    measured before (`_fall_beyond_updates`, for every cell at once)."""
+    measured = wide.index.to_numpy()
+    gap = np.r_[np.inf, np.diff(measured)] if len(measured) else np.zeros(0)
+    floor = pd.Series(_V_DECAY_FLOOR**gap * (1 - 1e-4), index=wide.index)
+    previous = wide.shift(1)
+    with np.errstate(all="ignore"):
+        return (wide.div(previous.where(previous > 0)).lt(floor, axis=0)).fillna(False)
 
 
 def _fall_beyond_updates(column: pd.Series, seen: int) -> tuple[float, int] | None:

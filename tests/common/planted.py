@@ -93,7 +93,13 @@ def healthy_layers(steps: pd.DataFrame, *, seed: int = 1, names: Iterable[str] =
     grad = base[None, :] * steps["grad_norm"].to_numpy()[:, None] * np.exp(rng.normal(0, 0.08, (n, k)))
     lr = steps["lr"].to_numpy()[:, None] / steps["lr"].max()
     ratio = 1e-3 * lr * np.exp(rng.normal(0, 0.08, (n, k)))
-    v = (base[None, :] ** 2) * 1e-4 * np.exp(rng.normal(0, 0.05, (n, k)))
+    # Adam's second moment is a running average (beta2 0.95): from step to step it shrinks by at most
+    # beta2, as a real one does, around its level base^2 * 1e-4.
+    fresh = (base[None, :] ** 2) * 1e-4 * np.exp(rng.normal(0, 0.2, (n, k)))
+    v = np.empty((n, k))
+    v[0] = (base ** 2) * 1e-4
+    for i in range(1, n):
+        v[i] = 0.95 * v[i - 1] + 0.05 * fresh[i]
     return pd.DataFrame({
         "step": np.repeat(steps["step"].to_numpy(), k),
         "name": names * n,
