@@ -206,3 +206,14 @@ def test_a_recovered_bad_batch_says_no_rollback_is_needed_before_naming_what_to_
     first, *rest = _first("bad_batch_constant").recommendation["actions"]
     assert action_text(first) == "no rollback needed: the run recovered by itself"
     assert [a["action"] for a in rest] == ["skip_data"]
+
+
+def test_no_incident_of_a_run_whose_second_moments_were_written_from_outside_advises_resetting_them(tmp_path):
+    # The demo's zeroed exp_avg_sq, recorded at watch()'s defaults: the first incident finds the writer
+    # and rolls back before it; the one after it, led by the same write, does not ask for the moments
+    # to be reset by hand.
+    from spikedoc.demo import record_demo_run
+
+    incidents = spikedoc.analyze(record_demo_run(tmp_path / "run", "optimizer_state")).incidents
+    actions = [a["action"] for i in incidents for a in i.recommendation["actions"]]
+    assert "find_state_writer" in actions and "reset_moments" not in actions

@@ -158,7 +158,10 @@ def recommend(
             actions.append({"action": "tighten_clip", "max_norm": rec["clip_max_norm"], "was": clip, "because": grad})
         else:
             ev.notes.append(f"no tighter clipping advised: {clip_kept_because(clip, share, steps)}")
-    if cause == "optimizer_state" and ev.layers is not None and ev.layers.precursors and not written:
+    # A moment written from outside (this incident's or an earlier one's precursor) is not reset by hand:
+    # its writer is to be found, and the rollback before it puts sound moments back.
+    if cause == "optimizer_state" and ev.layers is not None and ev.layers.precursors \
+            and not any(p.get("overwritten") for p in ev.layers.precursors):  # fmt: skip
         rec["reset_optimizer_state_for"] = list(dict.fromkeys(p["name"] for p in ev.layers.precursors))
         actions.append({"action": "reset_moments", "tensors": rec["reset_optimizer_state_for"],
                         "because": ev.layers.precursors[0]["sentence"]})
