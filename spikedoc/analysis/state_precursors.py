@@ -163,32 +163,40 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
     return found
 
 
-def _beyond_updates(wide: pd.DataFrame) -> pd.DataFrame:
-    """Per measured step and tensor: the second moment fell below what updates allow since the step
-    measured before (`_fall_beyond_updates`, for every cell at once)."""
-    measured = wide.index.to_numpy()
-    gap = np.r_[np.inf, np.diff(measured)] if len(measured) else np.zeros(0)
-    floor = pd.Series(_V_DECAY_FLOOR**gap * (1 - 1e-4), index=wide.index)
-    previous = wide.shift(1)
+def _falls(wide: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per measured step and tensor: the second moment over its last measured value before, the
+    steps between the two, and whether that fall is below what Adam-family updates allow
+    (`_V_DECAY_FLOOR ** steps`)."""
+    index = wide.index.to_numpy(dtype=float)
+    measured_at = pd.DataFrame(np.where(wide.notna(), index[:, None], np.nan), index=wide.index, columns=wide.columns)
+    last, last_at = wide.shift(1).ffill(), measured_at.shift(1).ffill()
+    gap = pd.DataFrame(index[:, None] - last_at.to_numpy(), index=wide.index, columns=wide.columns)
     with np.errstate(all="ignore"):
-        return (wide.div(previous.where(previous > 0)).lt(floor, axis=0)).fillna(False)
+        ratio = wide / last.where(last > 0)
+        # The statistics are stored as float32: a fall of exactly beta2 per step must not read as more.
+        beyond = (ratio < _V_DECAY_FLOOR**gap * (1 - 1e-4)).fillna(False)
+    return ratio, gap, beyond
+
+
+def _beyond_updates(wide: pd.DataFrame) -> pd.DataFrame:
+    """Per measured step and tensor: the second moment fell below what updates allow since its
+    measurement before (`_falls`)."""
+    return _falls(wide)[2]
 
 
 def _fall_beyond_updates(column: pd.Series, seen: int) -> tuple[float, int] | None:
     """(ratio, steps) when a second moment's mean at measured step `seen` fell below what Adam-family
-    updates allow since the measurement before it (`_V_DECAY_FLOOR ** steps` of it); None otherwise.
+    updates allow since the measurement before it (`_falls`); None otherwise.
 
     Example:
-        >>> _fall_beyond_updates(pd.Series([1.0, 0.98, 0.01], index=[10, 11, 12]), 12)
-        (0.01020408163265306, 1)
+        >>> ratio, steps = _fall_beyond_updates(pd.Series([1.0, 0.98, 0.01], index=[10, 11, 12]), 12)
+        >>> round(ratio, 4), steps
+        (0.0102, 1)
     """
-    before = column.loc[column.index < seen].dropna()
-    now = float(column.get(seen, np.nan))
-    if before.empty or not np.isfinite(now) or not float(before.iloc[-1]) > 0:
+    ratio, gap, beyond = _falls(column.to_frame())
+    if seen not in ratio.index or not bool(beyond.loc[seen].iloc[0]):
         return None
-    gap, ratio = seen - int(before.index[-1]), now / float(before.iloc[-1])
-    # The statistics are stored as float32: a fall of exactly beta2 per step must not read as more.
-    return (ratio, gap) if ratio < _V_DECAY_FLOOR**gap * (1 - 1e-4) else None
+    return float(ratio.loc[seen].iloc[0]), int(gap.loc[seen].iloc[0])
 
 
 def _when(wide: pd.DataFrame, seen: int) -> tuple[int, str]:
