@@ -161,7 +161,7 @@ def test_a_nonfinite_gradient_is_the_most_extreme_departure(steps):
     assert found.layers[0]["name"] == "embed.weight" and found.layers[0]["z"] == math.inf
 
 
-_FULL_ONLY = ["grad_max", "update_norm", "update_ratio", "exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac"]
+_FULL_ONLY = ["param_norm", "grad_max", "update_norm", "update_ratio", "exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac"]
 
 
 def _light_steps(layers, every):
@@ -174,6 +174,17 @@ def _light_steps(layers, every):
 def test_steps_without_the_full_statistics_implicate_no_tensor(steps):
     found = attribute_layers(_light_steps(healthy_layers(steps), 25), onset=T - 1, peak=T - 1, reference=T - 1)
     assert found.layers == [] and found.precursors == [] and found.earliest_step is None
+
+
+def test_a_parameter_gone_non_finite_is_named_past_the_light_steps_that_measure_no_parameter_norm(steps):
+    layers = _light_steps(healthy_layers(steps), 25)  # steps T - 24 .. T - 1 have no parameter norms
+    layers.loc[(layers["name"] == "head.weight") & (layers["step"] >= T), "param_norm"] = math.inf
+    assert attribute_layers(layers, onset=T, peak=T, reference=T).nonfinite_params == (T, ["head.weight"])
+
+
+def test_light_steps_alone_name_no_non_finite_parameter(steps):
+    found = attribute_layers(_light_steps(healthy_layers(steps), 25), onset=T - 1, peak=T - 1, reference=T - 1)
+    assert found.nonfinite_params is None
 
 
 def test_a_gradient_departure_is_dated_on_steps_without_the_full_statistics(steps):

@@ -38,8 +38,22 @@ def test_every_step_keeps_exact_gradient_norms_and_full_steps_keep_everything(tm
             assert rows["exp_avg_norm"].to_dict() == pytest.approx(m, rel=1e-5)
             update = math.sqrt(sum(float((c.after[n] - c.before[n]).double().pow(2).sum()) for n in c.after))
             assert steps["update_norm"][step] == pytest.approx(update, rel=1e-4)
+            params = {n: float(p.double().norm()) for n, p in c.after.items()}
+            assert rows["param_norm"].to_dict() == pytest.approx(params, rel=1e-5)
         else:
             assert rows[["exp_avg_norm", "eps_frac", "grad_max", "update_ratio"]].isna().all().all()
+
+
+def test_light_steps_measure_no_parameter_norms(tmp_path):
+    # Parameters move slowly: their norms (one pass over every weight) wait for a full step.
+    model = make_model(1)
+    run, _ = watched_run(model, torch.optim.Adam(model.parameters(), lr=1e-3), tmp_path, 30, watch={"budget": 0.01})
+    steps, layers = run.steps.set_index("step"), run.layers()
+    light = steps.index[~steps["full_stats"]]
+    assert len(light) > 0
+    assert steps.loc[light, "param_norm"].isna().all()
+    assert layers.loc[layers["step"].isin(light), "param_norm"].isna().all()
+    assert steps.loc[steps["full_stats"], "param_norm"].notna().all()
 
 
 def test_default_records_the_full_statistics_every_step(tmp_path):

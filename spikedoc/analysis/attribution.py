@@ -151,9 +151,13 @@ def _nonfinite_params(layers: pd.DataFrame) -> tuple[int, list[str]] | None:
     """First step with non-finite parameter norms, and which tensors, when they are a minority.
 
     A NaN row is data here (the row was written, its value is NaN). When every tensor goes
-    non-finite in the same step (a NaN gradient reaches all of them), naming them says nothing.
+    non-finite in the same step (a NaN gradient reaches all of them), naming them says nothing; such
+    steps are passed over, and so are a cost budget's light steps, which measure no parameter norm.
     """
-    found = _first_nonfinite(layers, "param_norm")
+    if "param_norm" not in layers.columns:
+        return None
+    measured = layers["step"].isin(layers.loc[layers["param_norm"].notna(), "step"].unique())
+    found = _first_nonfinite(layers.loc[measured], "param_norm")
     if found is None:
         return None
     first, names, total = found

@@ -221,9 +221,10 @@ def post_stats(ctx: StepContext, st: StepRecord, skipped: bool) -> None:
                     "from now on their statistics are taken before the step"
                 )
         for b, bucket in enumerate(ctx.plan.buckets):
-            pn = norms(bucket.params)
-            pk.add(f"{b}:param_norm", pn)
-            if skipped or not st.full:
+            if not st.full:  # a cost budget's light step: parameters move slowly, their norms wait for a full one
+                continue
+            pk.add(f"{b}:param_norm", norms(bucket.params))
+            if skipped:
                 continue
             step = AfterStep(grads=grads[b], active=active.get(b), snapshot=snapshots.get(b), layers=st.layers,
                              hyper=hyper)  # fmt: skip

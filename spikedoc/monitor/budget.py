@@ -1,10 +1,10 @@
 """Which steps get the full statistics when `watch(budget=...)` caps the monitor's share of the step time.
 
 Every recorded step gets the cheap statistics: the loss, learning rates, the total and per-tensor
-gradient norms (the total needs them anyway), non-finite counts, parameter norms, clipping and the
-batch fingerprint. The full statistics (gradient maxima, update norms and ratios, the optimizer
-state: Adam's moments and eps fraction, momentum norms) cost several more passes over the
-parameters and state; under a budget they come every `every` steps, with `every` the smallest
+gradient norms (the total needs them anyway), non-finite counts, clipping and the batch
+fingerprint. The full statistics (parameter norms, gradient maxima, update norms and ratios, the
+optimizer state: Adam's moments and eps fraction, momentum norms) cost one or more passes over the
+parameters and state each; under a budget they come every `every` steps, with `every` the smallest
 that keeps the measured monitor time per step (in its hooks) within `budget` of the step
 time. The spike detector `analyze` uses watches the loss and the gradient norm online: a flag
 makes every step full again for `dense_steps`, so the steps around an incident have everything.
