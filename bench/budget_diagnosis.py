@@ -28,8 +28,12 @@ from spikedoc.demo.training import SPECS, generate_run  # noqa: E402
 def _verdicts(run: Path) -> str:
     incidents = spikedoc.analyze(run).incidents
     return "; ".join(
-        f"{i.onset_step} {i.cause} {i.verdict} rollback {i.recommendation.get('rollback_to_step', '-')}" for i in incidents
+        f"{i.onset_step} {i.cause} {i.verdict} " + _rollback(i.recommendation.get("rollback_to_step")) for i in incidents
     ) or "no incident"
+
+
+def _rollback(step: int | None) -> str:
+    return "no rollback" if step is None else f"rollback {step}"
 
 
 def _full_share(run: Path) -> float:
