@@ -53,18 +53,28 @@ def test_a_resume_that_restarts_the_schedule_is_reported_with_the_lr_it_went_bac
 
 def test_a_resume_that_restores_the_schedule_is_no_restart():
     lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1]
-    assert restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10) == []
+    assert restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}) == []
 
 
 def test_a_constant_lr_resumed_is_no_restart():
     frame = pd.DataFrame({"step": range(14), "lr": [0.3] * 14})
-    assert restarted_at_resume(frame, {8: 1}, span=10) == []
+    assert restarted_at_resume(frame, {8: 1}) == []
 
 
-def test_a_restart_below_the_lr_it_left_is_a_downward_discontinuity():
-    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
-    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10)
-    assert (jump["direction"], jump["after"], jump["before"]) == ("down", 0.1, 0.48)
+def test_a_restart_that_never_climbs_above_the_lr_it_left_is_a_downward_discontinuity():
+    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1})
+    assert (jump["direction"], jump["after"], jump["before"]) == ("down", 0.1, 0.5)
+    assert "until" not in jump
+
+
+def test_a_restart_that_climbs_back_above_the_lr_it_left_is_upward_however_little():
+    # A resume just past the peak: the warmup runs again and the decay restarts from a peak only 4%
+    # above where it had got to: the LR runs above the one it left on steps 12 to 14 (and above the
+    # run's own decay, which would have gone on falling from 0.48, longer still).
+    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.47]
+    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(17), "lr": lr}), {8: 1})
+    assert (jump["direction"], jump["after"], jump["before"], jump["until"]) == ("up", 0.5, 0.48, 14)
 
 
 @pytest.mark.parametrize(("setup", "kind", "step"), [
