@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 
 import spikedoc
-from bench._exam_train import Fault, Setup, train
+from bench._exam_design import labels
+from bench._exam_train import Fault, Setup, _Loop, train
 from spikedoc.analysis.change_points import state_jumps
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.schedule import restarted_at_resume
+from spikedoc.demo.training import _deterministic
 
 
 def _diagnose(tmp_path, setup: Setup, fault: Fault):
@@ -108,3 +110,47 @@ def test_a_state_change_is_an_optimizer_state_incident_or_else_a_finding(tmp_pat
         assert found[0].cause == "optimizer_state" and not changed, found[0].evidence
     else:
         assert changed == [[step]]
+
+
+# ------------------------------------------------------------------------------------ a resume and its schedule
+
+
+class _ResumedCorrectly(_Loop):
+    """The exam's loop, stopped and resumed at `at` as a new segment with everything restored (the
+    schedule goes on from where it was): a resume done right."""
+
+    def __init__(self, setup: Setup, run_dir, ckpt_dir, *, at: int) -> None:
+        self.at = at
+        super().__init__(setup, None, run_dir, ckpt_dir)
+
+    def _between_steps(self, step: int) -> None:
+        if step == self.at:
+            self.monitor.close()
+            self.monitor = self._watch(start_step=step)
+
+
+@pytest.mark.parametrize(("setup", "step"), [
+    (Setup(seed=1019, steps=100, optimizer="sgd", d_model=24, n_layer=3, batch=8, warmup=6, clip=0.5, lr_scale=1.5), 66),
+    (Setup(seed=1021, steps=110, optimizer="lion", d_model=40, n_layer=2, batch=16, warmup=20, clip=1.0), 45),
+])
+def test_a_resume_that_restarts_the_schedule_and_raises_the_loss_is_lr_schedule(tmp_path, setup, step):
+    fault = Fault(family="lr_restart", kind="restart", step=step)
+    twin = train(setup, None, tmp_path / "twin", tmp_path / "twin-ckpt")
+    record = train(setup, fault, tmp_path / "run", tmp_path / "ckpt")
+    assert labels(setup, fault, record, twin)["band"] != "none"  # the case this test is about: the loss felt it
+    found = _near(spikedoc.analyze(tmp_path / "run"), step)
+    assert found, "the restarted schedule made no incident"
+    assert found[0].cause == "lr_schedule", found[0].evidence
+    assert any("the schedule started again from step 0" in e for e in found[0].evidence)
+
+
+def test_a_resume_that_continues_the_schedule_gets_no_schedule_finding(tmp_path):
+    setup = Setup(seed=1023, steps=100, optimizer="sgd", d_model=24, n_layer=3, batch=8, warmup=6, clip=0.5, lr_scale=1.5)
+    (tmp_path / "ckpt").mkdir()
+    with _deterministic(setup.seed):
+        loop = _ResumedCorrectly(setup, tmp_path / "run", tmp_path / "ckpt", at=66)
+        loop.run()
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    assert [r["step"] for r in diagnosis.summary["resumes"]] == [66]  # a resume was recorded
+    assert "lr_discontinuity" not in {f.id for f in diagnosis.findings}
+    assert not [i for i in diagnosis.incidents if i.cause == "lr_schedule"]
