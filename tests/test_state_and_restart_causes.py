@@ -130,8 +130,8 @@ class _ResumedCorrectly(_Loop):
 
 
 @pytest.mark.parametrize(("setup", "step"), [
-    (Setup(seed=1019, steps=100, optimizer="sgd", d_model=24, n_layer=3, batch=8, warmup=6, clip=0.5, lr_scale=1.5), 66),
-    (Setup(seed=1021, steps=110, optimizer="lion", d_model=40, n_layer=2, batch=16, warmup=20, clip=1.0), 45),
+    (Setup(seed=1035, steps=100, optimizer="sgd", d_model=40, n_layer=2, batch=8, warmup=6, clip=0.5, lr_scale=2.0), 38),
+    (Setup(seed=1037, steps=110, optimizer="sgd", d_model=24, n_layer=2, batch=8, warmup=20, clip=1.0, lr_scale=1.5), 42),
 ])
 def test_a_resume_that_restarts_the_schedule_and_raises_the_loss_is_lr_schedule(tmp_path, setup, step):
     fault = Fault(family="lr_restart", kind="restart", step=step)
@@ -154,3 +154,21 @@ def test_a_resume_that_continues_the_schedule_gets_no_schedule_finding(tmp_path)
     assert [r["step"] for r in diagnosis.summary["resumes"]] == [66]  # a resume was recorded
     assert "lr_discontinuity" not in {f.id for f in diagnosis.findings}
     assert not [i for i in diagnosis.incidents if i.cause == "lr_schedule"]
+
+
+@pytest.mark.parametrize(("setup", "step"), [
+    (Setup(seed=1051, steps=100, optimizer="sgd", d_model=40, n_layer=3, batch=16, warmup=10), 55),
+    (Setup(seed=1053, steps=110, optimizer="sgd", d_model=24, n_layer=2, batch=16, warmup=20, lr_scale=1.5), 40),
+])
+def test_a_resume_whose_lr_throws_the_loss_back_is_lr_schedule_not_a_state_never_loaded(tmp_path, setup, step):
+    # Everything restored, the LR x16 from the resume on: the loss of the resume's first step (before
+    # its update) is still the trained model's; the next steps' go most of the way back to the start.
+    train(setup, Fault(family="lr_restart", kind="rescaled", step=step, factor=16.0), tmp_path / "run", tmp_path / "ckpt")
+    loss = pd.read_parquet(tmp_path / "run" / "steps").sort_values("step").set_index("step")["loss"]
+    initial, before = loss.iloc[:5].median(), loss.loc[step - 3 : step - 1].median()
+    assert (loss.loc[step : step + 2].median() - before) / (initial - before) >= 0.5  # the case this test is about
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    assert [r["state_reset"] for r in diagnosis.summary["resumes"]] == [False]
+    found = _near(diagnosis, step)
+    assert found and found[0].cause == "lr_schedule", [(i.onset_step, i.cause) for i in diagnosis.incidents]
+    assert "state_reset" not in {i.cause for i in diagnosis.incidents}
