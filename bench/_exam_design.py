@@ -91,16 +91,30 @@ def _fault(rng: random.Random, family: str, setup: Setup) -> Fault:
     if family == "instability":  # no warmup and an LR several times the optimizer's stable one
         lo, hi = {"sgd": (2.0, 4.0), "lion": (5.0, 20.0)}.get(setup.optimizer, (20.0, 60.0))
         return Fault(family=family, kind="no_warmup", step=0, factor=round(rng.uniform(lo, hi), 1))
-    return Fault(family=family, kind=rng.choice(KINDS[family]), step=_position(rng, setup))
+    kinds = ("restart",) if family == "lr_restart" else KINDS[family]  # rescaled: a stream of their own (`_rescaled`)
+    return Fault(family=family, kind=rng.choice(kinds), step=_position(rng, setup))
+
+
+def _rescaled(rng: random.Random, setup: Setup) -> Fault:
+    """A resume whose schedule goes on at the right step with its LR scaled `factor` times: the linear
+    scaling rule applied for the world size (or global batch) of the resumed job, or the scheduler's
+    `base_lrs` restored from a run of another size. The factor is a power of two, as a world size
+    changes; the LR is too high, at once, from the resume to the end."""
+    return Fault(family="lr_restart", kind="rescaled", step=_position(rng, setup), factor=float(rng.choice((2, 4, 8, 16))))
 
 
 def design(n_bases: int, *, design_seed: int = 0) -> list[Run]:
-    """The exam's runs: per base setup its clean twin, then its 2 or 3 faulty runs.
+    """The exam's runs: per base setup its clean twin, then its 2 or 3 faulty runs dealt round-robin,
+    then a resume with a rescaled LR (`_rescaled`). Those come from a random stream of their own, so
+    that adding them left every other run's spec (and cache entry) as it was: a resume that restarts
+    the schedule from step 0 re-runs a warmup the tiny model mostly tolerates (4-6 visible of 42 per
+    half at 240 bases), too few to score the family on, and so does one that goes on from an earlier
+    schedule position (no visible effect in any of 20 tried: the LR never leaves the schedule's range).
 
     Example:
         >>> runs = design(4)
         >>> sum(f is None for _, f in runs), len(runs)
-        (4, 14)
+        (4, 18)
     """
     runs: list[Run] = []
     dealt = 0
@@ -111,6 +125,7 @@ def design(n_bases: int, *, design_seed: int = 0) -> list[Run]:
         for _ in range(2 + (seed // 2) % 2):  # 2, 2, 3, 3, ... faults: both halves alike
             runs.append((setup, _fault(rng, FAMILIES[dealt % len(FAMILIES)], setup)))
             dealt += 1
+        runs.append((setup, _rescaled(random.Random(f"exam-{design_seed}-{seed}-restart"), setup)))
     return runs
 
 

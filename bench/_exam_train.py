@@ -30,7 +30,7 @@ __all__ = ["Setup", "Fault", "FAMILIES", "KINDS", "train"]
 KINDS = {
     "bad_batch": ("random", "constant", "long", "repeated", "noise"),
     "lr_surge": ("surge",),
-    "lr_restart": ("restart",),
+    "lr_restart": ("restart", "rescaled"),
     "optimizer_state": ("zero_v", "scale_v", "scale_m", "drop"),
     "state_reset": ("resume_fresh", "reinit"),
     "nonfinite": ("loss_nan", "loss_inf", "grad_nan", "weight_inf"),
@@ -96,7 +96,7 @@ class Fault:
     length: int = 1
     """Steps it lasts (bad batches, LR surges)."""
     factor: float = 1.0
-    """LR surge multiplier; the instabilities' LR multiplier."""
+    """LR surge multiplier; the instabilities' LR multiplier; a rescaled resume's LR multiplier."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS.get(self.family, ()):
@@ -259,11 +259,12 @@ class _Loop:
         if f is None or f.step != step or f.family in ("bad_batch", "lr_surge", "instability"):
             return
         if f.family == "lr_restart" or (f.family == "state_reset" and f.kind == "resume_fresh"):
-            # A restart: the run stops and resumes as a new segment of the same run directory.
+            # A restart: the run stops and resumes as a new segment of the same run directory (a
+            # rescaled resume restores everything; its LR is scaled from here on: `_lr_factor`).
             self.monitor.close()
-            if f.family == "lr_restart":
-                self.schedule_origin = step  # state restored, but the scheduler starts again from 0
-            else:  # step count, schedule and data position restored; model and optimizer never loaded
+            if f.kind == "restart":  # state restored, but the scheduler starts again from 0
+                self.schedule_origin = step
+            elif f.family == "state_reset":  # step count, schedule and data position restored; model and optimizer never loaded
                 self.model, self.optimizer = self._fresh(self.setup.seed + 1000)
             self.monitor = self._watch(start_step=step)
         elif f.family == "state_reset":  # weights re-initialised in place (a stray init call)
@@ -286,8 +287,14 @@ class _Loop:
             out = [_bad_batch(self.fault.kind, ids, mask, self.gen) for ids, mask in out]
         return out
 
+    def _lr_factor(self, step: int) -> float:
+        """The LR's multiplier at `step`: an LR surge while it lasts; a rescaled resume from the resume on."""
+        f = self.fault
+        rescaled = f is not None and f.kind == "rescaled" and step >= f.step
+        return f.factor if self._acts(step, "lr_surge") or rescaled else 1.0
+
     def _step(self, step: int) -> float:
-        lr = self.recipe.lr_at(step - self.schedule_origin) * (self.fault.factor if self._acts(step, "lr_surge") else 1.0)
+        lr = self.recipe.lr_at(step - self.schedule_origin) * self._lr_factor(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         poison = self.fault is not None and self.fault.family == "nonfinite" and self.fault.step == step

@@ -5,9 +5,9 @@
 
 `generate` trains, on CPU, each base setup of a seeded random design (seed, width, depth, batch,
 accumulation, AdamW/Adam/SGD/Lion, peak LR, warmup, clipping, a loss- or logits-returning model,
-checkpoints numbered, overwritten or none) cleanly and with 2 or 3 faults (bad batches, LR surges,
+checkpoints numbered, overwritten or none) cleanly, with 2 or 3 faults (bad batches, LR surges,
 a resume that restarts the schedule, optimizer-state corruption, weights reset, NaN/inf in the loss,
-a gradient or a weight, no warmup at a high LR), each recorded with `spikedoc.watch` to a real run
+a gradient or a weight, no warmup at a high LR) and with a resume whose LR is rescaled, each recorded with `spikedoc.watch` to a real run
 directory. Runs are cached under `--cache` (default `~/.cache/spikedoc/exam`, outside the repository),
 keyed by their spec, so a rerun trains only what is missing. Even seeds are the calibration half, odd
 seeds the test half: defaults are set on the first, the second is scored. `score` runs
@@ -37,7 +37,7 @@ from bench._report import machine_line, write_section  # noqa: E402
 __all__ = ["BASES", "Cache", "generate", "ci_slice", "main", "score"]
 
 BASES = 120
-"""Base setups in the full exam: 120 clean runs and 300 faulty ones."""
+"""Base setups in the full exam: 120 clean runs and 420 faulty ones (300 dealt round-robin, 120 rescaled resumes)."""
 _GENERATOR = "exam-1"
 """Bumped when a change to the generator changes what a spec trains (it is part of the cache key)."""
 

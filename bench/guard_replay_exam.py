@@ -217,7 +217,8 @@ class _Guarded(_Loop):
                 break
             if f is not None and f.family == "lr_restart" and step == f.step and self.restart is None:
                 # The job stops here and is started again: the guard resumes from its newest
-                # checkpoint, and the loop's schedule, not restored, counts from 0 at that step.
+                # checkpoint, and the loop's schedule, not restored, counts from 0 at that step (or,
+                # for a rescaled resume, goes on with its LR `factor` times too high).
                 self.guard.close()
                 self.earlier_actions += self.guard.actions
                 self.guard = self._open_guard(data, resume=True)
@@ -258,9 +259,12 @@ class _Guarded(_Loop):
     def _train(self, step: int, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         f = self.fault
         surging = f is not None and f.family == "lr_surge" and f.step <= step < f.step + f.length
-        # A resume that restarted the schedule: from its step on, on every pass, the LR counts from 0 again.
-        origin = self.restart if self.restart is not None and step >= self.restart else 0
-        lr = self.recipe.lr_at(step - origin) * (f.factor if surging else 1.0)
+        # A resume that restarted the schedule: from its step on, on every pass, the LR counts from 0
+        # again; a rescaled one: from its step on, the LR is `factor` times the schedule's.
+        resumed = self.restart is not None and step >= self.restart
+        origin = self.restart if resumed and f.kind == "restart" else 0
+        rescaled = resumed and f.kind == "rescaled"
+        lr = self.recipe.lr_at(step - origin) * (f.factor if surging or rescaled else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         poison = f is not None and f.family == "nonfinite" and f.step == step and not self.guard.rollbacks

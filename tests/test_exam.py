@@ -5,15 +5,19 @@ of the test half generated here, meets what it meets today (its open targets are
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from bench._exam_design import CAUSE, labels, twin_diverged
 from bench._exam_score import score_run, tables
-from bench._exam_train import Fault, Setup
+from bench._exam_train import Fault, Setup, as_dict, train
 from bench.exam import BASES, Cache, design, generate, score, ci_slice
 from spikedoc.analysis.incident import CAUSES, Incident
 
@@ -45,6 +49,27 @@ def test_the_slice_is_from_the_test_half_and_covers_every_family_and_clean_runs(
     families = [f.family for _, f in SLICE if f is not None]
     assert all(families.count(fam) >= 2 for fam in CAUSE)
     assert sum(f is None for _, f in SLICE) >= 4
+
+
+def test_the_rescaled_resumes_leave_every_earlier_run_of_the_design_as_it_was():
+    # The digest of the first 20 bases' specs as the design drew them before it held rescaled resumes:
+    # the cache is keyed by spec, so a changed draw would silently train (and score) other runs.
+    runs = [as_dict(s, f) for s, f in design(20) if f is None or f.kind != "rescaled"]
+    assert len(runs) == 70
+    assert hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()[:16] == "f8cae37f22045c7a"
+    assert sum(f is not None and f.kind == "rescaled" for _, f in design(20)) == 20
+
+
+def test_a_rescaled_resume_runs_its_twin_s_lr_times_its_factor_from_the_resume_on(tmp_path):
+    setup, fault = Setup(seed=5001, steps=30, warmup=6), Fault(family="lr_restart", kind="rescaled", step=17, factor=4.0)
+    lr = {}
+    for name, f in (("twin", None), ("run", fault)):
+        train(setup, f, tmp_path / name, tmp_path / f"{name}-ckpt")
+        steps = pd.read_parquet(tmp_path / name / "steps").sort_values("step")
+        lr[name] = steps.set_index("step")["lr"]
+        assert sorted(steps["segment"].unique()) == ([0] if f is None else [0, 1])  # a resume: a new segment
+    assert (lr["run"].loc[:16] == lr["twin"].loc[:16]).all()
+    assert np.allclose(lr["run"].loc[17:], 4.0 * lr["twin"].loc[17:])
 
 
 def test_every_label_is_well_formed():

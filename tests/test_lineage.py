@@ -75,6 +75,17 @@ def test_resume_check_passes_a_resume_that_continues_the_curve():
     assert not resume.state_reset and abs(resume.back_fraction) < 0.05
 
 
+def test_resume_check_passes_a_resume_whose_first_loss_is_trained_however_far_the_next_ones_go_back():
+    # The state was loaded (the resume's first loss, taken before its update, is on the curve); its
+    # first updates threw the loss back most of the way to the start: a step size, not a state never loaded.
+    def loss(segment, step):
+        curve = 5.0 * np.exp(-step / 100) + 1.0
+        return np.where((segment == 1) & (step > 200), 5.5, curve)
+
+    resume = check_resume(Lineage(_segments((0, 200), (200, 260), loss=loss)), 1)
+    assert resume.back_fraction > 0.5 and not resume.state_reset and not resume.evidence
+
+
 def test_resume_check_needs_the_start_of_training_to_judge():
     lineage = Lineage(_segments((5000, 5200), (5200, 5260), loss=lambda seg, step: 4.0 if seg else 2.0 + 0 * step))
     resume = check_resume(lineage, 1)

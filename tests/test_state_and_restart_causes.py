@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 
 import spikedoc
-from bench._exam_train import Fault, Setup, train
+from bench._exam_design import labels
+from bench._exam_train import Fault, Setup, _Loop, train
 from spikedoc.analysis.change_points import state_jumps
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.schedule import restarted_at_resume
+from spikedoc.demo.training import _deterministic
 
 
 def _diagnose(tmp_path, setup: Setup, fault: Fault):
@@ -53,18 +55,28 @@ def test_a_resume_that_restarts_the_schedule_is_reported_with_the_lr_it_went_bac
 
 def test_a_resume_that_restores_the_schedule_is_no_restart():
     lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1]
-    assert restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10) == []
+    assert restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}) == []
 
 
 def test_a_constant_lr_resumed_is_no_restart():
     frame = pd.DataFrame({"step": range(14), "lr": [0.3] * 14})
-    assert restarted_at_resume(frame, {8: 1}, span=10) == []
+    assert restarted_at_resume(frame, {8: 1}) == []
 
 
-def test_a_restart_below_the_lr_it_left_is_a_downward_discontinuity():
-    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
-    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1}, span=10)
-    assert (jump["direction"], jump["after"], jump["before"]) == ("down", 0.1, 0.48)
+def test_a_restart_that_never_climbs_above_the_lr_it_left_is_a_downward_discontinuity():
+    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(14), "lr": lr}), {8: 1})
+    assert (jump["direction"], jump["after"], jump["before"]) == ("down", 0.1, 0.5)
+    assert "until" not in jump
+
+
+def test_a_restart_that_climbs_back_above_the_lr_it_left_is_upward_however_little():
+    # A resume just past the peak: the warmup runs again and the decay restarts from a peak only 4%
+    # above where it had got to: the LR runs above the one it left on steps 12 to 14 (and above the
+    # run's own decay, which would have gone on falling from 0.48, longer still).
+    lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.49, 0.48, 0.47]
+    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(17), "lr": lr}), {8: 1})
+    assert (jump["direction"], jump["after"], jump["before"], jump["until"]) == ("up", 0.5, 0.48, 14)
 
 
 @pytest.mark.parametrize(("setup", "kind", "step"), [
@@ -98,3 +110,65 @@ def test_a_state_change_is_an_optimizer_state_incident_or_else_a_finding(tmp_pat
         assert found[0].cause == "optimizer_state" and not changed, found[0].evidence
     else:
         assert changed == [[step]]
+
+
+# ------------------------------------------------------------------------------------ a resume and its schedule
+
+
+class _ResumedCorrectly(_Loop):
+    """The exam's loop, stopped and resumed at `at` as a new segment with everything restored (the
+    schedule goes on from where it was): a resume done right."""
+
+    def __init__(self, setup: Setup, run_dir, ckpt_dir, *, at: int) -> None:
+        self.at = at
+        super().__init__(setup, None, run_dir, ckpt_dir)
+
+    def _between_steps(self, step: int) -> None:
+        if step == self.at:
+            self.monitor.close()
+            self.monitor = self._watch(start_step=step)
+
+
+@pytest.mark.parametrize(("setup", "step"), [
+    (Setup(seed=1035, steps=100, optimizer="sgd", d_model=40, n_layer=2, batch=8, warmup=6, clip=0.5, lr_scale=2.0), 38),
+    (Setup(seed=1037, steps=110, optimizer="sgd", d_model=24, n_layer=2, batch=8, warmup=20, clip=1.0, lr_scale=1.5), 42),
+])
+def test_a_resume_that_restarts_the_schedule_and_raises_the_loss_is_lr_schedule(tmp_path, setup, step):
+    fault = Fault(family="lr_restart", kind="restart", step=step)
+    twin = train(setup, None, tmp_path / "twin", tmp_path / "twin-ckpt")
+    record = train(setup, fault, tmp_path / "run", tmp_path / "ckpt")
+    assert labels(setup, fault, record, twin)["band"] != "none"  # the case this test is about: the loss felt it
+    found = _near(spikedoc.analyze(tmp_path / "run"), step)
+    assert found, "the restarted schedule made no incident"
+    assert found[0].cause == "lr_schedule", found[0].evidence
+    assert any("the schedule started again from step 0" in e for e in found[0].evidence)
+
+
+def test_a_resume_that_continues_the_schedule_gets_no_schedule_finding(tmp_path):
+    setup = Setup(seed=1023, steps=100, optimizer="sgd", d_model=24, n_layer=3, batch=8, warmup=6, clip=0.5, lr_scale=1.5)
+    (tmp_path / "ckpt").mkdir()
+    with _deterministic(setup.seed):
+        loop = _ResumedCorrectly(setup, tmp_path / "run", tmp_path / "ckpt", at=66)
+        loop.run()
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    assert [r["step"] for r in diagnosis.summary["resumes"]] == [66]  # a resume was recorded
+    assert "lr_discontinuity" not in {f.id for f in diagnosis.findings}
+    assert not [i for i in diagnosis.incidents if i.cause == "lr_schedule"]
+
+
+@pytest.mark.parametrize(("setup", "step"), [
+    (Setup(seed=1051, steps=100, optimizer="sgd", d_model=40, n_layer=3, batch=16, warmup=10), 55),
+    (Setup(seed=1053, steps=110, optimizer="sgd", d_model=24, n_layer=2, batch=16, warmup=20, lr_scale=1.5), 40),
+])
+def test_a_resume_whose_lr_throws_the_loss_back_is_lr_schedule_not_a_state_never_loaded(tmp_path, setup, step):
+    # Everything restored, the LR x16 from the resume on: the loss of the resume's first step (before
+    # its update) is still the trained model's; the next steps' go most of the way back to the start.
+    train(setup, Fault(family="lr_restart", kind="rescaled", step=step, factor=16.0), tmp_path / "run", tmp_path / "ckpt")
+    loss = pd.read_parquet(tmp_path / "run" / "steps").sort_values("step").set_index("step")["loss"]
+    initial, before = loss.iloc[:5].median(), loss.loc[step - 3 : step - 1].median()
+    assert (loss.loc[step : step + 2].median() - before) / (initial - before) >= 0.5  # the case this test is about
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    assert [r["state_reset"] for r in diagnosis.summary["resumes"]] == [False]
+    found = _near(diagnosis, step)
+    assert found and found[0].cause == "lr_schedule", [(i.onset_step, i.cause) for i in diagnosis.incidents]
+    assert "state_reset" not in {i.cause for i in diagnosis.incidents}

@@ -68,10 +68,12 @@ class AnalysisPass(IncidentDiagnosis):
             if resume is not None:
                 resumes.append((piece, resume, ratio))
             starts = {p.first_step: p.segment for p in lineage.pieces if p.resumed and p.index <= piece.index}
-            jumps = lr_discontinuities(frame, config=self.config)
-            stepped = {(j["step"], j["group"]) for j in jumps}
-            jumps += [j for j in restarted_at_resume(frame, starts, span=self.config.lr_response_steps)
-                      if (j["step"], j["group"]) not in stepped]
+            # A schedule restarted at a resume is read whole (its fall, then the warmup climbing back), in
+            # place of the step test's reading of its first step alone (a fall, where the warmup is long).
+            restarted = restarted_at_resume(frame, starts)
+            again = {(j["step"], j["group"]) for j in restarted}
+            jumps = [j for j in lr_discontinuities(frame, config=self.config) if (j["step"], j["group"]) not in again]
+            jumps += restarted
             jumps = without_guard_lr_changes(sorted(jumps, key=lambda j: (j["step"], j["group"])), out.guard_actions)
             jumps = [j for j in jumps if j["step"] not in self.after_holes]
             own_steps = set(own["step"].tolist())
@@ -86,7 +88,8 @@ class AnalysisPass(IncidentDiagnosis):
             ups = [j["step"] for j in jumps if j["direction"] == "up"]
             found += lr_jump_incidents(detection, jumps, found, self.detector, self.config)
             points = [{"step": r["step"], "why": "weights"} for r in weight_returns(frame, self.config)]
-            points += [{"step": j["step"], "why": "lr"} for j in untested_jumps(detection, jumps, self.detector, self.config)]
+            points += [{"step": j["step"], "why": "lr", "until": j.get("until")}
+                       for j in untested_jumps(detection, jumps, self.detector, self.config)]
             changed = [s for s in state_jumps(frame, self.config) if s in own_steps and s not in starts]
             points += [{"step": s, "why": "optimizer state"} for s in changed]
             points += [{"step": s, "why": "batch", "one_step": True}

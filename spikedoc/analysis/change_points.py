@@ -246,8 +246,9 @@ def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], fo
 
     Args:
         frame: one lineage's step table (`step`, `loss`), in step order.
-        points: change points, each with its `step`, `why` (what changed there) and `one_step`
-            (True: only that step's own loss is tested, in trajectory sigmas against `threshold`).
+        points: change points, each with its `step`, `why` (what changed there), `one_step`
+            (True: only that step's own loss is tested, in trajectory sigmas against `threshold`) and
+            `until` (a change that lasts to that step: tested over all of it, when longer than the window).
         found: incidents already found; a change point that one of them spans (give or take
             `_NEAR` steps) is already explained.
         config: `lr_response_steps` (the window tested) and the recovery settings (`damage_z`).
@@ -265,7 +266,9 @@ def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], fo
         if any(i.onset_step - _NEAR <= at <= i.end_step + _NEAR for i in [*found, *out]):
             continue  # an incident already spans the change
         one = point.get("one_step", False)
-        test = trajectory_response(steps, losses, at, span=1 if one else span, recovery=recovery)
+        # A change that lasts (a restarted schedule, `until` its last step of higher LR) is tested over all of it.
+        longer = point["until"] - at + 1 if point.get("until") is not None else 0
+        test = trajectory_response(steps, losses, at, span=1 if one else max(span, longer), recovery=recovery)
         if test is None or not test["z"] >= (threshold if one else recovery.damage_z):
             continue
         band, gap = (threshold, merge_gap + 1) if one else (recovery.tolerance_sigma, recovery.hold_steps)

@@ -173,7 +173,9 @@ def check_resume(lineage: Lineage, index: int, *, config: AnalysisConfig | None 
 
     Returns None for a piece that does not resume anything, or when the losses needed are missing.
     A loss that comes back more than `config.state_reset_fraction` of the way to the run's initial
-    loss means the model (or optimizer) state was not restored.
+    loss means the model (or optimizer) state was not restored, unless the resume's first loss (taken
+    before its update, on the state as loaded) is still short of that: the state was loaded, and what
+    threw the loss back came with the resume's first updates (an LR set too high at the resume).
     """
     config = config or AnalysisConfig()
     piece = lineage.pieces[index]
@@ -201,9 +203,13 @@ def check_resume(lineage: Lineage, index: int, *, config: AnalysisConfig | None 
         resume.lr_before = float(before["lr"].iloc[-1])
         resume.lr_after = float(after["lr"].iloc[0])
     learned = initial - loss_before
+    # The resume's first loss is measured before its update, on the state as loaded: a model that was
+    # restored shows its trained loss there, whatever an LR set wrong at the resume does to the next steps.
+    first = float(after["loss"].iloc[0])
     if math.isfinite(learned) and math.isfinite(loss_after) and learned > _MIN_LEARNED * abs(initial):
         resume.back_fraction = (loss_after - loss_before) / learned
-        if resume.back_fraction >= config.state_reset_fraction:
+        loaded = math.isfinite(first) and (first - loss_before) / learned < config.state_reset_fraction
+        if resume.back_fraction >= config.state_reset_fraction and not loaded:
             resume.state_reset = True
             resume.evidence.append(
                 f"at the resume at step {resume.step} (segment {resume.segment}) the loss went from "

@@ -76,14 +76,17 @@ def lr_jump_incidents(
 def untested_jumps(frame: pd.DataFrame, jumps: list[dict[str, Any]], detector: DetectorConfig,
                    config: AnalysisConfig) -> list[dict[str, Any]]:  # fmt: skip
     """The upward jumps `lr_jump_incidents` cannot test: fewer than `detector.min_history` warm loss
-    windows before them (early in a run, or a short one)."""
+    windows before them (early in a run, or a short one), and every schedule restarted at a resume
+    (`retraced`): its LR falls to the warmup's start and climbs back over the warmup, so the window
+    from the resume holds low-LR steps first and the rise comes late and gradual, which the mean
+    of per-step z-scores against a rolling baseline (that follows the rise) dilutes away."""
     ups = [j for j in jumps if j["direction"] == "up"]
     if not ups or "loss" not in frame.columns:
         return []
     steps = frame["step"].to_numpy()
     level = window_level(steps, frame["loss"].to_numpy(np.float64), config.lr_response_steps, detector, log_scale=False)
-    return [j for j in ups if _history(level, int(np.searchsorted(steps, j["step"])), config.lr_response_steps,
-                                       detector.min_history) is None]
+    return [j for j in ups if j.get("retraced") or _history(level, int(np.searchsorted(steps, j["step"])),
+                                                            config.lr_response_steps, detector.min_history) is None]
 
 
 def window_level(steps: np.ndarray, values: np.ndarray, span: int, detector: DetectorConfig, *, log_scale: bool) -> pd.DataFrame:

@@ -179,7 +179,7 @@ def _geometric(candidates: list[int], starts: list[int]) -> list[int]:
     return candidates
 
 
-def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int], *, span: int) -> list[dict[str, Any]]:
+def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dict[str, Any]]:
     """Resumes whose LR started the schedule again: from the resume on, the LR retraces the lineage's
     own first steps (to within 1%) while it differs from the LR just before the resume by 20% or more.
 
@@ -190,18 +190,20 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int], *, span: in
     Args:
         frame: one lineage's step table (`step`, `lr`, `lr_<i>`), in step order.
         starts: first step -> segment of each resumed piece of the lineage.
-        span: steps after the resume over which the restarted LR's highest value is taken.
 
     Returns:
         One discontinuity per resume and param group, as `lr_discontinuities` gives them (`step` the
-        resume, `before` the LR just before it, `after` the highest LR of the `span` steps from it on,
-        `direction` up when that is 20% above `before`), plus `at_resume` and `retraced` (steps compared).
+        resume, `before` the LR just before it, `after` the highest LR from it on (the restarted
+        warmup's peak: a long warmup climbs for many steps), `direction` up when that is above
+        `before` (by more than the 1% the retrace allows), else down and `after` the LR at the
+        resume), plus `at_resume`, `retraced` (steps compared) and `until` (up only: the last step
+        whose LR is above `before`, the end of the stretch the restart ran the LR higher).
 
     Example:
         >>> lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.45, 0.4, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
         >>> frame = pd.DataFrame({"step": range(14), "lr": lr})
-        >>> [(j["step"], j["direction"], j["after"]) for j in restarted_at_resume(frame, {8: 1}, span=10)]
-        [(8, 'up', 0.5)]
+        >>> [(j["step"], j["direction"], j["after"], j["until"]) for j in restarted_at_resume(frame, {8: 1})]
+        [(8, 'up', 0.5, 13)]
     """
     out = []
     steps = frame["step"].to_numpy()
@@ -218,12 +220,14 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int], *, span: in
             retraced = bool(np.all(np.abs(ahead - first) <= _PEAK_TOLERANCE * np.maximum(np.abs(first), 1e-30)))
             if not retraced or abs(lr[i] - before) < _MIN_RESTART_CHANGE * before:
                 continue
-            window = lr[i : i + span]
-            after = float(np.nanmax(window))
-            up = after >= (1 + _MIN_RESTART_CHANGE) * before
+            higher = np.flatnonzero(lr[i:] > (1 + _PEAK_TOLERANCE) * before)
+            # Above the LR it left: the restarted schedule runs higher than the run's had got to, and a
+            # decaying schedule's own continuation lower still, on every step from there.
+            up = higher.size > 0
+            after = float(np.nanmax(lr[i:])) if up else float(lr[i])
             out.append({
                 "step": start, "group": 0 if column == "lr" else int(column[3:]), "before": before,
-                "after": after if up else float(lr[i]), "factor": (after if up else float(lr[i])) / before,
-                "direction": "up" if up else "down", "at_resume": segment, "retraced": n,
+                "after": after, "factor": after / before, "direction": "up" if up else "down",
+                "at_resume": segment, "retraced": n, **({"until": int(steps[i + higher[-1]])} if up else {}),
             })  # fmt: skip
     return sorted(out, key=lambda j: (j["step"], j["group"]))
