@@ -72,6 +72,19 @@ def test_second_moments_written_from_outside_are_a_writer_to_find_not_an_lr_or_c
 
 
 @pytest.mark.parametrize("setup, step", [
+    (Setup(seed=5303, optimizer="sgd", warmup=6, clip=1.0), 66),
+    (Setup(seed=5307, optimizer="sgd", warmup=24, n_layer=3), 58),
+])
+def test_a_momentum_blown_up_from_outside_is_a_writer_to_find(tmp_path, setup, step):
+    # The momentum x100 between two steps: it grew by far more than the gradient its update adds.
+    run = _trained(tmp_path, setup, Fault(family="optimizer_state", kind="scale_m", step=step))
+    incident = next(i for i in spikedoc.analyze(run).incidents if step - 2 <= i.onset_step <= step + 3)
+    assert incident.cause == "optimizer_state"
+    actions = _actions(incident)
+    assert "find_state_writer" in actions and not {"lower_lr", "tighten_clip", "reset_moments"} & set(actions)
+
+
+@pytest.mark.parametrize("setup, step", [
     (Setup(seed=6101, optimizer="sgd", warmup=12, n_layer=1), 70),
     (Setup(seed=6103, optimizer="adamw", warmup=6, batch=8, d_model=48), 88),
 ])

@@ -7,9 +7,10 @@ and `config`. Runs from other tools have no meta at all.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["parameter_modules", "param_groups", "watch_config", "optimizer_name"]
+__all__ = ["parameter_modules", "param_groups", "watch_config", "optimizer_name", "group_optimizer", "gradient_weight_decay"]
 
 
 def parameter_modules(meta: dict[str, Any]) -> dict[str, str | None]:
@@ -47,3 +48,42 @@ def optimizer_name(meta: dict[str, Any]) -> str:
     optimizer = meta.get("optimizer")
     name = optimizer.get("class") if isinstance(optimizer, dict) else None
     return str(name or "").rsplit(".", 1)[-1]
+
+
+def group_optimizer(meta: dict[str, Any], group: dict[str, Any]) -> str:
+    """Class name of the optimizer stepping `group` (several optimizers: each group names its own)."""
+    own = group.get("optimizer_class")
+    return str(own).rsplit(".", 1)[-1] if isinstance(own, str) else optimizer_name(meta)
+
+
+#: Optimizers whose first moment is a running average of the gradient (Adam's and Lion's `lerp`) or a
+#: decayed sum of it (SGD's momentum buffer), and whether their weight decay is coupled into that
+#: gradient (`weight_decay * p` added to it) or decoupled (applied to the weights directly).
+_FIRST_MOMENT_DECAY = {"Adam": "coupled", "NAdam": "coupled", "RAdam": "coupled", "SGD": "coupled",
+                       "AdamW": "decoupled", "Lion": "decoupled"}  # fmt: skip
+
+
+def gradient_weight_decay(meta: dict[str, Any]) -> dict[str, float]:
+    """Parameter name -> the weight decay its optimizer adds to the gradient its first moment averages
+    (0 where decoupled: AdamW, Lion, `decoupled_weight_decay=True`), for the optimizers in
+    `_FIRST_MOMENT_DECAY` only: another optimizer's moment may follow another rule.
+
+    Example:
+        >>> gradient_weight_decay({"optimizer": {"class": "torch.optim.adam.Adam",
+        ...                                      "groups": [{"weight_decay": 0.1, "params": ["w"]}]}})
+        {'w': 0.1}
+    """
+    out: dict[str, float] = {}
+    for group in param_groups(meta):
+        name = group_optimizer(meta, group)
+        try:
+            decay = float(group.get("weight_decay") or 0.0)
+        except (TypeError, ValueError):
+            continue
+        if name not in _FIRST_MOMENT_DECAY or not math.isfinite(decay):
+            continue
+        decoupled = _FIRST_MOMENT_DECAY[name] == "decoupled" or group.get("decoupled_weight_decay") is True
+        for param in group.get("params") or []:
+            if isinstance(param, str):
+                out[param] = 0.0 if decoupled else decay
+    return out

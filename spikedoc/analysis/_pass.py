@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._meta import parameter_modules, watch_config
+from spikedoc.analysis._meta import gradient_weight_decay, parameter_modules, watch_config
 from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
 from spikedoc.analysis._robust import fmt, fmt_span, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
@@ -38,6 +38,7 @@ class AnalysisPass(IncidentDiagnosis):
         self.run_profile = batch_profile(steps)
         self.profile = self.run_profile
         self.module_types = parameter_modules(self.meta)
+        self.gradient_decay = gradient_weight_decay(self.meta)
         self.checkpoints = checkpoints_of(run.events)
         self.clip = clip_in_use(self.meta, steps)
         self.has_grad = "grad_norm" in steps.columns and bool(np.isfinite(pd.to_numeric(steps["grad_norm"], errors="coerce")).any())

@@ -41,7 +41,7 @@ class LayerAttribution:
     groups: list[dict[str, Any]] = field(default_factory=list)
     """Per module kind: `module`, `tensors`, `departed`, `max_z`, `lead_steps`."""
     precursors: list[dict[str, Any]] = field(default_factory=list)
-    """Optimizer-state precursors: `name`, `kind` (eps_frac_rise, exp_avg_sq_collapse,
+    """Optimizer-state precursors: `name`, `kind` (eps_frac_rise, exp_avg_sq_collapse, momentum_jump,
     update_without_grad), `before`, `value`, `step`, `lead_steps`, `at_onset` (the change is seen
     within `sudden_steps` of the loss flag: the state departing there, what an `optimizer_state`
     cause needs, rather than an earlier drift), `sentence`."""
@@ -67,6 +67,7 @@ def attribute_layers(
     reference: int,
     module_types: dict[str, str] | None = None,
     config: AnalysisConfig | None = None,
+    gradient_decay: dict[str, float] | None = None,
 ) -> LayerAttribution:
     """Score each tensor at the incident against its own history before it.
 
@@ -78,6 +79,8 @@ def attribute_layers(
         reference: the step leads are measured to (the first loss flag; onset if the loss never flagged).
         module_types: parameter name -> module class name, from meta.json.
         config: thresholds and windows.
+        gradient_decay: parameter name -> weight decay coupled into its gradient (0 when decoupled),
+            from meta.json: first moments are held to what their updates allow (`optimizer_precursors`).
 
     Example:
         >>> import pandas as pd
@@ -136,7 +139,7 @@ def attribute_layers(
     result.layers = rows[: config.max_layers]
     result.groups = _groups(rows, names, module_types)
     window = Window(base_steps=base_steps, scan_steps=scan_steps, onset=onset, peak=peak, reference=reference)
-    result.precursors = optimizer_precursors(state_layers, window, rows, config)
+    result.precursors = optimizer_precursors(state_layers, window, rows, config, gradient_decay)
     departures = [r["departed_step"] for r in rows if r["departed_step"] is not None]
     departures += [p["step"] for p in result.precursors if p["step"] is not None and p["step"] <= reference]
     result.earliest_step = int(min(departures)) if departures else None

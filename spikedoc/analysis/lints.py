@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._meta import optimizer_name, param_groups, parameter_modules, watch_config
+from spikedoc.analysis._meta import group_optimizer, param_groups, parameter_modules, watch_config
 from spikedoc.analysis._robust import as_float, count, finite, fmt, fmt_steps, was_clipped
 from spikedoc.analysis._rundata import clip_in_use
 from spikedoc.analysis.attribution import module_kind
@@ -87,16 +87,10 @@ def lint(meta: dict[str, Any] | None, steps: pd.DataFrame | None = None) -> list
     return found
 
 
-def _group_optimizer(meta: dict[str, Any], group: dict[str, Any]) -> str:
-    """Class name of the optimizer stepping `group` (several optimizers: each group names its own)."""
-    own = group.get("optimizer_class")
-    return str(own).rsplit(".", 1)[-1] if isinstance(own, str) else optimizer_name(meta)
-
-
 def _adam_weight_decay(meta, steps) -> Finding | None:
     groups = param_groups(meta)
     decayed = [i for i, g in enumerate(groups)
-               if _group_optimizer(meta, g) == "Adam" and as_float(g.get("weight_decay")) > 0]  # fmt: skip
+               if group_optimizer(meta, g) == "Adam" and as_float(g.get("weight_decay")) > 0]  # fmt: skip
     if not decayed:
         return None
     wd = max(as_float(groups[i]["weight_decay"]) for i in decayed)
@@ -137,7 +131,7 @@ def _decay_on_bias_norm(meta, steps) -> Finding | None:
 
 
 def _beta2(meta, steps) -> Finding | None:
-    betas = [g.get("betas") for g in param_groups(meta) if _group_optimizer(meta, g).lower() in _ADAM_FAMILY
+    betas = [g.get("betas") for g in param_groups(meta) if group_optimizer(meta, g).lower() in _ADAM_FAMILY
              and isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2]  # fmt: skip
     high = [b for b in betas if as_float(b[1]) >= 0.999]
     if not high:

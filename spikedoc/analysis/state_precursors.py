@@ -1,6 +1,7 @@
 """Optimizer-state precursors of an incident: a second moment collapsing, the eps-dominated share
-rising, an update without a gradient; each judged against the tensor's own history, and a second
-moment that fell further than the optimizer's updates allow said to be written from outside it."""
+rising, an update without a gradient; each judged against the tensor's own history. A second moment
+that fell further, or a first moment that grew further, than the optimizer's updates allow is said
+to be written from outside it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pandas as pd
 from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, MAD_TO_SIGMA, fmt, steps_text
 from spikedoc.analysis.config import AnalysisConfig
 
-__all__ = ["MIN_HISTORY", "Window", "history_count", "nan_max", "optimizer_precursors", "wide_table"]
+__all__ = ["MIN_HISTORY", "Window", "history_count", "momentum_beyond", "nan_max", "optimizer_precursors", "wide_table"]
 
 # eps_frac must rise by at least this absolute share of elements to count as a precursor.
 _EPS_FRAC_RISE = 0.05
@@ -29,6 +30,10 @@ MIN_HISTORY = 8
 # 0.9 is the lowest beta2 in common use (0.95 to 0.999 in LLM recipes), so a fall below 0.9 ** steps
 # between two measurements is no update's doing: the state was written from outside the optimizer.
 _V_DECAY_FLOOR = 0.9
+#: First-moment columns: Adam's `exp_avg`, SGD's and Lion's momentum (norms per tensor).
+_MOMENTUM_COLUMNS = {"exp_avg_norm": "exp_avg", "momentum_norm": "momentum"}
+# The statistics are float32: a first moment exactly at its bound must not read as beyond it.
+_ROUNDING = 1e-4
 
 
 
@@ -86,7 +91,7 @@ class Window:
 
 
 def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[str, Any]],
-                          config: AnalysisConfig) -> list[dict[str, Any]]:  # fmt: skip
+                          config: AnalysisConfig, gradient_decay: dict[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Optimizer-state changes before onset that are anomalous against the tensor's own variation.
 
     A level far from the tensor's history is not enough: healthy runs drift (a bias tensor's
@@ -96,6 +101,10 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
     inside the scan window: a change first seen after a gap in the state statistics that reaches
     back before the window (a cost budget's sparse steps early in a run) could be the slow early
     decline every run shows, spread over the gap.
+
+    `gradient_decay` (parameter name -> weight decay coupled into its gradient, 0 when decoupled;
+    `spikedoc.analysis._meta.gradient_weight_decay`) lets a first moment be held to what its
+    updates allow; tensors it does not name are not held to it.
     """
     base_steps, scan_steps, onset, peak, reference = (window.base_steps, window.scan_steps, window.onset,
                                                       window.peak, window.reference)  # fmt: skip
@@ -150,6 +159,9 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
                    "Adam's updates allow (beta2 >= 0.9 per step): the state was written from outside the optimizer"
                    if fell is not None else ""),
             })
+    for metric, label in _MOMENTUM_COLUMNS.items():
+        if metric in layers.columns and "grad_norm" in layers.columns and gradient_decay:
+            found += _momentum_written(layers, metric, label, window, config, gradient_decay)
     for row in rows:
         if row["update_z"] >= config.z_threshold and not row["grad_z"] >= config.z_threshold / 2:
             found.append({
@@ -161,6 +173,72 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
             })
     found.sort(key=lambda p: p["step"] if p["step"] is not None else onset)
     return found
+
+
+def _momentum_written(layers: pd.DataFrame, metric: str, label: str, window: Window, config: AnalysisConfig,
+                      gradient_decay: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
+    """First moments that grew, by the onset, beyond what their updates since the measurement before allow."""
+    wide, scanned = _state_table(layers, metric, window.onset, window.scan_steps)
+    ratio, bound = momentum_beyond(layers, wide, gradient_decay)
+    hits = ratio.reindex(scanned) > 1 + _ROUNDING
+    found = []
+    for name in hits.columns[hits.any(axis=0).to_numpy()]:
+        seen = int(hits.index[hits[name].to_numpy()][0])
+        step, when = _when(wide, seen)
+        if step < window.scan_steps[0]:
+            continue
+        before = float(wide[name].loc[: seen - 1].dropna().iloc[-1])
+        value, most = float(wide.at[seen, name]), float(bound.at[seen, name])
+        found.append({
+            "name": name, "kind": "momentum_jump", "before": before, "value": value, "step": step,
+            "lead_steps": max(0, window.reference - step),
+            "at_onset": bool(hits[name].loc[window.reference - config.sudden_steps:].any()), "overwritten": True,
+            "sentence": f"{label} of {name} grew from {fmt(before)} to {fmt(value)} {when}, {fmt(value / most, 2)}x the "
+            f"most its gradients could have added ({fmt(most)}): the state was written from outside the optimizer",
+        })  # fmt: skip
+    return found
+
+
+def momentum_beyond(layers: pd.DataFrame, wide: pd.DataFrame,
+                     gradient_decay: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Per measured step and tensor: the first moment's norm over the most its updates since the
+    measurement before could have made it, and that most (NaN where not judged).
+
+    Each update moves the moment m by a convex step toward the gradient (Adam's and Lion's `lerp`)
+    or adds the gradient to the decayed moment (SGD: mu m + (1 - dampening) g), so
+    `|m_t| <= |m_{t-1}| + |g_t|`, g the gradient the optimizer saw: the recorded one (before any
+    clip, unscaled) plus the weight decay coupled into it (`wd |p_{t-1}|`). Judged only where every
+    step in between logged what the bound needs, within one segment: a resume or a rollback loads
+    its state (the lineage's business).
+    """
+    grads = wide_table(layers, "grad_norm")
+    params = wide_table(layers, "param_norm").reindex(grads.index) if "param_norm" in layers.columns else None
+    steps = grads.index.to_numpy()
+    segments = (layers.drop_duplicates("step", keep="last").set_index("step")["segment"].reindex(grads.index).to_numpy()
+                if "segment" in layers.columns else np.zeros(len(steps)))  # fmt: skip
+    ratio = pd.DataFrame(np.nan, index=wide.index, columns=wide.columns)
+    bound = ratio.copy()
+    for name in wide.columns:
+        decay = gradient_decay.get(name)
+        if decay is None or name not in grads.columns or (decay > 0 and (params is None or name not in params.columns)):
+            continue
+        reach = grads[name].to_numpy(dtype=float)
+        if decay > 0:
+            reach = reach + decay * params[name].shift(1).to_numpy(dtype=float)  # the weights before each step
+        total = np.r_[0.0, np.cumsum(np.nan_to_num(reach))]
+        holes = np.r_[0, np.cumsum(~np.isfinite(reach))]
+        column = wide[name].dropna()
+        at = column.index.to_numpy()
+        pos = np.searchsorted(steps, at)
+        logged = (pos < len(steps)) & (steps[np.minimum(pos, len(steps) - 1)] == at)
+        a, b = pos[:-1], pos[1:]
+        ok = logged[:-1] & logged[1:] & (b - a == np.diff(at))  # every step in between logged its gradient
+        ok[ok] &= (holes[b[ok] + 1] - holes[a[ok] + 1] == 0) & (segments[a[ok]] == segments[b[ok]])
+        most = column.to_numpy()[:-1] + total[np.minimum(b, len(steps) - 1) + 1] - total[np.minimum(a, len(steps) - 1) + 1]
+        with np.errstate(all="ignore"):
+            ratio.loc[at[1:][ok], name] = column.to_numpy()[1:][ok] / most[ok]
+        bound.loc[at[1:][ok], name] = most[ok]
+    return ratio, bound
 
 
 def _falls(wide: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
