@@ -81,7 +81,7 @@ class IncidentDiagnosis:
             f"the distinct-token ratio of {what} {fmt(found['mean'], 2)}, "
             f"{fmt(found['mean'] / found['median'], 2)}x the run's median ({fmt(found['median'], 2)}): {why}")
         for b in batches:
-            b["flags"].append("high_distinct_token_ratio_stretch")
+            b["flags"].append("high_distinct_token_ratio_stretch" if stretch is None else "noisy_stretch")
         ev.batches = [b for b in ev.batches if b["step"] != onset] + batches[:1]
         ev.stretch = batches[1:]
 
