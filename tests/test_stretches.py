@@ -71,3 +71,21 @@ def test_the_clean_run_of_the_same_setup_has_no_stretch_of_bad_data(tmp_path, se
     diagnosis = _trained(tmp_path, setup, None)
     assert not [i.onset_step for i in diagnosis.incidents if i.series.get("loss", {}).get("stretch")]
     assert not [i.onset_step for i in diagnosis.incidents if i.severity != "minor"]
+
+
+def test_a_garbled_stretch_skips_only_the_steps_whose_loss_was_high_not_a_gradient_norm_settling(tmp_path):
+    # Steps 400-405: partly garbled batches (each one's distinct-token ratio 4 sigmas up, 1.13x: none
+    # an anomaly alone) and their loss 60% up; the gradient norm stays up to step 415, after the
+    # batches and the loss are back: the incident lasts to 415, the bad data does not. Judged to 415, the
+    # ten healthy batches would dilute the stretch's evidence (or, less diluted, join its skip list).
+    from tests.common.planted import healthy_steps, write_run
+
+    steps = healthy_steps(600, seed=3)
+    steps.loc[400:405, "loss"] *= 1.6
+    steps.loc[400:405, "distinct_token_ratio"] = 0.68
+    steps.loc[400:415, "grad_norm"] *= 3.0
+    steps.loc[392, "loss"] *= 1.6  # a one-step spike just before: the stretch's flank holds another change
+    incident = next(i for i in spikedoc.analyze(write_run(tmp_path / "run", steps)).incidents if i.onset_step == 400)
+    assert incident.end_step >= 410 and incident.cause == "bad_batch"
+    skip = next(a for a in incident.recommendation["actions"] if a["action"] == "skip_data")
+    assert skip["steps"] == list(range(400, 406))
