@@ -23,6 +23,7 @@ from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents, untested_jumps
 from spikedoc.analysis.schedule import restarted_at_resume, scheduled_restarts
+from spikedoc.analysis.stretches import stretch_incidents
 
 __all__ = ["AnalysisPass"]
 
@@ -100,6 +101,8 @@ class AnalysisPass(IncidentDiagnosis):
                        for s in trajectory_departures(frame, self.config, self.detector)]
             found += change_point_incidents(frame, [p for p in points if p["step"] in own_steps], found, self.config,
                                             threshold=self.detector.threshold, merge_gap=self.detector.merge_gap)
+            if not self.multi_rank:  # last: a stretch's flanks must be clear of every other change
+                found += stretch_incidents(frame, self.run_profile, found, self.config, threshold=self.detector.threshold)
             found = sorted((i for i in found if i.onset_step in own_steps), key=lambda i: (i.onset_step, i.kind))
             self.profile = self._profile_before(frame, found)
             found = self._one_per_stretch(found, frame)

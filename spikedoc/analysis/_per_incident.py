@@ -56,21 +56,32 @@ class IncidentDiagnosis:
             after.append(b)
         return inside + after
 
-    def _entropy_stretch(self, ev: Evidence, frame: pd.DataFrame, onset: int, end: int) -> None:
+    def _entropy_stretch(self, ev: Evidence, frame: pd.DataFrame, onset: int, end: int,
+                         stretch: dict[str, Any] | None = None) -> None:
         """Batches over the incident whose distinct-token ratios are together far above the run's
-        (`high_entropy_stretch`): the onset batch gets the anomaly, the rest are its stretch."""
-        rows = frame.loc[(frame["step"] >= onset) & (frame["step"] <= min(end, onset + self.config.lookback))]
+        (`high_entropy_stretch`; or `stretch`, the loss's and the batches' evidence of a stretch that
+        `stretches.stretch_incidents` found): the onset batch gets the anomaly, the rest are its stretch."""
+        first, last = (onset, min(end, onset + self.config.lookback)) if stretch is None else (onset, stretch["steps"][-1])
+        rows = frame.loc[(frame["step"] >= first) & (frame["step"] <= last)]
         batches = attribute_batches(self._rows_of(rows), profile=self.profile, hashes={}, config=self.config)
-        found = high_entropy_stretch(batches, self.profile, self.config)
+        found = high_entropy_stretch(batches, self.profile, self.config) if stretch is None else _stretch_found(batches, stretch, self.run_profile)
         if found is None:
             return
         steps = found["steps"]
+        if len(steps) > 1:
+            what, they, their = f"the {len(steps)} batches of steps {steps[0]}..{steps[-1]} averages", "together they are", "their"
+        else:
+            what, they, their = f"the batch of step {steps[0]} is", "it is", "its"
+        if stretch is None:
+            why = f"no batch alone is far off, {they} {fmt(found['z'], 2)} sigma above it (noisy or partly garbled data)"
+        else:
+            why = (f"{they} {fmt(found['z'], 2)} sigma above it, while {their} loss sat {fmt(stretch['z'], 2)} standard "
+                   "errors above the steps around, up at once and down at once: noisy or partly garbled data")
         batches[0]["anomalies"].append(
-            f"the distinct-token ratio of the {len(steps)} batches of steps {steps[0]}..{steps[-1]} averages "
-            f"{fmt(found['mean'], 2)}, {fmt(found['mean'] / found['median'], 2)}x the run's median ({fmt(found['median'], 2)}): "
-            f"no batch alone is far off, together they are {fmt(found['z'], 2)} sigma above it (noisy or partly garbled data)")
+            f"the distinct-token ratio of {what} {fmt(found['mean'], 2)}, "
+            f"{fmt(found['mean'] / found['median'], 2)}x the run's median ({fmt(found['median'], 2)}): {why}")
         for b in batches:
-            b["flags"].append("high_distinct_token_ratio_stretch")
+            b["flags"].append("high_distinct_token_ratio_stretch" if stretch is None else "noisy_stretch")
         ev.batches = [b for b in ev.batches if b["step"] != onset] + batches[:1]
         ev.stretch = batches[1:]
 
@@ -120,7 +131,10 @@ class IncidentDiagnosis:
         ev.batches = attribute_batches(self._rows_of(candidates), profile=self.profile, hashes=hashes, config=cfg)
         ev.stretch = self._stretch(ev.batches, shared.window(onset, end + cfg.lookback), hashes, onset, end)
         if not self.multi_rank and not any(b["anomalies"] for b in ev.batches):
-            self._entropy_stretch(ev, frame, onset, end)
+            # To the loss's own end: the loss is measured before the update, so the batches of a stretch of
+            # bad data are those whose loss was high, not the later ones of a gradient norm still settling.
+            last = loss_series["end_step"] if loss_series else end
+            self._entropy_stretch(ev, frame, onset, last, (loss_series or {}).get("stretch"))
         if self.run.has_layers:
             # A few steps past the peak: state statistics that skipped the onset (a cost budget's light
             # steps, `layer_every`) come at the first step that has them again.
@@ -227,6 +241,15 @@ class IncidentDiagnosis:
             inc.recovered = inc.verdict == "recovered"
             inc.recovery_step = judged.back_step if inc.recovered else None
         ev.reset_level = reset_level(inc, frame, shared, ev, self.config)
+
+def _stretch_found(batches: list[dict[str, Any]], stretch: dict[str, Any], profile: Any) -> dict[str, Any] | None:
+    """`high_entropy_stretch`'s summary of a stretch found with its loss (`stretches.stretch_incidents`)."""
+    values = [b["stats"].get("distinct_token_ratio") for b in batches]
+    stat = profile.stats.get("distinct_token_ratio")
+    if stat is None or not batches or any(v is None for v in values):
+        return None
+    return {"steps": [b["step"] for b in batches], "z": stretch["batch_z"], "mean": float(np.mean(values)), "median": stat[0]}
+
 
 def _left_state_behind(earlier: Incident, onset: int) -> bool:
     """An incident diagnosed before (incidents are diagnosed in step order) that left the state a later

@@ -20,9 +20,10 @@ __all__ = ["Evidence", "RULES", "to_act_on", "decide_cause", "cause_guessed", "s
 _MOMENTS_RESET = 0.1
 # Update/weight ratio above which the LR is too high for the weights (rule of thumb: ~1e-3 is healthy).
 _HIGH_UPDATE_RATIO = 1e-2
-# Batch anomalies measured on the model's output (a sample's loss far above its batch's), which a
+# Batch anomalies measured on the model's output (a sample's loss far above its batch's) or singled
+# out by it (a stretch the loss found, its batches only mildly off together, `stretches.py`), which a
 # broken optimizer state can produce too; every other anomaly is a property of the input alone.
-_STATE_DEPENDENT = {"outlier_samples"}
+_STATE_DEPENDENT = {"outlier_samples", "noisy_stretch"}
 # Logged steps before onset needed to say that nothing built up there.
 _MIN_LOOKBACK = 10
 

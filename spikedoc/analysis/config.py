@@ -54,6 +54,13 @@ class AnalysisConfig:
     on the exam's 60 clean calibration runs no batch reached 1.5x and the largest upward z was 3.5
     (`bench/exam.py`). Lengths and token counts keep `z_threshold`: their tiny MADs put clean batches
     past z = 8 at 1.5x."""
+    stretch_batch_z: float = 2.5
+    """Stouffer's z (`sum(z) / sqrt(n)`) of the distinct-token ratios of a stretch of consecutive batches
+    at or above which they confirm a stretch of bad data whose loss sat the detector's threshold above
+    the steps around it (`stretches.bad_data_stretches`). Set on the exam's calibration half
+    (`bench/exam.py`): no stretch of its 119 clean runs passes at 2.0, 2.5, 3.0 or 3.5, while 9, 9, 8
+    and 6 of its 9 noisy-label runs with a visible effect do: 2.5 is the highest of these bars that finds
+    all 9 (a one-sided p of 0.006 for a stretch of healthy batches)."""
     batch_ratio: float = 1.5
     """A batch statistic must also differ from the run's median by this factor (either way)."""
     near_constant_ratio: float = 0.1
@@ -88,7 +95,7 @@ class AnalysisConfig:
                 raise ValueError(f"AnalysisConfig.{name} must be a positive integer, got {value!r}")
         if not 0 < self.minor_ratio:
             raise ValueError(f"AnalysisConfig.minor_ratio must be > 0, got {self.minor_ratio!r}")
-        for name in ("z_threshold", "distinct_z", "lr_jump", "lr_response_sigma"):
+        for name in ("z_threshold", "distinct_z", "stretch_batch_z", "lr_jump", "lr_response_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AnalysisConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not self.batch_ratio > 1:
