@@ -33,7 +33,8 @@ def test_momentum_blown_up_between_steps_is_the_optimizer_state(tmp_path, setup,
     found = _near(_diagnose(tmp_path, setup, Fault(family="optimizer_state", kind="scale_m", step=step)), step)
     assert found, "the momentum x100 made no incident"
     assert found[0].cause == "optimizer_state", found[0].evidence
-    assert any("the optimizer's state made the step large" in e for e in found[0].evidence)
+    # The momentum grew by far more than a gradient can add in one step: written from outside the optimizer.
+    assert any("momentum of" in e and "written from outside the optimizer" in e for e in found[0].evidence)
 
 
 def test_a_batch_of_random_bytes_is_a_bad_batch_by_its_token_diversity(tmp_path):
