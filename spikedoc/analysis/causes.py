@@ -13,6 +13,7 @@ from spikedoc.analysis.advice import ACTIONS, clip_kept_because, recommend, tigh
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.evidence import Evidence
 from spikedoc.analysis.incident import Incident
+from spikedoc.analysis.schedule import restart_path
 
 __all__ = ["Evidence", "RULES", "to_act_on", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
 
@@ -84,9 +85,8 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     if jump.get("retraced"):
         out = [
             f"at the resume at step {jump['step']} the LR{group} went back to the values of the run's first "
-            f"{jump['retraced']} steps and rose from {fmt(jump['before'])} (its value before the resume) to "
-            f"{fmt(jump['after'])} ({fmt(jump['factor'], 2)}x), {steps_text(incident.onset_step - jump['step'])} before "
-            "onset: the schedule started again from step 0"
+            f"{jump['retraced']} steps: it {restart_path(jump)}, {steps_text(incident.onset_step - jump['step'])} "
+            "before onset: the schedule started again from step 0"
         ]
     else:
         out = [
