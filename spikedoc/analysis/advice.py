@@ -243,7 +243,9 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
         return [{"action": "fix_schedule", "step": jump["step"], "hold_lr": jump["before"], "peak_lr": peak_lr,
                  "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
     if cause == "state_reset":
-        return [{"action": "load_state", "because": incident.evidence[0] if incident.evidence else "state reset"}]
+        # A reset at a resume is that resume's load; elsewhere nothing says which code set the weights back.
+        return [{"action": "load_state", "step": incident.onset_step, "at_resume": ev.resume.segment if ev.resume else None,
+                 "because": incident.evidence[0] if incident.evidence else "state reset"}]
     written = _state_written(incident, ev)
     if written:
         return [{"action": "find_state_writer", "step": min(p["step"] for p in written),

@@ -58,8 +58,8 @@ def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
             return []  # the loss level alone does not show the weights went back (zeroed moments throw it back too)
         out = [
             f"the parameter norm went from {fmt(p['before'])} back to {fmt(p['after'])}, {p['share']:.0%} of the way to its "
-            f"value {fmt(p['initial'])} at the start of the run: the weights were reset (a checkpoint or state_dict that "
-            "was never loaded), not a spike"
+            f"value {fmt(p['initial'])} at the start of the run: the weights were reset (re-initialised, or an early "
+            "or wrong state loaded), not a spike"
         ]
         if r is not None:
             out.append(f"the loss went back to {fmt(r['level'])} (median of the {r['steps']} steps from onset), "

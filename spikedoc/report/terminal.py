@@ -268,7 +268,11 @@ def action_text(action: dict[str, Any]) -> str:
         return (f"fix the LR schedule where it jumped at step {action['step']}: replay with the LR held at "
                 f"{fmt(action['hold_lr'])}{peak}")
     if kind == "load_state":
-        return "resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)"
+        if action.get("at_resume") is not None or action.get("step") is None:
+            return "resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)"
+        return (f"find what set the weights back at step {action['step']}, where no resume was recorded: the loop "
+                "re-initialising them (a model.apply(init), reset_parameters()) or loading an early or wrong state_dict; "
+                "no LR or clipping change")
     if kind == "check_rank":
         ranks = action.get("ranks") or []
         who = (f"rank {ranks[0]} fails" if len(ranks) == 1 else f"ranks {fmt_steps(ranks)} fail") if ranks else "it fails"
