@@ -13,7 +13,7 @@ from rich.table import Table
 from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
-from spikedoc.report._numbers import ratio_text, severity_order, sigma_text, table_number
+from spikedoc.report._numbers import peak_text, severity_order, sigma_text, table_number
 from spikedoc.report.guard_words import action_line, cause_words, value_text
 
 __all__ = ["render", "action_text", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
@@ -156,7 +156,7 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         state = f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
-        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({ratio_text(inc.peak_ratio)}, {sigma_text(inc.magnitude_sigma)}); {state}"
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({peak_text(inc.peak_ratio, inc.magnitude_sigma)}); {state}"
         + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
     )
     console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
