@@ -306,8 +306,11 @@ def _recovered_because(incident: Incident) -> str:
     if not d:
         return (f"back in the detector's band at step {incident.recovery_step}; with no loss before onset to "
                 "compare with, lasting damage could not be judged")
-    return (f"back on its pre-incident trajectory from step {d['back_step']} and still there {steps_text(d['observed_steps'])} after "
-            f"the incident (excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
+    # An incident that lasts to the run's last step leaves no step after it to stay on the trajectory.
+    stayed = (f"still there {steps_text(d['observed_steps'])} after the incident" if d["observed_steps"] else
+              f"there up to step {d['damage_step']}, the last step, where the incident ends")
+    return (f"back on its pre-incident trajectory from step {d['back_step']} and {stayed} "
+            f"(excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
 
 
 def _damage_because(incident: Incident) -> str:
