@@ -248,7 +248,8 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
                  "because": incident.evidence[0] if incident.evidence else "state reset"}]
     written = _state_written(incident, ev)
     if written:
-        return [{"action": "find_state_writer", "step": min(p["step"] for p in written),
+        first = min(written, key=lambda p: p["step"])  # seen at a later measurement when statistics were skipped between
+        return [{"action": "find_state_writer", "step": first["step"], "seen": first.get("seen", first["step"]),
                  "tensors": list(dict.fromkeys(p["name"] for p in written)), "because": written[0]["sentence"]}]
     if cause == "numerics_rank" and _rank_alone(ev):
         off = ev.ranks["off_ranks"]

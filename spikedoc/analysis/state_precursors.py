@@ -141,7 +141,7 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
             low = float(np.nanmin(scan[:, j]))
             fell = _fall_beyond_updates(wide[name], seen)
             found.append({
-                "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
+                "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step, "seen": seen,
                 "lead_steps": max(0, reference - step), "at_onset": bool(hits[steps >= reference - config.sudden_steps, j].any()),
                 "overwritten": fell is not None,
                 "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "

@@ -258,7 +258,9 @@ def action_text(action: dict[str, Any]) -> str:
     if kind == "reset_moments":
         return f"reset the optimizer moments of {fmt_steps(action['tensors'], 4)}"
     if kind == "find_state_writer":
-        return (f"find what wrote the optimizer state at step {action['step']} (of {fmt_steps(action['tensors'], 4)}): "
+        seen = action.get("seen", action["step"])
+        when = f"between steps {action['step']} and {seen}" if seen > action["step"] else f"at step {action['step']}"
+        return (f"find what wrote the optimizer state {when} (of {fmt_steps(action['tensors'], 4)}): "
                 "a partial or wrong checkpoint load, or the loop editing optimizer.state; no LR or clipping change")
     if kind == "restore_scheduler":
         peak = f"; keep the peak LR at {fmt(action['peak_lr'])}" if action.get("peak_lr") else ""
