@@ -13,6 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 import spikedoc
+from spikedoc.analysis.advice import _recovered_because
+from spikedoc.analysis.incident import Incident
 from spikedoc.cli import app
 from spikedoc.report.terminal import action_text
 
@@ -217,3 +219,11 @@ def test_no_incident_of_a_run_whose_second_moments_were_written_from_outside_adv
     incidents = spikedoc.analyze(record_demo_run(tmp_path / "run", "optimizer_state")).incidents
     actions = [a["action"] for i in incidents for a in i.recommendation["actions"]]
     assert "find_state_writer" in actions and "reset_moments" not in actions
+
+
+def test_a_recovery_up_to_the_runs_last_step_does_not_claim_steps_after_the_incident():
+    inc = Incident(kind="grad_spike", metric="grad_norm", onset_step=151, peak_step=240, end_step=299, magnitude_sigma=2.9,
+                   peak_ratio=4.2, baseline=0.73, peak_value=3.1, recovered=True, recovery_step=151)
+    inc.damage = {"back_step": 151, "damage_step": 299, "observed_steps": 0, "excess_ratio": -0.089, "excess_sigma": -2.8}
+    said = _recovered_because(inc)
+    assert "0 steps after" not in said and "up to step 299, the last step" in said

@@ -24,6 +24,7 @@ from spikedoc.analysis.change_points import (
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.detect import DetectorConfig, find_incidents
 from spikedoc.analysis.recovery import RecoveryConfig, fit_trajectory
+from spikedoc.report.terminal import action_text
 
 _ROOT = Path(tempfile.mkdtemp(prefix="spikedoc-change-points-"))
 
@@ -43,6 +44,24 @@ def test_a_reinit_of_the_weights_late_in_a_short_run_is_found_as_state_reset():
     incidents = spikedoc.analyze(_reinit()).incidents
     at = [i for i in incidents if abs(i.onset_step - 70) <= 2]
     assert at and at[0].cause == "state_reset"
+
+
+def _load_state(run: Path, step: int) -> dict:
+    inc = next(i for i in spikedoc.analyze(run).incidents if abs(i.onset_step - step) <= 2 and i.cause == "state_reset")
+    return next(a for a in inc.recommendation["actions"] if a["action"] == "load_state")
+
+
+def test_a_reinit_where_no_resume_happened_is_not_blamed_on_a_checkpoint_load():
+    action = _load_state(_reinit("sgd"), 70)
+    assert action["at_resume"] is None
+    assert action_text(action).startswith(f"find what set the weights back at step {action['step']}")
+
+
+def test_a_resume_that_never_loaded_the_weights_is_told_to_load_them():
+    setup = Setup(seed=303, d_model=24, n_layer=1, optimizer="adam", warmup=6)
+    action = _load_state(_run("resume-fresh", setup, Fault(family="state_reset", kind="resume_fresh", step=55)), 55)
+    assert action["at_resume"] == 1
+    assert action_text(action).startswith("resume with the model and optimizer state loaded from the checkpoint")
 
 
 def test_a_reinit_is_found_under_sgd_too():

@@ -8,6 +8,7 @@ import pytest
 import spikedoc
 from bench._exam_train import Fault, Setup, train
 from spikedoc.analysis.detect import find_incidents
+from spikedoc.report.terminal import action_text
 from spikedoc.store.reader import load
 
 
@@ -116,3 +117,35 @@ def test_one_noisy_batch_while_the_loss_still_falls_is_found_as_bad_batch(tmp_pa
     assert incident.cause == "bad_batch"
     twin = spikedoc.analyze(_trained(tmp_path / "clean", setup, None))
     assert all(i.severity == "minor" for i in twin.incidents)
+
+
+def _light_steps(run, first: int, last: int) -> None:
+    """Blank the full statistics of steps `first..last` as a cost budget's light steps leave them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    full = ("param_norm", "update_norm", "update_ratio", "grad_max", "exp_avg_norm", "exp_avg_sq_mean", "exp_avg_sq_max", "eps_frac")
+    for part in sorted((run / "layers").rglob("*.parquet")):
+        table = pq.read_table(part)
+        light = pa.array(np.isin(table.column("step").to_numpy(), np.arange(first, last + 1)))
+        for name in full:
+            if name in table.column_names:
+                i = table.column_names.index(name)
+                blank = pa.nulls(len(table), table.schema.field(i).type)
+                table = table.set_column(i, table.schema.field(i), pa.compute.if_else(light, blank, table.column(i)))
+        pq.write_table(table, part)
+
+
+@pytest.mark.parametrize("setup, step, gap", [
+    (Setup(seed=5207, optimizer="adamw", warmup=10), 74, (66, 73)),
+    (Setup(seed=5209, optimizer="adam", warmup=8, d_model=48, clip=1.0), 91, (84, 90)),
+])  # fmt: skip
+def test_a_state_write_inside_a_gap_of_the_state_statistics_is_dated_to_the_gap_not_its_first_step(tmp_path, setup, step, gap):
+    # The gap ends at the write (one reaching past it can hide it: the large gradients after it refill the moments).
+    run = _trained(tmp_path, setup, Fault(family="optimizer_state", kind="zero_v", step=step))
+    _light_steps(run, *gap)
+    incident = next(i for i in spikedoc.analyze(run).incidents if step - 2 <= i.onset_step <= step + 3)
+    writer = next(a for a in incident.recommendation["actions"] if a["action"] == "find_state_writer")
+    assert writer["step"] <= step <= writer["seen"] and writer["seen"] > writer["step"]
+    assert action_text(writer).startswith(f"find what wrote the optimizer state between steps {writer['step']} and {writer['seen']}")

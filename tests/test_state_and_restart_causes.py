@@ -12,7 +12,7 @@ from bench._exam_design import labels
 from bench._exam_train import Fault, Setup, _Loop, train
 from spikedoc.analysis.change_points import state_jumps
 from spikedoc.analysis.config import AnalysisConfig
-from spikedoc.analysis.schedule import restarted_at_resume
+from spikedoc.analysis.schedule import restart_path, restarted_at_resume
 from spikedoc.demo.training import _deterministic
 
 
@@ -52,6 +52,17 @@ def test_a_resume_that_restarts_the_schedule_is_reported_with_the_lr_it_went_bac
     (jump,) = jumps[0].details["jumps"]
     assert (jump["step"], jump["direction"], jump["at_resume"]) == (71, "up", 1)
     assert jump["after"] == pytest.approx(setup.peak_lr)
+    lr_at_resume = float(pd.read_parquet(tmp_path / "run" / "steps").query("step == 71 and segment == 1")["lr"].iloc[0])
+    assert jump["resumed_lr"] == pytest.approx(lr_at_resume) and lr_at_resume < jump["before"]
+
+
+def test_a_restarted_warmup_is_told_as_a_fall_at_the_resume_then_a_climb():
+    # A 4-step warmup to 0.3 and a decay, resumed at step 10 with the warmup run again: the LR at
+    # step 10 is 0.075, far below the 0.25 it left; it passes 0.25 only at step 13 and peaks there.
+    lr = [0.075, 0.15, 0.225, 0.3, 0.3, 0.29, 0.28, 0.27, 0.26, 0.25, 0.075, 0.15, 0.225, 0.3, 0.3, 0.29, 0.28]
+    (jump,) = restarted_at_resume(pd.DataFrame({"step": range(17), "lr": lr}), {10: 1})
+    assert (jump["resumed_lr"], jump["peak_step"]) == (0.075, 13)
+    assert restart_path(jump) == "fell from 0.25 to 0.075 at the resume, then climbed to 0.3 by step 13 (1.2x the LR it left)"
 
 
 def test_a_resume_that_restores_the_schedule_is_no_restart():

@@ -80,3 +80,8 @@ def test_a_veto_judged_on_one_ranks_own_loss_names_that_rank():
     render(diagnosis, console)
     lines = [line for line in console.export_text().splitlines() if line.strip().startswith("veto of step")]
     assert "the loss of rank 1" in lines[0] and "rank" not in lines[1]
+
+
+def test_a_non_finite_peak_says_non_finite_once():
+    line = next(x for x in _text("nan").splitlines() if x.startswith("#1 nonfinite"))
+    assert "(non-finite)" in line and "non-finite, non-finite" not in line

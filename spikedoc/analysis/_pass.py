@@ -22,7 +22,7 @@ from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lineage import Lineage, check_resume, moments_ratio
 from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents, untested_jumps
-from spikedoc.analysis.schedule import restarted_at_resume, scheduled_restarts
+from spikedoc.analysis.schedule import restart_path, restarted_at_resume, scheduled_restarts
 from spikedoc.analysis.stretches import stretch_incidents
 
 __all__ = ["AnalysisPass"]
@@ -286,9 +286,10 @@ def _jump_findings(jumps: list[dict[str, Any]]) -> list[Finding]:
     if not shown:
         return []
     parts = [
-        f"step {j['step']}: {fmt(j['before'])} -> {fmt(j['after'])} ({fmt(j['factor'], 2)}x)"
-        + (f", at the resume of segment {j['at_resume']}" if j.get("at_resume") is not None else "")
-        + (f" (the LR of the run's first {j['retraced']} steps again: the schedule started over)" if j.get("retraced") else "")
+        (f"step {j['step']}, the resume of segment {j['at_resume']}: the LR {restart_path(j)} (the LR of the run's "
+         f"first {j['retraced']} steps again: the schedule started over)" if j.get("retraced") else
+         f"step {j['step']}: {fmt(j['before'])} -> {fmt(j['after'])} ({fmt(j['factor'], 2)}x)"
+         + (f", at the resume of segment {j['at_resume']}" if j.get("at_resume") is not None else ""))
         for j in shown[:5]
     ]
     return [Finding(

@@ -243,10 +243,13 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
         return [{"action": "fix_schedule", "step": jump["step"], "hold_lr": jump["before"], "peak_lr": peak_lr,
                  "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
     if cause == "state_reset":
-        return [{"action": "load_state", "because": incident.evidence[0] if incident.evidence else "state reset"}]
+        # A reset at a resume is that resume's load; elsewhere nothing says which code set the weights back.
+        return [{"action": "load_state", "step": incident.onset_step, "at_resume": ev.resume.segment if ev.resume else None,
+                 "because": incident.evidence[0] if incident.evidence else "state reset"}]
     written = _state_written(incident, ev)
     if written:
-        return [{"action": "find_state_writer", "step": min(p["step"] for p in written),
+        first = min(written, key=lambda p: p["step"])  # seen at a later measurement when statistics were skipped between
+        return [{"action": "find_state_writer", "step": first["step"], "seen": first.get("seen", first["step"]),
                  "tensors": list(dict.fromkeys(p["name"] for p in written)), "because": written[0]["sentence"]}]
     if cause == "numerics_rank" and _rank_alone(ev):
         off = ev.ranks["off_ranks"]
@@ -304,8 +307,11 @@ def _recovered_because(incident: Incident) -> str:
     if not d:
         return (f"back in the detector's band at step {incident.recovery_step}; with no loss before onset to "
                 "compare with, lasting damage could not be judged")
-    return (f"back on its pre-incident trajectory from step {d['back_step']} and still there {steps_text(d['observed_steps'])} after "
-            f"the incident (excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
+    # An incident that lasts to the run's last step leaves no step after it to stay on the trajectory.
+    stayed = (f"still there {steps_text(d['observed_steps'])} after the incident" if d["observed_steps"] else
+              f"there up to step {d['damage_step']}, the last step, where the incident ends")
+    return (f"back on its pre-incident trajectory from step {d['back_step']} and {stayed} "
+            f"(excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
 
 
 def _damage_because(incident: Incident) -> str:

@@ -13,6 +13,7 @@ from spikedoc.analysis.advice import ACTIONS, clip_kept_because, recommend, tigh
 from spikedoc.analysis.config import AnalysisConfig
 from spikedoc.analysis.evidence import Evidence
 from spikedoc.analysis.incident import Incident
+from spikedoc.analysis.schedule import restart_path
 
 __all__ = ["Evidence", "RULES", "to_act_on", "decide_cause", "cause_guessed", "severity", "recommend", "tighter_clip", "clip_kept_because", "ACTIONS"]
 
@@ -58,8 +59,8 @@ def _state_reset(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
             return []  # the loss level alone does not show the weights went back (zeroed moments throw it back too)
         out = [
             f"the parameter norm went from {fmt(p['before'])} back to {fmt(p['after'])}, {p['share']:.0%} of the way to its "
-            f"value {fmt(p['initial'])} at the start of the run: the weights were reset (a checkpoint or state_dict that "
-            "was never loaded), not a spike"
+            f"value {fmt(p['initial'])} at the start of the run: the weights were reset (re-initialised, or an early "
+            "or wrong state loaded), not a spike"
         ]
         if r is not None:
             out.append(f"the loss went back to {fmt(r['level'])} (median of the {r['steps']} steps from onset), "
@@ -85,9 +86,8 @@ def _lr_schedule(incident: Incident, ev: Evidence, config: AnalysisConfig) -> li
     if jump.get("retraced"):
         out = [
             f"at the resume at step {jump['step']} the LR{group} went back to the values of the run's first "
-            f"{jump['retraced']} steps and rose from {fmt(jump['before'])} (its value before the resume) to "
-            f"{fmt(jump['after'])} ({fmt(jump['factor'], 2)}x), {steps_text(incident.onset_step - jump['step'])} before "
-            "onset: the schedule started again from step 0"
+            f"{jump['retraced']} steps: it {restart_path(jump)}, {steps_text(incident.onset_step - jump['step'])} "
+            "before onset: the schedule started again from step 0"
         ]
     else:
         out = [

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spikedoc.analysis._robust import fmt
 from spikedoc.analysis.context import lr_columns
 
-__all__ = ["restart_settings", "scheduled_restarts", "restarted_at_resume"]
+__all__ = ["restart_settings", "scheduled_restarts", "restarted_at_resume", "restart_path"]
 
 # A restart goes back to the peak LR to within this relative tolerance.
 _PEAK_TOLERANCE = 0.01
@@ -196,14 +197,16 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dic
         resume, `before` the LR just before it, `after` the highest LR from it on (the restarted
         warmup's peak: a long warmup climbs for many steps), `direction` up when that is above
         `before` (by more than the 1% the retrace allows), else down and `after` the LR at the
-        resume), plus `at_resume`, `retraced` (steps compared) and `until` (up only: the last step
-        whose LR is above `before`, the end of the stretch the restart ran the LR higher).
+        resume), plus `at_resume`, `retraced` (steps compared), `resumed_lr` (the LR at the resume
+        itself: the warmup's first value, below `before`), and, up only, `peak_step` (where the LR
+        reached `after`) and `until` (the last step whose LR is above `before`, the end of the
+        stretch the restart ran the LR higher).
 
     Example:
         >>> lr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.45, 0.4, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
         >>> frame = pd.DataFrame({"step": range(14), "lr": lr})
-        >>> [(j["step"], j["direction"], j["after"], j["until"]) for j in restarted_at_resume(frame, {8: 1})]
-        [(8, 'up', 0.5, 13)]
+        >>> [(j["step"], j["direction"], j["resumed_lr"], j["after"], j["peak_step"], j["until"]) for j in restarted_at_resume(frame, {8: 1})]
+        [(8, 'up', 0.1, 0.5, 12, 13)]
     """
     out = []
     steps = frame["step"].to_numpy()
@@ -225,9 +228,28 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dic
             # decaying schedule's own continuation lower still, on every step from there.
             up = higher.size > 0
             after = float(np.nanmax(lr[i:])) if up else float(lr[i])
+            peak = {"peak_step": int(steps[i + int(np.nanargmax(lr[i:]))]), "until": int(steps[i + higher[-1]])} if up else {}
             out.append({
                 "step": start, "group": 0 if column == "lr" else int(column[3:]), "before": before,
                 "after": after, "factor": after / before, "direction": "up" if up else "down",
-                "at_resume": segment, "retraced": n, **({"until": int(steps[i + higher[-1]])} if up else {}),
+                "at_resume": segment, "retraced": n, "resumed_lr": float(lr[i]), **peak,
             })  # fmt: skip
     return sorted(out, key=lambda j: (j["step"], j["group"]))
+
+
+def restart_path(jump: dict[str, Any]) -> str:
+    """The LR's path across a resume that restarted the schedule, as `restarted_at_resume` found it.
+
+    The LR at the resume is the warmup's first value, below the one it left; only later does the
+    restarted warmup climb above it. Both are said, so the numbers match the run's LR at each step.
+
+    Example:
+        >>> restart_path({"before": 0.5, "resumed_lr": 0.1, "after": 0.6, "factor": 1.2, "direction": "up", "peak_step": 12})
+        'fell from 0.5 to 0.1 at the resume, then climbed to 0.6 by step 12 (1.2x the LR it left)'
+    """
+    path = f"fell from {fmt(jump['before'])} to {fmt(jump['resumed_lr'])} at the resume"
+    if jump["resumed_lr"] > jump["before"]:
+        path = f"went from {fmt(jump['before'])} to {fmt(jump['resumed_lr'])} at the resume"
+    if jump["direction"] != "up":
+        return path
+    return f"{path}, then climbed to {fmt(jump['after'])} by step {jump['peak_step']} ({fmt(jump['factor'], 2)}x the LR it left)"

@@ -150,7 +150,7 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
             low = float(np.nanmin(scan[:, j]))
             fell = _fall_beyond_updates(wide[name], seen)
             found.append({
-                "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step,
+                "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step, "seen": seen,
                 "lead_steps": max(0, reference - step), "at_onset": bool(hits[steps >= reference - config.sudden_steps, j].any()),
                 "overwritten": fell is not None,
                 "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
@@ -190,7 +190,7 @@ def _momentum_written(layers: pd.DataFrame, metric: str, label: str, window: Win
         before = float(wide[name].loc[: seen - 1].dropna().iloc[-1])
         value, most = float(wide.at[seen, name]), float(bound.at[seen, name])
         found.append({
-            "name": name, "kind": "momentum_jump", "before": before, "value": value, "step": step,
+            "name": name, "kind": "momentum_jump", "before": before, "value": value, "step": step, "seen": seen,
             "lead_steps": max(0, window.reference - step),
             "at_onset": bool(hits[name].loc[window.reference - config.sudden_steps:].any()), "overwritten": True,
             "sentence": f"{label} of {name} grew from {fmt(before)} to {fmt(value)} {when}, {fmt(value / most, 2)}x the "

@@ -8,7 +8,7 @@ from typing import Any
 from spikedoc.analysis._robust import fmt
 from spikedoc.analysis.incident import Incident
 
-__all__ = ["ratio_text", "severity_order", "sigma_text", "table_number"]
+__all__ = ["peak_text", "ratio_text", "severity_order", "sigma_text", "table_number"]
 
 
 def table_number(value: Any) -> str:
@@ -30,6 +30,12 @@ def ratio_text(value: Any) -> str:
 
 def sigma_text(value: float) -> str:
     return f"{table_number(value)} sigma" if math.isfinite(value) else "non-finite"
+
+
+def peak_text(ratio: Any, sigma: float) -> str:
+    """A peak against its baseline as "2.6x, 41 sigma"; a non-finite peak says so once, not per number."""
+    ratio_says, sigma_says = ratio_text(ratio), sigma_text(sigma)
+    return ratio_says if ratio_says == sigma_says else f"{ratio_says}, {sigma_says}"
 
 
 def severity_order(inc: Incident) -> tuple:

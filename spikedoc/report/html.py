@@ -22,7 +22,7 @@ from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 from spikedoc.errors import one_line
-from spikedoc.report._numbers import ratio_text, severity_order, sigma_text, table_number
+from spikedoc.report._numbers import peak_text, ratio_text, severity_order, table_number
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.guard_words import cause_words
@@ -218,7 +218,7 @@ def _incident_section(run: Any, steps: pd.DataFrame, n: int, inc: Incident, ctx:
         f"<h3>#{n} {_e(inc.kind)} at step {inc.onset_step}{segment} {_badge(inc.severity)}"
         + (" <span class='good'>handled by the guard</span>" if getattr(inc, "handled_by_guard", False) else "") + "</h3>",
         f"<p>{_e(inc.metric)} {_e(fmt(inc.peak_value))} at step {inc.peak_step} against a baseline of "
-        f"{_e(fmt(inc.baseline))} ({_e(ratio_text(inc.peak_ratio))}, {_e(sigma_text(inc.magnitude_sigma))})"
+        f"{_e(fmt(inc.baseline))} ({_e(peak_text(inc.peak_ratio, inc.magnitude_sigma))})"
         + (" <span class='warning'>(short history: low confidence)</span>" if inc.low_confidence else "") + "</p>",
         _verdict(inc),
         _cause(inc),

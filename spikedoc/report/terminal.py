@@ -13,7 +13,7 @@ from rich.table import Table
 from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
-from spikedoc.report._numbers import ratio_text, severity_order, sigma_text, table_number
+from spikedoc.report._numbers import peak_text, severity_order, sigma_text, table_number
 from spikedoc.report.guard_words import action_line, cause_words, value_text
 
 __all__ = ["render", "action_text", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
@@ -156,7 +156,7 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         state = f"[red]{inc.verdict}[/red]"
     console.print(
         f"[bold]#{number} {inc.kind}[/bold] at step {inc.onset_step}{segment}: {inc.metric} {fmt(inc.peak_value)} at step "
-        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({ratio_text(inc.peak_ratio)}, {sigma_text(inc.magnitude_sigma)}); {state}"
+        f"{inc.peak_step} vs baseline {fmt(inc.baseline)} ({peak_text(inc.peak_ratio, inc.magnitude_sigma)}); {state}"
         + (" [yellow](short history: low confidence)[/yellow]" if inc.low_confidence else "")
     )
     console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
@@ -258,7 +258,9 @@ def action_text(action: dict[str, Any]) -> str:
     if kind == "reset_moments":
         return f"reset the optimizer moments of {fmt_steps(action['tensors'], 4)}"
     if kind == "find_state_writer":
-        return (f"find what wrote the optimizer state at step {action['step']} (of {fmt_steps(action['tensors'], 4)}): "
+        seen = action.get("seen", action["step"])
+        when = f"between steps {action['step']} and {seen}" if seen > action["step"] else f"at step {action['step']}"
+        return (f"find what wrote the optimizer state {when} (of {fmt_steps(action['tensors'], 4)}): "
                 "a partial or wrong checkpoint load, or the loop editing optimizer.state; no LR or clipping change")
     if kind == "restore_scheduler":
         peak = f"; keep the peak LR at {fmt(action['peak_lr'])}" if action.get("peak_lr") else ""
@@ -268,7 +270,11 @@ def action_text(action: dict[str, Any]) -> str:
         return (f"fix the LR schedule where it jumped at step {action['step']}: replay with the LR held at "
                 f"{fmt(action['hold_lr'])}{peak}")
     if kind == "load_state":
-        return "resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)"
+        if action.get("at_resume") is not None or action.get("step") is None:
+            return "resume with the model and optimizer state loaded from the checkpoint (check the load path and strict loading)"
+        return (f"find what set the weights back at step {action['step']}, where no resume was recorded: the loop "
+                "re-initialising them (a model.apply(init), reset_parameters()) or loading an early or wrong state_dict; "
+                "no LR or clipping change")
     if kind == "check_rank":
         ranks = action.get("ranks") or []
         who = (f"rank {ranks[0]} fails" if len(ranks) == 1 else f"ranks {fmt_steps(ranks)} fail") if ranks else "it fails"
