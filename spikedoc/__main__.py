@@ -1,6 +1,6 @@
 """`python -m spikedoc`: the same CLI as the `spikedoc` command."""
 
-from spikedoc.cli import app
+from spikedoc.cli import main
 
 if __name__ == "__main__":
-    app(prog_name="spikedoc")
+    main()

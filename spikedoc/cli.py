@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from rich.markup import escape
 from spikedoc import __version__
 from spikedoc.errors import EXIT_BAD_INPUT, EXIT_INCOMPLETE, SpikedocError, one_line
 
-__all__ = ["app", "EXIT_HEALTHY", "EXIT_INCIDENTS", "EXIT_INCOMPLETE", "DOCS"]
+__all__ = ["app", "main", "EXIT_HEALTHY", "EXIT_INCIDENTS", "EXIT_INCOMPLETE", "DOCS"]
 
 #: Exit codes: nothing to act on, an incident's advice holds something to do (EXIT_BAD_INPUT = 2 for
 #: unusable input; EXIT_INCOMPLETE = 3 for a run with holes where nothing is to be done).
@@ -382,5 +383,22 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code=code)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The `spikedoc` command: `app`, with a command line click cannot parse (an unknown option, a
+    missing argument) said in one `error:` line with exit code 2, like every other bad input."""
+    # click's UsageError (an unknown option, a missing argument), whichever click this typer parses with.
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        code = app(args=argv, prog_name="spikedoc", standalone_mode=False)
+    except usage_error as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "spikedoc"
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[red]error:[/red] {escape(one_line(exc.format_message()))} (`{escape(command)} --help` lists what it takes)")
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Abort:  # Ctrl-C at a prompt
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":  # `python -m spikedoc.cli`, the module `[project.scripts]` names, runs the CLI too
-    app(prog_name="spikedoc")
+    main()

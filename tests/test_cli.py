@@ -306,3 +306,16 @@ def test_python_m_runs_the_cli_with_its_exit_codes(module):
     assert found.returncode == 1 and "needs attention" in found.stdout, found.stdout + found.stderr
     missing = subprocess.run([*run, str(SAMPLE_RUNS / "no_such_run")], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error:"), missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize("args", [["analyze", "--html", "run"], ["analyze"], ["diagnose", "run"]])
+def test_a_command_line_that_does_not_parse_is_one_error_line_and_exit_2(args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "COLUMNS": "80"}
+    found = subprocess.run([sys.executable, "-m", "spikedoc", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 2
+    assert found.stderr.startswith("error:") and len(found.stderr.strip().splitlines()) == 1, found.stderr
+    assert "--help" in found.stderr and found.stdout == ""
