@@ -372,7 +372,7 @@ def _spikedoc_command() -> list[str]:
     found = shutil.which("spikedoc")
     if found:
         return [found]
-    return [sys.executable, "-c", "from spikedoc.cli import app; app()"]
+    return [sys.executable, "-c", "from spikedoc.cli import main; main()"]
 
 
 def time_analyze(run_dir: Path, repeats: int) -> list[dict[str, Any]]:

@@ -273,7 +273,7 @@ def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    args = [sys.executable, "-c", "from spikedoc.cli import app; app()", "report", str(SAMPLE_RUNS / "lr_surge"), "-o"]
+    args = [sys.executable, "-c", "from spikedoc.cli import main; main()", "report", str(SAMPLE_RUNS / "lr_surge"), "-o"]
     env = {**os.environ, "PYTHONPATH": str(root), "TERM": "xterm"}
     piped = subprocess.run([*args, str(tmp_path / "a.html")], env=env, capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0 and "loading" not in piped.stdout + piped.stderr

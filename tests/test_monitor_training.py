@@ -525,3 +525,27 @@ def test_sample_ids_are_those_given_even_when_the_loop_refills_their_buffer(tmp_
             buffer.fill_(-1)  # the loop reuses the buffer right after the step
     ids = spikedoc.load(tmp_path).steps["sample_ids"]
     assert [list(x) for x in ids] == [["0", "1", "2"], ["10", "11", "12"]]
+
+
+def _fresh_run_into(run_dir, **watch):
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = spikedoc.watch(model, opt, run_dir=run_dir, **watch)
+    train(model, opt, 3)
+    monitor.close()
+    return model, opt
+
+
+def test_a_fresh_run_into_a_directory_that_holds_a_run_is_warned_about(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first run into the directory: nothing to say
+        _fresh_run_into(tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"already holds a run \(segments 0\.\.0\); this one is recorded as segment 1"):
+        _fresh_run_into(tmp_path / "run")
+
+
+def test_a_resume_that_says_where_it_starts_is_not_warned_about(tmp_path):
+    _fresh_run_into(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fresh_run_into(tmp_path / "run", start_step=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -37,10 +38,24 @@ def open_run(writer: RunWriter, *, model: nn.Module, optimizers: list[Any], plan
             meta["segment"] = segment
         opened = writer.open(meta)
         writer.add_event("start", start, segment=opened)
+        if opened > 0 and start == 0 and config.start_step is None:
+            _warn_appended(writer, opened)
         return opened
     except Exception as exc:  # noqa: BLE001 - an unusable run dir must not stop training
         fail("open", exc)
         return -1
+
+
+def _warn_appended(writer: RunWriter, segment: int) -> None:
+    # A fresh optimizer in a directory that already holds a run: a resume that loaded no state, or a new
+    # run written over an old one. Either way analyze will read both as one run, so say it at once.
+    warnings.warn(
+        f"spikedoc: {writer.run_dir} already holds a run (segments 0..{segment - 1}); this one is recorded as "
+        f"segment {segment}, from step 0, and analyze reads them as one run. A resume: load the optimizer's state "
+        "before watch() or pass watch(start_step=...); a new run: give it its own run_dir",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def tensorboard_mirror(writer: RunWriter, logdir: str, model: nn.Module, plan: Plan,
