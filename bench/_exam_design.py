@@ -1,8 +1,9 @@
 """The exam's design (which runs, drawn by a seeded random design) and each run's ground truth.
 
 Each base setup (one seed, one draw of the variant axes) is trained clean, as the twin, and with 2
-or 3 faults, the families dealt round-robin so that every family gets the same share. Even seeds are
-the calibration half, odd seeds the test half. The labels are measured against the twin: they never
+or 3 faults, the families dealt round-robin so that every family gets the same share; then with a
+rescaled resume and one more LR surge and optimizer-state fault, each from a random stream of its own
+(see `design`). Even seeds are the calibration half, odd seeds the test half. The labels are measured against the twin: they never
 come from what `spikedoc.analyze` says.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 from bench._exam_train import FAMILIES, KINDS, Fault, Setup
 from bench.spike_suite import _noise_sigma
 
-__all__ = ["CAUSE", "HALVES", "MUST_FIND_DAMAGE", "MUST_FIND_PEAK", "Run", "design", "half_of", "labels", "twin_diverged"]
+__all__ = ["CAUSE", "EXTRA", "HALVES", "MUST_FIND_DAMAGE", "MUST_FIND_PEAK", "Run", "design", "half_of", "labels", "twin_diverged"]
 
 #: The cause a practitioner would name for each family (spikedoc's vocabulary,
 #: `spikedoc.analysis.incident.CAUSES`). A non-finite value with no build-up is a numerics fault.
@@ -103,29 +104,54 @@ def _rescaled(rng: random.Random, setup: Setup) -> Fault:
     return Fault(family="lr_restart", kind="rescaled", step=_position(rng, setup), factor=float(rng.choice((2, 4, 8, 16))))
 
 
+#: Families drawn once more per base, each from a random stream of its own (`_extra`): dealt round-robin
+#: alone, too few of their runs had an effect worth finding to score them on.
+EXTRA = ("lr_surge", "optimizer_state")
+
+
+def _extra(design_seed: int, family: str, setup: Setup, held: list[Run]) -> Fault:
+    """One more fault of `family` for the base, drawn as the round-robin draws it (`_fault`), from a
+    stream seeded by the base and the family alone, so that no other run's draw moves; drawn again
+    while it is a run the base already `held` (the same run scored twice would count once more)."""
+    rng = random.Random(f"exam-{design_seed}-{setup.seed}-{family}")
+    fault = _fault(rng, family, setup)
+    while (setup, fault) in held:
+        fault = _fault(rng, family, setup)
+    return fault
+
+
 def design(n_bases: int, *, design_seed: int = 0) -> list[Run]:
     """The exam's runs: per base setup its clean twin, then its 2 or 3 faulty runs dealt round-robin,
-    then a resume with a rescaled LR (`_rescaled`). Those come from a random stream of their own, so
-    that adding them left every other run's spec (and cache entry) as it was: a resume that restarts
-    the schedule from step 0 re-runs a warmup the tiny model mostly tolerates (4-6 visible of 42 per
-    half at 240 bases), too few to score the family on, and so does one that goes on from an earlier
-    schedule position (no visible effect in any of 20 tried: the LR never leaves the schedule's range).
+    then a resume with a rescaled LR (`_rescaled`), then one more fault of each `EXTRA` family
+    (`_extra`). Those come from random streams of their own, so that adding them left every other
+    run's spec (and cache entry) as it was.
+
+    The rescaled resumes: a resume that restarts the schedule from step 0 re-runs a warmup the tiny
+    model mostly tolerates (4-6 visible of 42 per half at 240 bases), too few to score the family on,
+    and so does one that goes on from an earlier schedule position (no visible effect in any of 20
+    tried: the LR never leaves the schedule's range). The extra draws: dealt round-robin alone, an LR
+    surge left a must-find effect in 12-15 of 42 runs per half and an optimizer-state fault in 14-17,
+    short of the 20 a family is scored on; one more draw per base, from the same distribution (not
+    one picked to be visible), brings them to 48-49 and 75-76 of 160-162 at 240 bases.
 
     Example:
         >>> runs = design(4)
         >>> sum(f is None for _, f in runs), len(runs)
-        (4, 18)
+        (4, 26)
     """
     runs: list[Run] = []
     dealt = 0
     for seed in range(n_bases):
         rng = random.Random(f"exam-{design_seed}-{seed}")
         setup = _base(rng, seed)
-        runs.append((setup, None))
+        base: list[Run] = [(setup, None)]
         for _ in range(2 + (seed // 2) % 2):  # 2, 2, 3, 3, ... faults: both halves alike
-            runs.append((setup, _fault(rng, FAMILIES[dealt % len(FAMILIES)], setup)))
+            base.append((setup, _fault(rng, FAMILIES[dealt % len(FAMILIES)], setup)))
             dealt += 1
-        runs.append((setup, _rescaled(random.Random(f"exam-{design_seed}-{seed}-restart"), setup)))
+        base.append((setup, _rescaled(random.Random(f"exam-{design_seed}-{seed}-restart"), setup)))
+        for family in EXTRA:
+            base.append((setup, _extra(design_seed, family, setup, base)))
+        runs += base
     return runs
 
 

@@ -7,7 +7,8 @@
 accumulation, AdamW/Adam/SGD/Lion, peak LR, warmup, clipping, a loss- or logits-returning model,
 checkpoints numbered, overwritten or none) cleanly, with 2 or 3 faults (bad batches, LR surges,
 a resume that restarts the schedule, optimizer-state corruption, weights reset, NaN/inf in the loss,
-a gradient or a weight, no warmup at a high LR) and with a resume whose LR is rescaled, each recorded with `spikedoc.watch` to a real run
+a gradient or a weight, no warmup at a high LR), with a resume whose LR is rescaled and with one more
+LR surge and one more optimizer-state fault, each recorded with `spikedoc.watch` to a real run
 directory. Runs are cached under `--cache` (default `~/.cache/spikedoc/exam`, outside the repository),
 keyed by their spec, so a rerun trains only what is missing. Even seeds are the calibration half, odd
 seeds the test half: defaults are set on the first, the second is scored. `score` runs
@@ -37,7 +38,8 @@ from bench._report import machine_line, write_section  # noqa: E402
 __all__ = ["BASES", "Cache", "generate", "ci_slice", "main", "score"]
 
 BASES = 120
-"""Base setups in the full exam: 120 clean runs and 420 faulty ones (300 dealt round-robin, 120 rescaled resumes)."""
+"""Base setups in the full exam: 120 clean runs and 660 faulty ones (300 dealt round-robin, 120 rescaled
+resumes, 120 more LR surges and 120 more optimizer-state faults)."""
 _GENERATOR = "exam-1"
 """Bumped when a change to the generator changes what a spec trains (it is part of the cache key)."""
 
@@ -98,8 +100,9 @@ def generate(runs: list[Run], cache: Cache, workers: int = 1) -> tuple[int, floa
 
 
 def ci_slice(runs: list[Run], *, per_family: int = 1, clean: int = 4) -> list[Run]:
-    """A stratified slice of the test half: the fewest base setups (and all their runs) that cover
-    every fault family `per_family` times and hold `clean` clean runs."""
+    """A stratified slice of the test half: the fewest base setups that cover every fault family
+    `per_family` times and hold `clean` clean runs; of each base, its twin (every label needs it)
+    and the faulty runs of the families still short."""
     bases: dict[Setup, list[Run]] = {}
     for setup, fault in runs:
         if half_of(setup) == "test":
@@ -107,11 +110,11 @@ def ci_slice(runs: list[Run], *, per_family: int = 1, clean: int = 4) -> list[Ru
     need: dict[str, int] = {f.family: per_family for s, f in runs if f is not None}
     chosen: list[Run] = []
     for setup, members in bases.items():
-        families = [f.family for _, f in members if f is not None]
-        if any(need.get(fam, 0) > 0 for fam in families) or sum(f is None for _, f in chosen) < clean:
-            chosen += members
-            for fam in families:
-                need[fam] = need.get(fam, 0) - 1
+        wanted = [(s, f) for s, f in members if f is not None and need[f.family] > 0]
+        if wanted or sum(f is None for _, f in chosen) < clean:
+            chosen += [(setup, None), *wanted]
+            for _, fault in wanted:
+                need[fault.family] -= 1
         if all(n <= 0 for n in need.values()) and sum(f is None for _, f in chosen) >= clean:
             break
     return chosen
@@ -141,7 +144,9 @@ def _markdown(by_half: dict[str, list[dict[str, Any]]], n_bases: int, train_seco
         "",
         f"Command: `python bench/exam.py generate --bases {n_bases} --workers 1 && python bench/exam.py score --bases {n_bases}` "
         f"(runs cached under `~/.cache/spikedoc/exam`). {n_bases} base setups of a seeded random design, each trained "
-        "clean (its twin) and with 2 or 3 faults; even seeds are the calibration half, odd seeds the test half. "
+        "clean (its twin), with 2 or 3 faults dealt round-robin over the families, with a rescaled resume and with "
+        "one more LR surge and optimizer-state fault (bench/README.md, exam); even seeds are the calibration half, "
+        "odd seeds the test half. "
         "`analyze` runs with its defaults. Labels are measured against the twin, never taken from analyze: "
         "damage is the held-out eval loss over the twin's, the peak the largest training-loss ratio to the twin's "
         "(same batches), the onset the planted step. An incident matches a fault when its onset is within 2 steps "

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench._exam_design import CAUSE, labels, twin_diverged
+from bench._exam_design import CAUSE, EXTRA, labels, twin_diverged
 from bench._exam_score import score_run, tables
 from bench._exam_train import Fault, Setup, as_dict, train
 from bench.exam import BASES, Cache, design, generate, score, ci_slice
@@ -51,13 +51,24 @@ def test_the_slice_is_from_the_test_half_and_covers_every_family_and_clean_runs(
     assert sum(f is None for _, f in SLICE) >= 4
 
 
-def test_the_rescaled_resumes_leave_every_earlier_run_of_the_design_as_it_was():
-    # The digest of the first 20 bases' specs as the design drew them before it held rescaled resumes:
-    # the cache is keyed by spec, so a changed draw would silently train (and score) other runs.
-    runs = [as_dict(s, f) for s, f in design(20) if f is None or f.kind != "rescaled"]
+def test_the_runs_drawn_from_streams_of_their_own_leave_every_earlier_run_of_the_design_as_it_was():
+    # The digest of the first 20 bases' specs as the design drew them before it held rescaled resumes
+    # and extra draws (each base's last runs): the cache is keyed by spec, so a changed draw would
+    # silently train (and score) other runs.
+    bases: dict[Setup, list] = {}
+    for setup, fault in design(20):
+        bases.setdefault(setup, []).append(fault)
+    own = [faults[-1 - len(EXTRA):] for faults in bases.values()]
+    runs = [as_dict(s, f) for s, faults in bases.items() for f in faults[: -1 - len(EXTRA)]]
     assert len(runs) == 70
     assert hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()[:16] == "f8cae37f22045c7a"
-    assert sum(f is not None and f.kind == "rescaled" for _, f in design(20)) == 20
+    assert [[f.family for f in faults] for faults in own] == [["lr_restart", *EXTRA]] * 20
+    assert all(faults[0].kind == "rescaled" for faults in own)
+
+
+def test_no_base_holds_the_same_run_twice():
+    runs = design(2 * BASES)
+    assert len(set(runs)) == len(runs)
 
 
 def test_a_rescaled_resume_runs_its_twin_s_lr_times_its_factor_from_the_resume_on(tmp_path):
