@@ -130,7 +130,7 @@ def design(n_bases: int, *, design_seed: int = 0) -> list[Run]:
     model mostly tolerates (4-6 visible of 42 per half at 240 bases), too few to score the family on,
     and so does one that goes on from an earlier schedule position (no visible effect in any of 20
     tried: the LR never leaves the schedule's range). The extra draws: dealt round-robin alone, an LR
-    surge left a must-find effect in 12-15 of 42 runs per half and an optimizer-state fault in 14-17,
+    surge left a must-find effect in 12-15 of 42-43 runs per half and an optimizer-state fault in 14-17,
     short of the 20 a family is scored on; one more draw per base, from the same distribution (not
     one picked to be visible), brings them to 48-49 and 75-76 of 160-162 at 240 bases.
 
