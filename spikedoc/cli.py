@@ -311,6 +311,7 @@ def _diagnose(run: Any, threshold: float | None, window: int | None, console: Co
 
 def _summary_line(diagnosis: Any) -> str:
     from spikedoc.analysis._robust import count
+    from spikedoc.report.terminal import run_findings
 
     s = diagnosis.summary
     where = f"{diagnosis.path} ({s.get('steps', 0):,} steps)"
@@ -318,15 +319,17 @@ def _summary_line(diagnosis: Any) -> str:
         first = diagnosis.holes[0]
         more = f" and {count(len(diagnosis.holes) - 1, 'more hole')}" if len(diagnosis.holes) > 1 else ""
         where += f": incomplete, {first['steps']} missing from the {first['table']} table{more}"
-        if diagnosis.healthy:
-            return f"{where}; no incidents in the steps read"
-    if diagnosis.healthy:
-        return f"{where}: healthy, no incidents"
+    warned = sorted({f.id for f in run_findings(diagnosis) if f.severity == "warning"})
+    noted = f"; run warnings: {', '.join(warned)}" if warned else ""
+    if diagnosis.healthy and diagnosis.holes:
+        return f"{where}; no incidents in the steps read{noted}"
+    if diagnosis.healthy:  # a run that warns is not called healthy
+        return f"{where}: {'no incidents' if warned else 'healthy, no incidents'}{noted}"
     counts = [f"{n} {sev}" for sev in ("severe", "moderate", "minor")
               if (n := sum(i.severity == sev for i in diagnosis.incidents))]
     n = len(diagnosis.incidents)
     verdict = "needs attention" if diagnosis.needs_attention else _settled(diagnosis)
-    return f"{where}{';' if diagnosis.holes else ':'} {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}"
+    return f"{where}{';' if diagnosis.holes else ':'} {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}{noted}"
 
 
 def _settled(diagnosis: Any) -> str:

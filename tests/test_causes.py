@@ -159,8 +159,10 @@ def test_optimizer_state_when_the_eps_fraction_rises_and_the_second_moment_colla
     qkv = layers["name"] == "h.0.attn.qkv.weight"
     ramp = qkv & layers["step"].between(T - 40, T + 5)
     layers.loc[ramp, "eps_frac"] = np.linspace(0.01, 0.4, int(ramp.sum()))
-    # As fast as Adam can shrink it (beta2 0.9 per step, the gradient gone): a collapse no update forbids.
-    layers.loc[ramp, "exp_avg_sq_mean"] *= 0.905 ** np.arange(int(ramp.sum()))
+    # As fast as Adam can shrink it (beta2 0.9 per step, the gradient gone): a collapse no update forbids
+    # (from its level at the ramp's start: the healthy series' own shrinking on top of it would be faster).
+    start = layers.loc[ramp, "exp_avg_sq_mean"].iloc[0]
+    layers.loc[ramp, "exp_avg_sq_mean"] = start * 0.905 ** np.arange(int(ramp.sum()))
     layers.loc[qkv & layers["step"].between(T, T + 5), "update_ratio"] *= 30
     _elevate(steps, T, T + 20, 1.4)
     inc = _only(analyze(write_run(tmp_path / "run", steps, layers)))

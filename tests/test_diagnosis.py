@@ -10,6 +10,7 @@ import pytest
 
 import spikedoc
 from spikedoc.analysis import AnalysisConfig, DetectorConfig, Diagnosis, analyze
+from spikedoc.analysis.state_writes import STATE_BOUND_COLUMNS
 from spikedoc.errors import RunFormatError
 from spikedoc.store.reader import load
 from tests.common.planted import adamw_meta, healthy_layers, healthy_steps, write_run
@@ -62,14 +63,23 @@ def test_layer_entries_carry_name_z_and_lead(tmp_path):
     assert layer["z"] > 6 and layer["lead_steps"] >= 1
 
 
-def test_the_layer_table_is_read_only_around_incidents(tmp_path):
+def test_the_layer_table_is_read_whole_only_for_the_optimizer_state_bounds_columns(tmp_path):
     steps = healthy_steps(n=3000)
     steps.loc[2500 : 2510, "loss"] *= 1.5
     run = load(write_run(tmp_path / "run", steps, healthy_layers(steps)))
+    reads, read = [], run.layers
+
+    def recorded(first_step=None, last_step=None, names=None, *, columns=None):
+        frame = read(first_step, last_step, names, columns=columns)
+        reads.append((columns, dict(run.layer_scan)))
+        return frame
+
+    run.layers = recorded
     diagnosis = analyze(run)
     assert [i.onset_step for i in diagnosis.incidents] == [2500]
-    scan = run.layer_scan
-    assert scan["row_groups"] < scan["row_groups_total"] / 2, scan
+    every_column = [scan for columns, scan in reads if columns is None]
+    assert every_column and all(scan["row_groups"] < scan["row_groups_total"] / 2 for scan in every_column), reads
+    assert {columns for columns, _ in reads} == {None, STATE_BOUND_COLUMNS}
 
 
 def test_a_csv_log_is_analysed_with_the_attribution_its_data_allows(tmp_path):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["parameter_modules", "param_groups", "watch_config", "optimizer_name", "group_optimizer", "gradient_weight_decay"]
+__all__ = ["parameter_modules", "param_groups", "watch_config", "optimizer_name", "group_optimizer", "gradient_weight_decay",
+           "second_moment_decay"]
 
 
 def parameter_modules(meta: dict[str, Any]) -> dict[str, str | None]:
@@ -86,4 +87,37 @@ def gradient_weight_decay(meta: dict[str, Any]) -> dict[str, float]:
         for param in group.get("params") or []:
             if isinstance(param, str):
                 out[param] = 0.0 if decoupled else decay
+    return out
+
+
+#: Optimizers whose `exp_avg_sq` is Adam's: v = beta2 v + (1 - beta2) g^2, so v >= beta2 v_before elementwise.
+_ADAM_SECOND_MOMENT = ("Adam", "AdamW", "NAdam", "RAdam")
+#: The smallest beta2 assumed where a group does not record its betas: 0.9, the lowest in common use.
+_BETA2_FLOOR = 0.9
+
+
+def second_moment_decay(meta: dict[str, Any]) -> dict[str, float]:
+    """Parameter name -> the least factor one update can shrink its `exp_avg_sq` by (its group's
+    beta2, at most `_BETA2_FLOOR`), for Adam's family only: another optimizer's second moment may
+    follow another rule.
+
+    Example:
+        >>> second_moment_decay({"optimizer": {"class": "torch.optim.adamw.AdamW",
+        ...                                    "groups": [{"betas": [0.9, 0.95], "params": ["w"]}]}})
+        {'w': 0.9}
+    """
+    out: dict[str, float] = {}
+    for group in param_groups(meta):
+        if group_optimizer(meta, group) not in _ADAM_SECOND_MOMENT:
+            continue
+        betas = group.get("betas")
+        try:
+            beta2 = float(betas[1]) if isinstance(betas, (list, tuple)) and len(betas) == 2 else _BETA2_FLOOR
+        except (TypeError, ValueError):
+            beta2 = _BETA2_FLOOR
+        if not 0 < beta2 < 1:
+            continue
+        for param in group.get("params") or []:
+            if isinstance(param, str):
+                out[param] = min(beta2, _BETA2_FLOOR)
     return out

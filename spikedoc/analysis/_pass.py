@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikedoc.analysis._meta import gradient_weight_decay, parameter_modules, watch_config
+from spikedoc.analysis._meta import gradient_weight_decay, parameter_modules, second_moment_decay, watch_config
 from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
 from spikedoc.analysis._robust import fmt, fmt_span, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
@@ -24,8 +24,13 @@ from spikedoc.analysis.lints import Finding, lint
 from spikedoc.analysis.lr_response import lr_jump_incidents, untested_jumps
 from spikedoc.analysis.schedule import restart_path, restarted_at_resume, scheduled_restarts
 from spikedoc.analysis.stretches import stretch_incidents
+from spikedoc.analysis.state_writes import STATE_BOUND_COLUMNS, describe, state_writes, written_steps
 
 __all__ = ["AnalysisPass"]
+
+# Largest layer table (uncompressed) held to the optimizer-state bounds run-wide: about 20M rows of the
+# bound's columns, a few seconds; larger runs have them checked in each incident's window only.
+_STATE_SCAN_BYTES = 2_000_000_000
 
 
 class AnalysisPass(IncidentDiagnosis):
@@ -40,6 +45,7 @@ class AnalysisPass(IncidentDiagnosis):
         self.profile = self.run_profile
         self.module_types = parameter_modules(self.meta)
         self.gradient_decay = gradient_weight_decay(self.meta)
+        self.v_decay = second_moment_decay(self.meta)
         self.checkpoints = checkpoints_of(run.events)
         self.clip = clip_in_use(self.meta, steps)
         self.has_grad = "grad_norm" in steps.columns and bool(np.isfinite(pd.to_numeric(steps["grad_norm"], errors="coerce")).any())
@@ -62,6 +68,7 @@ class AnalysisPass(IncidentDiagnosis):
                 "loss (its spikes, divergence, recovery, resumes); record it with monitor.record(loss=loss)"
             )
         resumes, jumps_found, restarts, state_changes = [], [], [], []
+        writes = self._state_writes(lineage.final())
         for piece in lineage.pieces:
             frame = lineage.frame(piece.index)
             own = frame.loc[frame["_own"]]
@@ -93,7 +100,9 @@ class AnalysisPass(IncidentDiagnosis):
             points += [{"step": j["step"], "why": "lr", "until": j.get("until")}
                        for j in untested_jumps(detection, jumps, self.detector, self.config)]
             changed = [s for s in state_jumps(frame, self.config) if s in own_steps and s not in starts]
-            points += [{"step": s, "why": "optimizer state"} for s in changed]
+            # A moment beyond its optimizer's exact bound: the state was written (dated to the first step it can be).
+            written = {s for s in written_steps(writes) if s in own_steps and s not in starts}
+            points += [{"step": s, "why": "optimizer state", "certain": s in written} for s in sorted({*changed, *written})]
             points += [{"step": s, "why": "batch", "one_step": True}
                        for s in anomalous_batches(self._rows_of(own), self.run_profile, self.config)]
             # Last, so that a change found independently of the loss at the same step names it.
@@ -126,6 +135,7 @@ class AnalysisPass(IncidentDiagnosis):
         out.findings += self._resume_findings(resumes)
         out.findings += _jump_findings(jumps_found)
         out.findings += _state_change_findings(state_changes)
+        out.findings += self._state_write_findings(writes)
         out.summary = {
             "first_step": int(self.steps["step"].min()),
             "last_step": int(self.steps["step"].max()),
@@ -209,14 +219,46 @@ class AnalysisPass(IncidentDiagnosis):
         keys = frame[["segment", "step"]].drop_duplicates()
         return self.steps.merge(keys, on=["segment", "step"], how="inner")
 
-    def _layers(self, frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
-        layers = self.run.layers(first_step=max(0, start), last_step=stop)
+    def _layers(self, frame: pd.DataFrame, start: int, stop: int, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+        layers = self.run.layers(first_step=max(0, start), last_step=stop, columns=columns)
         if layers.empty:
             return layers
         if "rank" in layers.columns and layers["rank"].nunique() > 1:
             layers = layers.loc[layers["rank"] == layers["rank"].min()]
         keys = segment_ranges(frame.loc[(frame["step"] >= start) & (frame["step"] <= stop)])
         return in_ranges(layers, keys)
+
+    def _state_writes(self, final: pd.DataFrame) -> list[dict[str, Any]]:
+        """The lineage's optimizer state held to its exact bounds (`state_writes`), run-wide."""
+        v_decay = self.v_decay
+        if not self.run.has_layers or final.empty or not (self.gradient_decay or v_decay):
+            return []
+        if self.run.layer_bytes > _STATE_SCAN_BYTES:
+            self.out.warnings.append(
+                f"optimizer state not held to its bounds over the whole run: its layer table ({self.run.layer_bytes / 1e9:.1f} GB "
+                f"uncompressed) is larger than the {_STATE_SCAN_BYTES / 1e9:.0f} GB read for it; each incident's window was")
+            return []
+        return state_writes(lambda lo, hi: self._layers(final, lo, hi, columns=STATE_BOUND_COLUMNS),
+                            int(final["step"].min()), int(final["step"].max()), self.gradient_decay, v_decay)
+
+    def _state_write_findings(self, writes: list[dict[str, Any]]) -> list[Finding]:
+        """Optimizer state written from outside the optimizer (`state_writes`) that no incident names."""
+        reported = _reported_writes(self.out.context)
+        # A state reset (weights and state set back) is its incident's story already.
+        resets = [(i.onset_step - 2, i.end_step) for i in self.out.incidents if i.cause == "state_reset"]
+        writes = [w for w in writes if (w["name"], w["step"]) not in reported
+                  and not any(lo <= w["step"] <= hi for lo, hi in resets)]
+        if not writes:
+            return []
+        return [Finding(
+            id="optimizer_state_written", severity="warning",
+            message=f"the optimizer state was written from outside the optimizer: {describe(writes)}",
+            why="Each update moves a first moment by at most the gradient it adds and shrinks Adam's second moment by "
+            "at most beta2, so a moment beyond those bounds was set by something else: a checkpoint converter, a state "
+            "loaded from another run, a bug in a custom step. Every later update reads it, and the held-out loss can pay "
+            "long after; find what wrote it.",
+            details={"writes": writes[:50], "count": len(writes)},
+        )]
 
     def _moments_ratio(self, piece) -> float | None:
         if not self.run.has_layers:
@@ -263,6 +305,12 @@ class AnalysisPass(IncidentDiagnosis):
         return found
 
 
+
+
+def _reported_writes(context: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(tensor, measured step) of the state writes incidents already name as precursors."""
+    return {(p["name"], int(p.get("seen", p["step"]))) for ctx in context for p in ctx.get("optimizer_precursors") or []
+            if p.get("overwritten") and p.get("step") is not None}
 
 
 def _state_change_findings(steps: list[int]) -> list[Finding]:

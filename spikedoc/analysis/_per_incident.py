@@ -142,7 +142,8 @@ class IncidentDiagnosis:
             layer_frame = shared.window(onset - _CONTEXT * cfg.lookback, max(end, ahead))
             layers = self._layers(layer_frame, onset - cfg.lookback - max(cfg.layer_history, 32 * self.layer_every), ahead)
             ev.layers = attribute_layers(layers, onset=onset, peak=peak, reference=reference,
-                                         module_types=self.module_types, config=cfg, gradient_decay=self.gradient_decay)
+                                         module_types=self.module_types, config=cfg, gradient_decay=self.gradient_decay,
+                                         v_decay=self.v_decay)
         ev.grad_precursor = grad_precursor(inc, loss_flag, shared.incidents, cfg)
         ups = [j for j in shared.jumps if j["direction"] == "up" and onset - cfg.lookback <= j["step"] <= onset]
         # The latest jump, as one discontinuity of every param group that jumped at that step.

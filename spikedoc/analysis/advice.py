@@ -310,6 +310,10 @@ def _recovered_because(incident: Incident) -> str:
     # An incident that lasts to the run's last step leaves no step after it to stay on the trajectory.
     stayed = (f"still there {steps_text(d['observed_steps'])} after the incident" if d["observed_steps"] else
               f"there up to step {d['damage_step']}, the last step, where the incident ends")
+    if d["back_step"] is None:  # the run ended before `hold_steps` steps could confirm it
+        return (f"on its pre-incident trajectory over the {steps_text(d['observed_steps'] + 1)} the run has from the "
+                f"incident's end, too few to confirm a recovery (excess {_pct(d['excess_ratio'])}, "
+                f"{fmt(d['excess_sigma'], 2)} sigma)")
     return (f"back on its pre-incident trajectory from step {d['back_step']} and {stayed} "
             f"(excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
 

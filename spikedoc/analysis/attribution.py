@@ -68,6 +68,7 @@ def attribute_layers(
     module_types: dict[str, str] | None = None,
     config: AnalysisConfig | None = None,
     gradient_decay: dict[str, float] | None = None,
+    v_decay: dict[str, float] | None = None,
 ) -> LayerAttribution:
     """Score each tensor at the incident against its own history before it.
 
@@ -81,6 +82,8 @@ def attribute_layers(
         config: thresholds and windows.
         gradient_decay: parameter name -> weight decay coupled into its gradient (0 when decoupled),
             from meta.json: first moments are held to what their updates allow (`optimizer_precursors`).
+        v_decay: parameter name -> its Adam beta2 (at most 0.9), from meta.json: second moments are
+            held to the fall their updates allow.
 
     Example:
         >>> import pandas as pd
@@ -139,7 +142,7 @@ def attribute_layers(
     result.layers = rows[: config.max_layers]
     result.groups = _groups(rows, names, module_types)
     window = Window(base_steps=base_steps, scan_steps=scan_steps, onset=onset, peak=peak, reference=reference)
-    result.precursors = optimizer_precursors(state_layers, window, rows, config, gradient_decay)
+    result.precursors = optimizer_precursors(state_layers, window, rows, config, gradient_decay, v_decay)
     departures = [r["departed_step"] for r in rows if r["departed_step"] is not None]
     departures += [p["step"] for p in result.precursors if p["step"] is not None and p["step"] <= reference]
     result.earliest_step = int(min(departures)) if departures else None

@@ -246,7 +246,8 @@ def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], fo
 
     Args:
         frame: one lineage's step table (`step`, `loss`), in step order.
-        points: change points, each with its `step`, `why` (what changed there), `one_step`
+        points: change points, each with its `step`, `why` (what changed there), `certain` (True: an
+            incident even when the loss did not respond), `one_step`
             (True: only that step's own loss is tested, in trajectory sigmas against `threshold`) and
             `until` (a change that lasts to that step: tested over all of it, when longer than the window).
         found: incidents already found; a change point that one of them spans (give or take
@@ -268,16 +269,22 @@ def change_point_incidents(frame: pd.DataFrame, points: list[dict[str, Any]], fo
         one = point.get("one_step", False)
         # A change that lasts (a restarted schedule, `until` its last step of higher LR) is tested over all of it.
         longer = point["until"] - at + 1 if point.get("until") is not None else 0
-        test = trajectory_response(steps, losses, at, span=1 if one else max(span, longer), recovery=recovery)
-        if test is None or not test["z"] >= (threshold if one else recovery.damage_z):
+        width = 1 if one else max(span, longer)
+        if point.get("certain"):  # not tested: the trajectory only, on whatever steps the run has left
+            width = max(1, min(width, int(np.count_nonzero(steps >= at))))
+        test = trajectory_response(steps, losses, at, span=width, recovery=recovery)
+        # A change known for certain (`certain`: a moment beyond its optimizer's exact bound) is an
+        # incident whatever the loss did next: its damage can come slowly, and the recovery judgement sizes it.
+        if test is None or not (point.get("certain") or test["z"] >= (threshold if one else recovery.damage_z)):
             continue
         band, gap = (threshold, merge_gap + 1) if one else (recovery.tolerance_sigma, recovery.hold_steps)
-        out.append(_incident(steps, losses, at, test, point["why"], band_sigma=band, max_gap=gap))
+        kind = "state_write" if point.get("certain") else "loss_spike"
+        out.append(_incident(steps, losses, at, test, point["why"], band_sigma=band, max_gap=gap, kind=kind))
     return out
 
 
 def _incident(steps: np.ndarray, losses: np.ndarray, at: int, test: dict[str, Any], why: str, *,
-              band_sigma: float, max_gap: int) -> Incident:  # fmt: skip
+              band_sigma: float, max_gap: int, kind: str = "loss_spike") -> Incident:  # fmt: skip
     # The loss is out while `band_sigma` trajectory sigmas above it; the incident holds across at most `max_gap` steps in.
     t = test["trajectory"]
     after = np.flatnonzero(steps >= at)
@@ -305,7 +312,7 @@ def _incident(steps: np.ndarray, losses: np.ndarray, at: int, test: dict[str, An
         "recovery_step": int(nxt[0]) if recovered and nxt.size else None, "low_confidence": False,
         "persistent": not recovered, "shift_z": test["z"], "shift_ratio": test["ratio"], "change": why,
     }  # fmt: skip
-    return Incident(kind="loss_spike", metric="loss", onset_step=int(at),
+    return Incident(kind=kind, metric="loss", onset_step=int(at),
                     peak_step=series["peak_step"], end_step=end, magnitude_sigma=series["magnitude_sigma"],
                     peak_ratio=series["peak_ratio"], baseline=base, peak_value=series["peak_value"],
                     recovered=bool(recovered), recovery_step=series["recovery_step"], series={"loss": series})

@@ -7,8 +7,9 @@ from typing import Any
 
 __all__ = ["Incident", "KINDS", "CAUSES", "SEVERITIES", "joined"]
 
-#: What the detector saw.
-KINDS = ("loss_spike", "grad_spike", "nonfinite", "divergence")
+#: What the detector saw; `state_write`: a moment beyond its optimizer's exact bound (the state was
+#: written from outside the optimizer), an incident whatever the loss did next.
+KINDS = ("loss_spike", "grad_spike", "nonfinite", "divergence", "state_write")
 
 #: How bad an incident is, from least to most (docs/analysis.md, "Severity").
 SEVERITIES = ("minor", "moderate", "severe")

@@ -16,7 +16,8 @@ import pandas as pd
 from spikedoc.analysis._robust import LOG10_SIGMA_FLOOR, MAD_TO_SIGMA, fmt, steps_text
 from spikedoc.analysis.config import AnalysisConfig
 
-__all__ = ["MIN_HISTORY", "Window", "history_count", "momentum_beyond", "nan_max", "optimizer_precursors", "wide_table"]
+__all__ = ["MIN_HISTORY", "MOMENTUM_COLUMNS", "ROUNDING", "V_DECAY_FLOOR", "Window", "falls_beyond_updates", "history_count",
+           "momentum_beyond", "nan_max", "optimizer_precursors", "wide_table"]
 
 # eps_frac must rise by at least this absolute share of elements to count as a precursor.
 _EPS_FRAC_RISE = 0.05
@@ -29,11 +30,11 @@ MIN_HISTORY = 8
 # An Adam-family update shrinks a second moment by at most its beta2 per step (v = beta2 v + (1 - beta2) g^2);
 # 0.9 is the lowest beta2 in common use (0.95 to 0.999 in LLM recipes), so a fall below 0.9 ** steps
 # between two measurements is no update's doing: the state was written from outside the optimizer.
-_V_DECAY_FLOOR = 0.9
+V_DECAY_FLOOR = 0.9
 #: First-moment columns: Adam's `exp_avg`, SGD's and Lion's momentum (norms per tensor).
-_MOMENTUM_COLUMNS = {"exp_avg_norm": "exp_avg", "momentum_norm": "momentum"}
-# The statistics are float32: a first moment exactly at its bound must not read as beyond it.
-_ROUNDING = 1e-4
+MOMENTUM_COLUMNS = {"exp_avg_norm": "exp_avg", "momentum_norm": "momentum"}
+#: The statistics are float32: a moment exactly at its bound must not read as beyond it.
+ROUNDING = 1e-4
 
 
 
@@ -91,7 +92,8 @@ class Window:
 
 
 def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[str, Any]],
-                          config: AnalysisConfig, gradient_decay: dict[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                          config: AnalysisConfig, gradient_decay: dict[str, float] | None = None,
+                          v_decay: dict[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Optimizer-state changes before onset that are anomalous against the tensor's own variation.
 
     A level far from the tensor's history is not enough: healthy runs drift (a bias tensor's
@@ -104,7 +106,9 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
 
     `gradient_decay` (parameter name -> weight decay coupled into its gradient, 0 when decoupled;
     `spikedoc.analysis._meta.gradient_weight_decay`) lets a first moment be held to what its
-    updates allow; tensors it does not name are not held to it.
+    updates allow; tensors it does not name are not held to it. `v_decay` (parameter name -> its
+    beta2, at most 0.9; `spikedoc.analysis._meta.second_moment_decay`) holds a second moment to the
+    fall its updates allow, at any size of fall.
     """
     base_steps, scan_steps, onset, peak, reference = (window.base_steps, window.scan_steps, window.onset,
                                                       window.peak, window.reference)  # fmt: skip
@@ -140,26 +144,33 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
             logs = np.log10(np.where(wide > 0, wide, np.nan))
         falling = -_rate_z(pd.DataFrame(logs, index=wide.index, columns=wide.columns), base_steps, steps,
                            config.sudden_steps, LOG10_SIGMA_FLOOR)
-        # Faster than it ever moved before, or (across a gap in the statistics too) faster than any update can.
-        hits = level & ((falling >= config.z_threshold) | _beyond_updates(wide).reindex(steps).to_numpy(dtype=bool))
+        # A collapse faster than it ever moved before (across a gap in the statistics too: faster than
+        # any update can make); or, for an Adam-family tensor whose beta2 is known (`v_decay`), any
+        # fall below what its updates allow, whatever its size: the state was written.
+        known = _beyond_known(wide, v_decay or {}).reindex(steps).to_numpy(dtype=bool)
+        hits = (level & ((falling >= config.z_threshold) | _beyond_updates(wide).reindex(steps).to_numpy(dtype=bool))) | known
         for j in np.flatnonzero(hits.any(axis=0)):
-            name, seen, before = wide.columns[j], int(steps[hits[:, j].argmax()]), float(center[j])
+            name, seen = wide.columns[j], int(steps[hits[:, j].argmax()])
             step, when = _when(wide, seen)
             if step < scan_steps[0]:
                 continue  # as above: not dated inside the window
-            low = float(np.nanmin(scan[:, j]))
-            fell = _fall_beyond_updates(wide[name], seen)
+            floor = (v_decay or {}).get(name, V_DECAY_FLOOR)
+            fell = _fall_beyond_updates(wide[name], seen, floor)
+            collapse = bool(level[:, j].any())
+            before = float(center[j]) if collapse else float(wide[name].loc[: seen - 1].dropna().iloc[-1])
+            low = float(np.nanmin(scan[:, j])) if collapse else float(wide.at[seen, name])
             found.append({
                 "name": name, "kind": "exp_avg_sq_collapse", "before": before, "value": low, "step": step, "seen": seen,
                 "lead_steps": max(0, reference - step), "at_onset": bool(hits[steps >= reference - config.sudden_steps, j].any()),
                 "overwritten": fell is not None,
-                "sentence": f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
-                f"({fmt(before)} -> {fmt(low)}) {when}, faster than it ever moved before"
-                + (f"; it fell to {fmt(fell[0], 2)}x in {steps_text(fell[1])}, below the {fmt(_V_DECAY_FLOOR ** fell[1], 2)}x "
-                   "Adam's updates allow (beta2 >= 0.9 per step): the state was written from outside the optimizer"
+                "sentence": (f"exp_avg_sq of {name} collapsed to {fmt(low / before, 2)}x its history "
+                             f"({fmt(before)} -> {fmt(low)}) {when}, faster than it ever moved before; " if collapse
+                             else f"exp_avg_sq of {name} fell {when}: ")
+                + (f"it fell to {fmt(fell[0], 2)}x in {steps_text(fell[1])}, below the {fmt(floor ** fell[1], 2)}x "
+                   f"Adam's updates allow (beta2 >= {fmt(floor, 2)} per step): the state was written from outside the optimizer"
                    if fell is not None else ""),
             })
-    for metric, label in _MOMENTUM_COLUMNS.items():
+    for metric, label in MOMENTUM_COLUMNS.items():
         if metric in layers.columns and "grad_norm" in layers.columns and gradient_decay:
             found += _momentum_written(layers, metric, label, window, config, gradient_decay)
     for row in rows:
@@ -180,7 +191,7 @@ def _momentum_written(layers: pd.DataFrame, metric: str, label: str, window: Win
     """First moments that grew, by the onset, beyond what their updates since the measurement before allow."""
     wide, scanned = _state_table(layers, metric, window.onset, window.scan_steps)
     ratio, bound = momentum_beyond(layers, wide, gradient_decay)
-    hits = ratio.reindex(scanned) > 1 + _ROUNDING
+    hits = ratio.reindex(scanned) > 1 + ROUNDING
     found = []
     for name in hits.columns[hits.any(axis=0).to_numpy()]:
         seen = int(hits.index[hits[name].to_numpy()][0])
@@ -241,19 +252,33 @@ def momentum_beyond(layers: pd.DataFrame, wide: pd.DataFrame,
     return ratio, bound
 
 
-def _falls(wide: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _falls(wide: pd.DataFrame, floor: float = V_DECAY_FLOOR) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per measured step and tensor: the second moment over its last measured value before, the
     steps between the two, and whether that fall is below what Adam-family updates allow
-    (`_V_DECAY_FLOOR ** steps`)."""
+    (`floor ** steps`, `floor` the smallest beta2)."""
     index = wide.index.to_numpy(dtype=float)
     measured_at = pd.DataFrame(np.where(wide.notna(), index[:, None], np.nan), index=wide.index, columns=wide.columns)
     last, last_at = wide.shift(1).ffill(), measured_at.shift(1).ffill()
     gap = pd.DataFrame(index[:, None] - last_at.to_numpy(), index=wide.index, columns=wide.columns)
     with np.errstate(all="ignore"):
         ratio = wide / last.where(last > 0)
-        # The statistics are stored as float32: a fall of exactly beta2 per step must not read as more.
-        beyond = (ratio < _V_DECAY_FLOOR**gap * (1 - 1e-4)).fillna(False)
+        beyond = (ratio < floor**gap * (1 - ROUNDING)).fillna(False)
     return ratio, gap, beyond
+
+
+def falls_beyond_updates(wide: pd.DataFrame, floor: float = V_DECAY_FLOOR) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per measured step and tensor: whether the second moment fell below what its updates allow
+    since its measurement before (v_t >= beta2 v_(t-1) elementwise, so its mean too, `floor` the
+    smallest beta2), and that least value.
+
+    Example:
+        >>> beyond, least = falls_beyond_updates(pd.DataFrame({"w": [1.0, 0.95, 0.01]}, index=[10, 11, 12]))
+        >>> beyond["w"].tolist(), round(float(least.at[12, "w"]), 3)
+        ([False, False, True], 0.855)
+    """
+    ratio, gap, beyond = _falls(wide, floor)
+    least = wide.shift(1).ffill() * floor**gap
+    return beyond, least.where(beyond)
 
 
 def _beyond_updates(wide: pd.DataFrame) -> pd.DataFrame:
@@ -262,7 +287,17 @@ def _beyond_updates(wide: pd.DataFrame) -> pd.DataFrame:
     return _falls(wide)[2]
 
 
-def _fall_beyond_updates(column: pd.Series, seen: int) -> tuple[float, int] | None:
+def _beyond_known(wide: pd.DataFrame, v_decay: dict[str, float]) -> pd.DataFrame:
+    """`_beyond_updates` for the tensors whose beta2 is known (`v_decay`), each at its own; False elsewhere."""
+    out = pd.DataFrame(False, index=wide.index, columns=wide.columns)
+    for floor in set(v_decay.values()):
+        names = [n for n in wide.columns if v_decay.get(n) == floor]
+        if names:
+            out[names] = _falls(wide[names], floor)[2]
+    return out
+
+
+def _fall_beyond_updates(column: pd.Series, seen: int, floor: float = V_DECAY_FLOOR) -> tuple[float, int] | None:
     """(ratio, steps) when a second moment's mean at measured step `seen` fell below what Adam-family
     updates allow since the measurement before it (`_falls`); None otherwise.
 
@@ -271,7 +306,7 @@ def _fall_beyond_updates(column: pd.Series, seen: int) -> tuple[float, int] | No
         >>> round(ratio, 4), steps
         (0.0102, 1)
     """
-    ratio, gap, beyond = _falls(column.to_frame())
+    ratio, gap, beyond = _falls(column.to_frame(), floor)
     if seen not in ratio.index or not bool(beyond.loc[seen].iloc[0]):
         return None
     return float(ratio.loc[seen].iloc[0]), int(gap.loc[seen].iloc[0])

@@ -21,12 +21,13 @@ from spikedoc.analysis._meta import optimizer_name
 from spikedoc.analysis._robust import count, fmt, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
+from spikedoc.analysis.lints import LINTS
 from spikedoc.errors import one_line
 from spikedoc.report._numbers import peak_text, ratio_text, severity_order, table_number
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.guard_words import cause_words
-from spikedoc.report.terminal import action_text, settled_text
+from spikedoc.report.terminal import action_text, run_findings, settled_text
 
 __all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
 
@@ -188,11 +189,14 @@ def _overview(steps: pd.DataFrame, spans: list[Span], marks: list[tuple[int, str
 def _findings(d: Diagnosis) -> str:
     if not d.findings:
         return ""
-    items = "".join(
-        f"<li><span class='{_e(f.severity)}'>{_e(f.severity)}</span> <b>{_e(f.id)}</b>: {_e(f.message)}"
-        f"<div class='because'>why: {_e(f.why)}</div></li>" for f in d.findings
-    )
-    return f"<section id='findings'><h2>Configuration findings</h2><ul>{items}</ul></section>\n"
+    groups = (("In the run", run_findings(d)), ("Configuration", [f for f in d.findings if f.id in LINTS]))
+    body = "".join(f"<h3>{title}</h3><ul>{''.join(_finding(f) for f in found)}</ul>" for title, found in groups if found)
+    return f"<section id='findings'><h2>Findings</h2>{body}</section>\n"
+
+
+def _finding(f: Any) -> str:
+    return (f"<li><span class='{_e(f.severity)}'>{_e(f.severity)}</span> <b>{_e(f.id)}</b>: {_e(f.message)}"
+            f"<div class='because'>why: {_e(f.why)}</div></li>")
 
 
 def _guard_section(actions: list[dict[str, Any]]) -> str:

@@ -13,10 +13,11 @@ from rich.table import Table
 from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps
 from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
+from spikedoc.analysis.lints import LINTS
 from spikedoc.report._numbers import peak_text, severity_order, sigma_text, table_number
 from spikedoc.report.guard_words import action_line, cause_words, value_text
 
-__all__ = ["render", "action_text", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
+__all__ = ["render", "action_text", "run_findings", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
 
 #: Incidents listed in the table and explained in full; the rest are counted (all are in --json).
 MAX_TABLE = 40
@@ -68,10 +69,13 @@ def render(diagnosis: Diagnosis, console: Console | None = None) -> None:
                           "(the most severe are shown); --json has them all.[/dim]")
     if diagnosis.guard_actions:
         _guard(console, diagnosis.guard_actions)
-    if diagnosis.findings:
-        console.print()
-        console.print("[bold]Configuration[/bold]")
-        for f in diagnosis.findings:
+    # What happened in the run (a state written, an LR jump, a resume) before what its settings risk.
+    for title, findings in (("In the run", run_findings(diagnosis)),
+                            ("Configuration", [f for f in diagnosis.findings if f.id in LINTS])):
+        if findings:
+            console.print()
+            console.print(f"[bold]{title}[/bold]")
+        for f in findings:
             color = _SEVERITY.get(f.severity, "white")
             console.print(f"  [{color}]{f.severity}[/{color}] {f.id}: {escape(f.message)}")
             console.print(f"    [dim]why: {escape(f.why)}[/dim]")
@@ -148,7 +152,9 @@ def _table(console: Console, incidents: list[Incident]) -> None:
 def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) -> None:
     console.print()
     segment = f" (segment {ctx['segment']})" if ctx.get("segment") else ""
-    if inc.recovered:
+    if inc.recovered and inc.recovery_step is None:  # the run ended before a recovery could hold
+        state = "recovered (on its trajectory over the steps the run has after it)"
+    elif inc.recovered:
         state = f"recovered (on its trajectory from step {inc.recovery_step})"
     elif inc.verdict == "rolled_back":
         state = "rolled back by the guard (no step after onset was applied)"
@@ -293,3 +299,8 @@ def _pct_signed(value: float) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.3f}%"
+
+
+def run_findings(diagnosis: Any) -> list[Any]:
+    """The findings about what happened in the run (not its configuration's lints)."""
+    return [f for f in diagnosis.findings if f.id not in LINTS]

@@ -67,6 +67,11 @@ class Run:
         """Whether the run has a layer table at all (imported runs never do)."""
         return bool(self._layer_parts)
 
+    @property
+    def layer_bytes(self) -> int:
+        """Uncompressed bytes of the whole layer table (from its footers; nothing is read)."""
+        return int(self._index()[:, 4].sum()) if self._layer_parts else 0
+
     def layers(
         self,
         first_step: int | None = None,
