@@ -159,3 +159,15 @@ def test_a_resume_that_starts_fresh_moments_is_not_held_to_the_bound_across_segm
 def test_second_moments_of_optimizers_outside_adams_family_are_not_held_to_beta2():
     meta = {"optimizer": {"class": "torch.optim.adagrad.Adagrad", "groups": [{"params": ["w"]}]}}
     assert second_moment_decay(meta) == {}
+
+
+def test_a_layer_table_too_large_to_scan_whole_is_said_and_its_writes_left_to_the_incidents(tmp_path, monkeypatch):
+    def shrink(state):
+        state["exp_avg_sq"].mul_(0.3)
+
+    run_dir = _recorded(tmp_path / "run", HEALTHY["adam_beta2_0.95"], write_at=31, write=shrink)
+    monkeypatch.setattr("spikedoc.analysis._pass._STATE_SCAN_BYTES", 1_000)  # this run's table is larger
+    diagnosis = spikedoc.analyze(run_dir)
+    assert any("not held to its bounds over the whole run" in w for w in diagnosis.warnings)
+    assert not [i for i in diagnosis.incidents if i.kind == "state_write"]
+    assert _finding(run_dir) is None

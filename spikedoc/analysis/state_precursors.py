@@ -40,11 +40,24 @@ ROUNDING = 1e-4
 
 
 def wide_table(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """steps x tensors table of one metric (NaN where a tensor was not logged)."""
-    frame = layers[["step", "name", metric]].copy()
-    frame["name"] = frame["name"].astype(str)
-    frame = frame.drop_duplicates(["step", "name"], keep="last")
-    return frame.set_index(["step", "name"])[metric].astype(float).unstack("name").sort_index()
+    """steps x tensors table of one metric (NaN where a tensor was not logged; of rows repeating a
+    (step, tensor), the last), steps ascending and tensors sorted by name.
+
+    Example:
+        >>> rows = pd.DataFrame({"step": [1, 1, 0, 1], "name": ["b", "a", "a", "b"], "g": [1.0, 2.0, 3.0, 4.0]})
+        >>> wide_table(rows, "g").to_dict()
+        {'a': {0: 3.0, 1: 2.0}, 'b': {0: nan, 1: 4.0}}
+    """
+    # Codes and one array assignment, not a pandas pivot: the whole run's table is read in chunks of
+    # millions of rows (`state_writes`), where unstack's sorting costs seconds per chunk.
+    step_codes, steps = pd.factorize(layers["step"], sort=True)
+    name_codes, names = pd.factorize(layers["name"].astype(str) if layers["name"].dtype == object else layers["name"], sort=True)
+    key = step_codes.astype(np.int64) * max(len(names), 1) + name_codes
+    last = len(key) - 1 - np.unique(key[::-1], return_index=True)[1]  # each (step, tensor)'s last row
+    values = np.full((len(steps), len(names)), np.nan)
+    values[step_codes[last], name_codes[last]] = pd.to_numeric(layers[metric], errors="coerce").to_numpy(dtype=float)[last]
+    return pd.DataFrame(values, index=pd.Index(np.asarray(steps), name="step"),
+                        columns=pd.Index([str(n) for n in names], name="name"))
 
 
 def _state_table(layers: pd.DataFrame, metric: str, onset: int, scan_steps: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
