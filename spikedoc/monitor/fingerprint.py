@@ -126,6 +126,7 @@ def _inputs_hash(inputs: list[tuple[str, Tensor]]) -> Tensor | None:
 
 
 def _one(device: torch.device) -> Tensor:
+    """A one-element int64 1 on `device` (made once): the element the salts' weight multiplies."""
     one = _ones.get(device)
     if one is None:
         one = _ones[device] = torch.ones(1, dtype=torch.int64, device=device)
