@@ -100,10 +100,12 @@ def grad_stats(ctx: StepContext, st: StepRecord, *, clip: float | None, grad_sca
     # into the weights since through `.data` (an EMA swap, weight surgery), which no version counter sees.
     before = {b: norms(bucket.params) for b, bucket in enumerate(ctx.plan.buckets)} if st.layers and st.full else {}
 
+    lean = not ctx.plan.sharded  # combining shards over ranks drops a key any rank lacks
+
     def body() -> list[Tensor]:
         layer_norms = []
         for b, bucket in enumerate(ctx.plan.buckets):
-            layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale))
+            layer_norms.append(_bucket_grad_stats(st, b, bucket, grads_of[b], before.get(b), grad_scale, lean))
         return layer_norms
 
     later = not now and clip is None and not isinstance(grad_scale, Tensor) and ctx.plan.stats.step_keeps_grads
@@ -151,18 +153,23 @@ def _apply_clip(ctx: StepContext, st: StepRecord, layer_norms: list[Tensor], cli
         st.packer.add("clip_coef", coef)
 
 
-def _bucket_grad_stats(
-    st: StepRecord, b: int, bucket: Bucket, grads: list[Tensor], before: Tensor | None, grad_scale: Any
-) -> Tensor:
-    """One bucket's gradient statistics into the packer; returns its per-tensor gradient norms."""
+def _bucket_grad_stats(st: StepRecord, b: int, bucket: Bucket, grads: list[Tensor], before: Tensor | None,
+                       grad_scale: Any, finite_counts_left_out: bool) -> Tensor:  # fmt: skip
+    """One bucket's gradient statistics into the packer; returns its per-tensor gradient norms.
+
+    With `finite_counts_left_out`, a CPU bucket whose norms are all finite packs no non-finite counts
+    (the rows read a missing count as none): finite norms prove every element finite.
+    """
     gn = norms(grads)  # (n,)
     if isinstance(grad_scale, Tensor):  # fused optimizers unscale inside step()
         gn = gn / grad_scale.to(gn.device, torch.float32)
     if not st.work:
         return gn
     st.packer.add(f"{b}:grad_norm", gn)
-    cpu = bucket.device.type == "cpu"  # reading the norms costs nothing there
-    st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn if cpu else None))
+    if bucket.device.type != "cpu":
+        st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks))
+    elif not (finite_counts_left_out and math.isfinite(float(gn.sum()))):  # reading the norms costs nothing on CPU
+        st.packer.add(f"{b}:nonfinite", nonfinite_counts(grads, bucket.chunks, l2=gn))
     if st.layers and st.full:
         gmax = max_abs(grads, bucket.chunks)
         if isinstance(grad_scale, Tensor):

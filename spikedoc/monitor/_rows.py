@@ -9,7 +9,6 @@ import numpy as np
 
 from spikedoc.monitor._plan import Plan
 from spikedoc.monitor._step import DeferredKey, StepRecord
-from spikedoc.monitor.fingerprint import Fingerprint
 from spikedoc.store.schema import lr_column
 
 __all__ = ["step_row", "layer_block"]
@@ -127,7 +126,7 @@ def step_row(plan: Plan, clip: float | None, st: StepRecord, values: dict[str, n
         input_shapes=st.fingerprint.shapes,
     )
     row.update(dict.fromkeys(_FINGERPRINT_COLUMNS))  # same columns in every part, null when unknown
-    row.update(Fingerprint.host_values({k[3:]: v for k, v in values.items() if k.startswith("fp:")}))
+    row.update(st.fingerprint.host_values({k[3:]: v for k, v in values.items() if k.startswith("fp:")}))
     row.update(st.optimizer_values)
     for key, value in rec.get("extra", {}).items():
         row[key] = _resolve(value, values)
@@ -137,27 +136,30 @@ def step_row(plan: Plan, clip: float | None, st: StepRecord, values: dict[str, n
 def layer_block(plan: Plan, st: StepRecord, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The layer-table rows of `st`: one per parameter tensor, in optimizer order."""
     n = len(plan.params)
+    nan = np.full(n, np.nan, dtype=np.float32)  # every null column of the block (the writer copies each)
     update = _per_tensor(plan, values, "update_norm")
     if _skipped(st, values):
         update = np.zeros(n)
     elif update is None:
-        update = np.zeros(n) if st.full else np.full(n, np.nan)  # a full step without an update is a no-op
+        update = np.zeros(n) if st.full else nan  # a full step without an update is a no-op
     before = _per_tensor(plan, values, "param_norm_before")
     block: dict[str, Any] = {"step": np.full(n, st.index, dtype=np.int64), "name": list(plan.names)}
     for key in ("grad_norm", "grad_max", "param_norm"):
         vec = _per_tensor(plan, values, key)
-        block[key] = (vec if vec is not None else np.full(n, np.nan)).astype(np.float32)
+        block[key] = vec.astype(np.float32) if vec is not None else nan
     block["update_norm"] = update.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = update / before if before is not None else np.full(n, np.nan)
-    block["update_ratio"] = ratio.astype(np.float32)
-    nonfinite = _per_tensor(plan, values, "nonfinite")
-    block["nonfinite"] = np.nan_to_num(nonfinite if nonfinite is not None else np.zeros(n)).astype(np.int64)
+    if before is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            block["update_ratio"] = (update / before).astype(np.float32)
+    else:
+        block["update_ratio"] = nan
+    nonfinite = _per_tensor(plan, values, "nonfinite")  # none packed: every gradient element finite
+    block["nonfinite"] = np.nan_to_num(nonfinite).astype(np.int64) if nonfinite is not None else np.zeros(n, np.int64)
+    if not st.full:  # the optimizer-state columns exist, null: this step has only the cheap statistics
+        block.update(dict.fromkeys(plan.stats.columns, nan))
+        return block
     extra_keys = {k.split(":", 1)[1] for k in values if ":" in k and k.split(":", 1)[0].isdigit()}
     optim = {k: v for k in extra_keys if (v := _per_tensor(plan, values, k)) is not None}
     for key, vec in plan.stats.to_columns(optim, plan.numels).items():
         block[key] = np.asarray(vec, dtype=np.float32)
-    if not st.full:  # the optimizer-state columns exist, null: this step has only the cheap statistics
-        for key in plan.stats.columns:
-            block.setdefault(key, np.full(n, np.nan, dtype=np.float32))
     return block

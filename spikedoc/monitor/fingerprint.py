@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Fingerprint", "batch_hash", "content_hash", "sequence_stats", "flatten_inputs", "samples_in"]
+__all__ = ["Fingerprint", "batch_hash", "content_hash", "distinct_tokens", "sequence_stats", "flatten_inputs", "samples_in"]
 
 _ROW = 4096  # hash weights per row; inputs are hashed as (rows, _ROW) blocks
 _BLOCK = 1 << 22  # elements hashed per kernel batch, bounding the temporaries for large inputs
@@ -29,7 +29,8 @@ _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (golden ratio), as 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _weights: dict[torch.device, Tensor] = {}
 _COMBINED_MAX = 1 << 16  # elements of one forward's inputs hashed with cached per-element weights
-_combined: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+_combined: dict[tuple[Any, ...], Tensor] = {}
+_ones: dict[torch.device, Tensor] = {}
 
 
 def _row_weights(device: torch.device) -> Tensor:
@@ -50,6 +51,8 @@ def _name_factor(name: str) -> int:
 def _bits(t: Tensor) -> Tensor:
     """The tensor's elements as int64 (floats by their bit pattern), flattened."""
     t = t.detach().reshape(-1)
+    if t.dtype == torch.int64:  # token ids: as they are (the usual input; `.to` would be a no-op call)
+        return t
     if t.dtype == torch.bool:
         return t.to(torch.int64)
     if t.is_floating_point() or t.is_complex():
@@ -92,7 +95,8 @@ def _inputs_hash(inputs: list[tuple[str, Tensor]]) -> Tensor | None:
 
     Small inputs on one device (the usual batch of token ids) take a single weighted sum: every
     element's weight (row weight, row factor and name factor multiplied out, modulo 2**64) is cached
-    per input signature, so the hash is one concatenation, one product and one sum.
+    per input signature, with the shape and dtype salts as the weight of one extra element 1, so the
+    hash is one concatenation and one dot product.
     """
     if not inputs:
         return None
@@ -104,19 +108,29 @@ def _inputs_hash(inputs: list[tuple[str, Tensor]]) -> Tensor | None:
             h = one if h is None else h + one
         return h
     key = (device, *((name, tuple(t.shape), t.dtype) for name, t in inputs))
-    cached = _combined.get(key)
-    if cached is None:
-        weights, const = [], torch.zeros((), dtype=torch.int64)
+    weights = _combined.get(key)
+    if weights is None:
+        parts, const = [], torch.zeros(1, dtype=torch.int64)
         for name, t in inputs:
             pos = torch.arange(t.numel(), dtype=torch.int64)
             w = _row_weights(torch.device("cpu"))[pos % _ROW] * ((pos // _ROW) * _MIX + 1)
-            weights.append(w * _name_factor(name))
+            parts.append(w * _name_factor(name))
             const = const + torch.tensor(zlib.crc32(f"{tuple(t.shape)}:{t.dtype}".encode())) * _name_factor(name)
         if len(_combined) >= 16:
             _combined.clear()
-        cached = _combined[key] = (torch.cat(weights).to(device), const.to(device))
-    weights, const = cached
-    return (torch.cat([_bits(t) for _, t in inputs]) * weights).sum() + const
+        weights = _combined[key] = torch.cat([*parts, const]).to(device)
+    x = torch.cat([*(_bits(t) for _, t in inputs), _one(device)])  # (elements + 1,)
+    # Integer sums wrap modulo 2**64 in any order: the dot product equals the product's sum. CPU
+    # has an int64 dot (one kernel); CUDA has none.
+    return torch.dot(x, weights) if device.type == "cpu" else (x * weights).sum()
+
+
+def _one(device: torch.device) -> Tensor:
+    """A one-element int64 1 on `device` (made once): the element the salts' weight multiplies."""
+    one = _ones.get(device)
+    if one is None:
+        one = _ones[device] = torch.ones(1, dtype=torch.int64, device=device)
+    return one
 
 
 def sequence_stats(ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -134,23 +148,33 @@ def sequence_stats(ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         >>> sequence_stats(torch.tensor([[5, 5, 7, 0]]), torch.tensor([[1, 1, 1, 0]]))
         (tensor([3]), tensor([2]))
     """
-    ids = ids.detach().reshape(ids.shape[0], -1).to(torch.int64)  # (B, T)
+    ids = _rows_of(ids)  # (B, T)
     if mask is None:
         lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=ids.device)
-        if ids.shape[1] == 0:
-            return lengths, lengths.clone()
-        s = ids.sort(dim=1).values  # (B, T)
-        return lengths, (s[:, 1:] != s[:, :-1]).sum(1) + 1  # the first token and every change
-    else:
-        mask = mask.detach().reshape(ids.shape) != 0
-        lengths = mask.sum(1)
-        vals = torch.where(mask, ids, _SENTINEL)
-    s = vals.sort(dim=1).values  # (B, T)
+        return lengths, distinct_tokens(ids)
+    mask = mask.detach().reshape(ids.shape) != 0
+    lengths = mask.sum(1)
+    s = torch.where(mask, ids, _SENTINEL).sort(dim=1).values  # (B, T)
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]
-    if mask is not None:
-        new &= s != _SENTINEL
+    new &= s != _SENTINEL
     return lengths, new.sum(1)
+
+
+def distinct_tokens(ids: Tensor) -> Tensor:
+    """Per-sample number of distinct tokens of unpadded token ids `(B, T)`, `(B,)` int64 on the device."""
+    ids = _rows_of(ids)
+    if ids.shape[1] == 0:
+        return torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device)
+    s = ids.sort(dim=1).values  # (B, T)
+    return (s[:, 1:] != s[:, :-1]).sum(1) + 1  # the first token and every change
+
+
+def _rows_of(ids: Tensor) -> Tensor:
+    """Token ids as `(B, T)` int64 (further dims flattened into T); as they are when already so."""
+    if ids.dim() != 2:
+        ids = ids.reshape(ids.shape[0], -1)
+    return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
 
 def flatten_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
@@ -208,7 +232,8 @@ class Fingerprint:
     tokens: int = 0
     shapes: str | None = None
     hash: Tensor | None = None
-    lengths: list[Tensor] = field(default_factory=list)
+    lengths: list[Tensor | tuple[int, int]] = field(default_factory=list)
+    """Per micro-batch: per-sample lengths `(B,)` on the device, or `(samples, length)` when nothing is padding."""
     distinct: list[Tensor] = field(default_factory=list)
 
     def observe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -244,37 +269,51 @@ class Fingerprint:
             self.hash = h if self.hash is None else self.hash * _MIX + h  # micro-batch order matters
             if ids is not None:
                 pad = mask if mask is not None else (ids != self.pad_token_id) if self.pad_token_id is not None else None
-                lengths, distinct = sequence_stats(ids, pad)
-                self.lengths.append(lengths)
-                self.distinct.append(distinct)
+                if pad is None:  # every token counts: each sample's length is the row's, known here
+                    self.lengths.append((ids.shape[0], ids.numel() // max(ids.shape[0], 1)))
+                    self.distinct.append(distinct_tokens(ids))
+                else:
+                    lengths, distinct = sequence_stats(ids, pad)
+                    self.lengths.append(lengths)
+                    self.distinct.append(distinct)
 
         return measure
 
     def device_values(self) -> dict[str, Tensor]:
-        """The step's device-side results: the hash as two 32-bit halves, per-sample lengths and
-        distinct-token counts (empty if none). The statistics over samples are taken on the host."""
+        """The step's device-side results: the hash as two 32-bit halves, per-sample distinct-token
+        counts and, when some micro-batch had padding, lengths (empty if none). The statistics over
+        samples are taken on the host (`host_values`)."""
         out: dict[str, Tensor] = {}
         if self.hash is not None:
             # Two 32-bit halves travel exactly through the float64 host transfer: a view, no kernel.
             halves = self.hash.reshape(1).view(torch.int32)
             out["hash_halves"] = halves if sys.byteorder == "little" else halves.flip(0)  # (lo, hi)
-        if self.lengths:
-            one = len(self.lengths) == 1  # one micro-batch: nothing to concatenate
-            out["lengths"] = self.lengths[0] if one else torch.cat(self.lengths)  # (samples,)
-            out["distinct"] = self.distinct[0] if one else torch.cat(self.distinct)
+        if self.distinct:
+            one = len(self.distinct) == 1  # one micro-batch: nothing to concatenate
+            out["distinct"] = self.distinct[0] if one else torch.cat(self.distinct)  # (samples,)
+            if self._host_lengths() is None:
+                lengths = [n if isinstance(n, Tensor) else torch.full((n[0],), n[1], dtype=torch.int64, device=d.device)
+                           for n, d in zip(self.lengths, self.distinct)]  # fmt: skip
+                out["lengths"] = lengths[0] if one else torch.cat(lengths)
         return out
 
-    @staticmethod
-    def host_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    def _host_lengths(self) -> list[int] | None:
+        """Per-sample lengths when no micro-batch had padding (known on the host), else None."""
+        if any(isinstance(n, Tensor) for n in self.lengths):
+            return None
+        return [length for samples, length in self.lengths for _ in range(samples)]
+
+    def host_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Step-table columns from the host copies of `device_values()`."""
         row: dict[str, Any] = {}
         if "hash_halves" in values:
             lo, hi = (int(v) & 0xFFFFFFFF for v in values["hash_halves"])
             row["batch_hash"] = f"{(hi << 32) | lo:016x}"
-        if "lengths" in values and len(values["lengths"]):
+        lengths = values["lengths"] if "lengths" in values else self._host_lengths() if "distinct" in values else None
+        if lengths is not None and len(lengths):
             # Plain Python on the few samples of a step: right after a forward and backward the
             # first numpy calls run several times slower than these (cold caches, measured).
-            lengths = [float(x) for x in values["lengths"]]
+            lengths = [float(x) for x in lengths]
             ratios = [float(d) / n for d, n in zip(values["distinct"], lengths) if n > 0]
             s = sorted(lengths)
             n = len(s)
