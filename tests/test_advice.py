@@ -17,6 +17,7 @@ from spikedoc.analysis.advice import _recovered_because
 from spikedoc.analysis.incident import Incident
 from spikedoc.cli import app
 from spikedoc.report.terminal import action_text
+from tests.common.resumes import resume_with_second_moments_scaled
 
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 REAL = RUNS / "real"
@@ -227,3 +228,19 @@ def test_a_recovery_up_to_the_runs_last_step_does_not_claim_steps_after_the_inci
     inc.damage = {"back_step": 151, "damage_step": 299, "observed_steps": 0, "excess_ratio": -0.089, "excess_sigma": -2.8}
     said = _recovered_because(inc)
     assert "0 steps after" not in said and "up to step 299, the last step" in said
+
+
+@pytest.mark.parametrize(("seed", "resume_at", "betas"), [(4, 100, (0.9, 0.95)), (6, 130, (0.9, 0.99))])
+def test_a_resume_that_lost_only_the_optimizer_moments_is_not_told_as_training_from_scratch(tmp_path, seed, resume_at,
+                                                                                           betas):
+    resume_with_second_moments_scaled(tmp_path, seed=seed, resume_at=resume_at, steps=resume_at + 80, scale=0.0,
+                                      betas=betas)
+    resets = [i for i in spikedoc.analyze(tmp_path).incidents if i.cause == "state_reset"]
+    assert any(i.verdict == "recovered" for i in resets), [(i.onset_step, i.verdict) for i in resets]
+    for inc in resets:
+        rollback = next(a for a in inc.recommendation["actions"] if a["action"] == "rollback")
+        # The weights were loaded (the loss stayed on its trajectory): only the moments are not the run's.
+        assert "from scratch" not in rollback["because"], rollback["because"]
+        if inc.verdict == "recovered":
+            assert "moments" in rollback["because"], rollback["because"]
+            assert "had not recovered" not in rollback["because"], rollback["because"]

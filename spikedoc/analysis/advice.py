@@ -132,9 +132,7 @@ def recommend(
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
                         "known": rec["checkpoint_known"], "overwritten": rec["checkpoints_overwritten"],
-                        "because": _damage_because(incident) + (
-                            f"; the run had not recovered from the incident at step {unrecovered.onset_step} before "
-                            "it, so the state to return to is the one before that" if unrecovered is not None else "")})
+                        "because": _damage_because(incident, ev) + _earlier_because(unrecovered)})
     else:
         actions.append({"action": "none", "because": _recovered_because(incident)})
     actions += _repairs(incident, ev, rec, peak_lr)
@@ -314,9 +312,14 @@ def _recovered_because(incident: Incident) -> str:
             f"(excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
 
 
-def _damage_because(incident: Incident) -> str:
+def _damage_because(incident: Incident, ev: Evidence) -> str:
     d = incident.damage
     if incident.cause == "state_reset" and incident.verdict == "recovered":
+        if ev.resume is not None and not ev.resume.state_reset:
+            # The loss went on from where the run was (the weights were loaded): only the moments are not the run's.
+            ratio = f" (Adam's exp_avg_sq {fmt(ev.moments_ratio, 2)}x its value before it)" if ev.moments_ratio is not None else ""
+            return (f"the resume at step {ev.resume.step} loaded the weights but not the optimizer's moments{ratio}: the "
+                    "steps since were taken with moments the run had not built")
         return "the model's state was reset: the steps since are training from scratch"
     if not d:
         return f"verdict {incident.verdict}: the loss did not come back into the detector's band"
@@ -328,6 +331,17 @@ def _damage_because(incident: Incident) -> str:
                 f"trajectory, {fmt(d['shift_z'], 2)} standard errors (autocorrelation-robust): a lasting shift")
     return (f"verdict {incident.verdict}: at step {d['damage_step']} the loss is {_pct(d['excess_ratio'])} above its "
             f"pre-incident trajectory ({fmt(d['excess_sigma'], 2)} sigma)")
+
+
+def _earlier_because(unrecovered: Incident | None) -> str:
+    """Why the rollback goes back before an earlier incident that left its state behind (`unrecovered`)."""
+    if unrecovered is None:
+        return ""
+    if unrecovered.cause == "state_reset":
+        return (f"; the state was reset at the incident at step {unrecovered.onset_step} before it, so the state to "
+                "return to is the one before that")
+    return (f"; the run had not recovered from the incident at step {unrecovered.onset_step} before it, so the state "
+            "to return to is the one before that")
 
 
 def _first_evidence(incident: Incident) -> str:
