@@ -186,18 +186,27 @@ def test_a_layer_part_damaged_inside_reaches_the_diagnosis_warnings(tmp_path):
     assert any(str(part.name) in w for w in diagnosis.warnings), diagnosis.warnings
 
 
-def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tmp_path):
-    # The clean run's log with a 5-step LR surge that only nudged the loss (as clipping can make
-    # it): nothing to undo, but the schedule that jumped must still be fixed.
+def _minor_lr_surge(tmp_path: Path) -> Path:
+    """The clean run's log with a 5-step LR surge that only nudged the loss (as clipping can make it)."""
     steps = spikedoc.load(RUNS / "clean").steps.sort_values("step")[["step", "loss", "lr"]].copy()
     steps.loc[steps["step"].between(250, 254), "lr"] *= 20
     steps.loc[steps["step"] == 251, "loss"] *= 1.3
     run = tmp_path / "run.csv"
     steps.to_csv(run, index=False)
-    inc = next(i for i in spikedoc.analyze(run).incidents if i.onset_step == 251)
+    return run
+
+
+def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tmp_path):
+    # Nothing to undo, but the schedule that jumped must still be fixed.
+    inc = next(i for i in spikedoc.analyze(_minor_lr_surge(tmp_path)).incidents if i.onset_step == 251)
     assert (inc.cause, inc.severity) == ("lr_schedule", "minor")
     assert _actions(inc) == ["none", "fix_schedule"]
     assert action_text(inc.recommendation["actions"][0]) == "no rollback needed: the run recovered by itself"
+
+
+def test_a_minor_incident_with_a_schedule_to_fix_needs_attention_and_exits_1(tmp_path):
+    result = CliRunner().invoke(app, ["analyze", str(_minor_lr_surge(tmp_path))])
+    assert result.exit_code == 1 and "minor" in result.output
 
 
 def test_a_recovered_incident_with_nothing_else_to_do_says_no_action_is_needed():
