@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import spikedoc
+from spikedoc.analysis._robust import fmt
 from spikedoc.analysis.advice import _recovered_because
 from spikedoc.analysis.incident import Incident
 from spikedoc.cli import app
@@ -207,6 +208,17 @@ def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tm
 def test_a_minor_incident_with_a_schedule_to_fix_needs_attention_and_exits_1(tmp_path):
     result = CliRunner().invoke(app, ["analyze", str(_minor_lr_surge(tmp_path))])
     assert result.exit_code == 1 and "minor" in result.output
+
+
+@pytest.mark.parametrize(("run", "replay"), [("lr_jump", False), ("lr_surge", True)])
+def test_the_schedule_fix_speaks_of_a_replay_only_when_a_rollback_is_advised(run, replay):
+    # A run that recovered from the jump has nothing to replay: the fix is to its schedule's code.
+    inc = _first(run)
+    fix = next(a for a in inc.recommendation["actions"] if a["action"] == "fix_schedule")
+    assert inc.recommendation["rollback"] is replay
+    text = action_text(fix)
+    assert ("replay" in text) is replay, text
+    assert f"step {fix['step']}" in text and fmt(fix["hold_lr"]) in text, text
 
 
 def test_a_recovered_incident_with_nothing_else_to_do_says_no_action_is_needed():

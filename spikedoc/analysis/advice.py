@@ -239,7 +239,7 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
             return [{"action": "restore_scheduler", "step": jump["step"], "peak_lr": peak_lr,
                      "because": said + f", where segment {jump['at_resume']} resumed the run"}]
         return [{"action": "fix_schedule", "step": jump["step"], "hold_lr": jump["before"], "peak_lr": peak_lr,
-                 "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
+                 "replay": rec["rollback"], "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
     if cause == "state_reset":
         # A reset at a resume is that resume's load; elsewhere nothing says which code set the weights back.
         return [{"action": "load_state", "step": incident.onset_step, "at_resume": ev.resume.segment if ev.resume else None,

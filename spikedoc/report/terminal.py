@@ -267,6 +267,9 @@ def action_text(action: dict[str, Any]) -> str:
         return f"restore the LR scheduler's state (its step count) with the checkpoint{peak}"
     if kind == "fix_schedule":
         peak = f" (the schedule's peak was {fmt(action['peak_lr'])})" if action.get("peak_lr") else ""
+        if not action.get("replay", True):  # the run recovered: nothing is replayed, the schedule's code is fixed
+            return (f"fix the LR schedule where it jumped at step {action['step']}: the LR there should have stayed "
+                    f"near {fmt(action['hold_lr'])}{peak}")
         return (f"fix the LR schedule where it jumped at step {action['step']}: replay with the LR held at "
                 f"{fmt(action['hold_lr'])}{peak}")
     if kind == "load_state":
