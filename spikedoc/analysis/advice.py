@@ -138,7 +138,8 @@ def recommend(
     actions += _repairs(incident, ev, rec, peak_lr)
     if skip["steps"]:
         actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
-                        "positions": skip["positions"], "because": _first_evidence(incident)})
+                        "positions": skip["positions"], "positions_from": skip["positions_from"],
+                        "because": _first_evidence(incident)})
     if cause == "numerics_rank" and not _rank_alone(ev):
         ev.notes.append("no LR or clipping change advised: nothing grew before the non-finite value, so a smaller "
                         "step would not have prevented it")
@@ -216,7 +217,7 @@ def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
         step = ev.first_nonfinite["step"]
         bad = [b for b in ev.batches if b["step"] == step] or [{"step": step, "sample_ids": [], "outlier_sample_ids": [], "positions": None}]
     else:
-        return {"steps": [], "sample_ids": [], "positions": []}
+        return {"steps": [], "sample_ids": [], "positions": [], "positions_from": None}
     ids, positions = [], []
     for b in bad:
         ids += b["outlier_sample_ids"] or b["sample_ids"]
@@ -226,7 +227,10 @@ def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
             else:
                 positions.append(list(b["positions"]))
     steps = sorted({int(b["step"]) for b in bad}) or [incident.onset_step]
-    return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions}
+    # The batches of one incident lie in one segment: positions counted from its resume, or in the stream.
+    since = next((b["positions_from"] for b in bad if b.get("positions_from") is not None), None)
+    return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions,
+            "positions_from": since if positions else None}
 
 
 def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: float | None) -> list[dict[str, Any]]:
