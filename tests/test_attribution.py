@@ -11,10 +11,17 @@ import pandas as pd
 import pytest
 
 import spikedoc
-from spikedoc.report.terminal import action_text
-from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history, module_kind, module_kinds
 from spikedoc.analysis._meta import parameter_modules
+from spikedoc.analysis.attribution import (
+    attribute_batches,
+    attribute_layers,
+    batch_profile,
+    hash_history,
+    module_kind,
+    module_kinds,
+)
 from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.report.terminal import action_text
 from tests.common.planted import MODULE_TYPES, healthy_layers, healthy_steps
 from tests.common.resumes import resume_then_bad_batch
 
