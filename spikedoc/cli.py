@@ -310,6 +310,15 @@ def _diagnose(run: Any, threshold: float | None, window: int | None, console: Co
 
 
 def _summary_line(diagnosis: Any) -> str:
+    """The run, its incidents and the verdict, then the ids of the warnings found (a schedule restarted
+    at a resume is one, with no incident), so that a healthy line never hides them."""
+    from spikedoc.analysis._robust import count
+
+    warned = list(dict.fromkeys(f.id for f in diagnosis.findings if f.severity == "warning"))
+    return _incidents_line(diagnosis) + (f"; {count(len(warned), 'warning')}: {', '.join(warned)}" if warned else "")
+
+
+def _incidents_line(diagnosis: Any) -> str:
     from spikedoc.analysis._robust import count
 
     s = diagnosis.summary

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch.optim import lr_scheduler as sched
+from typer.testing import CliRunner
 
 import spikedoc
+from spikedoc.cli import app
 from tests.common.models import char_text, make_model
 
 STEPS = 80
@@ -183,3 +185,11 @@ def test_a_resumed_job_whose_schedule_started_over_is_a_discontinuity_at_its_res
     assert jumps, "a schedule that started over at the resume went unreported"
     assert "the schedule started over" in jumps[0].message
     assert [(j["step"], j["at_resume"]) for j in jumps[0].details["jumps"]] == [(resume_at, 1)]
+
+
+def test_the_quiet_line_of_a_run_whose_schedule_restarted_names_the_warning(tmp_path):
+    # Whatever the incidents say (often none: the restarted warmup is smooth), the line names the warning.
+    _resume_without_scheduler_state(tmp_path, SCHEDULES["warmup_cosine_lambda"], resume_at=40, scheduler_first=True)
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path), "--quiet"])
+    (line,) = result.output.splitlines()
+    assert line.endswith("; 1 warning: lr_discontinuity"), line
