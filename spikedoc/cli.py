@@ -310,8 +310,19 @@ def _diagnose(run: Any, threshold: float | None, window: int | None, console: Co
 
 
 def _summary_line(diagnosis: Any) -> str:
+    """The run, its incidents and the verdict, then the ids of the warnings found (a schedule restarted
+    at a resume is one, with no incident), so that a healthy line never hides them; a run with a
+    warning about what happened in it (not its configuration) is not called healthy."""
     from spikedoc.analysis._robust import count
     from spikedoc.report.terminal import run_findings
+
+    warned = list(dict.fromkeys(f.id for f in diagnosis.findings if f.severity == "warning"))
+    eventful = any(f.severity == "warning" for f in run_findings(diagnosis))
+    return _incidents_line(diagnosis, eventful) + (f"; {count(len(warned), 'warning')}: {', '.join(warned)}" if warned else "")
+
+
+def _incidents_line(diagnosis: Any, eventful: bool) -> str:
+    from spikedoc.analysis._robust import count
 
     s = diagnosis.summary
     where = f"{diagnosis.path} ({s.get('steps', 0):,} steps)"
@@ -319,17 +330,15 @@ def _summary_line(diagnosis: Any) -> str:
         first = diagnosis.holes[0]
         more = f" and {count(len(diagnosis.holes) - 1, 'more hole')}" if len(diagnosis.holes) > 1 else ""
         where += f": incomplete, {first['steps']} missing from the {first['table']} table{more}"
-    warned = sorted({f.id for f in run_findings(diagnosis) if f.severity == "warning"})
-    noted = f"; run warnings: {', '.join(warned)}" if warned else ""
-    if diagnosis.healthy and diagnosis.holes:
-        return f"{where}; no incidents in the steps read{noted}"
-    if diagnosis.healthy:  # a run that warns is not called healthy
-        return f"{where}: {'no incidents' if warned else 'healthy, no incidents'}{noted}"
+        if diagnosis.healthy:
+            return f"{where}; no incidents in the steps read"
+    if diagnosis.healthy:
+        return f"{where}: {'no incidents' if eventful else 'healthy, no incidents'}"
     counts = [f"{n} {sev}" for sev in ("severe", "moderate", "minor")
               if (n := sum(i.severity == sev for i in diagnosis.incidents))]
     n = len(diagnosis.incidents)
     verdict = "needs attention" if diagnosis.needs_attention else _settled(diagnosis)
-    return f"{where}{';' if diagnosis.holes else ':'} {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}{noted}"
+    return f"{where}{';' if diagnosis.holes else ':'} {n} incident{'s' if n != 1 else ''} ({', '.join(counts)}), {verdict}"
 
 
 def _settled(diagnosis: Any) -> str:

@@ -13,10 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 import spikedoc
+from spikedoc.analysis._robust import fmt
 from spikedoc.analysis.advice import _recovered_because
 from spikedoc.analysis.incident import Incident
 from spikedoc.cli import app
 from spikedoc.report.terminal import action_text
+from tests.common.resumes import resume_with_second_moments_scaled
 
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 REAL = RUNS / "real"
@@ -185,18 +187,38 @@ def test_a_layer_part_damaged_inside_reaches_the_diagnosis_warnings(tmp_path):
     assert any(str(part.name) in w for w in diagnosis.warnings), diagnosis.warnings
 
 
-def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tmp_path):
-    # The clean run's log with a 5-step LR surge that only nudged the loss (as clipping can make
-    # it): nothing to undo, but the schedule that jumped must still be fixed.
+def _minor_lr_surge(tmp_path: Path) -> Path:
+    """The clean run's log with a 5-step LR surge that only nudged the loss (as clipping can make it)."""
     steps = spikedoc.load(RUNS / "clean").steps.sort_values("step")[["step", "loss", "lr"]].copy()
     steps.loc[steps["step"].between(250, 254), "lr"] *= 20
     steps.loc[steps["step"] == 251, "loss"] *= 1.3
     run = tmp_path / "run.csv"
     steps.to_csv(run, index=False)
-    inc = next(i for i in spikedoc.analyze(run).incidents if i.onset_step == 251)
+    return run
+
+
+def test_a_minor_incident_caused_by_the_schedule_still_names_the_schedule_fix(tmp_path):
+    # Nothing to undo, but the schedule that jumped must still be fixed.
+    inc = next(i for i in spikedoc.analyze(_minor_lr_surge(tmp_path)).incidents if i.onset_step == 251)
     assert (inc.cause, inc.severity) == ("lr_schedule", "minor")
     assert _actions(inc) == ["none", "fix_schedule"]
     assert action_text(inc.recommendation["actions"][0]) == "no rollback needed: the run recovered by itself"
+
+
+def test_a_minor_incident_with_a_schedule_to_fix_needs_attention_and_exits_1(tmp_path):
+    result = CliRunner().invoke(app, ["analyze", str(_minor_lr_surge(tmp_path))])
+    assert result.exit_code == 1 and "minor" in result.output
+
+
+@pytest.mark.parametrize(("run", "replay"), [("lr_jump", False), ("lr_surge", True)])
+def test_the_schedule_fix_speaks_of_a_replay_only_when_a_rollback_is_advised(run, replay):
+    # A run that recovered from the jump has nothing to replay: the fix is to its schedule's code.
+    inc = _first(run)
+    fix = next(a for a in inc.recommendation["actions"] if a["action"] == "fix_schedule")
+    assert inc.recommendation["rollback"] is replay
+    text = action_text(fix)
+    assert ("replay" in text) is replay, text
+    assert f"step {fix['step']}" in text and fmt(fix["hold_lr"]) in text, text
 
 
 def test_a_recovered_incident_with_nothing_else_to_do_says_no_action_is_needed():
@@ -227,3 +249,19 @@ def test_a_recovery_up_to_the_runs_last_step_does_not_claim_steps_after_the_inci
     inc.damage = {"back_step": 151, "damage_step": 299, "observed_steps": 0, "excess_ratio": -0.089, "excess_sigma": -2.8}
     said = _recovered_because(inc)
     assert "0 steps after" not in said and "up to step 299, the last step" in said
+
+
+@pytest.mark.parametrize(("seed", "resume_at", "betas"), [(4, 100, (0.9, 0.95)), (6, 130, (0.9, 0.99))])
+def test_a_resume_that_lost_only_the_optimizer_moments_is_not_told_as_training_from_scratch(tmp_path, seed, resume_at,
+                                                                                           betas):
+    resume_with_second_moments_scaled(tmp_path, seed=seed, resume_at=resume_at, steps=resume_at + 80, scale=0.0,
+                                      betas=betas)
+    resets = [i for i in spikedoc.analyze(tmp_path).incidents if i.cause == "state_reset"]
+    assert any(i.verdict == "recovered" for i in resets), [(i.onset_step, i.verdict) for i in resets]
+    for inc in resets:
+        rollback = next(a for a in inc.recommendation["actions"] if a["action"] == "rollback")
+        # The weights were loaded (the loss stayed on its trajectory): only the moments are not the run's.
+        assert "from scratch" not in rollback["because"], rollback["because"]
+        if inc.verdict == "recovered":
+            assert "moments" in rollback["because"], rollback["because"]
+            assert "had not recovered" not in rollback["because"], rollback["because"]

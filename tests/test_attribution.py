@@ -10,10 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile, hash_history, module_kind, module_kinds
+import spikedoc
 from spikedoc.analysis._meta import parameter_modules
+from spikedoc.analysis.attribution import (
+    attribute_batches,
+    attribute_layers,
+    batch_profile,
+    hash_history,
+    module_kind,
+    module_kinds,
+)
 from spikedoc.analysis.config import AnalysisConfig
+from spikedoc.report.terminal import action_text
 from tests.common.planted import MODULE_TYPES, healthy_layers, healthy_steps
+from tests.common.resumes import resume_then_bad_batch
 
 T = 400
 
@@ -353,3 +363,24 @@ def test_a_second_moment_written_down_inside_a_gap_of_the_statistics_is_found_as
     found = attribute_layers(layers, onset=T, peak=T, reference=T)
     collapses = [p for p in found.precursors if p["kind"] == "exp_avg_sq_collapse"]
     assert [(p["name"], p["overwritten"], p["step"]) for p in collapses] == [("head.weight", True, T - 95)]
+
+
+@pytest.mark.parametrize(("seed", "resume_at", "bad_at"), [(3, 100, 112), (5, 120, 150)])
+def test_positions_of_a_resumed_job_that_gave_no_start_sample_are_said_to_count_from_its_resume(tmp_path, seed,
+                                                                                                resume_at, bad_at):
+    resume_then_bad_batch(tmp_path, seed=seed, resume_at=resume_at, bad_at=bad_at, steps=bad_at + 40, start_sample=False)
+    inc = next(i for i in spikedoc.analyze(tmp_path).incidents if i.onset_step == bad_at)
+    skip = next(a for a in inc.recommendation["actions"] if a["action"] == "skip_data")
+    # The monitor counted from 0 again at the resume: (bad_at - resume_at) batches of 8 in, not bad_at.
+    assert skip["positions"] == [[8 * (bad_at - resume_at), 8 * (bad_at - resume_at + 1)]]
+    assert skip["positions_from"] == resume_at
+    assert f"counted from the resume at step {resume_at}" in action_text(skip)
+    assert all(b["positions_from"] == resume_at for b in inc.batches)
+
+
+def test_positions_of_a_resumed_job_given_its_start_sample_are_stream_positions(tmp_path):
+    resume_then_bad_batch(tmp_path, seed=3, resume_at=100, bad_at=112, steps=152, start_sample=True)
+    inc = next(i for i in spikedoc.analyze(tmp_path).incidents if i.onset_step == 112)
+    skip = next(a for a in inc.recommendation["actions"] if a["action"] == "skip_data")
+    assert skip["positions"] == [[8 * 112, 8 * 113]] and skip["positions_from"] is None
+    assert "counted from" not in action_text(skip)

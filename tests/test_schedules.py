@@ -8,8 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch.optim import lr_scheduler as sched
+from typer.testing import CliRunner
 
 import spikedoc
+from spikedoc.cli import app
 from tests.common.models import char_text, make_model
 
 STEPS = 80
@@ -146,3 +148,48 @@ def test_an_lr_jumped_tenfold_in_a_restarting_schedule_is_still_a_discontinuity(
     _train(tmp_path, SCHEDULES["cosine_warm_restarts"], jump_at=35)
     jumps = _lr_findings(spikedoc.analyze(tmp_path))
     assert 35 in [j["step"] for j in jumps[0].details["jumps"]]
+
+
+def _resume_without_scheduler_state(run_dir, make_schedule, *, resume_at: int, scheduler_first: bool) -> None:
+    """A tiny run saved at `resume_at` and resumed into the same run dir by a second job that loads the
+    model and the optimizer but not the scheduler (a bug): its schedule starts over. `scheduler_first`:
+    the job builds its scheduler before loading the optimizer's state (the usual script order), so the
+    first resumed step runs at the LR the optimizer's state dict carried."""
+    text = char_text()
+
+    def job(first: int, last: int, saved: dict | None) -> dict:
+        model = make_model(seed=11)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+        schedule = make_schedule(opt) if scheduler_first or saved is None else None
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            schedule = schedule or make_schedule(opt)
+        with spikedoc.watch(model, opt, run_dir=run_dir, scheduler=schedule):
+            for step in range(first, last):
+                ids, labels = text.batch(step)
+                model(ids, labels=labels).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step(), schedule.step(), opt.zero_grad()
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+    job(resume_at, STEPS, job(0, resume_at, None))
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False], ids=["scheduler_built_first", "scheduler_built_after_load"])
+@pytest.mark.parametrize(("name", "resume_at"), [("warmup_cosine_lambda", 40), ("linear_decay", 33)])
+def test_a_resumed_job_whose_schedule_started_over_is_a_discontinuity_at_its_resume(tmp_path, name, resume_at,
+                                                                                    scheduler_first):
+    _resume_without_scheduler_state(tmp_path, SCHEDULES[name], resume_at=resume_at, scheduler_first=scheduler_first)
+    jumps = _lr_findings(spikedoc.analyze(tmp_path))
+    assert jumps, "a schedule that started over at the resume went unreported"
+    assert "the schedule started over" in jumps[0].message
+    assert [(j["step"], j["at_resume"]) for j in jumps[0].details["jumps"]] == [(resume_at, 1)]
+
+
+def test_the_quiet_line_of_a_run_whose_schedule_restarted_names_the_warning(tmp_path):
+    # Whatever the incidents say (often none: the restarted warmup is smooth), the line names the warning.
+    _resume_without_scheduler_state(tmp_path, SCHEDULES["warmup_cosine_lambda"], resume_at=40, scheduler_first=True)
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path), "--quiet"])
+    (line,) = result.output.splitlines()
+    assert line.endswith("; 1 warning: lr_discontinuity"), line

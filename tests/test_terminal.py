@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 import spikedoc
+from spikedoc.report.guard_words import action_line
 from spikedoc.report.terminal import TABLE_LEGEND, action_text, render
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
@@ -85,3 +86,17 @@ def test_a_veto_judged_on_one_ranks_own_loss_names_that_rank():
 def test_a_non_finite_peak_says_non_finite_once():
     line = next(x for x in _text("nan").splitlines() if x.startswith("#1 nonfinite"))
     assert "(non-finite)" in line and "non-finite, non-finite" not in line
+
+
+def test_a_guard_setting_equal_in_every_param_group_is_said_once():
+    rollback = {"kind": "rollback", "step": 200, "detail": {"from_step": 279, "reason": "recovered_with_damage",
+                                                             "cause": "lr_schedule",
+                                                             "lr_held": {"at": [0.00136, 0.00136], "from_step": 250}}}
+    assert "LR held at 0.00136 (every param group) from step 250" in action_line(rollback)
+
+
+def test_a_guard_setting_that_differs_between_param_groups_lists_each():
+    rollback = {"kind": "rollback", "step": 200, "detail": {"from_step": 279, "reason": "recovered_with_damage",
+                                                             "cause": "lr_schedule",
+                                                             "lr_held": {"at": [0.00136, 0.00068], "from_step": 250}}}
+    assert "LR held at 0.00136, 6.80e-04 from step 250" in action_line(rollback)

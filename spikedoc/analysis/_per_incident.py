@@ -12,7 +12,7 @@ from spikedoc.analysis._robust import fmt
 from spikedoc.analysis._rundata import PieceData, has_finite
 from spikedoc.analysis.advice import recommend
 from spikedoc.analysis.attribution import attribute_batches, attribute_layers, batch_profile
-from spikedoc.analysis.batches import high_entropy_stretch
+from spikedoc.analysis.batches import date_positions, high_entropy_stretch
 from spikedoc.analysis.causes import cause_guessed, decide_cause, severity
 from spikedoc.analysis.context import clipping_before, loss_scale_drops, lr_at, rank_divergence, update_without_grad
 from spikedoc.analysis.evidence import Evidence
@@ -135,6 +135,7 @@ class IncidentDiagnosis:
             # bad data are those whose loss was high, not the later ones of a gradient norm still settling.
             last = loss_series["end_step"] if loss_series else end
             self._entropy_stretch(ev, frame, onset, last, (loss_series or {}).get("stretch"))
+        date_positions(ev.batches + ev.stretch, shared.positions_restarted)
         if self.run.has_layers:
             # A few steps past the peak: state statistics that skipped the onset (a cost budget's light
             # steps, `layer_every`) come at the first step that has them again.

@@ -11,6 +11,7 @@ import pandas as pd
 
 from spikedoc.analysis._meta import watch_config
 from spikedoc.analysis._robust import finite, was_clipped
+from spikedoc.analysis.batches import positions_restarted
 from spikedoc.analysis.context import _START_SEEN, warmup
 from spikedoc.analysis.detect import spike_score
 
@@ -55,6 +56,7 @@ class PieceData:
         self.frame, self.hashes, self.checkpoints = frame, hashes, checkpoints
         self.piece, self.incidents, self.jumps = piece, list(incidents), list(jumps)
         self.resume, self.moments_ratio, self.state_jumps = resume, moments_ratio, list(state_jumps)
+        self.positions_restarted = positions_restarted(frame)
         self.steps = frame["step"].to_numpy()
         self.first_step = int(self.steps[0])
         self.healthy = np.ones(len(frame), dtype=bool) if healthy is None else healthy

@@ -132,15 +132,14 @@ def recommend(
     if rec["rollback"]:
         actions.append({"action": "rollback", "step": rec["rollback_to_step"], "checkpoint": rec["checkpoint_path"],
                         "known": rec["checkpoint_known"], "overwritten": rec["checkpoints_overwritten"],
-                        "because": _damage_because(incident) + (
-                            f"; the run had not recovered from the incident at step {unrecovered.onset_step} before "
-                            "it, so the state to return to is the one before that" if unrecovered is not None else "")})
+                        "because": _damage_because(incident, ev) + _earlier_because(unrecovered)})
     else:
         actions.append({"action": "none", "because": _recovered_because(incident)})
     actions += _repairs(incident, ev, rec, peak_lr)
     if skip["steps"]:
         actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
-                        "positions": skip["positions"], "because": _first_evidence(incident)})
+                        "positions": skip["positions"], "positions_from": skip["positions_from"],
+                        "because": _first_evidence(incident)})
     if cause == "numerics_rank" and not _rank_alone(ev):
         ev.notes.append("no LR or clipping change advised: nothing grew before the non-finite value, so a smaller "
                         "step would not have prevented it")
@@ -218,7 +217,7 @@ def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
         step = ev.first_nonfinite["step"]
         bad = [b for b in ev.batches if b["step"] == step] or [{"step": step, "sample_ids": [], "outlier_sample_ids": [], "positions": None}]
     else:
-        return {"steps": [], "sample_ids": [], "positions": []}
+        return {"steps": [], "sample_ids": [], "positions": [], "positions_from": None}
     ids, positions = [], []
     for b in bad:
         ids += b["outlier_sample_ids"] or b["sample_ids"]
@@ -228,7 +227,10 @@ def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
             else:
                 positions.append(list(b["positions"]))
     steps = sorted({int(b["step"]) for b in bad}) or [incident.onset_step]
-    return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions}
+    # The batches of one incident lie in one segment: positions counted from its resume, or in the stream.
+    since = next((b["positions_from"] for b in bad if b.get("positions_from") is not None), None)
+    return {"steps": steps, "sample_ids": list(dict.fromkeys(ids)), "positions": positions,
+            "positions_from": since if positions else None}
 
 
 def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: float | None) -> list[dict[str, Any]]:
@@ -241,7 +243,7 @@ def _repairs(incident: Incident, ev: Evidence, rec: dict[str, Any], peak_lr: flo
             return [{"action": "restore_scheduler", "step": jump["step"], "peak_lr": peak_lr,
                      "because": said + f", where segment {jump['at_resume']} resumed the run"}]
         return [{"action": "fix_schedule", "step": jump["step"], "hold_lr": jump["before"], "peak_lr": peak_lr,
-                 "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
+                 "replay": rec["rollback"], "because": said + " and no resume happened there: the schedule itself (its code or settings) jumped"}]
     if cause == "state_reset":
         # A reset at a resume is that resume's load; elsewhere nothing says which code set the weights back.
         return [{"action": "load_state", "step": incident.onset_step, "at_resume": ev.resume.segment if ev.resume else None,
@@ -318,9 +320,14 @@ def _recovered_because(incident: Incident) -> str:
             f"(excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
 
 
-def _damage_because(incident: Incident) -> str:
+def _damage_because(incident: Incident, ev: Evidence) -> str:
     d = incident.damage
     if incident.cause == "state_reset" and incident.verdict == "recovered":
+        if ev.resume is not None and not ev.resume.state_reset:
+            # The loss went on from where the run was (the weights were loaded): only the moments are not the run's.
+            ratio = f" (Adam's exp_avg_sq {fmt(ev.moments_ratio, 2)}x its value before it)" if ev.moments_ratio is not None else ""
+            return (f"the resume at step {ev.resume.step} loaded the weights but not the optimizer's moments{ratio}: the "
+                    "steps since were taken with moments the run had not built")
         return "the model's state was reset: the steps since are training from scratch"
     if not d:
         return f"verdict {incident.verdict}: the loss did not come back into the detector's band"
@@ -332,6 +339,17 @@ def _damage_because(incident: Incident) -> str:
                 f"trajectory, {fmt(d['shift_z'], 2)} standard errors (autocorrelation-robust): a lasting shift")
     return (f"verdict {incident.verdict}: at step {d['damage_step']} the loss is {_pct(d['excess_ratio'])} above its "
             f"pre-incident trajectory ({fmt(d['excess_sigma'], 2)} sigma)")
+
+
+def _earlier_because(unrecovered: Incident | None) -> str:
+    """Why the rollback goes back before an earlier incident that left its state behind (`unrecovered`)."""
+    if unrecovered is None:
+        return ""
+    if unrecovered.cause == "state_reset":
+        return (f"; the state was reset at the incident at step {unrecovered.onset_step} before it, so the state to "
+                "return to is the one before that")
+    return (f"; the run had not recovered from the incident at step {unrecovered.onset_step} before it, so the state "
+            "to return to is the one before that")
 
 
 def _first_evidence(incident: Incident) -> str:

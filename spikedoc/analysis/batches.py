@@ -12,7 +12,8 @@ import pandas as pd
 from spikedoc.analysis._robust import as_float, fmt, robust_center_scale, robust_z
 from spikedoc.analysis.config import AnalysisConfig
 
-__all__ = ["high_entropy_stretch", "BatchProfile", "batch_profile", "hash_history", "attribute_batches"]
+__all__ = ["high_entropy_stretch", "BatchProfile", "batch_profile", "hash_history", "attribute_batches", "positions_restarted",
+           "date_positions"]
 
 # Batch statistics compared with the run's distribution: column -> (what it is, direction checked).
 _BATCH_STATS = {
@@ -125,6 +126,7 @@ def _fingerprint(row: pd.Series) -> dict[str, Any]:
         "rank": int(row["rank"]) if "rank" in row.index and math.isfinite(as_float(row["rank"])) else 0,
         "sample_ids": ids,
         "positions": positions,
+        "positions_from": None,
         "batch_hash": None if _is_missing(row.get("batch_hash")) else str(row.get("batch_hash")),
         "input_shapes": None if _is_missing(row.get("input_shapes")) else str(row.get("input_shapes")),
         "stats": stats,
@@ -134,6 +136,36 @@ def _fingerprint(row: pd.Series) -> dict[str, Any]:
         "outlier_sample_ids": [],
         "repeat_of_step": None,
     }
+
+
+def positions_restarted(lineage: pd.DataFrame) -> dict[int, int]:
+    """Segments of a lineage whose stream positions count from 0 again at their resume: segment -> the step
+    it resumed at.
+
+    A resumed job that did not pass `watch(start_sample=...)` counts `sample_offset` from 0, while the
+    lineage before it had handed out samples: its positions are counted from the resume, not in the data
+    stream, and a skip list must say so.
+
+    Example:
+        >>> frame = pd.DataFrame({"step": [0, 1, 2, 2, 3], "segment": [0, 0, 0, 1, 1],
+        ...                       "sample_offset": [0, 8, 16, 0, 8]})
+        >>> positions_restarted(frame.drop(index=2))
+        {1: 2}
+    """
+    if not {"step", "segment", "sample_offset"} <= set(lineage.columns) or lineage.empty:
+        return {}
+    offsets = lineage["sample_offset"].to_numpy(dtype=float)
+    segments = lineage["segment"].to_numpy()
+    firsts = np.flatnonzero(np.r_[False, segments[1:] != segments[:-1]])  # each later segment's first row
+    reached = np.fmax.accumulate(np.where(np.isfinite(offsets), offsets, -np.inf))
+    return {int(segments[i]): int(lineage["step"].iloc[i]) for i in firsts if offsets[i] == 0 and reached[i - 1] > 0}
+
+
+def date_positions(batches: list[dict[str, Any]], restarted: dict[int, int]) -> None:
+    """Mark the batches whose positions count from a resume (`positions_restarted`): `positions_from`."""
+    for batch in batches:
+        if batch["positions"] and batch["segment"] in restarted:
+            batch["positions_from"] = restarted[batch["segment"]]
 
 
 def _stat_anomaly(column, what, direction, value, center_sigma, config) -> tuple[str | None, str | None]:

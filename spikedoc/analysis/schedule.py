@@ -35,6 +35,12 @@ _PEAK_TOLERANCE = 0.01
 # Steps after a resume whose LR must retrace the lineage's first steps for a schedule restarted from
 # its start: the whole warmup of most recipes, and enough that a constant stretch alone never matches.
 _RETRACE_STEPS = 5
+# Where the restarted schedule shows, in steps after the resume: at the resume itself (a scheduler built
+# after the optimizer's state was loaded sets the LR it starts from), or one step later (a scheduler
+# built first sets its LR, then `optimizer.load_state_dict` puts back each group's `lr` from the
+# checkpoint: the first resumed step runs at the LR the run left, the scheduler's first `step()` then
+# sets its own). Not a threshold: the two orders a resuming script can take.
+_RESTART_LAGS = (0, 1)
 # An LR change smaller than this share is no restart (a constant LR retraces itself trivially).
 _MIN_RESTART_CHANGE = 0.2
 # Periods T_0 * T_mult**k considered (T_mult = 2 reaches 2**40 * T_0 steps).
@@ -181,7 +187,8 @@ def _geometric(candidates: list[int], starts: list[int]) -> list[int]:
 
 
 def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dict[str, Any]]:
-    """Resumes whose LR started the schedule again: from the resume on, the LR retraces the lineage's
+    """Resumes whose LR started the schedule again: from the resume on (or from the step after it, where
+    the first resumed step ran at the checkpoint's LR: `_RESTART_LAGS`), the LR retraces the lineage's
     own first steps (to within 1%) while it differs from the LR just before the resume by 20% or more.
 
     That is the scheduler (or the loop's step counter for a hand-set LR) not restored with the
@@ -197,8 +204,9 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dic
         resume, `before` the LR just before it, `after` the highest LR from it on (the restarted
         warmup's peak: a long warmup climbs for many steps), `direction` up when that is above
         `before` (by more than the 1% the retrace allows), else down and `after` the LR at the
-        resume), plus `at_resume`, `retraced` (steps compared), `resumed_lr` (the LR at the resume
-        itself: the warmup's first value, below `before`), and, up only, `peak_step` (where the LR
+        resume), plus `at_resume`, `retraced` (steps compared), `resumed_lr` (the LR where the restart
+        shows: the warmup's first value, below `before`), `restart_step` (that step: the resume, or the
+        one after it), and, up only, `peak_step` (where the LR
         reached `after`) and `until` (the last step whose LR is above `before`, the end of the
         stretch the restart ran the LR higher).
 
@@ -214,27 +222,42 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dic
         lr = frame[column].to_numpy(dtype=float)
         for start, segment in sorted(starts.items()):
             i = int(np.searchsorted(steps, start))
-            n = min(_RETRACE_STEPS, i, len(lr) - i)
-            if i == 0 or i >= len(lr) or steps[i] != start or n < _RETRACE_STEPS:
+            if i == 0 or i >= len(lr) or steps[i] != start:
                 continue
-            ahead, first, before = lr[i : i + n], lr[:n], float(lr[i - 1])
-            if not (np.isfinite(ahead).all() and np.isfinite(first).all() and before > 0):
+            found = next((j for lag in _RESTART_LAGS if (j := _restart(lr, i, lag)) is not None), None)
+            if found is None:
                 continue
-            retraced = bool(np.all(np.abs(ahead - first) <= _PEAK_TOLERANCE * np.maximum(np.abs(first), 1e-30)))
-            if not retraced or abs(lr[i] - before) < _MIN_RESTART_CHANGE * before:
-                continue
-            higher = np.flatnonzero(lr[i:] > (1 + _PEAK_TOLERANCE) * before)
+            r, n = found
+            higher = np.flatnonzero(lr[r:] > (1 + _PEAK_TOLERANCE) * lr[i - 1])
             # Above the LR it left: the restarted schedule runs higher than the run's had got to, and a
             # decaying schedule's own continuation lower still, on every step from there.
             up = higher.size > 0
-            after = float(np.nanmax(lr[i:])) if up else float(lr[i])
-            peak = {"peak_step": int(steps[i + int(np.nanargmax(lr[i:]))]), "until": int(steps[i + higher[-1]])} if up else {}
+            before = float(lr[i - 1])
+            after = float(np.nanmax(lr[r:])) if up else float(lr[r])
+            peak = {"peak_step": int(steps[r + int(np.nanargmax(lr[r:]))]), "until": int(steps[r + higher[-1]])} if up else {}
             out.append({
                 "step": start, "group": 0 if column == "lr" else int(column[3:]), "before": before,
                 "after": after, "factor": after / before, "direction": "up" if up else "down",
-                "at_resume": segment, "retraced": n, "resumed_lr": float(lr[i]), **peak,
+                "at_resume": segment, "retraced": n, "resumed_lr": float(lr[r]), "restart_step": int(steps[r]), **peak,
             })  # fmt: skip
     return sorted(out, key=lambda j: (j["step"], j["group"]))
+
+
+def _restart(lr: np.ndarray, i: int, lag: int) -> tuple[int, int] | None:
+    """(index where the schedule's start shows again, steps compared) when the LR from `lag` steps after
+    the resume at index `i` retraces the lineage's own LR from its step `lag` on, and differs there from
+    the LR just before the resume by `_MIN_RESTART_CHANGE` or more; else None."""
+    r = i + lag
+    n = min(_RETRACE_STEPS, i - lag, len(lr) - r)
+    if n < _RETRACE_STEPS:
+        return None
+    ahead, first, before = lr[r : r + n], lr[lag : lag + n], float(lr[i - 1])
+    if not (np.isfinite(ahead).all() and np.isfinite(first).all() and before > 0):
+        return None
+    retraced = bool(np.all(np.abs(ahead - first) <= _PEAK_TOLERANCE * np.maximum(np.abs(first), 1e-30)))
+    if not retraced or abs(lr[r] - before) < _MIN_RESTART_CHANGE * before:
+        return None
+    return r, n
 
 
 def restart_path(jump: dict[str, Any]) -> str:
@@ -247,9 +270,12 @@ def restart_path(jump: dict[str, Any]) -> str:
         >>> restart_path({"before": 0.5, "resumed_lr": 0.1, "after": 0.6, "factor": 1.2, "direction": "up", "peak_step": 12})
         'fell from 0.5 to 0.1 at the resume, then climbed to 0.6 by step 12 (1.2x the LR it left)'
     """
-    path = f"fell from {fmt(jump['before'])} to {fmt(jump['resumed_lr'])} at the resume"
+    where = "at the resume"
+    if jump.get("restart_step", jump.get("step")) != jump.get("step"):
+        where = f"at step {jump['restart_step']}, the resumed job's second step (its first ran at the checkpoint's LR)"
+    path = f"fell from {fmt(jump['before'])} to {fmt(jump['resumed_lr'])} {where}"
     if jump["resumed_lr"] > jump["before"]:
-        path = f"went from {fmt(jump['before'])} to {fmt(jump['resumed_lr'])} at the resume"
+        path = f"went from {fmt(jump['before'])} to {fmt(jump['resumed_lr'])} {where}"
     if jump["direction"] != "up":
         return path
     return f"{path}, then climbed to {fmt(jump['after'])} by step {jump['peak_step']} ({fmt(jump['factor'], 2)}x the LR it left)"

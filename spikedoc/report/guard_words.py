@@ -86,8 +86,10 @@ def action_line(a: dict[str, Any]) -> str:
 
 
 def value_text(value: Any) -> str:
-    """A guard setting as the reports print it: an LR with 3 digits, one value per param group."""
+    """A guard setting as the reports print it: an LR with 3 digits, one value per param group (once when all are equal)."""
     if isinstance(value, (list, tuple)):  # one value per param group
+        if len(value) > 1 and all(v == value[0] for v in value):  # the same in every group: said once
+            return f"{value_text(value[0])} (every param group)"
         return ", ".join(value_text(v) for v in value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return fmt(float(value)) if abs(value) < 1e-2 else table_number(float(value))  # an LR keeps 3 digits

@@ -308,6 +308,8 @@ def _batches(inc: Incident) -> str:
         ids = batch.get("sample_ids") or []
         positions = batch.get("positions")
         who = fmt_steps(ids, 6) if ids else (f"positions {positions[0]}..{positions[1] - 1}" if positions else "")
+        if positions and not ids and batch.get("positions_from") is not None:
+            who += f" (counted from the resume at step {batch['positions_from']})"
         worst = "; ".join(f"{w['id']} ({fmt(w['loss'])})" for w in batch.get("worst_samples") or [])
         rank = f" rank {batch['rank']}" if batch.get("rank") else ""
         anomalies = "".join(f"<li>{_e(a)}</li>" for a in batch.get("anomalies") or [])

@@ -179,7 +179,7 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         if known and (batch["anomalies"] or batch["step"] == inc.onset_step):
             ids = batch["sample_ids"]
             who = f"ids {escape(fmt_steps(ids, 4))}" if ids else (
-                f"stream positions {batch['positions'][0]}..{batch['positions'][1] - 1}" if batch["positions"] else "no ids")
+                positions_text([batch["positions"]], batch.get("positions_from")) if batch["positions"] else "no ids")
             rank = f" rank {batch['rank']}" if batch.get("rank") else ""
             worst = batch.get("worst_samples") or []
             worst_text = f"; worst sample {escape(str(worst[0]['id']))} loss {fmt(worst[0]['loss'])}" if worst else ""
@@ -224,6 +224,16 @@ def settled_text(diagnosis: Diagnosis) -> str:
     return "handled by the guard" if handled else quiet
 
 
+def positions_text(ranges: list[list[int]], since: int | None) -> str:
+    """Stream positions `[a, b)` as `a..b-1`, said to count from a resume when the monitor's count began
+    again there (`positions_from`: the resumed job gave `watch()` no `start_sample`)."""
+    text = f"stream positions {', '.join(f'{a}..{b - 1}' for a, b in ranges)}"
+    if since is None:
+        return text
+    return (f"{text}, counted from the resume at step {since} (the resumed job gave watch() no start_sample): "
+            "add the position its data stood at then")
+
+
 def action_text(action: dict[str, Any]) -> str:
     """One recommended action (`recommendation["actions"][i]`) as a sentence.
 
@@ -252,7 +262,7 @@ def action_text(action: dict[str, Any]) -> str:
         return f"roll back to your last checkpoint at or before step {action['step']} (no checkpoint events recorded)"
     if kind == "skip_data":
         what = (f"sample ids {fmt_steps(action['sample_ids'])}" if action["sample_ids"] else
-                f"stream positions {', '.join(f'{a}..{b - 1}' for a, b in action['positions'])}" if action["positions"] else
+                positions_text(action["positions"], action.get("positions_from")) if action["positions"] else
                 "their samples")
         many = len(action["steps"]) != 1
         return f"skip the {'batches of steps' if many else 'batch of step'} {fmt_step_ranges(action['steps'])}: {what}"
@@ -273,6 +283,9 @@ def action_text(action: dict[str, Any]) -> str:
         return f"restore the LR scheduler's state (its step count) with the checkpoint{peak}"
     if kind == "fix_schedule":
         peak = f" (the schedule's peak was {fmt(action['peak_lr'])})" if action.get("peak_lr") else ""
+        if not action.get("replay", True):  # the run recovered: nothing is replayed, the schedule's code is fixed
+            return (f"fix the LR schedule where it jumped at step {action['step']}: the LR there should have stayed "
+                    f"near {fmt(action['hold_lr'])}{peak}")
         return (f"fix the LR schedule where it jumped at step {action['step']}: replay with the LR held at "
                 f"{fmt(action['hold_lr'])}{peak}")
     if kind == "load_state":
