@@ -265,3 +265,10 @@ def test_a_resume_that_lost_only_the_optimizer_moments_is_not_told_as_training_f
         if inc.verdict == "recovered":
             assert "moments" in rollback["because"], rollback["because"]
             assert "had not recovered" not in rollback["because"], rollback["because"]
+
+
+def test_a_rollback_for_a_loss_that_stayed_non_finite_says_so_not_only_where_the_judgement_stopped():
+    inc = _first("nan")
+    (rollback,) = [a for a in inc.recommendation["actions"] if a["action"] == "rollback"]
+    assert inc.verdict == "divergence"
+    assert rollback["because"].startswith("verdict divergence: the loss went non-finite and stayed so (still non-finite at step ")

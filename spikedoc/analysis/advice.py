@@ -332,7 +332,9 @@ def _damage_because(incident: Incident, ev: Evidence) -> str:
     if not d:
         return f"verdict {incident.verdict}: the loss did not come back into the detector's band"
     if not math.isfinite(d["excess_ratio"]):
-        return f"verdict {incident.verdict}: the loss is non-finite at step {d['damage_step']}"
+        # The judgement stops where the non-finite losses decide it (`nonfinite_steps` in a row), not where they began.
+        return (f"verdict {incident.verdict}: the loss went non-finite and stayed so (still non-finite at step "
+                f"{d['damage_step']}, where the judgement ended)")
     if incident.verdict == "recovered_with_damage" and math.isfinite(d.get("shift_z", math.nan)):
         return (f"verdict {incident.verdict}: back in the band from step {d['back_step']}, but over the "
                 f"{d['shift_steps']} steps since the loss is on average {_pct(d['shift_ratio'])} above its pre-incident "
