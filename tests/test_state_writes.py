@@ -172,3 +172,24 @@ def test_a_layer_table_too_large_to_scan_whole_is_said_and_its_writes_left_to_th
     assert any("not held to its bounds over the whole run" in w for w in diagnosis.warnings)
     assert not [i for i in diagnosis.incidents if i.kind == "state_write"]
     assert _finding(run_dir) is None
+
+
+def test_bounds_broken_all_along_are_taken_as_an_optimizer_that_does_not_follow_its_rule(tmp_path):
+    def shrink(state):
+        state["exp_avg_sq"].mul_(0.3)
+
+    model = make_model(3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    monitor = spikedoc.watch(model, opt, run_dir=tmp_path / "run", budget=None)
+
+    def before_step(i):  # a custom step under a stock name: the moments shrink every other step
+        if i % 2:
+            for state in opt.state.values():
+                shrink(state)
+
+    train(model, opt, STEPS, before_step=before_step)
+    monitor.close()
+    diagnosis = spikedoc.analyze(tmp_path / "run")
+    assert any("does not update its moments as its class's rule says" in w for w in diagnosis.warnings)
+    assert not [i for i in diagnosis.incidents if i.kind == "state_write"]
+    assert not [f for f in diagnosis.findings if f.id == "optimizer_state_written"]

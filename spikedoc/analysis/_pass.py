@@ -32,6 +32,9 @@ __all__ = ["AnalysisPass"]
 # table of 6M rows (20,000 steps x 300 tensors) took 9.4 s of CPU on the 2-core benchmark machine, so 1 GB
 # is about half a minute; larger runs have the bounds checked in each incident's window only.
 _STATE_SCAN_BYTES = 1_000_000_000
+# Steps with a broken bound beyond which the bounds are taken not to apply to the run's optimizer: more
+# than 3 and more than 1% of its steps (a write is an event: 1 step in each exam run that has one).
+_MOST_WRITES, _MOST_WRITE_SHARE = 3, 0.01
 
 
 class AnalysisPass(IncidentDiagnosis):
@@ -239,8 +242,17 @@ class AnalysisPass(IncidentDiagnosis):
                 f"optimizer state not held to its bounds over the whole run: its layer table ({self.run.layer_bytes / 1e9:.1f} GB "
                 f"uncompressed) is larger than the {_STATE_SCAN_BYTES / 1e9:.0f} GB read for it; each incident's window was")
             return []
-        return state_writes(lambda lo, hi: self._layers(final, lo, hi, columns=STATE_BOUND_COLUMNS),
-                            int(final["step"].min()), int(final["step"].max()), self.gradient_decay, v_decay)
+        writes = state_writes(lambda lo, hi: self._layers(final, lo, hi, columns=STATE_BOUND_COLUMNS),
+                              int(final["step"].min()), int(final["step"].max()), self.gradient_decay, v_decay)
+        steps = written_steps(writes)
+        if len(steps) > max(_MOST_WRITES, _MOST_WRITE_SHARE * len(final)):
+            # A write is an event; a bound broken all along says the optimizer does not follow the rule
+            # assumed for its class (a custom step under a stock name, statistics from elsewhere).
+            self.out.warnings.append(
+                f"optimizer state not held to its bounds: they broke at {len(steps)} of {len(final)} steps, so this "
+                "optimizer does not update its moments as its class's rule says (a custom step?)")
+            return []
+        return writes
 
     def _state_write_findings(self, writes: list[dict[str, Any]]) -> list[Finding]:
         """Optimizer state written from outside the optimizer (`state_writes`) that no incident names."""
