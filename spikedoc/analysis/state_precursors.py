@@ -160,7 +160,7 @@ def optimizer_precursors(layers: pd.DataFrame, window: Window, rows: list[dict[s
         # A collapse faster than it ever moved before (across a gap in the statistics too: faster than
         # any update can make); or, for an Adam-family tensor whose beta2 is known (`v_decay`), any
         # fall below what its updates allow, whatever its size: the state was written.
-        known = _beyond_known(wide, v_decay or {}).reindex(steps).to_numpy(dtype=bool)
+        known = falls_beyond_updates(wide, v_decay or {})[0].reindex(steps).to_numpy(dtype=bool)
         hits = (level & ((falling >= config.z_threshold) | _beyond_updates(wide).reindex(steps).to_numpy(dtype=bool))) | known
         for j in np.flatnonzero(hits.any(axis=0)):
             name, seen = wide.columns[j], int(steps[hits[:, j].argmax()])
@@ -279,35 +279,32 @@ def _falls(wide: pd.DataFrame, floor: float = V_DECAY_FLOOR) -> tuple[pd.DataFra
     return ratio, gap, beyond
 
 
-def falls_beyond_updates(wide: pd.DataFrame, floor: float = V_DECAY_FLOOR) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per measured step and tensor: whether the second moment fell below what its updates allow
-    since its measurement before (v_t >= beta2 v_(t-1) elementwise, so its mean too, `floor` the
-    smallest beta2), and that least value.
+def falls_beyond_updates(wide: pd.DataFrame, v_decay: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per measured step and tensor named in `v_decay` (its beta2, the least factor one update can
+    shrink it by): whether the second moment fell below what its updates allow since its measurement
+    before (v_t >= beta2 v_(t-1) elementwise, so its mean too), and that least value. Tensors not
+    named: False and NaN.
 
     Example:
-        >>> beyond, least = falls_beyond_updates(pd.DataFrame({"w": [1.0, 0.95, 0.01]}, index=[10, 11, 12]))
+        >>> beyond, least = falls_beyond_updates(pd.DataFrame({"w": [1.0, 0.95, 0.01]}, index=[10, 11, 12]), {"w": 0.9})
         >>> beyond["w"].tolist(), round(float(least.at[12, "w"]), 3)
         ([False, False, True], 0.855)
     """
-    ratio, gap, beyond = _falls(wide, floor)
-    least = wide.shift(1).ffill() * floor**gap
-    return beyond, least.where(beyond)
+    beyond = pd.DataFrame(False, index=wide.index, columns=wide.columns)
+    least = pd.DataFrame(np.nan, index=wide.index, columns=wide.columns)
+    for floor in set(v_decay.values()):
+        names = [n for n in wide.columns if v_decay.get(n) == floor]
+        if names:
+            _, gap, fell = _falls(wide[names], floor)
+            beyond[names] = fell
+            least[names] = (wide[names].shift(1).ffill() * floor**gap).where(fell)
+    return beyond, least
 
 
 def _beyond_updates(wide: pd.DataFrame) -> pd.DataFrame:
     """Per measured step and tensor: the second moment fell below what updates allow since its
     measurement before (`_falls`)."""
     return _falls(wide)[2]
-
-
-def _beyond_known(wide: pd.DataFrame, v_decay: dict[str, float]) -> pd.DataFrame:
-    """`_beyond_updates` for the tensors whose beta2 is known (`v_decay`), each at its own; False elsewhere."""
-    out = pd.DataFrame(False, index=wide.index, columns=wide.columns)
-    for floor in set(v_decay.values()):
-        names = [n for n in wide.columns if v_decay.get(n) == floor]
-        if names:
-            out[names] = _falls(wide[names], floor)[2]
-    return out
 
 
 def _fall_beyond_updates(column: pd.Series, seen: int, floor: float = V_DECAY_FLOOR) -> tuple[float, int] | None:

@@ -78,11 +78,8 @@ def _chunk_writes(layers: pd.DataFrame, gradient_decay: dict[str, float], v_deca
                 out += _broken(wide, ratio > 1 + ROUNDING, bound, moment)
     if "exp_avg_sq_mean" in layers.columns and v_decay:
         wide = _measured(layers, "exp_avg_sq_mean")
-        for floor in sorted(set(v_decay.values())):
-            names = [n for n in wide.columns if v_decay.get(n) == floor]
-            if names:
-                beyond, least = falls_beyond_updates(wide[names], floor)
-                out += _broken(wide[names], beyond, least, "exp_avg_sq")
+        beyond, least = falls_beyond_updates(wide, v_decay)
+        out += _broken(wide, beyond, least, "exp_avg_sq")
     return out
 
 
