@@ -56,6 +56,31 @@ def test_light_steps_measure_no_parameter_norms(tmp_path):
     assert steps.loc[steps["full_stats"], "param_norm"].notna().all()
 
 
+def test_time_between_steps_does_not_widen_the_budget(tmp_path):
+    # A pause before each step (a slow data loader, another job's work in the same process) is not
+    # the step's own time: counted, it would make every step full on this tiny model.
+    import spikedoc
+    import time
+
+    from tests.common.models import char_text
+
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # 5% of a 0.3 s pause would pay for the full statistics on every step; 5% of the step does not.
+    monitor = spikedoc.watch(model, opt, run_dir=tmp_path / "run", budget=0.05)
+    data = char_text().batches()
+    for _ in range(20):
+        time.sleep(0.3)
+        input_ids, labels = next(data)
+        model(input_ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    monitor.close()
+    steps = spikedoc.load(tmp_path / "run").steps.set_index("step")
+    assert (steps["step_time"].iloc[1:] >= 0.3).all(), "the recorded step time still counts the pause"
+    assert not steps["full_stats"].iloc[10:].all(), "the pause widened the budget"
+
+
 def test_default_records_the_full_statistics_every_step(tmp_path):
     model = make_model(0)
     run, _ = watched_run(model, torch.optim.AdamW(model.parameters(), lr=1e-3), tmp_path, 3)

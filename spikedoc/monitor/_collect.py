@@ -87,7 +87,7 @@ def grad_stats(ctx: StepContext, st: StepRecord, *, clip: float | None, grad_sca
     st.grads_taken = True
     grads_of: dict[int, list[Tensor]] = {}
     for b, bucket in enumerate(ctx.plan.buckets):
-        grads = [local(p.grad) for p in bucket.sources]
+        grads = [local(p.grad) for p in bucket.sources] if bucket.distributed else [p.grad for p in bucket.sources]
         active = None
         if any(g is None for g in grads):
             active = [j for j, g in enumerate(grads) if g is not None]

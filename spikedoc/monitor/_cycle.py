@@ -81,7 +81,9 @@ class StepCycle:
         """One more micro-batch with these inputs in the current step: fingerprint it."""
         if self._stepped:  # some of several optimizers stepped and training moved on: that step is over
             self.end_partial_step()
-        st = self.current
+        st, start = self.current, time.perf_counter()
+        if st.forwards == 0:
+            st.began = start
         st.forwards += 1
         try:
             work = st.fingerprint.note(args, kwargs)
@@ -89,6 +91,7 @@ class StepCycle:
                 run_job(self.context, st, "fingerprint", work)
         except Exception as exc:  # noqa: BLE001
             self._fail("fingerprint", exc, st)
+        st.cost += time.perf_counter() - start  # the fingerprint is part of what the budget pays for
 
     def on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         st = self.current
@@ -210,6 +213,7 @@ class StepCycle:
         st = self.current
         now = time.time()
         st.time, st.step_time, st.skipped = now, now - self._last_end, skipped
+        st.busy_time = time.perf_counter() - st.began if st.forwards else st.step_time
         self._last_end = now
         try:
             if st.work and not st.broken:

@@ -39,6 +39,8 @@ class Bucket:
     """Index of the optimizer that steps these parameters (several optimizers: `watch(model, [a, b])`)."""
     in_order: bool = False
     """Whether `index` is 0, 1, 2, ...: this bucket holds every parameter, in optimizer order."""
+    distributed: bool = False
+    """Some of `sources` are DTensors: their gradients are read through their local shards."""
     _subsets: dict[tuple[int, ...], Chunks] = field(default_factory=dict)
     _fill: dict[float, Tensor] = field(default_factory=dict)
 

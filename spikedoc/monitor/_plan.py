@@ -93,7 +93,7 @@ def build_plan(model: nn.Module, optimizers: list[torch.optim.Optimizer], optimi
         Bucket(device=dev, dtype=dt, index=ix, params=[shards[i] for i in ix], sources=[params[i] for i in ix],
                groups=[groups[i] for i in ix], chunks=Chunks([shards[i].numel() for i in ix], budget),
                numels=np.array([shards[i].numel() for i in ix], dtype=np.float64), owner=k,
-               in_order=ix == list(range(len(params))))
+               in_order=ix == list(range(len(params))), distributed=any(shards[i] is not params[i] for i in ix))
         for (k, dev, dt), ix in by_key.items()
     ]  # fmt: skip
     sample_budget = max(int(total * _SAMPLE_SHARE), _SAMPLE_MIN)

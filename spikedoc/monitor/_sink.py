@@ -57,7 +57,7 @@ class StepSink:
         if st.logged:
             self._tell_subscribers(step)
         if self._cadence is not None:
-            self._cadence.observe(step if st.logged else None, full=st.full, cost=st.cost, step_time=st.step_time)
+            self._cadence.observe(step if st.logged else None, full=st.full, cost=st.cost, step_time=st.busy_time)
 
     def _tell_subscribers(self, row: dict[str, Any]) -> None:
         for callback in self.subscribers:

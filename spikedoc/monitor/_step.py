@@ -61,6 +61,11 @@ class StepRecord:
     skipped: bool = False
     time: float = math.nan
     step_time: float = math.nan
+    began: float = math.nan
+    """`time.perf_counter()` at the step's first micro-batch (NaN when no forward was seen)."""
+    busy_time: float = math.nan
+    """Seconds from the first micro-batch to the end of the step: its own time, without the time
+    between steps (data loading, evaluation, another job's work), which must not widen a cost budget."""
     lrs: list[Any] = field(default_factory=list)
     optimizer_values: dict[str, float] = field(default_factory=dict)
     """Step-table values an optimizer's statistics read right after the step (Schedule-Free's averaging weight)."""

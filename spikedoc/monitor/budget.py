@@ -6,7 +6,8 @@ fingerprint. The full statistics (parameter norms, gradient maxima, update norms
 optimizer state: Adam's moments and eps fraction, momentum norms) cost one or more passes over the
 parameters and state each; under a budget they come every `every` steps, with `every` the smallest
 that keeps the measured monitor time per step (in its hooks) within `budget` of the step
-time. The spike detector `analyze` uses watches the loss and the gradient norm online: a flag
+time. A step's time runs from its first forward to the end of its update: the time between steps
+(data loading, evaluation, other work of the process) does not widen the budget. The spike detector `analyze` uses watches the loss and the gradient norm online: a flag
 makes every step full again for `dense_steps`, so the steps around an incident have everything.
 """
 
@@ -62,7 +63,7 @@ class Cadence:
         return index < self._dense_until or index >= self._next_full
 
     def observe(self, row: dict[str, Any] | None, *, full: bool, cost: float, step_time: float) -> None:
-        """One finished step: its monitor cost (seconds), step time and row; adapts `every`, watches for spikes."""
+        """One finished step: its monitor cost and own time (seconds) and its row; adapts `every`, watches for spikes."""
         if math.isfinite(cost):
             if full:
                 self._cost_full = cost if math.isnan(self._cost_full) else (1 - _EMA) * self._cost_full + _EMA * cost
