@@ -378,9 +378,27 @@ def test_positions_of_a_resumed_job_that_gave_no_start_sample_are_said_to_count_
     assert all(b["positions_from"] == resume_at for b in inc.batches)
 
 
+def test_a_resume_recipe_for_an_incident_analyze_calls_recovered_keeps_the_stops_target_and_says_where_positions_count(
+        tmp_path):
+    # The online judgement stopped; analyze judged the bad batch recovered and names no rollback target.
+    from spikedoc.integrations import StopDecision, resume_recipe
+
+    resume_then_bad_batch(tmp_path, seed=5, resume_at=120, bad_at=150, steps=190, start_sample=False)
+    inc = next(i for i in spikedoc.analyze(tmp_path).incidents if i.onset_step == 150)
+    assert inc.recommendation["skip_sample_positions_from"] == 120
+    decision = StopDecision(onset_step=150, step=160, verdict="persistent", excess_ratio=0.5, excess_sigma=9.0,
+                            expected_loss=2.0)  # fmt: skip
+    recipe = resume_recipe(tmp_path, decision)
+    assert inc.recommendation["rollback_to_step"] is None and recipe.analysis_error is None
+    assert recipe.rollback_to_step == 0 and recipe.checkpoint is None  # no checkpoint recorded before the onset
+    assert recipe.skip_sample_positions_from == 120
+    assert any("counted from the resume at step 120" in line for line in recipe.lines())
+
+
 def test_positions_of_a_resumed_job_given_its_start_sample_are_stream_positions(tmp_path):
     resume_then_bad_batch(tmp_path, seed=3, resume_at=100, bad_at=112, steps=152, start_sample=True)
     inc = next(i for i in spikedoc.analyze(tmp_path).incidents if i.onset_step == 112)
     skip = next(a for a in inc.recommendation["actions"] if a["action"] == "skip_data")
     assert skip["positions"] == [[8 * 112, 8 * 113]] and skip["positions_from"] is None
+    assert inc.recommendation["skip_sample_positions_from"] is None
     assert "counted from" not in action_text(skip)

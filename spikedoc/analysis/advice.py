@@ -107,7 +107,9 @@ def recommend(
         None, False unless rolling back), `checkpoints_overwritten` (`path`, `overwritten_at` of clean
         checkpoints a later write replaced), `lr_factor`
         (None: no LR change advised), `new_peak_lr`, `clip_max_norm` (None: no clipping change),
-        `hold_lr`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions`,
+        `hold_lr`, `skip_steps`, `skip_sample_ids`, `skip_sample_positions` (and
+        `skip_sample_positions_from`: the resume step they are counted from, None when counted from
+        the run's start),
         `reset_optimizer_state_for`, `actions` (dicts: `action` from ACTIONS, its parameters,
         `because`).
     """
@@ -122,6 +124,7 @@ def recommend(
     rec["rollback"] = rollback
     rec.update(lr_factor=None, new_peak_lr=None, clip_max_norm=None, hold_lr=None,
                skip_steps=skip["steps"], skip_sample_ids=skip["sample_ids"], skip_sample_positions=skip["positions"],
+               skip_sample_positions_from=skip["positions_from"],
                reset_optimizer_state_for=[])
     actions: list[dict[str, Any]] = []
     if incident.severity == "minor":

@@ -55,6 +55,9 @@ class ResumeRecipe:
     """Sample ids to drop from the data, when the run recorded them."""
     skip_sample_positions: list[list[int]] = field(default_factory=list)
     """[start, stop) positions in the sample stream of batches to skip, when no ids were recorded."""
+    skip_sample_positions_from: int | None = None
+    """The resume step those positions are counted from (the resumed job gave `watch()` no
+    `start_sample`); None when they count from the run's start."""
     analysis_error: str | None = None
     """Why `analyze` could not be used (the recipe then rests on the online judgement alone)."""
 
@@ -74,7 +77,9 @@ class ResumeRecipe:
             out.append(f"clip the gradient norm to {self.clip_max_norm:g}" + (" (tightened)" if self.clip_changed else " (unchanged)"))
         if self.skip_steps:
             ids = f", sample ids {self.skip_sample_ids[:10]}" if self.skip_sample_ids else ""
-            pos = f", sample positions {self.skip_sample_positions}" if self.skip_sample_positions else ""
+            since = self.skip_sample_positions_from
+            counted = f" (counted from the resume at step {since})" if since is not None else ""
+            pos = f", sample positions {self.skip_sample_positions}{counted}" if self.skip_sample_positions else ""
             out.append(f"skip the batches of steps {self.skip_steps}{ids}{pos}")
         else:
             out.append("skip no data (no batch is implicated)")
@@ -133,7 +138,10 @@ def _apply(recipe: ResumeRecipe, incident: Any, checkpoints: list[tuple[int, str
            clip: float | None) -> None:  # fmt: skip
     rec = incident.recommendation
     recipe.cause, recipe.evidence = incident.cause, list(incident.evidence)
-    target = int(rec.get("rollback_to_step", recipe.rollback_to_step))
+    # The analysis names no target where it judged the incident recovered: the online stop stands,
+    # and its own target (the last checkpoint before onset) with it.
+    named = rec.get("rollback_to_step")
+    target = int(named) if named is not None else recipe.rollback_to_step
     saved = [(s, p) for s, p in checkpoints if s <= target]
     recipe.rollback_to_step = saved[-1][0] if saved else target
     recipe.checkpoint = rec.get("checkpoint_path") or (saved[-1][1] if saved else None)
@@ -146,3 +154,4 @@ def _apply(recipe: ResumeRecipe, incident: Any, checkpoints: list[tuple[int, str
     recipe.skip_steps = [int(s) for s in rec.get("skip_steps", [])]
     recipe.skip_sample_ids = list(rec.get("skip_sample_ids", []))
     recipe.skip_sample_positions = [list(p) for p in rec.get("skip_sample_positions", [])]
+    recipe.skip_sample_positions_from = rec.get("skip_sample_positions_from")
