@@ -147,3 +147,28 @@ def test_a_rollback_for_an_lr_jump_holds_the_lr_at_its_level_before_the_jump(tmp
     console = Console(record=True, width=200)
     render(diagnosis, console)
     assert "(requested, cause lr_schedule): LR held at 0.01 from step 40" in console.export_text()
+
+
+def _decaying(step: int) -> float:
+    return min(1.0, (step + 1) / 10) * 0.97 ** max(0, step - 10)  # warmup, then a steep exponential decay
+
+
+@pytest.mark.parametrize(("nan_at", "checkpoint_every"), [(60, 20), (81, 25), (55, 30)])
+def test_a_replay_on_the_checkpoint_carries_its_lr_and_is_no_lr_discontinuity(tmp_path, nan_at, checkpoint_every):
+    # A NaN written into a weight: the guard vetoes, then replays the last healthy batches on the good
+    # checkpoint, whose LR (steps earlier on a decaying schedule) its rows record. That is the guard's
+    # probe, not a schedule that jumped.
+    from tests.common.guarded import build, run_guarded
+
+    model, opt, _ = build()
+    parts = (model, opt, lrs.LambdaLR(opt, _decaying))
+
+    def corrupt(guard, step, batch):
+        if step == nan_at and guard.rollbacks == 0:
+            with torch.no_grad():
+                guard.model.tok.weight[3, 5] = math.nan
+
+    guard, _ = run_guarded(tmp_path, steps=100, parts=parts, checkpoint_every=checkpoint_every, on_step=corrupt)
+    assert any(a["kind"] == "replay" and a.get("on") == "checkpoint" for a in guard.actions), guard.actions
+    diagnosis = spikedoc.analyze(tmp_path)
+    assert [f.details for f in diagnosis.findings if f.id == "lr_discontinuity"] == []

@@ -150,11 +150,13 @@ def test_an_lr_jumped_tenfold_in_a_restarting_schedule_is_still_a_discontinuity(
     assert 35 in [j["step"] for j in jumps[0].details["jumps"]]
 
 
-def _resume_without_scheduler_state(run_dir, make_schedule, *, resume_at: int, scheduler_first: bool) -> None:
+def _resume_without_scheduler_state(run_dir, make_schedule, *, resume_at: int, scheduler_first: bool,
+                                    lost: int = 0) -> None:
     """A tiny run saved at `resume_at` and resumed into the same run dir by a second job that loads the
     model and the optimizer but not the scheduler (a bug): its schedule starts over. `scheduler_first`:
     the job builds its scheduler before loading the optimizer's state (the usual script order), so the
-    first resumed step runs at the LR the optimizer's state dict carried."""
+    first resumed step runs at the LR the optimizer's state dict carried. `lost`: the first job's last
+    `lost` steps are trained but their rows never written, as a kill before the next flush leaves them."""
     text = char_text()
 
     def job(first: int, last: int, saved: dict | None) -> dict:
@@ -165,12 +167,15 @@ def _resume_without_scheduler_state(run_dir, make_schedule, *, resume_at: int, s
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             schedule = schedule or make_schedule(opt)
-        with spikedoc.watch(model, opt, run_dir=run_dir, scheduler=schedule):
-            for step in range(first, last):
-                ids, labels = text.batch(step)
-                model(ids, labels=labels).loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step(), schedule.step(), opt.zero_grad()
+        monitor = spikedoc.watch(model, opt, run_dir=run_dir, scheduler=schedule)
+        for step in range(first, last):
+            if saved is None and step == last - lost:
+                monitor.close()  # the rows from here on never reach the disk
+            ids, labels = text.batch(step)
+            model(ids, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), schedule.step(), opt.zero_grad()
+        monitor.close()
         return {"model": model.state_dict(), "optimizer": opt.state_dict()}
 
     job(resume_at, STEPS, job(0, resume_at, None))
@@ -193,3 +198,25 @@ def test_the_quiet_line_of_a_run_whose_schedule_restarted_names_the_warning(tmp_
     result = CliRunner().invoke(app, ["analyze", str(tmp_path), "--quiet"])
     (line,) = result.output.splitlines()
     assert line.endswith("; 1 warning: lr_discontinuity"), line
+
+
+@pytest.mark.parametrize(("name", "resume_at", "lost"), [("warmup_cosine_lambda", 45, 15), ("linear_decay", 38, 9)])
+def test_a_restart_after_rows_lost_to_a_kill_is_told_from_the_lr_the_resumed_job_started_at(
+        tmp_path, name, resume_at, lost):
+    # The killed job trained up to its checkpoint, but its last rows were never flushed: the restarted
+    # schedule is told from the LR the resumed job started at (the checkpoint's), not the LR of the last
+    # row written, and the steps without rows are named.
+    _resume_without_scheduler_state(tmp_path, SCHEDULES[name], resume_at=resume_at, scheduler_first=True, lost=lost)
+    run = spikedoc.load(tmp_path)
+    assert [w for w in run.warnings if f"steps {resume_at - lost}..{resume_at - 1} (rank 0)" in w], run.warnings
+    jumps = _lr_findings(spikedoc.analyze(tmp_path))
+    assert jumps, "a schedule that started over at the resume went unreported"
+    (jump,) = jumps[0].details["jumps"]
+    assert jump["step"] == resume_at and jump["at_resume"] == 1
+    checkpoint_lr = float(run.steps.loc[run.steps["step"] == resume_at, "lr"].iloc[0])
+    assert jump["before"] == pytest.approx(checkpoint_lr)
+
+
+def test_a_resume_from_the_last_written_step_warns_of_no_unwritten_steps(tmp_path):
+    _resume_without_scheduler_state(tmp_path, SCHEDULES["warmup_cosine_lambda"], resume_at=40, scheduler_first=True)
+    assert not [w for w in spikedoc.load(tmp_path).warnings if "never written" in w]

@@ -147,17 +147,24 @@ def withheld_steps(actions: list[dict[str, Any]]) -> set[tuple[int, int]]:
 def without_guard_lr_changes(jumps: list[dict[str, Any]], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The LR discontinuities not made by the guard: a downward step where a guard rollback resumed
     (the schedule scaled by its `lr_factor` on purpose) is the remedy, and an upward step where a
-    data skip undid that cut (`remedy_reverted`) is its undo; neither is a finding or a cause.
+    data skip undid that cut (`remedy_reverted`) is its undo; neither is a finding or a cause. Nor is
+    a replay on a checkpoint: its row carries the checkpoint's LR (the step is judged there and
+    never applied), so the LR steps to it and, where training goes on, back from it.
 
     Example:
-        >>> acts = [{"kind": "rollback", "step": 40, "detail": {}}, {"kind": "data_skip", "step": 47, "detail": {"remedy_reverted": True}}]
-        >>> without_guard_lr_changes([{"step": 40, "direction": "down"}, {"step": 47, "direction": "up"}], acts)
+        >>> acts = [{"kind": "rollback", "step": 40, "detail": {}}, {"kind": "data_skip", "step": 47, "detail": {"remedy_reverted": True}},
+        ...         {"kind": "replay", "step": 61, "detail": {"on": "checkpoint", "probe_step": 61}}]
+        >>> without_guard_lr_changes([{"step": 40, "direction": "down"}, {"step": 47, "direction": "up"},
+        ...                           {"step": 61, "direction": "up"}, {"step": 62, "direction": "down"}], acts)
         []
     """
     cut = {a["step"] for a in actions if a["kind"] == "rollback"}
     undone = {a["step"] for a in actions if a["kind"] == "data_skip" and (a.get("detail") or {}).get("remedy_reverted")}
+    probes = [(a.get("detail") or {}) for a in actions if a["kind"] == "replay"]
+    on_checkpoint = {int(d["probe_step"]) for d in probes if d.get("on") == "checkpoint" and isinstance(d.get("probe_step"), int)}
     return [j for j in jumps if not (j.get("direction") == "down" and j.get("step") in cut)
-            and not (j.get("direction") == "up" and j.get("step") in undone)]
+            and not (j.get("direction") == "up" and j.get("step") in undone)
+            and not ({j.get("step"), j.get("step", 0) - 1} & on_checkpoint)]
 
 
 def guard_handling(onset: int, end: int, segment: int, actions: list[dict[str, Any]]) -> dict[str, Any] | None:

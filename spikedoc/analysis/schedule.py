@@ -228,11 +228,11 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dic
             if found is None:
                 continue
             r, n = found
-            higher = np.flatnonzero(lr[r:] > (1 + _PEAK_TOLERANCE) * lr[i - 1])
+            before = _left(lr, i, r - i)
+            higher = np.flatnonzero(lr[r:] > (1 + _PEAK_TOLERANCE) * before)
             # Above the LR it left: the restarted schedule runs higher than the run's had got to, and a
             # decaying schedule's own continuation lower still, on every step from there.
             up = higher.size > 0
-            before = float(lr[i - 1])
             after = float(np.nanmax(lr[r:])) if up else float(lr[r])
             peak = {"peak_step": int(steps[r + int(np.nanargmax(lr[r:]))]), "until": int(steps[r + higher[-1]])} if up else {}
             out.append({
@@ -246,18 +246,25 @@ def restarted_at_resume(frame: pd.DataFrame, starts: dict[int, int]) -> list[dic
 def _restart(lr: np.ndarray, i: int, lag: int) -> tuple[int, int] | None:
     """(index where the schedule's start shows again, steps compared) when the LR from `lag` steps after
     the resume at index `i` retraces the lineage's own LR from its step `lag` on, and differs there from
-    the LR just before the resume by `_MIN_RESTART_CHANGE` or more; else None."""
+    the LR the run had reached (`_left`) by `_MIN_RESTART_CHANGE` or more; else None."""
     r = i + lag
     n = min(_RETRACE_STEPS, i - lag, len(lr) - r)
     if n < _RETRACE_STEPS:
         return None
-    ahead, first, before = lr[r : r + n], lr[lag : lag + n], float(lr[i - 1])
+    ahead, first, before = lr[r : r + n], lr[lag : lag + n], _left(lr, i, lag)
     if not (np.isfinite(ahead).all() and np.isfinite(first).all() and before > 0):
         return None
     retraced = bool(np.all(np.abs(ahead - first) <= _PEAK_TOLERANCE * np.maximum(np.abs(first), 1e-30)))
     if not retraced or abs(lr[r] - before) < _MIN_RESTART_CHANGE * before:
         return None
     return r, n
+
+
+def _left(lr: np.ndarray, i: int, lag: int) -> float:
+    """The LR the run had reached at the resume at index `i`: where the first resumed step ran at the
+    checkpoint's LR (`lag` 1), that step's own LR, read on the resumed side (the rows before a resume
+    may stop short of it: a killed job's last unflushed steps); else the LR of the row before."""
+    return float(lr[i] if lag > 0 else lr[i - 1])
 
 
 def restart_path(jump: dict[str, Any]) -> str:

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from spikedoc.errors import RunFormatError, RunNotFoundError, UnsupportedVersionError, one_line
 from spikedoc.store.schema import EVENT_COLUMNS, EVENTS, FORMAT_VERSION, LAYERS, META_FILE, STEPS
 from spikedoc.store.run import Run, decoded, empty, sorted_frame, to_pandas
-from spikedoc.store.validate import Hole, MemoryBudget, coerce_part, holes_of_steps, keep_last_duplicates
+from spikedoc.store.validate import (Hole, MemoryBudget, coerce_part, holes_of_steps, keep_last_duplicates,
+                                     unwritten_before_resumes)
 
 __all__ = ["Run", "load", "read_meta", "read_part"]
 
@@ -101,6 +102,7 @@ def _load_spikedoc(path: Path, lenient: bool) -> Run:
     run.events = empty((*EVENT_COLUMNS, "rank")) if events is None else sorted_frame(events, ["rank", "segment", "step"])
     run._layer_parts = _whole_layer_parts(run, read.ranges)
     run.holes = holes_of_steps(run.steps, read.ranges, read.failed) + run.holes
+    run.warnings += unwritten_before_resumes(run.steps)
     if not run.has_layers:
         run.missing.append("layers")
     return run

@@ -31,6 +31,7 @@ __all__ = [
     "coerce_part",
     "find_holes",
     "holes_of_steps",
+    "unwritten_before_resumes",
     "keep_last_duplicates",
     "numbers",
 ]
@@ -212,13 +213,43 @@ def find_holes(frame: pd.DataFrame, *, table: str = "steps", cause: str = "steps
         forward = diff[diff > 0]
         if forward.size < 2:
             continue
-        values, counts = np.unique(forward, return_counts=True)
-        stride = int(values[np.argmax(counts)])
+        stride = _usual_stride(forward)
         for i in np.flatnonzero(diff >= _HOLE_STRIDES * stride):
             before, after = int(steps[lo + i]), int(steps[lo + i + 1])
             holes.append(Hole(table=table, rank=int(ranks[lo]), segment=int(segments[lo]), first_step=before + 1,
                               last_step=after - 1, cause=cause))
     return holes
+
+
+def _usual_stride(forward: np.ndarray) -> int:
+    """A log's usual step stride: the most common of its (positive) step differences."""
+    values, counts = np.unique(forward, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def unwritten_before_resumes(frame: pd.DataFrame) -> list[str]:
+    """A warning for each resumed segment that starts further on than its rank's segment before it
+    ended (by the log's stride or more): the steps between were trained and never written.
+
+    A job resumes from a checkpoint it wrote, so a segment that resumes at step `s` says the job
+    before it trained up to `s`; its rows after the last one read were lost (a kill loses the rows
+    since the last flush). A resume that goes back to an earlier step leaves no gap.
+    """
+    if len(frame) < 2 or not {"step", "segment"} <= set(frame.columns):
+        return []
+    out = []
+    ranks = frame["rank"].to_numpy() if "rank" in frame.columns else np.zeros(len(frame), dtype=np.int64)
+    for rank, rows in frame.groupby(ranks, sort=True):
+        segments = [(int(g), np.sort(r["step"].to_numpy(dtype=np.int64))) for g, r in rows.groupby("segment", sort=True)]
+        for (segment, steps), (resumed_by, after) in zip(segments, segments[1:]):
+            forward = np.diff(steps)[np.diff(steps) > 0]
+            stride = _usual_stride(forward) if forward.size else 1
+            last, resumed = int(steps[-1]), int(after[0])
+            if resumed - last >= _HOLE_STRIDES * stride:
+                out.append(f"steps {last + 1}..{resumed - 1} (rank {rank}) were trained by segment {segment}'s job and "
+                           f"never written (a kill loses the rows since the last flush): segment {resumed_by} resumed "
+                           f"at step {resumed}, and what it is compared with before the resume is step {last}")
+    return out
 
 
 def holes_of_steps(steps: pd.DataFrame, ranges: dict[tuple[int, int, int], tuple[int, int]],
