@@ -12,6 +12,7 @@ from spikedoc.analysis._per_incident import IncidentDiagnosis, one_per_step
 from spikedoc.analysis._robust import fmt, fmt_span, fmt_steps, steps_text
 from spikedoc.analysis._rundata import PieceData, checkpoints_of, clip_in_use, has_finite, in_ranges, score, segment_ranges
 from spikedoc.analysis.attribution import batch_profile, hash_history
+from spikedoc.analysis.batches import repeated_in_a_row
 from spikedoc.analysis.change_points import (anomalous_batches, change_point_incidents, state_jumps, trajectory_departures,
                                              weight_returns)
 from spikedoc.analysis.config import AnalysisConfig
@@ -140,6 +141,7 @@ class AnalysisPass(IncidentDiagnosis):
         out.findings += _jump_findings(jumps_found)
         out.findings += _state_change_findings(state_changes)
         out.findings += self._state_write_findings(writes)
+        out.findings += _repeat_findings(repeated_in_a_row(self.steps, withheld_steps(out.guard_actions)), self.multi_rank)
         out.summary = {
             "first_step": int(self.steps["step"].min()),
             "last_step": int(self.steps["step"].max()),
@@ -324,6 +326,24 @@ def _reported_writes(context: list[dict[str, Any]]) -> set[tuple[str, int]]:
     """(tensor, measured step) of the state writes incidents already name as precursors."""
     return {(p["name"], int(p.get("seen", p["step"]))) for ctx in context for p in ctx.get("optimizer_precursors") or []
             if p.get("overwritten") and p.get("step") is not None}
+
+
+def _repeat_findings(stretches: list[dict[str, Any]], multi_rank: bool) -> list[Finding]:
+    """Batches fed at consecutive steps (`repeated_in_a_row`): a loader stuck on one batch."""
+    if not stretches:
+        return []
+    parts = [f"steps {s['first_step']}..{s['last_step']} ({s['steps']} steps" + (f", rank {s['rank']}" if multi_rank else "")
+             + f", batch_hash {s['batch_hash']})" for s in stretches[:3]]
+    more = f" and {len(stretches) - 3} more" if len(stretches) > 3 else ""
+    return [Finding(
+        id="batch_repeated", severity="warning",
+        message="the same batch was fed at consecutive steps: " + "; ".join(parts) + more,
+        why="A data loader hands out a new batch each step; one batch step after step is a loader stuck on it (an "
+        "iterator re-created each step, an index that stopped advancing). The model memorises it, its loss falls, "
+        "and the run pays when new data returns; skip those steps' batches on a rerun. Data echoing on purpose "
+        "repeats batches too: then this is expected.",
+        details={"stretches": stretches[:50], "count": len(stretches)},
+    )]
 
 
 def _state_change_findings(steps: list[int]) -> list[Finding]:

@@ -13,7 +13,7 @@ from spikedoc.analysis._robust import as_float, fmt, robust_center_scale, robust
 from spikedoc.analysis.config import AnalysisConfig
 
 __all__ = ["high_entropy_stretch", "BatchProfile", "batch_profile", "hash_history", "attribute_batches", "positions_restarted",
-           "date_positions"]
+           "date_positions", "repeated_in_a_row"]
 
 # Batch statistics compared with the run's distribution: column -> (what it is, direction checked).
 _BATCH_STATS = {
@@ -199,6 +199,43 @@ def hash_history(lineage_rows: pd.DataFrame) -> dict[str, Any]:
         return {"first": {}, "repeat_share": math.nan}
     first = rows.drop_duplicates("batch_hash").set_index("batch_hash")["step"]
     return {"first": first, "repeat_share": float(rows["batch_hash"].duplicated().mean())}
+
+
+def repeated_in_a_row(steps: pd.DataFrame, left_out: set[tuple[int, int]] = frozenset()) -> list[dict[str, Any]]:
+    """Stretches of consecutive steps of one rank and segment that were fed the same batch.
+
+    A loader hands out a new batch each step: the same content hash at step s and s + 1 is a loader
+    stuck on one batch (or data echoing on purpose). `left_out`: (segment, step) pairs whose batch
+    was handed out again by design (a guard's replays), never part of a stretch.
+
+    Returns:
+        Dicts with `rank`, `segment`, `first_step`, `last_step`, `steps` and `batch_hash`, in step order.
+
+    Example:
+        >>> rows = pd.DataFrame({"step": [0, 1, 2, 3, 4], "segment": 0, "batch_hash": ["a", "b", "b", "b", "c"]})
+        >>> [(s["first_step"], s["last_step"], s["steps"]) for s in repeated_in_a_row(rows)]
+        [(1, 3, 3)]
+    """
+    if "batch_hash" not in steps.columns or steps.empty:
+        return []
+    rows = steps.loc[steps["batch_hash"].notna()]
+    rank = rows["rank"] if "rank" in rows.columns else pd.Series(0, index=rows.index)
+    segment = rows["segment"] if "segment" in rows.columns else pd.Series(0, index=rows.index)
+    out = []
+    for (r, g), part in rows.assign(_rank=rank, _segment=segment).groupby(["_rank", "_segment"], sort=True):
+        part = part.sort_values("step", kind="stable")
+        step, batch = part["step"].to_numpy(dtype=np.int64), part["batch_hash"].to_numpy()
+        kept = np.array([(int(g), int(s)) not in left_out for s in step], dtype=bool)
+        same = kept[1:] & kept[:-1] & (np.diff(step) == 1) & (batch[1:] == batch[:-1])
+        start = None
+        for i, repeat in enumerate([*same, False]):
+            if repeat and start is None:
+                start = i
+            elif not repeat and start is not None:
+                out.append({"rank": int(r), "segment": int(g), "first_step": int(step[start]), "last_step": int(step[i]),
+                            "steps": i - start + 1, "batch_hash": str(batch[start])})
+                start = None
+    return sorted(out, key=lambda s: (s["first_step"], s["rank"]))
 
 
 def _repeat(batch: dict[str, Any], hashes: dict[str, Any]) -> None:
