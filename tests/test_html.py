@@ -83,7 +83,7 @@ def test_every_string_from_the_run_is_escaped(hostile_run, tmp_path):
     assert "h.0.&lt;script&gt;" in page  # the tensor name in the leaders' table
     assert "model &lt;script&gt;" in page  # meta.json's model class in the header
     assert "Per-tensor gradient norms around onset" in page  # the TeX-like name did not stop the heatmap
-    assert "What the guard did" in page and "reason: &lt;script&gt;" in page
+    assert "What the guard did" in page and "(&lt;script&gt;document.title" in page  # the rollback's reason, in its sentence
 
 
 def test_a_csv_run_gets_the_plots_it_has_data_for(tmp_path):

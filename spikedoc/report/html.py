@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import math
 from typing import Any
@@ -26,7 +25,7 @@ from spikedoc.errors import one_line
 from spikedoc.report._numbers import peak_text, ratio_text, severity_order, table_number
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
-from spikedoc.report.guard_words import cause_words
+from spikedoc.report.guard_words import action_line
 from spikedoc.report.terminal import action_text, run_findings, settled_text
 
 __all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
@@ -203,12 +202,12 @@ def _guard_section(actions: list[dict[str, Any]]) -> str:
     if not actions:
         return ""
     checkpoints = sum(a.get("kind") == "checkpoint" for a in actions)
+    # The terminal's sentence for each action (its cause included): one voice in both reports.
     rows = "".join(
         f"<tr><td class='num'>{_e(a.get('step', ''))}</td><td>{_e(a.get('kind', ''))}</td>"
-        f"<td>{_e(cause_words(a['cause']) if isinstance(a.get('cause'), dict) else '')}</td>"
-        f"<td class='mono'>{_e(_detail_text(a.get('detail')))}</td></tr>" for a in actions if a.get("kind") != "checkpoint"
+        f"<td>{_e(action_line(a))}</td></tr>" for a in actions if a.get("kind") != "checkpoint"
     )
-    table = (f"<table><tr><th>step</th><th>action</th><th>cause</th><th>detail</th></tr>{rows}</table>" if rows else "")
+    table = (f"<table><tr><th>step</th><th>action</th><th>what it did</th></tr>{rows}</table>" if rows else "")
     return (f"<section id='guard'><h2>What the guard did</h2><p class='muted'>{_e(count(checkpoints, 'guard checkpoint'))}; "
             f"a rollback's step is the step it returned to.</p>{table}</section>\n")
 
@@ -374,22 +373,6 @@ def _plotted_steps(steps: pd.DataFrame) -> pd.DataFrame:
 def _guard_actions(diagnosis: Diagnosis) -> list[dict[str, Any]]:
     """What the guard did (`Diagnosis.guard_actions`: `kind`, `step`, `segment`, `detail`), oldest first."""
     return [a for a in getattr(diagnosis, "guard_actions", None) or [] if isinstance(a, dict)]
-
-
-def _detail_text(detail: Any, limit: int = 120) -> str:
-    """An action's detail as `key: value` pairs, each value cut at `limit` characters (skip lists run long)."""
-    if isinstance(detail, str):
-        try:
-            detail = json.loads(detail)
-        except ValueError:
-            return detail[:limit]
-    if isinstance(detail, dict):
-        return ", ".join(f"{k}: {_cut(str(v), limit)}" for k, v in detail.items())
-    return "" if detail is None else _cut(str(detail), limit)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _most_severe(incidents: list[Incident], limit: int) -> set[int]:
