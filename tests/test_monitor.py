@@ -235,3 +235,21 @@ def test_adam_statistics_without_a_parameter_copy_match_direct_computation(kind,
             assert layers[name]["eps_frac"] == pytest.approx((v_hat_sqrt <= hp["eps"]).double().mean().item(), abs=1e-7)
             assert layers[name]["exp_avg_sq_mean"] == pytest.approx(v.double().mean().item(), rel=1e-5, abs=1e-30)
             assert layers[name]["exp_avg_sq_max"] == pytest.approx(v.max().item(), rel=1e-6, abs=1e-30)
+
+
+def test_record_on_a_closed_monitor_warns_once_and_drops_the_values(tmp_path):
+    # A loop holding a monitor a spikedoc.Guard has replaced at its rollback records into nothing:
+    # said once, with what to do, never an exception.
+    import warnings
+
+    import spikedoc
+
+    model = make_model(0)
+    monitor = spikedoc.watch(model, torch.optim.AdamW(model.parameters()), run_dir=tmp_path / "run")
+    monitor.close()
+    with pytest.warns(UserWarning, match=r"closed monitor.*guard\.record") as caught:
+        monitor.record(loss=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.record(loss=2.0)  # once only
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's line

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from spikedoc.monitor import clipping as _clipping
+from spikedoc.monitor._caller import caller_stacklevel
 from spikedoc.monitor._collect import StepContext
 from spikedoc.monitor._cycle import StepCycle
 from spikedoc.monitor._gradients import StepGradients
@@ -69,6 +70,7 @@ class Monitor:
         self.run_dir = Path(run_dir)
         self._warned: set[str] = set()
         self._closed = False
+        self._closed_record_warned = False
         self._handles: list[Any] = []
         self._ranks = Ranks()
         self._step_context: StepContext | None = None  # what the step's statistics need; made with the plan
@@ -147,6 +149,9 @@ class Monitor:
         Example:
             >>> monitor.record(loss=loss, sample_ids=batch["ids"], tokens_per_sec=tps)  # doctest: +SKIP
         """
+        if self._closed:
+            self._warn_closed_record()
+            return
         try:
             st = self._cycle.record_target()
             if not st.logged:
@@ -161,6 +166,19 @@ class Monitor:
                 st.recorded.setdefault("extra", {})[key] = deferred_value(st, value, ongoing=ongoing)
         except Exception as exc:  # noqa: BLE001
             self._fail("record", exc)
+
+    def _warn_closed_record(self) -> None:
+        # A warning once, not silence: the step's values would be lost while the run looks recorded.
+        if self._closed_record_warned:
+            return
+        self._closed_record_warned = True
+        warnings.warn(
+            f"spikedoc: record() on a closed monitor of {self.run_dir}: its values are dropped. A spikedoc.Guard "
+            "replaces its monitor when it rolls back: call guard.record(...), or read guard.monitor at each step "
+            "rather than keeping it",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
     def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call `callback(row)` with each step row as it is written (one step late, on the training thread).
