@@ -319,8 +319,16 @@ def _recovered_because(incident: Incident) -> str:
         return (f"on its pre-incident trajectory over the {steps_text(d['observed_steps'] + 1)} the run has from the "
                 f"incident's end, too few to confirm a recovery (excess {_pct(d['excess_ratio'])}, "
                 f"{fmt(d['excess_sigma'], 2)} sigma)")
-    return (f"back on its pre-incident trajectory from step {d['back_step']} and {stayed} "
-            f"(excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma)")
+    return f"back on its pre-incident trajectory from step {d['back_step']} and {stayed} ({_shift_words(d)})"
+
+
+def _shift_words(d: dict[str, Any]) -> str:
+    """The statistic a recovered verdict rests on: the mean shift since recovery against its standard error
+    (one step's excess in per-step sigmas can be large where the trajectory wanders, and decides nothing)."""
+    if math.isfinite(d.get("shift_z", math.nan)) and d.get("shift_steps"):
+        return (f"over the {d['shift_steps']} steps since, {_pct(d['shift_ratio'])} against it on average, "
+                f"{fmt(d['shift_z'], 2)} standard errors: below what counts as lasting damage")
+    return f"excess {_pct(d['excess_ratio'])}, {fmt(d['excess_sigma'], 2)} sigma"
 
 
 def _damage_because(incident: Incident, ev: Evidence) -> str:

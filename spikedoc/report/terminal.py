@@ -168,8 +168,12 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
     console.print(f"  severity: {_SEVERITY_STYLE[inc.severity]}")
     damage = inc.damage
     if damage and math.isfinite(damage.get("excess_ratio", math.nan)):
+        shift = ""
+        if math.isfinite(damage.get("shift_z", math.nan)) and damage.get("shift_steps"):  # what the verdict rests on
+            shift = (f"; over the {damage['shift_steps']} steps since it came back, {_pct_signed(damage['shift_ratio'])} "
+                     f"on average ({table_number(damage['shift_z'])} standard errors)")
         console.print(f"  damage: at step {damage['damage_step']} the loss is {_pct_signed(damage['excess_ratio'])} "
-                      f"({table_number(damage['excess_sigma'])} sigma) against its pre-incident trajectory")
+                      f"({table_number(damage['excess_sigma'])} sigma) against its pre-incident trajectory{shift}")
     guessed = " [yellow](a guess: the run has no data to confirm it)[/yellow]" if inc.cause_guessed else ""
     console.print(f"  cause: [bold magenta]{inc.cause}[/bold magenta]{guessed}")
     for sentence in inc.evidence:
