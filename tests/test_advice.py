@@ -272,3 +272,13 @@ def test_a_rollback_for_a_loss_that_stayed_non_finite_says_so_not_only_where_the
     (rollback,) = [a for a in inc.recommendation["actions"] if a["action"] == "rollback"]
     assert inc.verdict == "divergence"
     assert rollback["because"].startswith("verdict divergence: the loss went non-finite and stayed so (still non-finite at step ")
+
+
+def test_a_recovered_verdict_says_the_mean_shift_it_rests_on():
+    # One step's excess in per-step sigmas can read as damage beside "no rollback needed"; the verdict
+    # rests on the mean shift since recovery against its standard error, and says so.
+    diagnosis = spikedoc.analyze(Path(__file__).resolve().parent.parent / "sample_runs" / "bad_batch_long")
+    inc = next(i for i in diagnosis.incidents if i.verdict == "recovered" and i.damage.get("shift_steps"))
+    because = next(a["because"] for a in inc.recommendation["actions"] if a["action"] == "none")
+    assert f"over the {inc.damage['shift_steps']} steps since" in because
+    assert "standard errors: below what counts as lasting damage" in because
