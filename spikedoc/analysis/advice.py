@@ -140,17 +140,21 @@ def recommend(
         actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
                         "positions": skip["positions"], "positions_from": skip["positions_from"],
                         "because": _first_evidence(incident)})
-    if cause == "numerics_rank" and not _rank_alone(ev):
+    # A non-finite value out of nowhere is numerics whatever the evidence before it names (a batch, a
+    # state): a smaller step or a tighter clip does not prevent an overflow or a corrupted value.
+    sudden = ev.nonfinite_out_of_nowhere and not _rank_alone(ev)
+    if sudden:
         ev.notes.append("no LR or clipping change advised: nothing grew before the non-finite value, so a smaller "
                         "step would not have prevented it")
     written = _state_written(incident, ev)  # a bug to find, not an optimisation to tune
-    if rec["rollback"] and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr and not written:
+    tune = rec["rollback"] and not written and not sudden
+    if tune and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr:
         rec["lr_factor"] = config.lr_factor
         rec["new_peak_lr"] = peak_lr * config.lr_factor
         actions.append({"action": "lower_lr", "factor": config.lr_factor, "peak_lr": peak_lr, "new_peak_lr": rec["new_peak_lr"],
                         "because": f"cause {cause} with lasting damage at the LR in use (peak {fmt(peak_lr)})"})
     grad = _grad_evidence(incident, ev)
-    if rec["rollback"] and grad and cause not in _REPAIR and not written:
+    if tune and grad and cause not in _REPAIR:
         share, steps = _clipped_share(ev)
         rec["clip_max_norm"] = tighter_clip(clip, clipped_share=share)
         if rec["clip_max_norm"] is not None:
