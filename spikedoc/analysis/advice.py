@@ -193,6 +193,7 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
                    + ([ev.build_up["step"]] if ev.build_up else [] if pinned else departed)
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
                    + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else [])
+                   + _state_changed(incident, ev)
                    + ([not_after] if not_after is not None else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
     # it is clean when s <= the first affected step, and its file still holds it unless a later
@@ -209,6 +210,20 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
     # No file holds a clean state: the newest state before the fault is the one to look for.
     return {"rollback_to_step": int(max(first_step, earliest)), "checkpoint_path": None, "checkpoint_known": False,
             "checkpoints_overwritten": overwritten}
+
+
+def _state_changed(incident: Incident, ev: Evidence) -> list[int]:
+    """Steps from which the optimizer state was no longer the run's own (the state before them is the
+    last sound one), whatever else dates the onset: a moment beyond its optimizer's exact bound at the
+    onset was written there, whatever cause the incident names; an `optimizer_state` cause also rests
+    on the update-norm tests, which date the first update the changed state made (alone when there are
+    no per-tensor statistics: the loss can show that update a step or two late)."""
+    layers = ev.layers.precursors if ev.layers is not None else []
+    steps = [p["step"] for p in layers if p.get("overwritten") and p.get("at_onset") and p["step"] is not None]
+    if incident.cause == "optimizer_state":
+        steps += [ev.update_step["step"]] if ev.update_step and ev.update_step["fired"] else []
+        steps += [ev.state_jump] if ev.state_jump is not None else []
+    return steps
 
 
 def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:
