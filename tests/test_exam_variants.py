@@ -33,6 +33,53 @@ def test_a_nan_long_after_an_early_gradient_spike_that_came_back_is_numerics(tmp
     assert not {"lower_lr", "tighten_clip"} & set(_actions(incident))
 
 
+@pytest.mark.parametrize("setup, kind, step", [
+    (Setup(seed=12, optimizer="sgd", lr_scale=1.5, warmup=24, output="logits", checkpoints="numbered"), "weight_inf", 37),
+    (Setup(seed=5509, optimizer="adamw", lr_scale=0.5, warmup=24, clip=0.5, batch=8), "loss_inf", 42),
+])  # fmt: skip
+def test_a_gradient_that_only_broke_at_the_nan_built_nothing_up(tmp_path, setup, kind, step):
+    # Shortly after a long warmup some tensors' update ratios are off their history (the LR is at its
+    # peak); their gradients grew only in that they went non-finite with the rest at the NaN.
+    run = _trained(tmp_path, setup, Fault(family="nonfinite", kind=kind, step=step))
+    incident = next(i for i in spikedoc.analyze(run).incidents if i.kind == "nonfinite")
+    assert (incident.onset_step, incident.cause) == (step, "numerics_rank")
+
+
+def test_a_nonfinite_value_without_build_up_is_never_advised_a_smaller_lr_or_clip(tmp_path):
+    # A NaN gradient right after the warmup, with update ratios off their history (the LR ramp)
+    # named as the state's doing: whatever cause that names, nothing grew before the NaN, so a smaller
+    # step or a tighter clip would not have prevented it.
+    setup, step = Setup(seed=5511, optimizer="sgd", warmup=24), 37
+    run = _trained(tmp_path, setup, Fault(family="nonfinite", kind="grad_nan", step=step))
+    incident = next(i for i in spikedoc.analyze(run).incidents if i.kind == "nonfinite")
+    assert incident.onset_step == step
+    actions = _actions(incident)
+    assert "rollback" in actions and not {"lower_lr", "tighten_clip"} & set(actions)
+    assert incident.recommendation["rollback_to_step"] <= step
+
+
+def _without_layer_statistics(monkeypatch) -> None:
+    """The exam's loop recorded with the step table's statistics only (no per-tensor rows after step 0)."""
+    watch = spikedoc.watch
+    monkeypatch.setattr("bench._exam_train.spikedoc.watch", lambda *a, **k: watch(*a, **{**k, "layer_every": 10**6}))
+
+
+@pytest.mark.parametrize("setup, step", [
+    (Setup(seed=68, optimizer="adamw", warmup=12), 70),
+    (Setup(seed=82, optimizer="adamw", lr_scale=1.5, warmup=6, clip=1.0), 90),
+    (Setup(seed=68, optimizer="adamw", warmup=12, checkpoints="numbered"), 79),
+])  # fmt: skip
+def test_a_state_change_dated_by_the_update_norm_alone_is_rolled_back_to_before_it(tmp_path, monkeypatch, setup, step):
+    # Moments x100 before `step`: with no moments recorded, the update norm per unit LR dates the change
+    # (the update of `step`), while the loss is flagged two steps later. The rollback goes to the state
+    # before the update the changed state made, and no checkpoint written after it.
+    _without_layer_statistics(monkeypatch)
+    run = _trained(tmp_path, setup, Fault(family="optimizer_state", kind="scale_m", step=step))
+    incident = next(i for i in spikedoc.analyze(run).incidents if step - 2 <= i.onset_step <= step + 3)
+    assert incident.cause == "optimizer_state"
+    assert incident.recommendation["rollback"] and incident.recommendation["rollback_to_step"] <= step
+
+
 @pytest.mark.parametrize("setup, step, length", [
     (Setup(seed=3020, d_model=48, batch=16, accum=2, warmup=6, clip=1.0, checkpoints="numbered"), 63, 6),
     (Setup(seed=3024, n_layer=3, batch=16, accum=2, lr_scale=1.5, warmup=12), 82, 5),

@@ -143,17 +143,21 @@ def recommend(
         actions.append({"action": "skip_data", "steps": skip["steps"], "sample_ids": skip["sample_ids"],
                         "positions": skip["positions"], "positions_from": skip["positions_from"],
                         "because": _first_evidence(incident)})
-    if cause == "numerics_rank" and not _rank_alone(ev):
+    # A non-finite value out of nowhere is numerics whatever the evidence before it names (a batch, a
+    # state): a smaller step or a tighter clip does not prevent an overflow or a corrupted value.
+    sudden = ev.nonfinite_out_of_nowhere and not _rank_alone(ev)
+    if sudden:
         ev.notes.append("no LR or clipping change advised: nothing grew before the non-finite value, so a smaller "
                         "step would not have prevented it")
     written = _state_written(incident, ev)  # a bug to find, not an optimisation to tune
-    if rec["rollback"] and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr and not written:
+    tune = rec["rollback"] and not written and not sudden
+    if tune and cause in ("lr_too_high", "grad_explosion", "optimizer_state") and peak_lr:
         rec["lr_factor"] = config.lr_factor
         rec["new_peak_lr"] = peak_lr * config.lr_factor
         actions.append({"action": "lower_lr", "factor": config.lr_factor, "peak_lr": peak_lr, "new_peak_lr": rec["new_peak_lr"],
                         "because": f"cause {cause} with lasting damage at the LR in use (peak {fmt(peak_lr)})"})
     grad = _grad_evidence(incident, ev)
-    if rec["rollback"] and grad and cause not in _REPAIR and not written:
+    if tune and grad and cause not in _REPAIR:
         share, steps = _clipped_share(ev)
         rec["clip_max_norm"] = tighter_clip(clip, clipped_share=share)
         if rec["clip_max_norm"] is not None:
@@ -192,6 +196,7 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
                    + ([ev.build_up["step"]] if ev.build_up else [] if pinned else departed)
                    + ([ev.grad_precursor["step"]] if ev.grad_precursor else [])
                    + ([ev.lr_jump["step"]] if incident.cause == "lr_schedule" and ev.lr_jump else [])
+                   + _state_changed(incident, ev)
                    + ([not_after] if not_after is not None else []))
     # A checkpoint event at step s holds the state after steps 0..s-1 (resuming re-runs step s), so
     # it is clean when s <= the first affected step, and its file still holds it unless a later
@@ -208,6 +213,20 @@ def _rollback_target(incident: Incident, ev: Evidence, checkpoints: list[tuple[i
     # No file holds a clean state: the newest state before the fault is the one to look for.
     return {"rollback_to_step": int(max(first_step, earliest)), "checkpoint_path": None, "checkpoint_known": False,
             "checkpoints_overwritten": overwritten}
+
+
+def _state_changed(incident: Incident, ev: Evidence) -> list[int]:
+    """Steps from which the optimizer state was no longer the run's own (the state before them is the
+    last sound one), whatever else dates the onset: a moment beyond its optimizer's exact bound at the
+    onset was written there, whatever cause the incident names; an `optimizer_state` cause also rests
+    on the update-norm tests, which date the first update the changed state made (alone when there are
+    no per-tensor statistics: the loss can show that update a step or two late)."""
+    layers = ev.layers.precursors if ev.layers is not None else []
+    steps = [p["step"] for p in layers if p.get("overwritten") and p.get("at_onset") and p["step"] is not None]
+    if incident.cause == "optimizer_state":
+        steps += [ev.update_step["step"]] if ev.update_step and ev.update_step["fired"] else []
+        steps += [ev.state_jump] if ev.state_jump is not None else []
+    return steps
 
 
 def _skip_list(incident: Incident, ev: Evidence) -> dict[str, list[Any]]:

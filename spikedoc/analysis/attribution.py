@@ -37,7 +37,10 @@ class LayerAttribution:
     """Per-tensor findings for one incident (see `attribute_layers`)."""
 
     layers: list[dict[str, Any]] = field(default_factory=list)
-    """Implicated tensors: `name`, `module`, `z`, `grad_z`, `update_z`, `lead_steps`, `departed_step`."""
+    """Implicated tensors: `name`, `module`, `z`, `grad_z`, `grad_z_finite`, `update_z`, `lead_steps`,
+    `departed_step`. `grad_z` is the largest gradient z in the incident, inf where the gradient went
+    non-finite; `grad_z_finite` the largest over its finite gradients only (how far the gradient grew
+    before it broke; NaN when none was finite)."""
     groups: list[dict[str, Any]] = field(default_factory=list)
     """Per module kind: `module`, `tensors`, `departed`, `max_z`, `lead_steps`."""
     precursors: list[dict[str, Any]] = field(default_factory=list)
@@ -134,6 +137,7 @@ def attribute_layers(
             "module": kinds[name],
             "z": at,
             "grad_z": nan_max(per["grad_norm"][incident]) if "grad_norm" in per else math.nan,
+            "grad_z_finite": _finite_max(per["grad_norm"][incident]) if "grad_norm" in per else math.nan,
             "update_z": nan_max(per["update_ratio"][incident]) if "update_ratio" in per else math.nan,
             "departed_step": departed,
             "lead_steps": max(0, reference - departed) if departed is not None else None,
@@ -249,6 +253,12 @@ def _groups(rows: list[dict[str, Any]], names: list[str], module_types: dict[str
             "lead_steps": max(leads) if leads else None,
         })
     return groups
+
+
+def _finite_max(values: np.ndarray) -> float:
+    """Largest finite value (NaN when none): a non-finite z is a value that broke, not one that grew."""
+    values = np.asarray(values, dtype=float)
+    return nan_max(values[np.isfinite(values)])
 
 
 def _finite_or(value: float, default: float) -> float:

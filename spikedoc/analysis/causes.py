@@ -11,7 +11,7 @@ from typing import Any
 from spikedoc.analysis._robust import count, fmt, fmt_step_ranges, fmt_steps, steps_text, times
 from spikedoc.analysis.advice import ACTIONS, clip_kept_because, recommend, tighter_clip, to_act_on
 from spikedoc.analysis.config import AnalysisConfig
-from spikedoc.analysis.evidence import Evidence
+from spikedoc.analysis.evidence import MIN_LOOKBACK as _MIN_LOOKBACK, Evidence
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.schedule import restart_path
 
@@ -25,8 +25,6 @@ _HIGH_UPDATE_RATIO = 1e-2
 # out by it (a stretch the loss found, its batches only mildly off together, `stretches.py`), which a
 # broken optimizer state can produce too; every other anomaly is a property of the input alone.
 _STATE_DEPENDENT = {"outlier_samples", "noisy_stretch"}
-# Logged steps before onset needed to say that nothing built up there.
-_MIN_LOOKBACK = 10
 
 
 def decide_cause(incident: Incident, ev: Evidence, config: AnalysisConfig | None = None) -> tuple[str, list[str]]:
@@ -199,7 +197,7 @@ def _minor_blip(incident: Incident, ev: Evidence, config: AnalysisConfig) -> lis
 
 def _sudden_nonfinite(incident: Incident, ev: Evidence, config: AnalysisConfig) -> list[str]:
     first = ev.first_nonfinite
-    if first is None or ev.build_up is not None or ev.lookback_steps < _MIN_LOOKBACK:
+    if not ev.nonfinite_out_of_nowhere:
         return []
     layers = ev.layers
     before = f"the gradient norm was {fmt(ev.grad_before)} the step before; " if math.isfinite(ev.grad_before) else ""

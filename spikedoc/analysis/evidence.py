@@ -9,7 +9,10 @@ from typing import Any
 from spikedoc.analysis.attribution import LayerAttribution
 from spikedoc.analysis.lineage import Resume
 
-__all__ = ["Evidence"]
+__all__ = ["Evidence", "MIN_LOOKBACK"]
+
+#: Logged steps before onset needed to say that nothing built up there.
+MIN_LOOKBACK = 10
 
 
 @dataclass(kw_only=True)
@@ -75,3 +78,9 @@ class Evidence:
     series or tensors), `loss_finite` (the loss of that step was finite: its batch's backward or
     the update broke, the state before the step is good)."""
 
+    @property
+    def nonfinite_out_of_nowhere(self) -> bool:
+        """A non-finite value with no build-up before it, over enough logged steps (`MIN_LOOKBACK`)
+        to tell: numerics (an overflow on one batch, a corrupted value or device), which a smaller
+        step or a tighter clip does not prevent."""
+        return self.first_nonfinite is not None and self.build_up is None and self.lookback_steps >= MIN_LOOKBACK

@@ -128,10 +128,12 @@ def build_up(inc: Incident, ev: Evidence, reference: int, cfg: AnalysisConfig) -
             d = row["departed_step"]
             # A parameter going non-finite in one update shows in its own norm a step early: not a build-up.
             recent = d is not None and reference - cfg.build_up_window <= d <= limit
-            if recent and (broke_at is None or d < broke_at - 1) and row["grad_z"] >= cfg.z_threshold:
+            # Its gradient must have grown while finite: the non-finite gradient of the step that broke
+            # (z inf) is the break itself, and says nothing of a growth before it.
+            if recent and (broke_at is None or d < broke_at - 1) and row["grad_z_finite"] >= cfg.z_threshold:
                 sentences.append(f"{row['name']} ({row['module']}) departed from its history at step {d}, "
                                  f"{steps_text(reference - d)} before step {reference}; its gradient norm reached "
-                                 f"{fmt(row['grad_z'], 2)} sigma off its history in the incident")
+                                 f"{fmt(row['grad_z_finite'], 2)} sigma off its history in the incident")
                 steps.append(d)
                 break
     if not sentences:
