@@ -87,6 +87,14 @@ def test_clipping_saturation_before_onset_against_the_rest_of_the_run():
     assert clip["saturated"] and clip["share"] == 0.8 and clip["median_coef"] == 0.4 and clip["run_share"] == 0.0
 
 
+def test_the_clip_of_the_onset_step_itself_is_told():
+    steps = healthy_steps()
+    steps["clip_coef"] = 1.0
+    steps.loc[T, "clip_coef"] = 1 / 43
+    assert clipping_before(steps, T)["at_onset"] == pytest.approx(1 / 43)
+    assert clipping_before(steps, T + 1)["at_onset"] is None  # a step the clip left alone
+
+
 def test_clipping_on_every_step_is_not_saturation_before_an_incident():
     steps = healthy_steps()
     steps["clip_coef"] = 0.5

@@ -140,7 +140,8 @@ def warmup(frame: pd.DataFrame) -> dict[str, Any] | None:
 def clipping_before(frame: pd.DataFrame, onset: int, *, config: AnalysisConfig | None = None) -> dict[str, Any] | None:
     """Share of the lookback steps before `onset` whose gradient was clipped, vs the steps before.
 
-    Returns None without a `clip_coef` column. `saturated` when the share reaches
+    Returns None without a `clip_coef` column. `at_onset`: the onset step's own clip coefficient
+    when it was clipped, else None. `saturated` when the share reaches
     `config.clip_saturation` and is at least twice the share over the rows of `frame` before the
     lookback window (analyze passes the 1,000 steps before onset).
     """
@@ -157,6 +158,7 @@ def clipping_before(frame: pd.DataFrame, onset: int, *, config: AnalysisConfig |
     share = float(clipped[window].mean())
     run_share = float(clipped[earlier].mean()) if earlier.any() else math.nan
     in_window = coef[window & clipped]
+    at = coef[(steps == onset) & np.isfinite(coef)]
     return {
         "share": share,
         "steps": int(window.sum()),
@@ -165,6 +167,8 @@ def clipping_before(frame: pd.DataFrame, onset: int, *, config: AnalysisConfig |
         "median_coef": float(np.median(in_window)) if in_window.size else 1.0,
         "saturated": share >= config.clip_saturation and not (run_share * 2 > share),
         "ever": bool(clipped[np.isfinite(coef)].any()),
+        # What the clip did to the onset step itself (a spike the clip cut hard), None when it did not clip it.
+        "at_onset": float(at[0]) if at.size and was_clipped(at)[0] else None,
     }
 
 

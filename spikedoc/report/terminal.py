@@ -202,6 +202,9 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
     clip = ctx.get("clipping")
     if clip and clip["share"] > 0:
         context.append(f"clipped on {clip['share']:.0%} of the {count(clip['steps'], 'step')} before")
+    if clip and clip.get("at_onset") is not None and clip["at_onset"] > 0:
+        context.append(f"the clip scaled step {inc.onset_step}'s gradient by {fmt(clip['at_onset'])} "
+                       f"(1/{table_number(1 / clip['at_onset'])})")
     if inc.precursor_lead_steps:
         context.append(f"earliest precursor {count(inc.precursor_lead_steps, 'step')} before the loss flag")
     if context:
