@@ -26,7 +26,7 @@ from spikedoc.report._numbers import peak_text, ratio_text, severity_order, tabl
 from spikedoc.report import plots
 from spikedoc.report.plots import SEVERITY_COLORS, Span
 from spikedoc.report.guard_words import action_line
-from spikedoc.report.terminal import action_text, run_findings, settled_text
+from spikedoc.report.terminal import action_text, context_items, run_findings, settled_text
 
 __all__ = ["render_html", "GUARD_MARKS", "MAX_DETAILED"]
 
@@ -322,14 +322,7 @@ def _batches(inc: Incident) -> str:
 
 
 def _context(inc: Incident, ctx: dict[str, Any]) -> str:
-    items = []
-    lr = ctx.get("lr_at_onset")
-    if isinstance(lr, float) and math.isfinite(lr):
-        items.append(f"LR at onset {fmt(lr)}")
-    clip = ctx.get("clipping")
-    if clip and clip.get("share", 0) > 0:
-        items.append(f"clipped on {clip['share']:.0%} of the {count(clip['steps'], 'step')} before")
-    items.extend(ctx.get("notes", []))
+    items = context_items(inc, ctx) + list(ctx.get("notes", []))
     if not items:
         return ""
     return "<p class='muted'>" + "; ".join(_e(i) for i in items) + "</p>"

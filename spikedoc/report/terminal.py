@@ -15,7 +15,7 @@ from spikedoc.analysis.diagnosis import Diagnosis
 from spikedoc.analysis.incident import Incident
 from spikedoc.analysis.lints import LINTS
 from spikedoc.report._numbers import peak_text, severity_order, sigma_text, table_number
-from spikedoc.report.guard_words import action_line, cause_words, value_text
+from spikedoc.report.guard_words import action_line
 
 __all__ = ["render", "action_text", "run_findings", "settled_text", "MAX_TABLE", "MAX_EXPLAINED", "MISSING_COST", "TABLE_LEGEND"]
 
@@ -113,6 +113,21 @@ def _spike_score(console: Console, score: dict[str, float | None]) -> None:
                       f"raise the bar): {', '.join(shown)}[/dim]")
 
 
+def context_items(inc: Incident, ctx: dict[str, Any]) -> list[str]:
+    """An incident's step-table context in short phrases (the LR at onset, the clipping), for every report."""
+    items = []
+    lr = ctx.get("lr_at_onset")
+    if isinstance(lr, (int, float)) and math.isfinite(lr):
+        items.append(f"LR at onset {fmt(lr)}")
+    clip = ctx.get("clipping")
+    if clip and clip.get("share", 0) > 0:
+        items.append(f"clipped on {clip['share']:.0%} of the {count(clip['steps'], 'step')} before")
+    if clip and clip.get("at_onset") is not None and clip["at_onset"] > 0:
+        items.append(f"the clip scaled step {inc.onset_step}'s gradient by {fmt(clip['at_onset'])} "
+                     f"(1/{table_number(1 / clip['at_onset'])})")
+    return items
+
+
 def _guard(console: Console, actions: list[dict[str, Any]]) -> None:
     """What spikedoc.Guard did: vetoes, rollbacks and a stop, one line each (checkpoints counted)."""
     console.print()
@@ -196,15 +211,7 @@ def _explain(console: Console, number: int, inc: Incident, ctx: dict[str, Any]) 
         for layer in inc.layers[:3]:
             lead = f", {count(layer['lead_steps'], 'step')} ahead of the loss" if layer.get("lead_steps") else ""
             console.print(f"    {escape(layer['name'])} ({layer['module']}): z {sigma_text(layer['z'])}{lead}")
-    context = []
-    if ctx.get("lr_at_onset") is not None and math.isfinite(ctx["lr_at_onset"]):
-        context.append(f"LR at onset {fmt(ctx['lr_at_onset'])}")
-    clip = ctx.get("clipping")
-    if clip and clip["share"] > 0:
-        context.append(f"clipped on {clip['share']:.0%} of the {count(clip['steps'], 'step')} before")
-    if clip and clip.get("at_onset") is not None and clip["at_onset"] > 0:
-        context.append(f"the clip scaled step {inc.onset_step}'s gradient by {fmt(clip['at_onset'])} "
-                       f"(1/{table_number(1 / clip['at_onset'])})")
+    context = context_items(inc, ctx)
     if inc.precursor_lead_steps:
         context.append(f"earliest precursor {count(inc.precursor_lead_steps, 'step')} before the loss flag")
     if context:
