@@ -225,16 +225,15 @@ def repeated_in_a_row(steps: pd.DataFrame, left_out: set[tuple[int, int]] = froz
     for (r, g), part in rows.assign(_rank=rank, _segment=segment).groupby(["_rank", "_segment"], sort=True):
         part = part.sort_values("step", kind="stable")
         step, batch = part["step"].to_numpy(dtype=np.int64), part["batch_hash"].to_numpy()
-        kept = np.array([(int(g), int(s)) not in left_out for s in step], dtype=bool)
-        same = kept[1:] & kept[:-1] & (np.diff(step) == 1) & (batch[1:] == batch[:-1])
-        start = None
-        for i, repeat in enumerate([*same, False]):
-            if repeat and start is None:
-                start = i
-            elif not repeat and start is not None:
-                out.append({"rank": int(r), "segment": int(g), "first_step": int(step[start]), "last_step": int(step[i]),
-                            "steps": i - start + 1, "batch_hash": str(batch[start])})
-                start = None
+        same = (np.diff(step) == 1) & (batch[1:] == batch[:-1])  # row i + 1 repeats row i
+        if left_out:
+            kept = np.array([(int(g), int(s)) not in left_out for s in step], dtype=bool)
+            same &= kept[1:] & kept[:-1]
+        # Stretches of repeats, vectorised (a run may have millions of rows): edges of `same`.
+        edges = np.diff(np.concatenate([[0], same.astype(np.int8), [0]]))
+        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):  # rows start..stop
+            out.append({"rank": int(r), "segment": int(g), "first_step": int(step[start]), "last_step": int(step[stop]),
+                        "steps": int(stop - start + 1), "batch_hash": str(batch[start])})
     return sorted(out, key=lambda s: (s["first_step"], s["rank"]))
 
 
